@@ -1,0 +1,88 @@
+"""Shared by every benchmark: run metadata, interleaved timing, tables, and writing benchmarks/results/."""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Sequence
+
+import torch
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=5).stdout.strip()  # fmt: skip
+        return (out.stdout.strip() or "unknown") + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def metadata(device: str) -> Dict[str, str]:
+    import kexue_fast
+
+    meta = {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": cpu_model() + f" ({os.cpu_count()} logical cores, torch threads {torch.get_num_threads()})",
+        "versions": (
+            f"kexue_fast {kexue_fast.__version__}, torch {torch.__version__}, python {platform.python_version()}"
+        ),
+        "git": git_sha(),
+    }
+    if device == "cuda":
+        meta["gpu"] = torch.cuda.get_device_name(0)
+    return meta
+
+
+def time_interleaved(contestants: Dict[str, Callable[[], object]], reps: int, warmup: int = 2) -> Dict[str, float]:
+    """Median wall seconds per call; contestants alternate within each repetition so that machine noise hits all
+    of them alike (ratios from one run are what we report)."""
+    for fn in contestants.values():
+        for _ in range(warmup):
+            fn()
+    samples: Dict[str, List[float]] = {name: [] for name in contestants}
+    for _ in range(reps):
+        for name, fn in contestants.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def write_results(out_dir: Path, stem: str, title: str, meta: Dict[str, str], header: Sequence[str],
+                  rows: Sequence[Sequence[object]], notes: str = "") -> Path:  # fmt: skip
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = out_dir / f"{stem}.md"
+    body = [f"# {title}", ""] + [f"- {k}: {v}" for k, v in meta.items()] + ["", markdown_table(header, rows), ""]
+    if notes:
+        body += [notes, ""]
+    md.write_text("\n".join(body))
+    with open(out_dir / f"{stem}.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([f"# {k}: {v}" for k, v in meta.items()])
+        writer.writerow(header)
+        writer.writerows(rows)
+    return md

@@ -1,0 +1,114 @@
+"""Spectral normalization: one power-iteration update of every layer of a model.
+
+Contestants, on the same freshly built layers in one run:
+  kexue_fast            update_spectral_norms(model): one batched call (C++ on CPU, one Triton launch/iter on CUDA)
+  torch parametrization torch.nn.utils.parametrizations.spectral_norm: touching each layer's .weight in training
+                        mode (its power iteration + W/σ), i.e. what a torch user pays per step
+  per-layer loop        Residual Flows' update_lipschitz style: u = normalize(W v), v = normalize(Wᵀu) per layer
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm as torch_spectral_norm
+
+import kexue_fast
+from kexue_fast.nn import update_spectral_norms
+
+from .common import metadata, time_interleaved, write_results
+
+WIDTHS = (64, 128, 256, 512, 96, 384)
+
+
+def layer_shapes(n_layers: int) -> List[tuple]:
+    """Mixed sizes, the same for every contestant: (out, in) cycling through WIDTHS."""
+    return [(WIDTHS[(i + 1) % len(WIDTHS)], WIDTHS[i % len(WIDTHS)]) for i in range(n_layers)]
+
+
+def build(n_layers: int, which: str, device: str) -> nn.Sequential:
+    layers = []
+    for out_f, in_f in layer_shapes(n_layers):
+        lin = nn.Linear(in_f, out_f).to(device)
+        if which == "torch":
+            lin = torch_spectral_norm(lin)
+        elif which == "kexue_fast":
+            lin = kexue_fast.nn.spectral_norm(lin, coeff=0.97, n_power_iterations=0)
+        layers.append(lin)
+    return nn.Sequential(*layers)
+
+
+def _torch_step(model: nn.Module):
+    def step():
+        for layer in model:
+            layer.weight  # noqa: B018  (the parametrization runs on access)
+
+    return step
+
+
+def _loop_step(model: nn.Module, state: Dict[int, tuple]):
+    for i, layer in enumerate(model):
+        w = layer.weight
+        state[i] = (F.normalize(torch.randn(w.shape[0], device=w.device), dim=0),
+                    F.normalize(torch.randn(w.shape[1], device=w.device), dim=0))  # fmt: skip
+
+    @torch.no_grad()
+    def step():
+        for i, layer in enumerate(model):
+            w = layer.weight
+            u, v = state[i]
+            u = F.normalize(torch.mv(w, v), dim=0)
+            v = F.normalize(torch.mv(w.t(), u), dim=0)
+            state[i] = (u, v)
+
+    return step
+
+
+def run(
+    out_dir: Path,
+    quick: bool = True,
+    device: str = "cpu",
+    layer_counts: Sequence[int] = (1, 48, 156),
+    reps: Optional[int] = None,
+) -> Path:
+    reps = reps or (30 if quick else 200)
+    rows = []
+    for n_layers in layer_counts:
+        torch.manual_seed(0)
+        ours = build(n_layers, "kexue_fast", device)
+        theirs = build(n_layers, "torch", device)
+        plain = build(n_layers, "plain", device)
+        contestants = {
+            "kexue_fast": lambda m=ours: update_spectral_norms(m),
+            "torch parametrization": _torch_step(theirs),
+            "per-layer loop": _loop_step(plain, {}),
+        }
+        if device == "cuda":
+            import triton.testing
+
+            times = {name: triton.testing.do_bench(fn, return_mode="median") / 1e3 for name, fn in contestants.items()}
+        else:
+            times = time_interleaved(contestants, reps)
+        params = sum(o * i for o, i in layer_shapes(n_layers))
+        base = times["kexue_fast"]
+        rows.append([
+            n_layers, f"{params / 1e6:.2f}M",
+            f"{base * 1e3:.3f}",
+            f"{times['torch parametrization'] * 1e3:.3f}", f"{times['torch parametrization'] / base:.1f}x",
+            f"{times['per-layer loop'] * 1e3:.3f}", f"{times['per-layer loop'] / base:.1f}x",
+        ])  # fmt: skip
+        print(f"  spectral/{device}: {n_layers} layers done", flush=True)
+    header = ["layers", "weights", "kexue_fast ms", "torch param. ms", "torch / ours", "per-layer loop ms",
+              "loop / ours"]  # fmt: skip
+    backend = kexue_fast._dispatch.choose("power_iteration", torch.device(device), torch.float32)
+    notes = (
+        f"One power iteration of every layer (float32, Linear layers of sizes cycling {WIDTHS}), median over "
+        f"{reps} interleaved repetitions (CPU) or triton.testing.do_bench (CUDA). kexue_fast ran on its "
+        f"'{backend}' backend. 'torch param.' includes torch's W/σ division per layer, as every training forward does."
+    )
+    return write_results(out_dir, f"spectral-{device}", "Spectral normalization: update every layer once",
+                         metadata(device), header, rows, notes)  # fmt: skip

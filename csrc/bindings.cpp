@@ -1,0 +1,96 @@
+// The only file that includes pybind11: it turns NumPy buffers into raw pointers for the torch-free cores.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+#include <vector>
+
+#include "spectral/power_iteration.hpp"
+
+namespace py = pybind11;
+namespace ks = kexue::spectral;
+
+namespace {
+
+template <typename T>
+py::tuple power_iteration_typed(const py::list& weights, const py::list& us, const py::list& vs, int n_iters,
+                                double tol, double eps, int n_threads) {
+  const std::size_t count = weights.size();
+  std::vector<ks::PowerIterationProblem<T>> problems;
+  problems.reserve(count);
+  // Keep the arrays alive (and their buffers pinned) while the GIL is released.
+  std::vector<py::array_t<T>> keep;
+  keep.reserve(3 * count);
+  for (std::size_t i = 0; i < count; ++i) {
+    auto w = py::reinterpret_borrow<py::array>(weights[i]);
+    auto u = py::reinterpret_borrow<py::array>(us[i]);
+    auto v = py::reinterpret_borrow<py::array>(vs[i]);
+    const std::string where = "[" + std::to_string(i) + "]";
+    if (w.ndim() != 2) throw py::value_error("weights" + where + " must be 2-D");
+    if (!(w.flags() & py::array::c_style)) throw py::value_error("weights" + where + " must be C-contiguous");
+    if (u.ndim() != 1 || u.shape(0) != w.shape(0) || !(u.flags() & py::array::c_style) || !u.writeable())
+      throw py::value_error("u" + where + " must be a writeable contiguous vector of length weights.shape[0]");
+    if (v.ndim() != 1 || v.shape(0) != w.shape(1) || !(v.flags() & py::array::c_style) || !v.writeable())
+      throw py::value_error("v" + where + " must be a writeable contiguous vector of length weights.shape[1]");
+    auto wt = py::array_t<T>::ensure(w);
+    auto ut = py::array_t<T>::ensure(u);
+    auto vt = py::array_t<T>::ensure(v);
+    if (!wt || !ut || !vt || !py::isinstance<py::array_t<T>>(w) || !py::isinstance<py::array_t<T>>(u) ||
+        !py::isinstance<py::array_t<T>>(v))
+      throw py::type_error("weights, u and v" + where + " must all have the same floating dtype");
+    problems.push_back({wt.data(), w.shape(0), w.shape(1), ut.mutable_data(), vt.mutable_data()});
+    keep.push_back(std::move(wt));
+    keep.push_back(std::move(ut));
+    keep.push_back(std::move(vt));
+  }
+  py::array_t<T> sigma(static_cast<py::ssize_t>(count));
+  T* sigma_ptr = sigma.mutable_data();
+  ks::PowerIterationOptions options;
+  options.n_iters = n_iters;
+  options.tol = tol;
+  options.eps = eps;
+  options.n_threads = n_threads;
+  std::vector<int> iterations;
+  {
+    py::gil_scoped_release release;
+    iterations = ks::power_iteration_batch<T>(problems, options, sigma_ptr);
+  }
+  return py::make_tuple(sigma, iterations);
+}
+
+py::tuple power_iteration(const py::list& weights, const py::list& us, const py::list& vs, int n_iters, double tol,
+                          double eps, int n_threads) {
+  if (weights.size() != us.size() || weights.size() != vs.size())
+    throw py::value_error("weights, u and v must be lists of the same length");
+  if (n_iters < 1) throw py::value_error("n_iters must be >= 1");
+  if (weights.size() == 0) return py::make_tuple(py::array_t<float>(0), std::vector<int>{});
+  auto first = py::reinterpret_borrow<py::array>(weights[0]);
+  if (py::isinstance<py::array_t<float>>(first))
+    return power_iteration_typed<float>(weights, us, vs, n_iters, tol, eps, n_threads);
+  if (py::isinstance<py::array_t<double>>(first))
+    return power_iteration_typed<double>(weights, us, vs, n_iters, tol, eps, n_threads);
+  throw py::type_error("weights must be float32 or float64 arrays");
+}
+
+py::dict build_info() {
+  py::dict info;
+  info["version"] = KEXUE_VERSION;
+  info["build_type"] = KEXUE_BUILD_TYPE;
+  info["compiler"] = KEXUE_COMPILER;
+  info["cplusplus"] = static_cast<long>(__cplusplus);
+  info["pybind11"] = std::to_string(PYBIND11_VERSION_MAJOR) + "." + std::to_string(PYBIND11_VERSION_MINOR) + "." +
+                     std::to_string(PYBIND11_VERSION_PATCH);
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "kexue_fast's torch-free C++ cores (NumPy buffers in, NumPy buffers out).";
+  m.def("power_iteration", &power_iteration, py::arg("weights"), py::arg("u"), py::arg("v"), py::arg("n_iters"),
+        py::arg("tol") = -1.0, py::arg("eps") = 1e-12, py::arg("n_threads") = 0,
+        "Batched power iteration over a list of C-contiguous 2-D arrays (one dtype). u (out) and v (in/out) are\n"
+        "written in place. Returns (sigma, iterations_run). tol <= 0 runs exactly n_iters iterations.");
+  m.def("build_info", &build_info, "Compiler, build type and versions this extension was built with.");
+}

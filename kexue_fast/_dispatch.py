@@ -1,0 +1,149 @@
+"""The one place that chooses a backend.
+
+    requested = backend= argument, else env KEXUE_FAST_BACKEND, else "auto"
+    explicit  -> run exactly that backend, or raise NotImplementedError saying why it cannot (never fall back)
+    auto      -> CUDA tensors + triton importable + op supports dtype   -> "triton"
+                 CPU tensors + a C++ path exists + _core imported       -> "cpp"
+                 otherwise                                              -> "torch" (logged once when a faster path
+                                                                           exists for this device but is unavailable)
+
+Probes are lazy and cached: ``import kexue_fast`` never imports triton.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Dict, FrozenSet, List, Optional, Tuple
+
+import torch
+
+logger = logging.getLogger("kexue_fast")
+
+BACKENDS = ("triton", "cpp", "torch")
+ENV_VAR = "KEXUE_FAST_BACKEND"
+
+
+@functools.cache
+def triton_status() -> Tuple[bool, str]:
+    """(importable, reason or version). Cached: the import costs ~0.5 s and happens at most once."""
+    try:
+        import triton
+    except Exception as exc:  # ImportError, or a broken install raising something else
+        return False, f"triton is not importable ({type(exc).__name__}: {exc}); pip install 'kexue-fast[triton]'"
+    return True, f"triton {triton.__version__}"
+
+
+def triton_interpret() -> bool:
+    """True when Triton kernels run on CPU tensors through the interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
+def core_status() -> Tuple[bool, str]:
+    """(importable, reason): the compiled C++ extension kexue_fast._core."""
+    try:
+        from . import _core  # noqa: F401
+    except ImportError as exc:
+        return False, f"kexue_fast._core is not built ({exc}); reinstall with `pip install .`"
+    return True, "kexue_fast._core"
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """What each backend of one op supports."""
+
+    name: str
+    backends: FrozenSet[str]
+    dtypes: Dict[str, FrozenSet[torch.dtype]] = field(default_factory=dict)
+
+
+_OPS: Dict[str, OpSpec] = {}
+_LOGGED: set = set()
+
+
+def register_op(name: str, backends: Dict[str, Tuple[torch.dtype, ...]]) -> OpSpec:
+    """Declare an op and, per backend, the dtypes it handles."""
+    spec = OpSpec(name, frozenset(backends), {b: frozenset(d) for b, d in backends.items()})
+    _OPS[name] = spec
+    return spec
+
+
+def registered_ops() -> List[str]:
+    return sorted(_OPS)
+
+
+def why_not(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """None if `backend` can run `op` on (device, dtype), else the reason it cannot."""
+    spec = _OPS[op]
+    if backend not in spec.backends:
+        return f"{op} has no {backend} implementation"
+    if dtype not in spec.dtypes[backend]:
+        names = ", ".join(sorted(str(d).replace("torch.", "") for d in spec.dtypes[backend]))
+        return f"the {backend} backend of {op} supports {names}, not {str(dtype).replace('torch.', '')}"
+    if backend == "triton":
+        ok, reason = triton_status()
+        if not ok:
+            return reason
+        if device.type != "cuda" and not (device.type == "cpu" and triton_interpret()):
+            return f"triton kernels need CUDA tensors (got {device.type}; set TRITON_INTERPRET=1 to interpret on CPU)"
+    elif backend == "cpp":
+        if device.type != "cpu":
+            return f"the C++ backend runs on CPU tensors (got {device.type})"
+        ok, reason = core_status()
+        if not ok:
+            return reason
+    return None
+
+
+def requested_backend(backend: Optional[str]) -> str:
+    """An explicit backend argument wins; "auto" (or None) defers to KEXUE_FAST_BACKEND, else stays "auto"."""
+    if backend is not None and backend != "auto":
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of 'auto', 'triton', 'cpp', 'torch'; got {backend!r}")
+        return backend
+    requested = os.environ.get(ENV_VAR, "") or "auto"
+    if requested not in ("auto", *BACKENDS):
+        raise ValueError(f"environment variable {ENV_VAR} must be one of auto, triton, cpp, torch; got {requested!r}")
+    return requested
+
+
+def auto_choice(op: str, device: torch.device, dtype: torch.dtype) -> Tuple[str, List[str]]:
+    """What `auto` picks for (op, device, dtype) and the reasons the faster candidates were passed over."""
+    rejected = []
+    preferred = ("triton",) if device.type == "cuda" else ("cpp",)
+    for candidate in preferred:
+        reason = why_not(op, candidate, device, dtype)
+        if reason is None:
+            return candidate, rejected
+        if candidate in _OPS[op].backends:
+            rejected.append(f"{candidate}: {reason}")
+    return "torch", rejected
+
+
+def choose(op: str, device: torch.device, dtype: torch.dtype, backend: Optional[str] = None) -> str:
+    """The backend to run `op` with; raises NotImplementedError when an explicit backend cannot run."""
+    if op not in _OPS:
+        raise KeyError(f"unknown op {op!r}; registered: {registered_ops()}")
+    requested = requested_backend(backend)
+    if requested != "auto":
+        reason = why_not(op, requested, device, dtype)
+        if reason is not None:
+            raise NotImplementedError(f"backend={requested!r} cannot run {op}: {reason}")
+        return requested
+    chosen, rejected = auto_choice(op, device, dtype)
+    if chosen == "torch" and rejected:
+        key = (op, device.type, dtype, tuple(rejected))
+        if key not in _LOGGED:
+            _LOGGED.add(key)
+            logger.warning("kexue_fast.%s runs on the slow torch path: %s", op, "; ".join(rejected))
+    return chosen
+
+
+def describe(op: str, device: torch.device, dtype: torch.dtype) -> str:
+    """One line for `python -m kexue_fast.info`: what auto picks and why."""
+    chosen, rejected = auto_choice(op, device, dtype)
+    why = f" (passed over: {'; '.join(rejected)})" if rejected else ""
+    return f"{chosen}{why}"

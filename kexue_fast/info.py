@@ -1,0 +1,58 @@
+"""`python -m kexue_fast.info`: versions, the C++ core's build, Triton/GPU availability, and per op what `auto` picks
+and why."""
+
+from __future__ import annotations
+
+import platform
+import sys
+from typing import List
+
+import numpy
+import torch
+
+from . import __version__, _dispatch
+
+
+def report() -> str:
+    lines: List[str] = []
+    add = lines.append
+    add(f"kexue_fast {__version__}")
+    add(f"python     {platform.python_version()} ({sys.executable})")
+    add(f"torch      {torch.__version__} (CUDA {torch.version.cuda or 'none'})")
+    add(f"numpy      {numpy.__version__}")
+    ok, why = _dispatch.core_status()
+    if ok:
+        from . import _core
+
+        info = _core.build_info()
+        add("_core      " + ", ".join(f"{k}={v}" for k, v in info.items()))
+    else:
+        add(f"_core      unavailable: {why}")
+    ok, why = _dispatch.triton_status()
+    add(f"triton     {why if ok else 'unavailable: ' + why}")
+    add(
+        f"TRITON_INTERPRET={int(_dispatch.triton_interpret())}  {_dispatch.ENV_VAR}={_dispatch.requested_backend(None)}"
+    )
+    if torch.cuda.is_available():
+        add(f"cuda       {torch.cuda.get_device_name(0)} (capability {torch.cuda.get_device_capability(0)})")
+    else:
+        add("cuda       no CUDA device")
+    add("")
+    add("op                  device  dtype     auto picks")
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    for op in _dispatch.registered_ops():
+        for device in devices:
+            for dtype in (torch.float32, torch.float64):
+                dt = str(dtype).replace("torch.", "")
+                add(f"{op:<19} {device.type:<7} {dt:<9} {_dispatch.describe(op, device, dtype)}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    import kexue_fast.spectral  # noqa: F401  (registers the ops)
+
+    print(report())
+
+
+if __name__ == "__main__":
+    main()

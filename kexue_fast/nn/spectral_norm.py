@@ -1,0 +1,274 @@
+"""Drop-in `spectral_norm` parametrization with a Lipschitz coefficient and conv operator norms, and
+`update_spectral_norms`, which advances the power iteration of every such layer of a model in one batched call.
+"""
+
+from __future__ import annotations
+
+import numbers
+import weakref
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from .. import _dispatch
+from ..spectral._validate import check_finite, check_n_iters, check_positive
+from ..spectral.conv import ConvOperator, conv_power_iteration
+from ..spectral.power_iteration import OP as POWER_ITERATION_OP
+from ..spectral.power_iteration import run_backend
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_TRANSPOSES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+class SpectralNorm(nn.Module):
+    """The parametrization W ↦ W / σ̂ (coeff=None, torch's rule) or W ↦ W / max(1, σ̂/c) (coeff=c).
+
+    Matrix mode: σ̂ = uᵀ W_mat v with W_mat the weight with `dim` moved first and flattened, exactly as
+    torch.nn.utils.parametrizations.spectral_norm (same buffers `_u` [rows], `_v` [cols], same random init and 15
+    warm-up iterations, same update in training mode). Operator mode (conv + input_shape): u, v live in the conv's
+    output / input spaces, and σ̂ = ⟨u, conv(v)⟩ estimates the norm of the convolution operator.
+    """
+
+    def __init__(
+        self,
+        weight: Tensor,
+        n_power_iterations: int = 1,
+        dim: int = 0,
+        eps: float = 1e-12,
+        coeff: Optional[float] = None,
+        conv: Optional[ConvOperator] = None,
+    ) -> None:
+        super().__init__()
+        ndim = weight.ndim
+        self.dim = dim if dim >= 0 else dim + ndim
+        self.eps = eps
+        self.coeff = coeff
+        self.n_power_iterations = n_power_iterations
+        self.conv = conv
+        if ndim > 1:
+            with torch.no_grad():
+                if conv is None:
+                    weight_mat = self._reshape_weight_to_matrix(weight)
+                    h, w = weight_mat.size()
+                    u = weight_mat.new_empty(h).normal_(0, 1)
+                    v = weight_mat.new_empty(w).normal_(0, 1)
+                else:
+                    u = weight.new_empty(conv.output_shape).normal_(0, 1)
+                    v = weight.new_empty(conv.input_shape).normal_(0, 1)
+                if conv is None:
+                    u, v = F.normalize(u, dim=0, eps=eps), F.normalize(v, dim=0, eps=eps)
+                else:
+                    u = u / torch.linalg.vector_norm(u).clamp_min(eps)
+                    v = v / torch.linalg.vector_norm(v).clamp_min(eps)
+                self.register_buffer("_u", u)
+                self.register_buffer("_v", v)
+                self._power_method(weight, 15)
+
+    def _reshape_weight_to_matrix(self, weight: Tensor) -> Tensor:
+        if self.dim != 0:
+            weight = weight.permute(self.dim, *(d for d in range(weight.dim()) if d != self.dim))
+        return weight.flatten(1)
+
+    @torch.autograd.no_grad()
+    def _power_method(self, weight: Tensor, n_power_iterations: int) -> None:
+        if self.conv is not None:
+            conv_power_iteration(self.conv, weight, self._u, self._v, n_power_iterations, None, self.eps)
+            return
+        weight_mat = self._reshape_weight_to_matrix(weight)
+        for _ in range(n_power_iterations):
+            self._u = F.normalize(torch.mv(weight_mat, self._v), dim=0, eps=self.eps, out=self._u)
+            self._v = F.normalize(torch.mv(weight_mat.H, self._u), dim=0, eps=self.eps, out=self._v)
+
+    def sigma(self, weight: Tensor) -> Tensor:
+        """σ̂ = uᵀ W v with the current u, v (differentiable w.r.t. weight)."""
+        u = self._u.clone(memory_format=torch.contiguous_format)
+        v = self._v.clone(memory_format=torch.contiguous_format)
+        if self.conv is not None:
+            return torch.vdot(u.flatten(), self.conv.apply(weight, v.unsqueeze(0)).flatten())
+        return torch.vdot(u, torch.mv(self._reshape_weight_to_matrix(weight), v))
+
+    def forward(self, weight: Tensor) -> Tensor:
+        if weight.ndim == 1:
+            if self.coeff is None:
+                return F.normalize(weight, dim=0, eps=self.eps)
+            return weight / (torch.linalg.vector_norm(weight) / self.coeff).clamp_min(1.0)
+        if self.training and self.n_power_iterations > 0:
+            self._power_method(weight, self.n_power_iterations)
+        sigma = self.sigma(weight)
+        if self.coeff is None:
+            return weight / sigma
+        return weight / (sigma / self.coeff).clamp_min(1.0)
+
+    def right_inverse(self, value: Tensor) -> Tensor:
+        return value
+
+    def extra_repr(self) -> str:
+        mode = f"conv input_shape={self.conv.input_shape}" if self.conv is not None else f"dim={self.dim}"
+        return f"coeff={self.coeff}, n_power_iterations={self.n_power_iterations}, {mode}, eps={self.eps}"
+
+
+def spectral_norm(
+    module: nn.Module,
+    name: str = "weight",
+    *,
+    coeff: Optional[float] = None,
+    n_power_iterations: int = 1,
+    eps: float = 1e-12,
+    dim: Optional[int] = None,
+    input_shape: Optional[Sequence[int]] = None,
+) -> nn.Module:
+    """Drop-in for torch.nn.utils.parametrizations.spectral_norm, with a Lipschitz coefficient and conv norms.
+
+        coeff=None:  W ← W / σ̂                  (torch's rule; identical outputs, gradients and state_dict)
+        coeff=c:     W ← W / max(1, σ̂ / c)      (i-ResNet / Residual Flows: only ever scales down, ‖W‖₂ ≲ c)
+
+    σ̂ comes from power iteration (u ← Wv/‖Wv‖, v ← Wᵀu/‖Wᵀu‖, σ̂ = uᵀWv), advanced `n_power_iterations` times per
+    forward in training mode. n_power_iterations=0 never iterates in forward: call
+    `update_spectral_norms(model)` after `optimizer.step()` instead (the Residual Flows schedule), which does every
+    layer at once.
+
+    For Conv1d/2d/3d, `input_shape` = the per-sample input shape (C, *spatial) switches σ̂ to the norm of the
+    convolution operator (power iteration through conv and conv_transpose with the module's stride, padding,
+    dilation and groups); without it, the reshaped kernel is normalized, as torch does (which neither bounds nor
+    equals the layer's Lipschitz constant). State-dict keys are torch's: parametrizations.<name>.original, .0._u, .0._v.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    weight = getattr(module, name, None)
+    if not isinstance(weight, Tensor):
+        raise ValueError(f"Module '{module}' has no parameter or buffer with name '{name}'")
+    if coeff is not None:
+        coeff = check_positive(coeff, "coeff")
+    n_power_iterations = check_n_iters(n_power_iterations, "n_power_iterations", minimum=0)
+    eps = check_positive(eps, "eps")
+    if not weight.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got {weight.dtype}")
+    check_finite(weight.detach(), f"{name}")
+    if dim is None:
+        dim = 1 if isinstance(module, _CONV_TRANSPOSES) else 0
+    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or not -weight.ndim <= dim < max(weight.ndim, 1):
+        raise ValueError(f"dim must be an int in [-{weight.ndim}, {weight.ndim}), got {dim!r}")
+    conv = None
+    if input_shape is not None:
+        if not isinstance(module, _CONVS) or name != "weight":
+            raise ValueError("input_shape is for the weight of nn.Conv1d/2d/3d modules (the conv operator norm); "
+                             f"got {type(module).__name__}.{name}")  # fmt: skip
+        if module.padding_mode != "zeros":
+            raise ValueError(f"input_shape supports padding_mode='zeros' only, got {module.padding_mode!r}")
+        conv = ConvOperator.build(
+            weight.shape, input_shape, module.stride, module.padding, module.dilation, module.groups
+        )
+    parametrize.register_parametrization(module, name, SpectralNorm(weight, n_power_iterations, dim, eps, coeff, conv))
+    return module
+
+
+def spectral_norm_layers(model: nn.Module) -> List[Tuple[SpectralNorm, Tensor]]:
+    """Every kexue_fast SpectralNorm parametrization in `model`, with the parameter it normalizes.
+
+    Walks `_modules` directly: named_modules() costs ~2 µs a module, which a per-step update cannot afford."""
+    found = []
+    stack = [model]
+    while stack:
+        module = stack.pop()
+        children = module._modules
+        if isinstance(module, parametrize.ParametrizationList):
+            original = module._parameters.get("original")
+            for p in children.values():
+                if isinstance(p, SpectralNorm) and "_v" in p._buffers and original is not None:
+                    found.append((p, original))
+            continue
+        stack.extend(reversed([c for c in children.values() if c is not None]))
+    return found
+
+
+class _Group:
+    """Matrix-mode layers sharing (device, dtype, eps): the tensors (and, for C++, NumPy views) one batched call
+    reads and writes. Views stay valid while the parameters and buffers keep their storage, which optimizers and
+    load_state_dict preserve; the plan's signature notices when they do not."""
+
+    def __init__(self, eps: float, members: List[Tuple[SpectralNorm, Tensor]]) -> None:
+        self.eps = eps
+        self.members = members
+        mats = [p._reshape_weight_to_matrix(w.detach()) for p, w in members]
+        self.is_view = [m.is_contiguous() and m.data_ptr() == w.data_ptr() for m, (_, w) in zip(mats, members)]
+        self.weights = [m if view else m.contiguous() for m, view in zip(mats, self.is_view)]
+        self.us = [p._u for p, _ in members]
+        self.vs = [p._v for p, _ in members]
+        self.device, self.dtype = members[0][1].device, members[0][1].dtype
+        self._numpy: Optional[tuple] = None
+
+    def refresh_copies(self) -> None:
+        """Permuted weights (ConvTranspose's dim=1) are not views: re-copy them every call."""
+        for i, view in enumerate(self.is_view):
+            if not view:
+                p, w = self.members[i]
+                self.weights[i].copy_(p._reshape_weight_to_matrix(w.detach()))
+
+    def numpy(self) -> tuple:
+        if self._numpy is None:
+            self._numpy = tuple([t.numpy() for t in ts] for ts in (self.weights, self.us, self.vs))
+        return self._numpy
+
+
+def _signature(layers: List[Tuple[SpectralNorm, Tensor]]) -> tuple:
+    return tuple((id(p), w.data_ptr(), p._buffers["_u"].data_ptr(), p._buffers["_v"].data_ptr(), w.dtype, w.device)
+                 for p, w in layers)  # fmt: skip
+
+
+_PLANS: weakref.WeakKeyDictionary[nn.Module, Tuple[tuple, List[_Group], list]] = weakref.WeakKeyDictionary()
+
+
+def _plan(model: nn.Module) -> Tuple[List[_Group], List[Tuple[SpectralNorm, Tensor]]]:
+    layers = spectral_norm_layers(model)
+    signature = _signature(layers)
+    cached = _PLANS.get(model)
+    if cached is not None and cached[0] == signature:
+        return cached[1], cached[2]
+    by_key: Dict[tuple, List[Tuple[SpectralNorm, Tensor]]] = {}
+    conv_layers = []
+    for p, original in layers:
+        if p.conv is not None:
+            conv_layers.append((p, original))
+        else:
+            by_key.setdefault((original.device, original.dtype, p.eps), []).append((p, original))
+    groups = [_Group(eps, members) for (_, _, eps), members in by_key.items()]
+    _PLANS[model] = (signature, groups, conv_layers)
+    return groups, conv_layers
+
+
+@torch.no_grad()
+def update_spectral_norms(
+    model: nn.Module, *, n_iters: int = 1, tol: Optional[float] = None, backend: str = "auto"
+) -> None:
+    """Advances the power iteration of every kexue_fast spectral-norm layer in `model` by `n_iters` at once.
+
+    Matrix-mode layers are grouped by (device, dtype, eps) and each group is one batched call (one C++ call on CPU,
+    one Triton launch per iteration on CUDA), reading the weights in place and writing each layer's `_u`, `_v`
+    buffers in place. Conv operator-mode layers iterate through conv/conv_transpose, layer by layer. With `tol`,
+    iterate until each σ̂ changes by at most tol relative (a host sync per iteration on GPU).
+    Use after `optimizer.step()` with layers built with n_power_iterations=0 (Residual Flows' schedule).
+    The grouping is cached per model and rebuilt whenever a layer, parameter or buffer changes identity.
+    """
+    n_iters = check_n_iters(n_iters)
+    tol = check_positive(tol, "tol", allow_none=True)
+    groups, conv_layers = _plan(model)
+    for p, original in conv_layers:
+        conv_power_iteration(p.conv, original.detach(), p._u, p._v, n_iters, tol, p.eps)
+    for group in groups:
+        chosen = _dispatch.choose(POWER_ITERATION_OP, group.device, group.dtype, backend)
+        group.refresh_copies()
+        if chosen == "cpp":
+            from .. import _core
+
+            w, u, v = group.numpy()
+            sigma, _ = _core.power_iteration(w, u, v, n_iters, -1.0 if tol is None else tol, group.eps)
+            finite = bool(numpy.isfinite(sigma).all())
+        else:
+            sigma = run_backend(chosen, group.weights, group.vs, group.us, group.vs, n_iters, tol, group.eps)
+            finite = group.device.type != "cpu" or bool(torch.isfinite(sigma).all())
+        if not finite:
+            raise ValueError("a spectral-norm weight contains NaN or Inf")

@@ -1,0 +1,214 @@
+"""`power_iteration`: σ̂ ≈ ‖W‖₂ for a batch or a list of matrices in one call.
+
+See kexue_fast.spectral.reference for the iteration and its paper; this module validates, dispatches
+(triton on CUDA, C++ on CPU, torch otherwise) and attaches the gradient ∂σ̂/∂W = u vᵀ.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from .. import _dispatch
+from . import reference
+from ._validate import check_matrix, check_n_iters, check_positive
+
+OP = "power_iteration"
+_dispatch.register_op(
+    OP,
+    {
+        "triton": (torch.float32, torch.float64),
+        "cpp": (torch.float32, torch.float64),
+        "torch": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+    },
+)
+
+Weights = Union[Tensor, Sequence[Tensor]]
+Vectors = Union[Tensor, Sequence[Tensor], None]
+
+
+def run_backend(
+    backend: str,
+    weights: List[Tensor],
+    v_init: List[Tensor],
+    u_out: List[Tensor],
+    v_out: List[Tensor],
+    n_iters: int,
+    tol: Optional[float],
+    eps: float,
+) -> Tensor:
+    """Runs one chosen backend on validated matrices; writes u_out/v_out in place and returns σ̂ [L].
+
+    The matrices must be contiguous (C++ and triton read them in place); v_init may alias v_out.
+    """
+    if backend == "cpp":
+        from .. import _core
+
+        for src, dst in zip(v_init, v_out):
+            if src.data_ptr() != dst.data_ptr():
+                dst.copy_(src)
+        sigma, _ = _core.power_iteration(
+            [w.detach().numpy() for w in weights],
+            [u.detach().numpy() for u in u_out],
+            [v.detach().numpy() for v in v_out],
+            n_iters,
+            -1.0 if tol is None else tol,
+            eps,
+        )
+        return torch.from_numpy(sigma)
+    if backend == "triton":
+        from ..kernels import power_iteration as kernel
+
+        return kernel.power_iteration(weights, u_out, v_out, v_init, n_iters, tol, eps)
+    sigma, us, vs = reference.power_iteration(weights, v_init, n_iters, tol, eps)
+    for dst, src in zip(u_out, us):
+        dst.copy_(src)
+    for dst, src in zip(v_out, vs):
+        dst.copy_(src)
+    return sigma
+
+
+class _SigmaGrad(torch.autograd.Function):
+    """Attaches ∂σ̂_i/∂W_i = u_i v_iᵀ (u, v held constant, as in torch's spectral_norm) to precomputed σ̂."""
+
+    @staticmethod
+    def forward(ctx, sigma: Tensor, us: List[Tensor], vs: List[Tensor], *weights: Tensor) -> Tensor:
+        ctx.us, ctx.vs = us, vs
+        ctx.shapes = [w.shape for w in weights]
+        return sigma.clone()
+
+    @staticmethod
+    def backward(ctx, grad_sigma: Tensor):
+        grads = [
+            (g * torch.outer(u, v)).reshape(shape)
+            for g, u, v, shape in zip(grad_sigma.unbind(0), ctx.us, ctx.vs, ctx.shapes)
+        ]
+        return (None, None, None, *grads)
+
+
+def _as_matrices(weights: Weights) -> Tuple[List[Tensor], str]:
+    if isinstance(weights, Tensor):
+        if weights.ndim == 3:
+            if weights.shape[0] == 0:
+                raise ValueError("weights must hold at least one matrix, got shape [0, m, n]")
+            return [check_matrix(w, "weights") for w in weights.unbind(0)], "batched"
+        if weights.ndim == 2:
+            return [check_matrix(weights, "weights")], "single"
+        raise ValueError(
+            f"weights must be a matrix [m, n], a batch [B, m, n] or a list of matrices; got a {weights.ndim}-D "
+            f"tensor of shape {tuple(weights.shape)}"
+        )
+    if not isinstance(weights, (list, tuple)):
+        raise TypeError(f"weights must be a Tensor or a list of 2-D Tensors, got {type(weights).__name__}")
+    if len(weights) == 0:
+        raise ValueError("weights must hold at least one matrix, got an empty list")
+    mats = [check_matrix(w, f"weights[{i}]") for i, w in enumerate(weights)]
+    first = mats[0]
+    for i, w in enumerate(mats):
+        if w.device != first.device or w.dtype != first.dtype:
+            raise ValueError(
+                f"weights[{i}] is {w.dtype} on {w.device} but weights[0] is {first.dtype} on {first.device}: "
+                "a list must share one device and dtype (group it, as kexue_fast.nn.update_spectral_norms does)"
+            )
+    return mats, "list"
+
+
+def _vectors(vectors: Vectors, form: str, mats: List[Tensor], dim: int, name: str) -> Optional[List[Tensor]]:
+    if vectors is None:
+        return None
+    sizes = [w.shape[dim] for w in mats]
+    if form == "list":
+        if not isinstance(vectors, (list, tuple)) or len(vectors) != len(mats):
+            raise TypeError(f"{name} must be a list of {len(mats)} vectors, like weights")
+        vecs = list(vectors)
+    elif form == "batched":
+        if not isinstance(vectors, Tensor) or vectors.shape != (len(mats), sizes[0]):
+            raise ValueError(f"{name} must be a tensor of shape {(len(mats), sizes[0])}")
+        vecs = list(vectors.unbind(0))
+    else:
+        if not isinstance(vectors, Tensor) or vectors.shape != (sizes[0],):
+            raise ValueError(f"{name} must be a tensor of shape {(sizes[0],)}")
+        vecs = [vectors]
+    for i, (vec, size) in enumerate(zip(vecs, sizes)):
+        if not isinstance(vec, Tensor) or vec.shape != (size,):
+            raise ValueError(f"{name}[{i}] must be a vector of length {size}")
+        if vec.dtype != mats[i].dtype or vec.device != mats[i].device:
+            raise ValueError(f"{name}[{i}] must have the dtype and device of its weight ({mats[i].dtype}, "
+                             f"{mats[i].device})")  # fmt: skip
+    return [vec.detach() for vec in vecs]
+
+
+def power_iteration(
+    weights: Weights,
+    *,
+    n_iters: int = 1,
+    u: Vectors = None,
+    v: Vectors = None,
+    tol: Optional[float] = None,
+    eps: float = 1e-12,
+    generator: Optional[torch.Generator] = None,
+    check_finite: Optional[bool] = None,
+    backend: str = "auto",
+) -> Tuple[Tensor, Vectors, Vectors]:
+    """Largest singular values σ̂ of many matrices by power iteration, all in one call.
+
+    Per matrix W [m, n] and iteration: u ← Wv/‖Wv‖, v ← Wᵀu/‖Wᵀu‖, σ̂ = uᵀWv = ‖Wᵀu‖ (torch's spectral_norm
+    update; Miyato et al. 2018). σ̂ ≤ ‖W‖₂ (a lower bound; see `spectral_norm_bound` for a certified upper one).
+
+    Args:
+        weights: a matrix [m, n], a batch [B, m, n], or a list of matrices of different shapes (one device/dtype).
+        n_iters: iterations to run (>= 1); with `tol`, the most to run.
+        u, v: warm-start vectors shaped like the outputs. `v` is the start vector; if only `u` is given the
+            start is v = Wᵀu; with neither, v is drawn from N(0, I) with `generator`.
+        tol: stop once |σ̂_k − σ̂_{k−1}| ≤ tol·σ̂_k (checked every iteration: a host sync on GPU). None runs
+            exactly `n_iters` iterations without any host sync.
+        eps: floor of the norms in the normalizations, as in torch.
+        check_finite: raise ValueError if a weight holds NaN/Inf (detected from σ̂). None checks where it costs
+            no device sync: on CPU always, on CUDA only when `tol` is given.
+        backend: "auto" (KEXUE_FAST_BACKEND, else triton on CUDA, C++ on CPU), "triton", "cpp" or "torch".
+
+    Returns:
+        (sigma, u, v): for [B, m, n] input: [B], [B, m], [B, n]; for one matrix: [], [m], [n]; for a list:
+        sigma [L] and lists of u_i [m_i], v_i [n_i]. u, v are unit vectors to pass back as a warm start.
+        sigma is differentiable w.r.t. the weights with ∂σ̂/∂W = u vᵀ.
+    """
+    mats, form = _as_matrices(weights)
+    n_iters = check_n_iters(n_iters)
+    tol = check_positive(tol, "tol", allow_none=True)
+    eps = check_positive(eps, "eps")
+    first = mats[0]
+    chosen = _dispatch.choose(OP, first.device, first.dtype, backend)
+
+    v_init = _vectors(v, form, mats, 1, "v")
+    u_init = _vectors(u, form, mats, 0, "u")
+    if v_init is None:
+        if u_init is not None:
+            v_init = [torch.mv(w.detach().mH, ui) for w, ui in zip(mats, u_init)]
+        else:
+            flat = torch.randn(sum(w.shape[1] for w in mats), dtype=first.dtype, device=first.device,
+                               generator=generator)  # fmt: skip
+            v_init = list(flat.split([w.shape[1] for w in mats]))
+
+    dense = [w.detach().contiguous() for w in mats]
+    u_flat = torch.empty(sum(w.shape[0] for w in mats), dtype=first.dtype, device=first.device)
+    v_flat = torch.empty(sum(w.shape[1] for w in mats), dtype=first.dtype, device=first.device)
+    u_out = list(u_flat.split([w.shape[0] for w in mats]))
+    v_out = list(v_flat.split([w.shape[1] for w in mats]))
+    with torch.no_grad():
+        sigma = run_backend(chosen, dense, v_init, u_out, v_out, n_iters, tol, eps).to(first.device)
+
+    if check_finite or (check_finite is None and (first.device.type == "cpu" or tol is not None)):
+        bad = (~torch.isfinite(sigma)).nonzero().flatten().tolist()
+        if bad:
+            where = "weights" if form == "single" else f"weights[{bad[0]}]"
+            raise ValueError(f"{where} contains NaN or Inf")
+
+    if torch.is_grad_enabled() and any(w.requires_grad for w in mats):
+        sigma = _SigmaGrad.apply(sigma, u_out, v_out, *mats)
+    if form == "single":
+        return sigma[0], u_out[0], v_out[0]
+    if form == "batched":
+        return sigma, u_flat.view(len(mats), -1), v_flat.view(len(mats), -1)
+    return sigma, u_out, v_out

@@ -1,0 +1,259 @@
+import copy
+
+import pytest
+import torch
+from testing import backends, rel_err
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm as torch_spectral_norm
+
+import kexue_fast
+from kexue_fast.nn import spectral_norm, spectral_norm_layers, update_spectral_norms
+from kexue_fast.spectral.conv import ConvOperator
+from kexue_fast.spectral.reference import conv_operator_matrix
+
+MAKERS = {
+    "linear": (lambda: nn.Linear(7, 5), (3, 7)),
+    "conv2d": (lambda: nn.Conv2d(3, 4, 3, padding=1, stride=2), (2, 3, 6, 6)),
+    "conv_transpose2d": (lambda: nn.ConvTranspose2d(3, 4, 3), (2, 3, 5, 5)),
+}
+
+
+@pytest.mark.parametrize("kind", list(MAKERS))
+def test_coeff_none_equals_torch(kind):
+    make, x_shape = MAKERS[kind]
+    torch.manual_seed(0)
+    theirs = torch_spectral_norm(make())
+    torch.manual_seed(0)
+    ours = spectral_norm(make())
+    assert list(theirs.state_dict()) == list(ours.state_dict())
+    opt_t = torch.optim.SGD(theirs.parameters(), lr=0.1)
+    opt_o = torch.optim.SGD(ours.parameters(), lr=0.1)
+    for _ in range(3):
+        x = torch.randn(x_shape)
+        yt, yo = theirs(x), ours(x)
+        assert torch.equal(yt, yo)
+        yt.square().sum().backward()
+        yo.square().sum().backward()
+        gt, go = theirs.parametrizations.weight.original.grad, ours.parametrizations.weight.original.grad
+        assert torch.equal(gt, go)
+        opt_t.step()
+        opt_o.step()
+        opt_t.zero_grad()
+        opt_o.zero_grad()
+    for key, value in theirs.state_dict().items():
+        assert torch.equal(value, ours.state_dict()[key]), key
+    theirs.eval()
+    ours.eval()
+    x = torch.randn(x_shape)
+    assert torch.equal(theirs(x), ours(x))
+
+
+def test_state_dict_loads_both_ways():
+    torch.manual_seed(1)
+    theirs = torch_spectral_norm(nn.Linear(6, 4))
+    ours = spectral_norm(nn.Linear(6, 4))
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 6)
+    assert torch.equal(ours.eval()(x), theirs.eval()(x))
+    with torch.no_grad():
+        ours.parametrizations.weight.original.mul_(2)
+    theirs.load_state_dict(ours.state_dict())
+    assert torch.equal(ours(x), theirs(x))
+
+
+def _converge(module, n=300):
+    update_spectral_norms(module, n_iters=n, tol=1e-12)
+
+
+def test_coeff_leaves_small_weights_unchanged():
+    torch.manual_seed(2)
+    lin = nn.Linear(8, 8)
+    with torch.no_grad():
+        lin.weight.mul_(0.5 / torch.linalg.matrix_norm(lin.weight, ord=2))  # σ = 0.5 < c
+    original = lin.weight.detach().clone()
+    spectral_norm(lin, coeff=0.9, n_power_iterations=0)
+    _converge(lin)
+    assert torch.equal(lin.weight, original)
+    # torch's rule would scale it *up* to σ = 1
+    assert torch.allclose(torch.linalg.matrix_norm(torch_spectral_norm(nn.Linear(8, 8)).weight, ord=2),
+                          torch.tensor(1.0), atol=0.2)  # fmt: skip
+
+
+@pytest.mark.parametrize("coeff", [0.5, 0.97, 3.0])
+def test_coeff_caps_sigma_after_convergence(coeff):
+    torch.manual_seed(3)
+    lin = nn.Linear(16, 12)
+    with torch.no_grad():
+        lin.weight.mul_(10)
+    spectral_norm(lin, coeff=coeff)
+    _converge(lin)
+    sigma = float(torch.linalg.matrix_norm(lin.weight.detach().double(), ord=2))
+    assert coeff * (1 - 1e-4) <= sigma <= coeff * (1 + 1e-4)
+
+
+@pytest.mark.parametrize("stride, padding, groups", [(1, 0, 1), (2, 1, 1), (1, 1, 2), (2, 0, 2)])
+def test_conv_operator_mode(stride, padding, groups):
+    torch.manual_seed(4)
+    conv = nn.Conv2d(4, 6, 3, stride=stride, padding=padding, groups=groups).double()
+    input_shape = (4, 7, 6)
+    op = ConvOperator.build(conv.weight.shape, input_shape, stride, padding, 1, groups)
+    exact = torch.linalg.matrix_norm(conv_operator_matrix(lambda x, w: op.apply(w, x), conv.weight.detach(),
+                                                          input_shape), ord=2)  # fmt: skip
+    spectral_norm(conv, coeff=0.5, input_shape=input_shape)
+    update_spectral_norms(conv, n_iters=3000, tol=1e-15)
+    p = conv.parametrizations.weight[0]
+    assert p._u.shape == op.output_shape and p._v.shape == input_shape
+    assert rel_err(p.sigma(conv.parametrizations.weight.original), exact) <= 1e-6
+    # the layer is now 0.5-Lipschitz as an operator: check on the explicit matrix of the normalized conv
+    normalized = conv_operator_matrix(lambda x, w: op.apply(w, x), conv.weight.detach(), input_shape)
+    assert float(torch.linalg.matrix_norm(normalized, ord=2)) <= 0.5 * (1 + 1e-6)
+    y = conv(torch.randn(2, *input_shape, dtype=torch.float64))
+    assert y.shape == (2, *op.output_shape)
+
+
+def _model(n_layers=48, dtype=torch.float32, **kwargs):
+    torch.manual_seed(5)
+    widths = (16, 40, 33, 64, 7)
+    layers = [nn.Linear(widths[i % 5], widths[(i + 1) % 5]).to(dtype) for i in range(n_layers)]
+    return nn.Sequential(*[spectral_norm(layer, **kwargs) for layer in layers])
+
+
+def _per_layer_loop(model, n_iters):
+    """The Residual Flows loop: each layer on its own, torch ops."""
+    sigmas = []
+    with torch.no_grad():
+        for p, original in spectral_norm_layers(model):
+            w = original.reshape(original.shape[0], -1)
+            u, v = p._u.clone(), p._v.clone()
+            for _ in range(n_iters):
+                u = torch.nn.functional.normalize(w @ v, dim=0, eps=p.eps)
+                v = torch.nn.functional.normalize(w.T @ u, dim=0, eps=p.eps)
+            sigmas.append(torch.dot(u, w @ v))
+    return torch.stack(sigmas)
+
+
+def _sigmas(model):
+    return torch.stack([p.sigma(w).detach() for p, w in spectral_norm_layers(model)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("backend", backends())
+def test_update_spectral_norms_equals_per_layer_loop(backend, dtype):
+    model = _model(dtype=dtype, coeff=0.9, n_power_iterations=0)
+    expected = _per_layer_loop(model, 3)
+    update_spectral_norms(model, n_iters=3, backend=backend)
+    assert len(spectral_norm_layers(model)) == 48
+    assert rel_err(_sigmas(model), expected) <= 1e-6
+
+
+def _aten_ops(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return [e.name for e in prof.events() if e.name.startswith("aten::")]
+
+
+def test_update_issues_a_few_ops_not_per_layer():
+    model = _model(coeff=0.9, n_power_iterations=0)
+    update_spectral_norms(model)  # builds and caches the plan
+    one = _aten_ops(lambda: update_spectral_norms(model, n_iters=1))
+    ten = _aten_ops(lambda: update_spectral_norms(model, n_iters=10))
+    assert len(one) <= 4, one
+    assert len(ten) - len(one) <= 9 * 3, ten
+    # the per-layer loop it replaces: dozens of ops per layer
+    assert len(_aten_ops(lambda: _per_layer_loop(model, 1))) >= 48 * 4
+
+
+def test_update_notices_new_layers_and_replaced_parameters():
+    model = _model(n_layers=3, n_power_iterations=0)
+    update_spectral_norms(model)
+    model.append(spectral_norm(nn.Linear(5, 9), n_power_iterations=0))
+    with torch.no_grad():
+        model[0].parametrizations.weight.original = nn.Parameter(torch.randn(40, 16) * 5)
+    expected = _per_layer_loop(model, 2)
+    update_spectral_norms(model, n_iters=2)
+    assert rel_err(_sigmas(model), expected) <= 1e-6
+
+
+def test_update_mixed_dtypes_conv_transpose_and_conv_operator_layers():
+    model = nn.Sequential(
+        spectral_norm(nn.Linear(5, 6), n_power_iterations=0),
+        spectral_norm(nn.Linear(6, 6).double(), n_power_iterations=0),
+        spectral_norm(nn.ConvTranspose2d(3, 2, 3), n_power_iterations=0),
+        spectral_norm(nn.Conv1d(2, 3, 3), input_shape=(2, 8), n_power_iterations=0),
+    )
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    update_spectral_norms(model, n_iters=200, tol=1e-10)
+    for p, original in spectral_norm_layers(model):
+        if p.conv is None:
+            exact = torch.linalg.matrix_norm(p._reshape_weight_to_matrix(original.detach()).double(), ord=2)
+            assert rel_err(p.sigma(original.detach()), exact) < 1e-4
+    assert not torch.equal(
+        before["2.parametrizations.weight.0._u"], model.state_dict()["2.parametrizations.weight.0._u"]
+    )
+
+
+def test_zero_iterations_in_forward_leaves_buffers():
+    model = _model(n_layers=2, n_power_iterations=0)
+    u = model[0].parametrizations.weight[0]._u.clone()
+    model(torch.randn(3, 16))
+    assert torch.equal(model[0].parametrizations.weight[0]._u, u)
+
+
+def test_torch_compile_fullgraph():
+    model = nn.Sequential(spectral_norm(nn.Linear(8, 16), coeff=0.9), nn.ReLU(),
+                          spectral_norm(nn.Linear(16, 4)))  # fmt: skip
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(5, 8)
+    assert torch.allclose(compiled(x), eager(x), atol=1e-6)
+    compiled(x).sum().backward()
+    assert model[0].parametrizations.weight.original.grad is not None
+
+
+def test_torch_compile_fullgraph_inductor():
+    model = nn.Sequential(spectral_norm(nn.Linear(8, 16), coeff=0.9), nn.Tanh(), spectral_norm(nn.Linear(16, 4)))
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(5, 8)
+    assert torch.allclose(compiled(x), eager(x), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "module, kwargs, error, match",
+    [
+        (nn.Linear(3, 3), {"coeff": 0.0}, ValueError, "coeff"),
+        (nn.Linear(3, 3), {"coeff": -1.0}, ValueError, "coeff"),
+        (nn.Linear(3, 3), {"n_power_iterations": -1}, ValueError, "n_power_iterations"),
+        (nn.Linear(3, 3), {"eps": 0.0}, ValueError, "eps"),
+        (nn.Linear(3, 3), {"dim": 2}, ValueError, "dim"),
+        (nn.Linear(3, 3), {"name": "nope"}, ValueError, "nope"),
+        (nn.Linear(3, 3), {"input_shape": (3,)}, ValueError, "input_shape"),
+        (nn.Conv2d(3, 4, 3), {"input_shape": (2, 8, 8)}, ValueError, "input_shape"),
+        (nn.Conv2d(3, 4, 3), {"input_shape": (3, 2, 8)}, ValueError, "input_shape"),
+        (nn.Conv2d(3, 4, 3), {"input_shape": (3, 8)}, ValueError, "input_shape"),
+        (nn.Conv2d(3, 4, 3, padding_mode="circular", padding=1), {"input_shape": (3, 8, 8)}, ValueError, "zeros"),
+    ],
+)
+def test_bad_arguments(module, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        spectral_norm(module, **kwargs)
+
+
+def test_nan_weight_raises():
+    lin = nn.Linear(3, 3)
+    with torch.no_grad():
+        lin.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="weight contains NaN or Inf"):
+        spectral_norm(lin)
+    model = _model(n_layers=2, n_power_iterations=0)
+    with torch.no_grad():
+        model[1].parametrizations.weight.original[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        update_spectral_norms(model)
+    with pytest.raises(ValueError, match="n_iters"):
+        update_spectral_norms(model, n_iters=0)
+
+
+def test_public_names():
+    assert kexue_fast.nn.spectral_norm is spectral_norm
+    assert callable(kexue_fast.power_iteration) and callable(kexue_fast.spectral_norm_bound)

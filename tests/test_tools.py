@@ -1,0 +1,24 @@
+"""`python -m kexue_fast.info` and `python -m kexue_fast.bench` run and say what they should."""
+
+import subprocess
+import sys
+
+from kexue_fast import _dispatch
+
+
+def test_info_reports_versions_core_and_choices():
+    out = subprocess.run([sys.executable, "-m", "kexue_fast.info"], capture_output=True, text=True, check=True).stdout
+    assert "torch" in out and "_core" in out and "triton" in out
+    assert "power_iteration" in out
+    expected = "cpp" if _dispatch.core_status()[0] else "torch"
+    assert any(line.startswith("power_iteration") and f" {expected}" in line for line in out.splitlines())
+
+
+def test_bench_writes_results(tmp_path):
+    from kexue_fast.benchmarks import spectral
+
+    path = spectral.run(tmp_path, quick=True, device="cpu", layer_counts=(1, 3), reps=3)
+    text = path.read_text()
+    assert "torch / ours" in text and "git:" in text and "machine:" in text
+    assert (tmp_path / "spectral-cpu.csv").exists()
+    assert len([line for line in text.splitlines() if line.startswith("| ")]) == 3  # header + 2 rows

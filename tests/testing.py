@@ -1,0 +1,39 @@
+"""Shared test helpers: which backends can run here, matrices with a known spectrum, relative errors."""
+
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+
+from kexue_fast import _dispatch
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def backends(device: str = "cpu", dtype: torch.dtype = torch.float64) -> List[str]:
+    """Every backend of power_iteration that can run on (device, dtype) here; triton under the interpreter on CPU."""
+    return [
+        b for b in _dispatch.BACKENDS if _dispatch.why_not("power_iteration", b, torch.device(device), dtype) is None
+    ]
+
+
+def matrix_with_gap(m: int, n: int, *, gap: float = 2.0, dtype=torch.float64, device="cpu", seed=None) -> torch.Tensor:
+    """A random m×n matrix with σ₁ = gap·σ₂ (so power iteration converges at rate 1/gap² per iteration)."""
+    g = torch.Generator().manual_seed(seed) if seed is not None else None
+    k = min(m, n)
+    u, _ = torch.linalg.qr(torch.randn(m, k, dtype=torch.float64, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(n, k, dtype=torch.float64, generator=g))
+    s = torch.rand(k, dtype=torch.float64, generator=g) + 0.5
+    s = s / s.max()
+    s[0] = gap
+    scale = float(torch.rand((), dtype=torch.float64, generator=g)) * 3 + 0.1
+    return ((u * (s * scale)) @ v.T).to(dtype=dtype, device=device)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm((a - b).double()) / torch.linalg.vector_norm(b.double()).clamp_min(1e-300))
+
+
+def exact_norms(weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([torch.linalg.matrix_norm(w.double(), ord=2) for w in weights])
