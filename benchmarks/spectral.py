@@ -20,7 +20,7 @@ from torch.nn.utils.parametrizations import spectral_norm as torch_spectral_norm
 import kexue_fast
 from kexue_fast.nn import update_spectral_norms
 
-from .common import metadata, time_interleaved, write_results
+from .common import markdown_table, metadata, time_interleaved, write_results
 
 WIDTHS = (64, 128, 256, 512, 96, 384)
 
@@ -68,6 +68,43 @@ def _loop_step(model: nn.Module, state: Dict[int, tuple]):
     return step
 
 
+# Peak HBM bandwidth by device name (vendor datasheets), for the fraction-of-peak column on GPU.
+PEAK_HBM_BYTES_PER_S = {"H200": 4.8e12, "H100 SXM": 3.35e12, "H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12,
+                        "A100-SXM4-80GB": 2.039e12, "A100-SXM4-40GB": 1.555e12}  # fmt: skip
+
+
+def peak_bandwidth(name: str) -> Optional[float]:
+    for key, value in PEAK_HBM_BYTES_PER_S.items():
+        if key in name:
+            return value
+    return None
+
+
+def kernel_bandwidth_rows(shapes_sets: Dict[str, List[tuple]], n_iters: int = 10) -> List[list]:
+    """The Triton kernel alone (no Python dispatch): achieved bytes/s against the compulsory traffic
+    (W read once per iteration plus the vectors) and the fraction of the device's HBM peak."""
+    import triton.testing
+
+    from kexue_fast.kernels import power_iteration as kernel
+
+    name = torch.cuda.get_device_name(0)
+    peak = peak_bandwidth(name)
+    rows = []
+    for label, shapes in shapes_sets.items():
+        weights = [torch.randn(m, n, device="cuda") for m, n in shapes]
+        us = [torch.empty(m, device="cuda") for m, _ in shapes]
+        vs = [torch.randn(n, device="cuda") for _, n in shapes]
+
+        def step(weights=weights, us=us, vs=vs):
+            kernel.power_iteration(weights, us, vs, vs, n_iters)
+
+        ms = triton.testing.do_bench(step, return_mode="median")
+        rate = kernel.bytes_moved(shapes, 4, n_iters) / (ms / 1e3)
+        frac = f"{100 * rate / peak:.0f}%" if peak else "unknown peak"
+        rows.append([label, n_iters, f"{ms:.3f}", f"{rate / 1e9:.0f}", frac])
+    return rows
+
+
 def run(
     out_dir: Path,
     quick: bool = True,
@@ -110,5 +147,14 @@ def run(
         f"{reps} interleaved repetitions (CPU) or triton.testing.do_bench (CUDA). kexue_fast ran on its "
         f"'{backend}' backend. 'torch param.' includes torch's W/σ division per layer, as every training forward does."
     )
+    if device == "cuda":
+        bw_header = ["matrices", "iterations", "ms", "GB/s", "of HBM peak"]
+        bw_rows = kernel_bandwidth_rows({
+            "48 mixed": layer_shapes(48), "156 mixed": layer_shapes(156), "1 x 4096x4096": [(4096, 4096)],
+            "64 x 1024x1024": [(1024, 1024)] * 64,
+        })  # fmt: skip
+        notes += "\n\nTriton kernel alone, float32, compulsory traffic W once per iteration:\n\n" + markdown_table(
+            bw_header, bw_rows
+        )
     return write_results(out_dir, f"spectral-{device}", "Spectral normalization: update every layer once",
                          metadata(device), header, rows, notes)  # fmt: skip

@@ -32,7 +32,8 @@ def matrix_with_gap(m: int, n: int, *, gap: float = 2.0, dtype=torch.float64, de
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm((a - b).double()) / torch.linalg.vector_norm(b.double()).clamp_min(1e-300))
+    a, b = a.detach().double(), b.detach().double()
+    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp_min(1e-300))
 
 
 def exact_norms(weights: Sequence[torch.Tensor]) -> torch.Tensor:
