@@ -240,7 +240,6 @@ def _plan(model: nn.Module) -> Tuple[List[_Group], List[Tuple[SpectralNorm, Tens
     return groups, conv_layers
 
 
-@torch.no_grad()
 def update_spectral_norms(
     model: nn.Module, *, n_iters: int = 1, tol: Optional[float] = None, backend: str = "auto"
 ) -> None:
@@ -257,7 +256,8 @@ def update_spectral_norms(
     tol = check_positive(tol, "tol", allow_none=True)
     groups, conv_layers = _plan(model)
     for p, original in conv_layers:
-        conv_power_iteration(p.conv, original.detach(), p._u, p._v, n_iters, tol, p.eps)
+        with torch.no_grad():
+            conv_power_iteration(p.conv, original.detach(), p._u, p._v, n_iters, tol, p.eps)
     for group in groups:
         chosen = _dispatch.choose(POWER_ITERATION_OP, group.device, group.dtype, backend)
         group.refresh_copies()
@@ -268,7 +268,8 @@ def update_spectral_norms(
             sigma, _ = _core.power_iteration(w, u, v, n_iters, -1.0 if tol is None else tol, group.eps)
             finite = bool(numpy.isfinite(sigma).all())
         else:
-            sigma = run_backend(chosen, group.weights, group.vs, group.us, group.vs, n_iters, tol, group.eps)
+            with torch.no_grad():
+                sigma = run_backend(chosen, group.weights, group.vs, group.us, group.vs, n_iters, tol, group.eps)
             finite = group.device.type != "cpu" or bool(torch.isfinite(sigma).all())
         if not finite:
             raise ValueError("a spectral-norm weight contains NaN or Inf")
