@@ -147,6 +147,20 @@ def _tables(weights: Sequence[Tensor], us: Sequence[Tensor], vs: Sequence[Tensor
     return entry
 
 
+def _block_rows(device: torch.device, max_cols: int, itemsize: int) -> int:
+    """Rows per program. The fused kernel re-reads its BLOCK_M × n tile for Wᵀt; that second read must hit L2, so
+    the tiles of all concurrently running programs (~one per SM) should fit in half of L2. Fewer rows per program
+    mean more atomic adds into v, so take the largest block that fits."""
+    if device.type != "cuda":
+        return 16
+    props = torch.cuda.get_device_properties(device)
+    budget = props.L2_cache_size // 2
+    for block_m in (32, 16, 8):
+        if block_m * max_cols * itemsize * props.multi_processor_count <= budget:
+            return block_m
+    return 4
+
+
 def _check(name: str, tensors: Sequence[Tensor], ndim: int, dtype: torch.dtype, device: torch.device) -> None:
     for i, t in enumerate(tensors):
         if t.ndim != ndim or not t.is_contiguous() or t.dtype != dtype or t.device != device:
@@ -175,7 +189,7 @@ def power_iteration(
     _check("weights", weights, 2, dtype, device)
     _check("u_out", u_out, 1, dtype, device)
     _check("v_out", v_out, 1, dtype, device)
-    block_m = 16
+    block_m = _block_rows(device, max(w.shape[1] for w in weights), weights[0].element_size())
     (w_ptrs, u_ptrs, v_ptrs, rows, cols, v_off, work_mat, work_row, total, max_n, max_m, _) = _tables(
         weights, u_out, v_out, block_m
     )

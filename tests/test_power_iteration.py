@@ -183,3 +183,22 @@ def test_auto_logs_once_when_fast_path_missing(monkeypatch, caplog):
     messages = [r.getMessage() for r in caplog.records if "slow torch path" in r.getMessage()]
     assert len(messages) == 1 and "_core is not built" in messages[0]
     _dispatch._LOGGED.clear()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("backend", backends(dtype=torch.float32))
+def test_float32_error_at_most_twice_torchs(backend, seed):
+    """flash-attention's rule: a kernel's error against the float64 truth is at most 2x torch's own in that dtype."""
+    torch.manual_seed(seed)
+    shapes = [(1, 1), (7, 3), (63, 65), (127, 129), (300, 200)]
+    weights = [torch.randn(m, n) for m, n in shapes]
+    v0 = [torch.randn(n) for _, n in shapes]
+    truth = kexue_fast.power_iteration([w.double() for w in weights], n_iters=4, v=[v.double() for v in v0],
+                                       backend="torch")  # fmt: skip
+    ours = kexue_fast.power_iteration(weights, n_iters=4, v=v0, backend=backend)
+    theirs = kexue_fast.power_iteration(weights, n_iters=4, v=v0, backend="torch")
+    floor = 2 * torch.finfo(torch.float32).eps
+    assert rel_err(ours[0], truth[0]) <= 2 * rel_err(theirs[0], truth[0]) + floor
+    for i in range(len(shapes)):
+        for k in (1, 2):
+            assert rel_err(ours[k][i], truth[k][i]) <= 2 * rel_err(theirs[k][i], truth[k][i]) + floor

@@ -8,11 +8,13 @@
 namespace kexue::spectral {
 namespace {
 
+// Norms are O(m + n) next to the O(mn) pass, so they accumulate in double: float32 results then carry no more
+// rounding than torch's own (pairwise) reductions.
 template <typename T>
 T norm2(const T* x, std::int64_t n) {
-  T acc = 0;
-  for (std::int64_t i = 0; i < n; ++i) acc += x[i] * x[i];
-  return std::sqrt(acc);
+  double acc = 0;
+  for (std::int64_t i = 0; i < n; ++i) acc += static_cast<double>(x[i]) * x[i];
+  return static_cast<T>(std::sqrt(acc));
 }
 
 // x86 wheels are built for the baseline ISA; clones let the loader pick AVX2/AVX-512 code on CPUs that have it.
@@ -76,12 +78,8 @@ int solve_one(const PowerIterationProblem<T>& p, const PowerIterationOptions& o,
     fused_pass<T>(p.weight, m, n, p.v, p.u, w.data());
     const T inv_t = T(1) / std::max(norm2(p.u, m), eps);
     for (std::int64_t i = 0; i < m; ++i) p.u[i] *= inv_t;
-    T ww = 0;
-    for (std::int64_t j = 0; j < n; ++j) {
-      w[j] *= inv_t;  // w = W^T u
-      ww += w[j] * w[j];
-    }
-    sigma = std::sqrt(ww);
+    for (std::int64_t j = 0; j < n; ++j) w[j] *= inv_t;  // w = W^T u
+    sigma = norm2(w.data(), n);
     const T inv_s = T(1) / std::max(sigma, eps);
     for (std::int64_t j = 0; j < n; ++j) p.v[j] = w[j] * inv_s;
     ++it;
