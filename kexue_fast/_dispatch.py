@@ -123,6 +123,7 @@ def auto_choice(op: str, device: torch.device, dtype: torch.dtype) -> Tuple[str,
     return "torch", rejected
 
 
+@torch.compiler.assume_constant_result  # under torch.compile: decided once at trace time, not traced into
 def choose(op: str, device: torch.device, dtype: torch.dtype, backend: Optional[str] = None) -> str:
     """The backend to run `op` with; raises NotImplementedError when an explicit backend cannot run."""
     if op not in _OPS:

@@ -202,3 +202,27 @@ def test_float32_error_at_most_twice_torchs(backend, seed):
     for i in range(len(shapes)):
         for k in (1, 2):
             assert rel_err(ours[k][i], truth[k][i]) <= 2 * rel_err(theirs[k][i], truth[k][i]) + floor
+
+
+def test_registered_op_passes_opcheck():
+    from kexue_fast.spectral.power_iteration import _power_iteration_op
+
+    weights = [torch.randn(5, 3, dtype=torch.float64, requires_grad=True), torch.randn(2, 4, dtype=torch.float64)]
+    v0 = [torch.randn(3, dtype=torch.float64), torch.randn(4, dtype=torch.float64)]
+    torch.library.opcheck(_power_iteration_op, (weights, v0, 3, None, 1e-12, "torch"))
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_power_iteration_compiles_fullgraph(backend):
+    weights = [matrix_with_gap(9, 4, seed=1).requires_grad_(), matrix_with_gap(3, 6, seed=2)]
+    v0 = [torch.randn(4, dtype=torch.float64), torch.randn(6, dtype=torch.float64)]
+
+    def fn(ws, vs):
+        sigma, _, v = kexue_fast.power_iteration(ws, n_iters=40, v=vs, backend=backend)
+        return sigma.sum() + v[1].sum()
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    out = compiled(weights, v0)
+    assert torch.allclose(out, fn(weights, v0))
+    out.backward()
+    assert weights[0].grad is not None

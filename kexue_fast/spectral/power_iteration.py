@@ -1,11 +1,13 @@
 """`power_iteration`: σ̂ ≈ ‖W‖₂ for a batch or a list of matrices in one call.
 
 See kexue_fast.spectral.reference for the iteration and its paper; this module validates, dispatches
-(triton on CUDA, C++ on CPU, torch otherwise) and attaches the gradient ∂σ̂/∂W = u vᵀ.
+(triton on CUDA, C++ on CPU, torch otherwise) and registers the op with torch.library (fake tensor impl for
+torch.compile, gradient ∂σ̂/∂W = u vᵀ).
 """
 
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -70,22 +72,52 @@ def run_backend(
     return sigma
 
 
-class _SigmaGrad(torch.autograd.Function):
-    """Attaches ∂σ̂_i/∂W_i = u_i v_iᵀ (u, v held constant, as in torch's spectral_norm) to precomputed σ̂."""
+def _power_iteration_impl(
+    weights: List[Tensor], v: List[Tensor], n_iters: int, tol: Optional[float], eps: float, backend: str
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """σ̂ [L] and u, v packed flat [Σm], [Σn]: the body of the registered op."""
+    first = weights[0]
+    u_flat = first.new_empty(sum(w.shape[0] for w in weights))
+    v_flat = first.new_empty(sum(w.shape[1] for w in weights))
+    u_out = list(u_flat.split([w.shape[0] for w in weights]))
+    v_out = list(v_flat.split([w.shape[1] for w in weights]))
+    dense = [w.contiguous() for w in weights]
+    sigma = run_backend(backend, dense, v, u_out, v_out, n_iters, tol, eps).to(first.device)
+    return sigma, u_flat, v_flat
 
-    @staticmethod
-    def forward(ctx, sigma: Tensor, us: List[Tensor], vs: List[Tensor], *weights: Tensor) -> Tensor:
-        ctx.us, ctx.vs = us, vs
-        ctx.shapes = [w.shape for w in weights]
-        return sigma.clone()
 
-    @staticmethod
-    def backward(ctx, grad_sigma: Tensor):
-        grads = [
-            (g * torch.outer(u, v)).reshape(shape)
-            for g, u, v, shape in zip(grad_sigma.unbind(0), ctx.us, ctx.vs, ctx.shapes)
-        ]
-        return (None, None, None, *grads)
+# One opaque node under torch.compile, with a fake-tensor impl and a registered gradient. Eager calls that need no
+# gradient skip its dispatch machinery (~30 µs) and run the same body directly.
+_power_iteration_op = torch.library.custom_op("kexue_fast::power_iteration", mutates_args=())(_power_iteration_impl)
+
+
+@_power_iteration_op.register_fake
+def _(weights, v, n_iters, tol, eps, backend):
+    first = weights[0]
+    return (
+        first.new_empty(len(weights)),
+        first.new_empty(sum(w.shape[0] for w in weights)),
+        first.new_empty(sum(w.shape[1] for w in weights)),
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.rows = [w.shape[0] for w in inputs[0]]
+    ctx.cols = [w.shape[1] for w in inputs[0]]
+    ctx.save_for_backward(output[1], output[2])
+
+
+def _backward(ctx, grad_sigma, grad_u, grad_v):
+    """∂σ̂_i/∂W_i = u_i v_iᵀ with u, v held constant (as torch's spectral_norm differentiates σ = uᵀWv)."""
+    u, v = ctx.saved_tensors
+    none = [None] * len(ctx.rows)  # the gradient's structure must mirror the inputs': one entry per list item
+    if grad_sigma is None:
+        return none, none, None, None, None, None
+    grads = [g * torch.outer(ui, vi) for g, ui, vi in zip(grad_sigma.unbind(0), u.split(ctx.rows), v.split(ctx.cols))]
+    return grads, none, None, None, None, None
+
+
+_power_iteration_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _as_matrices(weights: Weights) -> Tuple[List[Tensor], str]:
@@ -191,24 +223,21 @@ def power_iteration(
                                generator=generator)  # fmt: skip
             v_init = list(flat.split([w.shape[1] for w in mats]))
 
-    dense = [w.detach().contiguous() for w in mats]
-    u_flat = torch.empty(sum(w.shape[0] for w in mats), dtype=first.dtype, device=first.device)
-    v_flat = torch.empty(sum(w.shape[1] for w in mats), dtype=first.dtype, device=first.device)
-    u_out = list(u_flat.split([w.shape[0] for w in mats]))
-    v_out = list(v_flat.split([w.shape[1] for w in mats]))
-    with torch.no_grad():
-        sigma = run_backend(chosen, dense, v_init, u_out, v_out, n_iters, tol, eps).to(first.device)
+    compiling = torch.compiler.is_compiling()
+    if compiling or (torch.is_grad_enabled() and any(w.requires_grad for w in mats)):
+        sigma, u_flat, v_flat = _power_iteration_op(mats, v_init, n_iters, tol, eps, chosen)
+    else:
+        sigma, u_flat, v_flat = _power_iteration_impl(mats, v_init, n_iters, tol, eps, chosen)
 
-    if check_finite or (check_finite is None and (first.device.type == "cpu" or tol is not None)):
-        bad = (~torch.isfinite(sigma)).nonzero().flatten().tolist()
-        if bad:
-            where = "weights" if form == "single" else f"weights[{bad[0]}]"
+    if not compiling and (check_finite or (check_finite is None and (first.device.type == "cpu" or tol is not None))):
+        values = sigma.tolist()  # one host read (a sync on CUDA: only where allowed above)
+        bad = next((i for i, x in enumerate(values) if not math.isfinite(x)), None)
+        if bad is not None:
+            where = "weights" if form == "single" else f"weights[{bad}]"
             raise ValueError(f"{where} contains NaN or Inf")
 
-    if torch.is_grad_enabled() and any(w.requires_grad for w in mats):
-        sigma = _SigmaGrad.apply(sigma, u_out, v_out, *mats)
     if form == "single":
-        return sigma[0], u_out[0], v_out[0]
+        return sigma[0], u_flat, v_flat
     if form == "batched":
         return sigma, u_flat.view(len(mats), -1), v_flat.view(len(mats), -1)
-    return sigma, u_out, v_out
+    return sigma, list(u_flat.split([w.shape[0] for w in mats])), list(v_flat.split([w.shape[1] for w in mats]))
