@@ -105,6 +105,39 @@ def kernel_bandwidth_rows(shapes_sets: Dict[str, List[tuple]], n_iters: int = 10
     return rows
 
 
+def cpu_kernel_rows(layer_counts: Sequence[int], reps: int) -> List[list]:
+    """The C++ kernel alone on warm caches (one call on NumPy views) against the torch loop on the same matrices:
+    the compute rate once Python overhead and cache misses are taken out."""
+    from kexue_fast import _core
+
+    rows = []
+    for n_layers in layer_counts:
+        torch.manual_seed(0)
+        weights = [torch.randn(o, i) for o, i in layer_shapes(n_layers)]
+        us = [torch.empty(w.shape[0]) for w in weights]
+        vs = [torch.randn(w.shape[1]) for w in weights]
+        arrays = ([w.numpy() for w in weights], [u.numpy() for u in us], [v.numpy() for v in vs])
+
+        def ours(arrays=arrays):
+            _core.power_iteration(*arrays, 1)
+
+        @torch.no_grad()
+        def loop(weights=weights, vs=vs):
+            for w, v in zip(weights, vs):
+                u = F.normalize(torch.mv(w, v), dim=0)
+                F.normalize(torch.mv(w.t(), u), dim=0)
+
+        for _ in range(3):
+            ours()
+            loop()
+        t_ours = time_interleaved({"ours": ours}, reps, warmup=0)["ours"]
+        t_loop = time_interleaved({"loop": loop}, reps, warmup=0)["loop"]
+        nbytes = 4 * sum(o * i for o, i in layer_shapes(n_layers))
+        rows.append([n_layers, f"{t_ours * 1e3:.3f}", f"{nbytes / t_ours / 1e9:.1f}", f"{t_loop * 1e3:.3f}",
+                     f"{t_loop / t_ours:.1f}x"])  # fmt: skip
+    return rows
+
+
 def run(
     out_dir: Path,
     quick: bool = True,
@@ -147,6 +180,12 @@ def run(
         f"{reps} interleaved repetitions (CPU) or triton.testing.do_bench (CUDA). kexue_fast ran on its "
         f"'{backend}' backend. 'torch param.' includes torch's W/σ division per layer, as every training forward does."
     )
+    if device == "cpu" and kexue_fast._dispatch.core_status()[0]:
+        kernel_header = ["layers", "C++ kernel ms", "GB/s (W once)", "torch loop ms", "loop / kernel"]
+        notes += (
+            "\n\nThe C++ kernel alone, warm caches (each contestant repeated back to back), same matrices:\n\n"
+            + markdown_table(kernel_header, cpu_kernel_rows(layer_counts, reps))
+        )
     if device == "cuda":
         bw_header = ["matrices", "iterations", "ms", "GB/s", "of HBM peak"]
         bw_rows = kernel_bandwidth_rows({
