@@ -21,4 +21,6 @@ def test_bench_writes_results(tmp_path):
     text = path.read_text()
     assert "torch / ours" in text and "git:" in text and "machine:" in text
     assert (tmp_path / "spectral-cpu.csv").exists()
-    assert len([line for line in text.splitlines() if line.startswith("| ")]) == 3  # header + 2 rows
+    table = text.split("\n\n")[2].splitlines()  # title, metadata, then the main table
+    assert table[0].startswith("| layers") and len(table) == 4  # header, rule, one row per layer count
+    assert "C++ kernel ms" in text
