@@ -146,5 +146,10 @@ def choose(op: str, device: torch.device, dtype: torch.dtype, backend: Optional[
 def describe(op: str, device: torch.device, dtype: torch.dtype) -> str:
     """One line for `python -m kexue_fast.info`: what auto picks and why."""
     chosen, rejected = auto_choice(op, device, dtype)
-    why = f" (passed over: {'; '.join(rejected)})" if rejected else ""
-    return f"{chosen}{why}"
+    reasons = {
+        "triton": "CUDA tensors and " + triton_status()[1],
+        "cpp": "CPU tensors and " + core_status()[1] + " built",
+        "torch": "no faster path for this device" if not rejected else "the fast path is unavailable",
+    }
+    why = f"; passed over: {'; '.join(rejected)}" if rejected else ""
+    return f"{chosen} ({reasons[chosen]}{why})"
