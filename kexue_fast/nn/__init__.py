@@ -1,5 +1,17 @@
 """Drop-in modules: thin parameters + a call into the functional API."""
 
+from .iresnet import ActNorm, InvertibleResBlock, LipSwish, Squeeze
+from .residual_flow import ResidualFlow
 from .spectral_norm import SpectralNorm, spectral_norm, spectral_norm_layers, update_spectral_norms
 
-__all__ = ["SpectralNorm", "spectral_norm", "spectral_norm_layers", "update_spectral_norms"]
+__all__ = [
+    "ActNorm",
+    "InvertibleResBlock",
+    "LipSwish",
+    "ResidualFlow",
+    "SpectralNorm",
+    "Squeeze",
+    "spectral_norm",
+    "spectral_norm_layers",
+    "update_spectral_norms",
+]

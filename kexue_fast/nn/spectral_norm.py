@@ -4,9 +4,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 import weakref
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy
 import torch
@@ -21,6 +22,21 @@ from ..spectral.power_iteration import OP as POWER_ITERATION_OP
 from ..spectral.power_iteration import run_backend
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_FROZEN = [False]
+
+
+@contextlib.contextmanager
+def frozen_power_iteration() -> Iterator[None]:
+    """Within this block, spectral-norm layers do not advance their power iteration in forward, so recomputing a
+    function (a memory-efficient backward, an exact Jacobian) sees the same normalized weights as the first pass."""
+    previous = _FROZEN[0]
+    _FROZEN[0] = True
+    try:
+        yield
+    finally:
+        _FROZEN[0] = previous
+
+
 _CONV_TRANSPOSES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
@@ -96,7 +112,7 @@ class SpectralNorm(nn.Module):
             if self.coeff is None:
                 return F.normalize(weight, dim=0, eps=self.eps)
             return weight / (torch.linalg.vector_norm(weight) / self.coeff).clamp_min(1.0)
-        if self.training and self.n_power_iterations > 0:
+        if self.training and self.n_power_iterations > 0 and not _FROZEN[0]:
             self._power_method(weight, self.n_power_iterations)
         sigma = self.sigma(weight)
         if self.coeff is None:

@@ -1,0 +1,318 @@
+import hashlib
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from kexue_fast.flows import lipschitz_report, reference
+from kexue_fast.flows import logdet as L
+from kexue_fast.nn import ActNorm, InvertibleResBlock, LipSwish, Squeeze, spectral_norm, update_spectral_norms
+
+D64 = torch.float64
+
+
+def mlp(dim, hidden=16, coeff=0.9, act=LipSwish):
+    g = nn.Sequential(
+        spectral_norm(nn.Linear(dim, hidden), coeff=coeff, n_power_iterations=0),
+        act(),
+        spectral_norm(nn.Linear(hidden, dim), coeff=coeff, n_power_iterations=0),
+    ).double()
+    update_spectral_norms(g, n_iters=200, tol=1e-12)
+    return g
+
+
+def linear_g(eigenvalues):
+    """g(x) = A x with A symmetric of the given spectrum (so log det(I + A) and the truncated series are known)."""
+    d = len(eigenvalues)
+    q, _ = torch.linalg.qr(torch.randn(d, d, dtype=D64, generator=torch.Generator().manual_seed(d)))
+    a = q @ torch.diag(torch.tensor(eigenvalues, dtype=D64)) @ q.T
+    g = nn.Linear(d, d, bias=False).double()
+    with torch.no_grad():
+        g.weight.copy_(a)
+    return g
+
+
+def truncated_value(eigenvalues, n_terms):
+    return sum((-1) ** (k + 1) * sum(lam**k for lam in eigenvalues) / k for k in range(1, n_terms + 1))
+
+
+def true_logdet(eigenvalues):
+    return sum(math.log(1 + lam) for lam in eigenvalues)
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3, 5, 8, 13, 16])
+def test_exact_logdet_equals_slogdet_of_autograd_jacobian(dim):
+    torch.manual_seed(dim)
+    block = InvertibleResBlock(mlp(dim), logdet="exact")
+    x = torch.randn(3, dim, dtype=D64)
+    y, logdet = block(x)
+    for b in range(3):
+        jac = torch.autograd.functional.jacobian(lambda z: z + block.g(z), x[b : b + 1]).reshape(dim, dim)
+        assert abs(float(logdet[b].detach()) - float(torch.linalg.slogdet(jac).logabsdet)) <= 1e-10
+    assert torch.allclose(y, x + block.g(x))
+
+
+def test_series_with_exact_traces_equals_closed_form():
+    eig = [0.9, -0.5, 0.3, 0.05]
+    g = linear_g(eig)
+    d = len(eig)
+    x = torch.randn(2, d, dtype=D64)
+    # probes √d·e_i averaged over i give exact traces
+    probes = [math.sqrt(d) * torch.eye(d, dtype=D64)[i].expand(2, d) for i in range(d)]
+    for n in (1, 2, 5, 9):
+        _, value = L.series_logdet(g, x, [L.truncated_plan(n)] * d, probes, neumann_grad=True, memory_efficient=True)
+        assert torch.allclose(value, torch.full_like(value, truncated_value(eig, n)), atol=1e-8, rtol=0)
+
+
+@pytest.mark.parametrize("probe", ["gaussian", "rademacher"])
+def test_hutchinson_series_mean_is_the_truncated_value(probe):
+    eig = [0.8, 0.6, 0.4]  # truncation bias ≈ 0.17, far above the standard error
+    torch.manual_seed(0)
+    block = InvertibleResBlock(linear_g(eig), logdet="series", n_terms=2, probe=probe)
+    x = torch.zeros(20000, 3, dtype=D64)  # each row gets its own probe: independent estimates
+    with torch.no_grad():
+        _, values = block(x)
+    mean, se = float(values.mean()), float(values.std() / math.sqrt(values.numel()))
+    assert abs(mean - truncated_value(eig, 2)) <= 4 * se
+    assert abs(mean - true_logdet(eig)) > 4 * se  # truncation bias is real: the mean is not the log-det
+
+
+def test_roulette_is_unbiased_over_10000_calls():
+    eig = [0.5, -0.4, 0.3]
+    torch.manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Lip = 0.5: 0.25 < 1 - p, no variance warning
+        block = InvertibleResBlock(linear_g(eig), logdet="roulette", n_exact_terms=1, roulette_p=0.5)
+        x = torch.zeros(1, 3, dtype=D64)
+        with torch.no_grad():
+            values = torch.cat([block(x)[1] for _ in range(10000)])
+    mean, se = float(values.mean()), float(values.std() / math.sqrt(values.numel()))
+    assert abs(mean - true_logdet(eig)) <= 4 * se
+
+
+def test_roulette_variance_warnings():
+    with pytest.warns(RuntimeWarning, match="finite variance only if"):
+        InvertibleResBlock(linear_g([0.9, 0.1]), logdet="roulette", roulette_p=0.5)(torch.zeros(1, 2, dtype=D64))
+    with pytest.warns(RuntimeWarning, match="variance is infinite"):
+        InvertibleResBlock(linear_g([0.3, 0.1]), logdet="roulette", roulette="poisson")
+
+
+def test_neumann_gradient_is_unbiased():
+    eig = [0.45, -0.3, 0.2]
+    torch.manual_seed(2)
+    g = linear_g(eig)
+    block = InvertibleResBlock(g, logdet="roulette", n_exact_terms=1, roulette_p=0.5, n_probes=1)
+    x = torch.randn(1, 3, dtype=D64)
+    grads = []
+    for _ in range(4000):
+        g.zero_grad()
+        block(x)[1].sum().backward()
+        grads.append(g.weight.grad.flatten().clone())
+    grads = torch.stack(grads)
+    w = g.weight.detach().clone().requires_grad_()
+    torch.linalg.slogdet(torch.eye(3, dtype=D64) + w).logabsdet.backward()
+    mean, se = grads.mean(0), grads.std(0) / math.sqrt(grads.shape[0])
+    assert bool(((mean - w.grad.flatten()).abs() <= 4 * se).all()), (mean, w.grad.flatten(), se)
+
+
+def _weighted_grads(memory_efficient, neumann_grad=True, n_terms=4, logdet="series"):
+    torch.manual_seed(3)
+    g = mlp(3, coeff=0.8)
+    torch.manual_seed(4)
+    x = torch.randn(6, 3, dtype=D64, requires_grad=True)
+    block = InvertibleResBlock(g, logdet=logdet, n_terms=n_terms, n_probes=2, neumann_grad=neumann_grad,
+                               memory_efficient=memory_efficient)  # fmt: skip
+    torch.manual_seed(5)  # the same probes
+    _y, value = block(x)
+    weights = torch.tensor([1.0, 2.0, 3.0, 0.0, -1.0, 5.0], dtype=D64)
+    (value * weights).sum().backward()
+    return value.detach(), [p.grad.clone() for p in g.parameters() if p.grad is not None] + [x.grad.clone()]
+
+
+def test_memory_efficient_equals_plain_neumann_with_per_sample_weights():
+    value_a, grads_a = _weighted_grads(memory_efficient=True)
+    value_b, grads_b = _weighted_grads(memory_efficient=False)
+    assert torch.equal(value_a, value_b)
+    assert len(grads_a) == len(grads_b) > 1
+    for a, b in zip(grads_a, grads_b):
+        assert (a - b).abs().max() <= 1e-12 * max(1.0, float(b.abs().max()))
+
+
+def test_neumann_value_is_the_estimate_not_a_surrogate():
+    value_neumann, _ = _weighted_grads(memory_efficient=False, neumann_grad=True)
+    value_graph, _ = _weighted_grads(memory_efficient=False, neumann_grad=False)
+    assert torch.allclose(value_neumann, value_graph, atol=1e-14, rtol=0)
+
+
+def _saved_bytes(n_terms, **kwargs):
+    torch.manual_seed(0)
+    block = InvertibleResBlock(mlp(8, hidden=32), logdet="series", n_terms=n_terms, **kwargs)
+    x = torch.randn(64, 8, dtype=D64, requires_grad=True)
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _y, _logdet = block(x)
+    return total[0]
+
+
+def test_memory_efficient_saved_bytes_do_not_grow_with_n_terms():
+    assert _saved_bytes(2) == _saved_bytes(12)
+    assert _saved_bytes(12, neumann_grad=False) > 2 * _saved_bytes(2, neumann_grad=False)
+
+
+def test_logdet_has_parameter_gradients_in_every_mode():
+    for method in ("series", "roulette", "exact"):
+        g = mlp(2, coeff=0.5)
+        block = InvertibleResBlock(g, logdet=method)
+        block(torch.randn(4, 2, dtype=D64))[1].sum().backward()
+        assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in g.parameters() if p.ndim == 2)
+
+
+def _trained_block(method):
+    torch.manual_seed(7)
+    g = nn.Sequential(
+        spectral_norm(nn.Linear(4, 32), coeff=0.975, n_power_iterations=0), LipSwish(),
+        spectral_norm(nn.Linear(32, 4), coeff=0.975, n_power_iterations=0),
+    ).double()  # fmt: skip
+    block = InvertibleResBlock(g, inverse_method=method)
+    opt = torch.optim.Adam(block.parameters(), lr=1e-2)
+    for _ in range(30):  # push Lip(g) up: maximize the log-det, the spectral norm caps it at ~0.95
+        _y, logdet = block(torch.randn(32, 4, dtype=D64))
+        (-logdet.mean()).backward()
+        opt.step()
+        opt.zero_grad()
+        update_spectral_norms(block, n_iters=5)
+    update_spectral_norms(block, n_iters=500, tol=1e-12)
+    return block.eval()
+
+
+def test_inverse_reaches_1e6_and_anderson_needs_fewer_evaluations():
+    counts = {}
+    for method in ("fixed_point", "anderson"):
+        block = _trained_block(method)
+        x = torch.randn(16, 4, dtype=D64) * 2
+        with torch.no_grad():
+            y, _ = block(x)
+            x_hat = block.inverse(y)
+            assert float((block(x_hat)[0] - y).abs().max()) <= 1e-6
+        counts[method] = block.last_inverse.g_evals
+    print("g evaluations to 1e-6:", counts)
+    assert counts["anderson"] < counts["fixed_point"]
+
+
+def test_inverse_warns_when_not_converged():
+    block = InvertibleResBlock(mlp(3), inverse_max_iter=2, inverse_atol=1e-14)
+    with pytest.warns(RuntimeWarning, match="did not converge"):
+        block.inverse(torch.randn(2, 3, dtype=D64))
+    assert block.last_inverse is not None and not block.last_inverse.converged
+
+
+def _hash(module):
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_eval_mode_changes_no_buffer():
+    torch.manual_seed(8)
+    g = nn.Sequential(spectral_norm(nn.Linear(3, 8), coeff=0.9), LipSwish(), spectral_norm(nn.Linear(8, 3), coeff=0.9))
+    model = nn.ModuleList([ActNorm(3), InvertibleResBlock(g.double(), logdet="roulette", roulette_p=0.7)]).double()
+    model.eval()
+    before = _hash(model)
+    x = torch.randn(5, 3, dtype=D64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        y, _ = model[0](x)
+        z, _ = model[1](y)
+        model[0].inverse(model[1].inverse(z))
+    assert _hash(model) == before
+
+
+def test_actnorm_and_squeeze():
+    torch.manual_seed(9)
+    x = torch.randn(64, 3, 4, 4, dtype=D64) * 3 + 1
+    act = ActNorm(3).double()
+    y, logdet = act(x)
+    assert bool(act.initialized)
+    assert torch.allclose(y.mean((0, 2, 3)), torch.zeros(3, dtype=D64), atol=1e-10)
+    assert torch.allclose(act.inverse(y), x, atol=1e-12)
+    single = x[:1]
+    jac = torch.autograd.functional.jacobian(lambda z: act(z)[0], single).reshape(48, 48)
+    assert abs(float(logdet[0]) - float(torch.linalg.slogdet(jac).logabsdet)) < 1e-10
+    sq = Squeeze()
+    z, zero = sq(x)
+    assert z.shape == (64, 12, 2, 2) and float(zero.abs().sum()) == 0
+    assert torch.equal(sq.inverse(z), x)
+    with pytest.raises(ValueError, match="even"):
+        sq(torch.randn(1, 1, 3, 4))
+
+
+def test_lipswish_is_1_lipschitz():
+    for beta in (0.1, 1.0, 10.0):
+        f = LipSwish(beta).double()
+        x = torch.linspace(-20, 20, 20001, dtype=D64, requires_grad=True)
+        (d,) = torch.autograd.grad(f(x).sum(), x)
+        assert 0.99 < float(d.abs().max()) <= 1.0
+
+
+def test_lipschitz_report_bounds_are_certified():
+    torch.manual_seed(10)
+    conv = nn.Conv2d(3, 4, 3, padding=1, stride=2, groups=1).double()
+    g = nn.Sequential(conv, nn.ELU(), nn.Conv2d(4, 3, 3, padding=1).double())
+    block = InvertibleResBlock(g)
+    report = lipschitz_report(nn.Sequential(block))
+    layer_bound = report.blocks[0].layer_bounds[0]
+    from kexue_fast.spectral.conv import ConvOperator
+    from kexue_fast.spectral.reference import conv_operator_matrix
+
+    op = ConvOperator.build(conv.weight.shape, (3, 6, 6), 2, 1, 1, 1)
+    exact = torch.linalg.matrix_norm(conv_operator_matrix(lambda x, w: op.apply(w, x), conv.weight.detach(),
+                                                          (3, 6, 6)), ord=2)  # fmt: skip
+    assert layer_bound >= float(exact)
+    assert "invertible" in str(report)
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: InvertibleResBlock(nn.Sequential(spectral_norm(nn.Linear(2, 2), coeff=1.0))), "coeff"),
+        (lambda: InvertibleResBlock(nn.Sequential(spectral_norm(nn.Linear(2, 2)))), "coeff"),
+        (lambda: InvertibleResBlock(nn.Linear(2, 2), n_terms=0), "n_terms"),
+        (lambda: InvertibleResBlock(nn.Linear(2, 2), n_probes=0), "n_probes"),
+        (lambda: InvertibleResBlock(nn.Linear(2, 2), logdet="magic"), "logdet"),
+        (lambda: InvertibleResBlock(nn.Linear(2, 2), roulette_p=1.0), "roulette_p"),
+        (lambda: InvertibleResBlock(nn.Linear(2, 2), inverse_method="newton"), "inverse_method"),
+        (lambda: InvertibleResBlock(nn.Linear(2, 2), inverse_atol=0.0), "inverse_atol"),
+    ],
+)
+def test_bad_construction(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_bad_inputs():
+    block = InvertibleResBlock(mlp(2))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        block(torch.tensor([[0.0, float("nan")]], dtype=D64))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        block.inverse(torch.tensor([[float("inf"), 0.0]], dtype=D64))
+    with pytest.raises(TypeError, match="floating"):
+        block(torch.ones(2, 2, dtype=torch.int64))
+    big = InvertibleResBlock(nn.Linear(300, 300, bias=False), logdet="exact")
+    with pytest.raises(ValueError, match="exact"):
+        big(torch.randn(1, 300))
+
+
+def test_reference_inverse_matches_block_inverse():
+    block = InvertibleResBlock(mlp(3), inverse_atol=1e-12)
+    y = torch.randn(4, 3, dtype=D64)
+    with torch.no_grad():
+        assert torch.allclose(block.inverse(y), reference.fixed_point_inverse(block.g, y, 200), atol=1e-11)
