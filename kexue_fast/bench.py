@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-SUITES = ("spectral",)
+SUITES = ("spectral", "flows")
 
 
 def main(argv=None) -> None:

@@ -117,27 +117,52 @@ def test_neumann_gradient_is_unbiased():
     assert bool(((mean - w.grad.flatten()).abs() <= 4 * se).all()), (mean, w.grad.flatten(), se)
 
 
-def _weighted_grads(memory_efficient, neumann_grad=True, n_terms=4, logdet="series"):
+def _weighted_grads(memory_efficient, neumann_grad=True, n_terms=4, logdet="series", path="autograd", act=LipSwish):
     torch.manual_seed(3)
-    g = mlp(3, coeff=0.8)
+    g = mlp(3, coeff=0.8, act=act)
     torch.manual_seed(4)
     x = torch.randn(6, 3, dtype=D64, requires_grad=True)
     block = InvertibleResBlock(g, logdet=logdet, n_terms=n_terms, n_probes=2, neumann_grad=neumann_grad,
                                memory_efficient=memory_efficient)  # fmt: skip
+    if path == "autograd":
+        block._chain = None
+    assert block.series_path == path
     torch.manual_seed(5)  # the same probes
     _y, value = block(x)
     weights = torch.tensor([1.0, 2.0, 3.0, 0.0, -1.0, 5.0], dtype=D64)
     (value * weights).sum().backward()
-    return value.detach(), [p.grad.clone() for p in g.parameters() if p.grad is not None] + [x.grad.clone()]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in g.parameters()]
+    return value.detach(), [t.clone() for t in grads] + [x.grad.clone() if x.grad is not None else torch.zeros_like(x)]
 
 
 def test_memory_efficient_equals_plain_neumann_with_per_sample_weights():
     value_a, grads_a = _weighted_grads(memory_efficient=True)
     value_b, grads_b = _weighted_grads(memory_efficient=False)
     assert torch.equal(value_a, value_b)
-    assert len(grads_a) == len(grads_b) > 1
+    assert len(grads_a) == len(grads_b) > 1 and all(bool(t.abs().sum() > 0) for t in grads_a[:2])
     for a, b in zip(grads_a, grads_b):
         assert (a - b).abs().max() <= 1e-12 * max(1.0, float(b.abs().max()))
+
+
+@pytest.mark.parametrize("act", [LipSwish, nn.ELU, nn.Tanh, lambda: nn.LeakyReLU(0.3)])
+@pytest.mark.parametrize("neumann_grad", [True, False])
+@pytest.mark.parametrize("logdet", ["series", "roulette"])
+def test_dense_chain_path_equals_autograd_path(act, neumann_grad, logdet):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # roulette variance notice
+        value_a, grads_a = _weighted_grads(True, neumann_grad, logdet=logdet, path="autograd", act=act)
+        value_c, grads_c = _weighted_grads(True, neumann_grad, logdet=logdet, path="dense-chain", act=act)
+    assert torch.allclose(value_a, value_c, atol=1e-13, rtol=0)
+    for a, c in zip(grads_a, grads_c):
+        assert torch.allclose(a, c, atol=1e-12, rtol=1e-10)
+
+
+def test_dense_chain_detection():
+    assert InvertibleResBlock(mlp(3)).series_path == "dense-chain"
+    deep = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 8), nn.ELU(), nn.Linear(8, 3))
+    assert InvertibleResBlock(deep).series_path == "dense-chain"
+    assert InvertibleResBlock(nn.Sequential(nn.Linear(3, 3), nn.Softplus(), nn.Linear(3, 3))).series_path == "autograd"
+    assert InvertibleResBlock(nn.Conv2d(2, 2, 3, padding=1)).series_path == "autograd"
 
 
 def test_neumann_value_is_the_estimate_not_a_surrogate():

@@ -175,6 +175,10 @@ class InvertibleResBlock(nn.Module):
         self.inverse_max_iter = _int_at_least(inverse_max_iter, 1, "inverse_max_iter")
         self.inverse_method = _choice(inverse_method, ("fixed_point", "anderson"), "inverse_method")
         _check_lipschitz_layers(g)
+        from ..flows.chain import DenseChain
+
+        # Dense chains W_L φ(⋯ W_1 x ⋯) get the analytic series (kexue_fast.flows.chain); anything else autograd.
+        self._chain = DenseChain.detect(g)
         self.last_inverse: Optional[_inverse.InverseStats] = None
         self._variance_checked = False
         if self.logdet_method == "roulette" and self.roulette == "poisson":
@@ -228,10 +232,20 @@ class InvertibleResBlock(nn.Module):
         if method == "roulette" and self.roulette == "geometric" and not self._variance_checked:
             self._check_variance()
         probes = [_logdet.draw_probe(x, self.probe) for _ in range(self.n_probes)]
-        gx, logdet = _logdet.series_logdet(
-            self.g, x, self._plans(), probes, neumann_grad=self.neumann_grad, memory_efficient=self.memory_efficient
-        )
+        if self._chain is not None and x.ndim == 2:
+            from ..flows.chain import chain_series_logdet
+
+            gx, logdet = chain_series_logdet(self._chain, x, self._plans(), probes, neumann_grad=self.neumann_grad)
+        else:
+            gx, logdet = _logdet.series_logdet(
+                self.g, x, self._plans(), probes, neumann_grad=self.neumann_grad, memory_efficient=self.memory_efficient
+            )
         return x + gx, logdet
+
+    @property
+    def series_path(self) -> str:
+        """'dense-chain' (analytic vector–Jacobian products) or 'autograd' (generic g)."""
+        return "dense-chain" if self._chain is not None else "autograd"
 
     def inverse(self, y: Tensor) -> Tensor:
         if not isinstance(y, Tensor) or not y.is_floating_point():

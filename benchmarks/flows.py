@@ -1,0 +1,148 @@
+"""Invertible residual blocks: forward + log-det + backward of one dense block, against the anchors.
+
+Every contestant: g(x) = W2 LipSwish(W1 x + b1) + b2 with spectral-normalized W (coefficient 0.97), the same
+truncated series of k terms with 1 Hutchinson probe, loss = mean(½‖y‖² − logdet), backward. Spectral-norm vectors
+are not updated inside the timed step for anyone (normflows' InducedNormLinear and ours with n_power_iterations=0).
+  kexue_fast Neumann   logdet value = the estimate; gradient by the Neumann series, memory-efficient
+  kexue_fast series    gradient by backpropagating through the series
+  normflows Neumann    Residual(reduce_memory=True): Neumann gradient computed in forward
+  normflows series     Residual(reduce_memory=False)
+  FrEIA                IResNetLayer(jacobian_iterations=k): its log-det carries no gradient (less work)
+Memory: bytes of the tensors autograd saves for backward (torch.autograd.graph.saved_tensors_hooks), the graph a
+training step holds between forward and backward.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from kexue_fast.nn import InvertibleResBlock, LipSwish, spectral_norm
+
+from .common import metadata, time_interleaved, write_results
+
+COEFF = 0.97
+
+
+def ours(dim: int, hidden: int, n_terms: int, neumann: bool) -> Callable[[torch.Tensor], Tuple]:
+    g = nn.Sequential(
+        spectral_norm(nn.Linear(dim, hidden), coeff=COEFF, n_power_iterations=0),
+        LipSwish(),
+        spectral_norm(nn.Linear(hidden, dim), coeff=COEFF, n_power_iterations=0),
+    )
+    block = InvertibleResBlock(g, logdet="series", n_terms=n_terms, neumann_grad=neumann, memory_efficient=neumann)
+    return block
+
+
+def normflows_block(dim: int, hidden: int, n_terms: int, reduce_memory: bool):
+    import normflows as nf
+    from normflows.nets.lipschitz import InducedNormLinear, Swish
+
+    g = nn.Sequential(
+        InducedNormLinear(dim, hidden, coeff=COEFF, n_iterations=5),
+        Swish(),
+        InducedNormLinear(hidden, dim, coeff=COEFF, n_iterations=5),
+    )
+    flow = nf.flows.Residual(g, reverse=False, reduce_memory=reduce_memory, n_power_series=n_terms)
+    return flow.train()
+
+
+def freia_block(dim: int, hidden: int, n_terms: int):
+    from FrEIA.modules import IResNetLayer
+    from normflows.nets.lipschitz import Swish
+
+    layer = IResNetLayer([(dim,)], internal_size=hidden, n_internal_layers=0, jacobian_iterations=n_terms,
+                         hutchinson_samples=1, spectral_norm_max=COEFF)  # fmt: skip
+    layer.residual = nn.Sequential(layer.layers[0], Swish(), layer.layers[1])  # LipSwish like the others
+    layer.lipschitz_correction()
+
+    def call(x):
+        (y,), logdet = layer([x], jac=True)
+        return y, logdet
+
+    call.parameters = layer.parameters  # type: ignore[attr-defined]
+    return call
+
+
+def _step(block, x: torch.Tensor) -> Callable[[], None]:
+    params = list(block.parameters())
+
+    def step():
+        for p in params:
+            p.grad = None
+        y, logdet = block(x)
+        (0.5 * y.pow(2).sum(1) - logdet).mean().backward()
+
+    return step
+
+
+def saved_bytes(block, x: torch.Tensor) -> int:
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        block(x)
+    return total[0]
+
+
+def contestants(dim: int, hidden: int, n_terms: int) -> Dict[str, object]:
+    found: Dict[str, object] = {
+        "kexue_fast Neumann": ours(dim, hidden, n_terms, True),
+        "kexue_fast series": ours(dim, hidden, n_terms, False),
+    }
+    try:
+        found["normflows Neumann"] = normflows_block(dim, hidden, n_terms, True)
+        found["normflows series"] = normflows_block(dim, hidden, n_terms, False)
+    except ImportError:
+        print("  (normflows not installed: pip install 'kexue-fast[bench]')")
+    try:
+        found["FrEIA (no logdet grad)"] = freia_block(dim, hidden, n_terms)
+    except ImportError:
+        print("  (FrEIA not installed: pip install 'kexue-fast[bench]')")
+    return found
+
+
+def run(
+    out_dir: Path,
+    quick: bool = True,
+    device: str = "cpu",
+    cases: Sequence[Tuple[int, int, int]] = ((2, 64, 256), (32, 128, 256)),
+    terms: Sequence[int] = (5, 20),
+    reps: Optional[int] = None,
+) -> Path:
+    reps = reps or (20 if quick else 100)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small ops: one thread avoids oversubscription noise on a shared machine
+    rows: List[list] = []
+    try:
+        for dim, hidden, batch in cases:
+            for n_terms in terms:
+                torch.manual_seed(0)
+                blocks = contestants(dim, hidden, n_terms)
+                x = torch.randn(batch, dim, device=device)
+                for b in blocks.values():
+                    if isinstance(b, nn.Module):
+                        b.to(device)
+                times = time_interleaved({name: _step(b, x) for name, b in blocks.items()}, reps)
+                memory = {name: saved_bytes(b, x) for name, b in blocks.items()}
+                for name in blocks:
+                    base = "normflows Neumann" if "Neumann" in name else "normflows series"
+                    ratio = f"{times[base] / times[name]:.2f}x" if base in times and "kexue" in name else ""
+                    rows.append([f"D={dim} H={hidden} B={batch}", n_terms, name, f"{times[name] * 1e3:.2f}",
+                                 ratio, f"{memory[name] / 1024:.0f}"])  # fmt: skip
+                print(f"  flows/{device}: D={dim} k={n_terms} done", flush=True)
+    finally:
+        torch.set_num_threads(threads)
+    header = ["shape", "terms k", "contestant", "ms / step", "speed-up vs normflows (same gradient)", "graph KiB"]
+    notes = (
+        f"forward + log-det + backward of one block (float32, 1 thread), median of {reps} interleaved repetitions. "
+        "normflows' 'Neumann' log-det value is a gradient surrogate, not a log-det; FrEIA's log-det has no gradient."
+    )
+    return write_results(out_dir, f"flows-{device}", "Invertible residual block: forward + log-det + backward",
+                         metadata(device), header, rows, notes)  # fmt: skip
