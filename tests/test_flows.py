@@ -191,6 +191,22 @@ def test_memory_efficient_saved_bytes_do_not_grow_with_n_terms():
     assert _saved_bytes(12, neumann_grad=False) > 2 * _saved_bytes(2, neumann_grad=False)
 
 
+@pytest.mark.parametrize("method", ["series", "roulette", "exact", "none"])
+@pytest.mark.parametrize("path", ["dense-chain", "autograd"])
+def test_every_method_runs_under_no_grad_and_agrees_with_grad_mode(method, path):
+    block = InvertibleResBlock(mlp(3, coeff=0.5), logdet=method)
+    if path == "autograd":
+        block._chain = None
+    x = torch.randn(4, 3, dtype=D64)
+    torch.manual_seed(0)
+    y, logdet = block(x)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        y0, logdet0 = block(x)
+    assert not logdet0.requires_grad and not y0.requires_grad
+    assert torch.allclose(y0, y) and torch.allclose(logdet0, logdet.detach(), atol=1e-14)
+
+
 def test_logdet_has_parameter_gradients_in_every_mode():
     for method in ("series", "roulette", "exact"):
         g = mlp(2, coeff=0.5)
@@ -341,3 +357,38 @@ def test_reference_inverse_matches_block_inverse():
     y = torch.randn(4, 3, dtype=D64)
     with torch.no_grad():
         assert torch.allclose(block.inverse(y), reference.fixed_point_inverse(block.g, y, 200), atol=1e-11)
+
+
+def test_residual_flow_learns_a_2d_density_to_within_0_1_nats():
+    """Two-component Gaussian mixture in 2-D, trained by maximum likelihood with exact log-determinants (d = 2) and
+    evaluated against the true density's entropy (Monte Carlo, s.e. ≈ 0.003 nats)."""
+    from kexue_fast.nn import ResidualFlow
+
+    torch.manual_seed(0)
+    means, std = torch.tensor([[1.5, 0.0], [-1.5, 0.0]]), 0.6
+
+    def sample(n):
+        return means[torch.randint(0, 2, (n,))] + std * torch.randn(n, 2)
+
+    def true_log_prob(x):
+        comp = -((x[:, None, :] - means) ** 2).sum(-1) / (2 * std**2) - math.log(2 * math.pi * std**2)
+        return torch.logsumexp(comp, 1) - math.log(2)
+
+    test = sample(50000)
+    entropy = float(-true_log_prob(test).mean())
+    flow = ResidualFlow.dense(2, n_blocks=4, hidden=64, coeff=0.97, preset="iresnet", logdet="exact")
+    opt = torch.optim.Adam(flow.parameters(), lr=3e-3)
+    for _ in range(1000):
+        loss = -flow.log_prob(sample(256)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        update_spectral_norms(flow)
+    flow.eval()
+    with torch.no_grad():
+        nll = float(-flow.log_prob(test[:20000]).mean())
+        assert nll - entropy < 0.1, (nll, entropy)
+        x = flow.sample(64)
+        z, _ = flow(x)
+        assert torch.allclose(flow.inverse(z), x, atol=1e-4)
+    assert lipschitz_report(flow).all_certified

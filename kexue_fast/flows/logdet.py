@@ -182,13 +182,14 @@ def exact_logdet(g: Callable, x: Tensor) -> Tuple[Tensor, Tensor]:
         )
     need_grad = _needs_grad(g, x)
     xg, gx = _forward_graph(g, x)
-    out = gx.reshape(x.shape[0], -1)
-    rows = []
-    for i in range(d):
-        onehot = torch.zeros_like(out)
-        onehot[:, i] = 1
-        (row,) = torch.autograd.grad(out, xg, onehot, retain_graph=True, create_graph=need_grad)
-        rows.append(row.reshape(x.shape[0], -1))
+    with torch.enable_grad():  # the Jacobian needs g's graph even when the caller runs under no_grad
+        out = gx.reshape(x.shape[0], -1)
+        rows = []
+        for i in range(d):
+            onehot = torch.zeros_like(out)
+            onehot[:, i] = 1
+            (row,) = torch.autograd.grad(out, xg, onehot, retain_graph=True, create_graph=need_grad)
+            rows.append(row.reshape(x.shape[0], -1))
     jac = torch.stack(rows, dim=1)
     logdet = torch.linalg.slogdet(torch.eye(d, dtype=jac.dtype, device=jac.device) + jac).logabsdet
     if not need_grad:
