@@ -49,8 +49,6 @@ def report() -> str:
 
 
 def main() -> None:
-    import kexue_fast.spectral  # noqa: F401  (registers the ops)
-
     print(report())
 
 

@@ -392,3 +392,9 @@ def test_residual_flow_learns_a_2d_density_to_within_0_1_nats():
         z, _ = flow(x)
         assert torch.allclose(flow.inverse(z), x, atol=1e-4)
     assert lipschitz_report(flow).all_certified
+
+
+def test_explicit_backend_without_implementation_raises(monkeypatch):
+    monkeypatch.setenv("KEXUE_FAST_BACKEND", "triton")
+    with pytest.raises(NotImplementedError, match="invertible_resblock has no triton"):
+        InvertibleResBlock(mlp(2))(torch.randn(3, 2, dtype=D64))

@@ -24,3 +24,13 @@ def test_bench_writes_results(tmp_path):
     table = text.split("\n\n")[2].splitlines()  # title, metadata, then the main table
     assert table[0].startswith("| layers") and len(table) == 4  # header, rule, one row per layer count
     assert "C++ kernel ms" in text
+
+
+def test_flows_bench_and_digits_script_run(tmp_path):
+    from kexue_fast.benchmarks import digits, flows
+
+    path = flows.run(tmp_path, cases=((2, 16, 32),), terms=(3,), reps=2)
+    text = path.read_text()
+    assert "kexue_fast Neumann" in text and "normflows Neumann" in text and "FrEIA" in text
+    path = digits.run(tmp_path, steps=3, batch=16)
+    assert "bits/dim" in path.read_text()

@@ -14,11 +14,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import _dispatch
 from ..flows import inverse as _inverse
 from ..flows import logdet as _logdet
 from .spectral_norm import SpectralNorm
 
 LOGDET_METHODS = ("series", "roulette", "exact", "none")
+OP = "invertible_resblock"
+# torch only for now: the dense-chain analytic series or autograd. The fused Triton block is not written yet, so an
+# explicit backend="triton" (or KEXUE_FAST_BACKEND=triton) raises instead of silently running torch.
+_dispatch.register_op(OP, {"torch": (torch.float16, torch.bfloat16, torch.float32, torch.float64)})
 
 
 class LipSwish(nn.Module):
@@ -222,6 +227,7 @@ class InvertibleResBlock(nn.Module):
             raise ValueError(f"x must be [B, ...] with a batch dimension, got shape {tuple(x.shape)}")
         if x.device.type == "cpu" and not bool(torch.isfinite(x).all()):
             raise ValueError("x contains NaN or Inf")
+        _dispatch.choose(OP, x.device, x.dtype)
         method = self.logdet_method
         if method == "none":
             gx = self.g(x)
