@@ -123,9 +123,9 @@ def chain_series_logdet(
         row = torch.zeros_like(v) if need_grad and not through_series else None
         for k in range(1, plan.n_terms + 1):
             if row is not None:
-                row = row.add(w, alpha=plan.neumann_coeff(k))
+                row = row.add(plan.term(k, w), alpha=plan.neumann_coeff(k))
             w = DenseChain.vjp(w, weights_c, derivs_c)
-            weighted = weighted.add(w, alpha=plan.value_coeff(k))
+            weighted = weighted.add(plan.term(k, w), alpha=plan.value_coeff(k))
         value = value + _per_sample(weighted, v)
         if row is not None:
             surrogate = surrogate + _per_sample(row, DenseChain.jvp(v, weights, derivs))

@@ -118,3 +118,25 @@ def anderson(
             ok = True
             break
     return Fx[:, last].reshape(shape), _finish("anderson", it, evals, step, ok, atol, rtol)
+
+
+def fixed_point_traceable(g: Callable[[Tensor], Tensor], y: Tensor, atol: float, rtol: float, max_iter: int) -> Tensor:
+    """The fixed-point inverse as a `while_loop` (one graph under torch.compile(fullgraph=True), no host sync):
+    the same stopping rule, evaluated on the device. No InverseStats and no non-convergence warning (either would
+    need the host)."""
+    from torch._higher_order_ops.while_loop import while_loop
+
+    def cond(i: Tensor, x: Tensor, ok: Tensor) -> Tensor:
+        return (i < max_iter) & ~ok
+
+    def body(i: Tensor, x: Tensor, ok: Tensor):
+        new = y - g(x)
+        return i + 1, new, _step_ok(new - x, new, atol, rtol).all()
+
+    start = (
+        torch.zeros((), dtype=torch.int64, device=y.device),
+        y.clone(),
+        torch.zeros((), dtype=torch.bool, device=y.device),
+    )
+    _, x, _ = while_loop(cond, body, start)
+    return x

@@ -21,9 +21,13 @@ EXACT_MAX_DIM = 256  # "exact" builds the d×d Jacobian with d vector–Jacobian
 
 @dataclass(frozen=True)
 class SeriesPlan:
-    """Terms k = 1..len(weights): value term (−1)^{k+1} vᵀJ^k v / (k P_k); Neumann term (−1)^{k+1} vᵀJ^{k−1} / P_k."""
+    """Terms k = 1..len(inv_prob): value term (−1)^{k+1} vᵀJ^k v / (k P_k); Neumann term (−1)^{k+1} vᵀJ^{k−1} / P_k.
+
+    `mask` (a device tensor [n_terms] of 0/1) switches terms off without a host sync: the roulette under
+    torch.compile computes a fixed maximum of terms and masks those beyond the sampled length."""
 
     inv_prob: Tuple[float, ...]  # 1 / P_k
+    mask: Optional[Tensor] = None
 
     @property
     def n_terms(self) -> int:
@@ -34,6 +38,10 @@ class SeriesPlan:
 
     def neumann_coeff(self, k: int) -> float:
         return (-1) ** (k + 1) * self.inv_prob[k - 1]
+
+    def term(self, k: int, w: Tensor) -> Tensor:
+        """w, or w masked off when term k is beyond the sampled length."""
+        return w if self.mask is None else w * self.mask[k - 1]
 
 
 def truncated_plan(n_terms: int) -> SeriesPlan:
@@ -61,6 +69,20 @@ def sample_roulette_length(kind: str, p: float, generator: Optional[torch.Genera
 def roulette_plan(n_exact: int, kind: str, p: float, generator: Optional[torch.Generator] = None) -> SeriesPlan:
     n = sample_roulette_length(kind, p, generator)
     return SeriesPlan(tuple(1.0 / tail_survival(kind, p, k - n_exact) for k in range(1, n_exact + n + 1)))
+
+
+def roulette_plan_on_device(n_exact: int, kind: str, p: float, max_terms: int, like: Tensor) -> SeriesPlan:
+    """The same estimator with N sampled on the device and capped at `max_terms` (no host sync; compile- and
+    CUDA-graph-friendly). Capping N at M leaves the truncated series of n_exact + M terms: a bias of the order of
+    the tail Σ_{k>n_exact+M} Lip^k / k."""
+    if kind == "geometric":
+        n = torch.empty(1, dtype=like.dtype, device=like.device).geometric_(p)
+    else:
+        n = torch.poisson(torch.full((1,), 1.0 / p, dtype=like.dtype, device=like.device))
+    k = torch.arange(1, n_exact + max_terms + 1, dtype=like.dtype, device=like.device)
+    mask = (k <= n_exact + n).to(like.dtype)
+    inv_prob = tuple(1.0 / tail_survival(kind, p, j - n_exact) for j in range(1, n_exact + max_terms + 1))
+    return SeriesPlan(inv_prob, mask)
 
 
 def draw_probe(like: Tensor, kind: str, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -151,9 +173,9 @@ def series_logdet(
         value = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
         row = torch.zeros_like(v)
         for k in range(1, plan.n_terms + 1):
-            row = row + plan.neumann_coeff(k) * w
+            row = row + plan.neumann_coeff(k) * plan.term(k, w)
             (w,) = torch.autograd.grad(gx, xg, w, retain_graph=True, create_graph=graph_series)
-            value = value + plan.value_coeff(k) * _per_sample(w, v)
+            value = value + plan.value_coeff(k) * _per_sample(plan.term(k, w), v)
         values.append(value)
         rows.append(row)
     value = torch.stack(values).mean(0)

@@ -136,6 +136,11 @@ class InvertibleResBlock(nn.Module):
 
     inverse(y) -> x by fixed-point iteration or Anderson acceleration, stopping when ‖F(x) − x‖∞ ≤ atol + rtol‖x‖∞
     per sample for F(x) = y − g(x) (a RuntimeWarning if max_iter is reached); `last_inverse` holds the counts.
+
+    torch.compile(fullgraph=True): for dense-chain branches the forward, log-det and backward trace into one graph;
+    the roulette length is then drawn on the device and capped at `roulette_max_terms` (terms masked, no host
+    sync), and the fixed-point inverse becomes a `while_loop` with the same stopping rule (no stats, no warning).
+    The non-finite-input check is skipped while compiling. Autograd-path branches (e.g. convolutions) do not trace.
     """
 
     def __init__(
@@ -155,6 +160,7 @@ class InvertibleResBlock(nn.Module):
         inverse_rtol: float = 0.0,
         inverse_max_iter: int = 1000,
         inverse_method: str = "fixed_point",
+        roulette_max_terms: int = 32,
     ) -> None:
         super().__init__()
         if not isinstance(g, nn.Module):
@@ -179,13 +185,15 @@ class InvertibleResBlock(nn.Module):
         self.inverse_atol, self.inverse_rtol = float(inverse_atol), float(inverse_rtol)
         self.inverse_max_iter = _int_at_least(inverse_max_iter, 1, "inverse_max_iter")
         self.inverse_method = _choice(inverse_method, ("fixed_point", "anderson"), "inverse_method")
+        self.roulette_max_terms = _int_at_least(roulette_max_terms, 1, "roulette_max_terms")
         _check_lipschitz_layers(g)
         from ..flows.chain import DenseChain
 
         # Dense chains W_L φ(⋯ W_1 x ⋯) get the analytic series (kexue_fast.flows.chain); anything else autograd.
         self._chain = DenseChain.detect(g)
         self.last_inverse: Optional[_inverse.InverseStats] = None
-        self._variance_checked = False
+        if self.logdet_method == "roulette" and self.roulette == "geometric":
+            self._check_variance()
         if self.logdet_method == "roulette" and self.roulette == "poisson":
             warnings.warn(
                 "roulette='poisson': the Russian-roulette log-det estimator is unbiased but its variance is infinite "
@@ -198,7 +206,6 @@ class InvertibleResBlock(nn.Module):
     def _check_variance(self) -> None:
         """Geometric tail: Var < ∞ iff Σ_k Lip^{2k} / P(N ≥ k) < ∞, i.e. Lip(g)² < 1 − p. Checked once, with the
         certified bound of kexue_fast.flows.lipschitz (an upper bound: a warning means 'not certified')."""
-        self._variance_checked = True
         from ..flows.lipschitz import branch_bound
 
         bound = branch_bound(self.g)
@@ -210,12 +217,19 @@ class InvertibleResBlock(nn.Module):
                 f"Lip(g) < sqrt(1 - p) = {limit:.4f}; Lip(g) is {shown}. Lower roulette_p, lower the spectral-norm "
                 "coefficient, or use logdet='series'",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
 
-    def _plans(self):
+    def _plans(self, x: Tensor):
         if self.logdet_method == "series":
             return [_logdet.truncated_plan(self.n_terms)] * self.n_probes
+        if torch.compiler.is_compiling():
+            return [
+                _logdet.roulette_plan_on_device(
+                    self.n_exact_terms, self.roulette, self.roulette_p, self.roulette_max_terms, x
+                )
+                for _ in range(self.n_probes)
+            ]
         return [_logdet.roulette_plan(self.n_exact_terms, self.roulette, self.roulette_p) for _ in range(self.n_probes)]
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
@@ -225,7 +239,8 @@ class InvertibleResBlock(nn.Module):
             )
         if x.ndim < 2:
             raise ValueError(f"x must be [B, ...] with a batch dimension, got shape {tuple(x.shape)}")
-        if x.device.type == "cpu" and not bool(torch.isfinite(x).all()):
+        compiling = torch.compiler.is_compiling()
+        if not compiling and x.device.type == "cpu" and not bool(torch.isfinite(x).all()):
             raise ValueError("x contains NaN or Inf")
         _dispatch.choose(OP, x.device, x.dtype)
         method = self.logdet_method
@@ -235,16 +250,19 @@ class InvertibleResBlock(nn.Module):
         if method == "exact":
             gx, logdet = _logdet.exact_logdet(self.g, x)
             return x + gx, logdet
-        if method == "roulette" and self.roulette == "geometric" and not self._variance_checked:
-            self._check_variance()
         probes = [_logdet.draw_probe(x, self.probe) for _ in range(self.n_probes)]
         if self._chain is not None and x.ndim == 2:
             from ..flows.chain import chain_series_logdet
 
-            gx, logdet = chain_series_logdet(self._chain, x, self._plans(), probes, neumann_grad=self.neumann_grad)
+            gx, logdet = chain_series_logdet(self._chain, x, self._plans(x), probes, neumann_grad=self.neumann_grad)
         else:
             gx, logdet = _logdet.series_logdet(
-                self.g, x, self._plans(), probes, neumann_grad=self.neumann_grad, memory_efficient=self.memory_efficient
+                self.g,
+                x,
+                self._plans(x),
+                probes,
+                neumann_grad=self.neumann_grad,
+                memory_efficient=self.memory_efficient,
             )
         return x + gx, logdet
 
@@ -256,10 +274,17 @@ class InvertibleResBlock(nn.Module):
     def inverse(self, y: Tensor) -> Tensor:
         if not isinstance(y, Tensor) or not y.is_floating_point():
             raise TypeError("y must be a floating tensor")
+        g: Callable[[Tensor], Tensor] = self.g
+        if torch.compiler.is_compiling():
+            if self.inverse_method != "fixed_point":
+                raise NotImplementedError(
+                    f"inverse_method={self.inverse_method!r} is not traceable yet; use fixed_point under torch.compile"
+                )
+            with _frozen():
+                return _inverse.fixed_point_traceable(g, y, self.inverse_atol, self.inverse_rtol, self.inverse_max_iter)
         if not bool(torch.isfinite(y).all()):
             raise ValueError("y contains NaN or Inf")
         solver = _inverse.fixed_point if self.inverse_method == "fixed_point" else _inverse.anderson
-        g: Callable[[Tensor], Tensor] = self.g
         with _frozen():
             x, self.last_inverse = solver(g, y, self.inverse_atol, self.inverse_rtol, self.inverse_max_iter)
         return x
