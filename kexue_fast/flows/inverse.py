@@ -1,8 +1,10 @@
 """Inverting y = x + g(x) (Lip(g) < 1): fixed-point iteration and Anderson acceleration.
 
 Stopping rule (both methods), per sample, on the *actual* step of the fixed-point map F(x) = y − g(x):
-    ‖F(x_k) − x_k‖∞ ≤ atol + rtol · ‖F(x_k)‖∞,
-and the returned point is F(x_k), whose error is then ≤ Lip(g)/(1 − Lip(g)) · (atol + rtol‖x‖∞). (Residual Flows
+    ‖F(x_k) − x_k‖∞ ≤ atol + (rtol + 16ε) · ‖F(x_k)‖∞,
+with ε the dtype's rounding unit: steps cannot shrink below a few ulps of x (in float32, atol = 1e-6 is at that
+floor for ‖x‖∞ ≈ 3), so the floor keeps a reachable target from turning into max_iter iterations. The returned
+point is F(x_k), whose error is then ≤ Lip(g)/(1 − Lip(g)) · (atol + rtol‖x‖∞). (Residual Flows
 compares the *squared* step with its tolerance, so its "1e-5" stops at steps of ~3e-3.) Checking the rule is a
 host sync per iteration.
 """
@@ -31,7 +33,7 @@ class InverseStats:
 def _step_ok(step: Tensor, new: Tensor, atol: float, rtol: float) -> Tensor:
     flat_step = step.reshape(step.shape[0], -1).abs().amax(1)
     flat_new = new.reshape(new.shape[0], -1).abs().amax(1)
-    return flat_step <= atol + rtol * flat_new
+    return flat_step <= atol + (rtol + 16 * torch.finfo(new.dtype).eps) * flat_new
 
 
 def _finish(method: str, it: int, evals: int, step: Tensor, ok: bool, atol: float, rtol: float) -> InverseStats:

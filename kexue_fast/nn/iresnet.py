@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from .. import _dispatch
 from ..flows import inverse as _inverse
 from ..flows import logdet as _logdet
+from ..flows.chain import DenseChain, chain_series_logdet
 from .spectral_norm import SpectralNorm
 
 LOGDET_METHODS = ("series", "roulette", "exact", "none")
@@ -134,8 +135,9 @@ class InvertibleResBlock(nn.Module):
     with each sample weighted by its own upstream gradient. neumann_grad=False backpropagates through the series.
     The returned logdet is always the estimate itself, never a surrogate.
 
-    inverse(y) -> x by fixed-point iteration or Anderson acceleration, stopping when ‖F(x) − x‖∞ ≤ atol + rtol‖x‖∞
-    per sample for F(x) = y − g(x) (a RuntimeWarning if max_iter is reached); `last_inverse` holds the counts.
+    inverse(y) -> x by fixed-point iteration or Anderson acceleration, stopping when ‖F(x) − x‖∞ ≤ atol +
+    (rtol + 16ε)‖x‖∞ per sample for F(x) = y − g(x), ε the dtype's rounding unit (a RuntimeWarning if max_iter
+    is reached); `last_inverse` holds the counts.
 
     torch.compile(fullgraph=True): for dense-chain branches the forward, log-det and backward trace into one graph;
     the roulette length is then drawn on the device and capped at `roulette_max_terms` (terms masked, no host
@@ -187,8 +189,6 @@ class InvertibleResBlock(nn.Module):
         self.inverse_method = _choice(inverse_method, ("fixed_point", "anderson"), "inverse_method")
         self.roulette_max_terms = _int_at_least(roulette_max_terms, 1, "roulette_max_terms")
         _check_lipschitz_layers(g)
-        from ..flows.chain import DenseChain
-
         # Dense chains W_L φ(⋯ W_1 x ⋯) get the analytic series (kexue_fast.flows.chain); anything else autograd.
         self._chain = DenseChain.detect(g)
         self.last_inverse: Optional[_inverse.InverseStats] = None
@@ -204,8 +204,8 @@ class InvertibleResBlock(nn.Module):
             )
 
     def _check_variance(self) -> None:
-        """Geometric tail: Var < ∞ iff Σ_k Lip^{2k} / P(N ≥ k) < ∞, i.e. Lip(g)² < 1 − p. Checked once, with the
-        certified bound of kexue_fast.flows.lipschitz (an upper bound: a warning means 'not certified')."""
+        """Geometric tail: Var < ∞ iff Σ_k Lip^{2k} / P(N ≥ k) < ∞, i.e. Lip(g)² < 1 − p. Checked at construction,
+        with the certified bound of kexue_fast.flows.lipschitz (an upper bound: a warning means 'not certified')."""
         from ..flows.lipschitz import branch_bound
 
         bound = branch_bound(self.g)
@@ -217,7 +217,7 @@ class InvertibleResBlock(nn.Module):
                 f"Lip(g) < sqrt(1 - p) = {limit:.4f}; Lip(g) is {shown}. Lower roulette_p, lower the spectral-norm "
                 "coefficient, or use logdet='series'",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=3,
             )
 
     def _plans(self, x: Tensor):
@@ -252,8 +252,6 @@ class InvertibleResBlock(nn.Module):
             return x + gx, logdet
         probes = [_logdet.draw_probe(x, self.probe) for _ in range(self.n_probes)]
         if self._chain is not None and x.ndim == 2:
-            from ..flows.chain import chain_series_logdet
-
             gx, logdet = chain_series_logdet(self._chain, x, self._plans(x), probes, neumann_grad=self.neumann_grad)
         else:
             gx, logdet = _logdet.series_logdet(

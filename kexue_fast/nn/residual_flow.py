@@ -49,7 +49,9 @@ def _check_coeff(coeff: float) -> float:
 class ResidualFlow(nn.Module):
     """A flow x -> z through `layers` (each maps x -> (y, logdet [B]) and has `inverse`), standard normal base.
 
-    forward(x) -> (z, logdet [B]); inverse(z) -> x; log_prob(x) -> [B] in nats; sample(n) -> [n, *input_shape]."""
+    forward(x) -> (z, logdet [B]); inverse(z) -> x; log_prob(x) -> [B] in nats; sample(n) -> [n, *input_shape].
+    The builders default to n_power_iterations=0: call kexue_fast.nn.update_spectral_norms(flow) after each
+    optimizer step (one batched call for every layer), as Residual Flows does."""
 
     def __init__(self, layers: Sequence[nn.Module], input_shape: Sequence[int]) -> None:
         super().__init__()
