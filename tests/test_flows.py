@@ -396,10 +396,41 @@ def test_residual_flow_learns_a_2d_density_to_within_0_1_nats():
     assert lipschitz_report(flow).all_certified
 
 
-def test_explicit_backend_without_implementation_raises(monkeypatch):
+def test_explicit_triton_backend_raises_where_the_fused_block_cannot_run(monkeypatch):
     monkeypatch.setenv("KEXUE_FAST_BACKEND", "triton")
-    with pytest.raises(NotImplementedError, match="invertible_resblock has no triton"):
+    with pytest.raises(NotImplementedError, match="supports float32"):
         InvertibleResBlock(mlp(2))(torch.randn(3, 2, dtype=D64))
+    deep = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+    with pytest.raises(NotImplementedError, match="Linear·act·Linear"):
+        InvertibleResBlock(deep)(torch.randn(3, 3))
+    with pytest.raises(NotImplementedError, match="exact"):
+        InvertibleResBlock(mlp(2).float(), logdet="exact")(torch.randn(3, 2))
+
+
+@pytest.mark.parametrize("act", [LipSwish, nn.ELU, nn.Tanh])
+@pytest.mark.parametrize("logdet", ["series", "roulette"])
+def test_fused_triton_block_equals_torch_path(monkeypatch, act, logdet):
+    """The fused forward (Triton, interpreted on CPU) against the analytic torch path: same probes, float32."""
+    torch.manual_seed(15)
+    g = mlp(5, hidden=40, coeff=0.8, act=act).float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        block = InvertibleResBlock(g, logdet=logdet, n_terms=4, n_probes=2)
+    x = torch.randn(37, 5, requires_grad=True)
+    weights = torch.linspace(-1, 2, 37)
+    results = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("KEXUE_FAST_BACKEND", backend)
+        for p in [*g.parameters(), x]:
+            p.grad = None
+        torch.manual_seed(16)
+        y, value = block(x)
+        ((y**2).sum(1) + value * weights).sum().backward()
+        results[backend] = (y.detach(), value.detach(), [p.grad.clone() for p in g.parameters()], x.grad.clone())
+    (y_t, v_t, g_t, x_t), (y_f, v_f, g_f, x_f) = results["torch"], results["triton"]
+    assert torch.allclose(y_f, y_t, atol=1e-5) and torch.allclose(v_f, v_t, atol=1e-5)
+    for a, b in zip([*g_f, x_f], [*g_t, x_t]):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("method", ["series", "roulette"])

@@ -18,13 +18,17 @@ from .. import _dispatch
 from ..flows import inverse as _inverse
 from ..flows import logdet as _logdet
 from ..flows.chain import DenseChain, chain_series_logdet
+from ..flows.fused import FusedDenseBranch
 from .spectral_norm import SpectralNorm
 
 LOGDET_METHODS = ("series", "roulette", "exact", "none")
 OP = "invertible_resblock"
-# torch only for now: the dense-chain analytic series or autograd. The fused Triton block is not written yet, so an
-# explicit backend="triton" (or KEXUE_FAST_BACKEND=triton) raises instead of silently running torch.
-_dispatch.register_op(OP, {"torch": (torch.float16, torch.bfloat16, torch.float32, torch.float64)})
+# triton: the fused forward of Linear·act·Linear branches (kernels/iresnet.py) with the Neumann-gradient series;
+# torch: the analytic dense-chain series, or autograd for any other g.
+_dispatch.register_op(
+    OP, {"triton": (torch.float32,), "torch": (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+)
+_LOGGED_FUSED: set = set()
 
 
 class LipSwish(nn.Module):
@@ -191,6 +195,7 @@ class InvertibleResBlock(nn.Module):
         _check_lipschitz_layers(g)
         # Dense chains W_L φ(⋯ W_1 x ⋯) get the analytic series (kexue_fast.flows.chain); anything else autograd.
         self._chain = DenseChain.detect(g)
+        self._fused, self._fused_reason = FusedDenseBranch.detect(self._chain)
         self.last_inverse: Optional[_inverse.InverseStats] = None
         if self.logdet_method == "roulette" and self.roulette == "geometric":
             self._check_variance()
@@ -242,8 +247,18 @@ class InvertibleResBlock(nn.Module):
         compiling = torch.compiler.is_compiling()
         if not compiling and x.device.type == "cpu" and not bool(torch.isfinite(x).all()):
             raise ValueError("x contains NaN or Inf")
-        _dispatch.choose(OP, x.device, x.dtype)
+        backend = "torch" if compiling else _dispatch.choose(OP, x.device, x.dtype)
         method = self.logdet_method
+        if backend == "triton":
+            reason = self._fused_unavailable(x)
+            if reason is None:
+                probes = [_logdet.draw_probe(x, self.probe) for _ in range(self.n_probes)]
+                return self._fused.series_logdet(x, self._plans(x), probes)
+            if _dispatch.requested_backend(None) == "triton":
+                raise NotImplementedError(f"backend 'triton' cannot run this InvertibleResBlock: {reason}")
+            if reason not in _LOGGED_FUSED:
+                _LOGGED_FUSED.add(reason)
+                _dispatch.logger.warning("InvertibleResBlock runs on torch, not the fused Triton block: %s", reason)
         if method == "none":
             gx = self.g(x)
             return x + gx, x.new_zeros(x.shape[0])
@@ -263,6 +278,18 @@ class InvertibleResBlock(nn.Module):
                 memory_efficient=self.memory_efficient,
             )
         return x + gx, logdet
+
+    def _fused_unavailable(self, x: Tensor) -> Optional[str]:
+        """Why the fused Triton block cannot run this call (None if it can)."""
+        if self._fused is None:
+            return self._fused_reason
+        if self.logdet_method not in ("series", "roulette"):
+            return f'logdet="{self.logdet_method}" is not fused (series and roulette are)'
+        if not self.neumann_grad and torch.is_grad_enabled():
+            return "neumann_grad=False (backpropagation through the series) is not fused"
+        if x.ndim != 2:
+            return f"x must be [B, D], got {x.ndim}-D"
+        return None
 
     @property
     def series_path(self) -> str:
