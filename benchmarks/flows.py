@@ -8,6 +8,8 @@ are not updated inside the timed step for anyone (normflows' InducedNormLinear a
   normflows Neumann    Residual(reduce_memory=True): Neumann gradient computed in forward
   normflows series     Residual(reduce_memory=False)
   FrEIA                IResNetLayer(jacobian_iterations=k): its log-det carries no gradient (less work)
+  kexue_fast compiled  the Neumann step under torch.compile(fullgraph=True) (normflows cannot trace: it syncs
+                       with .item() and calls autograd.grad in forward)
 Memory: bytes of the tensors autograd saves for backward (torch.autograd.graph.saved_tensors_hooks), the graph a
 training step holds between forward and backward.
 """
@@ -80,7 +82,35 @@ def _step(block, x: torch.Tensor) -> Callable[[], None]:
     return step
 
 
-def saved_bytes(block, x: torch.Tensor) -> int:
+class Compiled:
+    """Our Neumann block's whole step under torch.compile(fullgraph=True) (compile time excluded: warm-up)."""
+
+    def __init__(self, block: nn.Module) -> None:
+        self.block = block
+
+        def loss(x):
+            y, logdet = block(x)
+            return (0.5 * y.pow(2).sum(1) - logdet).mean()
+
+        self.loss = torch.compile(loss, fullgraph=True)
+
+    def parameters(self):
+        return self.block.parameters()
+
+    def step(self, x: torch.Tensor) -> Callable[[], None]:
+        params = list(self.block.parameters())
+
+        def step():
+            for p in params:
+                p.grad = None
+            self.loss(x).backward()
+
+        return step
+
+
+def saved_bytes(block, x: torch.Tensor) -> Optional[int]:
+    if isinstance(block, Compiled):
+        return None  # what a compiled graph saves is not visible to saved_tensors_hooks
     total = [0]
 
     def pack(t):
@@ -92,11 +122,13 @@ def saved_bytes(block, x: torch.Tensor) -> int:
     return total[0]
 
 
-def contestants(dim: int, hidden: int, n_terms: int) -> Dict[str, object]:
+def contestants(dim: int, hidden: int, n_terms: int, compiled: bool = True) -> Dict[str, object]:
     found: Dict[str, object] = {
         "kexue_fast Neumann": ours(dim, hidden, n_terms, True),
         "kexue_fast series": ours(dim, hidden, n_terms, False),
     }
+    if compiled:
+        found["kexue_fast Neumann, compiled"] = Compiled(ours(dim, hidden, n_terms, True))
     try:
         found["normflows Neumann"] = normflows_block(dim, hidden, n_terms, True)
         found["normflows series"] = normflows_block(dim, hidden, n_terms, False)
@@ -151,6 +183,7 @@ def run(
     cases: Sequence[Tuple[int, int, int]] = ((2, 64, 256), (32, 128, 256)),
     terms: Sequence[int] = (5, 20),
     reps: Optional[int] = None,
+    compiled: bool = True,
 ) -> Path:
     reps = reps or (20 if quick else 100)
     threads = torch.get_num_threads()
@@ -160,14 +193,16 @@ def run(
         for dim, hidden, batch in cases:
             for n_terms in terms:
                 torch.manual_seed(0)
-                blocks = contestants(dim, hidden, n_terms)
+                blocks = contestants(dim, hidden, n_terms, compiled)
                 x = torch.randn(batch, dim, device=device)
                 for b in blocks.values():
                     if isinstance(b, nn.Module):
                         b.to(device)
+                    elif isinstance(b, Compiled):
+                        b.block.to(device)
                     elif device != "cpu":
                         b.layer.to(device)
-                steps = {name: _step(b, x) for name, b in blocks.items()}
+                steps = {name: b.step(x) if isinstance(b, Compiled) else _step(b, x) for name, b in blocks.items()}
                 if device == "cuda":
                     import triton.testing
 
@@ -180,8 +215,9 @@ def run(
                 for name in blocks:
                     base = "normflows Neumann" if "Neumann" in name else "normflows series"
                     ratio = f"{times[base] / times[name]:.2f}x" if base in times and "kexue" in name else ""
+                    kib = "—" if memory[name] is None else f"{memory[name] / 1024:.0f}"
                     rows.append([f"D={dim} H={hidden} B={batch}", n_terms, name, f"{times[name] * 1e3:.2f}",
-                                 ratio, f"{memory[name] / 1024:.0f}"])  # fmt: skip
+                                 ratio, kib])  # fmt: skip
                 print(f"  flows/{device}: D={dim} k={n_terms} done", flush=True)
     finally:
         torch.set_num_threads(threads)

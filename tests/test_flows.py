@@ -458,6 +458,14 @@ def test_block_compiles_fullgraph_forward_logdet_backward(method, neumann_grad):
         assert torch.allclose(compiled(x), eager, atol=1e-12)
 
 
+def test_block_compiles_with_dynamic_batch_sizes():
+    torch._dynamo.reset()
+    block = InvertibleResBlock(mlp(3, coeff=0.7), n_terms=3, probe="rademacher")
+    compiled = torch.compile(lambda x: block(x)[1].sum(), fullgraph=True, backend="aot_eager")
+    for batch in (4, 9, 17):  # the second size makes dynamo recompile with a symbolic batch dimension
+        compiled(torch.randn(batch, 3, dtype=D64)).backward()
+
+
 def test_inverse_compiles_fullgraph_and_matches_eager():
     torch._dynamo.reset()
     block = InvertibleResBlock(mlp(4, coeff=0.95)).eval()

@@ -86,6 +86,10 @@ def roulette_plan_on_device(n_exact: int, kind: str, p: float, max_terms: int, l
 
 
 def draw_probe(like: Tensor, kind: str, generator: Optional[torch.Generator] = None) -> Tensor:
+    if generator is None:  # the *_like forms also trace with symbolic (dynamic) shapes under torch.compile
+        if kind == "gaussian":
+            return torch.randn_like(like)
+        return torch.randint_like(like, 0, 2) * 2 - 1
     if kind == "gaussian":
         return torch.randn(like.shape, dtype=like.dtype, device=like.device, generator=generator)
     return torch.randint(0, 2, like.shape, dtype=like.dtype, device=like.device, generator=generator) * 2 - 1
