@@ -67,6 +67,15 @@ def time_interleaved(contestants: Dict[str, Callable[[], object]], reps: int, wa
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
+def time_contestants(contestants: Dict[str, Callable[[], object]], device: str, reps: int) -> Dict[str, float]:
+    """Median seconds per call: triton.testing.do_bench on CUDA, interleaved wall-clock repetitions on CPU."""
+    if device == "cuda":
+        import triton.testing
+
+        return {name: triton.testing.do_bench(fn, return_mode="median") / 1e3 for name, fn in contestants.items()}
+    return time_interleaved(contestants, reps)
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

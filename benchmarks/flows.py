@@ -24,7 +24,7 @@ from torch import nn
 
 from kexue_fast.nn import InvertibleResBlock, LipSwish, spectral_norm
 
-from .common import markdown_table, metadata, time_interleaved, write_results
+from .common import markdown_table, metadata, time_contestants, write_results
 
 COEFF = 0.97
 
@@ -203,14 +203,7 @@ def run(
                     elif device != "cpu":
                         b.layer.to(device)
                 steps = {name: b.step(x) if isinstance(b, Compiled) else _step(b, x) for name, b in blocks.items()}
-                if device == "cuda":
-                    import triton.testing
-
-                    times = {
-                        name: triton.testing.do_bench(fn, return_mode="median") / 1e3 for name, fn in steps.items()
-                    }
-                else:
-                    times = time_interleaved(steps, reps)
+                times = time_contestants(steps, device, reps)
                 memory = {name: saved_bytes(b, x) for name, b in blocks.items()}
                 for name in blocks:
                     base = "normflows Neumann" if "Neumann" in name else "normflows series"

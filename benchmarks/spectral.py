@@ -20,7 +20,7 @@ from torch.nn.utils.parametrizations import spectral_norm as torch_spectral_norm
 import kexue_fast
 from kexue_fast.nn import update_spectral_norms
 
-from .common import markdown_table, metadata, time_interleaved, write_results
+from .common import markdown_table, metadata, time_contestants, time_interleaved, write_results
 
 WIDTHS = (64, 128, 256, 512, 96, 384)
 
@@ -157,12 +157,7 @@ def run(
             "torch parametrization": _torch_step(theirs),
             "per-layer loop": _loop_step(plain, {}),
         }
-        if device == "cuda":
-            import triton.testing
-
-            times = {name: triton.testing.do_bench(fn, return_mode="median") / 1e3 for name, fn in contestants.items()}
-        else:
-            times = time_interleaved(contestants, reps)
+        times = time_contestants(contestants, device, reps)
         params = sum(o * i for o, i in layer_shapes(n_layers))
         base = times["kexue_fast"]
         rows.append([

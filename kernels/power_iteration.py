@@ -140,7 +140,7 @@ def _tables(weights: Sequence[Tensor], us: Sequence[Tensor], vs: Sequence[Tensor
     dev = host.to(device)
     count, work = len(weights), len(work_mat)
     parts = dev.split([count] * 6 + [work, work])
-    entry = (*parts, total, max(cols), max(rows), dev)
+    entry = (*parts, total, max(cols), max(rows))
     _TABLE_CACHE[key] = entry
     if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
         _TABLE_CACHE.popitem(last=False)
@@ -190,7 +190,7 @@ def power_iteration(
     _check("u_out", u_out, 1, dtype, device)
     _check("v_out", v_out, 1, dtype, device)
     block_m = _block_rows(device, max(w.shape[1] for w in weights), weights[0].element_size())
-    (w_ptrs, u_ptrs, v_ptrs, rows, cols, v_off, work_mat, work_row, total, max_n, max_m, _) = _tables(
+    (w_ptrs, u_ptrs, v_ptrs, rows, cols, v_off, work_mat, work_row, total, max_n, max_m) = _tables(
         weights, u_out, v_out, block_m
     )
     block_n = max(16, min(128, triton.next_power_of_2(max_n)))
