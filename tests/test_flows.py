@@ -538,3 +538,29 @@ def test_float32_inverse_stops_at_the_rounding_floor():
         x_hat = block.inverse(y)
     assert block.last_inverse.converged and block.last_inverse.iterations < 200
     assert float((x_hat - x).abs().max()) < 1e-4
+
+
+def test_neumann_gradient_is_unbiased_for_a_nonlinear_branch():
+    """Roulette + Neumann gradient on a LipSwish MLP: the mean over 3,000 calls of every parameter gradient is within
+    4 standard errors of the exact ∇ log det from slogdet (parameters with no exact gradient get none)."""
+    torch.manual_seed(0)
+    g = mlp(2, hidden=16, coeff=0.8)
+    x = torch.randn(3, 2, dtype=D64)
+
+    def flat():
+        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in g.parameters()])
+
+    g.zero_grad(set_to_none=True)
+    InvertibleResBlock(g, logdet="exact")(x)[1].sum().backward()
+    exact = flat()
+    block = InvertibleResBlock(g, logdet="roulette", n_exact_terms=1, roulette_p=0.5)
+    samples = []
+    for _ in range(3000):
+        g.zero_grad(set_to_none=True)
+        block(x)[1].sum().backward()
+        samples.append(flat())
+    samples = torch.stack(samples)
+    mean, se = samples.mean(0), samples.std(0) / math.sqrt(samples.shape[0])
+    varies = se > 0
+    assert bool(((mean - exact)[varies].abs() <= 4 * se[varies]).all())
+    assert bool(((mean - exact)[~varies].abs() < 1e-12).all())
