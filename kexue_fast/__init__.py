@@ -1,11 +1,26 @@
 """kexue_fast: fast, exact implementations of the kexue.fm family of ML techniques.
 
-Spectral normalization (this release): `power_iteration`, `spectral_norm_bound`, `conv_operator_norm`, and the
-drop-in modules in `kexue_fast.nn`. `python -m kexue_fast.info` says which backend each op runs on and why.
+Spectral normalization (`power_iteration`, `spectral_norm_bound`, `conv_operator_norm`), invertible residual networks
+(`kexue_fast.nn.InvertibleResBlock`, `ResidualFlow`, `kexue_fast.flows`), exact tiled HSIC (`hsic`, `hsic_stats`,
+`cka`, `median_bandwidth`), and the drop-in modules in `kexue_fast.nn`. `python -m kexue_fast.info` says which
+backend each op runs on and why.
 """
 
-from . import nn
+from . import flows, nn
+from .hsic import cka, hsic_stats, median_bandwidth
+from .hsic import hsic as hsic  # the function; the sub-package stays importable as `import kexue_fast.hsic`
 from .spectral import conv_operator_norm, power_iteration, spectral_norm_bound
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "conv_operator_norm", "nn", "power_iteration", "spectral_norm_bound"]
+__all__ = [
+    "__version__",
+    "cka",
+    "conv_operator_norm",
+    "flows",
+    "hsic",
+    "hsic_stats",
+    "median_bandwidth",
+    "nn",
+    "power_iteration",
+    "spectral_norm_bound",
+]

@@ -1,0 +1,72 @@
+"""`median_bandwidth`: the median pairwise Euclidean distance, exactly, in O(n) memory.
+
+Radix select: squared distances d² ≥ 0 are float64, whose bit patterns order like the values. Four passes over the
+upper-triangle tiles histogram 16 bits at a time of the pairs that still match the selected prefix, so the k-th
+smallest of the n(n−1)/2 values is found without storing them. The median follows numpy's convention (mean of the
+two middle values when their count is even), over pairs i < j — as hyppo computes it over the off-diagonal entries.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .tiled import TILE, _blocks
+
+
+def _squared_distance_tile(a: Tensor, b: Tensor) -> Tensor:
+    return ((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * (a @ b.T)).clamp_min(0)
+
+
+@torch.no_grad()
+def kth_squared_distance(x: Tensor, k: int, tile: int = TILE) -> float:
+    """The k-th smallest (0-based) squared distance over pairs i < j."""
+    x = x.to(torch.float64)
+    n = x.shape[0]
+    prefix = 0
+    for shift in (48, 32, 16, 0):
+        hist = torch.zeros(1 << 16, dtype=torch.int64, device=x.device)
+        for i0, i1, j0, j1 in _blocks(n, tile):
+            sq = _squared_distance_tile(x[i0:i1], x[j0:j1])
+            if i0 == j0:
+                sq = sq[torch.triu(torch.ones_like(sq, dtype=torch.bool), diagonal=1)]
+            bits = sq.reshape(-1).view(torch.int64)
+            if shift < 48:
+                bits = bits[(bits >> (shift + 16)) == prefix]
+            hist += torch.bincount(((bits >> shift) & 0xFFFF), minlength=1 << 16)
+        cumulative = torch.cumsum(hist, 0)
+        digit = int(torch.searchsorted(cumulative, torch.tensor(k + 1, device=x.device)))
+        k -= int(cumulative[digit - 1]) if digit > 0 else 0
+        prefix = (prefix << 16) | digit
+    return torch.tensor([prefix], dtype=torch.int64).view(torch.float64).item()
+
+
+def median_bandwidth(
+    x: Tensor, *, exact: bool = True, subsample: Optional[int] = None, seed: Optional[int] = None
+) -> float:
+    """σ = median_{i<j} ‖x_i − x_j‖ (exact by default; or over a seeded subsample of `subsample` rows).
+
+    x: [n, d] (or [n]). Returns a Python float; 0 if all points coincide (callers replace it, e.g. by 1, as hyppo)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim == 1:
+        x = x[:, None]
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"x must be [n, d] with n >= 2, got shape {tuple(x.shape)}")
+    if subsample is not None:
+        if subsample < 2:
+            raise ValueError(f"subsample must be >= 2, got {subsample}")
+        if subsample < x.shape[0]:
+            g = torch.Generator(device="cpu").manual_seed(0 if seed is None else seed)
+            x = x[torch.randperm(x.shape[0], generator=g)[:subsample].to(x.device)]
+    elif not exact:
+        raise ValueError("exact=False needs subsample=m")
+    n = x.shape[0]
+    m = n * (n - 1) // 2
+    if m % 2:
+        return math.sqrt(kth_squared_distance(x, m // 2))
+    lo, hi = kth_squared_distance(x, m // 2 - 1), kth_squared_distance(x, m // 2)
+    return 0.5 * (math.sqrt(lo) + math.sqrt(hi))
