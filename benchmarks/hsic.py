@@ -1,0 +1,88 @@
+"""Exact HSIC statistic: kexue_fast's tiled pass vs hyppo (`Hsic().statistic`) and a naive materialized torch
+implementation, same data and bandwidth, each (contestant, n) in its own process so its peak RSS is its own.
+
+The statistic is hyppo's: the normalized unbiased HSIC with Gaussian kernels of bandwidth median-distance(x) on both
+inputs (kexue_fast computes every variant in the same pass).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from .common import metadata, write_results
+
+_SCRIPT = r"""
+import json, resource, sys, time
+import numpy as np
+which, n = sys.argv[1], int(sys.argv[2])
+rng = np.random.default_rng(n)
+xa = rng.normal(size=(n, 8)); ya = np.sin(xa[:, :3]) + rng.normal(size=(n, 3))
+import torch
+import kexue_fast
+from kexue_fast.hsic import reference as R
+torch.set_num_threads(2)
+if which == "hyppo":
+    from hyppo.independence import Hsic
+    Hsic().statistic(xa[:20], ya[:20])  # numba compiles on first call: not part of the timing
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+start = time.perf_counter()
+if which == "kexue_fast":
+    x, y = torch.from_numpy(xa), torch.from_numpy(ya)
+    s = kexue_fast.median_bandwidth(x)
+    value = float(kexue_fast.hsic_stats(x, y, bandwidth_x=s, bandwidth_y=s).cka_unbiased)
+elif which == "hyppo":
+    value = float(Hsic().statistic(xa, ya))
+else:
+    x, y = torch.from_numpy(xa), torch.from_numpy(ya)
+    d = torch.cdist(x, x); iu = torch.triu_indices(n, n, 1); s = float(np.median(d[iu[0], iu[1]].numpy()))
+    del d, iu
+    value = float(R.normalized(R.hsic_unbiased, R.gram(x, "gaussian", s), R.gram(y, "gaussian", s)))
+seconds = time.perf_counter() - start
+print(json.dumps({"seconds": seconds, "rss_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024,
+                  "value": value}))
+"""
+
+CONTESTANTS = ("kexue_fast", "hyppo", "naive torch")
+
+
+def measure(which: str, n: int, timeout: float = 600) -> Optional[Dict[str, float]]:
+    try:
+        out = subprocess.run([sys.executable, "-c", _SCRIPT, which, str(n)], capture_output=True, text=True,
+                             timeout=timeout)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return None
+    if out.returncode != 0:
+        print(f"  hsic/{which} n={n} failed: {out.stderr.strip().splitlines()[-1] if out.stderr else '?'}")
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run(out_dir: Path, quick: bool = True, device: str = "cpu", sizes: Optional[Sequence[int]] = None) -> Path:
+    sizes = sizes or ((2000, 4000) if quick else (2000, 4000, 8000, 16000))
+    rows: List[list] = []
+    for n in sizes:
+        results = {}
+        for which in CONTESTANTS:
+            if which != "kexue_fast" and n > 8000:
+                continue  # the materializing contestants need ~8 float64 n×n arrays (beyond this machine at 16,000)
+            results[which] = measure(which, n)
+        ours = results.get("kexue_fast")
+        for which, r in results.items():
+            if r is None:
+                rows.append([n, which, "failed/timeout", "", "", ""])
+                continue
+            ratio = f"{r['seconds'] / ours['seconds']:.1f}x" if ours and which != "kexue_fast" else ""
+            agree = f"{abs(r['value'] - ours['value']) / abs(ours['value']):.1e}" if ours else ""
+            rows.append([n, which, f"{r['seconds']:.2f}", ratio, f"{r['rss_mb']:.0f}", agree])
+        print(f"  hsic/cpu: n={n} done", flush=True)
+    header = ["n", "contestant", "seconds", "time / kexue_fast", "peak RSS increase MB", "rel. diff of statistic"]
+    notes = (
+        "n samples, x [n, 8], y [n, 3] = sin(x[:, :3]) + noise, float64, torch with 2 threads (hyppo: numba/numpy). "
+        "Each cell is one run in a fresh process (imports and numba compilation excluded), median bandwidth included."
+    )
+    return write_results(out_dir, f"hsic-{device}", "Exact HSIC statistic (hyppo's normalized unbiased)",
+                         metadata(device), header, rows, notes)  # fmt: skip
