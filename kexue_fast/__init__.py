@@ -7,7 +7,7 @@ backend each op runs on and why.
 """
 
 from . import flows, nn
-from .hsic import cka, hsic_stats, median_bandwidth
+from .hsic import cka, hsic_stats, hsic_test, median_bandwidth
 from .hsic import hsic as hsic  # the function; the sub-package stays importable as `import kexue_fast.hsic`
 from .spectral import conv_operator_norm, power_iteration, spectral_norm_bound
 
@@ -19,6 +19,7 @@ __all__ = [
     "flows",
     "hsic",
     "hsic_stats",
+    "hsic_test",
     "median_bandwidth",
     "nn",
     "power_iteration",

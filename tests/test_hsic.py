@@ -177,3 +177,73 @@ def test_forward_backward_memory_at_20000():
     out = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT.format(n=20000)], capture_output=True, text=True,
                          check=True)  # fmt: skip
     assert int(out.stdout.strip().splitlines()[-1]) < 200, out.stdout
+
+
+def test_gamma_null_parameters_equal_the_materialized_formula():
+    x, y = _data(120, 2, 1, seed=8)
+    result = kexue_fast.hsic_test(x, y, tile=32)
+    n = 120
+    k = R.gram(x, "gaussian", kexue_fast.median_bandwidth(x))
+    lm = R.gram(y, "gaussian", kexue_fast.median_bandwidth(y))
+    h = torch.eye(n, dtype=D64) - 1 / n
+    kc, lc = h @ k @ h, h @ lm @ h
+    v = (kc * lc / 6) ** 2
+    v = 72 * (n - 4) * (n - 5) / n / (n - 1) / (n - 2) / (n - 3) * (v.sum() - v.diag().sum()) / n / (n - 1)
+    mx = (k.sum() - k.diag().sum()) / n / (n - 1)
+    my = (lm.sum() - lm.diag().sum()) / n / (n - 1)
+    mean = (1 + mx * my - mx - my) / n
+    assert abs(result.null["shape"] / float(mean**2 / v) - 1) < 1e-10
+    assert abs(result.null["scale"] / float(v / mean) - 1) < 1e-10
+    assert abs(result.statistic - float(R.hsic_biased(k, lm))) < 1e-14
+
+
+def test_permutation_statistics_equal_hsic_of_permuted_y():
+    from kexue_fast.hsic.independence import _permuted_cross_sums
+    from kexue_fast.hsic.tiled import KernelSpec
+
+    x, y = _data(45, 3, 2, seed=9)
+    perms = torch.stack([torch.randperm(45, generator=torch.Generator().manual_seed(s)) for s in range(5)])
+    kx, ky = KernelSpec("gaussian", 1.2), KernelSpec("gaussian", 0.7)
+    s_perm = _permuted_cross_sums(x, y, kx, ky, perms, tile=16)
+    k = R.gram(x, "gaussian", 1.2)
+    for p, perm in enumerate(perms):
+        lm = R.gram(y[perm], "gaussian", 0.7)
+        expected = (k * lm).sum() - (k.diag() * lm.diag()).sum()
+        assert abs(float(s_perm[p] - expected)) < 1e-10 * float(expected)
+
+
+def _rejection_rate(method, replicates, dependent, n=200, **kwargs):
+    g = torch.Generator().manual_seed(2026 + dependent)
+    rejected = 0
+    for r in range(replicates):
+        x = torch.randn(n, 1, generator=g, dtype=D64)
+        noise = torch.randn(n, 1, generator=g, dtype=D64)
+        y = torch.cos(x) + noise if dependent else noise
+        result = kexue_fast.hsic_test(x, y, method=method, seed=r, **kwargs)
+        rejected += result.pvalue < 0.05
+    return rejected / replicates
+
+
+def test_gamma_test_is_calibrated_and_powerful():
+    assert 0.035 <= _rejection_rate("gamma", 1000, dependent=False, bandwidth_x=1.0, bandwidth_y=1.0) <= 0.065
+    assert _rejection_rate("gamma", 100, dependent=True) >= 0.7
+
+
+def test_permutation_test_has_power():
+    assert _rejection_rate("permutation", 40, dependent=True, n_permutations=100) >= 0.7
+
+
+@pytest.mark.slow
+def test_permutation_test_is_calibrated():
+    rate = _rejection_rate("permutation", 1000, dependent=False, n_permutations=200, bandwidth_x=1.0, bandwidth_y=1.0)
+    assert 0.035 <= rate <= 0.065
+
+
+def test_hsic_test_bad_inputs():
+    x, y = torch.randn(20, 2), torch.randn(20, 2)
+    with pytest.raises(ValueError, match="method"):
+        kexue_fast.hsic_test(x, y, method="bootstrap")
+    with pytest.raises(ValueError, match="n_permutations"):
+        kexue_fast.hsic_test(x, y, method="permutation", n_permutations=0)
+    with pytest.raises(ValueError, match="unit diagonal"):
+        kexue_fast.hsic_test(x, y, kernel_x="linear")

@@ -66,6 +66,11 @@ def median_bandwidth(
         raise ValueError("exact=False needs subsample=m")
     n = x.shape[0]
     m = n * (n - 1) // 2
+    if n <= TILE:  # the whole matrix is one tile: sort its upper triangle
+        x = x.to(torch.float64)
+        sq = _squared_distance_tile(x, x)
+        values = torch.sqrt(sq[torch.triu(torch.ones_like(sq, dtype=torch.bool), diagonal=1)]).sort().values
+        return float(values[m // 2]) if m % 2 else float(0.5 * (values[m // 2 - 1] + values[m // 2]))
     if m % 2:
         return math.sqrt(kth_squared_distance(x, m // 2))
     lo, hi = kth_squared_distance(x, m // 2 - 1), kth_squared_distance(x, m // 2)

@@ -28,12 +28,12 @@ class KernelSpec:
 
 
 def kernel_tile(a: Tensor, b: Tensor, spec: KernelSpec) -> Tensor:
-    """k(a_i, b_j) for a [p, d], b [q, d] -> [p, q] (delta: a, b are integer label vectors)."""
+    """k(a_i, b_j) for a [..., p, d], b [..., q, d] -> [..., p, q] (delta: integer labels [..., p], [..., q])."""
     if spec.name == "delta":
-        return (a[:, None] == b[None, :]).to(torch.float64)
+        return (a[..., :, None] == b[..., None, :]).to(torch.float64)
     if spec.name == "linear":
-        return a @ b.T
-    sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * (a @ b.T)
+        return a @ b.transpose(-1, -2)
+    sq = (a * a).sum(-1)[..., :, None] + (b * b).sum(-1)[..., None, :] - 2 * (a @ b.transpose(-1, -2))
     sq = sq.clamp_min(0)
     s = spec.sigma
     if spec.name == "gaussian":
