@@ -6,10 +6,12 @@
 #include <string>
 #include <vector>
 
+#include "hsic/hsic_stats.hpp"
 #include "spectral/power_iteration.hpp"
 
 namespace py = pybind11;
 namespace ks = kexue::spectral;
+namespace kh = kexue::hsic;
 
 namespace {
 
@@ -73,6 +75,29 @@ py::tuple power_iteration(const py::list& weights, const py::list& us, const py:
   throw py::type_error("weights must be float32 or float64 arrays");
 }
 
+py::tuple hsic_stats(const py::array_t<double, py::array::c_style | py::array::forcecast>& x,
+                     const py::array_t<double, py::array::c_style | py::array::forcecast>& y, int kernel_x,
+                     double sigma_x, int kernel_y, double sigma_y, int n_threads) {
+  if (x.ndim() != 2 || y.ndim() != 2) throw py::value_error("x and y must be 2-D arrays [n, d]");
+  if (x.shape(0) != y.shape(0)) throw py::value_error("x and y must have the same number of rows");
+  for (int k : {kernel_x, kernel_y})
+    if (k < 0 || k > 4) throw py::value_error("kernel codes are 0..4 (gaussian, laplace, imq, linear, delta)");
+  const std::int64_t n = x.shape(0), dx = x.shape(1), dy = y.shape(1);
+  kh::KernelParams kx{static_cast<kh::Kernel>(kernel_x), sigma_x};
+  kh::KernelParams ky{static_cast<kh::Kernel>(kernel_y), sigma_y};
+  const double* xp = x.data();
+  const double* yp = y.data();
+  kh::Stats st;
+  {
+    py::gil_scoped_release release;
+    st = kh::streaming_stats<double>(xp, dx, yp, dy, n, kx, ky, n_threads);
+  }
+  py::array_t<double> rk(static_cast<py::ssize_t>(n)), rl(static_cast<py::ssize_t>(n));
+  std::copy(st.rk.begin(), st.rk.end(), rk.mutable_data());
+  std::copy(st.rl.begin(), st.rl.end(), rl.mutable_data());
+  return py::make_tuple(st.s_kl, st.s_kk, st.s_ll, rk, rl);
+}
+
 py::dict build_info() {
   py::dict info;
   info["version"] = KEXUE_VERSION;
@@ -92,5 +117,9 @@ PYBIND11_MODULE(_core, m) {
         py::arg("tol") = -1.0, py::arg("eps") = 1e-12, py::arg("n_threads") = 0,
         "Batched power iteration over a list of C-contiguous 2-D arrays (one dtype). u (out) and v (in/out) are\n"
         "written in place. Returns (sigma, iterations_run). tol <= 0 runs exactly n_iters iterations.");
+  m.def("hsic_stats", &hsic_stats, py::arg("x"), py::arg("y"), py::arg("kernel_x"), py::arg("sigma_x"),
+        py::arg("kernel_y"), py::arg("sigma_y"), py::arg("n_threads") = 0,
+        "Exact HSIC sufficient statistics (S_kl, S_kk, S_ll, row sums of K, row sums of L) over pairs i != j,\n"
+        "without storing a Gram matrix. Kernel codes: 0 gaussian, 1 laplace, 2 imq, 3 linear, 4 delta.");
   m.def("build_info", &build_info, "Compiler, build type and versions this extension was built with.");
 }

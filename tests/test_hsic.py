@@ -25,34 +25,41 @@ def _naive(x, y, kernel, sx, sy, fn, normalized):
     return R.normalized(fn, k, lm) if normalized else fn(k, lm)
 
 
-@pytest.mark.parametrize("n", [4, 5, 31, 32, 33, 127, 128, 129])
+BACKENDS = ["torch", "cpp"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n", [4, 5, 31, 32, 33, 127, 128, 129, 1000])
 @pytest.mark.parametrize("dx, dy", [(1, 3), (17, 1), (3, 17)])
-def test_tile_edges_every_variant_equals_materialized(n, dx, dy):
+def test_tile_edges_every_variant_equals_materialized(n, dx, dy, backend):
     x, y = _data(n, dx, dy, seed=n)
     sx, sy = kexue_fast.median_bandwidth(x), kexue_fast.median_bandwidth(y)
     for estimator, fn, normalized in VARIANTS:
-        ours = kexue_fast.hsic(x, y, estimator=estimator, normalize=normalized, tile=32)
+        ours = kexue_fast.hsic(x, y, estimator=estimator, normalize=normalized, tile=32, backend=backend)
         ref = _naive(x, y, "gaussian", sx, sy, fn, normalized)
         assert abs(float(ours - ref)) <= 1e-10 * max(abs(float(ref)), 1e-12), (estimator, normalized)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kernel", ["gaussian", "laplace", "imq", "linear"])
-def test_kernels_equal_materialized(kernel):
+def test_kernels_equal_materialized(kernel, backend):
     x, y = _data(70, 4, 2, seed=1)
     for estimator, fn, normalized in VARIANTS:
         ours = kexue_fast.hsic(x, y, kernel_x=kernel, bandwidth_x=1.7, bandwidth_y=0.6, estimator=estimator,
-                               normalize=normalized, tile=16)  # fmt: skip
+                               normalize=normalized, tile=16, backend=backend)  # fmt: skip
         ref = _naive(x, y, kernel, 1.7, 0.6, fn, normalized)
         assert abs(float(ours - ref)) <= 1e-10 * abs(float(ref))
 
 
-def test_delta_kernel_for_labels():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_delta_kernel_for_labels(backend):
     x, _ = _data(90, 3, 1, seed=2)
     labels = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
     sx = kexue_fast.median_bandwidth(x)
     k, lm = R.gram(x, "gaussian", sx), R.gram(labels, "delta")
     for estimator, fn, normalized in VARIANTS:
-        ours = kexue_fast.hsic(x, labels, kernel_y="delta", estimator=estimator, normalize=normalized, tile=32)
+        ours = kexue_fast.hsic(x, labels, kernel_y="delta", estimator=estimator, normalize=normalized, tile=32,
+                               backend=backend)  # fmt: skip
         ref = R.normalized(fn, k, lm) if normalized else fn(k, lm)
         assert abs(float(ours - ref)) <= 1e-10 * abs(float(ref))
 
@@ -112,8 +119,10 @@ def test_hsic_stats_has_every_variant():
 
 
 def test_median_bandwidth_exact_and_subsample():
-    for n in (2, 3, 10, 257):
+    for n, repeated in ((2, False), (3, False), (10, False), (257, False), (600, False), (601, True), (700, True)):
         x = torch.randn(n, 4, dtype=D64)
+        if repeated:  # many equal distances: the two middle values coincide or sit in one radix bin
+            x = torch.round(x * 2) / 2
         iu = torch.triu_indices(n, n, 1)
         expected = float(np.median(torch.cdist(x, x)[iu[0], iu[1]].numpy()))
         assert abs(kexue_fast.median_bandwidth(x) - expected) <= 1e-12 * expected
@@ -142,7 +151,7 @@ def test_constant_inputs_give_finite_results():
         ({"bandwidth_y": -1.0}, ValueError, "bandwidth_y"),
         ({"kernel_x": "cosine"}, ValueError, "kernel_x"),
         ({"estimator": "v-statistic"}, ValueError, "estimator"),
-        ({"backend": "cpp"}, NotImplementedError, "hsic has no cpp"),
+        ({"backend": "triton"}, NotImplementedError, "hsic has no triton"),
         ({"x": torch.ones(10, 2, dtype=torch.int64)}, TypeError, "floating"),
     ],
 )
@@ -247,3 +256,14 @@ def test_hsic_test_bad_inputs():
         kexue_fast.hsic_test(x, y, method="permutation", n_permutations=0)
     with pytest.raises(ValueError, match="unit diagonal"):
         kexue_fast.hsic_test(x, y, kernel_x="linear")
+
+
+def test_auto_uses_the_cpp_core_on_cpu_and_agrees_with_torch():
+    from kexue_fast import _dispatch
+
+    assert _dispatch.choose("hsic", torch.device("cpu"), D64) == "cpp"
+    x, y = _data(700, 5, 2, seed=10)
+    a = kexue_fast.hsic_stats(x, y, backend="cpp")
+    b = kexue_fast.hsic_stats(x, y, backend="torch")
+    for name in ("biased", "unbiased", "cka", "cka_unbiased"):
+        assert abs(float(getattr(a, name) - getattr(b, name))) <= 1e-12 * abs(float(getattr(b, name)))

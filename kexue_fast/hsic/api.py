@@ -12,12 +12,12 @@ from torch import Tensor
 from .. import _dispatch
 from . import estimators
 from .bandwidth import median_bandwidth
-from .tiled import TILE, KernelSpec, StreamingHSIC, streaming_stats
+from .tiled import TILE, KernelSpec, StreamingHSIC, stats_for
 
 OP = "hsic"
-# torch: the tiled streaming pass (exact, O(n·d) memory). The C++ and Triton kernels of the issue are not written yet:
-# an explicit backend="cpp"/"triton" raises NotImplementedError instead of running torch.
-_dispatch.register_op(OP, {"torch": (torch.float32, torch.float64)})
+# cpp: the statistics pass in C++ (csrc/hsic; the backward stays the torch tile recompute); torch: the tiled pass.
+# No Triton kernel yet: an explicit backend="triton" raises NotImplementedError instead of running torch.
+_dispatch.register_op(OP, {"cpp": (torch.float32, torch.float64), "torch": (torch.float32, torch.float64)})
 
 KERNELS = ("gaussian", "laplace", "linear", "imq", "delta")
 Bandwidth = Union[str, float, None]
@@ -90,8 +90,7 @@ def _prepare(x, y, kernel_x, kernel_y, bandwidth_x, bandwidth_y, estimator, back
     kx = _kernel_spec(x, kernel_x, bandwidth_x, "x")
     ky = _kernel_spec(y, kernel_y, bandwidth_y if bandwidth_y is not None else "median", "y")
     dtype = x.dtype if x.is_floating_point() else (y.dtype if y.is_floating_point() else torch.float64)
-    _dispatch.choose(OP, x.device, dtype, backend)
-    return x, y, kx, ky
+    return x, y, kx, ky, _dispatch.choose(OP, x.device, dtype, backend)
 
 
 def hsic(
@@ -116,11 +115,11 @@ def hsic(
     streaming pass over upper-triangle tiles of K and L, and a backward that recomputes them; linear kernels on both
     sides use d×d cross products instead.
     """
-    x, y, kx, ky = _prepare(x, y, kernel_x, kernel_y, bandwidth_x, bandwidth_y, estimator, backend)
+    x, y, kx, ky, chosen = _prepare(x, y, kernel_x, kernel_y, bandwidth_x, bandwidth_y, estimator, backend)
     fn = estimators.estimate(estimator, bool(normalize))
     if kx.name == "linear" and ky.name == "linear":
         return fn(*_feature_stats(x, y)).to(x.dtype)
-    return StreamingHSIC.apply(x, y, kx, ky, fn, tile)
+    return StreamingHSIC.apply(x, y, kx, ky, fn, tile, chosen)
 
 
 def hsic_stats(
@@ -135,12 +134,12 @@ def hsic_stats(
     tile: int = TILE,
 ) -> estimators.HSICStats:
     """Every variant (biased, biased with 1/(n−1)², unbiased, CKA, unbiased CKA) from one pass; no gradient."""
-    x, y, kx, ky = _prepare(x, y, kernel_x, kernel_y, bandwidth_x, bandwidth_y, "biased", backend, min_n=2)
+    x, y, kx, ky, chosen = _prepare(x, y, kernel_x, kernel_y, bandwidth_x, bandwidth_y, "biased", backend, min_n=2)
     with torch.no_grad():
         if kx.name == "linear" and ky.name == "linear":
             stats: Tuple[Tensor, ...] = _feature_stats(x, y)
         else:
-            stats = streaming_stats(x, y, kx, ky, tile)
+            stats = stats_for(chosen, x, y, kx, ky, tile)
     return estimators.all_variants(stats)
 
 

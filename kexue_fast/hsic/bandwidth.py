@@ -2,8 +2,9 @@
 
 Radix select: squared distances d² ≥ 0 are float64, whose bit patterns order like the values. Four passes over the
 upper-triangle tiles histogram 16 bits at a time of the pairs that still match the selected prefix, so the k-th
-smallest of the n(n−1)/2 values is found without storing them. The median follows numpy's convention (mean of the
-two middle values when their count is even), over pairs i < j — as hyppo computes it over the off-diagonal entries.
+smallest of the n(n−1)/2 values is found without storing them (and the (k+1)-th with at most one more pass). The
+median follows numpy's convention (mean of the two middle values when their count is even), over pairs i < j — as
+hyppo computes it over the off-diagonal entries.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ def _squared_distance_tile(a: Tensor, b: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def kth_squared_distance(x: Tensor, k: int, tile: int = TILE) -> float:
-    """The k-th smallest (0-based) squared distance over pairs i < j."""
+def kth_squared_distance(x: Tensor, k: int, tile: int = TILE, with_next: bool = False):
+    """The k-th smallest (0-based) squared distance over pairs i < j; with_next=True also returns the (k+1)-th,
+    which is the same value when it repeats, else the smallest value above it (one more pass, not a second select)."""
     x = x.to(torch.float64)
     n = x.shape[0]
     prefix = 0
+    last_count = 0
     for shift in (48, 32, 16, 0):
         hist = torch.zeros(1 << 16, dtype=torch.int64, device=x.device)
         for i0, i1, j0, j1 in _blocks(n, tile):
@@ -40,8 +43,22 @@ def kth_squared_distance(x: Tensor, k: int, tile: int = TILE) -> float:
         cumulative = torch.cumsum(hist, 0)
         digit = int(torch.searchsorted(cumulative, torch.tensor(k + 1, device=x.device)))
         k -= int(cumulative[digit - 1]) if digit > 0 else 0
+        last_count = int(hist[digit])
         prefix = (prefix << 16) | digit
-    return torch.tensor([prefix], dtype=torch.int64).view(torch.float64).item()
+    value = torch.tensor([prefix], dtype=torch.int64).view(torch.float64).item()
+    if not with_next:
+        return value
+    if k + 1 < last_count:  # the value repeats
+        return value, value
+    above = float("inf")
+    for i0, i1, j0, j1 in _blocks(n, tile):
+        sq = _squared_distance_tile(x[i0:i1], x[j0:j1])
+        if i0 == j0:
+            sq = sq[torch.triu(torch.ones_like(sq, dtype=torch.bool), diagonal=1)]
+        bigger = sq[sq > value]
+        if bigger.numel():
+            above = min(above, float(bigger.min()))
+    return value, above
 
 
 def median_bandwidth(
@@ -73,5 +90,5 @@ def median_bandwidth(
         return float(values[m // 2]) if m % 2 else float(0.5 * (values[m // 2 - 1] + values[m // 2]))
     if m % 2:
         return math.sqrt(kth_squared_distance(x, m // 2))
-    lo, hi = kth_squared_distance(x, m // 2 - 1), kth_squared_distance(x, m // 2)
+    lo, hi = kth_squared_distance(x, m // 2 - 1, with_next=True)
     return 0.5 * (math.sqrt(lo) + math.sqrt(hi))

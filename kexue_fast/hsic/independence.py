@@ -21,7 +21,7 @@ from torch import Tensor
 
 from . import estimators
 from .api import _prepare
-from .tiled import TILE, KernelSpec, _blocks, kernel_tile, streaming_stats
+from .tiled import TILE, KernelSpec, _blocks, kernel_tile, stats_for
 
 
 @dataclass
@@ -54,8 +54,8 @@ def _centered_square_sum(x, y, kx, ky, stats, tile: int) -> Tensor:
     return total
 
 
-def _gamma_test(x, y, kx, ky, tile) -> HSICTestResult:
-    stats = streaming_stats(x, y, kx, ky, tile)
+def _gamma_test(x, y, kx, ky, tile, backend) -> HSICTestResult:
+    stats = stats_for(backend, x, y, kx, ky, tile)
     _, _, _, rk, rl, dk, dl = stats
     n = rk.shape[0]
     hsic_b = estimators.biased(*(stats[0], rk, rl, dk, dl))
@@ -88,8 +88,8 @@ def _permuted_cross_sums(x, y, kx: KernelSpec, ky: KernelSpec, perms: Tensor, ti
     return out
 
 
-def _permutation_test(x, y, kx, ky, n_permutations: int, seed: Optional[int], tile: int) -> HSICTestResult:
-    stats = streaming_stats(x, y, kx, ky, tile)
+def _permutation_test(x, y, kx, ky, n_permutations: int, seed: Optional[int], tile: int, backend) -> HSICTestResult:
+    stats = stats_for(backend, x, y, kx, ky, tile)
     s_kl, _, _, rk, rl, dk, dl = stats
     n = rk.shape[0]
     observed = estimators.biased(s_kl, rk, rl, dk, dl)
@@ -122,9 +122,9 @@ def hsic_test(
         raise ValueError(f'method must be "gamma" or "permutation", got {method!r}')
     if isinstance(n_permutations, bool) or not isinstance(n_permutations, int) or n_permutations < 1:
         raise ValueError(f"n_permutations must be a positive int, got {n_permutations!r}")
-    x, y, kx, ky = _prepare(x, y, kernel_x, kernel_y, bandwidth_x, bandwidth_y, "biased", backend, min_n=6)
+    x, y, kx, ky, chosen = _prepare(x, y, kernel_x, kernel_y, bandwidth_x, bandwidth_y, "biased", backend, min_n=6)
     if method == "gamma":
         if kx.name == "linear" or ky.name == "linear":
             raise ValueError("the Gamma approximation assumes kernels with a unit diagonal; use method='permutation'")
-        return _gamma_test(x, y, kx, ky, tile)
-    return _permutation_test(x, y, kx, ky, n_permutations, seed, tile)
+        return _gamma_test(x, y, kx, ky, tile, chosen)
+    return _permutation_test(x, y, kx, ky, n_permutations, seed, tile, chosen)

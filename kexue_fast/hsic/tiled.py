@@ -11,7 +11,7 @@ and ∂K_ij/∂x_i is the kernel's derivative; the saved state is the inputs and
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -102,6 +102,33 @@ def streaming_stats(x: Tensor, y: Tensor, kx: KernelSpec, ky: KernelSpec, tile: 
     return s_kl, s_kk, s_ll, rk, rl, kernel_diagonal(x, kx).double(), kernel_diagonal(y, ky).double()
 
 
+_KERNEL_CODES = {"gaussian": 0, "laplace": 1, "imq": 2, "linear": 3, "delta": 4}
+
+
+@torch.no_grad()
+def cpp_stats(x: Tensor, y: Tensor, kx: KernelSpec, ky: KernelSpec):
+    """The same statistics from the C++ core (csrc/hsic): pairs i < j by row blocks, threads with a deterministic
+    reduction; inputs go over as float64 (labels of a delta kernel as exact small integers)."""
+    from .. import _core
+
+    def as_array(t: Tensor):
+        t = t.detach().to(torch.float64)
+        return (t[:, None] if t.ndim == 1 else t).contiguous().cpu().numpy()
+
+    s_kl, s_kk, s_ll, rk, rl = _core.hsic_stats(
+        as_array(x), as_array(y), _KERNEL_CODES[kx.name], kx.sigma or 0.0, _KERNEL_CODES[ky.name], ky.sigma or 0.0
+    )
+    f64 = dict(dtype=torch.float64, device=x.device)
+    return (torch.tensor(s_kl, **f64), torch.tensor(s_kk, **f64), torch.tensor(s_ll, **f64),
+            torch.from_numpy(rk).to(x.device), torch.from_numpy(rl).to(x.device),
+            kernel_diagonal(x, kx).double(), kernel_diagonal(y, ky).double())  # fmt: skip
+
+
+def stats_for(backend: str, x: Tensor, y: Tensor, kx: KernelSpec, ky: KernelSpec, tile: int = TILE):
+    """The statistics pass on the chosen backend ("cpp" or "torch")."""
+    return cpp_stats(x, y, kx, ky) if backend == "cpp" else streaming_stats(x, y, kx, ky, tile)
+
+
 def _grad_side(z: Tensor, other: Tensor, spec: KernelSpec, other_spec: KernelSpec, a: Tensor, b: Tensor,
                u: Tensor, grad_diag: Tensor, tile: int) -> Tensor:  # fmt: skip
     """∂out/∂z for one input z (the other enters only through its tiles)."""
@@ -132,11 +159,11 @@ def _grad_side(z: Tensor, other: Tensor, spec: KernelSpec, other_spec: KernelSpe
 
 
 class StreamingHSIC(torch.autograd.Function):
-    """out = estimator(stats(x, y)); backward recomputes tiles. `estimator` maps the stats tuple to a scalar."""
+    """out = estimator(stats(x, y)); backward recomputes tiles (in torch). `estimator` maps the stats to a scalar."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, y: Tensor, kx: KernelSpec, ky: KernelSpec, estimator, tile: int) -> Tensor:
-        stats = streaming_stats(x, y, kx, ky, tile)
+    def forward(ctx, x: Tensor, y: Tensor, kx: KernelSpec, ky: KernelSpec, estimator, tile: int, backend: str):
+        stats = stats_for(backend, x, y, kx, ky, tile)
         ctx.save_for_backward(x, y, *stats)
         ctx.kx, ctx.ky, ctx.estimator, ctx.tile = kx, ky, estimator, tile
         return estimator(*stats).to(x.dtype if x.is_floating_point() else y.dtype)
@@ -156,8 +183,4 @@ class StreamingHSIC(torch.autograd.Function):
             gx = _grad_side(x, y, ctx.kx, ctx.ky, g_kl, g_kk, g_rk, g_dk, ctx.tile).to(x.dtype)
         if ctx.needs_input_grad[1]:
             gy = _grad_side(y, x, ctx.ky, ctx.kx, g_kl, g_ll, g_rl, g_dl, ctx.tile).to(y.dtype)
-        return gx, gy, None, None, None, None
-
-
-def statistics_tuple(x: Tensor, y: Tensor, kx: KernelSpec, ky: KernelSpec, tile: int = TILE) -> Tuple[Tensor, ...]:
-    return streaming_stats(x, y, kx, ky, tile)
+        return gx, gy, None, None, None, None, None
