@@ -78,7 +78,9 @@ def measure(which: str, n: int, max_runs: int = 3, budget_s: float = 20.0) -> Op
     return median
 
 
-def run(out_dir: Path, quick: bool = True, device: str = "cpu", sizes: Optional[Sequence[int]] = None) -> Path:
+def run(
+    out_dir: Path, quick: bool = True, device: str = "cpu", sizes: Optional[Sequence[int]] = None, max_runs: int = 3
+) -> Path:
     sizes = sizes or ((2000, 4000) if quick else (2000, 4000, 8000, 16000))
     rows: List[list] = []
     for n in sizes:
@@ -86,7 +88,7 @@ def run(out_dir: Path, quick: bool = True, device: str = "cpu", sizes: Optional[
         for which in CONTESTANTS:
             if which != "kexue_fast" and n > 8000:
                 continue  # the materializing contestants need ~8 float64 n×n arrays (beyond this machine at 16,000)
-            results[which] = measure(which, n)
+            results[which] = measure(which, n, max_runs=max_runs)
         ours = results.get("kexue_fast")
         for which, r in results.items():
             if r is None:

@@ -34,3 +34,10 @@ def test_flows_bench_and_digits_script_run(tmp_path):
     assert "kexue_fast Neumann" in text and "normflows Neumann" in text and "FrEIA" in text
     path = digits.run(tmp_path, steps=3, batch=16)
     assert "bits/dim" in path.read_text()
+
+
+def test_hsic_bench_runs(tmp_path):
+    from kexue_fast.benchmarks import hsic
+
+    text = hsic.run(tmp_path, sizes=(40,), max_runs=1).read_text()
+    assert "kexue_fast" in text and "naive torch" in text and "failed" not in text
