@@ -267,3 +267,45 @@ def test_auto_uses_the_cpp_core_on_cpu_and_agrees_with_torch():
     b = kexue_fast.hsic_stats(x, y, backend="torch")
     for name in ("biased", "unbiased", "cka", "cka_unbiased"):
         assert abs(float(getattr(a, name) - getattr(b, name))) <= 1e-12 * abs(float(getattr(b, name)))
+
+
+def _paper_hsic(a, b, sigma, normalized):
+    """The HSIC-bottleneck paper code's `hsic_regular` / `hsic_normalized`, materialized."""
+
+    def kernelmat(t):
+        r = (t * t).sum(1, keepdim=True)
+        dist = (r - 2 * t @ t.T + r.T).clamp_min(0)
+        h = torch.eye(t.shape[0], dtype=t.dtype) - 1 / t.shape[0]
+        return torch.exp(-dist / (2 * sigma * sigma * t.shape[1])) @ h
+
+    def regular(p, q):
+        return (kernelmat(p) * kernelmat(q).T).mean()
+
+    value = regular(a, b)
+    return value / (regular(a, a).sqrt() * regular(b, b).sqrt()) if normalized else value
+
+
+@pytest.mark.parametrize("normalized", [False, True])
+def test_bottleneck_loss_equals_the_papers_formulas(normalized):
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(50, 10, generator=g, dtype=D64)
+    labels = torch.randint(0, 4, (50,), generator=g)
+    z = torch.randn(50, 6, generator=g, dtype=D64, requires_grad=True)
+    loss, hzx, hzy = kexue_fast.hsic.bottleneck_loss(z, x, labels, beta=50.0, sigma=3.0, normalized=normalized)
+    onehot = torch.nn.functional.one_hot(labels).double()
+    ref_zx, ref_zy = _paper_hsic(z, x, 3.0, normalized), _paper_hsic(z, onehot, 3.0, normalized)
+    assert abs(float((hzx - ref_zx).detach())) <= 1e-8 * abs(float(ref_zx.detach()))
+    assert abs(float((hzy - ref_zy).detach())) <= 1e-8 * abs(float(ref_zy.detach()))
+    (grad,) = torch.autograd.grad(loss, z)
+    (ref_grad,) = torch.autograd.grad(ref_zx - 50.0 * ref_zy, z)
+    assert torch.allclose(grad, ref_grad, atol=1e-8 * float(ref_grad.abs().max()), rtol=0)
+
+
+def test_bottleneck_loss_bad_inputs():
+    z, x = torch.randn(10, 3), torch.randn(10, 4)
+    with pytest.raises(ValueError, match="sigma"):
+        kexue_fast.hsic.bottleneck_loss(z, x, torch.zeros(10, dtype=torch.long), beta=1.0, sigma=0.0)
+    with pytest.raises(ValueError, match="labels"):
+        kexue_fast.hsic.bottleneck_loss(z, x, torch.zeros(10, 2, dtype=torch.long), beta=1.0)
+    with pytest.raises(TypeError, match="beta"):
+        kexue_fast.hsic.bottleneck_loss(z, x, torch.zeros(10, dtype=torch.long), beta="big")
