@@ -41,3 +41,10 @@ def test_hsic_bench_runs(tmp_path):
 
     text = hsic.run(tmp_path, sizes=(40,), max_runs=1).read_text()
     assert "kexue_fast" in text and "naive torch" in text and "failed" not in text
+
+
+def test_hsic_bottleneck_example_runs(tmp_path):
+    from kexue_fast.benchmarks import hsic_bottleneck
+
+    text = hsic_bottleneck.run(tmp_path, epochs=1).read_text()
+    assert "linear probe (HSIC-trained)" in text and "random init" in text
