@@ -5,7 +5,7 @@ bundled 8×8 digits (no download), reporting test accuracy.
 
 Each hidden layer h_i = tanh(W_i h_{i−1}) is trained on its own loss HSIC(h_i, X) − β·HSIC(h_i, Y) with its input
 detached, so no gradient crosses layers (kexue_fast.hsic.bottleneck_loss: exact, tiled). The last hidden layer has
-one unit per class. Two read-outs, as in the paper: (1) each output unit is assigned the class whose training samples
+one unit per class. Two read-outs: (1) each output unit is assigned the class whose training samples
 activate it most and a test sample is predicted by its most active unit; (2) a linear classifier trained (cross-
 entropy) on the frozen last hidden layer — reported next to the same probe on the same network left at its random
 initialization, which tells what the layer-wise HSIC training itself adds. σ = 0.5 suits pixels in [0, 1] (the paper's
