@@ -98,17 +98,8 @@ class FusedDenseBranch:
                 raws.append(layer.weight)
                 scales.append(layer.weight.new_ones(()))
                 continue
-            original = plist.original
-            p = plist[0]
-            if p.training and p.n_power_iterations > 0:
-                from ..nn.spectral_norm import _FROZEN
-
-                if not _FROZEN[0]:
-                    p._power_method(original, p.n_power_iterations)
-            sigma = p.sigma(original)
-            scale = 1.0 / sigma if p.coeff is None else 1.0 / (sigma / p.coeff).clamp_min(1.0)
-            raws.append(original)
-            scales.append(scale)
+            raws.append(plist.original)
+            scales.append(1.0 / plist[0].divisor(plist.original))
         return raws, scales
 
     def series_logdet(self, x: Tensor, plans: Sequence[SeriesPlan], probes: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:

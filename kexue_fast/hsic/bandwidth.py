@@ -22,21 +22,25 @@ def _squared_distance_tile(a: Tensor, b: Tensor) -> Tensor:
     return ((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * (a @ b.T)).clamp_min(0)
 
 
+def _pair_values(x: Tensor, tile: int):
+    """The squared distances of the pairs i < j, one tile at a time (flattened)."""
+    n = x.shape[0]
+    for i0, i1, j0, j1 in _blocks(n, tile):
+        sq = _squared_distance_tile(x[i0:i1], x[j0:j1])
+        yield sq[torch.triu(torch.ones_like(sq, dtype=torch.bool), diagonal=1)] if i0 == j0 else sq.reshape(-1)
+
+
 @torch.no_grad()
 def kth_squared_distance(x: Tensor, k: int, tile: int = TILE, with_next: bool = False):
     """The k-th smallest (0-based) squared distance over pairs i < j; with_next=True also returns the (k+1)-th,
     which is the same value when it repeats, else the smallest value above it (one more pass, not a second select)."""
     x = x.to(torch.float64)
-    n = x.shape[0]
     prefix = 0
     last_count = 0
     for shift in (48, 32, 16, 0):
         hist = torch.zeros(1 << 16, dtype=torch.int64, device=x.device)
-        for i0, i1, j0, j1 in _blocks(n, tile):
-            sq = _squared_distance_tile(x[i0:i1], x[j0:j1])
-            if i0 == j0:
-                sq = sq[torch.triu(torch.ones_like(sq, dtype=torch.bool), diagonal=1)]
-            bits = sq.reshape(-1).view(torch.int64)
+        for values in _pair_values(x, tile):
+            bits = values.view(torch.int64)
             if shift < 48:
                 bits = bits[(bits >> (shift + 16)) == prefix]
             hist += torch.bincount(((bits >> shift) & 0xFFFF), minlength=1 << 16)
@@ -51,11 +55,8 @@ def kth_squared_distance(x: Tensor, k: int, tile: int = TILE, with_next: bool = 
     if k + 1 < last_count:  # the value repeats
         return value, value
     above = float("inf")
-    for i0, i1, j0, j1 in _blocks(n, tile):
-        sq = _squared_distance_tile(x[i0:i1], x[j0:j1])
-        if i0 == j0:
-            sq = sq[torch.triu(torch.ones_like(sq, dtype=torch.bool), diagonal=1)]
-        bigger = sq[sq > value]
+    for values in _pair_values(x, tile):
+        bigger = values[values > value]
         if bigger.numel():
             above = min(above, float(bigger.min()))
     return value, above

@@ -112,12 +112,15 @@ class SpectralNorm(nn.Module):
             if self.coeff is None:
                 return F.normalize(weight, dim=0, eps=self.eps)
             return weight / (torch.linalg.vector_norm(weight) / self.coeff).clamp_min(1.0)
+        return weight / self.divisor(weight)
+
+    def divisor(self, weight: Tensor) -> Tensor:
+        """σ̂ (coeff=None) or max(1, σ̂/c), after advancing the iteration in training mode (unless frozen): the
+        parametrized weight is weight / divisor. Differentiable w.r.t. weight through σ̂ = uᵀWv."""
         if self.training and self.n_power_iterations > 0 and not _FROZEN[0]:
             self._power_method(weight, self.n_power_iterations)
         sigma = self.sigma(weight)
-        if self.coeff is None:
-            return weight / sigma
-        return weight / (sigma / self.coeff).clamp_min(1.0)
+        return sigma if self.coeff is None else (sigma / self.coeff).clamp_min(1.0)
 
     def right_inverse(self, value: Tensor) -> Tensor:
         return value

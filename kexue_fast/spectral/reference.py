@@ -71,11 +71,6 @@ def power_iteration_batched(
     return sigma, u, v
 
 
-def spectral_norm_exact(weight: Tensor) -> Tensor:
-    """σ₁ by SVD: weight [..., m, n] -> [...]."""
-    return torch.linalg.matrix_norm(weight, ord=2)
-
-
 def gram_iteration_bound(weight: Tensor, n_iters: int) -> Tensor:
     """Certified upper bound on ‖W‖₂ by Gram iteration (no rounding safeguards; see kexue_fast.spectral_norm_bound).
 
