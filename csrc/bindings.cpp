@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "hsic/hsic_stats.hpp"
+#include "hsic/pair_select.hpp"
 #include "spectral/power_iteration.hpp"
 
 namespace py = pybind11;
@@ -75,27 +76,68 @@ py::tuple power_iteration(const py::list& weights, const py::list& us, const py:
   throw py::type_error("weights must be float32 or float64 arrays");
 }
 
-py::tuple hsic_stats(const py::array_t<double, py::array::c_style | py::array::forcecast>& x,
-                     const py::array_t<double, py::array::c_style | py::array::forcecast>& y, int kernel_x,
-                     double sigma_x, int kernel_y, double sigma_y, int n_threads) {
-  if (x.ndim() != 2 || y.ndim() != 2) throw py::value_error("x and y must be 2-D arrays [n, d]");
-  if (x.shape(0) != y.shape(0)) throw py::value_error("x and y must have the same number of rows");
-  for (int k : {kernel_x, kernel_y})
-    if (k < 0 || k > 4) throw py::value_error("kernel codes are 0..4 (gaussian, laplace, imq, linear, delta)");
+template <typename T>
+py::tuple hsic_stats_typed(const py::array& x_in, const py::array& y_in, kh::KernelParams kx, kh::KernelParams ky,
+                           int n_threads) {
+  auto x = py::array_t<T, py::array::c_style>::ensure(x_in);
+  auto y = py::array_t<T, py::array::c_style>::ensure(y_in);
+  if (!x || !y) throw py::type_error("x and y must be arrays of one floating dtype");
   const std::int64_t n = x.shape(0), dx = x.shape(1), dy = y.shape(1);
-  kh::KernelParams kx{static_cast<kh::Kernel>(kernel_x), sigma_x};
-  kh::KernelParams ky{static_cast<kh::Kernel>(kernel_y), sigma_y};
-  const double* xp = x.data();
-  const double* yp = y.data();
+  const T* xp = x.data();
+  const T* yp = y.data();
   kh::Stats st;
   {
     py::gil_scoped_release release;
-    st = kh::streaming_stats<double>(xp, dx, yp, dy, n, kx, ky, n_threads);
+    st = kh::streaming_stats<T>(xp, dx, yp, dy, n, kx, ky, n_threads);
   }
   py::array_t<double> rk(static_cast<py::ssize_t>(n)), rl(static_cast<py::ssize_t>(n));
   std::copy(st.rk.begin(), st.rk.end(), rk.mutable_data());
   std::copy(st.rl.begin(), st.rl.end(), rl.mutable_data());
   return py::make_tuple(st.s_kl, st.s_kk, st.s_ll, rk, rl);
+}
+
+py::tuple hsic_stats(const py::array& x, const py::array& y, int kernel_x, double sigma_x, int kernel_y,
+                     double sigma_y, int n_threads) {
+  if (x.ndim() != 2 || y.ndim() != 2) throw py::value_error("x and y must be 2-D arrays [n, d]");
+  if (x.shape(0) != y.shape(0)) throw py::value_error("x and y must have the same number of rows");
+  for (int k : {kernel_x, kernel_y})
+    if (k < 0 || k > 4) throw py::value_error("kernel codes are 0..4 (gaussian, laplace, imq, linear, delta)");
+  const kh::KernelParams kx{static_cast<kh::Kernel>(kernel_x), sigma_x};
+  const kh::KernelParams ky{static_cast<kh::Kernel>(kernel_y), sigma_y};
+  const bool f32 = py::isinstance<py::array_t<float>>(x) && py::isinstance<py::array_t<float>>(y);
+  const bool f64 = py::isinstance<py::array_t<double>>(x) && py::isinstance<py::array_t<double>>(y);
+  if (f32) return hsic_stats_typed<float>(x, y, kx, ky, n_threads);
+  if (f64) return hsic_stats_typed<double>(x, y, kx, ky, n_threads);
+  throw py::type_error("x and y must both be float32 or both float64 arrays");
+}
+
+template <typename T>
+py::tuple kth_pair_typed(const py::array& x_in, std::int64_t k, const kh::PairSelectOptions& options) {
+  auto x = py::array_t<T, py::array::c_style>::ensure(x_in);
+  const std::int64_t n = x.shape(0), d = x.shape(1);
+  const T* xp = x.data();
+  kh::PairSelectResult r;
+  {
+    py::gil_scoped_release release;
+    r = kh::kth_pair_sq_distance<T>(xp, n, d, k, options);
+  }
+  return py::make_tuple(r.value, r.next, r.passes);
+}
+
+py::tuple kth_pair_sq_distance(const py::array& x, std::int64_t k, std::int64_t sample, std::int64_t buffer,
+                               std::uint64_t seed, int n_threads) {
+  if (x.ndim() != 2 || x.shape(0) < 2) throw py::value_error("x must be a 2-D array [n, d] with n >= 2");
+  const std::int64_t n = x.shape(0);
+  if (k < 0 || k >= n * (n - 1) / 2) throw py::value_error("k must be in [0, n(n-1)/2)");
+  if (sample < 0 || buffer < 1) throw py::value_error("sample must be >= 0 and buffer >= 1");
+  kh::PairSelectOptions options;
+  options.sample = sample;
+  options.buffer = buffer;
+  options.seed = seed;
+  options.n_threads = n_threads;
+  if (py::isinstance<py::array_t<float>>(x)) return kth_pair_typed<float>(x, k, options);
+  if (py::isinstance<py::array_t<double>>(x)) return kth_pair_typed<double>(x, k, options);
+  throw py::type_error("x must be a float32 or float64 array");
 }
 
 py::dict build_info() {
@@ -121,5 +163,10 @@ PYBIND11_MODULE(_core, m) {
         py::arg("kernel_y"), py::arg("sigma_y"), py::arg("n_threads") = 0,
         "Exact HSIC sufficient statistics (S_kl, S_kk, S_ll, row sums of K, row sums of L) over pairs i != j,\n"
         "without storing a Gram matrix. Kernel codes: 0 gaussian, 1 laplace, 2 imq, 3 linear, 4 delta.");
+  m.def("kth_pair_sq_distance", &kth_pair_sq_distance, py::arg("x"), py::arg("k"), py::arg("sample") = 1 << 24,
+        py::arg("buffer") = 1 << 23, py::arg("seed") = 0x9E3779B97F4A7C15ULL, py::arg("n_threads") = 0,
+        "The k-th smallest (0-based) squared distance over the pairs i < j of the rows of x (float32/float64,\n"
+        "computed in float64), exactly, without storing the pairs. Returns (value, next, passes): next is the\n"
+        "(k+1)-th value (+inf if none), passes the number of full passes over the pairs.");
   m.def("build_info", &build_info, "Compiler, build type and versions this extension was built with.");
 }

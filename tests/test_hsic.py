@@ -132,6 +132,79 @@ def test_median_bandwidth_exact_and_subsample():
     assert abs(a / kexue_fast.median_bandwidth(x) - 1) < 0.2
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_median_bandwidth_backends_agree(backend):
+    for n, d in ((2, 1), (7, 2), (513, 3), (1500, 5)):
+        x = torch.randn(n, d, dtype=D64)
+        iu = torch.triu_indices(n, n, 1)
+        expected = float(np.median(torch.cdist(x, x)[iu[0], iu[1]].numpy()))
+        for dtype in (torch.float64, torch.float32):
+            ours = kexue_fast.median_bandwidth(x.to(dtype), backend=backend)
+            assert abs(ours - expected) <= (1e-12 if dtype == D64 else 1e-6) * expected
+
+
+def _sorted_pair_values(xa):
+    iu = np.triu_indices(xa.shape[0], 1)
+    return np.sort(((xa[iu[0]] - xa[iu[1]]) ** 2).sum(1))
+
+
+@pytest.mark.parametrize("sample, buffer", [(1 << 24, 1 << 23), (0, 1 << 23), (0, 1), (64, 1), (1 << 12, 7)])
+def test_cpp_pair_select_is_exact_on_every_path(sample, buffer):
+    """The default one-pass path, the full-range start, multi-pass narrowing (buffer 1), a sample too small to hold
+    the rank (the bracket is widened), and ties (dyadic data, exact distances: results must match bit for bit)."""
+    from kexue_fast import _core
+
+    rng = np.random.default_rng(sample + buffer)
+    for n, d, ties in ((2, 1, False), (9, 2, True), (300, 3, True), (700, 4, False)):
+        xa = rng.normal(size=(n, d))
+        if ties:
+            xa = np.round(xa * 2) / 2
+        values = _sorted_pair_values(xa)
+        m = len(values)
+        for k in sorted({0, 1 % m, m // 3, m // 2, m - 2 if m > 1 else 0, m - 1}):
+            value, above, passes = _core.kth_pair_sq_distance(xa, k, sample=sample, buffer=buffer)
+            expected_above = values[k + 1] if k + 1 < m else np.inf
+            if ties:
+                assert (value, above) == (values[k], expected_above), (n, k)
+            else:  # summation order is the same, FMA contraction may differ: one rounding
+                assert abs(value - values[k]) <= 4e-16 * values[k] and (
+                    above == expected_above or abs(above - expected_above) <= 4e-16 * expected_above
+                )
+            assert passes >= 1
+            if buffer == 1 and m > 1:
+                assert passes > 1  # the histogram narrowing ran
+
+
+def test_cpp_pair_select_is_one_pass_at_moderate_n():
+    from kexue_fast import _core
+
+    xa = np.random.default_rng(0).normal(size=(6000, 3))
+    m = 6000 * 5999 // 2
+    assert _core.kth_pair_sq_distance(xa, m // 2)[2] == 1
+
+
+def test_cpp_float32_statistics_are_as_accurate_as_torch_float32():
+    """Float32 inputs: C++ tiles are computed in float32 (vectorized exp) with float64 sums, like the torch tiles."""
+    x, y = _data(700, 5, 3, seed=11)
+    truth = kexue_fast.hsic_stats(x, y, bandwidth_x=2.0, bandwidth_y=1.5, backend="torch")
+    errors = {}
+    for backend in BACKENDS:
+        got = kexue_fast.hsic_stats(x.float(), y.float(), bandwidth_x=2.0, bandwidth_y=1.5, backend=backend)
+        errors[backend] = max(abs(float(getattr(got, f)) / float(getattr(truth, f)) - 1) for f in got._fields)
+    assert errors["cpp"] <= 2 * errors["torch"] + 1e-7, errors
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_underflowing_gram_entries_stay_exact(backend):
+    """A tiny bandwidth drives exp(−d²/2σ²) below the smallest normal double: flushed to 0, as in the truth."""
+    x, y = _data(200, 3, 2, seed=5)
+    for estimator, fn, normalized in VARIANTS[:2]:
+        ours = kexue_fast.hsic(x, y, bandwidth_x=0.02, bandwidth_y=0.5, estimator=estimator, normalize=normalized,
+                               backend=backend)  # fmt: skip
+        ref = _naive(x, y, "gaussian", 0.02, 0.5, fn, normalized)
+        assert torch.isfinite(ours) and abs(float(ours - ref)) <= 1e-10 * abs(float(ref))
+
+
 def test_constant_inputs_give_finite_results():
     x = torch.ones(20, 3, dtype=D64)
     y = torch.randn(20, 2, dtype=D64)

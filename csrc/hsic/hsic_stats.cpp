@@ -4,60 +4,48 @@
 #include <cmath>
 #include <thread>
 
+#include "common/fast_exp.hpp"
+#include "common/simd.hpp"
+#include "hsic/distance_row.hpp"
+
 namespace kexue::hsic {
 namespace {
 
 constexpr std::int64_t kBlock = 128;
 
-// A block of rows transposed to [d][j] so that the inner loop over j is contiguous (vectorizable).
-template <typename T>
-void transpose_block(const T* a, std::int64_t d, std::int64_t j0, std::int64_t j1, std::vector<double>& out) {
-  const std::int64_t w = j1 - j0;
-  out.resize(static_cast<std::size_t>(d * w));
-  for (std::int64_t j = 0; j < w; ++j)
-    for (std::int64_t c = 0; c < d; ++c) out[c * w + j] = static_cast<double>(a[(j0 + j) * d + c]);
+// k(a_i, b_j) for one row a_i against the block b (transposed, padded width wp), into out[0..wp).
+template <typename C>
+inline void kernel_row(const C* ai, const C* bt, std::int64_t d, std::int64_t wp, Kernel kind, C scale, C* out) {
+  if (kind == Kernel::Delta) {
+#pragma omp simd
+    for (std::int64_t j = 0; j < wp; ++j) out[j] = (bt[j] == ai[0]) ? C(1) : C(0);
+    return;
+  }
+  if (kind == Kernel::Linear) {
+    dot_products(ai, bt, d, wp, out);
+    return;
+  }
+  squared_distances(ai, bt, d, wp, out);
+  if (kind == Kernel::Gaussian) {  // scale = −1/(2σ²)
+#pragma omp simd
+    for (std::int64_t j = 0; j < wp; ++j) out[j] = exp_nonpositive(out[j] * scale);
+  } else if (kind == Kernel::Laplace) {  // scale = −1/σ
+#pragma omp simd
+    for (std::int64_t j = 0; j < wp; ++j) out[j] = exp_nonpositive(std::sqrt(out[j]) * scale);
+  } else {  // imq, scale = 1/σ²
+#pragma omp simd
+    for (std::int64_t j = 0; j < wp; ++j) out[j] = C(1) / std::sqrt(C(1) + out[j] * scale);
+  }
 }
 
-// k(a_i, b_j) for one row a_i against the block b (transposed), into out[0..w).
-inline void kernel_row(const double* ai, const std::vector<double>& bt, std::int64_t d, std::int64_t w,
-                       KernelParams p, double* out) {
-  if (p.kind == Kernel::Delta) {
-    for (std::int64_t j = 0; j < w; ++j) out[j] = (bt[j] == ai[0]) ? 1.0 : 0.0;
-    return;
-  }
-  if (p.kind == Kernel::Linear) {
-    for (std::int64_t j = 0; j < w; ++j) out[j] = 0;
-    for (std::int64_t c = 0; c < d; ++c) {
-      const double a = ai[c];
-      const double* col = bt.data() + c * w;
-#pragma omp simd
-      for (std::int64_t j = 0; j < w; ++j) out[j] += a * col[j];
-    }
-    return;
-  }
-  for (std::int64_t j = 0; j < w; ++j) out[j] = 0;
-  for (std::int64_t c = 0; c < d; ++c) {
-    const double a = ai[c];
-    const double* col = bt.data() + c * w;
-#pragma omp simd
-    for (std::int64_t j = 0; j < w; ++j) {
-      const double diff = a - col[j];
-      out[j] += diff * diff;
-    }
-  }
+template <typename C>
+C kernel_scale(KernelParams p) {
   const double s = p.sigma;
-  if (p.kind == Kernel::Gaussian) {
-    const double scale = -0.5 / (s * s);
-#pragma omp simd
-    for (std::int64_t j = 0; j < w; ++j) out[j] = std::exp(out[j] * scale);
-  } else if (p.kind == Kernel::Laplace) {
-    const double inv = 1.0 / s;
-#pragma omp simd
-    for (std::int64_t j = 0; j < w; ++j) out[j] = std::exp(-std::sqrt(out[j]) * inv);
-  } else {
-    const double inv2 = 1.0 / (s * s);
-#pragma omp simd
-    for (std::int64_t j = 0; j < w; ++j) out[j] = 1.0 / std::sqrt(1.0 + out[j] * inv2);
+  switch (p.kind) {
+    case Kernel::Gaussian: return static_cast<C>(-0.5 / (s * s));
+    case Kernel::Laplace: return static_cast<C>(-1.0 / s);
+    case Kernel::Imq: return static_cast<C>(1.0 / (s * s));
+    default: return C(0);
   }
 }
 
@@ -66,45 +54,52 @@ struct Partial {
   std::vector<double> rk, rl;
 };
 
-template <typename T>
-void run_blocks(const T* x, std::int64_t dx, const T* y, std::int64_t dy, std::int64_t n, KernelParams kx,
+// The pairs of the row block [i0, i1) against the column block [j0, j1) (i < j only on a diagonal block).
+template <typename C>
+KEXUE_SIMD_CLONES void block_pair(const C* x, std::int64_t dx, const C* y, std::int64_t dy, std::int64_t i0,
+                                  std::int64_t i1, std::int64_t j0, const C* xt, const C* yt, std::int64_t w,
+                                  KernelParams kx, KernelParams ky, C* krow, C* lrow, Partial& out) {
+  const C sx = kernel_scale<C>(kx), sy = kernel_scale<C>(ky);
+  double* __restrict rkj = out.rk.data() + j0;
+  double* __restrict rlj = out.rl.data() + j0;
+  const std::int64_t wp = padded_width(w);
+  for (std::int64_t i = i0; i < i1; ++i) {
+    kernel_row(x + i * dx, xt, dx, wp, kx.kind, sx, krow);
+    kernel_row(y + i * dy, yt, dy, wp, ky.kind, sy, lrow);
+    const std::int64_t start = (i0 == j0) ? (i - j0 + 1) : 0;  // pairs i < j only
+    double s_kl = 0, s_kk = 0, s_ll = 0, ri_k = 0, ri_l = 0;
+#pragma omp simd reduction(+ : s_kl, s_kk, s_ll, ri_k, ri_l)
+    for (std::int64_t j = start; j < w; ++j) {
+      const double k = krow[j], l = lrow[j];
+      s_kl += k * l;
+      s_kk += k * k;
+      s_ll += l * l;
+      ri_k += k;
+      ri_l += l;
+      rkj[j] += k;
+      rlj[j] += l;
+    }
+    out.s_kl += 2 * s_kl;  // each unordered pair stands for (i, j) and (j, i)
+    out.s_kk += 2 * s_kk;
+    out.s_ll += 2 * s_ll;
+    out.rk[i] += ri_k;
+    out.rl[i] += ri_l;
+  }
+}
+
+template <typename C>
+void run_blocks(const C* x, std::int64_t dx, const C* y, std::int64_t dy, std::int64_t n, KernelParams kx,
                 KernelParams ky, const std::vector<std::pair<std::int64_t, std::int64_t>>& pairs, std::size_t first,
                 std::size_t stride, Partial& out) {
   out.rk.assign(static_cast<std::size_t>(n), 0.0);
   out.rl.assign(static_cast<std::size_t>(n), 0.0);
-  std::vector<double> xt, yt, krow(kBlock), lrow(kBlock), xi(static_cast<std::size_t>(dx)), yi(static_cast<std::size_t>(dy));
+  std::vector<C> xt, yt, krow(static_cast<std::size_t>(padded_width(kBlock))), lrow(krow.size());
   for (std::size_t q = first; q < pairs.size(); q += stride) {
     const std::int64_t i0 = pairs[q].first, j0 = pairs[q].second;
     const std::int64_t i1 = std::min(i0 + kBlock, n), j1 = std::min(j0 + kBlock, n);
-    transpose_block(x, dx, j0, j1, xt);
-    transpose_block(y, dy, j0, j1, yt);
-    const std::int64_t w = j1 - j0;
-    for (std::int64_t i = i0; i < i1; ++i) {
-      for (std::int64_t c = 0; c < dx; ++c) xi[c] = static_cast<double>(x[i * dx + c]);
-      for (std::int64_t c = 0; c < dy; ++c) yi[c] = static_cast<double>(y[i * dy + c]);
-      kernel_row(xi.data(), xt, dx, w, kx, krow.data());
-      kernel_row(yi.data(), yt, dy, w, ky, lrow.data());
-      const std::int64_t start = (i0 == j0) ? (i - j0 + 1) : 0;  // pairs i < j only
-      double s_kl = 0, s_kk = 0, s_ll = 0, ri_k = 0, ri_l = 0;
-      double* rkj = out.rk.data() + j0;
-      double* rlj = out.rl.data() + j0;
-#pragma omp simd reduction(+ : s_kl, s_kk, s_ll, ri_k, ri_l)
-      for (std::int64_t j = start; j < w; ++j) {
-        const double k = krow[j], l = lrow[j];
-        s_kl += k * l;
-        s_kk += k * k;
-        s_ll += l * l;
-        ri_k += k;
-        ri_l += l;
-        rkj[j] += k;
-        rlj[j] += l;
-      }
-      out.s_kl += 2 * s_kl;  // each unordered pair stands for (i, j) and (j, i)
-      out.s_kk += 2 * s_kk;
-      out.s_ll += 2 * s_ll;
-      out.rk[i] += ri_k;
-      out.rl[i] += ri_l;
-    }
+    transpose_block<C>(x, dx, j0, j1, xt);
+    transpose_block<C>(y, dy, j0, j1, yt);
+    block_pair(x, dx, y, dy, i0, i1, j0, xt.data(), yt.data(), j1 - j0, kx, ky, krow.data(), lrow.data(), out);
   }
 }
 

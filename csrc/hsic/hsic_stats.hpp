@@ -23,7 +23,9 @@ struct Stats {
   std::vector<double> rk, rl;
 };
 
-// x: n × dx row-major, y: n × dy row-major (Delta: dy == 1, integer labels stored as doubles).
+// x: n × dx row-major, y: n × dy row-major (Delta: dy == 1, integer labels stored as T, exact below 2^24 for float).
+// Kernel values are computed in T (float32 inputs like torch's own float32 Gram tiles) with a vectorized exp; every
+// sum is accumulated in double.
 template <typename T>
 Stats streaming_stats(const T* x, std::int64_t dx, const T* y, std::int64_t dy, std::int64_t n, KernelParams kx,
                       KernelParams ky, int n_threads);

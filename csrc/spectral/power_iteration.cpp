@@ -5,6 +5,8 @@
 #include <cmath>
 #include <thread>
 
+#include "common/simd.hpp"
+
 namespace kexue::spectral {
 namespace {
 
@@ -16,13 +18,6 @@ T norm2(const T* x, std::int64_t n) {
   for (std::int64_t i = 0; i < n; ++i) acc += static_cast<double>(x[i]) * x[i];
   return static_cast<T>(std::sqrt(acc));
 }
-
-// x86 wheels are built for the baseline ISA; clones let the loader pick AVX2/AVX-512 code on CPUs that have it.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define KEXUE_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define KEXUE_SIMD_CLONES
-#endif
 
 // One fused pass over W: t = W v (written to t) and w = W^T t (accumulated into w, zeroed here).
 // Rows go four at a time so each load of v and each load/store of w serves four rows.

@@ -1,10 +1,13 @@
 """`median_bandwidth`: the median pairwise Euclidean distance, exactly, in O(n) memory.
 
-Radix select: squared distances d² ≥ 0 are float64, whose bit patterns order like the values. Four passes over the
-upper-triangle tiles histogram 16 bits at a time of the pairs that still match the selected prefix, so the k-th
-smallest of the n(n−1)/2 values is found without storing them (and the (k+1)-th with at most one more pass). The
-median follows numpy's convention (mean of the two middle values when their count is even), over pairs i < j — as
-hyppo computes it over the off-diagonal entries.
+On CPU the C++ core selects it (csrc/hsic/pair_select): a seeded sample of pairs brackets the median, and one exact
+pass over all pairs counts the values below the bracket and keeps those inside (a second pass narrows a bracket that
+holds too many). The torch path (other devices) is a radix select: squared distances d² ≥ 0 are float64, whose bit
+patterns order like the values; four passes over the upper-triangle tiles histogram 16 bits at a time of the pairs
+that still match the selected prefix, so the k-th smallest of the n(n−1)/2 values is found without storing them (and
+the (k+1)-th with at most one more pass). Both compute distances in float64 and return the same value. The median
+follows numpy's convention (mean of the two middle values when their count is even), over pairs i < j — as hyppo
+computes it over the off-diagonal entries.
 """
 
 from __future__ import annotations
@@ -15,7 +18,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .. import _dispatch
 from .tiled import TILE, _blocks
+
+OP = "median_bandwidth"
+_dispatch.register_op(OP, {"cpp": (torch.float32, torch.float64), "torch": (torch.float32, torch.float64)})
 
 
 def _squared_distance_tile(a: Tensor, b: Tensor) -> Tensor:
@@ -62,14 +69,29 @@ def kth_squared_distance(x: Tensor, k: int, tile: int = TILE, with_next: bool = 
     return value, above
 
 
+def _kth_cpp(x: Tensor, k: int, with_next: bool = False):
+    from .. import _core
+
+    value, above, _ = _core.kth_pair_sq_distance(x.detach().contiguous().cpu().numpy(), k)
+    return (value, above) if with_next else value
+
+
 def median_bandwidth(
-    x: Tensor, *, exact: bool = True, subsample: Optional[int] = None, seed: Optional[int] = None
+    x: Tensor,
+    *,
+    exact: bool = True,
+    subsample: Optional[int] = None,
+    seed: Optional[int] = None,
+    backend: str = "auto",
 ) -> float:
     """σ = median_{i<j} ‖x_i − x_j‖ (exact by default; or over a seeded subsample of `subsample` rows).
 
-    x: [n, d] (or [n]). Returns a Python float; 0 if all points coincide (callers replace it, e.g. by 1, as hyppo)."""
+    x: [n, d] (or [n]), float32 or float64; distances are computed in float64. Returns a Python float; 0 if all
+    points coincide (callers replace it, e.g. by 1, as hyppo). backend: "auto" (C++ on CPU), "cpp" or "torch"."""
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating tensor, got {x.dtype}")
     if x.ndim == 1:
         x = x[:, None]
     if x.ndim != 2 or x.shape[0] < 2:
@@ -84,6 +106,11 @@ def median_bandwidth(
         raise ValueError("exact=False needs subsample=m")
     n = x.shape[0]
     m = n * (n - 1) // 2
+    if _dispatch.choose(OP, x.device, x.dtype, backend) == "cpp":
+        if m % 2:
+            return math.sqrt(_kth_cpp(x, m // 2))
+        lo, hi = _kth_cpp(x, m // 2 - 1, with_next=True)
+        return 0.5 * (math.sqrt(lo) + math.sqrt(hi))
     if n <= TILE:  # the whole matrix is one tile: sort its upper triangle
         x = x.to(torch.float64)
         sq = _squared_distance_tile(x, x)

@@ -108,15 +108,27 @@ _KERNEL_CODES = {"gaussian": 0, "laplace": 1, "imq": 2, "linear": 3, "delta": 4}
 @torch.no_grad()
 def cpp_stats(x: Tensor, y: Tensor, kx: KernelSpec, ky: KernelSpec):
     """The same statistics from the C++ core (csrc/hsic): pairs i < j by row blocks, threads with a deterministic
-    reduction; inputs go over as float64 (labels of a delta kernel as exact small integers)."""
+    reduction, sums in float64. Kernel values are computed in float32 when the inputs are float32 (as the torch
+    tiles are), else in float64; labels of a delta kernel go over as their class index, exact in either."""
     from .. import _core
 
-    def as_array(t: Tensor):
-        t = t.detach().to(torch.float64)
+    floats = [t.dtype for t in (x, y) if t.is_floating_point()]
+    dtype = torch.float32 if floats and all(d == torch.float32 for d in floats) else torch.float64
+
+    def as_array(t: Tensor, spec: KernelSpec):
+        t = t.detach()
+        if spec.name == "delta":
+            t = torch.unique(t, return_inverse=True)[1]
+        t = t.to(dtype)
         return (t[:, None] if t.ndim == 1 else t).contiguous().cpu().numpy()
 
     s_kl, s_kk, s_ll, rk, rl = _core.hsic_stats(
-        as_array(x), as_array(y), _KERNEL_CODES[kx.name], kx.sigma or 0.0, _KERNEL_CODES[ky.name], ky.sigma or 0.0
+        as_array(x, kx),
+        as_array(y, ky),
+        _KERNEL_CODES[kx.name],
+        kx.sigma or 0.0,
+        _KERNEL_CODES[ky.name],
+        ky.sigma or 0.0,
     )
     f64 = dict(dtype=torch.float64, device=x.device)
     return (torch.tensor(s_kl, **f64), torch.tensor(s_kk, **f64), torch.tensor(s_ll, **f64),

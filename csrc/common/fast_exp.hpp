@@ -1,0 +1,78 @@
+// exp(x) for x <= 0 without a libm call or a branch, so `omp simd` loops vectorize it (torch-free, header-only).
+//
+// exp(x) = 2^k · e^r with k = round(x / ln 2) and r = x − k·ln 2 (Cody–Waite: ln 2 split in a high part whose
+// products with |k| < 2^20 are exact and a low part), |r| ≤ ln(2)/2. e^r is its Taylor polynomial to r^13
+// (remainder < 2e-16 relative) for double and Cephes' degree-7 minimax fit for float; 2^k is built in the exponent
+// bits. Gram-matrix entries exp(−d²/2σ²) only need x ≤ 0; below the smallest normal result (x < −708.39 for double,
+// x < −87.33 for float) the value is flushed to 0, an absolute change < 2.3e-308 (1.2e-38 for float).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace kexue {
+
+inline double exp_nonpositive(double x) {
+  // All ones unless exp(x) < DBL_MIN. The result's bits are masked (an arithmetic AND, not a select, so AVX2 loops
+  // vectorize too), which also zeroes whatever the reduction made of a huge negative x.
+  const std::uint64_t keep = static_cast<std::uint64_t>(x < -708.39) - 1;
+  constexpr double kShifter = 6755399441055744.0;  // 1.5·2^52: adding it rounds to an integer in the low bits
+  const double t = x * 1.4426950408889634 + kShifter;
+  const double k = t - kShifter;
+  const double r = (x - k * 6.93147180369123816490e-01) - k * 1.90821492927058770002e-10;
+  double p = 1.0 / 6227020800.0;  // 1/13!
+  p = p * r + 1.0 / 479001600.0;
+  p = p * r + 1.0 / 39916800.0;
+  p = p * r + 1.0 / 3628800.0;
+  p = p * r + 1.0 / 362880.0;
+  p = p * r + 1.0 / 40320.0;
+  p = p * r + 1.0 / 5040.0;
+  p = p * r + 1.0 / 720.0;
+  p = p * r + 1.0 / 120.0;
+  p = p * r + 1.0 / 24.0;
+  p = p * r + 1.0 / 6.0;
+  p = p * r + 0.5;
+  p = p * r + 1.0;
+  p = p * r + 1.0;
+  std::int64_t bits;
+  std::memcpy(&bits, &t, sizeof bits);
+  const std::uint64_t scale_bits = static_cast<std::uint64_t>(bits + 1023) << 52;  // 2^k
+  double scale;
+  std::memcpy(&scale, &scale_bits, sizeof scale);
+  const double value = p * scale;
+  std::uint64_t value_bits;
+  std::memcpy(&value_bits, &value, sizeof value_bits);
+  value_bits &= keep;
+  double out;
+  std::memcpy(&out, &value_bits, sizeof out);
+  return out;
+}
+
+inline float exp_nonpositive(float x) {
+  const std::uint32_t keep = static_cast<std::uint32_t>(x < -87.33f) - 1;
+  constexpr float kShifter = 12582912.0f;  // 1.5·2^23
+  const float t = x * 1.44269504088896341f + kShifter;
+  const float k = t - kShifter;
+  const float r = (x - k * 0.693359375f) - k * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  std::int32_t bits;
+  std::memcpy(&bits, &t, sizeof bits);
+  const std::uint32_t scale_bits = static_cast<std::uint32_t>(bits + 127) << 23;  // 2^k
+  float scale;
+  std::memcpy(&scale, &scale_bits, sizeof scale);
+  const float value = p * scale;
+  std::uint32_t value_bits;
+  std::memcpy(&value_bits, &value, sizeof value_bits);
+  value_bits &= keep;
+  float out;
+  std::memcpy(&out, &value_bits, sizeof out);
+  return out;
+}
+
+}  // namespace kexue
