@@ -111,6 +111,61 @@ py::tuple hsic_stats(const py::array& x, const py::array& y, int kernel_x, doubl
   throw py::type_error("x and y must both be float32 or both float64 arrays");
 }
 
+using F64Array = py::array_t<double, py::array::c_style | py::array::forcecast>;
+
+template <typename T>
+py::tuple hsic_grad_typed(const py::array& x_in, const py::array& y_in, kh::KernelParams kx, kh::KernelParams ky,
+                          const kh::GradCoefficients& g, bool need_x, bool need_y, int n_threads) {
+  auto x = py::array_t<T, py::array::c_style>::ensure(x_in);
+  auto y = py::array_t<T, py::array::c_style>::ensure(y_in);
+  const std::int64_t n = x.shape(0), dx = x.shape(1), dy = y.shape(1);
+  py::object gx = py::none(), gy = py::none();
+  double* gxp = nullptr;
+  double* gyp = nullptr;
+  if (need_x) {
+    py::array_t<double> a({static_cast<py::ssize_t>(n), static_cast<py::ssize_t>(dx)});
+    gxp = a.mutable_data();
+    gx = a;
+  }
+  if (need_y) {
+    py::array_t<double> a({static_cast<py::ssize_t>(n), static_cast<py::ssize_t>(dy)});
+    gyp = a.mutable_data();
+    gy = a;
+  }
+  const T* xp = x.data();
+  const T* yp = y.data();
+  {
+    py::gil_scoped_release release;
+    kh::streaming_grad<T>(xp, dx, yp, dy, n, kx, ky, g, gxp, gyp, n_threads);
+  }
+  return py::make_tuple(gx, gy);
+}
+
+py::tuple hsic_grad(const py::array& x, const py::array& y, int kernel_x, double sigma_x, int kernel_y,
+                    double sigma_y, double a, double b_k, double b_l, const F64Array& u_k, const F64Array& u_l,
+                    bool need_x, bool need_y, int n_threads) {
+  if (x.ndim() != 2 || y.ndim() != 2) throw py::value_error("x and y must be 2-D arrays [n, d]");
+  const std::int64_t n = x.shape(0);
+  if (y.shape(0) != n) throw py::value_error("x and y must have the same number of rows");
+  if (u_k.ndim() != 1 || u_k.shape(0) != n || u_l.ndim() != 1 || u_l.shape(0) != n)
+    throw py::value_error("u_k and u_l must be vectors of length n");
+  for (int k : {kernel_x, kernel_y})
+    if (k < 0 || k > 4) throw py::value_error("kernel codes are 0..4 (gaussian, laplace, imq, linear, delta)");
+  const kh::KernelParams kx{static_cast<kh::Kernel>(kernel_x), sigma_x};
+  const kh::KernelParams ky{static_cast<kh::Kernel>(kernel_y), sigma_y};
+  kh::GradCoefficients g;
+  g.a = a;
+  g.b_k = b_k;
+  g.b_l = b_l;
+  g.u_k = u_k.data();
+  g.u_l = u_l.data();
+  if (py::isinstance<py::array_t<float>>(x) && py::isinstance<py::array_t<float>>(y))
+    return hsic_grad_typed<float>(x, y, kx, ky, g, need_x, need_y, n_threads);
+  if (py::isinstance<py::array_t<double>>(x) && py::isinstance<py::array_t<double>>(y))
+    return hsic_grad_typed<double>(x, y, kx, ky, g, need_x, need_y, n_threads);
+  throw py::type_error("x and y must both be float32 or both float64 arrays");
+}
+
 template <typename T>
 py::tuple kth_pair_typed(const py::array& x_in, std::int64_t k, const kh::PairSelectOptions& options) {
   auto x = py::array_t<T, py::array::c_style>::ensure(x_in);
@@ -163,6 +218,12 @@ PYBIND11_MODULE(_core, m) {
         py::arg("kernel_y"), py::arg("sigma_y"), py::arg("n_threads") = 0,
         "Exact HSIC sufficient statistics (S_kl, S_kk, S_ll, row sums of K, row sums of L) over pairs i != j,\n"
         "without storing a Gram matrix. Kernel codes: 0 gaussian, 1 laplace, 2 imq, 3 linear, 4 delta.");
+  m.def("hsic_grad", &hsic_grad, py::arg("x"), py::arg("y"), py::arg("kernel_x"), py::arg("sigma_x"),
+        py::arg("kernel_y"), py::arg("sigma_y"), py::arg("a"), py::arg("b_k"), py::arg("b_l"), py::arg("u_k"),
+        py::arg("u_l"), py::arg("need_x") = true, py::arg("need_y") = true, py::arg("n_threads") = 0,
+        "The backward of the statistics pass: d out/d x and d out/d y (float64, or None) from a = d out/d S_kl,\n"
+        "b_k, b_l = d out/d S_kk, S_ll and u_k, u_l = d out/d (row sums), recomputing the Gram rows. The\n"
+        "diagonal terms (linear kernels) are left to the caller.");
   m.def("kth_pair_sq_distance", &kth_pair_sq_distance, py::arg("x"), py::arg("k"), py::arg("sample") = 1 << 24,
         py::arg("buffer") = 1 << 23, py::arg("seed") = 0x9E3779B97F4A7C15ULL, py::arg("n_threads") = 0,
         "The k-th smallest (0-based) squared distance over the pairs i < j of the rows of x (float32/float64,\n"

@@ -80,31 +80,66 @@ def test_equals_hyppo_statistic(n):
     assert abs(float(ours32) - expected) <= 1e-6 * abs(expected)
 
 
-@pytest.mark.parametrize("kernel", ["gaussian", "imq", "linear"])
-def test_tiled_backward_equals_autograd_through_materialized(kernel):
-    x, y = _data(37, 3, 2, seed=3)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kernel", ["gaussian", "imq", "linear"])  # laplace: autograd of sqrt at d = 0 is NaN
+def test_tiled_backward_equals_autograd_through_materialized(kernel, backend):
+    x, y = _data(300 if backend == "cpp" else 37, 3, 2, seed=3)  # cpp: 128-row blocks, so n spans three
     x.requires_grad_()
     y.requires_grad_()
     for estimator, fn, normalized in VARIANTS:
         ours = kexue_fast.hsic(x, y, kernel_x=kernel, bandwidth_x=1.3, bandwidth_y=0.9, estimator=estimator,
-                               normalize=normalized, tile=8)  # fmt: skip
+                               normalize=normalized, tile=8, backend=backend)  # fmt: skip
         gx, gy = torch.autograd.grad(ours, [x, y])
         rx, ry = torch.autograd.grad(_naive(x, y, kernel, 1.3, 0.9, fn, normalized), [x, y])
         assert torch.allclose(gx, rx, atol=1e-10 * float(rx.abs().max()), rtol=0)
         assert torch.allclose(gy, ry, atol=1e-10 * float(ry.abs().max()), rtol=0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kernel", ["gaussian", "laplace", "imq"])
-def test_gradcheck_ragged_n(kernel):
+def test_gradcheck_ragged_n(kernel, backend):
     x, y = _data(37, 3, 2, seed=4)
     x.requires_grad_()
     y.requires_grad_()
 
     def f(a, b):
         return kexue_fast.hsic(a, b, kernel_x=kernel, bandwidth_x=1.1, bandwidth_y=0.8, estimator="unbiased",
-                               normalize=True, tile=16)  # fmt: skip
+                               normalize=True, tile=16, backend=backend)  # fmt: skip
 
     assert torch.autograd.gradcheck(f, (x, y))
+
+
+@pytest.mark.parametrize("kernel_x, kernel_y", [("laplace", "gaussian"), ("imq", "laplace"), ("linear", "gaussian")])
+def test_cpp_backward_equals_torch_backward(kernel_x, kernel_y):
+    x, y = _data(300, 5, 2, seed=9)
+    x[7] = x[3]  # a zero distance off the diagonal (laplace: subgradient 0)
+    grads = {}
+    for backend in BACKENDS:
+        a, b = x.clone().requires_grad_(), y.clone().requires_grad_()
+        out = kexue_fast.hsic(a, b, kernel_x=kernel_x, kernel_y=kernel_y, bandwidth_x=1.2, bandwidth_y=0.7,
+                              estimator="unbiased", normalize=True, backend=backend)  # fmt: skip
+        grads[backend] = torch.autograd.grad(out, [a, b])
+    for ours, ref in zip(grads["cpp"], grads["torch"]):  # torch's tiles use ‖a‖² + ‖b‖² − 2a·b: 1e-11, not 1e-12
+        assert torch.allclose(ours, ref, atol=1e-11 * float(ref.abs().max()), rtol=0)
+
+
+def test_cpp_backward_with_labels_float32_and_one_sided_grad():
+    x, _ = _data(260, 4, 1, seed=8)
+    labels = (x[:, 0] > 0).long() * 7 - 3  # arbitrary integer ids
+    x32 = x.float().requires_grad_()
+    x64 = x.clone().requires_grad_()
+    for estimator in ("biased", "unbiased"):
+        g = {}
+        for backend in BACKENDS:
+            for t in (x32, x64):
+                out = kexue_fast.hsic(t, labels, kernel_y="delta", bandwidth_x=1.5, estimator=estimator,
+                                      normalize=True, backend=backend)  # fmt: skip
+                g[backend, t.dtype] = torch.autograd.grad(out, t)[0]
+        scale = float(g["torch", D64].abs().max())
+        assert torch.allclose(g["cpp", D64], g["torch", D64], atol=1e-12 * scale, rtol=0)
+        err_cpp = float((g["cpp", torch.float32].double() - g["torch", D64]).abs().max())
+        err_torch = float((g["torch", torch.float32].double() - g["torch", D64]).abs().max())
+        assert err_cpp <= 2 * err_torch + 1e-7 * scale, (err_cpp, err_torch)
 
 
 def test_hsic_stats_has_every_variant():

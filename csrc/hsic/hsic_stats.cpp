@@ -4,50 +4,13 @@
 #include <cmath>
 #include <thread>
 
-#include "common/fast_exp.hpp"
 #include "common/simd.hpp"
-#include "hsic/distance_row.hpp"
+#include "hsic/kernel_row.hpp"
 
 namespace kexue::hsic {
 namespace {
 
 constexpr std::int64_t kBlock = 128;
-
-// k(a_i, b_j) for one row a_i against the block b (transposed, padded width wp), into out[0..wp).
-template <typename C>
-inline void kernel_row(const C* ai, const C* bt, std::int64_t d, std::int64_t wp, Kernel kind, C scale, C* out) {
-  if (kind == Kernel::Delta) {
-#pragma omp simd
-    for (std::int64_t j = 0; j < wp; ++j) out[j] = (bt[j] == ai[0]) ? C(1) : C(0);
-    return;
-  }
-  if (kind == Kernel::Linear) {
-    dot_products(ai, bt, d, wp, out);
-    return;
-  }
-  squared_distances(ai, bt, d, wp, out);
-  if (kind == Kernel::Gaussian) {  // scale = −1/(2σ²)
-#pragma omp simd
-    for (std::int64_t j = 0; j < wp; ++j) out[j] = exp_nonpositive(out[j] * scale);
-  } else if (kind == Kernel::Laplace) {  // scale = −1/σ
-#pragma omp simd
-    for (std::int64_t j = 0; j < wp; ++j) out[j] = exp_nonpositive(std::sqrt(out[j]) * scale);
-  } else {  // imq, scale = 1/σ²
-#pragma omp simd
-    for (std::int64_t j = 0; j < wp; ++j) out[j] = C(1) / std::sqrt(C(1) + out[j] * scale);
-  }
-}
-
-template <typename C>
-C kernel_scale(KernelParams p) {
-  const double s = p.sigma;
-  switch (p.kind) {
-    case Kernel::Gaussian: return static_cast<C>(-0.5 / (s * s));
-    case Kernel::Laplace: return static_cast<C>(-1.0 / s);
-    case Kernel::Imq: return static_cast<C>(1.0 / (s * s));
-    default: return C(0);
-  }
-}
 
 struct Partial {
   double s_kl = 0, s_kk = 0, s_ll = 0;

@@ -35,4 +35,26 @@ extern template Stats streaming_stats<float>(const float*, std::int64_t, const f
 extern template Stats streaming_stats<double>(const double*, std::int64_t, const double*, std::int64_t, std::int64_t,
                                               KernelParams, KernelParams, int);
 
+// The backward of any estimator of the statistics above, by recomputing the Gram rows (flash-attention style).
+// With a = ∂out/∂S_kl, b_k = ∂out/∂S_kk, u^K = ∂out/∂r^K (and b_l, u^L for L), each unordered pair i ≠ j carries
+//   m^K_ij = 2a L_ij + 4 b_k K_ij + u^K_i + u^K_j,   and   ∂out/∂x_i += m^K_ij ∂K_ij/∂x_i
+// (radial: ∂K_ij/∂x_i = φ_ij (x_i − x_j) with φ = −K/σ² gaussian, −K³/σ² imq, −K/(σ d) laplace (0 at d = 0);
+// linear: ∂K_ij/∂x_i = x_j; delta: no gradient). The diagonal terms (∂/∂K_ii) are left to the caller. Sums in double,
+// per-thread partial gradients added in thread order (deterministic for a given thread count).
+struct GradCoefficients {
+  double a = 0, b_k = 0, b_l = 0;
+  const double* u_k = nullptr;  // [n]
+  const double* u_l = nullptr;  // [n]
+};
+
+template <typename T>
+void streaming_grad(const T* x, std::int64_t dx, const T* y, std::int64_t dy, std::int64_t n, KernelParams kx,
+                    KernelParams ky, const GradCoefficients& g, double* grad_x, double* grad_y, int n_threads);
+
+extern template void streaming_grad<float>(const float*, std::int64_t, const float*, std::int64_t, std::int64_t,
+                                           KernelParams, KernelParams, const GradCoefficients&, double*, double*, int);
+extern template void streaming_grad<double>(const double*, std::int64_t, const double*, std::int64_t, std::int64_t,
+                                            KernelParams, KernelParams, const GradCoefficients&, double*, double*,
+                                            int);
+
 }  // namespace kexue::hsic

@@ -190,8 +190,9 @@ PairSelectResult kth_pair_sq_distance(const T* x, std::int64_t n, std::int64_t d
   threads = static_cast<int>(std::min<std::size_t>(static_cast<std::size_t>(threads), blocks.size()));
   const auto buffer = static_cast<std::size_t>(std::max<std::int64_t>(options.buffer, threads));
 
-  Bracket br = (options.sample > 0 && m > static_cast<double>(buffer)) ? sample_bracket(x, n, d, k, m, buffer, options)
-                                                                      : make_bracket(0, kInfBits);
+  // Below 2^16 pairs keeping them all is cheapest; above, a sampled bracket keeps (and selects among) only a few.
+  const bool sampled = options.sample > 0 && m > 65536.0;
+  Bracket br = sampled ? sample_bracket(x, n, d, k, m, buffer, options) : make_bracket(0, kInfBits);
   for (int passes = 1;; ++passes) {
     PassResult pass = full_pass(x, n, d, br, buffer, threads, blocks);
     std::uint64_t inside = 0;

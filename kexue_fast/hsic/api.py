@@ -15,7 +15,7 @@ from .bandwidth import median_bandwidth
 from .tiled import TILE, KernelSpec, StreamingHSIC, stats_for
 
 OP = "hsic"
-# cpp: the statistics pass in C++ (csrc/hsic; the backward stays the torch tile recompute); torch: the tiled pass.
+# cpp: the statistics pass and the recompute backward in C++ (csrc/hsic); torch: the tiled pass and backward.
 # No Triton kernel yet: an explicit backend="triton" raises NotImplementedError instead of running torch.
 _dispatch.register_op(OP, {"cpp": (torch.float32, torch.float64), "torch": (torch.float32, torch.float64)})
 
@@ -112,8 +112,8 @@ def hsic(
     sqrt(HSIC(K,K)·HSIC(L,L)) (CKA for "biased"; hyppo's Hsic statistic for "unbiased" with its bandwidth).
     Kernels: gaussian exp(−d²/(2σ²)), laplace exp(−d/σ), imq (1 + d²/σ²)^(−1/2), linear, delta. bandwidth "median"
     is σ = the median pairwise distance of that input (exact; a constant for the gradient). Memory O(n·d): one
-    streaming pass over upper-triangle tiles of K and L (the C++ core on CPU, torch otherwise), and a backward that
-    recomputes them in torch; linear kernels on both sides use d×d cross products instead.
+    streaming pass over upper-triangle tiles of K and L and a backward that recomputes them (the C++ core on CPU,
+    torch otherwise); linear kernels on both sides use d×d cross products instead.
     """
     x, y, kx, ky, chosen = _prepare(x, y, kernel_x, kernel_y, bandwidth_x, bandwidth_y, estimator, backend)
     fn = estimators.estimate(estimator, bool(normalize))

@@ -105,13 +105,10 @@ def streaming_stats(x: Tensor, y: Tensor, kx: KernelSpec, ky: KernelSpec, tile: 
 _KERNEL_CODES = {"gaussian": 0, "laplace": 1, "imq": 2, "linear": 3, "delta": 4}
 
 
-@torch.no_grad()
-def cpp_stats(x: Tensor, y: Tensor, kx: KernelSpec, ky: KernelSpec):
-    """The same statistics from the C++ core (csrc/hsic): pairs i < j by row blocks, threads with a deterministic
-    reduction, sums in float64. Kernel values are computed in float32 when the inputs are float32 (as the torch
-    tiles are), else in float64; labels of a delta kernel go over as their class index, exact in either."""
-    from .. import _core
-
+def _cpp_arrays(x: Tensor, y: Tensor, kx: KernelSpec, ky: KernelSpec):
+    """x, y as C-contiguous NumPy arrays for the C++ core: float32 when every floating input is float32 (kernel values
+    then computed in float32, as the torch tiles are), else float64; labels of a delta kernel as their class index,
+    exact in either."""
     floats = [t.dtype for t in (x, y) if t.is_floating_point()]
     dtype = torch.float32 if floats and all(d == torch.float32 for d in floats) else torch.float64
 
@@ -122,18 +119,48 @@ def cpp_stats(x: Tensor, y: Tensor, kx: KernelSpec, ky: KernelSpec):
         t = t.to(dtype)
         return (t[:, None] if t.ndim == 1 else t).contiguous().cpu().numpy()
 
+    return as_array(x, kx), as_array(y, ky)
+
+
+@torch.no_grad()
+def cpp_stats(x: Tensor, y: Tensor, kx: KernelSpec, ky: KernelSpec):
+    """The same statistics from the C++ core (csrc/hsic): pairs i < j by row blocks, threads with a deterministic
+    reduction, sums in float64."""
+    from .. import _core
+
     s_kl, s_kk, s_ll, rk, rl = _core.hsic_stats(
-        as_array(x, kx),
-        as_array(y, ky),
-        _KERNEL_CODES[kx.name],
-        kx.sigma or 0.0,
-        _KERNEL_CODES[ky.name],
-        ky.sigma or 0.0,
+        *_cpp_arrays(x, y, kx, ky), _KERNEL_CODES[kx.name], kx.sigma or 0.0, _KERNEL_CODES[ky.name], ky.sigma or 0.0
     )
     f64 = dict(dtype=torch.float64, device=x.device)
     return (torch.tensor(s_kl, **f64), torch.tensor(s_kk, **f64), torch.tensor(s_ll, **f64),
             torch.from_numpy(rk).to(x.device), torch.from_numpy(rl).to(x.device),
             kernel_diagonal(x, kx).double(), kernel_diagonal(y, ky).double())  # fmt: skip
+
+
+@torch.no_grad()
+def cpp_grads(x: Tensor, y: Tensor, kx: KernelSpec, ky: KernelSpec, coefficients, need_x: bool, need_y: bool):
+    """(∂out/∂x, ∂out/∂y) from the C++ backward (the Gram rows recomputed; float64), None where not needed.
+    coefficients: (a, b_k, b_l, u_k, u_l, diag_k, diag_l) = ∂out/∂(S_kl, S_kk, S_ll, r^K, r^L, diag K, diag L)."""
+    from .. import _core
+
+    a, b_k, b_l, u_k, u_l, g_dk, g_dl = coefficients
+    gx, gy = _core.hsic_grad(
+        *_cpp_arrays(x, y, kx, ky), _KERNEL_CODES[kx.name], kx.sigma or 0.0, _KERNEL_CODES[ky.name], ky.sigma or 0.0,
+        float(a), float(b_k), float(b_l), u_k.detach().cpu().numpy(), u_l.detach().cpu().numpy(),
+        need_x=need_x, need_y=need_y,
+    )  # fmt: skip
+    out = []
+    for g, z, spec, g_diag in ((gx, x, kx, g_dk), (gy, y, ky, g_dl)):
+        if g is None:
+            out.append(None)
+            continue
+        g = torch.from_numpy(g).to(z.device)
+        if z.ndim == 1:
+            g = g[:, 0]
+        if spec.name == "linear":  # ∂K_ii/∂z_i = 2 z_i
+            g = g + 2 * g_diag.reshape(-1, *([1] * (z.ndim - 1))) * z.double()
+        out.append(g)
+    return tuple(out)
 
 
 def stats_for(backend: str, x: Tensor, y: Tensor, kx: KernelSpec, ky: KernelSpec, tile: int = TILE):
@@ -171,13 +198,14 @@ def _grad_side(z: Tensor, other: Tensor, spec: KernelSpec, other_spec: KernelSpe
 
 
 class StreamingHSIC(torch.autograd.Function):
-    """out = estimator(stats(x, y)); backward recomputes tiles (in torch). `estimator` maps the stats to a scalar."""
+    """out = estimator(stats(x, y)); backward recomputes tiles (C++ on the cpp backend, else torch). `estimator` maps
+    the stats to a scalar."""
 
     @staticmethod
     def forward(ctx, x: Tensor, y: Tensor, kx: KernelSpec, ky: KernelSpec, estimator, tile: int, backend: str):
         stats = stats_for(backend, x, y, kx, ky, tile)
         ctx.save_for_backward(x, y, *stats)
-        ctx.kx, ctx.ky, ctx.estimator, ctx.tile = kx, ky, estimator, tile
+        ctx.kx, ctx.ky, ctx.estimator, ctx.tile, ctx.backend = kx, ky, estimator, tile, backend
         return estimator(*stats).to(x.dtype if x.is_floating_point() else y.dtype)
 
     @staticmethod
@@ -191,6 +219,11 @@ class StreamingHSIC(torch.autograd.Function):
             torch.zeros_like(s) if g is None else g for g, s in zip(grads, stats)
         )
         gx = gy = None
+        if ctx.backend == "cpp":
+            gx, gy = cpp_grads(x, y, ctx.kx, ctx.ky, (g_kl, g_kk, g_ll, g_rk, g_rl, g_dk, g_dl),
+                               ctx.needs_input_grad[0], ctx.needs_input_grad[1])  # fmt: skip
+            return (None if gx is None else gx.to(x.dtype), None if gy is None else gy.to(y.dtype),
+                    None, None, None, None, None)  # fmt: skip
         if ctx.needs_input_grad[0]:
             gx = _grad_side(x, y, ctx.kx, ctx.ky, g_kl, g_kk, g_rk, g_dk, ctx.tile).to(x.dtype)
         if ctx.needs_input_grad[1]:
