@@ -167,6 +167,45 @@ py::tuple hsic_grad(const py::array& x, const py::array& y, int kernel_x, double
 }
 
 template <typename T>
+py::array_t<double> permuted_cross_sums_typed(const py::array& x_in, const py::array& y_in, kh::KernelParams kx,
+                                              kh::KernelParams ky, const std::int64_t* perms,
+                                              std::int64_t n_perms, int n_threads) {
+  auto x = py::array_t<T, py::array::c_style>::ensure(x_in);
+  auto y = py::array_t<T, py::array::c_style>::ensure(y_in);
+  const std::int64_t n = x.shape(0), dx = x.shape(1), dy = y.shape(1);
+  py::array_t<double> out(static_cast<py::ssize_t>(n_perms));
+  double* op = out.mutable_data();
+  const T* xp = x.data();
+  const T* yp = y.data();
+  {
+    py::gil_scoped_release release;
+    kh::permuted_cross_sums<T>(xp, dx, yp, dy, n, kx, ky, perms, n_perms, op, n_threads);
+  }
+  return out;
+}
+
+py::array_t<double> hsic_permuted_cross_sums(
+    const py::array& x, const py::array& y, int kernel_x, double sigma_x, int kernel_y, double sigma_y,
+    const py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>& perms, int n_threads) {
+  if (x.ndim() != 2 || y.ndim() != 2) throw py::value_error("x and y must be 2-D arrays [n, d]");
+  const std::int64_t n = x.shape(0);
+  if (y.shape(0) != n) throw py::value_error("x and y must have the same number of rows");
+  if (perms.ndim() != 2 || perms.shape(1) != n) throw py::value_error("perms must be [P, n]");
+  const std::int64_t* pp = perms.data();
+  for (std::int64_t q = 0; q < perms.size(); ++q)  // out-of-range indices would read outside y
+    if (pp[q] < 0 || pp[q] >= n) throw py::value_error("perms must hold indices in [0, n)");
+  for (int k : {kernel_x, kernel_y})
+    if (k < 0 || k > 4) throw py::value_error("kernel codes are 0..4 (gaussian, laplace, imq, linear, delta)");
+  const kh::KernelParams kx{static_cast<kh::Kernel>(kernel_x), sigma_x};
+  const kh::KernelParams ky{static_cast<kh::Kernel>(kernel_y), sigma_y};
+  if (py::isinstance<py::array_t<float>>(x) && py::isinstance<py::array_t<float>>(y))
+    return permuted_cross_sums_typed<float>(x, y, kx, ky, pp, perms.shape(0), n_threads);
+  if (py::isinstance<py::array_t<double>>(x) && py::isinstance<py::array_t<double>>(y))
+    return permuted_cross_sums_typed<double>(x, y, kx, ky, pp, perms.shape(0), n_threads);
+  throw py::type_error("x and y must both be float32 or both float64 arrays");
+}
+
+template <typename T>
 py::tuple kth_pair_typed(const py::array& x_in, std::int64_t k, const kh::PairSelectOptions& options) {
   auto x = py::array_t<T, py::array::c_style>::ensure(x_in);
   const std::int64_t n = x.shape(0), d = x.shape(1);
@@ -224,6 +263,10 @@ PYBIND11_MODULE(_core, m) {
         "The backward of the statistics pass: d out/d x and d out/d y (float64, or None) from a = d out/d S_kl,\n"
         "b_k, b_l = d out/d S_kk, S_ll and u_k, u_l = d out/d (row sums), recomputing the Gram rows. The\n"
         "diagonal terms (linear kernels) are left to the caller.");
+  m.def("hsic_permuted_cross_sums", &hsic_permuted_cross_sums, py::arg("x"), py::arg("y"), py::arg("kernel_x"),
+        py::arg("sigma_x"), py::arg("kernel_y"), py::arg("sigma_y"), py::arg("perms"), py::arg("n_threads") = 0,
+        "S_kl under permutations of y: out[p] = sum_{i != j} K_ij L_{perm[p, i], perm[p, j]} for perms [P, n]\n"
+        "(each K tile computed once and shared by every permutation).");
   m.def("kth_pair_sq_distance", &kth_pair_sq_distance, py::arg("x"), py::arg("k"), py::arg("sample") = 1 << 24,
         py::arg("buffer") = 1 << 23, py::arg("seed") = 0x9E3779B97F4A7C15ULL, py::arg("n_threads") = 0,
         "The k-th smallest (0-based) squared distance over the pairs i < j of the rows of x (float32/float64,\n"

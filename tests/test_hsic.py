@@ -314,19 +314,35 @@ def test_gamma_null_parameters_equal_the_materialized_formula():
     assert abs(result.statistic - float(R.hsic_biased(k, lm))) < 1e-14
 
 
-def test_permutation_statistics_equal_hsic_of_permuted_y():
-    from kexue_fast.hsic.independence import _permuted_cross_sums
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n, kernel_y", [(45, "gaussian"), (300, "laplace"), (200, "delta")])
+def test_permutation_statistics_equal_hsic_of_permuted_y(backend, n, kernel_y):
+    from kexue_fast.hsic.independence import _permuted_cross_sums, _permuted_cross_sums_cpp
     from kexue_fast.hsic.tiled import KernelSpec
 
-    x, y = _data(45, 3, 2, seed=9)
-    perms = torch.stack([torch.randperm(45, generator=torch.Generator().manual_seed(s)) for s in range(5)])
-    kx, ky = KernelSpec("gaussian", 1.2), KernelSpec("gaussian", 0.7)
-    s_perm = _permuted_cross_sums(x, y, kx, ky, perms, tile=16)
+    x, y = _data(n, 3, 2, seed=9)
+    if kernel_y == "delta":
+        y = (y[:, 0] > 0).long() + 2 * (y[:, 1] > 1).long()
+    perms = torch.stack([torch.randperm(n, generator=torch.Generator().manual_seed(s)) for s in range(5)])
+    kx, ky = KernelSpec("gaussian", 1.2), KernelSpec(kernel_y, None if kernel_y == "delta" else 0.7)
+    if backend == "cpp":
+        s_perm = _permuted_cross_sums_cpp(x, y, kx, ky, perms)
+    else:
+        s_perm = _permuted_cross_sums(x, y, kx, ky, perms, tile=16)
     k = R.gram(x, "gaussian", 1.2)
     for p, perm in enumerate(perms):
-        lm = R.gram(y[perm], "gaussian", 0.7)
+        lm = R.gram(y[perm], kernel_y, 0.7)
         expected = (k * lm).sum() - (k.diag() * lm.diag()).sum()
         assert abs(float(s_perm[p] - expected)) < 1e-10 * float(expected)
+
+
+def test_permutation_test_backends_agree():
+    x, y = _data(150, 2, 1, seed=12)
+    results = [
+        kexue_fast.hsic_test(x, y, method="permutation", n_permutations=200, seed=3, backend=b) for b in BACKENDS
+    ]
+    assert results[0].pvalue == results[1].pvalue
+    assert abs(results[0].statistic - results[1].statistic) <= 1e-12 * results[0].statistic
 
 
 def _rejection_rate(method, replicates, dependent, n=200, **kwargs):

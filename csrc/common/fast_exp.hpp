@@ -11,6 +11,25 @@
 #include <cstring>
 
 namespace kexue {
+namespace detail {
+
+template <typename To, typename From>
+inline To bit_cast(From from) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast needs equal sizes");
+  To to;
+  std::memcpy(&to, &from, sizeof to);
+  return to;
+}
+
+// p · 2^k from the shifted t (k in its low bits), its bits ANDed with keep (all ones, or 0 on underflow).
+template <typename F, typename I, typename U, int kMantissa, int kBias>
+inline F scale_and_mask(F p, F t, U keep) {
+  const auto k_bits = bit_cast<I>(t);
+  const F scale = bit_cast<F>(static_cast<U>(static_cast<U>(k_bits + kBias) << kMantissa));
+  return bit_cast<F>(static_cast<U>(bit_cast<U>(p * scale) & keep));
+}
+
+}  // namespace detail
 
 inline double exp_nonpositive(double x) {
   // All ones unless exp(x) < DBL_MIN. The result's bits are masked (an arithmetic AND, not a select, so AVX2 loops
@@ -34,18 +53,7 @@ inline double exp_nonpositive(double x) {
   p = p * r + 0.5;
   p = p * r + 1.0;
   p = p * r + 1.0;
-  std::int64_t bits;
-  std::memcpy(&bits, &t, sizeof bits);
-  const std::uint64_t scale_bits = static_cast<std::uint64_t>(bits + 1023) << 52;  // 2^k
-  double scale;
-  std::memcpy(&scale, &scale_bits, sizeof scale);
-  const double value = p * scale;
-  std::uint64_t value_bits;
-  std::memcpy(&value_bits, &value, sizeof value_bits);
-  value_bits &= keep;
-  double out;
-  std::memcpy(&out, &value_bits, sizeof out);
-  return out;
+  return detail::scale_and_mask<double, std::int64_t, std::uint64_t, 52, 1023>(p, t, keep);
 }
 
 inline float exp_nonpositive(float x) {
@@ -61,18 +69,7 @@ inline float exp_nonpositive(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  std::int32_t bits;
-  std::memcpy(&bits, &t, sizeof bits);
-  const std::uint32_t scale_bits = static_cast<std::uint32_t>(bits + 127) << 23;  // 2^k
-  float scale;
-  std::memcpy(&scale, &scale_bits, sizeof scale);
-  const float value = p * scale;
-  std::uint32_t value_bits;
-  std::memcpy(&value_bits, &value, sizeof value_bits);
-  value_bits &= keep;
-  float out;
-  std::memcpy(&out, &value_bits, sizeof out);
-  return out;
+  return detail::scale_and_mask<float, std::int32_t, std::uint32_t, 23, 127>(p, t, keep);
 }
 
 }  // namespace kexue

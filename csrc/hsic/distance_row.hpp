@@ -21,9 +21,10 @@ void transpose_block(const T* a, std::int64_t d, std::int64_t j0, std::int64_t j
     for (std::int64_t c = 0; c < d; ++c) out[c * wp + j] = static_cast<C>(a[(j0 + j) * d + c]);
 }
 
-// out[j] = Σ_c (a_c − bt[c][j])² for j < wp (a multiple of kLanes; entries past the block's width are padding).
-template <typename C>
-inline void squared_distances(const C* a, const C* bt, std::int64_t d, std::int64_t wp, C* out) {
+// out[j] = Σ_c (a_c − bt[c][j])² (kSquared) or Σ_c a_c · bt[c][j] for j < wp (a multiple of kLanes; entries past
+// the block's width are padding).
+template <bool kSquared, typename C>
+inline void row_against_block(const C* a, const C* bt, std::int64_t d, std::int64_t wp, C* out) {
   for (std::int64_t jb = 0; jb < wp; jb += kLanes) {
     C acc[kLanes] = {};
     for (std::int64_t c = 0; c < d; ++c) {
@@ -31,8 +32,12 @@ inline void squared_distances(const C* a, const C* bt, std::int64_t d, std::int6
       const C* col = bt + c * wp + jb;
 #pragma omp simd
       for (std::int64_t l = 0; l < kLanes; ++l) {
-        const C diff = ac - col[l];
-        acc[l] += diff * diff;
+        if constexpr (kSquared) {
+          const C diff = ac - col[l];
+          acc[l] += diff * diff;
+        } else {
+          acc[l] += ac * col[l];
+        }
       }
     }
 #pragma omp simd
@@ -40,20 +45,15 @@ inline void squared_distances(const C* a, const C* bt, std::int64_t d, std::int6
   }
 }
 
-// out[j] = Σ_c a_c · bt[c][j] (the linear kernel), same layout.
+template <typename C>
+inline void squared_distances(const C* a, const C* bt, std::int64_t d, std::int64_t wp, C* out) {
+  row_against_block<true>(a, bt, d, wp, out);
+}
+
+// The linear kernel's row, same layout.
 template <typename C>
 inline void dot_products(const C* a, const C* bt, std::int64_t d, std::int64_t wp, C* out) {
-  for (std::int64_t jb = 0; jb < wp; jb += kLanes) {
-    C acc[kLanes] = {};
-    for (std::int64_t c = 0; c < d; ++c) {
-      const C ac = a[c];
-      const C* col = bt + c * wp + jb;
-#pragma omp simd
-      for (std::int64_t l = 0; l < kLanes; ++l) acc[l] += ac * col[l];
-    }
-#pragma omp simd
-    for (std::int64_t l = 0; l < kLanes; ++l) out[jb + l] = acc[l];
-  }
+  row_against_block<false>(a, bt, d, wp, out);
 }
 
 }  // namespace kexue::hsic

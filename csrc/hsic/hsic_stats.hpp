@@ -57,4 +57,19 @@ extern template void streaming_grad<double>(const double*, std::int64_t, const d
                                             KernelParams, KernelParams, const GradCoefficients&, double*, double*,
                                             int);
 
+// S_kl under permutations of y, for the permutation test: out[p] = Σ_{i≠j} K_ij L_{π_p(i) π_p(j)} for perms
+// [P × n] (each row a permutation of 0..n−1). Each K tile is computed once and shared by every permutation; sums in
+// double, per-thread partials added in thread order.
+template <typename T>
+void permuted_cross_sums(const T* x, std::int64_t dx, const T* y, std::int64_t dy, std::int64_t n, KernelParams kx,
+                         KernelParams ky, const std::int64_t* perms, std::int64_t n_perms, double* out,
+                         int n_threads);
+
+extern template void permuted_cross_sums<float>(const float*, std::int64_t, const float*, std::int64_t, std::int64_t,
+                                                KernelParams, KernelParams, const std::int64_t*, std::int64_t,
+                                                double*, int);
+extern template void permuted_cross_sums<double>(const double*, std::int64_t, const double*, std::int64_t,
+                                                 std::int64_t, KernelParams, KernelParams, const std::int64_t*,
+                                                 std::int64_t, double*, int);
+
 }  // namespace kexue::hsic

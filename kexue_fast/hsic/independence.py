@@ -21,7 +21,7 @@ from torch import Tensor
 
 from . import estimators
 from .api import _prepare
-from .tiled import TILE, KernelSpec, _blocks, kernel_tile, stats_for
+from .tiled import _KERNEL_CODES, TILE, KernelSpec, _blocks, _cpp_arrays, kernel_tile, stats_for
 
 
 @dataclass
@@ -88,6 +88,15 @@ def _permuted_cross_sums(x, y, kx: KernelSpec, ky: KernelSpec, perms: Tensor, ti
     return out
 
 
+def _permuted_cross_sums_cpp(x, y, kx: KernelSpec, ky: KernelSpec, perms: Tensor) -> Tensor:
+    """The same sums from the C++ core: each K tile once, an L tile per permutation, threads over tiles."""
+    from .. import _core
+
+    out = _core.hsic_permuted_cross_sums(*_cpp_arrays(x, y, kx, ky), _KERNEL_CODES[kx.name], kx.sigma or 0.0,
+                                         _KERNEL_CODES[ky.name], ky.sigma or 0.0, perms.cpu().numpy())  # fmt: skip
+    return torch.from_numpy(out).to(x.device)
+
+
 def _permutation_test(x, y, kx, ky, n_permutations: int, seed: Optional[int], tile: int, backend) -> HSICTestResult:
     stats = stats_for(backend, x, y, kx, ky, tile)
     s_kl, _, _, rk, rl, dk, dl = stats
@@ -95,7 +104,10 @@ def _permutation_test(x, y, kx, ky, n_permutations: int, seed: Optional[int], ti
     observed = estimators.biased(s_kl, rk, rl, dk, dl)
     g = torch.Generator(device="cpu").manual_seed(seed if seed is not None else torch.seed() % (2**63))
     perms = torch.stack([torch.randperm(n, generator=g) for _ in range(n_permutations)]).to(x.device)
-    s_perm = _permuted_cross_sums(x, y, kx, ky, perms, tile)
+    if backend == "cpp":
+        s_perm = _permuted_cross_sums_cpp(x, y, kx, ky, perms)
+    else:
+        s_perm = _permuted_cross_sums(x, y, kx, ky, perms, tile)
     null = torch.stack([estimators.biased(s_perm[p], rk, rl[perms[p]], dk, dl[perms[p]]) for p in range(len(perms))])
     pvalue = (1 + (null >= observed).sum()) / (1 + n_permutations)
     return HSICTestResult(float(observed), float(pvalue), "permutation",
