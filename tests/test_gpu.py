@@ -88,3 +88,26 @@ def test_fused_block_is_auto_on_cuda_and_matches_torch(monkeypatch):
         g.zero_grad()
     for a, b in zip(outs["auto"], outs["torch"]):
         assert rel_err(a, b) < 1e-4
+
+
+def test_hsic_is_triton_on_cuda_and_matches_the_cpp_float64_value():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(20000, 16, generator=g, dtype=torch.float64)
+    y = torch.sin(x[:, :4]) + torch.randn(20000, 4, generator=g, dtype=torch.float64)
+    assert kexue_fast._dispatch.choose("hsic", torch.device("cuda"), torch.float32) == "triton"
+    truth = kexue_fast.hsic_stats(x, y, bandwidth_x=4.0, bandwidth_y=1.5, backend="cpp")
+    ours = kexue_fast.hsic_stats(x.float().cuda(), y.float().cuda(), bandwidth_x=4.0, bandwidth_y=1.5)
+    for field in truth._fields:
+        assert abs(float(getattr(ours, field)) / float(getattr(truth, field)) - 1) < 1e-5, field
+    a = x.float().cuda().requires_grad_()
+    out = kexue_fast.hsic(a, y.float().cuda(), bandwidth_x=4.0, bandwidth_y=1.5, estimator="unbiased", normalize=True)
+    (grad,) = torch.autograd.grad(out, a)
+    b = x[:4000].clone().requires_grad_()  # the gradient at a CPU-affordable size, against the C++ backward
+    ref = kexue_fast.hsic(b, y[:4000], bandwidth_x=4.0, bandwidth_y=1.5, estimator="unbiased", normalize=True)
+    (ref_grad,) = torch.autograd.grad(ref, b)
+    c = x[:4000].float().cuda().requires_grad_()
+    got = kexue_fast.hsic(c, y[:4000].float().cuda(), bandwidth_x=4.0, bandwidth_y=1.5, estimator="unbiased",
+                          normalize=True)  # fmt: skip
+    (got_grad,) = torch.autograd.grad(got, c)
+    assert torch.isfinite(grad).all()
+    assert float((got_grad.double().cpu() - ref_grad).abs().max()) < 1e-4 * float(ref_grad.abs().max())

@@ -259,7 +259,11 @@ def test_constant_inputs_give_finite_results():
         ({"bandwidth_y": -1.0}, ValueError, "bandwidth_y"),
         ({"kernel_x": "cosine"}, ValueError, "kernel_x"),
         ({"estimator": "v-statistic"}, ValueError, "estimator"),
-        ({"backend": "triton"}, NotImplementedError, "hsic has no triton"),
+        (
+            {"backend": "triton", "x": torch.randn(10, 2, dtype=D64), "y": torch.randn(10, 2, dtype=D64)},
+            NotImplementedError,
+            "supports float32, not float64",
+        ),
         ({"x": torch.ones(10, 2, dtype=torch.int64)}, TypeError, "floating"),
     ],
 )

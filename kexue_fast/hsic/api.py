@@ -15,9 +15,13 @@ from .bandwidth import median_bandwidth
 from .tiled import TILE, KernelSpec, StreamingHSIC, stats_for
 
 OP = "hsic"
-# cpp: the statistics pass and the recompute backward in C++ (csrc/hsic); torch: the tiled pass and backward.
-# No Triton kernel yet: an explicit backend="triton" raises NotImplementedError instead of running torch.
-_dispatch.register_op(OP, {"cpp": (torch.float32, torch.float64), "torch": (torch.float32, torch.float64)})
+# triton: float32 tiles, float64 sums, rows of width d <= 128 (kernels/hsic.py); cpp: the statistics pass and the
+# recompute backward in C++ (csrc/hsic); torch: the tiled pass and backward.
+_dispatch.register_op(
+    OP,
+    {"triton": (torch.float32,), "cpp": (torch.float32, torch.float64), "torch": (torch.float32, torch.float64)},
+)
+_TRITON_MAX_DIM = 128
 
 KERNELS = ("gaussian", "laplace", "linear", "imq", "delta")
 Bandwidth = Union[str, float, None]
@@ -90,7 +94,15 @@ def _prepare(x, y, kernel_x, kernel_y, bandwidth_x, bandwidth_y, estimator, back
     kx = _kernel_spec(x, kernel_x, bandwidth_x, "x")
     ky = _kernel_spec(y, kernel_y, bandwidth_y if bandwidth_y is not None else "median", "y")
     dtype = x.dtype if x.is_floating_point() else (y.dtype if y.is_floating_point() else torch.float64)
-    return x, y, kx, ky, _dispatch.choose(OP, x.device, dtype, backend)
+    chosen = _dispatch.choose(OP, x.device, dtype, backend)
+    widest = max(x.shape[1] if x.ndim == 2 else 1, y.shape[1] if y.ndim == 2 else 1)
+    if chosen == "triton" and widest > _TRITON_MAX_DIM:
+        reason = f"the Triton kernels keep rows of width d <= {_TRITON_MAX_DIM} in registers, got d = {widest}"
+        if _dispatch.requested_backend(backend) == "triton":
+            raise ValueError(f"backend='triton': {reason}")
+        _dispatch.logger.warning("kexue_fast.hsic runs on the torch path: %s", reason)
+        chosen = "torch"
+    return x, y, kx, ky, chosen
 
 
 def hsic(

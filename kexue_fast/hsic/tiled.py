@@ -149,22 +149,69 @@ def cpp_grads(x: Tensor, y: Tensor, kx: KernelSpec, ky: KernelSpec, coefficients
         float(a), float(b_k), float(b_l), u_k.detach().cpu().numpy(), u_l.detach().cpu().numpy(),
         need_x=need_x, need_y=need_y,
     )  # fmt: skip
+    return _finish_grads((gx, gy), (x, y), (kx, ky), (g_dk, g_dl))
+
+
+def _triton_inputs(x: Tensor, y: Tensor, kx: KernelSpec, ky: KernelSpec):
+    """x, y as contiguous float32 [n, d] for the Triton kernels: radial kernels centered first (they are translation
+    invariant, and smaller norms mean less cancellation in ‖a‖² + ‖b‖² − 2a·b), labels as float class indices."""
+
+    def prepare(t: Tensor, spec: KernelSpec):
+        t = t.detach()
+        if spec.name == "delta":
+            t = torch.unique(t, return_inverse=True)[1]
+        t = t.to(torch.float32)
+        t = t[:, None] if t.ndim == 1 else t
+        if spec.name not in ("linear", "delta"):
+            t = t - t.mean(0)
+        return t.contiguous()
+
+    return prepare(x, kx), prepare(y, ky)
+
+
+@torch.no_grad()
+def triton_stats(x: Tensor, y: Tensor, kx: KernelSpec, ky: KernelSpec):
+    """The statistics from the Triton kernel (kernels/hsic.py): float32 tiles, float64 sums, per-row partials added
+    here in a fixed order."""
+    from ..kernels import hsic as kernels
+
+    rows = kernels.hsic_row_stats(*_triton_inputs(x, y, kx, ky), kx.name, kx.sigma, ky.name, ky.sigma)
+    r_k, r_l, s_kl, s_kk, s_ll = rows
+    return (s_kl.sum(), s_kk.sum(), s_ll.sum(), r_k, r_l, kernel_diagonal(x, kx).double(),
+            kernel_diagonal(y, ky).double())  # fmt: skip
+
+
+@torch.no_grad()
+def triton_grads(x: Tensor, y: Tensor, kx: KernelSpec, ky: KernelSpec, coefficients, need_x: bool, need_y: bool):
+    """cpp_grads' counterpart on the Triton backward kernel."""
+    from ..kernels import hsic as kernels
+
+    a, b_k, b_l, u_k, u_l, g_dk, g_dl = coefficients
+    gx, gy = kernels.hsic_grads(*_triton_inputs(x, y, kx, ky), kx.name, kx.sigma, ky.name, ky.sigma, float(a),
+                                float(b_k), float(b_l), u_k, u_l, need_x, need_y)  # fmt: skip
+    return _finish_grads((gx, gy), (x, y), (kx, ky), (g_dk, g_dl))
+
+
+def _finish_grads(grads, inputs, specs, diag_grads):
+    """Shape each side's gradient like its input and add the diagonal term of a linear kernel (∂K_ii/∂z_i = 2z_i)."""
     out = []
-    for g, z, spec, g_diag in ((gx, x, kx, g_dk), (gy, y, ky, g_dl)):
+    for g, z, spec, g_diag in zip(grads, inputs, specs, diag_grads):
         if g is None:
             out.append(None)
             continue
-        g = torch.from_numpy(g).to(z.device)
+        g = torch.as_tensor(g).to(z.device)
         if z.ndim == 1:
             g = g[:, 0]
-        if spec.name == "linear":  # ∂K_ii/∂z_i = 2 z_i
+        if spec.name == "linear":
             g = g + 2 * g_diag.reshape(-1, *([1] * (z.ndim - 1))) * z.double()
         out.append(g)
     return tuple(out)
 
 
 def stats_for(backend: str, x: Tensor, y: Tensor, kx: KernelSpec, ky: KernelSpec, tile: int = TILE):
-    """The statistics pass on the chosen backend ("cpp" or "torch")."""
+    """The statistics pass on the chosen backend ("triton", "cpp" or "torch")."""
+    if backend == "triton":
+        return triton_stats(x, y, kx, ky)
     return cpp_stats(x, y, kx, ky) if backend == "cpp" else streaming_stats(x, y, kx, ky, tile)
 
 
@@ -198,8 +245,8 @@ def _grad_side(z: Tensor, other: Tensor, spec: KernelSpec, other_spec: KernelSpe
 
 
 class StreamingHSIC(torch.autograd.Function):
-    """out = estimator(stats(x, y)); backward recomputes tiles (C++ on the cpp backend, else torch). `estimator` maps
-    the stats to a scalar."""
+    """out = estimator(stats(x, y)); backward recomputes tiles (in C++, Triton or torch, as the forward's backend).
+    `estimator` maps the stats to a scalar."""
 
     @staticmethod
     def forward(ctx, x: Tensor, y: Tensor, kx: KernelSpec, ky: KernelSpec, estimator, tile: int, backend: str):
@@ -219,9 +266,10 @@ class StreamingHSIC(torch.autograd.Function):
             torch.zeros_like(s) if g is None else g for g, s in zip(grads, stats)
         )
         gx = gy = None
-        if ctx.backend == "cpp":
-            gx, gy = cpp_grads(x, y, ctx.kx, ctx.ky, (g_kl, g_kk, g_ll, g_rk, g_rl, g_dk, g_dl),
-                               ctx.needs_input_grad[0], ctx.needs_input_grad[1])  # fmt: skip
+        if ctx.backend in ("cpp", "triton"):
+            native = cpp_grads if ctx.backend == "cpp" else triton_grads
+            gx, gy = native(x, y, ctx.kx, ctx.ky, (g_kl, g_kk, g_ll, g_rk, g_rl, g_dk, g_dl),
+                            ctx.needs_input_grad[0], ctx.needs_input_grad[1])  # fmt: skip
             return (None if gx is None else gx.to(x.dtype), None if gy is None else gy.to(y.dtype),
                     None, None, None, None, None)  # fmt: skip
         if ctx.needs_input_grad[0]:
