@@ -316,6 +316,9 @@ def test_gamma_null_parameters_equal_the_materialized_formula():
     assert abs(result.null["shape"] / float(mean**2 / v) - 1) < 1e-10
     assert abs(result.null["scale"] / float(v / mean) - 1) < 1e-10
     assert abs(result.statistic - float(R.hsic_biased(k, lm))) < 1e-14
+    stats = kexue_fast.hsic_stats(x, y)
+    assert abs(float(stats.gamma_null_mean) / float(mean) - 1) < 1e-12
+    assert torch.isnan(kexue_fast.hsic_stats(x, y, kernel_x="linear").gamma_null_mean)  # diagonal ≠ 1
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -59,8 +59,7 @@ def _gamma_test(x, y, kx, ky, tile, backend) -> HSICTestResult:
     _, _, _, rk, rl, dk, dl = stats
     n = rk.shape[0]
     hsic_b = estimators.biased(*(stats[0], rk, rl, dk, dl))
-    mu_x, mu_y = rk.sum() / (n * (n - 1)), rl.sum() / (n * (n - 1))
-    mean = (1 + mu_x * mu_y - mu_x - mu_y) / n
+    mean = estimators.gamma_null_mean(rk, rl, dk, dl)
     var = _centered_square_sum(x, y, kx, ky, stats, tile) / 36 / (n * (n - 1))
     var = var * 72 * (n - 4) * (n - 5) / (n * (n - 1) * (n - 2) * (n - 3))
     shape, scale = mean**2 / var, var * n / mean
