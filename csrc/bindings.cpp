@@ -8,11 +8,13 @@
 
 #include "hsic/hsic_stats.hpp"
 #include "hsic/pair_select.hpp"
+#include "infomap/infomap.hpp"
 #include "spectral/power_iteration.hpp"
 
 namespace py = pybind11;
 namespace ks = kexue::spectral;
 namespace kh = kexue::hsic;
+namespace ki = kexue::infomap;
 
 namespace {
 
@@ -234,6 +236,60 @@ py::tuple kth_pair_sq_distance(const py::array& x, std::int64_t k, std::int64_t 
   throw py::type_error("x must be a float32 or float64 array");
 }
 
+using I64Array = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>;
+
+ki::FlowGraph flow_graph(std::int64_t n, const F64Array& node_flow, const I64Array& source, const I64Array& target,
+                         const F64Array& link_flow) {
+  if (n < 1) throw py::value_error("the graph needs at least one node");
+  if (node_flow.ndim() != 1 || node_flow.shape(0) != n) throw py::value_error("node_flow must have length n");
+  const py::ssize_t m = source.size();
+  if (source.ndim() != 1 || target.ndim() != 1 || link_flow.ndim() != 1 || target.size() != m ||
+      link_flow.size() != m)
+    throw py::value_error("source, target and link_flow must be vectors of one length");
+  ki::FlowGraph g;
+  g.n = n;
+  g.node_flow.assign(node_flow.data(), node_flow.data() + n);
+  g.source.assign(source.data(), source.data() + m);
+  g.target.assign(target.data(), target.data() + m);
+  g.link_flow.assign(link_flow.data(), link_flow.data() + m);
+  for (py::ssize_t e = 0; e < m; ++e)
+    if (g.source[e] < 0 || g.source[e] >= n || g.target[e] < 0 || g.target[e] >= n)
+      throw py::value_error("link endpoints must be node indices in [0, n)");
+  return g;
+}
+
+py::tuple infomap_two_level(std::int64_t n, const F64Array& node_flow, const I64Array& source,
+                            const I64Array& target, const F64Array& link_flow, int num_trials, std::uint64_t seed,
+                            int core_loop_limit, int tune_iteration_limit, int n_threads) {
+  ki::FlowGraph g = flow_graph(n, node_flow, source, target, link_flow);
+  ki::Options o;
+  o.num_trials = num_trials;
+  o.seed = seed;
+  o.core_loop_limit = core_loop_limit;
+  o.tune_iteration_limit = tune_iteration_limit;
+  o.n_threads = n_threads;
+  ki::Result r;
+  {
+    py::gil_scoped_release release;
+    r = ki::two_level(g, o);
+  }
+  py::array_t<std::int64_t> modules(static_cast<py::ssize_t>(n));
+  std::copy(r.modules.begin(), r.modules.end(), modules.mutable_data());
+  return py::make_tuple(modules, r.codelength, r.index_codelength, r.module_codelength, r.one_level_codelength,
+                        r.num_modules, r.best_trial);
+}
+
+py::tuple infomap_map_equation(std::int64_t n, const F64Array& node_flow, const I64Array& source,
+                               const I64Array& target, const F64Array& link_flow, const I64Array& modules) {
+  ki::FlowGraph g = flow_graph(n, node_flow, source, target, link_flow);
+  if (modules.ndim() != 1 || modules.shape(0) != n) throw py::value_error("modules must have length n");
+  std::vector<std::int64_t> mod(modules.data(), modules.data() + n);
+  for (std::int64_t m : mod)
+    if (m < 0 || m >= n) throw py::value_error("module ids must be in [0, n)");
+  const ki::Codelength c = ki::map_equation(g, mod);
+  return py::make_tuple(c.codelength, c.index_codelength, c.module_codelength);
+}
+
 py::dict build_info() {
   py::dict info;
   info["version"] = KEXUE_VERSION;
@@ -272,5 +328,14 @@ PYBIND11_MODULE(_core, m) {
         "The k-th smallest (0-based) squared distance over the pairs i < j of the rows of x (float32/float64,\n"
         "computed in float64), exactly, without storing the pairs. Returns (value, next, passes): next is the\n"
         "(k+1)-th value (+inf if none), passes the number of full passes over the pairs.");
+  m.def("infomap_two_level", &infomap_two_level, py::arg("n"), py::arg("node_flow"), py::arg("source"),
+        py::arg("target"), py::arg("link_flow"), py::arg("num_trials") = 1, py::arg("seed") = 123,
+        py::arg("core_loop_limit") = 10, py::arg("tune_iteration_limit") = 10, py::arg("n_threads") = 1,
+        "Two-level Infomap on a flow graph (links with their flows; undirected edges given in both directions).\n"
+        "Returns (modules, codelength, index_codelength, module_codelength, one_level_codelength, num_modules,\n"
+        "best_trial).");
+  m.def("infomap_map_equation", &infomap_map_equation, py::arg("n"), py::arg("node_flow"), py::arg("source"),
+        py::arg("target"), py::arg("link_flow"), py::arg("modules"),
+        "The two-level map equation of a partition: (codelength, index_codelength, module_codelength).");
   m.def("build_info", &build_info, "Compiler, build type and versions this extension was built with.");
 }

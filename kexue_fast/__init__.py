@@ -2,13 +2,16 @@
 
 Spectral normalization (`power_iteration`, `spectral_norm_bound`, `conv_operator_norm`), invertible residual networks
 (`kexue_fast.nn.InvertibleResBlock`, `ResidualFlow`, `kexue_fast.flows`), exact tiled HSIC (`hsic`, `hsic_stats`,
-`cka`, `median_bandwidth`), and the drop-in modules in `kexue_fast.nn`. `python -m kexue_fast.info` says which
+`cka`, `median_bandwidth`), the map equation and Infomap (`map_equation`, `infomap`), and the drop-in modules in
+`kexue_fast.nn`. `python -m kexue_fast.info` says which
 backend each op runs on and why.
 """
 
 from . import flows, nn
 from .hsic import cka, hsic_stats, hsic_test, median_bandwidth
 from .hsic import hsic as hsic  # the function; the sub-package stays importable as `import kexue_fast.hsic`
+from .infomap import infomap as infomap  # likewise
+from .infomap import map_equation
 from .spectral import conv_operator_norm, power_iteration, spectral_norm_bound
 
 __version__ = "0.1.0"
@@ -20,6 +23,8 @@ __all__ = [
     "hsic",
     "hsic_stats",
     "hsic_test",
+    "infomap",
+    "map_equation",
     "median_bandwidth",
     "nn",
     "power_iteration",

@@ -1,0 +1,53 @@
+// Two-level Infomap (Rosvall & Bergstrom 2008): minimize the map equation over partitions (torch-free C++17).
+//
+// For a partition M of the nodes, with node visit rates p_α, module flows p_m = Σ_{α∈m} p_α and the flows q_m↶ / q_m↷
+// entering / exiting module m along links (teleportation unrecorded),
+//   L(M) = plogp(Σ_m q_m↶) − Σ_m plogp(q_m↶) − Σ_m plogp(q_m↷) + Σ_m plogp(q_m↷ + p_m) − Σ_α plogp(p_α),
+// plogp(x) = x log₂ x; the first two terms are the index codelength, the rest the module codelength.
+//
+// The search follows infomap's two-level algorithm: a core loop visits the nodes in random order and moves each to
+// the neighbouring (or an empty) module with the largest decrease of L (ΔL in O(degree) from the enter/exit flows),
+// until a sweep improves L by less than a threshold; the modules are then aggregated into nodes and the loop repeats
+// on the module graph until nothing merges. Fine-tuning re-runs the core loop on the original nodes from the found
+// partition (then aggregates again) while L improves. Several trials keep the best; a seed makes it deterministic.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace kexue::infomap {
+
+// Links with their flows (already normalized by the caller's flow model). For an undirected graph each edge is given
+// twice, once per direction, each carrying half its flow.
+struct FlowGraph {
+  std::int64_t n = 0;
+  std::vector<double> node_flow;            // p_α, Σ = 1
+  std::vector<std::int64_t> source, target;  // one entry per directed link (self-links allowed, they never exit)
+  std::vector<double> link_flow;
+};
+
+struct Options {
+  int num_trials = 1;
+  std::uint64_t seed = 123;
+  int core_loop_limit = 10;            // sweeps per core loop
+  int tune_iteration_limit = 10;       // fine-tuning rounds
+  double minimum_improvement = 1e-10;  // a sweep or a round must improve L by more than this (bits)
+  int n_threads = 1;                   // trials run in parallel on up to this many threads
+};
+
+struct Result {
+  std::vector<std::int64_t> modules;  // module index per node, 0..num_modules−1 (ordered by decreasing flow)
+  double codelength = 0, index_codelength = 0, module_codelength = 0, one_level_codelength = 0;
+  std::int64_t num_modules = 0;
+  int best_trial = 0;
+};
+
+Result two_level(const FlowGraph& graph, const Options& options);
+
+// L(M) of a given partition (modules: 0..M−1 per node), and its index and module parts.
+struct Codelength {
+  double codelength, index_codelength, module_codelength;
+};
+Codelength map_equation(const FlowGraph& graph, const std::vector<std::int64_t>& modules);
+
+}  // namespace kexue::infomap

@@ -1,0 +1,166 @@
+"""Graph input for Infomap: link arrays, scipy.sparse matrices, networkx / igraph graphs, Pajek and link-list files —
+all turned into one `Graph` of 0-based node indices with float64 weights and the caller's node ids."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, List, Optional
+
+import numpy as np
+
+
+@dataclass
+class Graph:
+    """n nodes 0..n−1; links source[e] → target[e] with weight[e] (an undirected edge listed once); node_ids[i] is
+    the caller's id of node i."""
+
+    n: int
+    source: np.ndarray
+    target: np.ndarray
+    weight: np.ndarray
+    directed: bool
+    node_ids: List[Any]
+
+
+def _checked(n: int, source, target, weight, directed: bool, node_ids) -> Graph:
+    source = np.asarray(source)
+    target = np.asarray(target)
+    if source.ndim != 1 or target.ndim != 1 or source.shape != target.shape:
+        raise ValueError(f"source and target must be 1-D arrays of one length, got {source.shape} and {target.shape}")
+    if source.size and (not np.issubdtype(source.dtype, np.integer) or not np.issubdtype(target.dtype, np.integer)):
+        raise TypeError("source and target must hold integer node ids")
+    weight = np.ones(source.shape[0]) if weight is None else np.asarray(weight, dtype=np.float64)
+    if weight.shape != source.shape:
+        raise ValueError(f"weight must have one entry per link ({source.shape[0]}), got shape {weight.shape}")
+    if not np.all(np.isfinite(weight)) or np.any(weight < 0):
+        raise ValueError("link weights must be finite and non-negative")
+    if n < 1 or source.shape[0] == 0 or not np.any(weight > 0):
+        raise ValueError("the graph is empty: it needs at least one link of positive weight")
+    source = source.astype(np.int64)
+    target = target.astype(np.int64)
+    if source.min() < 0 or target.min() < 0 or source.max() >= n or target.max() >= n:
+        raise ValueError(f"node ids out of range: links must join nodes 0..{n - 1}")
+    return Graph(int(n), source, target, weight, bool(directed), list(node_ids) if node_ids is not None else
+                 list(range(n)))  # fmt: skip
+
+
+def _from_links(source, target, weight, directed: Optional[bool], num_nodes: Optional[int]) -> Graph:
+    source = np.asarray(source)
+    target = np.asarray(target)
+    if source.size and np.issubdtype(source.dtype, np.integer) and np.issubdtype(target.dtype, np.integer):
+        if source.size and min(source.min(), target.min()) < 0:
+            raise ValueError("node ids out of range: they must be >= 0")
+        n = int(max(source.max(), target.max())) + 1 if source.size else 0
+        if num_nodes is not None:
+            if num_nodes < n:
+                raise ValueError(f"node ids out of range: num_nodes={num_nodes} but a link names node {n - 1}")
+            n = num_nodes
+        return _checked(n, source, target, weight, bool(directed), None)
+    if source.size == 0:
+        raise ValueError("the graph is empty: it needs at least one link of positive weight")
+    ids, inverse = np.unique(np.concatenate([source, target]), return_inverse=True)  # arbitrary hashable ids
+    m = source.shape[0]
+    return _checked(len(ids), inverse[:m], inverse[m:], weight, bool(directed), ids.tolist())
+
+
+def _read_pajek(path: str, directed: Optional[bool]):
+    ids: List[Any] = []
+    source, target, weight = [], [], []
+    section = None
+    arcs = False
+    with open(path) as f:
+        for raw in f:
+            line = raw.strip()
+            if not line or line.startswith("%") or line.startswith("#"):
+                continue
+            if line.startswith("*"):
+                head = line.split()[0].lower()
+                section = head
+                if head == "*vertices":
+                    ids = list(range(1, int(line.split()[1]) + 1))
+                arcs = arcs or head == "*arcs"
+                continue
+            parts = line.split()
+            if section in ("*edges", "*arcs", "*links", "*arcslist", "*edgeslist"):
+                source.append(int(parts[0]))
+                target.append(int(parts[1]))
+                weight.append(float(parts[2]) if len(parts) > 2 else 1.0)
+    if directed is None:
+        directed = arcs
+    n = len(ids) if ids else max(max(source), max(target))
+    src = np.asarray(source, dtype=np.int64) - 1
+    dst = np.asarray(target, dtype=np.int64) - 1
+    return _checked(n, src, dst, np.asarray(weight), directed, ids or list(range(1, n + 1)))
+
+
+def _read_link_list(path: str, directed: Optional[bool]):
+    source, target, weight = [], [], []
+    with open(path) as f:
+        for raw in f:
+            line = raw.strip()
+            if not line or line.startswith("#") or line.startswith("%"):
+                continue
+            parts = line.split()
+            source.append(int(parts[0]))
+            target.append(int(parts[1]))
+            weight.append(float(parts[2]) if len(parts) > 2 else 1.0)
+    return _from_links(np.asarray(source, dtype=np.int64), np.asarray(target, dtype=np.int64), weight,
+                       bool(directed), None)  # fmt: skip
+
+
+def as_graph(graph: Any, directed: Optional[bool] = None, num_nodes: Optional[int] = None) -> Graph:
+    """Any supported input as a Graph. directed=None: from the input (networkx/igraph say; a sparse matrix is directed
+    unless symmetric; Pajek *Arcs are directed; links and link lists default to undirected)."""
+    if isinstance(graph, Graph):
+        return graph
+    if isinstance(graph, (str, os.PathLike)):
+        path = os.fspath(graph)
+        if not os.path.exists(path):
+            raise ValueError(f"no such graph file: {path}")
+        return _read_pajek(path, directed) if path.endswith(".net") else _read_link_list(path, directed)
+    if isinstance(graph, tuple) and len(graph) in (2, 3):
+        return _from_links(graph[0], graph[1], graph[2] if len(graph) == 3 else None, bool(directed), num_nodes)
+    module = type(graph).__module__
+    if module.startswith("scipy.sparse"):
+        a = graph.tocoo()
+        if a.shape[0] != a.shape[1]:
+            raise ValueError(f"an adjacency matrix must be square, got shape {a.shape}")
+        if directed is None:
+            directed = (abs(graph - graph.T) > 0).nnz != 0
+        rows, cols, vals = a.row, a.col, a.data
+        if not directed:  # each undirected edge once
+            keep = rows <= cols
+            rows, cols, vals = rows[keep], cols[keep], vals[keep]
+        return _checked(a.shape[0], rows, cols, vals, directed, None)
+    if module.startswith("networkx"):
+        nodes = list(graph.nodes())
+        index = {v: i for i, v in enumerate(nodes)}
+        edges = list(graph.edges(data="weight", default=1.0))
+        src = np.array([index[u] for u, _, _ in edges], dtype=np.int64)
+        dst = np.array([index[v] for _, v, _ in edges], dtype=np.int64)
+        w = np.array([float(d) for _, _, d in edges])
+        return _checked(len(nodes), src, dst, w, graph.is_directed() if directed is None else directed, nodes)
+    if module.startswith("igraph"):
+        edges = np.asarray(graph.get_edgelist(), dtype=np.int64).reshape(-1, 2)
+        w = graph.es["weight"] if "weight" in graph.es.attributes() else None
+        names = graph.vs["name"] if "name" in graph.vs.attributes() else None
+        return _checked(graph.vcount(), edges[:, 0], edges[:, 1], w,
+                        graph.is_directed() if directed is None else directed, names)  # fmt: skip
+    raise TypeError("graph must be (source, target[, weight]) arrays, a scipy.sparse matrix, a networkx or igraph "
+                    f"graph, or a path to a .net / link-list file; got {type(graph).__name__}")  # fmt: skip
+
+
+def module_array(graph: Graph, modules: Any) -> np.ndarray:
+    """A partition given per node index (sequence of length n) or as {node id: module} as a 0-based int64 array."""
+    if isinstance(modules, dict):
+        try:
+            labels = [modules[v] for v in graph.node_ids]
+        except KeyError as e:
+            raise ValueError(f"modules has no entry for node {e.args[0]!r}") from None
+    else:
+        labels = list(modules) if not isinstance(modules, np.ndarray) else modules
+        if len(labels) != graph.n:
+            raise ValueError(f"modules must give one module per node ({graph.n}), got {len(labels)}")
+    _, inverse = np.unique(np.asarray(labels), return_inverse=True)
+    return inverse.astype(np.int64)

@@ -1,0 +1,153 @@
+"""The map equation and the two-level Infomap against the official infomap package (2.16)."""
+
+import warnings
+
+import numpy as np
+import pytest
+
+import kexue_fast
+
+nx = pytest.importorskip("networkx")
+im_pkg = pytest.importorskip("infomap")
+
+
+def _official(links, directed=False, extra=""):
+    """(codelength, {node: module}) from the official infomap, two-level, one trial, seed 123."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        im = im_pkg.Infomap(f"--two-level --silent --num-trials 1 --seed 123{' --directed' if directed else ''}{extra}")
+        for link in links:
+            im.add_link(*[int(v) for v in link[:2]], *([float(link[2])] if len(link) > 2 else []))
+        im.run()
+        return im.codelength, {nd.node_id: nd.module_id for nd in im.tree if nd.is_leaf}
+
+
+def _planted_directed(n=150, groups=5, seed=5, dangling_every=17):
+    rng = np.random.default_rng(seed)
+    comm = np.repeat(np.arange(groups), n // groups)
+    a = rng.random((n, n)) < np.where(comm[:, None] == comm[None, :], 0.12, 0.01)
+    np.fill_diagonal(a, False)
+    a[::dangling_every] = False  # nodes without out-links
+    src, dst = np.nonzero(a)
+    return src, dst, rng.uniform(0.5, 2.0, len(src))
+
+
+def _lfr(n, mu, seed=42):
+    g = nx.LFR_benchmark_graph(n, 3, 1.5, mu, average_degree=15, min_community=20, max_degree=50,
+                               max_community=200 if n <= 1000 else 500, seed=seed)  # fmt: skip
+    planted = np.array([min(g.nodes[v]["community"]) for v in g.nodes])
+    return g, planted
+
+
+def test_karate_club():
+    r = kexue_fast.infomap(nx.Graph(nx.karate_club_graph().edges()))
+    assert r.num_modules == 3
+    assert abs(r.codelength - 4.311792646) < 5e-10
+    assert abs(r.index_codelength + r.module_codelength - r.codelength) < 1e-12
+
+
+@pytest.mark.parametrize("case", ["undirected", "weighted", "self-loops", "directed", "directed markov time 2"])
+def test_map_equation_of_infomaps_partition_equals_its_codelength(case):
+    markov_time = 1.0
+    if case in ("undirected", "weighted"):
+        g = nx.karate_club_graph()
+        links = [(u, v, d["weight"]) if case == "weighted" else (u, v) for u, v, d in g.edges(data=True)]
+        directed = False
+    elif case == "self-loops":
+        g, _ = _lfr(1000, 0.1)
+        assert nx.number_of_selfloops(g) > 0
+        links, directed = list(g.edges()), False
+    else:
+        src, dst, w = _planted_directed()
+        links, directed = list(zip(src, dst, w)), True
+        markov_time = 2.0 if "markov" in case else 1.0
+    expected, partition = _official(links, directed, f" --markov-time {markov_time}")
+    arrays = tuple(np.array([link[i] for link in links]) for i in range(len(links[0])))
+    ours = kexue_fast.map_equation(arrays, partition, directed=directed, markov_time=markov_time)
+    assert abs(ours.codelength - expected) < 1e-9
+
+
+@pytest.mark.parametrize("n", [1000, 10000])
+@pytest.mark.parametrize("mu", [0.1, 0.3, 0.5])
+def test_lfr_codelength_and_nmi_as_good_as_infomap(n, mu):
+    from sklearn.metrics import normalized_mutual_info_score as nmi
+
+    g, planted = _lfr(n, mu)
+    src, dst = np.array(g.edges()).T
+    ours = kexue_fast.infomap((src, dst), num_trials=1, seed=123)
+    expected, partition = _official(list(g.edges()))
+    assert ours.codelength <= expected * (1 + 5e-4)
+    theirs = np.array([partition[v] for v in range(n)])
+    assert nmi(planted, ours.modules) >= nmi(planted, theirs) - 0.01
+
+
+def test_input_formats_agree(tmp_path):
+    scipy_sparse = pytest.importorskip("scipy.sparse")
+    g = nx.karate_club_graph()
+    src, dst = np.array(g.edges()).T
+    w = np.array([d["weight"] for _, _, d in g.edges(data=True)], dtype=float)
+    expected = kexue_fast.infomap((src, dst, w)).codelength
+    a = scipy_sparse.coo_matrix((w, (src, dst)), shape=(34, 34))
+    pajek = tmp_path / "karate.net"
+    pajek.write_text("*Vertices 34\n*Edges\n" + "".join(f"{u + 1} {v + 1} {x}\n" for u, v, x in zip(src, dst, w)))
+    link_list = tmp_path / "karate.txt"
+    link_list.write_text("# source target weight\n" + "".join(f"{u} {v} {x}\n" for u, v, x in zip(src, dst, w)))
+    inputs = [g, a + a.T, str(pajek), link_list]
+    try:
+        import igraph
+
+        ig = igraph.Graph(n=34, edges=list(zip(src.tolist(), dst.tolist())))
+        ig.es["weight"] = w.tolist()
+        inputs.append(ig)
+    except ImportError:
+        pass
+    for graph in inputs:
+        assert abs(kexue_fast.infomap(graph).codelength - expected) < 1e-12, type(graph).__name__
+    r = kexue_fast.infomap(nx.relabel_nodes(g, {v: f"n{v}" for v in g.nodes}))
+    assert set(r.modules_dict()) == {f"n{v}" for v in range(34)}
+
+
+def test_deterministic_for_a_seed_and_thread_count_independent():
+    g, _ = _lfr(1000, 0.3)
+    src, dst = np.array(g.edges()).T
+    a = kexue_fast.infomap((src, dst), num_trials=4, seed=7, n_threads=1)
+    b = kexue_fast.infomap((src, dst), num_trials=4, seed=7, n_threads=3)
+    assert np.array_equal(a.modules, b.modules) and a.codelength == b.codelength
+    assert a.codelength <= kexue_fast.infomap((src, dst), num_trials=1, seed=7).codelength
+
+
+def test_isolated_nodes_and_self_loops_work():
+    src = np.array([0, 1, 2, 3, 4, 5, 0, 3, 3])
+    dst = np.array([1, 2, 0, 4, 5, 3, 0, 3, 0])
+    r = kexue_fast.infomap((src, dst), num_nodes=8)
+    assert r.modules.shape == (8,) and r.flow[6] == 0 and r.flow[7] == 0
+    assert r.num_modules >= 2
+
+
+@pytest.mark.parametrize(
+    "graph, match",
+    [
+        ((np.array([0, 1]), np.array([1, 2]), np.array([1.0, -1.0])), "non-negative"),
+        ((np.array([0, 1]), np.array([1, 2]), np.array([1.0, np.nan])), "finite"),
+        ((np.array([0, -1]), np.array([1, 2])), "out of range"),
+        ((np.array([], dtype=np.int64), np.array([], dtype=np.int64)), "empty"),
+        ((np.array([0, 1]), np.array([1, 0]), np.array([0.0, 0.0])), "empty"),
+    ],
+)
+def test_bad_input(graph, match):
+    with pytest.raises(ValueError, match=match):
+        kexue_fast.infomap(graph)
+    with pytest.raises(ValueError, match="out of range"):
+        kexue_fast.infomap((np.array([0, 1]), np.array([1, 5])), num_nodes=4)
+
+
+def test_bad_arguments():
+    g = nx.karate_club_graph()
+    with pytest.raises(ValueError, match="num_trials"):
+        kexue_fast.infomap(g, num_trials=0)
+    with pytest.raises(ValueError, match="teleportation_probability"):
+        kexue_fast.infomap(g, directed=True, teleportation_probability=1.5)
+    with pytest.raises(ValueError, match="modules"):
+        kexue_fast.map_equation(g, [0, 1, 2])
+    with pytest.raises(TypeError, match="graph must be"):
+        kexue_fast.infomap(object())
