@@ -239,7 +239,7 @@ py::tuple kth_pair_sq_distance(const py::array& x, std::int64_t k, std::int64_t 
 using I64Array = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>;
 
 ki::FlowGraph flow_graph(std::int64_t n, const F64Array& node_flow, const I64Array& source, const I64Array& target,
-                         const F64Array& link_flow) {
+                         const F64Array& link_flow, bool symmetric) {
   if (n < 1) throw py::value_error("the graph needs at least one node");
   if (node_flow.ndim() != 1 || node_flow.shape(0) != n) throw py::value_error("node_flow must have length n");
   const py::ssize_t m = source.size();
@@ -248,6 +248,7 @@ ki::FlowGraph flow_graph(std::int64_t n, const F64Array& node_flow, const I64Arr
     throw py::value_error("source, target and link_flow must be vectors of one length");
   ki::FlowGraph g;
   g.n = n;
+  g.symmetric = symmetric;
   g.node_flow.assign(node_flow.data(), node_flow.data() + n);
   g.source.assign(source.data(), source.data() + m);
   g.target.assign(target.data(), target.data() + m);
@@ -259,9 +260,9 @@ ki::FlowGraph flow_graph(std::int64_t n, const F64Array& node_flow, const I64Arr
 }
 
 py::tuple infomap_two_level(std::int64_t n, const F64Array& node_flow, const I64Array& source,
-                            const I64Array& target, const F64Array& link_flow, int num_trials, std::uint64_t seed,
-                            int core_loop_limit, int tune_iteration_limit, int n_threads) {
-  ki::FlowGraph g = flow_graph(n, node_flow, source, target, link_flow);
+                            const I64Array& target, const F64Array& link_flow, bool symmetric, int num_trials,
+                            std::uint64_t seed, int core_loop_limit, int tune_iteration_limit, int n_threads) {
+  ki::FlowGraph g = flow_graph(n, node_flow, source, target, link_flow, symmetric);
   ki::Options o;
   o.num_trials = num_trials;
   o.seed = seed;
@@ -281,7 +282,7 @@ py::tuple infomap_two_level(std::int64_t n, const F64Array& node_flow, const I64
 
 py::tuple infomap_map_equation(std::int64_t n, const F64Array& node_flow, const I64Array& source,
                                const I64Array& target, const F64Array& link_flow, const I64Array& modules) {
-  ki::FlowGraph g = flow_graph(n, node_flow, source, target, link_flow);
+  ki::FlowGraph g = flow_graph(n, node_flow, source, target, link_flow, false);
   if (modules.ndim() != 1 || modules.shape(0) != n) throw py::value_error("modules must have length n");
   std::vector<std::int64_t> mod(modules.data(), modules.data() + n);
   for (std::int64_t m : mod)
@@ -329,9 +330,11 @@ PYBIND11_MODULE(_core, m) {
         "computed in float64), exactly, without storing the pairs. Returns (value, next, passes): next is the\n"
         "(k+1)-th value (+inf if none), passes the number of full passes over the pairs.");
   m.def("infomap_two_level", &infomap_two_level, py::arg("n"), py::arg("node_flow"), py::arg("source"),
-        py::arg("target"), py::arg("link_flow"), py::arg("num_trials") = 1, py::arg("seed") = 123,
+        py::arg("target"), py::arg("link_flow"), py::arg("symmetric") = false, py::arg("num_trials") = 1,
+        py::arg("seed") = 123,
         py::arg("core_loop_limit") = 10, py::arg("tune_iteration_limit") = 10, py::arg("n_threads") = 1,
-        "Two-level Infomap on a flow graph (links with their flows; undirected edges given in both directions).\n"
+        "Two-level Infomap on a flow graph (links with their flows; undirected edges given in both directions,\n"
+        "symmetric=True).\n"
         "Returns (modules, codelength, index_codelength, module_codelength, one_level_codelength, num_modules,\n"
         "best_trial).");
   m.def("infomap_map_equation", &infomap_map_equation, py::arg("n"), py::arg("node_flow"), py::arg("source"),

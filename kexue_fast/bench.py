@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-SUITES = ("spectral", "flows", "hsic")
+SUITES = ("spectral", "flows", "hsic", "infomap")
 
 
 def main(argv=None) -> None:

@@ -5,6 +5,9 @@
 #include <numeric>
 #include <random>
 #include <thread>
+#ifdef KEXUE_TRACE
+#include <cstdio>
+#endif
 
 namespace kexue::infomap {
 namespace {
@@ -14,6 +17,7 @@ inline double plogp(double x) { return x > 0 ? x * std::log2(x) : 0.0; }
 // A graph at one aggregation level: node flows and CSR out- and in-links without self-links (they never exit).
 struct Level {
   std::int64_t n = 0;
+  bool symmetric = false;  // every link's reverse carries the same flow (undirected): in-links mirror out-links
   std::vector<double> flow, out_total, in_total;
   std::vector<std::int64_t> out_ptr, out_idx, in_ptr, in_idx;
   std::vector<double> out_flow, in_flow;
@@ -39,7 +43,7 @@ void fill_csr(std::int64_t n, const std::vector<std::int64_t>& from, const std::
 
 // Links given as (source, target, flow) lists, duplicates allowed; self-links dropped.
 Level make_level(std::int64_t n, std::vector<double> flow, const std::vector<std::int64_t>& src,
-                 const std::vector<std::int64_t>& dst, const std::vector<double>& lf) {
+                 const std::vector<std::int64_t>& dst, const std::vector<double>& lf, bool symmetric) {
   std::vector<std::int64_t> s, t;
   std::vector<double> f;
   s.reserve(src.size());
@@ -53,16 +57,31 @@ Level make_level(std::int64_t n, std::vector<double> flow, const std::vector<std
     }
   Level g;
   g.n = n;
+  g.symmetric = symmetric;
   g.flow = std::move(flow);
   fill_csr(n, s, t, f, g.out_ptr, g.out_idx, g.out_flow, g.out_total);
   fill_csr(n, t, s, f, g.in_ptr, g.in_idx, g.in_flow, g.in_total);
   return g;
 }
 
-// Module bookkeeping for one level and the map-equation terms that change with moves.
+// One module's flows and its cached plogp terms, in one cache line: the core loop reads a module per candidate.
+struct Module {
+  double exit = 0, enter = 0, flow = 0;
+  double log_exit = 0, log_enter = 0, log_exit_flow = 0;  // plogp(exit), plogp(enter), plogp(exit + flow)
+  std::int64_t size = 0;
+  std::int64_t parent = 0;  // with a constraint (coarse-tuning's submodules): moves stay inside a parent
+
+  void cache() {
+    log_exit = plogp(exit);
+    log_enter = plogp(enter);
+    log_exit_flow = plogp(exit + flow);
+  }
+};
+
+// Module bookkeeping for one level and the sums of the map-equation terms.
 struct State {
-  std::vector<std::int64_t> mod, size;
-  std::vector<double> exit, enter, flow;
+  std::vector<std::int64_t> mod;
+  std::vector<Module> modules;
   std::vector<std::int64_t> empty;  // ids of empty modules
   double sum_enter = 0, enter_log_enter = 0, exit_log_exit = 0, exit_flow_log = 0;
   double node_flow_log = 0;  // Σ plogp over the original nodes: constant
@@ -70,13 +89,17 @@ struct State {
   double codelength() const {
     return plogp(sum_enter) - enter_log_enter - exit_log_exit + exit_flow_log - node_flow_log;
   }
+  void add_terms(const Module& m, double sign) {
+    sum_enter += sign * m.enter;
+    enter_log_enter += sign * m.log_enter;
+    exit_log_exit += sign * m.log_exit;
+    exit_flow_log += sign * m.log_exit_flow;
+  }
   void recompute_terms() {
     sum_enter = enter_log_enter = exit_log_exit = exit_flow_log = 0;
-    for (std::size_t m = 0; m < exit.size(); ++m) {
-      sum_enter += enter[m];
-      enter_log_enter += plogp(enter[m]);
-      exit_log_exit += plogp(exit[m]);
-      exit_flow_log += plogp(exit[m] + flow[m]);
+    for (Module& m : modules) {
+      m.cache();
+      add_terms(m, 1.0);
     }
   }
 };
@@ -86,24 +109,21 @@ State state_from(const Level& g, const std::vector<std::int64_t>& mod, double no
   s.node_flow_log = node_flow_log;
   s.mod = mod;
   const auto n = static_cast<std::size_t>(g.n);
-  s.size.assign(n, 0);
-  s.exit.assign(n, 0.0);
-  s.enter.assign(n, 0.0);
-  s.flow.assign(n, 0.0);
+  s.modules.assign(n, Module{});
   for (std::size_t u = 0; u < n; ++u) {
-    const auto m = static_cast<std::size_t>(mod[u]);
-    ++s.size[m];
-    s.flow[m] += g.flow[u];
+    Module& m = s.modules[static_cast<std::size_t>(mod[u])];
+    ++m.size;
+    m.flow += g.flow[u];
     for (std::int64_t e = g.out_ptr[u]; e < g.out_ptr[u + 1]; ++e) {
       const auto v = static_cast<std::size_t>(g.out_idx[static_cast<std::size_t>(e)]);
       if (mod[v] != mod[u]) {
-        s.exit[m] += g.out_flow[static_cast<std::size_t>(e)];
-        s.enter[static_cast<std::size_t>(mod[v])] += g.out_flow[static_cast<std::size_t>(e)];
+        m.exit += g.out_flow[static_cast<std::size_t>(e)];
+        s.modules[static_cast<std::size_t>(mod[v])].enter += g.out_flow[static_cast<std::size_t>(e)];
       }
     }
   }
   for (std::size_t m = n; m-- > 0;)
-    if (s.size[m] == 0) s.empty.push_back(static_cast<std::int64_t>(m));
+    if (s.modules[m].size == 0) s.empty.push_back(static_cast<std::int64_t>(m));
   s.recompute_terms();
   return s;
 }
@@ -114,108 +134,151 @@ std::vector<std::int64_t> identity(std::int64_t n) {
   return v;
 }
 
+// Flow from the node being moved to each neighbouring module, gathered per node.
+struct Gathered {
+  double out_to = 0, in_from = 0;
+};
+
 // Sweeps over the nodes in random order, moving each to the module that lowers L most. Returns the sweeps run.
-int core_loop(const Level& g, State& s, std::mt19937_64& rng, const Options& o) {
+// parent (per node, optional): only modules with the node's parent are candidates (Module::parent must be set).
+int core_loop(const Level& g, State& s, std::mt19937_64& rng, const Options& o,
+              const std::vector<std::int64_t>* parent = nullptr) {
   const auto n = static_cast<std::size_t>(g.n);
   std::vector<std::int64_t> order = identity(g.n), touched;
-  std::vector<double> out_to(n, 0.0), in_from(n, 0.0);
-  std::vector<char> marked(n, 0);
+  std::vector<Gathered> gathered(n);
+  std::vector<char> marked(n, 0), active(n, 0);
+  // After the first sweep, only nodes next to a move (and the moved nodes) are visited again: the rest would see
+  // the same neighbouring modules, so late sweeps cost what moved rather than a pass over every node.
+  auto activate_around = [&](std::size_t a) {
+    active[a] = 1;
+    for (std::int64_t e = g.out_ptr[a]; e < g.out_ptr[a + 1]; ++e)
+      active[static_cast<std::size_t>(g.out_idx[static_cast<std::size_t>(e)])] = 1;
+    if (!g.symmetric)
+      for (std::int64_t e = g.in_ptr[a]; e < g.in_ptr[a + 1]; ++e)
+        active[static_cast<std::size_t>(g.in_idx[static_cast<std::size_t>(e)])] = 1;
+  };
   int sweeps = 0;
   for (; sweeps < o.core_loop_limit; ++sweeps) {
-    for (std::size_t i = n; i > 1; --i) std::swap(order[i - 1], order[rng() % i]);
+    if (sweeps > 0) {
+      order.clear();
+      for (std::size_t u = 0; u < n; ++u)
+        if (active[u]) order.push_back(static_cast<std::int64_t>(u));
+      std::fill(active.begin(), active.end(), 0);
+    }
+    for (std::size_t i = order.size(); i > 1; --i) std::swap(order[i - 1], order[rng() % i]);
     const double before = s.codelength();
     std::int64_t moved = 0;
     for (std::int64_t alpha : order) {
       const auto a = static_cast<std::size_t>(alpha);
       const std::int64_t A = s.mod[a];
       touched.clear();
-      auto touch = [&](std::int64_t m) {
-        if (!marked[static_cast<std::size_t>(m)]) {
-          marked[static_cast<std::size_t>(m)] = 1;
-          out_to[static_cast<std::size_t>(m)] = in_from[static_cast<std::size_t>(m)] = 0;
-          touched.push_back(m);
-        }
-      };
       for (std::int64_t e = g.out_ptr[a]; e < g.out_ptr[a + 1]; ++e) {
-        const std::int64_t m = s.mod[static_cast<std::size_t>(g.out_idx[static_cast<std::size_t>(e)])];
-        touch(m);
-        out_to[static_cast<std::size_t>(m)] += g.out_flow[static_cast<std::size_t>(e)];
+        const auto m = static_cast<std::size_t>(s.mod[static_cast<std::size_t>(g.out_idx[static_cast<std::size_t>(e)])]);
+        if (!marked[m]) {
+          marked[m] = 1;
+          gathered[m] = Gathered{};
+          touched.push_back(static_cast<std::int64_t>(m));
+        }
+        gathered[m].out_to += g.out_flow[static_cast<std::size_t>(e)];
       }
-      for (std::int64_t e = g.in_ptr[a]; e < g.in_ptr[a + 1]; ++e) {
-        const std::int64_t m = s.mod[static_cast<std::size_t>(g.in_idx[static_cast<std::size_t>(e)])];
-        touch(m);
-        in_from[static_cast<std::size_t>(m)] += g.in_flow[static_cast<std::size_t>(e)];
+      if (!g.symmetric) {
+        for (std::int64_t e = g.in_ptr[a]; e < g.in_ptr[a + 1]; ++e) {
+          const auto m = static_cast<std::size_t>(s.mod[static_cast<std::size_t>(g.in_idx[static_cast<std::size_t>(e)])]);
+          if (!marked[m]) {
+            marked[m] = 1;
+            gathered[m] = Gathered{};
+            touched.push_back(static_cast<std::int64_t>(m));
+          }
+          gathered[m].in_from += g.in_flow[static_cast<std::size_t>(e)];
+        }
       }
-      const double p = g.flow[a], out_a = g.out_total[a], in_a = g.in_total[a];
+      // Symmetric links: the flow in from a module equals the flow out to it.
+      auto in_from = [&](const Gathered& x) { return g.symmetric ? x.out_to : x.in_from; };
+      const double p = g.flow[a], out_a = g.out_total[a], in_a = g.symmetric ? out_a : g.in_total[a];
       const auto Ai = static_cast<std::size_t>(A);
-      const double out_to_A = marked[Ai] ? out_to[Ai] : 0.0, in_from_A = marked[Ai] ? in_from[Ai] : 0.0;
+      const Module& mA = s.modules[Ai];
+      const double out_to_A = marked[Ai] ? gathered[Ai].out_to : 0.0;
+      const double in_from_A = marked[Ai] ? in_from(gathered[Ai]) : 0.0;
       // Module A without α.
-      const double exit_A = s.exit[Ai] - (out_a - out_to_A) + in_from_A;
-      const double enter_A = s.enter[Ai] - (in_a - in_from_A) + out_to_A;
-      const double flow_A = s.flow[Ai] - p;
-      const double base_enter = s.sum_enter - s.enter[Ai] + enter_A;
-      const double base_ell = s.enter_log_enter - plogp(s.enter[Ai]) + plogp(enter_A);
-      const double base_xlx = s.exit_log_exit - plogp(s.exit[Ai]) + plogp(exit_A);
-      const double base_xfl = s.exit_flow_log - plogp(s.exit[Ai] + s.flow[Ai]) + plogp(exit_A + flow_A);
-      // L with α joined to module B (B == A gives the current L).
-      auto cost_with = [&](double exit_B, double enter_B, double flow_B, double out_to_B, double in_from_B,
-                           double& ex, double& en) {
-        ex = exit_B + (out_a - out_to_B) - in_from_B;
-        en = enter_B + (in_a - in_from_B) - out_to_B;
-        return plogp(base_enter - enter_B + en) - (base_ell - plogp(enter_B) + plogp(en)) -
-               (base_xlx - plogp(exit_B) + plogp(ex)) +
-               (base_xfl - plogp(exit_B + flow_B) + plogp(ex + flow_B + p));
+      Module A_without = mA;
+      A_without.exit = mA.exit - (out_a - out_to_A) + in_from_A;
+      A_without.enter = mA.enter - (in_a - in_from_A) + out_to_A;
+      A_without.flow = mA.flow - p;
+      A_without.log_exit = plogp(A_without.exit);
+      A_without.log_enter = g.symmetric ? A_without.log_exit : plogp(A_without.enter);
+      A_without.log_exit_flow = plogp(A_without.exit + A_without.flow);
+      // The terms without B: L(α in B) = these + B's terms with α.
+      const double base_enter = s.sum_enter - mA.enter + A_without.enter;
+      const double base_ell = s.enter_log_enter - mA.log_enter + A_without.log_enter;
+      const double base_xlx = s.exit_log_exit - mA.log_exit + A_without.log_exit;
+      const double base_xfl = s.exit_flow_log - mA.log_exit_flow + A_without.log_exit_flow;
+      auto cost_with = [&](const Module& B, double out_to_B, double in_from_B) {
+        const double ex = B.exit + (out_a - out_to_B) - in_from_B;
+        const double en = B.enter + (in_a - in_from_B) - out_to_B;
+        const double log_ex = plogp(ex);
+        const double log_en = g.symmetric ? log_ex : plogp(en);
+        return plogp(base_enter - B.enter + en) - (base_ell - B.log_enter + log_en) - (base_xlx - B.log_exit + log_ex) +
+               (base_xfl - B.log_exit_flow + plogp(ex + B.flow + p));
       };
-      double ex, en;
-      double best = cost_with(exit_A, enter_A, flow_A, out_to_A, in_from_A, ex, en);
+      double best = cost_with(A_without, out_to_A, in_from_A);
       std::int64_t best_module = A;
+      const std::int64_t own_parent = parent ? (*parent)[a] : 0;
       for (std::int64_t m : touched) {
-        if (m == A) continue;
         const auto mi = static_cast<std::size_t>(m);
-        const double c = cost_with(s.exit[mi], s.enter[mi], s.flow[mi], out_to[mi], in_from[mi], ex, en);
+        const Module& B = s.modules[mi];
+        if (m == A || (parent && B.parent != own_parent)) continue;
+        const double c = cost_with(B, gathered[mi].out_to, in_from(gathered[mi]));
         if (c < best - 1e-15) {
           best = c;
           best_module = m;
         }
       }
-      if (s.size[Ai] > 1 && !s.empty.empty()) {  // α alone in a new module
-        const double c = cost_with(0, 0, 0, 0, 0, ex, en);
+      if (mA.size > 1 && !s.empty.empty()) {  // α alone in a new module
+        const double c = cost_with(Module{}, 0, 0);
         if (c < best - 1e-15) {
           best = c;
           best_module = s.empty.back();
         }
       }
       if (best_module != A) {
-        const auto B = static_cast<std::size_t>(best_module);
-        const bool fresh = s.size[B] == 0;
-        const double out_to_B = (!fresh && marked[B]) ? out_to[B] : 0.0;
-        const double in_from_B = (!fresh && marked[B]) ? in_from[B] : 0.0;
-        const double exit_B = s.exit[B] + (out_a - out_to_B) - in_from_B;
-        const double enter_B = s.enter[B] + (in_a - in_from_B) - out_to_B;
-        s.sum_enter += (enter_A - s.enter[Ai]) + (enter_B - s.enter[B]);
-        s.enter_log_enter += plogp(enter_A) - plogp(s.enter[Ai]) + plogp(enter_B) - plogp(s.enter[B]);
-        s.exit_log_exit += plogp(exit_A) - plogp(s.exit[Ai]) + plogp(exit_B) - plogp(s.exit[B]);
-        s.exit_flow_log += plogp(exit_A + flow_A) - plogp(s.exit[Ai] + s.flow[Ai]) +
-                           plogp(exit_B + s.flow[B] + p) - plogp(s.exit[B] + s.flow[B]);
-        s.exit[Ai] = exit_A;
-        s.enter[Ai] = enter_A;
-        s.flow[Ai] = flow_A;
-        s.exit[B] = exit_B;
-        s.enter[B] = enter_B;
-        s.flow[B] += p;
-        if (fresh) s.empty.pop_back();
-        --s.size[Ai];
-        ++s.size[B];
-        if (s.size[Ai] == 0) {
-          s.exit[Ai] = s.enter[Ai] = s.flow[Ai] = 0;  // exact zeros, not rounding residue
+        const auto Bi = static_cast<std::size_t>(best_module);
+        Module& B = s.modules[Bi];
+        const bool fresh = B.size == 0;
+        const double out_to_B = (!fresh && marked[Bi]) ? gathered[Bi].out_to : 0.0;
+        const double in_from_B = (!fresh && marked[Bi]) ? in_from(gathered[Bi]) : 0.0;
+        s.add_terms(s.modules[Ai], -1.0);
+        s.add_terms(B, -1.0);
+        B.exit += (out_a - out_to_B) - in_from_B;
+        B.enter += (in_a - in_from_B) - out_to_B;
+        B.flow += p;
+        ++B.size;
+        B.cache();
+        if (fresh) {
+          s.empty.pop_back();
+          B.parent = own_parent;
+        }
+        Module& mA2 = s.modules[Ai];
+        const std::int64_t size_A = mA2.size - 1;
+        mA2 = A_without;
+        mA2.size = size_A;
+        if (size_A == 0) {
+          const std::int64_t keep_parent = mA2.parent;
+          mA2 = Module{};  // exact zeros, not rounding residue
+          mA2.parent = keep_parent;
           s.empty.push_back(A);
         }
+        s.add_terms(mA2, 1.0);
+        s.add_terms(B, 1.0);
         s.mod[a] = best_module;
+        activate_around(a);
         ++moved;
       }
       for (std::int64_t m : touched) marked[static_cast<std::size_t>(m)] = 0;
     }
     s.recompute_terms();  // drop the rounding the incremental updates accumulated
+#ifdef KEXUE_TRACE
+    fprintf(stderr, "level n=%ld sweep %d moved %ld L=%.9f\n", (long)g.n, sweeps, (long)moved, s.codelength());
+#endif
     if (moved == 0 || before - s.codelength() < o.minimum_improvement) {
       ++sweeps;
       break;
@@ -266,18 +329,27 @@ Level aggregate(const Level& g, const std::vector<std::int64_t>& mod, std::int64
       acc[static_cast<std::size_t>(t)] = 0.0;
     }
   }
-  return make_level(num_modules, std::move(flow), src, dst, lf);
+  return make_level(num_modules, std::move(flow), src, dst, lf, g.symmetric);
 }
 
 // From a partition of the original nodes: aggregate and keep merging modules level by level until nothing merges.
-// Returns the final partition of the original nodes (renumbered).
+// Returns the final partition of the original nodes (renumbered). parent (per original node, optional): merges stay
+// inside a parent module.
 std::vector<std::int64_t> merge_levels(const Level& original, std::vector<std::int64_t> assign, double node_flow_log,
-                                       std::mt19937_64& rng, const Options& o) {
+                                       std::mt19937_64& rng, const Options& o,
+                                       const std::vector<std::int64_t>* parent = nullptr) {
   std::int64_t M = renumber(assign);
   Level level = aggregate(original, assign, M);
   while (level.n > 1) {
     State s = state_from(level, identity(level.n), node_flow_log);
-    core_loop(level, s, rng, o);
+    std::vector<std::int64_t> level_parent;
+    if (parent) {
+      level_parent.assign(static_cast<std::size_t>(level.n), 0);
+      for (std::size_t u = 0; u < assign.size(); ++u)
+        level_parent[static_cast<std::size_t>(assign[u])] = (*parent)[u];
+      for (std::size_t m = 0; m < level_parent.size(); ++m) s.modules[m].parent = level_parent[m];
+    }
+    core_loop(level, s, rng, o, parent ? &level_parent : nullptr);
     std::vector<std::int64_t> mod = s.mod;
     const std::int64_t merged = renumber(mod);
     if (merged == level.n) break;
@@ -286,6 +358,15 @@ std::vector<std::int64_t> merge_levels(const Level& original, std::vector<std::i
   }
   renumber(assign);
   return assign;
+}
+
+// Coarse-tuning's submodules: the best partition of each module's nodes found without leaving the module.
+std::vector<std::int64_t> submodules(const Level& original, const std::vector<std::int64_t>& modules,
+                                     double node_flow_log, std::mt19937_64& rng, const Options& o) {
+  State s = state_from(original, identity(original.n), node_flow_log);
+  for (std::size_t m = 0; m < modules.size(); ++m) s.modules[m].parent = modules[m];
+  core_loop(original, s, rng, o, &modules);
+  return merge_levels(original, s.mod, node_flow_log, rng, o, &modules);
 }
 
 double codelength_of(const Level& g, const std::vector<std::int64_t>& mod, double node_flow_log) {
@@ -304,24 +385,43 @@ Trial run_trial(const Level& original, double node_flow_log, std::uint64_t seed,
   core_loop(original, s, rng, o);
   std::vector<std::int64_t> best = merge_levels(original, s.mod, node_flow_log, rng, o);
   double best_length = codelength_of(original, best, node_flow_log);
-  // Fine-tuning: single nodes move between the found modules, then the modules merge again.
-  for (int round = 0; round < o.tune_iteration_limit; ++round) {
-    State t = state_from(original, best, node_flow_log);
-    core_loop(original, t, rng, o);
-    std::vector<std::int64_t> tuned = merge_levels(original, t.mod, node_flow_log, rng, o);
+  // Tuning, alternating as infomap does: fine (single nodes move between the found modules) and coarse (each module
+  // is split into submodules, which then move between modules); after either, the modules merge again.
+  int idle = 0;
+  for (int round = 0; round < 2 * o.tune_iteration_limit && idle < 2; ++round) {
+    std::vector<std::int64_t> tuned;
+    if (round % 2 == 0) {
+      State t = state_from(original, best, node_flow_log);
+      core_loop(original, t, rng, o);
+      tuned = merge_levels(original, t.mod, node_flow_log, rng, o);
+    } else {
+      std::vector<std::int64_t> sub = submodules(original, best, node_flow_log, rng, o);
+      const std::int64_t count = renumber(sub);
+      Level level = aggregate(original, sub, count);
+      std::vector<std::int64_t> init(static_cast<std::size_t>(count), 0);
+      for (std::size_t u = 0; u < sub.size(); ++u) init[static_cast<std::size_t>(sub[u])] = best[u];
+      State t = state_from(level, init, node_flow_log);
+      core_loop(level, t, rng, o);
+      tuned.resize(sub.size());
+      for (std::size_t u = 0; u < sub.size(); ++u) tuned[u] = t.mod[static_cast<std::size_t>(sub[u])];
+      tuned = merge_levels(original, tuned, node_flow_log, rng, o);
+    }
     const double length = codelength_of(original, tuned, node_flow_log);
     if (length < best_length - o.minimum_improvement) {
+      // Like infomap, keep tuning only while a round gains more than a relative 1e-5.
+      const bool worth_another = best_length - length > o.minimum_relative_tune_improvement * best_length;
       best = std::move(tuned);
       best_length = length;
+      idle = worth_another ? 0 : 2;
     } else {
-      break;
+      ++idle;
     }
   }
   return {std::move(best), best_length};
 }
 
 Level level_from(const FlowGraph& graph) {
-  return make_level(graph.n, graph.node_flow, graph.source, graph.target, graph.link_flow);
+  return make_level(graph.n, graph.node_flow, graph.source, graph.target, graph.link_flow, graph.symmetric);
 }
 
 double node_flow_log_of(const FlowGraph& graph) {

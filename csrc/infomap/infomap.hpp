@@ -8,8 +8,10 @@
 // The search follows infomap's two-level algorithm: a core loop visits the nodes in random order and moves each to
 // the neighbouring (or an empty) module with the largest decrease of L (ΔL in O(degree) from the enter/exit flows),
 // until a sweep improves L by less than a threshold; the modules are then aggregated into nodes and the loop repeats
-// on the module graph until nothing merges. Fine-tuning re-runs the core loop on the original nodes from the found
-// partition (then aggregates again) while L improves. Several trials keep the best; a seed makes it deterministic.
+// on the module graph until nothing merges. Tuning then alternates, while L improves, between fine-tuning (the core
+// loop on the original nodes from the found partition) and coarse-tuning (each module split into submodules by a
+// constrained search, the submodules moved between modules), merging again after each. Several trials keep the
+// best; a seed makes it deterministic.
 #pragma once
 
 #include <cstdint>
@@ -21,6 +23,7 @@ namespace kexue::infomap {
 // twice, once per direction, each carrying half its flow.
 struct FlowGraph {
   std::int64_t n = 0;
+  bool symmetric = false;                   // undirected: every link's reverse is listed with the same flow
   std::vector<double> node_flow;            // p_α, Σ = 1
   std::vector<std::int64_t> source, target;  // one entry per directed link (self-links allowed, they never exit)
   std::vector<double> link_flow;
@@ -30,8 +33,9 @@ struct Options {
   int num_trials = 1;
   std::uint64_t seed = 123;
   int core_loop_limit = 10;            // sweeps per core loop
-  int tune_iteration_limit = 10;       // fine-tuning rounds
+  int tune_iteration_limit = 10;       // fine- and coarse-tuning rounds (each)
   double minimum_improvement = 1e-10;  // a sweep or a round must improve L by more than this (bits)
+  double minimum_relative_tune_improvement = 1e-5;  // tuning continues after a round that gained more than this
   int n_threads = 1;                   // trials run in parallel on up to this many threads
 };
 

@@ -102,8 +102,8 @@ def infomap(
                                        markov_time, num_nodes)  # fmt: skip
     threads = n_threads if n_threads is not None else (os.cpu_count() or 1)
     modules, length, index, module, one_level, count, _ = _core.infomap_two_level(
-        g.n, node, src, dst, link, num_trials=num_trials, seed=seed, core_loop_limit=core_loop_limit,
-        tune_iteration_limit=tune_iteration_limit, n_threads=threads,
+        g.n, node, src, dst, link, symmetric=not g.directed, num_trials=num_trials, seed=seed,
+        core_loop_limit=core_loop_limit, tune_iteration_limit=tune_iteration_limit, n_threads=threads,
     )  # fmt: skip
     return InfomapResult(modules, length, index, module, one_level, int(count), node, g.node_ids)
 
