@@ -151,3 +151,21 @@ def test_bad_arguments():
         kexue_fast.map_equation(g, [0, 1, 2])
     with pytest.raises(TypeError, match="graph must be"):
         kexue_fast.infomap(object())
+
+
+def test_clu_and_tree_files_round_trip(tmp_path):
+    g = nx.karate_club_graph()
+    r = kexue_fast.infomap(nx.relabel_nodes(g, {v: v + 1 for v in g.nodes}))
+    r.write_clu(tmp_path / "k.clu")
+    r.write_tree(tmp_path / "k.tree")
+    clu = [line.split() for line in (tmp_path / "k.clu").read_text().splitlines() if not line.startswith("#")]
+    assert {int(v): int(m) - 1 for v, m, _ in clu} == r.modules_dict()
+    assert abs(sum(float(x) for _, _, x in clu) - 1) < 1e-9
+    tree = [line.split() for line in (tmp_path / "k.tree").read_text().splitlines() if not line.startswith("#")]
+    paths = [tuple(int(x) for x in p.split(":")) for p, *_ in tree]
+    assert sorted(paths) == paths and len(set(paths)) == 34  # modules in order, ranks 1.. within each
+    for (module, _), (_, _, _, node) in zip(paths, tree):
+        assert r.modules_dict()[int(node)] == module - 1
+    flows = [float(f) for _, f, _, _ in tree]
+    for a, b, pa, pb in zip(flows, flows[1:], paths, paths[1:]):
+        assert pa[0] != pb[0] or a >= b  # decreasing flow within a module

@@ -17,7 +17,7 @@ inline double plogp(double x) { return x > 0 ? x * std::log2(x) : 0.0; }
 // A graph at one aggregation level: node flows and CSR out- and in-links without self-links (they never exit).
 struct Level {
   std::int64_t n = 0;
-  bool symmetric = false;  // every link's reverse carries the same flow (undirected): in-links mirror out-links
+  bool symmetric = false;  // every link's reverse carries the same flow (undirected): no in-link CSR is built
   std::vector<double> flow, out_total, in_total;
   std::vector<std::int64_t> out_ptr, out_idx, in_ptr, in_idx;
   std::vector<double> out_flow, in_flow;
@@ -60,7 +60,7 @@ Level make_level(std::int64_t n, std::vector<double> flow, const std::vector<std
   g.symmetric = symmetric;
   g.flow = std::move(flow);
   fill_csr(n, s, t, f, g.out_ptr, g.out_idx, g.out_flow, g.out_total);
-  fill_csr(n, t, s, f, g.in_ptr, g.in_idx, g.in_flow, g.in_total);
+  if (!symmetric) fill_csr(n, t, s, f, g.in_ptr, g.in_idx, g.in_flow, g.in_total);  // symmetric: in-links = out-links
   return g;
 }
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, NamedTuple, Optional
+from typing import Any, Dict, List, NamedTuple, Optional, Union
 
 import numpy as np
 
@@ -37,6 +37,32 @@ class InfomapResult:
     def modules_dict(self) -> Dict[Any, int]:
         """{node id: module}."""
         return {v: int(m) for v, m in zip(self.node_ids, self.modules)}
+
+    def _ranked(self):
+        """(module, rank in module by decreasing flow, node index) for every node, in tree order."""
+        order = np.lexsort((np.arange(len(self.modules)), -self.flow, self.modules))
+        rank = np.zeros(len(order), dtype=np.int64)
+        previous, r = -1, 0
+        for i in order:
+            r = r + 1 if self.modules[i] == previous else 0
+            previous = self.modules[i]
+            rank[i] = r
+        return [(int(self.modules[i]), int(rank[i]), int(i)) for i in order]
+
+    def write_clu(self, path: Union[str, os.PathLike]) -> None:
+        """infomap's .clu format: `node_id module flow` per line, modules 1-based."""
+        with open(path, "w") as f:
+            f.write(f"# codelength {self.codelength:.9f} bits\n# module level 1\n# node_id module flow\n")
+            for module, _, i in self._ranked():
+                f.write(f"{self.node_ids[i]} {module + 1} {self.flow[i]:.10g}\n")
+
+    def write_tree(self, path: Union[str, os.PathLike]) -> None:
+        """infomap's .tree format: `path flow name node_id` per line, the path `module:rank` 1-based, nodes ranked
+        by decreasing flow within their module."""
+        with open(path, "w") as f:
+            f.write(f"# codelength {self.codelength:.9f} bits\n# path flow name node_id\n")
+            for module, rank, i in self._ranked():
+                f.write(f'{module + 1}:{rank + 1} {self.flow[i]:.10g} "{self.node_ids[i]}" {self.node_ids[i]}\n')
 
 
 def _flows(graph: Any, directed: Optional[bool], teleportation_probability: float, recorded_teleportation: bool,
