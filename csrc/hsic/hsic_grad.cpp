@@ -1,8 +1,8 @@
 #include <algorithm>
 #include <cmath>
-#include <thread>
 #include <vector>
 
+#include "common/parallel.hpp"
 #include "common/simd.hpp"
 #include "hsic/hsic_stats.hpp"
 #include "hsic/kernel_row.hpp"
@@ -162,11 +162,8 @@ void grad_blocks(const C* x, std::int64_t dx, const C* y, std::int64_t dy, std::
 template <typename T>
 void streaming_grad(const T* x, std::int64_t dx, const T* y, std::int64_t dy, std::int64_t n, KernelParams kx,
                     KernelParams ky, const GradCoefficients& g, double* grad_x, double* grad_y, int n_threads) {
-  std::vector<std::pair<std::int64_t, std::int64_t>> pairs;
-  for (std::int64_t i0 = 0; i0 < n; i0 += kBlock)
-    for (std::int64_t j0 = i0; j0 < n; j0 += kBlock) pairs.emplace_back(i0, j0);
-  int threads = n_threads > 0 ? n_threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  threads = static_cast<int>(std::min<std::size_t>(static_cast<std::size_t>(threads), pairs.size()));
+  const auto pairs = upper_block_pairs(n, kBlock);
+  const int threads = worker_count(n_threads, pairs.size());
   const bool want_x = grad_x != nullptr && kx.kind != Kernel::Delta;
   const bool want_y = grad_y != nullptr && ky.kind != Kernel::Delta;
   const Side sx{g.u_k, g.b_k, kx.kind, kx.sigma}, sy{g.u_l, g.b_l, ky.kind, ky.sigma};
@@ -175,13 +172,7 @@ void streaming_grad(const T* x, std::int64_t dx, const T* y, std::int64_t dy, st
     grad_blocks(x, dx, y, dy, n, kx, ky, sx, sy, g.a, pairs, static_cast<std::size_t>(t),
                 static_cast<std::size_t>(threads), want_x ? &gxs[t] : nullptr, want_y ? &gys[t] : nullptr);
   };
-  if (threads == 1) {
-    work(0);
-  } else {
-    std::vector<std::thread> pool;
-    for (int t = 0; t < threads; ++t) pool.emplace_back(work, t);
-    for (auto& th : pool) th.join();
-  }
+  run_workers(threads, work);
   if (grad_x) std::fill(grad_x, grad_x + n * dx, 0.0);
   if (grad_y) std::fill(grad_y, grad_y + n * dy, 0.0);
   for (int t = 0; t < threads; ++t) {  // fixed order: deterministic for a given thread count

@@ -1,7 +1,7 @@
 #include <algorithm>
-#include <thread>
 #include <vector>
 
+#include "common/parallel.hpp"
 #include "common/simd.hpp"
 #include "hsic/hsic_stats.hpp"
 #include "hsic/kernel_row.hpp"
@@ -78,23 +78,14 @@ template <typename T>
 void permuted_cross_sums(const T* x, std::int64_t dx, const T* y, std::int64_t dy, std::int64_t n, KernelParams kx,
                          KernelParams ky, const std::int64_t* perms, std::int64_t n_perms, double* out,
                          int n_threads) {
-  std::vector<std::pair<std::int64_t, std::int64_t>> pairs;
-  for (std::int64_t i0 = 0; i0 < n; i0 += kBlock)
-    for (std::int64_t j0 = i0; j0 < n; j0 += kBlock) pairs.emplace_back(i0, j0);
-  int threads = n_threads > 0 ? n_threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  threads = static_cast<int>(std::min<std::size_t>(static_cast<std::size_t>(threads), pairs.size()));
+  const auto pairs = upper_block_pairs(n, kBlock);
+  const int threads = worker_count(n_threads, pairs.size());
   std::vector<std::vector<double>> parts(static_cast<std::size_t>(threads));
   auto work = [&](int t) {
     run(x, dx, y, dy, n, kx, ky, perms, n_perms, pairs, static_cast<std::size_t>(t),
         static_cast<std::size_t>(threads), parts[static_cast<std::size_t>(t)]);
   };
-  if (threads == 1) {
-    work(0);
-  } else {
-    std::vector<std::thread> pool;
-    for (int t = 0; t < threads; ++t) pool.emplace_back(work, t);
-    for (auto& th : pool) th.join();
-  }
+  run_workers(threads, work);
   std::fill(out, out + n_perms, 0.0);
   for (const auto& part : parts)  // fixed order: deterministic for a given thread count
     for (std::int64_t p = 0; p < n_perms; ++p) out[p] += part[static_cast<std::size_t>(p)];

@@ -2,8 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
-#include <thread>
 
+#include "common/parallel.hpp"
 #include "common/simd.hpp"
 #include "hsic/kernel_row.hpp"
 
@@ -71,20 +71,13 @@ void run_blocks(const C* x, std::int64_t dx, const C* y, std::int64_t dy, std::i
 template <typename T>
 Stats streaming_stats(const T* x, std::int64_t dx, const T* y, std::int64_t dy, std::int64_t n, KernelParams kx,
                       KernelParams ky, int n_threads) {
-  std::vector<std::pair<std::int64_t, std::int64_t>> pairs;
-  for (std::int64_t i0 = 0; i0 < n; i0 += kBlock)
-    for (std::int64_t j0 = i0; j0 < n; j0 += kBlock) pairs.emplace_back(i0, j0);
-  int threads = n_threads > 0 ? n_threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  threads = static_cast<int>(std::min<std::size_t>(static_cast<std::size_t>(threads), std::max<std::size_t>(1, pairs.size())));
+  const auto pairs = upper_block_pairs(n, kBlock);
+  const int threads = worker_count(n_threads, pairs.size());
   std::vector<Partial> partials(static_cast<std::size_t>(threads));
-  if (threads == 1) {
-    run_blocks(x, dx, y, dy, n, kx, ky, pairs, 0, 1, partials[0]);
-  } else {
-    std::vector<std::thread> pool;
-    for (int t = 0; t < threads; ++t)
-      pool.emplace_back([&, t] { run_blocks(x, dx, y, dy, n, kx, ky, pairs, t, threads, partials[t]); });
-    for (auto& th : pool) th.join();
-  }
+  run_workers(threads, [&](int t) {
+    run_blocks(x, dx, y, dy, n, kx, ky, pairs, static_cast<std::size_t>(t), static_cast<std::size_t>(threads),
+               partials[static_cast<std::size_t>(t)]);
+  });
   Stats out;
   out.rk.assign(static_cast<std::size_t>(n), 0.0);
   out.rl.assign(static_cast<std::size_t>(n), 0.0);

@@ -4,8 +4,8 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <thread>
 
+#include "common/parallel.hpp"
 #include "common/simd.hpp"
 #include "hsic/distance_row.hpp"
 
@@ -116,17 +116,10 @@ PassResult full_pass(const T* x, std::int64_t n, std::int64_t d, const Bracket& 
                      int threads, const std::vector<std::pair<std::int64_t, std::int64_t>>& blocks) {
   std::vector<PassResult> parts(static_cast<std::size_t>(threads));
   const std::size_t cap = buffer / static_cast<std::size_t>(threads);
-  if (threads == 1) {
-    scan_pairs(x, n, d, br, cap, blocks, 0, 1, parts[0]);
-  } else {
-    std::vector<std::thread> pool;
-    for (int t = 0; t < threads; ++t)
-      pool.emplace_back([&, t] {
-        scan_pairs(x, n, d, br, cap, blocks, static_cast<std::size_t>(t), static_cast<std::size_t>(threads),
-                   parts[static_cast<std::size_t>(t)]);
-      });
-    for (auto& th : pool) th.join();
-  }
+  run_workers(threads, [&](int t) {
+    scan_pairs(x, n, d, br, cap, blocks, static_cast<std::size_t>(t), static_cast<std::size_t>(threads),
+               parts[static_cast<std::size_t>(t)]);
+  });
   PassResult total = std::move(parts[0]);
   for (std::size_t t = 1; t < parts.size(); ++t) {
     total.below += parts[t].below;
@@ -182,12 +175,8 @@ template <typename T>
 PairSelectResult kth_pair_sq_distance(const T* x, std::int64_t n, std::int64_t d, std::int64_t k,
                                       const PairSelectOptions& options) {
   const double m = 0.5 * static_cast<double>(n) * static_cast<double>(n - 1);
-  std::vector<std::pair<std::int64_t, std::int64_t>> blocks;
-  for (std::int64_t i0 = 0; i0 < n; i0 += kBlock)
-    for (std::int64_t j0 = i0; j0 < n; j0 += kBlock) blocks.emplace_back(i0, j0);
-  int threads = options.n_threads > 0 ? options.n_threads
-                                      : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  threads = static_cast<int>(std::min<std::size_t>(static_cast<std::size_t>(threads), blocks.size()));
+  const auto blocks = upper_block_pairs(n, kBlock);
+  const int threads = worker_count(options.n_threads, blocks.size());
   const auto buffer = static_cast<std::size_t>(std::max<std::int64_t>(options.buffer, threads));
 
   // Below 2^16 pairs keeping them all is cheapest; above, a sampled bracket keeps (and selects among) only a few.

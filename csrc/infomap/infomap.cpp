@@ -4,10 +4,8 @@
 #include <cmath>
 #include <numeric>
 #include <random>
-#include <thread>
-#ifdef KEXUE_TRACE
-#include <cstdio>
-#endif
+
+#include "common/parallel.hpp"
 
 namespace kexue::infomap {
 namespace {
@@ -276,9 +274,6 @@ int core_loop(const Level& g, State& s, std::mt19937_64& rng, const Options& o,
       for (std::int64_t m : touched) marked[static_cast<std::size_t>(m)] = 0;
     }
     s.recompute_terms();  // drop the rounding the incremental updates accumulated
-#ifdef KEXUE_TRACE
-    fprintf(stderr, "level n=%ld sweep %d moved %ld L=%.9f\n", (long)g.n, sweeps, (long)moved, s.codelength());
-#endif
     if (moved == 0 || before - s.codelength() < o.minimum_improvement) {
       ++sweeps;
       break;
@@ -457,17 +452,10 @@ Result two_level(const FlowGraph& graph, const Options& options) {
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
     results[static_cast<std::size_t>(t)] = run_trial(original, node_flow_log, z ^ (z >> 31), options);
   };
-  const int threads = std::max(1, std::min(options.n_threads, trials));
-  if (threads == 1) {
-    for (int t = 0; t < trials; ++t) work(t);
-  } else {
-    std::vector<std::thread> pool;
-    for (int w = 0; w < threads; ++w)
-      pool.emplace_back([&, w] {
-        for (int t = w; t < trials; t += threads) work(t);
-      });
-    for (auto& th : pool) th.join();
-  }
+  const int threads = worker_count(options.n_threads, static_cast<std::size_t>(trials));
+  run_workers(threads, [&](int w) {
+    for (int t = w; t < trials; t += threads) work(t);
+  });
   int best = 0;
   for (int t = 1; t < trials; ++t)
     if (results[static_cast<std::size_t>(t)].codelength < results[static_cast<std::size_t>(best)].codelength) best = t;
