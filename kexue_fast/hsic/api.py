@@ -124,8 +124,8 @@ def hsic(
     sqrt(HSIC(K,K)·HSIC(L,L)) (CKA for "biased"; hyppo's Hsic statistic for "unbiased" with its bandwidth).
     Kernels: gaussian exp(−d²/(2σ²)), laplace exp(−d/σ), imq (1 + d²/σ²)^(−1/2), linear, delta. bandwidth "median"
     is σ = the median pairwise distance of that input (exact; a constant for the gradient). Memory O(n·d): one
-    streaming pass over upper-triangle tiles of K and L and a backward that recomputes them (the C++ core on CPU,
-    torch otherwise); linear kernels on both sides use d×d cross products instead.
+    streaming pass over tiles of K and L and a backward that recomputes them (Triton on CUDA float32, the C++ core on
+    CPU, torch otherwise); linear kernels on both sides use d×d cross products instead.
     """
     x, y, kx, ky, chosen = _prepare(x, y, kernel_x, kernel_y, bandwidth_x, bandwidth_y, estimator, backend)
     fn = estimators.estimate(estimator, bool(normalize))
@@ -145,7 +145,8 @@ def hsic_stats(
     backend: str = "auto",
     tile: int = TILE,
 ) -> estimators.HSICStats:
-    """Every variant (biased, biased with 1/(n−1)², unbiased, CKA, unbiased CKA) from one pass; no gradient."""
+    """Every variant (biased, biased with 1/(n−1)², unbiased, CKA, unbiased CKA) and the Gamma null mean from one
+    pass; no gradient."""
     x, y, kx, ky, chosen = _prepare(x, y, kernel_x, kernel_y, bandwidth_x, bandwidth_y, "biased", backend, min_n=2)
     with torch.no_grad():
         if kx.name == "linear" and ky.name == "linear":
