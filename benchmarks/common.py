@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
+import json
 import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -96,3 +98,17 @@ def write_results(out_dir: Path, stem: str, title: str, meta: Dict[str, str], he
         writer.writerow(header)
         writer.writerows(rows)
     return md
+
+
+def run_script(script: str, args: Sequence[str], label: str, timeout: float) -> Optional[Dict[str, Any]]:
+    """Run `python -c script *args` in a fresh process; its last stdout line parsed as JSON, or None (printing why)
+    on failure or timeout."""
+    try:
+        out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        print(f"  {label} timed out after {timeout:.0f} s")
+        return None
+    if out.returncode != 0:
+        print(f"  {label} failed: {out.stderr.strip().splitlines()[-1] if out.stderr else '?'}")
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])

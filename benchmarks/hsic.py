@@ -7,13 +7,10 @@ inputs (kexue_fast computes every variant in the same pass).
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from .common import metadata, write_results
+from .common import metadata, run_script, write_results
 
 _SCRIPT = r"""
 import json, resource, sys, time
@@ -61,15 +58,7 @@ MATERIALIZING = ("hyppo", "naive torch")
 
 
 def measure_once(which: str, n: int, timeout: float = 600) -> Optional[Dict[str, float]]:
-    try:
-        out = subprocess.run([sys.executable, "-c", _SCRIPT, which, str(n)], capture_output=True, text=True,
-                             timeout=timeout)  # fmt: skip
-    except subprocess.TimeoutExpired:
-        return None
-    if out.returncode != 0:
-        print(f"  hsic/{which} n={n} failed: {out.stderr.strip().splitlines()[-1] if out.stderr else '?'}")
-        return None
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_script(_SCRIPT, [which, str(n)], f"hsic/{which} n={n}", timeout)
 
 
 def measure(which: str, n: int, max_runs: int = 3, budget_s: float = 20.0) -> Optional[Dict[str, float]]:

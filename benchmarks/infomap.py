@@ -10,16 +10,13 @@ comparison; NMI is against the planted partition.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
 
-from .common import metadata, write_results
+from .common import metadata, run_script, write_results
 
 _SCRIPT = r"""
 import json, sys, time
@@ -93,15 +90,7 @@ def planted_partition(n: int, communities: int = 1000, degree: float = 18.0, mix
 
 
 def measure(which: str, graph_file: Path, out_file: Path, timeout: float = 1800) -> Optional[Dict[str, float]]:
-    try:
-        out = subprocess.run([sys.executable, "-c", _SCRIPT, which, str(graph_file), str(out_file)],
-                             capture_output=True, text=True, timeout=timeout)  # fmt: skip
-    except subprocess.TimeoutExpired:
-        return None
-    if out.returncode != 0:
-        print(f"  infomap/{which} failed: {out.stderr.strip().splitlines()[-1] if out.stderr else '?'}")
-        return None
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_script(_SCRIPT, [which, str(graph_file), str(out_file)], f"infomap/{which}", timeout)
 
 
 def run(out_dir: Path, quick: bool = True, device: str = "cpu") -> Path:

@@ -170,26 +170,21 @@ int core_loop(const Level& g, State& s, std::mt19937_64& rng, const Options& o,
       const auto a = static_cast<std::size_t>(alpha);
       const std::int64_t A = s.mod[a];
       touched.clear();
-      for (std::int64_t e = g.out_ptr[a]; e < g.out_ptr[a + 1]; ++e) {
-        const auto m = static_cast<std::size_t>(s.mod[static_cast<std::size_t>(g.out_idx[static_cast<std::size_t>(e)])]);
-        if (!marked[m]) {
-          marked[m] = 1;
-          gathered[m] = Gathered{};
-          touched.push_back(static_cast<std::int64_t>(m));
-        }
-        gathered[m].out_to += g.out_flow[static_cast<std::size_t>(e)];
-      }
-      if (!g.symmetric) {
-        for (std::int64_t e = g.in_ptr[a]; e < g.in_ptr[a + 1]; ++e) {
-          const auto m = static_cast<std::size_t>(s.mod[static_cast<std::size_t>(g.in_idx[static_cast<std::size_t>(e)])]);
+      // Flow from α to each neighbouring module (out-links) and into α from it (in-links).
+      auto gather = [&](const std::vector<std::int64_t>& ptr, const std::vector<std::int64_t>& idx,
+                        const std::vector<double>& flows, double Gathered::*field) {
+        for (std::int64_t e = ptr[a]; e < ptr[a + 1]; ++e) {
+          const auto m = static_cast<std::size_t>(s.mod[static_cast<std::size_t>(idx[static_cast<std::size_t>(e)])]);
           if (!marked[m]) {
             marked[m] = 1;
             gathered[m] = Gathered{};
             touched.push_back(static_cast<std::int64_t>(m));
           }
-          gathered[m].in_from += g.in_flow[static_cast<std::size_t>(e)];
+          gathered[m].*field += flows[static_cast<std::size_t>(e)];
         }
-      }
+      };
+      gather(g.out_ptr, g.out_idx, g.out_flow, &Gathered::out_to);
+      if (!g.symmetric) gather(g.in_ptr, g.in_idx, g.in_flow, &Gathered::in_from);
       // Symmetric links: the flow in from a module equals the flow out to it.
       auto in_from = [&](const Gathered& x) { return g.symmetric ? x.out_to : x.in_from; };
       const double p = g.flow[a], out_a = g.out_total[a], in_a = g.symmetric ? out_a : g.in_total[a];
