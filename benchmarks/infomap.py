@@ -1,11 +1,13 @@
-"""Two-level Infomap: kexue_fast vs the official infomap (2.16) and igraph's community_infomap on the same graphs.
+"""Infomap: kexue_fast vs the official infomap (2.16) and igraph's community_infomap on the same graphs.
 
-LFR benchmark graphs from networkx (tau1 = 3, tau2 = 1.5, average degree 18, min community 20, seed 42) at n = 10⁴
-and 10⁵, and in full mode a planted-partition graph at n = 10⁶ (1,000 communities, average degree 18, 30% of the
-links between communities; numpy, seed 0). Each graph is generated once and saved; each (contestant, graph) runs in
-its own process, single-threaded, one trial with seed 123, so its time and peak RSS are its own. Every partition's
+Two-level: LFR benchmark graphs from networkx (tau1 = 3, tau2 = 1.5, average degree 18, min community 20, seed 42)
+at n = 10⁴ and 10⁵, and in full mode a planted-partition graph at n = 10⁶ (1,000 communities, average degree 18, 30%
+of the links between communities; numpy, seed 0). Hierarchical (multilevel; igraph has none): the LFR graphs at
+n = 10⁴, and nested planted partitions (`nested_planted`, a planted three-level hierarchy) at n = 2·10⁴ and, in full
+mode, 2·10⁵. Each graph is generated once and saved; each (contestant, graph) runs in its own process,
+single-threaded, one trial with seed 123, so its time and peak RSS are its own. Every partition's or tree's
 codelength is recomputed by kexue_fast.map_equation (the same formula infomap reports, to 1e-9) for a fair
-comparison; NMI is against the planted partition.
+comparison; NMI is against the planted partition (the bottom level of a tree against the planted bottom groups).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from .common import metadata, run_script, write_results
 _SCRIPT = r"""
 import json, sys, time
 import numpy as np
-which, path = sys.argv[1], sys.argv[2]
+which, path, two_level = sys.argv[1], sys.argv[2], sys.argv[4] == "two-level"
 if which == "infomap":  # imports before the memory window: kexue_fast brings torch (hundreds of MB)
     import infomap
 elif which == "igraph":
@@ -41,7 +43,7 @@ with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the c
     f.write("5")
 before = rss_mb("VmRSS")  # from here each contestant's own graph structures count
 if which == "infomap":
-    im = infomap.Infomap("--two-level --silent --num-trials 1 --seed 123")
+    im = infomap.Infomap(f"{'--two-level ' if two_level else ''}--silent --num-trials 1 --seed 123")
     im.add_links(zip(src.tolist(), dst.tolist()))
     for v in range(n):
         im.add_node(v)
@@ -50,14 +52,18 @@ elif which == "igraph":
 start = time.perf_counter()
 if which == "infomap":
     im.run()
-    modules = np.zeros(n, dtype=np.int64)
-    for node in im.tree:
-        if node.is_leaf:
-            modules[node.node_id] = node.module_id
+    paths = {node.node_id: node.path[:-1] for node in im.tree if node.is_leaf}
+    depth = max(len(p) for p in paths.values())
+    modules = np.full((n, depth), -1, dtype=np.int64)  # the tree: each node's module path, −1 padded
+    for v, p in paths.items():
+        modules[v, : len(p)] = p
+    if two_level:
+        modules = modules[:, 0]
 elif which == "igraph":
     modules = np.asarray(g.community_infomap(trials=1).membership)
 else:
-    modules = kexue_fast.infomap((src, dst), num_trials=1, seed=123, n_threads=1, num_nodes=n).modules
+    r = kexue_fast.infomap((src, dst), num_trials=1, seed=123, n_threads=1, num_nodes=n, two_level=two_level)
+    modules = r.modules if two_level else r.tree
 seconds = time.perf_counter() - start
 rss = rss_mb("VmHWM") - before
 np.save(sys.argv[3], modules)
@@ -65,6 +71,7 @@ print(json.dumps({"seconds": seconds, "rss_mb": rss}))
 """
 
 CONTESTANTS = ("kexue_fast", "infomap", "igraph")
+MULTILEVEL_CONTESTANTS = ("kexue_fast", "infomap")
 
 
 def lfr_graph(n: int, mu: float, seed: int = 42):
@@ -89,8 +96,27 @@ def planted_partition(n: int, communities: int = 1000, degree: float = 18.0, mix
     return src[keep].astype(np.int64), dst[keep].astype(np.int64), planted
 
 
-def measure(which: str, graph_file: Path, out_file: Path, timeout: float = 1800) -> Optional[Dict[str, float]]:
-    return run_script(_SCRIPT, [which, str(graph_file), str(out_file)], f"infomap/{which}", timeout)
+def nested_planted(branch=(10, 10, 10), leaf: int = 20, degrees=(0.5, 1.5, 4, 12), directed: bool = False,
+                   seed: int = 0):  # fmt: skip
+    """A planted hierarchy: prod(branch) bottom groups of `leaf` nodes, nested in groups of groups (branch[0] at the
+    top); degrees[d]: expected links per node to a random node sharing its group at depth d (d = 0: any node).
+    Returns (source, target, planted bottom group)."""
+    rng = np.random.default_rng(seed)
+    n = int(np.prod(branch)) * leaf
+    sizes = [n] + [n // int(np.prod(branch[: d + 1])) for d in range(len(branch))]
+    src, dst = [], []
+    for size, k in zip(sizes, degrees):
+        u = rng.integers(0, n, int(n * k / (1 if directed else 2)))
+        v = (u // size) * size + rng.integers(0, size, len(u))
+        src.append(u[u != v])
+        dst.append(v[u != v])
+    return np.concatenate(src), np.concatenate(dst), np.arange(n) // leaf
+
+
+def measure(which: str, graph_file: Path, out_file: Path, two_level: bool = True,
+            timeout: float = 1800) -> Optional[Dict[str, float]]:  # fmt: skip
+    mode = "two-level" if two_level else "multilevel"
+    return run_script(_SCRIPT, [which, str(graph_file), str(out_file), mode], f"infomap/{which}", timeout)
 
 
 def run(out_dir: Path, quick: bool = True, device: str = "cpu") -> Path:
@@ -98,41 +124,54 @@ def run(out_dir: Path, quick: bool = True, device: str = "cpu") -> Path:
 
     import kexue_fast
 
-    cases = [("LFR", 10_000, mu) for mu in (0.1, 0.3, 0.5)]
+    cases = [("LFR", 10_000, mu, True) for mu in (0.1, 0.3, 0.5)]
     if not quick:
-        cases += [("LFR", 100_000, mu) for mu in (0.1, 0.3, 0.5)] + [("planted", 1_000_000, 0.3)]
+        cases += [("LFR", 100_000, mu, True) for mu in (0.1, 0.3, 0.5)] + [("planted", 1_000_000, 0.3, True)]
+    cases += [("LFR", 10_000, mu, False) for mu in (0.1, 0.3, 0.5)] + [("nested", 20_000, None, False)]
+    if not quick:
+        cases += [("nested", 200_000, None, False)]
     rows: List[list] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for kind, n, mu in cases:
-            src, dst, planted = lfr_graph(n, mu) if kind == "LFR" else planted_partition(n, mixing=mu)
+        for kind, n, mu, two_level in cases:
+            if kind == "LFR":
+                src, dst, planted = lfr_graph(n, mu)
+            elif kind == "planted":
+                src, dst, planted = planted_partition(n, mixing=mu)
+            else:
+                src, dst, planted = nested_planted(branch=(10, 10, n // 2000))
             graph_file = Path(tmp) / "graph.npz"
             np.savez(graph_file, source=src, target=dst, n=n)
             results = {}
-            for which in CONTESTANTS:
-                r = measure(which, graph_file, Path(tmp) / f"{which}.npy")
+            for which in CONTESTANTS if two_level else MULTILEVEL_CONTESTANTS:
+                r = measure(which, graph_file, Path(tmp) / f"{which}.npy", two_level)
                 if r is not None:
                     modules = np.load(Path(tmp) / f"{which}.npy")
                     r["codelength"] = kexue_fast.map_equation((src, dst), modules, num_nodes=n).codelength
-                    r["nmi"] = nmi(planted, modules)
-                    r["modules"] = len(np.unique(modules))
+                    bottom = modules if modules.ndim == 1 else np.unique(modules, axis=0, return_inverse=True)[1]
+                    r["nmi"] = nmi(planted, bottom.reshape(-1))
+                    r["modules"] = len(np.unique(modules if modules.ndim == 1 else modules[:, 0]))
+                    r["levels"] = 2 if modules.ndim == 1 else modules.shape[1] + 1
                 results[which] = r
             ours = results["kexue_fast"]
             for which, r in results.items():
-                label = f"{kind} n={n} mu={mu} ({len(src)} links)"
+                label = f"{kind} n={n}{f' mu={mu}' if mu is not None else ''} ({len(src)} links)"
+                mode = "two-level" if two_level else "multilevel"
                 if r is None:
-                    rows.append([label, which, "failed/timeout", "", "", "", "", ""])
+                    rows.append([mode, label, which, "failed/timeout", "", "", "", "", "", ""])
                     continue
                 ratio = f"{r['seconds'] / ours['seconds']:.1f}x" if ours and which != "kexue_fast" else ""
-                rows.append([label, which, f"{r['seconds']:.2f}", ratio, f"{r['rss_mb']:.0f}",
-                             f"{r['codelength']:.6f}", r["modules"], f"{r['nmi']:.4f}"])  # fmt: skip
-            print(f"  infomap/cpu: {kind} n={n} mu={mu} done", flush=True)
-    header = ["graph", "contestant", "seconds", "time / kexue_fast", "peak RSS increase MB", "codelength (bits)",
-              "modules", "NMI vs planted"]  # fmt: skip
+                rows.append([mode, label, which, f"{r['seconds']:.2f}", ratio, f"{r['rss_mb']:.0f}",
+                             f"{r['codelength']:.6f}", r["levels"], r["modules"], f"{r['nmi']:.4f}"])  # fmt: skip
+            print(f"  infomap/cpu: {kind} n={n} mu={mu} {'two-level' if two_level else 'multilevel'} done", flush=True)
+    header = ["mode", "graph", "contestant", "seconds", "time / kexue_fast", "peak RSS increase MB",
+              "codelength (bits)", "levels", "top modules", "NMI vs planted"]  # fmt: skip
     notes = (
         "Undirected, unweighted; single-threaded, one trial, seed 123, one run each in a fresh process. Time: the "
         "search only (infomap's and igraph's graph construction excluded; kexue_fast's time includes its flow "
         "computation and input checks). Peak RSS: the increase over the loaded link arrays, graph construction "
-        "included. Codelengths recomputed with kexue_fast.map_equation."
+        "included. Codelengths recomputed with kexue_fast.map_equation (of the partition, or of the tree in "
+        "multilevel mode). Levels count the leaf level, as infomap does. NMI: the bottom modules against the planted "
+        "partition (for nested graphs, the planted bottom groups)."
     )
-    return write_results(out_dir, f"infomap-{device}", "Two-level Infomap vs infomap 2.16 and igraph",
-                         metadata(device), header, rows, notes)  # fmt: skip
+    return write_results(out_dir, f"infomap-{device}", "Infomap vs infomap 2.16 and igraph", metadata(device),
+                         header, rows, notes)  # fmt: skip

@@ -3,12 +3,16 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <chrono>
+#include <exception>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "hsic/hsic_stats.hpp"
 #include "hsic/pair_select.hpp"
 #include "infomap/infomap.hpp"
+#include "jose/jose.hpp"
 #include "spectral/power_iteration.hpp"
 
 namespace py = pybind11;
@@ -239,7 +243,7 @@ py::tuple kth_pair_sq_distance(const py::array& x, std::int64_t k, std::int64_t 
 using I64Array = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>;
 
 ki::FlowGraph flow_graph(std::int64_t n, const F64Array& node_flow, const I64Array& source, const I64Array& target,
-                         const F64Array& link_flow, bool symmetric) {
+                         const F64Array& link_flow, bool symmetric, const py::object& teleport) {
   if (n < 1) throw py::value_error("the graph needs at least one node");
   if (node_flow.ndim() != 1 || node_flow.shape(0) != n) throw py::value_error("node_flow must have length n");
   const py::ssize_t m = source.size();
@@ -256,19 +260,39 @@ ki::FlowGraph flow_graph(std::int64_t n, const F64Array& node_flow, const I64Arr
   for (py::ssize_t e = 0; e < m; ++e)
     if (g.source[e] < 0 || g.source[e] >= n || g.target[e] < 0 || g.target[e] >= n)
       throw py::value_error("link endpoints must be node indices in [0, n)");
+  if (!teleport.is_none()) {  // recorded teleportation: [2, n] = (T, tau) per node
+    const auto tele = teleport.cast<F64Array>();
+    if (tele.ndim() != 2 || tele.shape(0) != 2 || tele.shape(1) != n)
+      throw py::value_error("teleport must have shape [2, n]: teleport flow and teleport weight per node");
+    g.teleport_flow.assign(tele.data(), tele.data() + n);
+    g.teleport_weight.assign(tele.data() + n, tele.data() + 2 * n);
+  }
   return g;
 }
 
-py::tuple infomap_two_level(std::int64_t n, const F64Array& node_flow, const I64Array& source,
-                            const I64Array& target, const F64Array& link_flow, bool symmetric, int num_trials,
-                            std::uint64_t seed, int core_loop_limit, int tune_iteration_limit, int n_threads) {
-  ki::FlowGraph g = flow_graph(n, node_flow, source, target, link_flow, symmetric);
+ki::Options infomap_options(int num_trials, std::uint64_t seed, int core_loop_limit, int tune_iteration_limit,
+                            int n_threads) {
   ki::Options o;
   o.num_trials = num_trials;
   o.seed = seed;
   o.core_loop_limit = core_loop_limit;
   o.tune_iteration_limit = tune_iteration_limit;
   o.n_threads = n_threads;
+  return o;
+}
+
+py::array_t<std::int64_t> paths_array(const std::vector<std::int64_t>& paths, std::int64_t depth, std::int64_t n) {
+  py::array_t<std::int64_t> out({static_cast<py::ssize_t>(depth), static_cast<py::ssize_t>(n)});
+  std::copy(paths.begin(), paths.end(), out.mutable_data());
+  return out;
+}
+
+py::tuple infomap_two_level(std::int64_t n, const F64Array& node_flow, const I64Array& source,
+                            const I64Array& target, const F64Array& link_flow, bool symmetric, int num_trials,
+                            std::uint64_t seed, int core_loop_limit, int tune_iteration_limit, int n_threads,
+                            const py::object& teleport) {
+  ki::FlowGraph g = flow_graph(n, node_flow, source, target, link_flow, symmetric, teleport);
+  const ki::Options o = infomap_options(num_trials, seed, core_loop_limit, tune_iteration_limit, n_threads);
   ki::Result r;
   {
     py::gil_scoped_release release;
@@ -281,8 +305,9 @@ py::tuple infomap_two_level(std::int64_t n, const F64Array& node_flow, const I64
 }
 
 py::tuple infomap_map_equation(std::int64_t n, const F64Array& node_flow, const I64Array& source,
-                               const I64Array& target, const F64Array& link_flow, const I64Array& modules) {
-  ki::FlowGraph g = flow_graph(n, node_flow, source, target, link_flow, false);
+                               const I64Array& target, const F64Array& link_flow, const I64Array& modules,
+                               const py::object& teleport) {
+  ki::FlowGraph g = flow_graph(n, node_flow, source, target, link_flow, false, teleport);
   if (modules.ndim() != 1 || modules.shape(0) != n) throw py::value_error("modules must have length n");
   std::vector<std::int64_t> mod(modules.data(), modules.data() + n);
   for (std::int64_t m : mod)
@@ -290,6 +315,191 @@ py::tuple infomap_map_equation(std::int64_t n, const F64Array& node_flow, const 
   const ki::Codelength c = ki::map_equation(g, mod);
   return py::make_tuple(c.codelength, c.index_codelength, c.module_codelength);
 }
+
+py::tuple infomap_multilevel(std::int64_t n, const F64Array& node_flow, const I64Array& source,
+                             const I64Array& target, const F64Array& link_flow, bool symmetric, int num_trials,
+                             std::uint64_t seed, int core_loop_limit, int tune_iteration_limit, int n_threads,
+                             const py::object& teleport) {
+  const ki::FlowGraph g = flow_graph(n, node_flow, source, target, link_flow, symmetric, teleport);
+  const ki::Options o = infomap_options(num_trials, seed, core_loop_limit, tune_iteration_limit, n_threads);
+  ki::MultilevelResult r;
+  {
+    py::gil_scoped_release release;
+    r = ki::multilevel(g, o);
+  }
+  return py::make_tuple(paths_array(r.paths, r.depth, n), r.codelength, r.index_codelength, r.one_level_codelength,
+                        r.best_trial);
+}
+
+py::tuple infomap_tree_codelength(std::int64_t n, const F64Array& node_flow, const I64Array& source,
+                                  const I64Array& target, const F64Array& link_flow, const I64Array& paths,
+                                  const py::object& teleport) {
+  const ki::FlowGraph g = flow_graph(n, node_flow, source, target, link_flow, false, teleport);
+  if (paths.ndim() != 2 || paths.shape(1) != n) throw py::value_error("paths must have shape [depth, n]");
+  const std::vector<std::int64_t> p(paths.data(), paths.data() + paths.size());
+  ki::TreeCodelength c;
+  try {
+    c = ki::tree_codelength(g, p, paths.shape(0));
+  } catch (const std::invalid_argument& e) {
+    throw py::value_error(e.what());
+  }
+  return py::make_tuple(c.codelength, c.index_codelength);
+}
+
+// ---- JoSE (csrc/jose) ----------------------------------------------------------------------------------------
+
+py::tuple jose_encode_file(const std::string& path, std::int64_t min_count) {
+  kexue::jose::EncodedFile f;
+  {
+    py::gil_scoped_release release;
+    f = kexue::jose::encode_file(path, min_count);
+  }
+  py::array_t<std::int64_t> counts(static_cast<py::ssize_t>(f.counts.size()));
+  std::copy(f.counts.begin(), f.counts.end(), counts.mutable_data());
+  py::array_t<std::int32_t> stream(static_cast<py::ssize_t>(f.stream.size()));
+  std::copy(f.stream.begin(), f.stream.end(), stream.mutable_data());
+  return py::make_tuple(f.words, counts, stream, f.n_docs, f.raw_tokens);
+}
+
+// The tables are written in place: a converted copy would silently drop the training, so nothing is converted.
+float* jose_table(py::array& t, std::int64_t rows, int dim, const char* name) {
+  if (!py::isinstance<py::array_t<float>>(t) || !(t.flags() & py::array::c_style) || t.ndim() != 2 ||
+      t.shape(0) != rows || t.shape(1) != dim || !t.writeable())
+    throw py::value_error(std::string(name) + " must be a writeable C-contiguous float32 array [" +
+                          std::to_string(rows) + ", " + std::to_string(dim) + "]");
+  return static_cast<float*>(t.mutable_data());
+}
+
+void jose_init_tables(py::array u, py::array v, py::array d, std::uint64_t seed) {
+  if (u.ndim() != 2 || d.ndim() != 2) throw py::value_error("u and d must be 2-D");
+  const std::int64_t vocab = u.shape(0), docs = d.shape(0);
+  const int dim = static_cast<int>(u.shape(1));
+  kexue::jose::Tables tables{jose_table(u, vocab, dim, "u"), jose_table(v, vocab, dim, "v"),
+                             jose_table(d, docs, dim, "d")};
+  kexue::jose::init_tables(tables, vocab, docs, dim, seed);
+}
+
+// Trains on a worker thread with the GIL released; this thread wakes every `interval` seconds to call
+// progress(words_done) (which may raise, e.g. KeyboardInterrupt: training then stops and the error propagates).
+py::tuple jose_train(const py::array_t<std::int32_t, py::array::c_style>& stream,
+                     const py::array_t<std::int64_t, py::array::c_style>& counts, std::int64_t n_docs, py::array u,
+                     py::array v, py::array d, int window, int negative, int epochs, int threads, float margin,
+                     float alpha, float sample, int step_rule, bool joint, bool update_words, std::uint64_t seed,
+                     std::int64_t table_size, const py::object& progress, double interval) {
+  if (stream.ndim() != 1 || counts.ndim() != 1) throw py::value_error("stream and counts must be 1-D");
+  if (u.ndim() != 2) throw py::value_error("u must be 2-D");
+  const std::int64_t vocab = counts.shape(0);
+  const int dim = static_cast<int>(u.shape(1));
+  kexue::jose::Tables tables{jose_table(u, vocab, dim, "u"), jose_table(v, vocab, dim, "v"),
+                             jose_table(d, n_docs, dim, "d")};
+  if (step_rule != 0 && step_rule != 1) throw py::value_error("step_rule must be 0 (paper) or 1 (jose_c)");
+  const std::int32_t* sp = stream.data();
+  for (py::ssize_t i = 0; i < stream.shape(0); ++i)  // an id outside the vocabulary would write outside u and v
+    if (sp[i] < 0 || sp[i] >= vocab) throw py::value_error("stream ids must be in [0, len(counts))");
+  kexue::jose::Corpus corpus{sp, stream.shape(0), counts.data(), vocab, n_docs};
+  kexue::jose::Options o;
+  o.dim = dim;
+  o.window = window;
+  o.negative = negative;
+  o.epochs = epochs;
+  o.threads = threads;
+  o.margin = margin;
+  o.alpha = alpha;
+  o.sample = sample;
+  o.rule = static_cast<kexue::jose::StepRule>(step_rule);
+  o.joint = joint;
+  o.update_words = update_words;
+  o.seed = seed;
+  o.table_size = table_size;
+  kexue::jose::Progress state;
+  kexue::jose::Stats stats;
+  std::exception_ptr failure;
+  std::atomic<bool> finished{false};
+  {
+    py::gil_scoped_release release;
+    std::thread worker([&] {
+      try {
+        stats = kexue::jose::train(corpus, o, tables, &state);
+      } catch (...) {
+        failure = std::current_exception();
+      }
+      finished = true;
+    });
+    const auto wait = std::chrono::duration<double>(interval > 0 ? interval : 0.5);
+    while (!finished) {
+      const auto t0 = std::chrono::steady_clock::now();
+      while (!finished && std::chrono::steady_clock::now() - t0 < wait)
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      if (finished) break;
+      py::gil_scoped_acquire acquire;
+      try {
+        if (!progress.is_none()) progress(state.words.load());
+        if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+      } catch (...) {
+        state.stop = true;
+        {
+          py::gil_scoped_release again;
+          worker.join();
+        }
+        throw;
+      }
+    }
+    worker.join();
+  }
+  if (failure) std::rethrow_exception(failure);
+  if (!progress.is_none()) progress(state.words.load());
+  return py::make_tuple(stats.loss, stats.updates, stats.pairs);
+}
+using JoseRows = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>;
+
+void jose_check_rows(const JoseRows& rows, std::int64_t count, std::int64_t limit, const char* name) {
+  if (rows.ndim() != 1 || rows.shape(0) != count) throw py::value_error(std::string(name) + " must be 1-D of length n");
+  for (std::int64_t i = 0; i < count; ++i)
+    if (rows.data()[i] < 0 || rows.data()[i] >= limit)
+      throw py::value_error(std::string(name) + " holds a row index outside its table");
+}
+
+py::tuple jose_apply_steps(py::array u, py::array v, py::object d, const JoseRows& u_rows, const JoseRows& v_rows,
+                           const JoseRows& neg_rows, py::object d_rows, float alpha, float margin, int step_rule,
+                           bool move_words) {
+  if (u.ndim() != 2 || v.ndim() != 2) throw py::value_error("u and v must be 2-D");
+  const int dim = static_cast<int>(u.shape(1));
+  float* up = jose_table(u, u.shape(0), dim, "u");
+  float* vp = jose_table(v, v.shape(0), dim, "v");
+  const std::int64_t n = u_rows.ndim() == 1 ? u_rows.shape(0) : -1;
+  jose_check_rows(u_rows, n, u.shape(0), "u_rows");
+  jose_check_rows(v_rows, n, v.shape(0), "v_rows");
+  jose_check_rows(neg_rows, n, u.shape(0), "neg_rows");
+  if (step_rule != 0 && step_rule != 1) throw py::value_error("step_rule must be 0 (paper) or 1 (jose_c)");
+  const auto rule = static_cast<kexue::jose::StepRule>(step_rule);
+  py::array_t<std::uint8_t> active(static_cast<py::ssize_t>(n));
+  double loss;
+  if (d.is_none()) {
+    loss = kexue::jose::apply_separate(up, vp, u_rows.data(), v_rows.data(), neg_rows.data(), n, dim, alpha, margin,
+                                       rule, move_words, active.mutable_data());
+  } else {
+    auto da = d.cast<py::array>();
+    if (da.ndim() != 2) throw py::value_error("d must be 2-D");
+    float* dp = jose_table(da, da.shape(0), dim, "d");
+    auto dr = JoseRows::ensure(d_rows);
+    if (!dr) throw py::type_error("d_rows must be an integer array");
+    jose_check_rows(dr, n, da.shape(0), "d_rows");
+    loss = kexue::jose::apply_joint(up, vp, dp, u_rows.data(), v_rows.data(), dr.data(), neg_rows.data(), n, dim,
+                                    alpha, margin, rule, move_words, active.mutable_data());
+  }
+  return py::make_tuple(loss, active);
+}
+
+py::array_t<std::int32_t> jose_negative_table(const py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>& counts,
+                                              std::int64_t table_size) {
+  if (counts.ndim() != 1 || counts.shape(0) < 1) throw py::value_error("counts must be a non-empty 1-D array");
+  if (table_size < 1 || table_size > (std::int64_t{1} << 26)) throw py::value_error("table_size must be in [1, 2^26]");
+  kexue::jose::NegativeTable table(counts.data(), counts.shape(0), table_size);
+  py::array_t<std::int32_t> out(static_cast<py::ssize_t>(table_size));
+  for (std::int64_t a = 0; a < table_size; ++a) out.mutable_data()[a] = table[a];
+  return out;
+}
+// ---- end JoSE ------------------------------------------------------------------------------------------------
 
 py::dict build_info() {
   py::dict info;
@@ -333,12 +543,43 @@ PYBIND11_MODULE(_core, m) {
         py::arg("target"), py::arg("link_flow"), py::arg("symmetric") = false, py::arg("num_trials") = 1,
         py::arg("seed") = 123,
         py::arg("core_loop_limit") = 10, py::arg("tune_iteration_limit") = 10, py::arg("n_threads") = 1,
+        py::arg("teleport") = py::none(),
         "Two-level Infomap on a flow graph (links with their flows; undirected edges given in both directions,\n"
         "symmetric=True).\n"
         "Returns (modules, codelength, index_codelength, module_codelength, one_level_codelength, num_modules,\n"
         "best_trial).");
   m.def("infomap_map_equation", &infomap_map_equation, py::arg("n"), py::arg("node_flow"), py::arg("source"),
-        py::arg("target"), py::arg("link_flow"), py::arg("modules"),
+        py::arg("target"), py::arg("link_flow"), py::arg("modules"), py::arg("teleport") = py::none(),
         "The two-level map equation of a partition: (codelength, index_codelength, module_codelength).");
+  m.def("infomap_multilevel", &infomap_multilevel, py::arg("n"), py::arg("node_flow"), py::arg("source"),
+        py::arg("target"), py::arg("link_flow"), py::arg("symmetric") = false, py::arg("num_trials") = 1,
+        py::arg("seed") = 123, py::arg("core_loop_limit") = 10, py::arg("tune_iteration_limit") = 10,
+        py::arg("n_threads") = 1, py::arg("teleport") = py::none(),
+        "Hierarchical Infomap on a flow graph. Returns (paths [depth, n]: each node's child index per depth, -1 below\n"
+        "its module; codelength, index_codelength, one_level_codelength, best_trial).");
+  m.def("infomap_tree_codelength", &infomap_tree_codelength, py::arg("n"), py::arg("node_flow"), py::arg("source"),
+        py::arg("target"), py::arg("link_flow"), py::arg("paths"), py::arg("teleport") = py::none(),
+        "The multilevel map equation of a module tree given as paths [depth, n]: (codelength, index_codelength).");
+  // ---- JoSE ----
+  m.def("jose_encode_file", &jose_encode_file, py::arg("path"), py::arg("min_count"),
+        "A one-document-per-line text file as (words, counts, stream, n_docs, raw_tokens): '</s>' first with the\n"
+        "line count, then by count descending (ties by bytes descending); stream ids with 0 closing each line.");
+  m.def("jose_init_tables", &jose_init_tables, py::arg("u"), py::arg("v"), py::arg("d"), py::arg("seed") = 0,
+        "jose.c's initialization of float32 tables u [V, D], v [V, D], d [N, D] in place (seed 0: jose.c's).");
+  m.def("jose_train", &jose_train, py::arg("stream"), py::arg("counts"), py::arg("n_docs"), py::arg("u"),
+        py::arg("v"), py::arg("d"), py::arg("window"), py::arg("negative"), py::arg("epochs"), py::arg("threads"),
+        py::arg("margin"), py::arg("alpha"), py::arg("sample"), py::arg("step_rule"), py::arg("joint"),
+        py::arg("update_words"), py::arg("seed"), py::arg("table_size") = 100000000,
+        py::arg("progress") = py::none(), py::arg("interval") = 0.5,
+        "JoSE Hogwild training of u, v, d in place (GIL released). Returns (last-epoch hinge loss sum, active\n"
+        "updates, evaluated hinges).");
+  m.def("jose_apply_steps", &jose_apply_steps, py::arg("u"), py::arg("v"), py::arg("d"), py::arg("u_rows"),
+        py::arg("v_rows"), py::arg("neg_rows"), py::arg("d_rows"), py::arg("alpha"), py::arg("margin"),
+        py::arg("step_rule"), py::arg("move_words") = true,
+        "The trainer's single hinge steps applied in order to table rows (d=None: separate hinge). Returns\n"
+        "(active hinge sum, active flags).");
+  m.def("jose_negative_table", &jose_negative_table, py::arg("counts"), py::arg("table_size"),
+        "The unigram^0.75 negative table of jose.c, materialized (for tests; table_size <= 2^26).");
+  // ---- end JoSE ----
   m.def("build_info", &build_info, "Compiler, build type and versions this extension was built with.");
 }

@@ -123,7 +123,6 @@ def auto_choice(op: str, device: torch.device, dtype: torch.dtype) -> Tuple[str,
     return "torch", rejected
 
 
-@torch.compiler.assume_constant_result  # under torch.compile: decided once at trace time, not traced into
 def choose(op: str, device: torch.device, dtype: torch.dtype, backend: Optional[str] = None) -> str:
     """The backend to run `op` with; raises NotImplementedError when an explicit backend cannot run."""
     if op not in _OPS:
@@ -141,6 +140,11 @@ def choose(op: str, device: torch.device, dtype: torch.dtype, backend: Optional[
             _LOGGED.add(key)
             logger.warning("kexue_fast.%s runs on the slow torch path: %s", op, "; ".join(rejected))
     return chosen
+
+
+# Under torch.compile the choice is made once at trace time, not traced into. This is what
+# torch.compiler.assume_constant_result sets; calling it would import torch._dynamo (and triton) at `import kexue_fast`.
+choose._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def describe(op: str, device: torch.device, dtype: torch.dtype) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-SUITES = ("spectral", "flows", "hsic", "infomap")
+SUITES = ("spectral", "flows", "hsic", "infomap", "jose", "ortho", "score", "rope")
 
 
 def main(argv=None) -> None:

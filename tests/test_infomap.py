@@ -47,7 +47,9 @@ def test_karate_club():
     assert abs(r.index_codelength + r.module_codelength - r.codelength) < 1e-12
 
 
-@pytest.mark.parametrize("case", ["undirected", "weighted", "self-loops", "directed", "directed markov time 2"])
+@pytest.mark.parametrize(
+    "case", ["undirected", "weighted", "self-loops", "directed", "directed markov time 2", "directed recorded"]
+)
 def test_map_equation_of_infomaps_partition_equals_its_codelength(case):
     markov_time = 1.0
     if case in ("undirected", "weighted"):
@@ -62,9 +64,12 @@ def test_map_equation_of_infomaps_partition_equals_its_codelength(case):
         src, dst, w = _planted_directed()
         links, directed = list(zip(src, dst, w)), True
         markov_time = 2.0 if "markov" in case else 1.0
-    expected, partition = _official(links, directed, f" --markov-time {markov_time}")
+    recorded = "recorded" in case
+    flags = f" --markov-time {markov_time}{' --recorded-teleportation' if recorded else ''}"
+    expected, partition = _official(links, directed, flags)
     arrays = tuple(np.array([link[i] for link in links]) for i in range(len(links[0])))
-    ours = kexue_fast.map_equation(arrays, partition, directed=directed, markov_time=markov_time)
+    ours = kexue_fast.map_equation(arrays, partition, directed=directed, markov_time=markov_time,
+                                   recorded_teleportation=recorded)  # fmt: skip
     assert abs(ours.codelength - expected) < 1e-9
 
 
@@ -172,8 +177,19 @@ def test_clu_and_tree_files_round_trip(tmp_path):
         assert pa[0] != pb[0] or a >= b  # decreasing flow within a module
 
 
-def test_directed_codelength_as_good_as_infomap_with_five_trials():
+@pytest.mark.parametrize("recorded", [False, True], ids=["unrecorded", "recorded"])
+def test_directed_codelength_as_good_as_infomap_with_five_trials(recorded):
     src, dst, w = _planted_directed()
-    expected, _ = _official(list(zip(src, dst, w)), directed=True, num_trials=5)
-    ours = kexue_fast.infomap((src, dst, w), directed=True, num_trials=5, seed=123)
-    assert ours.codelength <= expected * (1 + 5e-4)
+    flags = " --recorded-teleportation" if recorded else ""
+    expected, _ = _official(list(zip(src, dst, w)), directed=True, extra=flags, num_trials=5)
+    ours = kexue_fast.infomap((src, dst, w), directed=True, num_trials=5, seed=123, recorded_teleportation=recorded)
+    # Recorded: over seeds 1..10 our single-trial codelengths run ~0.2% above infomap's (median 6.709 vs 6.697 bits
+    # here; 20 trials reach infomap's best, 6.6718), so that search is held to 3e-3.
+    assert ours.codelength <= expected * (1 + (3e-3 if recorded else 5e-4))
+    again = kexue_fast.map_equation((src, dst, w), ours.modules, directed=True, recorded_teleportation=recorded)
+    assert abs(again.codelength - ours.codelength) < 1e-12
+
+
+def test_recorded_teleportation_needs_a_directed_graph():
+    with pytest.raises(ValueError, match="recorded_teleportation needs a directed graph"):
+        kexue_fast.infomap(nx.karate_club_graph(), recorded_teleportation=True)

@@ -14,6 +14,13 @@ def test_info_reports_versions_core_and_choices():
     assert any(line.startswith("power_iteration") and f" {expected}" in line for line in out.splitlines())
 
 
+def test_import_does_not_import_triton_or_dynamo():
+    # DESIGN §3: probes are lazy; `import triton` costs ~0.5 s and torch._dynamo ~1 s.
+    code = "import sys, kexue_fast; print(sorted(m for m in ('triton', 'torch._dynamo') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 def test_bench_writes_results(tmp_path):
     from kexue_fast.benchmarks import spectral
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, NamedTuple, Optional, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 
 from .flow import flow_model
-from .graph import Graph, as_graph, module_array
+from .graph import Graph, as_graph, is_tree, module_array, tree_array
 
 
 class MapEquationResult(NamedTuple):
@@ -22,8 +22,12 @@ class MapEquationResult(NamedTuple):
 
 @dataclass
 class InfomapResult:
-    """modules[i]: the module (0-based, by decreasing flow) of node i, whose id is node_ids[i]; flow[i]: its visit
-    rate."""
+    """The modules Infomap found.
+
+    modules[i]: the top-level module (0-based, by decreasing flow) of node i, whose id is node_ids[i]; flow[i]: its
+    visit rate. tree [n, depth]: node i's path of module indices from the top (each level ranked by decreasing flow),
+    −1 below the module that holds it; a two-level result has depth 1 (tree[:, 0] == modules).
+    codelength = index_codelength (the top codebook) + module_codelength (every other codebook)."""
 
     modules: np.ndarray
     codelength: float
@@ -33,36 +37,61 @@ class InfomapResult:
     num_modules: int
     flow: np.ndarray
     node_ids: List[Any] = field(repr=False)
+    tree: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.tree is None:
+            self.tree = self.modules[:, None].copy()
+
+    @property
+    def num_levels(self) -> int:
+        """Levels of the tree, the leaf level included (as infomap counts: 2 for a two-level partition)."""
+        return int(self.tree.shape[1]) + 1
+
+    def paths(self) -> List[Tuple[int, ...]]:
+        """Each node's module path from the top (0-based), e.g. (2, 0) for submodule 0 of top module 2."""
+        return [tuple(int(m) for m in row if m >= 0) for row in self.tree]
 
     def modules_dict(self) -> Dict[Any, int]:
-        """{node id: module}."""
+        """{node id: top-level module}."""
         return {v: int(m) for v, m in zip(self.node_ids, self.modules)}
 
+    def modules_at(self, level: int) -> np.ndarray:
+        """One label per node for the modules at `level` (1 = top); a node whose module ends above `level` keeps
+        its deepest module. Labels are 0-based in tree order."""
+        if not 1 <= level <= self.tree.shape[1]:
+            raise ValueError(f"level must be in [1, {self.tree.shape[1]}], got {level}")
+        # A path that ended above `level` is padded with −1, which keeps its deepest module distinct.
+        _, labels = np.unique(self.tree[:, :level], axis=0, return_inverse=True)
+        return labels.reshape(-1).astype(np.int64)
+
     def _ranked(self):
-        """(module, rank in module by decreasing flow, node index) for every node, in tree order."""
-        order = np.lexsort((np.arange(len(self.modules)), -self.flow, self.modules))
-        rank = np.zeros(len(order), dtype=np.int64)
-        previous, r = -1, 0
+        """(path, rank among its module's nodes by decreasing flow, node index) for every node, in tree order."""
+        keys = [self.flow * -1.0] + [self.tree[:, j] for j in reversed(range(self.tree.shape[1]))]
+        order = np.lexsort([np.arange(len(self.flow)), *keys])
+        rows, previous, r = [], None, 0
         for i in order:
-            r = r + 1 if self.modules[i] == previous else 0
-            previous = self.modules[i]
-            rank[i] = r
-        return [(int(self.modules[i]), int(rank[i]), int(i)) for i in order]
+            path = tuple(int(m) for m in self.tree[i] if m >= 0)
+            r = r + 1 if path == previous else 0
+            previous = path
+            rows.append((path, r, int(i)))
+        return rows
 
     def write_clu(self, path: Union[str, os.PathLike]) -> None:
-        """infomap's .clu format: `node_id module flow` per line, modules 1-based."""
+        """infomap's .clu format: `node_id module flow` per line, the top-level modules 1-based."""
         with open(path, "w") as f:
             f.write(f"# codelength {self.codelength:.9f} bits\n# module level 1\n# node_id module flow\n")
-            for module, _, i in self._ranked():
-                f.write(f"{self.node_ids[i]} {module + 1} {self.flow[i]:.10g}\n")
+            for p, _, i in self._ranked():
+                f.write(f"{self.node_ids[i]} {p[0] + 1} {self.flow[i]:.10g}\n")
 
     def write_tree(self, path: Union[str, os.PathLike]) -> None:
-        """infomap's .tree format: `path flow name node_id` per line, the path `module:rank` 1-based, nodes ranked
+        """infomap's .tree format: `path flow name node_id` per line, the path `m1:m2:…:rank` 1-based, nodes ranked
         by decreasing flow within their module."""
         with open(path, "w") as f:
             f.write(f"# codelength {self.codelength:.9f} bits\n# path flow name node_id\n")
-            for module, rank, i in self._ranked():
-                f.write(f'{module + 1}:{rank + 1} {self.flow[i]:.10g} "{self.node_ids[i]}" {self.node_ids[i]}\n')
+            for p, rank, i in self._ranked():
+                label = ":".join(str(m + 1) for m in (*p, rank))
+                f.write(f'{label} {self.flow[i]:.10g} "{self.node_ids[i]}" {self.node_ids[i]}\n')
 
 
 def _flows(graph: Any, directed: Optional[bool], teleportation_probability: float, recorded_teleportation: bool,
@@ -81,19 +110,34 @@ def map_equation(
     markov_time: float = 1.0,
     num_nodes: Optional[int] = None,
 ) -> MapEquationResult:
-    """The exact two-level codelength L(M) of a partition (Rosvall & Bergstrom 2008), with infomap's flow model:
+    """The exact codelength of a partition or a module tree, with infomap's flow model.
+
+    Two-level (Rosvall & Bergstrom 2008), for a partition M:
 
         L(M) = plogp(Σ_m q_m↶) − Σ_m plogp(q_m↶) − Σ_m plogp(q_m↷) + Σ_m plogp(q_m↷ + p_m) − Σ_α plogp(p_α),
 
     plogp(x) = x log₂ x, p_α the node visit rates, p_m their sum over module m, q_m↶ / q_m↷ the link flow entering /
-    leaving m (see kexue_fast.infomap.flow). graph: (source, target[, weight]) arrays, a scipy.sparse matrix, a
-    networkx or igraph graph, or a .net / link-list path (num_nodes: the node count for link arrays whose last nodes
-    are isolated); modules: one label per node (in node order) or a dict {node id: label}."""
+    leaving m (see kexue_fast.infomap.flow); index_codelength is the first two terms.
+
+    Multilevel (Rosvall & Bergstrom 2011), for a module tree: the sum of every module's codebook. A module whose
+    children are nodes codes them and its exit, plogp(q↷ + Σ_α p_α) − plogp(q↷) − Σ_α plogp(p_α); a module whose
+    children are modules codes their entries and its exit, plogp(q↷ + Σ_c q_c↶) − plogp(q↷) − Σ_c plogp(q_c↶); the
+    root exits nowhere (q↷ = 0) and its codebook is index_codelength.
+
+    graph: (source, target[, weight]) arrays, a scipy.sparse matrix, a networkx or igraph graph, or a .net /
+    link-list path (num_nodes: the node count for link arrays whose last nodes are isolated). modules: one label per
+    node (in node order) or {node id: label}; or a tree: one path of module indices per node (tuples, top level
+    first, e.g. `InfomapResult.paths()` or infomap's `node.path[:-1]`), an int array [n, depth] padded with −1
+    (`InfomapResult.tree`), or {node id: path}. A module's children must be all nodes or all modules."""
     from .. import _core
 
-    g, (node, src, dst, link) = _flows(graph, directed, teleportation_probability, recorded_teleportation,
-                                       markov_time, num_nodes)  # fmt: skip
-    return MapEquationResult(*_core.infomap_map_equation(g.n, node, src, dst, link, module_array(g, modules)))
+    g, (node, src, dst, link, teleport) = _flows(graph, directed, teleportation_probability, recorded_teleportation,
+                                                 markov_time, num_nodes)  # fmt: skip
+    if is_tree(modules):
+        total, index = _core.infomap_tree_codelength(g.n, node, src, dst, link, tree_array(g, modules), teleport)
+        return MapEquationResult(total, index, total - index)
+    return MapEquationResult(*_core.infomap_map_equation(g.n, node, src, dst, link, module_array(g, modules),
+                                                         teleport))  # fmt: skip
 
 
 def infomap(
@@ -111,27 +155,35 @@ def infomap(
     n_threads: Optional[int] = None,
     num_nodes: Optional[int] = None,
 ) -> InfomapResult:
-    """Two-level Infomap: the partition of the nodes that minimizes the map equation (see `map_equation`).
+    """Infomap: the partition (two_level=True) or module tree (two_level=False) of the nodes that minimizes the
+    map equation (see `map_equation`).
 
     The C++ core moves nodes to the neighbouring module that lowers L most (in random order, ΔL from the modules'
-    enter/exit flows), aggregates modules and repeats, fine-tunes, and keeps the best of `num_trials` trials (run in
-    parallel on up to n_threads threads, default all cores; the GIL is released). Deterministic for a given seed."""
+    enter/exit flows), aggregates modules and repeats, and fine- and coarse-tunes. The hierarchical search follows
+    infomap: the coarsest level first (a two-level partition, then super modules on the module graph while they
+    shorten the index code), then each module is split recursively (the same search on its nodes, its exit flow in
+    the new index codebook) while that codes it shorter, and last, modules whose children code shorter one level up
+    are dissolved. The best of `num_trials` trials is kept (run in parallel on up to n_threads threads, default all
+    cores; the GIL is released). Deterministic for a given seed."""
     from .. import _core
 
     if isinstance(num_trials, bool) or not isinstance(num_trials, int) or num_trials < 1:
         raise ValueError(f"num_trials must be a positive int, got {num_trials!r}")
-    if not two_level:
-        raise NotImplementedError("the hierarchical (multilevel) Infomap is not implemented yet; use two_level=True")
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    g, (node, src, dst, link) = _flows(graph, directed, teleportation_probability, recorded_teleportation,
-                                       markov_time, num_nodes)  # fmt: skip
+    g, (node, src, dst, link, teleport) = _flows(graph, directed, teleportation_probability, recorded_teleportation,
+                                                 markov_time, num_nodes)  # fmt: skip
     threads = n_threads if n_threads is not None else (os.cpu_count() or 1)
-    modules, length, index, module, one_level, count, _ = _core.infomap_two_level(
-        g.n, node, src, dst, link, symmetric=not g.directed, num_trials=num_trials, seed=seed,
-        core_loop_limit=core_loop_limit, tune_iteration_limit=tune_iteration_limit, n_threads=threads,
-    )  # fmt: skip
-    return InfomapResult(modules, length, index, module, one_level, int(count), node, g.node_ids)
+    options = dict(symmetric=not g.directed, num_trials=num_trials, seed=seed, core_loop_limit=core_loop_limit,
+                   tune_iteration_limit=tune_iteration_limit, n_threads=threads, teleport=teleport)  # fmt: skip
+    if two_level:
+        modules, length, index, module, one_level, count, _ = _core.infomap_two_level(g.n, node, src, dst, link,
+                                                                                       **options)  # fmt: skip
+        return InfomapResult(modules, length, index, module, one_level, int(count), node, g.node_ids)
+    paths, length, index, one_level, _ = _core.infomap_multilevel(g.n, node, src, dst, link, **options)
+    tree = np.ascontiguousarray(paths.T)
+    return InfomapResult(tree[:, 0].copy(), length, index, length - index, one_level, int(tree[:, 0].max()) + 1,
+                         node, g.node_ids, tree)  # fmt: skip
 
 
 __all__ = ["Graph", "InfomapResult", "MapEquationResult", "infomap", "map_equation"]

@@ -164,3 +164,43 @@ def module_array(graph: Graph, modules: Any) -> np.ndarray:
             raise ValueError(f"modules must give one module per node ({graph.n}), got {len(labels)}")
     _, inverse = np.unique(np.asarray(labels), return_inverse=True)
     return inverse.astype(np.int64)
+
+
+def is_tree(modules: Any) -> bool:
+    """True when `modules` gives each node a path of modules (a 2-D array, or per-node tuples/lists) rather than
+    one label."""
+    if isinstance(modules, np.ndarray):
+        return modules.ndim == 2
+    values = modules.values() if isinstance(modules, dict) else modules
+    first = next(iter(values), None)
+    return isinstance(first, (tuple, list, np.ndarray))
+
+
+def tree_array(graph: Graph, tree: Any) -> np.ndarray:
+    """A module tree as int64 paths [depth, n] (−1 below each node's module), from an array [n, depth] padded with
+    −1, per-node sequences of module indices from the top (tuples of any length ≥ 1), or {node id: path}."""
+    if isinstance(tree, dict):
+        try:
+            rows = [tree[v] for v in graph.node_ids]
+        except KeyError as e:
+            raise ValueError(f"tree has no entry for node {e.args[0]!r}") from None
+    elif isinstance(tree, np.ndarray):
+        if tree.ndim != 2 or tree.shape[0] != graph.n:
+            raise ValueError(f"a tree array must have shape [n, depth] with n = {graph.n}, got {tuple(tree.shape)}")
+        if not np.issubdtype(tree.dtype, np.integer):
+            raise TypeError(f"a tree array must hold integers, got {tree.dtype}")
+        return np.ascontiguousarray(tree.T, dtype=np.int64)
+    else:
+        rows = list(tree)
+    if len(rows) != graph.n:
+        raise ValueError(f"tree must give one path per node ({graph.n}), got {len(rows)}")
+    depth = max((len(r) for r in rows), default=0)
+    if depth == 0 or any(len(r) == 0 for r in rows):
+        raise ValueError("every node's path needs at least one module")
+    out = np.full((depth, graph.n), -1, dtype=np.int64)
+    for i, r in enumerate(rows):
+        path = np.asarray(r)
+        if not np.issubdtype(path.dtype, np.integer) or (path < 0).any():
+            raise ValueError(f"node {graph.node_ids[i]!r}: a path holds non-negative integers, got {tuple(r)!r}")
+        out[: len(path), i] = path
+    return out

@@ -1,0 +1,126 @@
+"""The Self-Orthogonality regularizer: its cost inside a small CNN's training step, and the cheap vs direct formula.
+
+1. Overhead: one SGD step of a small CIFAR-shaped CNN (4 conv + BN + ReLU, 2 max-pools, a linear head; float32,
+   batch 32 at 32×32) with and without SOM on its four convolution outputs (kexue_fast.nn.SelfOrthogonality,
+   γ = 10, λ₁ = 100, λ₂ = 1). Reported: ms per step and the overhead (with / without − 1); the issue's goal is ≤ 10%.
+   On CUDA the step with SOM runs three times: the torch backend, the fused Triton kernel with IEEE float32 dots
+   (torch's default for matmuls), and the kernel with TF32 dots (torch.backends.cuda.matmul.allow_tf32 = True).
+2. Formula: forward + backward of R for one layer output Y [b, k] by the definition (Θ = ẐᵀẐ materialized,
+   kexue_fast.ortho.reference.som_direct) and by som_regularizer (the ẐẐᵀ identity when b < k; the k×k Gram with
+   off-diagonal sums on Θ when b ≥ k; the Triton kernel on CUDA).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from kexue_fast.nn.self_orthogonality import SelfOrthogonality
+from kexue_fast.ortho import reference, som_regularizer
+
+from .common import markdown_table, metadata, time_contestants, write_results
+
+
+def small_cnn() -> nn.Sequential:
+    def block(cin: int, cout: int) -> List[nn.Module]:
+        return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
+
+    return nn.Sequential(*block(3, 32), *block(32, 32), nn.MaxPool2d(2), *block(32, 64), *block(64, 64),
+                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64 * 8 * 8, 10))  # fmt: skip
+
+
+def training_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, som: SelfOrthogonality,
+                  backend: Optional[str], opt: torch.optim.Optimizer) -> Callable[[], None]:  # fmt: skip
+    """One SGD step; with backend=None the hooks' records are dropped unused (the plain step)."""
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(model(x), target)
+        if backend is None:
+            som.clear()
+        else:
+            som.backend = backend.split()[0]
+            tf32 = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = backend.endswith("tf32")  # the kernel's dots follow torch's flag
+            try:
+                loss = loss + som.loss()
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = tf32
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def overhead_rows(device: str, batch: int, reps: int) -> List[list]:
+    torch.manual_seed(0)
+    model = small_cnn().to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)  # small steps: the weights barely move over the timing
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    target = torch.randint(0, 10, (batch,), device=device)
+    som = SelfOrthogonality(model)  # hooks on the four convolutions
+    steps: Dict[str, Callable[[], None]] = {"step": training_step(model, x, target, som, None, opt)}
+    for backend in ["torch"] + (["triton", "triton tf32"] if device == "cuda" else []):
+        steps[f"step + SOM ({backend})"] = training_step(model, x, target, som, backend, opt)
+    times = time_contestants(steps, device, reps)
+    som.remove()
+    base = times["step"]
+    rows = []
+    for name, t in times.items():
+        over = "" if name == "step" else f"{(t / base - 1) * 100:+.1f}%"
+        rows.append([f"CNN, batch {batch}", name, f"{t * 1e3:.2f}", over])
+    return rows
+
+
+def _grad_of(fn: Callable[[torch.Tensor], torch.Tensor], y: torch.Tensor) -> Callable[[], None]:
+    def run() -> None:
+        torch.autograd.grad(fn(y), y)
+
+    return run
+
+
+def formula_rows(device: str, shapes, reps: int) -> List[list]:
+    rows = []
+    for b, k in shapes:
+        y = (torch.randn(b, k, device=device) * 0.3).requires_grad_()
+        contestants = {
+            "direct": _grad_of(reference.som_direct, y),
+            "som_regularizer (torch)": _grad_of(lambda t: som_regularizer(t, backend="torch"), y),
+        }
+        if device == "cuda":
+            contestants["som_regularizer (triton)"] = _grad_of(lambda t: som_regularizer(t, backend="triton"), y)
+        times = time_contestants(contestants, device, reps)
+        for name, t in times.items():
+            speed = "" if name == "direct" else f"{times['direct'] / t:.2f}x"
+            rows.append([f"b={b} k={k}", name, f"{t * 1e3:.3f}", speed])
+    return rows
+
+
+def run(out_dir: Path, quick: bool = True, device: str = "cpu") -> Path:
+    reps = 10 if quick else 40
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(1)  # one thread: less noise from other processes on a shared machine
+    meta = metadata(device)
+    try:
+        rows = overhead_rows(device, 32 if device == "cpu" else 256, reps)
+        print(f"  ortho/{device}: overhead done", flush=True)
+        shapes = [(64, 1024), (128, 4096), (4096, 64), (16384, 128)]
+        if device == "cuda":
+            shapes += [(131072, 64), (32768, 256)]
+        formula = formula_rows(device, shapes, reps)
+    finally:
+        torch.set_num_threads(threads)
+    notes = (
+        "Formula: forward + backward of R for one float32 Y [b, k] (γ = 10, λ₁ = 100, λ₂ = 1), median of "
+        f"{reps} interleaved repetitions"
+        + (" (1 thread)" if device == "cpu" else " (triton.testing.do_bench)")
+        + "; direct = Θ = ẐᵀẐ materialized (kexue_fast.ortho.reference.som_direct).\n\n"
+        + markdown_table(["shape", "contestant", "ms", "speed-up vs direct"], formula)
+    )
+    header = ["model", "contestant", "ms / step", "overhead vs step"]
+    title = "Self-Orthogonality regularizer: training-step overhead and formula cost"
+    return write_results(out_dir, f"ortho-{device}", title, meta, header, rows, notes)

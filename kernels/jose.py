@@ -1,0 +1,196 @@
+"""Triton kernels of the JoSE mini-batch trainer: tangential hinge steps on gathered rows, then the retraction.
+
+A batch holds B triples of row indices. The step kernels read every row at its batch-start value, evaluate the hinge
+(separate: f − h < m with f = uᵀv, h = u'ᵀv; joint: f + g − h − k < m), and atomically add the tangential steps
+α c t (kexue_fast/jose/reference.py gives t and c for each vector and rule) into delta buffers shaped like the
+tables; the retraction kernel then sets x ← (x + Δx)/‖x + Δx‖ and Δx ← 0 on the touched rows. A row touched by one
+triple gets exactly the reference update; rows shared inside a batch get the sum of their steps (Hogwild-like
+mini-batch semantics). One program handles BLOCK_T triples × the whole (padded) dimension. No autograd, no dispatch.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+RULES = {"paper": 0, "jose_c": 1}
+TINY = 1.1754943508222875e-38  # float32 min normal: guards ‖u − u'‖ and ‖v + d‖ against 0
+
+
+@triton.jit
+def _rows(ptr, idx, cols, mask2, D):
+    return tl.load(ptr + idx[:, None].to(tl.int64) * D + cols[None, :], mask=mask2, other=0.0)
+
+
+@triton.jit
+def _jose_separate_step_kernel(
+    u_ptr, v_ptr, du_ptr, dv_ptr, ui_ptr, vi_ptr, ni_ptr, loss_ptr, n, D, alpha, margin,
+    RULE: tl.constexpr, MOVE_WORDS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_D)
+    tmask = t < n
+    mask2 = tmask[:, None] & (cols[None, :] < D)
+    ui = tl.load(ui_ptr + t, mask=tmask, other=0)
+    vi = tl.load(vi_ptr + t, mask=tmask, other=0)
+    ni = tl.load(ni_ptr + t, mask=tmask, other=0)
+    u = _rows(u_ptr, ui, cols, mask2, D)
+    v = _rows(v_ptr, vi, cols, mask2, D)
+    un = _rows(u_ptr, ni, cols, mask2, D)
+    f = tl.sum(u * v, axis=1)
+    h = tl.sum(un * v, axis=1)
+    active = tmask & ((f - h) < margin)
+    tl.store(loss_ptr + t, tl.where(active, margin - (f - h), 0.0), mask=tmask)
+    act2 = mask2 & active[:, None]
+    diff = u - un
+    if RULE == 1:
+        c_v = 1.0 - (f - h)
+    else:
+        dist = tl.maximum(tl.sqrt(tl.sum(diff * diff, axis=1)), 1.1754943508222875e-38)
+        c_v = 1.0 + (h - f) / dist
+    step_v = (alpha * c_v)[:, None] * (diff - (f - h)[:, None] * v)
+    tl.atomic_add(dv_ptr + vi[:, None].to(tl.int64) * D + cols[None, :], step_v, mask=act2)
+    if MOVE_WORDS:
+        step_u = (alpha * (1.0 - f))[:, None] * (v - f[:, None] * u)
+        if RULE == 1:
+            c_n = 2.0 * h
+        else:
+            c_n = 1.0 + h
+        step_n = (alpha * c_n)[:, None] * (h[:, None] * un - v)
+        tl.atomic_add(du_ptr + ui[:, None].to(tl.int64) * D + cols[None, :], step_u, mask=act2)
+        tl.atomic_add(du_ptr + ni[:, None].to(tl.int64) * D + cols[None, :], step_n, mask=act2)
+
+
+@triton.jit
+def _jose_joint_step_kernel(
+    u_ptr, v_ptr, d_ptr, du_ptr, dv_ptr, dd_ptr, ui_ptr, vi_ptr, di_ptr, ni_ptr, loss_ptr, n, D, alpha, margin,
+    RULE: tl.constexpr, MOVE_WORDS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_D)
+    tmask = t < n
+    mask2 = tmask[:, None] & (cols[None, :] < D)
+    ui = tl.load(ui_ptr + t, mask=tmask, other=0)
+    vi = tl.load(vi_ptr + t, mask=tmask, other=0)
+    di = tl.load(di_ptr + t, mask=tmask, other=0)
+    ni = tl.load(ni_ptr + t, mask=tmask, other=0)
+    u = _rows(u_ptr, ui, cols, mask2, D)
+    v = _rows(v_ptr, vi, cols, mask2, D)
+    d = _rows(d_ptr, di, cols, mask2, D)
+    un = _rows(u_ptr, ni, cols, mask2, D)
+    f = tl.sum(u * v, axis=1)
+    g = tl.sum(u * d, axis=1)
+    h = tl.sum(un * v, axis=1)
+    k = tl.sum(un * d, axis=1)
+    gap = f + g - h - k
+    active = tmask & (gap < margin)
+    tl.store(loss_ptr + t, tl.where(active, margin - gap, 0.0), mask=tmask)
+    act2 = mask2 & active[:, None]
+    diff = u - un
+    if RULE == 1:
+        c_d = 1.0 - (g - k)
+    else:
+        dist = tl.maximum(tl.sqrt(tl.sum(diff * diff, axis=1)), 1.1754943508222875e-38)
+        c_d = 1.0 + (k - g) / dist
+    step_d = (alpha * c_d)[:, None] * (diff - (g - k)[:, None] * d)
+    tl.atomic_add(dd_ptr + di[:, None].to(tl.int64) * D + cols[None, :], step_d, mask=act2)
+    if MOVE_WORDS:
+        s = v + d
+        s_norm = tl.maximum(tl.sqrt(tl.sum(s * s, axis=1)), 1.1754943508222875e-38)
+        step_u = (alpha * (1.0 - (f + g) / s_norm))[:, None] * (s - (f + g)[:, None] * u)
+        if RULE == 1:
+            c_n = 2.0 * (h + k) / s_norm
+            c_v = 1.0 - (f - h)
+        else:
+            c_n = 1.0 + (h + k) / s_norm
+            c_v = 1.0 + (h - f) / tl.maximum(tl.sqrt(tl.sum(diff * diff, axis=1)), 1.1754943508222875e-38)
+        step_n = (alpha * c_n)[:, None] * ((h + k)[:, None] * un - s)
+        step_v = (alpha * c_v)[:, None] * (diff - (f - h)[:, None] * v)
+        tl.atomic_add(du_ptr + ui[:, None].to(tl.int64) * D + cols[None, :], step_u, mask=act2)
+        tl.atomic_add(du_ptr + ni[:, None].to(tl.int64) * D + cols[None, :], step_n, mask=act2)
+        tl.atomic_add(dv_ptr + vi[:, None].to(tl.int64) * D + cols[None, :], step_v, mask=act2)
+
+
+@triton.jit
+def _jose_retract_kernel(x_ptr, dx_ptr, rows_ptr, n, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)
+    r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    rmask = r < n
+    mask2 = rmask[:, None] & (cols[None, :] < D)
+    rows = tl.load(rows_ptr + r, mask=rmask, other=0).to(tl.int64)
+    offs = rows[:, None] * D + cols[None, :]
+    y = tl.load(x_ptr + offs, mask=mask2, other=0.0) + tl.load(dx_ptr + offs, mask=mask2, other=0.0)
+    norm = tl.where(rmask, tl.sqrt(tl.sum(y * y, axis=1)), 1.0)  # padded rows: no 0/0
+    tl.store(x_ptr + offs, y / norm[:, None], mask=mask2)
+    tl.store(dx_ptr + offs, tl.zeros_like(y), mask=mask2)
+
+
+def _check(name: str, t: Tensor, dtype: Optional[torch.dtype] = None, ndim: Optional[int] = None) -> None:
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype}; got {t.dtype}")
+    if ndim is not None and t.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D; got {t.ndim}-D")
+
+
+def _block_t(dim: int) -> int:
+    return max(1, min(32, 4096 // triton.next_power_of_2(dim)))
+
+
+def separate_step(u: Tensor, v: Tensor, du: Tensor, dv: Tensor, ui: Tensor, vi: Tensor, ni: Tensor, alpha: float,
+                  margin: float, rule: str, move_words: bool = True) -> Tensor:  # fmt: skip
+    """Separate-hinge steps of B triples (u[ui], v[vi], u[ni]) added into du, dv; returns the hinge values [B]."""
+    for name, t in (("u", u), ("v", v), ("du", du), ("dv", dv)):
+        _check(name, t, u.dtype, 2)
+    for name, t in (("ui", ui), ("vi", vi), ("ni", ni)):
+        _check(name, t, None, 1)
+    n, dim = ui.shape[0], u.shape[1]
+    loss = torch.empty(n, dtype=u.dtype, device=u.device)
+    if n == 0:
+        return loss
+    bt, bd = _block_t(dim), triton.next_power_of_2(dim)
+    _jose_separate_step_kernel[(triton.cdiv(n, bt),)](
+        u, v, du, dv, ui, vi, ni, loss, n, dim, float(alpha), float(margin),
+        RULE=RULES[rule], MOVE_WORDS=bool(move_words), BLOCK_T=bt, BLOCK_D=bd,
+    )  # fmt: skip
+    return loss
+
+
+def joint_step(u: Tensor, v: Tensor, d: Tensor, du: Tensor, dv: Tensor, dd: Tensor, ui: Tensor, vi: Tensor,
+               di: Tensor, ni: Tensor, alpha: float, margin: float, rule: str,
+               move_words: bool = True) -> Tensor:  # fmt: skip
+    """Joint-hinge steps of B quadruples (u[ui], v[vi], d[di], u[ni]) added into du, dv, dd; returns the hinges [B]."""
+    for name, t in (("u", u), ("v", v), ("d", d), ("du", du), ("dv", dv), ("dd", dd)):
+        _check(name, t, u.dtype, 2)
+    for name, t in (("ui", ui), ("vi", vi), ("di", di), ("ni", ni)):
+        _check(name, t, None, 1)
+    n, dim = ui.shape[0], u.shape[1]
+    loss = torch.empty(n, dtype=u.dtype, device=u.device)
+    if n == 0:
+        return loss
+    bt, bd = _block_t(dim), triton.next_power_of_2(dim)
+    _jose_joint_step_kernel[(triton.cdiv(n, bt),)](
+        u, v, d, du, dv, dd, ui, vi, di, ni, loss, n, dim, float(alpha), float(margin),
+        RULE=RULES[rule], MOVE_WORDS=bool(move_words), BLOCK_T=bt, BLOCK_D=bd,
+    )  # fmt: skip
+    return loss
+
+
+def retract(x: Tensor, dx: Tensor, rows: Tensor) -> None:
+    """x[r] ← (x[r] + dx[r]) / ‖x[r] + dx[r]‖ and dx[r] ← 0 for the (unique) rows r, in place."""
+    _check("x", x, None, 2)
+    _check("dx", dx, x.dtype, 2)
+    _check("rows", rows, None, 1)
+    n, dim = rows.shape[0], x.shape[1]
+    if n == 0:
+        return
+    br, bd = _block_t(dim), triton.next_power_of_2(dim)
+    _jose_retract_kernel[(triton.cdiv(n, br),)](x, dx, rows, n, dim, BLOCK_R=br, BLOCK_D=bd)

@@ -1,0 +1,252 @@
+"""Triton kernels for the Self-Orthogonality regularizer, grouped over every hooked layer, never writing Z or Ẑ.
+
+Each layer output is read in place as a contiguous [N, C, S] array: row r = (n, s) = (r // S, r % S) of the
+b = N·S rows, channel c < k = C (S = 1 for a [b, k] output, S = H·W for an NCHW convolution's). Z = tanh(γY) lives
+only in registers, recomputed wherever it is needed.
+
+Forward, `_som_gram_kernel`:  G = ZᵀZ [k, k]. The column normalization is exact algebra on G (Θ = D⁻¹GD⁻¹ with
+D = diag(√G_ii)), done by the caller on k×k matrices. Programs are (layer, tile pair ti ≤ tj, row chunk) from a
+work table; each writes its BC×BC partial tile to its own slot, and the caller adds the chunks in float64 in a fixed
+order (deterministic: no atomics).
+Backward, `_som_grad_kernel`:  with A = Ḡ + Ḡᵀ (Ḡ = ∂R/∂G from the caller),  ∂R/∂Y = γ(1 − Z²) ⊙ (Z A);
+programs are (layer, row block, column block); Z is recomputed for the K loop and for the epilogue.
+
+tanh is built from exp (libdevice is unavailable in the interpreter): an odd Taylor polynomial for |x| < 0.3 (11
+terms, ≤ 1 ulp in float64) and (1 − e^{−2|x|})/(1 + e^{−2|x|}) above. No autograd and no dispatch here: see
+kexue_fast.ortho.som.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64, torch.float16: tl.float16,
+              torch.bfloat16: tl.bfloat16}  # fmt: skip
+SUPPORTED_DTYPES = tuple(_TL_DTYPES)
+Layout = Tuple[int, int, int]  # (N, C, S)
+
+
+@triton.jit
+def _tanh(x):
+    a = tl.abs(x)
+    x2 = a * a
+    # tanh(a) = a Σ_n c_n a^{2n}, c_n = 2^{2n+2}(2^{2n+2} − 1) B_{2n+2} / (2n+2)!
+    p = x2 * 9.691537956929451e-05 - 0.00023912911424355248
+    p = p * x2 + 0.000590027440945586
+    p = p * x2 - 0.0014558343870513183
+    p = p * x2 + 0.003592128036572481
+    p = p * x2 - 0.008863235529902197
+    p = p * x2 + 0.021869488536155203
+    p = p * x2 - 0.05396825396825397
+    p = p * x2 + 0.13333333333333333
+    p = p * x2 - 0.3333333333333333
+    p = p * x2 + 1.0
+    t = tl.exp(-2.0 * a)
+    r = tl.where(a < 0.3, a * p, (1.0 - t) / (1.0 + t))
+    return tl.where(x < 0, -r, r)
+
+
+@triton.jit
+def _load_z(y, rows, cols, b, C, S, gamma, ACC: tl.constexpr):
+    """tanh(γY)[rows, cols] as ACC, zero outside the layer; and the element offsets of the block."""
+    n = rows // S
+    offs = (n * C * S + (rows - n * S))[:, None] + cols[None, :].to(tl.int64) * S
+    mask = (rows[:, None] < b) & (cols[None, :] < C)
+    x = tl.load(y + offs, mask=mask, other=0.0).to(ACC)
+    return _tanh(x * gamma), offs, mask
+
+
+@triton.jit
+def _som_gram_kernel(
+    y_ptrs, meta_ptr, work_ptr, part_ptr, gamma, R,
+    DTYPE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    slot = pid // R
+    chunk = pid - slot * R
+    layer = tl.load(work_ptr + slot * 3)
+    ti = tl.load(work_ptr + slot * 3 + 1)
+    tj = tl.load(work_ptr + slot * 3 + 2)
+    y = tl.load(y_ptrs + layer).to(tl.pointer_type(DTYPE))
+    N = tl.load(meta_ptr + layer * 3)
+    C = tl.load(meta_ptr + layer * 3 + 1)
+    S = tl.load(meta_ptr + layer * 3 + 2)
+    b = N * S
+    per_chunk = tl.cdiv(tl.cdiv(b, R), BR) * BR
+    r0 = chunk * per_chunk
+    r1 = tl.minimum(r0 + per_chunk, b)
+    ci = ti * BC + tl.arange(0, BC)
+    cj = tj * BC + tl.arange(0, BC)
+    acc = tl.zeros([BC, BC], dtype=ACC)
+    for r in range(r0, r1, BR):
+        rows = r + tl.arange(0, BR).to(tl.int64)
+        za, _, _ = _load_z(y, rows, ci, b, C, S, gamma, ACC)
+        zb, _, _ = _load_z(y, rows, cj, b, C, S, gamma, ACC)  # the same block on diagonal tiles (an L1 hit)
+        acc += tl.dot(tl.trans(za), zb, input_precision=PREC)
+    t = tl.arange(0, BC)
+    tl.store(part_ptr + pid.to(tl.int64) * BC * BC + t[:, None] * BC + t[None, :], acc)
+
+
+@triton.jit
+def _som_grad_kernel(
+    y_ptrs, meta_ptr, work_ptr, a_ptr, dy_ptr, gamma, KP,
+    DTYPE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    layer = tl.load(work_ptr + pid * 3)
+    rb = tl.load(work_ptr + pid * 3 + 1)
+    cb = tl.load(work_ptr + pid * 3 + 2)
+    y = tl.load(y_ptrs + layer).to(tl.pointer_type(DTYPE))
+    N = tl.load(meta_ptr + layer * 4)
+    C = tl.load(meta_ptr + layer * 4 + 1)
+    S = tl.load(meta_ptr + layer * 4 + 2)
+    out = tl.load(meta_ptr + layer * 4 + 3)
+    b = N * S
+    rows = rb.to(tl.int64) * BR + tl.arange(0, BR)
+    cols = cb * BC + tl.arange(0, BC)
+    a_base = a_ptr + layer.to(tl.int64) * KP * KP
+    acc = tl.zeros([BR, BC], dtype=ACC)
+    for k0 in range(0, C, BC):
+        ks = k0 + tl.arange(0, BC)
+        z, _, _ = _load_z(y, rows, ks, b, C, S, gamma, ACC)
+        a = tl.load(a_base + ks[:, None] * KP + cols[None, :])  # A is zero-padded to [KP, KP], KP a multiple of BC
+        acc += tl.dot(z, a, input_precision=PREC)
+    zc, offs, mask = _load_z(y, rows, cols, b, C, S, gamma, ACC)
+    grad = gamma * (1.0 - zc * zc) * acc
+    tl.store(dy_ptr + out + offs, grad.to(DTYPE), mask=mask)
+
+
+# Tables depend only on shapes and data pointers; steady-state training steps (the caching allocator hands the same
+# addresses back) reuse them instead of copying host memory to the device.
+_TABLE_CACHE: OrderedDict[tuple, Tuple[Tensor, ...]] = OrderedDict()
+_TABLE_CACHE_SIZE = 64
+
+
+def _cached(key: tuple, build):
+    hit = _TABLE_CACHE.get(key)
+    if hit is not None:
+        _TABLE_CACHE.move_to_end(key)
+        return hit
+    entry = build()
+    _TABLE_CACHE[key] = entry
+    if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
+        _TABLE_CACHE.popitem(last=False)
+    return entry
+
+
+def _check(ys: Sequence[Tensor], layouts: Sequence[Layout]) -> None:
+    if not ys or len(ys) != len(layouts):
+        raise ValueError("som kernels need one (N, C, S) layout per layer output, and at least one layer")
+    y0 = ys[0]
+    if y0.dtype not in _TL_DTYPES:
+        raise TypeError(f"the SOM Triton kernels support {[str(d) for d in _TL_DTYPES]}, got {y0.dtype}")
+    for i, (y, (n, c, s)) in enumerate(zip(ys, layouts)):
+        if y.dtype != y0.dtype or y.device != y0.device or not y.is_contiguous() or y.numel() != n * c * s:
+            raise ValueError(f"ys[{i}] must be a contiguous {y0.dtype} tensor on {y0.device} of {n}·{c}·{s} elements")
+        if n * s < 1 or c < 1:
+            raise ValueError(f"ys[{i}] has an empty layout (N, C, S) = {(n, c, s)}")
+
+
+def _acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _precision(dtype: torch.dtype, device: torch.device) -> str:
+    """float32 dots follow torch's matmul setting (tf32 only where torch would use it)."""
+    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def tile_width(max_c: int) -> int:
+    """BC, the Gram tile width: the padded width KP of gram_matrices is the multiple of BC covering max_c."""
+    return max(16, min(64, 1 << (max_c - 1).bit_length()))
+
+
+def _blocks(dtype: torch.dtype, device: torch.device, max_c: int) -> Tuple[int, int]:
+    bc = tile_width(max_c)
+    if device.type != "cuda":
+        return 16, bc  # interpreter: small blocks keep the numpy emulation quick
+    return (32 if dtype == torch.float64 else 64), bc
+
+
+def gram_matrices(ys: Sequence[Tensor], layouts: Sequence[Layout], gamma: float, chunks: Optional[int] = None):
+    """G_ℓ = tanh(γY_ℓ)ᵀ tanh(γY_ℓ) of every layer as one zero-padded float64 [L, KP, KP] tensor (KP ≥ max k,
+    a multiple of the tile), and KP. ys[ℓ]: contiguous, shaped anyhow, read as layouts[ℓ] = (N, C, S); one dtype
+    and device for all. chunks: row chunks per tile (default: enough programs to fill the GPU)."""
+    _check(ys, layouts)
+    y0 = ys[0]
+    device, dtype = y0.device, y0.dtype
+    br, bc = _blocks(dtype, device, max(c for _, c, _ in layouts))
+    nts = [triton.cdiv(c, bc) for _, c, _ in layouts]
+    nt_max = max(nts)
+    pairs = [(g, i, j) for g, nt in enumerate(nts) for i in range(nt) for j in range(i, nt)]
+    max_rows = max(n * s for n, _, s in layouts)
+    if chunks is None:
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+        chunks = triton.cdiv(target, len(pairs))
+    chunks = max(1, min(int(chunks), triton.cdiv(max_rows, br)))
+
+    def build():
+        host = torch.tensor([*[y.data_ptr() for y in ys], *[v for lay in layouts for v in lay],
+                             *[v for p in pairs for v in p]], dtype=torch.int64)  # fmt: skip
+        dev = host.to(device)
+        ptrs, meta, work = dev.split([len(ys), 3 * len(ys), 3 * len(pairs)])
+        index = torch.tensor(pairs, dtype=torch.int64, device=device).T
+        return ptrs, meta, work, index
+
+    key = ("gram", device, br, bc, chunks, tuple(layouts), tuple(y.data_ptr() for y in ys))
+    ptrs, meta, work, index = _cached(key, build)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    part = torch.empty((len(pairs) * chunks, bc, bc), dtype=acc, device=device)
+    _som_gram_kernel[(len(pairs) * chunks,)](
+        ptrs, meta, work, part, float(gamma), chunks,
+        DTYPE=_TL_DTYPES[dtype], ACC=_acc(dtype), PREC=_precision(dtype, device), BR=br, BC=bc,
+    )  # fmt: skip
+    tiles_sum = part.view(len(pairs), chunks, bc, bc).sum(1, dtype=torch.float64)
+    tiles = torch.zeros((len(ys), nt_max, nt_max, bc, bc), dtype=torch.float64, device=device)
+    g, ti, tj = index
+    tiles[g, tj, ti] = tiles_sum.mT  # the lower triangle first: the diagonal tiles are then overwritten as computed
+    tiles[g, ti, tj] = tiles_sum
+    kp = nt_max * bc
+    return tiles.permute(0, 1, 3, 2, 4).reshape(len(ys), kp, kp), kp
+
+
+def gram_backward(ys: Sequence[Tensor], layouts: Sequence[Layout], gamma: float, a: Tensor) -> Tensor:
+    """∂R/∂Y_ℓ = γ(1 − Z_ℓ²) ⊙ (Z_ℓ A_ℓ) for every layer, packed flat (layer ℓ's gradient, in ys[ℓ]'s element
+    order and dtype, follows those of the layers before it). a: [L, KP, KP] with A_ℓ = Ḡ_ℓ + Ḡ_ℓᵀ zero-padded (KP as
+    returned by gram_matrices)."""
+    _check(ys, layouts)
+    y0 = ys[0]
+    device, dtype = y0.device, y0.dtype
+    br, bc = _blocks(dtype, device, max(c for _, c, _ in layouts))
+    kp = a.shape[-1]
+    if a.shape != (len(ys), kp, kp) or kp % bc or kp < max(c for _, c, _ in layouts):
+        raise ValueError(f"a must be [L, KP, KP] with KP a multiple of {bc} covering every layer, got {tuple(a.shape)}")
+    a = a.to(device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32).contiguous()
+    offsets, total = [], 0
+    for y in ys:
+        offsets.append(total)
+        total += y.numel()
+    work = [(g, rb, cb) for g, (n, c, s) in enumerate(layouts) for rb in range(triton.cdiv(n * s, br))
+            for cb in range(triton.cdiv(c, bc))]  # fmt: skip
+
+    def build():
+        meta = [v for (n, c, s), off in zip(layouts, offsets) for v in (n, c, s, off)]
+        host = torch.tensor([*[y.data_ptr() for y in ys], *meta, *[v for w in work for v in w]], dtype=torch.int64)
+        return tuple(host.to(device).split([len(ys), 4 * len(ys), 3 * len(work)]))
+
+    key = ("grad", device, br, bc, tuple(layouts), tuple(y.data_ptr() for y in ys))
+    ptrs, meta, work_t = _cached(key, build)
+    flat = torch.empty(total, dtype=dtype, device=device)
+    _som_grad_kernel[(len(work),)](
+        ptrs, meta, work_t, a, flat, float(gamma), kp,
+        DTYPE=_TL_DTYPES[dtype], ACC=_acc(dtype), PREC=_precision(dtype, device), BR=br, BC=bc,
+    )  # fmt: skip
+    return flat

@@ -1,0 +1,85 @@
+"""`SelfOrthogonality`: hooks a model's layers and returns the SOM regularizer of their outputs in one grouped call."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+from torch import Tensor, nn
+
+from ..ortho.hooks import LayerSpec, OutputRecorder
+from ..ortho.som import check_hyperparameters, som_regularizer
+
+
+class SelfOrthogonality(nn.Module):
+    """The Self-Orthogonality Module (Zhang et al. 2020; kexue.fm "Self-Orthogonality Module") as a plug-in.
+
+    Attaches forward hooks to `layers` of `model` (None: every Conv1d/2d/3d; a type or tuple of types; or names /
+    submodules) and records their outputs Y during training forwards. loss() (or calling the module) returns
+        Σ_layers  λ₁(Σ_{i≠j}Θ_ij)² + λ₂Σ_{i≠j}Θ_ij²,   Θ = ẐᵀẐ,  Ẑ = column-normalized tanh(γY) [b, k]
+    over everything recorded since the last loss() — all layers in one kernel launch on CUDA
+    (kexue_fast.ortho.som_regularizer) — and forgets the records. Channels: axis 1 (convolutions), the last axis
+    for nn.Linear, or `channel_dim`. The model is not registered as a submodule (no parameters, no state).
+
+        som = SelfOrthogonality(model)
+        loss = criterion(model(x), target) + som.loss()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: LayerSpec = None,
+        *,
+        gamma: float = 10.0,
+        lambda1: float = 100.0,
+        lambda2: float = 1.0,
+        eps: float = 1e-12,
+        channel_dim: Optional[Union[int, Sequence[int]]] = None,
+        record_in_eval: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        check_hyperparameters(gamma, lambda1, lambda2, eps)
+        self.gamma, self.lambda1, self.lambda2, self.eps = float(gamma), float(lambda1), float(lambda2), float(eps)
+        self.backend = backend
+        self.recorder = OutputRecorder(model, layers, channel_dim=channel_dim, record_in_eval=record_in_eval)
+
+    @property
+    def layer_names(self):
+        return self.recorder.names
+
+    def loss(self, *, clear: bool = True, reduction: str = "sum") -> Tensor:
+        """The regularizer of the recorded outputs (reduction "none": one value per recorded output, in call order).
+        Raises RuntimeError when nothing was recorded (no training-mode forward since the last loss())."""
+        records = self.recorder.take() if clear else list(self.recorder.records)
+        if not records:
+            raise RuntimeError("SelfOrthogonality recorded no outputs: run a forward pass of the model in training "
+                               "mode with gradients enabled before loss() (or pass record_in_eval=True)")  # fmt: skip
+        return som_regularizer(
+            [y for y, _ in records],
+            gamma=self.gamma,
+            lambda1=self.lambda1,
+            lambda2=self.lambda2,
+            channel_dim=[d for _, d in records],
+            eps=self.eps,
+            reduction=reduction,
+            backend=self.backend,
+        )
+
+    def forward(self) -> Tensor:
+        return self.loss()
+
+    def clear(self) -> None:
+        self.recorder.clear()
+
+    def remove(self) -> None:
+        """Detach the hooks (the module then records nothing)."""
+        self.recorder.remove()
+
+    def __enter__(self) -> SelfOrthogonality:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def extra_repr(self) -> str:
+        return f"layers={self.layer_names}, gamma={self.gamma}, lambda1={self.lambda1}, lambda2={self.lambda2}"

@@ -1,0 +1,115 @@
+"""`OutputRecorder`: forward hooks that keep chosen layers' outputs (and their channel axis) until a loss takes them."""
+
+from __future__ import annotations
+
+from typing import Iterable, List, Optional, Sequence, Tuple, Type, Union
+
+import torch
+from torch import Tensor, nn
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+DEFAULT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+LayerSpec = Union[None, Type[nn.Module], Tuple[Type[nn.Module], ...], Iterable[Union[str, nn.Module]]]
+
+
+def default_channel_dim(module: nn.Module) -> int:
+    """The channel (neuron) axis of a module's output: last for nn.Linear / nn.Bilinear, 1 otherwise (NC...)."""
+    return -1 if isinstance(module, (nn.Linear, nn.Bilinear)) else 1
+
+
+def resolve_layers(model: nn.Module, layers: LayerSpec) -> List[Tuple[str, nn.Module]]:
+    """(name, module) pairs: layers=None → every Conv1d/2d/3d; a module type (or tuple of types) → every module of
+    it; else an iterable of names (as in model.named_modules()) and/or submodules."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    named = list(model.named_modules())
+    if layers is None:
+        layers = DEFAULT_LAYERS
+    if isinstance(layers, type) or (isinstance(layers, tuple) and layers and all(isinstance(t, type) for t in layers)):
+        found = [(name, m) for name, m in named if isinstance(m, layers)]
+        if not found:
+            raise ValueError(f"model has no module of type {layers}: pass layers= explicitly")
+        return found
+    if isinstance(layers, (str, nn.Module)):
+        layers = [layers]
+    by_name = dict(named)
+    by_id = {id(m): name for name, m in named}
+    found = []
+    for item in layers:  # type: ignore[union-attr]
+        if isinstance(item, str):
+            if item not in by_name:
+                raise ValueError(f"layers: model has no submodule named {item!r}")
+            found.append((item, by_name[item]))
+        elif isinstance(item, nn.Module):
+            if id(item) not in by_id:
+                raise ValueError(f"layers: {type(item).__name__} is not a submodule of model")
+            found.append((by_id[id(item)], item))
+        else:
+            raise TypeError(f"layers must hold names or submodules, got {type(item).__name__}")
+    if not found:
+        raise ValueError("layers is empty: name at least one layer")
+    return found
+
+
+class OutputRecorder:
+    """Keeps the output of each chosen layer at every forward call (a layer called twice is recorded twice), while
+    the layer is in training mode (or always, with record_in_eval=True) and gradients are enabled.
+
+    records: [(output, channel_dim)], in call order; take() returns and clears them. Use remove() (or a `with`
+    block) to detach the hooks.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: LayerSpec = None,
+        *,
+        channel_dim: Optional[Union[int, Sequence[int]]] = None,
+        record_in_eval: bool = False,
+    ) -> None:
+        self.layers = resolve_layers(model, layers)
+        if channel_dim is None:
+            dims = [default_channel_dim(m) for _, m in self.layers]
+        elif isinstance(channel_dim, int) and not isinstance(channel_dim, bool):
+            dims = [channel_dim] * len(self.layers)
+        else:
+            dims = list(channel_dim)  # type: ignore[arg-type]
+            if len(dims) != len(self.layers) or not all(isinstance(d, int) for d in dims):
+                raise ValueError(f"channel_dim must be an int or one int per layer ({len(self.layers)}), "
+                                 f"got {channel_dim!r}")  # fmt: skip
+        self.record_in_eval = bool(record_in_eval)
+        self.records: List[Tuple[Tensor, int]] = []
+        self._handles = [m.register_forward_hook(self._hook(name, d)) for (name, m), d in zip(self.layers, dims)]
+
+    def _hook(self, name: str, dim: int):
+        def hook(module: nn.Module, inputs, output) -> None:
+            if not (module.training or self.record_in_eval) or not torch.is_grad_enabled():
+                return
+            if not isinstance(output, Tensor):
+                raise TypeError(f"layer {name!r} returned {type(output).__name__}; only tensor outputs can be recorded")
+            self.records.append((output, dim))
+
+        return hook
+
+    @property
+    def names(self) -> List[str]:
+        return [name for name, _ in self.layers]
+
+    def take(self) -> List[Tuple[Tensor, int]]:
+        records, self.records = self.records, []
+        return records
+
+    def clear(self) -> None:
+        self.records = []
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self.records = []
+
+    def __enter__(self) -> OutputRecorder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()

@@ -1,0 +1,270 @@
+"""`som_regularizer`: the Self-Orthogonality regularizer of one or many layer outputs in one call (formula and
+paper: kexue_fast.ortho.reference).
+
+Route per layer (both exact): when b ≥ k, everything follows from the k×k Gram G = ZᵀZ of Z = tanh(γY):
+Θ = D⁻¹GD⁻¹ with D = diag(max(√G_ii, eps)), and the off-diagonal sums are taken on Θ directly (O(k²), no
+cancellation). G comes from the fused Triton kernel on CUDA (kernels/som.py: all such layers in one launch, Y read in
+place, Z never written; backward ∂R/∂Y = γ(1 − Z²) ⊙ (Z(Ḡ + Ḡᵀ)) in one more launch) or from torch. When b < k,
+the b×b form is cheaper: Σ_{i≠j}Θ_ij = ‖Ẑ1‖² − Σ_i Θ_ii and Σ_{i≠j}Θ_ij² = ‖ẐẐᵀ‖_F² − Σ_i Θ_ii² (O(b²k), torch).
+The Triton path is two torch.library custom ops (kexue_fast::som_gram and its backward), opaque under torch.compile.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from .. import _dispatch
+
+OP = "som_regularizer"
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_dispatch.register_op(OP, {"triton": _FLOATS, "torch": _FLOATS})
+
+Layout = Tuple[int, int, int]
+ChannelDim = Union[int, Sequence[int]]
+
+
+def check_hyperparameters(gamma: float, lambda1: float, lambda2: float, eps: float) -> None:
+    """γ > 0, λ₁ ≥ 0, λ₂ ≥ 0, eps > 0, all finite real numbers (ValueError naming the first that is not)."""
+    for name, value, positive in (("gamma", gamma, True), ("lambda1", lambda1, False), ("lambda2", lambda2, False),
+                                  ("eps", eps, True)):  # fmt: skip
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite real number, got {value!r}")
+        if (value <= 0) if positive else (value < 0):
+            raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value!r}")
+
+
+def _layout(y: Tensor, dim: int) -> Layout:
+    shape = y.shape
+    return math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1 :])
+
+
+def _prepare(ys, channel_dim) -> Tuple[List[Tensor], List[int]]:
+    if isinstance(ys, Tensor):
+        ys = [ys]
+    elif isinstance(ys, (list, tuple)):
+        ys = list(ys)
+    else:
+        raise TypeError(f"y must be a tensor or a list/tuple of tensors, got {type(ys).__name__}")
+    if not ys:
+        raise ValueError("y is an empty list: pass at least one layer output")
+    if isinstance(channel_dim, bool) or not isinstance(channel_dim, (int, list, tuple)):
+        raise TypeError(f"channel_dim must be an int or one int per layer, got {channel_dim!r}")
+    dims = [channel_dim] * len(ys) if isinstance(channel_dim, int) else list(channel_dim)
+    if len(dims) != len(ys):
+        raise ValueError(f"channel_dim has {len(dims)} entries for {len(ys)} layer outputs")
+    out_dims = []
+    for i, (y, dim) in enumerate(zip(ys, dims)):
+        if not isinstance(y, Tensor):
+            raise TypeError(f"y[{i}] must be a torch.Tensor, got {type(y).__name__}")
+        if y.dtype not in _FLOATS:
+            raise TypeError(f"y[{i}] must be float32, float64, float16 or bfloat16, got {y.dtype}")
+        if y.ndim < 2:
+            raise ValueError(f"y[{i}] must have a sample axis and a channel axis (ndim >= 2), got {tuple(y.shape)}")
+        if isinstance(dim, bool) or not isinstance(dim, int) or not -y.ndim <= dim < y.ndim:
+            raise ValueError(f"channel_dim for y[{i}] must be an int in [{-y.ndim}, {y.ndim}), got {dim!r}")
+        dim %= y.ndim
+        if y.numel() == 0:
+            raise ValueError(f"y[{i}] is empty (shape {tuple(y.shape)})")
+        if y.device != ys[0].device:
+            raise ValueError(f"every layer output must be on one device, got {ys[0].device} and {y.device} (y[{i}])")
+        out_dims.append(dim)
+    return ys, out_dims
+
+
+def _as_rows(y: Tensor, dim: int, dtype: torch.dtype) -> Tensor:
+    """Y as [b, k] in `dtype` (b = every axis but the channel axis)."""
+    return y.movedim(dim, -1).reshape(-1, y.shape[dim]).to(dtype)
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@functools.lru_cache(maxsize=64)
+def _masks(device: torch.device, ks: Tuple[int, ...], kp: int) -> Tuple[Tensor, Tensor]:
+    """(valid channels [L, KP], valid off-diagonal pairs [L, KP, KP]) for the zero-padded Grams; cached, since
+    building them from host data would copy host memory to the device on every call."""
+    idx = torch.arange(kp, device=device)
+    valid = idx[None, :] < torch.tensor(ks, device=device)[:, None]
+    pairs = valid[:, :, None] & valid[:, None, :] & (idx[:, None] != idx[None, :])
+    return valid, pairs
+
+
+def gram_penalty(g: Tensor, ks: Sequence[int], lambda1: float, lambda2: float, eps: float) -> Tensor:
+    """R_ℓ [L] from zero-padded Grams G_ℓ = ZᵀZ (g: [L, KP, KP]; layer ℓ uses the leading ks[ℓ] channels).
+    Θ = G_ij / (max(√G_ii, eps) max(√G_jj, eps)); off-diagonal sums taken on Θ directly."""
+    valid, pairs = _masks(g.device, tuple(ks), g.shape[-1])
+    diag = g.diagonal(dim1=-2, dim2=-1)
+    inv = torch.where(valid, diag.clamp_min(eps * eps).rsqrt(), torch.zeros_like(diag))
+    theta = torch.where(pairs, g * inv[:, :, None] * inv[:, None, :], torch.zeros_like(g))
+    s1 = theta.sum((1, 2))
+    s2 = (theta * theta).sum((1, 2))
+    return lambda1 * s1 * s1 + lambda2 * s2
+
+
+def rows_penalty(y: Tensor, gamma: float, lambda1: float, lambda2: float, eps: float) -> Tensor:
+    """R of y [b, k] with b < k through ‖Ẑ1‖² and ‖ẐẐᵀ‖_F (O(b²k))."""
+    z = _tanh(y, gamma)
+    zh = z / torch.linalg.vector_norm(z, dim=0).clamp_min(eps)
+    d = (zh * zh).sum(0)
+    s1 = (zh.sum(1) ** 2).sum() - d.sum()
+    h = zh @ zh.T
+    s2 = (h * h).sum() - (d * d).sum()
+    return lambda1 * s1 * s1 + lambda2 * s2
+
+
+def _triples(flat: Sequence[int]) -> Tuple[Layout, ...]:
+    return tuple((flat[i], flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3))
+
+
+def _triton_gram_impl(ys: List[Tensor], layouts: List[int], gamma: float) -> Tensor:
+    """Zero-padded float64 Grams [L, KP, KP] of every layer by the fused kernel; layouts: (N, C, S) per layer, flat."""
+    from ..kernels import som as kernels
+
+    return kernels.gram_matrices(ys, _triples(layouts), gamma)[0]
+
+
+def _triton_gram_backward_impl(ys: List[Tensor], layouts: List[int], gamma: float, a: Tensor) -> Tensor:
+    """∂R/∂Y of every layer packed flat, from A = Ḡ + Ḡᵀ [L, KP, KP]."""
+    from ..kernels import som as kernels
+
+    return kernels.gram_backward(ys, _triples(layouts), gamma, a)
+
+
+# Opaque nodes under torch.compile (fake-tensor impls below); the backward op returns one flat buffer because a
+# custom op's outputs may not alias each other, and autograd splits it into per-layer views.
+_triton_gram = torch.library.custom_op("kexue_fast::som_gram", mutates_args=())(_triton_gram_impl)
+_triton_gram_backward = torch.library.custom_op("kexue_fast::som_gram_backward", mutates_args=())(
+    _triton_gram_backward_impl
+)
+
+
+@_triton_gram.register_fake
+def _(ys, layouts, gamma):
+    from ..kernels.som import tile_width
+
+    max_c = max(_triples(layouts), key=lambda t: t[1])[1]
+    kp = -(-max_c // tile_width(max_c)) * tile_width(max_c)
+    return ys[0].new_empty((len(ys), kp, kp), dtype=torch.float64)
+
+
+@_triton_gram_backward.register_fake
+def _(ys, layouts, gamma, a):
+    return ys[0].new_empty(sum(y.numel() for y in ys))
+
+
+def _gram_setup_context(ctx, inputs, output) -> None:
+    ys, layouts, gamma = inputs
+    ctx.layouts, ctx.gamma = layouts, gamma
+    ctx.save_for_backward(*ys)
+
+
+def _gram_backward(ctx, grad: Tensor):
+    ys = ctx.saved_tensors
+    flat = _triton_gram_backward(list(ys), ctx.layouts, ctx.gamma, grad + grad.mT)
+    grads = [g.view(y.shape) for g, y in zip(flat.split([y.numel() for y in ys]), ys)]
+    return grads, None, None
+
+
+_triton_gram.register_autograd(_gram_backward, setup_context=_gram_setup_context)
+
+
+def _tanh(y: Tensor, gamma: float) -> Tensor:
+    """tanh(γy); on CPU below float64 as 2σ(2γy) − 1 (absolute error ≤ 2 ulp(1)): torch's CPU tanh is ~10× slower
+    than its sigmoid, and R needs tanh to absolute, not relative, precision."""
+    if y.device.type == "cpu" and y.dtype != torch.float64:
+        if torch.is_grad_enabled() and y.requires_grad:
+            return 2 * torch.sigmoid(y * (2 * gamma)) - 1
+        return (y * (2 * gamma)).sigmoid_().mul_(2).sub_(1)  # one buffer: fresh CPU pages are costly to touch
+    return torch.tanh(y * gamma)
+
+
+class _TorchGram(torch.autograd.Function):
+    """(gamma, layout, y) -> G = ZᵀZ (float64 [k, k]) of Z = tanh(γY), Y read as [N, C, S] in place (no channel-last
+    copy); backward ∂R/∂Y = (Z A) ⊙ (1 − Z²) with A = γ(Ḡ + Ḡᵀ), one matmul and a few in-place passes."""
+
+    @staticmethod
+    def forward(ctx, gamma: float, layout: Layout, y: Tensor) -> Tensor:
+        n, c, s = layout
+        z = _tanh(y.reshape(n, c, s).to(_work_dtype(y.dtype)), gamma)
+        g = z[:, :, 0].T @ z[:, :, 0] if s == 1 else torch.bmm(z, z.mT).sum(0)
+        ctx.gamma, ctx.layout, ctx.y_meta = gamma, layout, (y.shape, y.dtype)
+        ctx.save_for_backward(z)
+        return g.to(torch.float64)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (z,) = ctx.saved_tensors
+        shape, dtype = ctx.y_meta
+        a = ((grad + grad.mT) * ctx.gamma).to(z.dtype)
+        with torch.autocast(z.device.type, enabled=False):
+            w = (z[:, :, 0] @ a)[:, :, None] if ctx.layout[2] == 1 else torch.matmul(a, z)
+        dy = (z * z).neg_().add_(1).mul_(w)  # in place: ~2× faster than addcmul on CPU
+        return None, None, dy.reshape(shape).to(dtype)
+
+
+def _torch_grams(ys: Sequence[Tensor], layouts: Sequence[Layout], gamma: float) -> Tensor:
+    grams = [_TorchGram.apply(gamma, lay, y) for y, lay in zip(ys, layouts)]
+    kp = max(g.shape[0] for g in grams)
+    return torch.stack([torch.nn.functional.pad(g, (0, kp - g.shape[0], 0, kp - g.shape[0])) for g in grams])
+
+
+def som_regularizer(
+    y: Union[Tensor, Sequence[Tensor]],
+    *,
+    gamma: float = 10.0,
+    lambda1: float = 100.0,
+    lambda2: float = 1.0,
+    channel_dim: ChannelDim = 1,
+    eps: float = 1e-12,
+    reduction: str = "sum",
+    backend: str = "auto",
+) -> Tensor:
+    """The SOM regularizer R = λ₁(Σ_{i≠j}Θ_ij)² + λ₂Σ_{i≠j}Θ_ij², Θ = ẐᵀẐ, Ẑ = column-normalized tanh(γY).
+
+    y: one layer output or a list of them (grouped: one kernel launch for all on CUDA). Each is read as
+    Y [b, k] with k = its size along channel_dim (an int for all, or one per layer; default 1: [b, k] outputs and
+    NCHW convolutions; use -1 for channels-last outputs such as nn.Linear's on [B, T, k]) and b = the product of the
+    other axes. reduction: "sum" (a scalar) or "none" (R per layer, [L]). Result float64 for float64 inputs, else
+    float32 (half inputs are computed in float32). backend: "auto" (Triton on CUDA, torch elsewhere), "triton",
+    "torch". Non-contiguous inputs are copied for the Triton kernel. Formula, paper and identities:
+    kexue_fast.ortho.reference; a column with ‖tanh(γy_j)‖ < eps is scaled by 1/eps (as torch's F.normalize).
+    """
+    check_hyperparameters(gamma, lambda1, lambda2, eps)
+    if reduction not in ("sum", "none"):
+        raise ValueError(f'reduction must be "sum" or "none", got {reduction!r}')
+    ys, dims = _prepare(y, channel_dim)
+    gamma, lambda1, lambda2, eps = float(gamma), float(lambda1), float(lambda2), float(eps)
+    device = ys[0].device
+    layouts = [_layout(t, d) for t, d in zip(ys, dims)]
+    chosen = {dt: _dispatch.choose(OP, device, dt, backend) for dt in dict.fromkeys(t.dtype for t in ys)}
+    with torch.autocast(device.type, enabled=False):  # the Grams stay float32/64 under mixed precision
+        per_layer = _per_layer(ys, dims, layouts, chosen, gamma, lambda1, lambda2, eps)
+    return per_layer.sum() if reduction == "sum" else per_layer
+
+
+def _per_layer(ys, dims, layouts, chosen, gamma: float, lambda1: float, lambda2: float, eps: float) -> Tensor:
+    values: List[Optional[Tensor]] = [None] * len(ys)
+    groups: dict = {}
+    for i, (t, (n, c, s)) in enumerate(zip(ys, layouts)):
+        if n * s < c:
+            values[i] = rows_penalty(_as_rows(t, dims[i], _work_dtype(t.dtype)), gamma, lambda1, lambda2, eps)
+        else:
+            groups.setdefault((chosen[t.dtype], t.dtype), []).append(i)
+    for (name, _), idx in groups.items():
+        if name == "triton":
+            flat_layouts = [v for i in idx for v in layouts[i]]
+            grams = _triton_gram([ys[i].contiguous() for i in idx], flat_layouts, gamma)
+        else:
+            grams = _torch_grams([ys[i] for i in idx], [layouts[i] for i in idx], gamma)
+        penalties = gram_penalty(grams, [layouts[i][1] for i in idx], lambda1, lambda2, eps)
+        for j, i in enumerate(idx):
+            values[i] = penalties[j]
+    out_dtype = torch.float64 if any(t.dtype == torch.float64 for t in ys) else torch.float32
+    return torch.stack([v.to(out_dtype) for v in values])  # type: ignore[union-attr]

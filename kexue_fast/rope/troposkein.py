@@ -1,0 +1,182 @@
+"""The troposkein: the shape of a rope of length L spun at ω about an axis through its two ends, a distance h apart,
+without gravity (kexue.fm "你跳绳的时候,想过绳子的形状曲线是怎样的吗?", 2019; Nordmark & Essén, "The skipping rope
+curve", Eur. J. Phys. 28, 2007).
+
+With y along the axis (0 ≤ y ≤ h) and x the distance from it, the equilibrium of the tension T and the centrifugal
+force ρω²x gives (m = k², m' = 1 − m, K = K(m), E = E(m))
+    x(y) = R sn(2K y / h | m),    R / h = k / (m' K),    L / h = 2E / (m' K) − 1,
+independent of ω: L/h fixes m (the right side grows from 1 at m = 0 to ∞ at m → 1). The tension is
+    T(y) = ρ ω² (a − x²) / 2,   a = h² (1 + m) / (2 m'² K²),
+its axial component ρω²h² / (4 m' K²) is constant, and the arclength from (0, 0) is
+    s(y) = h (E(am v | m) − m' v / 2) / (m' K),   v = 2K y / h.
+Shapes: L and h broadcast to a batch shape [...]; the curve is sampled at n_points values of y, [..., n_points].
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import NamedTuple, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import elliptic
+from .jacobi import ellipj_with_zeta
+
+Scalar = Union[Tensor, float]
+_BISECTION_STEPS = 40  # on log m' ∈ [−720, 0]: a bracket of 7e-10, then Newton steps to full precision
+_NEWTON_STEPS = 3
+
+
+class Troposkein(NamedTuple):
+    """The troposkein of each (L, h): the curve x(y) at the points y, the tension, the arclength s(y) and the
+    constants of the closed form (k the modulus, m = k², radius R = max x, axial_tension the constant axial part)."""
+
+    y: Tensor
+    x: Tensor
+    tension: Tensor
+    s: Tensor
+    k: Tensor
+    m: Tensor
+    radius: Tensor
+    axial_tension: Tensor
+
+
+def _length_ratio(q: Tensor) -> Tensor:
+    """L/h = 2E/(m'K) − 1 as a function of m' = q (m = 1 − q)."""
+    k, e = elliptic._agm_ke(1 - q, q)
+    return 2 * e / (q * k) - 1
+
+
+def _length_ratio_derivative(q: Tensor) -> Tensor:
+    """d(L/h)/dm' = 2 (E_q m' K − E (K + m' K_q)) / (m'K)² with K_q = −dK/dm, E_q = −dE/dm."""
+    m = 1 - q
+    k, e = elliptic._agm_ke(m, q)
+    dk, de = elliptic._ke_derivatives(m, k, e)
+    return 2 * (-de * q * k - e * (k - q * dk)) / (q * k) ** 2
+
+
+class _ComplementaryParameter(torch.autograd.Function):
+    """m' solving 2E/(m'K) − 1 = ratio: bisection on log m' (monotone, no host sync), gradient by the implicit
+    function theorem dm'/dratio = 1 / f'(m')."""
+
+    @staticmethod
+    def forward(ctx, ratio: Tensor) -> Tensor:
+        lo = torch.full_like(ratio, -720.0)  # log m'; f(e^-720) ≈ 1e312 exceeds any finite float64 ratio
+        hi = torch.zeros_like(ratio)
+        for _ in range(_BISECTION_STEPS):
+            mid = (lo + hi) / 2
+            too_long = _length_ratio(torch.exp(mid)) > ratio  # f decreases in m': the root lies above mid
+            lo = torch.where(too_long, mid, lo)
+            hi = torch.where(too_long, hi, mid)
+        t = (lo + hi) / 2
+        for _ in range(_NEWTON_STEPS):  # in t = log m': d f/dt = m' f'(m'); kept inside the bracket
+            q = torch.exp(t)
+            step = (_length_ratio(q) - ratio) / (q * _length_ratio_derivative(q))
+            t = torch.clamp(t - step, lo, hi)
+        q = torch.exp(t)
+        ctx.save_for_backward(q)
+        return q
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (q,) = ctx.saved_tensors
+        return grad / _length_ratio_derivative(q)
+
+
+def _positive(t: Scalar, name: str) -> Tensor:
+    if isinstance(t, Tensor):
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got dtype {t.dtype}")
+        if not bool(torch.isfinite(t).all()) or not bool((t > 0).all()):
+            raise ValueError(f"{name} must be finite and > 0, got {t}")
+        return t
+    if isinstance(t, bool) or not isinstance(t, numbers.Real):
+        raise TypeError(f"{name} must be a torch.Tensor or a real number, got {type(t).__name__}")
+    if not (0 < float(t) < float("inf")):
+        raise ValueError(f"{name} must be finite and > 0, got {t!r}")
+    return torch.tensor(float(t), dtype=torch.float64)
+
+
+def rope_arguments(L: Scalar, h: Scalar, *others: Tuple[Scalar, str]) -> Tuple[Tensor, ...]:
+    """Validated float64 tensors of one broadcast shape: L > h > 0 and the extra (value, name) pairs (≥ 0)."""
+    length = _positive(L, "L")
+    span = _positive(h, "h")
+    extra = []
+    for value, name in others:
+        if isinstance(value, Tensor):
+            if not value.is_floating_point():
+                raise TypeError(f"{name} must be a floating tensor, got dtype {value.dtype}")
+            if not bool(torch.isfinite(value).all()) or not bool((value >= 0).all()):
+                raise ValueError(f"{name} must be finite and >= 0, got {value}")
+        elif isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a torch.Tensor or a real number, got {type(value).__name__}")
+        elif not (0 <= float(value) < float("inf")):
+            raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+        extra.append(value if isinstance(value, Tensor) else torch.tensor(float(value), dtype=torch.float64))
+    tensors = [length, span, *extra]
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        raise ValueError(f"L, h and the other parameters must be on one device, got {sorted(map(str, devices))}")
+    out = torch.broadcast_tensors(*(t.to(torch.float64) for t in tensors))
+    if not bool((out[0] > out[1]).all()):
+        raise ValueError(
+            "L must be greater than h: a rope no longer than the distance between its ends cannot bulge "
+            f"(got L = {L}, h = {h})"
+        )
+    return out
+
+
+def troposkein(
+    L: Scalar,
+    h: Scalar,
+    n_points: int = 129,
+    *,
+    y: Optional[Tensor] = None,
+    omega: Scalar = 1.0,
+    density: Scalar = 1.0,
+    backend: str = "auto",
+) -> Troposkein:
+    """The troposkein x = R sn(2K y/h | m) of a rope of length L > h between (0, 0) and (0, h) on the rotation axis.
+
+    L, h: positive floats or tensors broadcasting to a batch shape [...] (a parameter sweep); the result is float64.
+    n_points: samples y = h·linspace(0, 1, n_points) (ignored when `y` [..., n] is given: the heights to evaluate
+    at, 0 ≤ y ≤ h). omega, density: only scale the tension T = ρω²(a − x²)/2 (the shape does not depend on them).
+    backend: for the Jacobi functions ("auto", "triton", "torch"; see `kexue_fast.rope.ellipj`).
+    Differentiable in L, h, omega, density (m by the implicit function theorem); s carries no gradient.
+    """
+    _positive(omega, "omega")
+    _positive(density, "density")
+    length, span, omega_t, density_t = rope_arguments(L, h, (omega, "omega"), (density, "density"))
+    if y is None:
+        if isinstance(n_points, bool) or not isinstance(n_points, int) or n_points < 2:
+            raise ValueError(f"n_points must be an int >= 2, got {n_points!r}")
+        grid = torch.linspace(0, 1, n_points, dtype=torch.float64, device=length.device)
+        y = span[..., None] * grid
+    else:
+        if not isinstance(y, Tensor) or not y.is_floating_point():
+            raise TypeError("y must be a floating tensor of heights [..., n]")
+        y = y.to(torch.float64)
+    q = _ComplementaryParameter.apply(length / span)
+    m = 1 - q
+    big_k = elliptic.ellipk(m)
+    k_mod = torch.sqrt(m)
+    radius = span * k_mod / (q * big_k)
+    v = 2 * big_k[..., None] * y / span[..., None]
+    m_grid = m[..., None].expand_as(v)
+    jac, zeta = ellipj_with_zeta(v, m_grid, backend=backend)
+    x = radius[..., None] * jac.sn
+    a = span**2 * (1 + m) / (2 * q**2 * big_k**2)
+    scale = density_t * omega_t**2 / 2
+    tension = scale[..., None] * (a[..., None] - x * x)
+    axial = density_t * omega_t**2 * span**2 / (4 * q * big_k**2)
+    eps_v = zeta.detach() + (elliptic.ellipe(m) / big_k).detach()[..., None] * v.detach()  # E(am v): s has no grad
+    s = span[..., None] * (eps_v - q[..., None] * v / 2) / (q * big_k)[..., None]
+    return Troposkein(y, x, tension, s, k_mod, m, radius, axial)
+
+
+def length_ratio(m: Scalar) -> Tensor:
+    """L/h = 2E(m)/((1 − m)K(m)) − 1 of the troposkein with parameter m ∈ [0, 1)."""
+    (m_t,) = elliptic._promote(elliptic._floating(m, "m"))
+    k, e = elliptic.ellipke(m_t)
+    return 2 * e / ((1 - m_t) * k) - 1

@@ -1,0 +1,119 @@
+"""`langevin_step`: one Langevin update x + (α/2) s + √(αT) z, fused in one Triton pass on CUDA (kernels/langevin.py)
+or as torch ops (formula: kexue_fast.score.reference)."""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from .. import _dispatch
+
+OP = "langevin_step"
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_dispatch.register_op(OP, {"triton": _FLOATS, "torch": _FLOATS})
+
+
+def step_coefficients(step_size: Union[float, Tensor], temperature: Union[float, Tensor], dtype: torch.dtype,
+                      device: torch.device) -> Tensor:  # fmt: skip
+    """[..., 2] = (α/2, √(αT)) on the device, in the dtype the update is computed in (no host sync)."""
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    a = torch.as_tensor(step_size, dtype=torch.float64, device=device)
+    t = torch.as_tensor(temperature, dtype=torch.float64, device=device)
+    a, t = torch.broadcast_tensors(a, t)
+    return torch.stack((a / 2, torch.sqrt(a * t)), dim=-1).to(compute)
+
+
+def host_coefficients(step_size: Union[float, Tensor], temperature: Union[float, Tensor]) -> Optional[tuple]:
+    """(α/2, √(αT)) as Python floats when both are numbers or one-element CPU tensors, else None."""
+    values = []
+    for v in (step_size, temperature):
+        if isinstance(v, Tensor):
+            if v.numel() != 1 or v.device.type != "cpu":
+                return None
+            v = float(v)
+        values.append(float(v))
+    a, t = values
+    return (a / 2, (a * t) ** 0.5)
+
+
+def _check_number(value: Union[float, Tensor], name: str, allow_zero: bool) -> None:
+    if isinstance(value, Tensor):
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
+        return  # checking a device tensor's value would sync with the host
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__}")
+    if not (value > 0 or (allow_zero and value == 0)) or value != value or value == float("inf"):
+        raise ValueError(f"{name} must be finite and {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def apply_step(x: Tensor, score: Tensor, coef: Union[Tensor, Tuple[float, float]], chosen: str,
+               noise: Optional[Tensor], generator: Optional[torch.Generator], seed: Optional[Tensor], step: int,
+               out: Optional[Tensor]) -> Tensor:  # fmt: skip
+    """The update with precomputed coefficients (α/2, √(αT)) — a device tensor [2], or Python floats for the torch
+    path on CPU, where reading them costs no sync and saves the 0-d tensor arithmetic — and a chosen backend."""
+    if chosen == "triton":
+        from ..kernels.langevin import langevin_update
+
+        if noise is None and seed is None:
+            seed = torch.randint(0, 2**62, (1,), generator=generator, device="cpu").to(x.device)
+        return langevin_update(x.contiguous(), score.contiguous(), coef,
+                               noise.contiguous() if noise is not None else None, seed, step, out)  # fmt: skip
+    if noise is None:
+        if generator is None or generator.device == x.device:
+            noise = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
+        else:
+            noise = torch.randn(x.shape, dtype=x.dtype, generator=generator).to(x.device)
+    if isinstance(coef, tuple):  # CPU: two in-place-able passes with scalar coefficients
+        result = torch.add(x, score, alpha=coef[0], out=out)
+        return result.add_(noise, alpha=coef[1])
+    if coef.dtype == x.dtype:  # two passes: x + (α/2)s, then += √(αT) z (coefficients stay on the device)
+        result = torch.addcmul(x, score, coef[0], out=out)
+        return result.addcmul_(noise, coef[1])
+    compute = coef.dtype
+    result = (x.to(compute) + coef[0] * score.to(compute) + coef[1] * noise.to(compute)).to(x.dtype)
+    return out.copy_(result) if out is not None else result
+
+
+def langevin_step(
+    x: Tensor,
+    score: Tensor,
+    step_size: Union[float, Tensor],
+    *,
+    temperature: Union[float, Tensor] = 1.0,
+    noise: Optional[Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    out: Optional[Tensor] = None,
+    backend: str = "auto",
+) -> Tensor:
+    """One Langevin update for p^{1/T}: x + (α/2)·score + √(α·T)·z, z ~ N(0, I) (Welling & Teh 2011; NCSN).
+
+    x, score: [...] of one shape and dtype; step_size α > 0 and temperature T ≥ 0: floats or 0-d device tensors.
+    noise: z [...] (drawn from `generator` when None; the Triton path then draws it in-kernel with a seed from
+    `generator`). out: write the result there (may be x). backend: "auto" (Triton for CUDA tensors, else torch),
+    "triton", "torch". No gradient (a sampler's step).
+    """
+    if not isinstance(x, Tensor) or not isinstance(score, Tensor):
+        raise TypeError("x and score must be tensors")
+    if not x.is_floating_point() or x.dtype not in _FLOATS:
+        raise TypeError(f"x must be a floating tensor, got {x.dtype}")
+    if score.shape != x.shape:
+        raise ValueError(f"score must have x's shape {tuple(x.shape)}, got {tuple(score.shape)}")
+    if noise is not None and noise.shape != x.shape:
+        raise ValueError(f"noise must have x's shape {tuple(x.shape)}, got {tuple(noise.shape)}")
+    if out is not None and (out.shape != x.shape or out.dtype != x.dtype):
+        raise ValueError("out must have x's shape and dtype")
+    _check_number(step_size, "step_size", allow_zero=False)
+    _check_number(temperature, "temperature", allow_zero=True)
+    chosen = _dispatch.choose(OP, x.device, x.dtype, backend)
+    coef = host_coefficients(step_size, temperature) if chosen == "torch" and x.device.type == "cpu" else None
+    if coef is None:
+        coef = step_coefficients(step_size, temperature, x.dtype, x.device)
+        if coef.shape != (2,):
+            raise ValueError("step_size and temperature must be scalars (use a loop or the samplers for schedules)")
+    score = score.to(x.dtype)
+    noise = noise.to(x.dtype) if noise is not None else None
+    with torch.no_grad():
+        return apply_step(x.detach(), score.detach(), coef, chosen, noise, generator, None, 0, out)

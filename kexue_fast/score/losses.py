@@ -1,0 +1,232 @@
+"""Denoising objectives (kexue.fm "从去噪自编码器到生成模型"): DSM with one σ, NCSN's multi-σ DSM, MDSM, and the
+Denoising Density Estimator with its generator objective.
+
+With x̃ = x + σε, ε ~ N(0, I), per sample (sums over the feature dimensions):
+    DSM / NCSN (weighting="sigma2", Vincent 2011; Song & Ermon 2019, λ(σ) = σ²):
+        ℓ = ½ σ² ‖s(x̃, σ) + (x̃ − x)/σ²‖² = ½ ‖σ s(x̃, σ) + ε‖²,   σ uniform over the levels per sample
+    MDSM (weighting="mdsm", Li, Chen & Sommer 2019, energy E, s = −∇E, σ₀ the fixed small level):
+        ℓ = σ⁻² ‖(x − x̃)/σ₀² + ∇E(x̃)‖²
+    DDE (Bigdeli, Lin, Portenier, Dunbar & Zwicker 2020, log-density network f):
+        ℓ = ‖(x̃ − x) + σ² ∇f(x̃)‖²   (minimized by f = log p_σ + const)
+    DDE generator: KL(q_σ ‖ p_σ) ≈ E_{x̃ ~ q_σ}[f_q(x̃) − f_p(x̃)], x̃ = G(z) + σε, gradient through the samples.
+parameterization="score": model(x̃[, σ]) returns s [B, ...]; "energy": model(x̃[, σ]) returns E [B] and s = −∇E
+(differentiable: create_graph). Shapes: x [B, ...]; σ per sample [B].
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+Sigmas = Union[float, Sequence[float], Tensor]
+PARAMETERIZATIONS = ("score", "energy")
+WEIGHTINGS = ("sigma2", "mdsm")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def as_sigmas(sigmas: Sigmas, name: str, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """A 1-D tensor of noise levels, each finite and > 0 (a clear ValueError otherwise)."""
+    if isinstance(sigmas, bool):
+        raise TypeError(f"{name} must be a number, a sequence of numbers or a tensor, got bool")
+    if isinstance(sigmas, numbers.Real):
+        values = torch.tensor([float(sigmas)], dtype=dtype, device=device)
+    elif isinstance(sigmas, Tensor):
+        if not sigmas.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got {sigmas.dtype}")
+        values = sigmas.detach().reshape(-1).to(device=device, dtype=dtype)
+    else:
+        try:
+            values = torch.tensor([float(s) for s in sigmas], dtype=dtype, device=device)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"{name} must be a number, a sequence of numbers or a tensor ({exc})") from None
+    if values.numel() == 0:
+        raise ValueError(f"{name} must hold at least one noise level")
+    if not bool(torch.isfinite(values).all()) or not bool((values > 0).all()):
+        raise ValueError(f"{name} must be finite and > 0, got {values.tolist()}")
+    return values
+
+
+def _check_data(x: object) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating tensor, got {x.dtype}")
+    if x.ndim < 1 or x.shape[0] < 1:
+        raise ValueError(f"x must be a batch [B, ...] with B >= 1, got shape {tuple(x.shape)}")
+    return x
+
+
+def _reduce(per_sample: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return per_sample.mean()
+    if reduction == "sum":
+        return per_sample.sum()
+    return per_sample
+
+
+def score_from_energy(energy: Callable[..., Tensor], create_graph: bool = True) -> Callable[..., Tensor]:
+    """s(x, ...) = −∇ₓ E(x, ...) for an energy model returning [B] (or [B, 1]); differentiable by default."""
+
+    def score(x: Tensor, *args) -> Tensor:
+        with torch.enable_grad():
+            xr = x if x.requires_grad else x.detach().requires_grad_()
+            e = energy(xr, *args)
+            if e.shape not in ((x.shape[0],), (x.shape[0], 1)):
+                raise ValueError(f"the energy model must return [B] or [B, 1] = [{x.shape[0]}], got {tuple(e.shape)}")
+            (grad,) = torch.autograd.grad(e.sum(), xr, create_graph=create_graph)
+        return -grad
+
+    return score
+
+
+def model_score(model: Callable[..., Tensor], x_noisy: Tensor, sigma: Optional[Tensor],
+                parameterization: str) -> Tensor:  # fmt: skip
+    """The model's score at x̃ (σ [B] passed as the second argument when not None)."""
+    args = () if sigma is None else (sigma,)
+    if parameterization == "energy":
+        return score_from_energy(model)(x_noisy, *args)
+    s = model(x_noisy, *args)
+    if not isinstance(s, Tensor) or s.shape != x_noisy.shape:
+        shape = tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__
+        raise ValueError(f'a "score" model must return a tensor of x\'s shape {tuple(x_noisy.shape)}, got {shape}')
+    return s
+
+
+def _noise(x: Tensor, noise: Optional[Tensor], generator: Optional[torch.Generator]) -> Tensor:
+    if noise is None:
+        return torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
+    if noise.shape != x.shape:
+        raise ValueError(f"noise must have x's shape {tuple(x.shape)}, got {tuple(noise.shape)}")
+    return noise.to(x.dtype)
+
+
+def sample_levels(levels: Tensor, batch: int, sigma_indices: Optional[Tensor],
+                  generator: Optional[torch.Generator]) -> Tensor:  # fmt: skip
+    """σ per sample [B]: levels[sigma_indices], or uniform over the levels."""
+    if sigma_indices is None:
+        sigma_indices = torch.randint(0, levels.numel(), (batch,), generator=generator).to(levels.device)
+    elif sigma_indices.shape != (batch,) or sigma_indices.is_floating_point():
+        raise ValueError(f"sigma_indices must be an integer tensor [B] = [{batch}], got {tuple(sigma_indices.shape)}")
+    return levels[sigma_indices]
+
+
+def dsm_loss(
+    model: Callable[..., Tensor],
+    x: Tensor,
+    sigmas: Sigmas,
+    *,
+    parameterization: str = "score",
+    weighting: str = "sigma2",
+    sigma0: float = 0.1,
+    conditional: Optional[bool] = None,
+    sigma_indices: Optional[Tensor] = None,
+    noise: Optional[Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    reduction: str = "mean",
+) -> Tensor:
+    """Denoising score matching: single σ, NCSN multi-σ (λ(σ) = σ²) or MDSM (formulas in the module docstring).
+
+    model: parameterization="score": model(x̃, σ) → s [B, ...] (or model(x̃) when not conditional);
+    "energy": model(x̃[, σ]) → E [B], s = −∇E. x: data [B, ...]. sigmas: one level (a float) or the levels; each
+    sample draws its σ uniformly (or sigma_indices [B] picks them). weighting: "sigma2" (NCSN) or "mdsm"
+    (σ⁻²‖(x − x̃)/σ₀² − s‖², sigma0 = σ₀). conditional: pass σ [B] to the model (default: with several levels under
+    "sigma2"; never for "mdsm", whose energy is unconditional). noise: ε [B, ...] (else drawn from generator).
+    reduction: "mean" | "sum" over the batch, or "none" for the per-sample losses [B].
+    """
+    x = _check_data(x)
+    if parameterization not in PARAMETERIZATIONS:
+        raise ValueError(f'parameterization must be "score" or "energy", got {parameterization!r}')
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f'weighting must be "sigma2" or "mdsm", got {weighting!r}')
+    if reduction not in REDUCTIONS:
+        raise ValueError(f'reduction must be "mean", "sum" or "none", got {reduction!r}')
+    if not callable(model):
+        raise TypeError(f"model must be callable, got {type(model).__name__}")
+    if weighting == "mdsm" and (isinstance(sigma0, bool) or not isinstance(sigma0, numbers.Real) or not sigma0 > 0):
+        raise ValueError(f"sigma0 must be a number > 0, got {sigma0!r}")
+    levels = as_sigmas(sigmas, "sigmas", x.device, x.dtype)
+    batch = x.shape[0]
+    sigma = sample_levels(levels, batch, sigma_indices, generator)
+    eps = _noise(x, noise, generator)
+    view = sigma.reshape((batch,) + (1,) * (x.ndim - 1))
+    x_noisy = x + view * eps
+    if conditional is None:
+        conditional = weighting == "sigma2" and levels.numel() > 1
+    s = model_score(model, x_noisy, sigma if conditional else None, parameterization)
+    dims = tuple(range(1, x.ndim))
+    if weighting == "sigma2":
+        per_sample = 0.5 * (view * s + eps).pow(2).sum(dims) if dims else 0.5 * (view * s + eps).pow(2)
+    else:
+        residual = (x - x_noisy) / sigma0**2 - s
+        per_sample = (residual.pow(2).sum(dims) if dims else residual.pow(2)) / sigma**2
+    return _reduce(per_sample, reduction)
+
+
+def dde_loss(
+    model: Callable[[Tensor], Tensor],
+    x: Tensor,
+    sigma: float,
+    *,
+    noise: Optional[Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    reduction: str = "mean",
+) -> Tensor:
+    """The Denoising Density Estimator loss ‖(x̃ − x) + σ²∇f(x̃)‖², x̃ = x + σε (Bigdeli et al. 2020): its minimizer
+    f is log p_σ up to a constant. model: f(x̃) → [B] (a log-density, unnormalized); x: [B, ...]; sigma > 0."""
+    x = _check_data(x)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f'reduction must be "mean", "sum" or "none", got {reduction!r}')
+    (level,) = as_sigmas(sigma, "sigma", x.device, x.dtype)
+    eps = _noise(x, noise, generator)
+    x_noisy = x + level * eps
+    grad = -score_from_energy(model)(x_noisy)  # ∇f = −(−∇f): f plays −E
+    residual = (x_noisy - x) + level**2 * grad
+    dims = tuple(range(1, x.ndim))
+    return _reduce(residual.pow(2).sum(dims) if dims else residual.pow(2), reduction)
+
+
+def dde_generator_loss(
+    log_density_data: Callable[[Tensor], Tensor],
+    log_density_model: Callable[[Tensor], Tensor],
+    samples: Tensor,
+    sigma: float,
+    *,
+    noise: Optional[Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
+    """The DDE generator objective E[f_q(x̃) − f_p(x̃)] ≈ KL(q_σ ‖ p_σ), x̃ = samples + σε (Bigdeli et al. 2020).
+
+    log_density_data f_p and log_density_model f_q: DDEs trained (with `dde_loss`) on data and on the generator's
+    samples; samples: G(z) [B, ...] carrying the generator's graph. Gradients also reach the DDEs' parameters:
+    step only the generator's optimizer with this loss."""
+    samples = _check_data(samples)
+    (level,) = as_sigmas(sigma, "sigma", samples.device, samples.dtype)
+    x_noisy = samples + level * _noise(samples, noise, generator)
+    fq, fp = log_density_model(x_noisy), log_density_data(x_noisy)
+    for name, f in (("log_density_model", fq), ("log_density_data", fp)):
+        if f.shape not in ((samples.shape[0],), (samples.shape[0], 1)):
+            raise ValueError(f"{name} must return [B] or [B, 1], got {tuple(f.shape)}")
+    return (fq.reshape(-1) - fp.reshape(-1)).mean()
+
+
+def denoise(score: Callable[..., Tensor], x_noisy: Tensor, sigma: Union[float, Tensor], *args) -> Tensor:
+    """The optimal denoiser r*(x̃) = x̃ + σ² ∇log p_σ(x̃) from a score model (Tweedie; the post's identity)."""
+    s = score(x_noisy, *args)
+    sig = torch.as_tensor(sigma, dtype=x_noisy.dtype, device=x_noisy.device)
+    if sig.ndim == 1:
+        sig = sig.reshape((-1,) + (1,) * (x_noisy.ndim - 1))
+    return x_noisy + sig**2 * s
+
+
+def geometric_sigmas(sigma_max: float, sigma_min: float, n: int, dtype: torch.dtype = torch.float32,
+                     device: Union[str, torch.device, None] = None) -> Tensor:  # fmt: skip
+    """NCSN's noise levels: n values from sigma_max down to sigma_min in geometric progression [n]."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an int >= 1, got {n!r}")
+    if not (0 < sigma_min <= sigma_max < float("inf")):
+        raise ValueError(f"need 0 < sigma_min <= sigma_max < inf, got sigma_max={sigma_max!r}, sigma_min={sigma_min!r}")
+    return torch.logspace(torch.log10(torch.tensor(float(sigma_max))), torch.log10(torch.tensor(float(sigma_min))),
+                          n, dtype=torch.float64).to(dtype=dtype, device=device)  # fmt: skip

@@ -1,0 +1,215 @@
+"""Cascading Rejection: the one-GEMM form against the sequential rejections, its geometry, the conditional head, the
+losses, the module, and bad inputs."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kexue_fast.gan import (
+    cascading_directions,
+    cascading_rejection,
+    cascading_rejection_generator_loss,
+    cascading_rejection_loss,
+    reference,
+)
+from kexue_fast.nn.cascading import CascadingRejection
+
+D64 = torch.float64
+
+
+def _rel(a, b):
+    a, b = a.detach(), b.detach()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+@pytest.mark.parametrize("batch", [1, 7, 65])
+@pytest.mark.parametrize("n_stages, dim", [(1, 1), (1, 7), (2, 7), (3, 63), (7, 65), (7, 3)])
+def test_one_gemm_equals_sequential_rejections(batch, n_stages, dim):
+    g = torch.Generator().manual_seed(batch * 100 + n_stages * 10 + dim)
+    v = torch.randn(batch, dim, dtype=D64, generator=g, requires_grad=True)
+    w = torch.randn(n_stages, dim, dtype=D64, generator=g, requires_grad=True)
+    ours, rej = cascading_rejection(v, w, return_rejection=True)
+    seq, seq_rej = reference.cascading_rejection_sequential(v, w)
+    assert _rel(ours, seq) <= 1e-12
+    assert (rej - seq_rej).abs().max() <= 1e-12 * v.abs().max()
+    probe = torch.randn(batch, n_stages, dtype=D64, generator=g)
+    probe_v = torch.randn(batch, dim, dtype=D64, generator=g)
+    grads = torch.autograd.grad((ours * probe).sum() + (rej * probe_v).sum(), [v, w])
+    seq_grads = torch.autograd.grad((seq * probe).sum() + (seq_rej * probe_v).sum(), [v, w])
+    for a, b in zip(grads, seq_grads):
+        assert _rel(a, b) <= 1e-12
+
+
+def test_gradcheck_unconditional_and_conditional():
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(4, 5, dtype=D64, generator=g, requires_grad=True)
+    w = torch.randn(3, 5, dtype=D64, generator=g, requires_grad=True)
+    b = torch.randn(3, dtype=D64, generator=g, requires_grad=True)
+    e = torch.randn(2, 3, 5, dtype=D64, generator=g, requires_grad=True)
+    y = torch.tensor([0, 1, 1, 0])
+    torch.autograd.gradcheck(lambda v, w, b: cascading_rejection(v, w, bias=b, return_rejection=True), (v, w, b))
+    torch.autograd.gradcheck(
+        lambda v, w, e: cascading_rejection(v, w, labels=y, class_weight=e, return_rejection=True), (v, w, e)
+    )
+
+
+@pytest.mark.parametrize("n_stages, dim", [(4, 9), (5, 5)])
+def test_each_rejection_is_orthogonal_to_its_head(n_stages, dim):
+    g = torch.Generator().manual_seed(n_stages)
+    v = torch.randn(6, dim, dtype=D64, generator=g)
+    w = torch.randn(n_stages, dim, dtype=D64, generator=g)
+    full = cascading_rejection(v, w)
+    for i in range(1, n_stages + 1):
+        scores, rej = cascading_rejection(v, w[:i], return_rejection=True)  # rej = v_{i+1}
+        assert (rej @ w[i - 1]).abs().max() <= 1e-12 * v.norm(dim=1).max() * w[i - 1].norm()
+        assert torch.equal(scores, full[:, :i]) or _rel(scores, full[:, :i]) <= 1e-13
+
+
+def test_orthogonal_heads_reduce_to_a_plain_linear_head():
+    g = torch.Generator().manual_seed(3)
+    q, _ = torch.linalg.qr(torch.randn(17, 5, dtype=D64, generator=g))
+    w = (q * torch.tensor([0.5, 2.0, 1.0, 3.0, 0.1], dtype=D64)).T  # 5 orthogonal heads of different norms
+    v = torch.randn(9, 17, dtype=D64, generator=g)
+    b = torch.randn(5, dtype=D64, generator=g)
+    assert _rel(cascading_directions(w), w) <= 1e-13
+    assert _rel(cascading_rejection(v, w, bias=b), F.linear(v, w, b)) <= 1e-13
+
+
+def test_parallel_and_zero_heads_score_zero():
+    g = torch.Generator().manual_seed(4)
+    v = torch.randn(5, 6, dtype=D64, generator=g)
+    w1 = torch.randn(6, dtype=D64, generator=g)
+    w = torch.stack([w1, -2.5 * w1, torch.zeros(6, dtype=D64), torch.randn(6, dtype=D64, generator=g)])
+    scores, rej = cascading_rejection(v, w, return_rejection=True)
+    seq, seq_rej = reference.cascading_rejection_sequential(v, w)
+    assert scores[:, 1].abs().max() <= 1e-12 * scores[:, 0].abs().max()  # nothing left along w1 after stage 1
+    assert torch.all(scores[:, 2] == 0)
+    assert _rel(scores, seq) <= 1e-12 and _rel(rej, seq_rej) <= 1e-12
+
+
+@pytest.mark.parametrize("n_classes", [1, 3])
+def test_conditional_equals_per_sample_unconditional(n_classes):
+    torch.manual_seed(n_classes)
+    head = CascadingRejection(7, 3, conditional_classes=n_classes).double()
+    v = torch.randn(11, 7, dtype=D64)
+    y = torch.randint(0, n_classes, (11,))
+    scores, rej = head(v, y, return_rejection=True)
+    for i in range(11):
+        w_i = head.weight + head.class_weight[y[i]]
+        s_i, r_i = cascading_rejection(v[i : i + 1], w_i, bias=head.bias, return_rejection=True)
+        assert _rel(scores[i], s_i[0]) <= 1e-12 and _rel(rej[i], r_i[0]) <= 1e-12
+    assert _rel(head.directions(y)[4], cascading_directions(head.weight + head.class_weight[y[4]])) <= 1e-13
+
+
+def test_module_parameters_state_and_shapes():
+    head = CascadingRejection(16, 4, weights=[4, 3, 2, 1])
+    assert set(head.state_dict()) == {"weight", "bias", "stage_weights"}
+    assert torch.allclose(head.stage_weights, torch.tensor([0.4, 0.3, 0.2, 0.1]))
+    v = torch.randn(8, 16)
+    scores = head(v)
+    assert scores.shape == (8, 4) and scores.dtype == torch.float32
+    expected = sum(lam * F.relu(1 - scores[:, i]).mean() for i, lam in enumerate([0.4, 0.3, 0.2, 0.1]))
+    assert torch.allclose(head.loss(scores, True), expected)
+    by_function = cascading_rejection_generator_loss(scores, "wgan", [4, 3, 2, 1])
+    assert torch.allclose(head.generator_loss(scores, "wgan"), by_function)
+    plain = CascadingRejection(16, 1, bias=False)
+    assert set(plain.state_dict()) == {"weight", "stage_weights"}
+    assert torch.allclose(plain(v)[:, 0], v @ plain.weight[0])
+    cond = CascadingRejection(16, 2, conditional_classes=5)
+    assert cond.class_weight.shape == (5, 2, 16) and cond(v, torch.arange(8) % 5).shape == (8, 2)
+    assert "conditional_classes=5" in repr(cond)
+
+
+@pytest.mark.parametrize("kind", ["hinge", "bce", "wgan"])
+def test_losses_match_their_formulas(kind):
+    g = torch.Generator().manual_seed(5)
+    s = torch.randn(10, 3, dtype=D64, generator=g) * 2
+    lam = torch.tensor([1.0, 2.0, 5.0], dtype=D64) / 8
+    real_terms = {"hinge": F.relu(1 - s), "bce": F.softplus(-s), "wgan": -s}[kind]
+    fake_terms = {"hinge": F.relu(1 + s), "bce": F.softplus(s), "wgan": s}[kind]
+    gen_terms = {"hinge": -s, "bce": F.softplus(-s), "wgan": -s}[kind]
+    for real, terms in ((True, real_terms), (False, fake_terms)):
+        got = cascading_rejection_loss(s, real, kind, weights=[1, 2, 5])
+        assert torch.allclose(got, (terms.mean(0) * lam).sum(), rtol=1e-14, atol=0)
+    mask = torch.arange(10) % 3 == 0
+    mixed = torch.where(mask[:, None], real_terms, fake_terms)
+    assert torch.allclose(cascading_rejection_loss(s, mask, kind), mixed.mean(), rtol=1e-14, atol=0)
+    assert torch.allclose(cascading_rejection_generator_loss(s, kind), gen_terms.mean(), rtol=1e-14, atol=0)
+
+
+def test_single_stage_bce_is_the_standard_gan_loss():
+    s = torch.randn(12, dtype=D64)
+    bce_real = F.binary_cross_entropy_with_logits(s, torch.ones_like(s))
+    assert torch.allclose(cascading_rejection_loss(s, True, "bce"), bce_real, rtol=1e-14, atol=0)
+    assert torch.allclose(cascading_rejection_loss(s[:, None], False, "bce"),
+                          F.binary_cross_entropy_with_logits(s, torch.zeros_like(s)), rtol=1e-14, atol=0)  # fmt: skip
+
+
+def test_bad_inputs_raise_clear_errors():
+    v, w = torch.randn(4, 5), torch.randn(3, 5)
+    with pytest.raises(ValueError, match="n_stages"):
+        CascadingRejection(5, 0)
+    with pytest.raises(ValueError, match="in_features"):
+        CascadingRejection(0, 2)
+    with pytest.raises(ValueError, match="conditional_classes"):
+        CascadingRejection(5, 2, conditional_classes=0)
+    with pytest.raises(ValueError, match="weights"):
+        CascadingRejection(5, 2, weights=[1.0])
+    with pytest.raises(ValueError, match="weights"):
+        CascadingRejection(5, 2, weights=[1.0, -1.0])
+    with pytest.raises(ValueError, match="weights"):
+        CascadingRejection(5, 2, weights=[0.0, 0.0])
+    with pytest.raises(ValueError, match="weights"):
+        CascadingRejection(5, 2, weights=[1.0, float("nan")])
+    with pytest.raises(ValueError, match="n_stages"):
+        cascading_rejection(v, torch.randn(0, 5))
+    with pytest.raises(ValueError, match="in_features"):
+        cascading_rejection(v, torch.randn(3, 6))
+    with pytest.raises(ValueError, match="v must be"):
+        cascading_rejection(v[0], w)
+    with pytest.raises(TypeError, match="v must be a floating"):
+        cascading_rejection(v.long(), w)
+    with pytest.raises(TypeError, match=r"weight must be a torch\.Tensor"):
+        cascading_rejection(v, [[1.0] * 5])
+    with pytest.raises(ValueError, match="must match"):
+        cascading_rejection(v, w.double())
+    with pytest.raises(ValueError, match="bias"):
+        cascading_rejection(v, w, bias=torch.randn(2))
+    with pytest.raises(ValueError, match="labels and class_weight"):
+        cascading_rejection(v, w, labels=torch.zeros(4, dtype=torch.long))
+    e = torch.randn(2, 3, 5)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\)"):
+        cascading_rejection(v, w, labels=torch.tensor([0, 1, 2, 0]), class_weight=e)
+    with pytest.raises(TypeError, match="integer"):
+        cascading_rejection(v, w, labels=torch.zeros(4), class_weight=e)
+    with pytest.raises(ValueError, match=r"labels must be \[batch\]"):
+        cascading_rejection(v, w, labels=torch.zeros(3, dtype=torch.long), class_weight=e)
+    with pytest.raises(ValueError, match="class_weight must be"):
+        cascading_rejection(v, w, labels=torch.zeros(4, dtype=torch.long), class_weight=torch.randn(2, 5))
+    head = CascadingRejection(5, 3, conditional_classes=2)
+    with pytest.raises(ValueError, match="pass labels"):
+        head(v)
+    with pytest.raises(ValueError, match="unconditional"):
+        CascadingRejection(5, 3)(v, torch.zeros(4, dtype=torch.long))
+    s = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="kind"):
+        cascading_rejection_loss(s, True, "lsgan")
+    with pytest.raises(TypeError, match="real"):
+        cascading_rejection_loss(s, 1, "hinge")
+    with pytest.raises(ValueError, match="real must be"):
+        cascading_rejection_loss(s, torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="weights"):
+        cascading_rejection_loss(s, True, weights=[1, 2])
+    with pytest.raises(ValueError, match="scores must be"):
+        cascading_rejection_loss(torch.randn(2, 3, 4), True)
+    with pytest.raises(ValueError, match="n_stages = 3"):
+        head.loss(torch.randn(4, 2), True)
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph():
+    head = CascadingRejection(8, 3, conditional_classes=4)
+    v, y = torch.randn(5, 8), torch.tensor([0, 3, 1, 1, 2])
+    compiled = torch.compile(lambda v, y: head(v, y, return_rejection=True), fullgraph=True)
+    for a, b in zip(compiled(v, y), head(v, y, return_rejection=True)):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,110 @@
+"""The Jacobi Triton kernel (kernels/jacobi.py) against the torch reference and SciPy at odd sizes; interpreted on CPU
+(float32 and float64): the kernel's error is at most 2× torch's own in the same dtype (vs float64)."""
+
+import numpy as np
+import pytest
+import torch
+
+from kexue_fast.rope import ellipj, elliptic
+
+pytest.importorskip("triton")
+sp = pytest.importorskip("scipy.special")
+D64 = torch.float64
+
+
+def _device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _inputs(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    edges = torch.tensor([0.0, 1e-12, 1e-9, 1 - 1e-10, 1 - 1e-14, 1.0, 0.5, 1e-5], dtype=D64)
+    m = torch.cat([torch.rand(n, generator=g, dtype=D64), edges])[: max(n, 1)]
+    u = (torch.rand(m.shape, generator=g, dtype=D64) - 0.5) * 20
+    return u, m
+
+
+@pytest.mark.parametrize("n", [1, 7, 63, 65])
+def test_kernel_float64_matches_scipy_and_torch(n):
+    u, m = _inputs(n, seed=n)
+    dev = _device()
+    ours = ellipj(u.to(dev), m.to(dev), backend="triton")
+    ref = ellipj(u, m, backend="torch")
+    theirs = sp.ellipj(u.numpy(), m.numpy())
+    for a, r, s in zip(ours, ref, theirs):
+        a = a.cpu()
+        assert float((a - r).abs().max()) <= 1e-14
+        assert np.max(np.abs(a.numpy() - s)) <= 1e-12
+
+
+@pytest.mark.parametrize("n", [7, 64])
+def test_kernel_float32_as_accurate_as_torch(n):
+    u, m = _inputs(n, seed=100 + n)
+    dev = _device()
+    truth = ellipj(u, m, backend="torch")
+    ours = ellipj(u.float().to(dev), m.float().to(dev), backend="triton")
+    torch32 = ellipj(u.float(), m.float(), backend="torch")
+    for name, a, b, t in zip("sn cn dn am".split(), ours, torch32, truth):
+        # both see the same float32-rounded inputs: compare with the float64 function of those inputs
+        t = getattr(ellipj(u.float().double(), m.float().double(), backend="torch"), name)
+        err_kernel = float((a.cpu().double() - t).abs().max())
+        err_torch = float((b.double() - t).abs().max())
+        assert err_kernel <= 2 * err_torch + 1e-6, (name, err_kernel, err_torch)
+
+
+def test_kernel_zeta_and_out_of_range():
+    from kexue_fast.kernels.jacobi import jacobi_elliptic
+
+    u, m = _inputs(40, seed=5)
+    m = torch.cat([m, torch.tensor([1.5, -0.1, float("nan")], dtype=D64)])
+    u = torch.cat([u, torch.ones(3, dtype=D64)])
+    dev = _device()
+    sn, *_, zeta = (t.cpu() for t in jacobi_elliptic(u.to(dev), m.to(dev)))
+    assert torch.isnan(sn[-3:]).all() and torch.isnan(zeta[-3:]).all()
+    ok = m[:-3]
+    assert float((zeta[:-3] - elliptic.jacobi_zeta(u[:-3], ok)).abs().max()) <= 1e-14
+
+
+def test_kernel_gradient_and_negative_m():
+    dev = _device()
+    u = torch.tensor([0.4, -2.1, 5.0, 1.3], dtype=D64, device=dev, requires_grad=True)
+    m = torch.tensor([0.3, 0.7, -2.0, 0.99], dtype=D64, device=dev, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: tuple(ellipj(a, b, backend="triton")), (u, m), atol=1e-6)
+    a = ellipj(u.detach(), m.detach(), backend="triton")
+    b = ellipj(u.detach(), m.detach(), backend="torch")
+    for x, y in zip(a, b):
+        assert float((x - y).abs().max()) <= 1e-14
+
+
+def test_kernel_rejects_bad_inputs():
+    from kexue_fast.kernels.jacobi import jacobi_elliptic
+
+    dev = _device()
+    half = ellipj(torch.ones(4, dtype=torch.float16, device=dev), 0.5, backend="triton")
+    assert half.sn.dtype == torch.float32  # half types compute in float32
+    with pytest.raises(TypeError, match="float32 and float64"):
+        jacobi_elliptic(torch.ones(4, dtype=torch.float16, device=dev), torch.ones(4, dtype=torch.float16, device=dev))
+    with pytest.raises(ValueError, match="share shape"):
+        jacobi_elliptic(torch.ones(4, device=dev), torch.ones(5, device=dev))
+    with pytest.raises(ValueError, match="contiguous"):
+        jacobi_elliptic(torch.ones(4, 4, device=dev).T, torch.ones(4, 4, device=dev).T)
+
+
+@pytest.mark.gpu
+def test_gpu_kernel_large_batch_matches_torch():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    m = torch.rand(1 << 20, device="cuda", dtype=D64, generator=g)
+    u = (torch.rand(1 << 20, device="cuda", dtype=D64, generator=g) - 0.5) * 40
+    for a, b in zip(ellipj(u, m, backend="triton"), ellipj(u, m, backend="torch")):
+        assert float((a - b).abs().max()) <= 1e-13
+
+
+def test_troposkein_on_the_triton_backend_matches_torch():
+    from kexue_fast.rope import troposkein
+
+    dev = _device()
+    L = torch.tensor([1.2, 2.5], dtype=D64, device=dev)
+    a = troposkein(L, 1.0, 17, backend="triton")
+    b = troposkein(L.cpu(), 1.0, 17, backend="torch")
+    for x, y in ((a.x, b.x), (a.s, b.s), (a.tension, b.tension)):
+        assert float((x.cpu() - y).abs().max()) <= 1e-13

@@ -1,0 +1,216 @@
+"""The SOM Triton kernels (kernels/som.py) against float64 torch, at odd shapes and layouts; interpreted on CPU
+(TRITON_INTERPRET=1, set by conftest.py without CUDA). A kernel's float32 error must stay within 2× torch's own
+float32 error against the float64 reference."""
+
+import pytest
+import torch
+
+from kexue_fast.nn.self_orthogonality import SelfOrthogonality
+from kexue_fast.ortho import reference, som_regularizer
+
+pytest.importorskip("triton")
+from kexue_fast.kernels import som as kernels
+
+D64 = torch.float64
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# (tensor shape, channel_dim): [b, k] outputs, NCHW convolutions (S > 1), channels-last sequences
+LAYOUTS = [((1, 1), 1), ((7, 1), 1), ((63, 7), 1), ((65, 17), 1), ((33, 65), 1), ((2, 3, 5, 7), 1), ((3, 5, 16), -1)]
+
+
+def _rows(y, dim):
+    return y.movedim(dim, -1).reshape(-1, y.shape[dim])
+
+
+def _inputs(seed, dtype=D64, scale=0.15):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(s, dtype=D64, generator=g) * scale).to(dtype).to(DEV) for s, _ in LAYOUTS]
+
+
+def _layout(y, dim):
+    dim %= y.ndim
+    s = y.shape
+    return (int(torch.tensor(s[:dim]).prod()), s[dim], int(torch.tensor(s[dim + 1 :]).prod()))
+
+
+@pytest.mark.parametrize("chunks", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gram_kernel_matches_torch(dtype, chunks):
+    ys = _inputs(chunks, dtype)
+    dims = [d for _, d in LAYOUTS]
+    contiguous = [y.movedim(d % y.ndim, 1).contiguous() if d == -1 else y for y, d in zip(ys, dims)]
+    layouts = [_layout(y, 1) for y in contiguous]
+    grams, kp = kernels.gram_matrices(contiguous, layouts, 10.0, chunks=chunks)
+    assert grams.dtype == D64 and grams.shape[0] == len(ys) and kp >= 65
+    for i, (y, d) in enumerate(zip(ys, dims)):
+        k = y.shape[d]
+        z64 = torch.tanh(10.0 * _rows(y.double(), d))
+        truth = z64.T @ z64
+        z = torch.tanh(10.0 * _rows(y, d))
+        err_torch = float(((z.T @ z).double() - truth).abs().max())
+        err = float((grams[i, :k, :k] - truth).abs().max())
+        # floor: a few float32 ulps (a 1×1 Gram is one product; torch's libm tanh may be luckier there)
+        floor = (1e-6 if dtype == torch.float32 else 1e-14) * float(truth.abs().max())
+        assert err <= 2 * err_torch + floor, (i, err, err_torch)
+        assert torch.all(grams[i, k:] == 0) and torch.all(grams[i, :, k:] == 0)
+
+
+@pytest.mark.parametrize("dtype, ulps", [(torch.float64, 2), (torch.float32, 4)])
+def test_kernel_tanh_is_accurate_elementwise(dtype, ulps):
+    """With y = [100, x_1..x_63] as one row, G[0, j] = tanh(100)·tanh(x_j) = tanh(x_j): the kernel's tanh, read out."""
+    small = torch.logspace(-12, 0.5, 400, dtype=D64)
+    edges = torch.tensor([0.0, 0.29999, 0.3, 0.30001], dtype=D64)
+    x = torch.cat([torch.linspace(-20, 20, 2001, dtype=D64), small, -small, edges])
+    x = torch.cat([x, torch.zeros(-x.numel() % 63, dtype=D64)]).reshape(-1, 63)
+    rows = torch.cat([torch.full((x.shape[0], 1), 100.0, dtype=D64), x], 1).to(dtype)
+    ys = [r[None].to(DEV).contiguous() for r in rows]
+    grams, _ = kernels.gram_matrices(ys, [(1, 64, 1)] * len(ys), 1.0)
+    got = grams[:, 0, 1:64].cpu()
+    want = torch.tanh(rows[:, 1:].double())
+    ulp = torch.finfo(dtype).eps * want.abs().clamp_min(torch.finfo(dtype).tiny)
+    assert torch.all((got - want).abs() <= ulps * ulp), float(((got - want).abs() / ulp).max())
+
+
+def _rel(a, b):
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+def test_regularizer_value_and_gradient_float64():
+    ys = [y.requires_grad_() for y in _inputs(5)]
+    dims = [d for _, d in LAYOUTS]
+    ours = som_regularizer(ys, channel_dim=dims, reduction="none", backend="triton")
+    grads = torch.autograd.grad(ours.sum(), ys)
+    for i, (y, d) in enumerate(zip(ys, dims)):
+        ref = reference.som_direct(_rows(y, d), 10.0, 100.0, 1.0)
+        if y.shape[d] == 1:
+            assert ours[i] == 0 and torch.all(grads[i] == 0)
+            continue
+        assert abs(float(ours[i].detach() - ref.detach())) <= 1e-12 * float(ref.detach()), i
+        (g_ref,) = torch.autograd.grad(ref, y)
+        assert _rel(grads[i], g_ref) <= 1e-11, i
+
+
+def test_regularizer_float32_as_accurate_as_torch():
+    """torch's own float32 error: the definition (reference.som_direct: torch.tanh, Θ materialized) in float32."""
+    ys64 = _inputs(6)
+    dims = [d for _, d in LAYOUTS]
+    got = {}
+    for name, dtype in (("truth", D64), ("torch", torch.float32), ("triton", torch.float32)):
+        ys = [y.to(dtype).requires_grad_() for y in ys64]
+        if name == "triton":
+            v = som_regularizer(ys, channel_dim=dims, reduction="none", backend="triton")
+        else:
+            v = torch.stack([reference.som_direct(_rows(y, d)) for y, d in zip(ys, dims)])
+        gs = torch.autograd.grad(v.sum(), ys)
+        got[name] = (v.detach().double(), [g.double() for g in gs])
+    truth_v, truth_g = got["truth"]
+    err = {n: (truth_v - got[n][0]).abs() for n in ("torch", "triton")}
+    assert torch.all(err["triton"] <= 2 * err["torch"] + 1e-6 * truth_v.abs()), err
+    for i in range(len(ys64)):
+        e_torch = float((got["torch"][1][i] - truth_g[i]).abs().max())
+        e_triton = float((got["triton"][1][i] - truth_g[i]).abs().max())
+        assert e_triton <= 2 * e_torch + 1e-6 * float(truth_g[i].abs().max()), (i, e_triton, e_torch)
+
+
+def test_gradcheck_triton_path():
+    g = torch.Generator().manual_seed(7)
+    a = (torch.randn(5, 3, 2, dtype=D64, generator=g) * 0.3).to(DEV).requires_grad_()
+    b = (torch.randn(9, 4, dtype=D64, generator=g) * 0.3).to(DEV).requires_grad_()
+    torch.autograd.gradcheck(lambda a, b: som_regularizer([a, b], gamma=2.0, backend="triton"), (a, b))
+
+
+def test_grouped_call_equals_separate_calls_and_is_deterministic():
+    ys = _inputs(8)
+    dims = [d for _, d in LAYOUTS]
+    together = som_regularizer(ys, channel_dim=dims, reduction="none", backend="triton")
+    alone = torch.stack([som_regularizer(y, channel_dim=d, backend="triton") for y, d in zip(ys, dims)])
+    assert _rel(together, alone) <= 1e-13
+    assert torch.equal(together, som_regularizer(ys, channel_dim=dims, reduction="none", backend="triton"))
+
+
+def test_non_contiguous_and_wide_layers():
+    g = torch.Generator().manual_seed(9)
+    base = torch.randn(40, 24, dtype=D64, generator=g).to(DEV)
+    y = base.T[:, ::2].requires_grad_()  # [24, 20], non-contiguous
+    wide = torch.randn(3, 50, dtype=D64, generator=g).to(DEV).requires_grad_()  # b < k: the ẐẐᵀ route
+    ours = som_regularizer([y, wide], backend="triton", reduction="none")
+    ref = torch.stack([reference.som_direct(y), reference.som_direct(wide)])
+    assert _rel(ours, ref) <= 1e-12
+    ga = torch.autograd.grad(ours.sum(), [y, wide])
+    gb = torch.autograd.grad(ref.sum(), [y, wide])
+    assert all(_rel(a, b) <= 1e-11 for a, b in zip(ga, gb))
+
+
+def test_module_on_triton_matches_torch():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 6, 3), torch.nn.Tanh(), torch.nn.Conv2d(6, 5, 3)).double().to(DEV)
+    x = torch.randn(2, 2, 8, 8, dtype=D64, device=DEV)
+    values = {}
+    for backend in ("torch", "triton"):
+        som = SelfOrthogonality(model, gamma=1.0, backend=backend)
+        model.zero_grad()
+        model(x)
+        loss = som.loss()
+        loss.backward()
+        values[backend] = (loss.detach(), model[0].weight.grad.clone())
+        som.remove()
+    assert _rel(values["triton"][0], values["torch"][0]) <= 1e-12
+    assert _rel(values["triton"][1], values["torch"][1]) <= 1e-10
+
+
+def test_launchers_reject_bad_inputs():
+    y = torch.randn(8, 4, device=DEV)
+    with pytest.raises(ValueError, match="layout"):
+        kernels.gram_matrices([y], [], 1.0)
+    with pytest.raises(ValueError, match="contiguous"):
+        kernels.gram_matrices([y, y.double()], [(8, 4, 1), (8, 4, 1)], 1.0)
+    with pytest.raises(ValueError, match="elements"):
+        kernels.gram_matrices([y], [(8, 5, 1)], 1.0)
+    with pytest.raises(TypeError, match="support"):
+        kernels.gram_matrices([y.long()], [(8, 4, 1)], 1.0)
+    assert kernels.gram_backward([y], [(8, 4, 1)], 1.0, torch.zeros(1, 16, 16, device=DEV)).shape == (32,)
+    with pytest.raises(ValueError, match="KP"):
+        kernels.gram_backward([y], [(8, 4, 1)], 1.0, torch.zeros(1, 8, 8, device=DEV))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gpu_large_cnn_layers_match_float64(dtype):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    g = torch.Generator(device="cuda").manual_seed(0)
+    shapes = [(128, 64, 32, 32), (128, 128, 16, 16), (128, 256, 8, 8), (128, 512, 4, 4), (64, 1000)]
+    ys = [(torch.randn(s, device="cuda", generator=g) * 0.2).to(dtype).requires_grad_() for s in shapes]
+    ours = som_regularizer(ys, reduction="none", backend="triton")
+    grads = torch.autograd.grad(ours.sum(), ys)
+    ys64 = [y.detach().double().requires_grad_() for y in ys]
+    truth = som_regularizer(ys64, reduction="none", backend="torch")
+    g64 = torch.autograd.grad(truth.sum(), ys64)
+    tol = 1e-4 if dtype == torch.float32 else 1e-3
+    assert _rel(ours, truth) <= tol
+    for a, b in zip(grads, g64):
+        assert _rel(a, b) <= (tol if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_grouped_step_has_no_host_sync():
+    ys = [torch.randn(s, device="cuda", requires_grad=True) for s in [(32, 32, 16, 16), (32, 64, 8, 8), (8, 100)]]
+    som_regularizer(ys, backend="triton").backward()  # builds and caches the tables and masks
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        som_regularizer(ys, backend="triton").backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph_triton_path():
+    g = torch.Generator().manual_seed(11)
+    shapes = [(4, 5, 3), (20, 9)]
+    ys = [(torch.randn(s, dtype=torch.float32, generator=g) * 0.3).to(DEV).requires_grad_() for s in shapes]
+    compiled = torch.compile(lambda a, b: som_regularizer([a, b], backend="triton"), fullgraph=True)
+    value = compiled(*ys)
+    grads = torch.autograd.grad(value, ys)
+    eager = som_regularizer(ys, backend="triton")
+    eager_grads = torch.autograd.grad(eager, ys)
+    assert _rel(value, eager) <= 1e-6
+    assert all(_rel(a, b) <= 1e-5 for a, b in zip(grads, eager_grads))

@@ -1,0 +1,208 @@
+"""The skipping-rope curve: K, E, sn, cn, dn against SciPy (float64, 1e-12), their gradients, the troposkein's
+closed form against the shooting solve (1e-9), the rope length, the catenary limit, and bad inputs."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from kexue_fast.rope import ellipe, ellipj, ellipk, elliptic, length_ratio, rope_shape, troposkein
+
+sp = pytest.importorskip("scipy.special")
+D64 = torch.float64
+
+
+def _parameters(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    edges = torch.tensor([0.0, 1e-12, 1e-9, 2e-9, 1e-5, 0.5, 1 - 1e-6, 1 - 2e-10, 1 - 1e-10, 1 - 1e-14, 1.0], dtype=D64)
+    near_one = 1 - torch.logspace(-16, -1, 40, dtype=D64)
+    m = torch.cat([torch.rand(n, generator=g, dtype=D64), edges, near_one])
+    u = (torch.rand(m.shape, generator=g, dtype=D64) - 0.5) * 30
+    return u, m
+
+
+@pytest.mark.parametrize("n", [1, 7, 63, 65, 2000])
+def test_jacobi_matches_scipy_float64(n):
+    u, m = _parameters(n, seed=n)
+    ours = ellipj(u, m, backend="torch")
+    theirs = sp.ellipj(u.numpy(), m.numpy())
+    for name, a, b in zip(("sn", "cn", "dn", "am"), ours, theirs):
+        err = np.abs(a.numpy() - b) / np.maximum(1.0, np.abs(b))
+        assert err.max() <= 1e-12, (name, err.max())
+
+
+def test_complete_integrals_match_scipy_float64():
+    m = torch.cat([torch.rand(1000, dtype=D64), 1 - torch.logspace(-16, 0, 60, dtype=D64),
+                   -torch.logspace(-8, 12, 60, dtype=D64), torch.tensor([0.0, 1.0], dtype=D64)])  # fmt: skip
+    k, e = ellipk(m), ellipe(m)
+    kr, er = sp.ellipk(m.numpy()), sp.ellipe(m.numpy())
+    finite = np.isfinite(kr)
+    assert np.max(np.abs(k.numpy()[finite] / kr[finite] - 1)) <= 1e-12
+    assert np.max(np.abs(e.numpy() / er - 1)) <= 1e-12
+    assert torch.isinf(k[m == 1]).all() and (e[m == 1] == 1).all()
+    assert torch.isnan(ellipk(torch.tensor([1.5], dtype=D64))).all()
+
+
+def test_jacobi_negative_parameter_by_dlmf_22_17():
+    mpmath = pytest.importorskip("mpmath")
+    u = torch.tensor([0.3, -1.7, 4.2], dtype=D64)
+    m = torch.tensor([-0.5, -3.0, -20.0], dtype=D64)
+    sn, cn, dn, _ = ellipj(u, m)
+    for i in range(3):
+        for name, ours in (("sn", sn), ("cn", cn), ("dn", dn)):
+            ref = float(mpmath.re(mpmath.ellipfun(name, float(u[i]), m=float(m[i]))))
+            assert abs(float(ours[i]) - ref) <= 1e-12 * max(1.0, abs(ref)), (name, i)
+
+
+def test_jacobi_identities_and_float32():
+    u, m = _parameters(200, seed=3)
+    sn, cn, dn, _ = ellipj(u, m)
+    assert torch.allclose(sn**2 + cn**2, torch.ones_like(sn), atol=1e-14)
+    assert torch.allclose(dn**2 + m * sn**2, torch.ones_like(sn), atol=1e-14)
+    sn32 = ellipj(u.float(), m.float()).sn
+    assert sn32.dtype == torch.float32
+    assert float((sn32.double() - sn).abs().max()) < 1e-4
+
+
+def test_gradcheck_jacobi_and_integrals():
+    u = torch.tensor([0.4, -2.1, 5.0, 1.3, 0.8, 2.2, 3.3, 0.7], dtype=D64, requires_grad=True)
+    m = torch.tensor([0.3, 0.7, 0.01, 0.001, -0.5, -3.0, 0.95, 1e-10], dtype=D64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: tuple(ellipj(a, b, backend="torch")), (u, m), atol=1e-6)
+    assert torch.autograd.gradcheck(lambda b: (ellipk(b), ellipe(b)), (m,), atol=1e-7)
+    # m = 0: dK/dm = π/8, dE/dm = −π/8
+    z = torch.zeros(1, dtype=D64, requires_grad=True)
+    (gk,) = torch.autograd.grad(ellipk(z).sum(), z)
+    (ge,) = torch.autograd.grad(ellipe(z).sum(), z)
+    assert abs(float(gk) - math.pi / 8) < 1e-15 and abs(float(ge) + math.pi / 8) < 1e-15
+
+
+def test_incomplete_integral_matches_scipy():
+    g = torch.Generator().manual_seed(0)
+    m = torch.rand(300, generator=g, dtype=D64) * 0.999
+    u = (torch.rand(300, generator=g, dtype=D64) - 0.5) * 8
+    am = ellipj(u, m).am
+    eps_u = elliptic.incomplete_ellipe_of_u(u, m)
+    assert np.max(np.abs(eps_u.numpy() - sp.ellipeinc(am.numpy(), m.numpy()))) <= 1e-13
+
+
+def test_jacobi_bad_inputs():
+    with pytest.raises(ValueError, match="m must be <= 1"):
+        ellipj(torch.ones(3), 1.5)
+    with pytest.raises(TypeError, match="u must be"):
+        ellipj(torch.ones(3, dtype=torch.int64), 0.5)
+    with pytest.raises(TypeError, match="m must be"):
+        ellipj(torch.ones(3), "0.5")
+    with pytest.raises(ValueError, match="backend"):
+        ellipj(torch.ones(3), 0.5, backend="cuda")
+
+
+# --- the troposkein -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ratio", [1.01, 1.3, 2.0, 3.5])
+def test_closed_form_matches_shooting_to_1e9(ratio):
+    h = 0.8
+    shot = rope_shape(ratio * h, h, omega=3.0, g=0.0, n_points=65, n_steps=1024)
+    exact = troposkein(ratio * h, h, y=shot.y, omega=3.0)
+    assert float((shot.x - exact.x).abs().max()) <= 1e-9 * h
+    assert float((shot.s - exact.s).abs().max()) <= 1e-9 * h
+    scale = float(exact.tension.abs().max())
+    assert float((shot.tension - exact.tension).abs().max()) <= 1e-9 * scale
+
+
+def test_troposkein_solves_length_and_has_length_L():
+    L = torch.tensor([1.001, 1.2, 2.0, 10.0, 1000.0], dtype=D64)
+    r = troposkein(L, 1.0, 4001)
+    assert torch.allclose(length_ratio(r.m), L, rtol=1e-13, atol=0)
+    # the polyline length of the returned samples, Richardson-extrapolated, is L (independent of the closed s(y))
+    coarse = torch.diff(torch.stack((r.x[:, ::2], r.y[:, ::2])), dim=-1).norm(dim=0).sum(-1)
+    fine = torch.diff(torch.stack((r.x, r.y)), dim=-1).norm(dim=0).sum(-1)
+    assert torch.allclose((4 * fine - coarse) / 3, L, rtol=1e-9, atol=0)
+    assert torch.allclose(r.s[:, -1], L, rtol=1e-12, atol=0)
+    assert torch.allclose(r.x.amax(-1), r.radius, rtol=1e-12)
+    # tension = ρω²(a − x²)/2: its axial part T·dy/ds is the constant axial_tension
+    dy_ds = torch.gradient(r.y, dim=-1)[0] / torch.gradient(r.s, dim=-1)[0]
+    axial = (r.tension * dy_ds)[:, 1:-1]
+    assert torch.allclose(axial, r.axial_tension[:, None].expand_as(axial), rtol=1e-5)
+
+
+def test_troposkein_is_independent_of_omega_and_batched():
+    L = torch.tensor([[1.1], [1.7]], dtype=D64)
+    h = torch.tensor([1.0, 0.7, 0.5], dtype=D64)
+    r = troposkein(L, h, 33, omega=5.0)
+    assert r.x.shape == (2, 3, 33)
+    for i in range(2):
+        for j in range(3):
+            single = troposkein(float(L[i, 0]), float(h[j]), 33, omega=0.1)
+            assert torch.allclose(r.x[i, j], single.x, rtol=0, atol=1e-14)
+            assert torch.allclose(r.tension[i, j], single.tension * 2500, rtol=1e-12)
+
+
+def test_troposkein_gradient_in_L_matches_finite_differences():
+    L = torch.tensor(1.6, dtype=D64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a: troposkein(a, 1.0, 9).x[1:-1], (L,), atol=1e-7)
+    assert torch.autograd.gradcheck(lambda a: troposkein(a, 1.0, 9).radius, (L,), atol=1e-7)
+
+
+def test_omega_to_zero_with_gravity_gives_the_catenary():
+    from scipy.optimize import brentq
+
+    L, h = 1.5, 1.0
+    c = brentq(lambda c: 2 * c * math.sinh(h / (2 * c)) - L, 1e-3, 1e3, xtol=1e-15)
+
+    def catenary_error(omega, n_steps=256):
+        r = rope_shape(L, h, omega, 9.81, gravity="radial", n_points=33, n_steps=n_steps, continuation_steps=3)
+        x = c * (math.cosh(h / (2 * c)) - torch.cosh((r.y - h / 2) / c))
+        return float((r.x - x).abs().max())
+
+    assert catenary_error(0.0, n_steps=512) <= 1e-9
+    errors = [catenary_error(w) for w in (1.0, 0.3, 0.1)]
+    assert errors[0] > errors[1] > errors[2] > 1e-9  # the spin still bends the curve: the check can fail
+    assert errors[2] < 2e-2 * errors[0]  # O(ω²)
+
+
+def test_axial_gravity_is_the_posts_equation():
+    """d(φx')/ds = ω²x and d(φy')/ds = −g with φ = −T/ρ (ρ = 1): checked by differences along the solution."""
+    omega, g = 2.0, 1.5
+    r = rope_shape(1.5, 1.0, omega, g, n_points=513)
+    ds = float(r.s[1] - r.s[0])
+    phi = -r.tension
+    dx = torch.gradient(r.x, spacing=ds, edge_order=2)[0]
+    dy = torch.gradient(r.y, spacing=ds, edge_order=2)[0]
+    lhs_x = torch.gradient(phi * dx, spacing=ds, edge_order=2)[0]
+    lhs_y = torch.gradient(phi * dy, spacing=ds, edge_order=2)[0]
+    # second differences of a spacing ~3e-3: ~1e-4 of the terms' size (a wrong sign or factor is O(1))
+    assert float((lhs_x - omega**2 * r.x)[2:-2].abs().max()) < 1e-3 * float((omega**2 * r.x).abs().max())
+    assert float((lhs_y + g)[2:-2].abs().max()) < 1e-3 * g
+    assert float(r.y.min()) < 0  # gravity pulls the rope below its lower end
+
+
+def test_rope_bad_inputs():
+    with pytest.raises(ValueError, match="L must be greater than h"):
+        troposkein(1.0, 1.0)
+    with pytest.raises(ValueError, match="L must be greater than h"):
+        rope_shape(torch.tensor([2.0, 0.5], dtype=D64), 1.0, 1.0, 0.0)
+    with pytest.raises(ValueError, match="h must be finite and > 0"):
+        troposkein(1.0, -1.0)
+    with pytest.raises(ValueError, match="n_points"):
+        troposkein(2.0, 1.0, 1)
+    with pytest.raises(ValueError, match="omega must be finite and > 0"):
+        troposkein(2.0, 1.0, omega=0.0)
+    with pytest.raises(ValueError, match="g must be finite and >= 0"):
+        rope_shape(2.0, 1.0, 1.0, -9.81)
+    with pytest.raises(ValueError, match="cannot both be 0"):
+        rope_shape(2.0, 1.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="gravity"):
+        rope_shape(2.0, 1.0, 1.0, 1.0, gravity="down")
+    with pytest.raises(TypeError, match="L must be"):
+        troposkein("2", 1.0)
+    with pytest.raises(RuntimeError, match="did not converge"):
+        # g ≫ ω²h on a vertical axis: the rope folds onto the axis
+        rope_shape(1.05, 1.0, 1.0, 40.0, n_steps=64, continuation_steps=2, max_iter=5)
+
+
+def test_compile_fullgraph_smoke():
+    f = torch.compile(lambda u, m: ellipj(u, m, backend="torch").sn * ellipk(m), fullgraph=True)
+    u, m = torch.rand(10, dtype=D64), torch.rand(10, dtype=D64)
+    assert torch.allclose(f(u, m), ellipj(u, m).sn * ellipk(m), rtol=1e-14, atol=1e-15)

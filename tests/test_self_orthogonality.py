@@ -1,0 +1,253 @@
+"""The Self-Orthogonality regularizer (torch path) and its siblings against the direct formulas; the hooks module;
+bad inputs. The Triton kernel's tests are in test_kernels_som.py."""
+
+import pytest
+import torch
+from torch import nn
+
+from kexue_fast.nn.self_orthogonality import SelfOrthogonality
+from kexue_fast.ortho import (
+    OutputRecorder,
+    biggan_orthogonal_regularizer,
+    orthogonality_penalty,
+    reference,
+    som_regularizer,
+)
+
+D64 = torch.float64
+SHAPES = [(1, 1), (1, 7), (7, 1), (7, 63), (63, 7), (65, 63), (63, 65), (64, 64)]
+
+
+def _rel(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+def _rows(y, dim):
+    return y.movedim(dim, -1).reshape(-1, y.shape[dim])
+
+
+@pytest.mark.parametrize("b, k", SHAPES)
+@pytest.mark.parametrize("gamma", [0.3, 10.0])
+def test_cheap_identities_equal_the_direct_formula(b, k, gamma):
+    g = torch.Generator().manual_seed(b * 1000 + k)
+    y = torch.randn(b, k, dtype=D64, generator=g).requires_grad_()
+    direct = reference.som_direct(y, gamma, 100.0, 1.0)
+    cheap = reference.som_cheap(y, gamma, 100.0, 1.0)
+    # k = 1: no off-diagonal entries, R = 0
+    scale = direct.detach().abs() + 1e-300 if k > 1 else torch.ones((), dtype=D64)
+    assert float((cheap - direct).detach().abs() / scale) <= 1e-12
+    if k == 1:
+        assert direct == 0
+        return
+    (gd,) = torch.autograd.grad(direct, y)
+    (gc,) = torch.autograd.grad(cheap, y)
+    assert _rel(gc, gd) <= 1e-12
+
+
+@pytest.mark.parametrize("b, k", SHAPES)
+def test_torch_path_matches_reference_in_value_and_gradient(b, k):
+    g = torch.Generator().manual_seed(b + 7 * k)
+    y = torch.randn(b, k, dtype=D64, generator=g).requires_grad_()
+    ours = som_regularizer(y, gamma=2.0, lambda1=3.0, lambda2=0.5, backend="torch")
+    ref = reference.som_direct(y, 2.0, 3.0, 0.5)
+    assert abs(float((ours - ref).detach())) <= 1e-12 * max(abs(float(ref.detach())), 1e-300) or (k == 1 and ours == 0)
+    if k > 1:
+        assert _rel(torch.autograd.grad(ours, y)[0], torch.autograd.grad(ref, y)[0]) <= 1e-12
+
+
+def test_layouts_grouping_and_reduction():
+    g = torch.Generator().manual_seed(1)
+    conv = torch.randn(3, 5, 4, 2, dtype=D64, generator=g)  # NCHW: b = 3·4·2, k = 5
+    seq = torch.randn(2, 9, 6, dtype=D64, generator=g)  # [B, T, k], channels last
+    wide = torch.randn(3, 40, dtype=D64, generator=g)  # b < k: the ẐẐᵀ route
+    per = som_regularizer([conv, seq, wide], channel_dim=[1, -1, 1], reduction="none", backend="torch")
+    refs = [reference.som_direct(_rows(conv, 1)), reference.som_direct(_rows(seq, -1)), reference.som_direct(wide)]
+    assert per.shape == (3,) and per.dtype == D64
+    for got, ref in zip(per, refs):
+        assert abs(float(got - ref)) <= 1e-12 * float(ref)
+    total = som_regularizer([conv, seq, wide], channel_dim=[1, 2, 1], backend="torch")
+    assert abs(float(total - sum(refs))) <= 1e-12 * float(sum(refs))
+    assert som_regularizer(conv, gamma=1.5, backend="torch").ndim == 0
+
+
+def test_gradcheck_torch_path():
+    g = torch.Generator().manual_seed(2)
+    y1 = torch.randn(6, 3, 2, dtype=D64, generator=g).requires_grad_()
+    y2 = torch.randn(2, 5, dtype=D64, generator=g).requires_grad_()
+    torch.autograd.gradcheck(lambda a, b: som_regularizer([a, b], gamma=0.7, backend="torch"), (y1, y2))
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-4), (torch.float16, 1e-4)])
+def test_low_precision_inputs_are_computed_in_float32(dtype, tol):
+    g = torch.Generator().manual_seed(3)
+    y = (torch.randn(300, 16, generator=g) * 0.2).to(dtype)
+    got = som_regularizer(y, backend="torch")
+    assert got.dtype == torch.float32
+    assert _rel(got, reference.som_direct(y.double())) <= tol
+
+
+def test_dead_unit_matches_reference():
+    g = torch.Generator().manual_seed(4)
+    y = torch.randn(20, 6, dtype=D64, generator=g)
+    y[:, 2] = 0  # a column with tanh(γy) = 0: ẑ = 0, no contribution
+    ours = som_regularizer(y, backend="torch")
+    assert torch.isfinite(ours) and abs(float(ours - reference.som_direct(y))) <= 1e-12 * float(ours)
+
+
+def _cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 12, 3, stride=2), nn.ReLU(), nn.Flatten(),
+        nn.Linear(12 * 3 * 3, 10),
+    ).double()  # fmt: skip
+
+
+def test_module_records_hooked_outputs_and_clears_them():
+    model = _cnn()
+    x = torch.randn(4, 3, 8, 8, dtype=D64)
+    som = SelfOrthogonality(model, ["0", model[2], "5"], gamma=3.0, lambda1=10.0, lambda2=2.0)
+    assert som.layer_names == ["0", "2", "5"]
+    model(x)
+    with torch.no_grad():
+        model(x)  # not recorded: no gradients
+    model.eval()
+    model(x)  # not recorded: eval mode
+    model.train()
+    assert len(som.recorder.records) == 3
+    a = model[0](x)
+    b = model[2](torch.relu(a))
+    c = model[5](torch.relu(b).flatten(1))  # the same outputs again, recorded as three more
+    refs = [reference.som_direct(_rows(t, d), 3.0, 10.0, 2.0) for t, d in ((a, 1), (b, 1), (c, -1))]
+    per = som.loss(reduction="none")
+    assert per.shape == (6,)
+    for i, ref in enumerate(refs + refs):
+        assert abs(float((per[i] - ref).detach())) <= 1e-12 * float(ref.detach())
+    with pytest.raises(RuntimeError, match="recorded no outputs"):
+        som.loss()
+    model(x)
+    loss = som()
+    loss.backward()
+    assert all(p.grad is not None for p in model[0].parameters())
+    som.remove()
+    model(x)
+    assert som.recorder.records == []
+
+
+def test_module_default_layers_and_context_manager():
+    model = _cnn()
+    with SelfOrthogonality(model) as som:
+        assert som.layer_names == ["0", "2"]  # every convolution
+        model(torch.randn(2, 3, 8, 8, dtype=D64))
+        assert som.loss(clear=False) == som.loss()
+    assert som.recorder._handles == []
+    recorder = OutputRecorder(model, nn.Linear, record_in_eval=True)
+    model.eval()
+    with torch.enable_grad():
+        model(torch.randn(2, 3, 8, 8, dtype=D64))
+    assert [d for _, d in recorder.take()] == [-1] and recorder.records == []
+    recorder.remove()
+
+
+def test_module_follows_the_model_to_float32():
+    model = _cnn().float()
+    som = SelfOrthogonality(model)
+    model(torch.randn(2, 3, 8, 8))
+    assert som.loss().dtype == torch.float32
+
+
+@pytest.mark.parametrize("shape", [(1, 5), (6, 6), (7, 3), (3, 7), (16, 3, 3, 3), (4, 8, 3, 3), (65, 63)])
+def test_weight_regularizers_equal_their_direct_formulas(shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    w = torch.randn(*shape, dtype=D64, generator=g).requires_grad_()
+    for ours, ref in (
+        (biggan_orthogonal_regularizer(w, beta=0.3), reference.biggan_orthogonal_direct(w, 0.3)),
+        (orthogonality_penalty(w, strength=2.0), reference.orthogonality_direct(w, 2.0)),
+    ):
+        assert abs(float((ours - ref).detach())) <= 1e-12 * max(float(ref.detach()), 1.0)
+        if ref.requires_grad and float(ref.detach()) > 0:
+            assert _rel(torch.autograd.grad(ours, w)[0], torch.autograd.grad(ref, w)[0]) <= 1e-11
+
+
+@torch.no_grad()
+def test_weight_regularizers_on_a_module_and_orthogonal_weights():
+    model = _cnn()
+    expected = sum(reference.orthogonality_direct(p) for p in model.parameters() if p.ndim >= 2)
+    assert abs(float(orthogonality_penalty(model) - expected)) <= 1e-12 * float(expected)
+    q, _ = torch.linalg.qr(torch.randn(9, 4, dtype=D64))
+    assert float(orthogonality_penalty(q.T)) <= 1e-28 and float(biggan_orthogonal_regularizer(q.T)) <= 1e-28
+    # BigGAN ignores the norms: scaled orthogonal filters are free
+    assert float(biggan_orthogonal_regularizer(q.T * torch.tensor([[1.0], [2.0], [3.0], [4.0]], dtype=D64))) <= 1e-26
+
+
+def test_bad_inputs_raise_clear_errors():
+    y = torch.randn(8, 4)
+    for kwargs, match in [
+        ({"gamma": 0.0}, "gamma must be > 0"),
+        ({"gamma": -1.0}, "gamma must be > 0"),
+        ({"gamma": float("inf")}, "gamma must be a finite"),
+        ({"lambda1": -1.0}, "lambda1 must be >= 0"),
+        ({"lambda2": float("nan")}, "lambda2 must be a finite"),
+        ({"eps": 0.0}, "eps must be > 0"),
+        ({"reduction": "mean"}, "reduction"),
+        ({"channel_dim": 2}, "channel_dim"),
+        ({"channel_dim": [1, 1]}, "channel_dim has 2 entries"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            som_regularizer(y, **kwargs)
+    with pytest.raises(TypeError, match="y must be a tensor"):
+        som_regularizer(y.numpy())
+    with pytest.raises(TypeError, match=r"y\[0\] must be float32"):
+        som_regularizer(y.long())
+    with pytest.raises(ValueError, match="ndim >= 2"):
+        som_regularizer(torch.randn(5))
+    with pytest.raises(ValueError, match="empty"):
+        som_regularizer(torch.randn(0, 4))
+    with pytest.raises(ValueError, match="at least one"):
+        som_regularizer([])
+    with pytest.raises(ValueError, match="backend must be"):
+        som_regularizer(y, backend="cuda")
+    with pytest.raises(NotImplementedError, match="cpp"):
+        som_regularizer(y, backend="cpp")
+    model = _cnn()
+    with pytest.raises(ValueError, match="no submodule named"):
+        SelfOrthogonality(model, ["nope"])
+    with pytest.raises(ValueError, match="not a submodule"):
+        SelfOrthogonality(model, [nn.Linear(2, 2)])
+    with pytest.raises(ValueError, match="no module of type"):
+        SelfOrthogonality(model, nn.LSTM)
+    with pytest.raises(ValueError, match="gamma"):
+        SelfOrthogonality(model, gamma=0)
+    with pytest.raises(TypeError, match="model must be"):
+        SelfOrthogonality("model")
+    with pytest.raises(ValueError, match="beta"):
+        biggan_orthogonal_regularizer(torch.randn(3, 3), beta=-1.0)
+    with pytest.raises(ValueError, match="ndim >= 2"):
+        orthogonality_penalty(torch.randn(3))
+    with pytest.raises(TypeError, match="floating"):
+        orthogonality_penalty(torch.ones(3, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="no weights"):
+        orthogonality_penalty(nn.ReLU())
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph_torch_path():
+    y = torch.randn(4, 6, 5, 5, requires_grad=True)
+    compiled = torch.compile(lambda y: som_regularizer(y, backend="torch"), fullgraph=True)
+    value = compiled(y)
+    (grad,) = torch.autograd.grad(value, y)
+    y2 = y.detach().requires_grad_()
+    eager = som_regularizer(y2, backend="torch")
+    (eager_grad,) = torch.autograd.grad(eager, y2)
+    assert _rel(value, eager) <= 1e-5 and _rel(grad, eager_grad) <= 1e-4
+
+
+def test_autocast_keeps_the_grams_in_float32():
+    g = torch.Generator().manual_seed(12)
+    y = (torch.randn(64, 16, generator=g) * 0.2).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        gram_route = som_regularizer(y, backend="torch")
+        rows_route = som_regularizer(y[:8], backend="torch")  # b < k: the ẐẐᵀ route
+    assert gram_route.dtype == rows_route.dtype == torch.float32
+    assert _rel(gram_route, reference.som_direct(y.double())) <= 1e-5  # bf16 Grams would be ~1e-3 off
+    assert _rel(rows_route, reference.som_direct(y[:8].double())) <= 1e-5
