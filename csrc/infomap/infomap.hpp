@@ -7,11 +7,11 @@
 //
 // The search follows infomap's two-level algorithm: a core loop visits the nodes in random order and moves each to
 // the neighbouring (or an empty) module with the largest decrease of L (ΔL in O(degree) from the enter/exit flows),
-// until a sweep improves L by less than a threshold or moves fewer than 5% of the nodes; the modules are then
-// aggregated into nodes and the loop repeats on the module graph until nothing merges. Tuning then alternates, while
-// L improves, between fine-tuning (the core loop on the original nodes from the found partition) and coarse-tuning
-// (each module split into submodules by a constrained search, the submodules moved between modules), merging again
-// after each. Several trials keep the best; a seed makes it deterministic.
+// until a sweep improves L by less than a threshold; the modules are then aggregated into nodes and the loop repeats
+// on the module graph until nothing merges. Tuning then alternates, while L improves, between fine-tuning (the core
+// loop on the original nodes from the found partition) and coarse-tuning (each module split into submodules by a
+// constrained search, the submodules moved between modules), merging again after each. Several trials keep the
+// best; a seed makes it deterministic.
 #pragma once
 
 #include <cstdint>
@@ -37,7 +37,6 @@ struct Options {
   int num_trials = 1;
   std::uint64_t seed = 123;
   int core_loop_limit = 10;            // sweeps per core loop
-  double minimum_moved_fraction = 0.05;  // after its first sweep, a core loop stops when fewer nodes moved
   int tune_iteration_limit = 10;       // fine- and coarse-tuning rounds (each)
   double minimum_improvement = 1e-10;  // a sweep or a round must improve L by more than this (bits)
   double minimum_relative_tune_improvement = 1e-5;  // tuning continues after a round that gained more than this
