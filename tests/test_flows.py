@@ -564,3 +564,33 @@ def test_neumann_gradient_is_unbiased_for_a_nonlinear_branch():
     varies = se > 0
     assert bool(((mean - exact)[varies].abs() <= 4 * se[varies]).all())
     assert bool(((mean - exact)[~varies].abs() < 1e-12).all())
+
+
+def test_factor_out_flow_is_an_exact_change_of_variables():
+    from kexue_fast.nn import FactorOut, ResidualFlow
+
+    torch.manual_seed(15)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        flow = ResidualFlow.conv((1, 4, 4), n_scales=3, n_blocks=1, hidden_channels=6, coeff=0.9, logdet="exact",
+                                 factor_out=True, n_power_iterations=5).double()  # fmt: skip
+    # scale 1 drops 2 of 4 squeezed channels, scale 2 drops 4 of 8: the latent is 8 + 4 + 4 = 16 values
+    assert [m.keep for m in flow.layers if isinstance(m, FactorOut)] == [2, 4]
+    flow.eval()
+    x = torch.randn(3, 1, 4, 4, dtype=D64)
+    with torch.no_grad():
+        z, logdet = flow(x)
+        assert z.shape == (3, 16)
+        assert torch.allclose(flow.inverse(z), x, atol=1e-8)
+        assert flow.sample(5).shape == (5, 1, 4, 4)
+    for i in range(3):  # log|det ∂z/∂x| of the whole map x -> flat z, from the autograd Jacobian
+        jac = torch.autograd.functional.jacobian(lambda v: flow(v.reshape(1, 1, 4, 4))[0].reshape(-1), x[i].reshape(-1))
+        assert abs(float(torch.linalg.slogdet(jac)[1] - logdet[i])) < 1e-8
+    expected = -0.5 * (z**2).sum(1) - 8 * math.log(2 * math.pi) + logdet
+    assert torch.allclose(flow.log_prob(x), expected, atol=1e-12)
+    with pytest.raises(ValueError, match="flat latent"):
+        flow.inverse(z.reshape(3, 1, 4, 4))
+    with pytest.raises(ValueError, match="keep must be < channels"):
+        FactorOut(4, 4)
+    with pytest.raises(ValueError, match="FactorOut for 3 channels"):
+        ResidualFlow([FactorOut(3, 1)], (2, 4, 4))

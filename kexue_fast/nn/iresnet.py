@@ -101,6 +101,30 @@ class Squeeze(nn.Module):
         return y.reshape(b, c, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c, 2 * h, 2 * w)
 
 
+class FactorOut(nn.Module):
+    """Multi-scale factor-out (Dinh et al. 2017, RealNVP; Behrmann et al. 2019, i-ResNet): of x [B, C, H, W] the
+    first `keep` channels go on through the flow and the rest leave it as part of the latent (standard normal prior).
+    A split, not a layer with a log-determinant: `ResidualFlow` routes the factored channels to its latent vector."""
+
+    def __init__(self, channels: int, keep: int) -> None:
+        super().__init__()
+        self.channels = _int_at_least(channels, 2, "channels")
+        self.keep = _int_at_least(keep, 1, "keep")
+        if self.keep >= self.channels:
+            raise ValueError(f"keep must be < channels ({self.channels}) to factor anything out, got {keep}")
+
+    def split(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        if x.ndim != 4 or x.shape[1] != self.channels:
+            raise ValueError(f"FactorOut expects x [B, {self.channels}, H, W], got {tuple(x.shape)}")
+        return x[:, : self.keep], x[:, self.keep :]
+
+    def merge(self, kept: Tensor, factored: Tensor) -> Tensor:
+        return torch.cat([kept, factored], dim=1)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, keep={self.keep}"
+
+
 def _choice(value: object, options: Tuple[str, ...], name: str) -> str:
     if value not in options:
         raise ValueError(f"{name} must be one of {options}, got {value!r}")

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .iresnet import ActNorm, InvertibleResBlock, LipSwish, Squeeze
+from .iresnet import ActNorm, FactorOut, InvertibleResBlock, LipSwish, Squeeze
 from .spectral_norm import spectral_norm
 
 PRESETS: Dict[str, Dict[str, object]] = {
@@ -50,26 +50,60 @@ class ResidualFlow(nn.Module):
     """A flow x -> z through `layers` (each maps x -> (y, logdet [B]) and has `inverse`), standard normal base.
 
     forward(x) -> (z, logdet [B]); inverse(z) -> x; log_prob(x) -> [B] in nats; sample(n) -> [n, *input_shape].
-    The builders default to n_power_iterations=0: call kexue_fast.nn.update_spectral_norms(flow) after each
-    optimizer step (one batched call for every layer), as Residual Flows does."""
+    With `FactorOut` layers (multi-scale), z is the flat latent [B, D] (D = numel of one input): the channels each
+    FactorOut drops, then the last layer's output, each flattened, so log p(x) = log N(z; 0, I) + log|det ∂z/∂x|;
+    without them z keeps the last layer's shape. The builders default to n_power_iterations=0: call
+    kexue_fast.nn.update_spectral_norms(flow) after each optimizer step (one batched call for every layer), as
+    Residual Flows does."""
 
     def __init__(self, layers: Sequence[nn.Module], input_shape: Sequence[int]) -> None:
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.input_shape = tuple(int(s) for s in input_shape)
+        # Shapes along the flow (Squeeze and FactorOut change them), for putting a flat latent back together.
+        shape = self.input_shape
+        self._factored_shapes: List[Tuple[int, ...]] = []
+        for layer in self.layers:
+            if isinstance(layer, Squeeze):
+                c, h, w = shape
+                shape = (4 * c, h // 2, w // 2)
+            elif isinstance(layer, FactorOut):
+                if len(shape) != 3 or shape[0] != layer.channels:
+                    raise ValueError(f"a FactorOut for {layer.channels} channels meets inputs of shape {shape}")
+                self._factored_shapes.append((layer.channels - layer.keep, *shape[1:]))
+                shape = (layer.keep, *shape[1:])
+        self._final_shape = shape
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         if tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(f"x must be [B, {', '.join(map(str, self.input_shape))}], got {tuple(x.shape)}")
         total = x.new_zeros(x.shape[0])
+        factored: List[Tensor] = []
         for layer in self.layers:
+            if isinstance(layer, FactorOut):
+                x, out = layer.split(x)
+                factored.append(out.reshape(out.shape[0], -1))
+                continue
             x, logdet = layer(x)
             total = total + logdet
+        if factored:
+            x = torch.cat([*factored, x.reshape(x.shape[0], -1)], dim=1)
         return x, total
 
     def inverse(self, z: Tensor) -> Tensor:
+        if self._factored_shapes:
+            numel = math.prod(self.input_shape)
+            if z.ndim != 2 or z.shape[1] != numel:
+                raise ValueError(f"z must be the flat latent [B, {numel}], got {tuple(z.shape)}")
+            sizes = [math.prod(s) for s in self._factored_shapes]
+            parts = list(torch.split(z, [*sizes, math.prod(self._final_shape)], dim=1))
+            z = parts.pop().reshape(z.shape[0], *self._final_shape)
         for layer in reversed(self.layers):
-            z = layer.inverse(z)
+            if isinstance(layer, FactorOut):
+                out = parts.pop()
+                z = layer.merge(z, out.reshape(z.shape[0], layer.channels - layer.keep, *z.shape[2:]))
+            else:
+                z = layer.inverse(z)
         return z
 
     def log_prob(self, x: Tensor) -> Tensor:
@@ -81,7 +115,8 @@ class ResidualFlow(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, *, generator: Optional[torch.Generator] = None) -> Tensor:
         ref = next(self.parameters())
-        z = torch.randn((n, *self.input_shape), dtype=ref.dtype, device=ref.device, generator=generator)
+        shape = (math.prod(self.input_shape),) if self._factored_shapes else self.input_shape
+        z = torch.randn((n, *shape), dtype=ref.dtype, device=ref.device, generator=generator)
         return self.inverse(z)
 
     @classmethod
@@ -127,11 +162,14 @@ class ResidualFlow(nn.Module):
         coeff: float = 0.97,
         preset: str = "residual_flow",
         actnorm: bool = True,
+        factor_out: bool = False,
         n_power_iterations: int = 0,
         **block_kwargs,
     ) -> ResidualFlow:
         """Multi-scale: per scale `n_blocks` blocks g = conv3×3 · act · conv1×1 · act · conv3×3 (the i-ResNet image
-        recipe), each conv normalized by its operator norm at that scale's shape; Squeeze between scales."""
+        recipe), each conv normalized by its operator norm at that scale's shape; Squeeze between scales. With
+        `factor_out`, half of the channels leave the flow after every scale but the last, right after its Squeeze
+        (`FactorOut`; the latent is then flat, [B, C·H·W])."""
         coeff = _check_coeff(coeff)
         kwargs, act = _preset(preset)
         kwargs.update(block_kwargs)
@@ -141,6 +179,9 @@ class ResidualFlow(nn.Module):
             if scale:
                 layers.append(Squeeze())
                 c, h, w = 4 * c, h // 2, w // 2
+                if factor_out:  # half of the previous scale's output leaves, squeezed (even for one channel)
+                    layers.append(FactorOut(c, c // 2))
+                    c //= 2
             for _ in range(n_blocks):
                 convs = [
                     (nn.Conv2d(c, hidden_channels, 3, padding=1), (c, h, w)),
