@@ -142,3 +142,53 @@ def fixed_point_traceable(g: Callable[[Tensor], Tensor], y: Tensor, atol: float,
     )
     _, x, _ = while_loop(cond, body, start)
     return x
+
+
+def _anderson_weights(X: Tensor, Fx: Tensor, valid: Tensor) -> Tensor:
+    """α [B, m, 1] minimizing ‖Σ_i α_i (F(x_i) − x_i)‖₂ with Σα = 1 over the valid window slots (0 elsewhere): the
+    regularized Gram system G Gᵀ z = 1, α = z / Σz, invalid slots decoupled by a unit diagonal."""
+    G = Fx - X
+    gram = G @ G.transpose(1, 2)
+    pair = valid[:, None] & valid[None, :]
+    scale = (gram.diagonal(dim1=1, dim2=2) * valid).amax(1).clamp_min(torch.finfo(X.dtype).tiny)
+    eye = torch.eye(X.shape[1], dtype=X.dtype, device=X.device)
+    gram = (
+        torch.where(pair, gram, torch.zeros_like(gram))
+        + eye * torch.where(valid, 1e-10 * scale[:, None], 1.0)[:, :, None]
+    )
+    z = torch.linalg.solve(gram, torch.where(valid, 1.0, 0.0).to(X.dtype).expand(X.shape[0], -1)[..., None])
+    return z / z.sum(1, keepdim=True)
+
+
+def anderson_traceable(g: Callable[[Tensor], Tensor], y: Tensor, atol: float, rtol: float, max_iter: int,
+                       memory: int = 5) -> Tensor:  # fmt: skip
+    """`anderson` as a `while_loop` (one graph under torch.compile(fullgraph=True), no host sync): a fixed window of
+    `memory` slots, the ones not yet filled masked out of the least-squares, the same stopping rule evaluated on the
+    device. Returns F of the last iterate. No InverseStats and no non-convergence warning (both need the host)."""
+    from torch._higher_order_ops.while_loop import while_loop
+
+    batch, shape = y.shape[0], y.shape
+    slots = torch.arange(memory, device=y.device)
+
+    def F(flat: Tensor) -> Tensor:
+        return (y - g(flat.reshape(shape))).reshape(batch, -1)
+
+    def cond(i: Tensor, X: Tensor, Fx: Tensor, last: Tensor, ok: Tensor) -> Tensor:
+        return (i < max_iter) & ~ok
+
+    def body(i: Tensor, X: Tensor, Fx: Tensor, last: Tensor, ok: Tensor):
+        alpha = _anderson_weights(X, Fx, slots < torch.clamp(i, max=memory))
+        new = (alpha.transpose(1, 2) @ Fx)[:, 0]
+        f_new = F(new)
+        here = (slots == i % memory)[None, :, None]
+        X = torch.where(here, new[:, None, :], X)
+        Fx = torch.where(here, f_new[:, None, :], Fx)
+        return i + 1, X, Fx, f_new, _step_ok(f_new - new, f_new, atol, rtol).all()
+
+    x0 = y.reshape(batch, -1)
+    f0 = F(x0)
+    X = x0[:, None, :].expand(batch, memory, x0.shape[1]).clone()
+    Fx = f0[:, None, :].expand(batch, memory, x0.shape[1]).clone()
+    start = (torch.ones((), dtype=torch.int64, device=y.device), X, Fx, f0, _step_ok(f0 - x0, f0, atol, rtol).all())
+    _, _, _, last, _ = while_loop(cond, body, start)
+    return last.reshape(shape)

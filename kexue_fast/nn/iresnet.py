@@ -325,12 +325,10 @@ class InvertibleResBlock(nn.Module):
             raise TypeError("y must be a floating tensor")
         g: Callable[[Tensor], Tensor] = self.g
         if torch.compiler.is_compiling():
-            if self.inverse_method != "fixed_point":
-                raise NotImplementedError(
-                    f"inverse_method={self.inverse_method!r} is not traceable yet; use fixed_point under torch.compile"
-                )
+            traceable = (_inverse.fixed_point_traceable if self.inverse_method == "fixed_point"
+                         else _inverse.anderson_traceable)  # fmt: skip
             with _frozen():
-                return _inverse.fixed_point_traceable(g, y, self.inverse_atol, self.inverse_rtol, self.inverse_max_iter)
+                return traceable(g, y, self.inverse_atol, self.inverse_rtol, self.inverse_max_iter)
         if not bool(torch.isfinite(y).all()):
             raise ValueError("y contains NaN or Inf")
         solver = _inverse.fixed_point if self.inverse_method == "fixed_point" else _inverse.anderson
