@@ -449,10 +449,22 @@ std::vector<std::int64_t> merge_levels(const Level& original, std::vector<std::i
 }
 
 // Coarse-tuning's submodules: the best partition of each module's nodes found without leaving the module.
+// previous (optional): the last coarse round's submodules; cut along the current modules, they seed the search
+// instead of singletons (most modules do not change between rounds, so most of them are already found).
 std::vector<std::int64_t> submodules(const Level& original, const std::vector<std::int64_t>& modules,
-                                     double node_flow_log, std::mt19937_64& rng, const Options& o) {
-  State s = state_from(original, identity(original.n), node_flow_log);
-  for (std::size_t m = 0; m < modules.size(); ++m) s.modules[m].parent = modules[m];
+                                     double node_flow_log, std::mt19937_64& rng, const Options& o,
+                                     const std::vector<std::int64_t>* previous = nullptr) {
+  std::vector<std::int64_t> start = identity(original.n);
+  if (previous) {
+    std::unordered_map<std::uint64_t, std::int64_t> ids;
+    for (std::size_t u = 0; u < start.size(); ++u) {
+      const std::uint64_t key =
+          (static_cast<std::uint64_t>((*previous)[u]) << 32) ^ static_cast<std::uint64_t>(modules[u]);
+      start[u] = ids.try_emplace(key, static_cast<std::int64_t>(ids.size())).first->second;
+    }
+  }
+  State s = state_from(original, start, node_flow_log);
+  for (std::size_t u = 0; u < modules.size(); ++u) s.modules[static_cast<std::size_t>(start[u])].parent = modules[u];
   // Submodules only seed the coarse moves: on LFR graphs (n = 10⁵) two sweeps found codelengths as low as ten,
   // in less time.
   Options quick = o;
@@ -481,6 +493,7 @@ Trial run_trial(const Level& original, double node_flow_log, std::uint64_t seed,
   // is split into submodules, which then move between modules); after either, the modules merge again. Like
   // infomap, only while there are several modules.
   int idle = 0;
+  std::vector<std::int64_t> previous_sub;
   auto several_modules = [&]() { return std::any_of(best.begin(), best.end(), [](std::int64_t m) { return m != 0; }); };
   for (int round = 0; round < 2 * o.tune_iteration_limit && idle < 2 && several_modules(); ++round) {
     std::vector<std::int64_t> tuned;
@@ -489,8 +502,10 @@ Trial run_trial(const Level& original, double node_flow_log, std::uint64_t seed,
       core_loop(original, t, rng, o);
       tuned = merge_levels(original, t.mod, node_flow_log, rng, o);
     } else {
-      std::vector<std::int64_t> sub = submodules(original, best, node_flow_log, rng, o);
+      std::vector<std::int64_t> sub = submodules(original, best, node_flow_log, rng, o,
+                                                 previous_sub.empty() ? nullptr : &previous_sub);
       const std::int64_t count = renumber(sub);
+      previous_sub = sub;
       Level level = aggregate(original, sub, count);
       std::vector<std::int64_t> init(static_cast<std::size_t>(count), 0);
       for (std::size_t u = 0; u < sub.size(); ++u) init[static_cast<std::size_t>(sub[u])] = best[u];
