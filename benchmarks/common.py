@@ -28,6 +28,9 @@ def cpu_model() -> str:
 
 
 def git_sha() -> str:
+    """The short sha (+dirty), or env KEXUE_GIT_SHA where the tree travelled without .git (a lent GPU machine)."""
+    if os.environ.get("KEXUE_GIT_SHA"):
+        return os.environ["KEXUE_GIT_SHA"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
         # results files are outputs, not code: rewriting them does not make the measured code "dirty"

@@ -1,7 +1,8 @@
 """JoSE training speed: words per CPU-second of kexue_fast's C++ trainer vs gensim Word2Vec (skip-gram) on one corpus.
 
 Corpus: the offline corpus (kexue_fast.datasets.offline_corpus: GCIDE + WordNet + gensim's test corpora; quick mode
-its first 40,000 documents, full mode all of it) or, without the Debian packages, gensim's lee_background.cor.
+its first 40,000 documents, full mode all of it) or, without the Debian packages, gensim's lee_background.cor; env
+KEXUE_JOSE_CORPUS names another file (used as is, in both modes).
 Every contestant trains on the same file in its own process: dim 100, window 10, negative 2, min_count 5, sample
 1e-3, one worker thread, 1 epoch (quick) or 3 (full). Words = epochs × tokens of the file (the same count for
 everyone); CPU seconds = the training's process CPU time (all threads), so the rate is per thread-CPU-second.
@@ -57,6 +58,8 @@ print(json.dumps({"cpu": cpu, "wall": wall}))
 def _corpus(quick: bool, folder: Path) -> Path:
     from kexue_fast.datasets.offline import available_sources, gensim_test_data, offline_corpus
 
+    if os.environ.get("KEXUE_JOSE_CORPUS"):
+        return Path(os.environ["KEXUE_JOSE_CORPUS"])
     have = available_sources()
     if have["gcide"] and have["wordnet"]:
         full = offline_corpus()

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The GPU checks in one prepared script, for a lent CUDA machine (bare image: torch, triton, pytest, no network).
+#
+#   bash benchmarks/gpu_check.sh STAGE...      stages, in the order given:
+#     setup   install the carried wheels (.gpu/whl: a kexue_fast cp3XX wheel built elsewhere, normflows, FrEIA);
+#             build kexue_fast here instead when the carried wheel is missing or will not import
+#     test    every test file that runs CUDA paths when a GPU is present (`gpu` tests included, slow ones not)
+#     bench   python -m kexue_fast.bench --device cuda for the GPU suites (hsic with --full: its n = 10⁶ goal)
+#     jose    the JoSE GPU trainer's word similarity and training speed (benchmarks/jose_quality.py --device cuda)
+#             on the carried corpus (.gpu/corpus.txt.gz) and datasets (.gpu/wordsim353.tsv, .gpu/simlex999.txt)
+#
+# Everything runs outside the checkout (so the installed package, not the source tree, is imported) and lands in
+# $OUT as two archives, results.tgz (benchmarks/results files) and logs.tgz, rewritten after every stage. Set
+# KEXUE_GIT_SHA to the checkout's sha: the tree travels without .git.
+set -u
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+OUT=${OUT:-/tmp/kexue_gpu_out}
+PY=${PY:-python3}
+WORK=/tmp/kexue_gpu
+mkdir -p "$OUT" "$WORK/logs" "$WORK/results"
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/kexue_site${PYTHONPATH:+:$PYTHONPATH}
+cd "$WORK" || exit 1
+
+pack() {
+  tar czf "$OUT/results.tgz" -C "$WORK/results" . && tar czf "$OUT/logs.tgz" -C "$WORK/logs" .
+}
+
+stage_setup() {
+  {
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+    $PY -c "import sys, torch, triton; print(sys.version); print('torch', torch.__version__, 'triton', triton.__version__)"
+  } 2>&1 | tee "$WORK/logs/env.txt"
+  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/kexue_site "$REPO"/.gpu/whl/*.whl 2>&1 | tail -3
+  if ! $PY -c "import kexue_fast._core" 2>/dev/null; then
+    echo "carried wheel does not import here: building kexue_fast"
+    rm -rf /tmp/kexue_site/kexue_fast*
+    CMAKE_BUILD_PARALLEL_LEVEL=16 $PY -m pip install -q --no-index --no-deps --no-build-isolation \
+      --target /tmp/kexue_site "$REPO" 2>&1 | tail -5
+  fi
+  $PY -m kexue_fast.info 2>&1 | tee -a "$WORK/logs/env.txt"
+}
+
+stage_test() {
+  local files=()
+  for f in "$REPO"/tests/test_*.py; do
+    grep -q cuda "$f" && files+=("$f")
+  done
+  timeout "${TEST_TIMEOUT:-300}" $PY -m pytest "${files[@]}" -m "not slow" -n "${TEST_WORKERS:-8}" -q -rfEs \
+    -p no:cacheprovider --junitxml="$WORK/logs/junit.xml" 2>&1 | tee "$WORK/logs/tests.log" | grep -v "^\(SKIPPED\|PASSED\)"
+}
+
+stage_bench() {
+  for suite in ${BENCH_SUITES:-spectral flows ortho score rope hsic}; do
+    local full=""
+    [ "$suite" = hsic ] && full=--full
+    timeout "${BENCH_TIMEOUT:-150}" $PY -m kexue_fast.bench --device cuda --suite "$suite" $full \
+      --out "$WORK/results" > "$WORK/logs/bench-$suite.log" 2>&1
+    echo "bench $suite: exit $?"; tail -n 25 "$WORK/logs/bench-$suite.log"
+    pack
+  done
+}
+
+stage_jose() {
+  gunzip -c "$REPO/.gpu/corpus.txt.gz" > "$WORK/corpus.txt"
+  timeout "${JOSE_TIMEOUT:-200}" $PY -m kexue_fast.benchmarks.jose_quality --device cuda --corpus "$WORK/corpus.txt" \
+    --datasets "$REPO/.gpu" --out "$WORK/results" > "$WORK/logs/jose-quality.log" 2>&1
+  echo "jose quality: exit $?"; tail -n 15 "$WORK/logs/jose-quality.log"
+}
+
+for stage in "$@"; do
+  echo "=== $stage ($(date -u +%H:%M:%S))"
+  "stage_$stage"
+  pack
+done
+echo "=== done ($(date -u +%H:%M:%S))"
