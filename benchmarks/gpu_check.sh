@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_check.sh STAGE...      stages, in the order given:
 #     setup   install the carried wheels (.gpu/whl: a kexue_fast cp3XX wheel built elsewhere, normflows, FrEIA);
 #             build kexue_fast here instead when the carried wheel is missing or will not import
-#     test    every test file that runs CUDA paths when a GPU is present (`gpu` tests included, slow ones not)
+#     test    every test file that runs CUDA paths when a GPU is present (`gpu` tests included, slow ones not), or
+#             the files named in TEST_FILES (names under tests/, space-separated)
 #     bench   python -m kexue_fast.bench --device cuda for the GPU suites (hsic with --full: its n = 10⁶ goal)
 #     jose    the JoSE GPU trainer's word similarity and training speed (benchmarks/jose_quality.py --device cuda)
 #             on the carried corpus (.gpu/corpus.txt.gz) and datasets (.gpu/wordsim353.tsv, .gpu/simlex999.txt)
@@ -45,6 +46,7 @@ stage_test() {
   for f in "$REPO"/tests/test_*.py; do
     grep -q cuda "$f" && files+=("$f")
   done
+  [ -n "${TEST_FILES:-}" ] && files=($(for f in $TEST_FILES; do echo "$REPO/tests/$f"; done))
   timeout "${TEST_TIMEOUT:-300}" $PY -m pytest "${files[@]}" -m "not slow" -n "${TEST_WORKERS:-8}" -q -rfEs \
     -p no:cacheprovider --junitxml="$WORK/logs/junit.xml" 2>&1 | tee "$WORK/logs/tests.log" | grep -v "^\(SKIPPED\|PASSED\)"
 }

@@ -10,8 +10,9 @@ mini-batch semantics). One program handles BLOCK_T triples × the whole (padded)
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -22,16 +23,25 @@ TINY = 1.1754943508222875e-38  # float32 min normal: guards ‖u − u'‖ and �
 
 
 @triton.jit
+def _scalar(hi, lo, ptr):
+    # float arguments arrive as float32 scalars: a (hi, lo) pair keeps float64 tables exact to ~1e-15
+    # (the interpreter passes Python floats; the zero of the table dtype sets the type in both modes)
+    return (tl.zeros([1], dtype=ptr.dtype.element_ty) + hi) + lo
+
+
+@triton.jit
 def _rows(ptr, idx, cols, mask2, D):
     return tl.load(ptr + idx[:, None].to(tl.int64) * D + cols[None, :], mask=mask2, other=0.0)
 
 
 @triton.jit
 def _jose_separate_step_kernel(
-    u_ptr, v_ptr, du_ptr, dv_ptr, ui_ptr, vi_ptr, ni_ptr, loss_ptr, n, D, alpha, margin,
+    u_ptr, v_ptr, du_ptr, dv_ptr, ui_ptr, vi_ptr, ni_ptr, loss_ptr, n, D, alpha_hi, alpha_lo,
+    margin_hi, margin_lo,
     RULE: tl.constexpr, MOVE_WORDS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
+    alpha, margin = _scalar(alpha_hi, alpha_lo, u_ptr), _scalar(margin_hi, margin_lo, u_ptr)
     t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_D)
     tmask = t < n
@@ -68,10 +78,12 @@ def _jose_separate_step_kernel(
 
 @triton.jit
 def _jose_joint_step_kernel(
-    u_ptr, v_ptr, d_ptr, du_ptr, dv_ptr, dd_ptr, ui_ptr, vi_ptr, di_ptr, ni_ptr, loss_ptr, n, D, alpha, margin,
+    u_ptr, v_ptr, d_ptr, du_ptr, dv_ptr, dd_ptr, ui_ptr, vi_ptr, di_ptr, ni_ptr, loss_ptr, n, D, alpha_hi, alpha_lo,
+    margin_hi, margin_lo,
     RULE: tl.constexpr, MOVE_WORDS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
+    alpha, margin = _scalar(alpha_hi, alpha_lo, u_ptr), _scalar(margin_hi, margin_lo, u_ptr)
     t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_D)
     tmask = t < n
@@ -141,6 +153,12 @@ def _check(name: str, t: Tensor, dtype: Optional[torch.dtype] = None, ndim: Opti
         raise ValueError(f"{name} must be {ndim}-D; got {t.ndim}-D")
 
 
+def _hi_lo(x: float) -> Tuple[float, float]:
+    """x as two float32 values whose sum holds about 48 bits (Triton passes Python floats as float32)."""
+    hi = float(np.float32(x))
+    return hi, float(np.float32(float(x) - hi))
+
+
 def _block_t(dim: int) -> int:
     return max(1, min(32, 4096 // triton.next_power_of_2(dim)))
 
@@ -158,7 +176,7 @@ def separate_step(u: Tensor, v: Tensor, du: Tensor, dv: Tensor, ui: Tensor, vi: 
         return loss
     bt, bd = _block_t(dim), triton.next_power_of_2(dim)
     _jose_separate_step_kernel[(triton.cdiv(n, bt),)](
-        u, v, du, dv, ui, vi, ni, loss, n, dim, float(alpha), float(margin),
+        u, v, du, dv, ui, vi, ni, loss, n, dim, *_hi_lo(alpha), *_hi_lo(margin),
         RULE=RULES[rule], MOVE_WORDS=bool(move_words), BLOCK_T=bt, BLOCK_D=bd,
     )  # fmt: skip
     return loss
@@ -178,7 +196,7 @@ def joint_step(u: Tensor, v: Tensor, d: Tensor, du: Tensor, dv: Tensor, dd: Tens
         return loss
     bt, bd = _block_t(dim), triton.next_power_of_2(dim)
     _jose_joint_step_kernel[(triton.cdiv(n, bt),)](
-        u, v, d, du, dv, dd, ui, vi, di, ni, loss, n, dim, float(alpha), float(margin),
+        u, v, d, du, dv, dd, ui, vi, di, ni, loss, n, dim, *_hi_lo(alpha), *_hi_lo(margin),
         RULE=RULES[rule], MOVE_WORDS=bool(move_words), BLOCK_T=bt, BLOCK_D=bd,
     )  # fmt: skip
     return loss

@@ -63,6 +63,7 @@ def test_residual_block_step_captures_in_a_cuda_graph():
     compiled = torch.compile(step, fullgraph=True, mode="reduce-overhead")
     x = torch.randn(256, 8, device="cuda")
     for _ in range(3):
+        torch.compiler.cudagraph_mark_step_begin()  # one training step per replay (torch's documented loop)
         loss = compiled(x)
         loss.backward()
     assert torch.isfinite(loss)

@@ -181,10 +181,12 @@ def test_gpu_large_cnn_layers_match_float64(dtype):
     shapes = [(128, 64, 32, 32), (128, 128, 16, 16), (128, 256, 8, 8), (128, 512, 4, 4), (64, 1000)]
     ys = [(torch.randn(s, device="cuda", generator=g) * 0.2).to(dtype).requires_grad_() for s in shapes]
     ours = som_regularizer(ys, reduction="none", backend="triton")
-    grads = torch.autograd.grad(ours.sum(), ys)
+    # the (64, 1000) layer's true gradient of R reaches ~6·10⁴, float16's limit: a 2⁻⁶ upstream gradient (exact in
+    # every dtype) keeps the comparison about the kernel's accuracy, not about float16's range
+    grads = torch.autograd.grad(ours.sum() * 2**-6, ys)
     ys64 = [y.detach().double().requires_grad_() for y in ys]
     truth = som_regularizer(ys64, reduction="none", backend="torch")
-    g64 = torch.autograd.grad(truth.sum(), ys64)
+    g64 = torch.autograd.grad(truth.sum() * 2**-6, ys64)
     tol = 1e-4 if dtype == torch.float32 else 1e-3
     assert _rel(ours, truth) <= tol
     for a, b in zip(grads, g64):

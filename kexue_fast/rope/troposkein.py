@@ -115,10 +115,12 @@ def rope_arguments(L: Scalar, h: Scalar, *others: Tuple[Scalar, str]) -> Tuple[T
             raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
         extra.append(value if isinstance(value, Tensor) else torch.tensor(float(value), dtype=torch.float64))
     tensors = [length, span, *extra]
-    devices = {t.device for t in tensors}
+    given = [L, h, *(value for value, _ in others)]
+    devices = {t.device for t in given if isinstance(t, Tensor)}  # Python numbers follow the tensors' device
     if len(devices) > 1:
         raise ValueError(f"L, h and the other parameters must be on one device, got {sorted(map(str, devices))}")
-    out = torch.broadcast_tensors(*(t.to(torch.float64) for t in tensors))
+    device = devices.pop() if devices else torch.device("cpu")
+    out = torch.broadcast_tensors(*(t.to(device=device, dtype=torch.float64) for t in tensors))
     if not bool((out[0] > out[1]).all()):
         raise ValueError(
             "L must be greater than h: a rope no longer than the distance between its ends cannot bulge "

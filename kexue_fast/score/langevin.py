@@ -15,6 +15,15 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _dispatch.register_op(OP, {"triton": _FLOATS, "torch": _FLOATS})
 
 
+def on_device(generator: torch.Generator, device: torch.device) -> bool:
+    """Whether a generator draws on `device` ("cuda" and "cuda:<current>" are one device)."""
+    g = generator.device
+    if g.type != device.type:
+        return False
+    current = torch.cuda.current_device() if g.type == "cuda" and (g.index is None or device.index is None) else 0
+    return (g.index if g.index is not None else current) == (device.index if device.index is not None else current)
+
+
 def step_coefficients(step_size: Union[float, Tensor], temperature: Union[float, Tensor], dtype: torch.dtype,
                       device: torch.device) -> Tensor:  # fmt: skip
     """[..., 2] = (α/2, √(αT)) on the device, in the dtype the update is computed in (no host sync)."""
@@ -62,7 +71,7 @@ def apply_step(x: Tensor, score: Tensor, coef: Union[Tensor, Tuple[float, float]
         return langevin_update(x.contiguous(), score.contiguous(), coef,
                                noise.contiguous() if noise is not None else None, seed, step, out)  # fmt: skip
     if noise is None:
-        if generator is None or generator.device == x.device:
+        if generator is None or on_device(generator, x.device):
             noise = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
         else:
             noise = torch.randn(x.shape, dtype=x.dtype, generator=generator).to(x.device)

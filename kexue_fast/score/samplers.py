@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch
-from .langevin import OP, apply_step, step_coefficients
+from .langevin import OP, apply_step, on_device, step_coefficients
 from .losses import Sigmas, as_sigmas
 
 Score = Callable[..., Tensor]
@@ -50,7 +50,7 @@ def _seed(chosen: str, device: torch.device, generator: Optional[torch.Generator
     generator lives elsewhere."""
     if chosen != "triton":
         return None
-    if generator is None or generator.device == device:
+    if generator is None or on_device(generator, device):
         return torch.randint(0, 2**62, (1,), device=device, generator=generator)
     return torch.randint(0, 2**62, (1,), generator=generator).to(device)
 
@@ -89,7 +89,7 @@ class AnnealedLangevin:
         cpu_torch = self.backend == "torch" and device.type == "cpu"
         self.host_coef = [tuple(row) for row in self.coef.tolist()] if cpu_torch else None
         self.final_denoise = bool(final_denoise)
-        self.device, self.dtype = device, dtype
+        self.device, self.dtype = self.levels.device, dtype  # "cuda" resolved to its index, as inputs report it
 
     @torch.no_grad()
     def __call__(
