@@ -58,15 +58,20 @@ class OpSpec:
     name: str
     backends: FrozenSet[str]
     dtypes: Dict[str, FrozenSet[torch.dtype]] = field(default_factory=dict)
+    # backends that `auto` passes over because they measured slower than torch (reason shown by `info`); an
+    # explicit backend= or KEXUE_FAST_BACKEND still runs them
+    not_auto: Dict[str, str] = field(default_factory=dict)
 
 
 _OPS: Dict[str, OpSpec] = {}
 _LOGGED: set = set()
 
 
-def register_op(name: str, backends: Dict[str, Tuple[torch.dtype, ...]]) -> OpSpec:
-    """Declare an op and, per backend, the dtypes it handles."""
-    spec = OpSpec(name, frozenset(backends), {b: frozenset(d) for b, d in backends.items()})
+def register_op(name: str, backends: Dict[str, Tuple[torch.dtype, ...]],
+                not_auto: Optional[Dict[str, str]] = None) -> OpSpec:  # fmt: skip
+    """Declare an op and, per backend, the dtypes it handles; `not_auto` maps a backend that `auto` must skip (it
+    measured slower) to the measurement that says so."""
+    spec = OpSpec(name, frozenset(backends), {b: frozenset(d) for b, d in backends.items()}, dict(not_auto or {}))
     _OPS[name] = spec
     return spec
 
@@ -115,7 +120,7 @@ def auto_choice(op: str, device: torch.device, dtype: torch.dtype) -> Tuple[str,
     rejected = []
     preferred = ("triton",) if device.type == "cuda" else ("cpp",)
     for candidate in preferred:
-        reason = why_not(op, candidate, device, dtype)
+        reason = why_not(op, candidate, device, dtype) or _OPS[op].not_auto.get(candidate)
         if reason is None:
             return candidate, rejected
         if candidate in _OPS[op].backends:
@@ -134,7 +139,8 @@ def choose(op: str, device: torch.device, dtype: torch.dtype, backend: Optional[
             raise NotImplementedError(f"backend={requested!r} cannot run {op}: {reason}")
         return requested
     chosen, rejected = auto_choice(op, device, dtype)
-    if chosen == "torch" and rejected:
+    deliberate = {f"{b}: {r}" for b, r in _OPS[op].not_auto.items()}
+    if chosen == "torch" and set(rejected) - deliberate:
         key = (op, device.type, dtype, tuple(rejected))
         if key not in _LOGGED:
             _LOGGED.add(key)
@@ -153,7 +159,7 @@ def describe(op: str, device: torch.device, dtype: torch.dtype) -> str:
     reasons = {
         "triton": "CUDA tensors and " + triton_status()[1],
         "cpp": "CPU tensors and " + core_status()[1] + " built",
-        "torch": "no faster path for this device" if not rejected else "the fast path is unavailable",
+        "torch": "no faster path for this device" if not rejected else "the fast path is unavailable or slower",
     }
     why = f"; passed over: {'; '.join(rejected)}" if rejected else ""
     return f"{chosen} ({reasons[chosen]}{why})"

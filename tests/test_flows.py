@@ -396,28 +396,34 @@ def test_residual_flow_learns_a_2d_density_to_within_0_1_nats():
     assert lipschitz_report(flow).all_certified
 
 
+# The Triton block runs on CUDA, or on CPU under TRITON_INTERPRET=1 (set by conftest when there is no GPU).
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def test_explicit_triton_backend_raises_where_the_fused_block_cannot_run(monkeypatch):
     monkeypatch.setenv("KEXUE_FAST_BACKEND", "triton")
+    dev = TRITON_DEVICE
     with pytest.raises(NotImplementedError, match="supports float32"):
-        InvertibleResBlock(mlp(2))(torch.randn(3, 2, dtype=D64))
-    deep = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+        InvertibleResBlock(mlp(2).to(dev))(torch.randn(3, 2, dtype=D64, device=dev))
+    deep = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)).to(dev)
     with pytest.raises(NotImplementedError, match="Linear·act·Linear"):
-        InvertibleResBlock(deep)(torch.randn(3, 3))
+        InvertibleResBlock(deep)(torch.randn(3, 3, device=dev))
     with pytest.raises(NotImplementedError, match="exact"):
-        InvertibleResBlock(mlp(2).float(), logdet="exact")(torch.randn(3, 2))
+        InvertibleResBlock(mlp(2).float().to(dev), logdet="exact")(torch.randn(3, 2, device=dev))
 
 
 @pytest.mark.parametrize("act", [LipSwish, nn.ELU, nn.Tanh])
 @pytest.mark.parametrize("logdet", ["series", "roulette"])
 def test_fused_triton_block_equals_torch_path(monkeypatch, act, logdet):
-    """The fused forward (Triton, interpreted on CPU) against the analytic torch path: same probes, float32."""
+    """The fused forward (Triton on CUDA, interpreted on CPU) against the analytic torch path: same probes,
+    float32."""
     torch.manual_seed(15)
-    g = mlp(5, hidden=40, coeff=0.8, act=act).float()
+    g = mlp(5, hidden=40, coeff=0.8, act=act).float().to(TRITON_DEVICE)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         block = InvertibleResBlock(g, logdet=logdet, n_terms=4, n_probes=2)
-    x = torch.randn(37, 5, requires_grad=True)
-    weights = torch.linspace(-1, 2, 37)
+    x = torch.randn(37, 5).to(TRITON_DEVICE).requires_grad_()
+    weights = torch.linspace(-1, 2, 37, device=TRITON_DEVICE)
     results = {}
     for backend in ("torch", "triton"):
         monkeypatch.setenv("KEXUE_FAST_BACKEND", backend)

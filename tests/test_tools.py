@@ -55,3 +55,23 @@ def test_hsic_bottleneck_example_runs(tmp_path):
 
     text = hsic_bottleneck.run(tmp_path, epochs=1).read_text()
     assert "linear probe (HSIC-trained)" in text and "random init" in text
+
+
+def test_auto_skips_a_backend_registered_as_slower_without_warning(caplog):
+    import torch
+
+    if not _dispatch.core_status()[0]:
+        import pytest
+
+        pytest.skip("needs kexue_fast._core")
+    cpu = torch.device("cpu")
+    _dispatch.register_op("_test_not_auto", {"cpp": (torch.float32,), "torch": (torch.float32,)},
+                          not_auto={"cpp": "measured slower in a test"})  # fmt: skip
+    try:
+        with caplog.at_level("WARNING", logger="kexue_fast"):
+            assert _dispatch.choose("_test_not_auto", cpu, torch.float32) == "torch"
+        assert not caplog.records  # a deliberate choice, not a missing fast path
+        assert _dispatch.choose("_test_not_auto", cpu, torch.float32, "cpp") == "cpp"  # explicit still runs it
+        assert "measured slower in a test" in _dispatch.describe("_test_not_auto", cpu, torch.float32)
+    finally:
+        del _dispatch._OPS["_test_not_auto"]

@@ -116,13 +116,13 @@ def train_batched(
     doc_of = torch.cumsum((~is_word).to(torch.int64), 0) - (~is_word).to(torch.int64)
     total = epochs * stream.shape[0]
     done = 0
-    loss_sum = 0.0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
 
     def draw(count: int) -> Tensor:
         r = torch.rand(count, generator=gen, device=device, dtype=torch.float64)
         return torch.searchsorted(cdf, r, right=True).clamp_max(cdf.shape[0] - 1)
 
-    def run(kind: str, ui: Tensor, vi: Tensor, di: Tensor, centre_word: Tensor, lr: float) -> float:
+    def run(kind: str, ui: Tensor, vi: Tensor, di: Tensor, centre_word: Tensor, lr: float) -> Tensor:
         ni = draw(ui.shape[0])
         keep = ni != centre_word
         ui, vi, di, ni = ui[keep], vi[keep], di[keep], ni[keep]
@@ -142,10 +142,10 @@ def train_batched(
                 retract(u, du, torch.unique(torch.cat([ui, ni])))
                 retract(v, dv, torch.unique(vi))
             retract(d, dd, torch.unique(di))
-        return float(loss.sum())
+        return loss.sum(dtype=torch.float64)  # summed on the device: no host sync per batch
 
     for epoch in range(epochs):
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         r = torch.rand(stream.shape[0], generator=gen, device=device)
         kept = torch.nonzero(is_word & (r < keep_p[stream])).squeeze(1)
         seq, docs = stream[kept], doc_of[kept]
@@ -180,4 +180,4 @@ def train_batched(
     u_np[...] = u.cpu().numpy()
     v_np[...] = v.cpu().numpy()
     d_np[...] = d.cpu().numpy()
-    return loss_sum
+    return float(loss_sum)

@@ -23,7 +23,11 @@ from .. import _dispatch
 
 OP = "som_regularizer"
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-_dispatch.register_op(OP, {"triton": _FLOATS, "torch": _FLOATS})
+_dispatch.register_op(
+    OP, {"triton": _FLOATS, "torch": _FLOATS},
+    not_auto={"triton": "measured slower than the torch path on an H200 (a CNN step + SOM: 25.5 ms vs 4.6 ms, "
+                        "benchmarks/results/ortho-cuda.md); backend='triton' still runs it"},
+)  # fmt: skip
 
 Layout = Tuple[int, int, int]
 ChannelDim = Union[int, Sequence[int]]
