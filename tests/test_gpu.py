@@ -63,7 +63,10 @@ def test_residual_block_step_captures_in_a_cuda_graph():
     compiled = torch.compile(step, fullgraph=True, mode="reduce-overhead")
     x = torch.randn(256, 8, device="cuda")
     for _ in range(3):
-        torch.compiler.cudagraph_mark_step_begin()  # one training step per replay (torch's documented loop)
+        # a training step as torch documents it for CUDA graphs: gradients reset (not accumulated into tensors a
+        # replay overwrites), one step per replay
+        block.zero_grad(set_to_none=True)
+        torch.compiler.cudagraph_mark_step_begin()
         loss = compiled(x)
         loss.backward()
     assert torch.isfinite(loss)
