@@ -232,9 +232,19 @@ int core_loop(const Level& g, State& s, std::mt19937_64& rng, const Options& o,
         const auto a4 = static_cast<std::size_t>(order[i + 4]);
         KX_PREFETCH(&g.out_idx[static_cast<std::size_t>(g.out_ptr[a4])]);
         KX_PREFETCH(&g.out_flow[static_cast<std::size_t>(g.out_ptr[a4])]);
+        KX_PREFETCH(&g.flow[a4]);
+        KX_PREFETCH(&g.out_total[a4]);
+        KX_PREFETCH(&s.mod[a4]);
+        if (!g.symmetric) {
+          KX_PREFETCH(&g.in_idx[static_cast<std::size_t>(g.in_ptr[a4])]);
+          KX_PREFETCH(&g.in_flow[static_cast<std::size_t>(g.in_ptr[a4])]);
+          KX_PREFETCH(&g.in_total[a4]);
+        }
+        if (parent) KX_PREFETCH(&(*parent)[a4]);
       }
       if (i + 2 < order.size()) {
         const auto a2 = static_cast<std::size_t>(order[i + 2]);
+        KX_PREFETCH(&s.modules[static_cast<std::size_t>(s.mod[a2])]);
         const std::int64_t e0 = g.out_ptr[a2], e1 = std::min(e0 + 8, g.out_ptr[a2 + 1]);
         for (std::int64_t e = e0; e < e1; ++e)
           KX_PREFETCH(&s.mod[static_cast<std::size_t>(g.out_idx[static_cast<std::size_t>(e)])]);
@@ -256,6 +266,7 @@ int core_loop(const Level& g, State& s, std::mt19937_64& rng, const Options& o,
             marked[m] = 1;
             gathered[m] = Gathered{};
             touched.push_back(static_cast<std::int64_t>(m));
+            KX_PREFETCH(&s.modules[m]);  // a candidate: its terms are read once the links are gathered
           }
           gathered[m].*field += flows[static_cast<std::size_t>(e)];
         }
@@ -321,7 +332,6 @@ int core_loop(const Level& g, State& s, std::mt19937_64& rng, const Options& o,
       const std::int64_t own_parent = parent ? (*parent)[a] : 0;
       for (std::size_t j = 0; j < touched.size(); ++j) {
         const std::int64_t m = touched[j];
-        if (j + 2 < touched.size()) KX_PREFETCH(&s.modules[static_cast<std::size_t>(touched[j + 2])]);
         const auto mi = static_cast<std::size_t>(m);
         const Module& B = s.modules[mi];
         if (m == A || (parent && B.parent != own_parent)) continue;
