@@ -124,7 +124,7 @@ def train_batched(
 
     def run(kind: str, ui: Tensor, vi: Tensor, di: Tensor, centre_word: Tensor, lr: float) -> Tensor:
         ni = draw(ui.shape[0])
-        keep = ni != centre_word
+        keep = (ni != centre_word).nonzero().squeeze(1)  # one sync for the four selections, not four
         ui, vi, di, ni = ui[keep], vi[keep], di[keep], ni[keep]
         if kind == "context":
             loss = sep_step(u, v, du, dv, ui, vi, ni, lr, margin, step_rule, True)
