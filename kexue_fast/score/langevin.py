@@ -3,6 +3,7 @@ or as torch ops (formula: kexue_fast.score.reference)."""
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple, Union
 
 import torch
@@ -44,7 +45,7 @@ def host_coefficients(step_size: Union[float, Tensor], temperature: Union[float,
             v = float(v)
         values.append(float(v))
     a, t = values
-    return (a / 2, (a * t) ** 0.5)
+    return (a / 2, math.sqrt(a * t))  # correctly rounded, as torch.sqrt on the device path
 
 
 def _check_number(value: Union[float, Tensor], name: str, allow_zero: bool) -> None:
@@ -67,7 +68,10 @@ def apply_step(x: Tensor, score: Tensor, coef: Union[Tensor, Tuple[float, float]
         from ..kernels.langevin import langevin_update
 
         if noise is None and seed is None:
-            seed = torch.randint(0, 2**62, (1,), generator=generator, device="cpu").to(x.device)
+            if generator is None or on_device(generator, x.device):  # drawn where it is used: no copy
+                seed = torch.randint(0, 2**62, (1,), generator=generator, device=x.device)
+            else:
+                seed = torch.randint(0, 2**62, (1,), generator=generator, device="cpu").to(x.device)
         return langevin_update(x.contiguous(), score.contiguous(), coef,
                                noise.contiguous() if noise is not None else None, seed, step, out)  # fmt: skip
     if noise is None:
@@ -117,8 +121,12 @@ def langevin_step(
     _check_number(step_size, "step_size", allow_zero=False)
     _check_number(temperature, "temperature", allow_zero=True)
     chosen = _dispatch.choose(OP, x.device, x.dtype, backend)
-    coef = host_coefficients(step_size, temperature) if chosen == "torch" and x.device.type == "cpu" else None
-    if coef is None:
+    host = host_coefficients(step_size, temperature)
+    if host is not None and chosen == "torch" and x.device.type == "cpu":
+        coef = host
+    elif host is not None:  # numbers: one small copy to the device instead of building them there op by op
+        coef = torch.tensor(host, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device)
+    else:
         coef = step_coefficients(step_size, temperature, x.dtype, x.device)
         if coef.shape != (2,):
             raise ValueError("step_size and temperature must be scalars (use a loop or the samplers for schedules)")
