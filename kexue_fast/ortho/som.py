@@ -232,12 +232,13 @@ def som_regularizer(
 ) -> Tensor:
     """The SOM regularizer R = λ₁(Σ_{i≠j}Θ_ij)² + λ₂Σ_{i≠j}Θ_ij², Θ = ẐᵀẐ, Ẑ = column-normalized tanh(γY).
 
-    y: one layer output or a list of them (grouped: one kernel launch for all on CUDA). Each is read as
+    y: one layer output or a list of them (grouped: one kernel launch for all with backend="triton"). Each is read as
     Y [b, k] with k = its size along channel_dim (an int for all, or one per layer; default 1: [b, k] outputs and
     NCHW convolutions; use -1 for channels-last outputs such as nn.Linear's on [B, T, k]) and b = the product of the
     other axes. reduction: "sum" (a scalar) or "none" (R per layer, [L]). Result float64 for float64 inputs, else
-    float32 (half inputs are computed in float32). backend: "auto" (Triton on CUDA, torch elsewhere), "triton",
-    "torch". Non-contiguous inputs are copied for the Triton kernel. Formula, paper and identities:
+    float32 (half inputs are computed in float32). backend: "auto" (torch: on an H200 the fused kernel measured
+    slower in a training step), "triton" (the fused kernel; CUDA), "torch". Non-contiguous inputs are copied for the
+    Triton kernel. Formula, paper and identities:
     kexue_fast.ortho.reference; a column with ‖tanh(γy_j)‖ < eps is scaled by 1/eps (as torch's F.normalize).
     """
     check_hyperparameters(gamma, lambda1, lambda2, eps)
