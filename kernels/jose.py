@@ -144,6 +144,38 @@ def _jose_retract_kernel(x_ptr, dx_ptr, rows_ptr, n, D, BLOCK_R: tl.constexpr, B
     tl.store(dx_ptr + offs, tl.zeros_like(y), mask=mask2)
 
 
+@triton.jit
+def _jose_retract_stage_kernel(x_ptr, dx_ptr, rows_ptr, stage_ptr, n, D, BLOCK_R: tl.constexpr,
+                               BLOCK_D: tl.constexpr):  # fmt: skip
+    # phase 1 of a retraction over a row list with repeats: (x + Δx)/‖x + Δx‖ into the list position's own slot
+    pid = tl.program_id(0)
+    r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    rmask = r < n
+    mask2 = rmask[:, None] & (cols[None, :] < D)
+    rows = tl.load(rows_ptr + r, mask=rmask, other=0).to(tl.int64)
+    offs = rows[:, None] * D + cols[None, :]
+    y = tl.load(x_ptr + offs, mask=mask2, other=0.0) + tl.load(dx_ptr + offs, mask=mask2, other=0.0)
+    norm = tl.where(rmask, tl.sqrt(tl.sum(y * y, axis=1)), 1.0)
+    tl.store(stage_ptr + r[:, None].to(tl.int64) * D + cols[None, :], y / norm[:, None], mask=mask2)
+
+
+@triton.jit
+def _jose_retract_commit_kernel(x_ptr, dx_ptr, rows_ptr, stage_ptr, n, D, BLOCK_R: tl.constexpr,
+                                BLOCK_D: tl.constexpr):  # fmt: skip
+    # phase 2 (a later launch): x[r] ← staged row, Δx[r] ← 0; repeats of a row write equal values
+    pid = tl.program_id(0)
+    r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    rmask = r < n
+    mask2 = rmask[:, None] & (cols[None, :] < D)
+    rows = tl.load(rows_ptr + r, mask=rmask, other=0).to(tl.int64)
+    offs = rows[:, None] * D + cols[None, :]
+    y = tl.load(stage_ptr + r[:, None].to(tl.int64) * D + cols[None, :], mask=mask2, other=0.0)
+    tl.store(x_ptr + offs, y, mask=mask2)
+    tl.store(dx_ptr + offs, tl.zeros_like(y), mask=mask2)
+
+
 def _check(name: str, t: Tensor, dtype: Optional[torch.dtype] = None, ndim: Optional[int] = None) -> None:
     if not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous")
@@ -202,8 +234,10 @@ def joint_step(u: Tensor, v: Tensor, d: Tensor, du: Tensor, dv: Tensor, dd: Tens
     return loss
 
 
-def retract(x: Tensor, dx: Tensor, rows: Tensor) -> None:
-    """x[r] ← (x[r] + dx[r]) / ‖x[r] + dx[r]‖ and dx[r] ← 0 for the (unique) rows r, in place."""
+def retract(x: Tensor, dx: Tensor, rows: Tensor, unique: bool = True) -> None:
+    """x[r] ← (x[r] + dx[r]) / ‖x[r] + dx[r]‖ and dx[r] ← 0 for the rows r, in place. unique=False accepts a list
+    with repeats (no sort, no host sync): every listed row is normalized into its own slot of a staging buffer,
+    then a second launch writes the slots back, so repeats never read a half-updated row."""
     _check("x", x, None, 2)
     _check("dx", dx, x.dtype, 2)
     _check("rows", rows, None, 1)
@@ -211,4 +245,10 @@ def retract(x: Tensor, dx: Tensor, rows: Tensor) -> None:
     if n == 0:
         return
     br, bd = _block_t(dim), triton.next_power_of_2(dim)
-    _jose_retract_kernel[(triton.cdiv(n, br),)](x, dx, rows, n, dim, BLOCK_R=br, BLOCK_D=bd)
+    grid = (triton.cdiv(n, br),)
+    if unique:
+        _jose_retract_kernel[grid](x, dx, rows, n, dim, BLOCK_R=br, BLOCK_D=bd)
+        return
+    stage = torch.empty((n, dim), dtype=x.dtype, device=x.device)
+    _jose_retract_stage_kernel[grid](x, dx, rows, stage, n, dim, BLOCK_R=br, BLOCK_D=bd)
+    _jose_retract_commit_kernel[grid](x, dx, rows, stage, n, dim, BLOCK_R=br, BLOCK_D=bd)

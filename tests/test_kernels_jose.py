@@ -104,6 +104,24 @@ def test_kernels_with_shared_rows_match_the_torch_twin(joint, move_words):
     assert (results["truth"] - torch.cat(tables)).abs().max() > 1e-3  # something moved
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_retract_of_a_row_list_with_repeats_equals_the_unique_retraction(dtype):
+    """unique=False (the trainer's path: no sort, no sync) on a list where rows repeat: the same tables as retracting
+    the unique rows, untouched rows unchanged, every listed delta cleared; the torch path likewise."""
+    g = torch.Generator().manual_seed(5)
+    x0 = unit(40, 33, dtype, 7)
+    dx0 = (torch.randn(40, 33, generator=g, dtype=torch.float64) * 0.1).to(dtype=dtype, device=DEV)
+    rows = torch.randint(0, 25, (300,), generator=g).to(DEV)  # repeats, and rows 25..39 never listed
+    x_ref, dx_ref = x0.clone(), dx0.clone()
+    K.retract(x_ref, dx_ref, torch.unique(rows))
+    for retract in (K.retract, retract_torch):
+        x, dx = x0.clone(), dx0.clone()
+        retract(x, dx, rows, unique=False)
+        torch.testing.assert_close(x, x_ref, atol=1e-12 if dtype == torch.float64 else 1e-6, rtol=0)
+        assert not dx[rows].any()
+        assert torch.equal(dx[25:], dx0[25:]) and torch.equal(x[25:], x0[25:])
+
+
 def test_bad_kernel_inputs_are_rejected():
     u = torch.zeros(4, 3, device=DEV)
     i = torch.zeros(2, dtype=torch.int64, device=DEV)

@@ -58,7 +58,8 @@ def joint_step_torch(u, v, d, du, dv, dd, ui, vi, di, ni, alpha, margin, rule, m
     return (act * (margin - gap)).squeeze(-1)
 
 
-def retract_torch(x: Tensor, dx: Tensor, rows: Tensor) -> None:
+def retract_torch(x: Tensor, dx: Tensor, rows: Tensor, unique: bool = True) -> None:
+    # repeated rows gather equal values before any write, so the scatter writes equal values: repeats are fine
     y = x[rows] + dx[rows]
     x[rows] = y / torch.linalg.vector_norm(y, dim=-1, keepdim=True)
     dx[rows] = 0
@@ -126,22 +127,22 @@ def train_batched(
         ni = draw(ui.shape[0])
         keep = (ni != centre_word).nonzero().squeeze(1)  # one sync for the four selections, not four
         ui, vi, di, ni = ui[keep], vi[keep], di[keep], ni[keep]
+        # the touched rows are retracted as listed, repeats included: deduplicating would sort and sync per batch
         if kind == "context":
             loss = sep_step(u, v, du, dv, ui, vi, ni, lr, margin, step_rule, True)
-            touched_u, touched_v = torch.unique(torch.cat([ui, ni])), torch.unique(vi)
-            retract(u, du, touched_u)
-            retract(v, dv, touched_v)
+            retract(u, du, torch.cat([ui, ni]), unique=False)
+            retract(v, dv, vi, unique=False)
         elif kind == "doc":
             loss = sep_step(u, d, du, dd, ui, di, ni, lr, margin, step_rule, update_words)
             if update_words:
-                retract(u, du, torch.unique(torch.cat([ui, ni])))
-            retract(d, dd, torch.unique(di))
+                retract(u, du, torch.cat([ui, ni]), unique=False)
+            retract(d, dd, di, unique=False)
         else:
             loss = joint_step(u, v, d, du, dv, dd, ui, vi, di, ni, lr, margin, step_rule, update_words)
             if update_words:
-                retract(u, du, torch.unique(torch.cat([ui, ni])))
-                retract(v, dv, torch.unique(vi))
-            retract(d, dd, torch.unique(di))
+                retract(u, du, torch.cat([ui, ni]), unique=False)
+                retract(v, dv, vi, unique=False)
+            retract(d, dd, di, unique=False)
         return loss.sum(dtype=torch.float64)  # summed on the device: no host sync per batch
 
     for epoch in range(epochs):
