@@ -130,48 +130,45 @@ def _jose_joint_step_kernel(
 
 
 @triton.jit
-def _jose_retract_kernel(x_ptr, dx_ptr, rows_ptr, n, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid = tl.program_id(0)
-    r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+def _row_block(rows_ptr, n, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's block of the row list: table offsets, list-slot offsets, element mask, row mask."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     rmask = r < n
     mask2 = rmask[:, None] & (cols[None, :] < D)
     rows = tl.load(rows_ptr + r, mask=rmask, other=0).to(tl.int64)
-    offs = rows[:, None] * D + cols[None, :]
+    return rows[:, None] * D + cols[None, :], r[:, None].to(tl.int64) * D + cols[None, :], mask2, rmask
+
+
+@triton.jit
+def _retracted(x_ptr, dx_ptr, offs, mask2, rmask):
     y = tl.load(x_ptr + offs, mask=mask2, other=0.0) + tl.load(dx_ptr + offs, mask=mask2, other=0.0)
     norm = tl.where(rmask, tl.sqrt(tl.sum(y * y, axis=1)), 1.0)  # padded rows: no 0/0
-    tl.store(x_ptr + offs, y / norm[:, None], mask=mask2)
+    return y / norm[:, None]
+
+
+@triton.jit
+def _jose_retract_kernel(x_ptr, dx_ptr, rows_ptr, n, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    offs, _, mask2, rmask = _row_block(rows_ptr, n, D, BLOCK_R, BLOCK_D)
+    y = _retracted(x_ptr, dx_ptr, offs, mask2, rmask)
+    tl.store(x_ptr + offs, y, mask=mask2)
     tl.store(dx_ptr + offs, tl.zeros_like(y), mask=mask2)
 
 
 @triton.jit
 def _jose_retract_stage_kernel(x_ptr, dx_ptr, rows_ptr, stage_ptr, n, D, BLOCK_R: tl.constexpr,
                                BLOCK_D: tl.constexpr):  # fmt: skip
-    # phase 1 of a retraction over a row list with repeats: (x + Δx)/‖x + Δx‖ into the list position's own slot
-    pid = tl.program_id(0)
-    r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_D)
-    rmask = r < n
-    mask2 = rmask[:, None] & (cols[None, :] < D)
-    rows = tl.load(rows_ptr + r, mask=rmask, other=0).to(tl.int64)
-    offs = rows[:, None] * D + cols[None, :]
-    y = tl.load(x_ptr + offs, mask=mask2, other=0.0) + tl.load(dx_ptr + offs, mask=mask2, other=0.0)
-    norm = tl.where(rmask, tl.sqrt(tl.sum(y * y, axis=1)), 1.0)
-    tl.store(stage_ptr + r[:, None].to(tl.int64) * D + cols[None, :], y / norm[:, None], mask=mask2)
+    # phase 1 of a retraction over a row list with repeats: each list position's result into its own slot
+    offs, slot, mask2, rmask = _row_block(rows_ptr, n, D, BLOCK_R, BLOCK_D)
+    tl.store(stage_ptr + slot, _retracted(x_ptr, dx_ptr, offs, mask2, rmask), mask=mask2)
 
 
 @triton.jit
 def _jose_retract_commit_kernel(x_ptr, dx_ptr, rows_ptr, stage_ptr, n, D, BLOCK_R: tl.constexpr,
                                 BLOCK_D: tl.constexpr):  # fmt: skip
     # phase 2 (a later launch): x[r] ← staged row, Δx[r] ← 0; repeats of a row write equal values
-    pid = tl.program_id(0)
-    r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_D)
-    rmask = r < n
-    mask2 = rmask[:, None] & (cols[None, :] < D)
-    rows = tl.load(rows_ptr + r, mask=rmask, other=0).to(tl.int64)
-    offs = rows[:, None] * D + cols[None, :]
-    y = tl.load(stage_ptr + r[:, None].to(tl.int64) * D + cols[None, :], mask=mask2, other=0.0)
+    offs, slot, mask2, _ = _row_block(rows_ptr, n, D, BLOCK_R, BLOCK_D)
+    y = tl.load(stage_ptr + slot, mask=mask2, other=0.0)
     tl.store(x_ptr + offs, y, mask=mask2)
     tl.store(dx_ptr + offs, tl.zeros_like(y), mask=mask2)
 
