@@ -30,15 +30,24 @@ def _scalar(hi, lo, ptr):
 
 
 @triton.jit
+def _valid(tmask, ni, cw_ptr, t, HAS_CW: tl.constexpr):
+    # a triple whose negative is its centre word does nothing (jose.c skips that sample)
+    if HAS_CW:
+        return tmask & (ni != tl.load(cw_ptr + t, mask=tmask, other=-1))
+    return tmask
+
+
+@triton.jit
 def _rows(ptr, idx, cols, mask2, D):
     return tl.load(ptr + idx[:, None].to(tl.int64) * D + cols[None, :], mask=mask2, other=0.0)
 
 
 @triton.jit
 def _jose_separate_step_kernel(
-    u_ptr, v_ptr, du_ptr, dv_ptr, ui_ptr, vi_ptr, ni_ptr, loss_ptr, n, D, alpha_hi, alpha_lo,
+    u_ptr, v_ptr, du_ptr, dv_ptr, ui_ptr, vi_ptr, ni_ptr, cw_ptr, loss_ptr, n, D, alpha_hi, alpha_lo,
     margin_hi, margin_lo,
-    RULE: tl.constexpr, MOVE_WORDS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    RULE: tl.constexpr, MOVE_WORDS: tl.constexpr, HAS_CW: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     alpha, margin = _scalar(alpha_hi, alpha_lo, u_ptr), _scalar(margin_hi, margin_lo, u_ptr)
@@ -54,7 +63,7 @@ def _jose_separate_step_kernel(
     un = _rows(u_ptr, ni, cols, mask2, D)
     f = tl.sum(u * v, axis=1)
     h = tl.sum(un * v, axis=1)
-    active = tmask & ((f - h) < margin)
+    active = _valid(tmask, ni, cw_ptr, t, HAS_CW) & ((f - h) < margin)
     tl.store(loss_ptr + t, tl.where(active, margin - (f - h), 0.0), mask=tmask)
     act2 = mask2 & active[:, None]
     diff = u - un
@@ -78,9 +87,10 @@ def _jose_separate_step_kernel(
 
 @triton.jit
 def _jose_joint_step_kernel(
-    u_ptr, v_ptr, d_ptr, du_ptr, dv_ptr, dd_ptr, ui_ptr, vi_ptr, di_ptr, ni_ptr, loss_ptr, n, D, alpha_hi, alpha_lo,
-    margin_hi, margin_lo,
-    RULE: tl.constexpr, MOVE_WORDS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    u_ptr, v_ptr, d_ptr, du_ptr, dv_ptr, dd_ptr, ui_ptr, vi_ptr, di_ptr, ni_ptr, cw_ptr, loss_ptr, n, D, alpha_hi,
+    alpha_lo, margin_hi, margin_lo,
+    RULE: tl.constexpr, MOVE_WORDS: tl.constexpr, HAS_CW: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     alpha, margin = _scalar(alpha_hi, alpha_lo, u_ptr), _scalar(margin_hi, margin_lo, u_ptr)
@@ -101,7 +111,7 @@ def _jose_joint_step_kernel(
     h = tl.sum(un * v, axis=1)
     k = tl.sum(un * d, axis=1)
     gap = f + g - h - k
-    active = tmask & (gap < margin)
+    active = _valid(tmask, ni, cw_ptr, t, HAS_CW) & (gap < margin)
     tl.store(loss_ptr + t, tl.where(active, margin - gap, 0.0), mask=tmask)
     act2 = mask2 & active[:, None]
     diff = u - un
@@ -192,9 +202,22 @@ def _block_t(dim: int) -> int:
     return max(1, min(32, 4096 // triton.next_power_of_2(dim)))
 
 
+def _has_centre(centre: Optional[Tensor], n: int) -> bool:
+    """Whether the step kernels compare negatives with centre words (validated: one per triple)."""
+    if centre is None:
+        return False
+    _check("centre", centre, None, 1)
+    if centre.shape[0] != n:
+        raise ValueError(f"centre must hold one word per triple ({n}), got {centre.shape[0]}")
+    return True
+
+
 def separate_step(u: Tensor, v: Tensor, du: Tensor, dv: Tensor, ui: Tensor, vi: Tensor, ni: Tensor, alpha: float,
-                  margin: float, rule: str, move_words: bool = True) -> Tensor:  # fmt: skip
-    """Separate-hinge steps of B triples (u[ui], v[vi], u[ni]) added into du, dv; returns the hinge values [B]."""
+                  margin: float, rule: str, move_words: bool = True,
+                  centre: Optional[Tensor] = None) -> Tensor:  # fmt: skip
+    """Separate-hinge steps of B triples (u[ui], v[vi], u[ni]) added into du, dv; returns the hinge values [B].
+    centre [B] (optional): a triple whose negative ni equals its centre word does nothing (hinge 0), as jose.c skips
+    that sample — masked in the kernel, so the caller needs no host sync to drop it."""
     for name, t in (("u", u), ("v", v), ("du", du), ("dv", dv)):
         _check(name, t, u.dtype, 2)
     for name, t in (("ui", ui), ("vi", vi), ("ni", ni)):
@@ -203,18 +226,20 @@ def separate_step(u: Tensor, v: Tensor, du: Tensor, dv: Tensor, ui: Tensor, vi: 
     loss = torch.empty(n, dtype=u.dtype, device=u.device)
     if n == 0:
         return loss
+    has_cw = _has_centre(centre, n)
     bt, bd = _block_t(dim), triton.next_power_of_2(dim)
     _jose_separate_step_kernel[(triton.cdiv(n, bt),)](
-        u, v, du, dv, ui, vi, ni, loss, n, dim, *_hi_lo(alpha), *_hi_lo(margin),
-        RULE=RULES[rule], MOVE_WORDS=bool(move_words), BLOCK_T=bt, BLOCK_D=bd,
+        u, v, du, dv, ui, vi, ni, centre if has_cw else ui, loss, n, dim, *_hi_lo(alpha), *_hi_lo(margin),
+        RULE=RULES[rule], MOVE_WORDS=bool(move_words), HAS_CW=has_cw, BLOCK_T=bt, BLOCK_D=bd,
     )  # fmt: skip
     return loss
 
 
 def joint_step(u: Tensor, v: Tensor, d: Tensor, du: Tensor, dv: Tensor, dd: Tensor, ui: Tensor, vi: Tensor,
-               di: Tensor, ni: Tensor, alpha: float, margin: float, rule: str,
-               move_words: bool = True) -> Tensor:  # fmt: skip
-    """Joint-hinge steps of B quadruples (u[ui], v[vi], d[di], u[ni]) added into du, dv, dd; returns the hinges [B]."""
+               di: Tensor, ni: Tensor, alpha: float, margin: float, rule: str, move_words: bool = True,
+               centre: Optional[Tensor] = None) -> Tensor:  # fmt: skip
+    """Joint-hinge steps of B quadruples (u[ui], v[vi], d[di], u[ni]) added into du, dv, dd; returns the hinges [B].
+    centre: as in separate_step."""
     for name, t in (("u", u), ("v", v), ("d", d), ("du", du), ("dv", dv), ("dd", dd)):
         _check(name, t, u.dtype, 2)
     for name, t in (("ui", ui), ("vi", vi), ("di", di), ("ni", ni)):
@@ -223,10 +248,11 @@ def joint_step(u: Tensor, v: Tensor, d: Tensor, du: Tensor, dv: Tensor, dd: Tens
     loss = torch.empty(n, dtype=u.dtype, device=u.device)
     if n == 0:
         return loss
+    has_cw = _has_centre(centre, n)
     bt, bd = _block_t(dim), triton.next_power_of_2(dim)
     _jose_joint_step_kernel[(triton.cdiv(n, bt),)](
-        u, v, d, du, dv, dd, ui, vi, di, ni, loss, n, dim, *_hi_lo(alpha), *_hi_lo(margin),
-        RULE=RULES[rule], MOVE_WORDS=bool(move_words), BLOCK_T=bt, BLOCK_D=bd,
+        u, v, d, du, dv, dd, ui, vi, di, ni, centre if has_cw else ui, loss, n, dim, *_hi_lo(alpha), *_hi_lo(margin),
+        RULE=RULES[rule], MOVE_WORDS=bool(move_words), HAS_CW=has_cw, BLOCK_T=bt, BLOCK_D=bd,
     )  # fmt: skip
     return loss
 

@@ -104,6 +104,38 @@ def test_kernels_with_shared_rows_match_the_torch_twin(joint, move_words):
     assert (results["truth"] - torch.cat(tables)).abs().max() > 1e-3  # something moved
 
 
+@pytest.mark.parametrize("joint", [False, True])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_triples_whose_negative_is_the_centre_word_do_nothing(joint, backend):
+    """centre= skips a triple whose negative equals its centre word (as jose.c does) inside the step: the deltas
+    and hinges equal those of the step on the other triples alone, and the skipped triples' hinges are 0."""
+    g = torch.Generator().manual_seed(11)
+    b, vocab, dim = 64, 12, 9
+    ui, vi, di, ni, cw = (torch.randint(0, vocab, (b,), generator=g).to(DEV) for _ in range(5))
+    ni[::3] = cw[::3]  # a third of the negatives collide with the centre word
+    keep = ni != cw
+    tables = [unit(vocab, dim, torch.float64, 40 + i) for i in range(3)]
+    if backend == "triton":
+        sep, joi = K.separate_step, K.joint_step
+    else:
+        sep, joi = separate_step_torch, joint_step_torch
+    out = []
+    for skip in (True, False):
+        u, v, d = (t.clone() for t in tables)
+        du, dv, dd = torch.zeros_like(u), torch.zeros_like(v), torch.zeros_like(d)
+        sel = slice(None) if skip else keep
+        extra = {"centre": cw} if skip else {}
+        if joint:
+            loss = joi(u, v, d, du, dv, dd, ui[sel], vi[sel], di[sel], ni[sel], 0.1, 0.3, "paper", True, **extra)
+        else:
+            loss = sep(u, v, du, dv, ui[sel], vi[sel], ni[sel], 0.1, 0.3, "paper", True, **extra)
+        out.append((du, dv, dd, loss))
+    (du1, dv1, dd1, loss1), (du2, dv2, dd2, loss2) = out
+    for a, c in ((du1, du2), (dv1, dv2), (dd1, dd2), (loss1[keep], loss2)):
+        torch.testing.assert_close(a, c, atol=1e-12, rtol=0)
+    assert not loss1[~keep].any() and loss2.abs().sum() > 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_retract_of_a_row_list_with_repeats_equals_the_unique_retraction(dtype):
     """unique=False (the trainer's path: no sort, no sync) on a list where rows repeat: the same tables as retracting
@@ -129,6 +161,8 @@ def test_bad_kernel_inputs_are_rejected():
         K.separate_step(u, u, u.double(), u, i, i, i, 0.1, 0.1, "paper")
     with pytest.raises(ValueError, match="contiguous"):
         K.retract(u.t(), u, i)
+    with pytest.raises(ValueError, match="centre must hold one word per triple"):
+        K.separate_step(u, u, u.clone(), u.clone(), i, i, i, 0.1, 0.1, "paper", centre=torch.zeros_like(u[:, 0]).long())
 
 
 def _topic_corpus(n_docs, topics=4, words=30, length=30, seed=0):

@@ -26,11 +26,18 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
     return (a * b).sum(-1, keepdim=True)
 
 
-def separate_step_torch(u, v, du, dv, ui, vi, ni, alpha, margin, rule, move_words=True) -> Tensor:
+def _active(hinge_on: Tensor, ni: Tensor, centre: Optional[Tensor]) -> Tensor:
+    """1 where the hinge is active and the triple counts (its negative is not its centre word), else 0."""
+    if centre is not None:
+        hinge_on = hinge_on & (ni != centre)[:, None]
+    return hinge_on
+
+
+def separate_step_torch(u, v, du, dv, ui, vi, ni, alpha, margin, rule, move_words=True, centre=None) -> Tensor:
     """The torch twin of kernels.jose.separate_step (adds the steps into du, dv; returns the hinges [B])."""
     uu, vv, nn = u[ui], v[vi], u[ni]
     f, h = _dot(uu, vv), _dot(nn, vv)
-    act = ((f - h) < margin).to(u.dtype)
+    act = _active((f - h) < margin, ni, centre).to(u.dtype)
     diff = uu - nn
     c_u, c_n, c_v = separate_factors(f, h, torch.linalg.vector_norm(diff, dim=-1, keepdim=True), rule)
     dv.index_put_((vi,), act * alpha * c_v * (diff - (f - h) * vv), accumulate=True)
@@ -40,12 +47,13 @@ def separate_step_torch(u, v, du, dv, ui, vi, ni, alpha, margin, rule, move_word
     return (act * (margin - (f - h))).squeeze(-1)
 
 
-def joint_step_torch(u, v, d, du, dv, dd, ui, vi, di, ni, alpha, margin, rule, move_words=True) -> Tensor:
+def joint_step_torch(u, v, d, du, dv, dd, ui, vi, di, ni, alpha, margin, rule, move_words=True,
+                     centre=None) -> Tensor:  # fmt: skip
     """The torch twin of kernels.jose.joint_step."""
     uu, vv, dd_, nn = u[ui], v[vi], d[di], u[ni]
     f, g, h, k = _dot(uu, vv), _dot(uu, dd_), _dot(nn, vv), _dot(nn, dd_)
     gap = f + g - h - k
-    act = (gap < margin).to(u.dtype)
+    act = _active(gap < margin, ni, centre).to(u.dtype)
     s = vv + dd_
     diff = uu - nn
     c_u, c_n, c_v, c_d = joint_factors(f, g, h, k, torch.linalg.vector_norm(s, dim=-1, keepdim=True),
@@ -124,21 +132,19 @@ def train_batched(
         return torch.searchsorted(cdf, r, right=True).clamp_max(cdf.shape[0] - 1)
 
     def run(kind: str, ui: Tensor, vi: Tensor, di: Tensor, centre_word: Tensor, lr: float) -> Tensor:
-        ni = draw(ui.shape[0])
-        keep = (ni != centre_word).nonzero().squeeze(1)  # one sync for the four selections, not four
-        ui, vi, di, ni = ui[keep], vi[keep], di[keep], ni[keep]
+        ni = draw(ui.shape[0])  # a negative equal to the centre word is skipped inside the step (no host sync)
         # the touched rows are retracted as listed, repeats included: deduplicating would sort and sync per batch
         if kind == "context":
-            loss = sep_step(u, v, du, dv, ui, vi, ni, lr, margin, step_rule, True)
+            loss = sep_step(u, v, du, dv, ui, vi, ni, lr, margin, step_rule, True, centre_word)
             retract(u, du, torch.cat([ui, ni]), unique=False)
             retract(v, dv, vi, unique=False)
         elif kind == "doc":
-            loss = sep_step(u, d, du, dd, ui, di, ni, lr, margin, step_rule, update_words)
+            loss = sep_step(u, d, du, dd, ui, di, ni, lr, margin, step_rule, update_words, centre_word)
             if update_words:
                 retract(u, du, torch.cat([ui, ni]), unique=False)
             retract(d, dd, di, unique=False)
         else:
-            loss = joint_step(u, v, d, du, dv, dd, ui, vi, di, ni, lr, margin, step_rule, update_words)
+            loss = joint_step(u, v, d, du, dv, dd, ui, vi, di, ni, lr, margin, step_rule, update_words, centre_word)
             if update_words:
                 retract(u, du, torch.cat([ui, ni]), unique=False)
                 retract(v, dv, vi, unique=False)
