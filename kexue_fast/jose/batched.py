@@ -27,7 +27,7 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _active(hinge_on: Tensor, ni: Tensor, centre: Optional[Tensor]) -> Tensor:
-    """1 where the hinge is active and the triple counts (its negative is not its centre word), else 0."""
+    """True where the hinge is active and the triple counts (its negative is not its centre word)."""
     if centre is not None:
         hinge_on = hinge_on & (ni != centre)[:, None]
     return hinge_on
