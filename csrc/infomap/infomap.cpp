@@ -59,6 +59,16 @@ void fill_csr(std::int64_t n, const std::vector<std::int64_t>& from, const std::
   }
 }
 
+// A sub-network's flows out of / into it per node (added to the link totals) and its own exit flow.
+void attach_external(Level& g, std::vector<double> ext_out, std::vector<double> ext_in, double exit_network) {
+  if (g.symmetric) ext_in.clear();  // undirected: the flow in equals the flow out
+  for (std::size_t u = 0; u < ext_out.size(); ++u) g.out_total[u] += ext_out[u];
+  for (std::size_t u = 0; u < ext_in.size(); ++u) g.in_total[u] += ext_in[u];
+  g.ext_out = std::move(ext_out);
+  g.ext_in = std::move(ext_in);
+  g.exit_network = exit_network;
+}
+
 // Links given as (source, target, flow) lists, duplicates allowed; self-links dropped.
 Level make_level(std::int64_t n, std::vector<double> flow, const std::vector<std::int64_t>& src,
                  const std::vector<std::int64_t>& dst, const std::vector<double>& lf, bool symmetric,
@@ -80,13 +90,20 @@ Level make_level(std::int64_t n, std::vector<double> flow, const std::vector<std
   g.flow = std::move(flow);
   fill_csr(n, s, t, f, g.out_ptr, g.out_idx, g.out_flow, g.out_total);
   if (!symmetric) fill_csr(n, t, s, f, g.in_ptr, g.in_idx, g.in_flow, g.in_total);  // symmetric: in-links = out-links
-  if (symmetric) ext_in.clear();  // undirected: the flow in equals the flow out
-  for (std::size_t u = 0; u < ext_out.size(); ++u) g.out_total[u] += ext_out[u];
-  for (std::size_t u = 0; u < ext_in.size(); ++u) g.in_total[u] += ext_in[u];
-  g.ext_out = std::move(ext_out);
-  g.ext_in = std::move(ext_in);
-  g.exit_network = exit_network;
+  attach_external(g, std::move(ext_out), std::move(ext_in), exit_network);
   return g;
+}
+
+// Prefetches for visiting node u soon: its out-link row now, or (once the row has arrived) the modules of its first
+// few link targets, which the in-row prefetches of the loops do not cover.
+inline void prefetch_row(const Level& g, std::size_t u) {
+  KX_PREFETCH(&g.out_idx[static_cast<std::size_t>(g.out_ptr[u])]);
+  KX_PREFETCH(&g.out_flow[static_cast<std::size_t>(g.out_ptr[u])]);
+}
+inline void prefetch_first_targets(const Level& g, std::size_t u, const std::vector<std::int64_t>& mod) {
+  const std::int64_t e0 = g.out_ptr[u], e1 = std::min(e0 + 8, g.out_ptr[u + 1]);
+  for (std::int64_t e = e0; e < e1; ++e)
+    KX_PREFETCH(&mod[static_cast<std::size_t>(g.out_idx[static_cast<std::size_t>(e)])]);
 }
 
 // A node's flow out of / into the network it is in (all of it, for a whole graph; a sub-network's ext_* too).
@@ -226,12 +243,10 @@ int core_loop(const Level& g, State& s, std::mt19937_64& rng, const Options& o,
     for (std::size_t i = 0; i < order.size(); ++i) {
       const std::int64_t alpha = order[i];
       const auto a = static_cast<std::size_t>(alpha);
-      // The visiting order is random: request a later node's link row, then (once it has arrived) the modules of
-      // its first neighbours, which the in-row prefetches below do not cover.
+      // The visiting order is random: request what later nodes will read.
       if (i + 4 < order.size()) {
         const auto a4 = static_cast<std::size_t>(order[i + 4]);
-        KX_PREFETCH(&g.out_idx[static_cast<std::size_t>(g.out_ptr[a4])]);
-        KX_PREFETCH(&g.out_flow[static_cast<std::size_t>(g.out_ptr[a4])]);
+        prefetch_row(g, a4);
         KX_PREFETCH(&g.flow[a4]);
         KX_PREFETCH(&g.out_total[a4]);
         KX_PREFETCH(&s.mod[a4]);
@@ -245,9 +260,7 @@ int core_loop(const Level& g, State& s, std::mt19937_64& rng, const Options& o,
       if (i + 2 < order.size()) {
         const auto a2 = static_cast<std::size_t>(order[i + 2]);
         KX_PREFETCH(&s.modules[static_cast<std::size_t>(s.mod[a2])]);
-        const std::int64_t e0 = g.out_ptr[a2], e1 = std::min(e0 + 8, g.out_ptr[a2 + 1]);
-        for (std::int64_t e = e0; e < e1; ++e)
-          KX_PREFETCH(&s.mod[static_cast<std::size_t>(g.out_idx[static_cast<std::size_t>(e)])]);
+        prefetch_first_targets(g, a2, s.mod);
       }
       const std::int64_t A = s.mod[a];
       touched.clear();
@@ -330,8 +343,7 @@ int core_loop(const Level& g, State& s, std::mt19937_64& rng, const Options& o,
       double best = cost_with(A_without, out_to_A, in_from_A, TA - Ta, tA - ta);
       std::int64_t best_module = A;
       const std::int64_t own_parent = parent ? (*parent)[a] : 0;
-      for (std::size_t j = 0; j < touched.size(); ++j) {
-        const std::int64_t m = touched[j];
+      for (std::int64_t m : touched) {
         const auto mi = static_cast<std::size_t>(m);
         const Module& B = s.modules[mi];
         if (m == A || (parent && B.parent != own_parent)) continue;
@@ -450,18 +462,10 @@ Level aggregate(const Level& g, const std::vector<std::int64_t>& mod, std::int64
     touched.clear();
     for (std::int64_t i = first[m]; i < first[m + 1]; ++i) {
       const auto u = static_cast<std::size_t>(nodes[static_cast<std::size_t>(i)]);
-      // Members are scattered over the graph: request later members' link rows, then their first targets' modules.
-      if (static_cast<std::size_t>(i) + 4 < n) {
-        const auto u4 = static_cast<std::size_t>(nodes[static_cast<std::size_t>(i) + 4]);
-        KX_PREFETCH(&g.out_idx[static_cast<std::size_t>(g.out_ptr[u4])]);
-        KX_PREFETCH(&g.out_flow[static_cast<std::size_t>(g.out_ptr[u4])]);
-      }
-      if (static_cast<std::size_t>(i) + 2 < n) {
-        const auto u2 = static_cast<std::size_t>(nodes[static_cast<std::size_t>(i) + 2]);
-        const std::int64_t e0 = g.out_ptr[u2], e1 = std::min(e0 + 8, g.out_ptr[u2 + 1]);
-        for (std::int64_t e = e0; e < e1; ++e)
-          KX_PREFETCH(&mod[static_cast<std::size_t>(g.out_idx[static_cast<std::size_t>(e)])]);
-      }
+      // Members are scattered over the graph: request later members' rows and first targets' modules.
+      const auto next = static_cast<std::size_t>(i);
+      if (next + 4 < n) prefetch_row(g, static_cast<std::size_t>(nodes[next + 4]));
+      if (next + 2 < n) prefetch_first_targets(g, static_cast<std::size_t>(nodes[next + 2]), mod);
       const std::int64_t end = g.out_ptr[u + 1];
       for (std::int64_t e = g.out_ptr[u]; e < end; ++e) {
         if (e + 8 < end) KX_PREFETCH(&mod[static_cast<std::size_t>(g.out_idx[static_cast<std::size_t>(e + 8)])]);
@@ -492,14 +496,8 @@ Level aggregate(const Level& g, const std::vector<std::int64_t>& mod, std::int64
       for (std::int64_t e = out.out_ptr[m]; e < out.out_ptr[m + 1]; ++e)
         sources[static_cast<std::size_t>(e)] = static_cast<std::int64_t>(m);
     fill_csr(num_modules, out.out_idx, sources, out.out_flow, out.in_ptr, out.in_idx, out.in_flow, out.in_total);
-  } else {
-    ext_in.clear();  // undirected: the flow in equals the flow out
   }
-  for (std::size_t m = 0; m < ext_out.size(); ++m) out.out_total[m] += ext_out[m];
-  for (std::size_t m = 0; m < ext_in.size(); ++m) out.in_total[m] += ext_in[m];
-  out.ext_out = std::move(ext_out);
-  out.ext_in = std::move(ext_in);
-  out.exit_network = g.exit_network;
+  attach_external(out, std::move(ext_out), std::move(ext_in), g.exit_network);
   out.teleport_total = g.teleport_total;
   sum_by_module(g.teleport_flow, out.teleport_flow);
   sum_by_module(g.teleport_weight, out.teleport_weight);
