@@ -10,6 +10,13 @@
 #     jose    the JoSE GPU trainer's word similarity and training speed (benchmarks/jose_quality.py --device cuda)
 #             on the carried corpus (.gpu/corpus.txt.gz) and datasets (.gpu/wordsim353.tsv, .gpu/simlex999.txt)
 #
+# Preparing .gpu/ here (git-excluded: `echo /.gpu/ >> .git/info/exclude`), for the machine's CPython (3.12 there):
+#   python3.12 -m pip wheel --no-deps -w .gpu/whl .            # kexue_fast, C++ core included
+#   pip download --no-deps -d /tmp/sd normflows FrEIA && pip wheel --no-deps -w .gpu/whl /tmp/sd/*
+#   gzip -c "$(python -c 'from kexue_fast.datasets import offline_corpus as c; print(c())')" > .gpu/corpus.txt.gz
+#   cp <gensim>/test/test_data/{wordsim353.tsv,simlex999.txt} .gpu/
+# and name .gpu in the device call's carry.
+#
 # Everything runs outside the checkout (so the installed package, not the source tree, is imported) and lands in
 # $OUT as two archives, results.tgz (benchmarks/results files) and logs.tgz, rewritten after every stage. Set
 # KEXUE_GIT_SHA to the checkout's sha: the tree travels without .git.
