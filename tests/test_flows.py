@@ -157,6 +157,66 @@ def test_dense_chain_path_equals_autograd_path(act, neumann_grad, logdet):
         assert torch.allclose(a, c, atol=1e-12, rtol=1e-10)
 
 
+def _closed_form_run(closed, act, depth, norm, bias, n_probes, logdet, x_grad, train):
+    """(y, log-det, gradients of a loss on both, state after) by the closed-form Neumann gradient (the block's eager
+    path) or by differentiating the surrogate through torch's graph (chain_series_logdet, the compiled path)."""
+    from kexue_fast.flows.chain import chain_series_logdet
+
+    torch.manual_seed(11)
+    dims = [4] + [7] * (depth - 1) + [4]
+    layers = []
+    for i in range(depth):
+        layer = nn.Linear(dims[i], dims[i + 1], bias=bias)
+        if norm == "spectral":
+            layer = spectral_norm(layer, coeff=0.9, n_power_iterations=1)
+        elif norm == "weight_norm":  # another parametrization: read through .weight
+            layer = nn.utils.parametrizations.weight_norm(layer)
+        layers += [layer, act()] if i < depth - 1 else [layer]
+    g = nn.Sequential(*layers).double().train(train)
+    block = InvertibleResBlock(g, logdet=logdet, n_terms=4, n_probes=n_probes)
+    x = torch.randn(6, 4, dtype=D64, requires_grad=x_grad)
+    wy = torch.randn(6, 4, dtype=D64)
+    wl = torch.tensor([1.0, 2.0, 3.0, 0.0, -1.0, 5.0], dtype=D64)
+    torch.manual_seed(5)  # the same probes, then the same roulette lengths
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # roulette variance notice
+        if closed:
+            y, value = block(x)
+        else:
+            probes = [L.draw_probe(x, block.probe) for _ in range(n_probes)]
+            gx, value = chain_series_logdet(block._chain, x, block._plans(x), probes, neumann_grad=True)
+            y = x + gx
+    ((y * wy).sum() + (value * wl).sum()).backward()
+    grads = [p.grad for p in g.parameters()] + ([x.grad] if x_grad else [])
+    return y.detach(), value.detach(), grads, g.state_dict()
+
+
+@pytest.mark.parametrize("act", [LipSwish, nn.ELU, nn.Tanh, lambda: nn.LeakyReLU(0.3)])
+@pytest.mark.parametrize(
+    "depth, norm, bias, n_probes, logdet, x_grad, train",
+    [(2, "spectral", True, 1, "series", True, True), (2, "plain", True, 2, "series", False, False),
+     (3, "spectral", True, 2, "roulette", True, True), (3, "weight_norm", False, 1, "series", True, True),
+     (2, "spectral", False, 3, "roulette", False, False)],
+)  # fmt: skip
+@pytest.mark.parametrize("host_scalars", [True, False])
+def test_closed_form_neumann_gradient_equals_the_autograd_graph(act, depth, norm, bias, n_probes, logdet, x_grad,
+                                                                train, host_scalars, monkeypatch):  # fmt: skip
+    """kexue_fast.flows.chain_neumann (one autograd node, spectral norms folded in) against torch's graph of the
+    surrogate: same y and log-det, same gradients of a loss on both (1e-12, float64), same power-iteration state.
+    host_scalars=False runs the spectral-norm fold in tensors, as off the CPU."""
+    from kexue_fast.flows import chain_neumann
+
+    monkeypatch.setattr(chain_neumann, "_host_scalars", lambda x: host_scalars)
+    args = (act, depth, norm, bias, n_probes, logdet, x_grad, train)
+    y_c, v_c, g_c, s_c = _closed_form_run(True, *args)
+    y_a, v_a, g_a, s_a = _closed_form_run(False, *args)
+    assert torch.allclose(y_c, y_a, atol=1e-14, rtol=0) and torch.allclose(v_c, v_a, atol=1e-13, rtol=0)
+    assert len(g_c) == len(g_a) and all(t is not None and bool(t.abs().sum() > 0) for t in g_a + g_c)
+    for c, a in zip(g_c, g_a):
+        assert torch.allclose(c, a, atol=1e-12, rtol=1e-10), (c - a).abs().max()
+    assert s_c.keys() == s_a.keys() and all(torch.equal(s_c[k], s_a[k]) for k in s_a)
+
+
 def test_dense_chain_detection():
     assert InvertibleResBlock(mlp(3)).series_path == "dense-chain"
     deep = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 8), nn.ELU(), nn.Linear(8, 3))

@@ -54,6 +54,7 @@ class DenseChain:
         self.activations = activations
         table = _rules()
         self.rules: List[Callable] = [table[type(a)] for a in activations]
+        self.closed_form: Optional[object] = None  # chain_neumann's description of the chain, built on first use
 
     @classmethod
     def detect(cls, g: nn.Module) -> Optional[DenseChain]:
@@ -101,12 +102,41 @@ class DenseChain:
         return v
 
 
+def series_value_and_rows(
+    weights: Sequence[Tensor], derivs: Sequence[Tensor], plans: Sequence[SeriesPlan], probes: Sequence[Tensor],
+    rows: bool,
+) -> Tuple[Tensor, Optional[List[Tensor]]]:  # fmt: skip
+    """The estimate mean_p Σ_k c_k v_pᵀJ^k v_p [B] and, if `rows`, the Neumann rows Σ_k c'_k v_pᵀJ^{k−1} per probe.
+
+    Σ_k c_k wᵀ_k is accumulated and dotted with v once at the end; differentiable if weights and derivs carry a
+    graph."""
+    value = None
+    found: List[Tensor] = []
+    for plan, v in zip(plans, probes):
+        w = v
+        weighted = None
+        row = None
+        for k in range(1, plan.n_terms + 1):
+            if rows:
+                c = plan.neumann_coeff(k)
+                row = plan.term(k, w) * c if row is None else row.add(plan.term(k, w), alpha=c)
+            w = DenseChain.vjp(w, weights, derivs)
+            c = plan.value_coeff(k)
+            weighted = plan.term(k, w) * c if weighted is None else weighted.add(plan.term(k, w), alpha=c)
+        per_probe = _per_sample(weighted, v) if weighted is not None else v.new_zeros(v.shape[0])
+        value = per_probe if value is None else value + per_probe
+        if rows:
+            found.append(row if row is not None else torch.zeros_like(v))
+    assert value is not None
+    return value / len(probes), (found if rows else None)
+
+
 def chain_series_logdet(
     chain: DenseChain, x: Tensor, plans: Sequence[SeriesPlan], probes: Sequence[Tensor], *, neumann_grad: bool
 ) -> Tuple[Tensor, Tensor]:
-    """(g(x), log-det estimate [B]) for a dense chain: same estimator and gradients as logdet.series_logdet.
-
-    Per probe, Σ_k c_k vᵀJ^k v is accumulated as (Σ_k c_k wᵀ_k)·v, one dot at the end; the Neumann row likewise."""
+    """(g(x), log-det estimate [B]) for a dense chain with autograd graphs: same estimator and gradients as
+    logdet.series_logdet. Used for neumann_grad=False (the series differentiated) and under torch.compile; eager
+    Neumann gradients take the closed form of kexue_fast.flows.chain_neumann."""
     gx, weights, derivs = chain.forward(x)  # derivs carry the graph of h(x, θ) when gradients are wanted
     need_grad = torch.is_grad_enabled() and gx.requires_grad
     through_series = need_grad and not neumann_grad
@@ -115,23 +145,13 @@ def chain_series_logdet(
     else:
         weights_c = [w.detach() for w in weights]
         derivs_c = [d.detach() for d in derivs]
-    value = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-    surrogate = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-    for plan, v in zip(plans, probes):
-        w = v
-        weighted = torch.zeros_like(v)
-        row = torch.zeros_like(v) if need_grad and not through_series else None
-        for k in range(1, plan.n_terms + 1):
-            if row is not None:
-                row = row.add(plan.term(k, w), alpha=plan.neumann_coeff(k))
-            w = DenseChain.vjp(w, weights_c, derivs_c)
-            weighted = weighted.add(plan.term(k, w), alpha=plan.value_coeff(k))
-        value = value + _per_sample(weighted, v)
-        if row is not None:
-            surrogate = surrogate + _per_sample(row, DenseChain.jvp(v, weights, derivs))
-    value = value / len(probes)
+    value, rows = series_value_and_rows(weights_c, derivs_c, plans, probes, rows=need_grad and not through_series)
     if not need_grad:
         return gx.detach(), value.detach()
     if through_series:
         return gx, value
+    assert rows is not None
+    surrogate = 0
+    for row, v in zip(rows, probes):
+        surrogate = surrogate + _per_sample(row, DenseChain.jvp(v, weights, derivs))
     return gx, _ValueWithGradientOf.apply(value.detach(), surrogate / len(probes))

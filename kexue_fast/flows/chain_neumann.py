@@ -1,0 +1,325 @@
+"""The Neumann gradient of a dense chain's log-det series in closed form: one autograd node, no graph through g.
+
+For g(x) = W_L φ(⋯ φ(W_1 x + b_1) ⋯) + b_L with pre-activations h_i, a_i = φ(h_i) (a_0 = x), d_i = φ'(h_i), the
+Neumann gradient of the log-det is the gradient of the surrogate s_b = mean_p r_pbᵀ J_b v_pb with the Neumann rows r
+and the probes v held constant, J = W_L D_{L−1} ⋯ D_1 W_1. Forward mode through the chain gives
+    z_1 = W_1 v,  u_i = d_i ⊙ z_i (u_0 = v),  z_{i+1} = W_{i+1} u_i,  J v = z_L;
+reverse mode from ρ_L = s̄ r, for i = L … 1, with e_i = ρ_i W_i:
+    ∂W_i += ρ_iᵀ u_{i−1},  ρ_{i−1} = e_i ⊙ d_{i−1},  ∂h_{i−1} += e_i ⊙ z_{i−1} ⊙ φ''(h_{i−1}),
+    ∂β_{i−1} += Σ e_i ⊙ z_{i−1} ⊙ ∂φ'/∂β   (LipSwish's β);
+and the branch output g itself, from η_L = ḡ, with f_i = η_i W_i:
+    ∂W_i += η_iᵀ a_{i−1},  ∂b_i = Σ_b η_i,  η_{i−1} = f_i ⊙ d_{i−1} + ∂h_{i−1},  ∂x = η_1 W_1,
+    ∂β_{i−1} += Σ f_i ⊙ ∂φ/∂β.
+A kexue_fast spectral norm with coefficient c, W = V / δ, δ = max(1, σ̂/c), σ̂ = uᵀVv, is folded in: with G = ∂W,
+    ∂V = (G − ⟨G, W⟩ κ u vᵀ) / δ,   κ = [σ̂/c ≥ 1] / c.
+These are the gradients autograd gets by differentiating the surrogate through the parametrizations
+(tests/test_flows.py: 1e-12 in float64), with a third of the kernels, no double-backward graph and nothing saved per
+series term. Eager only: torch.compile traces kexue_fast.flows.chain.chain_series_logdet instead.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .chain import DenseChain, series_value_and_rows
+from .logdet import SeriesPlan
+
+# Past this many elements, the per-term buffer of the one-GEMM series accumulation gives way to the term-by-term sum.
+_STACKED_SERIES_MAX = 1 << 22
+
+
+@functools.lru_cache(maxsize=16)
+def _inv_1_1(dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.tensor(1 / 1.1, dtype=dtype, device=device)
+
+
+def _sigmoid_backward_(t: Tensor, s: Tensor) -> Tensor:
+    """t ⊙ s(1 − s), written into t."""
+    return torch.ops.aten.sigmoid_backward.grad_input(t, s, grad_input=t)
+
+
+class _Activation:
+    """φ with φ', and its part of the backward: φ'' and, for LipSwish, the derivatives in β = softplus(raw β)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        from ..nn.iresnet import LipSwish
+
+        self.const = 0.0
+        if isinstance(module, LipSwish):
+            self.kind = "lipswish"
+        elif isinstance(module, nn.ELU):
+            self.kind, self.const = "elu", float(module.alpha)
+        elif isinstance(module, nn.Tanh):
+            self.kind = "tanh"
+        elif isinstance(module, nn.LeakyReLU):
+            self.kind, self.const = "leaky", float(module.negative_slope)
+        else:
+            raise TypeError(f"no closed-form Neumann gradient for {type(module).__name__}")
+
+    def first(self, h: Tensor, beta: Optional[Tensor]) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        """(φ(h), φ'(h), what the backward reuses: σ(βh) for LipSwish)."""
+        if self.kind == "lipswish":  # φ = h σ(βh)/1.1, φ' = σ (1 + βh(1 − σ))/1.1 = silu'(βh)/1.1
+            bh = h * beta
+            d = torch.ops.aten.silu_backward(_inv_1_1(h.dtype, h.device).expand_as(bh), bh)
+            s = bh.sigmoid_()
+            return (h * s).div_(1.1), d, s
+        if self.kind == "elu":
+            a = F.elu(h, self.const)
+            return a, torch.where(h > 0, torch.ones_like(h), a + self.const), None
+        if self.kind == "tanh":
+            a = torch.tanh(h)
+            return a, 1 - a * a, None
+        slope = torch.full_like(h, self.const)
+        return F.leaky_relu(h, self.const), torch.where(h > 0, torch.ones_like(h), slope), None
+
+    def backward(self, f: Optional[Tensor], ez: Optional[Tensor], h: Tensor, a: Tensor, d: Tensor,
+                 s: Optional[Tensor], beta: Optional[Tensor]) -> Tuple[Optional[Tensor], Optional[Tensor]]:  # fmt: skip
+        """(∂h, ∂β) from f = ∂a (the output's path) and ez = Σ_p e ⊙ z (the surrogate's path); either may be None,
+        both are overwritten.
+
+        ∂h = f ⊙ φ' + ez ⊙ φ'';  ∂β = Σ f ⊙ ∂φ/∂β + Σ ez ⊙ ∂φ'/∂β. LipSwish with q = σ(1 − σ),
+        m = q (2 + βh(1 − 2σ))/1.1: φ'' = β m, ∂φ'/∂β = h m, ∂φ/∂β = h² q/1.1."""
+        if self.kind == "lipswish":  # q-weighted products by sigmoid_backward(t, σ) = t σ(1 − σ)
+            assert s is not None and beta is not None
+            grad_h, acc = None, None  # ∂β = Σ h ⊙ acc / 1.1
+            if f is not None:
+                fh = f * h
+                acc = _sigmoid_backward_(fh, s)  # f h q
+                grad_h = f.mul_(d)
+            if ez is not None:
+                em = _sigmoid_backward_(ez.mul_((s * -2).add_(1).mul_(h).mul_(beta).add_(2)), s)  # 1.1 ez ⊙ m
+                grad_h = em * (beta / 1.1) if grad_h is None else grad_h.addcmul_(em, beta / 1.1)
+                acc = em if acc is None else acc.add_(em)
+            grad_beta = torch.vdot(acc.reshape(-1), h.reshape(-1)) / 1.1 if acc is not None else None
+            return grad_h, grad_beta
+        grad_h = f.mul_(d) if f is not None else None
+        if ez is not None and self.kind in ("elu", "tanh"):
+            d2 = torch.where(h > 0, torch.zeros_like(h), d) if self.kind == "elu" else (a * d).mul_(-2)
+            grad_h = ez * d2 if grad_h is None else grad_h.addcmul_(ez, d2)
+        return grad_h, None
+
+
+class _Linear:
+    """A Linear's weight as the closed form takes it: plain (any parametrization read through `.weight`), or a
+    matrix-mode kexue_fast SpectralNorm folded in (its raw weight and u, v)."""
+
+    def __init__(self, layer: nn.Linear) -> None:
+        from ..nn.spectral_norm import SpectralNorm
+
+        plist = getattr(getattr(layer, "parametrizations", None), "weight", None)
+        self.layer = layer
+        self.norm: Optional[SpectralNorm] = None
+        if plist is not None and len(plist) == 1 and isinstance(plist[0], SpectralNorm):
+            norm = plist[0]
+            if norm.conv is None and norm.dim == 0 and plist.original.ndim == 2 and norm.coeff is not None:
+                self.norm = norm
+
+    def tensors(self) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+        """(weight, u, v): the raw weight and the norm's vectors (advanced as SpectralNorm.divisor would), or the
+        effective weight and None."""
+        if self.norm is None:
+            return self.layer.weight, None, None
+        from ..nn.spectral_norm import _FROZEN
+
+        norm = self.norm
+        original = self.layer.parametrizations.weight.original
+        if norm.training and norm.n_power_iterations > 0 and not _FROZEN[0]:
+            norm._power_method(original, norm.n_power_iterations)
+        # Clones: the power iteration rewrites u, v in place, possibly before this step's backward.
+        return original, norm._u.clone(), norm._v.clone()
+
+
+class _Spec:
+    """What the closed form needs to know of a chain, built once per DenseChain."""
+
+    def __init__(self, chain: DenseChain) -> None:
+        self.linears = [_Linear(layer) for layer in chain.linears]
+        self.activations = [_Activation(a) for a in chain.activations]
+        self.coeffs = [lin.norm.coeff if lin.norm is not None else None for lin in self.linears]
+
+
+def _host_scalars(x: Tensor) -> bool:
+    """Whether the spectral norms' σ̂ are read as Python numbers (fewer tensor ops; a device sync off the CPU)."""
+    return x.device.type == "cpu"
+
+
+@functools.lru_cache(maxsize=64)
+def _series_coefficients(inv_prob: Tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """[2, n+1]: row 0 weights the terms w_1..w_n of the value, row 1 the w_0..w_{n−1} of the Neumann row."""
+    plan = SeriesPlan(inv_prob)
+    n = plan.n_terms
+    table = [[0.0] * (n + 1), [0.0] * (n + 1)]
+    for k in range(1, n + 1):
+        table[0][k] = plan.value_coeff(k)
+        table[1][k - 1] = plan.neumann_coeff(k)
+    return torch.tensor(table, dtype=dtype, device=device)
+
+
+def _stacked_series(weights: Sequence[Tensor], derivs: Sequence[Tensor], plan: SeriesPlan,
+                    probes: Tensor) -> Tuple[Tensor, Tensor]:  # fmt: skip
+    """One plan shared by the probes [P, B, D]: w_k = w_{k−1} J into one buffer, then the value and the Neumann rows
+    as one small GEMM with the coefficients. Returns (value [B], rows [P, B, D])."""
+    n, (p, b, dim) = plan.n_terms, probes.shape
+    buf = probes.new_empty((n + 1, p * b, dim))
+    terms = buf.unbind(0)
+    terms[0].copy_(probes.reshape(p * b, dim))
+    hidden = [probes.new_empty((p, b, w.shape[1])) for w in weights[1:]]
+    hidden_flat = [t.view(p * b, -1) for t in hidden]
+    for k in range(1, n + 1):
+        w = terms[k - 1]
+        for i in range(len(weights) - 1, 0, -1):
+            torch.mm(w, weights[i], out=hidden_flat[i - 1])
+            hidden[i - 1].mul_(derivs[i - 1])
+            w = hidden_flat[i - 1]
+        torch.mm(w, weights[0], out=terms[k])
+    both = torch.mm(_series_coefficients(plan.inv_prob, probes.dtype, probes.device), buf.view(n + 1, -1))
+    weighted, rows = both.view(2, p, b, dim).unbind(0)
+    value = weighted.mul_(probes).sum(-1).mean(0)
+    return value, rows
+
+
+class _ChainNeumann(torch.autograd.Function):
+    """(y = x + g(x), log-det estimate [B]) of a dense chain; the estimate's gradient is the Neumann gradient (module
+    doc).
+
+    Saves x, h_i, a_i, d_i, the probes and the Neumann rows: O(B·(d + Σ hidden)), whatever the number of terms."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, probes: Tensor, spec: _Spec, plans: Sequence[SeriesPlan], *params):
+        n = len(spec.linears)
+        raw, biases, us, vs, raw_betas = (params[:n], params[n : 2 * n], params[2 * n : 3 * n], params[3 * n : 4 * n],
+                                          params[4 * n :])  # fmt: skip
+        weights, kappas, divisors = [], [], []
+        on_host = _host_scalars(x)
+        for w, u, v, coeff in zip(raw, us, vs, spec.coeffs):
+            if u is None:
+                weights.append(w)
+                kappas.append(None)
+                divisors.append(None)
+                continue
+            sigma = torch.vdot(u, torch.mv(w, v))
+            if on_host:
+                ratio = float(sigma) / coeff
+                divisor, kappa = max(ratio, 1.0), float(ratio >= 1.0) / coeff
+                weights.append(w / divisor)
+                kappas.append(kappa)
+                divisors.append(divisor)
+                continue
+            ratio = sigma / coeff
+            divisor, kappa = ratio.clamp_min(1.0), (ratio >= 1).to(sigma.dtype) / coeff
+            weights.append(w / divisor)
+            kappas.append(kappa)
+            divisors.append(divisor)
+        betas = [F.softplus(r) if r is not None else None for r in raw_betas]
+        hs, acts, derivs, sigs = [], [], [], []
+        a = x
+        for i in range(n):
+            h = F.linear(a, weights[i], biases[i])
+            if i < n - 1:
+                a, d, s = spec.activations[i].first(h, betas[i])
+                hs.append(h)
+                acts.append(a)
+                derivs.append(d)
+                sigs.append(s)
+        same = all(p.mask is None and p.inv_prob == plans[0].inv_prob for p in plans)
+        if same and (plans[0].n_terms + 1) * probes.numel() <= _STACKED_SERIES_MAX:
+            value, rows = _stacked_series(weights, derivs, plans[0], probes)
+        else:
+            value, row_list = series_value_and_rows(weights, derivs, plans, list(probes.unbind(0)), rows=True)
+            assert row_list is not None
+            rows = torch.stack(row_list)
+        ctx.spec = spec
+        ctx.has_bias = [b is not None for b in biases]
+        ctx.on_host = on_host
+        ctx.scalars = (kappas, divisors) if on_host else None
+        if on_host:
+            kappas = divisors = [None] * n
+        ctx.save_for_backward(x, rows, probes, *weights, *us, *vs, *kappas, *divisors, *betas, *raw_betas, *hs,
+                              *acts, *derivs, *sigs)  # fmt: skip
+        return h.add_(x), value  # y = x + g(x)
+
+    @staticmethod
+    def backward(ctx, grad_y: Optional[Tensor], grad_value: Optional[Tensor]):
+        spec = ctx.spec
+        n = len(spec.linears)
+        x, rows, probes, *rest = ctx.saved_tensors
+        weights, us, vs, kappas, divisors = (rest[i * n : (i + 1) * n] for i in range(5))
+        if ctx.on_host:
+            kappas, divisors = ctx.scalars
+        rest = rest[5 * n :]
+        betas, raw_betas, hs, acts, derivs, sigs = (rest[i * (n - 1) : (i + 1) * (n - 1)] for i in range(6))
+        acts = [x, *acts]
+        n_probes, batch = probes.shape[0], probes.shape[1]
+        flat = n_probes * batch
+        needs = ctx.needs_input_grad
+
+        zs: List[Tensor] = []  # forward mode through the chain, per probe: z_i = W_i u_{i−1}, u_i = d_i ⊙ z_i
+        us_fwd = [probes]
+        rho = None
+        if grad_value is not None:
+            for i in range(n - 1):
+                zs.append(torch.matmul(us_fwd[-1], weights[i].T))
+                us_fwd.append(zs[-1] * derivs[i])
+            rho = rows * (grad_value / n_probes).unsqueeze(-1)
+        eta = grad_y  # ∂g = ∂y
+        grad_w: List[Optional[Tensor]] = [None] * n
+        grad_b: List[Optional[Tensor]] = [None] * n
+        grad_raw_beta: List[Optional[Tensor]] = [None] * (n - 1)
+        grad_x = None
+        for i in range(n - 1, -1, -1):
+            gw = eta.T @ acts[i] if eta is not None else None
+            if rho is not None:
+                r2, u2 = rho.reshape(flat, -1), us_fwd[i].reshape(flat, -1)
+                gw = r2.T @ u2 if gw is None else gw.addmm_(r2.T, u2)
+            grad_w[i] = gw
+            if eta is not None and ctx.has_bias[i]:
+                grad_b[i] = eta.sum(0)
+            if i == 0:
+                if eta is not None and needs[0]:
+                    grad_x = torch.addmm(grad_y, eta, weights[0]) if grad_y is not None else eta @ weights[0]
+                elif grad_y is not None and needs[0]:
+                    grad_x = grad_y
+                break
+            j = i - 1
+            f = eta @ weights[i] if eta is not None else None
+            ez = None
+            if rho is not None:
+                e = torch.matmul(rho, weights[i])
+                rho = e * derivs[j]
+                ez = e.mul_(zs[j]).sum(0) if n_probes > 1 else e.mul_(zs[j]).squeeze(0)
+            eta, grad_beta = spec.activations[j].backward(f, ez, hs[j], acts[i], derivs[j], sigs[j], betas[j])
+            if grad_beta is not None and raw_betas[j] is not None and needs[4 + 4 * n + j]:
+                grad_raw_beta[j] = (grad_beta * torch.sigmoid(raw_betas[j])).reshape(raw_betas[j].shape)
+        for i in range(n):  # the folded spectral norms: ∂V = (G − ⟨G, W⟩ κ u vᵀ) / δ
+            if us[i] is None or grad_w[i] is None:
+                continue
+            g = grad_w[i]
+            if ctx.on_host:
+                coef = float(torch.vdot(g.reshape(-1), weights[i].reshape(-1))) * kappas[i]
+                grad_w[i] = torch.addr(g, us[i], vs[i], beta=1 / divisors[i], alpha=-coef / divisors[i])
+                continue
+            coef = torch.vdot(g.reshape(-1), weights[i].reshape(-1)).mul_(kappas[i])
+            grad_w[i] = g.sub_(torch.outer(us[i], vs[i]).mul_(coef)).div_(divisors[i])
+        grad_w = [g if needs[4 + i] else None for i, g in enumerate(grad_w)]
+        grad_b = [g if needs[4 + n + i] else None for i, g in enumerate(grad_b)]
+        return (grad_x, None, None, None, *grad_w, *grad_b, *([None] * (2 * n)), *grad_raw_beta)
+
+
+def chain_neumann_logdet(
+    chain: DenseChain, x: Tensor, plans: Sequence[SeriesPlan], probes: Sequence[Tensor]
+) -> Tuple[Tensor, Tensor]:
+    """(y = x + g(x), log-det estimate [B]) of a DenseChain with the Neumann gradient in closed form (eager
+    autograd)."""
+    spec = chain.closed_form
+    if spec is None:
+        spec = chain.closed_form = _Spec(chain)
+    raw, us, vs = zip(*(lin.tensors() for lin in spec.linears))
+    biases = [lin.layer.bias for lin in spec.linears]
+    raw_betas = [a.raw_beta if act.kind == "lipswish" else None for a, act in zip(chain.activations, spec.activations)]
+    stacked = probes[0].unsqueeze(0) if len(probes) == 1 else torch.stack(list(probes))
+    return _ChainNeumann.apply(x, stacked, spec, plans, *raw, *biases, *us, *vs, *raw_betas)
