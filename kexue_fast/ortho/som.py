@@ -179,13 +179,19 @@ def _gram_backward(ctx, grad: Tensor):
 _triton_gram.register_autograd(_gram_backward, setup_context=_gram_setup_context)
 
 
+@functools.lru_cache(maxsize=8)
+def _one(dtype: torch.dtype) -> Tensor:
+    return torch.ones((), dtype=dtype)
+
+
 def _tanh(y: Tensor, gamma: float) -> Tensor:
     """tanh(γy); on CPU below float64 as 2σ(2γy) − 1 (absolute error ≤ 2 ulp(1)): torch's CPU tanh is ~10× slower
     than its sigmoid, and R needs tanh to absolute, not relative, precision."""
     if y.device.type == "cpu" and y.dtype != torch.float64:
         if torch.is_grad_enabled() and y.requires_grad:
             return 2 * torch.sigmoid(y * (2 * gamma)) - 1
-        return (y * (2 * gamma)).sigmoid_().mul_(2).sub_(1)  # one buffer: fresh CPU pages are costly to touch
+        s = (y * (2 * gamma)).sigmoid_()  # one buffer: fresh CPU pages are costly to touch
+        return s.lerp_(_one(s.dtype).expand_as(s), -1.0)  # s − (1 − s) = 2s − 1 in one pass
     return torch.tanh(y * gamma)
 
 
@@ -209,7 +215,7 @@ class _TorchGram(torch.autograd.Function):
         a = ((grad + grad.mT) * ctx.gamma).to(z.dtype)
         with torch.autocast(z.device.type, enabled=False):
             w = (z[:, :, 0] @ a)[:, :, None] if ctx.layout[2] == 1 else torch.matmul(a, z)
-        dy = (z * z).neg_().add_(1).mul_(w)  # in place: ~2× faster than addcmul on CPU
+        dy = torch.ops.aten.tanh_backward.grad_input(w, z, grad_input=w)  # w (1 − z²), into w: no new buffer
         return None, None, dy.reshape(shape).to(dtype)
 
 
