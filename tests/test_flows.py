@@ -456,6 +456,45 @@ def test_residual_flow_learns_a_2d_density_to_within_0_1_nats():
     assert lipschitz_report(flow).all_certified
 
 
+def test_residual_flow_trained_by_the_roulette_estimator_learns_the_density():
+    """The Residual Flows recipe end to end: training sees only the unbiased roulette log-det with the closed-form
+    Neumann gradient (LipSwish, two hidden layers per block); the NLL, with exact log-dets, comes within 0.1 nats of
+    the true entropy of a two-component mixture."""
+    from kexue_fast.nn import ResidualFlow
+
+    torch.manual_seed(1)
+    means, std = torch.tensor([[1.5, 0.0], [-1.5, 0.0]]), 0.6
+
+    def sample(n):
+        return means[torch.randint(0, 2, (n,))] + std * torch.randn(n, 2)
+
+    def true_log_prob(x):
+        comp = -((x[:, None, :] - means) ** 2).sum(-1) / (2 * std**2) - math.log(2 * math.pi * std**2)
+        return torch.logsumexp(comp, 1) - math.log(2)
+
+    test = sample(20000)
+    entropy = float(-true_log_prob(test).mean())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the roulette's variance notice at coefficient 0.97
+        flow = ResidualFlow.dense(2, n_blocks=4, hidden=64, n_hidden_layers=2, coeff=0.97, preset="residual_flow",
+                                  logdet="roulette", roulette_p=0.5, n_exact_terms=2)  # fmt: skip
+    blocks = [m for m in flow.modules() if isinstance(m, InvertibleResBlock)]
+    assert all(b.series_path == "dense-chain" and b.neumann_grad for b in blocks)
+    opt = torch.optim.Adam(flow.parameters(), lr=3e-3)
+    for _ in range(800):
+        loss = -flow.log_prob(sample(256)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        update_spectral_norms(flow)
+    flow.eval()
+    for b in blocks:
+        b.logdet_method = "exact"
+    with torch.no_grad():
+        nll = float(-flow.log_prob(test).mean())
+    assert nll - entropy < 0.1, (nll, entropy)
+
+
 # The Triton block runs on CUDA, or on CPU under TRITON_INTERPRET=1 (set by conftest when there is no GPU).
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
