@@ -4,6 +4,8 @@ inputs, one run.
 Contestants:
   SciPy ellipj / ellipk+ellipe   scipy.special on float64 NumPy arrays (the anchor, C loops)
   kexue_fast torch               the batched Landen/AGM in torch ops (kexue_fast.rope.ellipj, backend="torch")
+  kexue_fast C++                 the same algorithms elementwise in the C++ core (backend="cpp", CPU's `auto`), on
+                                 1 thread and on every core
   kexue_fast Triton              (CUDA) one elementwise kernel (kernels/jacobi.py)
   troposkein sweep               kexue_fast.rope.troposkein over a batch of L/h values vs a SciPy loop (brentq on
                                  2E/(m'K) − 1 = L/h, then ellipj on the grid) per value
@@ -12,13 +14,14 @@ Accuracy columns: the maximum absolute difference from SciPy on the same inputs.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
 
-from kexue_fast.rope import ellipe, ellipj, ellipk, troposkein
+from kexue_fast.rope import ellipj, ellipke, troposkein
 
 from .common import metadata, time_contestants, write_results
 
@@ -33,6 +36,28 @@ def _scipy():
     return sp, brentq
 
 
+def _on_threads(threads: int, fn: Callable[[], object]) -> Callable[[], object]:
+    """fn run with torch's intra-op thread count (which the C++ core follows) set to `threads`."""
+
+    def run() -> object:
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return fn()
+        finally:
+            torch.set_num_threads(before)
+
+    return run
+
+
+def _cpp_variants(fn: Callable[[str], object]) -> Dict[str, Callable[[], object]]:
+    cores = os.cpu_count() or 1
+    found = {"kexue_fast C++, 1 thread": _on_threads(1, lambda: fn("cpp"))}
+    if cores > 1:
+        found[f"kexue_fast C++, {cores} threads"] = _on_threads(cores, lambda: fn("cpp"))
+    return found
+
+
 def jacobi_contestants(n: int, device: str, sp) -> Dict[str, Callable[[], object]]:
     g = np.random.default_rng(n)
     m_np, u_np = g.random(n), (g.random(n) - 0.5) * 20
@@ -40,6 +65,8 @@ def jacobi_contestants(n: int, device: str, sp) -> Dict[str, Callable[[], object
     found: Dict[str, Callable[[], object]] = {"kexue_fast torch": lambda: ellipj(u, m, backend="torch")}
     if device == "cuda":
         found["kexue_fast Triton"] = lambda: ellipj(u, m, backend="triton")
+    else:
+        found.update(_cpp_variants(lambda backend: ellipj(u, m, backend=backend)))
     if sp is not None:
         found["SciPy ellipj"] = lambda: sp.ellipj(u_np, m_np)
     return found
@@ -93,7 +120,9 @@ def _rows(device: str, reps: int, quick: bool, sp, brentq) -> List[list]:
             rows.append(["sn, cn, dn, am", n, name, f"{t * 1e3:.2f}", f"{base / t:.2f}x" if base else "", err])
     m_np = np.random.default_rng(0).random(1_000_000)
     m_t = torch.from_numpy(m_np).to(device)
-    ke: Dict[str, Callable[[], object]] = {"kexue_fast torch": lambda: (ellipk(m_t), ellipe(m_t))}
+    ke: Dict[str, Callable[[], object]] = {"kexue_fast torch": lambda: ellipke(m_t, backend="torch")}
+    if device == "cpu":
+        ke.update(_cpp_variants(lambda backend: ellipke(m_t, backend=backend)))
     if sp is not None:
         ke["SciPy ellipk + ellipe"] = lambda: (sp.ellipk(m_np), sp.ellipe(m_np))
     times = time_contestants(ke, device, reps)

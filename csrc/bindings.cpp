@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <chrono>
 #include <exception>
 #include <string>
@@ -13,12 +14,14 @@
 #include "hsic/pair_select.hpp"
 #include "infomap/infomap.hpp"
 #include "jose/jose.hpp"
+#include "rope/jacobi.hpp"
 #include "spectral/power_iteration.hpp"
 
 namespace py = pybind11;
 namespace ks = kexue::spectral;
 namespace kh = kexue::hsic;
 namespace ki = kexue::infomap;
+namespace kr = kexue::rope;
 
 namespace {
 
@@ -501,6 +504,54 @@ py::array_t<std::int32_t> jose_negative_table(const py::array_t<std::int64_t, py
 }
 // ---- end JoSE ------------------------------------------------------------------------------------------------
 
+// ---- Jacobi elliptic functions (rope) --------------------------------------------------------------------------
+template <typename T>
+py::tuple jacobi_elliptic_typed(const py::array& u_in, const py::array& m_in, int n_threads) {
+  auto u = py::array_t<T, py::array::c_style>::ensure(u_in);
+  auto m = py::array_t<T, py::array::c_style>::ensure(m_in);
+  std::vector<py::ssize_t> shape(u.shape(), u.shape() + u.ndim());
+  std::vector<py::array_t<T>> out;
+  for (int i = 0; i < 5; ++i) out.emplace_back(shape);
+  T* p[5];
+  for (int i = 0; i < 5; ++i) p[i] = out[i].mutable_data();
+  {
+    py::gil_scoped_release release;
+    kr::jacobi_elliptic<T>(u.data(), m.data(), static_cast<std::int64_t>(u.size()), p[0], p[1], p[2], p[3], p[4],
+                           n_threads);
+  }
+  return py::make_tuple(out[0], out[1], out[2], out[3], out[4]);
+}
+
+py::tuple jacobi_elliptic(const py::array& u, const py::array& m, int n_threads) {
+  if (!u.dtype().is(m.dtype())) throw py::type_error("u and m must have the same dtype");
+  if (u.ndim() != m.ndim() || !std::equal(u.shape(), u.shape() + u.ndim(), m.shape()))
+    throw py::value_error("u and m must have the same shape");
+  if (u.dtype().is(py::dtype::of<double>())) return jacobi_elliptic_typed<double>(u, m, n_threads);
+  if (u.dtype().is(py::dtype::of<float>())) return jacobi_elliptic_typed<float>(u, m, n_threads);
+  throw py::type_error("u and m must be float32 or float64");
+}
+
+template <typename T>
+py::tuple complete_integrals_typed(const py::array& m_in, int n_threads) {
+  auto m = py::array_t<T, py::array::c_style>::ensure(m_in);
+  std::vector<py::ssize_t> shape(m.shape(), m.shape() + m.ndim());
+  py::array_t<T> k(shape), e(shape);
+  T* kp = k.mutable_data();
+  T* ep = e.mutable_data();
+  {
+    py::gil_scoped_release release;
+    kr::complete_integrals<T>(m.data(), static_cast<std::int64_t>(m.size()), kp, ep, n_threads);
+  }
+  return py::make_tuple(k, e);
+}
+
+py::tuple complete_integrals(const py::array& m, int n_threads) {
+  if (m.dtype().is(py::dtype::of<double>())) return complete_integrals_typed<double>(m, n_threads);
+  if (m.dtype().is(py::dtype::of<float>())) return complete_integrals_typed<float>(m, n_threads);
+  throw py::type_error("m must be float32 or float64");
+}
+// ---- end Jacobi -------------------------------------------------------------------------------------------------
+
 py::dict build_info() {
   py::dict info;
   info["version"] = KEXUE_VERSION;
@@ -581,5 +632,9 @@ PYBIND11_MODULE(_core, m) {
   m.def("jose_negative_table", &jose_negative_table, py::arg("counts"), py::arg("table_size"),
         "The unigram^0.75 negative table of jose.c, materialized (for tests; table_size <= 2^26).");
   // ---- end JoSE ----
+  m.def("jacobi_elliptic", &jacobi_elliptic, py::arg("u"), py::arg("m"), py::arg("n_threads") = 0,
+        "(sn, cn, dn, am, zeta) of same-shape float arrays u, m (0 <= m <= 1, NaN outside), elementwise.");
+  m.def("complete_integrals", &complete_integrals, py::arg("m"), py::arg("n_threads") = 0,
+        "(K(m), E(m)) of a float array m (m <= 1, NaN above).");
   m.def("build_info", &build_info, "Compiler, build type and versions this extension was built with.");
 }

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kexue_fast.rope import ellipe, ellipj, ellipk, elliptic, length_ratio, rope_shape, troposkein
+from kexue_fast.rope.jacobi import ellipke
 
 sp = pytest.importorskip("scipy.special")
 D64 = torch.float64
@@ -22,26 +23,74 @@ def _parameters(n, seed):
     return u, m
 
 
+CPU_BACKENDS = ["torch", "cpp"]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("n", [1, 7, 63, 65, 2000])
-def test_jacobi_matches_scipy_float64(n):
+def test_jacobi_matches_scipy_float64(n, backend):
     u, m = _parameters(n, seed=n)
-    ours = ellipj(u, m, backend="torch")
+    ours = ellipj(u, m, backend=backend)
     theirs = sp.ellipj(u.numpy(), m.numpy())
     for name, a, b in zip(("sn", "cn", "dn", "am"), ours, theirs):
         err = np.abs(a.numpy() - b) / np.maximum(1.0, np.abs(b))
         assert err.max() <= 1e-12, (name, err.max())
 
 
-def test_complete_integrals_match_scipy_float64():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_complete_integrals_match_scipy_float64(backend):
     m = torch.cat([torch.rand(1000, dtype=D64), 1 - torch.logspace(-16, 0, 60, dtype=D64),
                    -torch.logspace(-8, 12, 60, dtype=D64), torch.tensor([0.0, 1.0], dtype=D64)])  # fmt: skip
-    k, e = ellipk(m), ellipe(m)
+    k, e = ellipk(m, backend=backend), ellipe(m, backend=backend)
     kr, er = sp.ellipk(m.numpy()), sp.ellipe(m.numpy())
     finite = np.isfinite(kr)
     assert np.max(np.abs(k.numpy()[finite] / kr[finite] - 1)) <= 1e-12
     assert np.max(np.abs(e.numpy() / er - 1)) <= 1e-12
     assert torch.isinf(k[m == 1]).all() and (e[m == 1] == 1).all()
-    assert torch.isnan(ellipk(torch.tensor([1.5], dtype=D64))).all()
+    assert torch.isnan(ellipk(torch.tensor([1.5], dtype=D64), backend=backend)).all()
+
+
+def test_cpp_core_equals_the_torch_reference():
+    """The C++ core runs the reference's algorithm elementwise: the same values (and Jacobi zeta) to rounding, NaN
+    where m is outside [0, 1], broadcasting, and float32 computed in double (closer to the float64 truth)."""
+    from kexue_fast.rope.jacobi import ellipj_with_zeta
+
+    u, m = _parameters(3000, seed=11)
+    (a, za), (b, zb) = ellipj_with_zeta(u, m, backend="cpp"), ellipj_with_zeta(u, m, backend="torch")
+    for x, y in zip((*a, za), (*b, zb)):
+        assert torch.allclose(x, y, atol=1e-14, rtol=1e-13)
+    bad = ellipj(torch.tensor([0.5, 0.5], dtype=D64), torch.tensor([0.5, 1.0], dtype=D64), backend="cpp")
+    assert bad.sn.isfinite().all()
+    inside = elliptic._JacobiTorch.apply(torch.tensor([0.5], dtype=D64), torch.tensor([1.5], dtype=D64))
+    from kexue_fast.rope.jacobi import _JacobiCpp
+
+    outside = _JacobiCpp.apply(torch.tensor([0.5], dtype=D64), torch.tensor([1.5], dtype=D64))
+    assert all(t.isnan().all() for t in inside) and all(t.isnan().all() for t in outside)
+    col, row = torch.linspace(-3, 3, 7, dtype=D64)[:, None], torch.tensor([0.1, 0.9], dtype=D64)
+    grid = ellipj(col, row, backend="cpp")
+    assert grid.sn.shape == (7, 2)
+    assert torch.allclose(grid.sn, ellipj(col, row, backend="torch").sn, atol=1e-15)
+    truth = ellipj(u.float().double(), m.float().double(), backend="torch")  # at the float32-rounded inputs
+    cpp32 = ellipj(u.float(), m.float(), backend="cpp")
+    torch32 = ellipj(u.float(), m.float(), backend="torch")
+    assert cpp32.sn.dtype == torch.float32
+    for name in ("sn", "cn", "dn"):
+        err_cpp = (getattr(cpp32, name).double() - getattr(truth, name)).abs().max()
+        err_torch = (getattr(torch32, name).double() - getattr(truth, name)).abs().max()
+        assert err_cpp <= err_torch and err_cpp < 1e-6, (name, err_cpp, err_torch)
+    k32, k64 = ellipk(m.float(), backend="cpp"), ellipk(m.float().double(), backend="cpp")
+    assert k32.dtype == torch.float32 and torch.allclose(k32.double(), k64, rtol=1e-6)
+
+
+def test_auto_picks_the_cpp_core_on_cpu_and_compiles_through_torch():
+    from kexue_fast import _dispatch
+    from kexue_fast.rope.jacobi import COMPLETE_OP, OP
+
+    for op in (OP, COMPLETE_OP):
+        assert _dispatch.choose(op, torch.device("cpu"), D64) == "cpp"
+    f = torch.compile(lambda u, m: ellipj(u, m).sn * ellipk(m), fullgraph=True)
+    u, m = torch.rand(5, dtype=D64), torch.rand(5, dtype=D64)
+    assert torch.allclose(f(u, m), ellipj(u, m, backend="cpp").sn * ellipk(m, backend="cpp"), atol=1e-14)
 
 
 def test_jacobi_negative_parameter_by_dlmf_22_17():
@@ -68,8 +117,9 @@ def test_jacobi_identities_and_float32():
 def test_gradcheck_jacobi_and_integrals():
     u = torch.tensor([0.4, -2.1, 5.0, 1.3, 0.8, 2.2, 3.3, 0.7], dtype=D64, requires_grad=True)
     m = torch.tensor([0.3, 0.7, 0.01, 0.001, -0.5, -3.0, 0.95, 1e-10], dtype=D64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, b: tuple(ellipj(a, b, backend="torch")), (u, m), atol=1e-6)
-    assert torch.autograd.gradcheck(lambda b: (ellipk(b), ellipe(b)), (m,), atol=1e-7)
+    for backend in CPU_BACKENDS:
+        assert torch.autograd.gradcheck(lambda a, b, be=backend: tuple(ellipj(a, b, backend=be)), (u, m), atol=1e-6)
+        assert torch.autograd.gradcheck(lambda b, be=backend: ellipke(b, backend=be), (m,), atol=1e-7)
     # m = 0: dK/dm = π/8, dE/dm = −π/8
     z = torch.zeros(1, dtype=D64, requires_grad=True)
     (gk,) = torch.autograd.grad(ellipk(z).sum(), z)

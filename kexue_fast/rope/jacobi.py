@@ -1,10 +1,12 @@
 """`ellipj`, `ellipk`, `ellipe`: the public, dispatched Jacobi elliptic functions and complete integrals
-(formulas: kexue_fast.rope.elliptic). Triton on CUDA (kernels/jacobi.py), the torch reference elsewhere."""
+(formulas: kexue_fast.rope.elliptic). Triton on CUDA (kernels/jacobi.py), the C++ core on CPU (csrc/rope: the same
+algorithms elementwise in double precision, threaded), the torch reference otherwise and under torch.compile."""
 
 from __future__ import annotations
 
 from typing import Tuple
 
+import torch
 from torch import Tensor
 
 from .. import _dispatch
@@ -12,8 +14,54 @@ from . import elliptic
 from .elliptic import Jacobi, Param
 
 OP = "jacobi_elliptic"
-_dispatch.register_op(OP, {"triton": (elliptic.torch.float32, elliptic.torch.float64),
-                           "torch": (elliptic.torch.float32, elliptic.torch.float64)})  # fmt: skip
+COMPLETE_OP = "complete_elliptic"
+_FLOATS = (torch.float32, torch.float64)
+_dispatch.register_op(OP, {"triton": _FLOATS, "cpp": _FLOATS, "torch": _FLOATS})
+_dispatch.register_op(COMPLETE_OP, {"cpp": _FLOATS, "torch": _FLOATS})
+
+
+def _traceable(chosen: str) -> str:
+    """Under torch.compile the C++ core (NumPy buffers) cannot be traced: the torch path compiles instead."""
+    return "torch" if chosen == "cpp" and torch.compiler.is_compiling() else chosen
+
+
+def _numpy_args(*ts: Tensor):
+    return [t.detach().contiguous().numpy() for t in torch.broadcast_tensors(*ts)]
+
+
+class _JacobiCpp(torch.autograd.Function):
+    """The C++ forward (sn, cn, dn, am and the Jacobi zeta); the backward is elementwise torch, as the reference's."""
+
+    @staticmethod
+    def forward(ctx, u: Tensor, m: Tensor):
+        from .. import _core
+
+        outs = _core.jacobi_elliptic(*_numpy_args(u, m), torch.get_num_threads())
+        sn, cn, dn, am, zeta = (torch.from_numpy(o) for o in outs)
+        ctx.save_for_backward(u, m, sn, cn, dn, zeta)
+        ctx.mark_non_differentiable(zeta)
+        return sn, cn, dn, am, zeta
+
+    @staticmethod
+    def backward(ctx, gsn, gcn, gdn, gam, _gzeta):
+        u, m, sn, cn, dn, zeta = ctx.saved_tensors
+        return elliptic.jacobi_grads(u, m, sn, cn, dn, zeta, gsn, gcn, gdn, gam, *ctx.needs_input_grad[:2])
+
+
+class _CompleteCpp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, m: Tensor):
+        from .. import _core
+
+        k, e = (torch.from_numpy(t) for t in _core.complete_integrals(*_numpy_args(m), torch.get_num_threads()))
+        ctx.save_for_backward(m, k, e)
+        return k, e
+
+    @staticmethod
+    def backward(ctx, gk: Tensor, ge: Tensor) -> Tensor:
+        m, k, e = ctx.saved_tensors
+        dk, de = elliptic._ke_derivatives(m, k, e)
+        return gk * dk + ge * de
 
 
 class _JacobiTriton(elliptic.torch.autograd.Function):
@@ -40,31 +88,42 @@ def ellipj(u: Param, m: Param, *, backend: str = "auto") -> Jacobi:
 
     u, m: tensors (or floats) broadcasting to one shape [...]; float32 or float64 (a float adopts the other's dtype).
     m ≤ 1; m > 1 gives NaN (as SciPy; a Python float m > 1 raises ValueError). m < 0 by DLMF 22.17.
-    Differentiable in u and m (∂/∂m for m < 1). backend: "auto" (Triton for CUDA tensors, else torch), "triton"
-    or "torch"; an explicit backend never falls back.
+    Differentiable in u and m (∂/∂m for m < 1). backend: "auto" (Triton for CUDA tensors, the C++ core for CPU
+    tensors, torch under torch.compile), "triton", "cpp" or "torch"; an explicit backend never falls back (but "cpp"
+    traces as torch under torch.compile).
     """
     elliptic.check_parameter(m)
     u_t, m_t = elliptic._promote(elliptic._floating(u, "u"), elliptic._floating(m, "m"))
-    chosen = _dispatch.choose(OP, u_t.device, u_t.dtype, backend)
+    chosen = _traceable(_dispatch.choose(OP, u_t.device, u_t.dtype, backend))
     v, mu, negative, root = elliptic.to_unit_parameter(u_t, m_t)
-    fn = _JacobiTriton if chosen == "triton" else elliptic._JacobiTorch
-    return elliptic.from_unit_parameter(*fn.apply(v, mu)[:4], negative, root)
+    return elliptic.from_unit_parameter(*_jacobi_function(chosen).apply(v, mu)[:4], negative, root)
+
+
+def _jacobi_function(chosen: str):
+    return {"triton": _JacobiTriton, "cpp": _JacobiCpp}.get(chosen, elliptic._JacobiTorch)
 
 
 def ellipj_with_zeta(u: Tensor, m: Tensor, *, backend: str = "auto") -> Tuple[Jacobi, Tensor]:
     """(sn, cn, dn, am) and the Jacobi zeta Z(u | m) (no gradient) from one pass, for u, m of one shape and
     dtype with 0 ≤ m ≤ 1 (the troposkein's arclength needs both)."""
-    chosen = _dispatch.choose(OP, u.device, u.dtype, backend)
-    fn = _JacobiTriton if chosen == "triton" else elliptic._JacobiTorch
-    sn, cn, dn, am, zeta = fn.apply(u, m)
+    chosen = _traceable(_dispatch.choose(OP, u.device, u.dtype, backend))
+    sn, cn, dn, am, zeta = _jacobi_function(chosen).apply(u, m)
     return Jacobi(sn, cn, dn, am), zeta
 
 
-def ellipk(m: Param) -> Tensor:
+def ellipke(m: Param, *, backend: str = "auto") -> Tuple[Tensor, Tensor]:
+    """(K(m), E(m)) from one AGM pass, m ≤ 1 (NaN above, as SciPy), K(1) = inf, E(1) = 1; differentiable in m.
+    backend: "auto" (the C++ core for CPU tensors, else torch), "cpp" or "torch"."""
+    (m_t,) = elliptic._promote(elliptic._floating(m, "m"))
+    chosen = _traceable(_dispatch.choose(COMPLETE_OP, m_t.device, m_t.dtype, backend))
+    return _CompleteCpp.apply(m_t) if chosen == "cpp" else elliptic._CompleteIntegrals.apply(m_t)
+
+
+def ellipk(m: Param, *, backend: str = "auto") -> Tensor:
     """K(m) = ∫₀^{π/2} (1 − m sin²θ)^{−1/2} dθ = π / (2 AGM(1, √(1 − m))), m ≤ 1 (SciPy's ``ellipk``)."""
-    return elliptic.ellipk(m)
+    return ellipke(m, backend=backend)[0]
 
 
-def ellipe(m: Param) -> Tensor:
+def ellipe(m: Param, *, backend: str = "auto") -> Tensor:
     """E(m) = ∫₀^{π/2} (1 − m sin²θ)^{1/2} dθ by the AGM, m ≤ 1 (SciPy's ``ellipe``)."""
-    return elliptic.ellipe(m)
+    return ellipke(m, backend=backend)[1]
