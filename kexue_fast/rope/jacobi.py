@@ -95,8 +95,11 @@ def ellipj(u: Param, m: Param, *, backend: str = "auto") -> Jacobi:
     elliptic.check_parameter(m)
     u_t, m_t = elliptic._promote(elliptic._floating(u, "u"), elliptic._floating(m, "m"))
     chosen = _traceable(_dispatch.choose(OP, u_t.device, u_t.dtype, backend))
+    fn = _jacobi_function(chosen)
+    if elliptic._may_sync(m_t) and not bool((m_t < 0).any()):  # no m < 0: skip DLMF 22.17's passes (CPU check)
+        return Jacobi(*fn.apply(u_t, m_t)[:4])
     v, mu, negative, root = elliptic.to_unit_parameter(u_t, m_t)
-    return elliptic.from_unit_parameter(*_jacobi_function(chosen).apply(v, mu)[:4], negative, root)
+    return elliptic.from_unit_parameter(*fn.apply(v, mu)[:4], negative, root)
 
 
 def _jacobi_function(chosen: str):
