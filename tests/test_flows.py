@@ -217,6 +217,41 @@ def test_closed_form_neumann_gradient_equals_the_autograd_graph(act, depth, norm
     assert s_c.keys() == s_a.keys() and all(torch.equal(s_c[k], s_a[k]) for k in s_a)
 
 
+@pytest.mark.parametrize("act, depth", [(LipSwish, 2), (nn.ELU, 3), (nn.Tanh, 2)])
+def test_closed_form_block_supports_double_backward(act, depth):
+    """backward(create_graph=True) through the eager Neumann path gives the graph path's first-order gradients with
+    a graph, so a gradient penalty ‖∂L/∂x‖² differentiates to the graph path's parameter gradients (1e-12)."""
+    from kexue_fast.flows.chain import chain_series_logdet
+
+    results = []
+    for closed in (True, False):
+        torch.manual_seed(11)
+        dims = [4] + [7] * (depth - 1) + [4]
+        layers = []
+        for i in range(depth):
+            layers.append(spectral_norm(nn.Linear(dims[i], dims[i + 1]), coeff=0.9, n_power_iterations=0))
+            if i < depth - 1:
+                layers.append(act())
+        g = nn.Sequential(*layers).double()
+        block = InvertibleResBlock(g, n_terms=4, n_probes=2)
+        x = torch.randn(6, 4, dtype=D64, requires_grad=True)
+        torch.manual_seed(5)
+        if closed:
+            y, value = block(x)
+        else:
+            probes = [L.draw_probe(x, block.probe) for _ in range(2)]
+            gx, value = chain_series_logdet(block._chain, x, block._plans(x), probes, neumann_grad=True)
+            y = x + gx
+        first = torch.autograd.grad((y * y).sum() + (value * torch.arange(6.0, dtype=D64)).sum(), [x, *g.parameters()],
+                                    create_graph=True)  # fmt: skip
+        penalty = first[0].pow(2).sum() + sum(t.pow(2).sum() for t in first[1:])
+        second = torch.autograd.grad(penalty, list(g.parameters()))
+        results.append([t.detach() for t in first] + list(second))
+    assert all(bool(t.abs().sum() > 0) for t in results[1][-2:])
+    for c, a in zip(*results):
+        assert torch.allclose(c, a, atol=1e-12, rtol=1e-10), (c - a).abs().max()
+
+
 def test_dense_chain_detection():
     assert InvertibleResBlock(mlp(3)).series_path == "dense-chain"
     deep = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 8), nn.ELU(), nn.Linear(8, 3))

@@ -138,6 +138,7 @@ class _Spec:
     """What the closed form needs to know of a chain, built once per DenseChain."""
 
     def __init__(self, chain: DenseChain) -> None:
+        self.chain = chain
         self.linears = [_Linear(layer) for layer in chain.linears]
         self.activations = [_Activation(a) for a in chain.activations]
         self.coeffs = [lin.norm.coeff if lin.norm is not None else None for lin in self.linears]
@@ -240,7 +241,7 @@ class _ChainNeumann(torch.autograd.Function):
         if on_host:
             kappas = divisors = [None] * n
         ctx.save_for_backward(x, rows, probes, *weights, *us, *vs, *kappas, *divisors, *betas, *raw_betas, *hs,
-                              *acts, *derivs, *sigs)  # fmt: skip
+                              *acts, *derivs, *sigs, *raw, *biases)  # fmt: skip
         return h.add_(x), value  # y = x + g(x)
 
     @staticmethod
@@ -253,6 +254,9 @@ class _ChainNeumann(torch.autograd.Function):
             kappas, divisors = ctx.scalars
         rest = rest[5 * n :]
         betas, raw_betas, hs, acts, derivs, sigs = (rest[i * (n - 1) : (i + 1) * (n - 1)] for i in range(6))
+        raw, biases = rest[6 * (n - 1) : 6 * (n - 1) + n], rest[6 * (n - 1) + n :]
+        if torch.is_grad_enabled():  # create_graph=True: gradients that can be differentiated again
+            return _graph_backward(ctx, x, rows, probes, raw, biases, us, vs, raw_betas, grad_y, grad_value)
         acts = [x, *acts]
         n_probes, batch = probes.shape[0], probes.shape[1]
         flat = n_probes * batch
@@ -308,6 +312,37 @@ class _ChainNeumann(torch.autograd.Function):
         grad_w = [g if needs[4 + i] else None for i, g in enumerate(grad_w)]
         grad_b = [g if needs[4 + n + i] else None for i, g in enumerate(grad_b)]
         return (grad_x, None, None, None, *grad_w, *grad_b, *([None] * (2 * n)), *grad_raw_beta)
+
+
+def _graph_backward(ctx, x, rows, probes, raw, biases, us, vs, raw_betas, grad_y, grad_value):
+    """The same gradients from torch's graph of y and of the surrogate mean_p rᵀ J v (chain_series_logdet's), for
+    backward(create_graph=True): higher-order derivatives then exist, as through the graph path."""
+    spec = ctx.spec
+    chain = spec.chain
+    n = len(spec.linears)
+    needs = ctx.needs_input_grad
+    weights = []
+    for w, u, v, coeff in zip(raw, us, vs, spec.coeffs):
+        weights.append(w if u is None else w / (torch.vdot(u, torch.mv(w, v)) / coeff).clamp_min(1.0))
+    a, derivs = x, []
+    for i in range(n):
+        h = F.linear(a, weights[i], biases[i])
+        if i < n - 1:
+            a, d = chain.rules[i](h, chain.activations[i])  # LipSwish reads β = softplus(raw β) with its graph
+            derivs.append(d)
+    outs, seeds = [], []
+    if grad_y is not None:
+        outs.append(x + h)
+        seeds.append(grad_y)
+    if grad_value is not None:
+        outs.append((rows * DenseChain.jvp(probes, weights, derivs)).sum(-1).mean(0))
+        seeds.append(grad_value)
+    candidates = [x, *raw, *biases, *raw_betas]
+    flags = [needs[0], *needs[4 : 4 + 2 * n], *needs[4 + 4 * n :]]
+    wanted = [t for t, f in zip(candidates, flags) if f and t is not None]
+    found = iter(torch.autograd.grad(outs, wanted, seeds, create_graph=True, allow_unused=True))
+    got = [next(found) if f and t is not None else None for t, f in zip(candidates, flags)]
+    return (got[0], None, None, None, *got[1 : 1 + 2 * n], *([None] * (2 * n)), *got[1 + 2 * n :])
 
 
 def chain_neumann_logdet(
