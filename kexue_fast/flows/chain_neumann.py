@@ -14,7 +14,9 @@ A kexue_fast spectral norm with coefficient c, W = V / δ, δ = max(1, σ̂/c), 
     ∂V = (G − ⟨G, W⟩ κ u vᵀ) / δ,   κ = [σ̂/c ≥ 1] / c.
 These are the gradients autograd gets by differentiating the surrogate through the parametrizations
 (tests/test_flows.py: 1e-12 in float64), with a third of the kernels, no double-backward graph and nothing saved per
-series term. Eager only: torch.compile traces kexue_fast.flows.chain.chain_series_logdet instead.
+series term. Eager only: torch.compile traces kexue_fast.flows.chain.chain_series_logdet instead. Under
+backward(create_graph=True) the gradients come from torch's graph of y and the surrogate (recomputed from the saved
+inputs), so that they can be differentiated again.
 """
 
 from __future__ import annotations
