@@ -75,3 +75,35 @@ def test_auto_skips_a_backend_registered_as_slower_without_warning(caplog):
         assert "measured slower in a test" in _dispatch.describe("_test_not_auto", cpu, torch.float32)
     finally:
         del _dispatch._OPS["_test_not_auto"]
+
+
+def test_double_backward_through_closed_form_gradients_raises_clearly():
+    """Functions whose backward has no graph of its own refuse create_graph=True: a second-order term through them
+    would otherwise be silently missing from a larger expression (here a gradient penalty plus a plain term)."""
+    import pytest
+    import torch
+    from torch import nn
+
+    from kexue_fast.hsic import hsic
+    from kexue_fast.nn import InvertibleResBlock, spectral_norm
+    from kexue_fast.ortho import som_regularizer
+    from kexue_fast.rope import ellipj
+
+    d64 = torch.float64
+    x = torch.rand(6, 2, dtype=d64, requires_grad=True)
+    g = nn.Sequential(spectral_norm(nn.Linear(2, 4), coeff=0.9), nn.Softplus(),
+                      spectral_norm(nn.Linear(4, 2), coeff=0.9))  # fmt: skip
+    block = InvertibleResBlock(g.double())
+    assert block.series_path == "autograd"
+    cases = {
+        "_JacobiCpp": lambda t: ellipj(t, 0.5, backend="cpp").sn.sum(),
+        "_JacobiTorch": lambda t: ellipj(t, 0.5, backend="torch").sn.sum(),
+        "_TorchGram": lambda t: som_regularizer(t.reshape(3, 2, 2), gamma=0.5, backend="torch"),
+        "StreamingHSIC": lambda t: hsic(t, t.detach() ** 2),
+        "_NeumannLogdet": lambda t: block(t)[1].sum(),
+    }
+    for name, fn in cases.items():
+        with pytest.raises(RuntimeError, match=f"double backward .*{name} is not supported"):
+            torch.autograd.grad(fn(x) + x.pow(3).sum(), x, create_graph=True)
+        (first,) = torch.autograd.grad(fn(x), x)  # first order is unaffected
+        assert bool(first.isfinite().all())

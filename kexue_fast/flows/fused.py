@@ -15,6 +15,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from .._autograd import first_order
 from .chain import DenseChain
 from .logdet import SeriesPlan, _per_sample, _ValueWithGradientOf
 
@@ -45,6 +46,7 @@ class _DenseResidual(torch.autograd.Function):
         return y, a, d
 
     @staticmethod
+    @first_order
     def backward(ctx, gy, _ga, _gd):
         x, w1, b1, w2, t1, t2, a, d, param = ctx.saved_tensors
         ga = (gy @ w2) * t2

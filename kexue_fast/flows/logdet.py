@@ -14,6 +14,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from .._autograd import first_order
 from ..nn.spectral_norm import frozen_power_iteration
 
 EXACT_MAX_DIM = 256  # "exact" builds the d×d Jacobian with d vector–Jacobian products: beyond this, use a series.
@@ -111,6 +112,7 @@ class _NeumannLogdet(torch.autograd.Function):
         return value.clone()
 
     @staticmethod
+    @first_order
     def backward(ctx, grad_out: Tensor):
         x, w, v, *params = ctx.saved_tensors
         trainable = [p for p in params if p.requires_grad]

@@ -16,6 +16,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._autograd import first_order
+
 TILE = 512
 
 
@@ -256,6 +258,7 @@ class StreamingHSIC(torch.autograd.Function):
         return estimator(*stats).to(x.dtype if x.is_floating_point() else y.dtype)
 
     @staticmethod
+    @first_order
     def backward(ctx, grad_out: Tensor):
         x, y, *stats = ctx.saved_tensors
         with torch.enable_grad():

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch
+from .._autograd import first_order
 
 OP = "som_regularizer"
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -209,6 +210,7 @@ class _TorchGram(torch.autograd.Function):
         return g.to(torch.float64)
 
     @staticmethod
+    @first_order
     def backward(ctx, grad: Tensor):
         (z,) = ctx.saved_tensors
         shape, dtype = ctx.y_meta

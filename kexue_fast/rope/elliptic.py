@@ -32,6 +32,8 @@ from typing import NamedTuple, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from .._autograd import first_order
+
 Param = Union[Tensor, float]
 
 _AGM_STEPS = 12  # quadratic convergence: enough for √m' down to 1e-8 (m' ≥ 2^-53) and for m down to −1e30
@@ -271,6 +273,7 @@ class _JacobiTorch(torch.autograd.Function):
         return sn, cn, dn, am, zeta
 
     @staticmethod
+    @first_order
     def backward(ctx, gsn, gcn, gdn, gam, _gzeta):
         u, m, sn, cn, dn, zeta = ctx.saved_tensors
         return jacobi_grads(u, m, sn, cn, dn, zeta, gsn, gcn, gdn, gam, *ctx.needs_input_grad[:2])

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch
+from .._autograd import first_order
 from . import elliptic
 from .elliptic import Jacobi, Param
 
@@ -43,6 +44,7 @@ class _JacobiCpp(torch.autograd.Function):
         return sn, cn, dn, am, zeta
 
     @staticmethod
+    @first_order
     def backward(ctx, gsn, gcn, gdn, gam, _gzeta):
         u, m, sn, cn, dn, zeta = ctx.saved_tensors
         return elliptic.jacobi_grads(u, m, sn, cn, dn, zeta, gsn, gcn, gdn, gam, *ctx.needs_input_grad[:2])
@@ -78,6 +80,7 @@ class _JacobiTriton(elliptic.torch.autograd.Function):
         return sn, cn, dn, am, zeta
 
     @staticmethod
+    @first_order
     def backward(ctx, gsn, gcn, gdn, gam, _gzeta):
         u, m, sn, cn, dn, zeta = ctx.saved_tensors
         return elliptic.jacobi_grads(u, m, sn, cn, dn, zeta, gsn, gcn, gdn, gam, *ctx.needs_input_grad[:2])

@@ -1,0 +1,28 @@
+"""`first_order`: for autograd.Functions whose backward is written out without a graph of its own."""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+
+
+def first_order(backward: Callable) -> Callable:
+    """Wraps a Function's backward so that double backward (backward with create_graph=True) raises a clear error.
+
+    torch's once_differentiable only errors when the incoming gradient itself has a graph; with a plain upstream
+    gradient the result would carry no graph, and a second-order term through this Function would be silently
+    missing from any larger expression (a gradient penalty, a Hessian-vector product)."""
+
+    @functools.wraps(backward)
+    def checked(ctx, *grads):
+        if torch.is_grad_enabled():
+            name = type(ctx).__name__.removesuffix("Backward")
+            raise RuntimeError(
+                f"double backward (create_graph=True) through kexue_fast's {name} is not supported: its gradient is "
+                "computed in closed form without a graph of its own"
+            )
+        return backward(ctx, *grads)
+
+    return checked
