@@ -153,36 +153,34 @@ def _host_scalars(x: Tensor) -> bool:
 
 @functools.lru_cache(maxsize=64)
 def _series_coefficients(inv_prob: Tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """[2, n+1]: row 0 weights the terms w_1..w_n of the value, row 1 the w_0..w_{n−1} of the Neumann row."""
+    """[2, n]: the weights of vᵀJ^{k−1}, k = 1..n, in the value (c_k, to be dotted with Jv) and in the Neumann row."""
     plan = SeriesPlan(inv_prob)
-    n = plan.n_terms
-    table = [[0.0] * (n + 1), [0.0] * (n + 1)]
-    for k in range(1, n + 1):
-        table[0][k] = plan.value_coeff(k)
-        table[1][k - 1] = plan.neumann_coeff(k)
-    return torch.tensor(table, dtype=dtype, device=device)
+    ks = range(1, plan.n_terms + 1)
+    return torch.tensor([[plan.value_coeff(k) for k in ks], [plan.neumann_coeff(k) for k in ks]], dtype=dtype,
+                        device=device)  # fmt: skip
 
 
-def _stacked_series(weights: Sequence[Tensor], derivs: Sequence[Tensor], plan: SeriesPlan,
-                    probes: Tensor) -> Tuple[Tensor, Tensor]:  # fmt: skip
-    """One plan shared by the probes [P, B, D]: w_k = w_{k−1} J into one buffer, then the value and the Neumann rows
-    as one small GEMM with the coefficients. Returns (value [B], rows [P, B, D])."""
+def _stacked_series(weights: Sequence[Tensor], derivs: Sequence[Tensor], plan: SeriesPlan, probes: Tensor,
+                    jv: Tensor) -> Tuple[Tensor, Tensor]:  # fmt: skip
+    """One plan shared by the probes [P, B, D]: l_k = l_{k−1} J (l_0 = v) for k < n into one buffer; the Neumann
+    rows Σ c'_k l_{k−1} and the value Σ c_k l_{k−1}·(Jv) = Σ c_k vᵀJ^k v from one small GEMM with the coefficients
+    (jv = Jv [P, B, D], from the forward-mode pass the backward needs anyway). Returns (value [B], rows [P, B, D])."""
     n, (p, b, dim) = plan.n_terms, probes.shape
-    buf = probes.new_empty((n + 1, p * b, dim))
+    buf = probes.new_empty((n, p * b, dim))
     terms = buf.unbind(0)
     terms[0].copy_(probes.reshape(p * b, dim))
     hidden = [probes.new_empty((p, b, w.shape[1])) for w in weights[1:]]
     hidden_flat = [t.view(p * b, -1) for t in hidden]
-    for k in range(1, n + 1):
+    for k in range(1, n):
         w = terms[k - 1]
         for i in range(len(weights) - 1, 0, -1):
             torch.mm(w, weights[i], out=hidden_flat[i - 1])
             hidden[i - 1].mul_(derivs[i - 1])
             w = hidden_flat[i - 1]
         torch.mm(w, weights[0], out=terms[k])
-    both = torch.mm(_series_coefficients(plan.inv_prob, probes.dtype, probes.device), buf.view(n + 1, -1))
+    both = torch.mm(_series_coefficients(plan.inv_prob, probes.dtype, probes.device), buf.view(n, -1))
     weighted, rows = both.view(2, p, b, dim).unbind(0)
-    value = weighted.mul_(probes).sum(-1).mean(0)
+    value = weighted.mul_(jv).sum(-1).mean(0)
     return value, rows
 
 
@@ -190,7 +188,8 @@ class _ChainNeumann(torch.autograd.Function):
     """(y = x + g(x), log-det estimate [B]) of a dense chain; the estimate's gradient is the Neumann gradient (module
     doc).
 
-    Saves x, h_i, a_i, d_i, the probes and the Neumann rows: O(B·(d + Σ hidden)), whatever the number of terms."""
+    Saves x, h_i, a_i, d_i, the forward-mode z_i, u_i, the probes and the Neumann rows: O(B·(d + Σ hidden)) per
+    probe, whatever the number of terms."""
 
     @staticmethod
     def forward(ctx, x: Tensor, probes: Tensor, spec: _Spec, plans: Sequence[SeriesPlan], *params):
@@ -229,9 +228,13 @@ class _ChainNeumann(torch.autograd.Function):
                 acts.append(a)
                 derivs.append(d)
                 sigs.append(s)
+        zs, us_fwd = [], [probes]  # forward mode, per probe: z_i = W_i u_{i−1}, u_i = d_i ⊙ z_i; Jv = W_L u_{L−1}
+        for i in range(n - 1):
+            zs.append(torch.matmul(us_fwd[-1], weights[i].T))
+            us_fwd.append(zs[-1] * derivs[i])
         same = all(p.mask is None and p.inv_prob == plans[0].inv_prob for p in plans)
-        if same and (plans[0].n_terms + 1) * probes.numel() <= _STACKED_SERIES_MAX:
-            value, rows = _stacked_series(weights, derivs, plans[0], probes)
+        if same and plans[0].n_terms * probes.numel() <= _STACKED_SERIES_MAX:
+            value, rows = _stacked_series(weights, derivs, plans[0], probes, torch.matmul(us_fwd[-1], weights[-1].T))
         else:
             value, row_list = series_value_and_rows(weights, derivs, plans, list(probes.unbind(0)), rows=True)
             assert row_list is not None
@@ -243,7 +246,7 @@ class _ChainNeumann(torch.autograd.Function):
         if on_host:
             kappas = divisors = [None] * n
         ctx.save_for_backward(x, rows, probes, *weights, *us, *vs, *kappas, *divisors, *betas, *raw_betas, *hs,
-                              *acts, *derivs, *sigs, *raw, *biases)  # fmt: skip
+                              *acts, *derivs, *sigs, *raw, *biases, *zs, *us_fwd[1:])  # fmt: skip
         return h.add_(x), value  # y = x + g(x)
 
     @staticmethod
@@ -256,7 +259,8 @@ class _ChainNeumann(torch.autograd.Function):
             kappas, divisors = ctx.scalars
         rest = rest[5 * n :]
         betas, raw_betas, hs, acts, derivs, sigs = (rest[i * (n - 1) : (i + 1) * (n - 1)] for i in range(6))
-        raw, biases = rest[6 * (n - 1) : 6 * (n - 1) + n], rest[6 * (n - 1) + n :]
+        raw, biases = rest[6 * (n - 1) : 6 * (n - 1) + n], rest[6 * (n - 1) + n : 6 * (n - 1) + 2 * n]
+        zs, us_fwd = rest[6 * (n - 1) + 2 * n : 7 * (n - 1) + 2 * n], [probes, *rest[7 * (n - 1) + 2 * n :]]
         if torch.is_grad_enabled():  # create_graph=True: gradients that can be differentiated again
             return _graph_backward(ctx, x, rows, probes, raw, biases, us, vs, raw_betas, grad_y, grad_value)
         acts = [x, *acts]
@@ -264,14 +268,7 @@ class _ChainNeumann(torch.autograd.Function):
         flat = n_probes * batch
         needs = ctx.needs_input_grad
 
-        zs: List[Tensor] = []  # forward mode through the chain, per probe: z_i = W_i u_{i−1}, u_i = d_i ⊙ z_i
-        us_fwd = [probes]
-        rho = None
-        if grad_value is not None:
-            for i in range(n - 1):
-                zs.append(torch.matmul(us_fwd[-1], weights[i].T))
-                us_fwd.append(zs[-1] * derivs[i])
-            rho = rows * (grad_value / n_probes).unsqueeze(-1)
+        rho = rows * (grad_value / n_probes).unsqueeze(-1) if grad_value is not None else None
         eta = grad_y  # ∂g = ∂y
         grad_w: List[Optional[Tensor]] = [None] * n
         grad_b: List[Optional[Tensor]] = [None] * n
