@@ -264,19 +264,27 @@ def jacobi_grads(u, m, sn, cn, dn, zeta, gsn, gcn, gdn, gam, need_u: bool, need_
     return gu, gm
 
 
+def jacobi_save(ctx, u: Tensor, m: Tensor, outs: Tuple[Tensor, ...]) -> Tuple[Tensor, ...]:
+    """The forward's bookkeeping shared by every backend's Function: outs = (sn, cn, dn, am, zeta)."""
+    sn, cn, dn, _am, zeta = outs
+    ctx.save_for_backward(u, m, sn, cn, dn, zeta)
+    ctx.mark_non_differentiable(zeta)
+    return outs
+
+
+@first_order
+def jacobi_backward(ctx, gsn, gcn, gdn, gam, _gzeta):
+    """The backward shared by every backend's Function: elementwise torch on the saved values."""
+    u, m, sn, cn, dn, zeta = ctx.saved_tensors
+    return jacobi_grads(u, m, sn, cn, dn, zeta, gsn, gcn, gdn, gam, *ctx.needs_input_grad[:2])
+
+
 class _JacobiTorch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u: Tensor, m: Tensor):
-        sn, cn, dn, am, zeta = _landen(u, m)
-        ctx.save_for_backward(u, m, sn, cn, dn, zeta)
-        ctx.mark_non_differentiable(zeta)
-        return sn, cn, dn, am, zeta
+        return jacobi_save(ctx, u, m, _landen(u, m))
 
-    @staticmethod
-    @first_order
-    def backward(ctx, gsn, gcn, gdn, gam, _gzeta):
-        u, m, sn, cn, dn, zeta = ctx.saved_tensors
-        return jacobi_grads(u, m, sn, cn, dn, zeta, gsn, gcn, gdn, gam, *ctx.needs_input_grad[:2])
+    backward = staticmethod(jacobi_backward)
 
 
 def to_unit_parameter(u: Tensor, m: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:

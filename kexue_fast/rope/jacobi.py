@@ -10,7 +10,6 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch
-from .._autograd import first_order
 from . import elliptic
 from .elliptic import Jacobi, Param
 
@@ -38,16 +37,9 @@ class _JacobiCpp(torch.autograd.Function):
         from .. import _core
 
         outs = _core.jacobi_elliptic(*_numpy_args(u, m), torch.get_num_threads())
-        sn, cn, dn, am, zeta = (torch.from_numpy(o) for o in outs)
-        ctx.save_for_backward(u, m, sn, cn, dn, zeta)
-        ctx.mark_non_differentiable(zeta)
-        return sn, cn, dn, am, zeta
+        return elliptic.jacobi_save(ctx, u, m, tuple(torch.from_numpy(o) for o in outs))
 
-    @staticmethod
-    @first_order
-    def backward(ctx, gsn, gcn, gdn, gam, _gzeta):
-        u, m, sn, cn, dn, zeta = ctx.saved_tensors
-        return elliptic.jacobi_grads(u, m, sn, cn, dn, zeta, gsn, gcn, gdn, gam, *ctx.needs_input_grad[:2])
+    backward = staticmethod(elliptic.jacobi_backward)
 
 
 class _CompleteCpp(torch.autograd.Function):
@@ -74,16 +66,9 @@ class _JacobiTriton(elliptic.torch.autograd.Function):
     def forward(ctx, u: Tensor, m: Tensor):
         from ..kernels.jacobi import jacobi_elliptic
 
-        sn, cn, dn, am, zeta = jacobi_elliptic(u.contiguous(), m.contiguous())
-        ctx.save_for_backward(u, m, sn, cn, dn, zeta)
-        ctx.mark_non_differentiable(zeta)
-        return sn, cn, dn, am, zeta
+        return elliptic.jacobi_save(ctx, u, m, tuple(jacobi_elliptic(u.contiguous(), m.contiguous())))
 
-    @staticmethod
-    @first_order
-    def backward(ctx, gsn, gcn, gdn, gam, _gzeta):
-        u, m, sn, cn, dn, zeta = ctx.saved_tensors
-        return elliptic.jacobi_grads(u, m, sn, cn, dn, zeta, gsn, gcn, gdn, gam, *ctx.needs_input_grad[:2])
+    backward = staticmethod(elliptic.jacobi_backward)
 
 
 def ellipj(u: Param, m: Param, *, backend: str = "auto") -> Jacobi:
