@@ -162,7 +162,10 @@ class InvertibleResBlock(nn.Module):
     Gradients: neumann_grad=True differentiates through one vector–Jacobian product weighted by the Neumann series
     (memory independent of n_terms); memory_efficient=True moves that product into backward (recomputing g once),
     with each sample weighted by its own upstream gradient. neumann_grad=False backpropagates through the series.
-    The returned logdet is always the estimate itself, never a surrogate.
+    The returned logdet is always the estimate itself, never a surrogate. For dense-chain branches the eager Neumann
+    gradient is written out in closed form (kexue_fast.flows.chain_neumann: one autograd node, memory_efficient
+    either way); backward(create_graph=True) then differentiates the surrogate's graph, so higher-order gradients
+    exist. Autograd-path branches (convolutions) with memory_efficient=True refuse double backward with a clear error.
 
     inverse(y) -> x by fixed-point iteration or Anderson acceleration, stopping when ‖F(x) − x‖∞ ≤ atol +
     (rtol + 16ε)‖x‖∞ per sample for F(x) = y − g(x), ε the dtype's rounding unit (a RuntimeWarning if max_iter
