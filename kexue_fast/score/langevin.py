@@ -3,6 +3,7 @@ or as torch ops (formula: kexue_fast.score.reference)."""
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Tuple, Union
 
@@ -46,6 +47,13 @@ def host_coefficients(step_size: Union[float, Tensor], temperature: Union[float,
         values.append(float(v))
     a, t = values
     return (a / 2, math.sqrt(a * t))  # correctly rounded, as torch.sqrt on the device path
+
+
+@functools.lru_cache(maxsize=256)
+def _device_coefficients(host: Tuple[float, float], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(α/2, √(αT)) on the device, one copy per distinct value: no host-to-device copy per update (nor during a CUDA
+    graph capture after a first call). Read-only: the kernels never write it."""
+    return torch.tensor(host, dtype=dtype, device=device)
 
 
 def _check_number(value: Union[float, Tensor], name: str, allow_zero: bool) -> None:
@@ -124,8 +132,8 @@ def langevin_step(
     host = host_coefficients(step_size, temperature)
     if host is not None and chosen == "torch" and x.device.type == "cpu":
         coef = host
-    elif host is not None:  # numbers: one small copy to the device instead of building them there op by op
-        coef = torch.tensor(host, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device)
+    elif host is not None:  # numbers: a cached device copy (a sampler repeats its step sizes), else one small copy
+        coef = _device_coefficients(host, torch.float64 if x.dtype == torch.float64 else torch.float32, x.device)
     else:
         coef = step_coefficients(step_size, temperature, x.dtype, x.device)
         if coef.shape != (2,):
