@@ -13,10 +13,11 @@ and the branch output g itself, from η_L = ḡ, with f_i = η_i W_i:
 A kexue_fast spectral norm with coefficient c, W = V / δ, δ = max(1, σ̂/c), σ̂ = uᵀVv, is folded in: with G = ∂W,
     ∂V = (G − ⟨G, W⟩ κ u vᵀ) / δ,   κ = [σ̂/c ≥ 1] / c.
 These are the gradients autograd gets by differentiating the surrogate through the parametrizations
-(tests/test_flows.py: 1e-12 in float64), with a third of the kernels, no double-backward graph and nothing saved per
-series term. Eager only: torch.compile traces kexue_fast.flows.chain.chain_series_logdet instead. Under
-backward(create_graph=True) the gradients come from torch's graph of y and the surrogate (recomputed from the saved
-inputs), so that they can be differentiated again.
+(tests/test_flows.py: 1e-12 in float64), without its double-backward graph and with nothing saved per series term.
+The forward-mode pass also gives Jv, so the value's terms are (vᵀJ^{k−1})·(Jv): n − 1 vector–Jacobian products.
+Eager only: torch.compile traces kexue_fast.flows.chain.chain_series_logdet instead. Under backward(create_graph=True)
+the gradients come from torch's graph of y and the surrogate (recomputed from the saved inputs), so that they can be
+differentiated again.
 """
 
 from __future__ import annotations
