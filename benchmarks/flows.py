@@ -8,6 +8,8 @@ are not updated inside the timed step for anyone (normflows' InducedNormLinear a
   normflows Neumann    Residual(reduce_memory=True): Neumann gradient computed in forward
   normflows series     Residual(reduce_memory=False)
   FrEIA                IResNetLayer(jacobian_iterations=k): its log-det carries no gradient (less work)
+  kexue_fast torch path (CUDA only) the Neumann block on the torch backend: the closed-form gradient, where `auto`
+                       would pick the fused Triton block
   kexue_fast compiled  the Neumann step under torch.compile(fullgraph=True) (normflows cannot trace: it syncs
                        with .item() and calls autograd.grad in forward)
 Memory: bytes of the tensors autograd saves for backward (torch.autograd.graph.saved_tensors_hooks), the graph a
@@ -16,6 +18,7 @@ training step holds between forward and backward.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -108,6 +111,32 @@ class Compiled:
         return step
 
 
+class TorchPath:
+    """Our Neumann block forced onto the torch backend (KEXUE_FAST_BACKEND=torch during each call): on CUDA, where
+    `auto` picks the fused Triton block, this times the closed-form Neumann gradient
+    (kexue_fast.flows.chain_neumann)."""
+
+    def __init__(self, block: nn.Module) -> None:
+        self.block = block
+
+    def parameters(self):
+        return self.block.parameters()
+
+    def __call__(self, x: torch.Tensor):
+        before = os.environ.get("KEXUE_FAST_BACKEND")
+        os.environ["KEXUE_FAST_BACKEND"] = "torch"
+        try:
+            return self.block(x)
+        finally:
+            if before is None:
+                del os.environ["KEXUE_FAST_BACKEND"]
+            else:
+                os.environ["KEXUE_FAST_BACKEND"] = before
+
+    def step(self, x: torch.Tensor) -> Callable[[], None]:
+        return _step(self, x)
+
+
 def saved_bytes(block, x: torch.Tensor) -> Optional[int]:
     if isinstance(block, Compiled):
         return None  # what a compiled graph saves is not visible to saved_tensors_hooks
@@ -122,11 +151,13 @@ def saved_bytes(block, x: torch.Tensor) -> Optional[int]:
     return total[0]
 
 
-def contestants(dim: int, hidden: int, n_terms: int, compiled: bool = True) -> Dict[str, object]:
+def contestants(dim: int, hidden: int, n_terms: int, compiled: bool = True, device: str = "cpu") -> Dict[str, object]:
     found: Dict[str, object] = {
         "kexue_fast Neumann": ours(dim, hidden, n_terms, True),
         "kexue_fast series": ours(dim, hidden, n_terms, False),
     }
+    if device == "cuda":  # auto runs the fused Triton block there; this row times the torch closed form
+        found["kexue_fast Neumann, torch path"] = TorchPath(ours(dim, hidden, n_terms, True))
     if compiled:
         found["kexue_fast Neumann, compiled"] = Compiled(ours(dim, hidden, n_terms, True))
     try:
@@ -193,16 +224,17 @@ def run(
         for dim, hidden, batch in cases:
             for n_terms in terms:
                 torch.manual_seed(0)
-                blocks = contestants(dim, hidden, n_terms, compiled)
+                blocks = contestants(dim, hidden, n_terms, compiled, device)
                 x = torch.randn(batch, dim, device=device)
                 for b in blocks.values():
                     if isinstance(b, nn.Module):
                         b.to(device)
-                    elif isinstance(b, Compiled):
+                    elif isinstance(b, (Compiled, TorchPath)):
                         b.block.to(device)
                     elif device != "cpu":
                         b.layer.to(device)
-                steps = {name: b.step(x) if isinstance(b, Compiled) else _step(b, x) for name, b in blocks.items()}
+                steps = {name: b.step(x) if isinstance(b, (Compiled, TorchPath)) else _step(b, x)
+                         for name, b in blocks.items()}  # fmt: skip
                 times = time_contestants(steps, device, reps)
                 memory = {name: saved_bytes(b, x) for name, b in blocks.items()}
                 for name in blocks:
