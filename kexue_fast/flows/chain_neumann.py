@@ -185,6 +185,20 @@ def _stacked_series(weights: Sequence[Tensor], derivs: Sequence[Tensor], plan: S
     return value, rows
 
 
+def _save_groups(ctx, **groups: Sequence[Optional[Tensor]]) -> None:
+    """save_for_backward of named groups of tensors (None entries allowed); _saved_groups reads them back."""
+    ctx.group_sizes = [(name, len(group)) for name, group in groups.items()]
+    ctx.save_for_backward(*(t for group in groups.values() for t in group))
+
+
+def _saved_groups(ctx) -> dict:
+    saved, out, start = ctx.saved_tensors, {}, 0
+    for name, size in ctx.group_sizes:
+        out[name] = saved[start : start + size]
+        start += size
+    return out
+
+
 class _ChainNeumann(torch.autograd.Function):
     """(y = x + g(x), log-det estimate [B]) of a dense chain; the estimate's gradient is the Neumann gradient (module
     doc).
@@ -246,25 +260,24 @@ class _ChainNeumann(torch.autograd.Function):
         ctx.scalars = (kappas, divisors) if on_host else None
         if on_host:
             kappas = divisors = [None] * n
-        ctx.save_for_backward(x, rows, probes, *weights, *us, *vs, *kappas, *divisors, *betas, *raw_betas, *hs,
-                              *acts, *derivs, *sigs, *raw, *biases, *zs, *us_fwd[1:])  # fmt: skip
+        _save_groups(ctx, x=[x], rows=[rows], probes=[probes], weights=weights, us=us, vs=vs, kappas=kappas,
+                     divisors=divisors, betas=betas, raw_betas=raw_betas, hs=hs, acts=acts, derivs=derivs, sigs=sigs,
+                     raw=raw, biases=biases, zs=zs, u_fwd=us_fwd[1:])  # fmt: skip
         return h.add_(x), value  # y = x + g(x)
 
     @staticmethod
     def backward(ctx, grad_y: Optional[Tensor], grad_value: Optional[Tensor]):
         spec = ctx.spec
         n = len(spec.linears)
-        x, rows, probes, *rest = ctx.saved_tensors
-        weights, us, vs, kappas, divisors = (rest[i * n : (i + 1) * n] for i in range(5))
-        if ctx.on_host:
-            kappas, divisors = ctx.scalars
-        rest = rest[5 * n :]
-        betas, raw_betas, hs, acts, derivs, sigs = (rest[i * (n - 1) : (i + 1) * (n - 1)] for i in range(6))
-        raw, biases = rest[6 * (n - 1) : 6 * (n - 1) + n], rest[6 * (n - 1) + n : 6 * (n - 1) + 2 * n]
-        zs, us_fwd = rest[6 * (n - 1) + 2 * n : 7 * (n - 1) + 2 * n], [probes, *rest[7 * (n - 1) + 2 * n :]]
+        saved = _saved_groups(ctx)
+        (x,), (rows,), (probes,) = saved["x"], saved["rows"], saved["probes"]
+        weights, us, vs, raw_betas = saved["weights"], saved["us"], saved["vs"], saved["raw_betas"]
         if torch.is_grad_enabled():  # create_graph=True: gradients that can be differentiated again
-            return _graph_backward(ctx, x, rows, probes, raw, biases, us, vs, raw_betas, grad_y, grad_value)
-        acts = [x, *acts]
+            return _graph_backward(ctx, x, rows, probes, saved["raw"], saved["biases"], us, vs, raw_betas, grad_y,
+                                   grad_value)  # fmt: skip
+        kappas, divisors = ctx.scalars if ctx.on_host else (saved["kappas"], saved["divisors"])
+        betas, hs, derivs, sigs, zs = saved["betas"], saved["hs"], saved["derivs"], saved["sigs"], saved["zs"]
+        acts, us_fwd = [x, *saved["acts"]], [probes, *saved["u_fwd"]]
         n_probes, batch = probes.shape[0], probes.shape[1]
         flat = n_probes * batch
         needs = ctx.needs_input_grad
