@@ -42,7 +42,9 @@ class _JacobiCpp(torch.autograd.Function):
     backward = staticmethod(elliptic.jacobi_backward)
 
 
-class _CompleteCpp(torch.autograd.Function):
+class _CompleteCpp(elliptic._CompleteIntegrals):
+    """K, E from the C++ core; the reference's backward (dK/dm, dE/dm)."""
+
     @staticmethod
     def forward(ctx, m: Tensor):
         from .. import _core
@@ -51,14 +53,8 @@ class _CompleteCpp(torch.autograd.Function):
         ctx.save_for_backward(m, k, e)
         return k, e
 
-    @staticmethod
-    def backward(ctx, gk: Tensor, ge: Tensor) -> Tensor:
-        m, k, e = ctx.saved_tensors
-        dk, de = elliptic._ke_derivatives(m, k, e)
-        return gk * dk + ge * de
 
-
-class _JacobiTriton(elliptic.torch.autograd.Function):
+class _JacobiTriton(torch.autograd.Function):
     """The Triton forward (sn, cn, dn, am and the Jacobi zeta for the m-gradient); the backward is elementwise
     torch on the saved values, as the reference's."""
 
