@@ -1,0 +1,87 @@
+"""What bounds one eager Neumann step of the flows benchmark's block on CPU: its matrix products and its fixed cost.
+
+    python -m kexue_fast.benchmarks.flows_floor [--dim 32 --hidden 128 --terms 5 --reps 400]
+
+Prints, for kexue_fast's Neumann block (benchmarks/flows.py's `ours`, 1 thread):
+  - the matrix products one step runs (aten mm/addmm/bmm/addr/mv calls, counted with a TorchDispatchMode) and their
+    multiply-adds, and this core's rate on the step's largest product shape ([B, D] × [D, H], median);
+  - the step's median time at B = 256 and at B = 2, where the products cost nothing (what is left is per-op and Python
+    cost), with normflows' step at the same two sizes for scale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable, Dict
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .flows import _step, normflows_block, ours
+
+_PRODUCTS = {"mm", "addmm", "addmm_", "bmm", "addr", "mv", "matmul", "baddbmm", "vdot", "dot"}
+
+
+class _CountProducts(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Dict[str, int] = {}
+        self.macs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name in _PRODUCTS:
+            self.calls[name] = self.calls.get(name, 0) + 1
+            a, b = [t for t in args if isinstance(t, torch.Tensor)][-2:]
+            if name in ("mm", "addmm", "addmm_"):
+                self.macs += a.shape[0] * a.shape[1] * b.shape[1]
+        return out
+
+
+def _median_us(fn: Callable[[], object], reps: int) -> float:
+    for _ in range(10):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dim", type=int, default=32)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--terms", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=400)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    block = ours(args.dim, args.hidden, args.terms, True)
+    x = torch.randn(256, args.dim)
+    step = _step(block, x)
+    step()
+    counter = _CountProducts()
+    with counter:
+        step()
+    a, w = torch.randn(256, args.dim), torch.randn(args.dim, args.hidden)
+    product_us = _median_us(lambda: a @ w, args.reps * 5)
+    rate = 2 * 256 * args.dim * args.hidden / product_us / 1e3
+    print(f"block D={args.dim} H={args.hidden} k={args.terms}, float32, 1 thread")
+    print(f"  matrix products per step: {dict(sorted(counter.calls.items()))}; mm/addmm multiply-adds "
+          f"{counter.macs / 1e6:.1f}M")  # fmt: skip
+    print(f"  [256, {args.dim}] x [{args.dim}, {args.hidden}]: {product_us:.1f} us ({rate:.0f} GFLOP/s)")
+    nf = normflows_block(args.dim, args.hidden, args.terms, True)
+    for batch in (256, 2):
+        xb = torch.randn(batch, args.dim)
+        ours_us = _median_us(_step(block, xb), args.reps)
+        nf_us = _median_us(_step(nf, xb), args.reps)
+        print(f"  step at B={batch}: kexue_fast {ours_us / 1e3:.3f} ms, normflows {nf_us / 1e3:.3f} ms")
+
+
+if __name__ == "__main__":
+    main()
