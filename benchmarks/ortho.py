@@ -5,7 +5,9 @@
    γ = 10, λ₁ = 100, λ₂ = 1). Reported: ms per step and the overhead (with / without − 1); the issue's goal is ≤ 10%.
    On CUDA the step with SOM runs three times: the torch backend, the fused Triton kernel with IEEE float32 dots
    (torch's default for matmuls), and the kernel with TF32 dots (torch.backends.cuda.matmul.allow_tf32 = True).
-2. Formula: forward + backward of R for one layer output Y [b, k] by the definition (Θ = ẐᵀẐ materialized,
+2. FLOPs of the step without and with SOM (torch.utils.flop_counter): the regularizer's Gram products are the floor
+   of its overhead, whatever the elementwise work costs.
+3. Formula: forward + backward of R for one layer output Y [b, k] by the definition (Θ = ẐᵀẐ materialized,
    kexue_fast.ortho.reference.som_direct) and by som_regularizer (the ẐẐᵀ identity when b < k; the k×k Gram with
    off-diagonal sums on Θ when b ≥ k; the Triton kernel on CUDA).
 """
@@ -53,6 +55,26 @@ def training_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, som: 
         opt.step()
 
     return step
+
+
+def step_flops(device: str, batch: int) -> Dict[str, float]:
+    """FLOPs of one training step without and with SOM (torch.utils.flop_counter: convolutions, their backward and
+    the matrix products): what the regularizer adds before any elementwise work, so the floor of its overhead."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model = small_cnn().to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    target = torch.randint(0, 10, (batch,), device=device)
+    som = SelfOrthogonality(model)
+    counts = {}
+    for name, backend in (("step", None), ("step + SOM (torch)", "torch")):
+        with FlopCounterMode(display=False) as counter:
+            training_step(model, x, target, som, backend, opt)()
+        counts[name] = counter.get_total_flops()
+    som.remove()
+    return counts
 
 
 def overhead_rows(device: str, batch: int, reps: int) -> List[list]:
@@ -106,7 +128,9 @@ def run(out_dir: Path, quick: bool = True, device: str = "cpu") -> Path:
         torch.set_num_threads(1)  # one thread: less noise from other processes on a shared machine
     meta = metadata(device)
     try:
-        rows = overhead_rows(device, 32 if device == "cpu" else 256, reps)
+        batch = 32 if device == "cpu" else 256
+        rows = overhead_rows(device, batch, reps)
+        flops = step_flops(device, batch)
         print(f"  ortho/{device}: overhead done", flush=True)
         shapes = [(64, 1024), (128, 4096), (4096, 64), (16384, 128)]
         if device == "cuda":
@@ -114,7 +138,11 @@ def run(out_dir: Path, quick: bool = True, device: str = "cpu") -> Path:
         formula = formula_rows(device, shapes, reps)
     finally:
         torch.set_num_threads(threads)
+    added = flops["step + SOM (torch)"] - flops["step"]
     notes = (
+        f"FLOPs of one step (torch.utils.flop_counter): {flops['step'] / 1e9:.3f} G without SOM, SOM adds "
+        f"{added / 1e9:.3f} G ({added / flops['step']:.1%}): its Gram products alone, before any elementwise pass, at "
+        "the convolutions' efficiency.\n\n"
         "Formula: forward + backward of R for one float32 Y [b, k] (γ = 10, λ₁ = 100, λ₂ = 1), median of "
         f"{reps} interleaved repetitions"
         + (" (1 thread)" if device == "cpu" else " (triton.testing.do_bench)")
