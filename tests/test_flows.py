@@ -157,7 +157,7 @@ def test_dense_chain_path_equals_autograd_path(act, neumann_grad, logdet):
         assert torch.allclose(a, c, atol=1e-12, rtol=1e-10)
 
 
-def _closed_form_run(closed, act, depth, norm, bias, n_probes, logdet, x_grad, train):
+def _closed_form_run(closed, act, depth, norm, bias, n_probes, logdet, x_grad, train, device="cpu"):
     """(y, log-det, gradients of a loss on both, state after) by the closed-form Neumann gradient (the block's eager
     path) or by differentiating the surrogate through torch's graph (chain_series_logdet, the compiled path)."""
     from kexue_fast.flows.chain import chain_series_logdet
@@ -172,11 +172,11 @@ def _closed_form_run(closed, act, depth, norm, bias, n_probes, logdet, x_grad, t
         elif norm == "weight_norm":  # another parametrization: read through .weight
             layer = nn.utils.parametrizations.weight_norm(layer)
         layers += [layer, act()] if i < depth - 1 else [layer]
-    g = nn.Sequential(*layers).double().train(train)
+    g = nn.Sequential(*layers).double().train(train).to(device)
     block = InvertibleResBlock(g, logdet=logdet, n_terms=4, n_probes=n_probes)
-    x = torch.randn(6, 4, dtype=D64, requires_grad=x_grad)
-    wy = torch.randn(6, 4, dtype=D64)
-    wl = torch.tensor([1.0, 2.0, 3.0, 0.0, -1.0, 5.0], dtype=D64)
+    x = torch.randn(6, 4, dtype=D64).to(device).requires_grad_(x_grad)
+    wy = torch.randn(6, 4, dtype=D64, device=device)
+    wl = torch.tensor([1.0, 2.0, 3.0, 0.0, -1.0, 5.0], dtype=D64, device=device)
     torch.manual_seed(5)  # the same probes, then the same roulette lengths
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # roulette variance notice
@@ -215,6 +215,26 @@ def test_closed_form_neumann_gradient_equals_the_autograd_graph(act, depth, norm
     for c, a in zip(g_c, g_a):
         assert torch.allclose(c, a, atol=1e-12, rtol=1e-10), (c - a).abs().max()
     assert s_c.keys() == s_a.keys() and all(torch.equal(s_c[k], s_a[k]) for k in s_a)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("act", [LipSwish, nn.ELU])
+@pytest.mark.parametrize("depth, norm, n_probes, logdet, train",
+                         [(2, "spectral", 1, "series", True), (3, "spectral", 2, "roulette", True),
+                          (2, "plain", 2, "series", False)])  # fmt: skip
+def test_closed_form_neumann_gradient_on_cuda(act, depth, norm, n_probes, logdet, train):
+    """On CUDA (float64: the torch backend, σ̂ kept on the device) the closed form equals torch's graph of the
+    surrogate there (1e-12), and the CPU run of the same block up to the probes' generator."""
+    args = (act, depth, norm, True, n_probes, logdet, True, train)
+    y_c, v_c, g_c, s_c = _closed_form_run(True, *args, device="cuda")
+    y_a, v_a, g_a, s_a = _closed_form_run(False, *args, device="cuda")
+    assert y_c.is_cuda and all(t.is_cuda for t in g_c)
+    assert torch.allclose(y_c, y_a, atol=1e-14, rtol=0) and torch.allclose(v_c, v_a, atol=1e-13, rtol=0)
+    for c, a in zip(g_c, g_a):
+        assert torch.allclose(c, a, atol=1e-12, rtol=1e-10), (c - a).abs().max()
+    assert all(torch.allclose(s_c[k], s_a[k], atol=1e-14, rtol=0) for k in s_a)
+    y_cpu = _closed_form_run(True, *args)[0]
+    assert torch.allclose(y_c.cpu(), y_cpu, atol=1e-14, rtol=0)  # y does not depend on the probes
 
 
 @pytest.mark.parametrize("act, depth", [(LipSwish, 2), (nn.ELU, 3), (nn.Tanh, 2)])
