@@ -8,8 +8,8 @@ are not updated inside the timed step for anyone (normflows' InducedNormLinear a
   normflows Neumann    Residual(reduce_memory=True): Neumann gradient computed in forward
   normflows series     Residual(reduce_memory=False)
   FrEIA                IResNetLayer(jacobian_iterations=k): its log-det carries no gradient (less work)
-  kexue_fast torch path (CUDA only) the Neumann block on the torch backend: the closed-form gradient, where `auto`
-                       would pick the fused Triton block
+  kexue_fast fused Triton (CUDA only) the Neumann block with backend='triton': the fused forward kernel
+                       (kernels/iresnet.py); `auto` runs the closed-form torch path, measured faster
   kexue_fast compiled  the Neumann step under torch.compile(fullgraph=True) (normflows cannot trace: it syncs
                        with .item() and calls autograd.grad in forward)
 Memory: bytes of the tensors autograd saves for backward (torch.autograd.graph.saved_tensors_hooks), the graph a
@@ -111,20 +111,19 @@ class Compiled:
         return step
 
 
-class TorchPath:
-    """Our Neumann block forced onto the torch backend (KEXUE_FAST_BACKEND=torch during each call): on CUDA, where
-    `auto` picks the fused Triton block, this times the closed-form Neumann gradient
-    (kexue_fast.flows.chain_neumann)."""
+class OnBackend:
+    """Our block on one backend (KEXUE_FAST_BACKEND set during each call), e.g. the fused Triton block on CUDA."""
 
-    def __init__(self, block: nn.Module) -> None:
+    def __init__(self, block: nn.Module, backend: str) -> None:
         self.block = block
+        self.backend = backend
 
     def parameters(self):
         return self.block.parameters()
 
     def __call__(self, x: torch.Tensor):
         before = os.environ.get("KEXUE_FAST_BACKEND")
-        os.environ["KEXUE_FAST_BACKEND"] = "torch"
+        os.environ["KEXUE_FAST_BACKEND"] = self.backend
         try:
             return self.block(x)
         finally:
@@ -156,8 +155,8 @@ def contestants(dim: int, hidden: int, n_terms: int, compiled: bool = True, devi
         "kexue_fast Neumann": ours(dim, hidden, n_terms, True),
         "kexue_fast series": ours(dim, hidden, n_terms, False),
     }
-    if device == "cuda":  # auto runs the fused Triton block there; this row times the torch closed form
-        found["kexue_fast Neumann, torch path"] = TorchPath(ours(dim, hidden, n_terms, True))
+    if device == "cuda":  # auto runs the closed-form torch path there; this row times the fused Triton block
+        found["kexue_fast Neumann, fused Triton"] = OnBackend(ours(dim, hidden, n_terms, True), "triton")
     if compiled:
         found["kexue_fast Neumann, compiled"] = Compiled(ours(dim, hidden, n_terms, True))
     try:
@@ -229,11 +228,11 @@ def run(
                 for b in blocks.values():
                     if isinstance(b, nn.Module):
                         b.to(device)
-                    elif isinstance(b, (Compiled, TorchPath)):
+                    elif isinstance(b, (Compiled, OnBackend)):
                         b.block.to(device)
                     elif device != "cpu":
                         b.layer.to(device)
-                steps = {name: b.step(x) if isinstance(b, (Compiled, TorchPath)) else _step(b, x)
+                steps = {name: b.step(x) if isinstance(b, (Compiled, OnBackend)) else _step(b, x)
                          for name, b in blocks.items()}  # fmt: skip
                 times = time_contestants(steps, device, reps)
                 memory = {name: saved_bytes(b, x) for name, b in blocks.items()}

@@ -54,8 +54,11 @@ stage_test() {
     grep -q cuda "$f" && files+=("$f")
   done
   [ -n "${TEST_FILES:-}" ] && files=($(for f in $TEST_FILES; do echo "$REPO/tests/$f"; done))
-  timeout "${TEST_TIMEOUT:-300}" $PY -m pytest "${files[@]}" -m "not slow" -n "${TEST_WORKERS:-8}" -q -rfEs \
-    -p no:cacheprovider --junitxml="$WORK/logs/junit.xml" 2>&1 | tee "$WORK/logs/tests.log" | grep -v "^\(SKIPPED\|PASSED\)"
+  # -v: each finished test is named in tests.log, so a run cut off by TEST_TIMEOUT still says what passed
+  timeout "${TEST_TIMEOUT:-300}" $PY -m pytest "${files[@]}" -m "not slow" -n "${TEST_WORKERS:-8}" -v -rfEs \
+    --durations=25 -p no:cacheprovider --junitxml="$WORK/logs/junit.xml" ${TEST_ARGS:-} > "$WORK/logs/tests.log" 2>&1
+  echo "tests: exit $?"
+  grep -v "PASSED\|SKIPPED\|^\[gw" "$WORK/logs/tests.log" | tail -n 60
 }
 
 stage_bench() {
