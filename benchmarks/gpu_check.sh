@@ -5,7 +5,8 @@
 #     setup   install the carried wheels (.gpu/whl: a kexue_fast cp3XX wheel built elsewhere, normflows, FrEIA);
 #             build kexue_fast here instead when the carried wheel is missing or will not import
 #     test    every test file that runs CUDA paths when a GPU is present (`gpu` tests included, slow ones not), or
-#             the files named in TEST_FILES (names under tests/, space-separated)
+#             the files named in TEST_FILES (names under tests/, space-separated); TEST_WORKERS (8), TEST_THREADS
+#             (1 per worker), TEST_TIMEOUT (300 s), TEST_ARGS (more pytest arguments, e.g. -k)
 #     bench   python -m kexue_fast.bench --device cuda for the GPU suites (hsic with --full: its n = 10⁶ goal)
 #     jose    the JoSE GPU trainer's word similarity and training speed (benchmarks/jose_quality.py --device cuda)
 #             on the carried corpus (.gpu/corpus.txt.gz) and datasets (.gpu/wordsim353.tsv, .gpu/simlex999.txt)
@@ -54,8 +55,10 @@ stage_test() {
     grep -q cuda "$f" && files+=("$f")
   done
   [ -n "${TEST_FILES:-}" ] && files=($(for f in $TEST_FILES; do echo "$REPO/tests/$f"; done))
-  # -v: each finished test is named in tests.log, so a run cut off by TEST_TIMEOUT still says what passed
-  timeout "${TEST_TIMEOUT:-300}" $PY -m pytest "${files[@]}" -m "not slow" -n "${TEST_WORKERS:-8}" -v -rfEs \
+  # -v: each finished test is named in tests.log, so a run cut off by TEST_TIMEOUT still says what passed.
+  # One CPU thread per worker: with 16 workers × 16 torch threads on 16 cores, 25 of 526 tests were unfinished after
+  # 260 s (H200, e2cb275; benchmarks/results/gpu-tests-cuda.md).
+  OMP_NUM_THREADS=${TEST_THREADS:-1} timeout "${TEST_TIMEOUT:-300}" $PY -m pytest "${files[@]}" -m "not slow" -n "${TEST_WORKERS:-8}" -v -rfEs \
     --durations=25 -p no:cacheprovider --junitxml="$WORK/logs/junit.xml" ${TEST_ARGS:-} > "$WORK/logs/tests.log" 2>&1
   echo "tests: exit $?"
   grep -v "PASSED\|SKIPPED\|^\[gw" "$WORK/logs/tests.log" | tail -n 60
