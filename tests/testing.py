@@ -18,17 +18,20 @@ def backends(device: str = "cpu", dtype: torch.dtype = torch.float64) -> List[st
     ]
 
 
-def matrix_with_gap(m: int, n: int, *, gap: float = 2.0, dtype=torch.float64, device="cpu", seed=None) -> torch.Tensor:
-    """A random m×n matrix with σ₁ = gap·σ₂ (so power iteration converges at rate 1/gap² per iteration)."""
+def matrix_with_gap(m: int, n: int, *, gap: float = 2.0, dtype=torch.float64, device="cpu", seed=None,
+                    with_norm: bool = False):  # fmt: skip
+    """A random m×n matrix with σ₁ = gap·σ₂ (so power iteration converges at rate 1/gap² per iteration); with
+    with_norm=True also its σ₁ (float64, known by construction: no SVD). The QRs run on `device` (fast on a GPU)."""
     g = torch.Generator().manual_seed(seed) if seed is not None else None
     k = min(m, n)
-    u, _ = torch.linalg.qr(torch.randn(m, k, dtype=torch.float64, generator=g))
-    v, _ = torch.linalg.qr(torch.randn(n, k, dtype=torch.float64, generator=g))
+    u, _ = torch.linalg.qr(torch.randn(m, k, dtype=torch.float64, generator=g).to(device))
+    v, _ = torch.linalg.qr(torch.randn(n, k, dtype=torch.float64, generator=g).to(device))
     s = torch.rand(k, dtype=torch.float64, generator=g) + 0.5
     s = s / s.max()
     s[0] = gap
     scale = float(torch.rand((), dtype=torch.float64, generator=g)) * 3 + 0.1
-    return ((u * (s * scale)) @ v.T).to(dtype=dtype, device=device)
+    w = ((u * (s * scale).to(device)) @ v.T).to(dtype=dtype)
+    return (w, torch.tensor(gap * scale, dtype=torch.float64)) if with_norm else w
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
