@@ -169,6 +169,9 @@ class InvertibleResBlock(nn.Module):
     gradient is written out in closed form (kexue_fast.flows.chain_neumann: one autograd node, memory_efficient
     either way); backward(create_graph=True) then differentiates the surrogate's graph, so higher-order gradients
     exist. Autograd-path branches (convolutions) with memory_efficient=True refuse double backward with a clear error.
+    Backends: `auto` runs these torch paths on every device. KEXUE_FAST_BACKEND=triton runs the fused Triton forward
+    of float32 CUDA Linear·act·Linear branches (kexue_fast.flows.fused), slower than the closed form in an H200
+    training step (benchmarks/results/flows-cuda.md), and raises where that kernel cannot run.
 
     inverse(y) -> x by fixed-point iteration or Anderson acceleration, stopping when ‖F(x) − x‖∞ ≤ atol +
     (rtol + 16ε)‖x‖∞ per sample for F(x) = y − g(x), ε the dtype's rounding unit (a RuntimeWarning if max_iter
@@ -177,7 +180,8 @@ class InvertibleResBlock(nn.Module):
     torch.compile(fullgraph=True): for dense-chain branches the forward, log-det and backward trace into one graph;
     the roulette length is then drawn on the device and capped at `roulette_max_terms` (terms masked, no host
     sync), and the fixed-point inverse becomes a `while_loop` with the same stopping rule (no stats, no warning).
-    The non-finite-input check is skipped while compiling. Autograd-path branches (e.g. convolutions) do not trace.
+    The NaN/Inf check of x in forward (a ValueError) runs on CPU tensors in eager mode only: on a GPU it would sync
+    with the host every step. Autograd-path branches (e.g. convolutions) do not trace.
     """
 
     def __init__(
