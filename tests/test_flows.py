@@ -1,3 +1,4 @@
+import copy
 import hashlib
 import math
 import warnings
@@ -215,6 +216,26 @@ def test_closed_form_neumann_gradient_equals_the_autograd_graph(act, depth, norm
     for c, a in zip(g_c, g_a):
         assert torch.allclose(c, a, atol=1e-12, rtol=1e-10), (c - a).abs().max()
     assert s_c.keys() == s_a.keys() and all(torch.equal(s_c[k], s_a[k]) for k in s_a)
+
+
+def test_closed_form_keeps_each_forwards_spectral_state_until_backward():
+    """Two training forwards (each advancing the power iteration in place) and one backward give the gradients of
+    two forward-backward pairs: each forward snapshots its u, v."""
+    torch.manual_seed(0)
+    g = nn.Sequential(spectral_norm(nn.Linear(4, 16), coeff=0.9), LipSwish(),
+                      spectral_norm(nn.Linear(16, 4), coeff=0.9)).double()  # fmt: skip
+    blocks = [InvertibleResBlock(g), InvertibleResBlock(copy.deepcopy(g))]
+    x1, x2 = torch.randn(5, 4, dtype=D64), torch.randn(5, 4, dtype=D64)
+    torch.manual_seed(1)
+    (y1, v1), (y2, v2) = blocks[0](x1), blocks[0](x2)
+    (y1.sum() + v1.sum() + y2.pow(2).sum() + v2.sum()).backward()
+    torch.manual_seed(1)
+    y1, v1 = blocks[1](x1)
+    (y1.sum() + v1.sum()).backward()
+    y2, v2 = blocks[1](x2)
+    (y2.pow(2).sum() + v2.sum()).backward()
+    for a, b in zip(blocks[0].g.parameters(), blocks[1].g.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-13, rtol=0)
 
 
 @pytest.mark.gpu

@@ -23,7 +23,8 @@ differentiated again.
 from __future__ import annotations
 
 import functools
-from typing import List, Optional, Sequence, Tuple
+import math
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -36,9 +37,10 @@ from .logdet import SeriesPlan
 _STACKED_SERIES_MAX = 1 << 22
 
 
-@functools.lru_cache(maxsize=16)
-def _inv_1_1(dtype: torch.dtype, device: torch.device) -> Tensor:
-    return torch.tensor(1 / 1.1, dtype=dtype, device=device)
+@functools.lru_cache(maxsize=64)
+def _constant(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A cached 0-d tensor, broadcast as an operand (no per-step host-to-device copy)."""
+    return torch.tensor(value, dtype=dtype, device=device)
 
 
 def _sigmoid_backward_(t: Tensor, s: Tensor) -> Tensor:
@@ -64,13 +66,13 @@ class _Activation:
         else:
             raise TypeError(f"no closed-form Neumann gradient for {type(module).__name__}")
 
-    def first(self, h: Tensor, beta: Optional[Tensor]) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-        """(φ(h), φ'(h), what the backward reuses: σ(βh) for LipSwish)."""
+    def first(self, h: Tensor, beta: Union[Tensor, float, None]) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        """(φ(h), φ'(h), what the backward reuses: σ(βh) for LipSwish); β a Python number on the CPU."""
         if self.kind == "lipswish":  # φ = h σ(βh)/1.1, φ' = σ (1 + βh(1 − σ))/1.1 = silu'(βh)/1.1
             bh = h * beta
-            d = torch.ops.aten.silu_backward(_inv_1_1(h.dtype, h.device).expand_as(bh), bh)
+            d = torch.ops.aten.silu_backward(_constant(1 / 1.1, h.dtype, h.device).expand_as(bh), bh)
             s = bh.sigmoid_()
-            return (h * s).div_(1.1), d, s
+            return torch.addcmul(_constant(0.0, h.dtype, h.device), h, s, value=1 / 1.1), d, s
         if self.kind == "elu":
             a = F.elu(h, self.const)
             return a, torch.where(h > 0, torch.ones_like(h), a + self.const), None
@@ -81,24 +83,32 @@ class _Activation:
         return F.leaky_relu(h, self.const), torch.where(h > 0, torch.ones_like(h), slope), None
 
     def backward(self, f: Optional[Tensor], ez: Optional[Tensor], h: Tensor, a: Tensor, d: Tensor,
-                 s: Optional[Tensor], beta: Optional[Tensor]) -> Tuple[Optional[Tensor], Optional[Tensor]]:  # fmt: skip
-        """(∂h, ∂β) from f = ∂a (the output's path) and ez = Σ_p e ⊙ z (the surrogate's path); either may be None,
-        both are overwritten.
+                 s: Optional[Tensor], beta: Union[Tensor, float, None]
+                 ) -> Tuple[Optional[Tensor], Optional[Tensor]]:  # fmt: skip
+        """(∂h, 1.1 ∂β) from f = ∂a (the output's path) and ez = Σ_p e ⊙ z (the surrogate's path); either may be
+        None, both are overwritten. β is a Python number on the CPU.
 
         ∂h = f ⊙ φ' + ez ⊙ φ'';  ∂β = Σ f ⊙ ∂φ/∂β + Σ ez ⊙ ∂φ'/∂β. LipSwish with q = σ(1 − σ),
         m = q (2 + βh(1 − 2σ))/1.1: φ'' = β m, ∂φ'/∂β = h m, ∂φ/∂β = h² q/1.1."""
         if self.kind == "lipswish":  # q-weighted products by sigmoid_backward(t, σ) = t σ(1 − σ)
             assert s is not None and beta is not None
-            grad_h, acc = None, None  # ∂β = Σ h ⊙ acc / 1.1
+            grad_h, acc = None, None  # 1.1 ∂β = Σ h ⊙ acc
             if f is not None:
-                fh = f * h
-                acc = _sigmoid_backward_(fh, s)  # f h q
+                acc = _sigmoid_backward_(f * h, s)  # f h q
                 grad_h = f.mul_(d)
             if ez is not None:
-                em = _sigmoid_backward_(ez.mul_((s * -2).add_(1).mul_(h).mul_(beta).add_(2)), s)  # 1.1 ez ⊙ m
-                grad_h = em * (beta / 1.1) if grad_h is None else grad_h.addcmul_(em, beta / 1.1)
+                w = torch.rsub(s, 1, alpha=2)  # 1 − 2σ
+                two = _constant(2.0, h.dtype, h.device)
+                if isinstance(beta, Tensor):
+                    w = torch.addcmul(two, h * beta, w)
+                    beta_11 = beta / 1.1
+                    em = _sigmoid_backward_(ez.mul_(w), s)  # 1.1 ez ⊙ m
+                    grad_h = em * beta_11 if grad_h is None else grad_h.addcmul_(em, beta_11)
+                else:
+                    em = _sigmoid_backward_(ez.mul_(torch.addcmul(two, h, w, value=beta)), s)
+                    grad_h = em * (beta / 1.1) if grad_h is None else grad_h.add_(em, alpha=beta / 1.1)
                 acc = em if acc is None else acc.add_(em)
-            grad_beta = torch.vdot(acc.reshape(-1), h.reshape(-1)) / 1.1 if acc is not None else None
+            grad_beta = torch.vdot(acc.reshape(-1), h.reshape(-1)) if acc is not None else None
             return grad_h, grad_beta
         grad_h = f.mul_(d) if f is not None else None
         if ez is not None and self.kind in ("elu", "tanh"):
@@ -123,8 +133,8 @@ class _Linear:
                 self.norm = norm
 
     def tensors(self) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
-        """(weight, u, v): the raw weight and the norm's vectors (advanced as SpectralNorm.divisor would), or the
-        effective weight and None."""
+        """(weight, u, v): the raw weight and the norm's vectors (advanced as SpectralNorm.divisor would; the
+        caller snapshots them), or the effective weight and None."""
         if self.norm is None:
             return self.layer.weight, None, None
         from ..nn.spectral_norm import _FROZEN
@@ -133,8 +143,7 @@ class _Linear:
         original = self.layer.parametrizations.weight.original
         if norm.training and norm.n_power_iterations > 0 and not _FROZEN[0]:
             norm._power_method(original, norm.n_power_iterations)
-        # Clones: the power iteration rewrites u, v in place, possibly before this step's backward.
-        return original, norm._u.clone(), norm._v.clone()
+        return original, norm._u, norm._v
 
 
 class _Spec:
@@ -181,8 +190,8 @@ def _stacked_series(weights: Sequence[Tensor], derivs: Sequence[Tensor], plan: S
         torch.mm(w, weights[0], out=terms[k])
     both = torch.mm(_series_coefficients(plan.inv_prob, probes.dtype, probes.device), buf.view(n, -1))
     weighted, rows = both.view(2, p, b, dim).unbind(0)
-    value = weighted.mul_(jv).sum(-1).mean(0)
-    return value, rows
+    per_probe = weighted.mul_(jv).sum(-1)
+    return (per_probe[0] if p == 1 else per_probe.mean(0)), rows
 
 
 def _save_groups(ctx, **groups: Sequence[Optional[Tensor]]) -> None:
@@ -219,20 +228,21 @@ class _ChainNeumann(torch.autograd.Function):
                 kappas.append(None)
                 divisors.append(None)
                 continue
-            sigma = torch.vdot(u, torch.mv(w, v))
+            ratio_t = torch.vdot(u, torch.addmv(_constant(0.0, w.dtype, w.device), w, v, beta=0, alpha=1 / coeff))
             if on_host:
-                ratio = float(sigma) / coeff
+                ratio = float(ratio_t)  # σ̂/c
                 divisor, kappa = max(ratio, 1.0), float(ratio >= 1.0) / coeff
                 weights.append(w / divisor)
                 kappas.append(kappa)
                 divisors.append(divisor)
                 continue
-            ratio = sigma / coeff
-            divisor, kappa = ratio.clamp_min(1.0), (ratio >= 1).to(sigma.dtype) / coeff
+            divisor = ratio_t.clamp_min(1.0)
             weights.append(w / divisor)
-            kappas.append(kappa)
+            kappas.append(ratio_t)  # saved: the backward's κ is [σ̂/c ≥ 1]/c
             divisors.append(divisor)
         betas = [F.softplus(r) if r is not None else None for r in raw_betas]
+        if on_host:  # Python numbers: scalar arguments instead of broadcast tensor ops
+            betas = [float(b) if b is not None else None for b in betas]
         hs, acts, derivs, sigs = [], [], [], []
         a = x
         for i in range(n):
@@ -257,9 +267,9 @@ class _ChainNeumann(torch.autograd.Function):
         ctx.spec = spec
         ctx.has_bias = [b is not None for b in biases]
         ctx.on_host = on_host
-        ctx.scalars = (kappas, divisors) if on_host else None
+        ctx.scalars = (kappas, divisors, betas) if on_host else None
         if on_host:
-            kappas = divisors = [None] * n
+            kappas = divisors = betas = [None] * n
         _save_groups(ctx, x=[x], rows=[rows], probes=[probes], weights=weights, us=us, vs=vs, kappas=kappas,
                      divisors=divisors, betas=betas, raw_betas=raw_betas, hs=hs, acts=acts, derivs=derivs, sigs=sigs,
                      raw=raw, biases=biases, zs=zs, u_fwd=us_fwd[1:])  # fmt: skip
@@ -275,14 +285,16 @@ class _ChainNeumann(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: gradients that can be differentiated again
             return _graph_backward(ctx, x, rows, probes, saved["raw"], saved["biases"], us, vs, raw_betas, grad_y,
                                    grad_value)  # fmt: skip
-        kappas, divisors = ctx.scalars if ctx.on_host else (saved["kappas"], saved["divisors"])
-        betas, hs, derivs, sigs, zs = saved["betas"], saved["hs"], saved["derivs"], saved["sigs"], saved["zs"]
+        kappas, divisors, betas = ctx.scalars if ctx.on_host else (saved["kappas"], saved["divisors"], saved["betas"])
+        hs, derivs, sigs, zs = saved["hs"], saved["derivs"], saved["sigs"], saved["zs"]
         acts, us_fwd = [x, *saved["acts"]], [probes, *saved["u_fwd"]]
         n_probes, batch = probes.shape[0], probes.shape[1]
         flat = n_probes * batch
         needs = ctx.needs_input_grad
 
-        rho = rows * (grad_value / n_probes).unsqueeze(-1) if grad_value is not None else None
+        rho = None
+        if grad_value is not None:
+            rho = rows * (grad_value if n_probes == 1 else grad_value / n_probes).unsqueeze(-1)
         eta = grad_y  # ∂g = ∂y
         grad_w: List[Optional[Tensor]] = [None] * n
         grad_b: List[Optional[Tensor]] = [None] * n
@@ -311,7 +323,12 @@ class _ChainNeumann(torch.autograd.Function):
                 ez = e.mul_(zs[j]).sum(0) if n_probes > 1 else e.mul_(zs[j]).squeeze(0)
             eta, grad_beta = spec.activations[j].backward(f, ez, hs[j], acts[i], derivs[j], sigs[j], betas[j])
             if grad_beta is not None and raw_betas[j] is not None and needs[4 + 4 * n + j]:
-                grad_raw_beta[j] = (grad_beta * torch.sigmoid(raw_betas[j])).reshape(raw_betas[j].shape)
+                # ∂β/∂raw = σ(raw) = 1 − e^{−β} (1 where softplus is linear, β > 20); the 1/1.1 of φ's derivatives
+                if ctx.on_host:
+                    grad_beta.mul_((1.0 if betas[j] > 20 else -math.expm1(-betas[j])) / 1.1)
+                else:
+                    grad_beta.mul_(torch.sigmoid(raw_betas[j])).div_(1.1)
+                grad_raw_beta[j] = grad_beta.reshape(raw_betas[j].shape)
         for i in range(n):  # the folded spectral norms: ∂V = (G − ⟨G, W⟩ κ u vᵀ) / δ
             if us[i] is None or grad_w[i] is None:
                 continue
@@ -320,8 +337,8 @@ class _ChainNeumann(torch.autograd.Function):
                 coef = float(torch.vdot(g.reshape(-1), weights[i].reshape(-1))) * kappas[i]
                 grad_w[i] = torch.addr(g, us[i], vs[i], beta=1 / divisors[i], alpha=-coef / divisors[i])
                 continue
-            coef = torch.vdot(g.reshape(-1), weights[i].reshape(-1)).mul_(kappas[i])
-            grad_w[i] = g.sub_(torch.outer(us[i], vs[i]).mul_(coef)).div_(divisors[i])
+            coef = torch.vdot(g.reshape(-1), weights[i].reshape(-1)).mul_(kappas[i] >= 1)  # ⟨G, W⟩ [σ̂/c ≥ 1]
+            grad_w[i] = torch.addr(g, us[i] * coef, vs[i], alpha=-1 / spec.coeffs[i]).div_(divisors[i])
         grad_w = [g if needs[4 + i] else None for i, g in enumerate(grad_w)]
         grad_b = [g if needs[4 + n + i] else None for i, g in enumerate(grad_b)]
         return (grad_x, None, None, None, *grad_w, *grad_b, *([None] * (2 * n)), *grad_raw_beta)
@@ -367,6 +384,11 @@ def chain_neumann_logdet(
     if spec is None:
         spec = chain.closed_form = _Spec(chain)
     raw, us, vs = zip(*(lin.tensors() for lin in spec.linears))
+    # One snapshot of every u, v: the power iteration rewrites them in place, possibly before this step's backward.
+    vectors = [t for t in us + vs if t is not None]
+    if vectors:
+        snapshot = iter(torch.cat(vectors).split([t.numel() for t in vectors]))
+        us, vs = ([next(snapshot) if t is not None else None for t in group] for group in (us, vs))
     biases = [lin.layer.bias for lin in spec.linears]
     raw_betas = [a.raw_beta if act.kind == "lipswish" else None for a, act in zip(chain.activations, spec.activations)]
     stacked = probes[0].unsqueeze(0) if len(probes) == 1 else torch.stack(list(probes))
