@@ -3,6 +3,9 @@
     python -m kexue_fast.benchmarks.flows_floor [--dim 32 --hidden 128 --terms 5 --reps 400]
 
 Prints, for kexue_fast's Neumann block (benchmarks/flows.py's `ours`, 1 thread):
+  - the aten operators one training step dispatches (views excluded: they launch no kernel), ours on the CPU path,
+    ours on the device path (σ̂ and β kept as tensors, as off the CPU; counted here on CPU tensors) and normflows';
+    the step includes the benchmark's loss and, on the CPU path, forward's finite check of x;
   - the matrix products one step runs (aten mm/addmm/bmm/addr/mv calls, counted with a TorchDispatchMode) and their
     multiply-adds, and this core's rate on the step's largest product shape ([B, D] × [D, H], median);
   - the step's median time at B = 256 and at B = 2, where the products cost nothing (what is left is per-op and Python
@@ -29,9 +32,11 @@ class _CountProducts(TorchDispatchMode):
         super().__init__()
         self.calls: Dict[str, int] = {}
         self.macs = 0
+        self.ops = 0  # every dispatched operator but views
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        self.ops += not func.is_view
         name = func.overloadpacket.__name__
         if name in _PRODUCTS:
             self.calls[name] = self.calls.get(name, 0) + 1
@@ -52,6 +57,14 @@ def _median_us(fn: Callable[[], object], reps: int) -> float:
     return statistics.median(times) * 1e6
 
 
+def _count(step: Callable[[], None]) -> _CountProducts:
+    step()
+    counter = _CountProducts()
+    with counter:
+        step()
+    return counter
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dim", type=int, default=32)
@@ -64,18 +77,25 @@ def main() -> None:
     block = ours(args.dim, args.hidden, args.terms, True)
     x = torch.randn(256, args.dim)
     step = _step(block, x)
-    step()
-    counter = _CountProducts()
-    with counter:
-        step()
+    counter = _count(step)
+    from kexue_fast.flows import chain_neumann
+
+    on_host = chain_neumann._host_scalars
+    chain_neumann._host_scalars = lambda x: False
+    try:
+        device_ops = _count(_step(ours(args.dim, args.hidden, args.terms, True), x)).ops
+    finally:
+        chain_neumann._host_scalars = on_host
+    nf = normflows_block(args.dim, args.hidden, args.terms, True)
     a, w = torch.randn(256, args.dim), torch.randn(args.dim, args.hidden)
     product_us = _median_us(lambda: a @ w, args.reps * 5)
     rate = 2 * 256 * args.dim * args.hidden / product_us / 1e3
     print(f"block D={args.dim} H={args.hidden} k={args.terms}, float32, 1 thread")
+    print(f"  aten operators per step (views excluded): kexue_fast {counter.ops} (CPU path), {device_ops} (device "
+          f"path); normflows {_count(_step(nf, x)).ops}")  # fmt: skip
     print(f"  matrix products per step: {dict(sorted(counter.calls.items()))}; mm/addmm multiply-adds "
           f"{counter.macs / 1e6:.1f}M")  # fmt: skip
     print(f"  [256, {args.dim}] x [{args.dim}, {args.hidden}]: {product_us:.1f} us ({rate:.0f} GFLOP/s)")
-    nf = normflows_block(args.dim, args.hidden, args.terms, True)
     for batch in (256, 2):
         xb = torch.randn(batch, args.dim)
         ours_us = _median_us(_step(block, xb), args.reps)
