@@ -23,6 +23,12 @@ TINY = 1.1754943508222875e-38  # float32 min normal: guards ‖u − u'‖ and �
 
 
 @triton.jit
+def _unit_ratio(x, y):
+    """x / y clamped to [−1, 1], the range of the paper rule's ratios (kexue_fast.jose.reference._unit_ratio)."""
+    return tl.minimum(tl.maximum(x / y, -1.0), 1.0)
+
+
+@triton.jit
 def _scalar(hi, lo, ptr):
     # float arguments arrive as float32 scalars: a (hi, lo) pair keeps float64 tables exact to ~1e-15
     # (the interpreter passes Python floats; the zero of the table dtype sets the type in both modes)
@@ -71,7 +77,7 @@ def _jose_separate_step_kernel(
         c_v = 1.0 - (f - h)
     else:
         dist = tl.maximum(tl.sqrt(tl.sum(diff * diff, axis=1)), 1.1754943508222875e-38)
-        c_v = 1.0 + (h - f) / dist
+        c_v = 1.0 + _unit_ratio(h - f, dist)
     step_v = (alpha * c_v)[:, None] * (diff - (f - h)[:, None] * v)
     tl.atomic_add(dv_ptr + vi[:, None].to(tl.int64) * D + cols[None, :], step_v, mask=act2)
     if MOVE_WORDS:
@@ -119,19 +125,19 @@ def _jose_joint_step_kernel(
         c_d = 1.0 - (g - k)
     else:
         dist = tl.maximum(tl.sqrt(tl.sum(diff * diff, axis=1)), 1.1754943508222875e-38)
-        c_d = 1.0 + (k - g) / dist
+        c_d = 1.0 + _unit_ratio(k - g, dist)
     step_d = (alpha * c_d)[:, None] * (diff - (g - k)[:, None] * d)
     tl.atomic_add(dd_ptr + di[:, None].to(tl.int64) * D + cols[None, :], step_d, mask=act2)
     if MOVE_WORDS:
         s = v + d
         s_norm = tl.maximum(tl.sqrt(tl.sum(s * s, axis=1)), 1.1754943508222875e-38)
-        step_u = (alpha * (1.0 - (f + g) / s_norm))[:, None] * (s - (f + g)[:, None] * u)
+        step_u = (alpha * (1.0 - _unit_ratio(f + g, s_norm)))[:, None] * (s - (f + g)[:, None] * u)
         if RULE == 1:
-            c_n = 2.0 * (h + k) / s_norm
+            c_n = 2.0 * _unit_ratio(h + k, s_norm)
             c_v = 1.0 - (f - h)
         else:
-            c_n = 1.0 + (h + k) / s_norm
-            c_v = 1.0 + (h - f) / tl.maximum(tl.sqrt(tl.sum(diff * diff, axis=1)), 1.1754943508222875e-38)
+            c_n = 1.0 + _unit_ratio(h + k, s_norm)
+            c_v = 1.0 + _unit_ratio(h - f, tl.maximum(tl.sqrt(tl.sum(diff * diff, axis=1)), 1.1754943508222875e-38))
         step_n = (alpha * c_n)[:, None] * ((h + k)[:, None] * un - s)
         step_v = (alpha * c_v)[:, None] * (diff - (f - h)[:, None] * v)
         tl.atomic_add(du_ptr + ui[:, None].to(tl.int64) * D + cols[None, :], step_u, mask=act2)

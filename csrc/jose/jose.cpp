@@ -67,6 +67,11 @@ KEXUE_INLINE void step_by(float* x, const float* e, float a, int n) {
   for (int c = 0; c < n; ++c) x[c] *= inv;
 }
 
+// x / y clamped to [−1, 1]: the paper rule's ratios (u' − u)ᵀv / ‖u − u'‖ and u'ᵀs / ‖s‖ lie there (Cauchy–Schwarz,
+// unit rows), but computed from rows another Hogwild thread is rewriting (u' = u with the norm read as 0, say) or
+// from nearly cancelling sums they can blow up and turn a row into NaN.
+KEXUE_INLINE float unit_ratio(float x, float y) { return std::min(1.f, std::max(-1.f, x / y)); }
+
 // The separate hinge max(0, m − uᵀv + u'ᵀv): u, u' and v move unless frozen (infer: only v, the document, moves).
 KEXUE_INLINE bool separate_step(float* u, float* v, float* un, float* e, int n, float alpha, float margin,
                                 StepRule rule, bool move_words, double& loss) {
@@ -87,7 +92,7 @@ KEXUE_INLINE bool separate_step(float* u, float* v, float* un, float* e, int n, 
   }
   const float c_ctx = rule == StepRule::jose_c
                           ? 1.f - (f - h)
-                          : 1.f + (h - f) / std::max(std::sqrt(dist2), std::numeric_limits<float>::min());
+                          : 1.f + unit_ratio(h - f, std::max(std::sqrt(dist2), std::numeric_limits<float>::min()));
   step_by(v, e, alpha * c_ctx, n);
   return true;
 }
@@ -115,13 +120,13 @@ KEXUE_INLINE bool joint_step(float* u, float* v, float* d, float* un, float* scr
   constexpr float tiny = std::numeric_limits<float>::min();
   const float s_norm = std::max(std::sqrt(s2), tiny), dist = std::max(std::sqrt(dist2), tiny);
   if (move_words) {
-    step_along(u, s, -(f + g), -1.f, alpha * (1.f - (f + g) / s_norm), n);
-    const float c_neg = rule == StepRule::jose_c ? 2.f * (h + k) / s_norm : 1.f + (h + k) / s_norm;
+    step_along(u, s, -(f + g), -1.f, alpha * (1.f - unit_ratio(f + g, s_norm)), n);
+    const float c_neg = rule == StepRule::jose_c ? 2.f * unit_ratio(h + k, s_norm) : 1.f + unit_ratio(h + k, s_norm);
     step_along(un, s, h + k, 1.f, alpha * c_neg, n);
-    const float c_v = rule == StepRule::jose_c ? 1.f - (f - h) : 1.f + (h - f) / dist;
+    const float c_v = rule == StepRule::jose_c ? 1.f - (f - h) : 1.f + unit_ratio(h - f, dist);
     step_by(v, ev, alpha * c_v, n);
   }
-  const float c_d = rule == StepRule::jose_c ? 1.f - (g - k) : 1.f + (k - g) / dist;
+  const float c_d = rule == StepRule::jose_c ? 1.f - (g - k) : 1.f + unit_ratio(k - g, dist);
   step_by(d, ed, alpha * c_d, n);
   return true;
 }

@@ -29,6 +29,9 @@ For the joint hinge, with f = uᵀv, g = uᵀd, h = u'ᵀv, k = u'ᵀd, s = v + 
     v       (u − u') − (f − h) v    1 + (h − f)/‖u − u'‖     1 − (f − h)
     d       (u − u') − (g − k) d    1 + (k − g)/‖u − u'‖     1 − (g − k)
 
+Every ratio x/y above lies in [−1, 1] (Cauchy–Schwarz, unit rows) and is clamped there: computed in floating point
+from nearly cancelling sums, or by a Hogwild thread from rows another thread is rewriting, it can blow up.
+
 A pair updates only while its hinge is active (f − h < m, resp. f + g − h − k < m); every gradient is taken at the
 old vectors. Shapes: every vector argument is [B, D] (B independent triples, rows assumed unit-norm) or [D].
 """
@@ -79,12 +82,19 @@ class JointUpdate(NamedTuple):
     active: Tensor
 
 
+def _unit_ratio(x: Tensor, y: Tensor) -> Tensor:
+    """x / y clamped to [−1, 1]: the ratios (h − f)/‖u − u'‖, (k − g)/‖u − u'‖, (h + k)/‖s‖, (f + g)/‖s‖ lie there
+    (Cauchy–Schwarz with unit rows), but computed in floating point from nearly cancelling sums, or by a Hogwild
+    thread from rows another thread is rewriting, they can blow up (and turn a row into NaN)."""
+    return (x / y.clamp_min(torch.finfo(x.dtype).tiny)).clamp(-1.0, 1.0)
+
+
 def separate_factors(f: Tensor, h: Tensor, pair_dist: Tensor, step_rule: str) -> tuple[Tensor, Tensor, Tensor]:
     """Step factors (c_u, c_u', c_v) of the separate hinge; pair_dist = ‖u − u'‖ (used by the paper's c_v)."""
     _check_rule(step_rule)
     c_u = 1 - f
     if step_rule == "paper":
-        return c_u, 1 + h, 1 + (h - f) / pair_dist.clamp_min(torch.finfo(f.dtype).tiny)
+        return c_u, 1 + h, 1 + _unit_ratio(h - f, pair_dist)
     return c_u, 2 * h, 1 - (f - h)
 
 
@@ -105,13 +115,10 @@ def separate_update(u: Tensor, v: Tensor, u_neg: Tensor, alpha: float, margin: f
 def joint_factors(f: Tensor, g: Tensor, h: Tensor, k: Tensor, s_norm: Tensor, pair_dist: Tensor, step_rule: str):
     """Step factors (c_u, c_u', c_v, c_d) of the joint hinge; s_norm = ‖v + d‖, pair_dist = ‖u − u'‖."""
     _check_rule(step_rule)
-    tiny = torch.finfo(f.dtype).tiny
-    s = s_norm.clamp_min(tiny)
-    c_u = 1 - (f + g) / s
+    c_u = 1 - _unit_ratio(f + g, s_norm)
     if step_rule == "paper":
-        dist = pair_dist.clamp_min(tiny)
-        return c_u, 1 + (h + k) / s, 1 + (h - f) / dist, 1 + (k - g) / dist
-    return c_u, 2 * (h + k) / s, 1 - (f - h), 1 - (g - k)
+        return c_u, 1 + _unit_ratio(h + k, s_norm), 1 + _unit_ratio(h - f, pair_dist), 1 + _unit_ratio(k - g, pair_dist)
+    return c_u, 2 * _unit_ratio(h + k, s_norm), 1 - (f - h), 1 - (g - k)
 
 
 def joint_update(u: Tensor, v: Tensor, d: Tensor, u_neg: Tensor, alpha: float, margin: float,
