@@ -10,6 +10,8 @@ are not updated inside the timed step for anyone (normflows' InducedNormLinear a
   FrEIA                IResNetLayer(jacobian_iterations=k): its log-det carries no gradient (less work)
   kexue_fast fused Triton (CUDA only) the Neumann block with backend='triton': the fused forward kernel
                        (kernels/iresnet.py); `auto` runs the closed-form torch path, measured faster
+  kexue_fast series, graph (CUDA only) the series gradient through torch's graph (chain_series_logdet), which the
+                       CPU runs; off the CPU `kexue_fast series` is the closed form (chain_neumann._series_closed_form)
   kexue_fast compiled  the Neumann step under torch.compile(fullgraph=True) (normflows cannot trace: it syncs
                        with .item() and calls autograd.grad in forward)
 Memory: bytes of the tensors autograd saves for backward (torch.autograd.graph.saved_tensors_hooks), the graph a
@@ -136,6 +138,23 @@ class OnBackend:
         return _step(self, x)
 
 
+class GraphSeries(OnBackend):
+    """Our series-gradient block with the closed form switched off (chain_neumann._series_closed_form → False)."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__(block, "auto")
+
+    def __call__(self, x: torch.Tensor):
+        from kexue_fast.flows import chain_neumann
+
+        closed_form = chain_neumann._series_closed_form
+        chain_neumann._series_closed_form = lambda x: False
+        try:
+            return self.block(x)
+        finally:
+            chain_neumann._series_closed_form = closed_form
+
+
 def saved_bytes(block, x: torch.Tensor) -> Optional[int]:
     if isinstance(block, Compiled):
         return None  # what a compiled graph saves is not visible to saved_tensors_hooks
@@ -157,6 +176,7 @@ def contestants(dim: int, hidden: int, n_terms: int, compiled: bool = True, devi
     }
     if device == "cuda":  # auto runs the closed-form torch path there; this row times the fused Triton block
         found["kexue_fast Neumann, fused Triton"] = OnBackend(ours(dim, hidden, n_terms, True), "triton")
+        found["kexue_fast series, graph"] = GraphSeries(ours(dim, hidden, n_terms, False))
     if compiled:
         found["kexue_fast Neumann, compiled"] = Compiled(ours(dim, hidden, n_terms, True))
     try:

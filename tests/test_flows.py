@@ -158,9 +158,10 @@ def test_dense_chain_path_equals_autograd_path(act, neumann_grad, logdet):
         assert torch.allclose(a, c, atol=1e-12, rtol=1e-10)
 
 
-def _closed_form_run(closed, act, depth, norm, bias, n_probes, logdet, x_grad, train, device="cpu"):
-    """(y, log-det, gradients of a loss on both, state after) by the closed-form Neumann gradient (the block's eager
-    path) or by differentiating the surrogate through torch's graph (chain_series_logdet, the compiled path)."""
+def _closed_form_run(closed, act, depth, norm, bias, n_probes, logdet, x_grad, train, device="cpu", neumann=True):
+    """(y, log-det, gradients of a loss on both, state after) by the closed form (the block's eager path) or by
+    differentiating the surrogate (neumann) or the series (not neumann) through torch's graph (chain_series_logdet,
+    the compiled path)."""
     from kexue_fast.flows.chain import chain_series_logdet
 
     torch.manual_seed(11)
@@ -174,7 +175,7 @@ def _closed_form_run(closed, act, depth, norm, bias, n_probes, logdet, x_grad, t
             layer = nn.utils.parametrizations.weight_norm(layer)
         layers += [layer, act()] if i < depth - 1 else [layer]
     g = nn.Sequential(*layers).double().train(train).to(device)
-    block = InvertibleResBlock(g, logdet=logdet, n_terms=4, n_probes=n_probes)
+    block = InvertibleResBlock(g, logdet=logdet, n_terms=4, n_probes=n_probes, neumann_grad=neumann)
     x = torch.randn(6, 4, dtype=D64).to(device).requires_grad_(x_grad)
     wy = torch.randn(6, 4, dtype=D64, device=device)
     wl = torch.tensor([1.0, 2.0, 3.0, 0.0, -1.0, 5.0], dtype=D64, device=device)
@@ -185,7 +186,7 @@ def _closed_form_run(closed, act, depth, norm, bias, n_probes, logdet, x_grad, t
             y, value = block(x)
         else:
             probes = [L.draw_probe(x, block.probe) for _ in range(n_probes)]
-            gx, value = chain_series_logdet(block._chain, x, block._plans(x), probes, neumann_grad=True)
+            gx, value = chain_series_logdet(block._chain, x, block._plans(x), probes, neumann_grad=neumann)
             y = x + gx
     ((y * wy).sum() + (value * wl).sum()).backward()
     grads = [p.grad for p in g.parameters()] + ([x.grad] if x_grad else [])
@@ -199,18 +200,20 @@ def _closed_form_run(closed, act, depth, norm, bias, n_probes, logdet, x_grad, t
      (3, "spectral", True, 2, "roulette", True, True), (3, "weight_norm", False, 1, "series", True, True),
      (2, "spectral", False, 3, "roulette", False, False)],
 )  # fmt: skip
-@pytest.mark.parametrize("host_scalars", [True, False])
+@pytest.mark.parametrize("host_scalars, neumann", [(True, True), (False, True), (True, False), (False, False)])
 def test_closed_form_neumann_gradient_equals_the_autograd_graph(act, depth, norm, bias, n_probes, logdet, x_grad,
-                                                                train, host_scalars, monkeypatch):  # fmt: skip
+                                                                train, host_scalars, neumann, monkeypatch):  # fmt: skip
     """kexue_fast.flows.chain_neumann (one autograd node, spectral norms folded in) against torch's graph of the
-    surrogate: same y and log-det, same gradients of a loss on both (1e-12, float64), same power-iteration state.
-    host_scalars=False runs the spectral-norm fold in tensors, as off the CPU."""
+    surrogate (neumann) or of the series itself (neumann_grad=False): same y and log-det, same gradients of a loss on
+    both (1e-12, float64), same power-iteration state. host_scalars=False runs the spectral-norm fold in tensors, as
+    off the CPU."""
     from kexue_fast.flows import chain_neumann
 
     monkeypatch.setattr(chain_neumann, "_host_scalars", lambda x: host_scalars)
+    monkeypatch.setattr(chain_neumann, "_series_closed_form", lambda x: True)  # on CPU too
     args = (act, depth, norm, bias, n_probes, logdet, x_grad, train)
-    y_c, v_c, g_c, s_c = _closed_form_run(True, *args)
-    y_a, v_a, g_a, s_a = _closed_form_run(False, *args)
+    y_c, v_c, g_c, s_c = _closed_form_run(True, *args, neumann=neumann)
+    y_a, v_a, g_a, s_a = _closed_form_run(False, *args, neumann=neumann)
     assert torch.allclose(y_c, y_a, atol=1e-14, rtol=0) and torch.allclose(v_c, v_a, atol=1e-13, rtol=0)
     assert len(g_c) == len(g_a) and all(t is not None and bool(t.abs().sum() > 0) for t in g_a + g_c)
     for c, a in zip(g_c, g_a):
@@ -243,26 +246,32 @@ def test_closed_form_keeps_each_forwards_spectral_state_until_backward():
 @pytest.mark.parametrize("depth, norm, n_probes, logdet, train",
                          [(2, "spectral", 1, "series", True), (3, "spectral", 2, "roulette", True),
                           (2, "plain", 2, "series", False)])  # fmt: skip
-def test_closed_form_neumann_gradient_on_cuda(act, depth, norm, n_probes, logdet, train):
-    """On CUDA (float64: the torch backend, σ̂ kept on the device) the closed form equals torch's graph of the
-    surrogate there (1e-12), and the CPU run of the same block up to the probes' generator."""
+@pytest.mark.parametrize("neumann", [True, False])
+def test_closed_form_neumann_gradient_on_cuda(act, depth, norm, n_probes, logdet, train, neumann):
+    """On CUDA (float64: the torch backend, σ̂ kept on the device) the closed form (of the Neumann gradient, or of
+    the series' own) equals torch's graph of the surrogate or the series there (1e-12), and the CPU run of the same
+    block up to the probes' generator."""
     args = (act, depth, norm, True, n_probes, logdet, True, train)
-    y_c, v_c, g_c, s_c = _closed_form_run(True, *args, device="cuda")
-    y_a, v_a, g_a, s_a = _closed_form_run(False, *args, device="cuda")
+    y_c, v_c, g_c, s_c = _closed_form_run(True, *args, device="cuda", neumann=neumann)
+    y_a, v_a, g_a, s_a = _closed_form_run(False, *args, device="cuda", neumann=neumann)
     assert y_c.is_cuda and all(t.is_cuda for t in g_c)
     assert torch.allclose(y_c, y_a, atol=1e-14, rtol=0) and torch.allclose(v_c, v_a, atol=1e-13, rtol=0)
     for c, a in zip(g_c, g_a):
         assert torch.allclose(c, a, atol=1e-12, rtol=1e-10), (c - a).abs().max()
     assert all(torch.allclose(s_c[k], s_a[k], atol=1e-14, rtol=0) for k in s_a)
-    y_cpu = _closed_form_run(True, *args)[0]
+    y_cpu = _closed_form_run(True, *args, neumann=neumann)[0]
     assert torch.allclose(y_c.cpu(), y_cpu, atol=1e-14, rtol=0)  # y does not depend on the probes
 
 
+@pytest.mark.parametrize("neumann", [True, False])
 @pytest.mark.parametrize("act, depth", [(LipSwish, 2), (nn.ELU, 3), (nn.Tanh, 2)])
-def test_closed_form_block_supports_double_backward(act, depth):
+def test_closed_form_block_supports_double_backward(act, depth, neumann, monkeypatch):
     """backward(create_graph=True) through the eager Neumann path gives the graph path's first-order gradients with
     a graph, so a gradient penalty ‖∂L/∂x‖² differentiates to the graph path's parameter gradients (1e-12)."""
+    from kexue_fast.flows import chain_neumann
     from kexue_fast.flows.chain import chain_series_logdet
+
+    monkeypatch.setattr(chain_neumann, "_series_closed_form", lambda x: True)  # on CPU too
 
     results = []
     for closed in (True, False):
@@ -274,14 +283,14 @@ def test_closed_form_block_supports_double_backward(act, depth):
             if i < depth - 1:
                 layers.append(act())
         g = nn.Sequential(*layers).double()
-        block = InvertibleResBlock(g, n_terms=4, n_probes=2)
+        block = InvertibleResBlock(g, n_terms=4, n_probes=2, neumann_grad=neumann)
         x = torch.randn(6, 4, dtype=D64, requires_grad=True)
         torch.manual_seed(5)
         if closed:
             y, value = block(x)
         else:
             probes = [L.draw_probe(x, block.probe) for _ in range(2)]
-            gx, value = chain_series_logdet(block._chain, x, block._plans(x), probes, neumann_grad=True)
+            gx, value = chain_series_logdet(block._chain, x, block._plans(x), probes, neumann_grad=neumann)
             y = x + gx
         first = torch.autograd.grad((y * y).sum() + (value * torch.arange(6.0, dtype=D64)).sum(), [x, *g.parameters()],
                                     create_graph=True)  # fmt: skip

@@ -30,11 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .chain import DenseChain, series_value_and_rows
+from .chain import DenseChain, chain_series_logdet, series_value_and_rows
 from .logdet import SeriesPlan
 
 # Past this many elements, the per-term buffer of the one-GEMM series accumulation gives way to the term-by-term sum.
 _STACKED_SERIES_MAX = 1 << 22
+_PARAMS = 5  # _ChainNeumann.apply(x, probes, spec, plans, through_series, *params)
 
 
 @functools.lru_cache(maxsize=64)
@@ -156,25 +157,40 @@ class _Spec:
         self.coeffs = [lin.norm.coeff if lin.norm is not None else None for lin in self.linears]
 
 
+def _series_closed_form(x: Tensor) -> bool:
+    """Whether the gradient through the series (neumann_grad=False) takes the closed form: off the CPU, where a step
+    costs per operator (100 instead of 172 in the flows benchmark's step; GPU time unmeasured). On this project's CPU
+    the graph path measured faster (the closed form's stacked n·B-row buffers and ~10% more multiply-adds: 6–21%
+    slower in an interleaved A/B)."""
+    return x.device.type != "cpu"
+
+
 def _host_scalars(x: Tensor) -> bool:
     """Whether the spectral norms' σ̂ are read as Python numbers (fewer tensor ops; a device sync off the CPU)."""
     return x.device.type == "cpu"
 
 
 @functools.lru_cache(maxsize=64)
-def _series_coefficients(inv_prob: Tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """[2, n]: the weights of vᵀJ^{k−1}, k = 1..n, in the value (c_k, to be dotted with Jv) and in the Neumann row."""
+def _series_coefficients(inv_prob: Tuple[float, ...], dtype: torch.dtype, device: torch.device,
+                         through_series: bool) -> Tensor:  # fmt: skip
+    """The weights of l_i = vᵀJ^i, i = 0..n−1: first the value's (c_{i+1}, to be dotted with Jv); then the Neumann
+    row's (c'_{i+1}), or with through_series the rows L_j = Σ_i c_{i+j+1} l_i, j = 0..n−1 ([1 + n, n])."""
     plan = SeriesPlan(inv_prob)
-    ks = range(1, plan.n_terms + 1)
-    return torch.tensor([[plan.value_coeff(k) for k in ks], [plan.neumann_coeff(k) for k in ks]], dtype=dtype,
-                        device=device)  # fmt: skip
+    n = plan.n_terms
+    value = [plan.value_coeff(k) for k in range(1, n + 1)]
+    if through_series:
+        rows = [[plan.value_coeff(i + j + 1) if i + j < n else 0.0 for i in range(n)] for j in range(n)]
+    else:
+        rows = [[plan.neumann_coeff(k) for k in range(1, n + 1)]]
+    return torch.tensor([value, *rows], dtype=dtype, device=device)
 
 
 def _stacked_series(weights: Sequence[Tensor], derivs: Sequence[Tensor], plan: SeriesPlan, probes: Tensor,
-                    jv: Tensor) -> Tuple[Tensor, Tensor]:  # fmt: skip
-    """One plan shared by the probes [P, B, D]: l_k = l_{k−1} J (l_0 = v) for k < n into one buffer; the Neumann
-    rows Σ c'_k l_{k−1} and the value Σ c_k l_{k−1}·(Jv) = Σ c_k vᵀJ^k v from one small GEMM with the coefficients
-    (jv = Jv [P, B, D], from the forward-mode pass the backward needs anyway). Returns (value [B], rows [P, B, D])."""
+                    jv: Tensor, through_series: bool = False) -> Tuple[Tensor, Tensor]:  # fmt: skip
+    """One plan shared by the probes [P, B, D]: l_k = l_{k−1} J (l_0 = v) for k < n into one buffer; the value
+    Σ c_k l_{k−1}·(Jv) = Σ c_k vᵀJ^k v and the rows from one small GEMM with the coefficients (jv = Jv [P, B, D], from
+    the forward-mode pass the backward needs anyway). Returns (value [B], rows): the Neumann rows Σ c'_k l_{k−1}
+    [P, B, D], or with through_series the rows L_j [n, P, B, D] that pair with J^j v in the series' gradient."""
     n, (p, b, dim) = plan.n_terms, probes.shape
     buf = probes.new_empty((n, p * b, dim))
     terms = buf.unbind(0)
@@ -188,10 +204,56 @@ def _stacked_series(weights: Sequence[Tensor], derivs: Sequence[Tensor], plan: S
             hidden[i - 1].mul_(derivs[i - 1])
             w = hidden_flat[i - 1]
         torch.mm(w, weights[0], out=terms[k])
-    both = torch.mm(_series_coefficients(plan.inv_prob, probes.dtype, probes.device), buf.view(n, -1))
-    weighted, rows = both.view(2, p, b, dim).unbind(0)
+    both = torch.mm(_series_coefficients(plan.inv_prob, probes.dtype, probes.device, through_series),
+                    buf.view(n, -1)).view(-1, p, b, dim)  # fmt: skip
+    weighted, rows = both[0], (both[1:] if through_series else both[1])
     per_probe = weighted.mul_(jv).sum(-1)
     return (per_probe[0] if p == 1 else per_probe.mean(0)), rows
+
+
+def _neumann_rows(weights: Sequence[Tensor], derivs: Sequence[Tensor], plans: Sequence[SeriesPlan],
+                  probes: Tensor) -> Tuple[List[Tensor], List[Tensor], Tensor, Tensor]:  # fmt: skip
+    """The forward-mode pass per probe (z_i = W_i u_{i−1}, u_i = d_i ⊙ z_i, u_0 = v; Jv = W_L u_{L−1}), the value
+    and the Neumann rows [P, B, D]: (zs, us, value, rows)."""
+    zs, us = [], [probes]
+    for i in range(len(weights) - 1):
+        zs.append(torch.matmul(us[-1], weights[i].T))
+        us.append(zs[-1] * derivs[i])
+    same = all(p.mask is None and p.inv_prob == plans[0].inv_prob for p in plans)
+    if same and plans[0].n_terms * probes.numel() <= _STACKED_SERIES_MAX:
+        value, rows = _stacked_series(weights, derivs, plans[0], probes, torch.matmul(us[-1], weights[-1].T))
+    else:
+        value, row_list = series_value_and_rows(weights, derivs, plans, list(probes.unbind(0)), rows=True)
+        assert row_list is not None
+        rows = torch.stack(row_list)
+    return zs, us[1:], value, rows
+
+
+def _series_pairs(weights: Sequence[Tensor], derivs: Sequence[Tensor], plan: SeriesPlan,
+                  probes: Tensor) -> Tuple[Tensor, Tensor, Tensor, List[Tensor], List[Tensor]]:  # fmt: skip
+    """For the gradient of the series itself, dT = Σ_{j<n} L_jᵀ dJ (J^j v) with L_j = Σ_i c_{i+j+1} vᵀJ^i: the
+    forward-mode pass from each r_j = J^j v (r_0 = v, r_{j+1} = W_L u_{L−1}), j < n, stacked.
+    Returns (value [B], rows L [n·P, B, D], r [n·P, B, D], zs, us [n·P, B, H_i] per hidden layer)."""
+    n, (p, b, dim) = plan.n_terms, probes.shape
+    r = probes.new_empty((n, p * b, dim))
+    r[0].copy_(probes.view(p * b, dim))
+    zs = [probes.new_empty((n, p * b, w.shape[0])) for w in weights[:-1]]
+    us = [torch.empty_like(z) for z in zs]
+    jv = None
+    for j in range(n):
+        cur = r[j]
+        for i in range(len(weights) - 1):
+            torch.mm(cur, weights[i].T, out=zs[i][j])
+            torch.mul(zs[i][j].view(p, b, -1), derivs[i], out=us[i][j].view(p, b, -1))
+            cur = us[i][j]
+        if j + 1 < n:
+            torch.mm(cur, weights[-1].T, out=r[j + 1])
+        elif j == 0:
+            jv = torch.mm(cur, weights[-1].T)
+    jv = (r[1] if n > 1 else jv).view(p, b, dim)
+    value, rows = _stacked_series(weights, derivs, plan, probes, jv, through_series=True)
+    return (value, rows.reshape(n * p, b, dim), r.view(n * p, b, dim), [z.view(n * p, b, -1) for z in zs],
+            [u.view(n * p, b, -1) for u in us])  # fmt: skip
 
 
 def _save_groups(ctx, **groups: Sequence[Optional[Tensor]]) -> None:
@@ -216,7 +278,8 @@ class _ChainNeumann(torch.autograd.Function):
     probe, whatever the number of terms."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, probes: Tensor, spec: _Spec, plans: Sequence[SeriesPlan], *params):
+    def forward(ctx, x: Tensor, probes: Tensor, spec: _Spec, plans: Sequence[SeriesPlan], through_series: bool,
+                *params):  # fmt: skip
         n = len(spec.linears)
         raw, biases, us, vs, raw_betas = (params[:n], params[n : 2 * n], params[2 * n : 3 * n], params[3 * n : 4 * n],
                                           params[4 * n :])  # fmt: skip
@@ -253,17 +316,13 @@ class _ChainNeumann(torch.autograd.Function):
                 acts.append(a)
                 derivs.append(d)
                 sigs.append(s)
-        zs, us_fwd = [], [probes]  # forward mode, per probe: z_i = W_i u_{i−1}, u_i = d_i ⊙ z_i; Jv = W_L u_{L−1}
-        for i in range(n - 1):
-            zs.append(torch.matmul(us_fwd[-1], weights[i].T))
-            us_fwd.append(zs[-1] * derivs[i])
-        same = all(p.mask is None and p.inv_prob == plans[0].inv_prob for p in plans)
-        if same and plans[0].n_terms * probes.numel() <= _STACKED_SERIES_MAX:
-            value, rows = _stacked_series(weights, derivs, plans[0], probes, torch.matmul(us_fwd[-1], weights[-1].T))
+        if through_series:  # the pairs (L_j, J^j v), j < n, of the series' gradient
+            value, rows, probes, zs, u_fwd = _series_pairs(weights, derivs, plans[0], probes)
+            ctx.plans = plans
         else:
-            value, row_list = series_value_and_rows(weights, derivs, plans, list(probes.unbind(0)), rows=True)
-            assert row_list is not None
-            rows = torch.stack(row_list)
+            zs, u_fwd, value, rows = _neumann_rows(weights, derivs, plans, probes)
+        ctx.through_series = through_series
+        ctx.n_probes = len(plans)
         ctx.spec = spec
         ctx.has_bias = [b is not None for b in biases]
         ctx.on_host = on_host
@@ -272,7 +331,7 @@ class _ChainNeumann(torch.autograd.Function):
             kappas = divisors = betas = [None] * n
         _save_groups(ctx, x=[x], rows=[rows], probes=[probes], weights=weights, us=us, vs=vs, kappas=kappas,
                      divisors=divisors, betas=betas, raw_betas=raw_betas, hs=hs, acts=acts, derivs=derivs, sigs=sigs,
-                     raw=raw, biases=biases, zs=zs, u_fwd=us_fwd[1:])  # fmt: skip
+                     raw=raw, biases=biases, zs=zs, u_fwd=u_fwd)  # fmt: skip
         return h.add_(x), value  # y = x + g(x)
 
     @staticmethod
@@ -288,8 +347,8 @@ class _ChainNeumann(torch.autograd.Function):
         kappas, divisors, betas = ctx.scalars if ctx.on_host else (saved["kappas"], saved["divisors"], saved["betas"])
         hs, derivs, sigs, zs = saved["hs"], saved["derivs"], saved["sigs"], saved["zs"]
         acts, us_fwd = [x, *saved["acts"]], [probes, *saved["u_fwd"]]
-        n_probes, batch = probes.shape[0], probes.shape[1]
-        flat = n_probes * batch
+        n_probes, lead, batch = ctx.n_probes, probes.shape[0], probes.shape[1]  # lead: n·P pairs through the series
+        flat = lead * batch
         needs = ctx.needs_input_grad
 
         rho = None
@@ -320,9 +379,9 @@ class _ChainNeumann(torch.autograd.Function):
             if rho is not None:
                 e = torch.matmul(rho, weights[i])
                 rho = e * derivs[j]
-                ez = e.mul_(zs[j]).sum(0) if n_probes > 1 else e.mul_(zs[j]).squeeze(0)
+                ez = e.mul_(zs[j]).sum(0) if lead > 1 else e.mul_(zs[j]).squeeze(0)
             eta, grad_beta = spec.activations[j].backward(f, ez, hs[j], acts[i], derivs[j], sigs[j], betas[j])
-            if grad_beta is not None and raw_betas[j] is not None and needs[4 + 4 * n + j]:
+            if grad_beta is not None and raw_betas[j] is not None and needs[_PARAMS + 4 * n + j]:
                 # ∂β/∂raw = σ(raw) = 1 − e^{−β} (1 where softplus is linear, β > 20); the 1/1.1 of φ's derivatives
                 if ctx.on_host:
                     grad_beta.mul_((1.0 if betas[j] > 20 else -math.expm1(-betas[j])) / 1.1)
@@ -339,14 +398,15 @@ class _ChainNeumann(torch.autograd.Function):
                 continue
             coef = torch.vdot(g.reshape(-1), weights[i].reshape(-1)).mul_(kappas[i] >= 1)  # ⟨G, W⟩ [σ̂/c ≥ 1]
             grad_w[i] = torch.addr(g, us[i] * coef, vs[i], alpha=-1 / spec.coeffs[i]).div_(divisors[i])
-        grad_w = [g if needs[4 + i] else None for i, g in enumerate(grad_w)]
-        grad_b = [g if needs[4 + n + i] else None for i, g in enumerate(grad_b)]
-        return (grad_x, None, None, None, *grad_w, *grad_b, *([None] * (2 * n)), *grad_raw_beta)
+        grad_w = [g if needs[_PARAMS + i] else None for i, g in enumerate(grad_w)]
+        grad_b = [g if needs[_PARAMS + n + i] else None for i, g in enumerate(grad_b)]
+        return (grad_x, None, None, None, None, *grad_w, *grad_b, *([None] * (2 * n)), *grad_raw_beta)
 
 
 def _graph_backward(ctx, x, rows, probes, raw, biases, us, vs, raw_betas, grad_y, grad_value):
-    """The same gradients from torch's graph of y and of the surrogate mean_p rᵀ J v (chain_series_logdet's), for
-    backward(create_graph=True): higher-order derivatives then exist, as through the graph path."""
+    """The same gradients from torch's graph of y and of the surrogate mean_p rᵀ J v (or of the series itself, with
+    through_series) as chain_series_logdet builds them, for backward(create_graph=True): higher-order derivatives
+    then exist, as through the graph path."""
     spec = ctx.spec
     chain = spec.chain
     n = len(spec.linears)
@@ -365,21 +425,33 @@ def _graph_backward(ctx, x, rows, probes, raw, biases, us, vs, raw_betas, grad_y
         outs.append(x + h)
         seeds.append(grad_y)
     if grad_value is not None:
-        outs.append((rows * DenseChain.jvp(probes, weights, derivs)).sum(-1).mean(0))
+        if ctx.through_series:  # probes holds r_j = J^j v, j < n: the probes are r_0
+            first = list(probes[: ctx.n_probes].unbind(0))
+            outs.append(series_value_and_rows(weights, derivs, ctx.plans, first, rows=False)[0])
+        else:
+            outs.append((rows * DenseChain.jvp(probes, weights, derivs)).sum(-1).mean(0))
         seeds.append(grad_value)
     candidates = [x, *raw, *biases, *raw_betas]
-    flags = [needs[0], *needs[4 : 4 + 2 * n], *needs[4 + 4 * n :]]
+    flags = [needs[0], *needs[_PARAMS : _PARAMS + 2 * n], *needs[_PARAMS + 4 * n :]]
     wanted = [t for t, f in zip(candidates, flags) if f and t is not None]
     found = iter(torch.autograd.grad(outs, wanted, seeds, create_graph=True, allow_unused=True))
     got = [next(found) if f and t is not None else None for t, f in zip(candidates, flags)]
-    return (got[0], None, None, None, *got[1 : 1 + 2 * n], *([None] * (2 * n)), *got[1 + 2 * n :])
+    return (got[0], None, None, None, None, *got[1 : 1 + 2 * n], *([None] * (2 * n)), *got[1 + 2 * n :])
 
 
 def chain_neumann_logdet(
-    chain: DenseChain, x: Tensor, plans: Sequence[SeriesPlan], probes: Sequence[Tensor]
+    chain: DenseChain, x: Tensor, plans: Sequence[SeriesPlan], probes: Sequence[Tensor], through_series: bool = False
 ) -> Tuple[Tensor, Tensor]:
     """(y = x + g(x), log-det estimate [B]) of a DenseChain with the Neumann gradient in closed form (eager
-    autograd)."""
+    autograd); through_series=True: with the gradient of the series itself (i-ResNet's), also in closed form where
+    the probes share one unmasked plan (off the CPU: _series_closed_form), else by chain_series_logdet's graph."""
+    through_series = through_series and torch.is_grad_enabled()  # without a backward, the value is all there is
+    if through_series:
+        n_terms = plans[0].n_terms
+        same = all(p.mask is None and p.inv_prob == plans[0].inv_prob for p in plans)
+        if not same or 2 * n_terms * len(probes) * x.numel() > _STACKED_SERIES_MAX or not _series_closed_form(x):
+            gx, value = chain_series_logdet(chain, x, plans, probes, neumann_grad=False)
+            return x + gx, value
     spec = chain.closed_form
     if spec is None:
         spec = chain.closed_form = _Spec(chain)
@@ -392,4 +464,4 @@ def chain_neumann_logdet(
     biases = [lin.layer.bias for lin in spec.linears]
     raw_betas = [a.raw_beta if act.kind == "lipswish" else None for a, act in zip(chain.activations, spec.activations)]
     stacked = probes[0].unsqueeze(0) if len(probes) == 1 else torch.stack(list(probes))
-    return _ChainNeumann.apply(x, stacked, spec, plans, *raw, *biases, *us, *vs, *raw_betas)
+    return _ChainNeumann.apply(x, stacked, spec, plans, through_series, *raw, *biases, *us, *vs, *raw_betas)

@@ -167,8 +167,10 @@ class InvertibleResBlock(nn.Module):
     with each sample weighted by its own upstream gradient. neumann_grad=False backpropagates through the series.
     The returned logdet is always the estimate itself, never a surrogate. For dense-chain branches the eager Neumann
     gradient is written out in closed form (kexue_fast.flows.chain_neumann: one autograd node, memory_efficient
-    either way); backward(create_graph=True) then differentiates the surrogate's graph, so higher-order gradients
-    exist. Autograd-path branches (convolutions) with memory_efficient=True refuse double backward with a clear error.
+    either way), and off the CPU so is the gradient through the series (neumann_grad=False: Σ_j L_jᵀ dJ J^j v with
+    L_j = Σ_i c_{i+j+1} vᵀJ^i); backward(create_graph=True) then differentiates the surrogate's (or the series')
+    graph, so higher-order gradients exist. Autograd-path branches (convolutions) with memory_efficient=True refuse
+    double backward with a clear error.
     Backends: `auto` runs these torch paths on every device. KEXUE_FAST_BACKEND=triton runs the fused Triton forward
     of float32 CUDA Linear·act·Linear branches (kexue_fast.flows.fused), slower than the closed form in an H200
     training step (benchmarks/results/flows-cuda.md), and raises where that kernel cannot run.
@@ -303,8 +305,8 @@ class InvertibleResBlock(nn.Module):
             return x + gx, logdet
         probes = [_logdet.draw_probe(x, self.probe) for _ in range(self.n_probes)]
         if self._chain is not None and x.ndim == 2:
-            if self.neumann_grad and not compiling:  # closed-form Neumann gradient, one autograd node
-                return chain_neumann_logdet(self._chain, x, self._plans(x), probes)
+            if not compiling:  # the Neumann gradient or the series' own in closed form, one autograd node
+                return chain_neumann_logdet(self._chain, x, self._plans(x), probes, not self.neumann_grad)
             gx, logdet = chain_series_logdet(self._chain, x, self._plans(x), probes, neumann_grad=self.neumann_grad)
         else:
             gx, logdet = _logdet.series_logdet(
