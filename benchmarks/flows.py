@@ -10,8 +10,9 @@ are not updated inside the timed step for anyone (normflows' InducedNormLinear a
   FrEIA                IResNetLayer(jacobian_iterations=k): its log-det carries no gradient (less work)
   kexue_fast fused Triton (CUDA only) the Neumann block with backend='triton': the fused forward kernel
                        (kernels/iresnet.py); `auto` runs the closed-form torch path, measured faster
-  kexue_fast series, graph (CUDA only) the series gradient through torch's graph (chain_series_logdet), which the
-                       CPU runs; off the CPU `kexue_fast series` is the closed form (chain_neumann._series_closed_form)
+  kexue_fast series, closed form / graph   the series gradient by the other path than `auto`'s: on the CPU (where
+                       `kexue_fast series` differentiates torch's graph of the series, chain_series_logdet) the closed
+                       form, off the CPU (where it is the closed form) the graph; chain_neumann._series_closed_form
   kexue_fast compiled  the Neumann step under torch.compile(fullgraph=True) (normflows cannot trace: it syncs
                        with .item() and calls autograd.grad in forward)
 Memory: bytes of the tensors autograd saves for backward (torch.autograd.graph.saved_tensors_hooks), the graph a
@@ -138,21 +139,22 @@ class OnBackend:
         return _step(self, x)
 
 
-class GraphSeries(OnBackend):
-    """Our series-gradient block with the closed form switched off (chain_neumann._series_closed_form → False)."""
+class SeriesPath(OnBackend):
+    """Our series-gradient block with the closed form switched on or off (chain_neumann._series_closed_form)."""
 
-    def __init__(self, block: nn.Module) -> None:
+    def __init__(self, block: nn.Module, closed_form: bool) -> None:
         super().__init__(block, "auto")
+        self.closed_form = closed_form
 
     def __call__(self, x: torch.Tensor):
         from kexue_fast.flows import chain_neumann
 
-        closed_form = chain_neumann._series_closed_form
-        chain_neumann._series_closed_form = lambda x: False
+        default = chain_neumann._series_closed_form
+        chain_neumann._series_closed_form = lambda x: self.closed_form
         try:
             return self.block(x)
         finally:
-            chain_neumann._series_closed_form = closed_form
+            chain_neumann._series_closed_form = default
 
 
 def saved_bytes(block, x: torch.Tensor) -> Optional[int]:
@@ -176,7 +178,10 @@ def contestants(dim: int, hidden: int, n_terms: int, compiled: bool = True, devi
     }
     if device == "cuda":  # auto runs the closed-form torch path there; this row times the fused Triton block
         found["kexue_fast Neumann, fused Triton"] = OnBackend(ours(dim, hidden, n_terms, True), "triton")
-        found["kexue_fast series, graph"] = GraphSeries(ours(dim, hidden, n_terms, False))
+    closed = device == "cpu"  # the path `auto` does not take on this device
+    found[f"kexue_fast series, {'closed form' if closed else 'graph'}"] = SeriesPath(
+        ours(dim, hidden, n_terms, False), closed
+    )
     if compiled:
         found["kexue_fast Neumann, compiled"] = Compiled(ours(dim, hidden, n_terms, True))
     try:
