@@ -160,8 +160,8 @@ class _Spec:
 def _series_closed_form(x: Tensor) -> bool:
     """Whether the gradient through the series (neumann_grad=False) takes the closed form: off the CPU, where a step
     costs per operator (100 instead of 172 in the flows benchmark's step; GPU time unmeasured). On this project's CPU
-    the graph path measured faster (the closed form's stacked n·B-row buffers and ~10% more multiply-adds: 6–21%
-    slower in an interleaved A/B)."""
+    the graph path measured faster (the closed form's stacked n·B-row buffers and ~10% more multiply-adds: 4–24%
+    slower, `python -m kexue_fast.bench --suite flows --full`, benchmarks/results/flows-cpu.md)."""
     return x.device.type != "cpu"
 
 
