@@ -5,7 +5,8 @@
 Prints, for kexue_fast's Neumann block (benchmarks/flows.py's `ours`, 1 thread):
   - the aten operators one training step dispatches (views excluded: they launch no kernel), ours on the CPU path,
     ours on the device path (σ̂ and β kept as tensors, as off the CPU; counted here on CPU tensors) and normflows';
-    the step includes the benchmark's loss and, on the CPU path, forward's finite check of x;
+    the step includes the benchmark's loss and, on the CPU path, forward's finite check of x; the same for the
+    series gradient (neumann_grad=False) through torch's graph and in closed form;
   - the matrix products one step runs (aten mm/addmm/bmm/addr/mv calls, counted with a TorchDispatchMode) and their
     multiply-adds, and this core's rate on the step's largest product shape ([B, D] × [D, H], median);
   - the step's median time at B = 256 and at B = 2, where the products cost nothing (what is left is per-op and Python
@@ -80,7 +81,7 @@ def main() -> None:
     counter = _count(step)
     from kexue_fast.flows import chain_neumann
 
-    on_host = chain_neumann._host_scalars
+    on_host, _series_default = chain_neumann._host_scalars, chain_neumann._series_closed_form
     chain_neumann._host_scalars = lambda x: False
     try:
         device_ops = _count(_step(ours(args.dim, args.hidden, args.terms, True), x)).ops
@@ -93,6 +94,16 @@ def main() -> None:
     print(f"block D={args.dim} H={args.hidden} k={args.terms}, float32, 1 thread")
     print(f"  aten operators per step (views excluded): kexue_fast {counter.ops} (CPU path), {device_ops} (device "
           f"path); normflows {_count(_step(nf, x)).ops}")  # fmt: skip
+    series = {}
+    for closed in (False, True):  # the series gradient: torch's graph (CPU) or the closed form (off the CPU)
+        chain_neumann._series_closed_form = lambda x, closed=closed: closed
+        try:
+            series[closed] = _count(_step(ours(args.dim, args.hidden, args.terms, False), x)).ops
+        finally:
+            chain_neumann._series_closed_form = _series_default
+    nf_series = _count(_step(normflows_block(args.dim, args.hidden, args.terms, False), x)).ops
+    print(f"  series gradient, operators per step: kexue_fast {series[False]} (graph), {series[True]} (closed form); "
+          f"normflows {nf_series}")  # fmt: skip
     print(f"  matrix products per step: {dict(sorted(counter.calls.items()))}; mm/addmm multiply-adds "
           f"{counter.macs / 1e6:.1f}M")  # fmt: skip
     print(f"  [256, {args.dim}] x [{args.dim}, {args.hidden}]: {product_us:.1f} us ({rate:.0f} GFLOP/s)")
