@@ -15,6 +15,10 @@ A kexue_fast spectral norm with coefficient c, W = V / δ, δ = max(1, σ̂/c), 
 These are the gradients autograd gets by differentiating the surrogate through the parametrizations
 (tests/test_flows.py: 1e-12 in float64), without its double-backward graph and with nothing saved per series term.
 The forward-mode pass also gives Jv, so the value's terms are (vᵀJ^{k−1})·(Jv): n − 1 vector–Jacobian products.
+The gradient through the series itself (neumann_grad=False) is a sum of such surrogates: for T = Σ_k c_k vᵀJ^k v,
+    dT = Σ_{j<n} L_jᵀ dJ r_j,   r_j = J^j v,   L_j = Σ_{i<n−j} c_{i+j+1} vᵀJ^i,
+so the same backward runs over the n·P pairs (L_j, r_j), with the forward-mode pass from every r_j (it saves
+O(n·B·(d + Σ hidden)) per probe; taken off the CPU only, see _series_closed_form).
 Eager only: torch.compile traces kexue_fast.flows.chain.chain_series_logdet instead. Under backward(create_graph=True)
 the gradients come from torch's graph of y and the surrogate (recomputed from the saved inputs), so that they can be
 differentiated again.
@@ -271,11 +275,11 @@ def _saved_groups(ctx) -> dict:
 
 
 class _ChainNeumann(torch.autograd.Function):
-    """(y = x + g(x), log-det estimate [B]) of a dense chain; the estimate's gradient is the Neumann gradient (module
-    doc).
+    """(y = x + g(x), log-det estimate [B]) of a dense chain; the estimate's gradient is the Neumann gradient, or with
+    through_series the series' own (module doc).
 
     Saves x, h_i, a_i, d_i, the forward-mode z_i, u_i, the probes and the Neumann rows: O(B·(d + Σ hidden)) per
-    probe, whatever the number of terms."""
+    probe, whatever the number of terms (n times that through the series)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, probes: Tensor, spec: _Spec, plans: Sequence[SeriesPlan], through_series: bool,
