@@ -68,8 +68,8 @@ KEXUE_INLINE void step_by(float* x, const float* e, float a, int n) {
 }
 
 // x / y clamped to [−1, 1]: the paper rule's ratios (u' − u)ᵀv / ‖u − u'‖ and u'ᵀs / ‖s‖ lie there (Cauchy–Schwarz,
-// unit rows), but computed from rows another Hogwild thread is rewriting (u' = u with the norm read as 0, say) or
-// from nearly cancelling sums they can blow up and turn a row into NaN.
+// unit rows), but computed from rows another Hogwild thread is rewriting (u' = u, its two reads a write apart, gives
+// x ≠ 0 over ‖u − u'‖ = 0) or from nearly cancelling sums they can blow up and turn a row into NaN.
 KEXUE_INLINE float unit_ratio(float x, float y) { return std::min(1.f, std::max(-1.f, x / y)); }
 
 // The separate hinge max(0, m − uᵀv + u'ᵀv): u, u' and v move unless frozen (infer: only v, the document, moves).
