@@ -215,6 +215,11 @@ def _stacked_series(weights: Sequence[Tensor], derivs: Sequence[Tensor], plan: S
     return (per_probe[0] if p == 1 else per_probe.mean(0)), rows
 
 
+def _one_plan(plans: Sequence[SeriesPlan]) -> bool:
+    """Whether every probe has the same unmasked plan (what the stacked series needs)."""
+    return all(p.mask is None and p.inv_prob == plans[0].inv_prob for p in plans)
+
+
 def _neumann_rows(weights: Sequence[Tensor], derivs: Sequence[Tensor], plans: Sequence[SeriesPlan],
                   probes: Tensor) -> Tuple[List[Tensor], List[Tensor], Tensor, Tensor]:  # fmt: skip
     """The forward-mode pass per probe (z_i = W_i u_{i−1}, u_i = d_i ⊙ z_i, u_0 = v; Jv = W_L u_{L−1}), the value
@@ -223,8 +228,7 @@ def _neumann_rows(weights: Sequence[Tensor], derivs: Sequence[Tensor], plans: Se
     for i in range(len(weights) - 1):
         zs.append(torch.matmul(us[-1], weights[i].T))
         us.append(zs[-1] * derivs[i])
-    same = all(p.mask is None and p.inv_prob == plans[0].inv_prob for p in plans)
-    if same and plans[0].n_terms * probes.numel() <= _STACKED_SERIES_MAX:
+    if _one_plan(plans) and plans[0].n_terms * probes.numel() <= _STACKED_SERIES_MAX:
         value, rows = _stacked_series(weights, derivs, plans[0], probes, torch.matmul(us[-1], weights[-1].T))
     else:
         value, row_list = series_value_and_rows(weights, derivs, plans, list(probes.unbind(0)), rows=True)
@@ -451,9 +455,8 @@ def chain_neumann_logdet(
     the probes share one unmasked plan (off the CPU: _series_closed_form), else by chain_series_logdet's graph."""
     through_series = through_series and torch.is_grad_enabled()  # without a backward, the value is all there is
     if through_series:
-        n_terms = plans[0].n_terms
-        same = all(p.mask is None and p.inv_prob == plans[0].inv_prob for p in plans)
-        if not same or 2 * n_terms * len(probes) * x.numel() > _STACKED_SERIES_MAX or not _series_closed_form(x):
+        stackable = _one_plan(plans) and 2 * plans[0].n_terms * len(probes) * x.numel() <= _STACKED_SERIES_MAX
+        if not stackable or not _series_closed_form(x):
             gx, value = chain_series_logdet(chain, x, plans, probes, neumann_grad=False)
             return x + gx, value
     spec = chain.closed_form
