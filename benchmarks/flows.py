@@ -1,4 +1,4 @@
-"""Invertible residual blocks: forward + log-det + backward of one dense block, against the anchors.
+"""Invertible residual blocks: forward + log-det + backward of one dense or conv block, against the anchors.
 
 Every contestant: g(x) = W2 LipSwish(W1 x + b1) + b2 with spectral-normalized W (coefficient 0.97), the same
 truncated series of k terms with 1 Hutchinson probe, loss = mean(½‖y‖² − logdet), backward. Spectral-norm vectors
@@ -15,6 +15,10 @@ are not updated inside the timed step for anyone (normflows' InducedNormLinear a
                        form, off the CPU (where it is the closed form) the graph; chain_neumann._series_closed_form
   kexue_fast compiled  the Neumann step under torch.compile(fullgraph=True) (normflows cannot trace: it syncs
                        with .item() and calls autograd.grad in forward)
+Conv rows: the same step for the ResidualFlow.conv block g = 3×3 · LipSwish · 1×1 · LipSwish · 3×3 (operator-norm
+spectral norms) on CIFAR-10's shape after one Squeeze (12 × 16 × 16, hidden 64, B = 32) against normflows' Residual
+block of InducedNormConv2d layers; `kexue_fast Neumann, autograd path` is the same block through torch's graph of g
+(what conv blocks ran before kexue_fast.flows.conv_neumann).
 Memory: bytes of the tensors autograd saves for backward (torch.autograd.graph.saved_tensors_hooks), the graph a
 training step holds between forward and backward.
 """
@@ -58,6 +62,65 @@ def normflows_block(dim: int, hidden: int, n_terms: int, reduce_memory: bool):
     return flow.train()
 
 
+def ours_conv(channels: int, hidden: int, size: int, n_terms: int, neumann: bool, closed_form: bool = True):
+    """The ResidualFlow.conv recipe's block: 3×3 · LipSwish · 1×1 · LipSwish · 3×3, operator-norm spectral norms.
+    closed_form=False takes the autograd path (what conv blocks ran before kexue_fast.flows.conv_neumann)."""
+    shapes = [(channels, size, size), (hidden, size, size), (hidden, size, size)]
+    convs = [
+        nn.Conv2d(channels, hidden, 3, padding=1),
+        nn.Conv2d(hidden, hidden, 1),
+        nn.Conv2d(hidden, channels, 3, padding=1),
+    ]
+    layers: List[nn.Module] = []
+    for i, (conv, shape) in enumerate(zip(convs, shapes)):
+        layers += [LipSwish()] if i else []
+        layers.append(spectral_norm(conv, coeff=COEFF, input_shape=shape, n_power_iterations=0))
+    block = InvertibleResBlock(nn.Sequential(*layers), logdet="series", n_terms=n_terms, neumann_grad=neumann,
+                               memory_efficient=neumann)  # fmt: skip
+    if not closed_form:
+        block._conv_chain = None
+    return block
+
+
+def normflows_conv_block(channels: int, hidden: int, n_terms: int, reduce_memory: bool):
+    import normflows as nf
+    from normflows.nets.lipschitz import InducedNormConv2d, Swish
+
+    g = nn.Sequential(
+        InducedNormConv2d(channels, hidden, 3, 1, 1, coeff=COEFF, n_iterations=5), Swish(),
+        InducedNormConv2d(hidden, hidden, 1, 1, 0, coeff=COEFF, n_iterations=5), Swish(),
+        InducedNormConv2d(hidden, channels, 3, 1, 1, coeff=COEFF, n_iterations=5),
+    )  # fmt: skip
+    return nf.flows.Residual(g, reverse=False, reduce_memory=reduce_memory, n_power_series=n_terms).train()
+
+
+def conv_rows(device: str, reps: int, batch: int = 32, channels: int = 12, hidden: int = 64, size: int = 16,
+              n_terms: int = 5) -> List[list]:  # fmt: skip
+    """The conv block (CIFAR-10 after one Squeeze: 12 × 16 × 16) against normflows' conv Residual block."""
+    torch.manual_seed(0)
+    blocks: Dict[str, object] = {
+        "kexue_fast Neumann": ours_conv(channels, hidden, size, n_terms, True),
+        "kexue_fast Neumann, autograd path": ours_conv(channels, hidden, size, n_terms, True, closed_form=False),
+        "kexue_fast series": ours_conv(channels, hidden, size, n_terms, False),
+    }
+    try:
+        blocks["normflows Neumann"] = normflows_conv_block(channels, hidden, n_terms, True)
+        blocks["normflows series"] = normflows_conv_block(channels, hidden, n_terms, False)
+    except ImportError:
+        print("  (normflows not installed: pip install 'kexue-fast[bench]')")
+    x = torch.randn(batch, channels, size, size, device=device)
+    for b in blocks.values():
+        b.to(device)  # type: ignore[attr-defined]
+    times = time_contestants({name: _step(b, x) for name, b in blocks.items()}, device, reps)
+    rows = []
+    for name, b in blocks.items():
+        base = "normflows Neumann" if "Neumann" in name else "normflows series"
+        ratio = f"{times[base] / times[name]:.2f}x" if base in times and "kexue" in name else ""
+        rows.append([f"conv C={channels} H={hidden} {size}×{size} B={batch}", n_terms, name,
+                     f"{times[name] * 1e3:.2f}", ratio, f"{saved_bytes(b, x) / 1024:.0f}"])  # fmt: skip
+    return rows
+
+
 def freia_block(dim: int, hidden: int, n_terms: int):
     from FrEIA.modules import IResNetLayer
     from normflows.nets.lipschitz import Swish
@@ -83,7 +146,7 @@ def _step(block, x: torch.Tensor) -> Callable[[], None]:
         for p in params:
             p.grad = None
         y, logdet = block(x)
-        (0.5 * y.pow(2).sum(1) - logdet).mean().backward()
+        (0.5 * y.pow(2).flatten(1).sum(1) - logdet).mean().backward()
 
     return step
 
@@ -268,11 +331,14 @@ def run(
                     rows.append([f"D={dim} H={hidden} B={batch}", n_terms, name, f"{times[name] * 1e3:.2f}",
                                  ratio, kib])  # fmt: skip
                 print(f"  flows/{device}: D={dim} k={n_terms} done", flush=True)
+        rows += conv_rows(device, max(5, reps // 5))
+        print(f"  flows/{device}: conv done", flush=True)
     finally:
         torch.set_num_threads(threads)
     header = ["shape", "terms k", "contestant", "ms / step", "speed-up vs normflows (same gradient)", "graph KiB"]
     notes = (
-        f"forward + log-det + backward of one block (float32, 1 thread), median of {reps} interleaved repetitions. "
+        f"forward + log-det + backward of one block (float32, 1 thread), median of {reps} interleaved repetitions "
+        f"({max(5, reps // 5)} for the conv rows). "
         "normflows' 'Neumann' log-det value is a gradient surrogate, not a log-det; FrEIA's log-det has no gradient."
         "\n\nInverse to ‖block(x̂) − y‖∞ ≤ 1e-6 (stopping on the step ≤ 1e-6), D=16, H=64, 64 samples, float64, "
         "blocks trained to maximize log-det under coefficient c (Lip(g) ≤ c²): evaluations of g\n\n"

@@ -241,6 +241,123 @@ def test_closed_form_keeps_each_forwards_spectral_state_until_backward():
         assert torch.allclose(a.grad, b.grad, atol=1e-13, rtol=0)
 
 
+def _conv_g(act, kind, norm, bias, train):
+    """A conv chain g: '2d' 3×3 · act · 1×1 · act · 3×3 (the ResidualFlow.conv recipe, operator-norm spectral norms
+    with one layer's kernel scaled down so that its δ = max(1, σ̂/c) is 1 and the others' above 1), '1d' with
+    dilation 2 and groups 2, or '3d'."""
+    torch.manual_seed(21)
+    if kind == "2d":
+        shape, convs = (3, 5, 4), [nn.Conv2d(3, 6, 3, padding=1, bias=bias), nn.Conv2d(6, 6, 1, bias=bias),
+                                   nn.Conv2d(6, 3, 3, padding=1, bias=bias)]  # fmt: skip
+    elif kind == "1d":
+        shape, convs = (4, 7), [nn.Conv1d(4, 6, 3, padding=2, dilation=2, groups=2, bias=bias),
+                                nn.Conv1d(6, 4, 3, padding=1, bias=bias)]  # fmt: skip
+    else:
+        shape, convs = (2, 3, 3, 2), [nn.Conv3d(2, 4, 3, padding=1, bias=bias), nn.Conv3d(4, 2, 1, bias=bias)]
+    with torch.no_grad():
+        convs[-1].weight.mul_(0.05)  # well under the cap
+    layers, inner = [], shape
+    for i, conv in enumerate(convs):
+        if norm == "spectral":
+            conv = spectral_norm(conv.double(), coeff=0.5, input_shape=inner, n_power_iterations=1)
+        elif norm == "weight_norm":
+            conv = nn.utils.parametrizations.weight_norm(conv)
+        layers += [conv, act()] if i < len(convs) - 1 else [conv]
+        inner = (convs[i].out_channels, *shape[1:])
+    return nn.Sequential(*layers).double().train(train), shape
+
+
+def _conv_closed_form_run(closed, act, kind, norm, bias, n_probes, logdet, x_grad, train, device="cpu"):
+    """(y, log-det, gradients of a loss on both, state after) of a conv-chain block by its closed form or by the
+    autograd path (memory-efficient Neumann gradient through torch's graph of g)."""
+    g, shape = _conv_g(act, kind, norm, bias, train)
+    g = g.to(device)
+    block = InvertibleResBlock(g, logdet=logdet, n_terms=4, n_probes=n_probes, roulette_p=0.6)
+    assert block.series_path == "conv-chain"
+    if not closed:
+        block._conv_chain = None
+    x = torch.randn(5, *shape, dtype=D64).to(device).requires_grad_(x_grad)
+    wy = torch.randn(5, *shape, dtype=D64, device=device)
+    wl = torch.tensor([1.0, 2.0, 0.0, -1.0, 5.0], dtype=D64, device=device)
+    torch.manual_seed(5)  # the same probes, then the same roulette lengths
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # roulette variance notice
+        y, value = block(x)
+    ((y * wy).sum() + (value * wl).sum()).backward()
+    grads = [p.grad for p in g.parameters()] + ([x.grad] if x_grad else [])
+    return y.detach(), value.detach(), grads, g.state_dict()
+
+
+@pytest.mark.parametrize("act", [LipSwish, nn.ELU, nn.Tanh, lambda: nn.LeakyReLU(0.3)])
+@pytest.mark.parametrize(
+    "kind, norm, bias, n_probes, logdet, x_grad, train",
+    [("2d", "spectral", True, 1, "series", True, True), ("2d", "spectral", False, 2, "roulette", False, False),
+     ("1d", "plain", True, 2, "series", True, False), ("1d", "spectral", True, 3, "roulette", True, True),
+     ("3d", "weight_norm", True, 1, "roulette", True, True)],
+)  # fmt: skip
+@pytest.mark.parametrize("host_scalars", [True, False])
+def test_conv_closed_form_equals_the_autograd_path(act, kind, norm, bias, n_probes, logdet, x_grad, train,
+                                                   host_scalars, monkeypatch):  # fmt: skip
+    """kexue_fast.flows.conv_neumann (one autograd node, operator-norm spectral norms folded in) against the
+    autograd path's memory-efficient Neumann gradient: same y and log-det, same gradients of a loss weighting each
+    sample's log-det differently (1e-12, float64), same power-iteration state. host_scalars=False: the fold in
+    tensors, as off the CPU."""
+    from kexue_fast.flows import conv_neumann
+
+    monkeypatch.setattr(conv_neumann, "_host_scalars", lambda x: host_scalars)
+    args = (act, kind, norm, bias, n_probes, logdet, x_grad, train)
+    y_c, v_c, g_c, s_c = _conv_closed_form_run(True, *args)
+    y_a, v_a, g_a, s_a = _conv_closed_form_run(False, *args)
+    assert torch.allclose(y_c, y_a, atol=1e-14, rtol=0) and torch.allclose(v_c, v_a, atol=1e-13, rtol=0)
+    assert len(g_c) == len(g_a) and all(t is not None and bool(t.abs().sum() > 0) for t in g_a + g_c)
+    for c, a in zip(g_c, g_a):
+        assert torch.allclose(c, a, atol=1e-12, rtol=1e-10), (c - a).abs().max()
+    assert s_c.keys() == s_a.keys() and all(torch.equal(s_c[k], s_a[k]) for k in s_a)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "kind, norm, n_probes, logdet", [("2d", "spectral", 1, "series"), ("1d", "spectral", 2, "roulette")]
+)
+def test_conv_closed_form_on_cuda(kind, norm, n_probes, logdet):
+    """The closed form on CUDA (the spectral-norm fold in tensors, no host sync) against the autograd path there."""
+    args = (LipSwish, kind, norm, True, n_probes, logdet, True, True)
+    y_c, v_c, g_c, s_c = _conv_closed_form_run(True, *args, device="cuda")
+    y_a, v_a, g_a, s_a = _conv_closed_form_run(False, *args, device="cuda")
+    assert torch.allclose(y_c, y_a, atol=1e-13, rtol=0) and torch.allclose(v_c, v_a, atol=1e-12, rtol=0)
+    for c, a in zip(g_c, g_a):
+        assert torch.allclose(c, a, atol=1e-11, rtol=1e-9), (c - a).abs().max()
+    assert all(torch.allclose(s_c[k], s_a[k], atol=1e-14, rtol=0) for k in s_a)
+
+
+def test_conv_closed_form_covers_both_sides_of_the_spectral_cap():
+    """The case above folds a norm with δ = σ̂/c > 1 and one with δ = 1 (κ = 0): both branches of ∂V are tested."""
+    g, _ = _conv_g(LipSwish, "2d", "spectral", True, False)
+    ratios = [float(m.parametrizations.weight[0].sigma(m.parametrizations.weight.original.detach())) / 0.5
+              for m in g if isinstance(m, nn.Conv2d)]  # fmt: skip
+    assert max(ratios) > 1 > min(ratios), ratios
+
+
+def test_conv_closed_form_keeps_each_forwards_spectral_state_and_refuses_double_backward():
+    torch.manual_seed(0)
+    g, shape = _conv_g(LipSwish, "2d", "spectral", True, True)
+    blocks = [InvertibleResBlock(g), InvertibleResBlock(copy.deepcopy(g))]
+    x1, x2 = torch.randn(3, *shape, dtype=D64), torch.randn(3, *shape, dtype=D64)
+    torch.manual_seed(1)
+    (y1, v1), (y2, v2) = blocks[0](x1), blocks[0](x2)
+    (y1.sum() + v1.sum() + y2.pow(2).sum() + v2.sum()).backward()
+    torch.manual_seed(1)
+    y1, v1 = blocks[1](x1)
+    (y1.sum() + v1.sum()).backward()
+    y2, v2 = blocks[1](x2)
+    (y2.pow(2).sum() + v2.sum()).backward()
+    for a, b in zip(blocks[0].g.parameters(), blocks[1].g.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-13, rtol=0)
+    x = torch.randn(3, *shape, dtype=D64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(blocks[0](x)[1].sum(), x, create_graph=True)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("act", [LipSwish, nn.ELU])
 @pytest.mark.parametrize("depth, norm, n_probes, logdet, train",
@@ -308,6 +425,12 @@ def test_dense_chain_detection():
     assert InvertibleResBlock(deep).series_path == "dense-chain"
     assert InvertibleResBlock(nn.Sequential(nn.Linear(3, 3), nn.Softplus(), nn.Linear(3, 3))).series_path == "autograd"
     assert InvertibleResBlock(nn.Conv2d(2, 2, 3, padding=1)).series_path == "autograd"
+    convs = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ELU(), nn.Conv2d(4, 2, 1))
+    assert InvertibleResBlock(convs).series_path == "conv-chain"
+    same = nn.Sequential(nn.Conv2d(2, 4, 3, padding="same"), nn.ELU(), nn.Conv2d(4, 2, 1))
+    assert InvertibleResBlock(same).series_path == "autograd"
+    circular = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, padding_mode="circular"), nn.ELU(), nn.Conv2d(4, 2, 1))
+    assert InvertibleResBlock(circular).series_path == "autograd"
 
 
 def test_neumann_value_is_the_estimate_not_a_surrogate():
@@ -316,10 +439,12 @@ def test_neumann_value_is_the_estimate_not_a_surrogate():
     assert torch.allclose(value_neumann, value_graph, atol=1e-14, rtol=0)
 
 
-def _saved_bytes(n_terms, **kwargs):
+def _saved_bytes(n_terms, conv=False, **kwargs):
     torch.manual_seed(0)
-    block = InvertibleResBlock(mlp(8, hidden=32), logdet="series", n_terms=n_terms, **kwargs)
-    x = torch.randn(64, 8, dtype=D64, requires_grad=True)
+    g, shape = _conv_g(LipSwish, "2d", "spectral", True, True) if conv else (mlp(8, hidden=32), (8,))
+    block = InvertibleResBlock(g, logdet="series", n_terms=n_terms, **kwargs)
+    assert block.series_path == ("conv-chain" if conv else "dense-chain")
+    x = torch.randn(64, *shape, dtype=D64, requires_grad=True)
     total = [0]
 
     def pack(t):
@@ -331,9 +456,10 @@ def _saved_bytes(n_terms, **kwargs):
     return total[0]
 
 
-def test_memory_efficient_saved_bytes_do_not_grow_with_n_terms():
-    assert _saved_bytes(2) == _saved_bytes(12)
-    assert _saved_bytes(12, neumann_grad=False) > 2 * _saved_bytes(2, neumann_grad=False)
+@pytest.mark.parametrize("conv", [False, True])
+def test_memory_efficient_saved_bytes_do_not_grow_with_n_terms(conv):
+    assert _saved_bytes(2, conv) == _saved_bytes(12, conv)
+    assert _saved_bytes(12, conv, neumann_grad=False) > 2 * _saved_bytes(2, conv, neumann_grad=False)
 
 
 @pytest.mark.parametrize("method", ["series", "roulette", "exact", "none"])
@@ -712,7 +838,7 @@ def test_conv_residual_flow_trains_and_inverts():
         warnings.simplefilter("ignore", RuntimeWarning)
         flow = ResidualFlow.conv((1, 4, 4), n_scales=2, n_blocks=1, hidden_channels=8, coeff=0.9).double()
     blocks = [m for m in flow.layers if isinstance(m, InvertibleResBlock)]
-    assert all(b.series_path == "autograd" for b in blocks)
+    assert all(b.series_path == "conv-chain" for b in blocks)
     opt = torch.optim.Adam(flow.parameters(), lr=1e-3)
     for _ in range(3):
         loss = -flow.log_prob(torch.randn(6, 1, 4, 4, dtype=D64)).mean()

@@ -19,6 +19,7 @@ from ..flows import inverse as _inverse
 from ..flows import logdet as _logdet
 from ..flows.chain import DenseChain, chain_series_logdet
 from ..flows.chain_neumann import chain_neumann_logdet
+from ..flows.conv_neumann import ConvChain, conv_neumann_logdet
 from ..flows.fused import FusedDenseBranch
 from .spectral_norm import SpectralNorm
 
@@ -169,8 +170,10 @@ class InvertibleResBlock(nn.Module):
     gradient is written out in closed form (kexue_fast.flows.chain_neumann: one autograd node, memory_efficient
     either way), and off the CPU so is the gradient through the series (neumann_grad=False: Σ_j L_jᵀ dJ J^j v with
     L_j = Σ_i c_{i+j+1} vᵀJ^i); backward(create_graph=True) then differentiates the surrogate's (or the series')
-    graph, so higher-order gradients exist. Autograd-path branches (convolutions) with memory_efficient=True refuse
-    double backward with a clear error.
+    graph, so higher-order gradients exist. Convolution chains conv (act conv)* (integer zero padding; the
+    ResidualFlow.conv recipe) get the eager Neumann gradient in closed form too when memory_efficient=True
+    (kexue_fast.flows.conv_neumann: one autograd node, operator-norm spectral norms folded in); it and the other
+    autograd-path branches with memory_efficient=True refuse double backward with a clear error.
     Backends: `auto` runs these torch paths on every device. KEXUE_FAST_BACKEND=triton runs the fused Triton forward
     of float32 CUDA Linear·act·Linear branches (kexue_fast.flows.fused), slower than the closed form in an H200
     training step (benchmarks/results/flows-cuda.md), and raises where that kernel cannot run.
@@ -183,7 +186,7 @@ class InvertibleResBlock(nn.Module):
     the roulette length is then drawn on the device and capped at `roulette_max_terms` (terms masked, no host
     sync), and the fixed-point inverse becomes a `while_loop` with the same stopping rule (no stats, no warning).
     The NaN/Inf check of x in forward (a ValueError) runs on CPU tensors in eager mode only: on a GPU it would sync
-    with the host every step. Autograd-path branches (e.g. convolutions) do not trace.
+    with the host every step. Other branches (convolutions included) run the autograd path there and do not trace.
     """
 
     def __init__(
@@ -232,6 +235,8 @@ class InvertibleResBlock(nn.Module):
         _check_lipschitz_layers(g)
         # Dense chains W_L φ(⋯ W_1 x ⋯) get the analytic series (kexue_fast.flows.chain); anything else autograd.
         self._chain = DenseChain.detect(g)
+        # Convolution chains get the closed-form Neumann step (kexue_fast.flows.conv_neumann) in eager mode.
+        self._conv_chain = ConvChain.detect(g) if self._chain is None else None
         self._fused, self._fused_reason = FusedDenseBranch.detect(self._chain)
         self.last_inverse: Optional[_inverse.InverseStats] = None
         if self.logdet_method == "roulette" and self.roulette == "geometric":
@@ -308,6 +313,8 @@ class InvertibleResBlock(nn.Module):
             if not compiling:  # the Neumann gradient or the series' own in closed form, one autograd node
                 return chain_neumann_logdet(self._chain, x, self._plans(x), probes, not self.neumann_grad)
             gx, logdet = chain_series_logdet(self._chain, x, self._plans(x), probes, neumann_grad=self.neumann_grad)
+        elif self._conv_chain is not None and not compiling and self.neumann_grad and self.memory_efficient:
+            return conv_neumann_logdet(self._conv_chain, x, self._plans(x), probes)
         else:
             gx, logdet = _logdet.series_logdet(
                 self.g,
@@ -333,8 +340,12 @@ class InvertibleResBlock(nn.Module):
 
     @property
     def series_path(self) -> str:
-        """'dense-chain' (analytic vector–Jacobian products) or 'autograd' (generic g)."""
-        return "dense-chain" if self._chain is not None else "autograd"
+        """'dense-chain' (analytic vector–Jacobian products), 'conv-chain' (convolutions and activations: the
+        closed-form Neumann step in eager mode with neumann_grad and memory_efficient, else autograd) or 'autograd'
+        (generic g)."""
+        if self._chain is not None:
+            return "dense-chain"
+        return "conv-chain" if self._conv_chain is not None else "autograd"
 
     def inverse(self, y: Tensor) -> Tensor:
         if not isinstance(y, Tensor) or not y.is_floating_point():

@@ -1,0 +1,273 @@
+"""The closed-form Neumann step of kexue_fast.flows.chain_neumann for convolutional chains: one autograd node.
+
+For g(x) = K_L ∗ φ(⋯ φ(K_1 ∗ x + b_1) ⋯) + b_L (nn.Conv1d/2d/3d with integer zero padding, activations LipSwish,
+ELU, Tanh or LeakyReLU), J = A_L D_{L−1} ⋯ D_1 A_1 with A_i the convolution by K_i (a linear map) and
+D_i = diag(φ'(h_i)). Everything chain_neumann writes with a matrix W_i holds with A_i in its place:
+    forward mode  z_i = A_i u_{i−1} (the convolution without bias),   u_i = d_i ⊙ z_i,   u_0 = v;
+    series        l_k = l_{k−1} J: the adjoint Aᵀ (a transposed convolution) and ⊙ d_i, k < n;
+    backward      one convolution backward per layer and path gives ρ_i A_i (the input gradient) and the kernel
+                  gradient Σ_b ρ_iᵀ ⋆ u_{i−1}; the bias gradient from the output's path.
+A kexue_fast spectral norm in operator mode (spectral_norm(conv, coeff=c, input_shape=...)) is folded in as for a
+matrix, with W = V/δ, δ = max(1, σ̂/c), σ̂ = ⟨u, A_V v⟩ and ∂σ̂/∂V the kernel gradient of that convolution at
+(input v, output gradient u):  ∂V = (G − ⟨G, W⟩ κ ∂σ̂/∂V)/δ,  κ = [σ̂/c ≥ 1]/c.
+No graph through g, nothing saved per series term: the saved tensors are O(P·B·(d + Σ hidden)) for P probes, as the
+graph of one g evaluation. The gradients equal those of differentiating the surrogate through torch's graph (the
+memory-efficient autograd path, kexue_fast.flows.logdet; tests/test_flows.py, 1e-12 in float64). Eager only, first
+order only (backward(create_graph=True) raises, as the autograd path's memory-efficient backward does).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .._autograd import first_order
+from .chain import _rules
+from .chain_neumann import _Activation, _host_scalars, _Linear, _one_plan, _save_groups, _saved_groups
+from .logdet import SeriesPlan
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_TRANSPOSED = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+_PARAMS = 4  # _ConvNeumann.apply(x, probes, chain, plans, *params)
+
+
+class _ConvLayer(_Linear):
+    """One convolution as the closed form takes it: its geometry, and its weight plain (any parametrization read
+    through `.weight`) or with an operator-mode kexue_fast SpectralNorm folded in (raw kernel and u, v)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        from ..nn.spectral_norm import SpectralNorm
+
+        self.layer = layer
+        self.nd = len(layer.kernel_size)
+        self.stride, self.padding = list(layer.stride), list(layer.padding)
+        self.dilation, self.groups = list(layer.dilation), layer.groups
+        self.norm: Optional[SpectralNorm] = None
+        plist = getattr(getattr(layer, "parametrizations", None), "weight", None)
+        if plist is not None and len(plist) == 1 and isinstance(plist[0], SpectralNorm):
+            norm = plist[0]
+            if norm.conv is not None and norm.coeff is not None and norm.conv._symmetric():
+                self.norm = norm
+
+    def apply(self, x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+        return _CONV[self.nd](x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def adjoint(self, y: Tensor, weight: Tensor, input_shape: Sequence[int]) -> Tensor:
+        """Aᵀ y: the transposed convolution, its output padded to the input's spatial size."""
+        geometry = zip(input_shape[2:], y.shape[2:], self.stride, self.padding, self.dilation, weight.shape[2:])
+        extra = [size - ((out - 1) * s - 2 * p + d * (k - 1) + 1) for size, out, s, p, d, k in geometry]
+        return _TRANSPOSED[self.nd](y, weight, None, self.stride, self.padding, extra, self.groups, self.dilation)
+
+    def backward(self, grad: Tensor, inp: Tensor, weight: Tensor, need_input: bool, need_bias: bool = False
+                 ) -> Tuple[Optional[Tensor], Tensor, Optional[Tensor]]:  # fmt: skip
+        """(grad · A, the kernel gradient Σ_b, the bias gradient) of the convolution at `inp`."""
+        return torch.ops.aten.convolution_backward(
+            grad, inp, weight, [weight.shape[0]] if need_bias else None, self.stride, self.padding, self.dilation,
+            False, [0] * self.nd, self.groups, [need_input, True, need_bias],
+        )  # fmt: skip
+
+
+class ConvChain:
+    """The convolutions and activations of g = Sequential(conv, act, conv, …, conv), with what the closed form needs."""
+
+    def __init__(self, convs: List[nn.Module], activations: List[nn.Module]) -> None:
+        self.layers = [_ConvLayer(c) for c in convs]
+        self.activations = [_Activation(a) for a in activations]
+        self.raw_beta_modules = activations
+
+    @classmethod
+    def detect(cls, g: nn.Module) -> Optional[ConvChain]:
+        """A chain conv (act conv)* of zero-padded, integer-padded convolutions and supported activations, else
+        None (string padding, other padding modes and other layers take the autograd path)."""
+        if not isinstance(g, nn.Sequential) or len(g) % 2 == 0:
+            return None
+        layers = list(g)
+        convs, acts = layers[0::2], layers[1::2]
+        table = _rules()
+        for conv in convs:
+            if not isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or conv.padding_mode != "zeros":
+                return None
+            if isinstance(conv.padding, str):
+                return None
+        if not all(type(a) in table for a in acts):
+            return None
+        return cls(convs, acts)
+
+
+def _value_and_rows(chain: ConvChain, weights: Sequence[Tensor], derivs: Sequence[Tensor], shapes: Sequence,
+                    plans: Sequence[SeriesPlan], flat: Tensor, jv: Tensor, n_probes: int
+                    ) -> Tuple[Tensor, Tensor]:  # fmt: skip
+    """The estimate mean_p Σ_k c_k l_{k−1}·(J v_p) [B] and the Neumann rows Σ_k c'_k l_{k−1} [P·B, ...], with
+    l_k = l_{k−1} J (l_0 = v): probes sharing one plan run as one batch."""
+    batch = flat.shape[0] // n_probes
+    spans = [(plans[0], 0, n_probes)] if _one_plan(plans) else [(p, i, i + 1) for i, p in enumerate(plans)]
+    rows = torch.empty_like(flat)
+    value = None
+    for plan, first, last in spans:
+        count = last - first
+        lo, hi = first * batch, last * batch
+        term = flat[lo:hi]
+        weighted = row = None
+        for k in range(1, plan.n_terms + 1):
+            c, cn = plan.value_coeff(k), plan.neumann_coeff(k)
+            weighted = term * c if weighted is None else weighted.add_(term, alpha=c)
+            row = term * cn if row is None else row.add_(term, alpha=cn)
+            if k < plan.n_terms:
+                for i in range(len(weights) - 1, -1, -1):
+                    term = chain.layers[i].adjoint(term, weights[i], shapes[i])
+                    if i:
+                        term = (term.view(count, batch, *term.shape[1:]) * derivs[i - 1]).view_as(term)
+        rows[lo:hi] = row
+        per = weighted.mul_(jv[lo:hi]).view(count, batch, -1).sum(-1).sum(0)
+        value = per if value is None else value + per
+    assert value is not None
+    return (value if n_probes == 1 else value / n_probes), rows
+
+
+class _ConvNeumann(torch.autograd.Function):
+    """(y = x + g(x), log-det estimate [B]) of a convolutional chain; the estimate's gradient is the Neumann
+    gradient (module doc). Saves x, h_i, a_i, φ'(h_i), the forward-mode z_i, u_i, the probes and the Neumann rows."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, probes: Tensor, chain: ConvChain, plans: Sequence[SeriesPlan], *params):
+        n = len(chain.layers)
+        raw, biases, us, vs, raw_betas = (params[:n], params[n : 2 * n], params[2 * n : 3 * n], params[3 * n : 4 * n],
+                                          params[4 * n :])  # fmt: skip
+        on_host = _host_scalars(x)
+        weights, kappas, divisors = [], [], []
+        for layer, w, u, v in zip(chain.layers, raw, us, vs):
+            if u is None:
+                weights.append(w)
+                kappas.append(None)
+                divisors.append(None)
+                continue
+            assert layer.norm is not None and layer.norm.coeff is not None
+            coeff = layer.norm.coeff
+            ratio_t = torch.vdot(u.reshape(-1), layer.norm.conv.apply(w, v.unsqueeze(0)).reshape(-1)) / coeff
+            if on_host:
+                ratio = float(ratio_t)  # σ̂/c
+                divisor, kappa = max(ratio, 1.0), float(ratio >= 1.0) / coeff
+            else:
+                divisor, kappa = ratio_t.clamp_min(1.0), ratio_t  # the backward's κ is [σ̂/c ≥ 1]/c
+            weights.append(w / divisor)
+            kappas.append(kappa)
+            divisors.append(divisor)
+        betas = [F.softplus(r) if r is not None else None for r in raw_betas]
+        if on_host:
+            betas = [float(b) if b is not None else None for b in betas]
+        hs, acts, derivs, sigs = [], [], [], []
+        a = x
+        for i, layer in enumerate(chain.layers):
+            h = layer.apply(a, weights[i], biases[i])
+            if i < n - 1:
+                a, d, s = chain.activations[i].first(h, betas[i])
+                hs.append(h)
+                acts.append(a)
+                derivs.append(d)
+                sigs.append(s)
+        n_probes = probes.shape[0]
+        flat = probes.reshape(-1, *x.shape[1:])
+        zs, u_fwd = [], []
+        cur = flat
+        for i in range(n - 1):
+            z = chain.layers[i].apply(cur, weights[i])
+            zs.append(z)
+            cur = (z.view(n_probes, -1, *z.shape[1:]) * derivs[i]).view_as(z)
+            u_fwd.append(cur)
+        jv = chain.layers[-1].apply(cur, weights[-1])
+        shapes = [x.shape, *(t.shape for t in acts)]
+        value, rows = _value_and_rows(chain, weights, derivs, shapes, plans, flat, jv, n_probes)
+        ctx.chain, ctx.n_probes, ctx.on_host = chain, n_probes, on_host
+        ctx.has_bias = [b is not None for b in biases]
+        ctx.scalars = (kappas, divisors, betas) if on_host else None
+        if on_host:
+            kappas = divisors = betas = [None] * n
+        _save_groups(ctx, x=[x], rows=[rows], probes=[flat], weights=weights, us=us, vs=vs, kappas=kappas,
+                     divisors=divisors, betas=betas, raw_betas=raw_betas, hs=hs, acts=acts, derivs=derivs, sigs=sigs,
+                     zs=zs, u_fwd=u_fwd)  # fmt: skip
+        return h.add_(x), value
+
+    @staticmethod
+    @first_order
+    def backward(ctx, grad_y: Optional[Tensor], grad_value: Optional[Tensor]):
+        chain = ctx.chain
+        n = len(chain.layers)
+        saved = _saved_groups(ctx)
+        (x,), (rows,), (flat,) = saved["x"], saved["rows"], saved["probes"]
+        weights, us, vs, raw_betas = saved["weights"], saved["us"], saved["vs"], saved["raw_betas"]
+        kappas, divisors, betas = ctx.scalars if ctx.on_host else (saved["kappas"], saved["divisors"], saved["betas"])
+        hs, derivs, sigs, zs = saved["hs"], saved["derivs"], saved["sigs"], saved["zs"]
+        acts, inputs = [x, *saved["acts"]], [flat, *saved["u_fwd"]]
+        p = ctx.n_probes
+        needs = ctx.needs_input_grad
+
+        def by_probe(t: Tensor) -> Tensor:
+            return t.view(p, -1, *t.shape[1:])
+
+        rho = None
+        if grad_value is not None:
+            scale = grad_value if p == 1 else grad_value / p
+            rho = (by_probe(rows) * scale.view(1, -1, *[1] * (x.ndim - 1))).view_as(rows)
+        eta = grad_y
+        grad_w: List[Optional[Tensor]] = [None] * n
+        grad_b: List[Optional[Tensor]] = [None] * n
+        grad_raw_beta: List[Optional[Tensor]] = [None] * (n - 1)
+        grad_x = None
+        for i in range(n - 1, -1, -1):
+            layer, f, e = chain.layers[i], None, None
+            if eta is not None:
+                f, grad_w[i], grad_b[i] = layer.backward(eta, acts[i], weights[i], i > 0 or needs[0], ctx.has_bias[i])
+            if rho is not None:
+                e, gw, _ = layer.backward(rho, inputs[i], weights[i], i > 0)
+                grad_w[i] = gw if grad_w[i] is None else grad_w[i].add_(gw)
+            if i == 0:
+                if needs[0]:
+                    grad_x = f if grad_y is None else (grad_y if f is None else f.add_(grad_y))
+                break
+            j = i - 1
+            ez = None
+            if e is not None:
+                rho = (by_probe(e) * derivs[j]).view_as(e)
+                ez = by_probe(e.mul_(zs[j])).sum(0)
+            eta, grad_beta = chain.activations[j].backward(f, ez, hs[j], acts[i], derivs[j], sigs[j], betas[j])
+            if grad_beta is not None and raw_betas[j] is not None and needs[_PARAMS + 4 * n + j]:
+                # ∂β/∂raw = σ(raw) = 1 − e^{−β} (1 where softplus is linear, β > 20); the 1/1.1 of φ's derivatives
+                if ctx.on_host:
+                    grad_beta.mul_((1.0 if betas[j] > 20 else -math.expm1(-betas[j])) / 1.1)
+                else:
+                    grad_beta.mul_(torch.sigmoid(raw_betas[j])).div_(1.1)
+                grad_raw_beta[j] = grad_beta.reshape(raw_betas[j].shape)
+        for i, layer in enumerate(chain.layers):  # the folded spectral norms: ∂V = (G − ⟨G, W⟩ κ ∂σ̂/∂V) / δ
+            if us[i] is None or grad_w[i] is None:
+                continue
+            g = grad_w[i]
+            dsigma = layer.backward(us[i].unsqueeze(0), vs[i].unsqueeze(0), weights[i], False)[1]
+            inner = torch.vdot(g.reshape(-1), weights[i].reshape(-1))
+            if ctx.on_host:
+                grad_w[i] = g.sub_(dsigma, alpha=float(inner) * kappas[i]).div_(divisors[i])
+                continue
+            coef = inner.mul_(kappas[i] >= 1).div_(layer.norm.coeff)  # ⟨G, W⟩ [σ̂/c ≥ 1] / c
+            grad_w[i] = g.sub_(dsigma.mul_(coef)).div_(divisors[i])
+        grad_w = [g if needs[_PARAMS + i] else None for i, g in enumerate(grad_w)]
+        grad_b = [g if needs[_PARAMS + n + i] else None for i, g in enumerate(grad_b)]
+        return (grad_x, None, None, None, *grad_w, *grad_b, *([None] * (2 * n)), *grad_raw_beta)
+
+
+def conv_neumann_logdet(chain: ConvChain, x: Tensor, plans: Sequence[SeriesPlan], probes: Sequence[Tensor]
+                        ) -> Tuple[Tensor, Tensor]:  # fmt: skip
+    """(y = x + g(x), log-det estimate [B]) of a convolutional chain, with the Neumann gradient in closed form."""
+    raw, us, vs = zip(*(layer.tensors() for layer in chain.layers))
+    # One snapshot of every u, v: the power iteration rewrites them in place, possibly before this step's backward.
+    vectors = [t for t in us + vs if t is not None]
+    if vectors:
+        parts = iter(torch.cat([t.reshape(-1) for t in vectors]).split([t.numel() for t in vectors]))
+        us, vs = ([next(parts).view(t.shape) if t is not None else None for t in group] for group in (us, vs))
+    biases = [layer.layer.bias for layer in chain.layers]
+    raw_betas = [m.raw_beta if act.kind == "lipswish" else None
+                 for m, act in zip(chain.raw_beta_modules, chain.activations)]  # fmt: skip
+    stacked = probes[0].unsqueeze(0) if len(probes) == 1 else torch.stack(list(probes))
+    return _ConvNeumann.apply(x, stacked, chain, plans, *raw, *biases, *us, *vs, *raw_betas)
