@@ -118,9 +118,9 @@ def _value_and_rows(chain: ConvChain, weights: Sequence[Tensor], derivs: Sequenc
             row = term * cn if row is None else row.add_(term, alpha=cn)
             if k < plan.n_terms:
                 for i in range(len(weights) - 1, -1, -1):
-                    term = chain.layers[i].adjoint(term, weights[i], shapes[i])
+                    term = chain.layers[i].adjoint(term, weights[i], shapes[i])  # a new tensor: scaled in place
                     if i:
-                        term = (term.view(count, batch, *term.shape[1:]) * derivs[i - 1]).view_as(term)
+                        term.view(count, batch, *term.shape[1:]).mul_(derivs[i - 1])
         rows[lo:hi] = row
         per = weighted.mul_(jv[lo:hi]).view(count, batch, -1).sum(-1).sum(0)
         value = per if value is None else value + per
