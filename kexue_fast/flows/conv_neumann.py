@@ -122,7 +122,7 @@ def _value_and_rows(chain: ConvChain, weights: Sequence[Tensor], derivs: Sequenc
                     if i:
                         term.view(count, batch, *term.shape[1:]).mul_(derivs[i - 1])
         rows[lo:hi] = row
-        per = weighted.mul_(jv[lo:hi]).view(count, batch, -1).sum(-1).sum(0)
+        per = weighted.mul_(jv[lo:hi]).reshape(count, batch, -1).sum(-1).sum(0)  # any memory format
         value = per if value is None else value + per
     assert value is not None
     return (value if n_probes == 1 else value / n_probes), rows
@@ -176,7 +176,7 @@ class _ConvNeumann(torch.autograd.Function):
         for i in range(n - 1):
             z = chain.layers[i].apply(cur, weights[i])
             zs.append(z)
-            cur = (z.view(n_probes, -1, *z.shape[1:]) * derivs[i]).view_as(z)
+            cur = (z.view(n_probes, -1, *z.shape[1:]) * derivs[i]).reshape(z.shape)
             u_fwd.append(cur)
         jv = chain.layers[-1].apply(cur, weights[-1])
         shapes = [x.shape, *(t.shape for t in acts)]
@@ -211,7 +211,7 @@ class _ConvNeumann(torch.autograd.Function):
         rho = None
         if grad_value is not None:
             scale = grad_value if p == 1 else grad_value / p
-            rho = (by_probe(rows) * scale.view(1, -1, *[1] * (x.ndim - 1))).view_as(rows)
+            rho = (by_probe(rows) * scale.view(1, -1, *[1] * (x.ndim - 1))).reshape(rows.shape)
         eta = grad_y
         grad_w: List[Optional[Tensor]] = [None] * n
         grad_b: List[Optional[Tensor]] = [None] * n
@@ -231,7 +231,7 @@ class _ConvNeumann(torch.autograd.Function):
             j = i - 1
             ez = None
             if e is not None:
-                rho = (by_probe(e) * derivs[j]).view_as(e)
+                rho = (by_probe(e) * derivs[j]).reshape(e.shape)
                 ez = by_probe(e.mul_(zs[j])).sum(0)
             eta, grad_beta = chain.activations[j].backward(f, ez, hs[j], acts[i], derivs[j], sigs[j], betas[j])
             if grad_beta is not None and raw_betas[j] is not None and needs[_PARAMS + 4 * n + j]:
