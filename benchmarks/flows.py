@@ -17,8 +17,8 @@ are not updated inside the timed step for anyone (normflows' InducedNormLinear a
                        with .item() and calls autograd.grad in forward)
 Conv rows: the same step for the ResidualFlow.conv block g = 3×3 · LipSwish · 1×1 · LipSwish · 3×3 (operator-norm
 spectral norms) on CIFAR-10's shape after one Squeeze (12 × 16 × 16, hidden 64, B = 32) against normflows' Residual
-block of InducedNormConv2d layers; `kexue_fast Neumann, autograd path` is the same block through torch's graph of g
-(what conv blocks ran before kexue_fast.flows.conv_neumann).
+block of InducedNormConv2d layers; `kexue_fast Neumann, autograd path` / `series, autograd path` are the same blocks
+through torch's graph of g (what conv blocks ran before kexue_fast.flows.conv_neumann).
 Memory: bytes of the tensors autograd saves for backward (torch.autograd.graph.saved_tensors_hooks), the graph a
 training step holds between forward and backward.
 """
@@ -102,6 +102,7 @@ def conv_rows(device: str, reps: int, batch: int = 32, channels: int = 12, hidde
         "kexue_fast Neumann": ours_conv(channels, hidden, size, n_terms, True),
         "kexue_fast Neumann, autograd path": ours_conv(channels, hidden, size, n_terms, True, closed_form=False),
         "kexue_fast series": ours_conv(channels, hidden, size, n_terms, False),
+        "kexue_fast series, autograd path": ours_conv(channels, hidden, size, n_terms, False, closed_form=False),
     }
     try:
         blocks["normflows Neumann"] = normflows_conv_block(channels, hidden, n_terms, True)

@@ -267,12 +267,12 @@ def _conv_g(act, kind, norm, bias, train):
     return nn.Sequential(*layers).double().train(train), shape
 
 
-def _conv_closed_form_run(closed, act, kind, norm, bias, n_probes, logdet, x_grad, train, device="cpu"):
+def _conv_closed_form_run(closed, act, kind, norm, bias, n_probes, logdet, x_grad, train, device="cpu", neumann=True):
     """(y, log-det, gradients of a loss on both, state after) of a conv-chain block by its closed form or by the
-    autograd path (memory-efficient Neumann gradient through torch's graph of g)."""
+    autograd path (the memory-efficient Neumann gradient, or the series, through torch's graph of g)."""
     g, shape = _conv_g(act, kind, norm, bias, train)
     g = g.to(device)
-    block = InvertibleResBlock(g, logdet=logdet, n_terms=4, n_probes=n_probes, roulette_p=0.6)
+    block = InvertibleResBlock(g, logdet=logdet, n_terms=4, n_probes=n_probes, roulette_p=0.6, neumann_grad=neumann)
     assert block.series_path == "conv-chain"
     if not closed:
         block._conv_chain = None
@@ -295,19 +295,20 @@ def _conv_closed_form_run(closed, act, kind, norm, bias, n_probes, logdet, x_gra
      ("1d", "plain", True, 2, "series", True, False), ("1d", "spectral", True, 3, "roulette", True, True),
      ("3d", "weight_norm", True, 1, "roulette", True, True)],
 )  # fmt: skip
-@pytest.mark.parametrize("host_scalars", [True, False])
+@pytest.mark.parametrize("host_scalars, neumann", [(True, True), (False, True), (True, False), (False, False)])
 def test_conv_closed_form_equals_the_autograd_path(act, kind, norm, bias, n_probes, logdet, x_grad, train,
-                                                   host_scalars, monkeypatch):  # fmt: skip
+                                                   host_scalars, neumann, monkeypatch):  # fmt: skip
     """kexue_fast.flows.conv_neumann (one autograd node, operator-norm spectral norms folded in) against the
-    autograd path's memory-efficient Neumann gradient: same y and log-det, same gradients of a loss weighting each
-    sample's log-det differently (1e-12, float64), same power-iteration state. host_scalars=False: the fold in
-    tensors, as off the CPU."""
+    autograd path's memory-efficient Neumann gradient (neumann) or its graph of the series itself: same y and
+    log-det, same gradients of a loss weighting each sample's log-det differently (1e-12, float64), same
+    power-iteration state. host_scalars=False: the fold in tensors, as off the CPU. (Through the series, probes
+    with different roulette lengths take the autograd path.)"""
     from kexue_fast.flows import conv_neumann
 
     monkeypatch.setattr(conv_neumann, "_host_scalars", lambda x: host_scalars)
     args = (act, kind, norm, bias, n_probes, logdet, x_grad, train)
-    y_c, v_c, g_c, s_c = _conv_closed_form_run(True, *args)
-    y_a, v_a, g_a, s_a = _conv_closed_form_run(False, *args)
+    y_c, v_c, g_c, s_c = _conv_closed_form_run(True, *args, neumann=neumann)
+    y_a, v_a, g_a, s_a = _conv_closed_form_run(False, *args, neumann=neumann)
     assert torch.allclose(y_c, y_a, atol=1e-14, rtol=0) and torch.allclose(v_c, v_a, atol=1e-13, rtol=0)
     assert len(g_c) == len(g_a) and all(t is not None and bool(t.abs().sum() > 0) for t in g_a + g_c)
     for c, a in zip(g_c, g_a):
@@ -359,7 +360,7 @@ def test_conv_closed_form_covers_both_sides_of_the_spectral_cap():
     assert max(ratios) > 1 > min(ratios), ratios
 
 
-def test_conv_closed_form_keeps_each_forwards_spectral_state_and_refuses_double_backward():
+def test_conv_closed_form_keeps_each_forwards_spectral_state_until_backward():
     torch.manual_seed(0)
     g, shape = _conv_g(LipSwish, "2d", "spectral", True, True)
     blocks = [InvertibleResBlock(g), InvertibleResBlock(copy.deepcopy(g))]
@@ -374,9 +375,30 @@ def test_conv_closed_form_keeps_each_forwards_spectral_state_and_refuses_double_
     (y2.pow(2).sum() + v2.sum()).backward()
     for a, b in zip(blocks[0].g.parameters(), blocks[1].g.parameters()):
         assert torch.allclose(a.grad, b.grad, atol=1e-13, rtol=0)
-    x = torch.randn(3, *shape, dtype=D64, requires_grad=True)
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(blocks[0](x)[1].sum(), x, create_graph=True)
+
+
+@pytest.mark.parametrize("neumann", [True, False])
+@pytest.mark.parametrize("act, kind, norm", [(LipSwish, "2d", "spectral"), (nn.ELU, "1d", "weight_norm")])
+def test_conv_closed_form_supports_double_backward(act, kind, norm, neumann):
+    """A gradient penalty ‖∂L/∂x‖² through the closed form (its backward under create_graph=True rebuilds torch's
+    graph) equals the same through the autograd path with memory_efficient=False."""
+    runs = []
+    for closed in (True, False):
+        g, shape = _conv_g(act, kind, norm, True, False)
+        block = InvertibleResBlock(g, n_terms=3, n_probes=2, neumann_grad=neumann, memory_efficient=False)
+        assert block.series_path == "conv-chain"
+        if not closed:
+            block._conv_chain = None
+        x = torch.randn(4, *shape, dtype=D64, generator=torch.Generator().manual_seed(6)).requires_grad_()
+        torch.manual_seed(3)
+        y, value = block(x)
+        loss = y.pow(2).sum() + (value * torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=D64)).sum()
+        (gx,) = torch.autograd.grad(loss, x, create_graph=True)
+        gx.pow(2).sum().backward()
+        runs.append([gx.detach()] + [p.grad for p in g.parameters()])
+    assert all(t is not None and bool(t.abs().sum() > 0) for t in runs[0] + runs[1])
+    for c, a in zip(*runs):
+        assert torch.allclose(c, a, atol=1e-11, rtol=1e-9), (c - a).abs().max()
 
 
 @pytest.mark.gpu

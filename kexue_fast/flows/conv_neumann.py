@@ -10,10 +10,14 @@ D_i = diag(φ'(h_i)). Everything chain_neumann writes with a matrix W_i holds wi
 A kexue_fast spectral norm in operator mode (spectral_norm(conv, coeff=c, input_shape=...)) is folded in as for a
 matrix, with W = V/δ, δ = max(1, σ̂/c), σ̂ = ⟨u, A_V v⟩ and ∂σ̂/∂V the kernel gradient of that convolution at
 (input v, output gradient u):  ∂V = (G − ⟨G, W⟩ κ ∂σ̂/∂V)/δ,  κ = [σ̂/c ≥ 1]/c.
-No graph through g, nothing saved per series term: the saved tensors are O(P·B·(d + Σ hidden)) for P probes, as the
-graph of one g evaluation. The gradients equal those of differentiating the surrogate through torch's graph (the
-memory-efficient autograd path, kexue_fast.flows.logdet; tests/test_flows.py, 1e-12 in float64). Eager only, first
-order only (backward(create_graph=True) raises, as the autograd path's memory-efficient backward does).
+The Neumann gradient saves O(P·B·(d + Σ hidden)) for P probes, whatever the number of terms n. The gradient through
+the series itself (neumann_grad=False; probes sharing one plan) is, as in chain_neumann,
+    dT = Σ_{j<n} L_jᵀ dJ r_j,   r_j = J^j v,   L_j = Σ_{i<n−j} c_{i+j+1} vᵀJ^i,
+the same backward over the n·P pairs (L_j, r_j) with the forward-mode pass from every r_j (n times that memory).
+The gradients equal those of differentiating torch's graph (the autograd path of kexue_fast.flows.logdet;
+tests/test_flows.py, 1e-12 in float64). Eager only. Under backward(create_graph=True) the gradients come from
+torch's graph of y and the surrogate (or the series), rebuilt from the saved inputs, so they can be differentiated
+again.
 """
 
 from __future__ import annotations
@@ -25,14 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._autograd import first_order
 from .chain import _rules
 from .chain_neumann import _Activation, _host_scalars, _Linear, _one_plan, _save_groups, _saved_groups
 from .logdet import SeriesPlan
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _TRANSPOSED = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
-_PARAMS = 4  # _ConvNeumann.apply(x, probes, chain, plans, *params)
+_PARAMS = 5  # _ConvNeumann.apply(x, probes, chain, plans, through_series, *params)
 
 
 class _ConvLayer(_Linear):
@@ -98,6 +101,35 @@ class ConvChain:
         return cls(convs, acts)
 
 
+def _vjp(chain: ConvChain, weights: Sequence[Tensor], derivs: Sequence[Tensor], shapes: Sequence, term: Tensor,
+         lead: int) -> Tensor:  # fmt: skip
+    """term J for term [lead·B, ...]: the adjoint convolutions, each but the first followed by ⊙ φ'(h) (broadcast
+    over the lead axis)."""
+    for i in range(len(weights) - 1, -1, -1):
+        term = chain.layers[i].adjoint(term, weights[i], shapes[i])  # a new tensor: scaled in place
+        if i:
+            term.view(lead, -1, *term.shape[1:]).mul_(derivs[i - 1])
+    return term
+
+
+def _forward_mode(chain: ConvChain, weights: Sequence[Tensor], derivs: Sequence[Tensor], v: Tensor, lead: int,
+                  last: bool = True) -> Tuple[List[Tensor], List[Tensor], Optional[Tensor]]:  # fmt: skip
+    """z_i = A_i u_{i−1}, u_i = φ'(h_i) ⊙ z_i from u_0 = v [lead·B, ...]; returns (zs, us, J v or None)."""
+    zs, us = [], []
+    cur = v
+    for i in range(len(weights) - 1):
+        z = chain.layers[i].apply(cur, weights[i])
+        zs.append(z)
+        cur = (z.view(lead, -1, *z.shape[1:]) * derivs[i]).reshape(z.shape)
+        us.append(cur)
+    return zs, us, (chain.layers[-1].apply(cur, weights[-1]) if last else None)
+
+
+def _dot(a: Tensor, b: Tensor, lead: int) -> Tensor:
+    """Σ over each sample's entries of a ⊙ b, summed over the lead axis: [B] (a is overwritten)."""
+    return a.mul_(b).reshape(lead, -1, a[0].numel()).sum(-1).sum(0)  # reshape: any memory format
+
+
 def _value_and_rows(chain: ConvChain, weights: Sequence[Tensor], derivs: Sequence[Tensor], shapes: Sequence,
                     plans: Sequence[SeriesPlan], flat: Tensor, jv: Tensor, n_probes: int
                     ) -> Tuple[Tensor, Tensor]:  # fmt: skip
@@ -117,15 +149,51 @@ def _value_and_rows(chain: ConvChain, weights: Sequence[Tensor], derivs: Sequenc
             weighted = term * c if weighted is None else weighted.add_(term, alpha=c)
             row = term * cn if row is None else row.add_(term, alpha=cn)
             if k < plan.n_terms:
-                for i in range(len(weights) - 1, -1, -1):
-                    term = chain.layers[i].adjoint(term, weights[i], shapes[i])  # a new tensor: scaled in place
-                    if i:
-                        term.view(count, batch, *term.shape[1:]).mul_(derivs[i - 1])
+                term = _vjp(chain, weights, derivs, shapes, term, count)
         rows[lo:hi] = row
-        per = weighted.mul_(jv[lo:hi]).reshape(count, batch, -1).sum(-1).sum(0)  # any memory format
+        per = _dot(weighted, jv[lo:hi], count)
         value = per if value is None else value + per
     assert value is not None
     return (value if n_probes == 1 else value / n_probes), rows
+
+
+def _series_pairs(chain: ConvChain, weights: Sequence[Tensor], derivs: Sequence[Tensor], shapes: Sequence,
+                  plan: SeriesPlan, flat: Tensor, n_probes: int
+                  ) -> Tuple[Tensor, List[Tensor], List[Tensor], Tensor, Tensor]:  # fmt: skip
+    """For the gradient of the series itself, dT = Σ_{j<n} L_jᵀ dJ r_j with r_j = J^j v and L_j = Σ_i c_{i+j+1} vᵀJ^i
+    (chain_neumann's formula): the forward-mode pass from every r_j, j < n. Returns (r, zs, us, value [B], L), the
+    pairs stacked j-major on the batch axis ([n·P·B, ...])."""
+    n = plan.n_terms
+    rs: List[Tensor] = [flat]
+    zs: List[List[Tensor]] = [[] for _ in weights[1:]]
+    us: List[List[Tensor]] = [[] for _ in weights[1:]]
+    jv = None
+    for j in range(n):
+        z_j, u_j, out = _forward_mode(chain, weights, derivs, rs[j], n_probes, last=j + 1 < n or j == 0)
+        for i in range(len(z_j)):
+            zs[i].append(z_j[i])
+            us[i].append(u_j[i])
+        if j + 1 < n:
+            rs.append(out)
+        if j == 0:
+            jv = out
+    assert jv is not None
+    lefts = [flat]  # l_i = vᵀJ^i, i < n
+    for _ in range(1, n):
+        lefts.append(_vjp(chain, weights, derivs, shapes, lefts[-1], n_probes))
+    weighted = None
+    for k in range(1, n + 1):
+        c = plan.value_coeff(k)
+        weighted = lefts[0] * c if weighted is None else weighted.add_(lefts[k - 1], alpha=c)
+    value = _dot(weighted, jv, n_probes)
+    rows = []
+    for j in range(n):
+        row = lefts[0] * plan.value_coeff(j + 1)
+        for i in range(1, n - j):
+            row.add_(lefts[i], alpha=plan.value_coeff(i + j + 1))
+        rows.append(row)
+    return (torch.cat(rs), [torch.cat(t) for t in zs], [torch.cat(t) for t in us],
+            value if n_probes == 1 else value / n_probes, torch.cat(rows))  # fmt: skip
 
 
 class _ConvNeumann(torch.autograd.Function):
@@ -133,7 +201,8 @@ class _ConvNeumann(torch.autograd.Function):
     gradient (module doc). Saves x, h_i, a_i, φ'(h_i), the forward-mode z_i, u_i, the probes and the Neumann rows."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, probes: Tensor, chain: ConvChain, plans: Sequence[SeriesPlan], *params):
+    def forward(ctx, x: Tensor, probes: Tensor, chain: ConvChain, plans: Sequence[SeriesPlan], through_series: bool,
+                *params):  # fmt: skip
         n = len(chain.layers)
         raw, biases, us, vs, raw_betas = (params[:n], params[n : 2 * n], params[2 * n : 3 * n], params[3 * n : 4 * n],
                                           params[4 * n :])  # fmt: skip
@@ -171,42 +240,43 @@ class _ConvNeumann(torch.autograd.Function):
                 sigs.append(s)
         n_probes = probes.shape[0]
         flat = probes.reshape(-1, *x.shape[1:])
-        zs, u_fwd = [], []
-        cur = flat
-        for i in range(n - 1):
-            z = chain.layers[i].apply(cur, weights[i])
-            zs.append(z)
-            cur = (z.view(n_probes, -1, *z.shape[1:]) * derivs[i]).reshape(z.shape)
-            u_fwd.append(cur)
-        jv = chain.layers[-1].apply(cur, weights[-1])
         shapes = [x.shape, *(t.shape for t in acts)]
-        value, rows = _value_and_rows(chain, weights, derivs, shapes, plans, flat, jv, n_probes)
+        if through_series:  # the pairs (L_j, J^j v), j < n, of the series' gradient
+            flat, zs, u_fwd, value, rows = _series_pairs(chain, weights, derivs, shapes, plans[0], flat, n_probes)
+        else:
+            zs, u_fwd, jv = _forward_mode(chain, weights, derivs, flat, n_probes)
+            assert jv is not None
+            value, rows = _value_and_rows(chain, weights, derivs, shapes, plans, flat, jv, n_probes)
         ctx.chain, ctx.n_probes, ctx.on_host = chain, n_probes, on_host
+        ctx.lead = rows.shape[0] // x.shape[0]  # P, or n·P pairs through the series
         ctx.has_bias = [b is not None for b in biases]
         ctx.scalars = (kappas, divisors, betas) if on_host else None
         if on_host:
             kappas = divisors = betas = [None] * n
+        ctx.plans, ctx.through_series = plans, through_series
         _save_groups(ctx, x=[x], rows=[rows], probes=[flat], weights=weights, us=us, vs=vs, kappas=kappas,
                      divisors=divisors, betas=betas, raw_betas=raw_betas, hs=hs, acts=acts, derivs=derivs, sigs=sigs,
-                     zs=zs, u_fwd=u_fwd)  # fmt: skip
+                     zs=zs, u_fwd=u_fwd, raw=raw, biases=biases)  # fmt: skip
         return h.add_(x), value
 
     @staticmethod
-    @first_order
     def backward(ctx, grad_y: Optional[Tensor], grad_value: Optional[Tensor]):
         chain = ctx.chain
         n = len(chain.layers)
         saved = _saved_groups(ctx)
         (x,), (rows,), (flat,) = saved["x"], saved["rows"], saved["probes"]
         weights, us, vs, raw_betas = saved["weights"], saved["us"], saved["vs"], saved["raw_betas"]
+        if torch.is_grad_enabled():  # create_graph=True: gradients that can be differentiated again
+            return _graph_backward(ctx, x, flat, rows, saved["raw"], saved["biases"], us, vs, raw_betas, grad_y,
+                                   grad_value)  # fmt: skip
         kappas, divisors, betas = ctx.scalars if ctx.on_host else (saved["kappas"], saved["divisors"], saved["betas"])
         hs, derivs, sigs, zs = saved["hs"], saved["derivs"], saved["sigs"], saved["zs"]
         acts, inputs = [x, *saved["acts"]], [flat, *saved["u_fwd"]]
-        p = ctx.n_probes
+        p, lead = ctx.n_probes, ctx.lead
         needs = ctx.needs_input_grad
 
         def by_probe(t: Tensor) -> Tensor:
-            return t.view(p, -1, *t.shape[1:])
+            return t.view(lead, -1, *t.shape[1:])
 
         rho = None
         if grad_value is not None:
@@ -254,12 +324,65 @@ class _ConvNeumann(torch.autograd.Function):
             grad_w[i] = g.sub_(dsigma.mul_(coef)).div_(divisors[i])
         grad_w = [g if needs[_PARAMS + i] else None for i, g in enumerate(grad_w)]
         grad_b = [g if needs[_PARAMS + n + i] else None for i, g in enumerate(grad_b)]
-        return (grad_x, None, None, None, *grad_w, *grad_b, *([None] * (2 * n)), *grad_raw_beta)
+        return (grad_x, None, None, None, None, *grad_w, *grad_b, *([None] * (2 * n)), *grad_raw_beta)
 
 
-def conv_neumann_logdet(chain: ConvChain, x: Tensor, plans: Sequence[SeriesPlan], probes: Sequence[Tensor]
-                        ) -> Tuple[Tensor, Tensor]:  # fmt: skip
-    """(y = x + g(x), log-det estimate [B]) of a convolutional chain, with the Neumann gradient in closed form."""
+def _graph_backward(ctx, x, flat, rows, raw, biases, us, vs, raw_betas, grad_y, grad_value):
+    """The same gradients from torch's graph of y and of the surrogate mean_p rᵀ J v (or of the series itself, with
+    through_series), rebuilt from the saved raw weights, u, v and probes, for backward(create_graph=True): then
+    higher-order derivatives exist."""
+    chain = ctx.chain
+    n = len(chain.layers)
+    needs = ctx.needs_input_grad
+    p, batch = ctx.n_probes, x.shape[0]
+    weights = []
+    for layer, w, u, v in zip(chain.layers, raw, us, vs):
+        if u is None:
+            weights.append(w)
+            continue
+        sigma = torch.vdot(u.reshape(-1), layer.norm.conv.apply(w, v.unsqueeze(0)).reshape(-1))
+        weights.append(w / (sigma / layer.norm.coeff).clamp_min(1.0))
+    rules = _rules()
+    a, derivs = x, []
+    for i, layer in enumerate(chain.layers):
+        h = layer.apply(a, weights[i], biases[i])
+        if i < n - 1:
+            module = chain.raw_beta_modules[i]
+            a, d = rules[type(module)](h, module)  # LipSwish reads β = softplus(raw β) with its graph
+            derivs.append(d)
+    outs, seeds = [], []
+    if grad_y is not None:
+        outs.append(x + h)
+        seeds.append(grad_y)
+    if grad_value is not None:
+        v = flat[: p * batch]
+        if ctx.through_series:
+            plan, term, weighted = ctx.plans[0], v, 0
+            for k in range(1, plan.n_terms + 1):
+                for i in range(n - 1, -1, -1):  # term J, out of place (this graph is differentiated)
+                    term = chain.layers[i].adjoint(term, weights[i], (x.shape, *(d.shape for d in derivs))[i])
+                    if i:
+                        term = (term.view(p, -1, *term.shape[1:]) * derivs[i - 1]).reshape(term.shape)
+                weighted = weighted + term * plan.value_coeff(k)
+            surrogate = weighted * v
+        else:
+            surrogate = rows * _forward_mode(chain, weights, derivs, v, p)[2]
+        outs.append(surrogate.reshape(p, batch, -1).sum(-1).sum(0) / p)
+        seeds.append(grad_value)
+    candidates = [x, *raw, *biases, *raw_betas]
+    flags = [needs[0], *needs[_PARAMS : _PARAMS + 2 * n], *needs[_PARAMS + 4 * n :]]
+    wanted = [t for t, f in zip(candidates, flags) if f and t is not None]
+    found = iter(torch.autograd.grad(outs, wanted, seeds, create_graph=True, allow_unused=True))
+    got = [next(found) if f and t is not None else None for t, f in zip(candidates, flags)]
+    return (got[0], None, None, None, None, *got[1 : 1 + 2 * n], *([None] * (2 * n)), *got[1 + 2 * n :])
+
+
+def conv_neumann_logdet(chain: ConvChain, x: Tensor, plans: Sequence[SeriesPlan], probes: Sequence[Tensor],
+                        through_series: bool = False) -> Tuple[Tensor, Tensor]:  # fmt: skip
+    """(y = x + g(x), log-det estimate [B]) of a convolutional chain, with the Neumann gradient in closed form, or
+    with through_series=True the series' own gradient (the probes must share one unmasked plan: _one_plan)."""
+    if through_series and not _one_plan(plans):
+        raise ValueError("the closed-form series gradient needs every probe to share one unmasked plan")
     raw, us, vs = zip(*(layer.tensors() for layer in chain.layers))
     # One snapshot of every u, v: the power iteration rewrites them in place, possibly before this step's backward.
     vectors = [t for t in us + vs if t is not None]
@@ -270,4 +393,4 @@ def conv_neumann_logdet(chain: ConvChain, x: Tensor, plans: Sequence[SeriesPlan]
     raw_betas = [m.raw_beta if act.kind == "lipswish" else None
                  for m, act in zip(chain.raw_beta_modules, chain.activations)]  # fmt: skip
     stacked = probes[0].unsqueeze(0) if len(probes) == 1 else torch.stack(list(probes))
-    return _ConvNeumann.apply(x, stacked, chain, plans, *raw, *biases, *us, *vs, *raw_betas)
+    return _ConvNeumann.apply(x, stacked, chain, plans, through_series, *raw, *biases, *us, *vs, *raw_betas)

@@ -18,7 +18,7 @@ from .. import _dispatch
 from ..flows import inverse as _inverse
 from ..flows import logdet as _logdet
 from ..flows.chain import DenseChain, chain_series_logdet
-from ..flows.chain_neumann import chain_neumann_logdet
+from ..flows.chain_neumann import _one_plan, chain_neumann_logdet
 from ..flows.conv_neumann import ConvChain, conv_neumann_logdet
 from ..flows.fused import FusedDenseBranch
 from .spectral_norm import SpectralNorm
@@ -171,9 +171,10 @@ class InvertibleResBlock(nn.Module):
     either way), and off the CPU so is the gradient through the series (neumann_grad=False: Σ_j L_jᵀ dJ J^j v with
     L_j = Σ_i c_{i+j+1} vᵀJ^i); backward(create_graph=True) then differentiates the surrogate's (or the series')
     graph, so higher-order gradients exist. Convolution chains conv (act conv)* (integer zero padding; the
-    ResidualFlow.conv recipe) get the eager Neumann gradient in closed form too when memory_efficient=True
-    (kexue_fast.flows.conv_neumann: one autograd node, operator-norm spectral norms folded in); it and the other
-    autograd-path branches with memory_efficient=True refuse double backward with a clear error.
+    ResidualFlow.conv recipe) get both in closed form on every device (kexue_fast.flows.conv_neumann: one autograd
+    node, operator-norm spectral norms folded in, double backward as above; the series' gradient needs probes
+    sharing one roulette length, else autograd). Other branches go through autograd, where memory_efficient=True
+    refuses double backward with a clear error.
     Backends: `auto` runs these torch paths on every device. KEXUE_FAST_BACKEND=triton runs the fused Triton forward
     of float32 CUDA Linear·act·Linear branches (kexue_fast.flows.fused), slower than the closed form in an H200
     training step (benchmarks/results/flows-cuda.md), and raises where that kernel cannot run.
@@ -313,16 +314,13 @@ class InvertibleResBlock(nn.Module):
             if not compiling:  # the Neumann gradient or the series' own in closed form, one autograd node
                 return chain_neumann_logdet(self._chain, x, self._plans(x), probes, not self.neumann_grad)
             gx, logdet = chain_series_logdet(self._chain, x, self._plans(x), probes, neumann_grad=self.neumann_grad)
-        elif self._conv_chain is not None and not compiling and self.neumann_grad and self.memory_efficient:
-            return conv_neumann_logdet(self._conv_chain, x, self._plans(x), probes)
         else:
+            plans = self._plans(x)
+            through_series = not self.neumann_grad and torch.is_grad_enabled()
+            if self._conv_chain is not None and not compiling and (not through_series or _one_plan(plans)):
+                return conv_neumann_logdet(self._conv_chain, x, plans, probes, through_series)
             gx, logdet = _logdet.series_logdet(
-                self.g,
-                x,
-                self._plans(x),
-                probes,
-                neumann_grad=self.neumann_grad,
-                memory_efficient=self.memory_efficient,
+                self.g, x, plans, probes, neumann_grad=self.neumann_grad, memory_efficient=self.memory_efficient
             )
         return x + gx, logdet
 
@@ -341,8 +339,7 @@ class InvertibleResBlock(nn.Module):
     @property
     def series_path(self) -> str:
         """'dense-chain' (analytic vector–Jacobian products), 'conv-chain' (convolutions and activations: the
-        closed-form Neumann step in eager mode with neumann_grad and memory_efficient, else autograd) or 'autograd'
-        (generic g)."""
+        closed-form step in eager mode) or 'autograd' (generic g)."""
         if self._chain is not None:
             return "dense-chain"
         return "conv-chain" if self._conv_chain is not None else "autograd"
