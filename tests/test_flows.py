@@ -320,11 +320,12 @@ def test_conv_closed_form_equals_the_autograd_path(act, kind, norm, bias, n_prob
 @pytest.mark.parametrize(
     "kind, norm, n_probes, logdet", [("2d", "spectral", 1, "series"), ("1d", "spectral", 2, "roulette")]
 )
-def test_conv_closed_form_on_cuda(kind, norm, n_probes, logdet):
+@pytest.mark.parametrize("neumann", [True, False])
+def test_conv_closed_form_on_cuda(kind, norm, n_probes, logdet, neumann):
     """The closed form on CUDA (the spectral-norm fold in tensors, no host sync) against the autograd path there."""
     args = (LipSwish, kind, norm, True, n_probes, logdet, True, True)
-    y_c, v_c, g_c, s_c = _conv_closed_form_run(True, *args, device="cuda")
-    y_a, v_a, g_a, s_a = _conv_closed_form_run(False, *args, device="cuda")
+    y_c, v_c, g_c, s_c = _conv_closed_form_run(True, *args, device="cuda", neumann=neumann)
+    y_a, v_a, g_a, s_a = _conv_closed_form_run(False, *args, device="cuda", neumann=neumann)
     assert torch.allclose(y_c, y_a, atol=1e-13, rtol=0) and torch.allclose(v_c, v_a, atol=1e-12, rtol=0)
     for c, a in zip(g_c, g_a):
         assert torch.allclose(c, a, atol=1e-11, rtol=1e-9), (c - a).abs().max()
