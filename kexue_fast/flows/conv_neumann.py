@@ -15,7 +15,8 @@ the series itself (neumann_grad=False; probes sharing one plan) is, as in chain_
     dT = Σ_{j<n} L_jᵀ dJ r_j,   r_j = J^j v,   L_j = Σ_{i<n−j} c_{i+j+1} vᵀJ^i,
 the same backward over the n·P pairs (L_j, r_j) with the forward-mode pass from every r_j (n times that memory).
 The gradients equal those of differentiating torch's graph (the autograd path of kexue_fast.flows.logdet;
-tests/test_flows.py, 1e-12 in float64). Eager only. Under backward(create_graph=True) the gradients come from
+tests/test_flows.py, 1e-12 in float64). Eager only: torch.compile traces conv_series_logdet, the same estimator
+and gradients through torch's graph (no autograd.grad). Under backward(create_graph=True) the gradients come from
 torch's graph of y and the surrogate (or the series), rebuilt from the saved inputs, so they can be differentiated
 again.
 """
@@ -31,7 +32,7 @@ from torch import Tensor, nn
 
 from .chain import _rules
 from .chain_neumann import _Activation, _host_scalars, _Linear, _one_plan, _save_groups, _saved_groups
-from .logdet import SeriesPlan
+from .logdet import SeriesPlan, _per_sample, _ValueWithGradientOf
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _TRANSPOSED = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -327,6 +328,78 @@ class _ConvNeumann(torch.autograd.Function):
         return (grad_x, None, None, None, None, *grad_w, *grad_b, *([None] * (2 * n)), *grad_raw_beta)
 
 
+def _vjp_graph(chain: ConvChain, weights: Sequence[Tensor], derivs: Sequence[Tensor], term: Tensor, shape0) -> Tensor:
+    """term J for one probe [B, ...], out of place (a graph that is differentiated, or traced)."""
+    shapes = (shape0, *(d.shape for d in derivs))
+    for i in range(len(weights) - 1, -1, -1):
+        term = chain.layers[i].adjoint(term, weights[i], shapes[i])
+        if i:
+            term = term * derivs[i - 1]
+    return term
+
+
+def _graph_series(chain: ConvChain, weights: Sequence[Tensor], derivs: Sequence[Tensor], plans: Sequence[SeriesPlan],
+                  probes: Sequence[Tensor], shape0, rows: bool) -> Tuple[Tensor, List[Tensor]]:  # fmt: skip
+    """mean_p Σ_k c_k v_pᵀJ^k v_p [B] and, if `rows`, the Neumann rows Σ_k c'_k v_pᵀJ^{k−1}, with torch's graph of
+    whatever carries one (plans' masks honoured: the roulette under torch.compile)."""
+    value, found = 0, []
+    for plan, v in zip(plans, probes):
+        term, weighted, row = v, 0, 0
+        for k in range(1, plan.n_terms + 1):
+            if rows:
+                row = row + plan.term(k, term) * plan.neumann_coeff(k)
+            term = _vjp_graph(chain, weights, derivs, term, shape0)
+            weighted = weighted + plan.term(k, term) * plan.value_coeff(k)
+        value = value + _per_sample(weighted, v)
+        found.append(row)
+    return value / len(probes), found
+
+
+def _graph_forward(chain: ConvChain, x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]]
+                   ) -> Tuple[Tensor, List[Tensor]]:  # fmt: skip
+    """(g(x), φ'(h_i)) with torch's graph; LipSwish reads β = softplus(raw β) through its module."""
+    rules = _rules()
+    a, derivs = x, []
+    for i, layer in enumerate(chain.layers):
+        a = layer.apply(a, weights[i], biases[i])
+        if i < len(chain.layers) - 1:
+            module = chain.raw_beta_modules[i]
+            a, d = rules[type(module)](a, module)
+            derivs.append(d)
+    return a, derivs
+
+
+def _surrogate(chain: ConvChain, weights: Sequence[Tensor], derivs: Sequence[Tensor], rows: Sequence[Tensor],
+               probes: Sequence[Tensor]) -> Tensor:  # fmt: skip
+    """mean_p r_pᵀ J v_p [B], J v by the forward-mode pass with torch's graph."""
+    total = 0
+    for r, v in zip(rows, probes):
+        jv = _forward_mode(chain, weights, derivs, v, 1)[2]
+        assert jv is not None
+        total = total + _per_sample(r, jv)
+    return total / len(probes)
+
+
+def conv_series_logdet(chain: ConvChain, x: Tensor, plans: Sequence[SeriesPlan], probes: Sequence[Tensor], *,
+                       neumann_grad: bool) -> Tuple[Tensor, Tensor]:  # fmt: skip
+    """(g(x), log-det estimate [B]) of a convolutional chain with torch's graph and no autograd.grad, so that
+    torch.compile traces it (fullgraph): the series by transposed convolutions, the Neumann gradient as the gradient
+    of the surrogate mean_p rᵀ J v with the rows held constant, or the series itself differentiated. The same
+    estimator and gradients as the closed form (and as kexue_fast.flows.logdet.series_logdet)."""
+    weights = [layer.layer.weight for layer in chain.layers]  # through the parametrizations
+    gx, derivs = _graph_forward(chain, x, weights, [layer.layer.bias for layer in chain.layers])
+    need_grad = torch.is_grad_enabled() and gx.requires_grad
+    through_series = need_grad and not neumann_grad
+    if through_series:
+        return gx, _graph_series(chain, weights, derivs, plans, probes, x.shape, rows=False)[0]
+    value, rows = _graph_series(chain, [w.detach() for w in weights], [d.detach() for d in derivs], plans, probes,
+                                x.shape, rows=need_grad)  # fmt: skip
+    if not need_grad:
+        return gx.detach(), value.detach()
+    surrogate = _surrogate(chain, weights, derivs, [r.detach() for r in rows], probes)
+    return gx, _ValueWithGradientOf.apply(value.detach(), surrogate)
+
+
 def _graph_backward(ctx, x, flat, rows, raw, biases, us, vs, raw_betas, grad_y, grad_value):
     """The same gradients from torch's graph of y and of the surrogate mean_p rᵀ J v (or of the series itself, with
     through_series), rebuilt from the saved raw weights, u, v and probes, for backward(create_graph=True): then
@@ -342,32 +415,17 @@ def _graph_backward(ctx, x, flat, rows, raw, biases, us, vs, raw_betas, grad_y, 
             continue
         sigma = torch.vdot(u.reshape(-1), layer.norm.conv.apply(w, v.unsqueeze(0)).reshape(-1))
         weights.append(w / (sigma / layer.norm.coeff).clamp_min(1.0))
-    rules = _rules()
-    a, derivs = x, []
-    for i, layer in enumerate(chain.layers):
-        h = layer.apply(a, weights[i], biases[i])
-        if i < n - 1:
-            module = chain.raw_beta_modules[i]
-            a, d = rules[type(module)](h, module)  # LipSwish reads β = softplus(raw β) with its graph
-            derivs.append(d)
+    gx, derivs = _graph_forward(chain, x, weights, biases)
     outs, seeds = [], []
     if grad_y is not None:
-        outs.append(x + h)
+        outs.append(x + gx)
         seeds.append(grad_y)
     if grad_value is not None:
-        v = flat[: p * batch]
+        probes = list(flat[: p * batch].reshape(p, *x.shape).unbind(0))
         if ctx.through_series:
-            plan, term, weighted = ctx.plans[0], v, 0
-            for k in range(1, plan.n_terms + 1):
-                for i in range(n - 1, -1, -1):  # term J, out of place (this graph is differentiated)
-                    term = chain.layers[i].adjoint(term, weights[i], (x.shape, *(d.shape for d in derivs))[i])
-                    if i:
-                        term = (term.view(p, -1, *term.shape[1:]) * derivs[i - 1]).reshape(term.shape)
-                weighted = weighted + term * plan.value_coeff(k)
-            surrogate = weighted * v
+            outs.append(_graph_series(chain, weights, derivs, ctx.plans, probes, x.shape, rows=False)[0])
         else:
-            surrogate = rows * _forward_mode(chain, weights, derivs, v, p)[2]
-        outs.append(surrogate.reshape(p, batch, -1).sum(-1).sum(0) / p)
+            outs.append(_surrogate(chain, weights, derivs, list(rows.reshape(p, *x.shape).unbind(0)), probes))
         seeds.append(grad_value)
     candidates = [x, *raw, *biases, *raw_betas]
     flags = [needs[0], *needs[_PARAMS : _PARAMS + 2 * n], *needs[_PARAMS + 4 * n :]]

@@ -19,7 +19,7 @@ from ..flows import inverse as _inverse
 from ..flows import logdet as _logdet
 from ..flows.chain import DenseChain, chain_series_logdet
 from ..flows.chain_neumann import _one_plan, chain_neumann_logdet
-from ..flows.conv_neumann import ConvChain, conv_neumann_logdet
+from ..flows.conv_neumann import ConvChain, conv_neumann_logdet, conv_series_logdet
 from ..flows.fused import FusedDenseBranch
 from .spectral_norm import SpectralNorm
 
@@ -183,11 +183,12 @@ class InvertibleResBlock(nn.Module):
     (rtol + 16ε)‖x‖∞ per sample for F(x) = y − g(x), ε the dtype's rounding unit (a RuntimeWarning if max_iter
     is reached); `last_inverse` holds the counts.
 
-    torch.compile(fullgraph=True): for dense-chain branches the forward, log-det and backward trace into one graph;
+    torch.compile(fullgraph=True): for dense- and conv-chain branches the forward, log-det and backward trace into one
+    graph (conv chains through kexue_fast.flows.conv_neumann.conv_series_logdet);
     the roulette length is then drawn on the device and capped at `roulette_max_terms` (terms masked, no host
     sync), and the fixed-point inverse becomes a `while_loop` with the same stopping rule (no stats, no warning).
     The NaN/Inf check of x in forward (a ValueError) runs on CPU tensors in eager mode only: on a GPU it would sync
-    with the host every step. Other branches (convolutions included) run the autograd path there and do not trace.
+    with the host every step. Other branches run the autograd path there and do not trace.
     """
 
     def __init__(
@@ -317,11 +318,14 @@ class InvertibleResBlock(nn.Module):
         else:
             plans = self._plans(x)
             through_series = not self.neumann_grad and torch.is_grad_enabled()
-            if self._conv_chain is not None and not compiling and (not through_series or _one_plan(plans)):
+            if self._conv_chain is None:
+                gx, logdet = _logdet.series_logdet(
+                    self.g, x, plans, probes, neumann_grad=self.neumann_grad, memory_efficient=self.memory_efficient
+                )
+            elif not compiling and (not through_series or _one_plan(plans)):  # one autograd node
                 return conv_neumann_logdet(self._conv_chain, x, plans, probes, through_series)
-            gx, logdet = _logdet.series_logdet(
-                self.g, x, plans, probes, neumann_grad=self.neumann_grad, memory_efficient=self.memory_efficient
-            )
+            else:  # torch's graph without autograd.grad: traced by torch.compile
+                gx, logdet = conv_series_logdet(self._conv_chain, x, plans, probes, neumann_grad=self.neumann_grad)
         return x + gx, logdet
 
     def _fused_unavailable(self, x: Tensor) -> Optional[str]:
