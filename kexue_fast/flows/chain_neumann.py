@@ -278,6 +278,45 @@ def _saved_groups(ctx) -> dict:
     return out
 
 
+def _fold_divisor(ratio: Tensor, coeff: float, on_host: bool) -> Tuple[Union[Tensor, float], Union[Tensor, float]]:
+    """(δ = max(1, σ̂/c), what the backward's κ = [σ̂/c ≥ 1]/c needs) from ratio = σ̂/c: Python numbers on the host
+    (κ itself), else tensors (σ̂/c kept: no sync)."""
+    if on_host:
+        value = float(ratio)
+        return max(value, 1.0), float(value >= 1.0) / coeff
+    return ratio.clamp_min(1.0), ratio
+
+
+def _betas(raw_betas: Sequence[Optional[Tensor]], on_host: bool) -> list:
+    """LipSwish's β = softplus(raw β) per activation (None elsewhere); Python numbers on the host, so that they
+    enter the elementwise passes as scalar arguments instead of broadcast tensor ops."""
+    betas = [F.softplus(r) if r is not None else None for r in raw_betas]
+    return [float(b) if b is not None else None for b in betas] if on_host else betas
+
+
+def _raw_beta_grad(grad_beta: Tensor, beta: Union[Tensor, float], raw_beta: Tensor, on_host: bool) -> Tensor:
+    """∂/∂raw β from 1.1 ∂β: ∂β/∂raw = σ(raw) = 1 − e^{−β} (1 where softplus is linear, β > 20), and the 1/1.1 of
+    φ's derivatives."""
+    if on_host:
+        grad_beta.mul_((1.0 if beta > 20 else -math.expm1(-beta)) / 1.1)
+    else:
+        grad_beta.mul_(torch.sigmoid(raw_beta)).div_(1.1)
+    return grad_beta.reshape(raw_beta.shape)
+
+
+def _graph_grads(ctx, n: int, x: Tensor, raw, biases, raw_betas, outs: List[Tensor], seeds: List[Tensor]) -> tuple:
+    """A closed-form Function's backward under create_graph=True: the gradients of its rebuilt graph (outs, seeded)
+    with respect to the inputs it needs, laid out as apply(x, probes, spec, plans, through_series, *raw, *biases,
+    *us, *vs, *raw_betas) takes them."""
+    needs = ctx.needs_input_grad
+    candidates = [x, *raw, *biases, *raw_betas]
+    flags = [needs[0], *needs[_PARAMS : _PARAMS + 2 * n], *needs[_PARAMS + 4 * n :]]
+    wanted = [t for t, f in zip(candidates, flags) if f and t is not None]
+    found = iter(torch.autograd.grad(outs, wanted, seeds, create_graph=True, allow_unused=True))
+    got = [next(found) if f and t is not None else None for t, f in zip(candidates, flags)]
+    return (got[0], None, None, None, None, *got[1 : 1 + 2 * n], *([None] * (2 * n)), *got[1 + 2 * n :])
+
+
 class _ChainNeumann(torch.autograd.Function):
     """(y = x + g(x), log-det estimate [B]) of a dense chain; the estimate's gradient is the Neumann gradient, or with
     through_series the series' own (module doc).
@@ -299,21 +338,12 @@ class _ChainNeumann(torch.autograd.Function):
                 kappas.append(None)
                 divisors.append(None)
                 continue
-            ratio_t = torch.vdot(u, torch.addmv(_constant(0.0, w.dtype, w.device), w, v, beta=0, alpha=1 / coeff))
-            if on_host:
-                ratio = float(ratio_t)  # σ̂/c
-                divisor, kappa = max(ratio, 1.0), float(ratio >= 1.0) / coeff
-                weights.append(w / divisor)
-                kappas.append(kappa)
-                divisors.append(divisor)
-                continue
-            divisor = ratio_t.clamp_min(1.0)
+            ratio = torch.vdot(u, torch.addmv(_constant(0.0, w.dtype, w.device), w, v, beta=0, alpha=1 / coeff))
+            divisor, kappa = _fold_divisor(ratio, coeff, on_host)
             weights.append(w / divisor)
-            kappas.append(ratio_t)  # saved: the backward's κ is [σ̂/c ≥ 1]/c
+            kappas.append(kappa)
             divisors.append(divisor)
-        betas = [F.softplus(r) if r is not None else None for r in raw_betas]
-        if on_host:  # Python numbers: scalar arguments instead of broadcast tensor ops
-            betas = [float(b) if b is not None else None for b in betas]
+        betas = _betas(raw_betas, on_host)
         hs, acts, derivs, sigs = [], [], [], []
         a = x
         for i in range(n):
@@ -390,12 +420,7 @@ class _ChainNeumann(torch.autograd.Function):
                 ez = e.mul_(zs[j]).sum(0) if lead > 1 else e.mul_(zs[j]).squeeze(0)
             eta, grad_beta = spec.activations[j].backward(f, ez, hs[j], acts[i], derivs[j], sigs[j], betas[j])
             if grad_beta is not None and raw_betas[j] is not None and needs[_PARAMS + 4 * n + j]:
-                # ∂β/∂raw = σ(raw) = 1 − e^{−β} (1 where softplus is linear, β > 20); the 1/1.1 of φ's derivatives
-                if ctx.on_host:
-                    grad_beta.mul_((1.0 if betas[j] > 20 else -math.expm1(-betas[j])) / 1.1)
-                else:
-                    grad_beta.mul_(torch.sigmoid(raw_betas[j])).div_(1.1)
-                grad_raw_beta[j] = grad_beta.reshape(raw_betas[j].shape)
+                grad_raw_beta[j] = _raw_beta_grad(grad_beta, betas[j], raw_betas[j], ctx.on_host)
         for i in range(n):  # the folded spectral norms: ∂V = (G − ⟨G, W⟩ κ u vᵀ) / δ
             if us[i] is None or grad_w[i] is None:
                 continue
@@ -418,7 +443,6 @@ def _graph_backward(ctx, x, rows, probes, raw, biases, us, vs, raw_betas, grad_y
     spec = ctx.spec
     chain = spec.chain
     n = len(spec.linears)
-    needs = ctx.needs_input_grad
     weights = []
     for w, u, v, coeff in zip(raw, us, vs, spec.coeffs):
         weights.append(w if u is None else w / (torch.vdot(u, torch.mv(w, v)) / coeff).clamp_min(1.0))
@@ -439,12 +463,7 @@ def _graph_backward(ctx, x, rows, probes, raw, biases, us, vs, raw_betas, grad_y
         else:
             outs.append((rows * DenseChain.jvp(probes, weights, derivs)).sum(-1).mean(0))
         seeds.append(grad_value)
-    candidates = [x, *raw, *biases, *raw_betas]
-    flags = [needs[0], *needs[_PARAMS : _PARAMS + 2 * n], *needs[_PARAMS + 4 * n :]]
-    wanted = [t for t, f in zip(candidates, flags) if f and t is not None]
-    found = iter(torch.autograd.grad(outs, wanted, seeds, create_graph=True, allow_unused=True))
-    got = [next(found) if f and t is not None else None for t, f in zip(candidates, flags)]
-    return (got[0], None, None, None, None, *got[1 : 1 + 2 * n], *([None] * (2 * n)), *got[1 + 2 * n :])
+    return _graph_grads(ctx, n, x, raw, biases, raw_betas, outs, seeds)
 
 
 def chain_neumann_logdet(

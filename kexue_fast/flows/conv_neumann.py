@@ -23,7 +23,6 @@ again.
 
 from __future__ import annotations
 
-import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -31,12 +30,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .chain import _rules
-from .chain_neumann import _Activation, _host_scalars, _Linear, _one_plan, _save_groups, _saved_groups
+from .chain_neumann import (
+    _PARAMS,
+    _Activation,
+    _betas,
+    _fold_divisor,
+    _graph_grads,
+    _host_scalars,
+    _Linear,
+    _one_plan,  # fmt: skip
+    _raw_beta_grad,
+    _save_groups,
+    _saved_groups,
+)
 from .logdet import SeriesPlan, _per_sample, _ValueWithGradientOf
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _TRANSPOSED = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
-_PARAMS = 5  # _ConvNeumann.apply(x, probes, chain, plans, through_series, *params)
 
 
 class _ConvLayer(_Linear):
@@ -217,18 +227,12 @@ class _ConvNeumann(torch.autograd.Function):
                 continue
             assert layer.norm is not None and layer.norm.coeff is not None
             coeff = layer.norm.coeff
-            ratio_t = torch.vdot(u.reshape(-1), layer.norm.conv.apply(w, v.unsqueeze(0)).reshape(-1)) / coeff
-            if on_host:
-                ratio = float(ratio_t)  # σ̂/c
-                divisor, kappa = max(ratio, 1.0), float(ratio >= 1.0) / coeff
-            else:
-                divisor, kappa = ratio_t.clamp_min(1.0), ratio_t  # the backward's κ is [σ̂/c ≥ 1]/c
+            ratio = torch.vdot(u.reshape(-1), layer.norm.conv.apply(w, v.unsqueeze(0)).reshape(-1)) / coeff
+            divisor, kappa = _fold_divisor(ratio, coeff, on_host)
             weights.append(w / divisor)
             kappas.append(kappa)
             divisors.append(divisor)
-        betas = [F.softplus(r) if r is not None else None for r in raw_betas]
-        if on_host:
-            betas = [float(b) if b is not None else None for b in betas]
+        betas = _betas(raw_betas, on_host)
         hs, acts, derivs, sigs = [], [], [], []
         a = x
         for i, layer in enumerate(chain.layers):
@@ -306,12 +310,7 @@ class _ConvNeumann(torch.autograd.Function):
                 ez = by_probe(e.mul_(zs[j])).sum(0)
             eta, grad_beta = chain.activations[j].backward(f, ez, hs[j], acts[i], derivs[j], sigs[j], betas[j])
             if grad_beta is not None and raw_betas[j] is not None and needs[_PARAMS + 4 * n + j]:
-                # ∂β/∂raw = σ(raw) = 1 − e^{−β} (1 where softplus is linear, β > 20); the 1/1.1 of φ's derivatives
-                if ctx.on_host:
-                    grad_beta.mul_((1.0 if betas[j] > 20 else -math.expm1(-betas[j])) / 1.1)
-                else:
-                    grad_beta.mul_(torch.sigmoid(raw_betas[j])).div_(1.1)
-                grad_raw_beta[j] = grad_beta.reshape(raw_betas[j].shape)
+                grad_raw_beta[j] = _raw_beta_grad(grad_beta, betas[j], raw_betas[j], ctx.on_host)
         for i, layer in enumerate(chain.layers):  # the folded spectral norms: ∂V = (G − ⟨G, W⟩ κ ∂σ̂/∂V) / δ
             if us[i] is None or grad_w[i] is None:
                 continue
@@ -406,7 +405,6 @@ def _graph_backward(ctx, x, flat, rows, raw, biases, us, vs, raw_betas, grad_y, 
     higher-order derivatives exist."""
     chain = ctx.chain
     n = len(chain.layers)
-    needs = ctx.needs_input_grad
     p, batch = ctx.n_probes, x.shape[0]
     weights = []
     for layer, w, u, v in zip(chain.layers, raw, us, vs):
@@ -427,12 +425,7 @@ def _graph_backward(ctx, x, flat, rows, raw, biases, us, vs, raw_betas, grad_y, 
         else:
             outs.append(_surrogate(chain, weights, derivs, list(rows.reshape(p, *x.shape).unbind(0)), probes))
         seeds.append(grad_value)
-    candidates = [x, *raw, *biases, *raw_betas]
-    flags = [needs[0], *needs[_PARAMS : _PARAMS + 2 * n], *needs[_PARAMS + 4 * n :]]
-    wanted = [t for t, f in zip(candidates, flags) if f and t is not None]
-    found = iter(torch.autograd.grad(outs, wanted, seeds, create_graph=True, allow_unused=True))
-    got = [next(found) if f and t is not None else None for t, f in zip(candidates, flags)]
-    return (got[0], None, None, None, None, *got[1 : 1 + 2 * n], *([None] * (2 * n)), *got[1 + 2 * n :])
+    return _graph_grads(ctx, n, x, raw, biases, raw_betas, outs, seeds)
 
 
 def conv_neumann_logdet(chain: ConvChain, x: Tensor, plans: Sequence[SeriesPlan], probes: Sequence[Tensor],
