@@ -209,7 +209,8 @@ def _series_pairs(chain: ConvChain, weights: Sequence[Tensor], derivs: Sequence[
 
 class _ConvNeumann(torch.autograd.Function):
     """(y = x + g(x), log-det estimate [B]) of a convolutional chain; the estimate's gradient is the Neumann
-    gradient (module doc). Saves x, h_i, a_i, φ'(h_i), the forward-mode z_i, u_i, the probes and the Neumann rows."""
+    gradient, or with through_series the series' own (module doc). Saves x, h_i, a_i, φ'(h_i), the forward-mode z_i,
+    u_i, the probes and the Neumann rows (the n·P pairs' r_j, z, u and L_j through the series)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, probes: Tensor, chain: ConvChain, plans: Sequence[SeriesPlan], through_series: bool,

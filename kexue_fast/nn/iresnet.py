@@ -172,9 +172,9 @@ class InvertibleResBlock(nn.Module):
     L_j = Σ_i c_{i+j+1} vᵀJ^i); backward(create_graph=True) then differentiates the surrogate's (or the series')
     graph, so higher-order gradients exist. Convolution chains conv (act conv)* (integer zero padding; the
     ResidualFlow.conv recipe) get both in closed form on every device (kexue_fast.flows.conv_neumann: one autograd
-    node, operator-norm spectral norms folded in, double backward as above; the series' gradient needs probes
-    sharing one roulette length, else autograd). Other branches go through autograd, where memory_efficient=True
-    refuses double backward with a clear error.
+    node, operator-norm spectral norms folded in, double backward as above; through the series when the probes share
+    one roulette length, else by torch's graph of the series). Other branches go through autograd, where
+    memory_efficient=True refuses double backward with a clear error.
     Backends: `auto` runs these torch paths on every device. KEXUE_FAST_BACKEND=triton runs the fused Triton forward
     of float32 CUDA Linear·act·Linear branches (kexue_fast.flows.fused), slower than the closed form in an H200
     training step (benchmarks/results/flows-cuda.md), and raises where that kernel cannot run.
@@ -237,7 +237,7 @@ class InvertibleResBlock(nn.Module):
         _check_lipschitz_layers(g)
         # Dense chains W_L φ(⋯ W_1 x ⋯) get the analytic series (kexue_fast.flows.chain); anything else autograd.
         self._chain = DenseChain.detect(g)
-        # Convolution chains get the closed-form Neumann step (kexue_fast.flows.conv_neumann) in eager mode.
+        # Convolution chains get the closed-form step in eager mode, a traceable graph under torch.compile.
         self._conv_chain = ConvChain.detect(g) if self._chain is None else None
         self._fused, self._fused_reason = FusedDenseBranch.detect(self._chain)
         self.last_inverse: Optional[_inverse.InverseStats] = None
