@@ -63,20 +63,15 @@ def normflows_block(dim: int, hidden: int, n_terms: int, reduce_memory: bool):
 
 
 def ours_conv(channels: int, hidden: int, size: int, n_terms: int, neumann: bool, closed_form: bool = True):
-    """The ResidualFlow.conv recipe's block: 3×3 · LipSwish · 1×1 · LipSwish · 3×3, operator-norm spectral norms.
-    closed_form=False takes the autograd path (what conv blocks ran before kexue_fast.flows.conv_neumann)."""
-    shapes = [(channels, size, size), (hidden, size, size), (hidden, size, size)]
-    convs = [
-        nn.Conv2d(channels, hidden, 3, padding=1),
-        nn.Conv2d(hidden, hidden, 1),
-        nn.Conv2d(hidden, channels, 3, padding=1),
-    ]
-    layers: List[nn.Module] = []
-    for i, (conv, shape) in enumerate(zip(convs, shapes)):
-        layers += [LipSwish()] if i else []
-        layers.append(spectral_norm(conv, coeff=COEFF, input_shape=shape, n_power_iterations=0))
-    block = InvertibleResBlock(nn.Sequential(*layers), logdet="series", n_terms=n_terms, neumann_grad=neumann,
-                               memory_efficient=neumann)  # fmt: skip
+    """The block ResidualFlow.conv builds (3×3 · LipSwish · 1×1 · LipSwish · 3×3, operator-norm spectral norms), on
+    the same series as the others. closed_form=False takes the autograd path (what conv blocks ran before
+    kexue_fast.flows.conv_neumann)."""
+    from kexue_fast.nn import ResidualFlow
+
+    flow = ResidualFlow.conv((channels, size, size), n_scales=1, n_blocks=1, hidden_channels=hidden, coeff=COEFF,
+                             actnorm=False, logdet="series", n_terms=n_terms, neumann_grad=neumann,
+                             memory_efficient=neumann)  # fmt: skip
+    (block,) = flow.layers
     if not closed_form:
         block._conv_chain = None
     return block
@@ -92,6 +87,12 @@ def normflows_conv_block(channels: int, hidden: int, n_terms: int, reduce_memory
         InducedNormConv2d(hidden, channels, 3, 1, 1, coeff=COEFF, n_iterations=5),
     )  # fmt: skip
     return nf.flows.Residual(g, reverse=False, reduce_memory=reduce_memory, n_power_series=n_terms).train()
+
+
+def _speedup(times: Dict[str, float], name: str) -> str:
+    """Our contestant's speed-up over normflows at the same gradient ('' for the anchors)."""
+    base = "normflows Neumann" if "Neumann" in name else "normflows series"
+    return f"{times[base] / times[name]:.2f}x" if base in times and "kexue" in name else ""
 
 
 def conv_rows(device: str, reps: int, batch: int = 32, channels: int = 12, hidden: int = 64, size: int = 16,
@@ -115,10 +116,8 @@ def conv_rows(device: str, reps: int, batch: int = 32, channels: int = 12, hidde
     times = time_contestants({name: _step(b, x) for name, b in blocks.items()}, device, reps)
     rows = []
     for name, b in blocks.items():
-        base = "normflows Neumann" if "Neumann" in name else "normflows series"
-        ratio = f"{times[base] / times[name]:.2f}x" if base in times and "kexue" in name else ""
         rows.append([f"conv C={channels} H={hidden} {size}×{size} B={batch}", n_terms, name,
-                     f"{times[name] * 1e3:.2f}", ratio, f"{saved_bytes(b, x) / 1024:.0f}"])  # fmt: skip
+                     f"{times[name] * 1e3:.2f}", _speedup(times, name), f"{saved_bytes(b, x) / 1024:.0f}"])  # fmt: skip
     return rows
 
 
@@ -305,6 +304,7 @@ def run(
     compiled: bool = True,
 ) -> Path:
     reps = reps or (20 if quick else 100)
+    conv_reps = max(5, reps // 5)  # a conv step takes ~50× a dense one
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small ops: one thread avoids oversubscription noise on a shared machine
     rows: List[list] = []
@@ -326,20 +326,19 @@ def run(
                 times = time_contestants(steps, device, reps)
                 memory = {name: saved_bytes(b, x) for name, b in blocks.items()}
                 for name in blocks:
-                    base = "normflows Neumann" if "Neumann" in name else "normflows series"
-                    ratio = f"{times[base] / times[name]:.2f}x" if base in times and "kexue" in name else ""
+                    ratio = _speedup(times, name)
                     kib = "—" if memory[name] is None else f"{memory[name] / 1024:.0f}"
                     rows.append([f"D={dim} H={hidden} B={batch}", n_terms, name, f"{times[name] * 1e3:.2f}",
                                  ratio, kib])  # fmt: skip
                 print(f"  flows/{device}: D={dim} k={n_terms} done", flush=True)
-        rows += conv_rows(device, max(5, reps // 5))
+        rows += conv_rows(device, conv_reps)
         print(f"  flows/{device}: conv done", flush=True)
     finally:
         torch.set_num_threads(threads)
     header = ["shape", "terms k", "contestant", "ms / step", "speed-up vs normflows (same gradient)", "graph KiB"]
     notes = (
         f"forward + log-det + backward of one block (float32, 1 thread), median of {reps} interleaved repetitions "
-        f"({max(5, reps // 5)} for the conv rows). "
+        f"({conv_reps} for the conv rows). "
         "normflows' 'Neumann' log-det value is a gradient surrogate, not a log-det; FrEIA's log-det has no gradient."
         "\n\nInverse to ‖block(x̂) − y‖∞ ≤ 1e-6 (stopping on the step ≤ 1e-6), D=16, H=64, 64 samples, float64, "
         "blocks trained to maximize log-det under coefficient c (Lip(g) ≤ c²): evaluations of g\n\n"
