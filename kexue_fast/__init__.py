@@ -15,7 +15,7 @@ from .hsic import hsic as hsic  # the function; the sub-package stays importable
 from .infomap import infomap as infomap  # likewise
 from .infomap import map_equation
 from .jose import JoSE
-from .spectral import conv_operator_norm, power_iteration, spectral_norm_bound
+from .spectral import conv_operator_norm, conv_operator_norm_bound, power_iteration, spectral_norm_bound
 
 __version__ = "0.1.0"
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "__version__",
     "cka",
     "conv_operator_norm",
+    "conv_operator_norm_bound",
     "datasets",
     "flows",
     "gan",

@@ -46,6 +46,27 @@ def _rules():
     return {LipSwish: _lipswish, nn.ELU: _elu, nn.Tanh: _tanh, nn.LeakyReLU: _leaky}
 
 
+def is_plain(module: nn.Module, classes: Tuple[type, ...]) -> bool:
+    """Whether `module` is exactly one of `classes`, or torch.nn.utils.parametrize's subclass of one (which changes
+    only how `.weight` is read): a user's subclass may override forward, which a closed form would skip."""
+    cls = type(module)
+    return cls in classes or (cls.__name__.startswith("Parametrized") and len(cls.__bases__) == 1
+                              and cls.__bases__[0] in classes)  # fmt: skip
+
+
+def hook_free(modules: Sequence[nn.Module]) -> bool:
+    """Whether calling these modules runs nothing but their forward: no forward or backward hooks, per module or
+    global (e.g. torch.nn.utils.spectral_norm's pre-hook, pruning, activation recorders), which a closed form that
+    reads the weights directly would skip. Checked at every call: hooks can be added after the block is built."""
+    from torch.nn.modules import module as torch_module
+
+    if (torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
+            or torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks):  # fmt: skip
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                   for m in modules)  # fmt: skip
+
+
 class DenseChain:
     """The Linear layers and activations of g, read through their (possibly parametrized) `.weight`."""
 
@@ -59,13 +80,12 @@ class DenseChain:
     @classmethod
     def detect(cls, g: nn.Module) -> Optional[DenseChain]:
         """A chain Linear (act Linear)* of supported activations, else None."""
-        if not isinstance(g, nn.Sequential) or len(g) % 2 == 0:
+        if type(g) is not nn.Sequential or len(g) % 2 == 0:  # a subclass may change what forward computes
             return None
         layers = list(g)
         linears, acts = layers[0::2], layers[1::2]
         table = _rules()
-        if not all(type(m) is nn.Linear or (isinstance(m, nn.Linear) and type(m).__name__.startswith("Parametrized"))
-                   for m in linears):  # fmt: skip
+        if not all(is_plain(m, (nn.Linear,)) for m in linears):
             return None
         if not all(type(a) in table for a in acts):
             return None

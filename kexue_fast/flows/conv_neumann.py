@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .chain import _rules
+from .chain import _rules, is_plain
 from .chain_neumann import (
     _PARAMS,
     _Activation,
@@ -97,13 +97,13 @@ class ConvChain:
     def detect(cls, g: nn.Module) -> Optional[ConvChain]:
         """A chain conv (act conv)* of zero-padded, integer-padded convolutions and supported activations, else
         None (string padding, other padding modes and other layers take the autograd path)."""
-        if not isinstance(g, nn.Sequential) or len(g) % 2 == 0:
+        if type(g) is not nn.Sequential or len(g) % 2 == 0:  # a subclass may change what forward computes
             return None
         layers = list(g)
         convs, acts = layers[0::2], layers[1::2]
         table = _rules()
         for conv in convs:
-            if not isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or conv.padding_mode != "zeros":
+            if not is_plain(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or conv.padding_mode != "zeros":
                 return None
             if isinstance(conv.padding, str):
                 return None

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Tuple
 
 import torch
 from torch import Tensor
@@ -33,12 +33,27 @@ class InverseStats:
 def _step_ok(step: Tensor, new: Tensor, atol: float, rtol: float) -> Tensor:
     flat_step = step.reshape(step.shape[0], -1).abs().amax(1)
     flat_new = new.reshape(new.shape[0], -1).abs().amax(1)
-    return flat_step <= atol + (rtol + 16 * torch.finfo(new.dtype).eps) * flat_new
+    # finite first: once an iterate overflows, the right side is inf too and inf <= inf would pass
+    return torch.isfinite(flat_step) & (flat_step <= atol + (rtol + 16 * torch.finfo(new.dtype).eps) * flat_new)
 
 
-def _finish(method: str, it: int, evals: int, step: Tensor, ok: bool, atol: float, rtol: float) -> InverseStats:
+def _status(step: Tensor, new: Tensor, atol: float, rtol: float) -> Tuple[bool, bool]:
+    """(every sample converged, every iterate finite), with one host sync."""
+    ok, finite = torch.stack((_step_ok(step, new, atol, rtol).all(), torch.isfinite(new).all())).tolist()
+    return bool(ok), bool(finite)
+
+
+def _finish(method: str, it: int, evals: int, step: Tensor, ok: bool, atol: float, rtol: float,
+            diverged: bool = False) -> InverseStats:  # fmt: skip
     max_step = float(step.abs().max()) if step.numel() else 0.0
-    if not ok:
+    if diverged:
+        warnings.warn(
+            f"inverse ({method}) diverged after {it} iterations: an iterate is NaN or Inf, so the result is not an "
+            "inverse; the fixed-point map contracts only if Lip(g) < 1",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    elif not ok:
         warnings.warn(
             f"inverse ({method}) did not converge in {it} iterations: largest step {max_step:.3e} > atol={atol} + "
             f"rtol={rtol}·‖x‖∞; is Lip(g) < 1? Raise inverse_max_iter or loosen the tolerances",
@@ -53,15 +68,15 @@ def fixed_point(g: Callable[[Tensor], Tensor], y: Tensor, atol: float, rtol: flo
     """x_{k+1} = y − g(x_k) from x_0 = y. Returns (x, InverseStats)."""
     x = y
     step = torch.zeros_like(y)
-    ok = False
+    ok, finite = False, True
     iterations = 0
-    while iterations < max_iter and not ok:
+    while iterations < max_iter and not ok and finite:
         new = y - g(x)
         step = new - x
         x = new
         iterations += 1
-        ok = bool(_step_ok(step, new, atol, rtol).all())
-    return x, _finish("fixed_point", iterations, iterations, step, ok, atol, rtol)
+        ok, finite = _status(step, new, atol, rtol)
+    return x, _finish("fixed_point", iterations, iterations, step, ok, atol, rtol, not finite)
 
 
 @torch.no_grad()
@@ -91,8 +106,9 @@ def anderson(
     X[:, 0], Fx[:, 0] = x0, F(x0)
     evals = 1
     step = Fx[:, 0] - X[:, 0]
-    if bool(_step_ok(step, Fx[:, 0], atol, rtol).all()):
-        return Fx[:, 0].reshape(shape), _finish("anderson", 1, evals, step, True, atol, rtol)
+    ok, finite = _status(step, Fx[:, 0], atol, rtol)
+    if ok or not finite or max_iter == 1:
+        return Fx[:, 0].reshape(shape), _finish("anderson", 1, evals, step, ok, atol, rtol, not finite)
     X[:, 1], Fx[:, 1] = Fx[:, 0], F(Fx[:, 0])
     evals += 1
     ok = False
@@ -105,7 +121,7 @@ def anderson(
         scale = gram.diagonal(dim1=1, dim2=2).amax(1).clamp_min(torch.finfo(y.dtype).tiny)
         gram = gram + (1e-10 * scale)[:, None, None] * torch.eye(n, dtype=y.dtype, device=y.device)
         ones = torch.ones(batch, n, 1, dtype=y.dtype, device=y.device)
-        z = torch.linalg.solve(gram, ones)
+        z = _solve_or_uniform(gram, ones)
         alpha = z / z.sum(1, keepdim=True)  # [B, n, 1]
         new = (alpha.transpose(1, 2) @ Fx[:, :n])[:, 0]
         if damping != 1.0:
@@ -116,10 +132,10 @@ def anderson(
         evals += 1
         last = slot
         step = Fx[:, slot] - X[:, slot]
-        if bool(_step_ok(step, Fx[:, slot], atol, rtol).all()):
-            ok = True
+        ok, finite = _status(step, Fx[:, slot], atol, rtol)
+        if ok or not finite:
             break
-    return Fx[:, last].reshape(shape), _finish("anderson", it, evals, step, ok, atol, rtol)
+    return Fx[:, last].reshape(shape), _finish("anderson", it, evals, step, ok, atol, rtol, not finite)
 
 
 def fixed_point_traceable(g: Callable[[Tensor], Tensor], y: Tensor, atol: float, rtol: float, max_iter: int) -> Tensor:
@@ -156,8 +172,16 @@ def _anderson_weights(X: Tensor, Fx: Tensor, valid: Tensor) -> Tensor:
         torch.where(pair, gram, torch.zeros_like(gram))
         + eye * torch.where(valid, 1e-10 * scale[:, None], 1.0)[:, :, None]
     )
-    z = torch.linalg.solve(gram, torch.where(valid, 1.0, 0.0).to(X.dtype).expand(X.shape[0], -1)[..., None])
+    z = _solve_or_uniform(gram, torch.where(valid, 1.0, 0.0).to(X.dtype).expand(X.shape[0], -1)[..., None])
     return z / z.sum(1, keepdim=True)
+
+
+def _solve_or_uniform(gram: Tensor, rhs: Tensor) -> Tensor:
+    """gram⁻¹ rhs per sample; where the regularized Gram is still singular (residuals that underflow, e.g. an
+    iteration that has converged to the last bit in float32), rhs itself: equal weights, no crash, no host sync."""
+    z, info = torch.linalg.solve_ex(gram, rhs)
+    bad = (info != 0) | ~torch.isfinite(z).all(2).all(1)
+    return torch.where(bad[:, None, None], rhs, z)
 
 
 def anderson_traceable(g: Callable[[Tensor], Tensor], y: Tensor, atol: float, rtol: float, max_iter: int,

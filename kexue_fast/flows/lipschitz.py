@@ -2,23 +2,32 @@
 
 Per layer (all upper bounds, in the ℓ2 norm):
 - Linear: Gram-iteration bound on its effective weight (kexue_fast.spectral_norm_bound).
-- ConvNd (zero padding, any stride/dilation): ‖A‖₂ ≤ max over groups Σ_{kernel positions p} ‖K_p‖₂, since the conv is
-  Σ_p (shift_p ∘ K_p) and each shift-and-subsample has norm ≤ 1 (triangle inequality).
+- ConvNd (zero padding, any stride/dilation): the smaller of the largest norm of the kernel's symbol on a DFT grid
+  (kexue_fast.spectral.conv_operator_norm_bound; on the grid of the input shape an operator-norm spectral norm was
+  built for, else on one valid for every input size) and max over groups Σ_{kernel positions p} ‖K_p‖₂ (the conv
+  is Σ_p (shift_p ∘ K_p) and each shift-and-subsample has norm ≤ 1).
 - Activations: LipSwish, ReLU, LeakyReLU(|slope| ≤ 1), ELU(α ≤ 1), Tanh, Softplus, Identity ≤ 1; Sigmoid ≤ 1/4.
+- Dropout(p): 1/(1 − p) in training mode (the kept units are scaled up), 1 in eval mode.
 A Sequential's bound is the product. Unknown modules give None (no certificate).
+Reading the bounds changes no buffer: power iterations that reading a parametrized weight would advance run on
+copies (kexue_fast._state.replaying), and kexue_fast's own spectral norms read their current u, v.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 import torch
 from torch import nn
 
-from ..spectral import spectral_norm_bound
+from .._state import capture, replaying
+from ..nn.spectral_norm import SpectralNorm, frozen_power_iteration
+from ..spectral import conv_operator_norm_bound, spectral_norm_bound
 
-_ONE_LIPSCHITZ = (nn.ReLU, nn.Tanh, nn.Softplus, nn.Identity, nn.Dropout)
+_ONE_LIPSCHITZ = (nn.ReLU, nn.Tanh, nn.Softplus, nn.Identity)
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 
 
 def activation_bound(module: nn.Module) -> Optional[float]:
@@ -28,6 +37,10 @@ def activation_bound(module: nn.Module) -> Optional[float]:
         return 1.0
     if isinstance(module, nn.Sigmoid):
         return 0.25
+    if isinstance(module, _DROPOUTS):
+        if not module.training:
+            return 1.0
+        return 0.0 if module.p >= 1 else 1.0 / (1.0 - module.p)
     if isinstance(module, nn.LeakyReLU):
         return max(1.0, abs(module.negative_slope))
     if isinstance(module, nn.ELU):
@@ -47,17 +60,37 @@ def layer_bound(module: nn.Module) -> Optional[float]:
         groups = module.groups
         per_group = w.reshape(groups, w.shape[0] // groups, w.shape[1], -1)  # [G, out/G, in/G, positions]
         mats = per_group.permute(0, 3, 1, 2).reshape(-1, w.shape[0] // groups, w.shape[1])
-        bounds = spectral_norm_bound(mats).reshape(groups, -1).sum(1)
-        return float(bounds.max())
+        by_positions = float(spectral_norm_bound(mats).reshape(groups, -1).sum(1).max())
+        by_symbol = float(conv_operator_norm_bound(w, _input_shape(module), dilation=module.dilation, groups=groups))
+        return min(by_positions, by_symbol)
     return activation_bound(module)
+
+
+def _input_shape(conv: nn.Module) -> Optional[tuple]:
+    """The input shape an operator-norm kexue_fast spectral norm was built for (a tighter grid), else None."""
+    for norm in getattr(getattr(conv, "parametrizations", None), "weight", []):
+        if isinstance(norm, SpectralNorm) and norm.conv is not None:
+            return tuple(norm.conv.input_shape)
+    return None
 
 
 def branch_bound(g: nn.Module) -> Optional[float]:
     """Product of the layer bounds of a Sequential branch (or one layer); None if any layer has no rule."""
+    with _unchanged(g):
+        return _branch_bound(g)
+
+
+@contextlib.contextmanager
+def _unchanged(module: nn.Module) -> Iterator[None]:
+    with frozen_power_iteration(), replaying(capture(module, rng=False)):
+        yield
+
+
+def _branch_bound(g: nn.Module) -> Optional[float]:
     layers = list(g) if isinstance(g, nn.Sequential) else [g]
     total = 1.0
     for layer in layers:
-        b = branch_bound(layer) if isinstance(layer, nn.Sequential) else layer_bound(layer)
+        b = _branch_bound(layer) if isinstance(layer, nn.Sequential) else layer_bound(layer)
         if b is None:
             return None
         total *= b
@@ -98,9 +131,10 @@ def lipschitz_report(model: nn.Module) -> LipschitzReport:
     from ..nn.iresnet import InvertibleResBlock
 
     blocks = []
-    for name, module in model.named_modules():
-        if isinstance(module, InvertibleResBlock):
-            g = module.g
-            layers = list(g) if isinstance(g, nn.Sequential) else [g]
-            blocks.append(BlockReport(name or "(model)", [layer_bound(x) for x in layers], branch_bound(g)))
+    with _unchanged(model):
+        for name, module in model.named_modules():
+            if isinstance(module, InvertibleResBlock):
+                g = module.g
+                layers = list(g) if isinstance(g, nn.Sequential) else [g]
+                blocks.append(BlockReport(name or "(model)", [layer_bound(x) for x in layers], _branch_bound(g)))
     return LipschitzReport(blocks)

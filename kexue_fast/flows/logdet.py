@@ -15,7 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from .._autograd import first_order
-from ..nn.spectral_norm import frozen_power_iteration
+from .._state import State, capture, replaying
+from ..nn.spectral_norm import power_iteration_frozen, power_iteration_is_frozen
 
 EXACT_MAX_DIM = 256  # "exact" builds the d×d Jacobian with d vector–Jacobian products: beyond this, use a series.
 
@@ -103,11 +104,17 @@ def _per_sample(a: Tensor, b: Tensor) -> Tensor:
 class _NeumannLogdet(torch.autograd.Function):
     """Memory-efficient Neumann gradient. Saves x, the Neumann rows w_p = Σ_k c_k v_pᵀJ^{k−1} and the probes v_p
     (O(P·B·d), whatever the number of terms); backward recomputes g once and differentiates
-    Σ_b ḡ_b · mean_p (w_pᵀ J v_p)_b, so each sample is weighted by its *own* upstream gradient ḡ_b."""
+    Σ_b ḡ_b · mean_p (w_pᵀ J v_p)_b, so each sample is weighted by its *own* upstream gradient ḡ_b.
+
+    The recomputation replays the forward exactly: from g's buffers and the random generators as they were before
+    it (kexue_fast._state: the same Dropout masks, the same power-iteration step of torch's or kexue_fast's spectral
+    norms, whatever ran between forward and backward), on copies that are discarded afterwards, so g's state is
+    left as the forward left it."""
 
     @staticmethod
-    def forward(ctx, value: Tensor, x: Tensor, w: Tensor, v: Tensor, g: Callable, *params: Tensor) -> Tensor:
-        ctx.g = g
+    def forward(ctx, value: Tensor, x: Tensor, w: Tensor, v: Tensor, g: Callable, state: State, frozen: bool,
+                *params: Tensor) -> Tensor:  # fmt: skip
+        ctx.g, ctx.state, ctx.frozen = g, state, frozen
         ctx.save_for_backward(x, w, v, *params)
         return value.clone()
 
@@ -116,7 +123,7 @@ class _NeumannLogdet(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         x, w, v, *params = ctx.saved_tensors
         trainable = [p for p in params if p.requires_grad]
-        with torch.enable_grad(), frozen_power_iteration():
+        with torch.enable_grad(), replaying(ctx.state), power_iteration_frozen(ctx.frozen):
             xr = x.detach().requires_grad_()
             gr = ctx.g(xr)
             surrogate = 0
@@ -127,7 +134,7 @@ class _NeumannLogdet(torch.autograd.Function):
             grads = torch.autograd.grad(surrogate, [xr, *trainable], grad_out, allow_unused=True)
         it = iter(grads[1:])
         grad_params = [next(it) if p.requires_grad else None for p in params]
-        return (None, grads[0] if ctx.needs_input_grad[1] else None, None, None, None, *grad_params)
+        return (None, grads[0] if ctx.needs_input_grad[1] else None, None, None, None, None, None, *grad_params)
 
 
 class _ValueWithGradientOf(torch.autograd.Function):
@@ -171,6 +178,9 @@ def series_logdet(
     Without gradients, or with neumann_grad, the vector–Jacobian products run without a graph; with
     neumann_grad=False the series itself is differentiated (memory grows with the number of terms)."""
     need_grad = _needs_grad(g, x)
+    replay = need_grad and neumann_grad and memory_efficient  # backward recomputes g: from this moment's state
+    state = capture(g, x.device) if replay else None
+    frozen = power_iteration_is_frozen()
     xg, gx = _forward_graph(g, x)
     graph_series = need_grad and not neumann_grad
     values, rows = [], []
@@ -192,7 +202,8 @@ def series_logdet(
     value = value.detach()
     if memory_efficient:
         params = _parameters(g)
-        return gx, _NeumannLogdet.apply(value, x, torch.stack(rows).detach(), torch.stack(list(probes)), g, *params)
+        rows_t, probes_t = torch.stack(rows).detach(), torch.stack(list(probes))
+        return gx, _NeumannLogdet.apply(value, x, rows_t, probes_t, g, state, frozen, *params)
     surrogate = 0
     for row, v in zip(rows, probes):
         (u,) = torch.autograd.grad(gx, xg, row.detach(), retain_graph=True, create_graph=True)
@@ -219,7 +230,9 @@ def exact_logdet(g: Callable, x: Tensor) -> Tuple[Tensor, Tensor]:
             (row,) = torch.autograd.grad(out, xg, onehot, retain_graph=True, create_graph=need_grad)
             rows.append(row.reshape(x.shape[0], -1))
     jac = torch.stack(rows, dim=1)
-    logdet = torch.linalg.slogdet(torch.eye(d, dtype=jac.dtype, device=jac.device) + jac).logabsdet
+    work = torch.float32 if jac.dtype in (torch.float16, torch.bfloat16) else jac.dtype  # no half-precision slogdet
+    eye = torch.eye(d, dtype=work, device=jac.device)
+    logdet = torch.linalg.slogdet(eye + jac.to(work)).logabsdet.to(jac.dtype)
     if not need_grad:
         return gx.detach(), logdet
     return gx, logdet

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from .. import _dispatch
 from ..flows import inverse as _inverse
 from ..flows import logdet as _logdet
-from ..flows.chain import DenseChain, chain_series_logdet
+from ..flows.chain import DenseChain, chain_series_logdet, hook_free
 from ..flows.chain_neumann import _one_plan, chain_neumann_logdet
 from ..flows.conv_neumann import ConvChain, conv_neumann_logdet, conv_series_logdet
 from ..flows.fused import FusedDenseBranch
@@ -43,7 +43,11 @@ class LipSwish(nn.Module):
 
     def __init__(self, beta: float = 1.0) -> None:
         super().__init__()
-        self.raw_beta = nn.Parameter(torch.tensor(math.log(math.expm1(beta))))
+        if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0 < beta < math.inf:
+            raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+        beta = float(beta)
+        # raw = softplus⁻¹(β) = log(e^β − 1), written as β + log(1 − e^{−β}) so that large β does not overflow
+        self.raw_beta = nn.Parameter(torch.tensor(beta + math.log(-math.expm1(-beta))))
 
     @property
     def beta(self) -> Tensor:
@@ -71,6 +75,10 @@ class ActNorm(nn.Module):
 
     @torch.no_grad()
     def _init(self, x: Tensor) -> None:
+        if x.shape[0] == 0:
+            raise ValueError("ActNorm's data-dependent init needs a non-empty first training batch, got batch size 0")
+        if not bool(torch.isfinite(x).all()):  # before any write: a bad first batch must not poison the init
+            raise ValueError("x contains NaN or Inf (ActNorm's data-dependent init reads this batch)")
         dims = [0, *range(2, x.ndim)]
         self.bias.copy_(-x.mean(dims))
         self.log_scale.copy_(-torch.log(x.std(dims, unbiased=False) + self.eps))
@@ -82,7 +90,7 @@ class ActNorm(nn.Module):
         if self.training and not bool(self.initialized):
             self._init(x)
         y = (x + self._view(self.bias, x)) * torch.exp(self._view(self.log_scale, x))
-        spatial = x[0, 0].numel()
+        spatial = math.prod(x.shape[2:])
         logdet = (self.log_scale.sum() * spatial).expand(x.shape[0])
         return y, logdet
 
@@ -101,6 +109,8 @@ class Squeeze(nn.Module):
         return y, x.new_zeros(b)
 
     def inverse(self, y: Tensor) -> Tensor:
+        if y.ndim != 4 or y.shape[1] % 4:
+            raise ValueError(f"Squeeze.inverse expects y [B, 4C, H, W], got {tuple(y.shape)}")
         b, c4, h, w = y.shape
         c = c4 // 4
         return y.reshape(b, c, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c, 2 * h, 2 * w)
@@ -142,15 +152,35 @@ def _int_at_least(value: object, minimum: int, name: str) -> int:
     return int(value)
 
 
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
 def _check_lipschitz_layers(g: nn.Module) -> None:
-    """Spectral-normalized layers inside g must carry a coefficient < 1 (else Lip(g) < 1 is not enforced)."""
+    """What can be told from g's layers without a certificate: spectral-normalized layers must carry a coefficient
+    < 1 and, on a convolution with a kernel wider than 1, bound its operator norm (matrix mode normalizes the
+    reshaped kernel, which can be ~√(kernel size) below the operator norm); activations must be 1-Lipschitz."""
     for name, module in g.named_modules():
+        where = name or "(g)"
         if isinstance(module, SpectralNorm):
             if module.coeff is None or module.coeff >= 1:
                 raise ValueError(
-                    f"the spectral-norm layer {name or '(g)'} of g has coeff={module.coeff}: an invertible residual "
+                    f"the spectral-norm layer {where} of g has coeff={module.coeff}: an invertible residual "
                     "block needs Lip(g) < 1, so use kexue_fast.nn.spectral_norm(..., coeff=c) with c < 1"
                 )
+        if isinstance(module, _CONVS) and math.prod(module.kernel_size) > 1:
+            norms = getattr(getattr(module, "parametrizations", None), "weight", [])
+            if any(isinstance(p, SpectralNorm) and p.conv is None for p in norms):
+                raise ValueError(
+                    f"the convolution {where} of g is spectral-normalized in matrix mode (the reshaped kernel), which "
+                    "does not bound its Lipschitz constant: pass input_shape=(C, *spatial) to "
+                    "kexue_fast.nn.spectral_norm to normalize the convolution's operator norm"
+                )
+        slope = {nn.LeakyReLU: "negative_slope", nn.ELU: "alpha"}.get(type(module))
+        if slope is not None and abs(getattr(module, slope)) > 1:
+            raise ValueError(
+                f"the activation {where} of g has {slope}={getattr(module, slope)}: its Lipschitz constant is above 1, "
+                "so Lip(g) < 1 is not enforced by the spectral norms"
+            )
 
 
 class InvertibleResBlock(nn.Module):
@@ -226,8 +256,8 @@ class InvertibleResBlock(nn.Module):
         self.neumann_grad = bool(neumann_grad)
         self.memory_efficient = bool(memory_efficient)
         for name, value in (("inverse_atol", inverse_atol), ("inverse_rtol", inverse_rtol)):
-            if not isinstance(value, numbers.Real) or not value >= 0:
-                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+            if not isinstance(value, numbers.Real) or not 0 <= value < math.inf:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if inverse_atol == 0 and inverse_rtol == 0:
             raise ValueError("inverse_atol and inverse_rtol cannot both be 0: the inverse would never stop")
         self.inverse_atol, self.inverse_rtol = float(inverse_atol), float(inverse_rtol)
@@ -240,6 +270,7 @@ class InvertibleResBlock(nn.Module):
         # Convolution chains get the closed-form step in eager mode, a traceable graph under torch.compile.
         self._conv_chain = ConvChain.detect(g) if self._chain is None else None
         self._fused, self._fused_reason = FusedDenseBranch.detect(self._chain)
+        self._chain_modules = [g, *g] if self._chain is not None or self._conv_chain is not None else []
         self.last_inverse: Optional[_inverse.InverseStats] = None
         if self.logdet_method == "roulette" and self.roulette == "geometric":
             self._check_variance()
@@ -304,6 +335,16 @@ class InvertibleResBlock(nn.Module):
             if reason not in _LOGGED_FUSED:
                 _LOGGED_FUSED.add(reason)
                 _dispatch.logger.warning("InvertibleResBlock runs on torch, not the fused Triton block: %s", reason)
+        if (
+            not compiling
+            and torch.is_inference_mode_enabled()
+            and (method == "exact" or (method != "none" and self.series_path == "autograd"))
+        ):
+            # these estimators take vector–Jacobian products of g through autograd, which inference mode switches
+            # off: run them on a normal copy of x, without a graph kept (as under no_grad)
+            with torch.inference_mode(False), torch.no_grad():
+                y, logdet = self.forward(x.clone())
+            return y, logdet
         if method == "none":
             gx = self.g(x)
             return x + gx, x.new_zeros(x.shape[0])
@@ -311,14 +352,15 @@ class InvertibleResBlock(nn.Module):
             gx, logdet = _logdet.exact_logdet(self.g, x)
             return x + gx, logdet
         probes = [_logdet.draw_probe(x, self.probe) for _ in range(self.n_probes)]
-        if self._chain is not None and x.ndim == 2:
+        plain = hook_free(self._chain_modules)
+        if self._chain is not None and x.ndim == 2 and plain:
             if not compiling:  # the Neumann gradient or the series' own in closed form, one autograd node
                 return chain_neumann_logdet(self._chain, x, self._plans(x), probes, not self.neumann_grad)
             gx, logdet = chain_series_logdet(self._chain, x, self._plans(x), probes, neumann_grad=self.neumann_grad)
         else:
             plans = self._plans(x)
             through_series = not self.neumann_grad and torch.is_grad_enabled()
-            if self._conv_chain is None:
+            if self._conv_chain is None or not plain:
                 gx, logdet = _logdet.series_logdet(
                     self.g, x, plans, probes, neumann_grad=self.neumann_grad, memory_efficient=self.memory_efficient
                 )
@@ -332,6 +374,8 @@ class InvertibleResBlock(nn.Module):
         """Why the fused Triton block cannot run this call (None if it can)."""
         if self._fused is None:
             return self._fused_reason
+        if not hook_free(self._chain_modules):
+            return "g or one of its layers has forward/backward hooks, which the fused kernel would skip"
         if self.logdet_method not in ("series", "roulette"):
             return f'logdet="{self.logdet_method}" is not fused (series and roulette are)'
         if not self.neumann_grad and torch.is_grad_enabled():
@@ -343,7 +387,10 @@ class InvertibleResBlock(nn.Module):
     @property
     def series_path(self) -> str:
         """'dense-chain' (analytic vector–Jacobian products), 'conv-chain' (convolutions and activations: the
-        closed-form step in eager mode) or 'autograd' (generic g)."""
+        closed-form step in eager mode) or 'autograd' (generic g, or a chain with forward/backward hooks, which the
+        closed forms would skip)."""
+        if not hook_free(self._chain_modules):
+            return "autograd"
         if self._chain is not None:
             return "dense-chain"
         return "conv-chain" if self._conv_chain is not None else "autograd"
@@ -357,6 +404,8 @@ class InvertibleResBlock(nn.Module):
                          else _inverse.anderson_traceable)  # fmt: skip
             with _frozen():
                 return traceable(g, y, self.inverse_atol, self.inverse_rtol, self.inverse_max_iter)
+        if y.ndim < 2:
+            raise ValueError(f"y must be [B, ...] with a batch dimension, got shape {tuple(y.shape)}")
         if not bool(torch.isfinite(y).all()):
             raise ValueError("y contains NaN or Inf")
         solver = _inverse.fixed_point if self.inverse_method == "fixed_point" else _inverse.anderson

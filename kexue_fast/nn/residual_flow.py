@@ -12,12 +12,13 @@ with g built from kexue_fast spectral-norm layers of coefficient `coeff` (Linear
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from .iresnet import ActNorm, FactorOut, InvertibleResBlock, LipSwish, Squeeze
+from .iresnet import ActNorm, FactorOut, InvertibleResBlock, LipSwish, Squeeze, _int_at_least
 from .spectral_norm import spectral_norm
 
 PRESETS: Dict[str, Dict[str, object]] = {
@@ -114,9 +115,15 @@ class ResidualFlow(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, *, generator: Optional[torch.Generator] = None) -> Tensor:
-        ref = next(self.parameters())
-        shape = (math.prod(self.input_shape),) if self._factored_shapes else self.input_shape
-        z = torch.randn((n, *shape), dtype=ref.dtype, device=ref.device, generator=generator)
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+            raise ValueError(f"n must be an int >= 0, got {n!r}")
+        ref = next(self.parameters(), None)
+        dtype, device = (ref.dtype, ref.device) if ref is not None else (torch.get_default_dtype(), None)
+        # The latent's shape: flat with factor-outs, else the last layer's (Squeeze changes it)
+        shape = (math.prod(self.input_shape),) if self._factored_shapes else self._final_shape
+        z = torch.randn((int(n), *shape), dtype=dtype, device=device, generator=generator)
+        if n == 0:
+            return z.new_zeros((0, *self.input_shape))
         return self.inverse(z)
 
     @classmethod
@@ -136,6 +143,11 @@ class ResidualFlow(nn.Module):
         """Blocks g = Linear(dim→hidden) · act · [Linear(hidden→hidden) · act]×(n_hidden_layers−1) · Linear(→dim),
         each Linear spectral-normalized with `coeff`; ActNorm before each block if `actnorm`."""
         coeff = _check_coeff(coeff)
+        dim, n_blocks = _int_at_least(dim, 1, "dim"), _int_at_least(n_blocks, 1, "n_blocks")
+        hidden, n_hidden_layers = (
+            _int_at_least(hidden, 1, "hidden"),
+            _int_at_least(n_hidden_layers, 1, "n_hidden_layers"),
+        )
         kwargs, act = _preset(preset)
         kwargs.update(block_kwargs)
         layers: List[nn.Module] = []
@@ -171,9 +183,16 @@ class ResidualFlow(nn.Module):
         `factor_out`, half of the channels leave the flow after every scale but the last, right after its Squeeze
         (`FactorOut`; the latent is then flat, [B, C·H·W])."""
         coeff = _check_coeff(coeff)
+        if not isinstance(input_shape, Sequence) or len(input_shape) != 3:
+            raise ValueError(f"input_shape must be (C, H, W), got {input_shape!r}")
+        c, h, w = (_int_at_least(s, 1, "input_shape") for s in input_shape)
+        n_scales, n_blocks = _int_at_least(n_scales, 1, "n_scales"), _int_at_least(n_blocks, 1, "n_blocks")
+        hidden_channels = _int_at_least(hidden_channels, 1, "hidden_channels")
+        if h % 2 ** (n_scales - 1) or w % 2 ** (n_scales - 1):
+            raise ValueError(f"{n_scales} scales squeeze H and W by 2 per scale: H and W must be multiples of "
+                             f"{2 ** (n_scales - 1)}, got {input_shape!r}")  # fmt: skip
         kwargs, act = _preset(preset)
         kwargs.update(block_kwargs)
-        c, h, w = (int(s) for s in input_shape)
         layers: List[nn.Module] = []
         for scale in range(n_scales):
             if scale:

@@ -29,12 +29,24 @@ _FROZEN = [False]
 def frozen_power_iteration() -> Iterator[None]:
     """Within this block, spectral-norm layers do not advance their power iteration in forward, so recomputing a
     function (a memory-efficient backward, an exact Jacobian) sees the same normalized weights as the first pass."""
+    with power_iteration_frozen(True):
+        yield
+
+
+@contextlib.contextmanager
+def power_iteration_frozen(frozen: bool) -> Iterator[None]:
+    """Within this block, the power iterations are frozen or not as `frozen` says (a replay of a forward pass runs
+    in the mode the pass itself ran in)."""
     previous = _FROZEN[0]
-    _FROZEN[0] = True
+    _FROZEN[0] = bool(frozen)
     try:
         yield
     finally:
         _FROZEN[0] = previous
+
+
+def power_iteration_is_frozen() -> bool:
+    return _FROZEN[0]
 
 
 _CONV_TRANSPOSES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)

@@ -1,0 +1,297 @@
+"""Invertible residual blocks in the situations a user meets outside the happy path: generic branches with state or
+randomness under the memory-efficient recompute, hooks and subclasses that the closed forms must not skip, divergent
+inverses, inference mode, low precision, certified conv bounds, and bad arguments."""
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm as torch_spectral_norm
+
+from kexue_fast.flows import lipschitz_report
+from kexue_fast.flows.lipschitz import activation_bound, branch_bound
+from kexue_fast.nn import ActNorm, InvertibleResBlock, LipSwish, ResidualFlow, spectral_norm
+from kexue_fast.spectral import conv_operator_norm_bound
+from kexue_fast.spectral.reference import conv_operator_matrix
+
+D64 = torch.float64
+
+
+class Scaled(nn.Module):
+    """A generic branch (the autograd path): 0.9 · Sequential(...)."""
+
+    def __init__(self, *layers):
+        super().__init__()
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return 0.9 * self.net(x)
+
+
+def _grads(g, memory_efficient, x, steps=1, weights=None):
+    g = copy.deepcopy(g)
+    block = InvertibleResBlock(g, n_terms=4, memory_efficient=memory_efficient)
+    assert block.series_path == "autograd"
+    torch.manual_seed(1)
+    outs = [block(x)[1] for _ in range(steps)]  # several forwards before one backward
+    w = torch.arange(1.0, x.shape[0] + 1, dtype=x.dtype) if weights is None else weights
+    sum((w * ld).sum() for ld in outs).backward()
+    grads = torch.cat([p.grad.flatten() for p in g.parameters() if p.grad is not None])
+    return grads, {k: v.clone() for k, v in g.state_dict().items()}
+
+
+@pytest.mark.parametrize("case", ["dropout", "torch spectral_norm", "kexue spectral_norm, two forwards"])
+def test_memory_efficient_recompute_replays_the_forward(case):
+    """The memory-efficient backward recomputes g: it must see the forward's Dropout masks and power-iteration
+    state, leave g's buffers as the forward left them, and so equal the plain Neumann path."""
+    torch.manual_seed(0)
+    if case == "dropout":
+        g = Scaled(nn.Linear(3, 16), LipSwish(), nn.Dropout(0.3), nn.Linear(16, 3))
+    elif case == "torch spectral_norm":
+        g = Scaled(torch_spectral_norm(nn.Linear(3, 16)), LipSwish(), torch_spectral_norm(nn.Linear(16, 3)))
+    else:
+        g = Scaled(spectral_norm(nn.Linear(3, 16), coeff=0.9, n_power_iterations=1), LipSwish(),
+                   spectral_norm(nn.Linear(16, 3), coeff=0.9, n_power_iterations=1))  # fmt: skip
+    g = g.double().train()
+    x = torch.randn(6, 3, dtype=D64)
+    steps = 2 if case.endswith("two forwards") else 1
+    a, state_a = _grads(g, True, x, steps)
+    b, state_b = _grads(g, False, x, steps)
+    assert (a - b).abs().max() <= 1e-12 * b.abs().max()
+    assert state_a.keys() == state_b.keys() and all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+
+
+def test_hooks_and_subclasses_take_the_autograd_path():
+    """The closed forms read weights directly: a Sequential or layer subclass with its own forward, hook-based
+    spectral norms and hooks added after the block was built must send the block through g itself."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 4, dtype=D64)
+
+    class Half(nn.Sequential):
+        def forward(self, x):
+            return 0.5 * super().forward(x)
+
+    def layers():
+        return [spectral_norm(nn.Linear(4, 8), coeff=0.9), LipSwish(), spectral_norm(nn.Linear(8, 4), coeff=0.9)]
+
+    plain = nn.Sequential(*layers()).double().eval()
+    assert InvertibleResBlock(plain).series_path == "dense-chain"
+    half = Half(*layers()).double().eval()
+    block = InvertibleResBlock(half)
+    assert block.series_path == "autograd"
+    assert torch.equal(block(x)[0], x + half(x))
+
+    class HalfConv(nn.Conv2d):
+        def forward(self, x):
+            return 0.5 * super().forward(x)
+
+    first = spectral_norm(nn.Conv2d(2, 4, 3, padding=1), coeff=0.9, input_shape=(2, 3, 3))
+    last = spectral_norm(HalfConv(4, 2, 3, padding=1), coeff=0.9, input_shape=(4, 3, 3))
+    conv_g = nn.Sequential(first, LipSwish(), last).double()
+    xc = torch.randn(3, 2, 3, 3, dtype=D64)
+    block = InvertibleResBlock(conv_g.eval())
+    assert block.series_path == "autograd"
+    assert torch.equal(block(xc)[0], xc + conv_g(xc))
+
+    lin1, lin2 = nn.Linear(4, 8).double(), nn.Linear(8, 4).double()
+    hooked = nn.Sequential(nn.utils.spectral_norm(lin1), nn.Tanh(), nn.utils.spectral_norm(lin2)).eval()
+    block = InvertibleResBlock(hooked)
+    assert block.series_path == "autograd"
+    y, logdet = block(x)
+    assert torch.equal(y, x + hooked(x))
+    (y.sum() + logdet.sum()).backward()
+    assert lin1.weight_orig.grad is not None
+
+    seen = []
+    block = InvertibleResBlock(plain)
+    handle = plain[0].register_forward_hook(lambda m, i, o: seen.append(o))  # added after construction
+    try:
+        assert block.series_path == "autograd"
+        block(x)
+        assert len(seen) == 1
+    finally:
+        handle.remove()
+    assert block.series_path == "dense-chain"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, D64])
+def test_diverging_inverse_warns_and_reports_not_converged(dtype):
+    g = nn.Linear(3, 3, bias=False).to(dtype)
+    with torch.no_grad():
+        g.weight.copy_(-3.0 * torch.eye(3))  # Lip(g) = 3: x ← y − g(x) = y + 3x blows up
+    y = torch.randn(2, 3, dtype=dtype)
+    block = InvertibleResBlock(g)
+    with pytest.warns(RuntimeWarning, match="diverged"):
+        block.inverse(y)
+    assert not block.last_inverse.converged
+    assert block.last_inverse.iterations < block.inverse_max_iter  # stopped at the first non-finite iterate
+    # Anderson solves this linear map exactly (x = −y/2); when it reports convergence, x is an inverse
+    block = InvertibleResBlock(g, inverse_method="anderson")
+    x = block.inverse(y)
+    assert block.last_inverse.converged and torch.allclose(x + g(x), y, atol=1e-5)
+
+
+def test_anderson_with_one_iteration_checks_its_only_step():
+    torch.manual_seed(0)
+    g = Scaled(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    block = InvertibleResBlock(g, inverse_method="anderson", inverse_max_iter=1)
+    with pytest.warns(RuntimeWarning, match="did not converge"):
+        block.inverse(torch.randn(2, 3, dtype=D64))
+    assert (block.last_inverse.iterations, block.last_inverse.g_evals) == (1, 1)
+
+
+@pytest.mark.parametrize("logdet", ["exact", "series"])
+def test_inference_mode_equals_no_grad(logdet):
+    torch.manual_seed(0)
+    g = Scaled(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3)).double()  # generic g: autograd products
+    block = InvertibleResBlock(g, logdet=logdet)
+    x = torch.randn(4, 3, dtype=D64)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        expected = block(x)
+    torch.manual_seed(5)
+    with torch.inference_mode():
+        got = block(x)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_exact_logdet_in_half_precision(dtype):
+    torch.manual_seed(0)
+    g = nn.Sequential(spectral_norm(nn.Linear(3, 8), coeff=0.9), LipSwish(), spectral_norm(nn.Linear(8, 3), coeff=0.9))
+    block = InvertibleResBlock(g.eval(), logdet="exact")
+    x = torch.randn(4, 3)
+    reference = block(x)[1]
+    block_half = InvertibleResBlock(copy.deepcopy(g).to(dtype).eval(), logdet="exact")
+    got = block_half(x.to(dtype))[1]
+    assert got.dtype == dtype
+    assert (got.float() - reference).abs().max() <= 0.05
+
+
+def test_actnorm_first_batch_with_nan_does_not_poison_the_init():
+    norm = ActNorm(3).train()
+    x = torch.randn(8, 3)
+    x[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        norm(x)
+    assert not bool(norm.initialized) and torch.equal(norm.bias.detach(), torch.zeros(3))
+    clean = torch.randn(8, 3)
+    y, _ = norm(clean)
+    assert torch.allclose(y.mean(0), torch.zeros(3), atol=1e-6)
+    with pytest.raises(ValueError, match="non-empty"):
+        ActNorm(3).train()(torch.randn(0, 3))
+
+
+def test_sample_through_squeeze_without_factor_out():
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        flow = ResidualFlow.conv((1, 4, 4), n_scales=2, n_blocks=1, hidden_channels=4).double().eval()
+    assert flow.sample(3).shape == (3, 1, 4, 4)
+    assert flow.sample(0).shape == (0, 1, 4, 4)
+    x = torch.randn(2, 1, 4, 4, dtype=D64)
+    with torch.no_grad():
+        assert torch.allclose(flow.inverse(flow(x)[0]), x, atol=1e-6)
+
+
+def test_lipschitz_violations_that_the_layers_show_are_refused():
+    conv = spectral_norm(nn.Conv2d(2, 2, 3, padding=1), coeff=0.9)  # matrix mode: the reshaped kernel
+    with pytest.raises(ValueError, match="matrix mode"):
+        InvertibleResBlock(nn.Sequential(conv, LipSwish(), spectral_norm(nn.Conv2d(2, 2, 1), coeff=0.9)))
+    one_by_one = nn.Sequential(spectral_norm(nn.Conv2d(2, 2, 1), coeff=0.9))  # 1×1: the matrix norm is the operator's
+    InvertibleResBlock(one_by_one)
+    steep = nn.Sequential(spectral_norm(nn.Linear(2, 4), coeff=0.9), nn.LeakyReLU(2.0),
+                          spectral_norm(nn.Linear(4, 2), coeff=0.9))  # fmt: skip
+    with pytest.raises(ValueError, match=r"negative_slope=2\.0"):
+        InvertibleResBlock(steep)
+
+
+def test_dropout_bound_and_reports_change_no_buffer():
+    assert activation_bound(nn.Dropout(0.5).train()) == 2.0
+    assert activation_bound(nn.Dropout(0.5).eval()) == 1.0
+    torch.manual_seed(0)
+    g = nn.Sequential(torch_spectral_norm(nn.Linear(3, 8)), nn.Tanh(), torch_spectral_norm(nn.Linear(8, 3))).train()
+    with torch.no_grad():
+        for p in g.parameters():
+            p.mul_(0.5)
+    before = {k: v.clone() for k, v in g.state_dict().items()}
+    branch_bound(g)
+    lipschitz_report(nn.Sequential(InvertibleResBlock(g)))
+    assert all(torch.equal(before[k], v) for k, v in g.state_dict().items())
+
+
+def test_conv_flows_are_certified():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        flow = ResidualFlow.conv((3, 8, 8), n_scales=2, n_blocks=1, hidden_channels=8, coeff=0.9, preset="iresnet",
+                                 n_power_iterations=20)  # fmt: skip
+    report = lipschitz_report(flow)
+    assert report.all_certified, str(report)
+
+
+def _operator_norm(conv, input_shape):
+    matrix = conv_operator_matrix(lambda x, w: conv._conv_forward(x, w, None), conv.weight.detach(), input_shape)
+    return float(torch.linalg.matrix_norm(matrix, 2))
+
+
+@pytest.mark.parametrize(
+    "conv, input_shape",
+    [
+        (nn.Conv1d(3, 4, 3, padding=1), (3, 9)),
+        (nn.Conv2d(3, 8, 3, padding=1), (3, 8, 8)),
+        (nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=2), (4, 6, 6)),
+        (nn.Conv2d(2, 6, 5, stride=2), (2, 7, 7)),
+        (nn.Conv2d(4, 4, 1), (4, 5, 5)),
+        (nn.Conv2d(3, 5, (3, 1), padding=(1, 0)), (3, 6, 4)),
+        (nn.Conv3d(2, 3, 3, padding=1), (2, 4, 4, 4)),
+    ],
+)
+def test_conv_operator_norm_bound_is_certified_and_tight(conv, input_shape):
+    torch.manual_seed(0)
+    conv = conv.double()
+    true = _operator_norm(conv, input_shape)
+    with_shape = float(conv_operator_norm_bound(conv.weight, input_shape, dilation=conv.dilation, groups=conv.groups))
+    any_size = float(conv_operator_norm_bound(conv.weight, dilation=conv.dilation, groups=conv.groups))
+    assert true <= with_shape <= any_size * (1 + 1e-12)
+    if conv.stride[0] == 1 and conv.dilation[0] == 1 and len(input_shape) < 4:
+        assert with_shape <= 1.06 * true  # stride and small 3-d grids aside, within a few percent
+    bigger = tuple([input_shape[0], *(4 * n for n in input_shape[1:])]) if len(input_shape) == 2 else None
+    if bigger is not None:  # the size-free bound covers every input size
+        assert _operator_norm(conv, bigger) <= any_size
+
+
+def test_conv_operator_norm_bound_rejects_bad_input():
+    with pytest.raises(ValueError, match="conv kernel"):
+        conv_operator_norm_bound(torch.randn(3, 3))
+    with pytest.raises(ValueError, match="input_shape"):
+        conv_operator_norm_bound(torch.randn(2, 2, 3, 3), (2, 5))
+    with pytest.raises(ValueError, match="groups"):
+        conv_operator_norm_bound(torch.randn(3, 2, 3, 3), groups=2)
+    with pytest.raises(ValueError, match=r"NaN|finite"):
+        conv_operator_norm_bound(torch.full((2, 2, 3, 3), float("nan")))
+
+
+def test_bad_arguments_give_clear_errors():
+    with pytest.raises(ValueError, match="beta"):
+        LipSwish(beta=0.0)
+    with pytest.raises(ValueError, match="beta"):
+        LipSwish(beta=float("nan"))
+    assert math.isclose(float(LipSwish(beta=800.0).beta.detach()), 800.0)
+    with pytest.raises(ValueError, match="n_blocks"):
+        ResidualFlow.dense(3, n_blocks=0)
+    with pytest.raises(ValueError, match="n_blocks"):
+        ResidualFlow.dense(3, n_blocks=-1)
+    with pytest.raises(ValueError, match="input_shape"):
+        ResidualFlow.conv((5, 5))
+    with pytest.raises(ValueError, match="multiples of 2"):
+        ResidualFlow.conv((1, 5, 5), n_scales=2)
+    with pytest.raises(ValueError, match="inverse_atol"):
+        InvertibleResBlock(nn.Linear(2, 2), inverse_atol=float("inf"))
+    flow = ResidualFlow.dense(3, n_blocks=1, hidden=4)
+    with pytest.raises(ValueError, match="n must be"):
+        flow.sample(-1)
+    with pytest.raises(ValueError, match="batch dimension"):
+        flow.layers[1].inverse(torch.randn(3))
