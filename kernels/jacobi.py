@@ -129,7 +129,7 @@ def _jacobi_kernel(u_ptr, m_ptr, const_ptr, sn_ptr, cn_ptr, dn_ptr, am_ptr, zeta
     phi = tl.where(is_small, u - ai, phi)
     dn = tl.where(is_small, 1 - 0.5 * m * sin_u * sin_u, dn)
 
-    # m ≥ 1 − 1e-10: first order in 1 − m
+    # m = 1 (near_one, as kexue_fast.rope.elliptic._NEAR_ONE): tanh u, sech u
     near = (m >= near_one) & ~bad
     ua = tl.where(near, u, 0.0)
     em1_p = _expm1(ua)
@@ -166,7 +166,7 @@ def jacobi_elliptic(u: Tensor, m: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tenso
                          f"and {tuple(m.shape)} {m.dtype} {m.device}")  # fmt: skip
     if not (u.is_contiguous() and m.is_contiguous()):
         raise ValueError("u and m must be contiguous")
-    consts = torch.tensor([torch.finfo(u.dtype).eps / 2, 1e-9, 0.9999999999], dtype=u.dtype, device=u.device)
+    consts = torch.tensor([torch.finfo(u.dtype).eps / 2, 1e-9, 1.0], dtype=u.dtype, device=u.device)
     outs = [torch.empty_like(u) for _ in range(5)]
     n = u.numel()
     if n:

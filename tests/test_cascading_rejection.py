@@ -213,3 +213,20 @@ def test_torch_compile_fullgraph():
     compiled = torch.compile(lambda v, y: head(v, y, return_rejection=True), fullgraph=True)
     for a, b in zip(compiled(v, y), head(v, y, return_rejection=True)):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_heads_and_autocast(dtype):
+    torch.manual_seed(0)
+    head = CascadingRejection(16, 4)
+    v = torch.randn(8, 16)
+    reference_scores = head(v)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast_scores = head(v)
+    assert _rel(autocast_scores.float(), reference_scores) <= 0.05
+    half = CascadingRejection(16, 4, dtype=dtype)
+    half.load_state_dict({k: t.to(dtype) for k, t in head.state_dict().items()})
+    scores = half(v.to(dtype))
+    assert scores.dtype == dtype
+    assert _rel(scores.float(), reference_scores) <= 0.05
+    assert cascading_directions(head.weight.to(dtype)).dtype == dtype

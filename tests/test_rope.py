@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from testing import jacobi_truth
 
 from kexue_fast.rope import ellipe, ellipj, ellipk, elliptic, length_ratio, rope_shape, troposkein
 from kexue_fast.rope.jacobi import ellipke
@@ -31,7 +32,7 @@ CPU_BACKENDS = ["torch", "cpp"]
 def test_jacobi_matches_scipy_float64(n, backend):
     u, m = _parameters(n, seed=n)
     ours = ellipj(u, m, backend=backend)
-    theirs = sp.ellipj(u.numpy(), m.numpy())
+    theirs = jacobi_truth(u, m)  # SciPy; mpmath where SciPy's series near m = 1 is wrong
     for name, a, b in zip(("sn", "cn", "dn", "am"), ours, theirs):
         err = np.abs(a.numpy() - b) / np.maximum(1.0, np.abs(b))
         assert err.max() <= 1e-12, (name, err.max())
@@ -177,6 +178,32 @@ def test_troposkein_solves_length_and_has_length_L():
     assert torch.allclose(axial, r.axial_tension[:, None].expand_as(axial), rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_jacobi_near_one_at_large_arguments(backend):
+    """Cephes (and SciPy) switch to a first-order series in 1 − m for m ≥ 1 − 1e-10 at every u: sn(2K | 1 − 1e-11)
+    comes out 1 instead of 0. Against mpmath at the quarter periods."""
+    import mpmath
+
+    for q in (1e-9, 1e-11, 1e-13, 2.0**-52):
+        m = 1 - q
+        big_k = float(mpmath.ellipk(mpmath.mpf(m)))
+        u = torch.tensor([0.5 * big_k, big_k, 2 * big_k, 3.7 * big_k, -2.5 * big_k], dtype=D64)
+        ours = ellipj(u, torch.full_like(u, m), backend=backend)
+        truth = jacobi_truth(u, torch.full_like(u, m))
+        for a, b in zip(ours, truth):
+            assert np.abs(a.numpy() - b).max() <= 1e-12
+
+
+@pytest.mark.parametrize("ratio", [1e6, 1e10, 1e12])
+def test_troposkein_of_very_long_ropes(ratio):
+    r = troposkein(ratio, 1.0, 9)
+    assert float(r.x[0]) == 0 and float(r.x[-1]) == 0  # back on the axis at y = h
+    assert torch.equal(r.x, r.x.flip(-1))  # symmetric about y = h/2
+    assert torch.allclose(r.x[4], r.radius, rtol=1e-12)
+    assert math.isclose(float(r.s[-1]), ratio, rel_tol=1e-12) and math.isclose(float(r.s[4]), ratio / 2, rel_tol=1e-9)
+    assert not troposkein(torch.tensor(1.6, dtype=D64, requires_grad=True), 1.0, 5).s.requires_grad
+
+
 def test_troposkein_is_independent_of_omega_and_batched():
     L = torch.tensor([[1.1], [1.7]], dtype=D64)
     h = torch.tensor([1.0, 0.7, 0.5], dtype=D64)
@@ -247,9 +274,12 @@ def test_rope_bad_inputs():
         rope_shape(2.0, 1.0, 1.0, 1.0, gravity="down")
     with pytest.raises(TypeError, match="L must be"):
         troposkein("2", 1.0)
-    with pytest.raises(RuntimeError, match="did not converge"):
+    with pytest.raises(RuntimeError, match=r"did not converge.*n_steps.*axial gravity"):
         # g ≫ ω²h on a vertical axis: the rope folds onto the axis
         rope_shape(1.05, 1.0, 1.0, 40.0, n_steps=64, continuation_steps=2, max_iter=5)
+    with pytest.raises(RuntimeError, match="n_steps") as failure:  # radial gravity: only the step count is to blame
+        rope_shape(1.05, 1.0, 1.0, 2.0, gravity="radial", n_steps=8, continuation_steps=1, max_iter=1, tol=1e-14)
+    assert "axial" not in str(failure.value)
 
 
 def test_compile_fullgraph_smoke():

@@ -251,3 +251,68 @@ def test_autocast_keeps_the_grams_in_float32():
     assert gram_route.dtype == rows_route.dtype == torch.float32
     assert _rel(gram_route, reference.som_direct(y.double())) <= 1e-5  # bf16 Grams would be ~1e-3 off
     assert _rel(rows_route, reference.som_direct(y[:8].double())) <= 1e-5
+
+
+def test_activation_checkpointing_records_each_forward_once():
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
+    som = SelfOrthogonality(model)
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    for _ in range(3):  # the recompute inside backward must not leave a stale record for the next step
+        out = checkpoint(model, x, use_reentrant=False)
+        assert len(som.recorder.records) == 2
+        (out.square().mean() + som.loss()).backward()
+        assert som.recorder.records == []
+    model2 = nn.Sequential(nn.Conv2d(3, 8, 3))
+    som2 = SelfOrthogonality(model2)
+    out = checkpoint(model2, x, use_reentrant=True)  # its forward runs without gradients: nothing to regularize
+    with pytest.raises(RuntimeError, match="use_reentrant=False"):
+        som2.loss()
+    out.sum().backward()
+    assert som2.recorder.records == []
+
+
+class _Wrapper(nn.Module):  # module level: pickled by reference
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, 4, 3))
+        self.som = SelfOrthogonality(self.net)
+
+
+def test_copies_and_pickles_of_hooked_models():
+    import copy
+    import io
+
+    x = torch.randn(2, 3, 8, 8)
+    original = _Wrapper()
+    copied = copy.deepcopy(original)
+    copied.net(x)
+    assert len(copied.som.recorder.records) == 1 and original.som.recorder.records == []
+    original.net(x)
+    assert len(original.som.recorder.records) == 1 and len(copied.som.recorder.records) == 1
+    ema = copy.deepcopy(original.net)  # the model alone: not hooked, feeds no recorder
+    ema(x)
+    assert len(original.som.recorder.records) == 1
+    buffer = io.BytesIO()
+    torch.save(original, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    loaded.net(x)
+    assert len(loaded.som.recorder.records) == 1 and len(original.som.recorder.records) == 1
+    torch.save(original.net, io.BytesIO())
+
+
+def test_tall_weight_regularizers_do_not_cancel_in_float32():
+    torch.manual_seed(0)
+    for m, n in ((64, 16), (512, 256)):
+        w = torch.zeros(m, n)
+        w[:n] = torch.eye(n)
+        w = w + 1e-3 * torch.randn(m, n)  # nearly orthogonal rows: the n×n identities subtract nearly equal terms
+        for ours, ref in (
+            (biggan_orthogonal_regularizer(w, beta=1.0), reference.biggan_orthogonal_direct(w.double(), 1.0)),
+            (orthogonality_penalty(w), reference.orthogonality_direct(w.double())),
+        ):
+            assert ours.dtype == torch.float32
+            assert abs(float(ours) - float(ref)) <= 1e-6 * float(ref)

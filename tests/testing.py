@@ -41,3 +41,27 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def exact_norms(weights: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack([torch.linalg.matrix_norm(w.double(), ord=2) for w in weights])
+
+
+def jacobi_truth(u: torch.Tensor, m: torch.Tensor):
+    """(sn, cn, dn, am) as float64 numpy arrays: SciPy's ellipj, except for 1 − 1e-10 ≤ m < 1, where SciPy (Cephes)
+    takes a first-order series in 1 − m that is wrong for large u (sn(2K | 1 − 1e-11) = 1 instead of 0): mpmath
+    there, at 30 digits, of the same float64 (u, m)."""
+    import math
+
+    import mpmath
+    import numpy as np
+    import scipy.special
+
+    u_np, m_np = (t.detach().double().cpu().numpy() for t in torch.broadcast_tensors(u, m))
+    out = [np.array(a, dtype=np.float64) for a in scipy.special.ellipj(u_np, m_np)]
+    with mpmath.workdps(30):
+        for i in zip(*np.nonzero((m_np >= 1 - 1e-10) & (m_np < 1))):
+            x, k = mpmath.mpf(float(u_np[i])), mpmath.mpf(float(m_np[i]))
+            sn, cn, dn = (mpmath.ellipfun(f, x, m=k) for f in ("sn", "cn", "dn"))
+            # am = atan2(sn, cn) + 2πj, the branch nearest its drift πu/(2K) (am − πu/(2K) is periodic, |·| < π/2)
+            drift = float(mpmath.pi * x / (2 * mpmath.ellipk(k)))
+            principal = float(mpmath.atan2(sn, cn))
+            am = principal + 2 * math.pi * round((drift - principal) / (2 * math.pi))
+            out[0][i], out[1][i], out[2][i], out[3][i] = float(sn), float(cn), float(dn), am
+    return out

@@ -12,7 +12,9 @@ namespace {
 constexpr int kLandenLevels = 8;         // Cephes ellpj stops after 8 halvings
 constexpr int kAgmSteps = 12;            // quadratic convergence, as elliptic._AGM_STEPS
 constexpr double kSmallM = 1e-9;         // below: first-order series in m
-constexpr double kNearOne = 0.9999999999;  // at or above: first-order series in m' = 1 - m
+// At m = 1 the closed forms tanh u, sech u. Cephes also takes the first-order series in m' for m >= 1 - 1e-10,
+// wrong once m' cosh^2 u is not small; the Landen transformation is accurate there (rope/elliptic.py).
+constexpr double kNearOne = 1.0;
 constexpr double kMachep = DBL_EPSILON / 2;
 constexpr double kPi = 3.14159265358979323846;
 

@@ -1,6 +1,6 @@
 // Jacobi elliptic functions and complete elliptic integrals, elementwise over arrays (torch-free).
 // The algorithms of kexue_fast/rope/elliptic.py (Cephes' ellpj: the descending Landen transformation, with its
-// first-order series for m < 1e-9 and m >= 1 - 1e-10; K and E by the arithmetic-geometric mean), in double precision
+// first-order series for m < 1e-9, closed forms at m = 1; K and E by the arithmetic-geometric mean), in double precision
 // whatever the storage type.
 #pragma once
 

@@ -30,11 +30,20 @@ def cascading_directions(weight: Tensor) -> Tensor:
     """The score directions M [..., N, d] of head vectors W [..., N, d]: D_i = ⟨v, m_i⟩ (batched over leading dims).
 
     m_i = P₁⋯P_{i−1} w_i, from the unit lower-triangular system (I + L) M = W, L_ij = ⟨w_i, w_j⟩/‖w_j‖² for j < i
-    (0 where w_j = 0). Differentiable.
+    (0 where w_j = 0). Differentiable. float16/bfloat16 weights (and autocast regions) are solved in float32 and
+    the directions returned in the weight's dtype: torch has no half-precision triangular solve, and the Gram's
+    ratios need more than 8 bits of mantissa.
     """
     weight = _check_float(weight, "weight")
     if weight.ndim < 2 or weight.shape[-2] < 1 or weight.shape[-1] < 1:
         raise ValueError(f"weight must be [..., n_stages, in_features] with both >= 1, got shape {tuple(weight.shape)}")
+    if weight.dtype in (torch.float16, torch.bfloat16) or torch.is_autocast_enabled(weight.device.type):
+        with torch.autocast(weight.device.type, enabled=False):
+            return _directions(weight.float()).to(weight.dtype)
+    return _directions(weight)
+
+
+def _directions(weight: Tensor) -> Tensor:
     gram = weight @ weight.mT
     sq = torch.diagonal(gram, dim1=-2, dim2=-1)
     nonzero = sq > 0

@@ -53,7 +53,9 @@ class SelfOrthogonality(nn.Module):
         records = self.recorder.take() if clear else list(self.recorder.records)
         if not records:
             raise RuntimeError("SelfOrthogonality recorded no outputs: run a forward pass of the model in training "
-                               "mode with gradients enabled before loss() (or pass record_in_eval=True)")  # fmt: skip
+                               "mode with gradients enabled before loss() (or pass record_in_eval=True); a "
+                               "reentrant checkpoint (use_reentrant=True) runs its forward without gradients: use "
+                               "use_reentrant=False")  # fmt: skip
         return som_regularizer(
             [y for y, _ in records],
             gamma=self.gamma,

@@ -51,12 +51,41 @@ def resolve_layers(model: nn.Module, layers: LayerSpec) -> List[Tuple[str, nn.Mo
     return found
 
 
+class _RecordHook:
+    """The forward hook of one recorded layer: a module-level class, not a closure, so that a hooked model can be
+    pickled (torch.save) and deep-copied. A copy of the hook alone records nothing: a copied model is not hooked
+    unless its recorder is copied with it (the recorder then hooks the copied layers itself; OutputRecorder's
+    __setstate__), and a copy of the model alone (an EMA copy) never feeds, or leaks into, a recorder."""
+
+    def __init__(self, recorder: Optional[OutputRecorder], name: str, dim: int) -> None:
+        self.recorder, self.name, self.dim = recorder, name, dim
+
+    def __call__(self, module: nn.Module, inputs, output) -> None:
+        recorder = self.recorder
+        if recorder is None or not (module.training or recorder.record_in_eval) or not torch.is_grad_enabled():
+            return
+        if torch._C._current_autograd_node() is not None:
+            return  # a forward recomputed inside backward (activation checkpointing): its output was recorded already
+        if not isinstance(output, Tensor):
+            kind = type(output).__name__
+            raise TypeError(f"layer {self.name!r} returned {kind}; only tensor outputs can be recorded")
+        recorder.records.append((output, self.dim))
+
+    def __reduce__(self):
+        return (_RecordHook, (None, self.name, self.dim))
+
+    def __deepcopy__(self, memo) -> _RecordHook:
+        return _RecordHook(None, self.name, self.dim)
+
+
 class OutputRecorder:
     """Keeps the output of each chosen layer at every forward call (a layer called twice is recorded twice), while
-    the layer is in training mode (or always, with record_in_eval=True) and gradients are enabled.
+    the layer is in training mode (or always, with record_in_eval=True) and gradients are enabled; forwards that
+    activation checkpointing recomputes inside backward are not recorded again.
 
     records: [(output, channel_dim)], in call order; take() returns and clears them. Use remove() (or a `with`
-    block) to detach the hooks.
+    block) to detach the hooks. Pickling or deep-copying the recorder together with its model gives a recorder
+    hooked to the copied layers (records are not copied).
     """
 
     def __init__(
@@ -77,19 +106,25 @@ class OutputRecorder:
             if len(dims) != len(self.layers) or not all(isinstance(d, int) for d in dims):
                 raise ValueError(f"channel_dim must be an int or one int per layer ({len(self.layers)}), "
                                  f"got {channel_dim!r}")  # fmt: skip
+        self.dims = dims
         self.record_in_eval = bool(record_in_eval)
         self.records: List[Tuple[Tensor, int]] = []
-        self._handles = [m.register_forward_hook(self._hook(name, d)) for (name, m), d in zip(self.layers, dims)]
+        self._attach()
 
-    def _hook(self, name: str, dim: int):
-        def hook(module: nn.Module, inputs, output) -> None:
-            if not (module.training or self.record_in_eval) or not torch.is_grad_enabled():
-                return
-            if not isinstance(output, Tensor):
-                raise TypeError(f"layer {name!r} returned {type(output).__name__}; only tensor outputs can be recorded")
-            self.records.append((output, dim))
+    def _attach(self) -> None:
+        self._handles = [m.register_forward_hook(_RecordHook(self, name, d))
+                         for (name, m), d in zip(self.layers, self.dims)]  # fmt: skip
 
-        return hook
+    def __getstate__(self) -> dict:
+        return {"layers": self.layers, "dims": self.dims, "record_in_eval": self.record_in_eval,
+                "attached": bool(self._handles)}  # fmt: skip
+
+    def __setstate__(self, state: dict) -> None:
+        self.layers, self.dims, self.record_in_eval = state["layers"], state["dims"], state["record_in_eval"]
+        self.records = []
+        self._handles = []
+        if state["attached"]:
+            self._attach()
 
     @property
     def names(self) -> List[str]:

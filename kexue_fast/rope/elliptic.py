@@ -9,7 +9,8 @@ with the arithmetic–geometric mean a_{n+1} = (a_n + b_n)/2, b_{n+1} = √(a_n 
 a₀ = 1, b₀ = √m' (A&S 17.6). The Jacobi functions of u = F(φ | m) (φ = am(u | m)) come from the descending Landen
 transformation (A&S 16.4, the algorithm of Cephes ``ellpj`` that SciPy runs): φ_N = 2^N a_N u, then
 φ_{n−1} = (φ_n + arcsin(c_n sin φ_n / a_n)) / 2, and sn = sin φ₀, cn = cos φ₀, dn = cn / cos(φ₁ − φ₀), with the
-same series for m < 1e-9 and m ≥ 1 − 1e-10. The same pass gives the Jacobi zeta function
+the first-order series in m for m < 1e-9 and the closed forms at m = 1 (Cephes also takes a series for
+m ≥ 1 − 1e-10, wrong for large u: not here). The same pass gives the Jacobi zeta function
 Z(u | m) = Σ_{n=1}^{N} c_n sin φ_n (A&S §17.6, with the same φ_n), and so the incomplete integral
 E(am u | m) = Z(u) + (E/K) u.
 
@@ -39,7 +40,10 @@ Param = Union[Tensor, float]
 _AGM_STEPS = 12  # quadratic convergence: enough for √m' down to 1e-8 (m' ≥ 2^-53) and for m down to −1e30
 _LANDEN_LEVELS = 8  # Cephes ellpj stops after 8 halvings (it converges in ≤ 6 for m ≤ 1 − 2^-53)
 _SMALL_M = 1e-9  # below: first-order series in m (Cephes)
-_NEAR_ONE = 0.9999999999  # at or above: first-order series in m' (Cephes)
+# At m = 1: sn = tanh u, cn = dn = sech u. Cephes (and so SciPy) also takes the first-order series in m' for
+# m ≥ 1 − 1e-10, which fails once m' cosh² u is not small (sn(2K | 1 − 1e-11) = 1 instead of 0); the Landen
+# transformation is accurate up to m' = 2^-53 (≤ 3e-13 against mpmath, tests/test_rope.py), so it runs there.
+_NEAR_ONE = 1.0
 _SERIES_M = 1e-2  # |m| below: the derivatives of K, E by their Maclaurin series (the closed forms cancel)
 
 
@@ -125,9 +129,10 @@ def _series_coefficients(n_terms: int) -> Tuple[float, ...]:
 _C2 = _series_coefficients(12)
 
 
-def _ke_derivatives(m: Tensor, k: Tensor, e: Tensor) -> Tuple[Tensor, Tensor]:
-    """(dK/dm, dE/dm): the closed forms, and their Maclaurin series for |m| < 1e-2 where the closed forms cancel."""
-    mp = 1 - m
+def _ke_derivatives(m: Tensor, k: Tensor, e: Tensor, mp: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """(dK/dm, dE/dm): the closed forms, and their Maclaurin series for |m| < 1e-2 where the closed forms cancel.
+    `mp` = 1 − m when the caller holds it more exactly (m near 1)."""
+    mp = 1 - m if mp is None else mp
     safe_m = torch.where(m == 0, torch.ones_like(m), m)
     dk = (e - mp * k) / (2 * safe_m * mp)
     de = (e - k) / (2 * safe_m)
@@ -221,7 +226,7 @@ def _landen(u: Tensor, m: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tenso
     phi = torch.where(small, u - ai, phi)
     dn = torch.where(small, 1 - 0.5 * m * sin_u * sin_u, dn)
 
-    # m ≥ 1 − 1e-10: sn = tanh u + (m'/4)(sinh u cosh u − u) sech² u + O(m'²), ...
+    # m = 1 (_NEAR_ONE): sn = tanh u + (m'/4)(sinh u cosh u − u) sech² u + O(m'²), ... with m' = 0
     near = (m >= _NEAR_ONE) & ~bad
     ua = torch.where(near, u, torch.zeros_like(u))  # cosh overflows for the |u| the general path accepts
     ai = 0.25 * (1 - m)

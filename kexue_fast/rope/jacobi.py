@@ -71,7 +71,9 @@ def ellipj(u: Param, m: Param, *, backend: str = "auto") -> Jacobi:
     """Jacobi elliptic functions (sn, cn, dn, am) of u with parameter m = k² (SciPy's ``ellipj`` convention).
 
     u, m: tensors (or floats) broadcasting to one shape [...]; float32 or float64 (a float adopts the other's dtype).
-    m ≤ 1; m > 1 gives NaN (as SciPy; a Python float m > 1 raises ValueError). m < 0 by DLMF 22.17.
+    m ≤ 1; m > 1 gives NaN (as SciPy; a Python float m > 1 raises ValueError). m < 0 by DLMF 22.17 (SciPy gives
+    NaN there), through μ = −m/(1 − m): the rounding of μ near 1 costs relative accuracy ~ε(1 − m), so about 1e-12 at
+    m = −1e3 and 1e-7 at m = −1e6 (against mpmath).
     Differentiable in u and m (∂/∂m for m < 1). backend: "auto" (Triton for CUDA tensors, the C++ core for CPU
     tensors, torch under torch.compile), "triton", "cpp" or "torch"; an explicit backend never falls back (but "cpp"
     traces as torch under torch.compile).

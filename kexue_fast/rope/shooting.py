@@ -128,8 +128,9 @@ def rope_shape(
     gravity: "axial" (the axis vertical, as in the post) or "radial" (gravity pointing away from the axis in the
     rope's plane: the skipping rope at its lowest point; ω = 0 gives the catenary). g = 0 gives the troposkein
     for either. n_points ≥ 2 samples at equal arclength; n_steps RK4 steps (a multiple of n_points − 1 is used;
-    the error falls as n_steps⁻⁴). Raises RuntimeError when the shooting does not reach tol (scaled by h): with
-    strong axial gravity (g ≫ ω²h) the rope collapses onto the axis and no smooth solution exists.
+    the error falls as n_steps⁻⁴). Raises RuntimeError when the shooting does not reach tol (scaled by h): too few
+    steps for the rope (much longer, or barely longer, than h), or strong axial gravity (g ≫ ω²h), where the rope
+    collapses onto the axis and no smooth solution exists.
     """
     if gravity not in GRAVITY:
         raise ValueError(f'gravity must be "axial" or "radial", got {gravity!r}')
@@ -164,10 +165,16 @@ def rope_shape(
     x, y = states[:, 0], states[:, 1]
     residual = torch.maximum(x[-1].abs(), (y[-1] - 1).abs())
     if not bool((residual <= tol).all()):
-        worst = float(residual.max())
+        failed = ~(residual <= tol)
+        worst = float(residual[failed].nan_to_num(float("inf")).max())
+        hints = [f"raise n_steps (now {n_steps}: the RK4 error falls as n_steps⁻⁴, and ropes much longer or barely "
+                 "longer than h need finer steps) or loosen tol"]  # fmt: skip
+        if not radial and bool((g_t[failed] > 0).any()):
+            hints.append("with axial gravity g ≫ ω²h the rope folds onto the axis and has no smooth equilibrium")
         raise RuntimeError(
-            f"rope_shape did not converge (boundary residual {worst:.2e} > tol = {tol:g} after {max_iter} Newton "
-            "steps); with axial gravity g ≫ ω²h the rope folds onto the axis and has no smooth equilibrium"
+            f"rope_shape did not converge for {int(failed.sum())} of {failed.numel()} parameter sets (largest boundary "
+            f"residual {'NaN: the shooting diverged' if worst == float('inf') else f'{worst:.2e}'} > tol = {tol:g} "
+            f"after {max_iter} Newton steps): " + "; ".join(hints)
         )
     potential = -0.5 * w2 * x * x + (-gg_target * x if radial else gg_target * y)
     tension = density_t * energy * (c + potential)

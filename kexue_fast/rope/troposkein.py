@@ -84,6 +84,23 @@ class _ComplementaryParameter(torch.autograd.Function):
         return grad / _length_ratio_derivative(q)
 
 
+class _CompleteOfComplement(torch.autograd.Function):
+    """(K, E) as functions of m' = q itself: near m = 1 (a long rope, L/h ≳ 1e6) rounding m = 1 − q would cost
+    q's low digits (relative 1e-5 at q = 1e-11), and the solve of L/h holds q to full precision."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor) -> Tuple[Tensor, Tensor]:
+        k, e = elliptic._agm_ke(1 - q, q)
+        ctx.save_for_backward(q, k, e)
+        return k, e
+
+    @staticmethod
+    def backward(ctx, gk: Tensor, ge: Tensor) -> Tensor:
+        q, k, e = ctx.saved_tensors
+        dk, de = elliptic._ke_derivatives(1 - q, k, e, q)  # d/dq = −d/dm
+        return -(gk * dk + ge * de)
+
+
 def _positive(t: Scalar, name: str) -> Tensor:
     if isinstance(t, Tensor):
         if not t.is_floating_point():
@@ -146,6 +163,9 @@ def troposkein(
     at, 0 ≤ y ≤ h). omega, density: only scale the tension T = ρω²(a − x²)/2 (the shape does not depend on them).
     backend: for the Jacobi functions ("auto", "triton", "torch"; see `kexue_fast.rope.ellipj`).
     Differentiable in L, h, omega, density (m by the implicit function theorem); s carries no gradient.
+    m' = 1 − m is solved to full precision (K, E from m' itself); the Jacobi functions take m, whose rounding near 1
+    (long ropes: m' = 1e-13 at L/h = 1e12) they absorb by reading sn at the same fraction of m's own quarter
+    period, so x(0) = x(h) = 0, x(h/2) = R, s(h) = L and the curve's symmetry hold to rounding at every L/h.
     """
     _positive(omega, "omega")
     _positive(density, "density")
@@ -161,19 +181,30 @@ def troposkein(
         y = y.to(torch.float64)
     q = _ComplementaryParameter.apply(length / span)
     m = 1 - q
-    big_k = elliptic.ellipk(m)
+    big_k = _CompleteOfComplement.apply(q)[0]
     k_mod = torch.sqrt(m)
     radius = span * k_mod / (q * big_k)
-    v = 2 * big_k[..., None] * y / span[..., None]
-    m_grid = m[..., None].expand_as(v)
-    jac, zeta = ellipj_with_zeta(v, m_grid, backend=backend)
+    # The Jacobi functions take m itself, rounded from 1 − m' (relative 1e-3 of m' at L/h = 1e12): they are
+    # evaluated at the same fraction of *that* parameter's quarter period K_m, so that sn(K_m | m) = 1 and
+    # Z(K_m | m) = 0 hold as they should; the upper half by the reflections sn(2K − v) = sn(v), s(h − y) = L − s(y)
+    # (identities for every v): the curve is symmetric to the last bit and back on the axis at y = h.
+    k_m = elliptic.ellipk(m)
+    upper = y > span[..., None] / 2
+    fraction = 2 * torch.where(upper, span[..., None] - y, y) / span[..., None]  # v / K on the lower half
+    v_m = k_m[..., None] * fraction
+    m_grid = m[..., None].expand_as(v_m)
+    jac, zeta = ellipj_with_zeta(v_m, m_grid, backend=backend)
     x = radius[..., None] * jac.sn
     a = span**2 * (1 + m) / (2 * q**2 * big_k**2)
     scale = density_t * omega_t**2 / 2
     tension = scale[..., None] * (a[..., None] - x * x)
     axial = density_t * omega_t**2 * span**2 / (4 * q * big_k**2)
-    eps_v = zeta.detach() + (elliptic.ellipe(m) / big_k).detach()[..., None] * v.detach()  # E(am v): s has no grad
-    s = span[..., None] * (eps_v - q[..., None] * v / 2) / (q * big_k)[..., None]
+    with torch.no_grad():  # s(y) = h (E(am v | m) − m'v/2) / (m'K), E(am v | m) = Z(v) + (E/K) v; no gradient
+        q_, k_ = q[..., None], big_k[..., None]
+        e_m = elliptic.ellipe(m)[..., None]
+        incomplete = zeta + e_m * fraction  # E(am v | m) = Z + (E/K_m) v_m at v_m = fraction · K_m
+        s_low = span[..., None] * (incomplete - q_ * k_ * fraction / 2) / (q_ * k_)
+        s = torch.where(upper, length[..., None] - s_low, s_low)
     return Troposkein(y, x, tension, s, k_mod, m, radius, axial)
 
 

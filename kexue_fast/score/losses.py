@@ -96,8 +96,9 @@ def model_score(model: Callable[..., Tensor], x_noisy: Tensor, sigma: Optional[T
 
 
 def _noise(x: Tensor, noise: Optional[Tensor], generator: Optional[torch.Generator]) -> Tensor:
-    if noise is None:
-        return torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
+    if noise is None:  # drawn where the generator lives (a CPU generator for CUDA data works: the noise is copied)
+        device = generator.device if generator is not None else x.device
+        return torch.randn(x.shape, dtype=x.dtype, device=device, generator=generator).to(x.device)
     if noise.shape != x.shape:
         raise ValueError(f"noise must have x's shape {tuple(x.shape)}, got {tuple(noise.shape)}")
     return noise.to(x.dtype)
@@ -107,7 +108,9 @@ def sample_levels(levels: Tensor, batch: int, sigma_indices: Optional[Tensor],
                   generator: Optional[torch.Generator]) -> Tensor:  # fmt: skip
     """σ per sample [B]: levels[sigma_indices], or uniform over the levels."""
     if sigma_indices is None:
-        sigma_indices = torch.randint(0, levels.numel(), (batch,), generator=generator).to(levels.device)
+        device = generator.device if generator is not None else "cpu"  # the generator's device, whichever it is
+        sigma_indices = torch.randint(0, levels.numel(), (batch,), generator=generator, device=device)
+        sigma_indices = sigma_indices.to(levels.device)
     elif sigma_indices.shape != (batch,) or sigma_indices.is_floating_point():
         raise ValueError(f"sigma_indices must be an integer tensor [B] = [{batch}], got {tuple(sigma_indices.shape)}")
     return levels[sigma_indices]
