@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <chrono>
 #include <exception>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -506,9 +507,12 @@ py::array_t<std::int32_t> jose_negative_table(const py::array_t<std::int64_t, py
 
 // ---- Jacobi elliptic functions (rope) --------------------------------------------------------------------------
 template <typename T>
-py::tuple jacobi_elliptic_typed(const py::array& u_in, const py::array& m_in, int n_threads) {
+py::tuple jacobi_elliptic_typed(const py::array& u_in, const py::array& m_in, int n_threads,
+                                const std::optional<py::array>& mp_in) {
   auto u = py::array_t<T, py::array::c_style>::ensure(u_in);
   auto m = py::array_t<T, py::array::c_style>::ensure(m_in);
+  py::array_t<T, py::array::c_style> mp;
+  if (mp_in) mp = py::array_t<T, py::array::c_style>::ensure(*mp_in);
   std::vector<py::ssize_t> shape(u.shape(), u.shape() + u.ndim());
   std::vector<py::array_t<T>> out;
   for (int i = 0; i < 5; ++i) out.emplace_back(shape);
@@ -516,18 +520,22 @@ py::tuple jacobi_elliptic_typed(const py::array& u_in, const py::array& m_in, in
   for (int i = 0; i < 5; ++i) p[i] = out[i].mutable_data();
   {
     py::gil_scoped_release release;
-    kr::jacobi_elliptic<T>(u.data(), m.data(), static_cast<std::int64_t>(u.size()), p[0], p[1], p[2], p[3], p[4],
+    kr::jacobi_elliptic<T>(u.data(), m.data(), mp_in ? mp.data() : nullptr, static_cast<std::int64_t>(u.size()), p[0],
+                           p[1], p[2], p[3], p[4],
                            n_threads);
   }
   return py::make_tuple(out[0], out[1], out[2], out[3], out[4]);
 }
 
-py::tuple jacobi_elliptic(const py::array& u, const py::array& m, int n_threads) {
+py::tuple jacobi_elliptic(const py::array& u, const py::array& m, int n_threads, const std::optional<py::array>& mp) {
   if (!u.dtype().is(m.dtype())) throw py::type_error("u and m must have the same dtype");
   if (u.ndim() != m.ndim() || !std::equal(u.shape(), u.shape() + u.ndim(), m.shape()))
     throw py::value_error("u and m must have the same shape");
-  if (u.dtype().is(py::dtype::of<double>())) return jacobi_elliptic_typed<double>(u, m, n_threads);
-  if (u.dtype().is(py::dtype::of<float>())) return jacobi_elliptic_typed<float>(u, m, n_threads);
+  if (mp && (!mp->dtype().is(m.dtype()) || mp->ndim() != m.ndim() ||
+             !std::equal(m.shape(), m.shape() + m.ndim(), mp->shape())))
+    throw py::value_error("mp must have m's shape and dtype");
+  if (u.dtype().is(py::dtype::of<double>())) return jacobi_elliptic_typed<double>(u, m, n_threads, mp);
+  if (u.dtype().is(py::dtype::of<float>())) return jacobi_elliptic_typed<float>(u, m, n_threads, mp);
   throw py::type_error("u and m must be float32 or float64");
 }
 
@@ -633,7 +641,9 @@ PYBIND11_MODULE(_core, m) {
         "The unigram^0.75 negative table of jose.c, materialized (for tests; table_size <= 2^26).");
   // ---- end JoSE ----
   m.def("jacobi_elliptic", &jacobi_elliptic, py::arg("u"), py::arg("m"), py::arg("n_threads") = 0,
-        "(sn, cn, dn, am, zeta) of same-shape float arrays u, m (0 <= m <= 1, NaN outside), elementwise.");
+        py::arg("mp") = py::none(),
+        "(sn, cn, dn, am, zeta) of same-shape float arrays u, m (0 <= m <= 1, NaN outside), elementwise; mp: 1 - m "
+        "held more exactly than it rounds (optional).");
   m.def("complete_integrals", &complete_integrals, py::arg("m"), py::arg("n_threads") = 0,
         "(K(m), E(m)) of a float array m (m <= 1, NaN above).");
   m.def("build_info", &build_info, "Compiler, build type and versions this extension was built with.");

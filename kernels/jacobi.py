@@ -13,7 +13,7 @@ No autograd and no dispatch here: see kexue_fast.rope.jacobi.
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -68,8 +68,8 @@ def _column(tile, selected):
 
 
 @triton.jit
-def _jacobi_kernel(u_ptr, m_ptr, const_ptr, sn_ptr, cn_ptr, dn_ptr, am_ptr, zeta_ptr, n,
-                   BLOCK: tl.constexpr, LEVELS: tl.constexpr):  # fmt: skip
+def _jacobi_kernel(u_ptr, m_ptr, mp_ptr, const_ptr, sn_ptr, cn_ptr, dn_ptr, am_ptr, zeta_ptr, n,
+                   BLOCK: tl.constexpr, LEVELS: tl.constexpr, HAS_MP: tl.constexpr):  # fmt: skip
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -80,13 +80,17 @@ def _jacobi_kernel(u_ptr, m_ptr, const_ptr, sn_ptr, cn_ptr, dn_ptr, am_ptr, zeta
     m = tl.load(m_ptr + offs, mask=mask, other=0.5)
     bad = ~((m >= 0) & (m <= 1))
     mg = tl.where(bad | (m >= 1), 0.5, m)
+    if HAS_MP:  # 1 − m held more exactly than it rounds (m near 1)
+        mpg = tl.where(bad | (m >= 1), 0.5, tl.load(mp_ptr + offs, mask=mask, other=0.5))
+    else:
+        mpg = 1 - mg
 
     cols = tl.arange(0, 16)
     c0 = tl.sqrt(mg)
     a_tile = tl.where(cols[None, :] == 0, 1.0, 0.0) + u[:, None] * 0
     c_tile = tl.where(cols[None, :] == 0, c0[:, None], 0.0)
     a = mg * 0 + 1
-    b = tl.sqrt(1 - mg)
+    b = tl.sqrt(mpg)
     levels = tl.zeros([BLOCK], dtype=tl.int32)
     pow2 = mg * 0 + 1
     running = tl.abs(c0) > machep
@@ -116,7 +120,7 @@ def _jacobi_kernel(u_ptr, m_ptr, const_ptr, sn_ptr, cn_ptr, dn_ptr, am_ptr, zeta
     sn = tl.sin(phi)
     cn = tl.cos(phi)
     dn_factor = tl.cos(phi - prev)
-    dn = tl.where(tl.abs(dn_factor) < 0.1, tl.sqrt(1 - m * sn * sn), cn / dn_factor)
+    dn = tl.where(tl.abs(dn_factor) < 0.1, tl.sqrt(mpg + mg * cn * cn), cn / dn_factor)  # 1 − m sn² = m' + m cn²
     dn = tl.where(levels == 0, 1.0, dn)
 
     # m < 1e-9: first order in m
@@ -156,9 +160,9 @@ def _jacobi_kernel(u_ptr, m_ptr, const_ptr, sn_ptr, cn_ptr, dn_ptr, am_ptr, zeta
     tl.store(zeta_ptr + offs, tl.where(bad, nan, zeta), mask=mask)
 
 
-def jacobi_elliptic(u: Tensor, m: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def jacobi_elliptic(u: Tensor, m: Tensor, mp: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(sn, cn, dn, am, zeta) of contiguous u, m of one shape, dtype (float32/float64) and device; 0 ≤ m ≤ 1
-    (NaN elsewhere)."""
+    (NaN elsewhere). mp: 1 − m held more exactly than it rounds (optional, like m)."""
     if u.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"the Jacobi kernel supports float32 and float64, got {u.dtype}")
     if m.shape != u.shape or m.dtype != u.dtype or m.device != u.device:
@@ -166,9 +170,14 @@ def jacobi_elliptic(u: Tensor, m: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tenso
                          f"and {tuple(m.shape)} {m.dtype} {m.device}")  # fmt: skip
     if not (u.is_contiguous() and m.is_contiguous()):
         raise ValueError("u and m must be contiguous")
+    if mp is not None and (
+        mp.shape != m.shape or mp.dtype != m.dtype or mp.device != m.device or not mp.is_contiguous()
+    ):
+        raise ValueError("mp must be a contiguous tensor of m's shape, dtype and device")
     consts = torch.tensor([torch.finfo(u.dtype).eps / 2, 1e-9, 1.0], dtype=u.dtype, device=u.device)
     outs = [torch.empty_like(u) for _ in range(5)]
     n = u.numel()
     if n:
-        _jacobi_kernel[(triton.cdiv(n, BLOCK),)](u, m, consts, *outs, n, BLOCK=BLOCK, LEVELS=LEVELS)
+        _jacobi_kernel[(triton.cdiv(n, BLOCK),)](u, m, mp if mp is not None else m, consts, *outs, n, BLOCK=BLOCK,
+                                                 LEVELS=LEVELS, HAS_MP=mp is not None)  # fmt: skip
     return tuple(outs)  # type: ignore[return-value]

@@ -75,6 +75,11 @@ def test_kernel_gradient_and_negative_m():
     b = ellipj(u.detach(), m.detach(), backend="torch")
     for x, y in zip(a, b):
         assert float((x - y).abs().max()) <= 1e-14
+    far = torch.tensor([-1e3, -1e6], dtype=D64, device=dev)  # 1 − μ passed along (HAS_MP): as the torch path
+    a = ellipj(torch.tensor([25.0, 0.9], dtype=D64, device=dev), far, backend="triton")
+    b = ellipj(torch.tensor([25.0, 0.9], dtype=D64), far.cpu(), backend="torch")
+    for x, y in zip(a, b):
+        assert float((x.cpu() - y).abs().max() / y.abs().max()) <= 1e-14
 
 
 def test_kernel_rejects_bad_inputs():

@@ -22,16 +22,18 @@ struct Jacobi {
   double sn, cn, dn, am, zeta;
 };
 
-Jacobi jacobi_one(double u, double m) {
+// mp = 1 - m, passed when the caller holds it more exactly than 1 - m rounds (NaN: compute 1 - m here).
+Jacobi jacobi_one(double u, double m, double mp) {
   const double nan = std::numeric_limits<double>::quiet_NaN();
   if (!(m >= 0 && m <= 1)) return {nan, nan, nan, nan, nan};
   Jacobi r{};
   // The general path (for m >= 1 it runs at m = 0.5 and is overwritten below, as in the torch reference).
   const double mg = m >= 1 ? 0.5 : m;
+  const double mpg = m >= 1 ? 0.5 : (std::isnan(mp) ? 1 - mg : mp);
   double a[kLandenLevels + 1], c[kLandenLevels + 1];
   a[0] = 1;
   c[0] = std::sqrt(mg);
-  double b = std::sqrt(1 - mg);
+  double b = std::sqrt(mpg);
   int levels = 0;
   bool running = std::fabs(c[0] / a[0]) > kMachep;
   while (running && levels < kLandenLevels) {
@@ -56,7 +58,8 @@ Jacobi jacobi_one(double u, double m) {
   r.cn = std::cos(phi);
   const double dn_factor = std::cos(phi - prev);
   // DLMF 22.20(ii): the quotient loses digits when cos(phi1 - phi0) is small; the square root is then well conditioned
-  r.dn = std::fabs(dn_factor) < 0.1 ? std::sqrt(1 - m * r.sn * r.sn) : r.cn / dn_factor;
+  // (1 - m sn^2 = m' + m cn^2: no cancellation for m near 1)
+  r.dn = std::fabs(dn_factor) < 0.1 ? std::sqrt(mpg + mg * r.cn * r.cn) : r.cn / dn_factor;
   if (levels == 0) r.dn = 1;  // m = 0: phi = u
   r.am = phi;
   r.zeta = zeta;
@@ -121,9 +124,11 @@ void for_chunks(std::int64_t n, int threads, Body&& body) {
 }  // namespace
 
 template <typename T>
-void jacobi_elliptic(const T* u, const T* m, std::int64_t n, T* sn, T* cn, T* dn, T* am, T* zeta, int threads) {
+void jacobi_elliptic(const T* u, const T* m, const T* mp, std::int64_t n, T* sn, T* cn, T* dn, T* am, T* zeta,
+                     int threads) {
   for_chunks(n, threads, [&](std::int64_t i) {
-    const Jacobi r = jacobi_one(static_cast<double>(u[i]), static_cast<double>(m[i]));
+    const double mpi = mp ? static_cast<double>(mp[i]) : std::numeric_limits<double>::quiet_NaN();
+    const Jacobi r = jacobi_one(static_cast<double>(u[i]), static_cast<double>(m[i]), mpi);
     sn[i] = static_cast<T>(r.sn);
     cn[i] = static_cast<T>(r.cn);
     dn[i] = static_cast<T>(r.dn);
@@ -142,10 +147,10 @@ void complete_integrals(const T* m, std::int64_t n, T* k, T* e, int threads) {
   });
 }
 
-template void jacobi_elliptic<float>(const float*, const float*, std::int64_t, float*, float*, float*, float*, float*,
-                                     int);
-template void jacobi_elliptic<double>(const double*, const double*, std::int64_t, double*, double*, double*, double*,
-                                      double*, int);
+template void jacobi_elliptic<float>(const float*, const float*, const float*, std::int64_t, float*, float*, float*,
+                                     float*, float*, int);
+template void jacobi_elliptic<double>(const double*, const double*, const double*, std::int64_t, double*, double*,
+                                      double*, double*, double*, int);
 template void complete_integrals<float>(const float*, std::int64_t, float*, float*, int);
 template void complete_integrals<double>(const double*, std::int64_t, double*, double*, int);
 

@@ -8,9 +8,11 @@
 
 namespace kexue::rope {
 
-// sn, cn, dn, am = phi and the Jacobi zeta Z(u | m) of u[i], m[i], i < n, for 0 <= m <= 1 (NaN outside).
+// sn, cn, dn, am = phi and the Jacobi zeta Z(u | m) of u[i], m[i], i < n, for 0 <= m <= 1 (NaN outside). mp: null,
+// or mp[i] = 1 - m[i] held more exactly than 1 - m rounds (m near 1).
 template <typename T>
-void jacobi_elliptic(const T* u, const T* m, std::int64_t n, T* sn, T* cn, T* dn, T* am, T* zeta, int threads);
+void jacobi_elliptic(const T* u, const T* m, const T* mp, std::int64_t n, T* sn, T* cn, T* dn, T* am, T* zeta,
+                     int threads);
 
 // K(m), E(m) for m <= 1 (NaN above); K(1) = inf, E(1) = 1.
 template <typename T>

@@ -180,14 +180,17 @@ def ellipe(m: Param) -> Tensor:
 # --- sn, cn, dn --------------------------------------------------------------------------------------------------
 
 
-def _landen(u: Tensor, m: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(sn, cn, dn, am, zeta) of broadcast u, m by Cephes' ellpj (NaN for m outside [0, 1])."""
+def _landen(u: Tensor, m: Tensor, mp: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(sn, cn, dn, am, zeta) of broadcast u, m by Cephes' ellpj (NaN for m outside [0, 1]). `mp` = 1 − m when the
+    caller holds it more exactly than 1 − m rounds (m near 1: DLMF 22.17's μ for a very negative parameter)."""
     machep = torch.finfo(u.dtype).eps / 2
     bad = ~((m >= 0) & (m <= 1))
-    mg = torch.where(bad | (m >= 1), torch.full_like(m, 0.5), m)  # the general path for m < 1 (others overwritten)
+    general = bad | (m >= 1)
+    mg = torch.where(general, torch.full_like(m, 0.5), m)  # the general path for m < 1 (others overwritten)
+    mpg = 1 - mg if mp is None else torch.where(general, torch.full_like(m, 0.5), mp)
     a_levels = [torch.ones_like(mg)]
     c_levels = [torch.sqrt(mg)]
-    b = torch.sqrt(1 - mg)
+    b = torch.sqrt(mpg)
     n_levels = torch.zeros(mg.shape, dtype=torch.int32, device=mg.device)  # Cephes' i when its loop stops
     running = (c_levels[0] / a_levels[0]).abs() > machep
     for i in range(1, _LANDEN_LEVELS + 1):
@@ -213,8 +216,9 @@ def _landen(u: Tensor, m: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tenso
     sn = torch.sin(phi)
     cn = torch.cos(phi)
     dn_factor = torch.cos(phi - prev)
-    # DLMF 22.20(ii): the quotient loses digits when cos(φ₁ − φ₀) is small; the square root is then well conditioned
-    dn = torch.where(dn_factor.abs() < 0.1, torch.sqrt(1 - m * sn * sn), cn / dn_factor)
+    # DLMF 22.20(ii): the quotient loses digits when cos(φ₁ − φ₀) is small; the square root is then well conditioned,
+    # as 1 − m sn² = m' + m cn² (no cancellation for m near 1)
+    dn = torch.where(dn_factor.abs() < 0.1, torch.sqrt(mpg + mg * cn * cn), cn / dn_factor)
     dn = torch.where(n_levels == 0, torch.ones_like(dn), dn)  # m = 0: φ = u, dn = 1
 
     # m < 1e-9: sn = sin u − (m/4)(u − sin u cos u) cos u + O(m²), ...
@@ -245,18 +249,19 @@ def _landen(u: Tensor, m: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tenso
     return tuple(torch.where(bad, nan, t) for t in (sn, cn, dn, phi, zeta))  # type: ignore[return-value]
 
 
-def jacobi_m_derivative(u: Tensor, m: Tensor, sn: Tensor, cn: Tensor, dn: Tensor, zeta: Tensor) -> Tensor:
+def jacobi_m_derivative(u: Tensor, m: Tensor, sn: Tensor, cn: Tensor, dn: Tensor, zeta: Tensor,
+                        mp: Optional[Tensor] = None) -> Tensor:  # fmt: skip
     """D = ∂am(u | m)/∂m = (dn (m'u − E(am u | m)) + m sn cn) / (2 m m') with E(am u | m) = Z(u) + (E/K) u;
-    its m → 0 limit (sin u cos u − u)/4 below m = 1e-9. Infinite at m = 1."""
-    k, e = _agm_ke(m)
+    its m → 0 limit (sin u cos u − u)/4 below m = 1e-9. Infinite at m = 1. `mp`: m' if held more exactly."""
+    k, e = _agm_ke(m, mp)
     eps_u = zeta + torch.where(m >= 1, torch.zeros_like(m), e / k) * u
-    mp = 1 - m
+    mp = 1 - m if mp is None else mp
     safe_m = torch.where(m < _SMALL_M, torch.ones_like(m), m)
     d = (dn * (mp * u - eps_u) + m * sn * cn) / (2 * safe_m * mp)
     return torch.where(m < _SMALL_M, (torch.sin(u) * torch.cos(u) - u) / 4, d)
 
 
-def jacobi_grads(u, m, sn, cn, dn, zeta, gsn, gcn, gdn, gam, need_u: bool, need_m: bool):
+def jacobi_grads(u, m, sn, cn, dn, zeta, gsn, gcn, gdn, gam, need_u: bool, need_m: bool, mp=None):
     """(∂L/∂u, ∂L/∂m) from the output gradients (None entries are zero)."""
     z = torch.zeros_like(sn)
     gsn, gcn, gdn, gam = (z if g is None else g for g in (gsn, gcn, gdn, gam))
@@ -264,15 +269,18 @@ def jacobi_grads(u, m, sn, cn, dn, zeta, gsn, gcn, gdn, gam, need_u: bool, need_
     if need_u:
         gu = gsn * cn * dn - gcn * sn * dn - gdn * m * sn * cn + gam * dn
     if need_m:
-        d = jacobi_m_derivative(u, m, sn, cn, dn, zeta)
+        d = jacobi_m_derivative(u, m, sn, cn, dn, zeta, mp)
         gm = gsn * cn * d - gcn * sn * d - gdn * (sn * sn + 2 * m * sn * cn * d) / (2 * dn) + gam * d
     return gu, gm
 
 
-def jacobi_save(ctx, u: Tensor, m: Tensor, outs: Tuple[Tensor, ...]) -> Tuple[Tensor, ...]:
-    """The forward's bookkeeping shared by every backend's Function: outs = (sn, cn, dn, am, zeta)."""
+def jacobi_save(ctx, u: Tensor, m: Tensor, outs: Tuple[Tensor, ...], mp: Optional[Tensor] = None
+                ) -> Tuple[Tensor, ...]:  # fmt: skip
+    """The forward's bookkeeping shared by every backend's Function (u, m and the precision aid mp = 1 − m, which
+    takes no gradient: the functions depend on m alone): outs = (sn, cn, dn, am, zeta)."""
     sn, cn, dn, _am, zeta = outs
-    ctx.save_for_backward(u, m, sn, cn, dn, zeta)
+    ctx.has_mp = mp is not None
+    ctx.save_for_backward(u, m, sn, cn, dn, zeta, *([mp] if mp is not None else []))
     ctx.mark_non_differentiable(zeta)
     return outs
 
@@ -280,25 +288,29 @@ def jacobi_save(ctx, u: Tensor, m: Tensor, outs: Tuple[Tensor, ...]) -> Tuple[Te
 @first_order
 def jacobi_backward(ctx, gsn, gcn, gdn, gam, _gzeta):
     """The backward shared by every backend's Function: elementwise torch on the saved values."""
-    u, m, sn, cn, dn, zeta = ctx.saved_tensors
-    return jacobi_grads(u, m, sn, cn, dn, zeta, gsn, gcn, gdn, gam, *ctx.needs_input_grad[:2])
+    u, m, sn, cn, dn, zeta, *rest = ctx.saved_tensors
+    mp = rest[0] if ctx.has_mp else None
+    return (*jacobi_grads(u, m, sn, cn, dn, zeta, gsn, gcn, gdn, gam, *ctx.needs_input_grad[:2], mp=mp), None)
 
 
 class _JacobiTorch(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u: Tensor, m: Tensor):
-        return jacobi_save(ctx, u, m, _landen(u, m))
+    def forward(ctx, u: Tensor, m: Tensor, mp: Optional[Tensor] = None):
+        return jacobi_save(ctx, u, m, _landen(u, m, mp), mp)
 
     backward = staticmethod(jacobi_backward)
 
 
-def to_unit_parameter(u: Tensor, m: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def to_unit_parameter(u: Tensor, m: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """DLMF 22.17 for m < 0: with μ = −m/(1 − m) ∈ [0, 1) and v = √(1 − m) u, sn(u|m) = sn(v|μ)/(√(1−m) dn(v|μ)),
-    cn = cn(v|μ)/dn(v|μ), dn = 1/dn(v|μ). Returns (v, μ, negative mask, √(1 − m)); identity where m ≥ 0."""
+    cn = cn(v|μ)/dn(v|μ), dn = 1/dn(v|μ). Returns (v, μ, μ' = 1 − μ, negative mask, √(1 − m)); identity where
+    m ≥ 0. μ' = 1/(1 − m) is formed directly: 1 − μ from the rounded μ would cancel (relative error ε(1 − m))."""
     negative = m < 0
+    one_minus = 1 - torch.where(negative, m, torch.zeros_like(m))
     root = torch.sqrt(torch.where(negative, 1 - m, torch.ones_like(m)))
-    mu = torch.where(negative, -m / (1 - torch.where(negative, m, torch.zeros_like(m))), m)
-    return u * root, mu, negative, root
+    mu = torch.where(negative, -m / one_minus, m)
+    mu_c = torch.where(negative, 1 / one_minus, 1 - m).detach()
+    return u * root, mu, mu_c, negative, root
 
 
 def from_unit_parameter(sn, cn, dn, am, negative, root) -> Jacobi:
@@ -315,8 +327,8 @@ def ellipj_reference(u: Param, m: Param) -> Jacobi:
     """The pure-torch Jacobi functions (sn, cn, dn, am) of u with parameter m ≤ 1 (NaN above, as SciPy's
     ``ellipj``; m < 0 by DLMF 22.17); differentiable in u and in m (m < 1)."""
     u, m = _promote(_floating(u, "u"), _floating(m, "m"))
-    v, mu, negative, root = to_unit_parameter(u, m)
-    return from_unit_parameter(*_JacobiTorch.apply(v, mu)[:4], negative, root)
+    v, mu, mu_c, negative, root = to_unit_parameter(u, m)
+    return from_unit_parameter(*_JacobiTorch.apply(v, mu, mu_c)[:4], negative, root)
 
 
 def jacobi_zeta(u: Param, m: Param) -> Tensor:

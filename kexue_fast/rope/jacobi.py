@@ -4,7 +4,7 @@ algorithms elementwise in double precision, threaded), the torch reference other
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -33,11 +33,12 @@ class _JacobiCpp(torch.autograd.Function):
     """The C++ forward (sn, cn, dn, am and the Jacobi zeta); the backward is elementwise torch, as the reference's."""
 
     @staticmethod
-    def forward(ctx, u: Tensor, m: Tensor):
+    def forward(ctx, u: Tensor, m: Tensor, mp: Optional[Tensor] = None):
         from .. import _core
 
-        outs = _core.jacobi_elliptic(*_numpy_args(u, m), torch.get_num_threads())
-        return elliptic.jacobi_save(ctx, u, m, tuple(torch.from_numpy(o) for o in outs))
+        args = _numpy_args(u, m) if mp is None else _numpy_args(u, m, mp)
+        outs = _core.jacobi_elliptic(*args[:2], torch.get_num_threads(), *args[2:])
+        return elliptic.jacobi_save(ctx, u, m, tuple(torch.from_numpy(o) for o in outs), mp)
 
     backward = staticmethod(elliptic.jacobi_backward)
 
@@ -59,10 +60,11 @@ class _JacobiTriton(torch.autograd.Function):
     torch on the saved values, as the reference's."""
 
     @staticmethod
-    def forward(ctx, u: Tensor, m: Tensor):
+    def forward(ctx, u: Tensor, m: Tensor, mp: Optional[Tensor] = None):
         from ..kernels.jacobi import jacobi_elliptic
 
-        return elliptic.jacobi_save(ctx, u, m, tuple(jacobi_elliptic(u.contiguous(), m.contiguous())))
+        mp_c = mp.contiguous() if mp is not None else None
+        return elliptic.jacobi_save(ctx, u, m, tuple(jacobi_elliptic(u.contiguous(), m.contiguous(), mp_c)), mp)
 
     backward = staticmethod(elliptic.jacobi_backward)
 
@@ -72,8 +74,7 @@ def ellipj(u: Param, m: Param, *, backend: str = "auto") -> Jacobi:
 
     u, m: tensors (or floats) broadcasting to one shape [...]; float32 or float64 (a float adopts the other's dtype).
     m ≤ 1; m > 1 gives NaN (as SciPy; a Python float m > 1 raises ValueError). m < 0 by DLMF 22.17 (SciPy gives
-    NaN there), through μ = −m/(1 − m): the rounding of μ near 1 costs relative accuracy ~ε(1 − m), so about 1e-12 at
-    m = −1e3 and 1e-7 at m = −1e6 (against mpmath).
+    NaN there), through μ = −m/(1 − m) with 1 − μ = 1/(1 − m) passed along exactly (tests/test_rope.py: mpmath).
     Differentiable in u and m (∂/∂m for m < 1). backend: "auto" (Triton for CUDA tensors, the C++ core for CPU
     tensors, torch under torch.compile), "triton", "cpp" or "torch"; an explicit backend never falls back (but "cpp"
     traces as torch under torch.compile).
@@ -84,8 +85,8 @@ def ellipj(u: Param, m: Param, *, backend: str = "auto") -> Jacobi:
     fn = _jacobi_function(chosen)
     if elliptic._may_sync(m_t) and not bool((m_t < 0).any()):  # no m < 0: skip DLMF 22.17's passes (CPU check)
         return Jacobi(*fn.apply(u_t, m_t)[:4])
-    v, mu, negative, root = elliptic.to_unit_parameter(u_t, m_t)
-    return elliptic.from_unit_parameter(*fn.apply(v, mu)[:4], negative, root)
+    v, mu, mu_c, negative, root = elliptic.to_unit_parameter(u_t, m_t)
+    return elliptic.from_unit_parameter(*fn.apply(v, mu, mu_c)[:4], negative, root)
 
 
 def _jacobi_function(chosen: str):
