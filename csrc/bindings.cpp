@@ -389,7 +389,7 @@ py::tuple jose_train(const py::array_t<std::int32_t, py::array::c_style>& stream
                      const py::array_t<std::int64_t, py::array::c_style>& counts, std::int64_t n_docs, py::array u,
                      py::array v, py::array d, int window, int negative, int epochs, int threads, float margin,
                      float alpha, float sample, int step_rule, bool joint, bool update_words, std::uint64_t seed,
-                     std::int64_t table_size, const py::object& progress, double interval) {
+                     std::int64_t table_size, const py::object& progress, double interval, bool decay) {
   if (stream.ndim() != 1 || counts.ndim() != 1) throw py::value_error("stream and counts must be 1-D");
   if (u.ndim() != 2) throw py::value_error("u must be 2-D");
   const std::int64_t vocab = counts.shape(0);
@@ -413,6 +413,7 @@ py::tuple jose_train(const py::array_t<std::int32_t, py::array::c_style>& stream
   o.rule = static_cast<kexue::jose::StepRule>(step_rule);
   o.joint = joint;
   o.update_words = update_words;
+  o.decay = decay;
   o.seed = seed;
   o.table_size = table_size;
   kexue::jose::Progress state;
@@ -629,7 +630,7 @@ PYBIND11_MODULE(_core, m) {
         py::arg("v"), py::arg("d"), py::arg("window"), py::arg("negative"), py::arg("epochs"), py::arg("threads"),
         py::arg("margin"), py::arg("alpha"), py::arg("sample"), py::arg("step_rule"), py::arg("joint"),
         py::arg("update_words"), py::arg("seed"), py::arg("table_size") = 100000000,
-        py::arg("progress") = py::none(), py::arg("interval") = 0.5,
+        py::arg("progress") = py::none(), py::arg("interval") = 0.5, py::arg("decay") = true,
         "JoSE Hogwild training of u, v, d in place (GIL released). Returns (last-epoch hinge loss sum, active\n"
         "updates, evaluated hinges).");
   m.def("jose_apply_steps", &jose_apply_steps, py::arg("u"), py::arg("v"), py::arg("d"), py::arg("u_rows"),

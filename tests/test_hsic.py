@@ -440,3 +440,45 @@ def test_bottleneck_loss_bad_inputs():
         kexue_fast.hsic.bottleneck_loss(z, x, torch.zeros(10, 2, dtype=torch.long), beta=1.0)
     with pytest.raises(TypeError, match="beta"):
         kexue_fast.hsic.bottleneck_loss(z, x, torch.zeros(10, dtype=torch.long), beta="big")
+
+
+def test_far_from_the_origin_and_label_only_inputs():
+    """Every estimator is translation invariant: samples far from the origin must not cancel (‖a‖² + ‖b‖² − 2a·b in
+    the torch tiles and the median, uncentred d×d products in the linear statistics)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(200, 3, dtype=D64), torch.randn(200, 2, dtype=D64)
+    y = y + 0.5 * x[:, :2]
+    for kernel in ("linear", "gaussian"):
+        expected = float(kexue_fast.cka(x, y, kernel=kernel))
+        for offset in (1e3, 1e4):
+            assert float(kexue_fast.cka(x + offset, y - offset, kernel=kernel)) == pytest.approx(expected, abs=1e-8)
+    expected32 = float(kexue_fast.hsic(x.float(), y.float(), backend="cpp"))
+    assert float(kexue_fast.hsic(x.float() + 3e3, y.float(), backend="torch")) == pytest.approx(expected32, rel=1e-3)
+    truth = float(torch.pdist(x).median())  # an odd count of pairs: the middle one
+    far = x[:151] + 1e8
+    exact = float(torch.pdist(far - 1e8).median())  # the stored points' exact differences (Sterbenz)
+    for backend in ("cpp", "torch"):
+        assert kexue_fast.median_bandwidth(far, backend=backend) == pytest.approx(exact, rel=1e-12)
+    assert truth > 0
+    labels_x, labels_y = torch.randint(0, 3, (64,)), torch.randint(0, 3, (64,))
+    labels_y[:40] = labels_x[:40]
+    value = kexue_fast.hsic(labels_x, labels_y, kernel_x="delta", normalize=True)
+    assert value.dtype == D64 and float(value) > 0.1  # was an int64 tensor truncated to 0
+
+
+def test_hsic_test_leaves_the_global_generator_alone_and_exact_pvalues():
+    torch.manual_seed(123)
+    x, y = torch.randn(40, 2, dtype=D64), torch.randn(40, 2, dtype=D64)
+    torch.manual_seed(7)
+    result = kexue_fast.hsic_test(x, y, method="permutation", n_permutations=99)
+    after = torch.rand(3)
+    torch.manual_seed(7)
+    kexue_fast.hsic_test(x, y, method="permutation", n_permutations=99)
+    assert torch.equal(torch.rand(3), after) and torch.initial_seed() == 7  # reproducible, never reseeded
+    assert isinstance(result.pvalue, float) and result.pvalue == round(result.pvalue * 100) / 100  # k/(B+1) exactly
+    with pytest.raises(ValueError, match="seed"):
+        kexue_fast.hsic_test(x, y, method="permutation", seed=1.5)
+    with pytest.raises(ValueError, match="tile"):
+        kexue_fast.hsic(x, y, tile=-1)
+    with pytest.raises(ValueError, match="NaN"):
+        kexue_fast.median_bandwidth(torch.tensor([[0.0], [float("nan")], [float("nan")]]))

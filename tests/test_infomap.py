@@ -157,6 +157,45 @@ def test_bad_arguments():
         kexue_fast.map_equation(g, [0, 1, 2])
     with pytest.raises(TypeError, match="graph must be"):
         kexue_fast.infomap(object())
+    for name, value in (("core_loop_limit", 0), ("n_threads", -1), ("n_threads", 1.5), ("seed", 2**64),
+                        ("tune_iteration_limit", -1)):  # fmt: skip
+        with pytest.raises(ValueError, match=name):
+            kexue_fast.infomap(g, **{name: value})
+
+
+@pytest.mark.parametrize("recorded", [False, True])
+def test_zero_weight_out_links_and_stalled_pagerank_match_infomap(recorded):
+    """A node whose only out-link weighs 0 is dangling (its flows were 0/0 = NaN, the codelength silently 0); two
+    disjoint triangles keep PageRank uniform from the first step, where infomap 2 nudges α by 1e-12 (1e-10 was
+    1.2e-8 bits off with recorded teleportation)."""
+    extra = " --recorded-teleportation" if recorded else ""
+    for links in ([(0, 1, 1), (1, 2, 1), (2, 0, 1), (3, 4, 1), (4, 5, 1), (5, 3, 1), (6, 3, 0.0)],
+                  [(0, 1, 1), (1, 2, 1), (2, 0, 1), (3, 4, 1), (4, 5, 1), (5, 3, 1)]):  # fmt: skip
+        src, dst, w = (np.array([link[i] for link in links]) for i in range(3))
+        official, modules = _official(links, directed=True, extra=extra)
+        ours = kexue_fast.map_equation((src, dst, w.astype(float)), [modules.get(i, 7) for i in range(src.max() + 2)
+                                       if i <= max(src.max(), dst.max())], directed=True,
+                                       recorded_teleportation=recorded)  # fmt: skip
+        assert abs(ours.codelength - official) <= 1e-12
+        result = kexue_fast.infomap((src, dst, w.astype(float)), directed=True, recorded_teleportation=recorded)
+        assert np.isfinite(result.flow).all() and abs(result.codelength - official) <= 1e-9
+
+
+def test_undirected_sparse_triangles_and_pajek_adjacency_lists(tmp_path):
+    sparse = pytest.importorskip("scipy.sparse")
+    g = nx.karate_club_graph()
+    full = nx.to_scipy_sparse_array(g, format="coo")
+    expected = kexue_fast.infomap(full, directed=False).codelength
+    lower = sparse.tril(full).tocoo()
+    assert kexue_fast.infomap(lower, directed=False).codelength == pytest.approx(expected, abs=1e-12)
+    mixed = sparse.triu(full).tolil()
+    mixed[0, 5], mixed[5, 0] = 0, full.tocsr()[0, 5]  # one edge stored only below the diagonal
+    assert kexue_fast.infomap(mixed.tocoo(), directed=False).codelength == pytest.approx(expected, abs=1e-12)
+    lists = tmp_path / "lists.net"
+    lists.write_text("*Vertices 6\n*Edgeslist\n1 2 3\n2 3\n4 5 6\n5 6\n3 4\n")
+    edges = tmp_path / "edges.net"
+    edges.write_text("*Vertices 6\n*Edges\n1 2\n1 3\n2 3\n4 5\n4 6\n5 6\n3 4\n")
+    assert kexue_fast.infomap(str(lists)).codelength == pytest.approx(kexue_fast.infomap(str(edges)).codelength)
 
 
 def test_clu_and_tree_files_round_trip(tmp_path):

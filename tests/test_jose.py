@@ -298,6 +298,39 @@ def test_infer_vector_recovers_the_topic_of_a_document():
     assert m.infer_vectors([]).shape == (0, 24)
 
 
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_inferred_vectors_do_not_depend_on_their_place_in_the_batch(backend):
+    """A learning rate decaying over the whole batch trained its first documents ~250× more than its last."""
+    docs = small_corpus(600, seed=3)
+    m = JoSE(dim=16, window=3, min_count=1, epochs=1, workers=1, sample=0, progress=False, backend=backend)
+    m.fit(docs[:90])
+    first = m.infer_vectors(docs[:100], epochs=1, seed=5)
+    batch = m.infer_vectors(docs, epochs=1, seed=5)
+    alone = m.infer_vectors(docs[-100:], epochs=1, seed=5)
+
+    def moved(inferred, chunk):  # 1 − cos to the starting vector, which a zero-epoch inference returns
+        start = m.infer_vectors(chunk, epochs=1, alpha=1e-30, seed=5)
+        return float(np.mean(1 - np.sum(start * inferred, axis=1)))
+
+    ratio = moved(batch[-100:], docs[-100:]) / moved(first, docs[:100])
+    assert 0.6 <= ratio <= 1.6, ratio
+    assert 0.6 <= moved(batch[-100:], docs[-100:]) / moved(alone, docs[-100:]) <= 1.6
+    assert np.array_equal(m.infer_vectors(docs[5:6], epochs=1, alpha=1e-30, seed=5)[0],
+                          m.infer_vectors(docs[:10], epochs=1, alpha=1e-30, seed=5)[5])  # fmt: skip
+
+
+def test_save_load_any_path_and_literal_end_marker(tmp_path):
+    m = JoSE(dim=8, window=2, min_count=1, epochs=1, workers=1, progress=False).fit(small_corpus(12))
+    path = tmp_path / "model"  # no .npz suffix: save writes exactly here
+    m.save(path)
+    loaded = JoSE.load(path)
+    assert loaded.words == m.words and np.array_equal(loaded._u, m._u)
+    corpus = tmp_path / "eos.txt"
+    corpus.write_text("a b c\nd </s> e\n")
+    with pytest.raises(ValueError, match=r"line 2.*</s>"):
+        JoSE(dim=8, min_count=1, epochs=1, progress=False).fit(str(corpus))
+
+
 # ------------------------------------------------------------------------------------------------- vocabulary
 def test_file_and_token_list_encodings_agree(tmp_path):
     docs = [["b", "a", "c", "a"], [], ["c", "b", "zz", "b"], ["a", "b"]]

@@ -257,3 +257,69 @@ def test_nan_weight_raises():
 def test_public_names():
     assert kexue_fast.nn.spectral_norm is spectral_norm
     assert callable(kexue_fast.power_iteration) and callable(kexue_fast.spectral_norm_bound)
+
+
+class _Symmetric(nn.Module):
+    def forward(self, w):
+        return w.triu() + w.triu(1).T
+
+
+def test_update_follows_what_the_spectral_norm_receives():
+    """Another parametrization before the spectral norm, a parametrized buffer, a layer shared twice."""
+    from torch.nn.utils import parametrize
+
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 6, bias=False).double()
+    parametrize.register_parametrization(layer, "weight", _Symmetric())
+    spectral_norm(layer, n_power_iterations=0)
+    update_spectral_norms(layer, n_iters=200, tol=1e-14)
+    assert float(torch.linalg.matrix_norm(layer.weight.detach(), 2)) == pytest.approx(1.0, abs=1e-10)
+
+    holder = nn.Module()
+    holder.register_buffer("weight", torch.randn(5, 4, dtype=torch.float64))
+    spectral_norm(holder, n_power_iterations=0)
+    u = holder.parametrizations.weight[0]._u.clone()
+    update_spectral_norms(holder)
+    assert not torch.equal(u, holder.parametrizations.weight[0]._u)
+
+    shared = spectral_norm(nn.Linear(4, 4).double(), n_power_iterations=0)
+    twice = nn.Sequential(shared, nn.Tanh(), shared)
+    assert len(spectral_norm_layers(twice)) == 1
+    reference = copy.deepcopy(shared)
+    update_spectral_norms(twice)
+    update_spectral_norms(reference)
+    assert torch.equal(shared.parametrizations.weight[0]._u, reference.parametrizations.weight[0]._u)
+
+
+def test_meta_and_complex_weights_as_torch():
+    with torch.device("meta"):
+        ours, theirs = spectral_norm(nn.Linear(3, 3)), torch_spectral_norm(nn.Linear(3, 3))
+    assert ours.weight.shape == theirs.weight.shape == (3, 3)
+    torch.manual_seed(0)
+    weight = torch.randn(4, 3, dtype=torch.complex128)
+    a, b = nn.Linear(3, 4, bias=False), nn.Linear(3, 4, bias=False)
+    for m in (a, b):
+        m.weight = nn.Parameter(weight.clone())
+    torch.manual_seed(1)
+    spectral_norm(a, n_power_iterations=30)
+    torch.manual_seed(1)
+    torch_spectral_norm(b, n_power_iterations=30)
+    assert torch.allclose(a.weight, b.weight, atol=1e-12)
+    update_spectral_norms(a)  # complex layers: their own iteration
+    assert float(torch.linalg.matrix_norm(a.weight.detach(), 2)) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_bound_of_huge_weights_and_conv_argument_errors():
+    w = torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 1e200
+    bound = float(kexue_fast.spectral_norm_bound(w))
+    true = float(torch.linalg.matrix_norm(w / 1e200, 2)) * 1e200
+    assert true <= bound <= true * 1.01
+    weight = torch.randn(4, 3, 3, 3)
+    with pytest.raises(ValueError, match="dtype and device"):
+        kexue_fast.conv_operator_norm(weight, (3, 6, 6), v=torch.randn(3, 6, 6, dtype=torch.float64))
+    with pytest.raises(ValueError, match="groups=3 must divide"):
+        kexue_fast.conv_operator_norm(torch.randn(4, 1, 3, 3), (3, 6, 6), groups=3)
+    with pytest.raises(ValueError, match="expects 3"):
+        kexue_fast.conv_operator_norm_bound(weight, (5, 6, 6))
+    with pytest.raises(TypeError, match="model"):
+        update_spectral_norms(torch.randn(3))

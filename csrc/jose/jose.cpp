@@ -197,8 +197,10 @@ void train_thread(const Shared& sh, int t, int n_threads, ThreadResult& result) 
       const std::int64_t done = sh.progress->words.fetch_add(word_count - last_word_count) +
                                 (word_count - last_word_count);
       last_word_count = word_count;
-      alpha = starting_alpha * (1 - done / static_cast<float>(sh.schedule_words + 1));
-      if (alpha < starting_alpha * 0.0001) alpha = static_cast<float>(starting_alpha * 0.0001);
+      if (opt.decay) {
+        alpha = starting_alpha * (1 - done / static_cast<float>(sh.schedule_words + 1));
+        if (alpha < starting_alpha * 0.0001) alpha = static_cast<float>(starting_alpha * 0.0001);
+      }
       if (sh.progress->stop.load(std::memory_order_relaxed)) break;
     }
     if (sentence_length == 0) {
@@ -427,8 +429,12 @@ EncodedFile encode_file(const std::string& path, std::int64_t min_count) {
   index.emplace("</s>", 0);
   std::string word;
   bool line_open = false;
+  std::int64_t line = 1;
   auto flush_word = [&]() {
     if (word.empty()) return;
+    if (word == "</s>")  // jose.c (like word2vec) would read it as an end of document, shifting every later one
+      throw std::invalid_argument(path + ", line " + std::to_string(line) +
+                                  ": the literal token </s> is the end-of-document marker; remove it from the corpus");
     auto [it, fresh] = index.emplace(word, static_cast<std::int32_t>(words.size()));
     if (fresh) {
       words.push_back(word);
@@ -450,6 +456,7 @@ EncodedFile encode_file(const std::string& path, std::int64_t min_count) {
           raw.push_back(0);
           ++counts[0];
           line_open = false;
+          ++line;
         }
         continue;
       }

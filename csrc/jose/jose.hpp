@@ -30,6 +30,7 @@ struct Options {
   StepRule rule = StepRule::paper;
   bool joint = false;         // the paper's one hinge over (u, v, d) instead of the code's two
   bool update_words = true;   // false: u and v frozen, only documents move (infer_vector)
+  bool decay = true;          // the learning rate decays linearly over the run; false: constant (inference)
   std::uint64_t seed = 0;     // 0 reproduces the official streams
   std::int64_t table_size = 100000000;
   int max_sentence = 1000;

@@ -43,7 +43,10 @@ def _as_samples(t: object, name: str, kernel: str) -> Tensor:
         raise ValueError(f"{name} must be [n, d] (or [n]), got shape {tuple(t.shape)}")
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or Inf")
-    return t
+    # Every estimator here is invariant to translating the samples (distance kernels; for the linear kernel the
+    # added terms are of the form a_i + a_j + c, which the centring H and the U-statistic cancel): centred samples
+    # keep ‖a‖² + ‖b‖² − 2a·b and the linear statistics' cross products from cancelling far from the origin.
+    return t - t.mean(0)
 
 
 def _kernel_spec(t: Tensor, kernel: str, bandwidth: Bandwidth, name: str) -> KernelSpec:
@@ -73,7 +76,9 @@ def _feature_stats(x: Tensor, y: Tensor):
     return s_kl, s_kk, s_ll, x @ x.sum(0) - nx, y @ y.sum(0) - ny, nx, ny
 
 
-def _prepare(x, y, kernel_x, kernel_y, bandwidth_x, bandwidth_y, estimator, backend, min_n=2):
+def _prepare(x, y, kernel_x, kernel_y, bandwidth_x, bandwidth_y, estimator, backend, min_n=2, tile=TILE):
+    if isinstance(tile, bool) or not isinstance(tile, numbers.Integral) or tile < 1:
+        raise ValueError(f"tile must be a positive int, got {tile!r}")
     kernel_y = kernel_x if kernel_y is None else kernel_y
     if kernel_x not in KERNELS:
         raise ValueError(f"kernel_x must be one of {KERNELS}, got {kernel_x!r}")
@@ -127,7 +132,7 @@ def hsic(
     streaming pass over tiles of K and L and a backward that recomputes them (Triton on CUDA float32, the C++ core on
     CPU, torch otherwise); linear kernels on both sides use d×d cross products instead.
     """
-    x, y, kx, ky, chosen = _prepare(x, y, kernel_x, kernel_y, bandwidth_x, bandwidth_y, estimator, backend)
+    x, y, kx, ky, chosen = _prepare(x, y, kernel_x, kernel_y, bandwidth_x, bandwidth_y, estimator, backend, tile=tile)
     fn = estimators.estimate(estimator, bool(normalize))
     if kx.name == "linear" and ky.name == "linear":
         return fn(*_feature_stats(x, y)).to(x.dtype)
@@ -147,7 +152,8 @@ def hsic_stats(
 ) -> estimators.HSICStats:
     """Every variant (biased, biased with 1/(n−1)², unbiased, CKA, unbiased CKA) and the Gamma null mean from one
     pass; no gradient."""
-    x, y, kx, ky, chosen = _prepare(x, y, kernel_x, kernel_y, bandwidth_x, bandwidth_y, "biased", backend, min_n=2)
+    x, y, kx, ky, chosen = _prepare(x, y, kernel_x, kernel_y, bandwidth_x, bandwidth_y, "biased", backend, min_n=2,
+                                    tile=tile)  # fmt: skip
     with torch.no_grad():
         if kx.name == "linear" and ky.name == "linear":
             stats: Tuple[Tensor, ...] = _feature_stats(x, y)

@@ -40,8 +40,10 @@ def _pair_values(x: Tensor, tile: int):
 @torch.no_grad()
 def kth_squared_distance(x: Tensor, k: int, tile: int = TILE, with_next: bool = False):
     """The k-th smallest (0-based) squared distance over pairs i < j; with_next=True also returns the (k+1)-th,
-    which is the same value when it repeats, else the smallest value above it (one more pass, not a second select)."""
+    which is the same value when it repeats, else the smallest value above it (one more pass, not a second select).
+    x is centred first: the tiles' ‖a‖² + ‖b‖² − 2a·b would cancel for points far from the origin."""
     x = x.to(torch.float64)
+    x = x - x.mean(0)
     prefix = 0
     last_count = 0
     for shift in (48, 32, 16, 0):
@@ -96,6 +98,8 @@ def median_bandwidth(
         x = x[:, None]
     if x.ndim != 2 or x.shape[0] < 2:
         raise ValueError(f"x must be [n, d] with n >= 2, got shape {tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("x contains NaN or Inf")
     if subsample is not None:
         if subsample < 2:
             raise ValueError(f"subsample must be >= 2, got {subsample}")
@@ -113,6 +117,7 @@ def median_bandwidth(
         return 0.5 * (math.sqrt(lo) + math.sqrt(hi))
     if n <= TILE:  # the whole matrix is one tile: sort its upper triangle
         x = x.to(torch.float64)
+        x = x - x.mean(0)  # centred: ‖a‖² + ‖b‖² − 2a·b cancels far from the origin
         sq = _squared_distance_tile(x, x)
         values = torch.sqrt(sq[torch.triu(torch.ones_like(sq, dtype=torch.bool), diagonal=1)]).sort().values
         return float(values[m // 2]) if m % 2 else float(0.5 * (values[m // 2 - 1] + values[m // 2]))

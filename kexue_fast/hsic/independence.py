@@ -13,6 +13,7 @@ statistic is invariant), so permutations run batched over tiles, each K tile com
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
@@ -101,14 +102,16 @@ def _permutation_test(x, y, kx, ky, n_permutations: int, seed: Optional[int], ti
     s_kl, _, _, rk, rl, dk, dl = stats
     n = rk.shape[0]
     observed = estimators.biased(s_kl, rk, rl, dk, dl)
-    g = torch.Generator(device="cpu").manual_seed(seed if seed is not None else torch.seed() % (2**63))
+    if seed is None:  # a draw from torch's global generator (reproducible under torch.manual_seed; never reseeds it)
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    g = torch.Generator(device="cpu").manual_seed(int(seed))
     perms = torch.stack([torch.randperm(n, generator=g) for _ in range(n_permutations)]).to(x.device)
     if backend == "cpp":
         s_perm = _permuted_cross_sums_cpp(x, y, kx, ky, perms)
     else:
         s_perm = _permuted_cross_sums(x, y, kx, ky, perms, tile)
     null = torch.stack([estimators.biased(s_perm[p], rk, rl[perms[p]], dk, dl[perms[p]]) for p in range(len(perms))])
-    pvalue = (1 + (null >= observed).sum()) / (1 + n_permutations)
+    pvalue = (1 + int((null >= observed).sum())) / (1 + n_permutations)  # a Python float: k/(B+1) exactly rounded
     return HSICTestResult(float(observed), float(pvalue), "permutation",
                           {"n_permutations": n_permutations, "null_mean": float(null.mean()),
                            "null_std": float(null.std())})  # fmt: skip
@@ -131,11 +134,14 @@ def hsic_test(
     """Test H0: x ⟂ y with the biased HSIC statistic, by the Gamma approximation or by permutations of y."""
     if method not in ("gamma", "permutation"):
         raise ValueError(f'method must be "gamma" or "permutation", got {method!r}')
-    if isinstance(n_permutations, bool) or not isinstance(n_permutations, int) or n_permutations < 1:
+    if isinstance(n_permutations, bool) or not isinstance(n_permutations, numbers.Integral) or n_permutations < 1:
         raise ValueError(f"n_permutations must be a positive int, got {n_permutations!r}")
-    x, y, kx, ky, chosen = _prepare(x, y, kernel_x, kernel_y, bandwidth_x, bandwidth_y, "biased", backend, min_n=6)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0):
+        raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
+    x, y, kx, ky, chosen = _prepare(x, y, kernel_x, kernel_y, bandwidth_x, bandwidth_y, "biased", backend, min_n=6,
+                                    tile=tile)  # fmt: skip
     if method == "gamma":
         if kx.name == "linear" or ky.name == "linear":
             raise ValueError("the Gamma approximation assumes kernels with a unit diagonal; use method='permutation'")
         return _gamma_test(x, y, kx, ky, tile, chosen)
-    return _permutation_test(x, y, kx, ky, n_permutations, seed, tile, chosen)
+    return _permutation_test(x, y, kx, ky, int(n_permutations), seed, tile, chosen)

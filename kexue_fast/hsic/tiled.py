@@ -255,7 +255,8 @@ class StreamingHSIC(torch.autograd.Function):
         stats = stats_for(backend, x, y, kx, ky, tile)
         ctx.save_for_backward(x, y, *stats)
         ctx.kx, ctx.ky, ctx.estimator, ctx.tile, ctx.backend = kx, ky, estimator, tile, backend
-        return estimator(*stats).to(x.dtype if x.is_floating_point() else y.dtype)
+        out_dtype = x.dtype if x.is_floating_point() else (y.dtype if y.is_floating_point() else torch.float64)
+        return estimator(*stats).to(out_dtype)  # label vectors on both sides: float64, not the labels' int dtype
 
     @staticmethod
     @first_order

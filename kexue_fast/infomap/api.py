@@ -140,6 +140,13 @@ def map_equation(
                                                          teleport))  # fmt: skip
 
 
+def _int_in(value: Any, name: str, low: int, high: int = 2**31 - 1) -> int:
+    """An int (numpy integers too) in [low, high], else a ValueError naming the argument."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
+        raise ValueError(f"{name} must be an int in [{low}, {high}], got {value!r}")
+    return int(value)
+
+
 def infomap(
     graph: Any,
     *,
@@ -167,10 +174,11 @@ def infomap(
     cores; the GIL is released). Deterministic for a given seed."""
     from .. import _core
 
-    if isinstance(num_trials, bool) or not isinstance(num_trials, int) or num_trials < 1:
-        raise ValueError(f"num_trials must be a positive int, got {num_trials!r}")
-    if not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    num_trials = _int_in(num_trials, "num_trials", 1)
+    seed = _int_in(seed, "seed", 0, 2**64 - 1)
+    core_loop_limit = _int_in(core_loop_limit, "core_loop_limit", 1)
+    tune_iteration_limit = _int_in(tune_iteration_limit, "tune_iteration_limit", 0)
+    n_threads = None if n_threads is None else _int_in(n_threads, "n_threads", 1)
     g, (node, src, dst, link, teleport) = _flows(graph, directed, teleportation_probability, recorded_teleportation,
                                                  markov_time, num_nodes)  # fmt: skip
     threads = n_threads if n_threads is not None else (os.cpu_count() or 1)

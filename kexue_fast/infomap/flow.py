@@ -35,24 +35,32 @@ def undirected_flow(g: Graph) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
             np.concatenate([link, link]))  # fmt: skip
 
 
+def _out_steps(g: Graph) -> Tuple[np.ndarray, np.ndarray]:
+    """(out-weight [n], w_αβ / w_α^out per link): 0 on links whose source has no positive out-weight (its zero-weight
+    links carry nothing; the node is dangling)."""
+    out_weight = np.bincount(g.source, g.weight, minlength=g.n)
+    denominator = out_weight[g.source]
+    step = np.divide(g.weight, denominator, out=np.zeros_like(g.weight), where=denominator > 0)
+    return out_weight, step
+
+
 def _pagerank(g: Graph, teleport: np.ndarray, teleportation_probability: float):
-    """(p, α, β) as infomap iterates: at least 50 and at most 200 power steps, until the L1 change is ≤ 1e-15; α is
-    nudged by 1e-10 when the change repeats exactly (a cycle of rounding)."""
-    n, src, dst, w = g.n, g.source, g.target, g.weight
-    out_weight = np.bincount(src, w, minlength=n)
-    step = w / out_weight[src]
+    """(p, α, β) as infomap 2 iterates: at least 50 and at most 200 power steps, until the L1 change is ≤ 1e-15; α is
+    nudged by 1e-12 when the change stalls (|change − previous| < 1e-17, previous starting at 0)."""
+    n, src, dst = g.n, g.source, g.target
+    out_weight, step = _out_steps(g)
     dangling = out_weight == 0
     p = np.full(n, 1.0 / n)
     alpha, beta = teleportation_probability, 1.0 - teleportation_probability
-    iterations, change = 0, 1.0
+    iterations, change = 0, 0.0
     while True:
         dangling_rank = p[dangling].sum()
         nxt = (alpha + beta * dangling_rank) * teleport + beta * np.bincount(dst, step * p[src], minlength=n)
         nxt /= nxt.sum()
         previous, change = change, np.abs(nxt - p).sum()
         p = nxt
-        if change == previous:
-            alpha += 1e-10
+        if abs(change - previous) < 1e-17:
+            alpha += 1e-12
             beta = 1.0 - alpha
         iterations += 1
         if not (iterations < 200 and (change > 1e-15 or iterations < 50)):
@@ -61,11 +69,10 @@ def _pagerank(g: Graph, teleport: np.ndarray, teleportation_probability: float):
 
 
 def directed_flow(g: Graph, teleportation_probability: float) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    n, src, dst, w = g.n, g.source, g.target, g.weight
-    out_weight = np.bincount(src, w, minlength=n)
+    n, src, dst = g.n, g.source, g.target
+    out_weight, step = _out_steps(g)
     teleport = out_weight / out_weight.sum()  # to links: ∝ the out-weight of the source node
     p, _, _ = _pagerank(g, teleport, teleportation_probability)
-    step = w / out_weight[src]
     sum_rank = 1.0 - p[out_weight == 0].sum()
     link = step * p[src] / sum_rank
     node = np.bincount(dst, step * p[src], minlength=n)
@@ -75,12 +82,12 @@ def directed_flow(g: Graph, teleportation_probability: float) -> Tuple[np.ndarra
 def recorded_directed_flow(g: Graph, teleportation_probability: float):
     """(node_flow, source, target, link_flow, teleport [2, n] = (T_α, τ_α)) for recorded teleportation."""
     n, src, dst, w = g.n, g.source, g.target, g.weight
-    out_weight = np.bincount(src, w, minlength=n)
+    out_weight, step = _out_steps(g)
     tau = np.bincount(dst, w, minlength=n) / w.sum()  # to links, recorded: ∝ the in-weight of the target node
-    p, alpha, beta = _pagerank(g, tau, teleportation_probability)
+    p, _, beta = _pagerank(g, tau, teleportation_probability)
     dangling = out_weight == 0
-    link = beta * p[src] * w / out_weight[src]
-    return p, src, dst, link, np.stack([np.where(dangling, p, alpha * p), tau])
+    link = beta * p[src] * step  # the nudged β, as infomap; the teleport flow with the given probability
+    return p, src, dst, link, np.stack([np.where(dangling, p, teleportation_probability * p), tau])
 
 
 class Flow(NamedTuple):

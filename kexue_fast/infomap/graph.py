@@ -79,10 +79,15 @@ def _read_pajek(path: str, directed: Optional[bool]):
                 section = head
                 if head == "*vertices":
                     ids = list(range(1, int(line.split()[1]) + 1))
-                arcs = arcs or head == "*arcs"
+                arcs = arcs or head in ("*arcs", "*arcslist")
                 continue
             parts = line.split()
-            if section in ("*edges", "*arcs", "*links", "*arcslist", "*edgeslist"):
+            if section in ("*arcslist", "*edgeslist"):  # adjacency lists: "source t1 t2 ...", weight 1 each
+                for t in parts[1:]:
+                    source.append(int(parts[0]))
+                    target.append(int(t))
+                    weight.append(1.0)
+            elif section in ("*edges", "*arcs", "*links"):
                 source.append(int(parts[0]))
                 target.append(int(parts[1]))
                 weight.append(float(parts[2]) if len(parts) > 2 else 1.0)
@@ -123,14 +128,18 @@ def as_graph(graph: Any, directed: Optional[bool] = None, num_nodes: Optional[in
         return _from_links(graph[0], graph[1], graph[2] if len(graph) == 3 else None, bool(directed), num_nodes)
     module = type(graph).__module__
     if module.startswith("scipy.sparse"):
-        a = graph.tocoo()
+        a = graph.tocoo(copy=True)
         if a.shape[0] != a.shape[1]:
             raise ValueError(f"an adjacency matrix must be square, got shape {a.shape}")
         if directed is None:
             directed = (abs(graph - graph.T) > 0).nnz != 0
+        a.sum_duplicates()
         rows, cols, vals = a.row, a.col, a.data
-        if not directed:  # each undirected edge once
-            keep = rows <= cols
+        if not directed:  # each undirected edge once: the upper entry, or the lower one where no upper entry is stored
+            n, r64, c64 = a.shape[0], rows.astype(np.int64), cols.astype(np.int64)
+            upper = rows <= cols
+            mirrored = np.isin(c64 * n + r64, r64[upper] * n + c64[upper])
+            keep = upper | ~mirrored
             rows, cols, vals = rows[keep], cols[keep], vals[keep]
         return _checked(a.shape[0], rows, cols, vals, directed, None)
     if module.startswith("networkx"):

@@ -100,9 +100,10 @@ def train_batched(
     enc: EncodedCorpus, u_np: np.ndarray, v_np: np.ndarray, d_np: np.ndarray, *, window: int, negative: int,
     epochs: int, margin: float, alpha: float, sample: float, step_rule: str, joint: bool, update_words: bool,
     seed: int, device: torch.device, batch_size: int, use_triton: bool,
-    progress: Optional[Callable[[int], None]] = None,
+    progress: Optional[Callable[[int], None]] = None, decay: bool = True,
 ) -> float:  # fmt: skip
-    """Train u, v, d (numpy float32, updated in place) on enc; returns the last epoch's hinge sum."""
+    """Train u, v, d (numpy float32, updated in place) on enc; returns the last epoch's hinge sum. decay=False keeps
+    the learning rate at alpha (inference)."""
     sep_step, joint_step, retract = _ops(use_triton)
     u = torch.from_numpy(u_np).to(device)
     v = torch.from_numpy(v_np).to(device)
@@ -161,7 +162,7 @@ def train_batched(
         for c0 in range(0, max(n_kept, 1), CHUNK):
             centres = torch.arange(c0, min(c0 + CHUNK, n_kept), device=device)
             span = stream.shape[0] * (centres.shape[0] / max(n_kept, 1))
-            lr = alpha * max(1 - done / (total + 1), 1e-4)
+            lr = alpha * max(1 - done / (total + 1), 1e-4) if decay else alpha
             jobs = []
             if joint or update_words:
                 ci, xi = _pairs(centres, eff, docs, window)

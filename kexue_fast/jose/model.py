@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import zlib
 from typing import Iterable, List, Optional, Sequence, Union
 
 import numpy as np
@@ -138,7 +139,7 @@ class JoSE:
         return u, v, d
 
     def _train(self, chosen: str, enc: EncodedCorpus, u, v, d, update_words: bool, epochs: int, alpha: float,
-               seed: int, workers: int, show: Optional[bool] = None) -> float:  # fmt: skip
+               seed: int, workers: int, show: Optional[bool] = None, decay: bool = True) -> float:  # fmt: skip
         total = epochs * len(enc.stream)
         bar = None
         if self.progress if show is None else show:
@@ -161,7 +162,7 @@ class JoSE:
                     enc.stream, enc.counts, enc.n_docs, u, v, d, window=self.window, negative=self.negative,
                     epochs=epochs, threads=workers, margin=self.margin, alpha=alpha, sample=self.sample,
                     step_rule=STEP_RULES.index(self.step_rule), joint=self.joint_hinge, update_words=update_words,
-                    seed=seed, progress=report if bar is not None else None,
+                    seed=seed, progress=report if bar is not None else None, decay=decay,
                 )  # fmt: skip
                 return float(loss)
             from .batched import train_batched
@@ -170,7 +171,7 @@ class JoSE:
                 enc, u, v, d, window=self.window, negative=self.negative, epochs=epochs, margin=self.margin,
                 alpha=alpha, sample=self.sample, step_rule=self.step_rule, joint=self.joint_hinge,
                 update_words=update_words, seed=seed, device=self.device, batch_size=self.batch_size,
-                use_triton=chosen == "triton", progress=report,
+                use_triton=chosen == "triton", progress=report, decay=decay,
             )  # fmt: skip
         finally:
             if bar is not None:
@@ -212,25 +213,31 @@ class JoSE:
                       alpha: Optional[float] = None, seed: Optional[int] = None) -> np.ndarray:  # fmt: skip
         """Document vectors [N, D] for new token lists: u and v frozen, each d initialized as in training and moved
         on the sphere by the same hinge(s) for ``epochs`` passes. Unknown tokens are ignored (a document with no
-        known token keeps its initial vector)."""
+        known token keeps its initial vector). The learning rate stays at ``alpha`` (a decay over the batch would
+        train its first documents more than its last) and each starting vector is drawn from ``seed`` and the
+        document's tokens (as gensim seeds by content), so a document's vector does not depend systematically on
+        the batch or its place in it (only the negative samples drawn differ)."""
         self._require_fit()
         epochs = self.epochs if epochs is None else _check_int("epochs", epochs, 1)
         alpha = self.alpha if alpha is None else _check_float("alpha", alpha, positive=True)
         seed = self.seed if seed is None else _check_int("seed", seed, 0)
         if isinstance(docs, (str, bytes)):
             raise TypeError("docs must be an iterable of token lists")
+        docs = list(docs)
         stream = encode_with(self.words, docs)
-        n_docs = int((stream == 0).sum())
+        n_docs = len(docs)
         if n_docs == 0:
             return np.empty((0, self.dim), dtype=np.float32)
-        enc = EncodedCorpus(self.words, self.counts, stream, n_docs, int(len(stream) - n_docs))
-        rng = np.random.default_rng(seed)
-        d = rng.standard_normal((n_docs, self.dim)).astype(np.float32)
+        d = np.empty((n_docs, self.dim), dtype=np.float32)
+        for i, doc in enumerate(docs):
+            text = "\u241f".join(t for t in doc if isinstance(t, str)).encode("utf-8", "surrogatepass")
+            d[i] = np.random.default_rng([seed, zlib.crc32(text)]).standard_normal(self.dim)
         d /= np.linalg.norm(d, axis=1, keepdims=True)
         if len(stream) > n_docs:
+            enc = EncodedCorpus(self.words, self.counts, stream, n_docs, int(len(stream) - n_docs))
             chosen = _dispatch.choose(OP, self.device, torch.float32, self.backend)
             self._train(chosen, enc, self._u, self._v, d, update_words=False, epochs=epochs, alpha=alpha, seed=seed,
-                        workers=1, show=False)  # fmt: skip
+                        workers=1, show=False, decay=False)  # fmt: skip
         return d
 
     def infer_vector(self, tokens: Sequence[str], epochs: Optional[int] = None, alpha: Optional[float] = None,
@@ -245,11 +252,16 @@ class JoSE:
                "joint_hinge", "seed", "batch_size")  # fmt: skip
 
     def save(self, path: Union[str, os.PathLike]) -> None:
-        """Write the hyper-parameters, vocabulary and the three tables to one .npz file (``JoSE.load`` reads it)."""
+        """Write the hyper-parameters, vocabulary and the three tables to one .npz archive at exactly `path` (no
+        suffix added: ``JoSE.load(path)`` reads it back)."""
         self._require_fit()
         params = {k: getattr(self, k) for k in self._PARAMS}
-        np.savez(path, params=np.array(json.dumps(params)), words=np.array(self.words, dtype=object).astype(str),
-                 counts=self.counts, u=self._u, v=self._v, d=self._d)  # fmt: skip
+        words = np.array(self.words, dtype=object).astype(str)
+        if any(w.endswith("\0") for w in self.words):  # numpy string arrays strip trailing NULs
+            raise ValueError("a vocabulary word ends in a NUL character, which an .npz string array cannot keep")
+        with open(path, "wb") as f:  # a file object: np.savez would append ".npz" to a name without it
+            np.savez(f, params=np.array(json.dumps(params)), words=words, counts=self.counts, u=self._u, v=self._v,
+                     d=self._d)  # fmt: skip
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], device: str = "cpu", backend: Optional[str] = None) -> JoSE:

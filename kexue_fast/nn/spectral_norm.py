@@ -132,7 +132,9 @@ class SpectralNorm(nn.Module):
         if self.training and self.n_power_iterations > 0 and not _FROZEN[0]:
             self._power_method(weight, self.n_power_iterations)
         sigma = self.sigma(weight)
-        return sigma if self.coeff is None else (sigma / self.coeff).clamp_min(1.0)
+        if self.coeff is None:
+            return sigma  # complex weights: complex σ̂ (≈ real), as torch divides by it
+        return ((sigma.real if sigma.is_complex() else sigma) / self.coeff).clamp_min(1.0)
 
     def right_inverse(self, value: Tensor) -> Tensor:
         return value
@@ -176,9 +178,10 @@ def spectral_norm(
         coeff = check_positive(coeff, "coeff")
     n_power_iterations = check_n_iters(n_power_iterations, "n_power_iterations", minimum=0)
     eps = check_positive(eps, "eps")
-    if not weight.is_floating_point():
-        raise TypeError(f"{name} must be a floating tensor, got {weight.dtype}")
-    check_finite(weight.detach(), f"{name}")
+    if not (weight.is_floating_point() or weight.is_complex()):
+        raise TypeError(f"{name} must be a floating or complex tensor, got {weight.dtype}")
+    if weight.device.type != "meta":  # deferred initialization (meta tensors) has no values to check yet
+        check_finite(weight.detach(), f"{name}")
     if dim is None:
         dim = 1 if isinstance(module, _CONV_TRANSPOSES) else 0
     if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or not -weight.ndim <= dim < max(weight.ndim, 1):
@@ -200,20 +203,35 @@ def spectral_norm(
 def spectral_norm_layers(model: nn.Module) -> List[Tuple[SpectralNorm, Tensor]]:
     """Every kexue_fast SpectralNorm parametrization in `model`, with the parameter it normalizes.
 
-    Walks `_modules` directly: named_modules() costs ~2 µs a module, which a per-step update cannot afford."""
-    found = []
+    Only spectral norms that come first in their parametrization list (they normalize `original` itself; see
+    `_chained_spectral_norms` for the others); a module shared by several parents is listed once. Walks `_modules`
+    directly: named_modules() costs ~2 µs a module, which a per-step update cannot afford."""
+    return _walk(model)[0]
+
+
+def _walk(model: nn.Module):
+    """(first-position spectral norms with their original, [(later spectral norm, its ParametrizationList, index)])."""
+    found, chained, seen = [], [], set()
     stack = [model]
     while stack:
         module = stack.pop()
+        if id(module) in seen:  # tied modules: one update each
+            continue
+        seen.add(id(module))
         children = module._modules
         if isinstance(module, parametrize.ParametrizationList):
             original = module._parameters.get("original")
-            for p in children.values():
+            if original is None:
+                original = module._buffers.get("original")  # a parametrized buffer keeps its original as a buffer
+            for i, p in enumerate(children.values()):
                 if isinstance(p, SpectralNorm) and "_v" in p._buffers and original is not None:
-                    found.append((p, original))
+                    if i == 0:
+                        found.append((p, original))
+                    else:
+                        chained.append((p, module, i))
             continue
         stack.extend(reversed([c for c in children.values() if c is not None]))
-    return found
+    return found, chained
 
 
 class _Group:
@@ -262,7 +280,7 @@ def _plan(model: nn.Module) -> Tuple[List[_Group], List[Tuple[SpectralNorm, Tens
     by_key: Dict[tuple, List[Tuple[SpectralNorm, Tensor]]] = {}
     conv_layers = []
     for p, original in layers:
-        if p.conv is not None:
+        if p.conv is not None or original.is_complex():  # complex weights: the layer's own iteration, one by one
             conv_layers.append((p, original))
         else:
             by_key.setdefault((original.device, original.dtype, p.eps), []).append((p, original))
@@ -283,12 +301,23 @@ def update_spectral_norms(
     Use after `optimizer.step()` with layers built with n_power_iterations=0 (Residual Flows' schedule).
     The grouping is cached per model and rebuilt whenever a layer, parameter or buffer changes identity.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     n_iters = check_n_iters(n_iters)
     tol = check_positive(tol, "tol", allow_none=True)
     groups, conv_layers = _plan(model)
+    with torch.no_grad(), frozen_power_iteration():
+        for p, plist, index in _walk(model)[1]:  # after other parametrizations: iterate on what they hand it
+            weight = plist.original
+            for q in list(plist)[:index]:
+                weight = q(weight)
+            p._power_method(weight.detach(), n_iters)
     for p, original in conv_layers:
         with torch.no_grad():
-            conv_power_iteration(p.conv, original.detach(), p._u, p._v, n_iters, tol, p.eps)
+            if p.conv is None:
+                p._power_method(original.detach(), n_iters)
+            else:
+                conv_power_iteration(p.conv, original.detach(), p._u, p._v, n_iters, tol, p.eps)
     for group in groups:
         chosen = _dispatch.choose(POWER_ITERATION_OP, group.device, group.dtype, backend)
         group.refresh_copies()

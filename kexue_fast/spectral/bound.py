@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Sequence, Union
 
 import torch
@@ -90,17 +91,25 @@ def conv_operator_norm_bound(
     check_float(weight, "weight")
     check_finite(weight, "weight")
     nd = weight.ndim - 2
-    dil = (dilation,) * nd if isinstance(dilation, int) else tuple(dilation)
-    if len(dil) != nd or not all(isinstance(d, int) and d >= 1 for d in dil):
+    dil = (dilation,) * nd if isinstance(dilation, numbers.Integral) else tuple(dilation)
+    if len(dil) != nd or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and d >= 1 for d in dil):
         raise ValueError(f"dilation must be a positive int or {nd} positive ints, got {dilation!r}")
-    if not isinstance(groups, int) or groups < 1 or weight.shape[0] % groups:
+    dil = tuple(int(d) for d in dil)
+    if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or groups < 1 or weight.shape[0] % groups:
         raise ValueError(f"groups must be a positive int dividing C_out = {weight.shape[0]}, got {groups!r}")
+    groups = int(groups)
+    if min(weight.shape) < 1:
+        raise ValueError(f"weight must not be empty, got shape {tuple(weight.shape)}")
     spans = [d * (k - 1) for d, k in zip(dil, weight.shape[2:])]
     grid, factor = None, 1.0
     if input_shape is not None:
-        if len(input_shape) != nd + 1 or not all(isinstance(n, int) and n >= 1 for n in input_shape):
+        if len(input_shape) != nd + 1 or not all(isinstance(n, numbers.Integral) and n >= 1 for n in input_shape):
             raise ValueError(f"input_shape must be (C, *spatial) with {nd} spatial dims, got {input_shape!r}")
-        grid = [n + q for n, q in zip(input_shape[1:], spans)]
+        if input_shape[0] != weight.shape[1] * groups:
+            expected = weight.shape[1] * groups
+            raise ValueError(f"input_shape {tuple(input_shape)} has {input_shape[0]} channels; the weight "
+                             f"{tuple(weight.shape)} with groups={groups} expects {expected}")  # fmt: skip
+        grid = [int(n) + q for n, q in zip(input_shape[1:], spans)]
         if math.prod(grid) > _GRID_BUDGET:
             grid = None
     if grid is None:

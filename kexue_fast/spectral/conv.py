@@ -75,6 +75,10 @@ class ConvOperator:
             )
         if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or groups < 1:
             raise ValueError(f"groups must be a positive int, got {groups!r}")
+        if min(weight_shape) < 1:
+            raise ValueError(f"weight must not be empty, got shape {tuple(weight_shape)}")
+        if weight_shape[0] % groups:
+            raise ValueError(f"groups={groups} must divide the weight's C_out = {weight_shape[0]}")
         if input_shape[0] != weight_shape[1] * groups:
             raise ValueError(
                 f"input_shape {input_shape} does not fit the conv: it has {input_shape[0]} channels but the weight "
@@ -209,6 +213,9 @@ def conv_operator_norm(
     for name, vec, shape in (("u", u, op.output_shape), ("v", v, op.input_shape)):
         if vec is not None and (not isinstance(vec, Tensor) or tuple(vec.shape) != shape):
             raise ValueError(f"{name} must be a tensor of shape {shape}")
+        if vec is not None and (vec.dtype != weight.dtype or vec.device != weight.device):
+            raise ValueError(f"{name} must have the weight's dtype and device ({weight.dtype}, {weight.device}), "
+                             f"got ({vec.dtype}, {vec.device})")  # fmt: skip
     v0 = v.detach().clone() if v is not None else torch.randn(op.input_shape, generator=generator, **kw)
     if v is None and u is not None:
         v0 = op.adjoint(weight.detach(), u.detach().unsqueeze(0))[0]

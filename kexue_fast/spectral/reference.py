@@ -77,6 +77,9 @@ def gram_iteration_bound(weight: Tensor, n_iters: int) -> Tensor:
     weight [..., m, n] -> [...]. Works on the smaller Gram matrix (WᵀW or WWᵀ have the same spectrum).
     """
     g = weight if weight.shape[-2] >= weight.shape[-1] else weight.mT
+    # scaled by the largest entry first: the first Frobenius norm would overflow for entries above ~1e154 (float64)
+    peak = g.detach().abs().amax((-2, -1)).clamp_min(torch.finfo(g.dtype).tiny)
+    g = g / peak[..., None, None]
     log_scale = torch.zeros(weight.shape[:-2], dtype=weight.dtype, device=weight.device)
     for _ in range(n_iters):
         f = torch.linalg.matrix_norm(g, ord="fro").clamp_min(torch.finfo(g.dtype).tiny)
@@ -85,7 +88,7 @@ def gram_iteration_bound(weight: Tensor, n_iters: int) -> Tensor:
         g = g.mT @ g
     scale = 2.0 ** (-n_iters)
     fro = torch.linalg.matrix_norm(g, ord="fro")
-    return torch.exp(scale * (torch.log(fro) + log_scale))
+    return peak * torch.exp(scale * (torch.log(fro) + log_scale))
 
 
 def conv_operator_matrix(conv, weight: Tensor, input_shape: Sequence[int]) -> Tensor:
