@@ -45,10 +45,11 @@ def _asin(t):
 
 @triton.jit
 def _expm1(x):
-    """e^x − 1 without cancellation near 0 (Taylor to x^18/18! below |x| < 1/2, where the tail is < 1e-22)."""
+    """e^x − 1 without cancellation near 0 (Taylor to x^18/18! below |x| < 1/2, where the tail is < 1e-22):
+    x (1 + x/2 (1 + x/3 (⋯ (1 + x/18)))), Horner from the inside."""
     one = x * 0 + 1
-    p = one / 18
-    for k in tl.static_range(17, 0, -1):
+    p = one
+    for k in tl.static_range(18, 1, -1):
         p = one + x * p / k
     small = x * p
     return tl.where(tl.abs(x) < 0.5, small, tl.exp(x) - 1)

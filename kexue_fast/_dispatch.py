@@ -154,7 +154,13 @@ choose._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def describe(op: str, device: torch.device, dtype: torch.dtype) -> str:
-    """One line for `python -m kexue_fast.info`: what auto picks and why."""
+    """One line for `python -m kexue_fast.info`: what auto picks and why (KEXUE_FAST_BACKEND, when set, wins)."""
+    requested = requested_backend(None)
+    if requested != "auto":
+        reason = why_not(op, requested, device, dtype)
+        if reason is not None:
+            return f"{requested} requested by {ENV_VAR}, but it cannot run here ({reason}): backend='auto' raises"
+        return f"{requested} (requested by {ENV_VAR})"
     chosen, rejected = auto_choice(op, device, dtype)
     reasons = {
         "triton": "CUDA tensors and " + triton_status()[1],

@@ -230,3 +230,12 @@ def test_half_precision_heads_and_autocast(dtype):
     assert scores.dtype == dtype
     assert _rel(scores.float(), reference_scores) <= 0.05
     assert cascading_directions(head.weight.to(dtype)).dtype == dtype
+
+
+def test_directions_check_their_labels():
+    head = CascadingRejection(6, 3, conditional_classes=4)
+    assert head.directions(torch.tensor([0, 3])).shape == (2, 3, 6)
+    with pytest.raises(ValueError, match="lie in"):
+        head.directions(torch.tensor([-1]))
+    with pytest.raises(ValueError, match="unconditional"):
+        CascadingRejection(6, 3).directions(torch.tensor([0]))

@@ -114,3 +114,13 @@ def test_troposkein_on_the_triton_backend_matches_torch():
     b = troposkein(L.cpu(), 1.0, 17, backend="torch")
     for x, y in ((a.x, b.x), (a.s, b.s), (a.tension, b.tension)):
         assert float((x.cpu() - y).abs().max()) <= 1e-13
+
+
+def test_kernel_at_m_one_for_small_arguments():
+    """m = 1: tanh u and sech u through the kernel's expm1, whose Taylor branch (|x| < 1/2) once returned x·e^x."""
+    dev = _device()
+    u = torch.linspace(-0.6, 0.6, 25, dtype=D64)
+    ours = ellipj(u.to(dev), torch.ones_like(u).to(dev), backend="triton")
+    assert float((ours.sn.cpu() - torch.tanh(u)).abs().max()) <= 1e-15
+    assert float((ours.cn.cpu() - 1 / torch.cosh(u)).abs().max()) <= 1e-15
+    assert float((ours.dn.cpu() - 1 / torch.cosh(u)).abs().max()) <= 1e-15

@@ -270,3 +270,30 @@ def test_compile_fullgraph_smoke():
     x, s, z = torch.randn(3, 5, 3).unbind(0)
     step = torch.compile(lambda a, b, c: langevin_step(a, b, 0.1, noise=c, backend="torch"), fullgraph=True)
     assert torch.allclose(step(x, s, z), x + 0.05 * s + 0.1**0.5 * z, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_samplers_follow_x_layout_and_dtype(backend):
+    """Non-contiguous starts (the fused kernel writes contiguous buffers), a float32 model sampling float64 x, and
+    schedules that must decrease."""
+    from kexue_fast.score import AnnealedLangevin, langevin_step
+
+    if backend == "triton":
+        pytest.importorskip("triton")
+    score32 = lambda x, *args: -x.float()  # noqa: E731
+    start = torch.randn(3, 8, dtype=D64).T  # [8, 3], transposed: not contiguous
+    g = torch.Generator().manual_seed(0)
+    tempered = tempered_langevin(score32, start, step_size=0.01, temperatures=[1.0, 0.5], n_steps_each=2,
+                                 generator=g, backend=backend)  # fmt: skip
+    assert tempered.dtype == D64 and tempered.shape == (8, 3)
+    annealed = annealed_langevin(score32, start, [1.0, 0.5], n_steps_each=2, generator=g, backend=backend)
+    assert annealed.dtype == D64
+    sampler = AnnealedLangevin([1.0, 0.5], n_steps_each=2, dtype=D64, backend=backend)
+    x = start.clone()
+    out = sampler(score32, x, generator=g, inplace=True)
+    assert out is x and x.dtype == D64
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        annealed_langevin(score32, start, [0.1, 1.0], n_steps_each=1)
+    z = torch.tensor([1.0, 1.0])
+    step = langevin_step(torch.tensor([1.0, 1.0]), torch.tensor([2.0, 2.0]), 1.0, noise=z, out=z, backend=backend)
+    assert torch.equal(step, torch.tensor([3.0, 3.0]))  # x + (α/2)s + √α z, with out aliasing the noise

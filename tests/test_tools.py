@@ -12,6 +12,11 @@ def test_info_reports_versions_core_and_choices():
     assert "power_iteration" in out
     expected = "cpp" if _dispatch.core_status()[0] else "torch"
     assert any(line.startswith("power_iteration") and f" {expected}" in line for line in out.splitlines())
+    env = {**__import__("os").environ, "KEXUE_FAST_BACKEND": "torch"}  # the environment's choice wins over auto
+    out = subprocess.run([sys.executable, "-m", "kexue_fast.info"], capture_output=True, text=True, check=True,
+                         env=env).stdout  # fmt: skip
+    assert any(line.startswith("power_iteration") and "torch (requested by KEXUE_FAST_BACKEND)" in line
+               for line in out.splitlines())  # fmt: skip
 
 
 def test_import_does_not_import_triton_or_dynamo():

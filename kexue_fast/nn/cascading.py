@@ -8,7 +8,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from ..gan.cascading import cascading_directions, cascading_rejection
+from ..gan.cascading import _check_labels, cascading_directions, cascading_rejection
 from ..gan.losses import StageWeights, discriminator_terms, generator_terms, stage_weights
 
 
@@ -71,9 +71,13 @@ class CascadingRejection(nn.Module):
     def directions(self, labels: Optional[Tensor] = None) -> Tensor:
         """M [n_stages, in_features] (or [B, n_stages, in_features] per label): D_i = ⟨v, m_i⟩ + b_i."""
         if self.class_weight is None:
+            if labels is not None:
+                raise ValueError("labels were given but this head is unconditional (conditional_classes=None)")
             return cascading_directions(self.weight)
         if labels is None:
             raise ValueError("this head is conditional: directions() needs labels")
+        labels = _check_labels(labels, labels.shape[0] if isinstance(labels, Tensor) and labels.ndim == 1 else -1,
+                               self.class_weight.shape[0], self.weight.device)  # fmt: skip
         return cascading_directions(self.weight + self.class_weight)[labels]
 
     def forward(

@@ -87,6 +87,8 @@ def apply_step(x: Tensor, score: Tensor, coef: Union[Tensor, Tuple[float, float]
             noise = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
         else:
             noise = torch.randn(x.shape, dtype=x.dtype, generator=generator).to(x.device)
+    elif out is not None and out.untyped_storage().data_ptr() == noise.untyped_storage().data_ptr():
+        noise = noise.clone()  # the first pass writes out before the second reads the noise
     if isinstance(coef, tuple):  # CPU: two in-place-able passes with scalar coefficients
         result = torch.add(x, score, alpha=coef[0], out=out)
         return result.add_(noise, alpha=coef[1])

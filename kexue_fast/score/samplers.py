@@ -60,7 +60,7 @@ def _checked_score(score: Score, x: Tensor, *args) -> Tensor:
     if not isinstance(s, Tensor) or s.shape != x.shape:
         shape = tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__
         raise ValueError(f"score must return a tensor of x's shape {tuple(x.shape)}, got {shape}")
-    return s.detach()
+    return s.detach().to(x.dtype)  # a float32 model sampling float16/float64 x: the update keeps x's dtype
 
 
 class AnnealedLangevin:
@@ -83,6 +83,9 @@ class AnnealedLangevin:
             raise TypeError(f"dtype must be a floating dtype, got {dtype}")
         self.backend = _dispatch.choose(OP, device, dtype, backend)
         levels = as_sigmas(sigmas, "sigmas", torch.device("cpu"), torch.float64)  # validated on the host, once
+        if levels.numel() > 1 and not bool((levels[1:] < levels[:-1]).all()):
+            raise ValueError(f"sigmas must be strictly decreasing (σ₁ > … > σ_L: α_i = step_lr·σ_i²/σ_L² divides by "
+                             f"the smallest), got {levels.tolist()}")  # fmt: skip
         self.levels = levels.to(device=device, dtype=dtype)
         self.coef = step_coefficients(step_lr * (levels / levels[-1]) ** 2, 1.0, dtype, torch.device("cpu")).to(device)
         # the torch path on CPU reads its coefficients as Python floats (no sync to avoid there; cheaper ops)
@@ -107,7 +110,8 @@ class AnnealedLangevin:
         if x.device != self.device or x.dtype != self.dtype:
             raise ValueError(f"x must be {self.dtype} on {self.device} (the sampler's), got {x.dtype} on {x.device}")
         seed = _seed(self.backend, x.device, generator)
-        if not inplace:
+        target = x if inplace else None
+        if not inplace or not x.is_contiguous():  # the fused kernel writes contiguous buffers: copied back at the end
             x = x.clone(memory_format=torch.contiguous_format)
         fused = self.backend == "triton"
         trajectory = []
@@ -126,6 +130,8 @@ class AnnealedLangevin:
             last = self.levels[-1]
             denoised = x + last * last * _checked_score(score, x, last.expand(x.shape[0]))
             x = x.copy_(denoised) if inplace else denoised
+        if target is not None and target is not x:  # in place on a non-contiguous x: the result back into it
+            x = target.copy_(x)
         return (x, trajectory) if return_trajectory else x
 
 
@@ -186,7 +192,7 @@ def tempered_langevin(
     if chosen == "torch" and x.device.type == "cpu":
         coef = [tuple(row) for row in coef.tolist()]
     seed = _seed(chosen, x.device, generator)
-    x = x.clone()
+    x = x.clone(memory_format=torch.contiguous_format)  # the fused kernel writes contiguous buffers
     step = 0
     for i in range(temps.numel()):
         for _ in range(n_steps_each):
