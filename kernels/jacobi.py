@@ -80,11 +80,14 @@ def _jacobi_kernel(u_ptr, m_ptr, mp_ptr, const_ptr, sn_ptr, cn_ptr, dn_ptr, am_p
     u = tl.load(u_ptr + offs, mask=mask, other=0.0)
     m = tl.load(m_ptr + offs, mask=mask, other=0.5)
     bad = ~((m >= 0) & (m <= 1))
-    mg = tl.where(bad | (m >= 1), 0.5, m)
-    if HAS_MP:  # 1 − m held more exactly than it rounds (m near 1)
-        mpg = tl.where(bad | (m >= 1), 0.5, tl.load(mp_ptr + offs, mask=mask, other=0.5))
+    if HAS_MP:  # 1 − m held more exactly than it rounds (m near 1): m = 1 only where m' = 0
+        mp = tl.load(mp_ptr + offs, mask=mask, other=0.5)
+        at_one = mp <= 0
     else:
-        mpg = 1 - mg
+        mp = 1 - m
+        at_one = m >= near_one
+    mg = tl.where(bad | at_one, 0.5, m)
+    mpg = tl.where(bad | at_one, 0.5, mp)
 
     cols = tl.arange(0, 16)
     c0 = tl.sqrt(mg)
@@ -135,7 +138,7 @@ def _jacobi_kernel(u_ptr, m_ptr, mp_ptr, const_ptr, sn_ptr, cn_ptr, dn_ptr, am_p
     dn = tl.where(is_small, 1 - 0.5 * m * sin_u * sin_u, dn)
 
     # m = 1 (near_one, as kexue_fast.rope.elliptic._NEAR_ONE): tanh u, sech u
-    near = (m >= near_one) & ~bad
+    near = at_one & ~bad
     ua = tl.where(near, u, 0.0)
     em1_p = _expm1(ua)
     em1_m = _expm1(-ua)
@@ -151,7 +154,7 @@ def _jacobi_kernel(u_ptr, m_ptr, mp_ptr, const_ptr, sn_ptr, cn_ptr, dn_ptr, am_p
     q = q * th * sech
     cn = tl.where(near, sech - q * (twon - ua), cn)
     dn = tl.where(near, sech + q * (twon + ua), dn)
-    zeta = tl.where(m >= 1, th, zeta)
+    zeta = tl.where(near, th, zeta)
 
     nan = u * 0 + float("nan")
     tl.store(sn_ptr + offs, tl.where(bad, nan, sn), mask=mask)

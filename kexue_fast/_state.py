@@ -11,6 +11,7 @@ own buffer tensors untouched (same objects, same values, same version counters: 
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass, field
 from typing import Iterator, List, Optional, Tuple
 
@@ -49,13 +50,20 @@ def capture(module: object, device: Optional[torch.device] = None, rng: bool = T
     return state
 
 
+# Replays swap module attributes: one at a time across threads (two backward passes of one module from two
+# threads would otherwise each "restore" the other's copies); re-entrant for replays nested in a replay.
+_REPLAY_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def replaying(state: State) -> Iterator[None]:
     """Within the block, every captured buffer is a fresh copy of its captured value and the random generators
-    restart from their captured states; afterwards the original buffer tensors and generator states are back."""
-    originals = [(m, name, m._buffers[name]) for m, name, _ in state.buffers]
-    devices = [state.cuda_rng[0]] if state.cuda_rng is not None else []
-    with contextlib.ExitStack() as stack:
+    restart from their captured states; afterwards the original buffer tensors and generator states are back.
+    Buffers removed (or set to None) since the capture are left alone."""
+    with _REPLAY_LOCK, contextlib.ExitStack() as stack:
+        live = [(m, name, saved) for m, name, saved in state.buffers if m._buffers.get(name) is not None]
+        originals = [(m, name, m._buffers[name]) for m, name, _ in live]
+        devices = [state.cuda_rng[0]] if state.cuda_rng is not None else []
         if state.cpu_rng is not None:
             stack.enter_context(torch.random.fork_rng(devices=devices))
             torch.set_rng_state(state.cpu_rng)
@@ -63,7 +71,7 @@ def replaying(state: State) -> Iterator[None]:
                 torch.cuda.set_rng_state(state.cuda_rng[1], state.cuda_rng[0])
         try:
             with torch.no_grad():
-                for m, name, saved in state.buffers:
+                for m, name, saved in live:
                     m._buffers[name] = saved.clone()
             yield
         finally:

@@ -325,6 +325,8 @@ def test_save_load_any_path_and_literal_end_marker(tmp_path):
     m.save(path)
     loaded = JoSE.load(path)
     assert loaded.words == m.words and np.array_equal(loaded._u, m._u)
+    np.savez(tmp_path / "old", **dict(np.load(path)))  # np.savez appends .npz, as earlier saves did
+    assert np.array_equal(JoSE.load(tmp_path / "old")._u, m._u)
     corpus = tmp_path / "eos.txt"
     corpus.write_text("a b c\nd </s> e\n")
     with pytest.raises(ValueError, match=r"line 2.*</s>"):

@@ -28,8 +28,10 @@ Jacobi jacobi_one(double u, double m, double mp) {
   if (!(m >= 0 && m <= 1)) return {nan, nan, nan, nan, nan};
   Jacobi r{};
   // The general path (for m >= 1 it runs at m = 0.5 and is overwritten below, as in the torch reference).
-  const double mg = m >= 1 ? 0.5 : m;
-  const double mpg = m >= 1 ? 0.5 : (std::isnan(mp) ? 1 - mg : mp);
+  // m = 1 itself: the closed forms below; with m' given, only where m' = 0 (mu of a very negative m rounds to 1)
+  const bool at_one = std::isnan(mp) ? m >= kNearOne : mp <= 0;
+  const double mg = at_one ? 0.5 : m;
+  const double mpg = at_one ? 0.5 : (std::isnan(mp) ? 1 - mg : mp);
   double a[kLandenLevels + 1], c[kLandenLevels + 1];
   a[0] = 1;
   c[0] = std::sqrt(mg);
@@ -71,7 +73,7 @@ Jacobi jacobi_one(double u, double m, double mp) {
     r.am = u - ai;
     r.dn = 1 - 0.5 * m * sin_u * sin_u;
   }
-  if (m >= kNearOne) {  // sn = tanh u + (m'/4)(sinh u cosh u - u) sech^2 u + O(m'^2), ...
+  if (at_one) {  // sn = tanh u + (m'/4)(sinh u cosh u - u) sech^2 u + O(m'^2), ...
     double ai = 0.25 * (1 - m);
     const double ch = std::cosh(u), th = std::tanh(u), sech = 1 / ch;
     const double twon = ch * std::sinh(u);
@@ -80,7 +82,7 @@ Jacobi jacobi_one(double u, double m, double mp) {
     ai = ai * th * sech;
     r.cn = sech - ai * (twon - u);
     r.dn = sech + ai * (twon + u);
-    if (m >= 1) r.zeta = th;  // Z(u | 1) = tanh u
+    r.zeta = th;  // Z(u | 1) = tanh u
   }
   return r;
 }

@@ -3,9 +3,12 @@
 Per layer (all upper bounds, in the ℓ2 norm):
 - Linear: Gram-iteration bound on its effective weight (kexue_fast.spectral_norm_bound).
 - ConvNd (zero padding, any stride/dilation): the smaller of the largest norm of the kernel's symbol on a DFT grid
-  (kexue_fast.spectral.conv_operator_norm_bound; on the grid of the input shape an operator-norm spectral norm was
-  built for, else on one valid for every input size) and max over groups Σ_{kernel positions p} ‖K_p‖₂ (the conv
-  is Σ_p (shift_p ∘ K_p) and each shift-and-subsample has norm ≤ 1).
+  (kexue_fast.spectral.conv_operator_norm_bound) and max over groups Σ_{kernel positions p} ‖K_p‖₂ (the conv is
+  Σ_p (shift_p ∘ K_p) and each shift-and-subsample has norm ≤ 1; valid for every input size, ~√(kernel size)
+  loose). The symbol's grid is that of the input shape an operator-norm spectral norm was built for — the
+  certificate then holds for inputs of that size or smaller, as the normalization itself does — else one valid
+  for every size; layers whose symbol would cost more than ~1e9 multiply-adds of SVDs (wide channels) keep the
+  per-position bound.
 - Activations: LipSwish, ReLU, LeakyReLU(|slope| ≤ 1), ELU(α ≤ 1), Tanh, Softplus, Identity ≤ 1; Sigmoid ≤ 1/4.
 - Dropout(p): 1/(1 − p) in training mode (the kept units are scaled up), 1 in eval mode.
 A Sequential's bound is the product. Unknown modules give None (no certificate).
@@ -16,6 +19,7 @@ copies (kexue_fast._state.replaying), and kexue_fast's own spectral norms read t
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Iterator, List, Optional
 
@@ -25,7 +29,9 @@ from torch import nn
 from .._state import capture, replaying
 from ..nn.spectral_norm import SpectralNorm, frozen_power_iteration
 from ..spectral import conv_operator_norm_bound, spectral_norm_bound
+from ..spectral.bound import symbol_grid
 
+_SYMBOL_WORK = 1e9  # SVD multiply-adds: ~1 s on one core
 _ONE_LIPSCHITZ = (nn.ReLU, nn.Tanh, nn.Softplus, nn.Identity)
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 
@@ -61,7 +67,15 @@ def layer_bound(module: nn.Module) -> Optional[float]:
         per_group = w.reshape(groups, w.shape[0] // groups, w.shape[1], -1)  # [G, out/G, in/G, positions]
         mats = per_group.permute(0, 3, 1, 2).reshape(-1, w.shape[0] // groups, w.shape[1])
         by_positions = float(spectral_norm_bound(mats).reshape(groups, -1).sum(1).max())
-        by_symbol = float(conv_operator_norm_bound(w, _input_shape(module), dilation=module.dilation, groups=groups))
+        shape = _input_shape(module)
+        spans = [d * (k - 1) for d, k in zip(module.dilation, w.shape[2:])]
+        grid, _ = symbol_grid(spans, None if shape is None else list(shape[1:]))
+        free, _ = symbol_grid(spans, None)
+        c_out, c_in = w.shape[0] // groups, w.shape[1]
+        work = min(math.prod(grid), math.prod(free)) * groups * c_out * c_in * min(c_out, c_in)
+        if work > _SYMBOL_WORK:  # wide layers: the per-position bound only (the SVDs would take seconds)
+            return by_positions
+        by_symbol = float(conv_operator_norm_bound(w, shape, dilation=module.dilation, groups=groups))
         return min(by_positions, by_symbol)
     return activation_bound(module)
 

@@ -265,7 +265,9 @@ class JoSE:
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], device: str = "cpu", backend: Optional[str] = None) -> JoSE:
-        """A model written by ``save``."""
+        """A model written by ``save`` (at `path`, or at `path` + ".npz", where np.savez put earlier saves)."""
+        if not os.path.exists(path) and os.path.exists(os.fspath(path) + ".npz"):
+            path = os.fspath(path) + ".npz"
         with np.load(path, allow_pickle=False) as f:
             model = cls(**json.loads(str(f["params"])), device=device, backend=backend, progress=False)
             model.words = [str(w) for w in f["words"]]

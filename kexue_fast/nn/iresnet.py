@@ -335,11 +335,7 @@ class InvertibleResBlock(nn.Module):
             if reason not in _LOGGED_FUSED:
                 _LOGGED_FUSED.add(reason)
                 _dispatch.logger.warning("InvertibleResBlock runs on torch, not the fused Triton block: %s", reason)
-        if (
-            not compiling
-            and torch.is_inference_mode_enabled()
-            and (method == "exact" or (method != "none" and self.series_path == "autograd"))
-        ):
+        if not compiling and torch.is_inference_mode_enabled() and self._takes_autograd(x, method):
             # these estimators take vector–Jacobian products of g through autograd, which inference mode switches
             # off: run them on a normal copy of x, without a graph kept (as under no_grad)
             with torch.inference_mode(False), torch.no_grad():
@@ -369,6 +365,15 @@ class InvertibleResBlock(nn.Module):
             else:  # torch's graph without autograd.grad: traced by torch.compile
                 gx, logdet = conv_series_logdet(self._conv_chain, x, plans, probes, neumann_grad=self.neumann_grad)
         return x + gx, logdet
+
+    def _takes_autograd(self, x: Tensor, method: str) -> bool:
+        """Whether this call's log-det takes vector–Jacobian products through autograd (exact, or a branch without
+        a closed form: generic g, hooked chains, dense chains on inputs that are not [B, D])."""
+        if method in ("exact", "none"):
+            return method == "exact"
+        if not hook_free(self._chain_modules):
+            return True
+        return not ((self._chain is not None and x.ndim == 2) or self._conv_chain is not None)
 
     def _fused_unavailable(self, x: Tensor) -> Optional[str]:
         """Why the fused Triton block cannot run this call (None if it can)."""

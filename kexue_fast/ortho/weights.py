@@ -56,9 +56,14 @@ def _rows(w: Tensor) -> Tensor:
     return w if w.dtype in (torch.float32, torch.float64) else w.float()
 
 
+def _wide(w: Tensor) -> Tensor:
+    """w in float64 for the cancelling identities (MPS has no float64: float32 there)."""
+    return w.double() if w.device.type != "mps" else w.float()
+
+
 def _tall_gram(w: Tensor) -> Tensor:
     """WᵀW [n, n] in float64 (the identities for m > n cancel): its dtype is the result's."""
-    w64 = w.double()
+    w64 = _wide(w)
     return w64.T @ w64
 
 
@@ -76,7 +81,7 @@ def biggan_orthogonal_regularizer(weights: Weights, beta: float = 1e-4) -> Tenso
             total.append(_off_diagonal_squares(g))
         else:
             g = _tall_gram(w)
-            sq = (w.double() ** 2).sum(1)
+            sq = (_wide(w) ** 2).sum(1)
             total.append(((g * g).sum() - (sq * sq).sum()).to(w.dtype))
     return beta * _sum(total)
 
@@ -104,5 +109,5 @@ def orthogonality_penalty(weights: Weights, strength: float = 1.0) -> Tensor:
             total.append(((g - torch.eye(m, dtype=g.dtype, device=g.device)) ** 2).sum())
         else:
             g = _tall_gram(w)
-            total.append(((g * g).sum() - 2 * (w.double() ** 2).sum() + m).to(w.dtype))
+            total.append(((g * g).sum() - 2 * (_wide(w) ** 2).sum() + m).to(w.dtype))
     return strength * _sum(total)

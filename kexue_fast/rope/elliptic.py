@@ -185,7 +185,9 @@ def _landen(u: Tensor, m: Tensor, mp: Optional[Tensor] = None) -> Tuple[Tensor, 
     caller holds it more exactly than 1 − m rounds (m near 1: DLMF 22.17's μ for a very negative parameter)."""
     machep = torch.finfo(u.dtype).eps / 2
     bad = ~((m >= 0) & (m <= 1))
-    general = bad | (m >= 1)
+    # m = 1 itself: the closed forms; with m' given, only where m' = 0 (μ of a very negative m rounds to 1)
+    at_one = (m >= 1) if mp is None else (mp <= 0)
+    general = bad | at_one
     mg = torch.where(general, torch.full_like(m, 0.5), m)  # the general path for m < 1 (others overwritten)
     mpg = 1 - mg if mp is None else torch.where(general, torch.full_like(m, 0.5), mp)
     a_levels = [torch.ones_like(mg)]
@@ -231,7 +233,7 @@ def _landen(u: Tensor, m: Tensor, mp: Optional[Tensor] = None) -> Tuple[Tensor, 
     dn = torch.where(small, 1 - 0.5 * m * sin_u * sin_u, dn)
 
     # m = 1 (_NEAR_ONE): sn = tanh u + (m'/4)(sinh u cosh u − u) sech² u + O(m'²), ... with m' = 0
-    near = (m >= _NEAR_ONE) & ~bad
+    near = ((m >= _NEAR_ONE) if mp is None else at_one) & ~bad
     ua = torch.where(near, u, torch.zeros_like(u))  # cosh overflows for the |u| the general path accepts
     ai = 0.25 * (1 - m)
     ch = torch.cosh(ua)
@@ -243,7 +245,7 @@ def _landen(u: Tensor, m: Tensor, mp: Optional[Tensor] = None) -> Tuple[Tensor, 
     ai = ai * th * sech
     cn = torch.where(near, sech - ai * (twon - ua), cn)
     dn = torch.where(near, sech + ai * (twon + ua), dn)
-    zeta = torch.where(m >= 1, th, zeta)  # Z(u | 1) = tanh u
+    zeta = torch.where(near, th, zeta)  # Z(u | 1) = tanh u
 
     nan = torch.full_like(sn, float("nan"))
     return tuple(torch.where(bad, nan, t) for t in (sn, cn, dn, phi, zeta))  # type: ignore[return-value]
@@ -254,7 +256,8 @@ def jacobi_m_derivative(u: Tensor, m: Tensor, sn: Tensor, cn: Tensor, dn: Tensor
     """D = ∂am(u | m)/∂m = (dn (m'u − E(am u | m)) + m sn cn) / (2 m m') with E(am u | m) = Z(u) + (E/K) u;
     its m → 0 limit (sin u cos u − u)/4 below m = 1e-9. Infinite at m = 1. `mp`: m' if held more exactly."""
     k, e = _agm_ke(m, mp)
-    eps_u = zeta + torch.where(m >= 1, torch.zeros_like(m), e / k) * u
+    at_one = (m >= 1) if mp is None else (mp <= 0)
+    eps_u = zeta + torch.where(at_one, torch.zeros_like(m), e / k) * u
     mp = 1 - m if mp is None else mp
     safe_m = torch.where(m < _SMALL_M, torch.ones_like(m), m)
     d = (dn * (mp * u - eps_u) + m * sn * cn) / (2 * safe_m * mp)

@@ -55,7 +55,15 @@ def spectral_norm_bound(weight: Tensor, *, n_iters: int = 10) -> Tensor:
     return torch.where(rounded.detach().to(torch.float64) < bound.detach(), rounded - rounded.detach() + up, rounded)
 
 
-_GRID_BUDGET = 4096  # frequencies per layer for the exact circular grid; above, the input-size-free grid
+def symbol_grid(spans, spatial):
+    """(DFT grid sizes, widening factor) for a kernel spanning q_d = dilation_d (k_d − 1) per dim: with the input's
+    spatial size n_d, the full linear convolution's circular grid n_d + q_d (exact, factor 1); without, 32 q_d points
+    and the Ehlich–Zeller factor Π 1/cos(π q_d / N_d). A dim with q_d = 0 (kernel width 1) has a constant symbol:
+    one point."""
+    if spatial is not None:
+        return [n + q if q else 1 for n, q in zip(spatial, spans)], 1.0
+    grid = [32 * q if q else 1 for q in spans]
+    return grid, math.prod(1 / math.cos(math.pi * q / n) for q, n in zip(spans, grid) if q)
 
 
 def conv_operator_norm_bound(
@@ -72,9 +80,11 @@ def conv_operator_norm_bound(
     convolution: A is a window, subsampled by the stride, of the full linear convolution, which is the circular
     convolution on a grid of N_d ≥ n_d + q_d points (q_d = dilation_d (k_d − 1)), whose norm is the largest
     ‖K̂(ω_j)‖₂ over the grid's DFT frequencies (Sedghi, Gupta & Long 2019). With `input_shape` (C, *spatial) that
-    grid is N_d = n_d + q_d (the bound is then within a few percent of ‖A‖₂); without it, or when that grid has more
-    than 4096 frequencies, N_d = 32 q_d and the Ehlich–Zeller inequality for trigonometric polynomials of degree q
-    sampled at N > 2q points, sup_ω |p| ≤ max_j |p(ω_j)| / cos(πq/N), covers every ω (a factor ≤ 1.005 per dim).
+    grid is N_d = n_d + q_d: the bound is then within a few percent of ‖A‖₂ and holds for inputs of that size or
+    smaller. Without it (or when its grid is the larger), N_d = 32 q_d and the Ehlich–Zeller inequality for
+    trigonometric polynomials of degree q sampled at N > 2q points, sup_ω |p| ≤ max_j |p(ω_j)| / cos(πq/N), covers
+    every ω, so every input size (a factor ≤ 1.005 per dim). Dims of kernel width 1 take one point. Cost: one SVD
+    of a [C_out/G, C_in/G] complex matrix per grid point and group (in chunks of ≤ 256 MiB).
     ‖K̂(ω_j)‖₂ comes from LAPACK's singular values in float64, widened by margins for the FFT's and the SVD's
     rounding (relative ~1e-12).
 
@@ -101,7 +111,7 @@ def conv_operator_norm_bound(
     if min(weight.shape) < 1:
         raise ValueError(f"weight must not be empty, got shape {tuple(weight.shape)}")
     spans = [d * (k - 1) for d, k in zip(dil, weight.shape[2:])]
-    grid, factor = None, 1.0
+    grid, factor = symbol_grid(spans, None)
     if input_shape is not None:
         if len(input_shape) != nd + 1 or not all(isinstance(n, numbers.Integral) and n >= 1 for n in input_shape):
             raise ValueError(f"input_shape must be (C, *spatial) with {nd} spatial dims, got {input_shape!r}")
@@ -109,14 +119,9 @@ def conv_operator_norm_bound(
             expected = weight.shape[1] * groups
             raise ValueError(f"input_shape {tuple(input_shape)} has {input_shape[0]} channels; the weight "
                              f"{tuple(weight.shape)} with groups={groups} expects {expected}")  # fmt: skip
-        grid = [int(n) + q for n, q in zip(input_shape[1:], spans)]
-        if math.prod(grid) > _GRID_BUDGET:
-            grid = None
-    if grid is None:
-        grid = [32 * q if q else 1 for q in spans]
-        for q, n in zip(spans, grid):
-            if q:
-                factor /= math.cos(math.pi * q / n)
+        shaped, one = symbol_grid(spans, [int(n) for n in input_shape[1:]])
+        if math.prod(shaped) <= math.prod(grid):  # the exact circular grid when it is the smaller one
+            grid, factor = shaped, one
     w = weight.detach().to(torch.float64)
     c_out, c_in = w.shape[0] // groups, w.shape[1]
     # the kernel's taps at their dilated positions, zero-padded to the grid: fftn is then the symbol on the grid
@@ -125,7 +130,8 @@ def conv_operator_norm_bound(
     dims = tuple(range(2, 2 + nd))
     symbol = torch.fft.fftn(taps, dim=dims)  # [C_out, C_in/G, *grid]
     mats = symbol.reshape(groups, c_out, c_in, -1).permute(0, 3, 1, 2)  # [G, F, C_out/G, C_in/G]
-    sigma = float(torch.linalg.svdvals(mats).amax()) if mats.numel() else 0.0
+    chunk = max(1, (1 << 24) // (c_out * c_in))  # ≤ 256 MiB of complex128 matrices at a time
+    sigma = max(float(torch.linalg.svdvals(mats[:, f : f + chunk]).amax()) for f in range(0, mats.shape[1], chunk))
     eps = torch.finfo(torch.float64).eps
     n_freq = math.prod(grid)
     # FFT rounding: each entry off by ≤ ~(log2 F + 1) ε Σ_p |K_p|; SVD: backward stable, ≤ ~(C_out + C_in) ε σ
