@@ -10,6 +10,8 @@
 #     bench   python -m kexue_fast.bench --device cuda for the GPU suites (hsic with --full: its n = 10⁶ goal)
 #     jose    the JoSE GPU trainer's word similarity and training speed (benchmarks/jose_quality.py --device cuda)
 #             on the carried corpus (.gpu/corpus.txt.gz) and datasets (.gpu/wordsim353.tsv, .gpu/simlex999.txt)
+#     profile where the fused SOM path spends a CNN step (benchmarks/som_profile.py: device and host time per
+#             operator, Python hot spots), into logs/som-profile.log
 #
 # Preparing .gpu/ here (git-excluded: `echo /.gpu/ >> .git/info/exclude`), for the machine's CPython (3.12 there):
 #   python3.12 -m pip wheel --no-deps -w .gpu/whl .            # kexue_fast, C++ core included
@@ -81,6 +83,12 @@ stage_jose() {
   timeout "${JOSE_TIMEOUT:-200}" $PY -m kexue_fast.benchmarks.jose_quality --device cuda --corpus "$WORK/corpus.txt" \
     --datasets "$REPO/.gpu" --out "$WORK/results" > "$WORK/logs/jose-quality.log" 2>&1
   echo "jose quality: exit $?"; tail -n 15 "$WORK/logs/jose-quality.log"
+}
+
+stage_profile() {
+  timeout "${PROFILE_TIMEOUT:-120}" $PY -m kexue_fast.benchmarks.som_profile --device cuda \
+    > "$WORK/logs/som-profile.log" 2>&1
+  echo "som profile: exit $?"; grep "===" "$WORK/logs/som-profile.log"
 }
 
 for stage in "$@"; do

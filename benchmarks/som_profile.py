@@ -1,0 +1,84 @@
+"""Where the fused SOM Triton path spends a CNN training step: the profile behind benchmarks/ortho.py's overhead rows.
+
+    python -m kexue_fast.benchmarks.som_profile [--device cuda] [--batch 256] [--steps 5]
+
+On an H200 the step with SOM measured 34.7 ms on the fused kernels against 5.1 ms on the torch path
+(benchmarks/results/ortho-cuda.md), far above what the kernels' work (a few hundred MB read, ~1 GFLOP) should take.
+This prints, for the step of benchmarks/ortho.py with each backend: the wall time per step, torch.profiler's
+operators sorted by device time and by host time (kernel launches and Python included), and cProfile's top Python
+functions, so a GPU session can tell host overhead (tables built per call, launch cost) from slow kernels.
+On CPU (TRITON_INTERPRET=1, a small batch) it only checks that the script runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import time
+
+import torch
+
+from kexue_fast.nn.self_orthogonality import SelfOrthogonality
+
+from .ortho import small_cnn, training_step
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def profile_backend(backend: str, device: str, batch: int, steps: int) -> None:
+    torch.manual_seed(0)
+    model = small_cnn().to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    target = torch.randint(0, 10, (batch,), device=device)
+    som = SelfOrthogonality(model)
+    step = training_step(model, x, target, som, backend, opt)
+    for _ in range(2):  # compile and fill the caches
+        step()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    print(f"\n=== SOM backend {backend}: {(time.perf_counter() - start) / steps * 1e3:.2f} ms / step ({device})")
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        _sync(device)
+    averages = prof.key_averages()
+    if device == "cuda":
+        print(averages.table(sort_by="self_cuda_time_total", row_limit=15))
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=15))
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(15)
+    print(text.getvalue())
+    som.remove()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=None, help="default: 256 on CUDA, 2 on CPU")
+    parser.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args()
+    batch = args.batch or (256 if args.device == "cuda" else 2)
+    for backend in ("torch", "triton"):
+        profile_backend(backend, args.device, batch, args.steps)
+
+
+if __name__ == "__main__":
+    main()
