@@ -31,7 +31,7 @@ SUPPORTED_DTYPES = tuple(_TL_DTYPES)
 @triton.jit
 def _power_iteration_step_kernel(
     w_ptrs, u_ptrs, rows_ptr, cols_ptr, v_off_ptr, work_mat_ptr, work_row_ptr,
-    v_in, v_acc, v_clear, eps,
+    v_in, v_acc, v_clear, tiny,
     DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -50,7 +50,9 @@ def _power_iteration_step_kernel(
     for j0 in range(0, n, BLOCK_N):
         x = tl.load(v_in + vo + j0 + offs_n, mask=j0 + offs_n < n, other=0.0)
         sq += x * x
-    inv_norm = 1.0 / tl.maximum(tl.sqrt(tl.sum(sq, axis=0)), eps)
+    # v_in is the previous step's Wᵀt, of norm ~σ²: normalized exactly (a floor at the dtype's tiny, not eps),
+    # as the reference's v = Wᵀu/‖Wᵀu‖ is unit whenever σ ≥ eps; an eps floor shrank v by σ²/eps a step for σ < 1e-6
+    inv_norm = 1.0 / tl.maximum(tl.sqrt(tl.sum(sq, axis=0)), tiny)
 
     t = tl.zeros([BLOCK_M], dtype=DTYPE)
     for j0 in range(0, n, BLOCK_N):
@@ -105,6 +107,8 @@ def _power_iteration_finalize_kernel(
         mask = j0 + offs < n
         tl.store(v + j0 + offs, tl.load(v_acc + vo + j0 + offs, mask=mask, other=0.0) * scale, mask=mask)
 
+
+_TINY = torch.finfo(torch.float32).tiny  # the step kernel's normalization floor (a float32 kernel scalar)
 
 # Tables depend only on shapes and data pointers, so steady-state calls (the same layers every training step) reuse
 # them from this cache instead of copying host memory to the device, which would synchronize.
@@ -203,7 +207,7 @@ def power_iteration(
     for k in range(n_iters):
         _power_iteration_step_kernel[(work_mat.numel(),)](
             w_ptrs, u_ptrs, rows, cols, v_off, work_mat, work_row,
-            scratch[k % 3], scratch[(k + 1) % 3], scratch[(k + 2) % 3], eps,
+            scratch[k % 3], scratch[(k + 1) % 3], scratch[(k + 2) % 3], _TINY,
             DTYPE=tl_dtype, BLOCK_M=block_m, BLOCK_N=block_n,
         )  # fmt: skip
         last = k == n_iters - 1

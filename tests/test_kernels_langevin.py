@@ -127,3 +127,12 @@ def test_gpu_sampler_has_no_host_sync_and_captures_in_a_cuda_graph():
     labels = target.responsibilities(static_x).argmax(1)
     mass = torch.bincount(labels, minlength=3).double().cpu() / 4000
     assert float((mass - target.weights.cpu()).abs().max()) <= 0.02
+
+
+def test_strided_out_is_written():
+    x = torch.randn(6, 4, device=_device())
+    out = torch.empty(4, 6, device=_device()).T  # [6, 4], not contiguous
+    s, z = torch.randn(6, 4, device=_device()), torch.randn(6, 4, device=_device())
+    result = langevin_step(x, s, 0.1, noise=z, out=out, backend="triton")
+    assert result is out
+    assert torch.allclose(out, langevin_step(x, s, 0.1, noise=z, backend="torch"), atol=1e-6)

@@ -226,3 +226,17 @@ def test_power_iteration_compiles_fullgraph(backend):
     assert torch.allclose(out, fn(weights, v0))
     out.backward()
     assert weights[0].grad is not None
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_small_weights_keep_unit_vectors(backend, dtype):
+    """σ² below eps: the Triton steps once normalized Wᵀt (norm ~σ²) by max(‖·‖, eps) and shrank v every step."""
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(20, 17, generator=g, dtype=torch.float64) * 1e-8).to(dtype)
+    start = torch.randn(17, generator=g, dtype=torch.float64).to(dtype)
+    sigma, (u,), (v,) = kexue_fast.power_iteration([w], n_iters=5, v=[start.clone()], backend=backend)
+    ref_sigma, _, _ = kexue_fast.power_iteration([w], n_iters=5, v=[start.clone()], backend="torch")
+    assert float(torch.linalg.vector_norm(u)) == pytest.approx(1.0, rel=1e-5)
+    assert float(torch.linalg.vector_norm(v)) == pytest.approx(1.0, rel=1e-5)
+    assert float(sigma[0]) == pytest.approx(float(ref_sigma[0]), rel=1e-4)

@@ -270,7 +270,11 @@ class StreamingHSIC(torch.autograd.Function):
             torch.zeros_like(s) if g is None else g for g, s in zip(grads, stats)
         )
         gx = gy = None
-        if ctx.backend in ("cpp", "triton"):
+        # laplace's ∂K/∂x carries 1/d: the Triton tiles' float32 d² = ‖a‖² + ‖b‖² − 2a·b cancels for near pairs and
+        # that factor amplifies it (a 1e-3 pair at scale 8: the gradient ~100% off), so its backward runs the torch
+        # tiles, which take d from the differences in float64
+        laplace = "laplace" in (ctx.kx.name, ctx.ky.name)
+        if ctx.backend == "cpp" or (ctx.backend == "triton" and not laplace):
             native = cpp_grads if ctx.backend == "cpp" else triton_grads
             gx, gy = native(x, y, ctx.kx, ctx.ky, (g_kl, g_kk, g_ll, g_rk, g_rl, g_dk, g_dl),
                             ctx.needs_input_grad[0], ctx.needs_input_grad[1])  # fmt: skip

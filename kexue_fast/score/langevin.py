@@ -80,8 +80,11 @@ def apply_step(x: Tensor, score: Tensor, coef: Union[Tensor, Tuple[float, float]
                 seed = torch.randint(0, 2**62, (1,), generator=generator, device=x.device)
             else:
                 seed = torch.randint(0, 2**62, (1,), generator=generator, device="cpu").to(x.device)
-        return langevin_update(x.contiguous(), score.contiguous(), coef,
-                               noise.contiguous() if noise is not None else None, seed, step, out)  # fmt: skip
+        strided_out = out is not None and not out.is_contiguous()  # the kernel writes contiguous buffers
+        result = langevin_update(x.contiguous(), score.contiguous(), coef,
+                                 noise.contiguous() if noise is not None else None, seed, step,
+                                 None if strided_out else out)  # fmt: skip
+        return out.copy_(result) if strided_out else result
     if noise is None:
         if generator is None or on_device(generator, x.device):
             noise = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
