@@ -28,7 +28,7 @@ def _dense_residual_fwd_kernel(
     ACT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
-    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    rows = pid.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)  # int64: rows·H reaches 2³¹ at B·H = 2³¹
     cols_d = tl.arange(0, BLOCK_D)
     row_ok = rows < B
     d_ok = cols_d < D

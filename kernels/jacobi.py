@@ -72,7 +72,7 @@ def _column(tile, selected):
 def _jacobi_kernel(u_ptr, m_ptr, mp_ptr, const_ptr, sn_ptr, cn_ptr, dn_ptr, am_ptr, zeta_ptr, n,
                    BLOCK: tl.constexpr, LEVELS: tl.constexpr, HAS_MP: tl.constexpr):  # fmt: skip
     pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: tensors of 2³¹ elements fit on a GPU
     mask = offs < n
     machep = tl.load(const_ptr)
     small_m = tl.load(const_ptr + 1)

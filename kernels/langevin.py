@@ -27,7 +27,7 @@ MAX_RNG_ELEMENTS = 2**31 - 1  # tl.randn's counters are int32 element indices
 def _langevin_update_kernel(x_ptr, s_ptr, z_ptr, coef_ptr, seed_ptr, out_ptr, n, step,
                             HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64 addresses: 2³¹ elements fit on a GPU
     mask = offs < n
     half_step = tl.load(coef_ptr)
     noise_scale = tl.load(coef_ptr + 1)
@@ -37,7 +37,7 @@ def _langevin_update_kernel(x_ptr, s_ptr, z_ptr, coef_ptr, seed_ptr, out_ptr, n,
         z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(half_step.dtype)
     else:
         seed = tl.load(seed_ptr)
-        z = tl.randn(seed + step, offs).to(half_step.dtype)
+        z = tl.randn(seed + step, offs.to(tl.int32)).to(half_step.dtype)  # the counter: n ≤ MAX_RNG_ELEMENTS
     out = x + half_step * s + noise_scale * z
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
