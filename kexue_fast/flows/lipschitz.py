@@ -100,15 +100,18 @@ def _unchanged(module: nn.Module) -> Iterator[None]:
         yield
 
 
-def _branch_bound(g: nn.Module) -> Optional[float]:
+def _layer_bounds(g: nn.Module) -> List[Optional[float]]:
+    """The bound of each layer of a Sequential branch (a nested Sequential as one layer), or of g itself."""
     layers = list(g) if isinstance(g, nn.Sequential) else [g]
-    total = 1.0
-    for layer in layers:
-        b = _branch_bound(layer) if isinstance(layer, nn.Sequential) else layer_bound(layer)
-        if b is None:
-            return None
-        total *= b
-    return total
+    return [_branch_bound(layer) if isinstance(layer, nn.Sequential) else layer_bound(layer) for layer in layers]
+
+
+def _product(bounds: List[Optional[float]]) -> Optional[float]:
+    return None if any(b is None for b in bounds) else math.prod(bounds)  # type: ignore[arg-type]
+
+
+def _branch_bound(g: nn.Module) -> Optional[float]:
+    return _product(_layer_bounds(g))
 
 
 @dataclass
@@ -148,7 +151,6 @@ def lipschitz_report(model: nn.Module) -> LipschitzReport:
     with _unchanged(model):
         for name, module in model.named_modules():
             if isinstance(module, InvertibleResBlock):
-                g = module.g
-                layers = list(g) if isinstance(g, nn.Sequential) else [g]
-                blocks.append(BlockReport(name or "(model)", [layer_bound(x) for x in layers], _branch_bound(g)))
+                bounds = _layer_bounds(module.g)  # each layer's bound once: conv symbols cost SVDs
+                blocks.append(BlockReport(name or "(model)", bounds, _product(bounds)))
     return LipschitzReport(blocks)
