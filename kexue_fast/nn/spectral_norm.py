@@ -203,8 +203,8 @@ def spectral_norm(
 def spectral_norm_layers(model: nn.Module) -> List[Tuple[SpectralNorm, Tensor]]:
     """Every kexue_fast SpectralNorm parametrization in `model`, with the parameter it normalizes.
 
-    Only spectral norms that come first in their parametrization list (they normalize `original` itself; see
-    `_chained_spectral_norms` for the others); a module shared by several parents is listed once. Walks `_modules`
+    Only spectral norms that come first in their parametrization list (they normalize `original` itself; `_walk`
+    also lists the others); a module shared by several parents is listed once. Walks `_modules`
     directly: named_modules() costs ~2 µs a module, which a per-step update cannot afford."""
     return _walk(model)[0]
 
@@ -271,12 +271,13 @@ def _signature(layers: List[Tuple[SpectralNorm, Tensor]]) -> tuple:
 _PLANS: weakref.WeakKeyDictionary[nn.Module, Tuple[tuple, List[_Group], list]] = weakref.WeakKeyDictionary()
 
 
-def _plan(model: nn.Module) -> Tuple[List[_Group], List[Tuple[SpectralNorm, Tensor]]]:
-    layers = spectral_norm_layers(model)
+def _plan(model: nn.Module) -> Tuple[List[_Group], List[Tuple[SpectralNorm, Tensor]], list]:
+    """(matrix-mode groups, layers iterated one by one, spectral norms after other parametrizations), from one walk."""
+    layers, chained = _walk(model)
     signature = _signature(layers)
     cached = _PLANS.get(model)
     if cached is not None and cached[0] == signature:
-        return cached[1], cached[2]
+        return cached[1], cached[2], chained
     by_key: Dict[tuple, List[Tuple[SpectralNorm, Tensor]]] = {}
     conv_layers = []
     for p, original in layers:
@@ -286,7 +287,7 @@ def _plan(model: nn.Module) -> Tuple[List[_Group], List[Tuple[SpectralNorm, Tens
             by_key.setdefault((original.device, original.dtype, p.eps), []).append((p, original))
     groups = [_Group(eps, members) for (_, _, eps), members in by_key.items()]
     _PLANS[model] = (signature, groups, conv_layers)
-    return groups, conv_layers
+    return groups, conv_layers, chained
 
 
 def update_spectral_norms(
@@ -305,9 +306,9 @@ def update_spectral_norms(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     n_iters = check_n_iters(n_iters)
     tol = check_positive(tol, "tol", allow_none=True)
-    groups, conv_layers = _plan(model)
+    groups, conv_layers, chained = _plan(model)
     with torch.no_grad(), frozen_power_iteration():
-        for p, plist, index in _walk(model)[1]:  # after other parametrizations: iterate on what they hand it
+        for p, plist, index in chained:  # after other parametrizations: iterate on what they hand it
             weight = plist.original
             for q in list(plist)[:index]:
                 weight = q(weight)
