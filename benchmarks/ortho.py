@@ -57,17 +57,22 @@ def training_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, som: 
     return step
 
 
+def cnn_setup(device: str, batch: int):
+    """(model, SGD optimizer, x, target, SelfOrthogonality hooked on the four convolutions), seeded."""
+    torch.manual_seed(0)
+    model = small_cnn().to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)  # small steps: the weights barely move over the timing
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    target = torch.randint(0, 10, (batch,), device=device)
+    return model, opt, x, target, SelfOrthogonality(model)
+
+
 def step_flops(device: str, batch: int) -> Dict[str, float]:
     """FLOPs of one training step without and with SOM (torch.utils.flop_counter: convolutions, their backward and
     the matrix products): what the regularizer adds before any elementwise work, so the floor of its overhead."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    torch.manual_seed(0)
-    model = small_cnn().to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    x = torch.randn(batch, 3, 32, 32, device=device)
-    target = torch.randint(0, 10, (batch,), device=device)
-    som = SelfOrthogonality(model)
+    model, opt, x, target, som = cnn_setup(device, batch)
     counts = {}
     for name, backend in (("step", None), ("step + SOM (torch)", "torch")):
         with FlopCounterMode(display=False) as counter:
@@ -78,12 +83,7 @@ def step_flops(device: str, batch: int) -> Dict[str, float]:
 
 
 def overhead_rows(device: str, batch: int, reps: int) -> List[list]:
-    torch.manual_seed(0)
-    model = small_cnn().to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)  # small steps: the weights barely move over the timing
-    x = torch.randn(batch, 3, 32, 32, device=device)
-    target = torch.randint(0, 10, (batch,), device=device)
-    som = SelfOrthogonality(model)  # hooks on the four convolutions
+    model, opt, x, target, som = cnn_setup(device, batch)
     steps: Dict[str, Callable[[], None]] = {"step": training_step(model, x, target, som, None, opt)}
     for backend in ["torch"] + (["triton", "triton tf32"] if device == "cuda" else []):
         steps[f"step + SOM ({backend})"] = training_step(model, x, target, som, backend, opt)

@@ -20,9 +20,7 @@ import time
 
 import torch
 
-from kexue_fast.nn.self_orthogonality import SelfOrthogonality
-
-from .ortho import small_cnn, training_step
+from .ortho import cnn_setup, training_step
 
 
 def _sync(device: str) -> None:
@@ -31,12 +29,7 @@ def _sync(device: str) -> None:
 
 
 def profile_backend(backend: str, device: str, batch: int, steps: int) -> None:
-    torch.manual_seed(0)
-    model = small_cnn().to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    x = torch.randn(batch, 3, 32, 32, device=device)
-    target = torch.randint(0, 10, (batch,), device=device)
-    som = SelfOrthogonality(model)
+    model, opt, x, target, som = cnn_setup(device, batch)
     step = training_step(model, x, target, som, backend, opt)
     for _ in range(2):  # compile and fill the caches
         step()
