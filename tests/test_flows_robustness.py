@@ -327,3 +327,22 @@ def test_conv_bound_grid_is_the_cheaper_one():
     weight = torch.randn(8, 8, 1, 1, dtype=D64)
     one_point = float(conv_operator_norm_bound(weight, (8, 64, 64)))
     assert one_point == pytest.approx(float(torch.linalg.matrix_norm(weight[:, :, 0, 0], 2)), rel=1e-12)
+
+
+def test_compiled_probes_are_distinct():
+    """torch's min-cut partitioner (backend="aot_eager") merges repeated identical random draws in a graph that
+    needs gradients: n_probes > 1 under torch.compile draws all probes at once."""
+    from kexue_fast.flows import logdet as L
+
+    x = torch.randn(5, 4, dtype=D64)
+    w = torch.randn(4, 4, dtype=D64, requires_grad=True)
+    for kind in ("gaussian", "rademacher"):
+
+        def f(x, w, kind=kind):
+            a, b = L.draw_probes(x, kind, 2).unbind(0)
+            return ((a @ w) * a).sum(1) + ((b @ w) * b).sum(1), a, b
+
+        _, a, b = torch.compile(f, backend="aot_eager", fullgraph=True)(x, w)
+        assert not torch.equal(a, b)
+        if kind == "rademacher":
+            assert set(a.flatten().tolist()) <= {-1.0, 1.0}

@@ -97,6 +97,14 @@ def draw_probe(like: Tensor, kind: str, generator: Optional[torch.Generator] = N
     return torch.randint(0, 2, like.shape, dtype=like.dtype, device=like.device, generator=generator) * 2 - 1
 
 
+def draw_probes(like: Tensor, kind: str, n: int) -> Tensor:
+    """n probes like `like` from one random draw ([n, *like.shape]; see InvertibleResBlock._probes)."""
+    out = like.new_empty((n, *like.shape))
+    if kind == "gaussian":
+        return out.normal_()
+    return out.bernoulli_(0.5).mul_(2).sub_(1)
+
+
 def _per_sample(a: Tensor, b: Tensor) -> Tensor:
     return (a * b).reshape(a.shape[0], -1).sum(1)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -347,7 +347,7 @@ class InvertibleResBlock(nn.Module):
         if method == "exact":
             gx, logdet = _logdet.exact_logdet(self.g, x)
             return x + gx, logdet
-        probes = [_logdet.draw_probe(x, self.probe) for _ in range(self.n_probes)]
+        probes = self._probes(x, compiling)
         plain = hook_free(self._chain_modules)
         if self._chain is not None and x.ndim == 2 and plain:
             if not compiling:  # the Neumann gradient or the series' own in closed form, one autograd node
@@ -365,6 +365,13 @@ class InvertibleResBlock(nn.Module):
             else:  # torch's graph without autograd.grad: traced by torch.compile
                 gx, logdet = conv_series_logdet(self._conv_chain, x, plans, probes, neumann_grad=self.neumann_grad)
         return x + gx, logdet
+
+    def _probes(self, x: Tensor, compiling: bool) -> List[Tensor]:
+        """n_probes Hutchinson probes like x. Under torch.compile one draw of all of them: torch's min-cut partitioner
+        (backend="aot_eager") merges repeated identical random draws in a graph, which would repeat one probe."""
+        if compiling and self.n_probes > 1:
+            return list(_logdet.draw_probes(x, self.probe, self.n_probes).unbind(0))
+        return [_logdet.draw_probe(x, self.probe) for _ in range(self.n_probes)]
 
     def _takes_autograd(self, x: Tensor, method: str) -> bool:
         """Whether this call's log-det takes vector–Jacobian products through autograd (exact, or a branch without
