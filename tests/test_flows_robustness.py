@@ -346,3 +346,11 @@ def test_compiled_probes_are_distinct():
         assert not torch.equal(a, b)
         if kind == "rademacher":
             assert set(a.flatten().tolist()) <= {-1.0, 1.0}
+
+
+def test_device_roulette_weights_fit_the_dtype():
+    from kexue_fast.flows import logdet as L
+
+    plan = L.roulette_plan_on_device(2, "geometric", 0.95, 32, torch.zeros(1, dtype=torch.float32))
+    weights = torch.tensor(plan.inv_prob, dtype=torch.float32)  # 1/P(N ≥ 32) ≈ 2e40 would overflow float32
+    assert bool(torch.isfinite(weights).all())

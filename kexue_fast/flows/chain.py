@@ -139,10 +139,11 @@ def series_value_and_rows(
         for k in range(1, plan.n_terms + 1):
             if rows:
                 c = plan.neumann_coeff(k)
-                row = plan.term(k, w) * c if row is None else row.add(plan.term(k, w), alpha=c)
+                row = plan.term(k, w) * c if row is None else row + plan.term(k, w) * c
             w = DenseChain.vjp(w, weights, derivs)
             c = plan.value_coeff(k)
-            weighted = plan.term(k, w) * c if weighted is None else weighted.add(plan.term(k, w), alpha=c)
+            # `a + b * c`, not a.add(b, alpha=c): inductor (torch 2.13, CPU) drops alpha when b is a matmul's result
+            weighted = plan.term(k, w) * c if weighted is None else weighted + plan.term(k, w) * c
         per_probe = _per_sample(weighted, v) if weighted is not None else v.new_zeros(v.shape[0])
         value = per_probe if value is None else value + per_probe
         if rows:

@@ -83,7 +83,10 @@ def roulette_plan_on_device(n_exact: int, kind: str, p: float, max_terms: int, l
         n = torch.poisson(torch.full((1,), 1.0 / p, dtype=like.dtype, device=like.device))
     k = torch.arange(1, n_exact + max_terms + 1, dtype=like.dtype, device=like.device)
     mask = (k <= n_exact + n).to(like.dtype)
-    inv_prob = tuple(1.0 / tail_survival(kind, p, j - n_exact) for j in range(1, n_exact + max_terms + 1))
+    # capped at the dtype's largest value: weights past the sampled length are masked anyway, and 1/P(N ≥ k) overflows
+    # float32 for p ≥ ~0.94 at k = 32 (a length that likely has probability < 1e-38)
+    top = torch.finfo(like.dtype).max
+    inv_prob = tuple(min(1.0 / tail_survival(kind, p, j - n_exact), top) for j in range(1, n_exact + max_terms + 1))
     return SeriesPlan(inv_prob, mask)
 
 
