@@ -44,11 +44,11 @@ def _out_steps(g: Graph) -> Tuple[np.ndarray, np.ndarray]:
     return out_weight, step
 
 
-def _pagerank(g: Graph, teleport: np.ndarray, teleportation_probability: float):
+def _pagerank(g: Graph, out_weight: np.ndarray, step: np.ndarray, teleport: np.ndarray,
+              teleportation_probability: float):  # fmt: skip
     """(p, α, β) as infomap 2 iterates: at least 50 and at most 200 power steps, until the L1 change is ≤ 1e-15; α is
     nudged by 1e-12 when the change stalls (|change − previous| < 1e-17, previous starting at 0)."""
     n, src, dst = g.n, g.source, g.target
-    out_weight, step = _out_steps(g)
     dangling = out_weight == 0
     p = np.full(n, 1.0 / n)
     alpha, beta = teleportation_probability, 1.0 - teleportation_probability
@@ -72,7 +72,7 @@ def directed_flow(g: Graph, teleportation_probability: float) -> Tuple[np.ndarra
     n, src, dst = g.n, g.source, g.target
     out_weight, step = _out_steps(g)
     teleport = out_weight / out_weight.sum()  # to links: ∝ the out-weight of the source node
-    p, _, _ = _pagerank(g, teleport, teleportation_probability)
+    p, _, _ = _pagerank(g, out_weight, step, teleport, teleportation_probability)
     sum_rank = 1.0 - p[out_weight == 0].sum()
     link = step * p[src] / sum_rank
     node = np.bincount(dst, step * p[src], minlength=n)
@@ -84,7 +84,7 @@ def recorded_directed_flow(g: Graph, teleportation_probability: float):
     n, src, dst, w = g.n, g.source, g.target, g.weight
     out_weight, step = _out_steps(g)
     tau = np.bincount(dst, w, minlength=n) / w.sum()  # to links, recorded: ∝ the in-weight of the target node
-    p, _, beta = _pagerank(g, tau, teleportation_probability)
+    p, _, beta = _pagerank(g, out_weight, step, tau, teleportation_probability)
     dangling = out_weight == 0
     link = beta * p[src] * step  # the nudged β, as infomap; the teleport flow with the given probability
     return p, src, dst, link, np.stack([np.where(dangling, p, teleportation_probability * p), tau])
