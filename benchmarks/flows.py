@@ -3,16 +3,19 @@
 Every contestant: g(x) = W2 LipSwish(W1 x + b1) + b2 with spectral-normalized W (coefficient 0.97), the same
 truncated series of k terms with 1 Hutchinson probe, loss = mean(½‖y‖² − logdet), backward. Spectral-norm vectors
 are not updated inside the timed step for anyone (normflows' InducedNormLinear and ours with n_power_iterations=0).
-  kexue_fast Neumann   logdet value = the estimate; gradient by the Neumann series, memory-efficient
-  kexue_fast series    gradient by backpropagating through the series
+  kexue_fast Neumann   logdet value = the estimate; gradient by the Neumann series, memory-efficient; on the CPU
+                       `auto` runs the C++ block (kexue_fast.flows.chain_cpp, csrc/flows/dense_chain.cpp), on CUDA
+                       the closed-form torch path
+  kexue_fast series    gradient by backpropagating through the series (C++ block on the CPU)
   normflows Neumann    Residual(reduce_memory=True): Neumann gradient computed in forward
   normflows series     Residual(reduce_memory=False)
   FrEIA                IResNetLayer(jacobian_iterations=k): its log-det carries no gradient (less work)
   kexue_fast fused Triton (CUDA only) the Neumann block with backend='triton': the fused forward kernel
                        (kernels/iresnet.py); `auto` runs the closed-form torch path, measured faster
-  kexue_fast series, closed form / graph   the series gradient by the other path than `auto`'s: on the CPU (where
-                       `kexue_fast series` differentiates torch's graph of the series, chain_series_logdet) the closed
-                       form, off the CPU (where it is the closed form) the graph; chain_neumann._series_closed_form
+  kexue_fast Neumann, torch / series, torch   (CPU only) the same blocks with backend='torch': the closed-form
+                       Neumann gradient (kexue_fast.flows.chain_neumann) and torch's graph of the series
+                       (chain_series_logdet), what the CPU ran before the C++ block
+  kexue_fast series, graph   (CUDA only) the series gradient through torch's graph instead of `auto`'s closed form
   kexue_fast compiled  the Neumann step under torch.compile(fullgraph=True) (normflows cannot trace: it syncs
                        with .item() and calls autograd.grad in forward)
 Conv rows: the same step for the ResidualFlow.conv block g = 3×3 · LipSwish · 1×1 · LipSwish · 3×3 (operator-norm
@@ -241,10 +244,10 @@ def contestants(dim: int, hidden: int, n_terms: int, compiled: bool = True, devi
     }
     if device == "cuda":  # auto runs the closed-form torch path there; this row times the fused Triton block
         found["kexue_fast Neumann, fused Triton"] = OnBackend(ours(dim, hidden, n_terms, True), "triton")
-    closed = device == "cpu"  # the path `auto` does not take on this device
-    found[f"kexue_fast series, {'closed form' if closed else 'graph'}"] = SeriesPath(
-        ours(dim, hidden, n_terms, False), closed
-    )
+        found["kexue_fast series, graph"] = SeriesPath(ours(dim, hidden, n_terms, False), False)
+    else:  # auto runs the C++ block on the CPU; these rows time the torch closed form and torch's graph
+        found["kexue_fast Neumann, torch"] = OnBackend(ours(dim, hidden, n_terms, True), "torch")
+        found["kexue_fast series, torch"] = OnBackend(ours(dim, hidden, n_terms, False), "torch")
     if compiled:
         found["kexue_fast Neumann, compiled"] = Compiled(ours(dim, hidden, n_terms, True))
     try:

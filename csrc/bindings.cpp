@@ -11,6 +11,7 @@
 #include <thread>
 #include <vector>
 
+#include "flows/dense_chain.hpp"
 #include "hsic/hsic_stats.hpp"
 #include "hsic/pair_select.hpp"
 #include "infomap/infomap.hpp"
@@ -23,6 +24,7 @@ namespace ks = kexue::spectral;
 namespace kh = kexue::hsic;
 namespace ki = kexue::infomap;
 namespace kr = kexue::rope;
+namespace kf = kexue::flows;
 
 namespace {
 
@@ -561,6 +563,175 @@ py::tuple complete_integrals(const py::array& m, int n_threads) {
 }
 // ---- end Jacobi -------------------------------------------------------------------------------------------------
 
+// ---- dense invertible residual block (flows/dense_chain) ----------------------------------------------------------
+// Arrays must already be C-contiguous of the chain's dtype and the stated shape: outputs are written in place, so a
+// converted copy would silently lose them.
+template <typename T>
+T* array_ptr(const py::handle& obj, const std::vector<std::int64_t>& shape, const std::string& name, bool writeable) {
+  if (!py::isinstance<py::array_t<T>>(obj)) throw py::type_error(name + " must be an array of the chain's dtype");
+  auto arr = py::reinterpret_borrow<py::array>(obj);
+  if (!(arr.flags() & py::array::c_style)) throw py::value_error(name + " must be C-contiguous");
+  if (arr.ndim() != static_cast<py::ssize_t>(shape.size())) throw py::value_error(name + " has the wrong rank");
+  for (std::size_t i = 0; i < shape.size(); ++i)
+    if (arr.shape(static_cast<py::ssize_t>(i)) != shape[i]) throw py::value_error(name + " has the wrong shape");
+  if (writeable && !arr.writeable()) throw py::value_error(name + " must be writeable");
+  return static_cast<T*>(const_cast<void*>(arr.data()));
+}
+
+template <typename T>
+T* optional_ptr(const py::handle& obj, const std::vector<std::int64_t>& shape, const std::string& name,
+                bool writeable) {
+  return obj.is_none() ? nullptr : array_ptr<T>(obj, shape, name, writeable);
+}
+
+// layers: [(V, bias|None, u|None, v|None, coeff)], acts: [(kind, constant, beta)]
+template <typename T>
+kf::Chain<T> chain_of(std::int64_t batch, const py::list& layers, const py::list& acts) {
+  kf::Chain<T> chain;
+  chain.batch = batch;
+  if (layers.size() == 0 || acts.size() + 1 != layers.size())
+    throw py::value_error("a chain has L >= 1 layers and L - 1 activations");
+  for (std::size_t i = 0; i < layers.size(); ++i) {
+    auto item = layers[i].cast<py::tuple>();
+    const std::string at = "layers[" + std::to_string(i) + "]";
+    auto w = py::reinterpret_borrow<py::array>(item[0]);
+    if (w.ndim() != 2) throw py::value_error(at + " weight must be 2-D");
+    kf::Layer<T> layer;
+    layer.out = w.shape(0);
+    layer.in = w.shape(1);
+    layer.weight = array_ptr<T>(item[0], {layer.out, layer.in}, at + " weight", false);
+    layer.bias = optional_ptr<T>(item[1], {layer.out}, at + " bias", false);
+    layer.u = optional_ptr<T>(item[2], {layer.out}, at + " u", false);
+    layer.v = optional_ptr<T>(item[3], {layer.in}, at + " v", false);
+    if ((layer.u == nullptr) != (layer.v == nullptr)) throw py::value_error(at + ": u and v go together");
+    layer.coeff = item[4].cast<double>();
+    if (i > 0 && layer.in != chain.layers.back().out) throw py::value_error(at + " does not follow the layer before");
+    chain.layers.push_back(layer);
+  }
+  chain.dim = chain.layers.front().in;
+  if (chain.layers.back().out != chain.dim) throw py::value_error("the chain must map D features to D features");
+  for (std::size_t i = 0; i < acts.size(); ++i) {
+    auto item = acts[i].cast<py::tuple>();
+    kf::Activation act;
+    const int kind = item[0].cast<int>();
+    if (kind < 0 || kind > 3) throw py::value_error("activation kind must be 0..3");
+    act.kind = static_cast<kf::ActivationKind>(kind);
+    act.constant = item[1].cast<double>();
+    act.beta = item[2].cast<double>();
+    chain.acts.push_back(act);
+  }
+  return chain;
+}
+
+template <typename T>
+T* workspace_ptr(const py::handle& obj, const kf::Chain<T>& chain, std::int64_t lead, bool through_series) {
+  return array_ptr<T>(obj, {kf::workspace_size<T>(chain, lead, through_series)}, "workspace", true);
+}
+
+template <typename T>
+py::tuple dense_chain_forward_typed(const py::array& x, const py::array& probes, const py::list& layers,
+                                    const py::list& acts, const std::vector<std::vector<double>>& inv_prob,
+                                    bool through_series, const py::handle& y, const py::handle& value,
+                                    const py::handle& workspace, int n_threads) {
+  if (x.ndim() != 2) throw py::value_error("x must be [B, D]");
+  const std::int64_t B = x.shape(0);
+  const kf::Chain<T> chain = chain_of<T>(B, layers, acts);
+  const std::int64_t D = chain.dim;
+  const std::int64_t P = static_cast<std::int64_t>(inv_prob.size());
+  if (P < 1) throw py::value_error("at least one probe");
+  if (through_series)
+    for (const auto& plan : inv_prob)
+      if (plan.size() != inv_prob[0].size() || plan.empty())
+        throw py::value_error("through the series every probe needs the same number of terms (>= 1)");
+  const std::int64_t lead = through_series ? P * static_cast<std::int64_t>(inv_prob[0].size()) : P;
+  const T* xp = array_ptr<T>(x, {B, D}, "x", false);
+  const T* pp = array_ptr<T>(probes, {P, B, D}, "probes", false);
+  T* yp = array_ptr<T>(y, {B, D}, "y", true);
+  T* vp = array_ptr<T>(value, {B}, "value", true);
+  T* ws = workspace_ptr<T>(workspace, chain, lead, through_series);
+  kf::ForwardResult result;
+  {
+    py::gil_scoped_release release;
+    result = kf::chain_forward<T>(chain, xp, pp, P, inv_prob, through_series, yp, vp, ws, n_threads);
+  }
+  return py::make_tuple(result.divisor, result.kappa, result.finite);
+}
+
+py::tuple dense_chain_forward(const py::array& x, const py::array& probes, const py::list& layers,
+                              const py::list& acts, const std::vector<std::vector<double>>& inv_prob,
+                              bool through_series, const py::handle& y, const py::handle& value,
+                              const py::handle& workspace, int n_threads) {
+  if (py::isinstance<py::array_t<float>>(x))
+    return dense_chain_forward_typed<float>(x, probes, layers, acts, inv_prob, through_series, y, value, workspace,
+                                            n_threads);
+  if (py::isinstance<py::array_t<double>>(x))
+    return dense_chain_forward_typed<double>(x, probes, layers, acts, inv_prob, through_series, y, value, workspace,
+                                             n_threads);
+  throw py::type_error("x must be float32 or float64");
+}
+
+template <typename T>
+void dense_chain_backward_typed(const py::array& x, const py::array& probes, const py::list& layers,
+                                const py::list& acts, std::int64_t lead, bool through_series,
+                                const py::handle& workspace, const std::vector<double>& divisor,
+                                const std::vector<double>& kappa, const py::handle& grad_y,
+                                const py::handle& grad_value, const py::handle& grad_x, const py::list& grad_w,
+                                const py::list& grad_b, const py::handle& grad_raw_beta, int n_threads) {
+  if (x.ndim() != 2 || probes.ndim() != 3) throw py::value_error("x must be [B, D] and probes [P, B, D]");
+  const std::int64_t B = x.shape(0);
+  const kf::Chain<T> chain = chain_of<T>(B, layers, acts);
+  const std::int64_t D = chain.dim, L = static_cast<std::int64_t>(chain.layers.size()), P = probes.shape(0);
+  if (P < 1 || lead < P || lead % P != 0 || (!through_series && lead != P))
+    throw py::value_error("lead must be n_probes (Neumann) or a multiple of it (through the series)");
+  if (static_cast<std::int64_t>(divisor.size()) != L || static_cast<std::int64_t>(kappa.size()) != L)
+    throw py::value_error("one divisor and one kappa per layer");
+  if (static_cast<std::int64_t>(grad_w.size()) != L || static_cast<std::int64_t>(grad_b.size()) != L)
+    throw py::value_error("one weight and one bias gradient (or None) per layer");
+  const T* xp = array_ptr<T>(x, {B, D}, "x", false);
+  const T* pp = array_ptr<T>(probes, {P, B, D}, "probes", false);
+  const T* ws = workspace_ptr<T>(workspace, chain, lead, through_series);
+  const T* gy = optional_ptr<T>(grad_y, {B, D}, "grad_y", false);
+  const T* gv = optional_ptr<T>(grad_value, {B}, "grad_value", false);
+  T* gx = optional_ptr<T>(grad_x, {B, D}, "grad_x", true);
+  std::vector<T*> weight_grads, bias_grads;
+  for (std::int64_t i = 0; i < L; ++i) {
+    const auto& layer = chain.layers[i];
+    weight_grads.push_back(optional_ptr<T>(grad_w[i], {layer.out, layer.in}, "grad_weight", true));
+    bias_grads.push_back(optional_ptr<T>(grad_b[i], {layer.out}, "grad_bias", true));
+  }
+  T* gb = optional_ptr<T>(grad_raw_beta, {L - 1}, "grad_raw_beta", true);
+  py::gil_scoped_release release;
+  kf::chain_backward<T>(chain, xp, pp, P, lead, through_series, ws, divisor, kappa, gy, gv, gx, weight_grads,
+                        bias_grads, gb, n_threads);
+}
+
+void dense_chain_backward(const py::array& x, const py::array& probes, const py::list& layers, const py::list& acts,
+                          std::int64_t lead, bool through_series, const py::handle& workspace,
+                          const std::vector<double>& divisor, const std::vector<double>& kappa,
+                          const py::handle& grad_y, const py::handle& grad_value, const py::handle& grad_x,
+                          const py::list& grad_w, const py::list& grad_b, const py::handle& grad_raw_beta,
+                          int n_threads) {
+  if (py::isinstance<py::array_t<float>>(x))
+    return dense_chain_backward_typed<float>(x, probes, layers, acts, lead, through_series, workspace, divisor, kappa,
+                                             grad_y, grad_value, grad_x, grad_w, grad_b, grad_raw_beta, n_threads);
+  if (py::isinstance<py::array_t<double>>(x))
+    return dense_chain_backward_typed<double>(x, probes, layers, acts, lead, through_series, workspace, divisor,
+                                              kappa, grad_y, grad_value, grad_x, grad_w, grad_b, grad_raw_beta,
+                                              n_threads);
+  throw py::type_error("x must be float32 or float64");
+}
+
+std::int64_t dense_chain_workspace_size(const py::array& x, const py::list& layers, const py::list& acts,
+                                        std::int64_t lead, bool through_series) {
+  if (x.ndim() != 2) throw py::value_error("x must be [B, D]");
+  if (py::isinstance<py::array_t<float>>(x))
+    return kf::workspace_size<float>(chain_of<float>(x.shape(0), layers, acts), lead, through_series);
+  if (py::isinstance<py::array_t<double>>(x))
+    return kf::workspace_size<double>(chain_of<double>(x.shape(0), layers, acts), lead, through_series);
+  throw py::type_error("x must be float32 or float64");
+}
+// ---- end dense chain ----------------------------------------------------------------------------------------------
+
 py::dict build_info() {
   py::dict info;
   info["version"] = KEXUE_VERSION;
@@ -641,6 +812,18 @@ PYBIND11_MODULE(_core, m) {
   m.def("jose_negative_table", &jose_negative_table, py::arg("counts"), py::arg("table_size"),
         "The unigram^0.75 negative table of jose.c, materialized (for tests; table_size <= 2^26).");
   // ---- end JoSE ----
+  m.def("dense_chain_forward", &dense_chain_forward, py::arg("x"), py::arg("probes"), py::arg("layers"),
+        py::arg("acts"), py::arg("inv_prob"), py::arg("through_series"), py::arg("y"), py::arg("value"),
+        py::arg("workspace"), py::arg("n_threads") = 0,
+        "An invertible residual block with a dense branch: y, the log-det series and, in workspace, what its "
+        "backward needs (csrc/flows/dense_chain.hpp). Returns (divisors, kappas, x_finite).");
+  m.def("dense_chain_backward", &dense_chain_backward, py::arg("x"), py::arg("probes"), py::arg("layers"),
+        py::arg("acts"), py::arg("lead"), py::arg("through_series"), py::arg("workspace"), py::arg("divisors"),
+        py::arg("kappas"), py::arg("grad_y"), py::arg("grad_value"), py::arg("grad_x"), py::arg("grad_weight"),
+        py::arg("grad_bias"), py::arg("grad_raw_beta"), py::arg("n_threads") = 0,
+        "The gradients of dense_chain_forward's outputs, written into grad_* (None: not wanted).");
+  m.def("dense_chain_workspace_size", &dense_chain_workspace_size, py::arg("x"), py::arg("layers"), py::arg("acts"),
+        py::arg("lead"), py::arg("through_series"), "Elements of the workspace dense_chain_forward fills.");
   m.def("jacobi_elliptic", &jacobi_elliptic, py::arg("u"), py::arg("m"), py::arg("n_threads") = 0,
         py::arg("mp") = py::none(),
         "(sn, cn, dn, am, zeta) of same-shape float arrays u, m (0 <= m <= 1, NaN outside), elementwise; mp: 1 - m "

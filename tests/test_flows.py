@@ -118,6 +118,14 @@ def test_neumann_gradient_is_unbiased():
     assert bool(((mean - w.grad.flatten()).abs() <= 4 * se).all()), (mean, w.grad.flatten(), se)
 
 
+@pytest.fixture(params=["auto", "torch"])
+def dense_backend(request, monkeypatch):
+    """Dense-chain blocks on the CPU by `auto` (the C++ block, kexue_fast.flows.chain_cpp) and by the torch closed
+    form (kexue_fast.flows.chain_neumann)."""
+    monkeypatch.setenv("KEXUE_FAST_BACKEND", request.param)
+    return request.param
+
+
 def _weighted_grads(memory_efficient, neumann_grad=True, n_terms=4, logdet="series", path="autograd", act=LipSwish):
     torch.manual_seed(3)
     g = mlp(3, coeff=0.8, act=act)
@@ -136,7 +144,7 @@ def _weighted_grads(memory_efficient, neumann_grad=True, n_terms=4, logdet="seri
     return value.detach(), [t.clone() for t in grads] + [x.grad.clone() if x.grad is not None else torch.zeros_like(x)]
 
 
-def test_memory_efficient_equals_plain_neumann_with_per_sample_weights():
+def test_memory_efficient_equals_plain_neumann_with_per_sample_weights(dense_backend):
     value_a, grads_a = _weighted_grads(memory_efficient=True)
     value_b, grads_b = _weighted_grads(memory_efficient=False)
     assert torch.equal(value_a, value_b)
@@ -148,7 +156,7 @@ def test_memory_efficient_equals_plain_neumann_with_per_sample_weights():
 @pytest.mark.parametrize("act", [LipSwish, nn.ELU, nn.Tanh, lambda: nn.LeakyReLU(0.3)])
 @pytest.mark.parametrize("neumann_grad", [True, False])
 @pytest.mark.parametrize("logdet", ["series", "roulette"])
-def test_dense_chain_path_equals_autograd_path(act, neumann_grad, logdet):
+def test_dense_chain_path_equals_autograd_path(act, neumann_grad, logdet, dense_backend):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # roulette variance notice
         value_a, grads_a = _weighted_grads(True, neumann_grad, logdet=logdet, path="autograd", act=act)
@@ -200,15 +208,27 @@ def _closed_form_run(closed, act, depth, norm, bias, n_probes, logdet, x_grad, t
      (3, "spectral", True, 2, "roulette", True, True), (3, "weight_norm", False, 1, "series", True, True),
      (2, "spectral", False, 3, "roulette", False, False)],
 )  # fmt: skip
-@pytest.mark.parametrize("host_scalars, neumann", [(True, True), (False, True), (True, False), (False, False)])
+@pytest.mark.parametrize(
+    "backend, host_scalars, neumann",
+    [
+        ("torch", True, True),
+        ("torch", False, True),
+        ("torch", True, False),
+        ("torch", False, False),
+        ("cpp", True, True),
+        ("cpp", True, False),
+    ],
+)
 def test_closed_form_neumann_gradient_equals_the_autograd_graph(act, depth, norm, bias, n_probes, logdet, x_grad,
-                                                                train, host_scalars, neumann, monkeypatch):  # fmt: skip
-    """kexue_fast.flows.chain_neumann (one autograd node, spectral norms folded in) against torch's graph of the
-    surrogate (neumann) or of the series itself (neumann_grad=False): same y and log-det, same gradients of a loss on
-    both (1e-12, float64), same power-iteration state. host_scalars=False runs the spectral-norm fold in tensors, as
-    off the CPU."""
+                                                                train, backend, host_scalars, neumann,
+                                                                monkeypatch):  # fmt: skip
+    """kexue_fast.flows.chain_neumann (one autograd node, spectral norms folded in) and the C++ block
+    (kexue_fast.flows.chain_cpp) against torch's graph of the surrogate (neumann) or of the series itself
+    (neumann_grad=False): same y and log-det, same gradients of a loss on both (1e-12, float64), same power-iteration
+    state. host_scalars=False runs the torch closed form's spectral-norm fold in tensors, as off the CPU."""
     from kexue_fast.flows import chain_neumann
 
+    monkeypatch.setenv("KEXUE_FAST_BACKEND", backend)
     monkeypatch.setattr(chain_neumann, "_host_scalars", lambda x: host_scalars)
     monkeypatch.setattr(chain_neumann, "_series_closed_form", lambda x: True)  # on CPU too
     args = (act, depth, norm, bias, n_probes, logdet, x_grad, train)
@@ -222,7 +242,7 @@ def test_closed_form_neumann_gradient_equals_the_autograd_graph(act, depth, norm
 
 
 @pytest.mark.parametrize("conv", [False, True])
-def test_closed_form_keeps_each_forwards_spectral_state_until_backward(conv):
+def test_closed_form_keeps_each_forwards_spectral_state_until_backward(conv, dense_backend):
     """Two training forwards (each advancing the power iteration in place) and one backward give the gradients of
     two forward-backward pairs: each forward snapshots its u, v (dense and conv closed forms)."""
     torch.manual_seed(0)
@@ -415,7 +435,7 @@ def test_closed_form_neumann_gradient_on_cuda(act, depth, norm, n_probes, logdet
 
 @pytest.mark.parametrize("neumann", [True, False])
 @pytest.mark.parametrize("act, depth", [(LipSwish, 2), (nn.ELU, 3), (nn.Tanh, 2)])
-def test_closed_form_block_supports_double_backward(act, depth, neumann, monkeypatch):
+def test_closed_form_block_supports_double_backward(act, depth, neumann, dense_backend, monkeypatch):
     """backward(create_graph=True) through the eager Neumann path gives the graph path's first-order gradients with
     a graph, so a gradient penalty ‖∂L/∂x‖² differentiates to the graph path's parameter gradients (1e-12)."""
     from kexue_fast.flows import chain_neumann
@@ -490,7 +510,7 @@ def _saved_bytes(n_terms, conv=False, **kwargs):
 
 
 @pytest.mark.parametrize("conv", [False, True])
-def test_memory_efficient_saved_bytes_do_not_grow_with_n_terms(conv):
+def test_memory_efficient_saved_bytes_do_not_grow_with_n_terms(conv, dense_backend):
     assert _saved_bytes(2, conv) == _saved_bytes(12, conv)
     assert _saved_bytes(12, conv, neumann_grad=False) > 2 * _saved_bytes(2, conv, neumann_grad=False)
 

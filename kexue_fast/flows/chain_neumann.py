@@ -478,16 +478,24 @@ def chain_neumann_logdet(
         if not stackable or not _series_closed_form(x):
             gx, value = chain_series_logdet(chain, x, plans, probes, neumann_grad=False)
             return x + gx, value
+    spec, params, stacked = _chain_inputs(chain, probes)
+    return _ChainNeumann.apply(x, stacked, spec, plans, through_series, *params)
+
+
+def _chain_inputs(chain: DenseChain, probes: Sequence[Tensor], snapshot: bool = True) -> Tuple[_Spec, list, Tensor]:
+    """(spec, the parameters as _ChainNeumann.apply takes them: raw weights, biases, u's, v's (snapshot: copies),
+    LipSwish raw β's; the probes stacked [P, B, D]), advancing the spectral norms' power iterations as their forward
+    would."""
     spec = chain.closed_form
     if spec is None:
         spec = chain.closed_form = _Spec(chain)
     raw, us, vs = zip(*(lin.tensors() for lin in spec.linears))
     # One snapshot of every u, v: the power iteration rewrites them in place, possibly before this step's backward.
     vectors = [t for t in us + vs if t is not None]
-    if vectors:
+    if vectors and snapshot:
         snapshot = iter(torch.cat(vectors).split([t.numel() for t in vectors]))
         us, vs = ([next(snapshot) if t is not None else None for t in group] for group in (us, vs))
     biases = [lin.layer.bias for lin in spec.linears]
     raw_betas = [a.raw_beta if act.kind == "lipswish" else None for a, act in zip(chain.activations, spec.activations)]
     stacked = probes[0].unsqueeze(0) if len(probes) == 1 else torch.stack(list(probes))
-    return _ChainNeumann.apply(x, stacked, spec, plans, through_series, *raw, *biases, *us, *vs, *raw_betas)
+    return spec, [*raw, *biases, *us, *vs, *raw_betas], stacked

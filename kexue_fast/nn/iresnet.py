@@ -18,6 +18,7 @@ from .. import _dispatch
 from ..flows import inverse as _inverse
 from ..flows import logdet as _logdet
 from ..flows.chain import DenseChain, chain_series_logdet, hook_free
+from ..flows.chain_cpp import chain_logdet_cpp
 from ..flows.chain_neumann import _one_plan, chain_neumann_logdet
 from ..flows.conv_neumann import ConvChain, conv_neumann_logdet, conv_series_logdet
 from ..flows.fused import FusedDenseBranch
@@ -26,9 +27,12 @@ from .spectral_norm import SpectralNorm
 LOGDET_METHODS = ("series", "roulette", "exact", "none")
 OP = "invertible_resblock"
 # triton: the fused forward of Linear·act·Linear branches (kernels/iresnet.py) with the Neumann-gradient series;
-# torch: the closed-form Neumann gradient or the analytic series of dense chains, or autograd for any other g.
+# cpp: a dense chain's whole step (forward, series, either gradient) in two C++ calls (csrc/flows/dense_chain.cpp);
+# torch: the closed-form Neumann gradient or the analytic series of dense chains, or autograd for any other g
+# (conv chains and generic g have no other path).
 _dispatch.register_op(
-    OP, {"triton": (torch.float32,), "torch": (torch.float16, torch.bfloat16, torch.float32, torch.float64)},
+    OP, {"triton": (torch.float32,), "cpp": (torch.float32, torch.float64),
+         "torch": (torch.float16, torch.bfloat16, torch.float32, torch.float64)},
     not_auto={"triton": "measured slower than the torch path's closed-form Neumann gradient in a training step on "
                         "an H200 (D=32 H=128 B=256 k=5: 3.43 vs 2.41 ms, benchmarks/results/flows-cuda.md); "
                         "backend='triton' still runs it"},
@@ -320,11 +324,21 @@ class InvertibleResBlock(nn.Module):
         if x.ndim < 2:
             raise ValueError(f"x must be [B, ...] with a batch dimension, got shape {tuple(x.shape)}")
         compiling = torch.compiler.is_compiling()
+        backend = "torch" if compiling else _dispatch.choose(OP, x.device, x.dtype)
+        method = self.logdet_method
+        if backend == "cpp":
+            reason = self._cpp_unavailable(x)
+            if reason is None:  # the C++ step checks x's finiteness itself; probes, then plans, as the torch path
+                probes = self._probes(x, compiling)
+                return chain_logdet_cpp(self._chain, x, self._plans(x), probes, not self.neumann_grad)
+            if _dispatch.requested_backend(None) == "cpp":
+                raise NotImplementedError(f"backend 'cpp' cannot run this InvertibleResBlock: {reason}")
+            if self._chain is not None and reason not in _LOGGED_FUSED:  # a dense chain on the slower torch path
+                _LOGGED_FUSED.add(reason)
+                _dispatch.logger.warning("InvertibleResBlock runs on torch, not the C++ block: %s", reason)
         # (x·0).sum() is 0 exactly when every entry is finite (∞·0 = NaN): one pass, cheaper than isfinite().all()
         if not compiling and x.device.type == "cpu" and float(x.detach().mul(0).sum()) != 0.0:
             raise ValueError("x contains NaN or Inf")
-        backend = "torch" if compiling else _dispatch.choose(OP, x.device, x.dtype)
-        method = self.logdet_method
         if backend == "triton":
             reason = self._fused_unavailable(x)
             if reason is None:
@@ -381,6 +395,20 @@ class InvertibleResBlock(nn.Module):
         if not hook_free(self._chain_modules):
             return True
         return not ((self._chain is not None and x.ndim == 2) or self._conv_chain is not None)
+
+    def _cpp_unavailable(self, x: Tensor) -> Optional[str]:
+        """Why the C++ block (kexue_fast.flows.chain_cpp) cannot run this call (None if it can)."""
+        if self._chain is None:
+            return "g is not a dense chain Linear (activation Linear)* (the C++ block covers those)"
+        if not hook_free(self._chain_modules):
+            return "g or one of its layers has forward/backward hooks, which the C++ block would skip"
+        if self.logdet_method not in ("series", "roulette"):
+            return f'logdet="{self.logdet_method}" has no C++ path (series and roulette do)'
+        if x.ndim != 2:
+            return f"x must be [B, D] for the C++ block, got {x.ndim}-D"
+        if torch.is_autocast_enabled(x.device.type):
+            return "autocast is on (the C++ block computes in x's dtype; torch's path follows autocast)"
+        return None
 
     def _fused_unavailable(self, x: Tensor) -> Optional[str]:
         """Why the fused Triton block cannot run this call (None if it can)."""

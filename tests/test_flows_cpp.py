@@ -1,0 +1,206 @@
+"""The C++ block (kexue_fast.flows.chain_cpp, csrc/flows/dense_chain.cpp) against the torch paths it replaces on the
+CPU: torch's closed-form Neumann gradient (kexue_fast.flows.chain_neumann) and torch's graph of the series."""
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import kexue_fast
+from kexue_fast.flows import logdet as L
+from kexue_fast.nn import InvertibleResBlock, LipSwish, spectral_norm
+
+D64 = torch.float64
+
+
+def _chain(dim, hidden, acts, dtype, norm=True, bias=True, seed=0):
+    """Linear (act Linear)* with raw weights scaled ×3 so that the spectral norms' δ = max(1, σ̂/c) exceed 1."""
+    torch.manual_seed(seed)
+    dims = [dim, *hidden, dim]
+    layers = []
+    for i in range(len(dims) - 1):
+        lin = nn.Linear(dims[i], dims[i + 1], bias=bias)
+        with torch.no_grad():
+            lin.weight.mul_(3)
+        layers.append(spectral_norm(lin, coeff=0.9, n_power_iterations=1) if norm else lin)
+        if i < len(dims) - 2:
+            layers.append(acts[i]())
+    return nn.Sequential(*layers).to(dtype)
+
+
+def _run(block, x, backend, monkeypatch, seed=5):
+    """(y, log-det, gradients of a per-sample weighted loss on both w.r.t. x and every parameter, the state after) on
+    one backend, on a copy of the block (the spectral norms' power iteration advances in place)."""
+    monkeypatch.setenv("KEXUE_FAST_BACKEND", backend)
+    block = copy.deepcopy(block)
+    x = x.clone().requires_grad_(True)
+    params = list(block.parameters())
+    for p in params:
+        p.grad = None
+    torch.manual_seed(seed)  # the same probes, then the same roulette lengths
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # roulette variance notice
+        y, value = block(x)
+    wy = torch.linspace(-1, 2, y.numel(), dtype=y.dtype).view_as(y)
+    wv = torch.linspace(3, -2, value.numel(), dtype=y.dtype)
+    ((y * wy).sum() + (value * wv).sum()).backward()
+    state = [t.clone() for t in block.state_dict().values()]
+    return [y.detach(), value.detach(), x.grad] + [p.grad for p in params] + state
+
+
+def _assert_close(got, want, rtol):
+    assert len(got) == len(want)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert (a is None) == (b is None), i
+        if a is not None:
+            scale = max(float(b.abs().max()), 1e-30)
+            assert float((a - b).abs().max()) <= rtol * scale, (i, float((a - b).abs().max()), scale)
+
+
+@pytest.mark.parametrize("acts, hidden", [([LipSwish], [17]), ([nn.ELU, nn.Tanh], [9, 16]),
+                                          ([lambda: nn.LeakyReLU(0.2)], [33]), ([], [])])  # fmt: skip
+@pytest.mark.parametrize("batch, dim", [(1, 1), (7, 2), (65, 17), (130, 33)])
+@pytest.mark.parametrize("logdet, n_probes, neumann", [("series", 1, True), ("roulette", 3, True),
+                                                       ("series", 2, False), ("roulette", 2, False)])  # fmt: skip
+def test_cpp_block_equals_torch_paths(acts, hidden, batch, dim, logdet, n_probes, neumann, monkeypatch):
+    """float64: y, log-det and every gradient of the C++ block equal torch's (closed form or graph) to 1e-12."""
+    g = _chain(dim, hidden, acts, D64, bias=batch != 7)
+    block = InvertibleResBlock(g, logdet=logdet, n_terms=4, n_probes=n_probes, neumann_grad=neumann)
+    x = torch.randn(batch, dim, dtype=D64)
+    got = _run(block, x, "cpp", monkeypatch)
+    want = _run(block, x, "torch", monkeypatch)
+    _assert_close(got, want, 1e-12)
+
+
+@pytest.mark.parametrize("neumann", [True, False])
+def test_cpp_block_float32_error_is_within_torch_own(neumann, monkeypatch):
+    """float32 against the float64 truth: the C++ block's error at most 2× the torch path's own (same float32
+    inputs), on the flows benchmark's shape."""
+    g = _chain(32, [128], [LipSwish], D64)
+    x = torch.randn(256, 32, dtype=D64)
+    block64 = InvertibleResBlock(g, n_terms=5, neumann_grad=neumann)
+    truth = _run(block64, x, "torch", monkeypatch)
+    block32 = InvertibleResBlock(_chain(32, [128], [LipSwish], torch.float32), n_terms=5, neumann_grad=neumann)
+    block32.load_state_dict({k: v.float() for k, v in block64.state_dict().items()})
+    got = _run(block32, x.float(), "cpp", monkeypatch)
+    torch_own = _run(block32, x.float(), "torch", monkeypatch)
+    for c, t, ref in zip(got, torch_own, truth):
+        err_c = float((c.double() - ref).norm() / ref.norm())
+        err_t = float((t.double() - ref).norm() / ref.norm())
+        assert err_c <= 2 * err_t + 1e-7, (err_c, err_t)
+
+
+def test_cpp_block_is_what_auto_runs_on_cpu(monkeypatch):
+    calls = []
+    forward = kexue_fast._core.dense_chain_forward
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(kexue_fast._core, "dense_chain_forward", counting)
+    monkeypatch.delenv("KEXUE_FAST_BACKEND", raising=False)
+    block = InvertibleResBlock(_chain(3, [8], [LipSwish], torch.float32))
+    block(torch.randn(4, 3))
+    assert len(calls) == 1
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: torch's path, which follows it
+        block(torch.randn(4, 3))
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_cpp_block_over_threads_is_deterministic_and_agrees(threads, monkeypatch):
+    """Rows split over threads (row blocks of 64): the same result on every run for a thread count, and within
+    rounding of the single-thread run."""
+    g = _chain(5, [24], [LipSwish], D64)
+    block = InvertibleResBlock(g, n_terms=6, n_probes=2)
+    x = torch.randn(300, 5, dtype=D64)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = _run(block, x, "cpp", monkeypatch)
+        torch.set_num_threads(threads)
+        first, second = _run(block, x, "cpp", monkeypatch), _run(block, x, "cpp", monkeypatch)
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    _assert_close(first, single, 1e-12)
+
+
+@pytest.mark.parametrize("acts, hidden", [([LipSwish], [6]), ([nn.ELU, LipSwish], [5, 4])])
+def test_cpp_function_gradcheck_through_the_series(acts, hidden):
+    """Through the series (neumann_grad=False) the gradient is the estimate's own: gradcheck of the C++ Function in
+    float64 with the probes fixed, w.r.t. x, the raw weights (through the folded spectral norms: δ > 1), the biases
+    and LipSwish's raw β; and gradgradcheck (backward(create_graph=True) takes torch's graph)."""
+    from kexue_fast.flows.chain_cpp import _ChainCpp
+    from kexue_fast.flows.chain_neumann import _chain_inputs
+
+    g = _chain(3, hidden, acts, D64)
+    chain = InvertibleResBlock(g, n_terms=3, neumann_grad=False)._chain
+    probes = [torch.randn(4, 3, dtype=D64), torch.randn(4, 3, dtype=D64)]
+    plans = [L.truncated_plan(3)] * 2
+    spec, params, stacked = _chain_inputs(chain, probes)
+    n = len(spec.linears)
+    diff = [p.detach().clone().requires_grad_(True) if p is not None and (i < 2 * n or i >= 4 * n) else p
+            for i, p in enumerate(params)]  # fmt: skip
+    free = [i for i, p in enumerate(diff) if p is not None and p.requires_grad]
+    x = torch.randn(4, 3, dtype=D64, requires_grad=True)
+
+    def f(x, *ps):
+        full = list(diff)
+        for i, p in zip(free, ps):
+            full[i] = p
+        return _ChainCpp.apply(x, stacked, spec, plans, True, *full)
+
+    inputs = (x, *[diff[i] for i in free])
+    assert torch.autograd.gradcheck(f, inputs, atol=1e-8, rtol=1e-6)
+    assert torch.autograd.gradgradcheck(f, inputs, atol=1e-7, rtol=1e-5)
+
+
+def test_cpp_block_bad_inputs(monkeypatch):
+    block = InvertibleResBlock(_chain(3, [8], [LipSwish], torch.float32))
+    x = torch.randn(4, 3)
+    x[2, 1] = math.nan
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        block(x)
+    x[2, 1] = math.inf
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        block(x)
+    with pytest.raises(TypeError, match="one dtype"):
+        block(torch.randn(4, 3, dtype=D64))
+    monkeypatch.setenv("KEXUE_FAST_BACKEND", "cpp")
+    with pytest.raises(NotImplementedError, match="cpp"):
+        block(torch.randn(4, 3, dtype=torch.float16))
+    conv = InvertibleResBlock(nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), LipSwish(), nn.Conv2d(4, 2, 3, padding=1)))
+    with pytest.raises(NotImplementedError, match="not a dense chain"):
+        conv(torch.randn(2, 2, 5, 5))
+    with pytest.raises(NotImplementedError, match="B, D"):
+        block(torch.randn(2, 4, 3))
+
+
+def test_cpp_block_odd_layouts_and_empty_batch(monkeypatch):
+    """A transposed (non-contiguous) x and bias, an empty batch, inference mode."""
+    g = _chain(4, [10], [nn.Tanh], D64)
+    with torch.no_grad():
+        g[0].bias = nn.Parameter(torch.randn(20, dtype=D64)[::2])  # stride 2
+    block = InvertibleResBlock(g, n_terms=3)
+    xt = torch.randn(4, 9, dtype=D64).T
+    assert not xt.is_contiguous()
+    got = _run(block, xt, "cpp", monkeypatch)
+    want = _run(block, xt, "torch", monkeypatch)
+    _assert_close(got, want, 1e-12)
+    monkeypatch.setenv("KEXUE_FAST_BACKEND", "cpp")
+    y, value = block(torch.randn(0, 4, dtype=D64))
+    assert y.shape == (0, 4) and value.shape == (0,)
+    x = torch.randn(5, 4, dtype=D64)
+    block.eval()  # no power-iteration step between the two calls
+    torch.manual_seed(1)
+    with torch.inference_mode():
+        y_inf, v_inf = block(x)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        y_ng, v_ng = block(x)
+    assert torch.equal(y_inf, y_ng) and torch.equal(v_inf, v_ng)
