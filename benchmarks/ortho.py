@@ -3,13 +3,14 @@
 1. Overhead: one SGD step of a small CIFAR-shaped CNN (4 conv + BN + ReLU, 2 max-pools, a linear head; float32,
    batch 32 at 32×32) with and without SOM on its four convolution outputs (kexue_fast.nn.SelfOrthogonality,
    γ = 10, λ₁ = 100, λ₂ = 1). Reported: ms per step and the overhead (with / without − 1); the issue's goal is ≤ 10%.
-   On CUDA the step with SOM runs three times: the torch backend, the fused Triton kernel with IEEE float32 dots
-   (torch's default for matmuls), and the kernel with TF32 dots (torch.backends.cuda.matmul.allow_tf32 = True).
+   On the CPU the step with SOM runs twice: the torch backend and the C++ core (csrc/ortho/som_gram.cpp, `auto`'s
+   choice there). On CUDA three times: the torch backend, the fused Triton kernel with IEEE float32 dots (torch's
+   default for matmuls), and the kernel with TF32 dots (torch.backends.cuda.matmul.allow_tf32 = True).
 2. FLOPs of the step without and with SOM (torch.utils.flop_counter): the regularizer's Gram products are the floor
    of its overhead, whatever the elementwise work costs.
 3. Formula: forward + backward of R for one layer output Y [b, k] by the definition (Θ = ẐᵀẐ materialized,
    kexue_fast.ortho.reference.som_direct) and by som_regularizer (the ẐẐᵀ identity when b < k; the k×k Gram with
-   off-diagonal sums on Θ when b ≥ k; the Triton kernel on CUDA).
+   off-diagonal sums on Θ when b ≥ k; the C++ core on the CPU, the Triton kernel on CUDA).
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def step_flops(device: str, batch: int) -> Dict[str, float]:
 def overhead_rows(device: str, batch: int, reps: int) -> List[list]:
     model, opt, x, target, som = cnn_setup(device, batch)
     steps: Dict[str, Callable[[], None]] = {"step": training_step(model, x, target, som, None, opt)}
-    for backend in ["torch"] + (["triton", "triton tf32"] if device == "cuda" else []):
+    for backend in ["torch"] + (["triton", "triton tf32"] if device == "cuda" else ["cpp"]):
         steps[f"step + SOM ({backend})"] = training_step(model, x, target, som, backend, opt)
     times = time_contestants(steps, device, reps)
     som.remove()
@@ -114,6 +115,8 @@ def formula_rows(device: str, shapes, reps: int) -> List[list]:
         }
         if device == "cuda":
             contestants["som_regularizer (triton)"] = _grad_of(lambda t: som_regularizer(t, backend="triton"), y)
+        else:
+            contestants["som_regularizer (cpp)"] = _grad_of(lambda t: som_regularizer(t, backend="cpp"), y)
         times = time_contestants(contestants, device, reps)
         for name, t in times.items():
             speed = "" if name == "direct" else f"{times['direct'] / t:.2f}x"

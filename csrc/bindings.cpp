@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <exception>
 #include <optional>
 #include <string>
@@ -16,6 +17,7 @@
 #include "hsic/pair_select.hpp"
 #include "infomap/infomap.hpp"
 #include "jose/jose.hpp"
+#include "ortho/som_gram.hpp"
 #include "rope/jacobi.hpp"
 #include "spectral/power_iteration.hpp"
 
@@ -732,6 +734,51 @@ std::int64_t dense_chain_workspace_size(const py::array& x, const py::list& laye
 }
 // ---- end dense chain ----------------------------------------------------------------------------------------------
 
+// ---- SOM Gram (ortho/som_gram) --------------------------------------------------------------------------------------
+template <typename T>
+void som_gram_typed(const py::array& y, std::int64_t n, std::int64_t c, std::int64_t s, double gamma,
+                    const py::handle& gram, int n_threads) {
+  const T* yp = array_ptr<T>(y, {n * c * s}, "y", false);
+  if (!py::isinstance<py::array_t<double>>(gram)) throw py::type_error("gram must be a float64 array");
+  double* gp = array_ptr<double>(gram, {c, c}, "gram", true);
+  py::gil_scoped_release release;
+  kexue::ortho::som_gram<T>(yp, n, c, s, gamma, gp, n_threads);
+}
+
+void check_som_shape(std::int64_t n, std::int64_t c, std::int64_t s, double gamma) {
+  if (n < 1 || c < 1 || s < 1) throw py::value_error("n, c and s must be >= 1");
+  if (!(gamma > 0) || !std::isfinite(gamma)) throw py::value_error("gamma must be a finite number > 0");
+}
+
+void som_gram(const py::array& y, std::int64_t n, std::int64_t c, std::int64_t s, double gamma, const py::handle& gram,
+              int n_threads) {
+  check_som_shape(n, c, s, gamma);
+  if (py::isinstance<py::array_t<float>>(y)) return som_gram_typed<float>(y, n, c, s, gamma, gram, n_threads);
+  if (py::isinstance<py::array_t<double>>(y)) return som_gram_typed<double>(y, n, c, s, gamma, gram, n_threads);
+  throw py::type_error("y must be float32 or float64");
+}
+
+template <typename T>
+void som_gram_backward_typed(const py::array& y, std::int64_t n, std::int64_t c, std::int64_t s, double gamma,
+                             const py::handle& a, const py::handle& dy, int n_threads) {
+  const T* yp = array_ptr<T>(y, {n * c * s}, "y", false);
+  const T* ap = array_ptr<T>(a, {c, c}, "a", false);
+  T* dp = array_ptr<T>(dy, {n * c * s}, "dy", true);
+  py::gil_scoped_release release;
+  kexue::ortho::som_gram_backward<T>(yp, n, c, s, gamma, ap, dp, n_threads);
+}
+
+void som_gram_backward(const py::array& y, std::int64_t n, std::int64_t c, std::int64_t s, double gamma,
+                       const py::handle& a, const py::handle& dy, int n_threads) {
+  check_som_shape(n, c, s, gamma);
+  if (py::isinstance<py::array_t<float>>(y))
+    return som_gram_backward_typed<float>(y, n, c, s, gamma, a, dy, n_threads);
+  if (py::isinstance<py::array_t<double>>(y))
+    return som_gram_backward_typed<double>(y, n, c, s, gamma, a, dy, n_threads);
+  throw py::type_error("y must be float32 or float64");
+}
+// ---- end SOM Gram -------------------------------------------------------------------------------------------------
+
 py::dict build_info() {
   py::dict info;
   info["version"] = KEXUE_VERSION;
@@ -824,6 +871,12 @@ PYBIND11_MODULE(_core, m) {
         "The gradients of dense_chain_forward's outputs, written into grad_* (None: not wanted).");
   m.def("dense_chain_workspace_size", &dense_chain_workspace_size, py::arg("x"), py::arg("layers"), py::arg("acts"),
         py::arg("lead"), py::arg("through_series"), "Elements of the workspace dense_chain_forward fills.");
+  m.def("som_gram", &som_gram, py::arg("y"), py::arg("n"), py::arg("c"), py::arg("s"), py::arg("gamma"),
+        py::arg("gram"), py::arg("n_threads") = 0,
+        "G = Z^T Z (float64 [c, c]) of Z = tanh(gamma y), y read as [n, c, s] (csrc/ortho/som_gram.hpp).");
+  m.def("som_gram_backward", &som_gram_backward, py::arg("y"), py::arg("n"), py::arg("c"), py::arg("s"),
+        py::arg("gamma"), py::arg("a"), py::arg("dy"), py::arg("n_threads") = 0,
+        "dy = (A Z_i) * (1 - Z_i^2) per sample, Z = tanh(gamma y) read as [n, c, s], A [c, c] symmetric.");
   m.def("jacobi_elliptic", &jacobi_elliptic, py::arg("u"), py::arg("m"), py::arg("n_threads") = 0,
         py::arg("mp") = py::none(),
         "(sn, cn, dn, am, zeta) of same-shape float arrays u, m (0 <= m <= 1, NaN outside), elementwise; mp: 1 - m "

@@ -45,37 +45,75 @@ def test_cheap_identities_equal_the_direct_formula(b, k, gamma):
     assert _rel(gc, gd) <= 1e-12
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
 @pytest.mark.parametrize("b, k", SHAPES)
-def test_torch_path_matches_reference_in_value_and_gradient(b, k):
+def test_torch_path_matches_reference_in_value_and_gradient(b, k, backend):
     g = torch.Generator().manual_seed(b + 7 * k)
     y = torch.randn(b, k, dtype=D64, generator=g).requires_grad_()
-    ours = som_regularizer(y, gamma=2.0, lambda1=3.0, lambda2=0.5, backend="torch")
+    ours = som_regularizer(y, gamma=2.0, lambda1=3.0, lambda2=0.5, backend=backend)
     ref = reference.som_direct(y, 2.0, 3.0, 0.5)
     assert abs(float((ours - ref).detach())) <= 1e-12 * max(abs(float(ref.detach())), 1e-300) or (k == 1 and ours == 0)
     if k > 1:
         assert _rel(torch.autograd.grad(ours, y)[0], torch.autograd.grad(ref, y)[0]) <= 1e-12
 
 
-def test_layouts_grouping_and_reduction():
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_layouts_grouping_and_reduction(backend):
     g = torch.Generator().manual_seed(1)
     conv = torch.randn(3, 5, 4, 2, dtype=D64, generator=g)  # NCHW: b = 3·4·2, k = 5
     seq = torch.randn(2, 9, 6, dtype=D64, generator=g)  # [B, T, k], channels last
     wide = torch.randn(3, 40, dtype=D64, generator=g)  # b < k: the ẐẐᵀ route
-    per = som_regularizer([conv, seq, wide], channel_dim=[1, -1, 1], reduction="none", backend="torch")
+    per = som_regularizer([conv, seq, wide], channel_dim=[1, -1, 1], reduction="none", backend=backend)
     refs = [reference.som_direct(_rows(conv, 1)), reference.som_direct(_rows(seq, -1)), reference.som_direct(wide)]
     assert per.shape == (3,) and per.dtype == D64
     for got, ref in zip(per, refs):
         assert abs(float(got - ref)) <= 1e-12 * float(ref)
-    total = som_regularizer([conv, seq, wide], channel_dim=[1, 2, 1], backend="torch")
+    total = som_regularizer([conv, seq, wide], channel_dim=[1, 2, 1], backend=backend)
     assert abs(float(total - sum(refs))) <= 1e-12 * float(sum(refs))
-    assert som_regularizer(conv, gamma=1.5, backend="torch").ndim == 0
+    assert som_regularizer(conv, gamma=1.5, backend=backend).ndim == 0
 
 
-def test_gradcheck_torch_path():
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_gradcheck_torch_path(backend):
     g = torch.Generator().manual_seed(2)
     y1 = torch.randn(6, 3, 2, dtype=D64, generator=g).requires_grad_()
     y2 = torch.randn(2, 5, dtype=D64, generator=g).requires_grad_()
-    torch.autograd.gradcheck(lambda a, b: som_regularizer([a, b], gamma=0.7, backend="torch"), (y1, y2))
+    y3 = torch.randn(9, 4, dtype=D64, generator=g).requires_grad_()  # b ≥ k: the Gram route on both backends
+    torch.autograd.gradcheck(lambda a, b, c: som_regularizer([a, b, c], gamma=0.7, backend=backend), (y1, y2, y3))
+
+
+@pytest.mark.parametrize("n, c, s", [(1, 1, 1), (3, 7, 1), (2, 17, 130), (4, 64, 9), (300, 33, 1), (2, 6, 1000)])
+def test_cpp_gram_equals_torch_in_float64_and_float32(n, c, s):
+    """The C++ core (odd channel counts, tiles of 128 positions, s = 1 row layouts) against the torch path: float64
+    to 1e-12 in value and gradient; float32 within 2× the torch path's own error against the float64 truth."""
+    g = torch.Generator().manual_seed(n * 1000 + c * 10 + s)
+    y64 = (torch.randn(n, c, s, dtype=D64, generator=g) * 0.15).requires_grad_()
+    results = {}
+    for backend in ("torch", "cpp"):
+        for dtype in (D64, torch.float32):
+            y = y64.detach().to(dtype).requires_grad_()
+            r = som_regularizer(y, gamma=3.0, lambda1=2.0, lambda2=0.5, backend=backend)
+            results[backend, dtype] = (r.detach().double(), torch.autograd.grad(r, y)[0].double())
+    (rt, gt), (rc, gc) = results["torch", D64], results["cpp", D64]
+    assert abs(float(rc - rt)) <= 1e-12 * max(abs(float(rt)), 1e-300)
+    assert _rel(gc, gt) <= 1e-12 or float(gt.abs().max()) == 0
+    for i, truth in enumerate((rt, gt)):
+        own = _rel(results["torch", torch.float32][i], truth)
+        ours = _rel(results["cpp", torch.float32][i], truth)
+        assert ours <= 2 * own + 1e-6, (i, ours, own)
+
+
+def test_cpp_is_what_auto_runs_on_cpu_and_compile_takes_torch(monkeypatch):
+    import kexue_fast
+
+    calls = []
+    gram = kexue_fast._core.som_gram
+    monkeypatch.setattr(kexue_fast._core, "som_gram", lambda *a, **k: calls.append(1) or gram(*a, **k))
+    y = torch.randn(4, 3, 5, 5)
+    eager = som_regularizer(y)
+    assert len(calls) == 1
+    compiled = torch.compile(lambda y: som_regularizer(y), fullgraph=True, backend="aot_eager")(y)
+    assert len(calls) == 1 and torch.allclose(compiled, eager, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-4), (torch.float16, 1e-4)])
@@ -87,11 +125,12 @@ def test_low_precision_inputs_are_computed_in_float32(dtype, tol):
     assert _rel(got, reference.som_direct(y.double())) <= tol
 
 
-def test_dead_unit_matches_reference():
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_dead_unit_matches_reference(backend):
     g = torch.Generator().manual_seed(4)
     y = torch.randn(20, 6, dtype=D64, generator=g)
     y[:, 2] = 0  # a column with tanh(γy) = 0: ẑ = 0, no contribution
-    ours = som_regularizer(y, backend="torch")
+    ours = som_regularizer(y, backend=backend)
     assert torch.isfinite(ours) and abs(float(ours - reference.som_direct(y))) <= 1e-12 * float(ours)
 
 
@@ -208,7 +247,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="backend must be"):
         som_regularizer(y, backend="cuda")
     with pytest.raises(NotImplementedError, match="cpp"):
-        som_regularizer(y, backend="cpp")
+        som_regularizer(y.half(), backend="cpp")  # the C++ core takes float32 and float64
     model = _cnn()
     with pytest.raises(ValueError, match="no submodule named"):
         SelfOrthogonality(model, ["nope"])

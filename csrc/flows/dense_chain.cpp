@@ -7,6 +7,7 @@
 #include <stdexcept>
 
 #include "common/fast_exp.hpp"
+#include "common/gemm.hpp"
 #include "common/parallel.hpp"
 #include "common/simd.hpp"
 
@@ -14,90 +15,10 @@ namespace kexue {
 namespace flows {
 namespace {
 
-#define KEXUE_INLINE inline __attribute__((always_inline))
+using gemm::gemm;
+using gemm::product;
 
 constexpr std::int64_t kRowBlock = 64;  // rows per pass: a [64, H] buffer stays in L1/L2 between the chain's steps
-
-// GCC's generic vectors: one 64-byte vector is one zmm register, two ymm or four xmm, whichever clone runs; a plain
-// array accumulator was neither kept in registers nor vectorized (4.7 against 111 GFLOP/s for [256, 32] × [32, 128]).
-template <typename T>
-struct VecOf {
-  typedef T type __attribute__((vector_size(64)));
-};
-
-// C[MR, NR] (+)= A[MR, k] · M[k, NR] for one register tile: A read with strides (rs, cs) (broadcast scalars, so a
-// transposed A costs the same), M and C row-major, NR = one vector of columns held in registers across the k loop.
-template <typename T, int MR>
-KEXUE_INLINE void tile(std::int64_t k, const T* a, std::int64_t rs, std::int64_t cs, const T* m, std::int64_t ldm,
-                       T* c, std::int64_t ldc, bool accumulate) {
-  typedef typename VecOf<T>::type V;
-  V acc[MR];
-  for (int i = 0; i < MR; ++i) {
-    if (accumulate)
-      __builtin_memcpy(&acc[i], c + i * ldc, sizeof(V));
-    else
-      acc[i] = V{};
-  }
-  for (std::int64_t kk = 0; kk < k; ++kk) {
-    V row;
-    __builtin_memcpy(&row, m + kk * ldm, sizeof(V));
-    for (int i = 0; i < MR; ++i) acc[i] += a[i * rs + kk * cs] * row;
-  }
-  for (int i = 0; i < MR; ++i) __builtin_memcpy(c + i * ldc, &acc[i], sizeof(V));
-}
-
-// The columns past the last full tile (n % NR of them: all of them for D < NR).
-template <typename T>
-KEXUE_INLINE void tail(std::int64_t rows, std::int64_t k, std::int64_t n, const T* a, std::int64_t rs,
-                       std::int64_t cs, const T* m, std::int64_t ldm, T* c, std::int64_t ldc, bool accumulate) {
-  for (std::int64_t i = 0; i < rows; ++i) {
-    T* ci = c + i * ldc;
-    if (!accumulate)
-      for (std::int64_t j = 0; j < n; ++j) ci[j] = T(0);
-    for (std::int64_t kk = 0; kk < k; ++kk) {
-      const T s = a[i * rs + kk * cs];
-      const T* row = m + kk * ldm;
-      for (std::int64_t j = 0; j < n; ++j) ci[j] += s * row[j];
-    }
-  }
-}
-
-// C[rows, n] (+)= A[rows, k] · M[k, n]; A strided (rs, cs), M and C row-major with leading dimensions ldm, ldc.
-template <typename T>
-KEXUE_INLINE void gemm(std::int64_t rows, std::int64_t k, std::int64_t n, const T* a, std::int64_t rs,
-                       std::int64_t cs, const T* m, std::int64_t ldm, T* c, std::int64_t ldc, bool accumulate) {
-  constexpr int NR = 64 / sizeof(T);  // one vector of columns
-  constexpr int MR = 6;
-  std::int64_t j0 = 0;
-  for (; j0 + NR <= n; j0 += NR) {
-    std::int64_t i0 = 0;
-    for (; i0 + MR <= rows; i0 += MR)
-      tile<T, MR>(k, a + i0 * rs, rs, cs, m + j0, ldm, c + i0 * ldc + j0, ldc, accumulate);
-    for (; i0 < rows; ++i0) tile<T, 1>(k, a + i0 * rs, rs, cs, m + j0, ldm, c + i0 * ldc + j0, ldc, accumulate);
-  }
-  if (j0 < n) tail<T>(rows, k, n - j0, a, rs, cs, m + j0, ldm, c + j0, ldc, accumulate);
-}
-
-// C[rows, n] (+)= A[rows, k] · M[k, n] for a row-major A (lda), given M [k, n] and its transpose mt [n, k], both
-// row-major: full vectors of columns by register tiles, the columns past them (all of them when n is narrower than a
-// vector, e.g. D = 2) as dot products along k, which vectorize where the tile's tail would run scalar.
-template <typename T>
-KEXUE_INLINE void product(std::int64_t rows, std::int64_t k, std::int64_t n, const T* a, std::int64_t lda, const T* m,
-                          const T* mt, T* c, std::int64_t ldc, bool accumulate) {
-  constexpr int NR = 64 / sizeof(T);
-  const std::int64_t full = n / NR * NR;
-  if (full > 0) gemm<T>(rows, k, full, a, lda, 1, m, n, c, ldc, accumulate);
-  for (std::int64_t i = 0; i < rows; ++i) {
-    const T* ai = a + i * lda;
-    for (std::int64_t j = full; j < n; ++j) {
-      const T* mj = mt + j * k;
-      T sum = 0;
-#pragma omp simd reduction(+ : sum)
-      for (std::int64_t kk = 0; kk < k; ++kk) sum += ai[kk] * mj[kk];
-      c[i * ldc + j] = accumulate ? c[i * ldc + j] + sum : sum;
-    }
-  }
-}
 
 template <typename T>
 KEXUE_INLINE T sigmoid(T t) {
@@ -422,11 +343,18 @@ bool sums_transposed(std::int64_t in) {
 }
 
 template <typename T>
-struct Partial {  // one thread's sums over its rows
-  std::vector<std::vector<T>> grad_w, grad_b;
+struct Partial {  // one thread's sums over its rows, in double (a row block's weight sums, in T, added per block)
+  std::vector<std::vector<double>> grad_w, grad_b;
   std::vector<double> grad_beta;  // 1.1 ∂β
-  std::vector<T> scratch;
+  std::vector<T> scratch, block_w;
 };
+
+template <typename T>
+KEXUE_INLINE void add_to(std::vector<double>& sum, const T* block, std::int64_t count) {
+  double* out = sum.data();
+#pragma omp simd
+  for (std::int64_t e = 0; e < count; ++e) out[e] += static_cast<double>(block[e]);
+}
 
 template <typename T>
 KEXUE_SIMD_CLONES void backward_rows(const Chain<T>& chain, const SavedForward<T>& saved, const T* grad_y,
@@ -458,30 +386,31 @@ KEXUE_SIMD_CLONES void backward_rows(const Chain<T>& chain, const SavedForward<T
   for (std::int64_t i = L - 1; i >= 0; --i) {
     const Layer<T>& layer = chain.layers[i];
     const std::int64_t in = layer.in;
-    T* gw = part.grad_w[i].data();
-    // ∂W_i += ηᵀ a_{i−1} + Σ_q ρ_qᵀ u_{q,i−1}: A = ηᵀ read with strides (1, width)
-    const bool flip = sums_transposed<T>(in);  // gw is [in, out]: += Uᵀ A
+    part.block_w.resize(static_cast<std::size_t>(layer.out * in));
+    T* gw = part.block_w.data();  // this block's ∂W_i, then added to the thread's double sum
+    bool written = false;
+    // ∂W_i = ηᵀ a_{i−1} + Σ_q ρ_qᵀ u_{q,i−1}: A = ηᵀ read with strides (1, width)
+    const bool flip = sums_transposed<T>(in);  // gw is [in, out]: Uᵀ A
     if (has_eta) {
       const T* prev = i == 0 ? saved.x + b0 * D : saved.a[i - 1] + b0 * in;
       if (flip)
-        gemm<T>(in, R, layer.out, prev, 1, in, eta, width, gw, layer.out, true);
+        gemm<T>(in, R, layer.out, prev, 1, in, eta, width, gw, layer.out, false);
       else
-        gemm<T>(layer.out, R, in, eta, 1, width, prev, in, gw, in, true);
-      if (layer.bias) {
-        T* gb = part.grad_b[i].data();
-        for (std::int64_t r = 0; r < R; ++r)
-#pragma omp simd
-          for (std::int64_t c = 0; c < width; ++c) gb[c] += eta[r * width + c];
-      }
+        gemm<T>(layer.out, R, in, eta, 1, width, prev, in, gw, in, false);
+      written = true;
+      if (layer.bias)
+        for (std::int64_t r = 0; r < R; ++r) add_to(part.grad_b[i], eta + r * width, width);
     }
     if (has_rho)
       for (std::int64_t q = 0; q < lead; ++q) {
         const T* prev = i == 0 ? saved.right + (q * B + b0) * D : saved.uf[i - 1] + (q * B + b0) * in;
         if (flip)
-          gemm<T>(in, R, layer.out, prev, 1, in, rho + q * R * W, width, gw, layer.out, true);
+          gemm<T>(in, R, layer.out, prev, 1, in, rho + q * R * W, width, gw, layer.out, written);
         else
-          gemm<T>(layer.out, R, in, rho + q * R * W, 1, width, prev, in, gw, in, true);
+          gemm<T>(layer.out, R, in, rho + q * R * W, 1, width, prev, in, gw, in, written);
+        written = true;
       }
+    if (written) add_to(part.grad_w[i], gw, layer.out * in);
     if (i == 0) {
       if (grad_x) {
         T* gx = grad_x + b0 * D;
@@ -656,8 +585,8 @@ void chain_backward(const Chain<T>& chain_in, const T* x, const T* probes, std::
   std::vector<Partial<T>> parts(static_cast<std::size_t>(threads));
   for (auto& part : parts) {
     for (const auto& layer : chain.layers) {
-      part.grad_w.emplace_back(static_cast<std::size_t>(layer.out * layer.in), T(0));
-      part.grad_b.emplace_back(static_cast<std::size_t>(layer.out), T(0));
+      part.grad_w.emplace_back(static_cast<std::size_t>(layer.out * layer.in), 0.0);
+      part.grad_b.emplace_back(static_cast<std::size_t>(layer.out), 0.0);
     }
     part.grad_beta.assign(L - 1, 0.0);
   }
@@ -670,32 +599,33 @@ void chain_backward(const Chain<T>& chain_in, const T* x, const T* probes, std::
   for (std::size_t i = 0; i < L; ++i) {
     const Layer<T>& layer = chain.layers[i];
     const std::int64_t size = layer.out * layer.in;
-    std::vector<T>& g = parts[0].grad_w[i];
+    std::vector<double>& g = parts[0].grad_w[i];
     for (std::size_t t = 1; t < parts.size(); ++t)
       for (std::int64_t e = 0; e < size; ++e) g[e] += parts[t].grad_w[i][e];
     if (sums_transposed<T>(layer.in)) {  // [in, out] -> [out, in]
-      const std::vector<T> sum_t = g;
+      const std::vector<double> sum_t = g;
       for (std::int64_t o = 0; o < layer.out; ++o)
         for (std::int64_t c = 0; c < layer.in; ++c) g[o * layer.in + c] = sum_t[c * layer.out + o];
     }
     if (grad_bias[i]) {
-      std::fill(grad_bias[i], grad_bias[i] + layer.out, T(0));
-      for (const auto& part : parts)
-        for (std::int64_t o = 0; o < layer.out; ++o) grad_bias[i][o] += part.grad_b[i][o];
+      for (std::int64_t o = 0; o < layer.out; ++o) {
+        double sum = 0;
+        for (const auto& part : parts) sum += part.grad_b[i][o];
+        grad_bias[i][o] = static_cast<T>(sum);
+      }
     }
     if (grad_weight[i]) {
       T* gv = grad_weight[i];
       if (layer.u) {  // ∂V = (G − ⟨G, W⟩ κ u vᵀ) / δ
-        T dot = 0;
+        double dot = 0;
         const T* w = saved.weight[i];
-        for (std::int64_t e = 0; e < size; ++e) dot += g[e] * w[e];
-        const T coef = static_cast<T>(static_cast<double>(dot) * saved.kappa[i]);
-        const T inv = static_cast<T>(1.0 / saved.divisor[i]);
+        for (std::int64_t e = 0; e < size; ++e) dot += g[e] * static_cast<double>(w[e]);
+        const double coef = dot * saved.kappa[i], inv = 1.0 / saved.divisor[i];
         for (std::int64_t o = 0; o < layer.out; ++o)
           for (std::int64_t c = 0; c < layer.in; ++c)
-            gv[o * layer.in + c] = (g[o * layer.in + c] - coef * layer.u[o] * layer.v[c]) * inv;
+            gv[o * layer.in + c] = static_cast<T>((g[o * layer.in + c] - coef * layer.u[o] * layer.v[c]) * inv);
       } else {
-        std::copy(g.begin(), g.end(), gv);
+        for (std::int64_t e = 0; e < size; ++e) gv[e] = static_cast<T>(g[e]);
       }
     }
     if (i + 1 < L) {

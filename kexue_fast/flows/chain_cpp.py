@@ -32,7 +32,7 @@ def _padded(plans: Sequence[SeriesPlan], through_series: bool) -> List[List[floa
         raise ValueError("masked series plans (the roulette under torch.compile) have no C++ path")
     inv = [list(p.inv_prob) for p in plans]
     if through_series:
-        longest = max(len(i) for i in inv)
+        longest = max(1, *(len(i) for i in inv))  # all-empty plans (a Poisson length of 0): one zero term
         inv = [i + [0.0] * (longest - len(i)) for i in inv]
     return inv
 
@@ -176,4 +176,7 @@ def chain_logdet_cpp(chain: DenseChain, x: Tensor, plans: Sequence[SeriesPlan], 
 
     through_series = through_series and torch.is_grad_enabled()  # without a backward, the value is all there is
     spec, params, stacked = _chain_inputs(chain, probes, snapshot=False)  # the C++ forward snapshots u, v itself
-    return _ChainCpp.apply(x, stacked, spec, plans, through_series, *params)
+    # contiguous before the Function, so that what it saves is what backward(create_graph=True) differentiates by
+    n = len(spec.linears)
+    params[:n] = [w.contiguous() for w in params[:n]]
+    return _ChainCpp.apply(x.contiguous(), stacked, spec, plans, through_series, *params)

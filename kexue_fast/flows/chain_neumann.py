@@ -228,7 +228,7 @@ def _neumann_rows(weights: Sequence[Tensor], derivs: Sequence[Tensor], plans: Se
     for i in range(len(weights) - 1):
         zs.append(torch.matmul(us[-1], weights[i].T))
         us.append(zs[-1] * derivs[i])
-    if _one_plan(plans) and plans[0].n_terms * probes.numel() <= _STACKED_SERIES_MAX:
+    if _one_plan(plans) and 1 <= plans[0].n_terms and plans[0].n_terms * probes.numel() <= _STACKED_SERIES_MAX:
         value, rows = _stacked_series(weights, derivs, plans[0], probes, torch.matmul(us[-1], weights[-1].T))
     else:
         value, row_list = series_value_and_rows(weights, derivs, plans, list(probes.unbind(0)), rows=True)

@@ -209,9 +209,15 @@ class InvertibleResBlock(nn.Module):
     node, operator-norm spectral norms folded in, double backward as above; through the series when the probes share
     one roulette length, else by torch's graph of the series). Other branches go through autograd, where
     memory_efficient=True refuses double backward with a clear error.
-    Backends: `auto` runs these torch paths on every device. KEXUE_FAST_BACKEND=triton runs the fused Triton forward
-    of float32 CUDA Linear·act·Linear branches (kexue_fast.flows.fused), slower than the closed form in an H200
-    training step (benchmarks/results/flows-cuda.md), and raises where that kernel cannot run.
+    Backends: on CPU tensors (float32/float64) `auto` runs dense-chain branches on [B, D] inputs through the C++ block
+    (kexue_fast.flows.chain_cpp, csrc/flows/dense_chain.cpp): the whole step — y, the series and either gradient,
+    the spectral norms folded in — in one call forward and one backward, the same estimator and gradients as the
+    torch closed forms above (tested to 1e-12 in float64), rows over torch.get_num_threads() threads. Under autocast,
+    for hooked chains and for other branches it runs the torch paths (a dense chain it cannot take is logged once).
+    Off the CPU `auto` runs the torch paths. KEXUE_FAST_BACKEND=torch forces them; =cpp raises where the C++ block
+    cannot run; =triton runs the fused Triton forward of float32 CUDA Linear·act·Linear branches
+    (kexue_fast.flows.fused), slower than the closed form in an H200 training step
+    (benchmarks/results/flows-cuda.md), and raises where that kernel cannot run.
 
     inverse(y) -> x by fixed-point iteration or Anderson acceleration, stopping when ‖F(x) − x‖∞ ≤ atol +
     (rtol + 16ε)‖x‖∞ per sample for F(x) = y − g(x), ε the dtype's rounding unit (a RuntimeWarning if max_iter

@@ -25,7 +25,7 @@ from .._autograd import first_order
 OP = "som_regularizer"
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _dispatch.register_op(
-    OP, {"triton": _FLOATS, "torch": _FLOATS},
+    OP, {"triton": _FLOATS, "cpp": (torch.float32, torch.float64), "torch": _FLOATS},
     not_auto={"triton": "measured slower than the torch path on an H200 (a CNN step + SOM: 25.5 ms vs 4.6 ms, "
                         "benchmarks/results/ortho-cuda.md); backend='triton' still runs it"},
 )  # fmt: skip
@@ -221,8 +221,40 @@ class _TorchGram(torch.autograd.Function):
         return None, None, dy.reshape(shape).to(dtype)
 
 
-def _torch_grams(ys: Sequence[Tensor], layouts: Sequence[Layout], gamma: float) -> Tensor:
-    grams = [_TorchGram.apply(gamma, lay, y) for y, lay in zip(ys, layouts)]
+class _CppGram(torch.autograd.Function):
+    """(gamma, layout, y) -> G = ZᵀZ (float64 [k, k]) of Z = tanh(γY) by the C++ core (csrc/ortho/som_gram.cpp): Y read
+    as [N, C, S] in place, Z never stored (each sample's recomputed in cache, in forward and again in backward);
+    backward ∂R/∂Y = (A Z) ⊙ (1 − Z²), A = γ(Ḡ + Ḡᵀ)."""
+
+    @staticmethod
+    def forward(ctx, gamma: float, layout: Layout, y: Tensor) -> Tensor:
+        from .. import _core
+
+        n, c, s = layout
+        y_flat = y.detach().contiguous().view(-1)
+        g = torch.empty((c, c), dtype=torch.float64)
+        _core.som_gram(y_flat.numpy(), n, c, s, gamma, g.numpy(), torch.get_num_threads())
+        ctx.gamma, ctx.layout, ctx.shape = gamma, layout, y.shape
+        ctx.save_for_backward(y)
+        return g
+
+    @staticmethod
+    @first_order
+    def backward(ctx, grad: Tensor):
+        from .. import _core
+
+        (y,) = ctx.saved_tensors
+        n, c, s = ctx.layout
+        y_flat = y.detach().contiguous().view(-1)
+        a = ((grad + grad.mT) * ctx.gamma).to(y.dtype).contiguous()
+        dy = torch.empty_like(y_flat)
+        _core.som_gram_backward(y_flat.numpy(), n, c, s, ctx.gamma, a.numpy(), dy.numpy(), torch.get_num_threads())
+        return None, None, dy.view(ctx.shape)
+
+
+def _torch_grams(ys: Sequence[Tensor], layouts: Sequence[Layout], gamma: float, cpp: bool = False) -> Tensor:
+    gram = _CppGram if cpp else _TorchGram
+    grams = [gram.apply(gamma, lay, y) for y, lay in zip(ys, layouts)]
     kp = max(g.shape[0] for g in grams)
     return torch.stack([torch.nn.functional.pad(g, (0, kp - g.shape[0], 0, kp - g.shape[0])) for g in grams])
 
@@ -244,9 +276,12 @@ def som_regularizer(
     Y [b, k] with k = its size along channel_dim (an int for all, or one per layer; default 1: [b, k] outputs and
     NCHW convolutions; use -1 for channels-last outputs such as nn.Linear's on [B, T, k]) and b = the product of the
     other axes. reduction: "sum" (a scalar) or "none" (R per layer, [L]). Result float64 for float64 inputs, else
-    float32 (half inputs are computed in float32). backend: "auto" (torch: on an H200 the fused kernel measured
-    slower in a training step), "triton" (the fused kernel; CUDA), "torch". Non-contiguous inputs are copied for the
-    Triton kernel. Formula, paper and identities:
+    float32 (half inputs are computed in float32). backend: "auto" (the C++ core for float32/float64 CPU tensors;
+    torch elsewhere: on an H200 the fused kernel measured slower in a training step), "cpp"
+    (csrc/ortho/som_gram.cpp: tanh and the Gram's upper triangle in one pass over Y, Z never stored; the backward in
+    one more), "triton" (the fused kernel; CUDA), "torch". Non-contiguous inputs are copied for the C++ and Triton
+    kernels. Layers with fewer rows than channels (b < k) take the b×b form in torch on every backend; under
+    torch.compile the C++ core gives way to the torch path (it is not traceable). Formula, paper and identities:
     kexue_fast.ortho.reference; a column with ‖tanh(γy_j)‖ < eps is scaled by 1/eps (as torch's F.normalize).
     """
     check_hyperparameters(gamma, lambda1, lambda2, eps)
@@ -257,6 +292,8 @@ def som_regularizer(
     device = ys[0].device
     layouts = [_layout(t, d) for t, d in zip(ys, dims)]
     chosen = {dt: _dispatch.choose(OP, device, dt, backend) for dt in dict.fromkeys(t.dtype for t in ys)}
+    if torch.compiler.is_compiling():  # the C++ core is not traceable: torch.compile traces the torch path
+        chosen = {dt: "torch" if name == "cpp" else name for dt, name in chosen.items()}
     with torch.autocast(device.type, enabled=False):  # the Grams stay float32/64 under mixed precision
         per_layer = _per_layer(ys, dims, layouts, chosen, gamma, lambda1, lambda2, eps)
     return per_layer.sum() if reduction == "sum" else per_layer
@@ -275,7 +312,7 @@ def _per_layer(ys, dims, layouts, chosen, gamma: float, lambda1: float, lambda2:
             flat_layouts = [v for i in idx for v in layouts[i]]
             grams = _triton_gram([ys[i].contiguous() for i in idx], flat_layouts, gamma)
         else:
-            grams = _torch_grams([ys[i] for i in idx], [layouts[i] for i in idx], gamma)
+            grams = _torch_grams([ys[i] for i in idx], [layouts[i] for i in idx], gamma, cpp=name == "cpp")
         penalties = gram_penalty(grams, [layouts[i][1] for i in idx], lambda1, lambda2, eps)
         for j, i in enumerate(idx):
             values[i] = penalties[j]

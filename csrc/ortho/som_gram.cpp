@@ -1,0 +1,192 @@
+// The SOM Gram and its backward on the CPU: see som_gram.hpp.
+#include "ortho/som_gram.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "common/fast_exp.hpp"
+#include "common/gemm.hpp"
+#include "common/parallel.hpp"
+#include "common/simd.hpp"
+
+namespace kexue {
+namespace ortho {
+namespace {
+
+constexpr std::int64_t kRows = 128;  // rows per block when s = 1, positions per chunk in the backward
+
+// tanh(t) = sign(t)(1 − e)/(1 + e), e = exp(−2|t|) ≤ 1: vectorizes (no libm call); absolute error a few ulp(1).
+template <typename T>
+KEXUE_INLINE T tanh_of(T t) {
+  const T e = exp_nonpositive(T(-2) * std::fabs(t));
+  const T r = (T(1) - e) / (T(1) + e);
+  return t < T(0) ? -r : r;
+}
+
+template <typename T>
+KEXUE_INLINE void tanh_into(const T* y, T gamma, T* z, std::int64_t count) {
+#pragma omp simd
+  for (std::int64_t e = 0; e < count; ++e) z[e] = tanh_of(gamma * y[e]);
+}
+
+// 32-byte vectors for the dot tiles: MI·MJ accumulators and MI + MJ operands fit AVX2's 16 registers.
+template <typename T>
+struct Vec32 {
+  typedef T type __attribute__((vector_size(32)));
+};
+
+// out[i][j] = Σ_k a_i[k] b_j[k] for MI rows a_i and MJ rows b_j of length p (row stride ld): the reduction runs along
+// the rows in vectors, each accumulator summed across its lanes at the end.
+template <typename T, int MI, int MJ>
+KEXUE_INLINE void dot_tile(std::int64_t p, const T* a, const T* b, std::int64_t ld, T* out, std::int64_t ldo) {
+  typedef typename Vec32<T>::type V;
+  constexpr int W = 32 / sizeof(T);
+  V acc[MI][MJ];
+  for (int i = 0; i < MI; ++i)
+    for (int j = 0; j < MJ; ++j) acc[i][j] = V{};
+  std::int64_t k = 0;
+  for (; k + W <= p; k += W) {
+    V av[MI], bv[MJ];
+    for (int i = 0; i < MI; ++i) std::memcpy(&av[i], a + i * ld + k, sizeof(V));
+    for (int j = 0; j < MJ; ++j) std::memcpy(&bv[j], b + j * ld + k, sizeof(V));
+    for (int i = 0; i < MI; ++i)
+      for (int j = 0; j < MJ; ++j) acc[i][j] += av[i] * bv[j];
+  }
+  for (int i = 0; i < MI; ++i)
+    for (int j = 0; j < MJ; ++j) {
+      T sum = 0;
+      for (int l = 0; l < W; ++l) sum += acc[i][j][l];
+      for (std::int64_t kk = k; kk < p; ++kk) sum += a[i * ld + kk] * b[j * ld + kk];
+      out[i * ldo + j] = sum;
+    }
+}
+
+// out [c, c] (upper triangle and a little more) = Z Zᵀ for Z [c, p] row-major.
+template <typename T>
+KEXUE_INLINE void upper_gram_rows(const T* z, std::int64_t c, std::int64_t p, T* out) {
+  constexpr int MI = 4, MJ = 2;
+  for (std::int64_t i0 = 0; i0 < c; i0 += MI) {
+    const int mi = static_cast<int>(std::min<std::int64_t>(MI, c - i0));
+    for (std::int64_t j0 = i0 / MJ * MJ; j0 < c; j0 += MJ) {
+      const int mj = static_cast<int>(std::min<std::int64_t>(MJ, c - j0));
+      const T* a = z + i0 * p;
+      const T* b = z + j0 * p;
+      T* o = out + i0 * c + j0;
+      if (mi == MI && mj == MJ)
+        dot_tile<T, MI, MJ>(p, a, b, p, o, c);
+      else
+        for (int i = 0; i < mi; ++i)
+          for (int j = 0; j < mj; ++j) dot_tile<T, 1, 1>(p, a + i * p, b + j * p, p, o + i * c + j, c);
+    }
+  }
+}
+
+template <typename T>
+KEXUE_SIMD_CLONES void gram_rows(const T* y, std::int64_t c, std::int64_t s, T gamma, std::int64_t i0, std::int64_t i1,
+                                 std::vector<double>& gram, std::vector<T>& scratch) {
+  const std::int64_t block = s == 1 ? kRows * c : c * s;
+  scratch.resize(static_cast<std::size_t>(block + c * c));
+  T* z = scratch.data();
+  T* tile = z + block;
+  auto add_upper = [&]() {
+    for (std::int64_t a = 0; a < c; ++a)
+      for (std::int64_t b = a; b < c; ++b) gram[a * c + b] += tile[a * c + b];
+  };
+  if (s == 1) {  // rows [r, c]: G += Zᵀ Z by broadcast tiles (A = Zᵀ read with strides (1, c))
+    for (std::int64_t r0 = i0; r0 < i1; r0 += kRows) {
+      const std::int64_t rows = std::min(kRows, i1 - r0);
+      tanh_into(y + r0 * c, gamma, z, rows * c);
+      gemm::gemm<T>(c, rows, c, z, 1, c, z, c, tile, c, false);
+      add_upper();
+    }
+    return;
+  }
+  for (std::int64_t i = i0; i < i1; ++i) {  // G += Z_i Z_iᵀ, Z_i [c, s]
+    tanh_into(y + i * c * s, gamma, z, c * s);
+    upper_gram_rows(z, c, s, tile);
+    add_upper();
+  }
+}
+
+template <typename T>
+KEXUE_SIMD_CLONES void backward_rows(const T* y, std::int64_t c, std::int64_t s, T gamma, const T* a, T* dy,
+                                     std::int64_t i0, std::int64_t i1, std::vector<T>& scratch) {
+  // s > 1: Z_i in chunks of kRows positions, rows kChunkStride apart (a power-of-two stride such as H·W = 1024
+  // would map the product's k rows to one L1 set)
+  const std::int64_t stride = kRows + 64 / static_cast<std::int64_t>(sizeof(T));
+  const std::int64_t block = s == 1 ? kRows * c : c * stride;
+  scratch.resize(static_cast<std::size_t>(block));
+  T* z = scratch.data();
+  if (s == 1) {  // dy rows = (Z A) ⊙ (1 − Z²) (A symmetric)
+    for (std::int64_t r0 = i0; r0 < i1; r0 += kRows) {
+      const std::int64_t rows = std::min(kRows, i1 - r0);
+      tanh_into(y + r0 * c, gamma, z, rows * c);
+      T* out = dy + r0 * c;
+      gemm::gemm<T>(rows, c, c, z, c, 1, a, c, out, c, false);
+#pragma omp simd
+      for (std::int64_t e = 0; e < rows * c; ++e) out[e] *= T(1) - z[e] * z[e];
+    }
+    return;
+  }
+  for (std::int64_t i = i0; i < i1; ++i)  // dy_i [c, s] = (A Z_i) ⊙ (1 − Z_i²), kRows positions at a time
+    for (std::int64_t p0 = 0; p0 < s; p0 += kRows) {
+      const std::int64_t p = std::min(kRows, s - p0);
+      for (std::int64_t ch = 0; ch < c; ++ch) tanh_into(y + (i * c + ch) * s + p0, gamma, z + ch * stride, p);
+      T* out = dy + i * c * s + p0;
+      gemm::gemm<T>(c, c, p, a, c, 1, z, stride, out, s, false);
+      for (std::int64_t ch = 0; ch < c; ++ch) {
+        T* o = out + ch * s;
+        const T* zc = z + ch * stride;
+#pragma omp simd
+        for (std::int64_t e = 0; e < p; ++e) o[e] *= T(1) - zc[e] * zc[e];
+      }
+    }
+}
+
+// Threads over samples (rows when s = 1), each with at least ~64K elements of work: a thread costs its start-up.
+int workers_for(std::int64_t n, std::int64_t c, std::int64_t s, int n_threads) {
+  const std::int64_t tasks = std::max<std::int64_t>(1, std::min(n, n * c * s / (1 << 16)));
+  return worker_count(n_threads, static_cast<std::size_t>(tasks));
+}
+
+}  // namespace
+
+template <typename T>
+void som_gram(const T* y, std::int64_t n, std::int64_t c, std::int64_t s, double gamma, double* gram, int n_threads) {
+  const int threads = workers_for(n, c, s, n_threads);
+  std::vector<std::vector<double>> partial(static_cast<std::size_t>(threads),
+                                           std::vector<double>(static_cast<std::size_t>(c * c), 0.0));
+  std::vector<std::vector<T>> scratch(static_cast<std::size_t>(threads));
+  run_workers(threads, [&](int t) {
+    gram_rows<T>(y, c, s, static_cast<T>(gamma), n * t / threads, n * (t + 1) / threads, partial[t], scratch[t]);
+  });
+  for (std::int64_t a = 0; a < c; ++a)
+    for (std::int64_t b = a; b < c; ++b) {
+      double sum = 0;
+      for (const auto& part : partial) sum += part[a * c + b];
+      gram[a * c + b] = sum;
+      gram[b * c + a] = sum;
+    }
+}
+
+template <typename T>
+void som_gram_backward(const T* y, std::int64_t n, std::int64_t c, std::int64_t s, double gamma, const T* a, T* dy,
+                       int n_threads) {
+  const int threads = workers_for(n, c, s, n_threads);
+  std::vector<std::vector<T>> scratch(static_cast<std::size_t>(threads));
+  run_workers(threads, [&](int t) {
+    backward_rows<T>(y, c, s, static_cast<T>(gamma), a, dy, n * t / threads, n * (t + 1) / threads, scratch[t]);
+  });
+}
+
+template void som_gram<float>(const float*, std::int64_t, std::int64_t, std::int64_t, double, double*, int);
+template void som_gram<double>(const double*, std::int64_t, std::int64_t, std::int64_t, double, double*, int);
+template void som_gram_backward<float>(const float*, std::int64_t, std::int64_t, std::int64_t, double, const float*,
+                                       float*, int);
+template void som_gram_backward<double>(const double*, std::int64_t, std::int64_t, std::int64_t, double,
+                                        const double*, double*, int);
+
+}  // namespace ortho
+}  // namespace kexue

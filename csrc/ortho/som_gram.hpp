@@ -1,0 +1,27 @@
+// The Self-Orthogonality regularizer's heavy part on the CPU (torch-free): the Gram G = ZᵀZ of Z = tanh(γY) and its
+// backward ∂Y = (A Z) ⊙ (1 − Z²) for A = γ(Ḡ + Ḡᵀ) (kexue_fast/ortho/som.py takes R from G).
+//
+// Y is read in place as [n, c, s] (c channels; the rows of Y as [b, k] are the (i, position) pairs, b = n·s): an NCHW
+// convolution output is n = N, s = H·W; an [N, k] linear output is s = 1. Z is never stored: each sample's Z_i
+// [c, s] (or a block of rows when s = 1) is computed into a cache-sized scratch, used, and recomputed by the
+// backward. G = Σ_i Z_i Z_iᵀ: for s > 1 by dot-product register tiles along the positions (no transposition), only
+// the upper triangle's tiles, summed per sample in double; for s = 1 by broadcast tiles over blocks of rows. Samples
+// are split over threads, partial Grams added in thread order (deterministic for a given thread count).
+#pragma once
+
+#include <cstdint>
+
+namespace kexue {
+namespace ortho {
+
+// G [c, c] (double) of Z = tanh(γ y).
+template <typename T>
+void som_gram(const T* y, std::int64_t n, std::int64_t c, std::int64_t s, double gamma, double* gram, int n_threads);
+
+// dy [n, c, s] = (A Z_i) ⊙ (1 − Z_i²) per sample, Z = tanh(γ y), for a [c, c] symmetric (row-major).
+template <typename T>
+void som_gram_backward(const T* y, std::int64_t n, std::int64_t c, std::int64_t s, double gamma, const T* a, T* dy,
+                       int n_threads);
+
+}  // namespace ortho
+}  // namespace kexue
