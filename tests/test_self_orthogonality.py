@@ -82,7 +82,8 @@ def test_gradcheck_torch_path(backend):
     torch.autograd.gradcheck(lambda a, b, c: som_regularizer([a, b, c], gamma=0.7, backend=backend), (y1, y2, y3))
 
 
-@pytest.mark.parametrize("n, c, s", [(1, 1, 1), (3, 7, 1), (2, 17, 130), (4, 64, 9), (300, 33, 1), (2, 6, 1000)])
+@pytest.mark.parametrize("n, c, s", [(1, 1, 1), (3, 7, 1), (2, 17, 130), (4, 64, 9), (300, 33, 1), (2, 6, 1000),
+                                     (1, 5, 2053)])  # fmt: skip
 def test_cpp_gram_equals_torch_in_float64_and_float32(n, c, s):
     """The C++ core (odd channel counts, tiles of 128 positions, s = 1 row layouts) against the torch path: float64
     to 1e-12 in value and gradient; float32 within 2× the torch path's own error against the float64 truth."""
@@ -101,6 +102,42 @@ def test_cpp_gram_equals_torch_in_float64_and_float32(n, c, s):
         own = _rel(results["torch", torch.float32][i], truth)
         ours = _rel(results["cpp", torch.float32][i], truth)
         assert ours <= 2 * own + 1e-6, (i, ours, own)
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1e-9, 1e-12])
+def test_cpp_gram_keeps_relative_accuracy_for_tiny_inputs(scale):
+    """Θ normalizes Z's columns, so tanh(γy) needs relative accuracy where γy is tiny (the C++ tanh goes through an
+    accurate expm1, not (1 − e)/(1 + e)): float64 R and ∂R/∂Y equal the torch path's to 1e-12, also with one
+    near-dead channel among normal ones."""
+    g = torch.Generator().manual_seed(9)
+    for y in (
+        torch.randn(40, 6, 3, dtype=D64, generator=g) * scale,
+        torch.randn(40, 6, 3, dtype=D64, generator=g) * torch.tensor([1, 1, scale, 1, 1, 1])[:, None],
+    ):
+        got, want = [], []
+        for backend, out in (("cpp", got), ("torch", want)):
+            yy = y.clone().requires_grad_()
+            r = som_regularizer(yy, backend=backend)
+            out += [r.detach(), torch.autograd.grad(r, yy)[0]]
+        assert _rel(got[0], want[0]) <= 1e-12 and _rel(got[1], want[1]) <= 1e-12
+
+
+def test_cpp_saves_y_so_in_place_changes_before_backward_are_refused():
+    """The C++ backend saves Y (Z is recomputed in backward) where the torch path saves Z: modifying Y in place
+    between the regularizer and backward is autograd's usual in-place error there (documented), not a wrong
+    gradient; the torch backend accepts it."""
+    y0 = torch.randn(16, 4, 3, 3)
+    for backend in ("torch", "cpp"):
+        h = y0.clone().requires_grad_()
+        hh = h * 1.0
+        r = som_regularizer(hh, backend=backend)
+        torch.relu_(hh)
+        if backend == "torch":
+            (r + hh.sum()).backward()
+            assert h.grad is not None
+        else:
+            with pytest.raises(RuntimeError, match="inplace"):
+                (r + hh.sum()).backward()
 
 
 def test_cpp_is_what_auto_runs_on_cpu_and_compile_takes_torch(monkeypatch):

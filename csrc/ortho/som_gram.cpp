@@ -15,13 +15,16 @@ namespace kexue {
 namespace ortho {
 namespace {
 
-constexpr std::int64_t kRows = 128;  // rows per block when s = 1, positions per chunk in the backward
+constexpr std::int64_t kRows = 128;       // rows per block when s = 1, positions per chunk in the backward
+constexpr std::int64_t kPositions = 1024;  // positions per chunk of the forward (float sums, then double per chunk)
 
-// tanh(t) = sign(t)(1 − e)/(1 + e), e = exp(−2|t|) ≤ 1: vectorizes (no libm call); absolute error a few ulp(1).
+// tanh(t) = −sign(t) m/(2 + m), m = expm1(−2|t|) ∈ (−1, 0]: vectorizes (no libm call) and keeps relative accuracy
+// near 0, where (1 − e)/(1 + e) with e = exp(−2|t|) would cancel (Θ normalizes the columns, so only relative error
+// counts: a column of γy ~ 1e-9 lost half its digits that way).
 template <typename T>
 KEXUE_INLINE T tanh_of(T t) {
-  const T e = exp_nonpositive(T(-2) * std::fabs(t));
-  const T r = (T(1) - e) / (T(1) + e);
+  const T m = expm1_nonpositive(T(-2) * std::fabs(t));
+  const T r = -m / (T(2) + m);
   return t < T(0) ? -r : r;
 }
 
@@ -63,22 +66,22 @@ KEXUE_INLINE void dot_tile(std::int64_t p, const T* a, const T* b, std::int64_t 
     }
 }
 
-// out [c, c] (upper triangle and a little more) = Z Zᵀ for Z [c, p] row-major.
+// out [c, c] (upper triangle and a little more) = Z Zᵀ for Z [c, p], rows ld apart.
 template <typename T>
-KEXUE_INLINE void upper_gram_rows(const T* z, std::int64_t c, std::int64_t p, T* out) {
+KEXUE_INLINE void upper_gram_rows(const T* z, std::int64_t c, std::int64_t p, std::int64_t ld, T* out) {
   constexpr int MI = 4, MJ = 2;
   for (std::int64_t i0 = 0; i0 < c; i0 += MI) {
     const int mi = static_cast<int>(std::min<std::int64_t>(MI, c - i0));
     for (std::int64_t j0 = i0 / MJ * MJ; j0 < c; j0 += MJ) {
       const int mj = static_cast<int>(std::min<std::int64_t>(MJ, c - j0));
-      const T* a = z + i0 * p;
-      const T* b = z + j0 * p;
+      const T* a = z + i0 * ld;
+      const T* b = z + j0 * ld;
       T* o = out + i0 * c + j0;
       if (mi == MI && mj == MJ)
-        dot_tile<T, MI, MJ>(p, a, b, p, o, c);
+        dot_tile<T, MI, MJ>(p, a, b, ld, o, c);
       else
         for (int i = 0; i < mi; ++i)
-          for (int j = 0; j < mj; ++j) dot_tile<T, 1, 1>(p, a + i * p, b + j * p, p, o + i * c + j, c);
+          for (int j = 0; j < mj; ++j) dot_tile<T, 1, 1>(p, a + i * ld, b + j * ld, ld, o + i * c + j, c);
     }
   }
 }
@@ -86,7 +89,8 @@ KEXUE_INLINE void upper_gram_rows(const T* z, std::int64_t c, std::int64_t p, T*
 template <typename T>
 KEXUE_SIMD_CLONES void gram_rows(const T* y, std::int64_t c, std::int64_t s, T gamma, std::int64_t i0, std::int64_t i1,
                                  std::vector<double>& gram, std::vector<T>& scratch) {
-  const std::int64_t block = s == 1 ? kRows * c : c * s;
+  const std::int64_t stride = kPositions + 64 / static_cast<std::int64_t>(sizeof(T));  // not a power of two
+  const std::int64_t block = s == 1 ? kRows * c : c * stride;
   scratch.resize(static_cast<std::size_t>(block + c * c));
   T* z = scratch.data();
   T* tile = z + block;
@@ -103,11 +107,13 @@ KEXUE_SIMD_CLONES void gram_rows(const T* y, std::int64_t c, std::int64_t s, T g
     }
     return;
   }
-  for (std::int64_t i = i0; i < i1; ++i) {  // G += Z_i Z_iᵀ, Z_i [c, s]
-    tanh_into(y + i * c * s, gamma, z, c * s);
-    upper_gram_rows(z, c, s, tile);
-    add_upper();
-  }
+  for (std::int64_t i = i0; i < i1; ++i)  // G += Z_i Z_iᵀ, Z_i [c, s] in chunks of kPositions positions
+    for (std::int64_t p0 = 0; p0 < s; p0 += kPositions) {
+      const std::int64_t p = std::min(kPositions, s - p0);
+      for (std::int64_t ch = 0; ch < c; ++ch) tanh_into(y + (i * c + ch) * s + p0, gamma, z + ch * stride, p);
+      upper_gram_rows(z, c, p, stride, tile);
+      add_upper();
+    }
 }
 
 template <typename T>

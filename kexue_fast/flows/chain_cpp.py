@@ -54,6 +54,8 @@ def _layout(spec: _Spec, batch: int, dim: int, lead: int, through_series: bool) 
     cache = spec.__dict__.setdefault("_cpp_layouts", {})
     if key in cache:
         return cache[key]
+    if len(cache) >= 64:  # batch sizes that keep changing: do not grow without bound
+        cache.clear()
     layout: Dict[str, List[Tuple[int, tuple]]] = {}
     at = 0
 

@@ -281,7 +281,9 @@ def som_regularizer(
     (csrc/ortho/som_gram.cpp: tanh and the Gram's upper triangle in one pass over Y, Z never stored; the backward in
     one more), "triton" (the fused kernel; CUDA), "torch". Non-contiguous inputs are copied for the C++ and Triton
     kernels. Layers with fewer rows than channels (b < k) take the b×b form in torch on every backend; under
-    torch.compile the C++ core gives way to the torch path (it is not traceable). Formula, paper and identities:
+    torch.compile the C++ core gives way to the torch path (it is not traceable). The C++ backend saves Y for its
+    backward (the torch path saves Z): modifying Y in place before backward then raises autograd's in-place error
+    (as for any op that saves its input); use backend="torch" there. Formula, paper and identities:
     kexue_fast.ortho.reference; a column with ‖tanh(γy_j)‖ < eps is scaled by 1/eps (as torch's F.normalize).
     """
     check_hyperparameters(gamma, lambda1, lambda2, eps)
