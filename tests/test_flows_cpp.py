@@ -93,6 +93,31 @@ def test_cpp_block_float32_error_is_within_torch_own(neumann, monkeypatch):
         assert err_c <= 2 * err_t + 1e-7, (err_c, err_t)
 
 
+def test_auto_leaves_large_steps_on_several_threads_to_torch(monkeypatch):
+    """With several torch threads `auto` takes the (single-threaded) C++ block only for small steps."""
+    from kexue_fast.flows import chain_cpp
+
+    calls = []
+    forward = kexue_fast._core.dense_chain_forward
+    monkeypatch.setattr(kexue_fast._core, "dense_chain_forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    monkeypatch.delenv("KEXUE_FAST_BACKEND", raising=False)
+    block = InvertibleResBlock(_chain(4, [16], [LipSwish], torch.float32))
+    x = torch.randn(64, 4)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setattr(chain_cpp, "MULTITHREAD_WORK", 2 * 64 * 128)  # this step is exactly at the bound
+        block(x)
+        assert len(calls) == 1
+        block(torch.randn(65, 4))  # one row more: torch
+        assert len(calls) == 1
+        torch.set_num_threads(1)  # one torch thread: always the C++ block
+        block(torch.randn(65, 4))
+        assert len(calls) == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_cpp_block_is_what_auto_runs_on_cpu(monkeypatch):
     calls = []
     forward = kexue_fast._core.dense_chain_forward
@@ -115,17 +140,15 @@ def test_cpp_block_is_what_auto_runs_on_cpu(monkeypatch):
 def test_cpp_block_over_threads_is_deterministic_and_agrees(threads, monkeypatch):
     """Rows split over threads (row blocks of 64): the same result on every run for a thread count, and within
     rounding of the single-thread run."""
+    from kexue_fast.flows import chain_cpp
+
     g = _chain(5, [24], [LipSwish], D64)
     block = InvertibleResBlock(g, n_terms=6, n_probes=2)
     x = torch.randn(300, 5, dtype=D64)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        single = _run(block, x, "cpp", monkeypatch)
-        torch.set_num_threads(threads)
-        first, second = _run(block, x, "cpp", monkeypatch), _run(block, x, "cpp", monkeypatch)
-    finally:
-        torch.set_num_threads(before)
+    monkeypatch.setattr(chain_cpp, "THREADS", 1)
+    single = _run(block, x, "cpp", monkeypatch)
+    monkeypatch.setattr(chain_cpp, "THREADS", threads)
+    first, second = _run(block, x, "cpp", monkeypatch), _run(block, x, "cpp", monkeypatch)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
     _assert_close(first, single, 1e-12)
 

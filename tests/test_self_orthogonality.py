@@ -146,11 +146,39 @@ def test_cpp_is_what_auto_runs_on_cpu_and_compile_takes_torch(monkeypatch):
     calls = []
     gram = kexue_fast._core.som_gram
     monkeypatch.setattr(kexue_fast._core, "som_gram", lambda *a, **k: calls.append(1) or gram(*a, **k))
+    monkeypatch.delenv("KEXUE_FAST_BACKEND", raising=False)
     y = torch.randn(4, 3, 5, 5)
-    eager = som_regularizer(y)
-    assert len(calls) == 1
-    compiled = torch.compile(lambda y: som_regularizer(y), fullgraph=True, backend="aot_eager")(y)
-    assert len(calls) == 1 and torch.allclose(compiled, eager, rtol=1e-5)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        eager = som_regularizer(y)
+        assert len(calls) == 1
+        compiled = torch.compile(lambda y: som_regularizer(y), fullgraph=True, backend="aot_eager")(y)
+        assert len(calls) == 1 and torch.allclose(compiled, eager, rtol=1e-5)
+        torch.set_num_threads(2)  # several torch threads: auto leaves the Gram to torch (som.CPP_THREADS)
+        som_regularizer(y)
+        assert len(calls) == 1
+        som_regularizer(y, backend="cpp")
+        assert len(calls) == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_cpp_gram_over_threads_is_deterministic_and_agrees(threads, monkeypatch):
+    from kexue_fast.ortho import som
+
+    g = torch.Generator().manual_seed(12)
+    ys = [torch.randn(7, 9, 40, dtype=D64, generator=g), torch.randn(500, 6, dtype=D64, generator=g)]
+    results = {}
+    for n in (1, threads, threads):
+        monkeypatch.setattr(som, "CPP_THREADS", n)
+        leaves = [y.clone().requires_grad_() for y in ys]
+        r = som_regularizer(leaves, backend="cpp")
+        results.setdefault(n, []).append([r.detach(), *torch.autograd.grad(r, leaves)])
+    first, second = results[threads]
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert all(_rel(a, b) <= 1e-12 for a, b in zip(first, results[1][0]))
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-4), (torch.float16, 1e-4)])

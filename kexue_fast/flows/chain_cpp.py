@@ -5,9 +5,11 @@ C++ call per forward and one per backward instead of ~80 torch operators a step:
 (c_k = (−1)^{k+1} / (k P(N ≥ k)) per probe's plan),
     y = x + g(x),  logdet ≈ mean_p Σ_k c_k v_pᵀ J^k v_p,
 and as gradient the Neumann gradient of Residual Flows (one pair (ℓ_p, v_p) per probe) or, with through_series, the
-series' own (n pairs (L_j, J^j v) per probe). Float32 and float64 on C-contiguous CPU tensors; rows split
-over torch.get_num_threads() threads, deterministically for a given thread count. Under backward(create_graph=True)
-the gradients come from torch's graph, as in chain_neumann.
+series' own (n pairs (L_j, J^j v) per probe). Float32 and float64 on C-contiguous CPU tensors. It runs on the
+calling thread (THREADS): beside torch's OpenMP workers, which keep spinning after each parallel op, extra threads
+of its own contended for the cores and ran slower than one (`python -m kexue_fast.benchmarks.cpp_threads`); so with
+several torch threads `auto` gives large steps to torch's multithreaded products instead (use_cpp). Under
+backward(create_graph=True) the gradients come from torch's graph, as in chain_neumann.
 """
 
 from __future__ import annotations
@@ -23,6 +25,20 @@ from .chain_neumann import _PARAMS, _graph_backward, _save_groups, _saved_groups
 from .logdet import SeriesPlan
 
 _KINDS = {"lipswish": 0, "elu": 1, "tanh": 2, "leaky": 3}
+THREADS = 1  # threads of the C++ calls (rows split deterministically for a given count); see the module doc
+# With T > 1 torch threads, `auto` takes the C++ block for steps of at most this many multiply-adds per product set
+# (B · Σ_i out_i·in_i) times T: on 2 threads the single-threaded block was faster than torch's closed form up to
+# D = 32, H = 128, B = 1024 (8.4M) and slower at D = 64, H = 512, B = 512 (33.6M) (benchmarks/cpp_threads.py).
+MULTITHREAD_WORK = 1 << 24
+
+
+def use_cpp(chain: DenseChain, batch: int) -> bool:
+    """Whether `auto` runs this step on the C++ block: always on one torch thread, else for small steps only."""
+    threads = torch.get_num_threads()
+    if threads <= 1:
+        return True
+    work = batch * sum(lin.in_features * lin.out_features for lin in chain.linears)
+    return work * threads <= MULTITHREAD_WORK
 
 
 def _padded(plans: Sequence[SeriesPlan], through_series: bool) -> List[List[float]]:
@@ -119,7 +135,7 @@ class _ChainCpp(torch.autograd.Function):
         y, value, workspace = x.new_empty((batch, dim)), x.new_empty((batch,)), x.new_empty(layout["size"][0][0])
         divisors, kappas, finite = _core.dense_chain_forward(
             x.detach().numpy(), probes.detach().numpy(), layers, acts, inv_prob, through_series, y.numpy(),
-            value.numpy(), workspace.numpy(), torch.get_num_threads(),
+            value.numpy(), workspace.numpy(), THREADS,
         )  # fmt: skip
         if not finite:
             raise ValueError("x contains NaN or Inf")
@@ -160,7 +176,7 @@ class _ChainCpp(torch.autograd.Function):
         _core.dense_chain_backward(
             _np(x), probes.numpy(), ctx.layers, ctx.acts, ctx.lead, ctx.through_series, workspace.numpy(), divisors,
             kappas, gy, gv, _np(grad_x), [_np(g) for g in grad_w], [_np(g) for g in grad_b], _np(grad_beta),
-            torch.get_num_threads(),
+            THREADS,
         )  # fmt: skip
         betas: List[Optional[Tensor]] = [
             grad_beta[j].reshape(r.shape) if r is not None and needs[_PARAMS + 4 * n + j] else None

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _dispatch
+from ..flows import chain_cpp
 from ..flows import inverse as _inverse
 from ..flows import logdet as _logdet
 from ..flows.chain import DenseChain, chain_series_logdet, hook_free
@@ -212,8 +213,10 @@ class InvertibleResBlock(nn.Module):
     Backends: on CPU tensors (float32/float64) `auto` runs dense-chain branches on [B, D] inputs through the C++ block
     (kexue_fast.flows.chain_cpp, csrc/flows/dense_chain.cpp): the whole step — y, the series and either gradient,
     the spectral norms folded in — in one call forward and one backward, the same estimator and gradients as the
-    torch closed forms above (tested to 1e-12 in float64), rows over torch.get_num_threads() threads. Under autocast,
-    for hooked chains and for other branches it runs the torch paths (a dense chain it cannot take is logged once).
+    torch closed forms above (tested to 1e-12 in float64), on the calling thread. With several torch threads it
+    takes only small steps (chain_cpp.use_cpp) and leaves large ones to torch's multithreaded products. Under
+    autocast, for hooked chains and for other branches it runs the torch paths (a dense chain it cannot take is
+    logged once).
     Off the CPU `auto` runs the torch paths. KEXUE_FAST_BACKEND=torch forces them; =cpp raises where the C++ block
     cannot run; =triton runs the fused Triton forward of float32 CUDA Linear·act·Linear branches
     (kexue_fast.flows.fused), slower than the closed form in an H200 training step
@@ -332,6 +335,9 @@ class InvertibleResBlock(nn.Module):
         compiling = torch.compiler.is_compiling()
         backend = "torch" if compiling else _dispatch.choose(OP, x.device, x.dtype)
         method = self.logdet_method
+        if backend == "cpp" and _dispatch.requested_backend(None) == "auto" and self._chain is not None \
+                and x.ndim == 2 and not chain_cpp.use_cpp(self._chain, x.shape[0]):  # fmt: skip
+            backend = "torch"  # a large step on several torch threads: torch's multithreaded products are faster
         if backend == "cpp":
             reason = self._cpp_unavailable(x)
             if reason is None:  # the C++ step checks x's finiteness itself; probes, then plans, as the torch path

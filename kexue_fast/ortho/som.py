@@ -30,6 +30,11 @@ _dispatch.register_op(
                         "benchmarks/results/ortho-cuda.md); backend='triton' still runs it"},
 )  # fmt: skip
 
+# The C++ Gram runs on the calling thread, and `auto` takes it only when torch runs on one thread: beside torch's
+# OpenMP workers (spinning after each parallel op) its own threads contended for the cores, and with several torch
+# threads the torch path's multithreaded products were as fast as one C++ thread in a CNN step and scale further
+# (python -m kexue_fast.benchmarks.cpp_threads).
+CPP_THREADS = 1
 Layout = Tuple[int, int, int]
 ChannelDim = Union[int, Sequence[int]]
 
@@ -233,7 +238,7 @@ class _CppGram(torch.autograd.Function):
         n, c, s = layout
         y_flat = y.detach().contiguous().view(-1)
         g = torch.empty((c, c), dtype=torch.float64)
-        _core.som_gram(y_flat.numpy(), n, c, s, gamma, g.numpy(), torch.get_num_threads())
+        _core.som_gram(y_flat.numpy(), n, c, s, gamma, g.numpy(), CPP_THREADS)
         ctx.gamma, ctx.layout, ctx.shape = gamma, layout, y.shape
         ctx.save_for_backward(y)
         return g
@@ -248,7 +253,7 @@ class _CppGram(torch.autograd.Function):
         y_flat = y.detach().contiguous().view(-1)
         a = ((grad + grad.mT) * ctx.gamma).to(y.dtype).contiguous()
         dy = torch.empty_like(y_flat)
-        _core.som_gram_backward(y_flat.numpy(), n, c, s, ctx.gamma, a.numpy(), dy.numpy(), torch.get_num_threads())
+        _core.som_gram_backward(y_flat.numpy(), n, c, s, ctx.gamma, a.numpy(), dy.numpy(), CPP_THREADS)
         return None, None, dy.view(ctx.shape)
 
 
@@ -276,14 +281,14 @@ def som_regularizer(
     Y [b, k] with k = its size along channel_dim (an int for all, or one per layer; default 1: [b, k] outputs and
     NCHW convolutions; use -1 for channels-last outputs such as nn.Linear's on [B, T, k]) and b = the product of the
     other axes. reduction: "sum" (a scalar) or "none" (R per layer, [L]). Result float64 for float64 inputs, else
-    float32 (half inputs are computed in float32). backend: "auto" (the C++ core for float32/float64 CPU tensors;
-    torch elsewhere: on an H200 the fused kernel measured slower in a training step), "cpp"
-    (csrc/ortho/som_gram.cpp: tanh and the Gram's upper triangle in one pass over Y, Z never stored; the backward in
-    one more), "triton" (the fused kernel; CUDA), "torch". Non-contiguous inputs are copied for the C++ and Triton
-    kernels. Layers with fewer rows than channels (b < k) take the b×b form in torch on every backend; under
-    torch.compile the C++ core gives way to the torch path (it is not traceable). The C++ backend saves Y for its
-    backward (the torch path saves Z): modifying Y in place before backward then raises autograd's in-place error
-    (as for any op that saves its input); use backend="torch" there. Formula, paper and identities:
+    float32 (half inputs are computed in float32). backend: "auto" (the C++ core for float32/float64 CPU tensors
+    when torch runs on one thread, see CPP_THREADS; torch elsewhere: on an H200 the fused kernel measured slower in
+    a training step), "cpp" (csrc/ortho/som_gram.cpp: tanh and the Gram's upper triangle in one pass over Y, Z never
+    stored; the backward in one more), "triton" (the fused kernel; CUDA), "torch". Non-contiguous inputs are copied
+    for the C++ and Triton kernels. Layers with fewer rows than channels (b < k) take the b×b form in torch on every
+    backend; under torch.compile the C++ core gives way to the torch path (it is not traceable). The C++ backend
+    saves Y for its backward (the torch path saves Z): modifying Y in place before backward then raises autograd's
+    in-place error (as for any op that saves its input); use backend="torch" there. Formula, paper and identities:
     kexue_fast.ortho.reference; a column with ‖tanh(γy_j)‖ < eps is scaled by 1/eps (as torch's F.normalize).
     """
     check_hyperparameters(gamma, lambda1, lambda2, eps)
@@ -295,6 +300,8 @@ def som_regularizer(
     layouts = [_layout(t, d) for t, d in zip(ys, dims)]
     chosen = {dt: _dispatch.choose(OP, device, dt, backend) for dt in dict.fromkeys(t.dtype for t in ys)}
     if torch.compiler.is_compiling():  # the C++ core is not traceable: torch.compile traces the torch path
+        chosen = {dt: "torch" if name == "cpp" else name for dt, name in chosen.items()}
+    elif _dispatch.requested_backend(backend) == "auto" and torch.get_num_threads() > 1:  # see CPP_THREADS
         chosen = {dt: "torch" if name == "cpp" else name for dt, name in chosen.items()}
     with torch.autocast(device.type, enabled=False):  # the Grams stay float32/64 under mixed precision
         per_layer = _per_layer(ys, dims, layouts, chosen, gamma, lambda1, lambda2, eps)

@@ -1,0 +1,101 @@
+"""Threads for the C++ cores inside a torch training step: the C++ flows block and the C++ SOM Gram on one thread
+and on torch's thread count, against torch's own (multithreaded) path, all at torch's thread count.
+
+    python -m kexue_fast.benchmarks.cpp_threads [--threads 2] [--reps 15]
+
+The C++ cores start their own threads (csrc/common/parallel.hpp); torch's OpenMP workers keep spinning after each
+parallel op, so within a step the two pools contend for the cores. This prints the medians (interleaved
+repetitions) that set kexue_fast.flows.chain_cpp.THREADS / MULTITHREAD_WORK and kexue_fast.ortho.som.CPP_THREADS:
+  - a flows step (benchmarks/flows.py's Neumann block, k = 5) at three sizes: the C++ block on 1 and on T threads,
+    and the torch closed form (backend='torch');
+  - the CNN step of benchmarks/ortho.py (batch 32): without SOM, with SOM on torch, on the C++ Gram on 1 and on T
+    threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from typing import Callable, Dict
+
+import torch
+
+
+def _medians(steps: Dict[str, Callable[[], None]], reps: int) -> Dict[str, float]:
+    for step in steps.values():
+        step()
+        step()
+    times: Dict[str, list] = {name: [] for name in steps}
+    for _ in range(reps):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
+def _with(module, attr: str, value, step: Callable[[], None]) -> Callable[[], None]:
+    def run() -> None:
+        before = getattr(module, attr)
+        setattr(module, attr, value)
+        try:
+            step()
+        finally:
+            setattr(module, attr, before)
+
+    return run
+
+
+def _backend(name: str, step: Callable[[], None]) -> Callable[[], None]:
+    def run() -> None:
+        before = os.environ.get("KEXUE_FAST_BACKEND")
+        os.environ["KEXUE_FAST_BACKEND"] = name
+        try:
+            step()
+        finally:
+            if before is None:
+                del os.environ["KEXUE_FAST_BACKEND"]
+            else:
+                os.environ["KEXUE_FAST_BACKEND"] = before
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=max(2, torch.get_num_threads()))
+    parser.add_argument("--reps", type=int, default=15)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    t = args.threads
+    from kexue_fast.flows import chain_cpp
+    from kexue_fast.ortho import som
+
+    from .flows import _step, ours
+    from .ortho import cnn_setup, training_step
+
+    print(f"torch threads {t}; ms per step, median of {args.reps} interleaved repetitions")
+    for dim, hidden, batch in ((32, 128, 256), (32, 128, 1024), (64, 512, 512)):
+        torch.manual_seed(0)
+        x = torch.randn(batch, dim)
+        cpp, torch_path = _step(ours(dim, hidden, 5, True), x), _step(ours(dim, hidden, 5, True), x)
+        times = _medians({"C++ 1 thread": _backend("cpp", _with(chain_cpp, "THREADS", 1, cpp)),
+                          f"C++ {t} threads": _backend("cpp", _with(chain_cpp, "THREADS", t, cpp)),
+                          "torch closed form": _backend("torch", torch_path)}, args.reps)  # fmt: skip
+        work = batch * 2 * dim * hidden
+        print(f"  flows D={dim} H={hidden} B={batch} (B·Σ out·in = {work / 1e6:.1f}M): "
+              + ", ".join(f"{k} {v:.2f}" for k, v in times.items()))  # fmt: skip
+    model, opt, x, target, hooks = cnn_setup("cpu", 32)
+    cpp_step = training_step(model, x, target, hooks, "cpp", opt)
+    times = _medians({"step": training_step(model, x, target, hooks, None, opt),
+                      "+ SOM torch": training_step(model, x, target, hooks, "torch", opt),
+                      "+ SOM C++ 1 thread": _with(som, "CPP_THREADS", 1, cpp_step),
+                      f"+ SOM C++ {t} threads": _with(som, "CPP_THREADS", t, cpp_step)}, args.reps)  # fmt: skip
+    hooks.remove()
+    print("  CNN batch 32: " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()))
+
+
+if __name__ == "__main__":
+    main()
