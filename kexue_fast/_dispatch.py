@@ -61,17 +61,21 @@ class OpSpec:
     # backends that `auto` passes over because they measured slower than torch (reason shown by `info`); an
     # explicit backend= or KEXUE_FAST_BACKEND still runs them
     not_auto: Dict[str, str] = field(default_factory=dict)
+    # per backend, a condition the op's own code puts on `auto`'s choice at call time (shown by `info`)
+    auto_when: Dict[str, str] = field(default_factory=dict)
 
 
 _OPS: Dict[str, OpSpec] = {}
 _LOGGED: set = set()
 
 
-def register_op(name: str, backends: Dict[str, Tuple[torch.dtype, ...]],
-                not_auto: Optional[Dict[str, str]] = None) -> OpSpec:  # fmt: skip
+def register_op(name: str, backends: Dict[str, Tuple[torch.dtype, ...]], not_auto: Optional[Dict[str, str]] = None,
+                auto_when: Optional[Dict[str, str]] = None) -> OpSpec:  # fmt: skip
     """Declare an op and, per backend, the dtypes it handles; `not_auto` maps a backend that `auto` must skip (it
-    measured slower) to the measurement that says so."""
-    spec = OpSpec(name, frozenset(backends), {b: frozenset(d) for b, d in backends.items()}, dict(not_auto or {}))
+    measured slower) to the measurement that says so; `auto_when` a backend that `auto` takes only under a call-time
+    condition (checked by the op itself) to that condition, for `info`."""
+    spec = OpSpec(name, frozenset(backends), {b: frozenset(d) for b, d in backends.items()}, dict(not_auto or {}),
+                  dict(auto_when or {}))  # fmt: skip
     _OPS[name] = spec
     return spec
 
@@ -168,4 +172,5 @@ def describe(op: str, device: torch.device, dtype: torch.dtype) -> str:
         "torch": "no faster path for this device" if not rejected else "the fast path is unavailable or slower",
     }
     why = f"; passed over: {'; '.join(rejected)}" if rejected else ""
-    return f"{chosen} ({reasons[chosen]}{why})"
+    when = _OPS[op].auto_when.get(chosen)
+    return f"{chosen} ({reasons[chosen]}{why}){f'; {when}' if when else ''}"

@@ -37,6 +37,8 @@ _dispatch.register_op(
     not_auto={"triton": "measured slower than the torch path's closed-form Neumann gradient in a training step on "
                         "an H200 (D=32 H=128 B=256 k=5: 3.43 vs 2.41 ms, benchmarks/results/flows-cuda.md); "
                         "backend='triton' still runs it"},
+    auto_when={"cpp": "for dense chains on [B, D]; with several torch threads only for steps of B·Σ out·in·threads "
+                      "<= 2^24 (kexue_fast.flows.chain_cpp.use_cpp), larger ones on torch"},
 )  # fmt: skip
 _LOGGED_FUSED: set = set()
 

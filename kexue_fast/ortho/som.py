@@ -28,6 +28,8 @@ _dispatch.register_op(
     OP, {"triton": _FLOATS, "cpp": (torch.float32, torch.float64), "torch": _FLOATS},
     not_auto={"triton": "measured slower than the torch path on an H200 (a CNN step + SOM: 25.5 ms vs 4.6 ms, "
                         "benchmarks/results/ortho-cuda.md); backend='triton' still runs it"},
+    auto_when={"cpp": "only while torch runs on one thread (torch.get_num_threads() == 1), else torch "
+                      "(kexue_fast.ortho.som.CPP_THREADS)"},
 )  # fmt: skip
 
 # The C++ Gram runs on the calling thread, and `auto` takes it only when torch runs on one thread: beside torch's
