@@ -1,7 +1,7 @@
 """Threads for the C++ cores inside a torch training step: the C++ flows block and the C++ SOM Gram on one thread
 and on torch's thread count, against torch's own (multithreaded) path, all at torch's thread count.
 
-    python -m kexue_fast.benchmarks.cpp_threads [--threads 2] [--reps 15]
+    python -m kexue_fast.benchmarks.cpp_threads [--threads 2] [--reps 15] [--out benchmarks/results]
 
 The C++ cores start their own threads (csrc/common/parallel.hpp); torch's OpenMP workers keep spinning after each
 parallel op, so within a step the two pools contend for the cores. This prints the medians (interleaved
@@ -10,30 +10,23 @@ repetitions) that set kexue_fast.flows.chain_cpp.THREADS / MULTITHREAD_WORK and 
     and the torch closed form (backend='torch');
   - the CNN step of benchmarks/ortho.py (batch 32): without SOM, with SOM on torch, on the C++ Gram on 1 and on T
     threads.
+Writes benchmarks/results/cpp-threads-cpu.md (and .csv) with the date, machine, versions and git sha.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
-from typing import Callable, Dict
+from pathlib import Path
+from typing import Callable, Dict, List
 
 import torch
 
+from .common import metadata, time_interleaved, write_results
+
 
 def _medians(steps: Dict[str, Callable[[], None]], reps: int) -> Dict[str, float]:
-    for step in steps.values():
-        step()
-        step()
-    times: Dict[str, list] = {name: [] for name in steps}
-    for _ in range(reps):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    return {name: t * 1e3 for name, t in time_interleaved(steps, reps).items()}
 
 
 def _with(module, attr: str, value, step: Callable[[], None]) -> Callable[[], None]:
@@ -67,6 +60,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=max(2, torch.get_num_threads()))
     parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     t = args.threads
@@ -76,25 +70,34 @@ def main() -> None:
     from .flows import _step, ours
     from .ortho import cnn_setup, training_step
 
-    print(f"torch threads {t}; ms per step, median of {args.reps} interleaved repetitions")
+    rows: List[list] = []
     for dim, hidden, batch in ((32, 128, 256), (32, 128, 1024), (64, 512, 512)):
         torch.manual_seed(0)
         x = torch.randn(batch, dim)
         cpp, torch_path = _step(ours(dim, hidden, 5, True), x), _step(ours(dim, hidden, 5, True), x)
-        times = _medians({"C++ 1 thread": _backend("cpp", _with(chain_cpp, "THREADS", 1, cpp)),
-                          f"C++ {t} threads": _backend("cpp", _with(chain_cpp, "THREADS", t, cpp)),
+        times = _medians({"C++ block, 1 thread": _backend("cpp", _with(chain_cpp, "THREADS", 1, cpp)),
+                          f"C++ block, {t} threads": _backend("cpp", _with(chain_cpp, "THREADS", t, cpp)),
                           "torch closed form": _backend("torch", torch_path)}, args.reps)  # fmt: skip
         work = batch * 2 * dim * hidden
-        print(f"  flows D={dim} H={hidden} B={batch} (B·Σ out·in = {work / 1e6:.1f}M): "
-              + ", ".join(f"{k} {v:.2f}" for k, v in times.items()))  # fmt: skip
+        for name, ms in times.items():
+            rows.append([f"flows step D={dim} H={hidden} B={batch} (B·Σ out·in {work / 1e6:.1f}M)", name, f"{ms:.2f}"])
     model, opt, x, target, hooks = cnn_setup("cpu", 32)
     cpp_step = training_step(model, x, target, hooks, "cpp", opt)
     times = _medians({"step": training_step(model, x, target, hooks, None, opt),
-                      "+ SOM torch": training_step(model, x, target, hooks, "torch", opt),
-                      "+ SOM C++ 1 thread": _with(som, "CPP_THREADS", 1, cpp_step),
-                      f"+ SOM C++ {t} threads": _with(som, "CPP_THREADS", t, cpp_step)}, args.reps)  # fmt: skip
+                      "step + SOM (torch)": training_step(model, x, target, hooks, "torch", opt),
+                      "step + SOM (C++ Gram, 1 thread)": _with(som, "CPP_THREADS", 1, cpp_step),
+                      f"step + SOM (C++ Gram, {t} threads)": _with(som, "CPP_THREADS", t, cpp_step)},
+                     args.reps)  # fmt: skip
     hooks.remove()
-    print("  CNN batch 32: " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()))
+    base = times["step"]
+    for name, ms in times.items():
+        over = "" if name == "step" else f" ({(ms / base - 1) * 100:+.1f}%)"
+        rows.append(["CNN step, batch 32", name, f"{ms:.2f}{over}"])
+    notes = (f"torch threads {t}; median of {args.reps} interleaved repetitions per row group. The C++ cores' threads "
+             "start per call (csrc/common/parallel.hpp) beside torch's OpenMP workers.")  # fmt: skip
+    md = write_results(args.out, "cpp-threads-cpu", "C++ cores' threads inside a torch step", metadata("cpu"),
+                       ["case", "contestant", "ms / step"], rows, notes)  # fmt: skip
+    print(md.read_text())
 
 
 if __name__ == "__main__":

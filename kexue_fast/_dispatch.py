@@ -6,6 +6,8 @@
                  CPU tensors + a C++ path exists + _core imported       -> "cpp"
                  otherwise                                              -> "torch" (logged once when a faster path
                                                                            exists for this device but is unavailable)
+                 an op may put a call-time condition on its fast backend (OpSpec.auto_when: e.g. the torch thread
+                 count); the op checks it, and `info` shows it
 
 Probes are lazy and cached: ``import kexue_fast`` never imports triton.
 """
@@ -16,7 +18,7 @@ import functools
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Dict, FrozenSet, List, Optional, Tuple
+from typing import Callable, Dict, FrozenSet, List, Optional, Tuple
 
 import torch
 
@@ -61,8 +63,9 @@ class OpSpec:
     # backends that `auto` passes over because they measured slower than torch (reason shown by `info`); an
     # explicit backend= or KEXUE_FAST_BACKEND still runs them
     not_auto: Dict[str, str] = field(default_factory=dict)
-    # per backend, a condition the op's own code puts on `auto`'s choice at call time (shown by `info`)
-    auto_when: Dict[str, str] = field(default_factory=dict)
+    # per backend, a condition the op's own code puts on `auto`'s choice at call time: a function returning (whether
+    # auto takes the backend in this process now, what the condition is), evaluated by `info`
+    auto_when: Dict[str, Callable[[], Tuple[bool, str]]] = field(default_factory=dict)
 
 
 _OPS: Dict[str, OpSpec] = {}
@@ -70,10 +73,10 @@ _LOGGED: set = set()
 
 
 def register_op(name: str, backends: Dict[str, Tuple[torch.dtype, ...]], not_auto: Optional[Dict[str, str]] = None,
-                auto_when: Optional[Dict[str, str]] = None) -> OpSpec:  # fmt: skip
+                auto_when: Optional[Dict[str, Callable[[], Tuple[bool, str]]]] = None) -> OpSpec:  # fmt: skip
     """Declare an op and, per backend, the dtypes it handles; `not_auto` maps a backend that `auto` must skip (it
     measured slower) to the measurement that says so; `auto_when` a backend that `auto` takes only under a call-time
-    condition (checked by the op itself) to that condition, for `info`."""
+    condition (checked by the op itself) to a function telling `info` whether it holds now and what it is."""
     spec = OpSpec(name, frozenset(backends), {b: frozenset(d) for b, d in backends.items()}, dict(not_auto or {}),
                   dict(auto_when or {}))  # fmt: skip
     _OPS[name] = spec
@@ -173,4 +176,9 @@ def describe(op: str, device: torch.device, dtype: torch.dtype) -> str:
     }
     why = f"; passed over: {'; '.join(rejected)}" if rejected else ""
     when = _OPS[op].auto_when.get(chosen)
-    return f"{chosen} ({reasons[chosen]}{why}){f'; {when}' if when else ''}"
+    if when is not None:
+        takes, condition = when()
+        if not takes:
+            return f"torch ({chosen} passed over in this process: {condition})"
+        return f"{chosen} ({reasons[chosen]}{why}; {condition})"
+    return f"{chosen} ({reasons[chosen]}{why})"

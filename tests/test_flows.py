@@ -120,8 +120,9 @@ def test_neumann_gradient_is_unbiased():
 
 @pytest.fixture(params=["auto", "torch"])
 def dense_backend(request, monkeypatch):
-    """Dense-chain blocks on the CPU by `auto` (the C++ block, kexue_fast.flows.chain_cpp) and by the torch closed
-    form (kexue_fast.flows.chain_neumann)."""
+    """Dense-chain blocks on the CPU by `auto` (the C++ block, kexue_fast.flows.chain_cpp: these tests' steps are
+    small enough for it at any torch thread count, chain_cpp.use_cpp) and by the torch closed form
+    (kexue_fast.flows.chain_neumann)."""
     monkeypatch.setenv("KEXUE_FAST_BACKEND", request.param)
     return request.param
 
@@ -144,7 +145,7 @@ def _weighted_grads(memory_efficient, neumann_grad=True, n_terms=4, logdet="seri
     return value.detach(), [t.clone() for t in grads] + [x.grad.clone() if x.grad is not None else torch.zeros_like(x)]
 
 
-def test_memory_efficient_equals_plain_neumann_with_per_sample_weights(dense_backend):
+def test_memory_efficient_equals_plain_neumann_with_per_sample_weights():
     value_a, grads_a = _weighted_grads(memory_efficient=True)
     value_b, grads_b = _weighted_grads(memory_efficient=False)
     assert torch.equal(value_a, value_b)
@@ -245,6 +246,8 @@ def test_closed_form_neumann_gradient_equals_the_autograd_graph(act, depth, norm
 def test_closed_form_keeps_each_forwards_spectral_state_until_backward(conv, dense_backend):
     """Two training forwards (each advancing the power iteration in place) and one backward give the gradients of
     two forward-backward pairs: each forward snapshots its u, v (dense and conv closed forms)."""
+    if conv and dense_backend == "torch":
+        pytest.skip("conv chains have no C++ path: the auto run covers them")
     torch.manual_seed(0)
     if conv:
         g, shape = _conv_g(LipSwish, "2d", "spectral", True, True)
@@ -511,6 +514,8 @@ def _saved_bytes(n_terms, conv=False, **kwargs):
 
 @pytest.mark.parametrize("conv", [False, True])
 def test_memory_efficient_saved_bytes_do_not_grow_with_n_terms(conv, dense_backend):
+    if conv and dense_backend == "torch":
+        pytest.skip("conv chains have no C++ path: the auto run covers them")
     assert _saved_bytes(2, conv) == _saved_bytes(12, conv)
     assert _saved_bytes(12, conv, neumann_grad=False) > 2 * _saved_bytes(2, conv, neumann_grad=False)
 

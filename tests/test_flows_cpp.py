@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-import kexue_fast
+import kexue_fast._core
 from kexue_fast.flows import logdet as L
 from kexue_fast.nn import InvertibleResBlock, LipSwish, spectral_norm
 
@@ -136,7 +136,7 @@ def test_cpp_block_is_what_auto_runs_on_cpu(monkeypatch):
     assert len(calls) == 1
 
 
-@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("threads", [2, 3])
 def test_cpp_block_over_threads_is_deterministic_and_agrees(threads, monkeypatch):
     """Rows split over threads (row blocks of 64): the same result on every run for a thread count, and within
     rounding of the single-thread run."""
@@ -202,6 +202,26 @@ def test_cpp_block_bad_inputs(monkeypatch):
         conv(torch.randn(2, 2, 5, 5))
     with pytest.raises(NotImplementedError, match="B, D"):
         block(torch.randn(2, 4, 3))
+    with pytest.raises(Exception, match=r"cannot run InvertibleResBlock under torch\.compile"):  # (dynamo wraps it)
+        torch.compile(block, fullgraph=True, backend="aot_eager")(torch.randn(4, 3))
+    monkeypatch.setenv("KEXUE_FAST_BACKEND", "auto")  # half precision under auto: the torch path, no warning
+    import logging
+
+    class _Records(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    records = _Records()
+    logging.getLogger("kexue_fast").addHandler(records)
+    try:
+        y, _ = InvertibleResBlock(_chain(3, [8], [LipSwish], torch.bfloat16))(torch.randn(4, 3, dtype=torch.bfloat16))
+    finally:
+        logging.getLogger("kexue_fast").removeHandler(records)
+    assert y.dtype == torch.bfloat16 and not records.messages
 
 
 def test_cpp_block_odd_layouts_and_empty_batch(monkeypatch):

@@ -32,6 +32,16 @@ THREADS = 1  # threads of the C++ calls (rows split deterministically for a give
 MULTITHREAD_WORK = 1 << 24
 
 
+def auto_condition() -> Tuple[bool, str]:
+    """For `python -m kexue_fast.info` (OpSpec.auto_when): auto takes the C++ block for dense chains on [B, D],
+    with several torch threads only for small steps."""
+    text = "for dense chains on [B, D]"
+    if torch.get_num_threads() > 1:
+        text += (f"; with {torch.get_num_threads()} torch threads only for steps of B·Σ out·in·threads <= "
+                 f"{MULTITHREAD_WORK} (chain_cpp.use_cpp), larger ones on torch")  # fmt: skip
+    return True, text
+
+
 def use_cpp(chain: DenseChain, batch: int) -> bool:
     """Whether `auto` runs this step on the C++ block: always on one torch thread, else for small steps only."""
     threads = torch.get_num_threads()

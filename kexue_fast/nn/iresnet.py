@@ -28,19 +28,20 @@ from .spectral_norm import SpectralNorm
 LOGDET_METHODS = ("series", "roulette", "exact", "none")
 OP = "invertible_resblock"
 # triton: the fused forward of Linear·act·Linear branches (kernels/iresnet.py) with the Neumann-gradient series;
-# cpp: a dense chain's whole step (forward, series, either gradient) in two C++ calls (csrc/flows/dense_chain.cpp);
+# cpp: a dense chain's whole step (forward, series, either gradient) in two C++ calls (csrc/flows/dense_chain.cpp),
+# float32/float64 (half inputs, registered so that auto does not warn, take the torch path: _cpp_unavailable);
 # torch: the closed-form Neumann gradient or the analytic series of dense chains, or autograd for any other g
 # (conv chains and generic g have no other path).
 _dispatch.register_op(
-    OP, {"triton": (torch.float32,), "cpp": (torch.float32, torch.float64),
+    OP, {"triton": (torch.float32,), "cpp": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
          "torch": (torch.float16, torch.bfloat16, torch.float32, torch.float64)},
     not_auto={"triton": "measured slower than the torch path's closed-form Neumann gradient in a training step on "
                         "an H200 (D=32 H=128 B=256 k=5: 3.43 vs 2.41 ms, benchmarks/results/flows-cuda.md); "
                         "backend='triton' still runs it"},
-    auto_when={"cpp": "for dense chains on [B, D]; with several torch threads only for steps of B·Σ out·in·threads "
-                      "<= 2^24 (kexue_fast.flows.chain_cpp.use_cpp), larger ones on torch"},
+    auto_when={"cpp": chain_cpp.auto_condition},
 )  # fmt: skip
-_LOGGED_FUSED: set = set()
+_LOGGED_FALLBACKS: set = set()  # reasons a fast path was passed over, logged once each
+_HOOKED = "g or one of its layers has forward/backward hooks, which the C++ block would skip"
 
 
 class LipSwish(nn.Module):
@@ -335,20 +336,26 @@ class InvertibleResBlock(nn.Module):
         if x.ndim < 2:
             raise ValueError(f"x must be [B, ...] with a batch dimension, got shape {tuple(x.shape)}")
         compiling = torch.compiler.is_compiling()
+        requested = _dispatch.requested_backend(None)
+        if compiling and requested == "cpp":
+            raise NotImplementedError(
+                "KEXUE_FAST_BACKEND='cpp' cannot run InvertibleResBlock under torch.compile (the C++ block is not "
+                "traceable): unset it or set it to 'auto' or 'torch' there"
+            )
         backend = "torch" if compiling else _dispatch.choose(OP, x.device, x.dtype)
         method = self.logdet_method
-        if backend == "cpp" and _dispatch.requested_backend(None) == "auto" and self._chain is not None \
-                and x.ndim == 2 and not chain_cpp.use_cpp(self._chain, x.shape[0]):  # fmt: skip
+        if backend == "cpp" and requested == "auto" and self._chain is not None and x.ndim == 2 \
+                and not chain_cpp.use_cpp(self._chain, x.shape[0]):  # fmt: skip
             backend = "torch"  # a large step on several torch threads: torch's multithreaded products are faster
         if backend == "cpp":
             reason = self._cpp_unavailable(x)
             if reason is None:  # the C++ step checks x's finiteness itself; probes, then plans, as the torch path
                 probes = self._probes(x, compiling)
                 return chain_logdet_cpp(self._chain, x, self._plans(x), probes, not self.neumann_grad)
-            if _dispatch.requested_backend(None) == "cpp":
-                raise NotImplementedError(f"backend 'cpp' cannot run this InvertibleResBlock: {reason}")
-            if self._chain is not None and reason not in _LOGGED_FUSED:  # a dense chain on the slower torch path
-                _LOGGED_FUSED.add(reason)
+            if requested == "cpp":
+                raise NotImplementedError(f"KEXUE_FAST_BACKEND='cpp' cannot run this InvertibleResBlock: {reason}")
+            if reason == _HOOKED and reason not in _LOGGED_FALLBACKS:  # the one case a user may not expect
+                _LOGGED_FALLBACKS.add(reason)
                 _dispatch.logger.warning("InvertibleResBlock runs on torch, not the C++ block: %s", reason)
         # (x·0).sum() is 0 exactly when every entry is finite (∞·0 = NaN): one pass, cheaper than isfinite().all()
         if not compiling and x.device.type == "cpu" and float(x.detach().mul(0).sum()) != 0.0:
@@ -359,9 +366,9 @@ class InvertibleResBlock(nn.Module):
                 probes = [_logdet.draw_probe(x, self.probe) for _ in range(self.n_probes)]
                 return self._fused.series_logdet(x, self._plans(x), probes)
             if _dispatch.requested_backend(None) == "triton":
-                raise NotImplementedError(f"backend 'triton' cannot run this InvertibleResBlock: {reason}")
-            if reason not in _LOGGED_FUSED:
-                _LOGGED_FUSED.add(reason)
+                raise NotImplementedError(f"KEXUE_FAST_BACKEND='triton' cannot run this InvertibleResBlock: {reason}")
+            if reason not in _LOGGED_FALLBACKS:
+                _LOGGED_FALLBACKS.add(reason)
                 _dispatch.logger.warning("InvertibleResBlock runs on torch, not the fused Triton block: %s", reason)
         if not compiling and torch.is_inference_mode_enabled() and self._takes_autograd(x, method):
             # these estimators take vector–Jacobian products of g through autograd, which inference mode switches
@@ -415,11 +422,13 @@ class InvertibleResBlock(nn.Module):
         if self._chain is None:
             return "g is not a dense chain Linear (activation Linear)* (the C++ block covers those)"
         if not hook_free(self._chain_modules):
-            return "g or one of its layers has forward/backward hooks, which the C++ block would skip"
+            return _HOOKED
         if self.logdet_method not in ("series", "roulette"):
             return f'logdet="{self.logdet_method}" has no C++ path (series and roulette do)'
         if x.ndim != 2:
             return f"x must be [B, D] for the C++ block, got {x.ndim}-D"
+        if x.dtype not in (torch.float32, torch.float64):  # registered for all floats so that auto stays quiet
+            return f"the C++ block takes float32 and float64, not {str(x.dtype).replace('torch.', '')}"
         if torch.is_autocast_enabled(x.device.type):
             return "autocast is on (the C++ block computes in x's dtype; torch's path follows autocast)"
         return None

@@ -25,18 +25,28 @@ from .._autograd import first_order
 OP = "som_regularizer"
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _dispatch.register_op(
-    OP, {"triton": _FLOATS, "cpp": (torch.float32, torch.float64), "torch": _FLOATS},
+    OP, {"triton": _FLOATS, "cpp": _FLOATS, "torch": _FLOATS},
     not_auto={"triton": "measured slower than the torch path on an H200 (a CNN step + SOM: 25.5 ms vs 4.6 ms, "
                         "benchmarks/results/ortho-cuda.md); backend='triton' still runs it"},
-    auto_when={"cpp": "only while torch runs on one thread (torch.get_num_threads() == 1), else torch "
-                      "(kexue_fast.ortho.som.CPP_THREADS)"},
+    auto_when={"cpp": lambda: _auto_condition()},
 )  # fmt: skip
 
-# The C++ Gram runs on the calling thread, and `auto` takes it only when torch runs on one thread: beside torch's
-# OpenMP workers (spinning after each parallel op) its own threads contended for the cores, and with several torch
-# threads the torch path's multithreaded products were as fast as one C++ thread in a CNN step and scale further
-# (python -m kexue_fast.benchmarks.cpp_threads).
+# The C++ Gram runs on the calling thread (CPP_THREADS), and `auto` takes it only when torch runs on one thread
+# (use_cpp): beside torch's OpenMP workers (spinning after each parallel op) its own threads contended for the cores,
+# and with several torch threads the torch path's multithreaded products were about as fast as one C++ thread in a
+# CNN step and scale further (python -m kexue_fast.benchmarks.cpp_threads, benchmarks/results/cpp-threads-cpu.md).
 CPP_THREADS = 1
+
+
+def use_cpp() -> bool:
+    """Whether `auto` takes the C++ Gram in this process now: only while torch runs on one thread."""
+    return torch.get_num_threads() == 1
+
+
+def _auto_condition() -> Tuple[bool, str]:
+    return use_cpp(), f"only while torch runs on one thread (now {torch.get_num_threads()}; som.use_cpp)"
+
+
 Layout = Tuple[int, int, int]
 ChannelDim = Union[int, Sequence[int]]
 
@@ -238,7 +248,7 @@ class _CppGram(torch.autograd.Function):
         from .. import _core
 
         n, c, s = layout
-        y_flat = y.detach().contiguous().view(-1)
+        y_flat = y.detach().to(_work_dtype(y.dtype)).contiguous().view(-1)  # half inputs in float32, as on torch
         g = torch.empty((c, c), dtype=torch.float64)
         _core.som_gram(y_flat.numpy(), n, c, s, gamma, g.numpy(), CPP_THREADS)
         ctx.gamma, ctx.layout, ctx.shape = gamma, layout, y.shape
@@ -252,14 +262,15 @@ class _CppGram(torch.autograd.Function):
 
         (y,) = ctx.saved_tensors
         n, c, s = ctx.layout
-        y_flat = y.detach().contiguous().view(-1)
-        a = ((grad + grad.mT) * ctx.gamma).to(y.dtype).contiguous()
+        y_flat = y.detach().to(_work_dtype(y.dtype)).contiguous().view(-1)
+        a = ((grad + grad.mT) * ctx.gamma).to(y_flat.dtype).contiguous()
         dy = torch.empty_like(y_flat)
         _core.som_gram_backward(y_flat.numpy(), n, c, s, ctx.gamma, a.numpy(), dy.numpy(), CPP_THREADS)
-        return None, None, dy.view(ctx.shape)
+        return None, None, dy.view(ctx.shape).to(y.dtype)
 
 
-def _torch_grams(ys: Sequence[Tensor], layouts: Sequence[Layout], gamma: float, cpp: bool = False) -> Tensor:
+def _grams(ys: Sequence[Tensor], layouts: Sequence[Layout], gamma: float, cpp: bool = False) -> Tensor:
+    """Zero-padded float64 Grams [L, KP, KP], one autograd node per layer (the C++ core's with cpp, else torch's)."""
     gram = _CppGram if cpp else _TorchGram
     grams = [gram.apply(gamma, lay, y) for y, lay in zip(ys, layouts)]
     kp = max(g.shape[0] for g in grams)
@@ -301,9 +312,15 @@ def som_regularizer(
     device = ys[0].device
     layouts = [_layout(t, d) for t, d in zip(ys, dims)]
     chosen = {dt: _dispatch.choose(OP, device, dt, backend) for dt in dict.fromkeys(t.dtype for t in ys)}
-    if torch.compiler.is_compiling():  # the C++ core is not traceable: torch.compile traces the torch path
+    requested = _dispatch.requested_backend(backend)
+    if torch.compiler.is_compiling() and "cpp" in chosen.values():  # the C++ core is not traceable
+        if requested == "cpp":
+            raise NotImplementedError(
+                "backend='cpp' (or KEXUE_FAST_BACKEND='cpp') cannot run som_regularizer under torch.compile (the C++ "
+                "core is not traceable): use 'auto' or 'torch' there"
+            )
         chosen = {dt: "torch" if name == "cpp" else name for dt, name in chosen.items()}
-    elif _dispatch.requested_backend(backend) == "auto" and torch.get_num_threads() > 1:  # see CPP_THREADS
+    elif requested == "auto" and not use_cpp():
         chosen = {dt: "torch" if name == "cpp" else name for dt, name in chosen.items()}
     with torch.autocast(device.type, enabled=False):  # the Grams stay float32/64 under mixed precision
         per_layer = _per_layer(ys, dims, layouts, chosen, gamma, lambda1, lambda2, eps)
@@ -323,7 +340,7 @@ def _per_layer(ys, dims, layouts, chosen, gamma: float, lambda1: float, lambda2:
             flat_layouts = [v for i in idx for v in layouts[i]]
             grams = _triton_gram([ys[i].contiguous() for i in idx], flat_layouts, gamma)
         else:
-            grams = _torch_grams([ys[i] for i in idx], [layouts[i] for i in idx], gamma, cpp=name == "cpp")
+            grams = _grams([ys[i] for i in idx], [layouts[i] for i in idx], gamma, cpp=name == "cpp")
         penalties = gram_penalty(grams, [layouts[i][1] for i in idx], lambda1, lambda2, eps)
         for j, i in enumerate(idx):
             values[i] = penalties[j]
