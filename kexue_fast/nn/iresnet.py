@@ -218,8 +218,8 @@ class InvertibleResBlock(nn.Module):
     the spectral norms folded in — in one call forward and one backward, the same estimator and gradients as the
     torch closed forms above (tested to 1e-12 in float64), on the calling thread. With several torch threads it
     takes only small steps (chain_cpp.use_cpp) and leaves large ones to torch's multithreaded products. Under
-    autocast, for hooked chains and for other branches it runs the torch paths (a dense chain it cannot take is
-    logged once).
+    autocast, for half precision, for hooked chains (logged once: the hooks may be unexpected) and for other
+    branches it runs the torch paths.
     Off the CPU `auto` runs the torch paths. KEXUE_FAST_BACKEND=torch forces them; =cpp raises where the C++ block
     cannot run; =triton runs the fused Triton forward of float32 CUDA Linear·act·Linear branches
     (kexue_fast.flows.fused), slower than the closed form in an H200 training step
