@@ -31,12 +31,13 @@ inline F scale_and_mask(F p, F t, U keep) {
 
 }  // namespace detail
 
-inline double exp_nonpositive(double x) {
-  // All ones unless exp(x) < DBL_MIN. The result's bits are masked (an arithmetic AND, not a select, so AVX2 loops
-  // vectorize too), which also zeroes whatever the reduction made of a huge negative x.
-  const std::uint64_t keep = static_cast<std::uint64_t>(x < -708.39) - 1;
+namespace detail {
+
+// x = k·ln 2 + r (Cody–Waite), |r| ≤ ln(2)/2: returns e^r − 1 (the polynomial without its constant term), with t
+// holding k in its low bits for scale_and_mask.
+inline double reduced_expm1(double x, double& t) {
   constexpr double kShifter = 6755399441055744.0;  // 1.5·2^52: adding it rounds to an integer in the low bits
-  const double t = x * 1.4426950408889634 + kShifter;
+  t = x * 1.4426950408889634 + kShifter;
   const double k = t - kShifter;
   const double r = (x - k * 6.93147180369123816490e-01) - k * 1.90821492927058770002e-10;
   double p = 1.0 / 6227020800.0;  // 1/13!
@@ -52,14 +53,12 @@ inline double exp_nonpositive(double x) {
   p = p * r + 1.0 / 6.0;
   p = p * r + 0.5;
   p = p * r + 1.0;
-  p = p * r + 1.0;
-  return detail::scale_and_mask<double, std::int64_t, std::uint64_t, 52, 1023>(p, t, keep);
+  return p * r;
 }
 
-inline float exp_nonpositive(float x) {
-  const std::uint32_t keep = static_cast<std::uint32_t>(x < -87.33f) - 1;
+inline float reduced_expm1(float x, float& t) {
   constexpr float kShifter = 12582912.0f;  // 1.5·2^23
-  const float t = x * 1.44269504088896341f + kShifter;
+  t = x * 1.44269504088896341f + kShifter;
   const float k = t - kShifter;
   const float r = (x - k * 0.693359375f) - k * -2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -68,50 +67,42 @@ inline float exp_nonpositive(float x) {
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  return detail::scale_and_mask<float, std::int32_t, std::uint32_t, 23, 127>(p, t, keep);
+  return p * r * r + r;
+}
+
+}  // namespace detail
+
+inline double exp_nonpositive(double x) {
+  // All ones unless exp(x) < DBL_MIN. The result's bits are masked (an arithmetic AND, not a select, so AVX2 loops
+  // vectorize too), which also zeroes whatever the reduction made of a huge negative x.
+  const std::uint64_t keep = static_cast<std::uint64_t>(x < -708.39) - 1;
+  double t;
+  const double q = detail::reduced_expm1(x, t);
+  return detail::scale_and_mask<double, std::int64_t, std::uint64_t, 52, 1023>(q + 1.0, t, keep);
+}
+
+inline float exp_nonpositive(float x) {
+  const std::uint32_t keep = static_cast<std::uint32_t>(x < -87.33f) - 1;
+  float t;
+  const float q = detail::reduced_expm1(x, t);
+  return detail::scale_and_mask<float, std::int32_t, std::uint32_t, 23, 127>(q + 1.0f, t, keep);
 }
 
 // expm1(x) = exp(x) − 1 for x <= 0, accurate relative to the result near 0 too (where exp(x) − 1 cancels): the
-// same reduction and polynomial as exp_nonpositive without the polynomial's constant term, q = e^r − 1, then
-// 2^k·q + (2^k − 1), exact in the scaling for k = 0 (|x| ≤ ln(2)/2). Below the smallest normal exp, −1.
+// same reduction and polynomial as exp_nonpositive without the constant term, q = e^r − 1, then 2^k·q + (2^k − 1),
+// exact in the scaling for k = 0 (|x| ≤ ln(2)/2). Below the smallest normal exp, −1.
 inline double expm1_nonpositive(double x) {
   const std::uint64_t keep = static_cast<std::uint64_t>(x < -708.39) - 1;
-  constexpr double kShifter = 6755399441055744.0;
-  const double t = x * 1.4426950408889634 + kShifter;
-  const double k = t - kShifter;
-  const double r = (x - k * 6.93147180369123816490e-01) - k * 1.90821492927058770002e-10;
-  double p = 1.0 / 6227020800.0;
-  p = p * r + 1.0 / 479001600.0;
-  p = p * r + 1.0 / 39916800.0;
-  p = p * r + 1.0 / 3628800.0;
-  p = p * r + 1.0 / 362880.0;
-  p = p * r + 1.0 / 40320.0;
-  p = p * r + 1.0 / 5040.0;
-  p = p * r + 1.0 / 720.0;
-  p = p * r + 1.0 / 120.0;
-  p = p * r + 1.0 / 24.0;
-  p = p * r + 1.0 / 6.0;
-  p = p * r + 0.5;
-  p = p * r + 1.0;
-  const double q = p * r;
+  double t;
+  const double q = detail::reduced_expm1(x, t);
   const double scale = detail::scale_and_mask<double, std::int64_t, std::uint64_t, 52, 1023>(1.0, t, keep);
   return scale * q + (scale - 1.0);
 }
 
 inline float expm1_nonpositive(float x) {
   const std::uint32_t keep = static_cast<std::uint32_t>(x < -87.33f) - 1;
-  constexpr float kShifter = 12582912.0f;
-  const float t = x * 1.44269504088896341f + kShifter;
-  const float k = t - kShifter;
-  const float r = (x - k * 0.693359375f) - k * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float q = p * r * r + r;
+  float t;
+  const float q = detail::reduced_expm1(x, t);
   const float scale = detail::scale_and_mask<float, std::int32_t, std::uint32_t, 23, 127>(1.0f, t, keep);
   return scale * q + (scale - 1.0f);
 }
