@@ -767,6 +767,10 @@ TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def test_explicit_triton_backend_raises_where_the_fused_block_cannot_run(monkeypatch):
     monkeypatch.setenv("KEXUE_FAST_BACKEND", "triton")
     dev = TRITON_DEVICE
+    with pytest.raises(Exception, match=r"cannot run InvertibleResBlock under torch\.compile"):  # (dynamo wraps it)
+        torch.compile(InvertibleResBlock(mlp(2).float().to(dev)), fullgraph=True, backend="aot_eager")(
+            torch.randn(3, 2, device=dev)
+        )
     with pytest.raises(NotImplementedError, match="supports float32"):
         InvertibleResBlock(mlp(2).to(dev))(torch.randn(3, 2, dtype=D64, device=dev))
     deep = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)).to(dev)

@@ -337,10 +337,11 @@ class InvertibleResBlock(nn.Module):
             raise ValueError(f"x must be [B, ...] with a batch dimension, got shape {tuple(x.shape)}")
         compiling = torch.compiler.is_compiling()
         requested = _dispatch.requested_backend(None)
-        if compiling and requested == "cpp":
+        if compiling and requested in ("cpp", "triton"):  # explicit backends run or raise, never fall back
             raise NotImplementedError(
-                "KEXUE_FAST_BACKEND='cpp' cannot run InvertibleResBlock under torch.compile (the C++ block is not "
-                "traceable): unset it or set it to 'auto' or 'torch' there"
+                f"KEXUE_FAST_BACKEND='{requested}' cannot run InvertibleResBlock under torch.compile (the "
+                f"{'C++ block' if requested == 'cpp' else 'fused Triton block'} is not traced): unset it or set it to "
+                "'auto' or 'torch' there"
             )
         backend = "torch" if compiling else _dispatch.choose(OP, x.device, x.dtype)
         method = self.logdet_method
