@@ -74,7 +74,8 @@ def kth_squared_distance(x: Tensor, k: int, tile: int = TILE, with_next: bool = 
 def _kth_cpp(x: Tensor, k: int, with_next: bool = False):
     from .. import _core
 
-    value, above, _ = _core.kth_pair_sq_distance(x.detach().contiguous().cpu().numpy(), k)
+    value, above, _ = _core.kth_pair_sq_distance(x.detach().contiguous().cpu().numpy(), k,
+                                                 n_threads=torch.get_num_threads())  # fmt: skip
     return (value, above) if with_next else value
 
 

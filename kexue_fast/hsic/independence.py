@@ -93,7 +93,8 @@ def _permuted_cross_sums_cpp(x, y, kx: KernelSpec, ky: KernelSpec, perms: Tensor
     from .. import _core
 
     out = _core.hsic_permuted_cross_sums(*_cpp_arrays(x, y, kx, ky), _KERNEL_CODES[kx.name], kx.sigma or 0.0,
-                                         _KERNEL_CODES[ky.name], ky.sigma or 0.0, perms.cpu().numpy())  # fmt: skip
+                                         _KERNEL_CODES[ky.name], ky.sigma or 0.0, perms.cpu().numpy(),
+                                         n_threads=torch.get_num_threads())  # fmt: skip
     return torch.from_numpy(out).to(x.device)
 
 

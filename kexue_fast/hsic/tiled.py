@@ -131,7 +131,12 @@ def cpp_stats(x: Tensor, y: Tensor, kx: KernelSpec, ky: KernelSpec):
     from .. import _core
 
     s_kl, s_kk, s_ll, rk, rl = _core.hsic_stats(
-        *_cpp_arrays(x, y, kx, ky), _KERNEL_CODES[kx.name], kx.sigma or 0.0, _KERNEL_CODES[ky.name], ky.sigma or 0.0
+        *_cpp_arrays(x, y, kx, ky),
+        _KERNEL_CODES[kx.name],
+        kx.sigma or 0.0,
+        _KERNEL_CODES[ky.name],
+        ky.sigma or 0.0,
+        n_threads=torch.get_num_threads(),
     )
     f64 = dict(dtype=torch.float64, device=x.device)
     return (torch.tensor(s_kl, **f64), torch.tensor(s_kk, **f64), torch.tensor(s_ll, **f64),
@@ -149,7 +154,7 @@ def cpp_grads(x: Tensor, y: Tensor, kx: KernelSpec, ky: KernelSpec, coefficients
     gx, gy = _core.hsic_grad(
         *_cpp_arrays(x, y, kx, ky), _KERNEL_CODES[kx.name], kx.sigma or 0.0, _KERNEL_CODES[ky.name], ky.sigma or 0.0,
         float(a), float(b_k), float(b_l), u_k.detach().cpu().numpy(), u_l.detach().cpu().numpy(),
-        need_x=need_x, need_y=need_y,
+        need_x=need_x, need_y=need_y, n_threads=torch.get_num_threads(),
     )  # fmt: skip
     return _finish_grads((gx, gy), (x, y), (kx, ky), (g_dk, g_dl))
 

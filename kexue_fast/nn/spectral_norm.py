@@ -326,7 +326,8 @@ def update_spectral_norms(
             from .. import _core
 
             w, u, v = group.numpy()
-            sigma, _ = _core.power_iteration(w, u, v, n_iters, -1.0 if tol is None else tol, group.eps)
+            sigma, _ = _core.power_iteration(w, u, v, n_iters, -1.0 if tol is None else tol, group.eps,
+                                             torch.get_num_threads())  # fmt: skip
             finite = bool(numpy.isfinite(sigma).all())
         else:
             with torch.no_grad():

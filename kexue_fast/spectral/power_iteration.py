@@ -58,6 +58,7 @@ def run_backend(
             n_iters,
             -1.0 if tol is None else tol,
             eps,
+            torch.get_num_threads(),
         )
         return torch.from_numpy(sigma)
     if backend == "triton":
