@@ -482,3 +482,37 @@ def test_hsic_test_leaves_the_global_generator_alone_and_exact_pvalues():
         kexue_fast.hsic(x, y, tile=-1)
     with pytest.raises(ValueError, match="NaN"):
         kexue_fast.median_bandwidth(torch.tensor([[0.0], [float("nan")], [float("nan")]]))
+
+
+def test_cpp_calls_take_torchs_thread_count(monkeypatch):
+    """The C++ HSIC core and the power iteration run on torch.get_num_threads() threads (torch.set_num_threads(1),
+    as in DataLoader workers, is honoured), with results equal across counts up to the reduction order."""
+    import kexue_fast._core as core
+
+    seen = []
+
+    def spy(original):
+        def call(*args, **kwargs):
+            seen.append(kwargs.get("n_threads", args[-1]))
+            return original(*args, **kwargs)
+
+        return call
+
+    for name in ("hsic_stats", "hsic_grad", "power_iteration"):
+        monkeypatch.setattr(core, name, spy(getattr(core, name)))
+    x = torch.randn(300, 3, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(300, 2, dtype=torch.float64)
+    before = torch.get_num_threads()
+    values = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            seen.clear()
+            value = kexue_fast.hsic(x, y, backend="cpp")
+            (grad,) = torch.autograd.grad(value, x)
+            kexue_fast.spectral.power_iteration([torch.randn(20, 10)], n_iters=3)
+            assert seen == [threads, threads, threads]
+            values.append((value.detach(), grad))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.allclose(values[0][0], values[1][0], rtol=1e-12) and torch.allclose(values[0][1], values[1][1])
