@@ -187,6 +187,15 @@ struct Weights {  // the effective W_i [out, in] (caller's buffer) and W_iᵀ [i
   std::vector<std::vector<T>> wt;
 };
 
+// Wᵀ [in, out] of W [out, in] (both row-major).
+template <typename T>
+std::vector<T> transposed(const T* w, std::int64_t out, std::int64_t in) {
+  std::vector<T> wt(static_cast<std::size_t>(out * in));
+  for (std::int64_t o = 0; o < out; ++o)
+    for (std::int64_t c = 0; c < in; ++c) wt[c * out + o] = w[o * in + c];
+  return wt;
+}
+
 template <typename T>
 std::int64_t widest(const Chain<T>& chain) {
   std::int64_t width = chain.dim;
@@ -475,11 +484,8 @@ Weights<T> effective_weights(const Chain<T>& chain, const std::vector<T*>& dest,
     T* w = dest[i];
     const T div = static_cast<T>(delta);
     for (std::int64_t e = 0; e < out * in; ++e) w[e] = layer.u ? layer.weight[e] / div : layer.weight[e];
-    std::vector<T> wt(static_cast<std::size_t>(out * in));
-    for (std::int64_t o = 0; o < out; ++o)
-      for (std::int64_t c = 0; c < in; ++c) wt[c * out + o] = w[o * in + c];
     weights.w.push_back(w);
-    weights.wt.push_back(std::move(wt));
+    weights.wt.push_back(transposed(w, out, in));
   }
   return weights;
 }
@@ -569,13 +575,8 @@ void chain_backward(const Chain<T>& chain_in, const T* x, const T* probes, std::
   saved.z.assign(views.z.begin(), views.z.end());
   saved.uf.assign(views.uf.begin(), views.uf.end());
   saved.weight.assign(views.weight.begin(), views.weight.end());
-  for (std::size_t i = 0; i < L; ++i) {
-    const std::int64_t out = chain.layers[i].out, in = chain.layers[i].in;
-    std::vector<T> wt(static_cast<std::size_t>(out * in));
-    for (std::int64_t o = 0; o < out; ++o)
-      for (std::int64_t c = 0; c < in; ++c) wt[c * out + o] = saved.weight[i][o * in + c];
-    saved.weight_t.push_back(std::move(wt));
-  }
+  for (std::size_t i = 0; i < L; ++i)  // rebuilt, not saved: O(out·in), and the workspace stays smaller
+    saved.weight_t.push_back(transposed(saved.weight[i], chain.layers[i].out, chain.layers[i].in));
   saved.divisor = divisor;
   saved.kappa = kappa;
   saved.lead = lead;

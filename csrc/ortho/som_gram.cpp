@@ -119,7 +119,7 @@ KEXUE_SIMD_CLONES void gram_rows(const T* y, std::int64_t c, std::int64_t s, T g
 template <typename T>
 KEXUE_SIMD_CLONES void backward_rows(const T* y, std::int64_t c, std::int64_t s, T gamma, const T* a, T* dy,
                                      std::int64_t i0, std::int64_t i1, std::vector<T>& scratch) {
-  // s > 1: Z_i in chunks of kRows positions, rows kChunkStride apart (a power-of-two stride such as H·W = 1024
+  // s > 1: Z_i in chunks of kRows positions, rows `stride` apart (a power-of-two stride such as H·W = 1024
   // would map the product's k rows to one L1 set)
   const std::int64_t stride = kRows + 64 / static_cast<std::int64_t>(sizeof(T));
   const std::int64_t block = s == 1 ? kRows * c : c * stride;
