@@ -361,6 +361,21 @@ void init_tables(Tables tables, std::int64_t vocab_size, std::int64_t n_docs, in
   fill(tables.d, n_docs);
 }
 
+namespace {
+
+void renormalize_rows(float* table, std::int64_t rows, int dim) {
+  for (std::int64_t r = 0; r < rows; ++r) {
+    float* row = table + r * dim;
+    double norm = 0;
+    for (int c = 0; c < dim; ++c) norm += static_cast<double>(row[c]) * row[c];
+    if (!(norm > 0) || !std::isfinite(norm)) continue;  // left as is: no direction to keep
+    const double scale = 1 / std::sqrt(norm);
+    for (int c = 0; c < dim; ++c) row[c] = static_cast<float>(row[c] * scale);
+  }
+}
+
+}  // namespace
+
 Stats train(const Corpus& corpus, const Options& opt, Tables tables, Progress* progress) {
   if (corpus.vocab_size < 2) throw std::invalid_argument("the vocabulary needs at least one word besides </s>");
   if (opt.dim < 1 || opt.window < 1 || opt.negative < 1 || opt.epochs < 1 || opt.max_sentence < 1)
@@ -385,6 +400,14 @@ Stats train(const Corpus& corpus, const Options& opt, Tables tables, Progress* p
   const int threads = worker_count(opt.threads, static_cast<std::size_t>(std::max<std::int64_t>(corpus.length, 1)));
   std::vector<ThreadResult> results(static_cast<std::size_t>(threads));
   run_workers(threads, [&](int t) { train_thread(sh, t, threads, results[static_cast<std::size_t>(t)]); });
+  if (threads > 1) {
+    // Hogwild leaves a few rows off the sphere (measured up to 5e-4): a step writes x + a·e, then scales it by
+    // 1/‖x + a·e‖, and another thread's step on the same row can land between the two passes. One pass puts every
+    // row back; with one thread the rows are already unit to rounding and stay bit-identical to the steps.
+    renormalize_rows(tables.u, corpus.vocab_size, opt.dim);
+    renormalize_rows(tables.v, corpus.vocab_size, opt.dim);
+    renormalize_rows(tables.d, corpus.n_docs, opt.dim);
+  }
   Stats stats;
   for (const auto& r : results) {
     stats.loss += r.loss;
