@@ -9,7 +9,8 @@ D = diag(√G_ii)), done by the caller on k×k matrices. Programs are (layer, ti
 work table; each writes its BC×BC partial tile to its own slot, and the caller adds the chunks in float64 in a fixed
 order (deterministic: no atomics).
 Backward, `_som_grad_kernel`:  with A = Ḡ + Ḡᵀ (Ḡ = ∂R/∂G from the caller),  ∂R/∂Y = γ(1 − Z²) ⊙ (Z A);
-programs are (layer, row block, column block); Z is recomputed for the K loop and for the epilogue.
+programs are (layer, row block, column block), decoded from the program id by each layer's first program (no
+per-block table: building one cost O(b) host work per call); Z is recomputed for the K loop and for the epilogue.
 
 tanh is built from exp (libdevice is unavailable in the interpreter): an odd Taylor polynomial for |x| < 0.3 (11
 terms, ≤ 1 ulp in float64) and (1 − e^{−2|x|})/(1 + e^{−2|x|}) above. No autograd and no dispatch here: see
@@ -95,18 +96,22 @@ def _som_gram_kernel(
 
 @triton.jit
 def _som_grad_kernel(
-    y_ptrs, meta_ptr, work_ptr, a_ptr, dy_ptr, gamma, KP,
+    y_ptrs, meta_ptr, a_ptr, dy_ptr, gamma, KP, L,
     DTYPE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    layer = tl.load(work_ptr + pid * 3)
-    rb = tl.load(work_ptr + pid * 3 + 1)
-    cb = tl.load(work_ptr + pid * 3 + 2)
+    pid = tl.program_id(0).to(tl.int64)
+    layer = 0
+    for g in range(1, L):  # the last layer whose first program is at or before pid (starts ascend)
+        layer += (tl.load(meta_ptr + g * 5 + 4) <= pid).to(tl.int32)
     y = tl.load(y_ptrs + layer).to(tl.pointer_type(DTYPE))
-    N = tl.load(meta_ptr + layer * 4)
-    C = tl.load(meta_ptr + layer * 4 + 1)
-    S = tl.load(meta_ptr + layer * 4 + 2)
-    out = tl.load(meta_ptr + layer * 4 + 3)
+    N = tl.load(meta_ptr + layer * 5)
+    C = tl.load(meta_ptr + layer * 5 + 1)
+    S = tl.load(meta_ptr + layer * 5 + 2)
+    out = tl.load(meta_ptr + layer * 5 + 3)
+    local = pid - tl.load(meta_ptr + layer * 5 + 4)
+    n_cb = tl.cdiv(C, BC)
+    rb = local // n_cb
+    cb = local - rb * n_cb
     b = N * S
     rows = rb.to(tl.int64) * BR + tl.arange(0, BR)
     cols = cb * BC + tl.arange(0, BC)
@@ -138,6 +143,15 @@ def _cached(key: tuple, build):
     if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
         _TABLE_CACHE.popitem(last=False)
     return entry
+
+
+def _to_device(*parts: Sequence[int], device: torch.device) -> Tuple[Tensor, ...]:
+    """int64 host lists as device tensors, copied in one transfer. On CUDA the host side is pinned and the copy
+    asynchronous: a copy from pageable memory would wait for the stream, stalling the host in every training step
+    whose pointers missed the cache."""
+    flat = [v for part in parts for v in part]
+    host = torch.tensor(flat, dtype=torch.int64, pin_memory=device.type == "cuda")
+    return host.to(device, non_blocking=True).split([len(part) for part in parts])
 
 
 def _check(ys: Sequence[Tensor], layouts: Sequence[Layout]) -> None:
@@ -194,12 +208,11 @@ def gram_matrices(ys: Sequence[Tensor], layouts: Sequence[Layout], gamma: float,
     chunks = max(1, min(int(chunks), triton.cdiv(max_rows, br)))
 
     def build():
-        host = torch.tensor([*[y.data_ptr() for y in ys], *[v for lay in layouts for v in lay],
-                             *[v for p in pairs for v in p]], dtype=torch.int64)  # fmt: skip
-        dev = host.to(device)
-        ptrs, meta, work = dev.split([len(ys), 3 * len(ys), 3 * len(pairs)])
-        index = torch.tensor(pairs, dtype=torch.int64, device=device).T
-        return ptrs, meta, work, index
+        ptrs, meta, work, index = _to_device(
+            [y.data_ptr() for y in ys], [v for lay in layouts for v in lay], [v for p in pairs for v in p],
+            [v for p in zip(*pairs) for v in p], device=device,
+        )  # fmt: skip
+        return ptrs, meta, work, index.view(3, len(pairs))
 
     key = ("gram", device, br, bc, chunks, tuple(layouts), tuple(y.data_ptr() for y in ys))
     ptrs, meta, work, index = _cached(key, build)
@@ -230,23 +243,19 @@ def gram_backward(ys: Sequence[Tensor], layouts: Sequence[Layout], gamma: float,
     if a.shape != (len(ys), kp, kp) or kp % bc or kp < max(c for _, c, _ in layouts):
         raise ValueError(f"a must be [L, KP, KP] with KP a multiple of {bc} covering every layer, got {tuple(a.shape)}")
     a = a.to(device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32).contiguous()
-    offsets, total = [], 0
-    for y in ys:
-        offsets.append(total)
+    # per layer (N, C, S, offset of its gradient in the flat output, first program): the kernel finds its layer
+    # and block from the program id, so no per-block table is built or copied
+    meta, total, programs = [], 0, 0
+    for y, (n, c, s) in zip(ys, layouts):
+        meta += [n, c, s, total, programs]
         total += y.numel()
-    work = [(g, rb, cb) for g, (n, c, s) in enumerate(layouts) for rb in range(triton.cdiv(n * s, br))
-            for cb in range(triton.cdiv(c, bc))]  # fmt: skip
-
-    def build():
-        meta = [v for (n, c, s), off in zip(layouts, offsets) for v in (n, c, s, off)]
-        host = torch.tensor([*[y.data_ptr() for y in ys], *meta, *[v for w in work for v in w]], dtype=torch.int64)
-        return tuple(host.to(device).split([len(ys), 4 * len(ys), 3 * len(work)]))
+        programs += triton.cdiv(n * s, br) * triton.cdiv(c, bc)
 
     key = ("grad", device, br, bc, tuple(layouts), tuple(y.data_ptr() for y in ys))
-    ptrs, meta, work_t = _cached(key, build)
+    ptrs, meta_t = _cached(key, lambda: _to_device([y.data_ptr() for y in ys], meta, device=device))
     flat = torch.empty(total, dtype=dtype, device=device)
-    _som_grad_kernel[(len(work),)](
-        ptrs, meta, work_t, a, flat, float(gamma), kp,
+    _som_grad_kernel[(programs,)](
+        ptrs, meta_t, a, flat, float(gamma), kp, len(ys),
         DTYPE=_TL_DTYPES[dtype], ACC=_acc(dtype), PREC=_precision(dtype, device), BR=br, BC=bc,
     )  # fmt: skip
     return flat

@@ -82,6 +82,46 @@ def test_gradcheck_torch_path(backend):
     torch.autograd.gradcheck(lambda a, b, c: som_regularizer([a, b, c], gamma=0.7, backend=backend), (y1, y2, y3))
 
 
+def test_gram_penalty_closed_form_gradient_equals_autograd():
+    """The penalty from padded Grams (one node, closed-form backward) against autograd through its definition:
+    layers of 4, 6 and 1 channels padded to 6, one channel dead (G_ii < eps², clamped), one exactly at eps², and
+    one Gram not exactly symmetric (as a float32 product's)."""
+    from kexue_fast.ortho.som import gram_penalty
+
+    g = torch.Generator().manual_seed(31)
+    ks, kp, eps = (4, 6, 1), 6, 1e-2
+    grams = torch.zeros(3, kp, kp, dtype=D64)
+    for i, k in enumerate(ks):
+        z = torch.randn(9, k, dtype=D64, generator=g)
+        if k == 6:
+            z[:, 2] *= 1e-6  # dead: its Θ row is scaled by 1/eps, its diagonal gets no gradient
+        grams[i, :k, :k] = z.T @ z
+    grams[0, 1, 1] = eps * eps  # on the clamp's edge: torch's clamp_min passes the gradient there
+    grams[1, :6, :6] += 1e-3 * torch.randn(6, 6, dtype=D64, generator=g)  # float32 products' Grams are not symmetric
+    grams.requires_grad_()
+
+    def by_definition(gr):
+        idx = torch.arange(kp)
+        valid = idx[None, :] < torch.tensor(ks)[:, None]
+        pairs = valid[:, :, None] & valid[:, None, :] & (idx[:, None] != idx[None, :])
+        inv = torch.where(valid, gr.diagonal(dim1=-2, dim2=-1).clamp_min(eps * eps).rsqrt(), 0.0)
+        theta = torch.where(pairs, gr * inv[:, :, None] * inv[:, None, :], 0.0)
+        return 100.0 * theta.sum((1, 2)) ** 2 + 1.0 * (theta * theta).sum((1, 2))
+
+    w = torch.randn(3, dtype=D64, generator=g)
+    got = gram_penalty(grams, ks, 100.0, 1.0, eps)
+    want = by_definition(grams)
+    assert torch.allclose(got, want, rtol=1e-14, atol=0)
+    (g_got,) = torch.autograd.grad((got * w).sum(), grams)
+    (g_want,) = torch.autograd.grad((want * w).sum(), grams)
+    assert torch.allclose(g_got, g_want, rtol=1e-12, atol=1e-12 * float(g_want.abs().max()))
+    assert torch.all(g_got[1, 2, 2] == 0) and torch.all(g_got[2] == 0)
+    sym = grams.detach().clone()
+    sym[0, 1, 1] = 2.0  # off the kink: finite differences across it disagree with either one-sided derivative
+    fn = lambda a: gram_penalty((a + a.mT) / 2, ks, 100.0, 1.0, eps)  # noqa: E731
+    torch.autograd.gradcheck(fn, (sym.requires_grad_(),))
+
+
 @pytest.mark.parametrize("n, c, s", [(1, 1, 1), (9, 7, 1), (2, 17, 130), (4, 64, 9), (300, 33, 1), (2, 6, 1000),
                                      (1, 5, 2053)])  # fmt: skip
 def test_cpp_gram_equals_torch_in_float64_and_float32(n, c, s):

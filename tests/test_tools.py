@@ -103,7 +103,7 @@ def test_double_backward_through_closed_form_gradients_raises_clearly():
     cases = {
         "_JacobiCpp": lambda t: ellipj(t, 0.5, backend="cpp").sn.sum(),
         "_JacobiTorch": lambda t: ellipj(t, 0.5, backend="torch").sn.sum(),
-        "_TorchGram": lambda t: som_regularizer(t.reshape(3, 2, 2), gamma=0.5, backend="torch"),
+        "_GramPenalty": lambda t: som_regularizer(t.reshape(3, 2, 2), gamma=0.5, backend="torch"),
         "StreamingHSIC": lambda t: hsic(t, t.detach() ** 2),
         "_NeumannLogdet": lambda t: block(t)[1].sum(),
     }

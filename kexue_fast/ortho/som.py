@@ -120,14 +120,55 @@ def _masks(device: torch.device, ks: Tuple[int, ...], kp: int) -> Tuple[Tensor, 
 
 def gram_penalty(g: Tensor, ks: Sequence[int], lambda1: float, lambda2: float, eps: float) -> Tensor:
     """R_ℓ [L] from zero-padded Grams G_ℓ = ZᵀZ (g: [L, KP, KP]; layer ℓ uses the leading ks[ℓ] channels).
-    Θ = G_ij / (max(√G_ii, eps) max(√G_jj, eps)); off-diagonal sums taken on Θ directly."""
-    valid, pairs = _masks(g.device, tuple(ks), g.shape[-1])
+    Θ = G_ij / (max(√G_ii, eps) max(√G_jj, eps)); off-diagonal sums taken on Θ directly. One autograd node with the
+    closed-form gradient (_GramPenalty): a dozen batched ops each way, whatever the number of layers. Under
+    torch.compile, autograd through the same ops instead (compiled, their count costs nothing; and inductor in torch
+    2.13 miscompiled the gradient of this Function fed by _Grams, to values ~1e37)."""
+    if torch.compiler.is_compiling():
+        theta = _theta(g, tuple(ks), eps)[0]
+        s1 = theta.sum((1, 2))
+        return lambda1 * s1 * s1 + lambda2 * (theta * theta).sum((1, 2))
+    return _GramPenalty.apply(g, tuple(ks), float(lambda1), float(lambda2), float(eps))
+
+
+def _theta(g: Tensor, ks: Tuple[int, ...], eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """(Θ with zeros off the valid off-diagonal pairs, d = diag(D⁻¹) with zeros on padding, G_ii ≥ eps²)."""
+    valid, pairs = _masks(g.device, ks, g.shape[-1])
     diag = g.diagonal(dim1=-2, dim2=-1)
-    inv = torch.where(valid, diag.clamp_min(eps * eps).rsqrt(), torch.zeros_like(diag))
-    theta = torch.where(pairs, g * inv[:, :, None] * inv[:, None, :], torch.zeros_like(g))
-    s1 = theta.sum((1, 2))
-    s2 = (theta * theta).sum((1, 2))
-    return lambda1 * s1 * s1 + lambda2 * s2
+    inv = torch.where(valid, diag.clamp_min(eps * eps).rsqrt(), 0.0)
+    return torch.where(pairs, g * inv[:, :, None] * inv[:, None, :], 0.0), inv, diag >= eps * eps
+
+
+class _GramPenalty(torch.autograd.Function):
+    """R_ℓ = λ₁ s₁² + λ₂ s₂ with s₁ = Σ_{i≠j} Θ_ij, s₂ = Σ_{i≠j} Θ_ij², Θ = D⁻¹GD⁻¹, D_ii = max(√G_ii, eps).
+
+    Backward, with M = P ⊙ (2λ₁s₁ + 2λ₂Θ) (P: the valid off-diagonal pairs) = ∂R/∂Θ and d = diag(D⁻¹):
+    ∂R/∂G = M ⊙ ddᵀ − ½ diag(d² ⊙ Σ_j (M_ij Θ_ij + M_ji Θ_ji)), the diagonal term only where G_ii ≥ eps² (clamp_min's
+    gradient); both orders of the pairs, since G need not be exactly symmetric (a float32 product's)."""
+
+    @staticmethod
+    def forward(ctx, g: Tensor, ks: Tuple[int, ...], lambda1: float, lambda2: float, eps: float) -> Tensor:
+        theta, inv, unclamped = _theta(g, ks, eps)
+        s1 = theta.sum((1, 2))
+        ctx.save_for_backward(theta, inv, s1, unclamped)
+        ctx.lambdas = (lambda1, lambda2)
+        ctx.ks = ks
+        return lambda1 * s1 * s1 + lambda2 * (theta * theta).sum((1, 2))
+
+    @staticmethod
+    @first_order
+    def backward(ctx, grad: Tensor):
+        theta, inv, s1, unclamped = ctx.saved_tensors
+        lambda1, lambda2 = ctx.lambdas
+        _, pairs = _masks(theta.device, ctx.ks, theta.shape[-1])
+        m = torch.where(pairs, (2 * lambda1 * s1)[:, None, None] + (2 * lambda2) * theta, 0.0)
+        m *= grad[:, None, None]
+        mt = m * theta
+        # rows and columns both: a Gram from a float32 product need not be exactly symmetric
+        diag = torch.where(unclamped, (-0.5 * inv * inv) * (mt.sum(-1) + mt.sum(-2)), 0.0)
+        out = m.mul_(inv[:, :, None]).mul_(inv[:, None, :])
+        out.diagonal(dim1=-2, dim2=-1).copy_(diag)  # M's diagonal is 0 (P excludes it)
+        return out, None, None, None, None
 
 
 def rows_penalty(y: Tensor, gamma: float, lambda1: float, lambda2: float, eps: float) -> Tensor:
@@ -213,68 +254,78 @@ def _tanh(y: Tensor, gamma: float) -> Tensor:
     return torch.tanh(y * gamma)
 
 
-class _TorchGram(torch.autograd.Function):
-    """(gamma, layout, y) -> G = ZᵀZ (float64 [k, k]) of Z = tanh(γY), Y read as [N, C, S] in place (no channel-last
-    copy); backward ∂R/∂Y = (Z A) ⊙ (1 − Z²) with A = γ(Ḡ + Ḡᵀ), one matmul and a few in-place passes."""
+def _torch_gram(y: Tensor, layout: Layout, gamma: float) -> Tuple[Tensor, Tensor]:
+    """(G = ZᵀZ in the work dtype [c, c], Z [n, c, s]) of Z = tanh(γY), Y read as [N, C, S] in place (no
+    channel-last copy)."""
+    n, c, s = layout
+    z = _tanh(y.reshape(n, c, s).to(_work_dtype(y.dtype)), gamma)
+    return (z[:, :, 0].T @ z[:, :, 0] if s == 1 else torch.bmm(z, z.mT).sum(0)), z
+
+
+def _torch_gram_backward(z: Tensor, layout: Layout, a: Tensor) -> Tensor:
+    """(Z A) ⊙ (1 − Z²) as [n, c, s], one matmul and an in-place pass."""
+    with torch.autocast(z.device.type, enabled=False):
+        w = (z[:, :, 0] @ a)[:, :, None] if layout[2] == 1 else torch.matmul(a, z)
+    return torch.ops.aten.tanh_backward.grad_input(w, z, grad_input=w)  # w (1 − z²), into w: no new buffer
+
+
+class _Grams(torch.autograd.Function):
+    """(gamma, layouts, cpp, *ys) -> the zero-padded float64 Grams [L, KP, KP], G_ℓ = Z_ℓᵀZ_ℓ, Z = tanh(γY), every
+    layer in one autograd node; backward ∂R/∂Y_ℓ = (Z_ℓ A_ℓ) ⊙ (1 − Z_ℓ²) with A = γ(Ḡ + Ḡᵀ).
+
+    cpp=True: the C++ core (csrc/ortho/som_gram.cpp) reads each Y as [N, C, S] in place and never stores Z (each
+    sample's is recomputed in cache, in forward and again in backward; Y is saved). cpp=False: torch ops, Z saved."""
 
     @staticmethod
-    def forward(ctx, gamma: float, layout: Layout, y: Tensor) -> Tensor:
-        n, c, s = layout
-        z = _tanh(y.reshape(n, c, s).to(_work_dtype(y.dtype)), gamma)
-        g = z[:, :, 0].T @ z[:, :, 0] if s == 1 else torch.bmm(z, z.mT).sum(0)
-        ctx.gamma, ctx.layout, ctx.y_meta = gamma, layout, (y.shape, y.dtype)
-        ctx.save_for_backward(z)
-        return g.to(torch.float64)
+    def forward(ctx, gamma: float, layouts: Tuple[Layout, ...], cpp: bool, *ys: Tensor) -> Tensor:
+        kp = max(c for _, c, _ in layouts)
+        out = ys[0].new_zeros((len(ys), kp, kp), dtype=torch.float64)
+        saved = []
+        for i, (y, (n, c, s)) in enumerate(zip(ys, layouts)):
+            if cpp:
+                from .. import _core
+
+                y_flat = y.detach().to(_work_dtype(y.dtype)).contiguous().view(-1)  # half in float32, as on torch
+                g = out[i] if c == kp else torch.empty((c, c), dtype=torch.float64)
+                _core.som_gram(y_flat.numpy(), n, c, s, gamma, g.numpy(), CPP_THREADS)
+                saved.append(y)
+            else:
+                g, z = _torch_gram(y, (n, c, s), gamma)
+                saved.append(z)
+            if c != kp or not cpp:
+                out[i, :c, :c] = g
+        ctx.gamma, ctx.layouts, ctx.cpp = gamma, layouts, cpp
+        ctx.y_meta = [(y.shape, y.dtype) for y in ys]
+        ctx.save_for_backward(*saved)
+        return out
 
     @staticmethod
     @first_order
     def backward(ctx, grad: Tensor):
-        (z,) = ctx.saved_tensors
-        shape, dtype = ctx.y_meta
-        a = ((grad + grad.mT) * ctx.gamma).to(z.dtype)
-        with torch.autocast(z.device.type, enabled=False):
-            w = (z[:, :, 0] @ a)[:, :, None] if ctx.layout[2] == 1 else torch.matmul(a, z)
-        dy = torch.ops.aten.tanh_backward.grad_input(w, z, grad_input=w)  # w (1 − z²), into w: no new buffer
-        return None, None, dy.reshape(shape).to(dtype)
+        saved = ctx.saved_tensors
+        a_all = (grad + grad.mT) * ctx.gamma
+        grads: List[Optional[Tensor]] = []
+        for i, (t, (n, c, s), (shape, dtype)) in enumerate(zip(saved, ctx.layouts, ctx.y_meta)):
+            if not ctx.needs_input_grad[3 + i]:
+                grads.append(None)
+                continue
+            if ctx.cpp:
+                from .. import _core
 
-
-class _CppGram(torch.autograd.Function):
-    """(gamma, layout, y) -> G = ZᵀZ (float64 [k, k]) of Z = tanh(γY) by the C++ core (csrc/ortho/som_gram.cpp): Y read
-    as [N, C, S] in place, Z never stored (each sample's recomputed in cache, in forward and again in backward);
-    backward ∂R/∂Y = (A Z) ⊙ (1 − Z²), A = γ(Ḡ + Ḡᵀ)."""
-
-    @staticmethod
-    def forward(ctx, gamma: float, layout: Layout, y: Tensor) -> Tensor:
-        from .. import _core
-
-        n, c, s = layout
-        y_flat = y.detach().to(_work_dtype(y.dtype)).contiguous().view(-1)  # half inputs in float32, as on torch
-        g = torch.empty((c, c), dtype=torch.float64)
-        _core.som_gram(y_flat.numpy(), n, c, s, gamma, g.numpy(), CPP_THREADS)
-        ctx.gamma, ctx.layout, ctx.shape = gamma, layout, y.shape
-        ctx.save_for_backward(y)
-        return g
-
-    @staticmethod
-    @first_order
-    def backward(ctx, grad: Tensor):
-        from .. import _core
-
-        (y,) = ctx.saved_tensors
-        n, c, s = ctx.layout
-        y_flat = y.detach().to(_work_dtype(y.dtype)).contiguous().view(-1)
-        a = ((grad + grad.mT) * ctx.gamma).to(y_flat.dtype).contiguous()
-        dy = torch.empty_like(y_flat)
-        _core.som_gram_backward(y_flat.numpy(), n, c, s, ctx.gamma, a.numpy(), dy.numpy(), CPP_THREADS)
-        return None, None, dy.view(ctx.shape).to(y.dtype)
+                y_flat = t.detach().to(_work_dtype(t.dtype)).contiguous().view(-1)
+                a = a_all[i, :c, :c].to(y_flat.dtype).contiguous()
+                dy = torch.empty_like(y_flat)
+                _core.som_gram_backward(y_flat.numpy(), n, c, s, ctx.gamma, a.numpy(), dy.numpy(), CPP_THREADS)
+            else:
+                dy = _torch_gram_backward(t, (n, c, s), a_all[i, :c, :c].to(t.dtype))
+            grads.append(dy.reshape(shape).to(dtype))
+        return (None, None, None, *grads)
 
 
 def _grams(ys: Sequence[Tensor], layouts: Sequence[Layout], gamma: float, cpp: bool = False) -> Tensor:
-    """Zero-padded float64 Grams [L, KP, KP], one autograd node per layer (the C++ core's with cpp, else torch's)."""
-    gram = _CppGram if cpp else _TorchGram
-    grams = [gram.apply(gamma, lay, y) for y, lay in zip(ys, layouts)]
-    kp = max(g.shape[0] for g in grams)
-    return torch.stack([torch.nn.functional.pad(g, (0, kp - g.shape[0], 0, kp - g.shape[0])) for g in grams])
+    """Zero-padded float64 Grams [L, KP, KP], one autograd node for all layers (the C++ core's with cpp, else
+    torch's)."""
+    return _Grams.apply(gamma, tuple(layouts), cpp, *ys)
 
 
 def som_regularizer(
@@ -342,7 +393,12 @@ def _per_layer(ys, dims, layouts, chosen, gamma: float, lambda1: float, lambda2:
         else:
             grams = _grams([ys[i] for i in idx], [layouts[i] for i in idx], gamma, cpp=name == "cpp")
         penalties = gram_penalty(grams, [layouts[i][1] for i in idx], lambda1, lambda2, eps)
+        if len(idx) == len(ys):  # one group, in order: R per layer as it comes (no per-layer select and stack)
+            return penalties.to(_out_dtype(ys))
         for j, i in enumerate(idx):
             values[i] = penalties[j]
-    out_dtype = torch.float64 if any(t.dtype == torch.float64 for t in ys) else torch.float32
-    return torch.stack([v.to(out_dtype) for v in values])  # type: ignore[union-attr]
+    return torch.stack([v.to(_out_dtype(ys)) for v in values])  # type: ignore[union-attr]
+
+
+def _out_dtype(ys: Sequence[Tensor]) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in ys) else torch.float32
