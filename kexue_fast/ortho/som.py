@@ -262,11 +262,16 @@ def _torch_gram(y: Tensor, layout: Layout, gamma: float) -> Tuple[Tensor, Tensor
     return (z[:, :, 0].T @ z[:, :, 0] if s == 1 else torch.bmm(z, z.mT).sum(0)), z
 
 
-def _torch_gram_backward(z: Tensor, layout: Layout, a: Tensor) -> Tensor:
-    """(Z A) ⊙ (1 − Z²) as [n, c, s], one matmul and an in-place pass."""
+def _torch_gram_backward(z: Tensor, layout: Layout, a: Tensor, out: Tensor) -> None:
+    """out (any shape of n·c·s elements, contiguous) = (Z A) ⊙ (1 − Z²), one matmul and an in-place pass."""
+    n, c, s = layout
+    w = out.view(n, c, s)
     with torch.autocast(z.device.type, enabled=False):
-        w = (z[:, :, 0] @ a)[:, :, None] if layout[2] == 1 else torch.matmul(a, z)
-    return torch.ops.aten.tanh_backward.grad_input(w, z, grad_input=w)  # w (1 − z²), into w: no new buffer
+        if s == 1:
+            torch.mm(z[:, :, 0], a, out=w[:, :, 0])
+        else:
+            torch.matmul(a, z, out=w)
+    torch.ops.aten.tanh_backward.grad_input(w, z, grad_input=w)  # w (1 − z²), into w: no new buffer
 
 
 class _Grams(torch.autograd.Function):
@@ -309,16 +314,19 @@ class _Grams(torch.autograd.Function):
             if not ctx.needs_input_grad[3 + i]:
                 grads.append(None)
                 continue
+            # dy is allocated in Y's shape and returned as is, not as a view: autograd can then add the model's own
+            # gradient of Y into it in place (a view's shared storage makes it allocate a sum instead)
+            work = _work_dtype(dtype)
+            dy = torch.empty(shape, dtype=work, device=t.device)
             if ctx.cpp:
                 from .. import _core
 
-                y_flat = t.detach().to(_work_dtype(t.dtype)).contiguous().view(-1)
-                a = a_all[i, :c, :c].to(y_flat.dtype).contiguous()
-                dy = torch.empty_like(y_flat)
-                _core.som_gram_backward(y_flat.numpy(), n, c, s, ctx.gamma, a.numpy(), dy.numpy(), CPP_THREADS)
+                y_flat = t.detach().to(work).contiguous().view(-1)
+                a = a_all[i, :c, :c].to(work).contiguous()
+                _core.som_gram_backward(y_flat.numpy(), n, c, s, ctx.gamma, a.numpy(), dy.view(-1).numpy(), CPP_THREADS)
             else:
-                dy = _torch_gram_backward(t, (n, c, s), a_all[i, :c, :c].to(t.dtype))
-            grads.append(dy.reshape(shape).to(dtype))
+                _torch_gram_backward(t, (n, c, s), a_all[i, :c, :c].to(work), dy)
+            grads.append(dy.to(dtype))
         return (None, None, None, *grads)
 
 
