@@ -65,9 +65,10 @@ def _load_z(y, rows, cols, b, C, S, gamma, ACC: tl.constexpr):
 
 @triton.jit
 def _som_gram_kernel(
-    y_ptrs, meta_ptr, work_ptr, part_ptr, gamma, R,
+    y_ptrs, meta_ptr, work_ptr, part_ptr, gamma_arg: tl.float64, R,
     DTYPE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
 ):  # fmt: skip
+    gamma = tl.full([], gamma_arg, ACC)  # passed as fp64 (an unannotated Python float would be fp32), computed in ACC
     pid = tl.program_id(0)
     slot = pid // R
     chunk = pid - slot * R
@@ -96,9 +97,11 @@ def _som_gram_kernel(
 
 @triton.jit
 def _som_grad_kernel(
-    y_ptrs, meta_ptr, a_ptr, dy_ptr, gamma, KP, L,
+    y_ptrs, meta_ptr, a_ptr, scale_ptr, dy_ptr, gamma_arg: tl.float64, KP, L,
     DTYPE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+    SCALED: tl.constexpr,
 ):  # fmt: skip
+    gamma = tl.full([], gamma_arg, ACC)
     pid = tl.program_id(0).to(tl.int64)
     layer = 0
     for g in range(1, L):  # the last layer whose first program is at or before pid (starts ascend)
@@ -116,15 +119,88 @@ def _som_grad_kernel(
     rows = rb.to(tl.int64) * BR + tl.arange(0, BR)
     cols = cb * BC + tl.arange(0, BC)
     a_base = a_ptr + layer.to(tl.int64) * KP * KP
+    scale = tl.load(scale_ptr + layer) if SCALED else 1.0  # A_ℓ = scale_ℓ · a_ℓ, taken in a's precision
     acc = tl.zeros([BR, BC], dtype=ACC)
     for k0 in range(0, C, BC):
         ks = k0 + tl.arange(0, BC)
         z, _, _ = _load_z(y, rows, ks, b, C, S, gamma, ACC)
         a = tl.load(a_base + ks[:, None] * KP + cols[None, :])  # A is zero-padded to [KP, KP], KP a multiple of BC
-        acc += tl.dot(z, a, input_precision=PREC)
+        acc += tl.dot(z, (a * scale).to(ACC), input_precision=PREC)
     zc, offs, mask = _load_z(y, rows, cols, b, C, S, gamma, ACC)
     grad = gamma * (1.0 - zc * zc) * acc
     tl.store(dy_ptr + out + offs, grad.to(DTYPE), mask=mask)
+
+
+@triton.jit
+def _inv_diag(tiles_ptr, first, nt, t, C, eps2, BC: tl.constexpr):
+    """Tile row block t of the layer: (1/max(√G_ii, eps), 0 outside the layer; G_ii ≥ eps²; i inside the layer)."""
+    r = tl.arange(0, BC)
+    valid = t * BC + r < C
+    slot = first + t * nt - (t * (t - 1)) // 2  # the diagonal tile (t, t) among the layer's pairs i ≤ j
+    d = tl.load(tiles_ptr + slot.to(tl.int64) * BC * BC + r * (BC + 1), mask=valid, other=1.0)
+    return tl.where(valid, 1.0 / tl.sqrt(tl.maximum(d, eps2)), 0.0), d >= eps2, valid
+
+
+@triton.jit
+def _theta_tile(tiles_ptr, first, nt, ti, tj, inv_i, inv_j, valid_i, valid_j, BC: tl.constexpr):
+    """Θ tile (ti, tj): G_ij·d_i·d_j on the layer's off-diagonal pairs, else 0. G comes from the upper tile (min, max),
+    transposed below the diagonal; diagonal tiles are symmetrized, so Θ is exactly symmetric."""
+    lo = tl.minimum(ti, tj)
+    hi = tl.maximum(ti, tj)
+    slot = first + lo * nt - (lo * (lo - 1)) // 2 + (hi - lo)
+    r = tl.arange(0, BC)
+    base = tiles_ptr + slot.to(tl.int64) * BC * BC
+    inside = (hi < nt).to(tl.int32)  # the layer's tiles only, as a block mask (the interpreter refuses scalar ones)
+    ok = (r[:, None] * 0 + r[None, :] * 0 + inside) != 0
+    g = tl.load(base + r[:, None] * BC + r[None, :], mask=ok, other=0.0)
+    gt = tl.load(base + r[None, :] * BC + r[:, None], mask=ok, other=0.0)
+    g = tl.where(ti < tj, g, tl.where(ti > tj, gt, 0.5 * (g + gt)))
+    pair = valid_i[:, None] & valid_j[None, :] & ((ti * BC + r)[:, None] != (tj * BC + r)[None, :])
+    return tl.where(pair, g * (inv_i[:, None] * inv_j[None, :]), 0.0), pair  # d_i·d_j first: exactly symmetric
+
+
+@triton.jit
+def _som_finish_kernel(
+    tiles_ptr, meta_ptr, r_ptr, b_ptr, KP, NT, lambda1: tl.float64, lambda2: tl.float64, eps2: tl.float64,
+    BC: tl.constexpr,
+):  # fmt: skip
+    """One program per layer, float64: R = λ₁s₁² + λ₂s₂ from the Gram tiles, and A = Ḡ + Ḡᵀ = 2Ḡ for a unit upstream
+    gradient (zero-padded to [KP, KP]), Ḡ = ∂R/∂G = M ⊙ ddᵀ − diag(d² ⊙ Σ_j M_ij Θ_ij), M = P ⊙ (2λ₁s₁ + 2λ₂Θ), the
+    diagonal term only where G_ii ≥ eps² (kexue_fast.ortho.som._GramPenalty with Θ symmetric)."""
+    layer = tl.program_id(0)
+    C = tl.load(meta_ptr + layer * 3)
+    nt = tl.load(meta_ptr + layer * 3 + 1)
+    first = tl.load(meta_ptr + layer * 3 + 2)
+    r = tl.arange(0, BC)
+    s1 = tl.zeros([BC], dtype=tl.float64)
+    s2 = tl.zeros([BC], dtype=tl.float64)
+    for ti in range(0, nt):
+        inv_i, _, valid_i = _inv_diag(tiles_ptr, first, nt, ti, C, eps2, BC)
+        for tj in range(0, nt):
+            inv_j, _, valid_j = _inv_diag(tiles_ptr, first, nt, tj, C, eps2, BC)
+            theta, _ = _theta_tile(tiles_ptr, first, nt, ti, tj, inv_i, inv_j, valid_i, valid_j, BC)
+            s1 += tl.sum(theta, 1)
+            s2 += tl.sum(theta * theta, 1)
+    sum1 = tl.sum(s1, 0)
+    tl.store(r_ptr + layer, lambda1 * sum1 * sum1 + lambda2 * tl.sum(s2, 0))
+    c1 = 2.0 * lambda1 * sum1
+    out = b_ptr + layer.to(tl.int64) * KP * KP
+    for ti in range(0, NT):  # every tile of the layer's [KP, KP] slab: zeros outside the layer
+        inv_i, unclamped, valid_i = _inv_diag(tiles_ptr, first, nt, ti, C, eps2, BC)
+        rowsum = tl.zeros([BC], dtype=tl.float64)
+        for tj in range(0, nt):
+            inv_j, _, valid_j = _inv_diag(tiles_ptr, first, nt, tj, C, eps2, BC)
+            theta, pair = _theta_tile(tiles_ptr, first, nt, ti, tj, inv_i, inv_j, valid_i, valid_j, BC)
+            rowsum += tl.sum(tl.where(pair, c1 + 2.0 * lambda2 * theta, 0.0) * theta, 1)
+        diag = tl.where(unclamped & valid_i, -inv_i * inv_i * rowsum, 0.0)
+        for tj in range(0, NT):
+            inv_j, _, valid_j = _inv_diag(tiles_ptr, first, nt, tj, C, eps2, BC)
+            theta, pair = _theta_tile(tiles_ptr, first, nt, ti, tj, inv_i, inv_j, valid_i, valid_j, BC)
+            b = tl.where(pair, c1 + 2.0 * lambda2 * theta, 0.0) * (inv_i[:, None] * inv_j[None, :])
+            rows = ti * BC + r
+            cols = tj * BC + r
+            b = tl.where(rows[:, None] == cols[None, :], diag[:, None], b)
+            tl.store(out + rows[:, None] * KP + cols[None, :], 2.0 * b)  # B + Bᵀ: B is symmetric
 
 
 # Tables depend only on shapes and data pointers; steady-state training steps (the caching allocator hands the same
@@ -190,16 +266,14 @@ def _blocks(dtype: torch.dtype, device: torch.device, max_c: int) -> Tuple[int, 
     return (32 if dtype == torch.float64 else 64), bc
 
 
-def gram_matrices(ys: Sequence[Tensor], layouts: Sequence[Layout], gamma: float, chunks: Optional[int] = None):
-    """G_ℓ = tanh(γY_ℓ)ᵀ tanh(γY_ℓ) of every layer as one zero-padded float64 [L, KP, KP] tensor (KP ≥ max k,
-    a multiple of the tile), and KP. ys[ℓ]: contiguous, shaped anyhow, read as layouts[ℓ] = (N, C, S); one dtype
-    and device for all. chunks: row chunks per tile (default: enough programs to fill the GPU)."""
+def _gram_tiles(ys: Sequence[Tensor], layouts: Sequence[Layout], gamma: float, chunks: Optional[int]):
+    """(the upper tiles of every layer's Gram, summed over the row chunks in float64: [P, BC, BC] in the order of
+    pairs; pairs, the (layer, ti, tj ≥ ti) of each; tiles per layer side; BC; the pairs as a device index [3, P])."""
     _check(ys, layouts)
     y0 = ys[0]
     device, dtype = y0.device, y0.dtype
     br, bc = _blocks(dtype, device, max(c for _, c, _ in layouts))
     nts = [triton.cdiv(c, bc) for _, c, _ in layouts]
-    nt_max = max(nts)
     pairs = [(g, i, j) for g, nt in enumerate(nts) for i in range(nt) for j in range(i, nt)]
     max_rows = max(n * s for n, _, s in layouts)
     if chunks is None:
@@ -222,8 +296,16 @@ def gram_matrices(ys: Sequence[Tensor], layouts: Sequence[Layout], gamma: float,
         ptrs, meta, work, part, float(gamma), chunks,
         DTYPE=_TL_DTYPES[dtype], ACC=_acc(dtype), PREC=_precision(dtype, device), BR=br, BC=bc,
     )  # fmt: skip
-    tiles_sum = part.view(len(pairs), chunks, bc, bc).sum(1, dtype=torch.float64)
-    tiles = torch.zeros((len(ys), nt_max, nt_max, bc, bc), dtype=torch.float64, device=device)
+    return part.view(len(pairs), chunks, bc, bc).sum(1, dtype=torch.float64), pairs, nts, bc, index
+
+
+def gram_matrices(ys: Sequence[Tensor], layouts: Sequence[Layout], gamma: float, chunks: Optional[int] = None):
+    """G_ℓ = tanh(γY_ℓ)ᵀ tanh(γY_ℓ) of every layer as one zero-padded float64 [L, KP, KP] tensor (KP ≥ max k,
+    a multiple of the tile), and KP. ys[ℓ]: contiguous, shaped anyhow, read as layouts[ℓ] = (N, C, S); one dtype
+    and device for all. chunks: row chunks per tile (default: enough programs to fill the GPU)."""
+    tiles_sum, _, nts, bc, index = _gram_tiles(ys, layouts, gamma, chunks)
+    nt_max = max(nts)
+    tiles = torch.zeros((len(ys), nt_max, nt_max, bc, bc), dtype=torch.float64, device=tiles_sum.device)
     g, ti, tj = index
     tiles[g, tj, ti] = tiles_sum.mT  # the lower triangle first: the diagonal tiles are then overwritten as computed
     tiles[g, ti, tj] = tiles_sum
@@ -231,10 +313,40 @@ def gram_matrices(ys: Sequence[Tensor], layouts: Sequence[Layout], gamma: float,
     return tiles.permute(0, 1, 3, 2, 4).reshape(len(ys), kp, kp), kp
 
 
-def gram_backward(ys: Sequence[Tensor], layouts: Sequence[Layout], gamma: float, a: Tensor) -> Tensor:
+def penalty(
+    ys: Sequence[Tensor], layouts: Sequence[Layout], gamma: float, lambda1: float, lambda2: float, eps: float,
+    chunks: Optional[int] = None,
+) -> Tuple[Tensor, Tensor]:  # fmt: skip
+    """(R [L], A [L, KP, KP]), float64: the SOM regularizer of every layer, R = λ₁s₁² + λ₂s₂ on Θ = D⁻¹GD⁻¹ (D_ii =
+    max(√G_ii, eps)), and A = Ḡ + Ḡᵀ for Ḡ = ∂R/∂G at a unit upstream gradient (symmetric, zero-padded), so that the
+    backward is gram_backward(ys, layouts, gamma, A, scale=∂L/∂R) in one launch. Three launches: the Gram tiles, their
+    sum over row chunks, and one program per layer for R and A (KP as in gram_matrices)."""
+    tiles_sum, _, nts, bc, _ = _gram_tiles(ys, layouts, gamma, chunks)
+    device = tiles_sum.device
+    nt_max = max(nts)
+    kp = nt_max * bc
+    firsts, count = [], 0
+    for nt in nts:
+        firsts.append(count)
+        count += nt * (nt + 1) // 2
+    key = ("finish", device, bc, tuple(layouts))
+    (meta,) = _cached(key, lambda: _to_device([v for (_, c, _), nt, f in zip(layouts, nts, firsts)
+                                                for v in (c, nt, f)], device=device))  # fmt: skip
+    r = torch.empty(len(ys), dtype=torch.float64, device=device)
+    b = torch.empty((len(ys), kp, kp), dtype=torch.float64, device=device)
+    _som_finish_kernel[(len(ys),)](
+        tiles_sum, meta, r, b, kp, nt_max, float(lambda1), float(lambda2), float(eps) ** 2, BC=bc,
+    )  # fmt: skip
+    return r, b
+
+
+def gram_backward(
+    ys: Sequence[Tensor], layouts: Sequence[Layout], gamma: float, a: Tensor, scale: Optional[Tensor] = None
+) -> Tensor:
     """∂R/∂Y_ℓ = γ(1 − Z_ℓ²) ⊙ (Z_ℓ A_ℓ) for every layer, packed flat (layer ℓ's gradient, in ys[ℓ]'s element
     order and dtype, follows those of the layers before it). a: [L, KP, KP] with A_ℓ = Ḡ_ℓ + Ḡ_ℓᵀ zero-padded (KP as
-    returned by gram_matrices)."""
+    returned by gram_matrices), or with scale ([L]) A_ℓ = scale_ℓ · a_ℓ (the product taken in a's precision, then
+    rounded to the kernel's)."""
     _check(ys, layouts)
     y0 = ys[0]
     device, dtype = y0.device, y0.dtype
@@ -242,7 +354,13 @@ def gram_backward(ys: Sequence[Tensor], layouts: Sequence[Layout], gamma: float,
     kp = a.shape[-1]
     if a.shape != (len(ys), kp, kp) or kp % bc or kp < max(c for _, c, _ in layouts):
         raise ValueError(f"a must be [L, KP, KP] with KP a multiple of {bc} covering every layer, got {tuple(a.shape)}")
-    a = a.to(device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32).contiguous()
+    if a.dtype not in (torch.float32, torch.float64):
+        a = a.to(torch.float64 if dtype == torch.float64 else torch.float32)
+    a = a.to(device).contiguous()
+    if scale is not None:
+        if scale.shape != (len(ys),):
+            raise ValueError(f"scale must be [L] = [{len(ys)}], got {tuple(scale.shape)}")
+        scale = scale.to(device=device, dtype=a.dtype).contiguous()
     # per layer (N, C, S, offset of its gradient in the flat output, first program): the kernel finds its layer
     # and block from the program id, so no per-block table is built or copied
     meta, total, programs = [], 0, 0
@@ -255,7 +373,8 @@ def gram_backward(ys: Sequence[Tensor], layouts: Sequence[Layout], gamma: float,
     ptrs, meta_t = _cached(key, lambda: _to_device([y.data_ptr() for y in ys], meta, device=device))
     flat = torch.empty(total, dtype=dtype, device=device)
     _som_grad_kernel[(programs,)](
-        ptrs, meta_t, a, flat, float(gamma), kp, len(ys),
+        ptrs, meta_t, a, a if scale is None else scale, flat, float(gamma), kp, len(ys),
         DTYPE=_TL_DTYPES[dtype], ACC=_acc(dtype), PREC=_precision(dtype, device), BR=br, BC=bc,
+        SCALED=scale is not None,
     )  # fmt: skip
     return flat

@@ -75,19 +75,48 @@ def _rel(a, b):
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
 
 
-def test_regularizer_value_and_gradient_float64():
+@pytest.mark.parametrize("gamma", [10.0, 0.7])  # 0.7 is not a float32: γ must reach float64 kernels unrounded
+def test_regularizer_value_and_gradient_float64(gamma):
     ys = [y.requires_grad_() for y in _inputs(5)]
     dims = [d for _, d in LAYOUTS]
-    ours = som_regularizer(ys, channel_dim=dims, reduction="none", backend="triton")
+    ours = som_regularizer(ys, gamma=gamma, channel_dim=dims, reduction="none", backend="triton")
     grads = torch.autograd.grad(ours.sum(), ys)
     for i, (y, d) in enumerate(zip(ys, dims)):
-        ref = reference.som_direct(_rows(y, d), 10.0, 100.0, 1.0)
+        ref = reference.som_direct(_rows(y, d), gamma, 100.0, 1.0)
         if y.shape[d] == 1:
             assert ours[i] == 0 and torch.all(grads[i] == 0)
             continue
         assert abs(float(ours[i].detach() - ref.detach())) <= 1e-12 * float(ref.detach()), i
         (g_ref,) = torch.autograd.grad(ref, y)
         assert _rel(grads[i], g_ref) <= 1e-11, i
+
+
+def test_fused_penalty_and_backward_matrix_equal_the_closed_form():
+    """kernels.penalty (R and A = Ḡ + Ḡᵀ per unit upstream gradient, one program per layer) against the torch
+    closed form on the kernel's own Grams: layers of 1 and 2 tiles per side, a dead unit, eps clamping; and
+    gram_backward's scale: A_ℓ = scale_ℓ · a_ℓ."""
+    from kexue_fast.ortho.som import gram_penalty
+
+    ys = _inputs(8)
+    dims = [d for _, d in LAYOUTS]
+    flat = [y.movedim(d % y.ndim, 1).contiguous() if d == -1 else y for y, d in zip(ys, dims)]
+    flat[3].view(-1, 17)[:, 4] = 0  # a dead unit: its column norm is clamped to eps
+    layouts = [_layout(y, 1) for y in flat]
+    r, a = kernels.penalty(flat, layouts, 0.7, 100.0, 1.0, 1e-6)
+    grams, kp = kernels.gram_matrices(flat, layouts, 0.7)
+    assert a.shape == (len(flat), kp, kp) and kp >= 65
+    grams.requires_grad_()
+    ref = gram_penalty(grams, [c for _, c, _ in layouts], 100.0, 1.0, 1e-6)
+    w = torch.arange(1.0, len(flat) + 1, dtype=D64, device=DEV)
+    (g,) = torch.autograd.grad((ref * w).sum(), grams)
+    assert _rel(r, ref) <= 1e-13
+    assert _rel(a * w[:, None, None], g + g.mT) <= 1e-12
+    assert torch.equal(a, a.mT)
+    for i, (_, c, _) in enumerate(layouts):
+        assert torch.all(a[i, c:] == 0) and torch.all(a[i, :, c:] == 0)
+    plain = kernels.gram_backward(flat, layouts, 0.7, a * w[:, None, None])
+    scaled = kernels.gram_backward(flat, layouts, 0.7, a, w)
+    assert _rel(scaled, plain) <= 1e-14
 
 
 def test_regularizer_float32_as_accurate_as_torch():

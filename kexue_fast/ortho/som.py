@@ -6,7 +6,9 @@ Route per layer (both exact): when b ≥ k, everything follows from the k×k Gra
 cancellation). G comes from the fused Triton kernel on CUDA (kernels/som.py: all such layers in one launch, Y read in
 place, Z never written; backward ∂R/∂Y = γ(1 − Z²) ⊙ (Z(Ḡ + Ḡᵀ)) in one more launch) or from torch. When b < k,
 the b×b form is cheaper: Σ_{i≠j}Θ_ij = ‖Ẑ1‖² − Σ_i Θ_ii and Σ_{i≠j}Θ_ij² = ‖ẐẐᵀ‖_F² − Σ_i Θ_ii² (O(b²k), torch).
-The Triton path is two torch.library custom ops (kexue_fast::som_gram and its backward), opaque under torch.compile.
+The Triton path is two torch.library custom ops, opaque under torch.compile: kexue_fast::som_penalty (the Gram
+kernel, a sum over row chunks, and one program per layer for R and the backward's A: three launches) and
+kexue_fast::som_gram_backward (one launch).
 """
 
 from __future__ import annotations
@@ -186,56 +188,59 @@ def _triples(flat: Sequence[int]) -> Tuple[Layout, ...]:
     return tuple((flat[i], flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3))
 
 
-def _triton_gram_impl(ys: List[Tensor], layouts: List[int], gamma: float) -> Tensor:
-    """Zero-padded float64 Grams [L, KP, KP] of every layer by the fused kernel; layouts: (N, C, S) per layer, flat."""
+def _triton_penalty_impl(
+    ys: List[Tensor], layouts: List[int], gamma: float, lambda1: float, lambda2: float, eps: float
+) -> Tuple[Tensor, Tensor]:
+    """(R [L], A [L, KP, KP]) float64 of every layer by the fused kernels: A = Ḡ + Ḡᵀ at a unit upstream gradient,
+    for the backward; layouts: (N, C, S) per layer, flat."""
     from ..kernels import som as kernels
 
-    return kernels.gram_matrices(ys, _triples(layouts), gamma)[0]
+    return kernels.penalty(ys, _triples(layouts), gamma, lambda1, lambda2, eps)
 
 
-def _triton_gram_backward_impl(ys: List[Tensor], layouts: List[int], gamma: float, a: Tensor) -> Tensor:
-    """∂R/∂Y of every layer packed flat, from A = Ḡ + Ḡᵀ [L, KP, KP]."""
+def _triton_gram_backward_impl(ys: List[Tensor], layouts: List[int], gamma: float, a: Tensor, scale: Tensor) -> Tensor:
+    """∂R/∂Y of every layer packed flat, for A_ℓ = scale_ℓ · a_ℓ (a: [L, KP, KP], scale: [L])."""
     from ..kernels import som as kernels
 
-    return kernels.gram_backward(ys, _triples(layouts), gamma, a)
+    return kernels.gram_backward(ys, _triples(layouts), gamma, a, scale)
 
 
 # Opaque nodes under torch.compile (fake-tensor impls below); the backward op returns one flat buffer because a
 # custom op's outputs may not alias each other, and autograd splits it into per-layer views.
-_triton_gram = torch.library.custom_op("kexue_fast::som_gram", mutates_args=())(_triton_gram_impl)
+_triton_penalty = torch.library.custom_op("kexue_fast::som_penalty", mutates_args=())(_triton_penalty_impl)
 _triton_gram_backward = torch.library.custom_op("kexue_fast::som_gram_backward", mutates_args=())(
     _triton_gram_backward_impl
 )
 
 
-@_triton_gram.register_fake
-def _(ys, layouts, gamma):
+@_triton_penalty.register_fake
+def _(ys, layouts, gamma, lambda1, lambda2, eps):
     from ..kernels.som import tile_width
 
     max_c = max(_triples(layouts), key=lambda t: t[1])[1]
     kp = -(-max_c // tile_width(max_c)) * tile_width(max_c)
-    return ys[0].new_empty((len(ys), kp, kp), dtype=torch.float64)
+    return ys[0].new_empty((len(ys),), dtype=torch.float64), ys[0].new_empty((len(ys), kp, kp), dtype=torch.float64)
 
 
 @_triton_gram_backward.register_fake
-def _(ys, layouts, gamma, a):
+def _(ys, layouts, gamma, a, scale):
     return ys[0].new_empty(sum(y.numel() for y in ys))
 
 
-def _gram_setup_context(ctx, inputs, output) -> None:
-    ys, layouts, gamma = inputs
+def _penalty_setup_context(ctx, inputs, output) -> None:
+    ys, layouts, gamma = inputs[:3]
     ctx.layouts, ctx.gamma = layouts, gamma
-    ctx.save_for_backward(*ys)
+    ctx.save_for_backward(*ys, output[1])
 
 
-def _gram_backward(ctx, grad: Tensor):
-    ys = ctx.saved_tensors
-    flat = _triton_gram_backward(list(ys), ctx.layouts, ctx.gamma, grad + grad.mT)
+def _penalty_backward(ctx, grad: Tensor, _grad_a: Optional[Tensor]):
+    *ys, a = ctx.saved_tensors
+    flat = _triton_gram_backward(list(ys), ctx.layouts, ctx.gamma, a, grad)  # one launch: A_ℓ = (∂L/∂R_ℓ)·a_ℓ
     grads = [g.view(y.shape) for g, y in zip(flat.split([y.numel() for y in ys]), ys)]
-    return grads, None, None
+    return grads, None, None, None, None, None
 
 
-_triton_gram.register_autograd(_gram_backward, setup_context=_gram_setup_context)
+_triton_penalty.register_autograd(_penalty_backward, setup_context=_penalty_setup_context)
 
 
 @functools.lru_cache(maxsize=8)
@@ -397,10 +402,11 @@ def _per_layer(ys, dims, layouts, chosen, gamma: float, lambda1: float, lambda2:
     for (name, _), idx in groups.items():
         if name == "triton":
             flat_layouts = [v for i in idx for v in layouts[i]]
-            grams = _triton_gram([ys[i].contiguous() for i in idx], flat_layouts, gamma)
+            inputs = [ys[i].contiguous() for i in idx]
+            penalties = _triton_penalty(inputs, flat_layouts, gamma, lambda1, lambda2, eps)[0]
         else:
             grams = _grams([ys[i] for i in idx], [layouts[i] for i in idx], gamma, cpp=name == "cpp")
-        penalties = gram_penalty(grams, [layouts[i][1] for i in idx], lambda1, lambda2, eps)
+            penalties = gram_penalty(grams, [layouts[i][1] for i in idx], lambda1, lambda2, eps)
         if len(idx) == len(ys):  # one group, in order: R per layer as it comes (no per-layer select and stack)
             return penalties.to(_out_dtype(ys))
         for j, i in enumerate(idx):
