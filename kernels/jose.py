@@ -10,9 +10,8 @@ mini-batch semantics). One program handles BLOCK_T triples × the whole (padded)
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -29,10 +28,10 @@ def _unit_ratio(x, y):
 
 
 @triton.jit
-def _scalar(hi, lo, ptr):
-    # float arguments arrive as float32 scalars: a (hi, lo) pair keeps float64 tables exact to ~1e-15
-    # (the interpreter passes Python floats; the zero of the table dtype sets the type in both modes)
-    return (tl.zeros([1], dtype=ptr.dtype.element_ty) + hi) + lo
+def _scalar(x, ptr):
+    # x: a float64 argument (a plain Python float would arrive as float32), rounded once to the compute dtype,
+    # float64 for float64 tables and float32 otherwise; tl.full is exact in the interpreter too (tl.cast is not)
+    return tl.full([], x, tl.float64 if ptr.dtype.element_ty == tl.float64 else tl.float32)
 
 
 @triton.jit
@@ -50,13 +49,13 @@ def _rows(ptr, idx, cols, mask2, D):
 
 @triton.jit
 def _jose_separate_step_kernel(
-    u_ptr, v_ptr, du_ptr, dv_ptr, ui_ptr, vi_ptr, ni_ptr, cw_ptr, loss_ptr, n, D, alpha_hi, alpha_lo,
-    margin_hi, margin_lo,
+    u_ptr, v_ptr, du_ptr, dv_ptr, ui_ptr, vi_ptr, ni_ptr, cw_ptr, loss_ptr, n, D, alpha: tl.float64,
+    margin: tl.float64,
     RULE: tl.constexpr, MOVE_WORDS: tl.constexpr, HAS_CW: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
-    alpha, margin = _scalar(alpha_hi, alpha_lo, u_ptr), _scalar(margin_hi, margin_lo, u_ptr)
+    alpha, margin = _scalar(alpha, u_ptr), _scalar(margin, u_ptr)
     t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_D)
     tmask = t < n
@@ -93,13 +92,13 @@ def _jose_separate_step_kernel(
 
 @triton.jit
 def _jose_joint_step_kernel(
-    u_ptr, v_ptr, d_ptr, du_ptr, dv_ptr, dd_ptr, ui_ptr, vi_ptr, di_ptr, ni_ptr, cw_ptr, loss_ptr, n, D, alpha_hi,
-    alpha_lo, margin_hi, margin_lo,
+    u_ptr, v_ptr, d_ptr, du_ptr, dv_ptr, dd_ptr, ui_ptr, vi_ptr, di_ptr, ni_ptr, cw_ptr, loss_ptr, n, D,
+    alpha: tl.float64, margin: tl.float64,
     RULE: tl.constexpr, MOVE_WORDS: tl.constexpr, HAS_CW: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
-    alpha, margin = _scalar(alpha_hi, alpha_lo, u_ptr), _scalar(margin_hi, margin_lo, u_ptr)
+    alpha, margin = _scalar(alpha, u_ptr), _scalar(margin, u_ptr)
     t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_D)
     tmask = t < n
@@ -198,12 +197,6 @@ def _check(name: str, t: Tensor, dtype: Optional[torch.dtype] = None, ndim: Opti
         raise ValueError(f"{name} must be {ndim}-D; got {t.ndim}-D")
 
 
-def _hi_lo(x: float) -> Tuple[float, float]:
-    """x as two float32 values whose sum holds about 48 bits (Triton passes Python floats as float32)."""
-    hi = float(np.float32(x))
-    return hi, float(np.float32(float(x) - hi))
-
-
 def _block_t(dim: int) -> int:
     return max(1, min(32, 4096 // triton.next_power_of_2(dim)))
 
@@ -235,7 +228,7 @@ def separate_step(u: Tensor, v: Tensor, du: Tensor, dv: Tensor, ui: Tensor, vi: 
     has_cw = _has_centre(centre, n)
     bt, bd = _block_t(dim), triton.next_power_of_2(dim)
     _jose_separate_step_kernel[(triton.cdiv(n, bt),)](
-        u, v, du, dv, ui, vi, ni, centre if has_cw else ui, loss, n, dim, *_hi_lo(alpha), *_hi_lo(margin),
+        u, v, du, dv, ui, vi, ni, centre if has_cw else ui, loss, n, dim, float(alpha), float(margin),
         RULE=RULES[rule], MOVE_WORDS=bool(move_words), HAS_CW=has_cw, BLOCK_T=bt, BLOCK_D=bd,
     )  # fmt: skip
     return loss
@@ -257,7 +250,7 @@ def joint_step(u: Tensor, v: Tensor, d: Tensor, du: Tensor, dv: Tensor, dd: Tens
     has_cw = _has_centre(centre, n)
     bt, bd = _block_t(dim), triton.next_power_of_2(dim)
     _jose_joint_step_kernel[(triton.cdiv(n, bt),)](
-        u, v, d, du, dv, dd, ui, vi, di, ni, centre if has_cw else ui, loss, n, dim, *_hi_lo(alpha), *_hi_lo(margin),
+        u, v, d, du, dv, dd, ui, vi, di, ni, centre if has_cw else ui, loss, n, dim, float(alpha), float(margin),
         RULE=RULES[rule], MOVE_WORDS=bool(move_words), HAS_CW=has_cw, BLOCK_T=bt, BLOCK_D=bd,
     )  # fmt: skip
     return loss

@@ -76,9 +76,12 @@ def _power_iteration_step_kernel(
 
 @triton.jit
 def _power_iteration_finalize_kernel(
-    u_ptrs, v_ptrs, rows_ptr, cols_ptr, v_off_ptr, v_acc, sigma_ptr, eps,
+    u_ptrs, v_ptrs, rows_ptr, cols_ptr, v_off_ptr, v_acc, sigma_ptr, eps: tl.float64,
     DTYPE: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
+    # a float64 argument (a plain Python float would arrive as float32), rounded once to DTYPE; tl.full is exact in
+    # the interpreter too, where eps stays a Python float (tl.cast would round it through float32 there)
+    eps = tl.full([], eps, DTYPE)
     g = tl.program_id(0)
     m = tl.load(rows_ptr + g)
     n = tl.load(cols_ptr + g)
