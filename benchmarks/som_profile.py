@@ -4,7 +4,7 @@
 
 On an H200 the step with SOM measured 34.7 ms on the Triton kernels against 5.1 ms on the torch path at 0cff550
 (benchmarks/results/ortho-cuda.md), far above what the kernels' work (a few hundred MB read, ~1 GFLOP) should take;
-the backward then built a host table of every row block per call. Since 1f3bd66 the path is four launches a step
+the backward then built a host table of every row block per call. Since 1f3bd66 the path is four kernel launches a step
 (Gram tiles, their chunk sum, R and A per layer, the backward), not yet timed on a GPU.
 This prints, for the step of benchmarks/ortho.py with each backend: the wall time per step, torch.profiler's
 operators sorted by device time and by host time (kernel launches and Python included), and cProfile's top Python

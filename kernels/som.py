@@ -4,11 +4,12 @@ Each layer output is read in place as a contiguous [N, C, S] array: row r = (n, 
 b = N·S rows, channel c < k = C (S = 1 for a [b, k] output, S = H·W for an NCHW convolution's). Z = tanh(γY) lives
 only in registers, recomputed wherever it is needed.
 
-Forward, `_som_gram_kernel`:  G = ZᵀZ [k, k]. The column normalization is exact algebra on G (Θ = D⁻¹GD⁻¹ with
-D = diag(√G_ii)), done by the caller on k×k matrices. Programs are (layer, tile pair ti ≤ tj, row chunk) from a
-work table; each writes its BC×BC partial tile to its own slot, and the caller adds the chunks in float64 in a fixed
-order (deterministic: no atomics).
-Backward, `_som_grad_kernel`:  with A = Ḡ + Ḡᵀ (Ḡ = ∂R/∂G from the caller),  ∂R/∂Y = γ(1 − Z²) ⊙ (Z A);
+Forward, `_som_gram_kernel`:  G = ZᵀZ [k, k]. Programs are (layer, tile pair ti ≤ tj, row chunk) from a work
+table; each writes its BC×BC partial tile to its own slot, and the caller adds the chunks in float64 in a fixed order
+(deterministic: no atomics). Then `_som_finish_kernel`, one program per layer in float64: the column normalization is
+exact algebra on G (Θ = D⁻¹GD⁻¹, D = diag(max(√G_ii, eps))), giving R and the backward's A = Ḡ + Ḡᵀ (Ḡ = ∂R/∂G at a
+unit upstream gradient).
+Backward, `_som_grad_kernel`:  ∂R/∂Y = γ(1 − Z²) ⊙ (Z A), A scaled per layer by ∂L/∂R read on the device;
 programs are (layer, row block, column block), decoded from the program id by each layer's first program (no
 per-block table: building one cost O(b) host work per call); Z is recomputed for the K loop and for the epilogue.
 
@@ -174,11 +175,13 @@ def _som_finish_kernel(
     r = tl.arange(0, BC)
     s1 = tl.zeros([BC], dtype=tl.float64)
     s2 = tl.zeros([BC], dtype=tl.float64)
+    # one name per unused result (not `_`): a loop-carried name must keep its type when compiled; the interpreter
+    # does not check
     for ti in range(0, nt):
-        inv_i, _, valid_i = _inv_diag(tiles_ptr, first, nt, ti, C, eps2, BC)
+        inv_i, _unclamped_i, valid_i = _inv_diag(tiles_ptr, first, nt, ti, C, eps2, BC)
         for tj in range(0, nt):
-            inv_j, _, valid_j = _inv_diag(tiles_ptr, first, nt, tj, C, eps2, BC)
-            theta, _ = _theta_tile(tiles_ptr, first, nt, ti, tj, inv_i, inv_j, valid_i, valid_j, BC)
+            inv_j, _unclamped_j, valid_j = _inv_diag(tiles_ptr, first, nt, tj, C, eps2, BC)
+            theta, pair = _theta_tile(tiles_ptr, first, nt, ti, tj, inv_i, inv_j, valid_i, valid_j, BC)
             s1 += tl.sum(theta, 1)
             s2 += tl.sum(theta * theta, 1)
     sum1 = tl.sum(s1, 0)
@@ -189,12 +192,12 @@ def _som_finish_kernel(
         inv_i, unclamped, valid_i = _inv_diag(tiles_ptr, first, nt, ti, C, eps2, BC)
         rowsum = tl.zeros([BC], dtype=tl.float64)
         for tj in range(0, nt):
-            inv_j, _, valid_j = _inv_diag(tiles_ptr, first, nt, tj, C, eps2, BC)
+            inv_j, _unclamped_j, valid_j = _inv_diag(tiles_ptr, first, nt, tj, C, eps2, BC)
             theta, pair = _theta_tile(tiles_ptr, first, nt, ti, tj, inv_i, inv_j, valid_i, valid_j, BC)
             rowsum += tl.sum(tl.where(pair, c1 + 2.0 * lambda2 * theta, 0.0) * theta, 1)
         diag = tl.where(unclamped & valid_i, -inv_i * inv_i * rowsum, 0.0)
         for tj in range(0, NT):
-            inv_j, _, valid_j = _inv_diag(tiles_ptr, first, nt, tj, C, eps2, BC)
+            inv_j, _unclamped_j, valid_j = _inv_diag(tiles_ptr, first, nt, tj, C, eps2, BC)
             theta, pair = _theta_tile(tiles_ptr, first, nt, ti, tj, inv_i, inv_j, valid_i, valid_j, BC)
             b = tl.where(pair, c1 + 2.0 * lambda2 * theta, 0.0) * (inv_i[:, None] * inv_j[None, :])
             rows = ti * BC + r
@@ -202,6 +205,8 @@ def _som_finish_kernel(
             b = tl.where(rows[:, None] == cols[None, :], diag[:, None], b)
             tl.store(out + rows[:, None] * KP + cols[None, :], 2.0 * b)  # B + Bᵀ: B is symmetric
 
+
+FINISH_WARPS = 8  # a [64, 64] float64 tile over 4 warps spilled registers (ptxas, sm_90)
 
 # Tables depend only on shapes and data pointers; steady-state training steps (the caching allocator hands the same
 # addresses back) reuse them instead of copying host memory to the device.
@@ -222,12 +227,14 @@ def _cached(key: tuple, build):
 
 
 def _to_device(*parts: Sequence[int], device: torch.device) -> Tuple[Tensor, ...]:
-    """int64 host lists as device tensors, copied in one transfer. On CUDA the host side is pinned and the copy
-    asynchronous: a copy from pageable memory would wait for the stream, stalling the host in every training step
-    whose pointers missed the cache."""
+    """int64 host lists as device tensors, copied in one transfer, and (last) the host tensor. On CUDA the host side
+    is pinned and the copy asynchronous: a copy from pageable memory would wait for the stream, stalling the host in
+    every training step whose pointers missed the cache. Callers cache the host tensor with the device ones: never
+    freed or rewritten while they are in use, it stays valid for a copy still in flight, or replayed from a CUDA
+    graph that captured it."""
     flat = [v for part in parts for v in part]
     host = torch.tensor(flat, dtype=torch.int64, pin_memory=device.type == "cuda")
-    return host.to(device, non_blocking=True).split([len(part) for part in parts])
+    return (*host.to(device, non_blocking=True).split([len(part) for part in parts]), host)
 
 
 def _check(ys: Sequence[Tensor], layouts: Sequence[Layout]) -> None:
@@ -282,14 +289,14 @@ def _gram_tiles(ys: Sequence[Tensor], layouts: Sequence[Layout], gamma: float, c
     chunks = max(1, min(int(chunks), triton.cdiv(max_rows, br)))
 
     def build():
-        ptrs, meta, work, index = _to_device(
+        ptrs, meta, work, index, host = _to_device(
             [y.data_ptr() for y in ys], [v for lay in layouts for v in lay], [v for p in pairs for v in p],
             [v for p in zip(*pairs) for v in p], device=device,
         )  # fmt: skip
-        return ptrs, meta, work, index.view(3, len(pairs))
+        return ptrs, meta, work, index.view(3, len(pairs)), host
 
     key = ("gram", device, br, bc, chunks, tuple(layouts), tuple(y.data_ptr() for y in ys))
-    ptrs, meta, work, index = _cached(key, build)
+    ptrs, meta, work, index, _ = _cached(key, build)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     part = torch.empty((len(pairs) * chunks, bc, bc), dtype=acc, device=device)
     _som_gram_kernel[(len(pairs) * chunks,)](
@@ -330,12 +337,13 @@ def penalty(
         firsts.append(count)
         count += nt * (nt + 1) // 2
     key = ("finish", device, bc, tuple(layouts))
-    (meta,) = _cached(key, lambda: _to_device([v for (_, c, _), nt, f in zip(layouts, nts, firsts)
+    meta, _ = _cached(key, lambda: _to_device([v for (_, c, _), nt, f in zip(layouts, nts, firsts)
                                                 for v in (c, nt, f)], device=device))  # fmt: skip
     r = torch.empty(len(ys), dtype=torch.float64, device=device)
     b = torch.empty((len(ys), kp, kp), dtype=torch.float64, device=device)
     _som_finish_kernel[(len(ys),)](
         tiles_sum, meta, r, b, kp, nt_max, float(lambda1), float(lambda2), float(eps) ** 2, BC=bc,
+        num_warps=FINISH_WARPS,
     )  # fmt: skip
     return r, b
 
@@ -370,7 +378,7 @@ def gram_backward(
         programs += triton.cdiv(n * s, br) * triton.cdiv(c, bc)
 
     key = ("grad", device, br, bc, tuple(layouts), tuple(y.data_ptr() for y in ys))
-    ptrs, meta_t = _cached(key, lambda: _to_device([y.data_ptr() for y in ys], meta, device=device))
+    ptrs, meta_t, _ = _cached(key, lambda: _to_device([y.data_ptr() for y in ys], meta, device=device))
     flat = torch.empty(total, dtype=dtype, device=device)
     _som_grad_kernel[(programs,)](
         ptrs, meta_t, a, a if scale is None else scale, flat, float(gamma), kp, len(ys),

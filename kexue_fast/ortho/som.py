@@ -29,8 +29,8 @@ _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _dispatch.register_op(
     OP, {"triton": _FLOATS, "cpp": _FLOATS, "torch": _FLOATS},
     not_auto={"triton": "measured slower than the torch path on an H200 at 0cff550 (a CNN step + SOM: 34.7 ms vs "
-                        "5.1 ms, benchmarks/results/ortho-cuda.md); the fused path since 1f3bd66 (four launches a "
-                        "step) is not yet timed on a GPU; backend='triton' runs it"},
+                        "5.1 ms, benchmarks/results/ortho-cuda.md); the fused path since 1f3bd66 (four kernel "
+                        "launches a step) is not yet timed on a GPU; backend='triton' runs it"},
     auto_when={"cpp": lambda: _auto_condition()},
 )  # fmt: skip
 
@@ -51,6 +51,7 @@ def _auto_condition() -> Tuple[bool, str]:
 
 
 Layout = Tuple[int, int, int]
+_TINY64 = float(torch.finfo(torch.float64).tiny)
 ChannelDim = Union[int, Sequence[int]]
 
 
@@ -62,6 +63,8 @@ def check_hyperparameters(gamma: float, lambda1: float, lambda2: float, eps: flo
             raise ValueError(f"{name} must be a finite real number, got {value!r}")
         if (value <= 0) if positive else (value < 0):
             raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value!r}")
+    if eps * eps < _TINY64:  # a dead unit's column would then be scaled by 1/sqrt(0): inf·0 = NaN
+        raise ValueError(f"eps must be >= {math.sqrt(_TINY64):.4g} (eps² must not underflow in float64), got {eps!r}")
 
 
 def _layout(y: Tensor, dim: int) -> Layout:
@@ -232,10 +235,13 @@ def _penalty_setup_context(ctx, inputs, output) -> None:
     ys, layouts, gamma = inputs[:3]
     ctx.layouts, ctx.gamma = layouts, gamma
     ctx.save_for_backward(*ys, output[1])
+    ctx.set_materialize_grads(False)  # A is never differentiated: no [L, KP, KP] of zeros for its gradient
 
 
-def _penalty_backward(ctx, grad: Tensor, _grad_a: Optional[Tensor]):
+def _penalty_backward(ctx, grad: Optional[Tensor], _grad_a: Optional[Tensor]):
     *ys, a = ctx.saved_tensors
+    if grad is None:
+        return [None] * len(ys), None, None, None, None, None
     flat = _triton_gram_backward(list(ys), ctx.layouts, ctx.gamma, a, grad)  # one launch: A_ℓ = (∂L/∂R_ℓ)·a_ℓ
     grads = [g.view(y.shape) for g, y in zip(flat.split([y.numel() for y in ys]), ys)]
     return grads, None, None, None, None, None
@@ -268,12 +274,12 @@ def _torch_gram(y: Tensor, layout: Layout, gamma: float) -> Tuple[Tensor, Tensor
     return (z[:, :, 0].T @ z[:, :, 0] if s == 1 else torch.bmm(z, z.mT).sum(0)), z
 
 
-def _torch_gram_backward(z: Tensor, layout: Layout, a: Tensor, out: Tensor) -> None:
-    """out (any shape of n·c·s elements, contiguous) = (Z A) ⊙ (1 − Z²), one matmul and an in-place pass."""
-    n, c, s = layout
-    w = out.view(n, c, s)
+def _torch_gram_backward(z: Tensor, a: Tensor, out: Tensor) -> None:
+    """out (any shape of z's n·c·s elements, contiguous) = (Z A) ⊙ (1 − Z²), one matmul and an in-place pass. Sizes
+    come from z itself: under torch.compile with a dynamic batch, sizes kept on ctx cannot be passed to view."""
+    w = out.view(z.shape)
     with torch.autocast(z.device.type, enabled=False):
-        if s == 1:
+        if z.shape[2] == 1:
             torch.mm(z[:, :, 0], a, out=w[:, :, 0])
         else:
             torch.matmul(a, z, out=w)
@@ -331,7 +337,7 @@ class _Grams(torch.autograd.Function):
                 a = a_all[i, :c, :c].to(work).contiguous()
                 _core.som_gram_backward(y_flat.numpy(), n, c, s, ctx.gamma, a.numpy(), dy.view(-1).numpy(), CPP_THREADS)
             else:
-                _torch_gram_backward(t, (n, c, s), a_all[i, :c, :c].to(work), dy)
+                _torch_gram_backward(t, a_all[i, :c, :c].to(work), dy)
             grads.append(dy.to(dtype))
         return (None, None, None, *grads)
 
@@ -355,18 +361,19 @@ def som_regularizer(
 ) -> Tensor:
     """The SOM regularizer R = λ₁(Σ_{i≠j}Θ_ij)² + λ₂Σ_{i≠j}Θ_ij², Θ = ẐᵀẐ, Ẑ = column-normalized tanh(γY).
 
-    y: one layer output or a list of them (grouped: one kernel launch for all with backend="triton"). Each is read as
+    y: one layer output or a list of them (grouped: the same launches for all with backend="triton"). Each is read as
     Y [b, k] with k = its size along channel_dim (an int for all, or one per layer; default 1: [b, k] outputs and
     NCHW convolutions; use -1 for channels-last outputs such as nn.Linear's on [B, T, k]) and b = the product of the
     other axes. reduction: "sum" (a scalar) or "none" (R per layer, [L]). Result float64 for float64 inputs, else
     float32 (half inputs are computed in float32). backend: "auto" (the C++ core for float32/float64 CPU tensors
-    when torch runs on one thread, see CPP_THREADS; torch elsewhere: on an H200 the fused kernel measured slower in
-    a training step), "cpp" (csrc/ortho/som_gram.cpp: tanh and the Gram's upper triangle in one pass over Y, Z never
-    stored; the backward in one more), "triton" (the fused kernel; CUDA), "torch". Non-contiguous inputs are copied
-    for the C++ and Triton kernels. Layers with fewer rows than channels (b < k) take the b×b form in torch on every
-    backend; under torch.compile the C++ core gives way to the torch path (it is not traceable). The C++ backend
-    saves Y for its backward (the torch path saves Z): modifying Y in place before backward then raises autograd's
-    in-place error (as for any op that saves its input); use backend="torch" there. Formula, paper and identities:
+    when torch runs on one thread, see CPP_THREADS; torch elsewhere: on an H200 the Triton kernels, before they were
+    fused, measured slower in a training step), "cpp" (csrc/ortho/som_gram.cpp: tanh and the Gram's upper triangle
+    in one pass over Y, Z never stored; the backward in one more), "triton" (kernels/som.py, CUDA: three launches
+    forward, one backward, Z never written), "torch". Non-contiguous inputs are copied for the C++ and Triton
+    kernels. Layers with fewer rows than channels (b < k) take the b×b form in torch on every backend; under
+    torch.compile the C++ core gives way to the torch path (it is not traceable). The C++ and Triton backends save Y
+    for their backward (the torch path saves Z): modifying Y in place before backward then raises autograd's in-place
+    error (as for any op that saves its input); use backend="torch" there. Formula, paper and identities:
     kexue_fast.ortho.reference; a column with ‖tanh(γy_j)‖ < eps is scaled by 1/eps (as torch's F.normalize).
     """
     check_hyperparameters(gamma, lambda1, lambda2, eps)
