@@ -1,0 +1,178 @@
+"""Every Triton kernel outside kernels/som.py (tests/test_kernels_som.py has those) compiled for sm_90, without a GPU.
+
+The CPU tests run the kernels through the interpreter (TRITON_INTERPRET=1), which skips most of the compiler's type
+checks (a loop-carried variable that changes dtype runs there): a kernel can pass all of them and still fail to
+compile on a GPU. So each launched kernel is compiled here by Triton's frontend and
+its bundled ptxas for GPUTarget("cuda", 90, 32), with the argument types, constexprs and num_warps its launcher
+passes: every dtype the launcher accepts, each constexpr flag that changes control flow, and the block sizes the
+launcher computes for typical shapes. Pointers are typed as the tensors the launcher passes, Python ints as i32 (i64
+where they may pass 2³¹), Python floats as fp32 unless the parameter is annotated (tl.float64 → fp64).
+
+One subprocess (TRITON_INTERPRET=0) runs this file as a script and compiles the cases on a small process pool;
+helpers called from a kernel compile with it, so only launched kernels are listed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+WARPS = 4  # no launcher here passes num_warps: Triton's default
+
+
+def _cases():
+    """(label, kernel, signature, constexprs, num_warps) for every launched kernel and variant."""
+    import triton
+    import triton.language as tl
+
+    from kexue_fast.kernels import hsic, iresnet, jacobi, jose, langevin, power_iteration
+
+    ptr = {tl.float16: "*fp16", tl.bfloat16: "*bf16", tl.float32: "*fp32", tl.float64: "*fp64"}
+    cases = []
+
+    def case(label, kernel, types, consts, num_warps=WARPS):
+        # every parameter typed exactly once: an argument added to a kernel fails here instead of going unchecked
+        missing = [a for a in kernel.arg_names if a not in consts and a not in types]
+        extra = set(types) - set(kernel.arg_names)
+        assert not missing and not extra, (label, missing, extra)
+        sig = {a: "constexpr" if a in consts else types[a] for a in kernel.arg_names}
+        cases.append((f"{label} {consts}", kernel, sig, consts, num_warps))
+
+    # hsic: float32 [n, d] rows (delta labels: [n, 1]), float64 outputs and coefficients; the scales are Python floats
+    # (fp32). _config: BDX, BDY = max(16, next_pow2(d)), BLOCK 64 if both <= 64 else 32. Codes 0 gaussian, 1 laplace,
+    # 2 imq, 3 linear, 4 delta: each on each side.
+    f32 = "*fp32"
+    for kx, ky, bdx, bdy in ((0, 4, 16, 16), (1, 2, 128, 16), (3, 3, 64, 32), (4, 0, 16, 16), (2, 1, 16, 128)):
+        c = {"KX": kx, "KY": ky, "BLOCK": 64 if max(bdx, bdy) <= 64 else 32, "BDX": bdx, "BDY": bdy}
+        t = {"x_ptr": f32, "y_ptr": f32, "out_ptr": "*fp64", "n": "i32", "DX": "i32", "DY": "i32", "scale_x": "fp32",
+             "scale_y": "fp32"}  # fmt: skip
+        case("hsic stats", hsic._hsic_stats_kernel, t, c)
+    # a delta side never needs its gradient (need_x = need_x and kind_x != "delta"); laplace is launched by
+    # hsic_grads although kexue_fast.hsic.tiled sends laplace backwards to torch
+    for kx, ky, nx, ny, bdx, bdy in (
+        (0, 0, True, True, 16, 16),
+        (3, 4, True, False, 64, 16),
+        (4, 2, False, True, 16, 128),
+        (2, 3, True, True, 128, 32),
+        (1, 1, True, True, 32, 16),
+    ):
+        c = {"KX": kx, "KY": ky, "NEED_X": nx, "NEED_Y": ny, "BLOCK": 64 if max(bdx, bdy) <= 64 else 32, "BDX": bdx,
+             "BDY": bdy}  # fmt: skip
+        t = {"x_ptr": f32, "y_ptr": f32, "uk_ptr": "*fp64", "ul_ptr": "*fp64", "coef_ptr": "*fp64",
+             "gx_ptr": "*fp64", "gy_ptr": "*fp64", "n": "i32", "DX": "i32", "DY": "i32", "scale_x": "fp32",
+             "scale_y": "fp32"}  # fmt: skip
+        case("hsic grad", hsic._hsic_grad_kernel, t, c)
+
+    # iresnet: float32 only; BLOCK_D = max(16, next_pow2(D)) <= 128, BLOCK_B 32 (BLOCK_D <= 64) else 16, BLOCK_H 32
+    k = iresnet._dense_residual_fwd_kernel
+    for act, block_d in ((0, 16), (1, 64), (2, 128)):
+        c = {"ACT": act, "BLOCK_B": 32 if block_d <= 64 else 16, "BLOCK_D": block_d, "BLOCK_H": 32}
+        t = {a: f32 for a in k.arg_names if a.endswith("_ptr")}
+        case("iresnet fwd", k, {**t, "B": "i32", "D": "i32", "H": "i32"}, c)
+
+    # jacobi: float32 and float64, with and without mp; n = numel, which may pass 2³¹ (i64)
+    k = jacobi._jacobi_kernel
+    for dt, has_mp, n in ((tl.float32, False, "i32"), (tl.float32, True, "i32"), (tl.float32, False, "i64"),
+                          (tl.float64, False, "i32"), (tl.float64, True, "i32")):  # fmt: skip
+        t = {a: ptr[dt] for a in k.arg_names if a.endswith("_ptr")}
+        case(f"jacobi {dt} n:{n}", k, {**t, "n": n}, {"BLOCK": jacobi.BLOCK, "LEVELS": jacobi.LEVELS, "HAS_MP": has_mp})
+
+    # langevin: four storage dtypes, coefficients in the compute dtype. Drawn noise: the int64 seed, z_ptr = x and
+    # n <= MAX_RNG_ELEMENTS (i32); given noise: seed None (the coef tensor is passed) and n may pass 2³¹ (i64)
+    for dt in (tl.float16, tl.bfloat16, tl.float32, tl.float64):
+        coef = ptr[tl.float64 if dt == tl.float64 else tl.float32]
+        for has_noise in (False, True):
+            t = {"x_ptr": ptr[dt], "s_ptr": ptr[dt], "z_ptr": ptr[dt], "coef_ptr": coef,
+                 "seed_ptr": coef if has_noise else "*i64", "out_ptr": ptr[dt], "n": "i64" if has_noise else "i32",
+                 "step": "i32"}  # fmt: skip
+            case(
+                f"langevin {dt}", langevin._langevin_update_kernel, t, {"HAS_NOISE": has_noise, "BLOCK": langevin.BLOCK}
+            )
+
+    # jose: float32 tables (the trainer) and float64 (also accepted); int64 index vectors (centre: int64 words, or ui
+    # passed in its place); alpha, margin annotated fp64. Per dtype every (RULE, MOVE_WORDS) pair, HAS_CW both ways;
+    # BLOCK_T = _block_t(dim), BLOCK_D = next_pow2(dim) for dim 100 (32, 128) and 300 (8, 512); float64 at dim 300
+    # only (float64 [32, 128] tiles take 2-7 s each to compile, [8, 512] tiles under 1.5 s)
+    i64 = "*i64"
+    for dt, dims in ((tl.float32, (100, 300, 300, 100)), (tl.float64, (300, 300, 300, 300))):
+        p = ptr[dt]
+        for (rule, move, has_cw), dim in zip(((0, True, True), (1, True, False), (0, False, False), (1, False, True)),
+                                             dims):  # fmt: skip
+            c = {"RULE": rule, "MOVE_WORDS": move, "HAS_CW": has_cw, "BLOCK_T": jose._block_t(dim),
+                 "BLOCK_D": triton.next_power_of_2(dim)}  # fmt: skip
+            t = {"u_ptr": p, "v_ptr": p, "du_ptr": p, "dv_ptr": p, "ui_ptr": i64, "vi_ptr": i64, "ni_ptr": i64,
+                 "cw_ptr": i64, "loss_ptr": p, "n": "i32", "D": "i32", "alpha": "fp64", "margin": "fp64"}  # fmt: skip
+            case(f"jose separate {dt}", jose._jose_separate_step_kernel, t, c)
+            case(f"jose joint {dt}", jose._jose_joint_step_kernel, {**t, "d_ptr": p, "dd_ptr": p, "di_ptr": i64}, c)
+        c = {"BLOCK_R": jose._block_t(100), "BLOCK_D": 128}
+        t = {"x_ptr": p, "dx_ptr": p, "rows_ptr": i64, "n": "i32", "D": "i32"}
+        case(f"jose retract {dt}", jose._jose_retract_kernel, t, c)
+        case(f"jose retract stage {dt}", jose._jose_retract_stage_kernel, {**t, "stage_ptr": p}, c)
+        case(f"jose retract commit {dt}", jose._jose_retract_commit_kernel, {**t, "stage_ptr": p}, c)
+
+    # power iteration: int64 tables (pointers, shapes, offsets, work); tiny a Python float (fp32), eps annotated
+    # fp64. BLOCK_M from _block_rows (32, 16, 8 or 4 on a GPU), BLOCK_N = max(16, min(128, next_pow2(max n))),
+    # BLOCK = max(16, min(1024, next_pow2(max(max n, max m))))
+    tables = {a: i64 for a in ("w_ptrs", "u_ptrs", "v_ptrs", "rows_ptr", "cols_ptr", "v_off_ptr", "work_mat_ptr",
+                               "work_row_ptr")}  # fmt: skip
+    for dt, block_m, block_n, block_f in ((tl.float32, 32, 128, 1024), (tl.float64, 8, 128, 512),
+                                          (tl.float32, 4, 16, 16)):  # fmt: skip
+        k = power_iteration._power_iteration_step_kernel
+        t = {**tables, "v_in": ptr[dt], "v_acc": ptr[dt], "v_clear": ptr[dt], "tiny": "fp32"}
+        case(f"power step {dt}", k, {a: t[a] for a in k.arg_names if a in t},
+             {"DTYPE": dt, "BLOCK_M": block_m, "BLOCK_N": block_n})  # fmt: skip
+        k = power_iteration._power_iteration_finalize_kernel
+        t = {**tables, "v_acc": ptr[dt], "sigma_ptr": ptr[dt], "eps": "fp64"}
+        case(f"power finalize {dt}", k, {a: t[a] for a in k.arg_names if a in t}, {"DTYPE": dt, "BLOCK": block_f})
+    return cases
+
+
+_CASES = []
+
+
+def _compile(i):
+    """None, or why case i does not compile."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    _, kernel, sig, consts, num_warps = _CASES[i]
+    try:
+        src = ASTSource(fn=kernel, signature=sig, constexprs=consts)
+        triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    except Exception as e:  # every failing case reported, not only the first
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _main():
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    _CASES.extend(_cases())
+    workers = max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()))
+    # forked workers inherit _CASES, so only indices cross the pool; costly kernels first keeps the pool balanced
+    order = sorted(range(len(_CASES)), key=lambda i: not any(s in _CASES[i][0] for s in ("fp64", "jacobi", "hsic")))
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        errors = dict(zip(order, pool.map(_compile, order)))
+    failed = [_CASES[i][0] for i in sorted(errors) if errors[i] is not None]
+    for i in sorted(errors):
+        if errors[i] is not None:
+            print(f"FAILED {_CASES[i][0]}:\n{errors[i][-2500:]}\n", file=sys.stderr)
+    if failed:
+        print("failed to compile for sm_90:\n  " + "\n  ".join(failed), file=sys.stderr)
+        sys.exit(1)
+    print(f"compiled {len(_CASES)} kernel variants")
+
+
+def test_kernels_compile_for_a_gpu():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-8000:]
+
+
+if __name__ == "__main__":
+    _main()
