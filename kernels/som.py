@@ -175,8 +175,9 @@ def _som_finish_kernel(
     r = tl.arange(0, BC)
     s1 = tl.zeros([BC], dtype=tl.float64)
     s2 = tl.zeros([BC], dtype=tl.float64)
-    # one name per unused result (not `_`): a loop-carried name must keep its type when compiled; the interpreter
-    # does not check
+    # d and Θ tiles are recomputed in each pass from the (small) Gram tiles rather than stored: reading back this
+    # program's own global writes would need barriers. One name per unused result (not `_`): a loop-carried name
+    # must keep its type when compiled, which the interpreter does not check.
     for ti in range(0, nt):
         inv_i, _unclamped_i, valid_i = _inv_diag(tiles_ptr, first, nt, ti, C, eps2, BC)
         for tj in range(0, nt):

@@ -1,4 +1,4 @@
-"""Every Triton kernel outside kernels/som.py (tests/test_kernels_som.py has those) compiled for sm_90, without a GPU.
+"""Every launched Triton kernel of kernels/ compiled for sm_90, without a GPU.
 
 The CPU tests run the kernels through the interpreter (TRITON_INTERPRET=1), which skips most of the compiler's type
 checks (a loop-carried variable that changes dtype runs there): a kernel can pass all of them and still fail to
@@ -27,7 +27,7 @@ def _cases():
     import triton
     import triton.language as tl
 
-    from kexue_fast.kernels import hsic, iresnet, jacobi, jose, langevin, power_iteration
+    from kexue_fast.kernels import hsic, iresnet, jacobi, jose, langevin, power_iteration, som
 
     ptr = {tl.float16: "*fp16", tl.bfloat16: "*bf16", tl.float32: "*fp32", tl.float64: "*fp64"}
     cases = []
@@ -126,6 +126,22 @@ def _cases():
         k = power_iteration._power_iteration_finalize_kernel
         t = {**tables, "v_acc": ptr[dt], "sigma_ptr": ptr[dt], "eps": "fp64"}
         case(f"power finalize {dt}", k, {a: t[a] for a in k.arg_names if a in t}, {"DTYPE": dt, "BLOCK": block_f})
+
+    # som: float32 and float64 layer outputs (ACC the same; half inputs take the float32 instances), int64 tables,
+    # gamma and the lambdas annotated fp64; BR 64 (32 for float64), BC = tile_width(max k) <= 64; the finish kernel is
+    # float64 only, on FINISH_WARPS warps
+    for dt, br in ((tl.float32, 64), (tl.float64, 32)):
+        common = {"DTYPE": dt, "ACC": dt, "PREC": "ieee", "BR": br, "BC": 64}
+        t = {"y_ptrs": i64, "meta_ptr": i64, "work_ptr": i64, "part_ptr": ptr[dt], "gamma_arg": "fp64", "R": "i32"}
+        case(f"som gram {dt}", som._som_gram_kernel, t, common)
+        t = {"y_ptrs": i64, "meta_ptr": i64, "a_ptr": "*fp64", "scale_ptr": "*fp64", "dy_ptr": ptr[dt],
+             "gamma_arg": "fp64", "KP": "i32", "L": "i32"}  # fmt: skip
+        for scaled in (False, True):
+            case(f"som grad {dt}", som._som_grad_kernel, t, {**common, "SCALED": scaled})
+    t = {"tiles_ptr": "*fp64", "meta_ptr": i64, "r_ptr": "*fp64", "b_ptr": "*fp64", "KP": "i32", "NT": "i32",
+         "lambda1": "fp64", "lambda2": "fp64", "eps2": "fp64"}  # fmt: skip
+    for bc in (16, 64):
+        case("som finish", som._som_finish_kernel, t, {"BC": bc}, som.FINISH_WARPS)
     return cases
 
 

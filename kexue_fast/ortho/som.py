@@ -131,10 +131,14 @@ def gram_penalty(g: Tensor, ks: Sequence[int], lambda1: float, lambda2: float, e
     torch.compile, autograd through the same ops instead (compiled, their count costs nothing; and inductor in torch
     2.13 miscompiled the gradient of this Function fed by _Grams, to values ~1e37)."""
     if torch.compiler.is_compiling():
-        theta = _theta(g, tuple(ks), eps)[0]
-        s1 = theta.sum((1, 2))
-        return lambda1 * s1 * s1 + lambda2 * (theta * theta).sum((1, 2))
+        return _penalty_of(_theta(g, tuple(ks), eps)[0], lambda1, lambda2)[0]
     return _GramPenalty.apply(g, tuple(ks), float(lambda1), float(lambda2), float(eps))
+
+
+def _penalty_of(theta: Tensor, lambda1: float, lambda2: float) -> Tuple[Tensor, Tensor]:
+    """(R = λ₁s₁² + λ₂s₂ per layer, s₁) from Θ [L, KP, KP] with zeros off the valid off-diagonal pairs."""
+    s1 = theta.sum((1, 2))
+    return lambda1 * s1 * s1 + lambda2 * (theta * theta).sum((1, 2)), s1
 
 
 def _theta(g: Tensor, ks: Tuple[int, ...], eps: float) -> Tuple[Tensor, Tensor, Tensor]:
@@ -155,11 +159,11 @@ class _GramPenalty(torch.autograd.Function):
     @staticmethod
     def forward(ctx, g: Tensor, ks: Tuple[int, ...], lambda1: float, lambda2: float, eps: float) -> Tensor:
         theta, inv, unclamped = _theta(g, ks, eps)
-        s1 = theta.sum((1, 2))
+        r, s1 = _penalty_of(theta, lambda1, lambda2)
         ctx.save_for_backward(theta, inv, s1, unclamped)
         ctx.lambdas = (lambda1, lambda2)
         ctx.ks = ks
-        return lambda1 * s1 * s1 + lambda2 * (theta * theta).sum((1, 2))
+        return r
 
     @staticmethod
     @first_order
@@ -286,6 +290,12 @@ def _torch_gram_backward(z: Tensor, a: Tensor, out: Tensor) -> None:
     torch.ops.aten.tanh_backward.grad_input(w, z, grad_input=w)  # w (1 − z²), into w: no new buffer
 
 
+def _cpp_core():
+    from .. import _core  # only where the C++ path runs: the torch path works without the extension
+
+    return _core
+
+
 class _Grams(torch.autograd.Function):
     """(gamma, layouts, cpp, *ys) -> the zero-padded float64 Grams [L, KP, KP], G_ℓ = Z_ℓᵀZ_ℓ, Z = tanh(γY), every
     layer in one autograd node; backward ∂R/∂Y_ℓ = (Z_ℓ A_ℓ) ⊙ (1 − Z_ℓ²) with A = γ(Ḡ + Ḡᵀ).
@@ -295,16 +305,15 @@ class _Grams(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gamma: float, layouts: Tuple[Layout, ...], cpp: bool, *ys: Tensor) -> Tensor:
+        core = _cpp_core() if cpp else None
         kp = max(c for _, c, _ in layouts)
         out = ys[0].new_zeros((len(ys), kp, kp), dtype=torch.float64)
         saved = []
         for i, (y, (n, c, s)) in enumerate(zip(ys, layouts)):
             if cpp:
-                from .. import _core
-
                 y_flat = y.detach().to(_work_dtype(y.dtype)).contiguous().view(-1)  # half in float32, as on torch
                 g = out[i] if c == kp else torch.empty((c, c), dtype=torch.float64)
-                _core.som_gram(y_flat.numpy(), n, c, s, gamma, g.numpy(), CPP_THREADS)
+                core.som_gram(y_flat.numpy(), n, c, s, gamma, g.numpy(), CPP_THREADS)
                 saved.append(y)
             else:
                 g, z = _torch_gram(y, (n, c, s), gamma)
@@ -319,6 +328,7 @@ class _Grams(torch.autograd.Function):
     @staticmethod
     @first_order
     def backward(ctx, grad: Tensor):
+        core = _cpp_core() if ctx.cpp else None
         saved = ctx.saved_tensors
         a_all = (grad + grad.mT) * ctx.gamma
         grads: List[Optional[Tensor]] = []
@@ -331,11 +341,9 @@ class _Grams(torch.autograd.Function):
             work = _work_dtype(dtype)
             dy = torch.empty(shape, dtype=work, device=t.device)
             if ctx.cpp:
-                from .. import _core
-
                 y_flat = t.detach().to(work).contiguous().view(-1)
                 a = a_all[i, :c, :c].to(work).contiguous()
-                _core.som_gram_backward(y_flat.numpy(), n, c, s, ctx.gamma, a.numpy(), dy.view(-1).numpy(), CPP_THREADS)
+                core.som_gram_backward(y_flat.numpy(), n, c, s, ctx.gamma, a.numpy(), dy.view(-1).numpy(), CPP_THREADS)
             else:
                 _torch_gram_backward(t, a_all[i, :c, :c].to(work), dy)
             grads.append(dy.to(dtype))
