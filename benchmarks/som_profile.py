@@ -9,7 +9,8 @@ the backward then built a host table of every row block per call. Since 1f3bd66 
 This prints, for the step of benchmarks/ortho.py with each backend: the wall time per step, torch.profiler's
 operators sorted by device time and by host time (kernel launches and Python included), and cProfile's top Python
 functions, so a GPU session can tell host overhead (tables built per call, launch cost) from slow kernels.
-On CPU (TRITON_INTERPRET=1, a small batch) it only checks that the script runs.
+On CPU it profiles the torch path and the C++ Gram on one torch thread instead (batch 2 by default: pass --batch 32
+for benchmarks/ortho.py's CPU step).
 """
 
 from __future__ import annotations
@@ -71,7 +72,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
     batch = args.batch or (256 if args.device == "cuda" else 2)
-    for backend in ("torch", "triton"):
+    if args.device == "cpu":
+        torch.set_num_threads(1)  # the setting of benchmarks/ortho.py's CPU rows, where `auto` takes the C++ Gram
+    for backend in ("torch", "triton") if args.device == "cuda" else ("torch", "cpp"):
         profile_backend(backend, args.device, batch, args.steps)
 
 
