@@ -6,7 +6,8 @@
 #             build kexue_fast here instead when the carried wheel is missing or will not import
 #     test    every test file that runs CUDA paths when a GPU is present (`gpu` tests included, slow ones not), or
 #             the files named in TEST_FILES (names under tests/, space-separated); TEST_WORKERS (8), TEST_THREADS
-#             (1 per worker), TEST_TIMEOUT (300 s), TEST_ARGS (more pytest arguments, e.g. -k)
+#             (1 per worker), TEST_TIMEOUT (300 s), TEST_K (a pytest -k expression), TEST_ARGS (more pytest
+#             arguments, split on spaces); TEST_LOG names the log (tests.log), so that several runs keep theirs
 #     bench   python -m kexue_fast.bench --device cuda for the GPU suites (hsic with --full: its n = 10⁶ goal)
 #     jose    the JoSE GPU trainer's word similarity and training speed (benchmarks/jose_quality.py --device cuda)
 #             on the carried corpus (.gpu/corpus.txt.gz) and datasets (.gpu/wordsim353.tsv, .gpu/simlex999.txt)
@@ -32,8 +33,9 @@ mkdir -p "$OUT" "$WORK/logs" "$WORK/results"
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/kexue_site${PYTHONPATH:+:$PYTHONPATH}
 cd "$WORK" || exit 1
 
-pack() {
-  tar czf "$OUT/results.tgz" -C "$WORK/results" . && tar czf "$OUT/logs.tgz" -C "$WORK/logs" .
+pack() {  # through a temporary name: a run killed mid-tar keeps the previous stage's archives whole
+  tar czf "$OUT/.results.tgz" -C "$WORK/results" . && mv "$OUT/.results.tgz" "$OUT/results.tgz"
+  tar czf "$OUT/.logs.tgz" -C "$WORK/logs" . && mv "$OUT/.logs.tgz" "$OUT/logs.tgz"
 }
 
 stage_setup() {
@@ -61,10 +63,10 @@ stage_test() {
   # One CPU thread per worker: 16 workers × 16 torch threads on 16 cores left 7 of 508 tests unfinished after 260 s
   # (H200, e2cb275; benchmarks/results/gpu-tests-cuda.md).
   OMP_NUM_THREADS=${TEST_THREADS:-1} timeout "${TEST_TIMEOUT:-300}" $PY -m pytest "${files[@]}" -m "not slow" \
-    -n "${TEST_WORKERS:-8}" -v -rfEs --durations=25 -p no:cacheprovider --junitxml="$WORK/logs/junit.xml" \
-    ${TEST_ARGS:-} > "$WORK/logs/tests.log" 2>&1
+    -n "${TEST_WORKERS:-8}" -v -rfEs --durations=25 -p no:cacheprovider --junitxml="$WORK/logs/${TEST_LOG:-tests.log}.xml" \
+    ${TEST_K:+-k "$TEST_K"} ${TEST_ARGS:-} > "$WORK/logs/${TEST_LOG:-tests.log}" 2>&1
   echo "tests: exit $?"
-  grep -v "PASSED\|SKIPPED\|^\[gw" "$WORK/logs/tests.log" | tail -n 60
+  grep -v "PASSED\|SKIPPED\|^\[gw" "$WORK/logs/${TEST_LOG:-tests.log}" | tail -n 60
 }
 
 stage_bench() {
