@@ -1,6 +1,6 @@
 """Where the fused SOM Triton path spends a CNN training step: the profile behind benchmarks/ortho.py's overhead rows.
 
-    python -m kexue_fast.benchmarks.som_profile [--device cuda] [--batch 256] [--steps 5]
+    python -m kexue_fast.benchmarks.som_profile [--device cuda] [--batch 256] [--steps 5] [--sweep]
 
 On an H200 the step with SOM measured 34.7 ms on the Triton kernels against 5.1 ms on the torch path at 0cff550
 (benchmarks/results/ortho-cuda.md), far above what the kernels' work (a few hundred MB read, ~1 GFLOP) should take;
@@ -65,15 +65,77 @@ def profile_backend(backend: str, device: str, batch: int, steps: int) -> None:
     som.remove()
 
 
+def sweep(batch: int) -> None:
+    """The fused kernels on the CNN's four conv outputs (float32), forward (kernels.penalty) and backward
+    (kernels.gram_backward) timed by triton.testing.do_bench (median) for each launch setting, with the bytes floor:
+    Y read once forward, Y read and ∂Y written backward, at the device's copy bandwidth (a Y-sized copy, timed here)."""
+    import triton.testing
+
+    from kexue_fast.kernels import som as kernels
+
+    model, _, x, _, som = cnn_setup("cuda", batch)
+    model(x)  # a training forward: the hooks record the conv outputs
+    ys = [y.detach().contiguous() for y, _ in som.recorder.take()]
+    som.remove()
+    layouts = [(y.shape[0], y.shape[1], y[0, 0].numel()) for y in ys]
+    total = sum(y.numel() for y in ys)
+    flat = torch.empty(total, device="cuda")
+    src = torch.randn(total, device="cuda")
+    copy_ms = triton.testing.do_bench(lambda: flat.copy_(src), return_mode="median")
+    per_byte = copy_ms / (2 * 4 * total)
+    print(
+        f"layouts (N, C, S): {layouts}; Y = {total * 4 / 1e6:.1f} MB; Y-sized copy {copy_ms * 1e3:.1f} us "
+        f"({2 * 4 * total / copy_ms / 1e6:.0f} GB/s)"
+    )
+    print(
+        f"bytes floor at that bandwidth: forward {4 * total * per_byte * 1e3:.1f} us, backward "
+        f"{8 * total * per_byte * 1e3:.1f} us"
+    )
+    defaults = {n: getattr(kernels, n) for n in ("GRAM_WARPS", "GRAD_WARPS", "ROWS", "GRAM_WAVES")}
+    settings = [
+        {},
+        {"GRAM_WARPS": 8},
+        {"GRAD_WARPS": 8},
+        {"ROWS": 32},
+        {"ROWS": 128},
+        {"GRAM_WAVES": 2},
+        {"GRAM_WAVES": 8},
+        {"GRAM_WAVES": 16},
+        {"GRAM_WARPS": 8, "GRAD_WARPS": 8, "ROWS": 128},
+    ]
+    for tf32 in (False, True):
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        for setting in settings:
+            for name, value in {**defaults, **setting}.items():
+                setattr(kernels, name, value)
+            a = kernels.penalty(ys, layouts, 10.0, 100.0, 1.0, 1e-12)[1]
+            scale = torch.ones(len(ys), dtype=torch.float64, device="cuda")
+            fwd = triton.testing.do_bench(lambda: kernels.penalty(ys, layouts, 10.0, 100.0, 1.0, 1e-12),
+                                          return_mode="median")  # fmt: skip
+            bwd = triton.testing.do_bench(lambda a=a, scale=scale: kernels.gram_backward(ys, layouts, 10.0, a, scale),
+                                          return_mode="median")  # fmt: skip
+            print(
+                f"tf32={tf32!s:5} {setting or 'defaults'!s:55} forward {fwd * 1e3:7.1f} us  backward "
+                f"{bwd * 1e3:7.1f} us"
+            )
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for name, value in defaults.items():
+        setattr(kernels, name, value)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=None, help="default: 256 on CUDA, 2 on CPU")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--sweep", action="store_true", help="CUDA: time the fused kernels' launch settings instead")
     args = parser.parse_args()
     batch = args.batch or (256 if args.device == "cuda" else 2)
     if args.device == "cpu":
         torch.set_num_threads(1)  # the setting of benchmarks/ortho.py's CPU rows, where `auto` takes the C++ Gram
+    if args.sweep:
+        sweep(batch)
+        return
     for backend in ("torch", "triton") if args.device == "cuda" else ("torch", "cpp"):
         profile_backend(backend, args.device, batch, args.steps)
 

@@ -1,17 +1,20 @@
 """Triton kernels for the Self-Orthogonality regularizer, grouped over every hooked layer, never writing Z or Ẑ.
 
-Each layer output is read in place as a contiguous [N, C, S] array: row r = (n, s) = (r // S, r % S) of the
-b = N·S rows, channel c < k = C (S = 1 for a [b, k] output, S = H·W for an NCHW convolution's). Z = tanh(γY) lives
-only in registers, recomputed wherever it is needed.
+Each layer output is read in place as a contiguous [N, C, S] array: row r = (n, s) of the b = N·S rows, channel
+c < k = C (S = 1 for a [b, k] output, S = H·W for an NCHW convolution's). Rows are taken in blocks of BR that coalesce:
+BR samples when S == 1 (contiguous along channels), else BR consecutive positions of one sample (contiguous along
+rows, channel by channel; a block never straddles two samples). Z = tanh(γY) lives only in registers, recomputed
+wherever it is needed.
 
-Forward, `_som_gram_kernel`:  G = ZᵀZ [k, k]. Programs are (layer, tile pair ti ≤ tj, row chunk) from a work
-table; each writes its BC×BC partial tile to its own slot, and the caller adds the chunks in float64 in a fixed order
-(deterministic: no atomics). Then `_som_finish_kernel`, one program per layer in float64: the column normalization is
-exact algebra on G (Θ = D⁻¹GD⁻¹, D = diag(max(√G_ii, eps))), giving R and the backward's A = Ḡ + Ḡᵀ (Ḡ = ∂R/∂G at a
-unit upstream gradient).
+Forward, `_som_gram_kernel`:  G = ZᵀZ [k, k]. Programs are (layer, tile pair ti ≤ tj, chunk of row blocks) from a
+work table; a diagonal tile loads and tanh's each element once. Each program writes its BC×BC partial tile to its own
+slot, and the caller adds the chunks in float64 in a fixed order (deterministic: no atomics). Then
+`_som_finish_kernel`, one program per layer in float64: the column normalization is exact algebra on G (Θ = D⁻¹GD⁻¹,
+D = diag(max(√G_ii, eps))), giving R and the backward's A = Ḡ + Ḡᵀ (Ḡ = ∂R/∂G at a unit upstream gradient).
 Backward, `_som_grad_kernel`:  ∂R/∂Y = γ(1 − Z²) ⊙ (Z A), A scaled per layer by ∂L/∂R read on the device;
 programs are (layer, row block, column block), decoded from the program id by each layer's first program (no
-per-block table: building one cost O(b) host work per call); Z is recomputed for the K loop and for the epilogue.
+per-block table: building one cost O(b) host work per call). Z's block is loaded once when every layer fits one
+tile, else recomputed for the K loop and for the epilogue.
 
 tanh is built from exp (libdevice is unavailable in the interpreter): an odd Taylor polynomial for |x| < 0.3 (11
 terms, ≤ 1 ulp in float64) and (1 − e^{−2|x|})/(1 + e^{−2|x|}) above. No autograd and no dispatch here: see
@@ -32,18 +35,26 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64, torch.float1
               torch.bfloat16: tl.bfloat16}  # fmt: skip
 SUPPORTED_DTYPES = tuple(_TL_DTYPES)
 Layout = Tuple[int, int, int]  # (N, C, S)
+# how a layer's rows are blocked (see _block): S == 1, S >= 16 (a block within one sample), 1 < S < 16
+DENSE: tl.constexpr = tl.constexpr(0)
+SPATIAL: tl.constexpr = tl.constexpr(1)
+STRIDED: tl.constexpr = tl.constexpr(2)
 
 
 @triton.jit
-def _tanh(x):
+def _tanh(x, ACC: tl.constexpr):
     a = tl.abs(x)
     x2 = a * a
-    # tanh(a) = a Σ_n c_n a^{2n}, c_n = 2^{2n+2}(2^{2n+2} − 1) B_{2n+2} / (2n+2)!
-    p = x2 * 9.691537956929451e-05 - 0.00023912911424355248
-    p = p * x2 + 0.000590027440945586
-    p = p * x2 - 0.0014558343870513183
-    p = p * x2 + 0.003592128036572481
-    p = p * x2 - 0.008863235529902197
+    # tanh(a) = a Σ_n c_n a^{2n}, c_n = 2^{2n+2}(2^{2n+2} − 1) B_{2n+2} / (2n+2)!, on |a| < 0.3: 11 terms reach a
+    # float64 ulp; float32 needs 6 (the 7th term is below 2e-9 relative there)
+    if ACC == tl.float64:
+        p = x2 * 9.691537956929451e-05 - 0.00023912911424355248
+        p = p * x2 + 0.000590027440945586
+        p = p * x2 - 0.0014558343870513183
+        p = p * x2 + 0.003592128036572481
+        p = p * x2 - 0.008863235529902197
+    else:
+        p = tl.full(x2.shape, -0.008863235529902197, x2.dtype)
     p = p * x2 + 0.021869488536155203
     p = p * x2 - 0.05396825396825397
     p = p * x2 + 0.13333333333333333
@@ -55,80 +66,138 @@ def _tanh(x):
 
 
 @triton.jit
-def _load_z(y, rows, cols, b, C, S, gamma, ACC: tl.constexpr):
-    """tanh(γY)[rows, cols] as ACC, zero outside the layer; and the element offsets of the block."""
+def _row_blocks(N, S, BR: tl.constexpr, MODE: tl.constexpr):
+    """Row blocks of a layer: BR positions of one sample in SPATIAL mode (see _spatial_block), else BR rows."""
+    if MODE == SPATIAL:
+        return N * tl.cdiv(S, BR)
+    else:
+        return tl.cdiv(N * S, BR)
+
+
+@triton.jit
+def _dense_block(q, cols, N, C, BR: tl.constexpr):
+    """Offsets and mask of row block q of a [N, C] layer (S == 1): BR samples, contiguous along channels."""
+    rows = q * BR + tl.arange(0, BR)  # int64: N, C and S come from an int64 table
+    return rows[:, None] * C + cols[None, :], (rows[:, None] < N) & (cols[None, :] < C)
+
+
+@triton.jit
+def _spatial_block(q, cols, C, S, BR: tl.constexpr):
+    """Offsets and mask of row block q of an [N, C, S] layer (S > 1): BR consecutive positions s of one sample n, so
+    that each channel's run is contiguous and loads coalesce along rows; blocks never straddle samples."""
+    nsb = tl.cdiv(S, BR)
+    n = q // nsb
+    s = (q - n * nsb) * BR + tl.arange(0, BR)
+    offs = (n * C * S + s)[:, None] + cols[None, :] * S
+    return offs, (s[:, None] < S) & (cols[None, :] < C)
+
+
+@triton.jit
+def _strided_block(q, cols, N, C, S, BR: tl.constexpr):
+    """Offsets and mask of row block q of an [N, C, S] layer with 1 < S < 16: BR consecutive rows r = (n, s), which
+    may straddle samples; contiguous along neither axis, but no row is wasted."""
+    rows = q * BR + tl.arange(0, BR)
     n = rows // S
-    offs = (n * C * S + (rows - n * S))[:, None] + cols[None, :].to(tl.int64) * S
-    mask = (rows[:, None] < b) & (cols[None, :] < C)
-    x = tl.load(y + offs, mask=mask, other=0.0).to(ACC)
-    return _tanh(x * gamma), offs, mask
+    offs = (n * C * S + (rows - n * S))[:, None] + cols[None, :] * S
+    return offs, (rows[:, None] < N * S) & (cols[None, :] < C)
+
+
+@triton.jit
+def _block(q, cols, N, C, S, BR: tl.constexpr, MODE: tl.constexpr):
+    # a compile-time choice: with a runtime branch on S, the fp32 Gram kernel took ptxas 35 s instead of 5 (two
+    # load layouts), and the loads had to sit inside the branches to keep their contiguity known
+    if MODE == DENSE:
+        return _dense_block(q, cols, N, C, BR)
+    elif MODE == SPATIAL:
+        return _spatial_block(q, cols, C, S, BR)
+    else:
+        return _strided_block(q, cols, N, C, S, BR)
+
+
+@triton.jit
+def _load_z(y, q, cols, N, C, S, gamma, ACC: tl.constexpr, BR: tl.constexpr, MODE: tl.constexpr):
+    """tanh(γY) on row block q and columns cols as ACC, zero outside the layer."""
+    offs, mask = _block(q, cols, N, C, S, BR, MODE)
+    x = tl.load(y + offs, mask=mask, other=0.0)
+    return _tanh(x.to(ACC) * gamma, ACC)
 
 
 @triton.jit
 def _som_gram_kernel(
     y_ptrs, meta_ptr, work_ptr, part_ptr, gamma_arg: tl.float64, R,
     DTYPE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+    MODE: tl.constexpr,
 ):  # fmt: skip
     gamma = tl.full([], gamma_arg, ACC)  # passed as fp64 (an unannotated Python float would be fp32), computed in ACC
     pid = tl.program_id(0)
-    slot = pid // R
-    chunk = pid - slot * R
-    layer = tl.load(work_ptr + slot * 3)
-    ti = tl.load(work_ptr + slot * 3 + 1)
-    tj = tl.load(work_ptr + slot * 3 + 2)
+    w = pid // R
+    chunk = pid - w * R
+    layer = tl.load(work_ptr + w * 4)
+    ti = tl.load(work_ptr + w * 4 + 1)
+    tj = tl.load(work_ptr + w * 4 + 2)
+    slot = tl.load(work_ptr + w * 4 + 3)  # the pair's index among every layer's pairs, in both launches
     y = tl.load(y_ptrs + layer).to(tl.pointer_type(DTYPE))
     N = tl.load(meta_ptr + layer * 3)
     C = tl.load(meta_ptr + layer * 3 + 1)
     S = tl.load(meta_ptr + layer * 3 + 2)
-    b = N * S
-    per_chunk = tl.cdiv(tl.cdiv(b, R), BR) * BR
-    r0 = chunk * per_chunk
-    r1 = tl.minimum(r0 + per_chunk, b)
+    nb = _row_blocks(N, S, BR, MODE)
+    per_chunk = tl.cdiv(nb, R)
+    q0 = chunk * per_chunk
+    q1 = tl.minimum(q0 + per_chunk, nb)
     ci = ti * BC + tl.arange(0, BC)
     cj = tj * BC + tl.arange(0, BC)
     acc = tl.zeros([BC, BC], dtype=ACC)
-    for r in range(r0, r1, BR):
-        rows = r + tl.arange(0, BR).to(tl.int64)
-        za, _, _ = _load_z(y, rows, ci, b, C, S, gamma, ACC)
-        zb, _, _ = _load_z(y, rows, cj, b, C, S, gamma, ACC)  # the same block on diagonal tiles (an L1 hit)
+    for q in range(q0, q1):
+        za = _load_z(y, q, ci, N, C, S, gamma, ACC, BR, MODE)
+        # a diagonal tile loads and tanh's each element once; one dot in the code (an FMA dot unrolls to thousands of
+        # instructions per thread, and two of them took ptxas minutes)
+        if ti == tj:
+            zb = za
+        else:
+            zb = _load_z(y, q, cj, N, C, S, gamma, ACC, BR, MODE)
         acc += tl.dot(tl.trans(za), zb, input_precision=PREC)
     t = tl.arange(0, BC)
-    tl.store(part_ptr + pid.to(tl.int64) * BC * BC + t[:, None] * BC + t[None, :], acc)
+    tl.store(part_ptr + (slot * R + chunk) * BC * BC + t[:, None] * BC + t[None, :], acc)
 
 
 @triton.jit
 def _som_grad_kernel(
     y_ptrs, meta_ptr, a_ptr, scale_ptr, dy_ptr, gamma_arg: tl.float64, KP, L,
     DTYPE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
-    SCALED: tl.constexpr,
+    SCALED: tl.constexpr, ONE_TILE: tl.constexpr, MODE: tl.constexpr,
 ):  # fmt: skip
     gamma = tl.full([], gamma_arg, ACC)
     pid = tl.program_id(0).to(tl.int64)
-    layer = 0
-    for g in range(1, L):  # the last layer whose first program is at or before pid (starts ascend)
-        layer += (tl.load(meta_ptr + g * 5 + 4) <= pid).to(tl.int32)
+    row = 0  # this launch's layers, one meta row each: (N, C, S, gradient offset, first program, layer)
+    for g in range(1, L):  # the last row whose first program is at or before pid (starts ascend)
+        row += (tl.load(meta_ptr + g * 6 + 4) <= pid).to(tl.int32)
+    N = tl.load(meta_ptr + row * 6)
+    C = tl.load(meta_ptr + row * 6 + 1)
+    S = tl.load(meta_ptr + row * 6 + 2)
+    out = tl.load(meta_ptr + row * 6 + 3)
+    local = pid - tl.load(meta_ptr + row * 6 + 4)
+    layer = tl.load(meta_ptr + row * 6 + 5)
     y = tl.load(y_ptrs + layer).to(tl.pointer_type(DTYPE))
-    N = tl.load(meta_ptr + layer * 5)
-    C = tl.load(meta_ptr + layer * 5 + 1)
-    S = tl.load(meta_ptr + layer * 5 + 2)
-    out = tl.load(meta_ptr + layer * 5 + 3)
-    local = pid - tl.load(meta_ptr + layer * 5 + 4)
     n_cb = tl.cdiv(C, BC)
-    rb = local // n_cb
-    cb = local - rb * n_cb
-    b = N * S
-    rows = rb.to(tl.int64) * BR + tl.arange(0, BR)
+    q = local // n_cb
+    cb = local - q * n_cb
     cols = cb * BC + tl.arange(0, BC)
-    a_base = a_ptr + layer.to(tl.int64) * KP * KP
+    a_base = a_ptr + layer * KP * KP
     scale = tl.load(scale_ptr + layer) if SCALED else 1.0  # A_ℓ = scale_ℓ · a_ℓ, taken in a's precision
-    acc = tl.zeros([BR, BC], dtype=ACC)
-    for k0 in range(0, C, BC):
-        ks = k0 + tl.arange(0, BC)
-        z, _, _ = _load_z(y, rows, ks, b, C, S, gamma, ACC)
-        a = tl.load(a_base + ks[:, None] * KP + cols[None, :])  # A is zero-padded to [KP, KP], KP a multiple of BC
-        acc += tl.dot(z, (a * scale).to(ACC), input_precision=PREC)
-    zc, offs, mask = _load_z(y, rows, cols, b, C, S, gamma, ACC)
+    if ONE_TILE:  # every layer within one tile (KP == BC): Z's block is both the dot's input and the epilogue's
+        zc = _load_z(y, q, cols, N, C, S, gamma, ACC, BR, MODE)
+        a = tl.load(a_base + cols[:, None] * KP + cols[None, :])
+        acc = tl.dot(zc, (a * scale).to(ACC), input_precision=PREC)
+    else:
+        acc = tl.zeros([BR, BC], dtype=ACC)
+        for k0 in range(0, C, BC):
+            ks = k0 + tl.arange(0, BC)
+            z = _load_z(y, q, ks, N, C, S, gamma, ACC, BR, MODE)
+            a = tl.load(a_base + ks[:, None] * KP + cols[None, :])  # A is zero-padded to [KP, KP], KP a multiple of BC
+            acc += tl.dot(z, (a * scale).to(ACC), input_precision=PREC)
+        zc = _load_z(y, q, cols, N, C, S, gamma, ACC, BR, MODE)
     grad = gamma * (1.0 - zc * zc) * acc
+    offs, mask = _block(q, cols, N, C, S, BR, MODE)
     tl.store(dy_ptr + out + offs, grad.to(DTYPE), mask=mask)
 
 
@@ -208,6 +277,12 @@ def _som_finish_kernel(
 
 
 FINISH_WARPS = 8  # a [64, 64] float64 tile over 4 warps spilled registers (ptxas, sm_90)
+# launch settings, module-level so that benchmarks/som_profile.py --sweep can try others
+GRAM_WARPS = 4
+GRAD_WARPS = 4
+ROWS = 64  # rows per block (BR) below float64, at most; float64 takes ROWS_FP64
+ROWS_FP64 = 32
+GRAM_WAVES = 4  # Gram programs per SM: each tile's rows are split into chunks until the grid has this many
 
 # Tables depend only on shapes and data pointers; steady-state training steps (the caching allocator hands the same
 # addresses back) reuse them instead of copying host memory to the device.
@@ -267,43 +342,72 @@ def tile_width(max_c: int) -> int:
     return max(16, min(64, 1 << (max_c - 1).bit_length()))
 
 
-def _blocks(dtype: torch.dtype, device: torch.device, max_c: int) -> Tuple[int, int]:
-    bc = tile_width(max_c)
+def _mode(s: int) -> int:
+    """The row blocking of a layer with S positions per sample (DENSE, SPATIAL or STRIDED; see _block)."""
+    return 0 if s == 1 else 1 if s >= 16 else 2
+
+
+def _rows_per_block(dtype: torch.dtype, device: torch.device, layouts: Sequence[Layout], mode: int) -> int:
+    """BR for the launch over these layers (all of one mode). A SPATIAL block stays within one sample, so BR is held
+    to the smallest S's power of two (at least 16, the dot's minimum) to waste few rows."""
     if device.type != "cuda":
-        return 16, bc  # interpreter: small blocks keep the numpy emulation quick
-    return (32 if dtype == torch.float64 else 64), bc
+        return 16  # interpreter: small blocks keep the numpy emulation quick
+    br = ROWS_FP64 if dtype == torch.float64 else ROWS
+    if mode == 1:
+        br = max(16, min(br, 1 << (min(s for _, _, s in layouts) - 1).bit_length()))
+    return br
+
+
+def _row_blocks_host(n: int, s: int, br: int) -> int:
+    return n * triton.cdiv(s, br) if _mode(s) == 1 else triton.cdiv(n * s, br)
+
+
+def _by_mode(layouts: Sequence[Layout]):
+    """{mode: the indices of its layers}, in layer order."""
+    groups: dict = {}
+    for g, (_, _, s) in enumerate(layouts):
+        groups.setdefault(_mode(s), []).append(g)
+    return groups
 
 
 def _gram_tiles(ys: Sequence[Tensor], layouts: Sequence[Layout], gamma: float, chunks: Optional[int]):
     """(the upper tiles of every layer's Gram, summed over the row chunks in float64: [P, BC, BC] in the order of
-    pairs; pairs, the (layer, ti, tj ≥ ti) of each; tiles per layer side; BC; the pairs as a device index [3, P])."""
+    pairs; pairs, the (layer, ti, tj ≥ ti) of each; tiles per layer side; BC; the pairs as a device index [3, P]).
+    One launch per row-blocking mode present (see _block)."""
     _check(ys, layouts)
     y0 = ys[0]
     device, dtype = y0.device, y0.dtype
-    br, bc = _blocks(dtype, device, max(c for _, c, _ in layouts))
+    bc = tile_width(max(c for _, c, _ in layouts))
     nts = [triton.cdiv(c, bc) for _, c, _ in layouts]
     pairs = [(g, i, j) for g, nt in enumerate(nts) for i in range(nt) for j in range(i, nt)]
-    max_rows = max(n * s for n, _, s in layouts)
+    groups = _by_mode(layouts)
+    brs = {m: _rows_per_block(dtype, device, [layouts[g] for g in idx], m) for m, idx in groups.items()}
+    max_blocks = max(_row_blocks_host(n, s, brs[_mode(s)]) for n, _, s in layouts)
     if chunks is None:
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        target = GRAM_WAVES * sms if device.type == "cuda" else 2
         chunks = triton.cdiv(target, len(pairs))
-    chunks = max(1, min(int(chunks), triton.cdiv(max_rows, br)))
+    chunks = max(1, min(int(chunks), max_blocks))
+    # each mode's pairs as (layer, ti, tj, index among all pairs)
+    works = {m: [(g, i, j, p) for p, (g, i, j) in enumerate(pairs) if _mode(layouts[g][2]) == m] for m in groups}
 
     def build():
-        ptrs, meta, work, index, host = _to_device(
-            [y.data_ptr() for y in ys], [v for lay in layouts for v in lay], [v for p in pairs for v in p],
-            [v for p in zip(*pairs) for v in p], device=device,
+        ptrs, meta, *work, index, host = _to_device(
+            [y.data_ptr() for y in ys], [v for lay in layouts for v in lay],
+            *[[v for w in works[m] for v in w] for m in groups], [v for p in zip(*pairs) for v in p], device=device,
         )  # fmt: skip
         return ptrs, meta, work, index.view(3, len(pairs)), host
 
-    key = ("gram", device, br, bc, chunks, tuple(layouts), tuple(y.data_ptr() for y in ys))
+    key = ("gram", device, bc, chunks, tuple(layouts), tuple(y.data_ptr() for y in ys))
     ptrs, meta, work, index, _ = _cached(key, build)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     part = torch.empty((len(pairs) * chunks, bc, bc), dtype=acc, device=device)
-    _som_gram_kernel[(len(pairs) * chunks,)](
-        ptrs, meta, work, part, float(gamma), chunks,
-        DTYPE=_TL_DTYPES[dtype], ACC=_acc(dtype), PREC=_precision(dtype, device), BR=br, BC=bc,
-    )  # fmt: skip
+    for m, work_m in zip(groups, work):
+        _som_gram_kernel[(len(works[m]) * chunks,)](
+            ptrs, meta, work_m, part, float(gamma), chunks,
+            DTYPE=_TL_DTYPES[dtype], ACC=_acc(dtype), PREC=_precision(dtype, device), BR=brs[m], BC=bc, MODE=m,
+            num_warps=GRAM_WARPS,
+        )  # fmt: skip
     return part.view(len(pairs), chunks, bc, bc).sum(1, dtype=torch.float64), pairs, nts, bc, index
 
 
@@ -359,7 +463,7 @@ def gram_backward(
     _check(ys, layouts)
     y0 = ys[0]
     device, dtype = y0.device, y0.dtype
-    br, bc = _blocks(dtype, device, max(c for _, c, _ in layouts))
+    bc = tile_width(max(c for _, c, _ in layouts))
     kp = a.shape[-1]
     if a.shape != (len(ys), kp, kp) or kp % bc or kp < max(c for _, c, _ in layouts):
         raise ValueError(f"a must be [L, KP, KP] with KP a multiple of {bc} covering every layer, got {tuple(a.shape)}")
@@ -370,20 +474,30 @@ def gram_backward(
         if scale.shape != (len(ys),):
             raise ValueError(f"scale must be [L] = [{len(ys)}], got {tuple(scale.shape)}")
         scale = scale.to(device=device, dtype=a.dtype).contiguous()
-    # per layer (N, C, S, offset of its gradient in the flat output, first program): the kernel finds its layer
-    # and block from the program id, so no per-block table is built or copied
-    meta, total, programs = [], 0, 0
-    for y, (n, c, s) in zip(ys, layouts):
-        meta += [n, c, s, total, programs]
-        total += y.numel()
-        programs += triton.cdiv(n * s, br) * triton.cdiv(c, bc)
+    offsets = [0]
+    for y in ys:
+        offsets.append(offsets[-1] + y.numel())
+    # one launch per row-blocking mode; per layer of it (N, C, S, offset of its gradient in the flat output, first
+    # program, layer): the kernel finds its layer and block from the program id, so no per-block table is built
+    groups = _by_mode(layouts)
+    launches = []
+    for m, idx in groups.items():
+        br = _rows_per_block(dtype, device, [layouts[g] for g in idx], m)
+        meta, programs = [], 0
+        for g in idx:
+            n, c, s = layouts[g]
+            meta += [n, c, s, offsets[g], programs, g]
+            programs += _row_blocks_host(n, s, br) * triton.cdiv(c, bc)
+        launches.append((m, br, len(idx), programs, meta))
 
-    key = ("grad", device, br, bc, tuple(layouts), tuple(y.data_ptr() for y in ys))
-    ptrs, meta_t, _ = _cached(key, lambda: _to_device([y.data_ptr() for y in ys], meta, device=device))
-    flat = torch.empty(total, dtype=dtype, device=device)
-    _som_grad_kernel[(programs,)](
-        ptrs, meta_t, a, a if scale is None else scale, flat, float(gamma), kp, len(ys),
-        DTYPE=_TL_DTYPES[dtype], ACC=_acc(dtype), PREC=_precision(dtype, device), BR=br, BC=bc,
-        SCALED=scale is not None,
-    )  # fmt: skip
+    key = ("grad", device, bc, tuple(layouts), tuple(y.data_ptr() for y in ys))
+    ptrs, *metas, _ = _cached(key, lambda: _to_device([y.data_ptr() for y in ys], *[lc[-1] for lc in launches],
+                                                       device=device))  # fmt: skip
+    flat = torch.empty(offsets[-1], dtype=dtype, device=device)
+    for (m, br, n_layers, programs, _), meta_t in zip(launches, metas):
+        _som_grad_kernel[(programs,)](
+            ptrs, meta_t, a, a if scale is None else scale, flat, float(gamma), kp, n_layers,
+            DTYPE=_TL_DTYPES[dtype], ACC=_acc(dtype), PREC=_precision(dtype, device), BR=br, BC=bc,
+            SCALED=scale is not None, ONE_TILE=kp == bc, MODE=m, num_warps=GRAD_WARPS,
+        )  # fmt: skip
     return flat

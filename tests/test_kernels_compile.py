@@ -128,16 +128,19 @@ def _cases():
         case(f"power finalize {dt}", k, {a: t[a] for a in k.arg_names if a in t}, {"DTYPE": dt, "BLOCK": block_f})
 
     # som: float32 and float64 layer outputs (ACC the same; half inputs take the float32 instances), int64 tables,
-    # gamma and the lambdas annotated fp64; BR 64 (32 for float64), BC = tile_width(max k) <= 64; the finish kernel is
-    # float64 only, on FINISH_WARPS warps
-    for dt, br in ((tl.float32, 64), (tl.float64, 32)):
-        common = {"DTYPE": dt, "ACC": dt, "PREC": "ieee", "BR": br, "BC": 64}
+    # gamma and the lambdas annotated fp64; BR 64 (32 for float64, 16 for small spatial layers), BC = tile_width(max
+    # k) <= 64, tf32 dots where torch allows them; each row-blocking mode (0 dense, 1 spatial, 2 strided); the grad
+    # kernel with and without its one-tile epilogue; the finish kernel is float64 only, on FINISH_WARPS warps
+    for dt, br, bc, prec, mode in ((tl.float32, 64, 64, "ieee", 1), (tl.float64, 32, 64, "ieee", 0),
+                                   (tl.float32, 16, 32, "tf32", 2), (tl.float32, 64, 32, "ieee", 0)):  # fmt: skip
+        common = {"DTYPE": dt, "ACC": dt, "PREC": prec, "BR": br, "BC": bc, "MODE": mode}
         t = {"y_ptrs": i64, "meta_ptr": i64, "work_ptr": i64, "part_ptr": ptr[dt], "gamma_arg": "fp64", "R": "i32"}
-        case(f"som gram {dt}", som._som_gram_kernel, t, common)
+        case(f"som gram {dt}", som._som_gram_kernel, t, common, som.GRAM_WARPS)
         t = {"y_ptrs": i64, "meta_ptr": i64, "a_ptr": "*fp64", "scale_ptr": "*fp64", "dy_ptr": ptr[dt],
              "gamma_arg": "fp64", "KP": "i32", "L": "i32"}  # fmt: skip
-        for scaled in (False, True):
-            case(f"som grad {dt}", som._som_grad_kernel, t, {**common, "SCALED": scaled})
+        for scaled, one_tile in ((False, False), (True, False), (True, True)):
+            c = {**common, "SCALED": scaled, "ONE_TILE": one_tile}
+            case(f"som grad {dt}", som._som_grad_kernel, t, c, som.GRAD_WARPS)
     t = {"tiles_ptr": "*fp64", "meta_ptr": i64, "r_ptr": "*fp64", "b_ptr": "*fp64", "KP": "i32", "NT": "i32",
          "lambda1": "fp64", "lambda2": "fp64", "eps2": "fp64"}  # fmt: skip
     for bc in (16, 64):
