@@ -82,14 +82,24 @@ def _dense_block(q, cols, N, C, BR: tl.constexpr):
 
 
 @triton.jit
-def _spatial_block(q, cols, C, S, BR: tl.constexpr):
-    """Offsets and mask of row block q of an [N, C, S] layer (S > 1): BR consecutive positions s of one sample n, so
-    that each channel's run is contiguous and loads coalesce along rows; blocks never straddle samples."""
+def _spatial_block_t(q, cols, N, C, S, BR: tl.constexpr):
+    """Offsets and mask of row block q of an [N, C, S] layer (S >= 16), TRANSPOSED: [BC channels, BR positions],
+    the positions BR consecutive s of one sample n (blocks never straddle samples). Each channel's run is contiguous
+    along the last axis, the layout Triton loads, stores and feeds to dots best."""
     nsb = tl.cdiv(S, BR)
     n = q // nsb
     s = (q - n * nsb) * BR + tl.arange(0, BR)
-    offs = (n * C * S + s)[:, None] + cols[None, :] * S
-    return offs, (s[:, None] < S) & (cols[None, :] < C)
+    offs = cols[:, None] * S + (n * C * S + s)[None, :]
+    inside = (s < S) & (s * 0 + n < N)  # n < N as a block (the interpreter refuses a scalar's in masks)
+    return offs, (cols[:, None] < C) & inside[None, :]
+
+
+@triton.jit
+def _load_zt(y, q, cols, N, C, S, gamma, ACC: tl.constexpr, BR: tl.constexpr):
+    """tanh(γY)ᵀ on row block q and channels cols of a SPATIAL layer: [BC, BR] as ACC, zero outside the layer."""
+    offs, mask = _spatial_block_t(q, cols, N, C, S, BR)
+    x = tl.load(y + offs, mask=mask, other=0.0)
+    return _tanh(x.to(ACC) * gamma, ACC)
 
 
 @triton.jit
@@ -104,12 +114,11 @@ def _strided_block(q, cols, N, C, S, BR: tl.constexpr):
 
 @triton.jit
 def _block(q, cols, N, C, S, BR: tl.constexpr, MODE: tl.constexpr):
-    # a compile-time choice: with a runtime branch on S, the fp32 Gram kernel took ptxas 35 s instead of 5 (two
-    # load layouts), and the loads had to sit inside the branches to keep their contiguity known
+    """[BR, BC] offsets and mask of a DENSE or STRIDED layer's row block (SPATIAL ones go through _spatial_block_t).
+    A compile-time choice: with a runtime branch on S, the fp32 Gram kernel took ptxas 35 s instead of 5 (two load
+    layouts), and the loads had to sit inside the branches to keep their contiguity known."""
     if MODE == DENSE:
         return _dense_block(q, cols, N, C, BR)
-    elif MODE == SPATIAL:
-        return _spatial_block(q, cols, C, S, BR)
     else:
         return _strided_block(q, cols, N, C, S, BR)
 
@@ -147,15 +156,23 @@ def _som_gram_kernel(
     ci = ti * BC + tl.arange(0, BC)
     cj = tj * BC + tl.arange(0, BC)
     acc = tl.zeros([BC, BC], dtype=ACC)
-    for q in range(q0, q1):
-        za = _load_z(y, q, ci, N, C, S, gamma, ACC, BR, MODE)
-        # a diagonal tile loads and tanh's each element once; one dot in the code (an FMA dot unrolls to thousands of
-        # instructions per thread, and two of them took ptxas minutes)
-        if ti == tj:
-            zb = za
-        else:
-            zb = _load_z(y, q, cj, N, C, S, gamma, ACC, BR, MODE)
-        acc += tl.dot(tl.trans(za), zb, input_precision=PREC)
+    # a diagonal tile loads and tanh's each element once
+    if MODE == SPATIAL:  # Zᵀ tiles [BC, BR]: G += ZaᵀZb = dot(Zaᵀ, (Zbᵀ)ᵀ), both operands contiguous along BR
+        for q in range(q0, q1):
+            za = _load_zt(y, q, ci, N, C, S, gamma, ACC, BR)
+            if ti == tj:
+                zb = za
+            else:
+                zb = _load_zt(y, q, cj, N, C, S, gamma, ACC, BR)
+            acc += tl.dot(za, tl.trans(zb), input_precision=PREC)
+    else:
+        for q in range(q0, q1):
+            za = _load_z(y, q, ci, N, C, S, gamma, ACC, BR, MODE)
+            if ti == tj:
+                zb = za
+            else:
+                zb = _load_z(y, q, cj, N, C, S, gamma, ACC, BR, MODE)
+            acc += tl.dot(tl.trans(za), zb, input_precision=PREC)
     t = tl.arange(0, BC)
     tl.store(part_ptr + (slot * R + chunk) * BC * BC + t[:, None] * BC + t[None, :], acc)
 
@@ -184,21 +201,40 @@ def _som_grad_kernel(
     cols = cb * BC + tl.arange(0, BC)
     a_base = a_ptr + layer * KP * KP
     scale = tl.load(scale_ptr + layer) if SCALED else 1.0  # A_ℓ = scale_ℓ · a_ℓ, taken in a's precision
-    if ONE_TILE:  # every layer within one tile (KP == BC): Z's block is both the dot's input and the epilogue's
-        zc = _load_z(y, q, cols, N, C, S, gamma, ACC, BR, MODE)
-        a = tl.load(a_base + cols[:, None] * KP + cols[None, :])
-        acc = tl.dot(zc, (a * scale).to(ACC), input_precision=PREC)
+    # A is zero-padded to [KP, KP], KP a multiple of BC. With every layer within one tile (KP == BC), Z's block is
+    # both the dot's input and the epilogue's.
+    if MODE == SPATIAL:  # transposed: ∂Yᵀ[cols, rows] = Σ_k A[k, cols] Zᵀ[k, rows], all tiles contiguous along rows
+        if ONE_TILE:
+            zc = _load_zt(y, q, cols, N, C, S, gamma, ACC, BR)
+            a = tl.load(a_base + cols[None, :] * KP + cols[:, None])
+            acc = tl.dot((a * scale).to(ACC), zc, input_precision=PREC)
+        else:
+            acc = tl.zeros([BC, BR], dtype=ACC)
+            for k0 in range(0, C, BC):
+                ks = k0 + tl.arange(0, BC)
+                z = _load_zt(y, q, ks, N, C, S, gamma, ACC, BR)
+                a = tl.load(a_base + ks[None, :] * KP + cols[:, None])
+                acc += tl.dot((a * scale).to(ACC), z, input_precision=PREC)
+            zc = _load_zt(y, q, cols, N, C, S, gamma, ACC, BR)
+        grad = gamma * (1.0 - zc * zc) * acc
+        offs, mask = _spatial_block_t(q, cols, N, C, S, BR)
+        tl.store(dy_ptr + out + offs, grad.to(DTYPE), mask=mask)
     else:
-        acc = tl.zeros([BR, BC], dtype=ACC)
-        for k0 in range(0, C, BC):
-            ks = k0 + tl.arange(0, BC)
-            z = _load_z(y, q, ks, N, C, S, gamma, ACC, BR, MODE)
-            a = tl.load(a_base + ks[:, None] * KP + cols[None, :])  # A is zero-padded to [KP, KP], KP a multiple of BC
-            acc += tl.dot(z, (a * scale).to(ACC), input_precision=PREC)
-        zc = _load_z(y, q, cols, N, C, S, gamma, ACC, BR, MODE)
-    grad = gamma * (1.0 - zc * zc) * acc
-    offs, mask = _block(q, cols, N, C, S, BR, MODE)
-    tl.store(dy_ptr + out + offs, grad.to(DTYPE), mask=mask)
+        if ONE_TILE:
+            zc = _load_z(y, q, cols, N, C, S, gamma, ACC, BR, MODE)
+            a = tl.load(a_base + cols[:, None] * KP + cols[None, :])
+            acc = tl.dot(zc, (a * scale).to(ACC), input_precision=PREC)
+        else:
+            acc = tl.zeros([BR, BC], dtype=ACC)
+            for k0 in range(0, C, BC):
+                ks = k0 + tl.arange(0, BC)
+                z = _load_z(y, q, ks, N, C, S, gamma, ACC, BR, MODE)
+                a = tl.load(a_base + ks[:, None] * KP + cols[None, :])
+                acc += tl.dot(z, (a * scale).to(ACC), input_precision=PREC)
+            zc = _load_z(y, q, cols, N, C, S, gamma, ACC, BR, MODE)
+        grad = gamma * (1.0 - zc * zc) * acc
+        offs, mask = _block(q, cols, N, C, S, BR, MODE)
+        tl.store(dy_ptr + out + offs, grad.to(DTYPE), mask=mask)
 
 
 @triton.jit
@@ -490,7 +526,7 @@ def gram_backward(
             programs += _row_blocks_host(n, s, br) * triton.cdiv(c, bc)
         launches.append((m, br, len(idx), programs, meta))
 
-    key = ("grad", device, bc, tuple(layouts), tuple(y.data_ptr() for y in ys))
+    key = ("grad", device, bc, tuple(lc[:2] for lc in launches), tuple(layouts), tuple(y.data_ptr() for y in ys))
     ptrs, *metas, _ = _cached(key, lambda: _to_device([y.data_ptr() for y in ys], *[lc[-1] for lc in launches],
                                                        device=device))  # fmt: skip
     flat = torch.empty(offsets[-1], dtype=dtype, device=device)
