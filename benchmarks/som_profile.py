@@ -92,7 +92,7 @@ def sweep(batch: int) -> None:
         f"{8 * total * per_byte * 1e3:.1f} us"
     )
     defaults = {n: getattr(kernels, n) for n in ("GRAM_WARPS", "GRAD_WARPS", "ROWS", "GRAM_WAVES")}
-    settings = [{}, {"GRAM_WARPS": 8}, {"GRAD_WARPS": 8}, {"ROWS": 32}, {"GRAM_WAVES": 2}, {"GRAM_WAVES": 8}]
+    settings = [{}, {"GRAD_WARPS": 4}, {"ROWS": 128}, {"GRAM_WAVES": 8}]
     for tf32 in (False, True):
         torch.backends.cuda.matmul.allow_tf32 = tf32
         for setting in settings:

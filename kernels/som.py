@@ -135,8 +135,10 @@ def _load_z(y, q, cols, N, C, S, gamma, ACC: tl.constexpr, BR: tl.constexpr, MOD
 def _som_gram_kernel(
     y_ptrs, meta_ptr, work_ptr, part_ptr, gamma_arg: tl.float64, R,
     DTYPE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
-    MODE: tl.constexpr,
+    BCS: tl.constexpr, MODE: tl.constexpr,
 ):  # fmt: skip
+    """BC: the tile width computed; BCS >= BC: the width of the slots written (a single-tile layer narrower than the
+    widest is computed at its own width, its slot padded with zeros)."""
     gamma = tl.full([], gamma_arg, ACC)  # passed as fp64 (an unannotated Python float would be fp32), computed in ACC
     pid = tl.program_id(0)
     w = pid // R
@@ -174,7 +176,12 @@ def _som_gram_kernel(
                 zb = _load_z(y, q, cj, N, C, S, gamma, ACC, BR, MODE)
             acc += tl.dot(tl.trans(za), zb, input_precision=PREC)
     t = tl.arange(0, BC)
-    tl.store(part_ptr + (slot * R + chunk) * BC * BC + t[:, None] * BC + t[None, :], acc)
+    base = part_ptr + (slot * R + chunk) * BCS * BCS
+    tl.store(base + t[:, None] * BCS + t[None, :], acc)
+    if BC < BCS:
+        u = tl.arange(0, BCS)
+        pad = (u[:, None] >= BC) | (u[None, :] >= BC)
+        tl.store(base + u[:, None] * BCS + u[None, :], tl.zeros([BCS, BCS], dtype=ACC), mask=pad)
 
 
 @triton.jit
@@ -315,7 +322,7 @@ def _som_finish_kernel(
 FINISH_WARPS = 8  # a [64, 64] float64 tile over 4 warps spilled registers (ptxas, sm_90)
 # launch settings, module-level so that benchmarks/som_profile.py --sweep can try others
 GRAM_WARPS = 4
-GRAD_WARPS = 4
+GRAD_WARPS = 8  # H100, the CNN of benchmarks/ortho.py: 412 us against 687 on 4 (som_profile --sweep, d8a620e)
 ROWS = 64  # rows per block (BR) below float64, at most; float64 takes ROWS_FP64
 ROWS_FP64 = 32
 GRAM_WAVES = 4  # Gram programs per SM: each tile's rows are split into chunks until the grid has this many
@@ -398,39 +405,48 @@ def _row_blocks_host(n: int, s: int, br: int) -> int:
     return n * triton.cdiv(s, br) if _mode(s) == 1 else triton.cdiv(n * s, br)
 
 
-def _by_mode(layouts: Sequence[Layout]):
-    """{mode: the indices of its layers}, in layer order."""
+def _width(c: int, bc: int) -> int:
+    """The tile width a layer of c channels is computed at: its own (a power of two, 16 to 64) when it fits one tile
+    of the widest layer's width bc, else bc. A 32-channel layer beside 64-channel ones thus does a quarter of the
+    dot work it would at 64."""
+    return tile_width(c) if c <= bc else bc
+
+
+def _groups(layouts: Sequence[Layout], bc: int):
+    """{(mode, width): the indices of its layers}, in layer order: one launch each."""
     groups: dict = {}
-    for g, (_, _, s) in enumerate(layouts):
-        groups.setdefault(_mode(s), []).append(g)
+    for g, (_, c, s) in enumerate(layouts):
+        groups.setdefault((_mode(s), _width(c, bc)), []).append(g)
     return groups
 
 
 def _gram_tiles(ys: Sequence[Tensor], layouts: Sequence[Layout], gamma: float, chunks: Optional[int]):
     """(the upper tiles of every layer's Gram, summed over the row chunks in float64: [P, BC, BC] in the order of
     pairs; pairs, the (layer, ti, tj ≥ ti) of each; tiles per layer side; BC; the pairs as a device index [3, P]).
-    One launch per row-blocking mode present (see _block)."""
+    One launch per row-blocking mode and tile width present (see _block, _width)."""
     _check(ys, layouts)
     y0 = ys[0]
     device, dtype = y0.device, y0.dtype
     bc = tile_width(max(c for _, c, _ in layouts))
     nts = [triton.cdiv(c, bc) for _, c, _ in layouts]
     pairs = [(g, i, j) for g, nt in enumerate(nts) for i in range(nt) for j in range(i, nt)]
-    groups = _by_mode(layouts)
-    brs = {m: _rows_per_block(dtype, device, [layouts[g] for g in idx], m) for m, idx in groups.items()}
-    max_blocks = max(_row_blocks_host(n, s, brs[_mode(s)]) for n, _, s in layouts)
+    groups = _groups(layouts, bc)
+    brs = {key: _rows_per_block(dtype, device, [layouts[g] for g in idx], key[0]) for key, idx in groups.items()}
+    max_blocks = max(_row_blocks_host(layouts[g][0], layouts[g][2], brs[key]) for key, idx in groups.items()
+                     for g in idx)  # fmt: skip
     if chunks is None:
         sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
         target = GRAM_WAVES * sms if device.type == "cuda" else 2
         chunks = triton.cdiv(target, len(pairs))
     chunks = max(1, min(int(chunks), max_blocks))
-    # each mode's pairs as (layer, ti, tj, index among all pairs)
-    works = {m: [(g, i, j, p) for p, (g, i, j) in enumerate(pairs) if _mode(layouts[g][2]) == m] for m in groups}
+    # each launch's pairs as (layer, ti, tj, index among all pairs)
+    works = {key: [(g, i, j, p) for p, (g, i, j) in enumerate(pairs) if g in idx] for key, idx in groups.items()}
 
     def build():
         ptrs, meta, *work, index, host = _to_device(
             [y.data_ptr() for y in ys], [v for lay in layouts for v in lay],
-            *[[v for w in works[m] for v in w] for m in groups], [v for p in zip(*pairs) for v in p], device=device,
+            *[[v for w in works[key] for v in w] for key in groups], [v for p in zip(*pairs) for v in p],
+            device=device,
         )  # fmt: skip
         return ptrs, meta, work, index.view(3, len(pairs)), host
 
@@ -438,11 +454,11 @@ def _gram_tiles(ys: Sequence[Tensor], layouts: Sequence[Layout], gamma: float, c
     ptrs, meta, work, index, _ = _cached(key, build)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     part = torch.empty((len(pairs) * chunks, bc, bc), dtype=acc, device=device)
-    for m, work_m in zip(groups, work):
-        _som_gram_kernel[(len(works[m]) * chunks,)](
+    for (mode, width), work_m in zip(groups, work):
+        _som_gram_kernel[(len(works[mode, width]) * chunks,)](
             ptrs, meta, work_m, part, float(gamma), chunks,
-            DTYPE=_TL_DTYPES[dtype], ACC=_acc(dtype), PREC=_precision(dtype, device), BR=brs[m], BC=bc, MODE=m,
-            num_warps=GRAM_WARPS,
+            DTYPE=_TL_DTYPES[dtype], ACC=_acc(dtype), PREC=_precision(dtype, device), BR=brs[mode, width],
+            BC=width, BCS=bc, MODE=mode, num_warps=GRAM_WARPS,
         )  # fmt: skip
     return part.view(len(pairs), chunks, bc, bc).sum(1, dtype=torch.float64), pairs, nts, bc, index
 
@@ -513,27 +529,27 @@ def gram_backward(
     offsets = [0]
     for y in ys:
         offsets.append(offsets[-1] + y.numel())
-    # one launch per row-blocking mode; per layer of it (N, C, S, offset of its gradient in the flat output, first
-    # program, layer): the kernel finds its layer and block from the program id, so no per-block table is built
-    groups = _by_mode(layouts)
+    # one launch per row-blocking mode and tile width; per layer of it (N, C, S, offset of its gradient in the flat
+    # output, first program, layer): the kernel finds its layer and block from the program id, no per-block table
     launches = []
-    for m, idx in groups.items():
-        br = _rows_per_block(dtype, device, [layouts[g] for g in idx], m)
+    for (mode, width), idx in _groups(layouts, bc).items():
+        br = _rows_per_block(dtype, device, [layouts[g] for g in idx], mode)
         meta, programs = [], 0
         for g in idx:
             n, c, s = layouts[g]
             meta += [n, c, s, offsets[g], programs, g]
-            programs += _row_blocks_host(n, s, br) * triton.cdiv(c, bc)
-        launches.append((m, br, len(idx), programs, meta))
+            programs += _row_blocks_host(n, s, br) * triton.cdiv(c, width)
+        one_tile = all(layouts[g][1] <= width for g in idx)
+        launches.append((mode, br, width, one_tile, len(idx), programs, meta))
 
-    key = ("grad", device, bc, tuple(lc[:2] for lc in launches), tuple(layouts), tuple(y.data_ptr() for y in ys))
+    key = ("grad", device, bc, tuple(lc[:3] for lc in launches), tuple(layouts), tuple(y.data_ptr() for y in ys))
     ptrs, *metas, _ = _cached(key, lambda: _to_device([y.data_ptr() for y in ys], *[lc[-1] for lc in launches],
                                                        device=device))  # fmt: skip
     flat = torch.empty(offsets[-1], dtype=dtype, device=device)
-    for (m, br, n_layers, programs, _), meta_t in zip(launches, metas):
+    for (mode, br, width, one_tile, n_layers, programs, _), meta_t in zip(launches, metas):
         _som_grad_kernel[(programs,)](
             ptrs, meta_t, a, a if scale is None else scale, flat, float(gamma), kp, n_layers,
-            DTYPE=_TL_DTYPES[dtype], ACC=_acc(dtype), PREC=_precision(dtype, device), BR=br, BC=bc,
-            SCALED=scale is not None, ONE_TILE=kp == bc, MODE=m, num_warps=GRAD_WARPS,
+            DTYPE=_TL_DTYPES[dtype], ACC=_acc(dtype), PREC=_precision(dtype, device), BR=br, BC=width,
+            SCALED=scale is not None, ONE_TILE=one_tile, MODE=mode, num_warps=GRAD_WARPS,
         )  # fmt: skip
     return flat

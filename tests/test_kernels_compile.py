@@ -131,11 +131,13 @@ def _cases():
     # gamma and the lambdas annotated fp64; BR 64 (32 for float64, 16 for small spatial layers), BC = tile_width(max
     # k) <= 64, tf32 dots where torch allows them; each row-blocking mode (0 dense, 1 spatial, 2 strided); the grad
     # kernel with and without its one-tile epilogue; the finish kernel is float64 only, on FINISH_WARPS warps
-    for dt, br, bc, prec, mode in ((tl.float32, 64, 64, "ieee", 1), (tl.float64, 32, 64, "ieee", 0),
-                                   (tl.float32, 16, 32, "tf32", 2), (tl.float32, 64, 32, "ieee", 0)):  # fmt: skip
+    # (BC: the computed tile width; BCS: the slots', wider for a narrow single-tile layer beside wide ones)
+    for dt, br, bc, bcs, prec, mode in ((tl.float32, 64, 64, 64, "ieee", 1), (tl.float64, 32, 64, 64, "ieee", 0),
+                                        (tl.float32, 16, 32, 64, "tf32", 2), (tl.float32, 64, 32, 64, "ieee", 1),
+                                        (tl.float32, 64, 16, 16, "ieee", 0)):  # fmt: skip
         common = {"DTYPE": dt, "ACC": dt, "PREC": prec, "BR": br, "BC": bc, "MODE": mode}
         t = {"y_ptrs": i64, "meta_ptr": i64, "work_ptr": i64, "part_ptr": ptr[dt], "gamma_arg": "fp64", "R": "i32"}
-        case(f"som gram {dt}", som._som_gram_kernel, t, common, som.GRAM_WARPS)
+        case(f"som gram {dt}", som._som_gram_kernel, t, {**common, "BCS": bcs}, som.GRAM_WARPS)
         t = {"y_ptrs": i64, "meta_ptr": i64, "a_ptr": "*fp64", "scale_ptr": "*fp64", "dy_ptr": ptr[dt],
              "gamma_arg": "fp64", "KP": "i32", "L": "i32"}  # fmt: skip
         for scaled, one_tile in ((False, False), (True, False), (True, True)):
