@@ -2,13 +2,13 @@
 
     python -m kexue_fast.benchmarks.som_profile [--device cuda] [--batch 256] [--steps 5] [--sweep]
 
-On an H200 the step with SOM measured 34.7 ms on the Triton kernels against 5.1 ms on the torch path at 0cff550
-(benchmarks/results/ortho-cuda.md), far above what the kernels' work (a few hundred MB read, ~1 GFLOP) should take;
-the backward then built a host table of every row block per call. Since 1f3bd66 the path is four kernel launches a step
-(Gram tiles, their chunk sum, R and A per layer, the backward), not yet timed on a GPU.
+On an H200 the step with SOM measured 34.7 ms on the Triton kernels against 5.1 ms on the torch path at 0cff550;
+on an H100 at 1889232 it takes 4.22 ms against a 3.42 ms step (benchmarks/results/ortho-cuda.md), the kernels'
+history and launch settings in benchmarks/results/som-sweep-cuda.md.
 This prints, for the step of benchmarks/ortho.py with each backend: the wall time per step, torch.profiler's
 operators sorted by device time and by host time (kernel launches and Python included), and cProfile's top Python
 functions, so a GPU session can tell host overhead (tables built per call, launch cost) from slow kernels.
+--sweep (CUDA) times the fused kernels alone under each launch setting instead.
 On CPU it profiles the torch path and the C++ Gram on one torch thread instead (batch 2 by default: pass --batch 32
 for benchmarks/ortho.py's CPU step).
 """

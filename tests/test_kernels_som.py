@@ -187,6 +187,26 @@ def test_module_on_triton_matches_torch():
     assert _rel(values["triton"][1], values["torch"][1]) <= 1e-10
 
 
+def test_auto_sends_only_layers_up_to_the_channel_limit_to_the_kernels(monkeypatch):
+    """auto on the Triton backend (CUDA) leaves layers wider than TRITON_AUTO_MAX_CHANNELS to the torch path;
+    backend="triton" runs them all. Same values either way."""
+    from kexue_fast.ortho import som
+
+    seen = []
+    fused = som._triton_penalty
+    monkeypatch.setattr(som, "_triton_penalty", lambda ys, *a: seen.append([y.shape[1] for y in ys]) or fused(ys, *a))
+    monkeypatch.setattr(som._dispatch, "choose", lambda *a, **k: "triton")
+    monkeypatch.delenv("KEXUE_FAST_BACKEND", raising=False)
+    g = torch.Generator().manual_seed(5)
+    wide = som.TRITON_AUTO_MAX_CHANNELS + 1
+    ys = [(torch.randn(s, dtype=D64, generator=g) * 0.2).to(DEV) for s in [(70, 9), (wide + 3, wide), (40, 16)]]
+    auto = som_regularizer(ys, reduction="none")
+    assert seen == [[9, 16]]
+    explicit = som_regularizer(ys, reduction="none", backend="triton")
+    assert seen[1] == [9, wide, 16]
+    torch.testing.assert_close(auto, explicit, rtol=1e-10, atol=0)
+
+
 def test_launchers_reject_bad_inputs():
     y = torch.randn(8, 4, device=DEV)
     with pytest.raises(ValueError, match="layout"):

@@ -28,11 +28,14 @@ OP = "som_regularizer"
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _dispatch.register_op(
     OP, {"triton": _FLOATS, "cpp": _FLOATS, "torch": _FLOATS},
-    not_auto={"triton": "measured slower than the torch path on an H200 at 0cff550 (a CNN step + SOM: 34.7 ms vs "
-                        "5.1 ms, benchmarks/results/ortho-cuda.md); the fused path since 1f3bd66 (four kernel "
-                        "launches a step) is not yet timed on a GPU; backend='triton' runs it"},
     auto_when={"cpp": lambda: _auto_condition()},
 )  # fmt: skip
+
+# `auto` on CUDA sends layers wider than this to the torch path: on an H100 at 1889232 (python -m kexue_fast.bench
+# --device cuda --suite ortho, benchmarks/results/ortho-cuda.md) the fused kernels took a CNN step + SOM in 4.22 ms
+# against 5.88 ms on the torch path (64-channel layers at most), and one [16384, 128] layer in 1.48 ms against 2.42,
+# but one [32768, 256] layer in 2.65 ms against 1.32: their FMA tiles lose to cuBLAS on wide Grams.
+TRITON_AUTO_MAX_CHANNELS = 128
 
 # The C++ Gram runs on the calling thread (CPP_THREADS), and `auto` takes it only when torch runs on one thread
 # (use_cpp): beside torch's OpenMP workers (spinning after each parallel op) its own threads contended for the cores,
@@ -374,10 +377,11 @@ def som_regularizer(
     NCHW convolutions; use -1 for channels-last outputs such as nn.Linear's on [B, T, k]) and b = the product of the
     other axes. reduction: "sum" (a scalar) or "none" (R per layer, [L]). Result float64 for float64 inputs, else
     float32 (half inputs are computed in float32). backend: "auto" (the C++ core for float32/float64 CPU tensors
-    when torch runs on one thread, see CPP_THREADS; torch elsewhere: on an H200 the Triton kernels, before they were
-    fused, measured slower in a training step), "cpp" (csrc/ortho/som_gram.cpp: tanh and the Gram's upper triangle
-    in one pass over Y, Z never stored; the backward in one more), "triton" (kernels/som.py, CUDA: three launches
-    forward, one backward, Z never written), "torch". Non-contiguous inputs are copied for the C++ and Triton
+    when torch runs on one thread, see CPP_THREADS; the Triton kernels for CUDA layers of at most
+    TRITON_AUTO_MAX_CHANNELS channels; torch elsewhere), "cpp" (csrc/ortho/som_gram.cpp: tanh and the Gram's upper
+    triangle in one pass over Y, Z never stored; the backward in one more), "triton" (kernels/som.py, CUDA: one
+    launch per row layout and tile width, then a chunk sum and one finishing launch forward, the same per-group
+    launches backward; Z never written), "torch". Non-contiguous inputs are copied for the C++ and Triton
     kernels. Layers with fewer rows than channels (b < k) take the b×b form in torch on every backend; under
     torch.compile the C++ core gives way to the torch path (it is not traceable). The C++ and Triton backends save Y
     for their backward (the torch path saves Z): modifying Y in place before backward then raises autograd's in-place
@@ -403,18 +407,22 @@ def som_regularizer(
     elif requested == "auto" and not use_cpp():
         chosen = {dt: "torch" if name == "cpp" else name for dt, name in chosen.items()}
     with torch.autocast(device.type, enabled=False):  # the Grams stay float32/64 under mixed precision
-        per_layer = _per_layer(ys, dims, layouts, chosen, gamma, lambda1, lambda2, eps)
+        per_layer = _per_layer(ys, dims, layouts, chosen, gamma, lambda1, lambda2, eps, auto=requested == "auto")
     return per_layer.sum() if reduction == "sum" else per_layer
 
 
-def _per_layer(ys, dims, layouts, chosen, gamma: float, lambda1: float, lambda2: float, eps: float) -> Tensor:
+def _per_layer(ys, dims, layouts, chosen, gamma: float, lambda1: float, lambda2: float, eps: float,
+               auto: bool = False) -> Tensor:  # fmt: skip
     values: List[Optional[Tensor]] = [None] * len(ys)
     groups: dict = {}
     for i, (t, (n, c, s)) in enumerate(zip(ys, layouts)):
         if n * s < c:
             values[i] = rows_penalty(_as_rows(t, dims[i], _work_dtype(t.dtype)), gamma, lambda1, lambda2, eps)
         else:
-            groups.setdefault((chosen[t.dtype], t.dtype), []).append(i)
+            name = chosen[t.dtype]
+            if name == "triton" and auto and c > TRITON_AUTO_MAX_CHANNELS:
+                name = "torch"
+            groups.setdefault((name, t.dtype), []).append(i)
     for (name, _), idx in groups.items():
         if name == "triton":
             flat_layouts = [v for i in idx for v in layouts[i]]
