@@ -1,20 +1,24 @@
 """Triton kernels for the Self-Orthogonality regularizer, grouped over every hooked layer, never writing Z or Ẑ.
 
 Each layer output is read in place as a contiguous [N, C, S] array: row r = (n, s) of the b = N·S rows, channel
-c < k = C (S = 1 for a [b, k] output, S = H·W for an NCHW convolution's). Rows are taken in blocks of BR that coalesce:
-BR samples when S == 1 (contiguous along channels), else BR consecutive positions of one sample (contiguous along
-rows, channel by channel; a block never straddles two samples). Z = tanh(γY) lives only in registers, recomputed
-wherever it is needed.
+c < k = C (S = 1 for a [b, k] output, S = H·W for an NCHW convolution's). Rows are taken in blocks of BR that coalesce,
+by one of three modes fixed per launch (a compile-time constant): DENSE (S == 1), BR samples, contiguous along
+channels; SPATIAL (S >= 16), BR consecutive positions of one sample (a block never straddles two samples), handled
+as transposed [channels, positions] tiles, contiguous along their last axis; STRIDED (1 < S < 16), BR consecutive
+rows, contiguous along neither. Z = tanh(γY) lives only in registers, recomputed wherever it is needed. Layers are
+launched in groups of one mode and one tile width: a layer that fits one tile is computed at its own width (16 to
+64), the others at the widest layer's, BC.
 
 Forward, `_som_gram_kernel`:  G = ZᵀZ [k, k]. Programs are (layer, tile pair ti ≤ tj, chunk of row blocks) from a
-work table; a diagonal tile loads and tanh's each element once. Each program writes its BC×BC partial tile to its own
-slot, and the caller adds the chunks in float64 in a fixed order (deterministic: no atomics). Then
-`_som_finish_kernel`, one program per layer in float64: the column normalization is exact algebra on G (Θ = D⁻¹GD⁻¹,
-D = diag(max(√G_ii, eps))), giving R and the backward's A = Ḡ + Ḡᵀ (Ḡ = ∂R/∂G at a unit upstream gradient).
+work table; a diagonal tile loads and tanh's each element once. Each program writes its partial tile to its own
+BC×BC slot (zero-padded when narrower), and the caller adds the chunks in float64 in a fixed order (deterministic: no
+atomics). Then `_som_finish_kernel`, one program per layer in float64: the column normalization is exact algebra on
+G (Θ = D⁻¹GD⁻¹, D = diag(max(√G_ii, eps))), giving R and the backward's A = Ḡ + Ḡᵀ (Ḡ = ∂R/∂G at a unit upstream
+gradient).
 Backward, `_som_grad_kernel`:  ∂R/∂Y = γ(1 − Z²) ⊙ (Z A), A scaled per layer by ∂L/∂R read on the device;
 programs are (layer, row block, column block), decoded from the program id by each layer's first program (no
-per-block table: building one cost O(b) host work per call). Z's block is loaded once when every layer fits one
-tile, else recomputed for the K loop and for the epilogue.
+per-block table: building one cost O(b) host work per call). Z's block is loaded once when every layer of the launch
+fits one tile, else recomputed for the K loop and for the epilogue.
 
 tanh is built from exp (libdevice is unavailable in the interpreter): an odd Taylor polynomial for |x| < 0.3 (11
 terms, ≤ 1 ulp in float64) and (1 − e^{−2|x|})/(1 + e^{−2|x|}) above. No autograd and no dispatch here: see
@@ -208,8 +212,8 @@ def _som_grad_kernel(
     cols = cb * BC + tl.arange(0, BC)
     a_base = a_ptr + layer * KP * KP
     scale = tl.load(scale_ptr + layer) if SCALED else 1.0  # A_ℓ = scale_ℓ · a_ℓ, taken in a's precision
-    # A is zero-padded to [KP, KP], KP a multiple of BC. With every layer within one tile (KP == BC), Z's block is
-    # both the dot's input and the epilogue's.
+    # A is zero-padded to [KP, KP], KP a multiple of the widest tile. With every layer of the launch within one tile
+    # (ONE_TILE), Z's block is both the dot's input and the epilogue's.
     if MODE == SPATIAL:  # transposed: ∂Yᵀ[cols, rows] = Σ_k A[k, cols] Zᵀ[k, rows], all tiles contiguous along rows
         if ONE_TILE:
             zc = _load_zt(y, q, cols, N, C, S, gamma, ACC, BR)
@@ -390,14 +394,14 @@ def _mode(s: int) -> int:
     return 0 if s == 1 else 1 if s >= 16 else 2
 
 
-def _rows_per_block(dtype: torch.dtype, device: torch.device, layouts: Sequence[Layout], mode: int) -> int:
-    """BR for the launch over these layers (all of one mode). A SPATIAL block stays within one sample, so BR is held
-    to the smallest S's power of two (at least 16, the dot's minimum) to waste few rows."""
+def _rows_per_block(dtype: torch.dtype, device: torch.device, s: int) -> int:
+    """BR for a layer with S positions per sample. A SPATIAL block stays within one sample, so BR is held to S's
+    power of two (at least 16, the dot's minimum) to waste few rows."""
     if device.type != "cuda":
         return 16  # interpreter: small blocks keep the numpy emulation quick
     br = ROWS_FP64 if dtype == torch.float64 else ROWS
-    if mode == 1:
-        br = max(16, min(br, 1 << (min(s for _, _, s in layouts) - 1).bit_length()))
+    if _mode(s) == 1:
+        br = max(16, min(br, 1 << (s - 1).bit_length()))
     return br
 
 
@@ -412,27 +416,26 @@ def _width(c: int, bc: int) -> int:
     return tile_width(c) if c <= bc else bc
 
 
-def _groups(layouts: Sequence[Layout], bc: int):
-    """{(mode, width): the indices of its layers}, in layer order: one launch each."""
+def _groups(layouts: Sequence[Layout], bc: int, dtype: torch.dtype, device: torch.device):
+    """{(mode, width, BR): the indices of its layers}, in layer order: one launch each."""
     groups: dict = {}
     for g, (_, c, s) in enumerate(layouts):
-        groups.setdefault((_mode(s), _width(c, bc)), []).append(g)
+        groups.setdefault((_mode(s), _width(c, bc), _rows_per_block(dtype, device, s)), []).append(g)
     return groups
 
 
 def _gram_tiles(ys: Sequence[Tensor], layouts: Sequence[Layout], gamma: float, chunks: Optional[int]):
     """(the upper tiles of every layer's Gram, summed over the row chunks in float64: [P, BC, BC] in the order of
     pairs; pairs, the (layer, ti, tj ≥ ti) of each; tiles per layer side; BC; the pairs as a device index [3, P]).
-    One launch per row-blocking mode and tile width present (see _block, _width)."""
+    One launch per row-blocking mode, tile width and BR present (see _block, _width, _rows_per_block)."""
     _check(ys, layouts)
     y0 = ys[0]
     device, dtype = y0.device, y0.dtype
     bc = tile_width(max(c for _, c, _ in layouts))
     nts = [triton.cdiv(c, bc) for _, c, _ in layouts]
     pairs = [(g, i, j) for g, nt in enumerate(nts) for i in range(nt) for j in range(i, nt)]
-    groups = _groups(layouts, bc)
-    brs = {key: _rows_per_block(dtype, device, [layouts[g] for g in idx], key[0]) for key, idx in groups.items()}
-    max_blocks = max(_row_blocks_host(layouts[g][0], layouts[g][2], brs[key]) for key, idx in groups.items()
+    groups = _groups(layouts, bc, dtype, device)
+    max_blocks = max(_row_blocks_host(layouts[g][0], layouts[g][2], br) for (_, _, br), idx in groups.items()
                      for g in idx)  # fmt: skip
     if chunks is None:
         sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
@@ -454,10 +457,10 @@ def _gram_tiles(ys: Sequence[Tensor], layouts: Sequence[Layout], gamma: float, c
     ptrs, meta, work, index, _ = _cached(key, build)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     part = torch.empty((len(pairs) * chunks, bc, bc), dtype=acc, device=device)
-    for (mode, width), work_m in zip(groups, work):
-        _som_gram_kernel[(len(works[mode, width]) * chunks,)](
+    for (mode, width, br), work_m in zip(groups, work):
+        _som_gram_kernel[(len(works[mode, width, br]) * chunks,)](
             ptrs, meta, work_m, part, float(gamma), chunks,
-            DTYPE=_TL_DTYPES[dtype], ACC=_acc(dtype), PREC=_precision(dtype, device), BR=brs[mode, width],
+            DTYPE=_TL_DTYPES[dtype], ACC=_acc(dtype), PREC=_precision(dtype, device), BR=br,
             BC=width, BCS=bc, MODE=mode, num_warps=GRAM_WARPS,
         )  # fmt: skip
     return part.view(len(pairs), chunks, bc, bc).sum(1, dtype=torch.float64), pairs, nts, bc, index
@@ -483,8 +486,9 @@ def penalty(
 ) -> Tuple[Tensor, Tensor]:  # fmt: skip
     """(R [L], A [L, KP, KP]), float64: the SOM regularizer of every layer, R = λ₁s₁² + λ₂s₂ on Θ = D⁻¹GD⁻¹ (D_ii =
     max(√G_ii, eps)), and A = Ḡ + Ḡᵀ for Ḡ = ∂R/∂G at a unit upstream gradient (symmetric, zero-padded), so that the
-    backward is gram_backward(ys, layouts, gamma, A, scale=∂L/∂R) in one launch. Three launches: the Gram tiles, their
-    sum over row chunks, and one program per layer for R and A (KP as in gram_matrices)."""
+    backward is gram_backward(ys, layouts, gamma, A, scale=∂L/∂R). Launches: the Gram tiles (one per group of layers
+    sharing a row mode, tile width and BR), their sum over row chunks, and one program per layer for R and A (KP as in
+    gram_matrices)."""
     tiles_sum, _, nts, bc, _ = _gram_tiles(ys, layouts, gamma, chunks)
     device = tiles_sum.device
     nt_max = max(nts)
@@ -532,8 +536,7 @@ def gram_backward(
     # one launch per row-blocking mode and tile width; per layer of it (N, C, S, offset of its gradient in the flat
     # output, first program, layer): the kernel finds its layer and block from the program id, no per-block table
     launches = []
-    for (mode, width), idx in _groups(layouts, bc).items():
-        br = _rows_per_block(dtype, device, [layouts[g] for g in idx], mode)
+    for (mode, width, br), idx in _groups(layouts, bc, dtype, device).items():
         meta, programs = [], 0
         for g in idx:
             n, c, s = layouts[g]

@@ -127,20 +127,24 @@ def _cases():
         t = {**tables, "v_acc": ptr[dt], "sigma_ptr": ptr[dt], "eps": "fp64"}
         case(f"power finalize {dt}", k, {a: t[a] for a in k.arg_names if a in t}, {"DTYPE": dt, "BLOCK": block_f})
 
-    # som: float32 and float64 layer outputs (ACC the same; half inputs take the float32 instances), int64 tables,
-    # gamma and the lambdas annotated fp64; BR 64 (32 for float64, 16 for small spatial layers), BC = tile_width(max
-    # k) <= 64, tf32 dots where torch allows them; each row-blocking mode (0 dense, 1 spatial, 2 strided); the grad
-    # kernel with and without its one-tile epilogue; the finish kernel is float64 only, on FINISH_WARPS warps
-    # (BC: the computed tile width; BCS: the slots', wider for a narrow single-tile layer beside wide ones)
-    for dt, br, bc, bcs, prec, mode in ((tl.float32, 64, 64, 64, "ieee", 1), (tl.float64, 32, 64, 64, "ieee", 0),
-                                        (tl.float32, 16, 32, 64, "tf32", 2), (tl.float32, 64, 32, 64, "ieee", 1),
-                                        (tl.float32, 64, 16, 16, "ieee", 0)):  # fmt: skip
-        common = {"DTYPE": dt, "ACC": dt, "PREC": prec, "BR": br, "BC": bc, "MODE": mode}
-        t = {"y_ptrs": i64, "meta_ptr": i64, "work_ptr": i64, "part_ptr": ptr[dt], "gamma_arg": "fp64", "R": "i32"}
+    # som: layer outputs of each dtype (ACC float64 for float64, else float32: half inputs compile their own
+    # instances), int64 tables, gamma and the lambdas annotated fp64; each row-blocking mode (0 dense, 1 spatial,
+    # 2 strided) at the BR its launcher picks on CUDA (64, 32 for float64, down to 16 for small spatial layers); BC the
+    # computed tile width (16 to 64), BCS the slots' (wider for a narrow single-tile layer beside wide ones); tf32 dots
+    # where torch allows them; the grad kernel with and without its one-tile epilogue (unscaled once); the finish
+    # kernel is float64 only, on FINISH_WARPS warps
+    t32, t64 = tl.float32, tl.float64
+    configs = ((t32, t32, 64, 64, 64, "ieee", 1), (t32, t32, 16, 32, 64, "tf32", 1), (t32, t32, 64, 32, 64, "ieee", 2),
+               (t32, t32, 64, 16, 16, "ieee", 0), (t64, t64, 32, 64, 64, "ieee", 0), (t64, t64, 32, 32, 64, "ieee", 1),
+               (t64, t64, 32, 64, 64, "ieee", 2), (tl.bfloat16, t32, 64, 64, 64, "ieee", 1),
+               (tl.float16, t32, 64, 32, 64, "ieee", 0))  # fmt: skip
+    for n, (dt, acc, br, bc, bcs, prec, mode) in enumerate(configs):
+        common = {"DTYPE": dt, "ACC": acc, "PREC": prec, "BR": br, "BC": bc, "MODE": mode}
+        t = {"y_ptrs": i64, "meta_ptr": i64, "work_ptr": i64, "part_ptr": ptr[acc], "gamma_arg": "fp64", "R": "i32"}
         case(f"som gram {dt}", som._som_gram_kernel, t, {**common, "BCS": bcs}, som.GRAM_WARPS)
         t = {"y_ptrs": i64, "meta_ptr": i64, "a_ptr": "*fp64", "scale_ptr": "*fp64", "dy_ptr": ptr[dt],
              "gamma_arg": "fp64", "KP": "i32", "L": "i32"}  # fmt: skip
-        for scaled, one_tile in ((False, False), (True, False), (True, True)):
+        for scaled, one_tile in ((True, False), (True, True)) + (((False, False),) if n == 0 else ()):
             c = {**common, "SCALED": scaled, "ONE_TILE": one_tile}
             case(f"som grad {dt}", som._som_grad_kernel, t, c, som.GRAD_WARPS)
     t = {"tiles_ptr": "*fp64", "meta_ptr": i64, "r_ptr": "*fp64", "b_ptr": "*fp64", "KP": "i32", "NT": "i32",

@@ -198,12 +198,13 @@ def test_auto_sends_only_layers_up_to_the_channel_limit_to_the_kernels(monkeypat
     monkeypatch.setattr(som._dispatch, "choose", lambda *a, **k: "triton")
     monkeypatch.delenv("KEXUE_FAST_BACKEND", raising=False)
     g = torch.Generator().manual_seed(5)
-    wide = som.TRITON_AUTO_MAX_CHANNELS + 1
-    ys = [(torch.randn(s, dtype=D64, generator=g) * 0.2).to(DEV) for s in [(70, 9), (wide + 3, wide), (40, 16)]]
+    limit = som.TRITON_AUTO_MAX_CHANNELS
+    shapes = [(70, 9), (limit + 3, limit + 1), (limit + 2, limit), (40, 16)]
+    ys = [(torch.randn(s, dtype=D64, generator=g) * 0.2).to(DEV) for s in shapes]
     auto = som_regularizer(ys, reduction="none")
-    assert seen == [[9, 16]]
+    assert seen == [[9, limit, 16]]
     explicit = som_regularizer(ys, reduction="none", backend="triton")
-    assert seen[1] == [9, wide, 16]
+    assert seen[1] == [9, limit + 1, limit, 16]
     torch.testing.assert_close(auto, explicit, rtol=1e-10, atol=0)
 
 

@@ -3,12 +3,13 @@ paper: kexue_fast.ortho.reference).
 
 Route per layer (both exact): when b ≥ k, everything follows from the k×k Gram G = ZᵀZ of Z = tanh(γY):
 Θ = D⁻¹GD⁻¹ with D = diag(max(√G_ii, eps)), and the off-diagonal sums are taken on Θ directly (O(k²), no
-cancellation). G comes from the fused Triton kernel on CUDA (kernels/som.py: all such layers in one launch, Y read in
-place, Z never written; backward ∂R/∂Y = γ(1 − Z²) ⊙ (Z(Ḡ + Ḡᵀ)) in one more launch) or from torch. When b < k,
+cancellation). G comes from the fused Triton kernels on CUDA (kernels/som.py: all such layers in one launch per group
+of one row layout and tile width, Y read in place, Z never written; backward ∂R/∂Y = γ(1 − Z²) ⊙ (Z(Ḡ + Ḡᵀ)) in as
+many more), from the C++ core on CPU, or from torch. When b < k,
 the b×b form is cheaper: Σ_{i≠j}Θ_ij = ‖Ẑ1‖² − Σ_i Θ_ii and Σ_{i≠j}Θ_ij² = ‖ẐẐᵀ‖_F² − Σ_i Θ_ii² (O(b²k), torch).
 The Triton path is two torch.library custom ops, opaque under torch.compile: kexue_fast::som_penalty (the Gram
-kernel, a sum over row chunks, and one program per layer for R and the backward's A: three launches) and
-kexue_fast::som_gram_backward (one launch).
+kernels, a sum over row chunks, and one program per layer for R and the backward's A) and
+kexue_fast::som_gram_backward.
 """
 
 from __future__ import annotations
