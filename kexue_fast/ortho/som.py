@@ -1,12 +1,12 @@
 """`som_regularizer`: the Self-Orthogonality regularizer of one or many layer outputs in one call (formula and
 paper: kexue_fast.ortho.reference).
 
-Route per layer (both exact): when b ≥ k, everything follows from the k×k Gram G = ZᵀZ of Z = tanh(γY):
-Θ = D⁻¹GD⁻¹ with D = diag(max(√G_ii, eps)), and the off-diagonal sums are taken on Θ directly (O(k²), no
-cancellation). G comes from the fused Triton kernels on CUDA (kernels/som.py: all such layers in one launch per group
-of one row layout and tile width, Y read in place, Z never written; backward ∂R/∂Y = γ(1 − Z²) ⊙ (Z(Ḡ + Ḡᵀ)) in as
-many more), from the C++ core on CPU, or from torch. When b < k,
-the b×b form is cheaper: Σ_{i≠j}Θ_ij = ‖Ẑ1‖² − Σ_i Θ_ii and Σ_{i≠j}Θ_ij² = ‖ẐẐᵀ‖_F² − Σ_i Θ_ii² (O(b²k), torch).
+Route per layer (both exact): when b ≥ k, everything follows from the k×k Gram G = ZᵀZ of Z = tanh(γY): Θ = D⁻¹GD⁻¹ with
+D = diag(max(√G_ii, eps)), and the off-diagonal sums are taken on Θ directly (O(k²), no cancellation). G comes from the
+fused Triton kernels on CUDA (kernels/som.py: all such layers in one launch per group of one row layout, tile width and
+block size, Y read in place, Z never written; backward ∂R/∂Y = γ(1 − Z²) ⊙ (Z(Ḡ + Ḡᵀ)) in as many more), from the C++
+core on CPU, or from torch. When b < k, the b×b form is cheaper: Σ_{i≠j}Θ_ij = ‖Ẑ1‖² − Σ_i Θ_ii and Σ_{i≠j}Θ_ij² =
+‖ẐẐᵀ‖_F² − Σ_i Θ_ii² (O(b²k), torch).
 The Triton path is two torch.library custom ops, opaque under torch.compile: kexue_fast::som_penalty (the Gram
 kernels, a sum over row chunks, and one program per layer for R and the backward's A) and
 kexue_fast::som_gram_backward.
@@ -373,21 +373,21 @@ def som_regularizer(
 ) -> Tensor:
     """The SOM regularizer R = λ₁(Σ_{i≠j}Θ_ij)² + λ₂Σ_{i≠j}Θ_ij², Θ = ẐᵀẐ, Ẑ = column-normalized tanh(γY).
 
-    y: one layer output or a list of them (grouped: the same launches for all with backend="triton"). Each is read as
-    Y [b, k] with k = its size along channel_dim (an int for all, or one per layer; default 1: [b, k] outputs and
-    NCHW convolutions; use -1 for channels-last outputs such as nn.Linear's on [B, T, k]) and b = the product of the
-    other axes. reduction: "sum" (a scalar) or "none" (R per layer, [L]). Result float64 for float64 inputs, else
-    float32 (half inputs are computed in float32). backend: "auto" (the C++ core for float32/float64 CPU tensors
-    when torch runs on one thread, see CPP_THREADS; the Triton kernels for CUDA layers of at most
-    TRITON_AUTO_MAX_CHANNELS channels; torch elsewhere), "cpp" (csrc/ortho/som_gram.cpp: tanh and the Gram's upper
-    triangle in one pass over Y, Z never stored; the backward in one more), "triton" (kernels/som.py, CUDA: one
-    launch per row layout and tile width, then a chunk sum and one finishing launch forward, the same per-group
-    launches backward; Z never written), "torch". Non-contiguous inputs are copied for the C++ and Triton
-    kernels. Layers with fewer rows than channels (b < k) take the b×b form in torch on every backend; under
-    torch.compile the C++ core gives way to the torch path (it is not traceable). The C++ and Triton backends save Y
-    for their backward (the torch path saves Z): modifying Y in place before backward then raises autograd's in-place
-    error (as for any op that saves its input); use backend="torch" there. Formula, paper and identities:
-    kexue_fast.ortho.reference; a column with ‖tanh(γy_j)‖ < eps is scaled by 1/eps (as torch's F.normalize).
+    y: one layer output or a list of them (grouped: the same launches for all with backend="triton"). Each is read as Y
+    [b, k] with k = its size along channel_dim (an int for all, or one per layer; default 1: [b, k] outputs and NCHW
+    convolutions; use -1 for channels-last outputs such as nn.Linear's on [B, T, k]) and b = the product of the other
+    axes. reduction: "sum" (a scalar) or "none" (R per layer, [L]). Result float64 for float64 inputs, else float32
+    (half inputs are computed in float32). backend: "auto" (the C++ core for float32/float64 CPU tensors when torch runs
+    on one thread, see CPP_THREADS; the Triton kernels for CUDA layers of at most TRITON_AUTO_MAX_CHANNELS channels;
+    torch elsewhere), "cpp" (csrc/ortho/som_gram.cpp: tanh and the Gram's upper triangle in one pass over Y, Z never
+    stored; the backward in one more), "triton" (kernels/som.py, CUDA: one launch per group of layers sharing a row
+    layout, tile width and block size, then a chunk sum and one finishing launch forward, the same per-group launches
+    backward; Z never written), "torch". Non-contiguous inputs are copied for the C++ and Triton kernels. Layers with
+    fewer rows than channels (b < k) take the b×b form in torch on every backend; under torch.compile the C++ core gives
+    way to the torch path (it is not traceable). The C++ and Triton backends save Y for their backward (the torch path
+    saves Z): modifying Y in place before backward then raises autograd's in-place error (as for any op that saves its
+    input); use backend="torch" there. Formula, paper and identities: kexue_fast.ortho.reference; a column with
+    ‖tanh(γy_j)‖ < eps is scaled by 1/eps (as torch's F.normalize).
     """
     check_hyperparameters(gamma, lambda1, lambda2, eps)
     if reduction not in ("sum", "none"):
