@@ -453,7 +453,8 @@ def _gram_tiles(ys: Sequence[Tensor], layouts: Sequence[Layout], gamma: float, c
         )  # fmt: skip
         return ptrs, meta, work, index.view(3, len(pairs)), host
 
-    key = ("gram", device, bc, chunks, tuple(layouts), tuple(y.data_ptr() for y in ys))
+    # the groups are in the key: the same shapes and addresses in another dtype (or ROWS) may group differently
+    key = ("gram", device, bc, chunks, tuple(groups), tuple(layouts), tuple(y.data_ptr() for y in ys))
     ptrs, meta, work, index, _ = _cached(key, build)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     part = torch.empty((len(pairs) * chunks, bc, bc), dtype=acc, device=device)
@@ -533,7 +534,7 @@ def gram_backward(
     offsets = [0]
     for y in ys:
         offsets.append(offsets[-1] + y.numel())
-    # one launch per row-blocking mode and tile width; per layer of it (N, C, S, offset of its gradient in the flat
+    # one launch per row-blocking mode, tile width and BR; per layer of it (N, C, S, offset of its gradient in the flat
     # output, first program, layer): the kernel finds its layer and block from the program id, no per-block table
     launches = []
     for (mode, width, br), idx in _groups(layouts, bc, dtype, device).items():

@@ -208,6 +208,24 @@ def test_auto_sends_only_layers_up_to_the_channel_limit_to_the_kernels(monkeypat
     torch.testing.assert_close(auto, explicit, rtol=1e-10, atol=0)
 
 
+def test_cached_tables_follow_the_launch_groups_of_each_dtype(monkeypatch):
+    """Tables are cached by shapes and data addresses; the same addresses in another dtype may group the layers into
+    other launches (their block sizes differ), so the groups are part of the key."""
+    monkeypatch.setattr(kernels, "_rows_per_block", lambda dtype, device, s: 16 if dtype == D64 or s < 32 else 32)
+    g = torch.Generator().manual_seed(9)
+    shapes = [(2, 3, 4, 4), (2, 5, 8, 8)]  # S = 16 and 64: one launch in float64, two in float32
+    bufs = [torch.empty(torch.Size(s).numel() * 8, dtype=torch.uint8, device=DEV) for s in shapes]
+    layouts = [_layout(torch.empty(s), 1) for s in shapes]
+    for dtype in (D64, torch.float32):
+        ys = [b[: torch.Size(s).numel() * dtype.itemsize].view(dtype).view(s) for b, s in zip(bufs, shapes)]
+        for y in ys:
+            y.copy_(torch.randn(y.shape, dtype=D64, generator=g) * 0.2)
+        grams, _ = kernels.gram_matrices(ys, layouts, 10.0)
+        for i, (y, (_, c, _)) in enumerate(zip(ys, layouts)):
+            z = torch.tanh(10.0 * _rows(y.double(), 1))
+            torch.testing.assert_close(grams[i, :c, :c], z.T @ z, rtol=1e-5, atol=1e-5)
+
+
 def test_launchers_reject_bad_inputs():
     y = torch.randn(8, 4, device=DEV)
     with pytest.raises(ValueError, match="layout"):
