@@ -38,6 +38,14 @@ def triton_status() -> Tuple[bool, str]:
     return True, f"triton {triton.__version__}"
 
 
+def triton_version() -> Tuple[int, int]:
+    """(major, minor) of the importable Triton (call after triton_status() says it imports)."""
+    import triton
+
+    major, minor = [*triton.__version__.split("."), "0"][:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
 def triton_interpret() -> bool:
     """True when Triton kernels run on CPU tensors through the interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -66,6 +74,8 @@ class OpSpec:
     # per backend, a condition the op's own code puts on `auto`'s choice at call time: a function returning (whether
     # auto takes the backend in this process now, what the condition is), evaluated by `info`
     auto_when: Dict[str, Callable[[], Tuple[bool, str]]] = field(default_factory=dict)
+    # per dtype, the oldest Triton whose compiler builds the op's kernels for it, and what they need from it
+    triton_needs: Dict[torch.dtype, Tuple[Tuple[int, int], str]] = field(default_factory=dict)
 
 
 _OPS: Dict[str, OpSpec] = {}
@@ -73,12 +83,14 @@ _LOGGED: set = set()
 
 
 def register_op(name: str, backends: Dict[str, Tuple[torch.dtype, ...]], not_auto: Optional[Dict[str, str]] = None,
-                auto_when: Optional[Dict[str, Callable[[], Tuple[bool, str]]]] = None) -> OpSpec:  # fmt: skip
+                auto_when: Optional[Dict[str, Callable[[], Tuple[bool, str]]]] = None,
+                triton_needs: Optional[Dict[torch.dtype, Tuple[Tuple[int, int], str]]] = None) -> OpSpec:  # fmt: skip
     """Declare an op and, per backend, the dtypes it handles; `not_auto` maps a backend that `auto` must skip (it
     measured slower) to the measurement that says so; `auto_when` a backend that `auto` takes only under a call-time
-    condition (checked by the op itself) to a function telling `info` whether it holds now and what it is."""
+    condition (checked by the op itself) to a function telling `info` whether it holds now and what it is;
+    `triton_needs` a dtype whose Triton kernels an older Triton cannot compile to ((major, minor), what they use)."""
     spec = OpSpec(name, frozenset(backends), {b: frozenset(d) for b, d in backends.items()}, dict(not_auto or {}),
-                  dict(auto_when or {}))  # fmt: skip
+                  dict(auto_when or {}), dict(triton_needs or {}))  # fmt: skip
     _OPS[name] = spec
     return spec
 
@@ -99,6 +111,10 @@ def why_not(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> 
         ok, reason = triton_status()
         if not ok:
             return reason
+        need = spec.triton_needs.get(dtype)
+        if need is not None and triton_version() < need[0]:
+            return (f"the triton kernels of {op} for {str(dtype).replace('torch.', '')} use {need[1]}, which Triton "
+                    f"compiles from {need[0][0]}.{need[0][1]} on ({reason} installed)")  # fmt: skip
         if device.type != "cuda" and not (device.type == "cpu" and triton_interpret()):
             return f"triton kernels need CUDA tensors (got {device.type}; set TRITON_INTERPRET=1 to interpret on CPU)"
     elif backend == "cpp":

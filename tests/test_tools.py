@@ -82,6 +82,29 @@ def test_auto_skips_a_backend_registered_as_slower_without_warning(caplog):
         del _dispatch._OPS["_test_not_auto"]
 
 
+def test_an_older_triton_is_refused_clearly_for_dtypes_its_compiler_cannot_build(monkeypatch):
+    """Triton 3.3 and 3.4 cannot compile a float64 tl.dot (tests/test_kernels_compile.py under them): SOM's float64
+    kernels and HSIC's backward are refused there with the reason, instead of failing inside the compiler."""
+    import pytest
+    import torch
+
+    pytest.importorskip("triton")
+    from kexue_fast.hsic import api as hsic_api
+    from kexue_fast.ortho import som
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # CPU tensors count as Triton's, as on a GPU
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(_dispatch, "triton_version", lambda: (3, 4))
+    reason = _dispatch.why_not(som.OP, "triton", cpu, torch.float64)
+    assert reason is not None and "float64 tl.dot" in reason and "3.5" in reason
+    assert _dispatch.why_not(som.OP, "triton", cpu, torch.float32) is None
+    assert "3.5" in _dispatch.why_not(hsic_api.OP, "triton", cpu, torch.float32)
+    with pytest.raises(NotImplementedError, match=r"compiles from 3\.5"):
+        som.som_regularizer(torch.randn(8, 3, dtype=torch.float64), backend="triton")
+    monkeypatch.setattr(_dispatch, "triton_version", lambda: (3, 5))
+    assert _dispatch.why_not(som.OP, "triton", cpu, torch.float64) is None
+
+
 def test_double_backward_through_closed_form_gradients_raises_clearly():
     """Functions whose backward has no graph of its own refuse create_graph=True: a second-order term through them
     would otherwise be silently missing from a larger expression (here a gradient penalty plus a plain term)."""

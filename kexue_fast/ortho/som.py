@@ -30,6 +30,7 @@ _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _dispatch.register_op(
     OP, {"triton": _FLOATS, "cpp": _FLOATS, "torch": _FLOATS},
     auto_when={"cpp": lambda: _auto_condition()},
+    triton_needs={torch.float64: ((3, 5), "float64 tl.dot")},  # 3.3 and 3.4 refuse it (tests/test_kernels_compile.py)
 )  # fmt: skip
 
 # `auto` on CUDA sends layers wider than this to the torch path: on an H100 at 1889232 (python -m kexue_fast.bench
