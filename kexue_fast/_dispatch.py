@@ -38,6 +38,7 @@ def triton_status() -> Tuple[bool, str]:
     return True, f"triton {triton.__version__}"
 
 
+@functools.cache
 def triton_version() -> Tuple[int, int]:
     """(major, minor) of the importable Triton (call after triton_status() says it imports)."""
     import triton
