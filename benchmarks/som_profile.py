@@ -93,24 +93,27 @@ def sweep(batch: int) -> None:
     )
     defaults = {n: getattr(kernels, n) for n in ("GRAM_WARPS", "GRAD_WARPS", "ROWS", "GRAM_WAVES")}
     settings = [{}, {"GRAD_WARPS": 4}, {"ROWS": 128}, {"GRAM_WAVES": 8}]
-    for tf32 in (False, True):
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        for setting in settings:
-            for name, value in {**defaults, **setting}.items():
-                setattr(kernels, name, value)
-            a = kernels.penalty(ys, layouts, 10.0, 100.0, 1.0, 1e-12)[1]
-            scale = torch.ones(len(ys), dtype=torch.float64, device="cuda")
-            fwd = triton.testing.do_bench(lambda: kernels.penalty(ys, layouts, 10.0, 100.0, 1.0, 1e-12),
-                                          return_mode="median")  # fmt: skip
-            bwd = triton.testing.do_bench(lambda a=a, scale=scale: kernels.gram_backward(ys, layouts, 10.0, a, scale),
-                                          return_mode="median")  # fmt: skip
-            print(
-                f"tf32={tf32!s:5} {setting or 'defaults'!s:55} forward {fwd * 1e3:7.1f} us  backward "
-                f"{bwd * 1e3:7.1f} us"
-            )
-    torch.backends.cuda.matmul.allow_tf32 = False
-    for name, value in defaults.items():
-        setattr(kernels, name, value)
+    scale = torch.ones(len(ys), dtype=torch.float64, device="cuda")
+    tf32_before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for tf32 in (False, True):
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            for setting in settings:
+                for name, value in {**defaults, **setting}.items():
+                    setattr(kernels, name, value)
+                a = kernels.penalty(ys, layouts, 10.0, 100.0, 1.0, 1e-12)[1]
+                fwd = triton.testing.do_bench(lambda: kernels.penalty(ys, layouts, 10.0, 100.0, 1.0, 1e-12),
+                                              return_mode="median")  # fmt: skip
+                bwd = triton.testing.do_bench(lambda a=a: kernels.gram_backward(ys, layouts, 10.0, a, scale),
+                                              return_mode="median")  # fmt: skip
+                print(
+                    f"tf32={tf32!s:5} {setting or 'defaults'!s:55} forward {fwd * 1e3:7.1f} us  backward "
+                    f"{bwd * 1e3:7.1f} us"
+                )
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32_before
+        for name, value in defaults.items():
+            setattr(kernels, name, value)
 
 
 def main() -> None:
@@ -124,6 +127,8 @@ def main() -> None:
     if args.device == "cpu":
         torch.set_num_threads(1)  # the setting of benchmarks/ortho.py's CPU rows, where `auto` takes the C++ Gram
     if args.sweep:
+        if args.device != "cuda":
+            parser.error("--sweep times the Triton kernels: it needs --device cuda")
         sweep(batch)
         return
     for backend in ("torch", "triton") if args.device == "cuda" else ("torch", "cpp"):
