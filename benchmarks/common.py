@@ -46,7 +46,9 @@ def metadata(device: str) -> Dict[str, str]:
 
     meta = {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": cpu_model() + f" ({os.cpu_count()} logical cores, torch threads {torch.get_num_threads()})",
+        "machine": cpu_model()
+        + f" ({os.cpu_count()} logical cores, {torch.backends.cpu.get_cpu_capability()}, torch threads "
+        f"{torch.get_num_threads()})",
         "versions": (
             f"kexue_fast {kexue_fast.__version__}, torch {torch.__version__}, python {platform.python_version()}"
         ),

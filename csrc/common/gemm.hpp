@@ -12,32 +12,64 @@
 namespace kexue {
 namespace gemm {
 
-// GCC's generic vectors: one 64-byte vector is one zmm register, two ymm or four xmm, whichever clone runs; a plain
-// array accumulator was neither kept in registers nor vectorized (4.7 against 111 GFLOP/s for [256, 32] × [32, 128]).
-template <typename T>
+// GCC's generic vectors: a tile row is 64 bytes of columns (NR), held as one 64-byte vector (one zmm register) where
+// the CPU has AVX-512 and as two 32-byte vectors (two ymm) elsewhere. A plain array accumulator was neither kept in
+// registers nor vectorized (4.7 against 111 GFLOP/s for [256, 32] × [32, 128]), and one 64-byte vector on an AVX2 CPU
+// was lowered through the stack (the SOM backward at 5 GFLOP/s on an AVX2 EPYC, 20 to 40 with two 32-byte vectors).
+template <typename T, int VB>
 struct VecOf {
-  typedef T type __attribute__((vector_size(64)));
+  typedef T type __attribute__((vector_size(VB)));
 };
 
+// Whether the register tiles use 64-byte vectors: where the AVX-512 clone of KEXUE_SIMD_CLONES (common/simd.hpp) runs,
+// and where no clones are built (the compiler maps the vector to its registers); read once.
+inline bool wide_vectors() {
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#if __GNUC__ >= 12
+  static const bool wide = __builtin_cpu_supports("x86-64-v4");
+#else
+  static const bool wide = __builtin_cpu_supports("avx512f");
+#endif
+  return wide;
+#else
+  return true;
+#endif
+}
+
 // C[MR, NR] (+)= A[MR, k] · M[k, NR] for one register tile: A read with strides (rs, cs) (broadcast scalars, so a
-// transposed A costs the same), M and C row-major, NR = one vector of columns held in registers across the k loop.
-template <typename T, int MR>
+// transposed A costs the same), M and C row-major, NR = 64 bytes of columns held in registers across the k loop (NV
+// vectors of VB bytes).
+template <typename T, int MR, int VB>
 KEXUE_INLINE void tile(std::int64_t k, const T* a, std::int64_t rs, std::int64_t cs, const T* m, std::int64_t ldm,
                        T* c, std::int64_t ldc, bool accumulate) {
-  typedef typename VecOf<T>::type V;
-  V acc[MR];
-  for (int i = 0; i < MR; ++i) {
-    if (accumulate)
-      __builtin_memcpy(&acc[i], c + i * ldc, sizeof(V));
-    else
-      acc[i] = V{};
-  }
+  typedef typename VecOf<T, VB>::type V;
+  constexpr int NV = 64 / VB;
+  constexpr int W = VB / static_cast<int>(sizeof(T));
+  V acc[MR][NV];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      if (accumulate)
+        __builtin_memcpy(&acc[i][v], c + i * ldc + v * W, sizeof(V));
+      else
+        acc[i][v] = V{};
+    }
   for (std::int64_t kk = 0; kk < k; ++kk) {
-    V row;
-    __builtin_memcpy(&row, m + kk * ldm, sizeof(V));
-    for (int i = 0; i < MR; ++i) acc[i] += a[i * rs + kk * cs] * row;
+    V row[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) __builtin_memcpy(&row[v], m + kk * ldm + v * W, sizeof(V));
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      const T s = a[i * rs + kk * cs];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[i][v] += s * row[v];
+    }
   }
-  for (int i = 0; i < MR; ++i) __builtin_memcpy(c + i * ldc, &acc[i], sizeof(V));
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) __builtin_memcpy(c + i * ldc + v * W, &acc[i][v], sizeof(V));
 }
 
 // The columns past the last full tile (n % NR of them: all of them for D < NR).
@@ -56,19 +88,29 @@ KEXUE_INLINE void tail(std::int64_t rows, std::int64_t k, std::int64_t n, const 
   }
 }
 
+template <typename T, int VB>
+KEXUE_INLINE void full_tiles(std::int64_t rows, std::int64_t k, std::int64_t n, const T* a, std::int64_t rs,
+                             std::int64_t cs, const T* m, std::int64_t ldm, T* c, std::int64_t ldc, bool accumulate) {
+  constexpr int NR = 64 / sizeof(T);
+  constexpr int MR = 6;
+  for (std::int64_t j0 = 0; j0 + NR <= n; j0 += NR) {
+    std::int64_t i0 = 0;
+    for (; i0 + MR <= rows; i0 += MR)
+      tile<T, MR, VB>(k, a + i0 * rs, rs, cs, m + j0, ldm, c + i0 * ldc + j0, ldc, accumulate);
+    for (; i0 < rows; ++i0) tile<T, 1, VB>(k, a + i0 * rs, rs, cs, m + j0, ldm, c + i0 * ldc + j0, ldc, accumulate);
+  }
+}
+
 // C[rows, n] (+)= A[rows, k] · M[k, n]; A strided (rs, cs), M and C row-major with leading dimensions ldm, ldc.
 template <typename T>
 KEXUE_INLINE void gemm(std::int64_t rows, std::int64_t k, std::int64_t n, const T* a, std::int64_t rs,
                        std::int64_t cs, const T* m, std::int64_t ldm, T* c, std::int64_t ldc, bool accumulate) {
-  constexpr int NR = 64 / sizeof(T);  // one vector of columns
-  constexpr int MR = 6;
-  std::int64_t j0 = 0;
-  for (; j0 + NR <= n; j0 += NR) {
-    std::int64_t i0 = 0;
-    for (; i0 + MR <= rows; i0 += MR)
-      tile<T, MR>(k, a + i0 * rs, rs, cs, m + j0, ldm, c + i0 * ldc + j0, ldc, accumulate);
-    for (; i0 < rows; ++i0) tile<T, 1>(k, a + i0 * rs, rs, cs, m + j0, ldm, c + i0 * ldc + j0, ldc, accumulate);
-  }
+  constexpr int NR = 64 / sizeof(T);  // 64 bytes of columns
+  if (wide_vectors())
+    full_tiles<T, 64>(rows, k, n, a, rs, cs, m, ldm, c, ldc, accumulate);
+  else
+    full_tiles<T, 32>(rows, k, n, a, rs, cs, m, ldm, c, ldc, accumulate);
+  const std::int64_t j0 = n / NR * NR;
   if (j0 < n) tail<T>(rows, k, n - j0, a, rs, cs, m + j0, ldm, c + j0, ldc, accumulate);
 }
 

@@ -52,9 +52,13 @@ KEXUE_INLINE void dot_tile(std::int64_t p, const T* a, const T* b, std::int64_t 
   std::int64_t k = 0;
   for (; k + W <= p; k += W) {
     V av[MI], bv[MJ];
+#pragma GCC unroll 16
     for (int i = 0; i < MI; ++i) std::memcpy(&av[i], a + i * ld + k, sizeof(V));
+#pragma GCC unroll 16
     for (int j = 0; j < MJ; ++j) std::memcpy(&bv[j], b + j * ld + k, sizeof(V));
+#pragma GCC unroll 16
     for (int i = 0; i < MI; ++i)
+#pragma GCC unroll 16
       for (int j = 0; j < MJ; ++j) acc[i][j] += av[i] * bv[j];
   }
   for (int i = 0; i < MI; ++i)
