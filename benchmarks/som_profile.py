@@ -1,6 +1,7 @@
 """Where the fused SOM Triton path spends a CNN training step: the profile behind benchmarks/ortho.py's overhead rows.
 
     python -m kexue_fast.benchmarks.som_profile [--device cuda] [--batch 256] [--steps 5] [--sweep]
+    python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --steps 20 --cpp-split [--fresh-buffers]
 
 On an H200 the step with SOM measured 34.7 ms on the Triton kernels against 5.1 ms on the torch path at 0cff550;
 on an H100 at 1889232 it takes 4.22 ms against a 3.42 ms step (benchmarks/results/ortho-cuda.md), the kernels'
@@ -10,7 +11,9 @@ operators sorted by device time and by host time (kernel launches and Python inc
 functions, so a GPU session can tell host overhead (tables built per call, launch cost) from slow kernels.
 --sweep (CUDA) times the fused kernels alone under each launch setting instead.
 On CPU it profiles the torch path and the C++ Gram on one torch thread instead (batch 2 by default: pass --batch 32
-for benchmarks/ortho.py's CPU step).
+for benchmarks/ortho.py's CPU step). --cpp-split (CPU) prints the wall time of the C++ forward and backward calls
+inside that step, per step, against the step without SOM; --fresh-buffers gives the backward a new ∂R/∂Y buffer per
+call instead of kexue_fast.ortho.workspace's kept ones (what the page faults of fresh memory cost).
 """
 
 from __future__ import annotations
@@ -116,12 +119,60 @@ def sweep(batch: int) -> None:
             setattr(kernels, name, value)
 
 
+def cpp_split(batch: int, steps: int, fresh_buffers: bool) -> None:
+    """Milliseconds per step in the C++ core's forward and backward calls inside the CNN step (CPU, cpp backend)."""
+    from kexue_fast.ortho import som, workspace
+
+    spent = {"forward": 0.0, "backward": 0.0}
+    core = som._cpp_core()
+
+    class TimedCore:
+        def som_gram(self, *args) -> None:
+            start = time.perf_counter()
+            core.som_gram(*args)
+            spent["forward"] += time.perf_counter() - start
+
+        def som_gram_backward(self, *args) -> None:
+            start = time.perf_counter()
+            core.som_gram_backward(*args)
+            spent["backward"] += time.perf_counter() - start
+
+    model, opt, x, target, hooks = cnn_setup("cpu", batch)
+    plain = training_step(model, x, target, hooks, None, opt)
+    with_som = training_step(model, x, target, hooks, "cpp", opt)
+    original = (som._cpp_core, workspace.grad_buffer)
+    som._cpp_core = TimedCore
+    if fresh_buffers:
+        workspace.grad_buffer = lambda shape, dtype: torch.empty(shape, dtype=dtype)
+    try:
+        for _ in range(2):
+            plain()
+            with_som()
+        spent.update(forward=0.0, backward=0.0)
+        walls = {"plain": [], "som": []}
+        for _ in range(steps):
+            for name, fn in (("plain", plain), ("som", with_som)):
+                start = time.perf_counter()
+                fn()
+                walls[name].append(time.perf_counter() - start)
+    finally:
+        som._cpp_core, workspace.grad_buffer = original
+        hooks.remove()
+    median = {name: sorted(w)[len(w) // 2] * 1e3 for name, w in walls.items()}
+    buffers = "fresh ∂R/∂Y buffers" if fresh_buffers else "kept ∂R/∂Y buffers"
+    print(f"CPU step, batch {batch}, {steps} steps, {buffers}: median {median['plain']:.2f} ms without SOM, "
+          f"{median['som']:.2f} ms with; C++ forward {spent['forward'] / steps * 1e3:.2f} ms and backward "
+          f"{spent['backward'] / steps * 1e3:.2f} ms per step")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=None, help="default: 256 on CUDA, 2 on CPU")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--sweep", action="store_true", help="CUDA: time the fused kernels' launch settings instead")
+    parser.add_argument("--cpp-split", action="store_true", help="CPU: time the C++ calls inside the step instead")
+    parser.add_argument("--fresh-buffers", action="store_true", help="with --cpp-split: no kept ∂R/∂Y buffers")
     args = parser.parse_args()
     batch = args.batch or (256 if args.device == "cuda" else 2)
     if args.device == "cpu":
@@ -130,6 +181,11 @@ def main() -> None:
         if args.device != "cuda":
             parser.error("--sweep times the Triton kernels: it needs --device cuda")
         sweep(batch)
+        return
+    if args.cpp_split:
+        if args.device != "cpu":
+            parser.error("--cpp-split times the C++ core: it needs --device cpu")
+        cpp_split(batch, args.steps, args.fresh_buffers)
         return
     for backend in ("torch", "triton") if args.device == "cuda" else ("torch", "cpp"):
         profile_backend(backend, args.device, batch, args.steps)

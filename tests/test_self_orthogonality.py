@@ -466,3 +466,70 @@ def test_tall_weight_regularizers_do_not_cancel_in_float32():
         ):
             assert ours.dtype == torch.float32
             assert abs(float(ours) - float(ref)) <= 1e-6 * float(ref)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_cpu_backward_buffers_are_reused_only_when_free(backend, monkeypatch):
+    """The CPU backward's ∂R/∂Y buffers are kept for the next call (kexue_fast.ortho.workspace), but a gradient the
+    caller still holds is never handed out again, and a leaf's .grad is its own copy."""
+    from kexue_fast.ortho import workspace
+
+    workspace.release()
+    g = torch.Generator().manual_seed(3)
+    shape = (3, 5, 7)
+
+    def grad_of(y):
+        return torch.autograd.grad(som_regularizer(y, backend=backend), y)[0]
+
+    g1 = grad_of(torch.randn(shape, generator=g).requires_grad_())
+    held = g1.clone()
+    g2 = grad_of(torch.randn(shape, generator=g).requires_grad_())
+    assert torch.equal(g1, held) and g1.data_ptr() != g2.data_ptr()
+    freed = g2.data_ptr()
+    del g2
+    g3 = grad_of(torch.randn(shape, generator=g).requires_grad_())
+    assert g3.data_ptr() == freed  # free again: handed out again
+    assert torch.equal(g1, held)
+    kept = {b.data_ptr() for bufs in workspace._buffers.values() for b in bufs}
+    leaf = torch.randn(shape, generator=g).requires_grad_()
+    som_regularizer(leaf, backend=backend).backward()
+    assert leaf.grad.data_ptr() not in kept
+    first = leaf.grad.clone()
+    del g1, g3
+    grad_of(torch.randn(shape, generator=g).requires_grad_())
+    assert torch.equal(leaf.grad, first)
+    som_regularizer(leaf, backend=backend).backward()
+    assert torch.allclose(leaf.grad, 2 * first, rtol=1e-6, atol=0)
+    assert workspace.kept_bytes() > 0
+    workspace.release()
+    assert workspace.kept_bytes() == 0
+    monkeypatch.setattr(workspace, "MAX_BYTES", 64)  # larger than the cap: handed out, not kept
+    grad_of(torch.randn(shape, generator=g).requires_grad_())
+    assert workspace.kept_bytes() == 0
+
+
+def test_module_gradient_is_added_into_the_models_own_in_place():
+    """The hooks record an alias made right after each layer, so that backward adds the regularizer's gradient into
+    the model's gradient of that output in place: no out-of-place sum as large as a hooked output (a new buffer per
+    layer and step), and the gradients equal the functional call's."""
+    from torch.profiler import profile
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 3))  # fmt: skip
+    x = torch.randn(4, 3, 6, 6)
+    with SelfOrthogonality(model) as som:
+        loss = model(x).square().mean() + som.loss()
+        with profile(record_shapes=True) as prof:
+            loss.backward()
+    conv_out = [4, 8, 6, 6]
+    adds = [e.name for e in prof.events() if e.name in ("aten::add", "aten::add_") and conv_out in e.input_shapes]
+    assert adds.count("aten::add_") == 2 and "aten::add" not in adds, adds
+    hooked = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    a = model[0](x)
+    b = model[3](model[2](model[1](a)))
+    out = model[7](model[6](model[5](model[4](b))))
+    (out.square().mean() + som_regularizer([a, b])).backward()
+    for got, want in zip(hooked, (p.grad for p in model.parameters())):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-7)

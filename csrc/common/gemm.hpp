@@ -97,6 +97,10 @@ KEXUE_INLINE void full_tiles(std::int64_t rows, std::int64_t k, std::int64_t n, 
     std::int64_t i0 = 0;
     for (; i0 + MR <= rows; i0 += MR)
       tile<T, MR, VB>(k, a + i0 * rs, rs, cs, m + j0, ldm, c + i0 * ldc + j0, ldc, accumulate);
+    for (; i0 + 4 <= rows; i0 += 4)
+      tile<T, 4, VB>(k, a + i0 * rs, rs, cs, m + j0, ldm, c + i0 * ldc + j0, ldc, accumulate);
+    for (; i0 + 2 <= rows; i0 += 2)
+      tile<T, 2, VB>(k, a + i0 * rs, rs, cs, m + j0, ldm, c + i0 * ldc + j0, ldc, accumulate);
     for (; i0 < rows; ++i0) tile<T, 1, VB>(k, a + i0 * rs, rs, cs, m + j0, ldm, c + i0 * ldc + j0, ldc, accumulate);
   }
 }

@@ -69,7 +69,11 @@ class _RecordHook:
         if not isinstance(output, Tensor):
             kind = type(output).__name__
             raise TypeError(f"layer {self.name!r} returned {kind}; only tensor outputs can be recorded")
-        recorder.records.append((output, self.dim))
+        # An alias made here, right after the layer: its backward node then sits between the layer and the layer's
+        # consumers in autograd's order, so the regularizer's gradient (computed first, its node being the last
+        # created) reaches Y after the model's own and is added into that buffer in place. Recorded as is, Y would
+        # get the regularizer's gradient first and autograd would allocate a new buffer for the sum.
+        recorder.records.append((output.view_as(output), self.dim))
 
     def __reduce__(self):
         return (_RecordHook, (None, self.name, self.dim))

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from .. import _dispatch
 from .._autograd import first_order
+from . import workspace
 
 OP = "som_regularizer"
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -344,7 +345,10 @@ class _Grams(torch.autograd.Function):
             # dy is allocated in Y's shape and returned as is, not as a view: autograd can then add the model's own
             # gradient of Y into it in place (a view's shared storage makes it allocate a sum instead)
             work = _work_dtype(dtype)
-            dy = torch.empty(shape, dtype=work, device=t.device)
+            if t.device.type == "cpu":  # kept between steps: fresh pages cost page faults (see workspace)
+                dy = workspace.grad_buffer(shape, work)
+            else:
+                dy = torch.empty(shape, dtype=work, device=t.device)
             if ctx.cpp:
                 y_flat = t.detach().to(work).contiguous().view(-1)
                 a = a_all[i, :c, :c].to(work).contiguous()
@@ -387,8 +391,10 @@ def som_regularizer(
     fewer rows than channels (b < k) take the b×b form in torch on every backend; under torch.compile the C++ core gives
     way to the torch path (it is not traceable). The C++ and Triton backends save Y for their backward (the torch path
     saves Z): modifying Y in place before backward then raises autograd's in-place error (as for any op that saves its
-    input); use backend="torch" there. Formula, paper and identities: kexue_fast.ortho.reference; a column with
-    ‖tanh(γy_j)‖ < eps is scaled by 1/eps (as torch's F.normalize).
+    input); use backend="torch" there. On the CPU the backward's ∂R/∂Y buffers are kept for the next call
+    (fresh pages cost page faults; kexue_fast.ortho.workspace: at most workspace.MAX_BYTES, workspace.release() frees
+    them), and handed out again only once no alias of them is alive. Formula, paper and identities:
+    kexue_fast.ortho.reference; a column with ‖tanh(γy_j)‖ < eps is scaled by 1/eps (as torch's F.normalize).
     """
     check_hyperparameters(gamma, lambda1, lambda2, eps)
     if reduction not in ("sum", "none"):
