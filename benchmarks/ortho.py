@@ -83,6 +83,21 @@ def step_flops(device: str, batch: int) -> Dict[str, float]:
     return counts
 
 
+def gram_flops(device: str, batch: int) -> int:
+    """FLOPs of the exact regularizer's products at their least, from the hooked outputs' shapes: the Gram's upper
+    triangle forward (b·k(k+1)) and ∂Y = (A Z) ⊙ (1 − Z²) backward (2bk²) per layer, what the C++ and Triton paths
+    compute (the torch path's full Gram adds b·k² more)."""
+    model, _, x, _, som = cnn_setup(device, batch)
+    model(x)
+    total = 0
+    for y, dim in som.recorder.take():
+        k = y.shape[dim]
+        b = y.numel() // k
+        total += b * k * (k + 1) + 2 * b * k * k
+    som.remove()
+    return total
+
+
 def overhead_rows(device: str, batch: int, reps: int) -> List[list]:
     model, opt, x, target, som = cnn_setup(device, batch)
     steps: Dict[str, Callable[[], None]] = {"step": training_step(model, x, target, som, None, opt)}
@@ -142,10 +157,13 @@ def run(out_dir: Path, quick: bool = True, device: str = "cpu") -> Path:
     finally:
         torch.set_num_threads(threads)
     added = flops["step + SOM (torch)"] - flops["step"]
+    least = gram_flops(device, batch)
     notes = (
-        f"FLOPs of one step (torch.utils.flop_counter): {flops['step'] / 1e9:.3f} G without SOM, SOM adds "
-        f"{added / 1e9:.3f} G ({added / flops['step']:.1%}): its Gram products alone, before any elementwise pass, at "
-        "the convolutions' efficiency.\n\n"
+        f"FLOPs of one step (torch.utils.flop_counter): {flops['step'] / 1e9:.3f} G without SOM, SOM on the torch path "
+        f"adds {added / 1e9:.3f} G ({added / flops['step']:.1%}); the Gram's upper triangle and the backward product "
+        f"alone, as the C++ and Triton paths compute them, are {least / 1e9:.3f} G ({least / flops['step']:.1%}): the "
+        "floor of the overhead at the convolutions' efficiency, before any elementwise pass (tanh twice, 1 − Z²) and "
+        "memory pass (Y read twice, ∂Y written and added).\n\n"
         "Formula: forward + backward of R for one float32 Y [b, k] (γ = 10, λ₁ = 100, λ₂ = 1), median of "
         f"{reps} interleaved repetitions"
         + (" (1 thread)" if device == "cpu" else " (triton.testing.do_bench)")

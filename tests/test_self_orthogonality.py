@@ -470,8 +470,8 @@ def test_tall_weight_regularizers_do_not_cancel_in_float32():
 
 @pytest.mark.parametrize("backend", ["cpp", "torch"])
 def test_cpu_backward_buffers_are_reused_only_when_free(backend, monkeypatch):
-    """The CPU backward's ∂R/∂Y buffers are kept for the next call (kexue_fast.ortho.workspace), but a gradient the
-    caller still holds is never handed out again, and a leaf's .grad is its own copy."""
+    """The CPU backward's ∂R/∂Y buffers are kept for the next call (kexue_fast.ortho.workspace), but one still held
+    (by the caller, as a leaf's .grad) is never handed out again, nor one moved to shared memory."""
     from kexue_fast.ortho import workspace
 
     workspace.release()
@@ -490,22 +490,51 @@ def test_cpu_backward_buffers_are_reused_only_when_free(backend, monkeypatch):
     g3 = grad_of(torch.randn(shape, generator=g).requires_grad_())
     assert g3.data_ptr() == freed  # free again: handed out again
     assert torch.equal(g1, held)
-    kept = {b.data_ptr() for bufs in workspace._buffers.values() for b in bufs}
     leaf = torch.randn(shape, generator=g).requires_grad_()
-    som_regularizer(leaf, backend=backend).backward()
-    assert leaf.grad.data_ptr() not in kept
+    som_regularizer(leaf, backend=backend).backward()  # autograd may take the alias over as .grad: still protected
     first = leaf.grad.clone()
     del g1, g3
-    grad_of(torch.randn(shape, generator=g).requires_grad_())
+    for _ in range(3):
+        grad_of(torch.randn(shape, generator=g).requires_grad_())
     assert torch.equal(leaf.grad, first)
     som_regularizer(leaf, backend=backend).backward()
     assert torch.allclose(leaf.grad, 2 * first, rtol=1e-6, atol=0)
+    shared = grad_of(torch.randn(shape, generator=g).requires_grad_())
+    shared.share_memory_()  # as multiprocessing does to send it: other processes may map it, no use count sees them
+    del shared
+    grad_of(torch.randn(shape, generator=g).requires_grad_())
+    assert not any(b.untyped_storage().is_shared() for bufs in workspace._buffers.values() for b in bufs)
     assert workspace.kept_bytes() > 0
     workspace.release()
     assert workspace.kept_bytes() == 0
     monkeypatch.setattr(workspace, "MAX_BYTES", 64)  # larger than the cap: handed out, not kept
     grad_of(torch.randn(shape, generator=g).requires_grad_())
     assert workspace.kept_bytes() == 0
+    size = 3 * 5 * 7 * 4
+    monkeypatch.setattr(workspace, "MAX_BYTES", size)  # room for one: a buffer in use is never dropped for another
+    held = workspace.grad_buffer(torch.Size(shape), torch.float32)
+    other = workspace.grad_buffer(torch.Size((7, 5, 3)), torch.float32)
+    assert workspace.kept_bytes() == size and list(workspace._buffers) == [(shape, torch.float32)]
+    del held, other
+    workspace.grad_buffer(torch.Size((7, 5, 3)), torch.float32)  # the free one goes, the new one is kept
+    assert workspace.kept_bytes() == size and list(workspace._buffers) == [((7, 5, 3), torch.float32)]
+    workspace.release()
+
+
+def test_recorder_keeps_the_outputs_themselves_unless_asked_for_aliases():
+    model = _cnn()
+    x = torch.randn(2, 3, 8, 8, dtype=D64)
+    outputs = []
+    handle = model[0].register_forward_hook(lambda m, i, o: outputs.append(o))
+    for alias in (False, True):
+        recorder = OutputRecorder(model, ["0"], alias_outputs=alias)
+        out = model(x).sum()
+        (rec, _), own = recorder.take()[0], outputs.pop()
+        assert (rec is own) != alias and torch.equal(rec, own)
+        grad = torch.autograd.grad(out, rec, allow_unused=True)[0]
+        assert (grad is None) == alias  # an alias is off the model's path
+        recorder.remove()
+    handle.remove()
 
 
 def test_module_gradient_is_added_into_the_models_own_in_place():

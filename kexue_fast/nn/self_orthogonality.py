@@ -41,7 +41,8 @@ class SelfOrthogonality(nn.Module):
         check_hyperparameters(gamma, lambda1, lambda2, eps)
         self.gamma, self.lambda1, self.lambda2, self.eps = float(gamma), float(lambda1), float(lambda2), float(eps)
         self.backend = backend
-        self.recorder = OutputRecorder(model, layers, channel_dim=channel_dim, record_in_eval=record_in_eval)
+        self.recorder = OutputRecorder(model, layers, channel_dim=channel_dim, record_in_eval=record_in_eval,
+                                       alias_outputs=True)  # fmt: skip
 
     @property
     def layer_names(self):

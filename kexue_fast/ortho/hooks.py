@@ -69,11 +69,13 @@ class _RecordHook:
         if not isinstance(output, Tensor):
             kind = type(output).__name__
             raise TypeError(f"layer {self.name!r} returned {kind}; only tensor outputs can be recorded")
-        # An alias made here, right after the layer: its backward node then sits between the layer and the layer's
-        # consumers in autograd's order, so the regularizer's gradient (computed first, its node being the last
-        # created) reaches Y after the model's own and is added into that buffer in place. Recorded as is, Y would
-        # get the regularizer's gradient first and autograd would allocate a new buffer for the sum.
-        recorder.records.append((output.view_as(output), self.dim))
+        if recorder.alias_outputs:
+            # An alias made here, right after the layer: its backward node then sits between the layer and the
+            # layer's consumers in autograd's order, so a regularizer's gradient (computed first, its node being the
+            # last created) reaches Y after the model's own and is added into that buffer in place. Recorded as is, Y
+            # would get the regularizer's gradient first and autograd would allocate a new buffer for the sum.
+            output = output.view_as(output)
+        recorder.records.append((output, self.dim))
 
     def __reduce__(self):
         return (_RecordHook, (None, self.name, self.dim))
@@ -87,9 +89,12 @@ class OutputRecorder:
     the layer is in training mode (or always, with record_in_eval=True) and gradients are enabled; forwards that
     activation checkpointing recomputes inside backward are not recorded again.
 
-    records: [(output, channel_dim)], in call order; take() returns and clears them. Use remove() (or a `with`
-    block) to detach the hooks. Pickling or deep-copying the recorder together with its model gives a recorder
-    hooked to the copied layers (records are not copied).
+    records: [(output, channel_dim)], in call order; take() returns and clears them. alias_outputs=True records an
+    alias of each output made right after its layer instead (what SelfOrthogonality uses: a loss of the records then
+    has its gradient added into the model's own in place); the gradient of any other loss with respect to such a
+    record is then only what flows through the record. Use remove() (or a `with` block) to detach the hooks.
+    Pickling or deep-copying the recorder together with its model gives a recorder hooked to the copied layers
+    (records are not copied).
     """
 
     def __init__(
@@ -99,6 +104,7 @@ class OutputRecorder:
         *,
         channel_dim: Optional[Union[int, Sequence[int]]] = None,
         record_in_eval: bool = False,
+        alias_outputs: bool = False,
     ) -> None:
         self.layers = resolve_layers(model, layers)
         if channel_dim is None:
@@ -112,6 +118,7 @@ class OutputRecorder:
                                  f"got {channel_dim!r}")  # fmt: skip
         self.dims = dims
         self.record_in_eval = bool(record_in_eval)
+        self.alias_outputs = bool(alias_outputs)
         self.records: List[Tuple[Tensor, int]] = []
         self._attach()
 
@@ -121,10 +128,11 @@ class OutputRecorder:
 
     def __getstate__(self) -> dict:
         return {"layers": self.layers, "dims": self.dims, "record_in_eval": self.record_in_eval,
-                "attached": bool(self._handles)}  # fmt: skip
+                "alias_outputs": self.alias_outputs, "attached": bool(self._handles)}  # fmt: skip
 
     def __setstate__(self, state: dict) -> None:
         self.layers, self.dims, self.record_in_eval = state["layers"], state["dims"], state["record_in_eval"]
+        self.alias_outputs = state.get("alias_outputs", False)
         self.records = []
         self._handles = []
         if state["attached"]:

@@ -345,7 +345,8 @@ class _Grams(torch.autograd.Function):
             # dy is allocated in Y's shape and returned as is, not as a view: autograd can then add the model's own
             # gradient of Y into it in place (a view's shared storage makes it allocate a sum instead)
             work = _work_dtype(dtype)
-            if t.device.type == "cpu":  # kept between steps: fresh pages cost page faults (see workspace)
+            if t.device.type == "cpu" and not torch.compiler.is_compiling():  # kept between steps: fresh pages cost
+                # page faults (see workspace); not traceable (a lock)
                 dy = workspace.grad_buffer(shape, work)
             else:
                 dy = torch.empty(shape, dtype=work, device=t.device)

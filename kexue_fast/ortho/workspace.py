@@ -9,9 +9,10 @@ that added this module). So the buffers are kept here and handed out again once 
 
 Why reuse is safe: the cache keeps its own tensor of each buffer and hands out aliases (detach(): the same memory);
 a buffer is handed out again only while no alias of it is alive (its storage's use count, checked under a lock).
-While the cache holds a buffer, autograd never writes into it: summing it with another gradient of the same tensor
-writes into the other one (or into a new tensor), and a leaf's .grad gets a copy (its accumulation takes a gradient
-over only when nothing else refers to it). A caller still holding a gradient that came from here keeps it to itself.
+While the cache holds a buffer, autograd never writes into it on its own: summing it with another gradient of the
+same tensor writes into the other one (or into a new tensor). A gradient that came from here and is still held — by
+the caller, as a leaf's .grad (autograd may take the alias over as .grad), in another process (a buffer moved to
+shared memory is dropped from the cache) — keeps its buffer to itself. Under torch.compile the cache is not used.
 """
 
 from __future__ import annotations
@@ -23,14 +24,14 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-# The most bytes kept between calls (least recently used shapes go first), and buffers kept per shape and dtype (a
-# model has several layers of one shape, all in flight in one backward).
+# The most bytes kept between calls: past it, free buffers of the least recently used shapes are dropped, and a
+# buffer that still does not fit is handed out without being kept.
 MAX_BYTES = 1 << 30
-PER_SHAPE = 8
 
 _Key = Tuple[Tuple[int, ...], torch.dtype]
 _lock = threading.Lock()
 _buffers: OrderedDict[_Key, List[Tensor]] = OrderedDict()
+_kept = 0  # bytes in _buffers
 _free_storage_count: Optional[int] = None
 
 
@@ -49,13 +50,33 @@ def _is_free(t: Tensor) -> bool:
     return t._use_count() == 1 and _storage_count(t) == _free_storage_count
 
 
-def _bytes() -> int:
-    return sum(b.numel() * b.element_size() for bufs in _buffers.values() for b in bufs)
+def _nbytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _drop(key: _Key, index: int) -> None:
+    global _kept
+    bufs = _buffers[key]
+    _kept -= _nbytes(bufs.pop(index))
+    if not bufs:
+        del _buffers[key]
+
+
+def _make_room(size: int) -> None:
+    """Drops free buffers, least recently used shapes first, until `size` more bytes fit (buffers in use stay)."""
+    for key in list(_buffers):
+        bufs = _buffers[key]
+        for index in range(len(bufs) - 1, -1, -1):
+            if _kept + size <= MAX_BYTES:
+                return
+            if _is_free(bufs[index]):
+                _drop(key, index)
 
 
 def grad_buffer(shape: torch.Size, dtype: torch.dtype) -> Tensor:
-    """An uninitialized contiguous CPU tensor of `shape` and `dtype`: a kept one that nothing else refers to, or a new
-    one (kept for next time while the cache has room)."""
+    """An uninitialized contiguous CPU tensor of `shape` and `dtype`: an alias of a kept buffer that nothing else
+    refers to, or a new one (kept for next time while MAX_BYTES allows)."""
+    global _kept
     if not _supported():
         return torch.empty(shape, dtype=dtype)
     key = (tuple(shape), dtype)
@@ -63,32 +84,32 @@ def grad_buffer(shape: torch.Size, dtype: torch.dtype) -> Tensor:
         bufs = _buffers.get(key)
         if bufs is not None:
             _buffers.move_to_end(key)
-            for b in bufs:
-                if _is_free(b):
+            for index in range(len(bufs) - 1, -1, -1):
+                b = bufs[index]
+                if b.untyped_storage().is_shared():  # moved to shared memory: other processes may map it
+                    _drop(key, index)
+                elif _is_free(b):
                     return b.detach()
         fresh = torch.empty(shape, dtype=dtype)
-        size = fresh.numel() * fresh.element_size()
-        if size > MAX_BYTES or (bufs is not None and len(bufs) >= PER_SHAPE):
-            return fresh
-        total = _bytes()
-        while total + size > MAX_BYTES and _buffers:
-            _, evicted = _buffers.popitem(last=False)
-            total -= sum(b.numel() * b.element_size() for b in evicted)
-            if evicted is bufs:
-                bufs = None
-        if bufs is None:
-            bufs = _buffers.setdefault(key, [])
-        bufs.append(fresh)
+        size = _nbytes(fresh)
+        if _kept + size > MAX_BYTES:
+            _make_room(size)
+        if _kept + size <= MAX_BYTES:
+            _buffers.setdefault(key, []).append(fresh)
+            _buffers.move_to_end(key)
+            _kept += size
         return fresh.detach()
 
 
 def release() -> None:
     """Drops every kept buffer (memory still referred to elsewhere, e.g. a gradient the caller holds, stays with it)."""
+    global _kept
     with _lock:
         _buffers.clear()
+        _kept = 0
 
 
 def kept_bytes() -> int:
     """Bytes of the buffers kept now."""
     with _lock:
-        return _bytes()
+        return _kept
