@@ -40,8 +40,9 @@ def _power_iteration_step_kernel(
     m = tl.load(rows_ptr + g)
     n = tl.load(cols_ptr + g)
     vo = tl.load(v_off_ptr + g)
-    w = tl.load(w_ptrs + g).to(tl.pointer_type(DTYPE))
-    u = tl.load(u_ptrs + g).to(tl.pointer_type(DTYPE))
+    # tl.constexpr(...).value: Triton 3.0 and 3.1's pointer_type does not unwrap a constexpr dtype
+    w = tl.load(w_ptrs + g).to(tl.pointer_type(tl.constexpr(DTYPE).value))
+    u = tl.load(u_ptrs + g).to(tl.pointer_type(tl.constexpr(DTYPE).value))
     offs_n = tl.arange(0, BLOCK_N)
     rows = r0 + tl.arange(0, BLOCK_M)
     row_mask = rows < m
@@ -86,8 +87,8 @@ def _power_iteration_finalize_kernel(
     m = tl.load(rows_ptr + g)
     n = tl.load(cols_ptr + g)
     vo = tl.load(v_off_ptr + g)
-    u = tl.load(u_ptrs + g).to(tl.pointer_type(DTYPE))
-    v = tl.load(v_ptrs + g).to(tl.pointer_type(DTYPE))
+    u = tl.load(u_ptrs + g).to(tl.pointer_type(tl.constexpr(DTYPE).value))
+    v = tl.load(v_ptrs + g).to(tl.pointer_type(tl.constexpr(DTYPE).value))
     offs = tl.arange(0, BLOCK)
 
     sq = tl.zeros([BLOCK], dtype=DTYPE)

@@ -151,7 +151,8 @@ def _som_gram_kernel(
     ti = tl.load(work_ptr + w * 4 + 1)
     tj = tl.load(work_ptr + w * 4 + 2)
     slot = tl.load(work_ptr + w * 4 + 3)  # the pair's index among every layer's pairs, in both launches
-    y = tl.load(y_ptrs + layer).to(tl.pointer_type(DTYPE))
+    # tl.constexpr(...).value: Triton 3.0 and 3.1's pointer_type does not unwrap a constexpr dtype
+    y = tl.load(y_ptrs + layer).to(tl.pointer_type(tl.constexpr(DTYPE).value))
     N = tl.load(meta_ptr + layer * 3)
     C = tl.load(meta_ptr + layer * 3 + 1)
     S = tl.load(meta_ptr + layer * 3 + 2)
@@ -205,7 +206,7 @@ def _som_grad_kernel(
     out = tl.load(meta_ptr + row * 6 + 3)
     local = pid - tl.load(meta_ptr + row * 6 + 4)
     layer = tl.load(meta_ptr + row * 6 + 5)
-    y = tl.load(y_ptrs + layer).to(tl.pointer_type(DTYPE))
+    y = tl.load(y_ptrs + layer).to(tl.pointer_type(tl.constexpr(DTYPE).value))
     n_cb = tl.cdiv(C, BC)
     q = local // n_cb
     cb = local - q * n_cb
