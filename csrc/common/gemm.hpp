@@ -14,8 +14,8 @@ namespace gemm {
 
 // GCC's generic vectors: a tile row is 64 bytes of columns (NR), held as one 64-byte vector (one zmm register) where
 // the CPU has AVX-512 and as two 32-byte vectors (two ymm) elsewhere. A plain array accumulator was neither kept in
-// registers nor vectorized (4.7 against 111 GFLOP/s for [256, 32] × [32, 128]), and one 64-byte vector on an AVX2 CPU
-// was lowered through the stack (the SOM backward at 5 GFLOP/s on an AVX2 EPYC, 20 to 40 with two 32-byte vectors).
+// registers nor vectorized (4.7 against 111 GFLOP/s for [256, 32] × [32, 128]), and GCC lowered one 64-byte vector
+// on an AVX2 CPU through the stack (GPRs and stores between the FMAs in the disassembly).
 template <typename T, int VB>
 struct VecOf {
   typedef T type __attribute__((vector_size(VB)));
