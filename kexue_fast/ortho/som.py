@@ -342,11 +342,12 @@ class _Grams(torch.autograd.Function):
             if not ctx.needs_input_grad[3 + i]:
                 grads.append(None)
                 continue
-            # dy is allocated in Y's shape and returned as is, not as a view: autograd can then add the model's own
-            # gradient of Y into it in place (a view's shared storage makes it allocate a sum instead)
+            # dy in Y's shape. On the CPU an alias of a kept buffer (fresh pages cost page faults; see workspace;
+            # not traceable: a lock): autograd adds it into the model's own gradient of Y in place when that one
+            # arrives first, as SelfOrthogonality's recorded aliases arrange, and sums out of place otherwise.
+            # Elsewhere a new tensor, returned as is (not a view), which autograd can also add into in place.
             work = _work_dtype(dtype)
-            if t.device.type == "cpu" and not torch.compiler.is_compiling():  # kept between steps: fresh pages cost
-                # page faults (see workspace); not traceable (a lock)
+            if t.device.type == "cpu" and not torch.compiler.is_compiling():
                 dy = workspace.grad_buffer(shape, work)
             else:
                 dy = torch.empty(shape, dtype=work, device=t.device)
