@@ -6,7 +6,9 @@ compile on a GPU. So each launched kernel is compiled here by Triton's frontend 
 its bundled ptxas for GPUTarget("cuda", 90, 32), with the argument types, constexprs and num_warps its launcher
 passes: every dtype the launcher accepts, each constexpr flag that changes control flow, and the block sizes the
 launcher computes for typical shapes. Pointers are typed as the tensors the launcher passes, Python ints as i32 (i64
-where they may pass 2³¹), Python floats as fp32 unless the parameter is annotated (tl.float64 → fp64).
+where they may pass 2³¹), Python floats as fp32 unless the parameter is annotated (tl.float64 → fp64). Variants an
+op declares too new for the installed Triton (register_op's triton_needs: float64 tl.dot before 3.5) are left out
+and counted, as the dispatcher refuses them there.
 
 One subprocess (TRITON_INTERPRET=0) runs this file as a script and compiles the cases on a small process pool;
 helpers called from a kernel compile with it, so only launched kernels are listed."""
@@ -35,7 +37,7 @@ def _cases():
     from kexue_fast.ortho import som as som_api
 
     ptr = {tl.float16: "*fp16", tl.bfloat16: "*bf16", tl.float32: "*fp32", tl.float64: "*fp64"}
-    cases, skipped = [], _SKIPPED
+    cases = []
 
     def case(label, kernel, types, consts, num_warps=WARPS, needs=None):
         """needs: (op, torch dtype) whose Triton floor (register_op's triton_needs) this variant stands on: left out
@@ -48,7 +50,7 @@ def _cases():
             op, dtype = needs
             floor = _dispatch._OPS[op].triton_needs[dtype][0]  # KeyError: the op does not declare it
             if _dispatch.triton_version() < floor:
-                skipped.append(f"{label} {consts}")
+                _SKIPPED.append(f"{label} {consts}")
                 return
         sig = {a: "constexpr" if a in consts else types[a] for a in kernel.arg_names}
         cases.append((f"{label} {consts}", kernel, sig, consts, num_warps))
