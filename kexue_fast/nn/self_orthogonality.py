@@ -14,9 +14,11 @@ class SelfOrthogonality(nn.Module):
     """The Self-Orthogonality Module (Zhang et al. 2020; kexue.fm "Self-Orthogonality Module") as a plug-in.
 
     Attaches forward hooks to `layers` of `model` (None: every Conv1d/2d/3d; a type or tuple of types; or names /
-    submodules) and records their outputs Y during training forwards. loss() (or calling the module) returns
+    submodules) and records their outputs Y during training forwards (as aliases made right after each layer, so that
+    backward adds the regularizer's gradient into the model's own in place: OutputRecorder's alias_outputs). loss()
+    (or calling the module) returns
         Σ_layers  λ₁(Σ_{i≠j}Θ_ij)² + λ₂Σ_{i≠j}Θ_ij²,   Θ = ẐᵀẐ,  Ẑ = column-normalized tanh(γY) [b, k]
-    over everything recorded since the last loss() — all layers in one kernel launch on CUDA
+    over everything recorded since the last loss() — all layers in a few kernel launches on CUDA
     (kexue_fast.ortho.som_regularizer) — and forgets the records. Channels: axis 1 (convolutions), the last axis
     for nn.Linear, or `channel_dim`. The model is not registered as a submodule (no parameters, no state).
 
