@@ -162,6 +162,32 @@ def test_cpp_gram_keeps_relative_accuracy_for_tiny_inputs(scale):
         assert _rel(got[0], want[0]) <= 1e-12 and _rel(got[1], want[1]) <= 1e-12
 
 
+@pytest.mark.parametrize("scale", [1e-6, 1e-9, 1e-12])
+def test_cpp_float32_tanh_keeps_relative_accuracy_for_tiny_inputs(scale):
+    """The float32 C++ tanh (csrc/ortho/scaled_tanh.cpp: a rational with a refined reciprocal under AVX2, the expm1
+    form elsewhere) keeps relative accuracy near 0: R and ∂R/∂Y of tiny inputs within 1e-5 of the float64 truth."""
+    g = torch.Generator().manual_seed(11)
+    y = torch.randn(40, 6, 37, dtype=D64, generator=g) * scale  # 37 positions: the vector loop and its masked tail
+    y64 = y.clone().requires_grad_()
+    truth = som_regularizer(y64, backend="torch")
+    grad_truth = torch.autograd.grad(truth, y64)[0]
+    y32 = y.float().requires_grad_()
+    got = som_regularizer(y32, backend="cpp")
+    grad = torch.autograd.grad(got, y32)[0]
+    assert _rel(got.double(), truth) <= 1e-5 and _rel(grad.double(), grad_truth) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, D64])
+def test_cpp_tanh_of_infinities_is_one_and_nan_stays_nan(dtype):
+    """tanh(±inf) = ±1 as on the torch path (the C++ expm1 reduction alone gave NaN there); a NaN in Y gives NaN."""
+    y = torch.randn(8, 4, 5, dtype=dtype, generator=torch.Generator().manual_seed(3))
+    y[0, 1, 2], y[1, 2, 3] = float("inf"), -float("inf")
+    want = som_regularizer(y, backend="torch")
+    assert torch.isfinite(want) and _rel(som_regularizer(y, backend="cpp").double(), want.double()) <= 1e-5
+    y[2, 0, 0] = float("nan")
+    assert torch.isnan(som_regularizer(y, backend="cpp"))
+
+
 def test_cpp_saves_y_so_in_place_changes_before_backward_are_refused():
     """The C++ backend saves Y (Z is recomputed in backward) where the torch path saves Z: modifying Y in place
     between the regularizer and backward is autograd's usual in-place error there (documented), not a wrong

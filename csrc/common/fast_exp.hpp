@@ -90,11 +90,12 @@ inline float exp_nonpositive(float x) {
 
 // expm1(x) = exp(x) − 1 for x <= 0, accurate relative to the result near 0 too (where exp(x) − 1 cancels): the
 // same reduction and polynomial as exp_nonpositive without the constant term, q = e^r − 1, then 2^k·q + (2^k − 1),
-// exact in the scaling for k = 0 (|x| ≤ ln(2)/2). Below the smallest normal exp, −1.
+// exact in the scaling for k = 0 (|x| ≤ ln(2)/2). Below the smallest normal exp, −1 (q masked too: for x = −inf the
+// reduction gives NaN); NaN stays NaN.
 inline double expm1_nonpositive(double x) {
   const std::uint64_t keep = static_cast<std::uint64_t>(x < -708.39) - 1;
   double t;
-  const double q = detail::reduced_expm1(x, t);
+  const double q = detail::bit_cast<double>(detail::bit_cast<std::uint64_t>(detail::reduced_expm1(x, t)) & keep);
   const double scale = detail::scale_and_mask<double, std::int64_t, std::uint64_t, 52, 1023>(1.0, t, keep);
   return scale * q + (scale - 1.0);
 }
@@ -102,7 +103,7 @@ inline double expm1_nonpositive(double x) {
 inline float expm1_nonpositive(float x) {
   const std::uint32_t keep = static_cast<std::uint32_t>(x < -87.33f) - 1;
   float t;
-  const float q = detail::reduced_expm1(x, t);
+  const float q = detail::bit_cast<float>(detail::bit_cast<std::uint32_t>(detail::reduced_expm1(x, t)) & keep);
   const float scale = detail::scale_and_mask<float, std::int32_t, std::uint32_t, 23, 127>(1.0f, t, keep);
   return scale * q + (scale - 1.0f);
 }

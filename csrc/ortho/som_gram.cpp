@@ -6,10 +6,10 @@
 #include <cstring>
 #include <vector>
 
-#include "common/fast_exp.hpp"
 #include "common/gemm.hpp"
 #include "common/parallel.hpp"
 #include "common/simd.hpp"
+#include "ortho/scaled_tanh.hpp"
 
 namespace kexue {
 namespace ortho {
@@ -17,22 +17,6 @@ namespace {
 
 constexpr std::int64_t kRows = 128;       // rows per block when s = 1, positions per chunk in the backward
 constexpr std::int64_t kPositions = 1024;  // positions per chunk of the forward (float sums, then double per chunk)
-
-// tanh(t) = −sign(t) m/(2 + m), m = expm1(−2|t|) ∈ (−1, 0]: vectorizes (no libm call) and keeps relative accuracy
-// near 0, where (1 − e)/(1 + e) with e = exp(−2|t|) would cancel (Θ normalizes the columns, so only relative error
-// counts: a column of γy ~ 1e-9 lost half its digits that way).
-template <typename T>
-KEXUE_INLINE T tanh_of(T t) {
-  const T m = expm1_nonpositive(T(-2) * std::fabs(t));
-  const T r = -m / (T(2) + m);
-  return t < T(0) ? -r : r;
-}
-
-template <typename T>
-KEXUE_INLINE void tanh_into(const T* y, T gamma, T* z, std::int64_t count) {
-#pragma omp simd
-  for (std::int64_t e = 0; e < count; ++e) z[e] = tanh_of(gamma * y[e]);
-}
 
 // 32-byte vectors for the dot tiles: MI·MJ accumulators and MI + MJ operands fit AVX2's 16 registers.
 template <typename T>
@@ -105,7 +89,7 @@ KEXUE_SIMD_CLONES void gram_rows(const T* y, std::int64_t c, std::int64_t s, T g
   if (s == 1) {  // rows [r, c]: G += Zᵀ Z by broadcast tiles (A = Zᵀ read with strides (1, c))
     for (std::int64_t r0 = i0; r0 < i1; r0 += kRows) {
       const std::int64_t rows = std::min(kRows, i1 - r0);
-      tanh_into(y + r0 * c, gamma, z, rows * c);
+      scaled_tanh(y + r0 * c, gamma, z, rows * c);
       gemm::gemm<T>(c, rows, c, z, 1, c, z, c, tile, c, false);
       add_upper();
     }
@@ -114,7 +98,7 @@ KEXUE_SIMD_CLONES void gram_rows(const T* y, std::int64_t c, std::int64_t s, T g
   for (std::int64_t i = i0; i < i1; ++i)  // G += Z_i Z_iᵀ, Z_i [c, s] in chunks of kPositions positions
     for (std::int64_t p0 = 0; p0 < s; p0 += kPositions) {
       const std::int64_t p = std::min(kPositions, s - p0);
-      for (std::int64_t ch = 0; ch < c; ++ch) tanh_into(y + (i * c + ch) * s + p0, gamma, z + ch * stride, p);
+      for (std::int64_t ch = 0; ch < c; ++ch) scaled_tanh(y + (i * c + ch) * s + p0, gamma, z + ch * stride, p);
       upper_gram_rows(z, c, p, stride, tile);
       add_upper();
     }
@@ -132,7 +116,7 @@ KEXUE_SIMD_CLONES void backward_rows(const T* y, std::int64_t c, std::int64_t s,
   if (s == 1) {  // dy rows = (Z A) ⊙ (1 − Z²) (A symmetric)
     for (std::int64_t r0 = i0; r0 < i1; r0 += kRows) {
       const std::int64_t rows = std::min(kRows, i1 - r0);
-      tanh_into(y + r0 * c, gamma, z, rows * c);
+      scaled_tanh(y + r0 * c, gamma, z, rows * c);
       T* out = dy + r0 * c;
       gemm::gemm<T>(rows, c, c, z, c, 1, a, c, out, c, false);
 #pragma omp simd
@@ -143,7 +127,7 @@ KEXUE_SIMD_CLONES void backward_rows(const T* y, std::int64_t c, std::int64_t s,
   for (std::int64_t i = i0; i < i1; ++i)  // dy_i [c, s] = (A Z_i) ⊙ (1 − Z_i²), kRows positions at a time
     for (std::int64_t p0 = 0; p0 < s; p0 += kRows) {
       const std::int64_t p = std::min(kRows, s - p0);
-      for (std::int64_t ch = 0; ch < c; ++ch) tanh_into(y + (i * c + ch) * s + p0, gamma, z + ch * stride, p);
+      for (std::int64_t ch = 0; ch < c; ++ch) scaled_tanh(y + (i * c + ch) * s + p0, gamma, z + ch * stride, p);
       T* out = dy + i * c * s + p0;
       gemm::gemm<T>(c, c, p, a, c, 1, z, stride, out, s, false);
       for (std::int64_t ch = 0; ch < c; ++ch) {
