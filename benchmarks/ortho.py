@@ -37,15 +37,18 @@ def small_cnn() -> nn.Sequential:
 
 def training_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, som: SelfOrthogonality,
                   backend: Optional[str], opt: torch.optim.Optimizer) -> Callable[[], None]:  # fmt: skip
-    """One SGD step; with backend=None the hooks' records are dropped unused (the plain step)."""
+    """One SGD step; with backend=None the hooks are paused (som.enabled = False): the plain step, as if unhooked."""
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(model(x), target)
-        if backend is None:
-            som.clear()
-        else:
+        som.enabled = backend is not None
+        if backend is not None:
             som.backend = backend.split()[0]
+        try:
+            loss = nn.functional.cross_entropy(model(x), target)
+        finally:
+            som.enabled = True
+        if backend is not None:
             tf32 = torch.backends.cuda.matmul.allow_tf32
             torch.backends.cuda.matmul.allow_tf32 = backend.endswith("tf32")  # the kernel's dots follow torch's flag
             try:

@@ -429,6 +429,28 @@ def test_autocast_keeps_the_grams_in_float32():
     assert _rel(rows_route, reference.som_direct(y[:8].double())) <= 1e-5
 
 
+def test_enabled_false_pauses_recording():
+    """som.enabled = False: forwards record nothing (loss() then says so), the model's output is untouched; True
+    records again; the setting survives a deep copy."""
+    import copy
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 5, 3))
+    som = SelfOrthogonality(model)
+    x = torch.randn(2, 3, 8, 8)
+    som.enabled = False
+    out = model(x)
+    assert som.recorder.records == [] and not som.enabled
+    with pytest.raises(RuntimeError, match="recorded no outputs"):
+        som.loss()
+    assert torch.equal(out, model(x))
+    copied_model, copied = copy.deepcopy((model, som))
+    copied_model(x)
+    assert not copied.enabled and copied.recorder.records == []
+    som.enabled = True
+    model(x)
+    assert len(som.recorder.records) == 2 and torch.isfinite(som.loss())
+
+
 def test_activation_checkpointing_records_each_forward_once():
     from torch.utils.checkpoint import checkpoint
 

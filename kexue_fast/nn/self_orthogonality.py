@@ -47,6 +47,16 @@ class SelfOrthogonality(nn.Module):
                                        alias_outputs=True)  # fmt: skip
 
     @property
+    def enabled(self) -> bool:
+        """Whether the hooks record now; set False to run the model as if unhooked (a forward whose outputs should
+        not be regularized, such as a validation pass in training mode)."""
+        return self.recorder.enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self.recorder.enabled = bool(value)
+
+    @property
     def layer_names(self):
         return self.recorder.names
 

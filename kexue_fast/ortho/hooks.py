@@ -62,7 +62,9 @@ class _RecordHook:
 
     def __call__(self, module: nn.Module, inputs, output) -> None:
         recorder = self.recorder
-        if recorder is None or not (module.training or recorder.record_in_eval) or not torch.is_grad_enabled():
+        if recorder is None or not recorder.enabled or not torch.is_grad_enabled():
+            return
+        if not (module.training or recorder.record_in_eval):
             return
         if torch._C._current_autograd_node() is not None:
             return  # a forward recomputed inside backward (activation checkpointing): its output was recorded already
@@ -92,7 +94,8 @@ class OutputRecorder:
     records: [(output, channel_dim)], in call order; take() returns and clears them. alias_outputs=True records an
     alias of each output made right after its layer instead (what SelfOrthogonality uses: a loss of the records then
     has its gradient added into the model's own in place); the gradient of any other loss with respect to such a
-    record is then only what flows through the record. Use remove() (or a `with` block) to detach the hooks.
+    record is then only what flows through the record. Setting .enabled = False pauses recording (the hooks stay
+    attached and return at once). Use remove() (or a `with` block) to detach the hooks.
     Pickling or deep-copying the recorder together with its model gives a recorder hooked to the copied layers
     (records are not copied).
     """
@@ -119,6 +122,7 @@ class OutputRecorder:
         self.dims = dims
         self.record_in_eval = bool(record_in_eval)
         self.alias_outputs = bool(alias_outputs)
+        self.enabled = True
         self.records: List[Tuple[Tensor, int]] = []
         self._attach()
 
@@ -128,11 +132,13 @@ class OutputRecorder:
 
     def __getstate__(self) -> dict:
         return {"layers": self.layers, "dims": self.dims, "record_in_eval": self.record_in_eval,
-                "alias_outputs": self.alias_outputs, "attached": bool(self._handles)}  # fmt: skip
+                "alias_outputs": self.alias_outputs, "enabled": self.enabled,
+                "attached": bool(self._handles)}  # fmt: skip
 
     def __setstate__(self, state: dict) -> None:
         self.layers, self.dims, self.record_in_eval = state["layers"], state["dims"], state["record_in_eval"]
         self.alias_outputs = state.get("alias_outputs", False)
+        self.enabled = state.get("enabled", True)
         self.records = []
         self._handles = []
         if state["attached"]:
