@@ -177,6 +177,35 @@ def test_cpp_float32_tanh_keeps_relative_accuracy_for_tiny_inputs(scale):
     assert _rel(got.double(), truth) <= 1e-5 and _rel(grad.double(), grad_truth) <= 1e-5
 
 
+@pytest.mark.parametrize("shape", [(40, 6, 37), (3, 50)])  # the Gram route and the b < k route
+@pytest.mark.parametrize("scale", [1e-9, 1e-12])
+def test_torch_float32_redoes_tiny_columns_with_the_exact_tanh(shape, scale, monkeypatch):
+    """The torch path's CPU float32 tanh is 2σ(2γy) − 1 (absolute error ~2 ulp(1), and 0 for |γy| < ~3e-8): columns
+    of Z with rms below som.SIGMOID_MIN_RMS are redone with torch.tanh, so tiny layers (and one tiny channel among
+    normal ones) keep R and ∂R/∂Y within 1e-5 of the float64 truth; normal columns never take the slow tanh."""
+    from kexue_fast.ortho import som as som_module
+
+    exact_calls = []
+    tanh = som_module._tanh
+    monkeypatch.setattr(som_module, "_tanh", lambda y, g, exact=False: exact_calls.append(exact) or tanh(y, g, exact))
+    g = torch.Generator().manual_seed(5)
+    y = torch.randn(*shape, dtype=D64, generator=g) * 0.1
+    for case in ("normal", "one tiny channel", "all tiny"):
+        if case == "one tiny channel":
+            y[:, 2] *= scale
+        elif case == "all tiny":
+            y *= scale
+        exact_calls.clear()
+        y64 = y.clone().requires_grad_()
+        truth = som_regularizer(y64, backend="torch")
+        grad_truth = torch.autograd.grad(truth, y64)[0]
+        y32 = y.float().requires_grad_()
+        got = som_regularizer(y32, backend="torch")
+        grad = torch.autograd.grad(got, y32)[0]
+        assert _rel(got.double(), truth) <= 1e-5 and _rel(grad.double(), grad_truth) <= 1e-5, case
+        assert any(exact_calls) == (case != "normal"), case
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, D64])
 def test_cpp_tanh_of_infinities_is_one_and_nan_stays_nan(dtype):
     """tanh(±inf) = ±1 as on the torch path (the C++ expm1 reduction alone gave NaN there); a NaN in Y gives NaN."""

@@ -190,7 +190,11 @@ class _GramPenalty(torch.autograd.Function):
 def rows_penalty(y: Tensor, gamma: float, lambda1: float, lambda2: float, eps: float) -> Tensor:
     """R of y [b, k] with b < k through ‖Ẑ1‖² and ‖ẐẐᵀ‖_F (O(b²k))."""
     z = _tanh(y, gamma)
-    zh = z / torch.linalg.vector_norm(z, dim=0).clamp_min(eps)
+    norms = torch.linalg.vector_norm(z, dim=0)
+    if _inexact_columns(norms * norms, y).numel():  # b < k: few rows, so redo them all
+        z = _tanh(y, gamma, exact=True)
+        norms = torch.linalg.vector_norm(z, dim=0)
+    zh = z / norms.clamp_min(eps)
     d = (zh * zh).sum(0)
     s1 = (zh.sum(1) ** 2).sum() - d.sum()
     h = zh @ zh.T
@@ -265,10 +269,12 @@ def _one(dtype: torch.dtype) -> Tensor:
     return torch.ones((), dtype=dtype)
 
 
-def _tanh(y: Tensor, gamma: float) -> Tensor:
-    """tanh(γy); on CPU below float64 as 2σ(2γy) − 1 (absolute error ≤ 2 ulp(1)): torch's CPU tanh is ~10× slower
-    than its sigmoid, and R needs tanh to absolute, not relative, precision."""
-    if y.device.type == "cpu" and y.dtype != torch.float64:
+def _tanh(y: Tensor, gamma: float, exact: bool = False) -> Tensor:
+    """tanh(γy); on CPU below float64 (unless exact) as 2σ(2γy) − 1: torch's CPU tanh took 2.7× as long as this form
+    (5.2 against 1.9 ms for 1M float32 values on one thread of a Zen 3 VM), whose absolute error is ≤ 2 ulp(1). That is
+    a relative error of up to ~2.4e-7/rms in a column of Z of that rms, which Θ's normalization exposes: callers redo
+    columns too small for it with exact=True (_inexact_columns)."""
+    if y.device.type == "cpu" and y.dtype != torch.float64 and not exact and not torch.compiler.is_compiling():
         if torch.is_grad_enabled() and y.requires_grad:
             return 2 * torch.sigmoid(y * (2 * gamma)) - 1
         s = (y * (2 * gamma)).sigmoid_()  # one buffer: fresh CPU pages are costly to touch
@@ -276,12 +282,35 @@ def _tanh(y: Tensor, gamma: float) -> Tensor:
     return torch.tanh(y * gamma)
 
 
+# Columns of Z whose rms is below this are redone with the exact tanh on the CPU (see _tanh): the sigmoid form's error
+# then stays below ~1e-4 of each column's norm. Zero columns count (the sigmoid form rounds |γy| < ~3e-8 to 0).
+SIGMOID_MIN_RMS = 2.4e-3
+
+
+def _inexact_columns(squared_norms: Tensor, y: Tensor) -> Tensor:
+    """Indices of the columns (squared norms ‖z_j‖², [k]) of _tanh's sigmoid form of y with rms(z_j) <
+    SIGMOID_MIN_RMS, which exact=True should redo (none where the sigmoid form did not run)."""
+    if y.device.type != "cpu" or y.dtype == torch.float64 or torch.compiler.is_compiling():
+        return squared_norms.new_empty(0, dtype=torch.long)
+    rows = y.numel() // squared_norms.numel()
+    return (squared_norms < rows * SIGMOID_MIN_RMS**2).nonzero().flatten()
+
+
 def _torch_gram(y: Tensor, layout: Layout, gamma: float) -> Tuple[Tensor, Tensor]:
     """(G = ZᵀZ in the work dtype [c, c], Z [n, c, s]) of Z = tanh(γY), Y read as [N, C, S] in place (no
     channel-last copy)."""
     n, c, s = layout
-    z = _tanh(y.reshape(n, c, s).to(_work_dtype(y.dtype)), gamma)
-    return (z[:, :, 0].T @ z[:, :, 0] if s == 1 else torch.bmm(z, z.mT).sum(0)), z
+    rows = y.reshape(n, c, s).to(_work_dtype(y.dtype))
+    z = _tanh(rows, gamma)
+    g = z[:, :, 0].T @ z[:, :, 0] if s == 1 else torch.bmm(z, z.mT).sum(0)
+    small = _inexact_columns(g.diagonal(), y)
+    if small.numel():  # redo those channels exactly, and their rows and columns of G
+        z[:, small] = _tanh(rows[:, small], gamma, exact=True)
+        zs = z[:, small]
+        cross = zs[:, :, 0].T @ z[:, :, 0] if s == 1 else torch.bmm(zs, z.mT).sum(0)
+        g[small] = cross
+        g[:, small] = cross.T
+    return g, z
 
 
 def _torch_gram_backward(z: Tensor, a: Tensor, out: Tensor) -> None:
