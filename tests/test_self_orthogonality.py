@@ -239,8 +239,8 @@ def test_cpp_is_what_auto_runs_on_cpu_and_compile_takes_torch(monkeypatch):
     import kexue_fast._core
 
     calls = []
-    gram = kexue_fast._core.som_gram
-    monkeypatch.setattr(kexue_fast._core, "som_gram", lambda *a, **k: calls.append(1) or gram(*a, **k))
+    penalty = kexue_fast._core.som_penalty
+    monkeypatch.setattr(kexue_fast._core, "som_penalty", lambda *a, **k: calls.append(1) or penalty(*a, **k))
     monkeypatch.delenv("KEXUE_FAST_BACKEND", raising=False)
     y = torch.randn(4, 3, 5, 5)
     before = torch.get_num_threads()
@@ -296,6 +296,23 @@ def test_dead_unit_matches_reference(backend):
     y[:, 2] = 0  # a column with tanh(γy) = 0: ẑ = 0, no contribution
     ours = som_regularizer(y, backend=backend)
     assert torch.isfinite(ours) and abs(float(ours - reference.som_direct(y))) <= 1e-12 * float(ours)
+
+
+def test_cpp_penalty_matches_torch_with_clamped_columns():
+    """The C++ penalty and its closed-form A (csrc/ortho/som_gram.cpp som_penalty) against the torch path's
+    (_GramPenalty) where columns are clamped (‖tanh(γy_j)‖ < eps: one zero, one tiny but nonzero, scaled by 1/eps) or
+    unclamped: R and ∂R/∂Y equal to 1e-12 in float64."""
+    g = torch.Generator().manual_seed(8)
+    y = torch.randn(20, 6, 3, dtype=D64, generator=g)
+    y[:, 2] = 0
+    y[:, 4] *= 1e-15  # G_44 ~ 6e-27 < eps² = 1e-24
+    results = []
+    for backend in ("torch", "cpp"):
+        yy = y.clone().requires_grad_()
+        r = som_regularizer(yy, backend=backend)
+        results.append((r.detach(), torch.autograd.grad(r * 0.7, yy)[0]))
+    (rt, gt), (rc, gc) = results
+    assert _rel(rc, rt) <= 1e-12 and _rel(gc, gt) <= 1e-12
 
 
 def _cnn():

@@ -175,6 +175,36 @@ void som_gram_backward(const T* y, std::int64_t n, std::int64_t c, std::int64_t 
   });
 }
 
+double som_penalty(const double* gram, std::int64_t c, double gamma, double lambda1, double lambda2, double eps,
+                   double* a) {
+  std::vector<double> inv(static_cast<std::size_t>(c));
+  for (std::int64_t i = 0; i < c; ++i) inv[i] = 1.0 / std::sqrt(std::max(gram[i * c + i], eps * eps));
+  double s1 = 0, s2 = 0;
+  for (std::int64_t i = 0; i < c; ++i)
+    for (std::int64_t j = 0; j < c; ++j) {
+      if (i == j) continue;
+      const double theta = gram[i * c + j] * inv[i] * inv[j];
+      s1 += theta;
+      s2 += theta * theta;
+    }
+  if (a != nullptr) {
+    // Ḡ_ij = M_ij d_i d_j off the diagonal, M_ij = 2λ₁s₁ + 2λ₂Θ_ij; Ḡ_ii = −d_i² Σ_j M_ij Θ_ij where G_ii ≥ eps²
+    // (clamp_min's gradient is 0 below); A = γ(Ḡ + Ḡᵀ) = 2γḠ (G symmetric).
+    for (std::int64_t i = 0; i < c; ++i) {
+      double diag = 0;
+      for (std::int64_t j = 0; j < c; ++j) {
+        if (i == j) continue;
+        const double theta = gram[i * c + j] * inv[i] * inv[j];
+        const double m = 2 * lambda1 * s1 + 2 * lambda2 * theta;
+        a[i * c + j] = 2 * gamma * m * inv[i] * inv[j];
+        diag += m * theta;
+      }
+      a[i * c + i] = gram[i * c + i] >= eps * eps ? -2 * gamma * inv[i] * inv[i] * diag : 0.0;
+    }
+  }
+  return lambda1 * s1 * s1 + lambda2 * s2;
+}
+
 template void som_gram<float>(const float*, std::int64_t, std::int64_t, std::int64_t, double, double*, int);
 template void som_gram<double>(const double*, std::int64_t, std::int64_t, std::int64_t, double, double*, int);
 template void som_gram_backward<float>(const float*, std::int64_t, std::int64_t, std::int64_t, double, const float*,

@@ -23,5 +23,11 @@ template <typename T>
 void som_gram_backward(const T* y, std::int64_t n, std::int64_t c, std::int64_t s, double gamma, const T* a, T* dy,
                        int n_threads);
 
+// R = λ₁s₁² + λ₂s₂ (s₁ = Σ_{i≠j}Θ_ij, s₂ = Σ_{i≠j}Θ_ij², Θ = D⁻¹GD⁻¹, D_ii = max(√G_ii, eps)) of a symmetric Gram
+// [c, c], and when a is not null A = γ(Ḡ + Ḡᵀ) [c, c] at a unit upstream gradient, Ḡ = ∂R/∂G (the backward's
+// input above; kexue_fast/ortho/som.py's _GramPenalty has the same formulas in torch).
+double som_penalty(const double* gram, std::int64_t c, double gamma, double lambda1, double lambda2, double eps,
+                   double* a);
+
 }  // namespace ortho
 }  // namespace kexue

@@ -5,7 +5,8 @@ Route per layer (both exact): when b ≥ k, everything follows from the k×k Gra
 D = diag(max(√G_ii, eps)), and the off-diagonal sums are taken on Θ directly (O(k²), no cancellation). G comes from the
 fused Triton kernels on CUDA (kernels/som.py: all such layers in one launch per group of one row layout, tile width and
 block size, Y read in place, Z never written; backward ∂R/∂Y = γ(1 − Z²) ⊙ (Z(Ḡ + Ḡᵀ)) in as many more), from the C++
-core on CPU, or from torch. When b < k, the b×b form is cheaper: Σ_{i≠j}Θ_ij = ‖Ẑ1‖² − Σ_i Θ_ii and Σ_{i≠j}Θ_ij² =
+core on CPU (which also forms R and A = γ(Ḡ + Ḡᵀ) from it: _CppPenalty, one C++ call per layer each way), or from
+torch. When b < k, the b×b form is cheaper: Σ_{i≠j}Θ_ij = ‖Ẑ1‖² − Σ_i Θ_ii and Σ_{i≠j}Θ_ij² =
 ‖ẐẐᵀ‖_F² − Σ_i Θ_ii² (O(b²k), torch).
 The Triton path is two torch.library custom ops, opaque under torch.compile: kexue_fast::som_penalty (the Gram
 kernels, a sum over row chunks, and one program per layer for R and the backward's A) and
@@ -332,30 +333,19 @@ def _cpp_core():
 
 
 class _Grams(torch.autograd.Function):
-    """(gamma, layouts, cpp, *ys) -> the zero-padded float64 Grams [L, KP, KP], G_ℓ = Z_ℓᵀZ_ℓ, Z = tanh(γY), every
-    layer in one autograd node; backward ∂R/∂Y_ℓ = (Z_ℓ A_ℓ) ⊙ (1 − Z_ℓ²) with A = γ(Ḡ + Ḡᵀ).
-
-    cpp=True: the C++ core (csrc/ortho/som_gram.cpp) reads each Y as [N, C, S] in place and never stores Z (each
-    sample's is recomputed in cache, in forward and again in backward; Y is saved). cpp=False: torch ops, Z saved."""
+    """(gamma, layouts, *ys) -> the zero-padded float64 Grams [L, KP, KP], G_ℓ = Z_ℓᵀZ_ℓ, Z = tanh(γY), every layer
+    in one autograd node, by torch ops (Z saved); backward ∂R/∂Y_ℓ = (Z_ℓ A_ℓ) ⊙ (1 − Z_ℓ²) with A = γ(Ḡ + Ḡᵀ)."""
 
     @staticmethod
-    def forward(ctx, gamma: float, layouts: Tuple[Layout, ...], cpp: bool, *ys: Tensor) -> Tensor:
-        core = _cpp_core() if cpp else None
+    def forward(ctx, gamma: float, layouts: Tuple[Layout, ...], *ys: Tensor) -> Tensor:
         kp = max(c for _, c, _ in layouts)
         out = ys[0].new_zeros((len(ys), kp, kp), dtype=torch.float64)
         saved = []
         for i, (y, (n, c, s)) in enumerate(zip(ys, layouts)):
-            if cpp:
-                y_flat = y.detach().to(_work_dtype(y.dtype)).contiguous().view(-1)  # half in float32, as on torch
-                g = out[i] if c == kp else torch.empty((c, c), dtype=torch.float64)
-                core.som_gram(y_flat.numpy(), n, c, s, gamma, g.numpy(), CPP_THREADS)
-                saved.append(y)
-            else:
-                g, z = _torch_gram(y, (n, c, s), gamma)
-                saved.append(z)
-            if c != kp or not cpp:
-                out[i, :c, :c] = g
-        ctx.gamma, ctx.layouts, ctx.cpp = gamma, layouts, cpp
+            g, z = _torch_gram(y, (n, c, s), gamma)
+            saved.append(z)
+            out[i, :c, :c] = g
+        ctx.gamma, ctx.layouts = gamma, layouts
         ctx.y_meta = [(y.shape, y.dtype) for y in ys]
         ctx.save_for_backward(*saved)
         return out
@@ -363,37 +353,68 @@ class _Grams(torch.autograd.Function):
     @staticmethod
     @first_order
     def backward(ctx, grad: Tensor):
-        core = _cpp_core() if ctx.cpp else None
         saved = ctx.saved_tensors
         a_all = (grad + grad.mT) * ctx.gamma
         grads: List[Optional[Tensor]] = []
-        for i, (t, (n, c, s), (shape, dtype)) in enumerate(zip(saved, ctx.layouts, ctx.y_meta)):
-            if not ctx.needs_input_grad[3 + i]:
+        for i, (z, (_, c, _), (shape, dtype)) in enumerate(zip(saved, ctx.layouts, ctx.y_meta)):
+            if not ctx.needs_input_grad[2 + i]:
                 grads.append(None)
                 continue
-            # dy in Y's shape. On the CPU an alias of a kept buffer (fresh pages cost page faults; see workspace;
-            # not traceable: a lock): autograd adds it into the model's own gradient of Y in place when that one
-            # arrives first, as SelfOrthogonality's recorded aliases arrange, and sums out of place otherwise.
-            # Elsewhere a new tensor, returned as is (not a view), which autograd can also add into in place.
             work = _work_dtype(dtype)
-            if t.device.type == "cpu" and not torch.compiler.is_compiling():
-                dy = workspace.grad_buffer(shape, work)
-            else:
-                dy = torch.empty(shape, dtype=work, device=t.device)
-            if ctx.cpp:
-                y_flat = t.detach().to(work).contiguous().view(-1)
-                a = a_all[i, :c, :c].to(work).contiguous()
-                core.som_gram_backward(y_flat.numpy(), n, c, s, ctx.gamma, a.numpy(), dy.view(-1).numpy(), CPP_THREADS)
-            else:
-                _torch_gram_backward(t, a_all[i, :c, :c].to(work), dy)
+            dy = _grad_buffer(shape, work, z.device)
+            _torch_gram_backward(z, a_all[i, :c, :c].to(work), dy)
             grads.append(dy.to(dtype))
-        return (None, None, None, *grads)
+        return (None, None, *grads)
 
 
-def _grams(ys: Sequence[Tensor], layouts: Sequence[Layout], gamma: float, cpp: bool = False) -> Tensor:
-    """Zero-padded float64 Grams [L, KP, KP], one autograd node for all layers (the C++ core's with cpp, else
-    torch's)."""
-    return _Grams.apply(gamma, tuple(layouts), cpp, *ys)
+def _grad_buffer(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """∂R/∂Y in Y's shape. On the CPU an alias of a kept buffer (fresh pages cost page faults; see workspace; not
+    traceable: a lock): autograd adds it into the model's own gradient of Y in place when that one arrives first, as
+    SelfOrthogonality's recorded aliases arrange, and sums out of place otherwise. Elsewhere a new tensor, returned as
+    is (not a view), which autograd can also add into in place."""
+    if device.type == "cpu" and not torch.compiler.is_compiling():
+        return workspace.grad_buffer(shape, dtype)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+class _CppPenalty(torch.autograd.Function):
+    """(gamma, lambda1, lambda2, eps, layouts, *ys) -> R [L] float64 on the C++ core (csrc/ortho/som_gram.cpp), one
+    autograd node and one C++ call per layer each way: forward the Gram (each Y read as [N, C, S] in place, Z never
+    stored: each sample's is computed in cache), R and A₀ = γ(Ḡ + Ḡᵀ) at a unit upstream gradient (float64 [c, c]);
+    backward ∂R/∂Y = (Z A) ⊙ (1 − Z²) with A = (∂L/∂R_ℓ)·A₀, Z recomputed in cache (Y is saved)."""
+
+    @staticmethod
+    def forward(ctx, gamma: float, lambda1: float, lambda2: float, eps: float, layouts: Tuple[Layout, ...],
+                *ys: Tensor) -> Tensor:  # fmt: skip
+        core = _cpp_core()
+        values, a0 = [], []
+        for y, (n, c, s) in zip(ys, layouts):
+            y_flat = y.detach().to(_work_dtype(y.dtype)).contiguous().view(-1)  # half in float32, as on torch
+            a = torch.empty((c, c), dtype=torch.float64)
+            values.append(core.som_penalty(y_flat.numpy(), n, c, s, gamma, lambda1, lambda2, eps, a.numpy(),
+                                           CPP_THREADS))  # fmt: skip
+            a0.append(a)
+        ctx.gamma, ctx.layouts, ctx.a0 = gamma, layouts, a0
+        ctx.save_for_backward(*ys)
+        return torch.tensor(values, dtype=torch.float64)
+
+    @staticmethod
+    @first_order
+    def backward(ctx, grad: Tensor):
+        core = _cpp_core()
+        scales = grad.tolist()
+        grads: List[Optional[Tensor]] = []
+        for i, (y, (n, c, s), a0) in enumerate(zip(ctx.saved_tensors, ctx.layouts, ctx.a0)):
+            if not ctx.needs_input_grad[5 + i]:
+                grads.append(None)
+                continue
+            work = _work_dtype(y.dtype)
+            dy = _grad_buffer(y.shape, work, y.device)
+            y_flat = y.detach().to(work).contiguous().view(-1)
+            core.som_gram_backward(y_flat.numpy(), n, c, s, ctx.gamma, a0.numpy(), dy.view(-1).numpy(), CPP_THREADS,
+                                   scales[i])  # fmt: skip
+            grads.append(dy.to(y.dtype))
+        return (None, None, None, None, None, *grads)
 
 
 def som_regularizer(
@@ -467,8 +488,11 @@ def _per_layer(ys, dims, layouts, chosen, gamma: float, lambda1: float, lambda2:
             flat_layouts = [v for i in idx for v in layouts[i]]
             inputs = [ys[i].contiguous() for i in idx]
             penalties = _triton_penalty(inputs, flat_layouts, gamma, lambda1, lambda2, eps)[0]
+        elif name == "cpp":
+            group = tuple(layouts[i] for i in idx)
+            penalties = _CppPenalty.apply(gamma, lambda1, lambda2, eps, group, *[ys[i] for i in idx])
         else:
-            grams = _grams([ys[i] for i in idx], [layouts[i] for i in idx], gamma, cpp=name == "cpp")
+            grams = _Grams.apply(gamma, tuple(layouts[i] for i in idx), *[ys[i] for i in idx])
             penalties = gram_penalty(grams, [layouts[i][1] for i in idx], lambda1, lambda2, eps)
         if len(idx) == len(ys):  # one group, in order: R per layer as it comes (no per-layer select and stack)
             return penalties.to(_out_dtype(ys))
