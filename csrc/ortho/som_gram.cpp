@@ -95,6 +95,18 @@ KEXUE_SIMD_CLONES void gram_rows(const T* y, std::int64_t c, std::int64_t s, T g
     }
     return;
   }
+  if (s < kPositions) {  // several samples side by side per chunk: longer dot products, fewer lane sums and tile setups
+    const std::int64_t per = kPositions / s;
+    for (std::int64_t i = i0; i < i1; i += per) {
+      const std::int64_t m = std::min(per, i1 - i);
+      for (std::int64_t ch = 0; ch < c; ++ch)
+        for (std::int64_t k = 0; k < m; ++k)
+          scaled_tanh(y + ((i + k) * c + ch) * s, gamma, z + ch * stride + k * s, s);
+      upper_gram_rows(z, c, m * s, stride, tile);
+      add_upper();
+    }
+    return;
+  }
   for (std::int64_t i = i0; i < i1; ++i)  // G += Z_i Z_iᵀ, Z_i [c, s] in chunks of kPositions positions
     for (std::int64_t p0 = 0; p0 < s; p0 += kPositions) {
       const std::int64_t p = std::min(kPositions, s - p0);
