@@ -2,6 +2,7 @@
 
     python -m kexue_fast.benchmarks.som_profile [--device cuda] [--batch 256] [--steps 5] [--sweep]
     python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --steps 20 --cpp-split [--fresh-buffers]
+    python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --host-overhead
 
 On an H200 the step with SOM measured 34.7 ms on the Triton kernels against 5.1 ms on the torch path at 0cff550;
 on an H100 at 1889232 it takes 4.22 ms against a 3.42 ms step (benchmarks/results/ortho-cuda.md), the kernels'
@@ -13,7 +14,9 @@ functions, so a GPU session can tell host overhead (tables built per call, launc
 On CPU it profiles the torch path and the C++ Gram on one torch thread instead (batch 2 by default: pass --batch 32
 for benchmarks/ortho.py's CPU step). --cpp-split (CPU) prints the wall time of the C++ forward and backward calls
 inside that step, per step, against the step without SOM; --fresh-buffers gives the backward a new ∂R/∂Y buffer per
-call instead of kexue_fast.ortho.workspace's kept ones (what the page faults of fresh memory cost).
+call instead of kexue_fast.ortho.workspace's kept ones (what the page faults of fresh memory cost). --host-overhead
+(CPU) times som_regularizer's forward and forward + backward on the step's four recorded conv outputs with the C++
+calls replaced by no-ops: the Python and torch side of the C++ route.
 """
 
 from __future__ import annotations
@@ -166,6 +169,48 @@ def cpp_split(batch: int, steps: int, fresh_buffers: bool) -> None:
           f"{spent['backward'] / steps * 1e3:.2f} ms per step")  # fmt: skip
 
 
+def host_overhead(batch: int, reps: int = 200) -> None:
+    """Median µs of som_regularizer(backend="cpp") forward, and forward + backward, on the CNN's recorded conv outputs
+    with the C++ core's calls replaced by no-ops (everything but the C++ work)."""
+    from kexue_fast.ortho import som, som_regularizer
+
+    class NoOpCore:
+        def som_penalty(self, y, n, c, s, gamma, lambda1, lambda2, eps, a, n_threads) -> float:
+            a.fill(0.0)
+            return 0.0
+
+        def som_gram_backward(self, *args) -> None:
+            pass
+
+    model, _, x, _, hooks = cnn_setup("cpu", batch)
+    model(x)
+    ys = [y.detach().requires_grad_() for y, _ in hooks.recorder.take()]
+    hooks.remove()
+
+    def forward() -> None:
+        som_regularizer(ys, backend="cpp")
+
+    def both() -> None:
+        torch.autograd.grad(som_regularizer(ys, backend="cpp"), ys)
+
+    original = som._cpp_core
+    som._cpp_core = NoOpCore
+    try:
+        times = {}
+        for name, fn in (("forward", forward), ("forward + backward", both)):
+            fn()
+            samples = []
+            for _ in range(reps):
+                start = time.perf_counter()
+                fn()
+                samples.append(time.perf_counter() - start)
+            times[name] = sorted(samples)[reps // 2] * 1e6
+    finally:
+        som._cpp_core = original
+    print(f"CPU, batch {batch}: som_regularizer's host side on {len(ys)} layers (C++ calls as no-ops), median of "
+          f"{reps}: forward {times['forward']:.0f} µs, forward + backward {times['forward + backward']:.0f} µs")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -174,6 +219,7 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="CUDA: time the fused kernels' launch settings instead")
     parser.add_argument("--cpp-split", action="store_true", help="CPU: time the C++ calls inside the step instead")
     parser.add_argument("--fresh-buffers", action="store_true", help="with --cpp-split: no kept ∂R/∂Y buffers")
+    parser.add_argument("--host-overhead", action="store_true", help="CPU: the C++ route's Python and torch side")
     args = parser.parse_args()
     batch = args.batch or (256 if args.device == "cuda" else 2)
     if args.device == "cpu":
@@ -182,6 +228,11 @@ def main() -> None:
         if args.device != "cuda":
             parser.error("--sweep times the Triton kernels: it needs --device cuda")
         sweep(batch)
+        return
+    if args.host_overhead:
+        if args.device != "cpu":
+            parser.error("--host-overhead times the C++ route: it needs --device cpu")
+        host_overhead(batch)
         return
     if args.cpp_split:
         if args.device != "cpu":
