@@ -207,8 +207,9 @@ def host_overhead(batch: int, reps: int = 200) -> None:
             times[name] = sorted(samples)[reps // 2] * 1e6
     finally:
         som._cpp_core = original
+    fwd, both_us = times["forward"], times["forward + backward"]
     print(f"CPU, batch {batch}: som_regularizer's host side on {len(ys)} layers (C++ calls as no-ops), median of "
-          f"{reps}: forward {times['forward']:.0f} µs, forward + backward {times['forward + backward']:.0f} µs")  # fmt: skip
+          f"{reps}: forward {fwd:.0f} µs, forward + backward {both_us:.0f} µs")  # fmt: skip
 
 
 def main() -> None:
