@@ -1,12 +1,14 @@
 // The Self-Orthogonality regularizer's heavy part on the CPU (torch-free): the Gram G = ZᵀZ of Z = tanh(γY) and its
-// backward ∂Y = (A Z) ⊙ (1 − Z²) for A = γ(Ḡ + Ḡᵀ) (kexue_fast/ortho/som.py takes R from G).
+// backward ∂Y = (A Z) ⊙ (1 − Z²) for A = γ(Ḡ + Ḡᵀ); som_penalty forms R and A from G (kexue_fast/ortho/som.py's
+// _CppPenalty calls the Gram and it in one binding, som_penalty in csrc/bindings.cpp).
 //
 // Y is read in place as [n, c, s] (c channels; the rows of Y as [b, k] are the (i, position) pairs, b = n·s): an NCHW
 // convolution output is n = N, s = H·W; an [N, k] linear output is s = 1. Z is never stored: each sample's Z_i
 // [c, s] (or a block of rows when s = 1) is computed into a cache-sized scratch, used, and recomputed by the
 // backward. G = Σ_i Z_i Z_iᵀ: for s > 1 by dot-product register tiles along the positions (no transposition), only
-// the upper triangle's tiles, summed per sample in double; for s = 1 by broadcast tiles over blocks of rows. Samples
-// are split over threads, partial Grams added in thread order (deterministic for a given thread count).
+// the upper triangle's tiles, over chunks of up to 1024 positions (several samples side by side when s < 1024) summed
+// in the input's type and added in double per chunk; for s = 1 by broadcast tiles over blocks of rows. Samples are
+// split over threads, partial Grams added in thread order (deterministic for a given thread count).
 #pragma once
 
 #include <cstdint>

@@ -388,15 +388,15 @@ class _CppPenalty(torch.autograd.Function):
                 *ys: Tensor) -> Tensor:  # fmt: skip
         core = _cpp_core()
         values, a0 = [], []
-        for y, (n, c, s) in zip(ys, layouts):
+        for y, (n, c, s), needed in zip(ys, layouts, ctx.needs_input_grad[5:]):
             y_flat = y.detach().to(_work_dtype(y.dtype)).contiguous().view(-1)  # half in float32, as on torch
-            a = torch.empty((c, c), dtype=torch.float64)
-            values.append(core.som_penalty(y_flat.numpy(), n, c, s, gamma, lambda1, lambda2, eps, a.numpy(),
-                                           CPP_THREADS))  # fmt: skip
+            a = torch.empty((c, c), dtype=torch.float64, device="cpu") if needed else None  # A₀ only for a backward
+            values.append(core.som_penalty(y_flat.numpy(), n, c, s, gamma, lambda1, lambda2, eps,
+                                           None if a is None else a.numpy(), CPP_THREADS))  # fmt: skip
             a0.append(a)
         ctx.gamma, ctx.layouts, ctx.a0 = gamma, layouts, a0
         ctx.save_for_backward(*ys)
-        return torch.tensor(values, dtype=torch.float64)
+        return torch.tensor(values, dtype=torch.float64, device="cpu")
 
     @staticmethod
     @first_order
@@ -410,9 +410,12 @@ class _CppPenalty(torch.autograd.Function):
                 continue
             work = _work_dtype(y.dtype)
             dy = _grad_buffer(y.shape, work, y.device)
-            y_flat = y.detach().to(work).contiguous().view(-1)
-            core.som_gram_backward(y_flat.numpy(), n, c, s, ctx.gamma, a0.numpy(), dy.view(-1).numpy(), CPP_THREADS,
-                                   scales[i])  # fmt: skip
+            if scales[i] == 0.0:  # a zero weight (a warm-up schedule): zeros, without the C++ pass
+                dy.zero_()
+            else:
+                y_flat = y.detach().to(work).contiguous().view(-1)
+                core.som_gram_backward(y_flat.numpy(), n, c, s, ctx.gamma, a0.numpy(), dy.view(-1).numpy(),
+                                       CPP_THREADS, scales[i])  # fmt: skip
             grads.append(dy.to(y.dtype))
         return (None, None, None, None, None, *grads)
 
