@@ -328,6 +328,22 @@ def test_cpp_route_zero_weight_and_no_grad():
         assert _rel(som_regularizer(y, backend="cpp"), want) <= 1e-12
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_cpu_inputs_under_another_default_device(backend):
+    """CPU layer outputs while torch's default device is another (here meta): the CPU paths make their own buffers on
+    the CPU (the cached constant of the sigmoid form, kept ∂R/∂Y buffers, the C++ route's A and R)."""
+    from kexue_fast.ortho import som as som_module
+
+    g = torch.Generator().manual_seed(13)
+    y = torch.randn(8, 3, 5, generator=g).requires_grad_()
+    want = som_regularizer(y.detach().double(), backend="torch")
+    som_module._one.cache_clear()  # made under the meta default device below, as a first call would
+    with torch.device("meta"):
+        r = som_regularizer(y, backend=backend)
+        grad = torch.autograd.grad(r, y)[0]
+    assert r.device.type == grad.device.type == "cpu" and _rel(r.double(), want) <= 1e-5
+
+
 def _cnn():
     torch.manual_seed(0)
     return nn.Sequential(

@@ -267,7 +267,7 @@ _triton_penalty.register_autograd(_penalty_backward, setup_context=_penalty_setu
 
 @functools.lru_cache(maxsize=8)
 def _one(dtype: torch.dtype) -> Tensor:
-    return torch.ones((), dtype=dtype)
+    return torch.ones((), dtype=dtype, device="cpu")  # CPU whatever torch's default device (it is cached)
 
 
 def _tanh(y: Tensor, gamma: float, exact: bool = False) -> Tensor:

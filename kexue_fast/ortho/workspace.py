@@ -46,7 +46,7 @@ def _supported() -> bool:
 def _is_free(t: Tensor) -> bool:
     global _free_storage_count
     if _free_storage_count is None:  # what a tensor with no alias reports (the temporary storage wrapper counts too)
-        _free_storage_count = _storage_count(torch.empty(1))
+        _free_storage_count = _storage_count(torch.empty(1, device="cpu"))
     return t._use_count() == 1 and _storage_count(t) == _free_storage_count
 
 
@@ -78,7 +78,7 @@ def grad_buffer(shape: torch.Size, dtype: torch.dtype) -> Tensor:
     refers to, or a new one (kept for next time while MAX_BYTES allows)."""
     global _kept
     if not _supported():
-        return torch.empty(shape, dtype=dtype)
+        return torch.empty(shape, dtype=dtype, device="cpu")
     key = (tuple(shape), dtype)
     with _lock:
         bufs = _buffers.get(key)
@@ -90,7 +90,7 @@ def grad_buffer(shape: torch.Size, dtype: torch.dtype) -> Tensor:
                     _drop(key, index)
                 elif _is_free(b):
                     return b.detach()
-        fresh = torch.empty(shape, dtype=dtype)
+        fresh = torch.empty(shape, dtype=dtype, device="cpu")  # whatever torch's default device
         size = _nbytes(fresh)
         if _kept + size > MAX_BYTES:
             _make_room(size)
