@@ -440,16 +440,17 @@ def som_regularizer(
     (half inputs are computed in float32). backend: "auto" (the C++ core for float32/float64 CPU tensors when torch runs
     on one thread, see CPP_THREADS; the Triton kernels for CUDA layers of at most TRITON_AUTO_MAX_CHANNELS channels;
     torch elsewhere), "cpp" (csrc/ortho/som_gram.cpp: tanh and the Gram's upper triangle in one pass over Y, Z never
-    stored; the backward in one more), "triton" (kernels/som.py, CUDA: one launch per group of layers sharing a row
-    layout, tile width and block size, then a chunk sum and one finishing launch forward, the same per-group launches
-    backward; Z never written), "torch". Non-contiguous inputs are copied for the C++ and Triton kernels. Layers with
-    fewer rows than channels (b < k) take the b×b form in torch on every backend; under torch.compile the C++ core gives
-    way to the torch path (it is not traceable). The C++ and Triton backends save Y for their backward (the torch path
-    saves Z): modifying Y in place before backward then raises autograd's in-place error (as for any op that saves its
-    input); use backend="torch" there. On the CPU the backward's ∂R/∂Y buffers are kept for the next call
-    (fresh pages cost page faults; kexue_fast.ortho.workspace: at most workspace.MAX_BYTES, workspace.release() frees
-    them), and handed out again only once no alias of them is alive. Formula, paper and identities:
-    kexue_fast.ortho.reference; a column with ‖tanh(γy_j)‖ < eps is scaled by 1/eps (as torch's F.normalize).
+    stored, then R and the backward's A in the same call; the backward in one more pass), "triton" (kernels/som.py,
+    CUDA: one launch per group of layers sharing a row layout, tile width and block size, then a chunk sum and one
+    finishing launch forward, the same per-group launches backward; Z never written), "torch". Non-contiguous inputs are
+    copied for the C++ and Triton kernels. Layers with fewer rows than channels (b < k) take the b×b form in torch on
+    every backend; under torch.compile the C++ core gives way to the torch path (it is not traceable). The C++ and
+    Triton backends save Y for their backward (the torch path saves Z): modifying Y in place before backward then raises
+    autograd's in-place error (as for any op that saves its input); use backend="torch" there. On the CPU the backward's
+    ∂R/∂Y buffers are kept for the next call (fresh pages cost page faults; kexue_fast.ortho.workspace: at most
+    workspace.MAX_BYTES, workspace.release() frees them), and handed out again only once no alias of them is alive.
+    Formula, paper and identities: kexue_fast.ortho.reference; a column with ‖tanh(γy_j)‖ < eps is scaled by 1/eps (as
+    torch's F.normalize).
     """
     check_hyperparameters(gamma, lambda1, lambda2, eps)
     if reduction not in ("sum", "none"):
