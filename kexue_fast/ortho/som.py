@@ -271,10 +271,10 @@ def _one(dtype: torch.dtype) -> Tensor:
 
 
 def _tanh(y: Tensor, gamma: float, exact: bool = False) -> Tensor:
-    """tanh(γy); on CPU below float64 (unless exact) as 2σ(2γy) − 1: torch's CPU tanh is several times slower than
-    this form, whose absolute error is ≤ 2 ulp(1). That is a relative error of up to ~2.4e-7/rms in a column of Z of
-    that rms, which Θ's normalization exposes: callers redo columns too small for it with exact=True
-    (_inexact_columns)."""
+    """tanh(γy); on CPU below float64 (unless exact, or under torch.compile, which fuses tanh itself) as 2σ(2γy) − 1:
+    torch's CPU tanh is several times slower than this form, whose absolute error is ≤ 2 ulp(1). That is a relative
+    error of up to ~2.4e-7/rms in a column of Z of that rms, which Θ's normalization exposes: callers redo columns too
+    small for it with exact=True (_inexact_columns)."""
     if y.device.type == "cpu" and y.dtype != torch.float64 and not exact and not torch.compiler.is_compiling():
         if torch.is_grad_enabled() and y.requires_grad:
             return 2 * torch.sigmoid(y * (2 * gamma)) - 1
