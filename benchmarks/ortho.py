@@ -2,8 +2,8 @@
 
 1. Overhead: one SGD step of a small CIFAR-shaped CNN (4 conv + BN + ReLU, 2 max-pools, a linear head; float32,
    batch 32 at 32×32) with and without SOM on its four convolution outputs (kexue_fast.nn.SelfOrthogonality,
-   γ = 10, λ₁ = 100, λ₂ = 1). Reported: ms per step and the overhead (with / without − 1), over 5 rounds with --full
-   (the median round and the range); the issue's goal is ≤ 10%.
+   γ = 10, λ₁ = 100, λ₂ = 1). Reported: ms per step and the overhead (with / without − 1); with --full over 5 rounds
+   (each contestant's median time, and the median of the rounds' ratios with their range); the issue's goal is ≤ 10%.
    On the CPU the step with SOM runs twice: the torch backend and the C++ core (csrc/ortho/som_gram.cpp, `auto`'s
    choice there). On CUDA three times: the torch backend, the fused Triton kernel with IEEE float32 dots (torch's
    default for matmuls), and the kernel with TF32 dots (torch.backends.cuda.matmul.allow_tf32 = True).
