@@ -236,6 +236,7 @@ def test_cpp_saves_y_so_in_place_changes_before_backward_are_refused():
 
 def test_cpp_is_what_auto_runs_on_cpu_and_compile_takes_torch(monkeypatch):
     import kexue_fast._core
+    from kexue_fast.ortho import som as som_module
 
     calls = []
     penalty = kexue_fast._core.som_penalty
@@ -249,13 +250,16 @@ def test_cpp_is_what_auto_runs_on_cpu_and_compile_takes_torch(monkeypatch):
         assert len(calls) == 1
         compiled = torch.compile(lambda y: som_regularizer(y), fullgraph=True, backend="aot_eager")(y)
         assert len(calls) == 1 and torch.allclose(compiled, eager, rtol=1e-5)
-        torch.set_num_threads(2)  # several torch threads: auto leaves the Gram to torch (som.CPP_THREADS)
+        torch.set_num_threads(som_module.CPP_MAX_TORCH_THREADS)
         som_regularizer(y)
-        assert len(calls) == 1
-        som_regularizer(y, backend="cpp")
         assert len(calls) == 2
-        som_regularizer(y.to(torch.bfloat16), backend="cpp")  # half precision: computed in float32
+        torch.set_num_threads(som_module.CPP_MAX_TORCH_THREADS + 1)  # more: auto leaves the Gram to torch
+        som_regularizer(y)
+        assert len(calls) == 2
+        som_regularizer(y, backend="cpp")
         assert len(calls) == 3
+        som_regularizer(y.to(torch.bfloat16), backend="cpp")  # half precision: computed in float32
+        assert len(calls) == 4
         with pytest.raises(Exception, match=r"cannot run som_regularizer under torch\.compile"):  # (dynamo wraps it)
             torch.compile(lambda y: som_regularizer(y, backend="cpp"), fullgraph=True, backend="aot_eager")(y)
     finally:

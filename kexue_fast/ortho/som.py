@@ -41,20 +41,25 @@ _dispatch.register_op(
 # but one [32768, 256] layer in 2.65 ms against 1.32: their FMA tiles lose to cuBLAS on wide Grams.
 TRITON_AUTO_MAX_CHANNELS = 128
 
-# The C++ Gram runs on the calling thread (CPP_THREADS), and `auto` takes it only when torch runs on one thread
-# (use_cpp): beside torch's OpenMP workers (spinning after each parallel op) its own threads contended for the cores,
-# and with several torch threads the torch path's multithreaded products were about as fast as one C++ thread in a
-# CNN step and scale further (python -m kexue_fast.benchmarks.cpp_threads, benchmarks/results/cpp-threads-cpu.md).
+# The C++ route runs on the calling thread (CPP_THREADS), and `auto` takes it while torch runs on at most
+# CPP_MAX_TORCH_THREADS threads (use_cpp): beside torch's OpenMP workers (spinning after each parallel op) its own
+# threads contended for the cores, and the torch path's products scale with torch's threads where one C++ thread does
+# not. In a CNN step with torch on two threads (python -m kexue_fast.benchmarks.cpp_threads, 2-core AVX2 VM,
+# benchmarks/results/cpp-threads-cpu.md) one C++ thread beat the torch path in three runs at c1c75d0 (SOM +20.0%,
+# +24.1%, +18.8% against +25.7%, +25.3%, +27.6%; at f5fef0d, before the C++ tanh and penalty, +25.6% against +23.5%);
+# more torch threads are not measured on such a machine, so `auto` leaves them to torch.
 CPP_THREADS = 1
+CPP_MAX_TORCH_THREADS = 2
 
 
 def use_cpp() -> bool:
-    """Whether `auto` takes the C++ Gram in this process now: only while torch runs on one thread."""
-    return torch.get_num_threads() == 1
+    """Whether `auto` takes the C++ route in this process now: while torch runs on at most CPP_MAX_TORCH_THREADS."""
+    return torch.get_num_threads() <= CPP_MAX_TORCH_THREADS
 
 
 def _auto_condition() -> Tuple[bool, str]:
-    return use_cpp(), f"only while torch runs on one thread (now {torch.get_num_threads()}; som.use_cpp)"
+    return use_cpp(), (f"only while torch runs on at most {CPP_MAX_TORCH_THREADS} threads (now "
+                       f"{torch.get_num_threads()}; som.use_cpp)")  # fmt: skip
 
 
 Layout = Tuple[int, int, int]
@@ -438,19 +443,19 @@ def som_regularizer(
     convolutions; use -1 for channels-last outputs such as nn.Linear's on [B, T, k]) and b = the product of the other
     axes. reduction: "sum" (a scalar) or "none" (R per layer, [L]). Result float64 for float64 inputs, else float32
     (half inputs are computed in float32). backend: "auto" (the C++ core for float32/float64 CPU tensors when torch runs
-    on one thread, see CPP_THREADS; the Triton kernels for CUDA layers of at most TRITON_AUTO_MAX_CHANNELS channels;
-    torch elsewhere), "cpp" (csrc/ortho/som_gram.cpp: tanh and the Gram's upper triangle in one pass over Y, Z never
-    stored, then R and the backward's A in the same call; the backward in one more pass), "triton" (kernels/som.py,
-    CUDA: one launch per group of layers sharing a row layout, tile width and block size, then a chunk sum and one
-    finishing launch forward, the same per-group launches backward; Z never written), "torch". Non-contiguous inputs are
-    copied for the C++ and Triton kernels. Layers with fewer rows than channels (b < k) take the b×b form in torch on
-    every backend; under torch.compile the C++ core gives way to the torch path (it is not traceable). The C++ and
-    Triton backends save Y for their backward (the torch path saves Z): modifying Y in place before backward then raises
-    autograd's in-place error (as for any op that saves its input); use backend="torch" there. On the CPU the backward's
-    ∂R/∂Y buffers are kept for the next call (fresh pages cost page faults; kexue_fast.ortho.workspace: at most
-    workspace.MAX_BYTES, workspace.release() frees them), and handed out again only once no alias of them is alive.
-    Formula, paper and identities: kexue_fast.ortho.reference; a column with ‖tanh(γy_j)‖ < eps is scaled by 1/eps (as
-    torch's F.normalize).
+    on at most CPP_MAX_TORCH_THREADS threads, see CPP_THREADS; the Triton kernels for CUDA layers of at most
+    TRITON_AUTO_MAX_CHANNELS channels; torch elsewhere), "cpp" (csrc/ortho/som_gram.cpp: tanh and the Gram's upper
+    triangle in one pass over Y, Z never stored, then R and the backward's A in the same call; the backward in one more
+    pass), "triton" (kernels/som.py, CUDA: one launch per group of layers sharing a row layout, tile width and block
+    size, then a chunk sum and one finishing launch forward, the same per-group launches backward; Z never written),
+    "torch". Non-contiguous inputs are copied for the C++ and Triton kernels. Layers with fewer rows than channels (b <
+    k) take the b×b form in torch on every backend; under torch.compile the C++ core gives way to the torch path (it is
+    not traceable). The C++ and Triton backends save Y for their backward (the torch path saves Z): modifying Y in place
+    before backward then raises autograd's in-place error (as for any op that saves its input); use backend="torch"
+    there. On the CPU the backward's ∂R/∂Y buffers are kept for the next call (fresh pages cost page faults;
+    kexue_fast.ortho.workspace: at most workspace.MAX_BYTES, workspace.release() frees them), and handed out again only
+    once no alias of them is alive. Formula, paper and identities: kexue_fast.ortho.reference; a column with
+    ‖tanh(γy_j)‖ < eps is scaled by 1/eps (as torch's F.normalize).
     """
     check_hyperparameters(gamma, lambda1, lambda2, eps)
     if reduction not in ("sum", "none"):
