@@ -29,6 +29,7 @@ import time
 
 import torch
 
+from .common import time_interleaved
 from .ortho import cnn_setup, training_step
 
 
@@ -170,8 +171,8 @@ def cpp_split(batch: int, steps: int, fresh_buffers: bool) -> None:
 
 
 def host_overhead(batch: int, reps: int = 200) -> None:
-    """Median µs of som_regularizer(backend="cpp") forward, and forward + backward, on the CNN's recorded conv outputs
-    with the C++ core's calls replaced by no-ops (everything but the C++ work)."""
+    """Median µs of som_regularizer(backend="cpp") forward, and forward + backward (interleaved repetitions), on the
+    CNN's recorded conv outputs with the C++ core's calls replaced by no-ops (everything but the C++ work)."""
     from kexue_fast.ortho import som, som_regularizer
 
     class NoOpCore:
@@ -197,18 +198,10 @@ def host_overhead(batch: int, reps: int = 200) -> None:
     original = som._cpp_core
     som._cpp_core = NoOpCore
     try:
-        times = {}
-        for name, fn in (("forward", forward), ("forward + backward", both)):
-            fn()
-            samples = []
-            for _ in range(reps):
-                start = time.perf_counter()
-                fn()
-                samples.append(time.perf_counter() - start)
-            times[name] = sorted(samples)[reps // 2] * 1e6
+        times = time_interleaved({"forward": forward, "forward + backward": both}, reps)
     finally:
         som._cpp_core = original
-    fwd, both_us = times["forward"], times["forward + backward"]
+    fwd, both_us = times["forward"] * 1e6, times["forward + backward"] * 1e6
     print(f"CPU, batch {batch}: som_regularizer's host side on {len(ys)} layers (C++ calls as no-ops), median of "
           f"{reps}: forward {fwd:.0f} µs, forward + backward {both_us:.0f} µs")  # fmt: skip
 

@@ -735,27 +735,9 @@ std::int64_t dense_chain_workspace_size(const py::array& x, const py::list& laye
 // ---- end dense chain ----------------------------------------------------------------------------------------------
 
 // ---- SOM Gram (ortho/som_gram) --------------------------------------------------------------------------------------
-template <typename T>
-void som_gram_typed(const py::array& y, std::int64_t n, std::int64_t c, std::int64_t s, double gamma,
-                    const py::handle& gram, int n_threads) {
-  const T* yp = array_ptr<T>(y, {n * c * s}, "y", false);
-  if (!py::isinstance<py::array_t<double>>(gram)) throw py::type_error("gram must be a float64 array");
-  double* gp = array_ptr<double>(gram, {c, c}, "gram", true);
-  py::gil_scoped_release release;
-  kexue::ortho::som_gram<T>(yp, n, c, s, gamma, gp, n_threads);
-}
-
 void check_som_shape(std::int64_t n, std::int64_t c, std::int64_t s, double gamma) {
   if (n < 1 || c < 1 || s < 1) throw py::value_error("n, c and s must be >= 1");
   if (!(gamma > 0) || !std::isfinite(gamma)) throw py::value_error("gamma must be a finite number > 0");
-}
-
-void som_gram(const py::array& y, std::int64_t n, std::int64_t c, std::int64_t s, double gamma, const py::handle& gram,
-              int n_threads) {
-  check_som_shape(n, c, s, gamma);
-  if (py::isinstance<py::array_t<float>>(y)) return som_gram_typed<float>(y, n, c, s, gamma, gram, n_threads);
-  if (py::isinstance<py::array_t<double>>(y)) return som_gram_typed<double>(y, n, c, s, gamma, gram, n_threads);
-  throw py::type_error("y must be float32 or float64");
 }
 
 template <typename T>
@@ -897,13 +879,10 @@ PYBIND11_MODULE(_core, m) {
         "The gradients of dense_chain_forward's outputs, written into grad_* (None: not wanted).");
   m.def("dense_chain_workspace_size", &dense_chain_workspace_size, py::arg("x"), py::arg("layers"), py::arg("acts"),
         py::arg("lead"), py::arg("through_series"), "Elements of the workspace dense_chain_forward fills.");
-  m.def("som_gram", &som_gram, py::arg("y"), py::arg("n"), py::arg("c"), py::arg("s"), py::arg("gamma"),
-        py::arg("gram"), py::arg("n_threads") = 0,
-        "G = Z^T Z (float64 [c, c]) of Z = tanh(gamma y), y read as [n, c, s] (csrc/ortho/som_gram.hpp).");
   m.def("som_penalty", &som_penalty, py::arg("y"), py::arg("n"), py::arg("c"), py::arg("s"), py::arg("gamma"),
         py::arg("lambda1"), py::arg("lambda2"), py::arg("eps"), py::arg("a") = py::none(), py::arg("n_threads") = 0,
-        "R of y read as [n, c, s] from its Gram (som_gram), and into a (float64 [c, c], optional) A = gamma (Gbar + "
-        "Gbar^T) at a unit upstream gradient, for som_gram_backward (csrc/ortho/som_gram.hpp).");
+        "R of y read as [n, c, s] from its Gram G = Z^T Z, Z = tanh(gamma y), and into a (float64 [c, c], optional) "
+        "A = gamma (Gbar + Gbar^T) at a unit upstream gradient, for som_gram_backward (csrc/ortho/som_gram.hpp).");
   m.def("som_gram_backward", &som_gram_backward, py::arg("y"), py::arg("n"), py::arg("c"), py::arg("s"),
         py::arg("gamma"), py::arg("a"), py::arg("dy"), py::arg("n_threads") = 0, py::arg("scale") = 1.0,
         "dy = (A Z_i) * (1 - Z_i^2) per sample, Z = tanh(gamma y) read as [n, c, s], A = scale * a (a: float64 "

@@ -1,6 +1,6 @@
 // The Self-Orthogonality regularizer's heavy part on the CPU (torch-free): the Gram G = ZᵀZ of Z = tanh(γY) and its
 // backward ∂Y = (A Z) ⊙ (1 − Z²) for A = γ(Ḡ + Ḡᵀ); som_penalty forms R and A from G (the som_penalty binding in
-// csrc/bindings.cpp runs som_gram and som_penalty in one call for kexue_fast/ortho/som.py's _CppPenalty).
+// csrc/bindings.cpp runs both in one call for kexue_fast/ortho/som.py's _CppPenalty; G itself is not exposed).
 //
 // Y is read in place as [n, c, s] (c channels; the rows of Y as [b, k] are the (i, position) pairs, b = n·s): an NCHW
 // convolution output is n = N, s = H·W; an [N, k] linear output is s = 1. Z is never stored: each sample's Z_i
