@@ -11,6 +11,8 @@
 #     bench   python -m kexue_fast.bench --device cuda for the GPU suites (hsic with --full: its n = 10⁶ goal)
 #     jose    the JoSE GPU trainer's word similarity and training speed (benchmarks/jose_quality.py --device cuda)
 #             on the carried corpus (.gpu/corpus.txt.gz) and datasets (.gpu/wordsim353.tsv, .gpu/simlex999.txt)
+#     sweep   the fused SOM kernels under each launch setting, their error, and the CNN step with the fastest
+#             accurate ones (benchmarks/som_profile.py --sweep), into logs/som-sweep.log
 #     profile where the fused SOM path spends a CNN step (benchmarks/som_profile.py: device and host time per
 #             operator, Python hot spots), into logs/som-profile.log
 #
@@ -85,6 +87,11 @@ stage_jose() {
   timeout "${JOSE_TIMEOUT:-200}" $PY -m kexue_fast.benchmarks.jose_quality --device cuda --corpus "$WORK/corpus.txt" \
     --datasets "$REPO/.gpu" --out "$WORK/results" > "$WORK/logs/jose-quality.log" 2>&1
   echo "jose quality: exit $?"; tail -n 15 "$WORK/logs/jose-quality.log"
+}
+
+stage_sweep() {
+  timeout "${SWEEP_TIMEOUT:-240}" $PY -m kexue_fast.benchmarks.som_profile --sweep > "$WORK/logs/som-sweep.log" 2>&1
+  echo "som sweep: exit $?"; tail -n 30 "$WORK/logs/som-sweep.log"
 }
 
 stage_profile() {

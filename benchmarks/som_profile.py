@@ -10,7 +10,9 @@ history and launch settings in benchmarks/results/som-sweep-cuda.md.
 This prints, for the step of benchmarks/ortho.py with each backend: the wall time per step, torch.profiler's
 operators sorted by device time and by host time (kernel launches and Python included), and cProfile's top Python
 functions, so a GPU session can tell host overhead (tables built per call, launch cost) from slow kernels.
---sweep (CUDA) times the fused kernels alone under each launch setting instead.
+--sweep (CUDA) times the fused kernels alone under each launch setting instead (with each setting's error against
+float64 beside torch's float32 path's), then the training step under the defaults and under the fastest settings
+within 2× torch's float32 error (--step-rounds rounds; 0 skips the step).
 On CPU it profiles the torch path and the C++ Gram on one torch thread instead (batch 2 by default: pass --batch 32
 for benchmarks/ortho.py's CPU step). --cpp-split (CPU) prints the wall time of the C++ forward and backward calls
 inside that step, per step, against the step without SOM; --fresh-buffers gives the backward a new ∂R/∂Y buffer per
@@ -25,7 +27,9 @@ import argparse
 import cProfile
 import io
 import pstats
+import statistics
 import time
+from typing import List, Sequence
 
 import torch
 
@@ -72,55 +76,135 @@ def profile_backend(backend: str, device: str, batch: int, steps: int) -> None:
     som.remove()
 
 
-def sweep(batch: int) -> None:
+# launch settings tried by --sweep (module-level constants of kernels/som.py, over its defaults; torch's allow_tf32 off,
+# or on with "tf32": True); each new combination compiles the kernels again (seconds each on a fresh machine)
+SWEEP_SETTINGS: List[dict] = [
+    {},
+    {"FP32_DOTS": "ieee"},
+    {"FP32_DOTS": "tf32x3", "GRAM_STAGES": 1, "GRAD_WARPS": 4},
+    {"FP32_DOTS": "tf32x3", "GRAM_STAGES": 4, "GRAM_WAVES": 2},
+    {"FP32_DOTS": "tf32x3", "GRAM_ROWS": 128, "GRAD_ROWS": 128},
+    {"FP32_DOTS": "tf32x3", "GRAM_ROWS": 256, "GRAD_ROWS": 256},
+    {"FP32_DOTS": "tf32x3", "GRAM_ROWS": 128, "GRAM_WARPS": 8, "GRAD_ROWS": 128, "GRAD_WARPS": 4},
+    {"FP32_DOTS": "tf32x3", "GRAM_ROWS": 256, "GRAM_WARPS": 8, "GRAM_STAGES": 2, "GRAD_ROWS": 32},
+    {"FP32_DOTS": "tf32x3", "GRAM_WAVES": 8, "GRAD_ROWS": 256, "GRAD_WARPS": 4},
+]
+_KNOBS = ("GRAM_WARPS", "GRAD_WARPS", "GRAM_ROWS", "GRAD_ROWS", "GRAM_WAVES", "GRAM_STAGES", "GRAD_STAGES", "FP32_DOTS")
+
+
+class _Setting:
+    """Applies a sweep setting (kernels/som.py constants and torch's allow_tf32) inside a `with` block."""
+
+    def __init__(self, kernels, setting: dict) -> None:
+        self.kernels, self.setting = kernels, setting
+
+    def __enter__(self) -> None:
+        self.saved = {n: getattr(self.kernels, n) for n in _KNOBS}, torch.backends.cuda.matmul.allow_tf32
+        for name, value in self.setting.items():
+            if name != "tf32":
+                setattr(self.kernels, name, value)
+        torch.backends.cuda.matmul.allow_tf32 = bool(self.setting.get("tf32", False))
+
+    def __exit__(self, *exc) -> None:
+        knobs, torch.backends.cuda.matmul.allow_tf32 = self.saved
+        for name, value in knobs.items():
+            setattr(self.kernels, name, value)
+
+
+def _relative_error(got: Sequence[torch.Tensor], truth: Sequence[torch.Tensor]) -> float:
+    return max(float((a.double() - b).abs().max() / b.abs().max()) for a, b in zip(got, truth))
+
+
+def sweep(batch: int, step_rounds: int, device: str = "cuda") -> None:
     """The fused kernels on the CNN's four conv outputs (float32), forward (kernels.penalty) and backward
     (kernels.gram_backward) timed by triton.testing.do_bench (median) for each launch setting, with the bytes floor:
-    Y read once forward, Y read and ∂Y written backward, at the device's copy bandwidth (a Y-sized copy, timed here)."""
+    Y read once forward, Y read and ∂Y written backward, at the device's copy bandwidth (a Y-sized copy, timed here).
+    Each setting's R and ∂ΣR/∂Y are checked against float64 (relative to the largest entry), beside torch's own float32
+    path. Then the whole training step (benchmarks/ortho.py) with SOM under the defaults, IEEE float32 dots, the fastest
+    accurate setting (forward + backward) and the composition of the fastest accurate forward and backward settings,
+    against the step without SOM: `step_rounds` rounds, each contestant timed by do_bench in turn. device: "cuda"
+    (the CPU runs it under TRITON_INTERPRET=1 only as a smoke test of this function)."""
     import triton.testing
 
     from kexue_fast.kernels import som as kernels
+    from kexue_fast.ortho import som_regularizer
 
-    model, _, x, _, som = cnn_setup("cuda", batch)
+    model, opt, x, target, som = cnn_setup(device, batch)
     model(x)  # a training forward: the hooks record the conv outputs
     ys = [y.detach().contiguous() for y, _ in som.recorder.take()]
-    som.remove()
     layouts = [(y.shape[0], y.shape[1], y[0, 0].numel()) for y in ys]
     total = sum(y.numel() for y in ys)
-    flat = torch.empty(total, device="cuda")
-    src = torch.randn(total, device="cuda")
+    flat = torch.empty(total, device=device)
+    src = torch.randn(total, device=device)
     copy_ms = triton.testing.do_bench(lambda: flat.copy_(src), return_mode="median")
     per_byte = copy_ms / (2 * 4 * total)
-    print(
-        f"layouts (N, C, S): {layouts}; Y = {total * 4 / 1e6:.1f} MB; Y-sized copy {copy_ms * 1e3:.1f} us "
-        f"({2 * 4 * total / copy_ms / 1e6:.0f} GB/s)"
-    )
-    print(
-        f"bytes floor at that bandwidth: forward {4 * total * per_byte * 1e3:.1f} us, backward "
-        f"{8 * total * per_byte * 1e3:.1f} us"
-    )
-    defaults = {n: getattr(kernels, n) for n in ("GRAM_WARPS", "GRAD_WARPS", "ROWS", "GRAM_WAVES")}
-    settings = [{}, {"GRAD_WARPS": 4}, {"ROWS": 128}, {"GRAM_WAVES": 8}]
-    scale = torch.ones(len(ys), dtype=torch.float64, device="cuda")
-    tf32_before = torch.backends.cuda.matmul.allow_tf32
-    try:
-        for tf32 in (False, True):
-            torch.backends.cuda.matmul.allow_tf32 = tf32
-            for setting in settings:
-                for name, value in {**defaults, **setting}.items():
-                    setattr(kernels, name, value)
-                a = kernels.penalty(ys, layouts, 10.0, 100.0, 1.0, 1e-12)[1]
-                fwd = triton.testing.do_bench(lambda: kernels.penalty(ys, layouts, 10.0, 100.0, 1.0, 1e-12),
-                                              return_mode="median")  # fmt: skip
-                bwd = triton.testing.do_bench(lambda a=a: kernels.gram_backward(ys, layouts, 10.0, a, scale),
-                                              return_mode="median")  # fmt: skip
-                print(
-                    f"tf32={tf32!s:5} {setting or 'defaults'!s:55} forward {fwd * 1e3:7.1f} us  backward "
-                    f"{bwd * 1e3:7.1f} us"
-                )
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32_before
-        for name, value in defaults.items():
-            setattr(kernels, name, value)
+    print(f"layouts (N, C, S): {layouts}; Y = {total * 4 / 1e6:.1f} MB; Y-sized copy {copy_ms * 1e3:.1f} us "
+          f"({2 * 4 * total / copy_ms / 1e6:.0f} GB/s)")  # fmt: skip
+    print(f"bytes floor at that bandwidth: forward {4 * total * per_byte * 1e3:.1f} us, backward "
+          f"{8 * total * per_byte * 1e3:.1f} us")  # fmt: skip
+    truth, torch_err = {}, {}
+    for dtype in (torch.float64, torch.float32):
+        with _Setting(kernels, {}):
+            leaves = [y.to(dtype).requires_grad_() for y in ys]
+            r = som_regularizer(leaves, reduction="none", backend="torch")
+            truth[dtype] = [r.detach().double(), *[g.double() for g in torch.autograd.grad(r.sum(), leaves)]]
+    torch_err = (_relative_error(truth[torch.float32][:1], truth[torch.float64][:1]),
+                 _relative_error(truth[torch.float32][1:], truth[torch.float64][1:]))  # fmt: skip
+    print(f"torch float32 path (allow_tf32 off): relative error R {torch_err[0]:.2e}, dY {torch_err[1]:.2e}")
+    print(f"kernels.som defaults: { {n: getattr(kernels, n) for n in _KNOBS} }")
+    scale = torch.ones(len(ys), dtype=torch.float64, device=device)
+    results = []
+    for setting in SWEEP_SETTINGS:
+        with _Setting(kernels, setting):
+            r, a = kernels.penalty(ys, layouts, 10.0, 100.0, 1.0, 1e-12)
+            dy = kernels.gram_backward(ys, layouts, 10.0, a, scale).split([y.numel() for y in ys])
+            err = (_relative_error([r], truth[torch.float64][:1]),
+                   _relative_error([d.view(y.shape) for d, y in zip(dy, ys)], truth[torch.float64][1:]))  # fmt: skip
+            fwd = triton.testing.do_bench(lambda: kernels.penalty(ys, layouts, 10.0, 100.0, 1.0, 1e-12),
+                                          return_mode="median")  # fmt: skip
+            bwd = triton.testing.do_bench(lambda a=a: kernels.gram_backward(ys, layouts, 10.0, a, scale),
+                                          return_mode="median")  # fmt: skip
+        # the tests' criterion (tests/test_kernels_som.py): within 2× torch's float32 error plus 1e-6 of the largest
+        accurate = setting.get("tf32") is None and all(e <= 2 * t + 1e-6 for e, t in zip(err, torch_err))
+        results.append((setting, fwd, bwd, accurate))
+        print(
+            f"{setting or 'defaults'!s:100} forward {fwd * 1e3:7.1f} us  backward {bwd * 1e3:7.1f} us  "
+            f"error R {err[0]:.1e} dY {err[1]:.1e}{'' if accurate else '  (not within 2x torch float32)'}"
+        )
+    if step_rounds < 1:
+        som.remove()
+        return
+    candidates = {"defaults": {}, "IEEE dots": {"FP32_DOTS": "ieee"}}
+    ok = [res for res in results if res[3]]
+    if ok:
+        best = min(ok, key=lambda res: res[1] + res[2])[0]
+        best_fwd = min(ok, key=lambda res: res[1])[0]
+        best_bwd = min(ok, key=lambda res: res[2])[0]
+        composed = {**{k: v for k, v in best_fwd.items() if not k.startswith("GRAD_")},
+                    **{k: v for k, v in best_bwd.items() if k.startswith("GRAD_")}}  # fmt: skip
+        if best_fwd.get("FP32_DOTS") != best_bwd.get("FP32_DOTS"):
+            composed = best  # the dots' precision is one setting for both kernels
+        candidates[f"fastest {best}"] = best
+        if composed != best:
+            candidates[f"composed {composed}"] = composed
+    steps = {"step": training_step(model, x, target, som, None, opt)}
+    for name, setting in candidates.items():
+        plain = training_step(model, x, target, som, "triton", opt)
+
+        def run(plain=plain, setting=setting) -> None:
+            with _Setting(kernels, setting):
+                plain()
+
+        steps[f"step + SOM (triton), {name}"] = run
+    rounds = [{n: triton.testing.do_bench(fn, return_mode="median") for n, fn in steps.items()}
+              for _ in range(step_rounds)]  # fmt: skip
+    som.remove()
+    print(f"\nCNN step, batch {batch}, {step_rounds} rounds (do_bench medians; overhead: median of the rounds' ratios)")
+    for name in steps:
+        ms = statistics.median(r[name] for r in rounds)
+        ratios = sorted((r[name] / r["step"] - 1) * 100 for r in rounds)
+        over = f"  {statistics.median(ratios):+.1f}% ({ratios[0]:+.1f}% to {ratios[-1]:+.1f}%)"
+        print(f"{name:120} {ms:6.3f} ms{over if name != 'step' else ''}")
 
 
 def cpp_split(batch: int, steps: int, fresh_buffers: bool) -> None:
@@ -212,6 +296,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="default: 256 on CUDA, 2 on CPU")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--sweep", action="store_true", help="CUDA: time the fused kernels' launch settings instead")
+    parser.add_argument("--step-rounds", type=int, default=3, help="with --sweep: rounds of the step with the best")
     parser.add_argument("--cpp-split", action="store_true", help="CPU: time the C++ calls inside the step instead")
     parser.add_argument("--fresh-buffers", action="store_true", help="with --cpp-split: no kept ∂R/∂Y buffers")
     parser.add_argument("--host-overhead", action="store_true", help="CPU: the C++ route's Python and torch side")
@@ -222,7 +307,7 @@ def main() -> None:
     if args.sweep:
         if args.device != "cuda":
             parser.error("--sweep times the Triton kernels: it needs --device cuda")
-        sweep(batch)
+        sweep(batch, args.step_rounds)
         return
     if args.host_overhead:
         if args.device != "cpu":

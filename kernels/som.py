@@ -139,10 +139,11 @@ def _load_z(y, q, cols, N, C, S, gamma, ACC: tl.constexpr, BR: tl.constexpr, MOD
 def _som_gram_kernel(
     y_ptrs, meta_ptr, work_ptr, part_ptr, gamma_arg: tl.float64, R,
     DTYPE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
-    BCS: tl.constexpr, MODE: tl.constexpr,
+    BCS: tl.constexpr, MODE: tl.constexpr, DIAG: tl.constexpr,
 ):  # fmt: skip
     """BC: the tile width computed; BCS >= BC: the width of the slots written (a single-tile layer narrower than the
-    widest is computed at its own width, its slot padded with zeros)."""
+    widest is computed at its own width, its slot padded with zeros). DIAG: every pair of the launch is a diagonal
+    tile (each layer within one tile), so the loop has no branch (a load under a runtime branch is not pipelined)."""
     gamma = tl.full([], gamma_arg, ACC)  # passed as fp64 (an unannotated Python float would be fp32), computed in ACC
     pid = tl.program_id(0)
     w = pid // R
@@ -167,7 +168,9 @@ def _som_gram_kernel(
     if MODE == SPATIAL:  # Zᵀ tiles [BC, BR]: G += ZaᵀZb = dot(Zaᵀ, (Zbᵀ)ᵀ), both operands contiguous along BR
         for q in range(q0, q1):
             za = _load_zt(y, q, ci, N, C, S, gamma, ACC, BR)
-            if ti == tj:
+            if DIAG:
+                zb = za
+            elif ti == tj:
                 zb = za
             else:
                 zb = _load_zt(y, q, cj, N, C, S, gamma, ACC, BR)
@@ -175,7 +178,9 @@ def _som_gram_kernel(
     else:
         for q in range(q0, q1):
             za = _load_z(y, q, ci, N, C, S, gamma, ACC, BR, MODE)
-            if ti == tj:
+            if DIAG:
+                zb = za
+            elif ti == tj:
                 zb = za
             else:
                 zb = _load_z(y, q, cj, N, C, S, gamma, ACC, BR, MODE)
@@ -328,9 +333,15 @@ FINISH_WARPS = 8  # a [64, 64] float64 tile over 4 warps spilled registers (ptxa
 # launch settings, module-level so that benchmarks/som_profile.py --sweep can try others
 GRAM_WARPS = 4
 GRAD_WARPS = 8  # H100, the CNN of benchmarks/ortho.py: 412 us against 687 on 4 (som_profile --sweep, d8a620e)
-ROWS = 64  # rows per block (BR) below float64, at most; float64 takes ROWS_FP64
+GRAM_ROWS = 64  # rows per block (BR) of the Gram kernel below float64, at most; float64 takes ROWS_FP64
+GRAD_ROWS = 64  # the same for the backward kernel
 ROWS_FP64 = 32
 GRAM_WAVES = 4  # Gram programs per SM: each tile's rows are split into chunks until the grid has this many
+GRAM_STAGES: Optional[int] = None  # software-pipelining stages of the Gram kernel's row loop (None: Triton's default)
+GRAD_STAGES: Optional[int] = None
+# the dots of float32 (and half-precision) inputs where torch does not allow TF32 (allow_tf32 gives "tf32"): "ieee"
+# (FMA, exact float32 products) or "tf32x3" (three TF32 tensor-core products of hi/lo splits, ~float32 accuracy)
+FP32_DOTS = "tf32x3"
 
 # Tables depend only on shapes and data pointers; steady-state training steps (the caching allocator hands the same
 # addresses back) reuse them instead of copying host memory to the device.
@@ -379,10 +390,18 @@ def _acc(dtype: torch.dtype):
 
 
 def _precision(dtype: torch.dtype, device: torch.device) -> str:
-    """float32 dots follow torch's matmul setting (tf32 only where torch would use it)."""
-    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+    """float32 dots follow torch's matmul setting (tf32 only where torch would use it), else FP32_DOTS on CUDA."""
+    if dtype == torch.float64 or device.type != "cuda":
+        return "ieee"
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
-    return "ieee"
+    if FP32_DOTS not in ("ieee", "tf32x3"):
+        raise ValueError(f"kernels.som.FP32_DOTS must be 'ieee' or 'tf32x3', got {FP32_DOTS!r}")
+    return FP32_DOTS
+
+
+def _launch_options(num_warps: int, num_stages: Optional[int]) -> dict:
+    return {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
 
 
 def tile_width(max_c: int) -> int:
@@ -395,12 +414,13 @@ def _mode(s: int) -> int:
     return 0 if s == 1 else 1 if s >= 16 else 2
 
 
-def _rows_per_block(dtype: torch.dtype, device: torch.device, s: int) -> int:
-    """BR for a layer with S positions per sample. A SPATIAL block stays within one sample, so BR is held to S's
-    power of two (at least 16, the dot's minimum) to waste few rows."""
+def _rows_per_block(dtype: torch.dtype, device: torch.device, s: int, rows: int) -> int:
+    """BR for a layer with S positions per sample, rows at most below float64 (GRAM_ROWS or GRAD_ROWS). A SPATIAL
+    block stays within one sample, so BR is held to S's power of two (at least 16, the dot's minimum) to waste few
+    rows."""
     if device.type != "cuda":
         return 16  # interpreter: small blocks keep the numpy emulation quick
-    br = ROWS_FP64 if dtype == torch.float64 else ROWS
+    br = ROWS_FP64 if dtype == torch.float64 else rows
     if _mode(s) == 1:
         br = max(16, min(br, 1 << (s - 1).bit_length()))
     return br
@@ -417,11 +437,11 @@ def _width(c: int, bc: int) -> int:
     return tile_width(c) if c <= bc else bc
 
 
-def _groups(layouts: Sequence[Layout], bc: int, dtype: torch.dtype, device: torch.device):
+def _groups(layouts: Sequence[Layout], bc: int, dtype: torch.dtype, device: torch.device, rows: int):
     """{(mode, width, BR): the indices of its layers}, in layer order: one launch each."""
     groups: dict = {}
     for g, (_, c, s) in enumerate(layouts):
-        groups.setdefault((_mode(s), _width(c, bc), _rows_per_block(dtype, device, s)), []).append(g)
+        groups.setdefault((_mode(s), _width(c, bc), _rows_per_block(dtype, device, s, rows)), []).append(g)
     return groups
 
 
@@ -435,7 +455,7 @@ def _gram_tiles(ys: Sequence[Tensor], layouts: Sequence[Layout], gamma: float, c
     bc = tile_width(max(c for _, c, _ in layouts))
     nts = [triton.cdiv(c, bc) for _, c, _ in layouts]
     pairs = [(g, i, j) for g, nt in enumerate(nts) for i in range(nt) for j in range(i, nt)]
-    groups = _groups(layouts, bc, dtype, device)
+    groups = _groups(layouts, bc, dtype, device, GRAM_ROWS)
     max_blocks = max(_row_blocks_host(layouts[g][0], layouts[g][2], br) for (_, _, br), idx in groups.items()
                      for g in idx)  # fmt: skip
     if chunks is None:
@@ -454,16 +474,18 @@ def _gram_tiles(ys: Sequence[Tensor], layouts: Sequence[Layout], gamma: float, c
         )  # fmt: skip
         return ptrs, meta, work, index.view(3, len(pairs)), host
 
-    # the groups are in the key: the same shapes and addresses in another dtype (or ROWS) may group differently
+    # the groups are in the key: the same shapes and addresses in another dtype (or GRAM_ROWS) may group differently
     key = ("gram", device, bc, chunks, tuple(groups), tuple(layouts), tuple(y.data_ptr() for y in ys))
     ptrs, meta, work, index, _ = _cached(key, build)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     part = torch.empty((len(pairs) * chunks, bc, bc), dtype=acc, device=device)
+    options = _launch_options(GRAM_WARPS, GRAM_STAGES)
     for (mode, width, br), work_m in zip(groups, work):
-        _som_gram_kernel[(len(works[mode, width, br]) * chunks,)](
+        launch_work = works[mode, width, br]
+        _som_gram_kernel[(len(launch_work) * chunks,)](
             ptrs, meta, work_m, part, float(gamma), chunks,
             DTYPE=_TL_DTYPES[dtype], ACC=_acc(dtype), PREC=_precision(dtype, device), BR=br,
-            BC=width, BCS=bc, MODE=mode, num_warps=GRAM_WARPS,
+            BC=width, BCS=bc, MODE=mode, DIAG=all(i == j for _, i, j, _ in launch_work), **options,
         )  # fmt: skip
     return part.view(len(pairs), chunks, bc, bc).sum(1, dtype=torch.float64), pairs, nts, bc, index
 
@@ -538,7 +560,7 @@ def gram_backward(
     # one launch per row-blocking mode, tile width and BR; per layer of it (N, C, S, offset of its gradient in the flat
     # output, first program, layer): the kernel finds its layer and block from the program id, no per-block table
     launches = []
-    for (mode, width, br), idx in _groups(layouts, bc, dtype, device).items():
+    for (mode, width, br), idx in _groups(layouts, bc, dtype, device, GRAD_ROWS).items():
         meta, programs = [], 0
         for g in idx:
             n, c, s = layouts[g]
@@ -555,6 +577,6 @@ def gram_backward(
         _som_grad_kernel[(programs,)](
             ptrs, meta_t, a, a if scale is None else scale, flat, float(gamma), kp, n_layers,
             DTYPE=_TL_DTYPES[dtype], ACC=_acc(dtype), PREC=_precision(dtype, device), BR=br, BC=width,
-            SCALED=scale is not None, ONE_TILE=one_tile, MODE=mode, num_warps=GRAD_WARPS,
+            SCALED=scale is not None, ONE_TILE=one_tile, MODE=mode, **_launch_options(GRAD_WARPS, GRAD_STAGES),
         )  # fmt: skip
     return flat

@@ -144,20 +144,24 @@ def _cases():
 
     # som: layer outputs of each dtype (ACC float64 for float64, else float32: half inputs compile their own
     # instances), int64 tables, gamma and the lambdas annotated fp64; each row-blocking mode (0 dense, 1 spatial,
-    # 2 strided) at the BR its launcher picks on CUDA (64, 32 for float64, down to 16 for small spatial layers); BC the
-    # computed tile width (16 to 64), BCS the slots' (wider for a narrow single-tile layer beside wide ones); tf32 dots
-    # where torch allows them; the grad kernel with and without its one-tile epilogue (unscaled once); the finish
-    # kernel is float64 only, on FINISH_WARPS warps
+    # 2 strided) at the BR its launcher picks on CUDA (64, 32 for float64, down to 16 for small spatial layers, up to
+    # 256 with GRAM_ROWS / GRAD_ROWS raised); BC the computed tile width (16 to 64), BCS the slots' (wider for a narrow
+    # single-tile layer beside wide ones); tf32 dots where torch allows them, tf32x3 (FP32_DOTS) otherwise; DIAG (the
+    # Gram launch's pairs all diagonal) both ways; the grad kernel with and without its one-tile epilogue (unscaled
+    # once); the finish kernel is float64 only, on FINISH_WARPS warps
     t32, t64 = tl.float32, tl.float64
     configs = ((t32, t32, 64, 64, 64, "ieee", 1), (t32, t32, 16, 32, 64, "tf32", 1), (t32, t32, 64, 32, 64, "ieee", 2),
                (t32, t32, 64, 16, 16, "ieee", 0), (t64, t64, 32, 64, 64, "ieee", 0), (t64, t64, 32, 32, 64, "ieee", 1),
                (t64, t64, 32, 64, 64, "ieee", 2), (tl.bfloat16, t32, 64, 64, 64, "ieee", 1),
-               (tl.float16, t32, 64, 32, 64, "ieee", 0))  # fmt: skip
+               (tl.float16, t32, 64, 32, 64, "ieee", 0), (t32, t32, 256, 32, 64, "tf32x3", 1),
+               (t32, t32, 128, 64, 64, "tf32x3", 0), (tl.bfloat16, t32, 64, 16, 64, "tf32x3", 2))  # fmt: skip
     for n, (dt, acc, br, bc, bcs, prec, mode) in enumerate(configs):
         common = {"DTYPE": dt, "ACC": acc, "PREC": prec, "BR": br, "BC": bc, "MODE": mode}
         t = {"y_ptrs": i64, "meta_ptr": i64, "work_ptr": i64, "part_ptr": ptr[acc], "gamma_arg": "fp64", "R": "i32"}
         needs = (som_api.OP, torch.float64) if dt == tl.float64 else None  # float64 tl.dot
-        case(f"som gram {dt}", som._som_gram_kernel, t, {**common, "BCS": bcs}, som.GRAM_WARPS, needs)
+        for diag in (False, True) if n < 2 or prec == "tf32x3" else (False,):  # DIAG: every pair a diagonal tile
+            case(f"som gram {dt}", som._som_gram_kernel, t, {**common, "BCS": bcs, "DIAG": diag}, som.GRAM_WARPS,
+                 needs)  # fmt: skip
         t = {"y_ptrs": i64, "meta_ptr": i64, "a_ptr": "*fp64", "scale_ptr": "*fp64", "dy_ptr": ptr[dt],
              "gamma_arg": "fp64", "KP": "i32", "L": "i32"}  # fmt: skip
         for scaled, one_tile in ((True, False), (True, True)) + (((False, False),) if n == 0 else ()):

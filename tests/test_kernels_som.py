@@ -55,8 +55,10 @@ def test_gram_kernel_matches_torch(dtype, chunks):
 
 
 @pytest.mark.parametrize("dtype, ulps", [(torch.float64, 2), (torch.float32, 4)])
-def test_kernel_tanh_is_accurate_elementwise(dtype, ulps):
-    """With y = [100, x_1..x_63] as one row, G[0, j] = tanh(100)·tanh(x_j) = tanh(x_j): the kernel's tanh, read out."""
+def test_kernel_tanh_is_accurate_elementwise(dtype, ulps, monkeypatch):
+    """With y = [100, x_1..x_63] as one row, G[0, j] = tanh(100)·tanh(x_j) = tanh(x_j): the kernel's tanh, read out
+    (through exact float32 products: tf32x3's hi/lo split would add ~2 ulps of its own)."""
+    monkeypatch.setattr(kernels, "FP32_DOTS", "ieee")
     small = torch.logspace(-12, 0.5, 400, dtype=D64)
     edges = torch.tensor([0.0, 0.29999, 0.3, 0.30001], dtype=D64)
     x = torch.cat([torch.linspace(-20, 20, 2001, dtype=D64), small, -small, edges])
@@ -211,7 +213,7 @@ def test_auto_sends_only_layers_up_to_the_channel_limit_to_the_kernels(monkeypat
 def test_cached_tables_follow_the_launch_groups_of_each_dtype(monkeypatch):
     """Tables are cached by shapes and data addresses; the same addresses in another dtype may group the layers into
     other launches (their block sizes differ), so the groups are part of the key."""
-    monkeypatch.setattr(kernels, "_rows_per_block", lambda dtype, device, s: 16 if dtype == D64 or s < 32 else 32)
+    monkeypatch.setattr(kernels, "_rows_per_block", lambda dtype, device, s, rows: 16 if dtype == D64 or s < 32 else 32)
     g = torch.Generator().manual_seed(9)
     shapes = [(2, 3, 4, 4), (2, 5, 8, 8)]  # S = 16 and 64: one launch in float64, two in float32
     bufs = [torch.empty(torch.Size(s).numel() * 8, dtype=torch.uint8, device=DEV) for s in shapes]
@@ -259,6 +261,28 @@ def test_gpu_large_cnn_layers_match_float64(dtype):
     assert _rel(ours, truth) <= tol
     for a, b in zip(grads, g64):
         assert _rel(a, b) <= (tol if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dots", ["ieee", "tf32x3"])
+def test_gpu_float32_gram_error_within_twice_torch(dots, monkeypatch):
+    """CNN-sized float32 layers (b up to 2·10⁵ rows): the kernel's Gram error against float64, with each choice of
+    FP32_DOTS, stays within 2× that of torch's own float32 product of the same Z (IEEE, allow_tf32 off)."""
+    monkeypatch.setattr(kernels, "FP32_DOTS", dots)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    shapes = [(200, 32, 32, 32), (256, 64, 16, 16), (4096, 48)]
+    ys = [torch.randn(s, device="cuda", generator=g) * 0.2 for s in shapes]
+    layouts = [_layout(y, 1) for y in ys]
+    grams, _ = kernels.gram_matrices(ys, layouts, 10.0)
+    for i, y in enumerate(ys):
+        z = torch.tanh(10.0 * _rows(y.double(), 1))
+        truth = z.T @ z
+        z32 = torch.tanh(10.0 * _rows(y, 1))  # torch's float32 path: its tanh, then its product
+        err_torch = float(((z32.T @ z32).double() - truth).abs().max())
+        k = y.shape[1]
+        err = float((grams[i, :k, :k] - truth).abs().max())
+        assert err <= 2 * err_torch + 1e-8 * float(truth.abs().max()), (i, dots, err, err_torch)
 
 
 @pytest.mark.gpu
