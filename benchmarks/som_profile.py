@@ -78,18 +78,21 @@ def profile_backend(backend: str, device: str, batch: int, steps: int) -> None:
 
 # launch settings tried by --sweep (module-level constants of kernels/som.py, over its defaults; torch's allow_tf32 off,
 # or on with "tf32": True); each new combination compiles the kernels again (seconds each on a fresh machine)
+PREVIOUS_DEFAULTS = {"GRAM_DOTS": "ieee", "GRAD_DOTS": "ieee", "GRAM_STAGES": None}  # before 2f1a310
 SWEEP_SETTINGS: List[dict] = [
     {},
-    {"FP32_DOTS": "ieee"},
-    {"FP32_DOTS": "tf32x3", "GRAM_STAGES": 1, "GRAD_WARPS": 4},
-    {"FP32_DOTS": "tf32x3", "GRAM_STAGES": 4, "GRAM_WAVES": 2},
-    {"FP32_DOTS": "tf32x3", "GRAM_ROWS": 128, "GRAD_ROWS": 128},
-    {"FP32_DOTS": "tf32x3", "GRAM_ROWS": 256, "GRAD_ROWS": 256},
-    {"FP32_DOTS": "tf32x3", "GRAM_ROWS": 128, "GRAM_WARPS": 8, "GRAD_ROWS": 128, "GRAD_WARPS": 4},
-    {"FP32_DOTS": "tf32x3", "GRAM_ROWS": 256, "GRAM_WARPS": 8, "GRAM_STAGES": 2, "GRAD_ROWS": 32},
-    {"FP32_DOTS": "tf32x3", "GRAM_WAVES": 8, "GRAD_ROWS": 256, "GRAD_WARPS": 4},
+    PREVIOUS_DEFAULTS,
+    {"GRAM_DOTS": "ieee"},
+    {"GRAM_STAGES": 2},
+    {"GRAM_ROWS": 128, "GRAD_ROWS": 128},
+    {"GRAM_ROWS": 256, "GRAM_WARPS": 8, "GRAD_ROWS": 256},
+    {"GRAM_WARPS": 8, "GRAD_ROWS": 32},
+    {"GRAM_ROWS": 128, "GRAM_WARPS": 8, "GRAD_ROWS": 128, "GRAD_WARPS": 4},
+    {"GRAM_WAVES": 8, "GRAD_DOTS": "tf32x3", "GRAD_ROWS": 128},
+    {"GRAM_WAVES": 2, "GRAM_ROWS": 32, "GRAD_WARPS": 4},
 ]
-_KNOBS = ("GRAM_WARPS", "GRAD_WARPS", "GRAM_ROWS", "GRAD_ROWS", "GRAM_WAVES", "GRAM_STAGES", "GRAD_STAGES", "FP32_DOTS")
+_KNOBS = ("GRAM_WARPS", "GRAD_WARPS", "GRAM_ROWS", "GRAD_ROWS", "GRAM_WAVES", "GRAM_STAGES", "GRAD_STAGES", "GRAM_DOTS",
+          "GRAD_DOTS")  # fmt: skip
 
 
 class _Setting:
@@ -120,7 +123,7 @@ def sweep(batch: int, step_rounds: int, device: str = "cuda") -> None:
     (kernels.gram_backward) timed by triton.testing.do_bench (median) for each launch setting, with the bytes floor:
     Y read once forward, Y read and ∂Y written backward, at the device's copy bandwidth (a Y-sized copy, timed here).
     Each setting's R and ∂ΣR/∂Y are checked against float64 (relative to the largest entry), beside torch's own float32
-    path. Then the whole training step (benchmarks/ortho.py) with SOM under the defaults, IEEE float32 dots, the fastest
+    path. Then the whole training step (benchmarks/ortho.py) with SOM under the defaults, the previous ones, the fastest
     accurate setting (forward + backward) and the composition of the fastest accurate forward and backward settings,
     against the step without SOM: `step_rounds` rounds, each contestant timed by do_bench in turn. device: "cuda"
     (the CPU runs it under TRITON_INTERPRET=1 only as a smoke test of this function)."""
@@ -174,7 +177,7 @@ def sweep(batch: int, step_rounds: int, device: str = "cuda") -> None:
     if step_rounds < 1:
         som.remove()
         return
-    candidates = {"defaults": {}, "IEEE dots": {"FP32_DOTS": "ieee"}}
+    candidates = {"defaults": {}, f"previous defaults {PREVIOUS_DEFAULTS}": PREVIOUS_DEFAULTS}
     ok = [res for res in results if res[3]]
     if ok:
         best = min(ok, key=lambda res: res[1] + res[2])[0]
@@ -182,8 +185,6 @@ def sweep(batch: int, step_rounds: int, device: str = "cuda") -> None:
         best_bwd = min(ok, key=lambda res: res[2])[0]
         composed = {**{k: v for k, v in best_fwd.items() if not k.startswith("GRAD_")},
                     **{k: v for k, v in best_bwd.items() if k.startswith("GRAD_")}}  # fmt: skip
-        if best_fwd.get("FP32_DOTS") != best_bwd.get("FP32_DOTS"):
-            composed = best  # the dots' precision is one setting for both kernels
         candidates[f"fastest {best}"] = best
         if composed != best:
             candidates[f"composed {composed}"] = composed

@@ -337,11 +337,17 @@ GRAM_ROWS = 64  # rows per block (BR) of the Gram kernel below float64, at most;
 GRAD_ROWS = 64  # the same for the backward kernel
 ROWS_FP64 = 32
 GRAM_WAVES = 4  # Gram programs per SM: each tile's rows are split into chunks until the grid has this many
-GRAM_STAGES: Optional[int] = None  # software-pipelining stages of the Gram kernel's row loop (None: Triton's default)
+# software-pipelining stages of the Gram kernel's row loop (None: Triton's default, 3 on sm_90): staging the loads
+# through shared memory cost more than it hid (H200, tf32x3: 175 us forward on 1 stage against 304 on the default;
+# som_profile --sweep at 2f1a310)
+GRAM_STAGES: Optional[int] = 1
 GRAD_STAGES: Optional[int] = None
 # the dots of float32 (and half-precision) inputs where torch does not allow TF32 (allow_tf32 gives "tf32"): "ieee"
-# (FMA, exact float32 products) or "tf32x3" (three TF32 tensor-core products of hi/lo splits, ~float32 accuracy)
-FP32_DOTS = "tf32x3"
+# (FMA, exact float32 products) or "tf32x3" (three TF32 tensor-core products of hi/lo splits, ~float32 accuracy).
+# The Gram (K = rows) gains from the tensor cores; the backward's short K = C products do not (H200 at 2f1a310: Gram
+# 304 us tf32x3 against 445 IEEE, backward 322 against 211; both within 2x torch's float32 error, the tests' bar)
+GRAM_DOTS = "tf32x3"
+GRAD_DOTS = "ieee"
 
 # Tables depend only on shapes and data pointers; steady-state training steps (the caching allocator hands the same
 # addresses back) reuse them instead of copying host memory to the device.
@@ -389,15 +395,16 @@ def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _precision(dtype: torch.dtype, device: torch.device) -> str:
-    """float32 dots follow torch's matmul setting (tf32 only where torch would use it), else FP32_DOTS on CUDA."""
+def _precision(dtype: torch.dtype, device: torch.device, dots: str) -> str:
+    """float32 dots follow torch's matmul setting (tf32 only where torch would use it), else `dots` (GRAM_DOTS or
+    GRAD_DOTS) on CUDA."""
     if dtype == torch.float64 or device.type != "cuda":
         return "ieee"
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
-    if FP32_DOTS not in ("ieee", "tf32x3"):
-        raise ValueError(f"kernels.som.FP32_DOTS must be 'ieee' or 'tf32x3', got {FP32_DOTS!r}")
-    return FP32_DOTS
+    if dots not in ("ieee", "tf32x3"):
+        raise ValueError(f"kernels.som.GRAM_DOTS and GRAD_DOTS must be 'ieee' or 'tf32x3', got {dots!r}")
+    return dots
 
 
 def _launch_options(num_warps: int, num_stages: Optional[int]) -> dict:
@@ -484,7 +491,7 @@ def _gram_tiles(ys: Sequence[Tensor], layouts: Sequence[Layout], gamma: float, c
         launch_work = works[mode, width, br]
         _som_gram_kernel[(len(launch_work) * chunks,)](
             ptrs, meta, work_m, part, float(gamma), chunks,
-            DTYPE=_TL_DTYPES[dtype], ACC=_acc(dtype), PREC=_precision(dtype, device), BR=br,
+            DTYPE=_TL_DTYPES[dtype], ACC=_acc(dtype), PREC=_precision(dtype, device, GRAM_DOTS), BR=br,
             BC=width, BCS=bc, MODE=mode, DIAG=all(i == j for _, i, j, _ in launch_work), **options,
         )  # fmt: skip
     return part.view(len(pairs), chunks, bc, bc).sum(1, dtype=torch.float64), pairs, nts, bc, index
@@ -576,7 +583,7 @@ def gram_backward(
     for (mode, br, width, one_tile, n_layers, programs, _), meta_t in zip(launches, metas):
         _som_grad_kernel[(programs,)](
             ptrs, meta_t, a, a if scale is None else scale, flat, float(gamma), kp, n_layers,
-            DTYPE=_TL_DTYPES[dtype], ACC=_acc(dtype), PREC=_precision(dtype, device), BR=br, BC=width,
+            DTYPE=_TL_DTYPES[dtype], ACC=_acc(dtype), PREC=_precision(dtype, device, GRAD_DOTS), BR=br, BC=width,
             SCALED=scale is not None, ONE_TILE=one_tile, MODE=mode, **_launch_options(GRAD_WARPS, GRAD_STAGES),
         )  # fmt: skip
     return flat

@@ -146,9 +146,9 @@ def _cases():
     # instances), int64 tables, gamma and the lambdas annotated fp64; each row-blocking mode (0 dense, 1 spatial,
     # 2 strided) at the BR its launcher picks on CUDA (64, 32 for float64, down to 16 for small spatial layers, up to
     # 256 with GRAM_ROWS / GRAD_ROWS raised); BC the computed tile width (16 to 64), BCS the slots' (wider for a narrow
-    # single-tile layer beside wide ones); tf32 dots where torch allows them, tf32x3 (FP32_DOTS) otherwise; DIAG (the
-    # Gram launch's pairs all diagonal) both ways; the grad kernel with and without its one-tile epilogue (unscaled
-    # once); the finish kernel is float64 only, on FINISH_WARPS warps
+    # single-tile layer beside wide ones); tf32 dots where torch allows them, tf32x3 (GRAM_DOTS, GRAD_DOTS)
+    # otherwise; DIAG (the Gram launch's pairs all diagonal) both ways; the grad kernel with and without its one-tile
+    # epilogue (unscaled once); the finish kernel is float64 only, on FINISH_WARPS warps
     t32, t64 = tl.float32, tl.float64
     configs = ((t32, t32, 64, 64, 64, "ieee", 1), (t32, t32, 16, 32, 64, "tf32", 1), (t32, t32, 64, 32, 64, "ieee", 2),
                (t32, t32, 64, 16, 16, "ieee", 0), (t64, t64, 32, 64, 64, "ieee", 0), (t64, t64, 32, 32, 64, "ieee", 1),

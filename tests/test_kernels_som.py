@@ -58,7 +58,7 @@ def test_gram_kernel_matches_torch(dtype, chunks):
 def test_kernel_tanh_is_accurate_elementwise(dtype, ulps, monkeypatch):
     """With y = [100, x_1..x_63] as one row, G[0, j] = tanh(100)·tanh(x_j) = tanh(x_j): the kernel's tanh, read out
     (through exact float32 products: tf32x3's hi/lo split would add ~2 ulps of its own)."""
-    monkeypatch.setattr(kernels, "FP32_DOTS", "ieee")
+    monkeypatch.setattr(kernels, "GRAM_DOTS", "ieee")
     small = torch.logspace(-12, 0.5, 400, dtype=D64)
     edges = torch.tensor([0.0, 0.29999, 0.3, 0.30001], dtype=D64)
     x = torch.cat([torch.linspace(-20, 20, 2001, dtype=D64), small, -small, edges])
@@ -267,8 +267,8 @@ def test_gpu_large_cnn_layers_match_float64(dtype):
 @pytest.mark.parametrize("dots", ["ieee", "tf32x3"])
 def test_gpu_float32_gram_error_within_twice_torch(dots, monkeypatch):
     """CNN-sized float32 layers (b up to 2·10⁵ rows): the kernel's Gram error against float64, with each choice of
-    FP32_DOTS, stays within 2× that of torch's own float32 product of the same Z (IEEE, allow_tf32 off)."""
-    monkeypatch.setattr(kernels, "FP32_DOTS", dots)
+    GRAM_DOTS, stays within 2× that of torch's own float32 path (IEEE, allow_tf32 off)."""
+    monkeypatch.setattr(kernels, "GRAM_DOTS", dots)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     g = torch.Generator(device="cuda").manual_seed(1)
     shapes = [(200, 32, 32, 32), (256, 64, 16, 16), (4096, 48)]
