@@ -433,8 +433,12 @@ def _rows_per_block(dtype: torch.dtype, device: torch.device, s: int, rows: int)
     return br
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # host arithmetic: triton.cdiv is a JIT function, ~10 µs a call from Python
+
+
 def _row_blocks_host(n: int, s: int, br: int) -> int:
-    return n * triton.cdiv(s, br) if _mode(s) == 1 else triton.cdiv(n * s, br)
+    return n * _cdiv(s, br) if _mode(s) == 1 else _cdiv(n * s, br)
 
 
 def _width(c: int, bc: int) -> int:
@@ -452,15 +456,11 @@ def _groups(layouts: Sequence[Layout], bc: int, dtype: torch.dtype, device: torc
     return groups
 
 
-def _gram_tiles(ys: Sequence[Tensor], layouts: Sequence[Layout], gamma: float, chunks: Optional[int]):
-    """(the upper tiles of every layer's Gram, summed over the row chunks in float64: [P, BC, BC] in the order of
-    pairs; pairs, the (layer, ti, tj ≥ ti) of each; tiles per layer side; BC; the pairs as a device index [3, P]).
-    One launch per row-blocking mode, tile width and BR present (see _block, _width, _rows_per_block)."""
-    _check(ys, layouts)
-    y0 = ys[0]
-    device, dtype = y0.device, y0.dtype
+def _gram_plan(layouts: Tuple[Layout, ...], dtype: torch.dtype, device: torch.device, chunks: Optional[int]):
+    """(BC, tiles per layer side, pairs (layer, ti, tj ≥ ti), {(mode, width, BR): layer indices}, each launch's pairs
+    as (layer, ti, tj, index among all pairs), row chunks per pair) of a Gram launch."""
     bc = tile_width(max(c for _, c, _ in layouts))
-    nts = [triton.cdiv(c, bc) for _, c, _ in layouts]
+    nts = [_cdiv(c, bc) for _, c, _ in layouts]
     pairs = [(g, i, j) for g, nt in enumerate(nts) for i in range(nt) for j in range(i, nt)]
     groups = _groups(layouts, bc, dtype, device, GRAM_ROWS)
     max_blocks = max(_row_blocks_host(layouts[g][0], layouts[g][2], br) for (_, _, br), idx in groups.items()
@@ -468,10 +468,23 @@ def _gram_tiles(ys: Sequence[Tensor], layouts: Sequence[Layout], gamma: float, c
     if chunks is None:
         sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
         target = GRAM_WAVES * sms if device.type == "cuda" else 2
-        chunks = triton.cdiv(target, len(pairs))
+        chunks = _cdiv(target, len(pairs))
     chunks = max(1, min(int(chunks), max_blocks))
-    # each launch's pairs as (layer, ti, tj, index among all pairs)
     works = {key: [(g, i, j, p) for p, (g, i, j) in enumerate(pairs) if g in idx] for key, idx in groups.items()}
+    return bc, nts, pairs, groups, works, chunks
+
+
+def _gram_tiles(ys: Sequence[Tensor], layouts: Sequence[Layout], gamma: float, chunks: Optional[int]):
+    """(the upper tiles of every layer's Gram, summed over the row chunks in float64: [P, BC, BC] in the order of
+    pairs; pairs, the (layer, ti, tj ≥ ti) of each; tiles per layer side; BC; the pairs as a device index [3, P]).
+    One launch per row-blocking mode, tile width and BR present (see _block, _width, _rows_per_block)."""
+    _check(ys, layouts)
+    y0 = ys[0]
+    device, dtype = y0.device, y0.dtype
+    layouts = tuple(tuple(lay) for lay in layouts)
+    # everything but the data addresses follows from the shapes and settings: planned once per combination
+    plan_key = ("gram plan", device, dtype, layouts, chunks, GRAM_ROWS, ROWS_FP64, GRAM_WAVES)
+    bc, nts, pairs, groups, works, chunks = _cached(plan_key, lambda: _gram_plan(layouts, dtype, device, chunks))
 
     def build():
         ptrs, meta, *work, index, host = _to_device(
@@ -540,6 +553,26 @@ def penalty(
     return r, b
 
 
+def _grad_plan(layouts: Tuple[Layout, ...], bc: int, dtype: torch.dtype, device: torch.device):
+    """(elements of all layers, launches) of a backward: one launch per row-blocking mode, tile width and BR, as
+    (mode, BR, width, one tile, layers, programs, meta), meta per layer of it (N, C, S, offset of its gradient in the
+    flat output, first program, layer): the kernel finds its layer and block from the program id, no per-block
+    table."""
+    offsets = [0]
+    for n, c, s in layouts:
+        offsets.append(offsets[-1] + n * c * s)
+    launches = []
+    for (mode, width, br), idx in _groups(layouts, bc, dtype, device, GRAD_ROWS).items():
+        meta, programs = [], 0
+        for g in idx:
+            n, c, s = layouts[g]
+            meta += [n, c, s, offsets[g], programs, g]
+            programs += _row_blocks_host(n, s, br) * _cdiv(c, width)
+        one_tile = all(layouts[g][1] <= width for g in idx)
+        launches.append((mode, br, width, one_tile, len(idx), programs, meta))
+    return offsets[-1], launches
+
+
 def gram_backward(
     ys: Sequence[Tensor], layouts: Sequence[Layout], gamma: float, a: Tensor, scale: Optional[Tensor] = None
 ) -> Tensor:
@@ -561,29 +594,18 @@ def gram_backward(
         if scale.shape != (len(ys),):
             raise ValueError(f"scale must be [L] = [{len(ys)}], got {tuple(scale.shape)}")
         scale = scale.to(device=device, dtype=a.dtype).contiguous()
-    offsets = [0]
-    for y in ys:
-        offsets.append(offsets[-1] + y.numel())
-    # one launch per row-blocking mode, tile width and BR; per layer of it (N, C, S, offset of its gradient in the flat
-    # output, first program, layer): the kernel finds its layer and block from the program id, no per-block table
-    launches = []
-    for (mode, width, br), idx in _groups(layouts, bc, dtype, device, GRAD_ROWS).items():
-        meta, programs = [], 0
-        for g in idx:
-            n, c, s = layouts[g]
-            meta += [n, c, s, offsets[g], programs, g]
-            programs += _row_blocks_host(n, s, br) * triton.cdiv(c, width)
-        one_tile = all(layouts[g][1] <= width for g in idx)
-        launches.append((mode, br, width, one_tile, len(idx), programs, meta))
-
-    key = ("grad", device, bc, tuple(lc[:3] for lc in launches), tuple(layouts), tuple(y.data_ptr() for y in ys))
+    layouts = tuple(tuple(lay) for lay in layouts)
+    plan_key = ("grad plan", device, dtype, layouts, GRAD_ROWS, ROWS_FP64)
+    total, launches = _cached(plan_key, lambda: _grad_plan(layouts, bc, dtype, device))
+    key = ("grad", device, bc, tuple(lc[:3] for lc in launches), layouts, tuple(y.data_ptr() for y in ys))
     ptrs, *metas, _ = _cached(key, lambda: _to_device([y.data_ptr() for y in ys], *[lc[-1] for lc in launches],
                                                        device=device))  # fmt: skip
-    flat = torch.empty(offsets[-1], dtype=dtype, device=device)
+    flat = torch.empty(total, dtype=dtype, device=device)
+    options = _launch_options(GRAD_WARPS, GRAD_STAGES)
     for (mode, br, width, one_tile, n_layers, programs, _), meta_t in zip(launches, metas):
         _som_grad_kernel[(programs,)](
             ptrs, meta_t, a, a if scale is None else scale, flat, float(gamma), kp, n_layers,
             DTYPE=_TL_DTYPES[dtype], ACC=_acc(dtype), PREC=_precision(dtype, device, GRAD_DOTS), BR=br, BC=width,
-            SCALED=scale is not None, ONE_TILE=one_tile, MODE=mode, **_launch_options(GRAD_WARPS, GRAD_STAGES),
+            SCALED=scale is not None, ONE_TILE=one_tile, MODE=mode, **options,
         )  # fmt: skip
     return flat

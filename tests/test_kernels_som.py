@@ -189,14 +189,40 @@ def test_module_on_triton_matches_torch():
     assert _rel(values["triton"][1], values["torch"][1]) <= 1e-10
 
 
+def test_eager_function_equals_the_custom_ops_route(monkeypatch):
+    """Eager mode runs _TritonPenalty (no custom-op dispatch); torch.compile the custom ops: the same launches, so the
+    same values and gradients (the custom ops forced here by making is_compiling() true)."""
+    from kexue_fast.ortho import som
+
+    ys64 = _inputs(12)
+    dims = [d for _, d in LAYOUTS]
+    got, custom_calls = [], []
+    custom_op = som._triton_penalty
+    for compiling in (False, True):
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda c=compiling: c)
+        monkeypatch.setattr(som, "_triton_penalty", lambda *a, c=compiling: custom_calls.append(c) or custom_op(*a))
+        ys = [y.clone().requires_grad_() for y in ys64]
+        v = som_regularizer(ys, channel_dim=dims, reduction="none", backend="triton")
+        got.append((v.detach(), torch.autograd.grad((v * torch.arange(1.0, 8.0, dtype=D64, device=DEV)).sum(), ys)))
+    monkeypatch.undo()
+    assert custom_calls == [True]  # the custom ops only where compiling
+    torch.testing.assert_close(got[0][0], got[1][0], rtol=0, atol=0)
+    for a, b in zip(got[0][1], got[1][1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    ys = [y.clone().requires_grad_() for y in ys64]
+    with pytest.raises(RuntimeError, match="double backward"):
+        v = som_regularizer(ys, channel_dim=dims, backend="triton")
+        torch.autograd.grad(torch.autograd.grad(v, ys[0], create_graph=True)[0].sum(), ys[0])
+
+
 def test_auto_sends_only_layers_up_to_the_channel_limit_to_the_kernels(monkeypatch):
     """auto on the Triton backend (CUDA) leaves layers wider than TRITON_AUTO_MAX_CHANNELS to the torch path;
     backend="triton" runs them all. Same values either way."""
     from kexue_fast.ortho import som
 
     seen = []
-    fused = som._triton_penalty
-    monkeypatch.setattr(som, "_triton_penalty", lambda ys, *a: seen.append([y.shape[1] for y in ys]) or fused(ys, *a))
+    fused = som._TritonPenalty.apply
+    monkeypatch.setattr(som._TritonPenalty, "apply", lambda *a: seen.append([y.shape[1] for y in a[5:]]) or fused(*a))
     monkeypatch.setattr(som._dispatch, "choose", lambda *a, **k: "triton")
     monkeypatch.delenv("KEXUE_FAST_BACKEND", raising=False)
     g = torch.Generator().manual_seed(5)
@@ -214,6 +240,7 @@ def test_cached_tables_follow_the_launch_groups_of_each_dtype(monkeypatch):
     """Tables are cached by shapes and data addresses; the same addresses in another dtype may group the layers into
     other launches (their block sizes differ), so the groups are part of the key."""
     monkeypatch.setattr(kernels, "_rows_per_block", lambda dtype, device, s, rows: 16 if dtype == D64 or s < 32 else 32)
+    monkeypatch.setattr(kernels, "_TABLE_CACHE", type(kernels._TABLE_CACHE)())  # no launch plan from another test
     g = torch.Generator().manual_seed(9)
     shapes = [(2, 3, 4, 4), (2, 5, 8, 8)]  # S = 16 and 64: one launch in float64, two in float32
     bufs = [torch.empty(torch.Size(s).numel() * 8, dtype=torch.uint8, device=DEV) for s in shapes]

@@ -8,9 +8,9 @@ block size, Y read in place, Z never written; backward ∂R/∂Y = γ(1 − Z²)
 core on CPU (which also forms R and A = γ(Ḡ + Ḡᵀ) from it: _CppPenalty, one C++ call per layer each way), or from
 torch. When b < k, the b×b form is cheaper: Σ_{i≠j}Θ_ij = ‖Ẑ1‖² − Σ_i Θ_ii and Σ_{i≠j}Θ_ij² =
 ‖ẐẐᵀ‖_F² − Σ_i Θ_ii² (O(b²k), torch).
-The Triton path is two torch.library custom ops, opaque under torch.compile: kexue_fast::som_penalty (the Gram
-kernels, a sum over row chunks, and one program per layer for R and the backward's A) and
-kexue_fast::som_gram_backward.
+The Triton path is one autograd Function in eager mode (_TritonPenalty) and, under torch.compile, two torch.library
+custom ops, opaque there: kexue_fast::som_penalty (the Gram kernels, a sum over row chunks, and one program per layer
+for R and the backward's A) and kexue_fast::som_gram_backward; both run the same launches.
 """
 
 from __future__ import annotations
@@ -270,6 +270,37 @@ def _penalty_backward(ctx, grad: Optional[Tensor], _grad_a: Optional[Tensor]):
 _triton_penalty.register_autograd(_penalty_backward, setup_context=_penalty_setup_context)
 
 
+class _TritonPenalty(torch.autograd.Function):
+    """(gamma, lambda1, lambda2, eps, layouts, *ys) -> R [L] float64 by the fused kernels, outside torch.compile: the
+    same launches as the custom ops above without their Python dispatch and autograd wrapper, whose host time per call
+    (~90 µs forward on the 2-core CPU VM, more with the backward; benchmarks/som_profile.py --host-overhead) starved
+    the GPU of a CNN step on a slow host (H200 machine at 3b63a80: 6.9 ms a step with SOM against 3.5 without)."""
+
+    @staticmethod
+    def forward(ctx, gamma: float, lambda1: float, lambda2: float, eps: float, layouts: Tuple[Layout, ...],
+                *ys: Tensor) -> Tensor:  # fmt: skip
+        from ..kernels import som as kernels
+
+        r, a = kernels.penalty(ys, layouts, gamma, lambda1, lambda2, eps)
+        ctx.gamma, ctx.layouts = gamma, layouts
+        ctx.save_for_backward(*ys, a)
+        ctx.set_materialize_grads(False)  # no gradient for R: no backward pass at all
+        return r
+
+    @staticmethod
+    @first_order
+    def backward(ctx, grad: Optional[Tensor]):
+        from ..kernels import som as kernels
+
+        *ys, a = ctx.saved_tensors
+        if grad is None:
+            return (None,) * (5 + len(ys))
+        flat = kernels.gram_backward(ys, ctx.layouts, ctx.gamma, a, grad)  # one launch per group: A_ℓ = (∂L/∂R_ℓ)·a_ℓ
+        grads = [g.view(y.shape) if need else None
+                 for g, y, need in zip(flat.split([y.numel() for y in ys]), ys, ctx.needs_input_grad[5:])]  # fmt: skip
+        return (None, None, None, None, None, *grads)
+
+
 @functools.lru_cache(maxsize=8)
 def _one(dtype: torch.dtype) -> Tensor:
     return torch.ones((), dtype=dtype, device="cpu")  # CPU whatever torch's default device (it is cached)
@@ -494,9 +525,13 @@ def _per_layer(ys, dims, layouts, chosen, gamma: float, lambda1: float, lambda2:
             groups.setdefault((name, t.dtype), []).append(i)
     for (name, _), idx in groups.items():
         if name == "triton":
-            flat_layouts = [v for i in idx for v in layouts[i]]
             inputs = [ys[i].contiguous() for i in idx]
-            penalties = _triton_penalty(inputs, flat_layouts, gamma, lambda1, lambda2, eps)[0]
+            if torch.compiler.is_compiling():  # opaque custom ops for the compiler
+                flat_layouts = [v for i in idx for v in layouts[i]]
+                penalties = _triton_penalty(inputs, flat_layouts, gamma, lambda1, lambda2, eps)[0]
+            else:
+                group = tuple(layouts[i] for i in idx)
+                penalties = _TritonPenalty.apply(gamma, lambda1, lambda2, eps, group, *inputs)
         elif name == "cpp":
             group = tuple(layouts[i] for i in idx)
             penalties = _CppPenalty.apply(gamma, lambda1, lambda2, eps, group, *[ys[i] for i in idx])
