@@ -196,12 +196,10 @@ def _som_gram_kernel(
 
 @triton.jit
 def _som_grad_kernel(
-    y_ptrs, meta_ptr, a_ptr, scale_ptr, dy_ptr, add_ptr, gamma_arg: tl.float64, KP, L,
+    y_ptrs, meta_ptr, a_ptr, scale_ptr, dy_ptr, gamma_arg: tl.float64, KP, L,
     DTYPE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
-    SCALED: tl.constexpr, ONE_TILE: tl.constexpr, MODE: tl.constexpr, ADD: tl.constexpr,
+    SCALED: tl.constexpr, ONE_TILE: tl.constexpr, MODE: tl.constexpr,
 ):  # fmt: skip
-    """ADD: the output is add + ∂R/∂Y (add laid out as the output: another gradient of the same Y, summed here in
-    ACC instead of by a separate pass over both)."""
     gamma = tl.full([], gamma_arg, ACC)
     pid = tl.program_id(0).to(tl.int64)
     row = 0  # this launch's layers, one meta row each: (N, C, S, gradient offset, first program, layer)
@@ -237,8 +235,6 @@ def _som_grad_kernel(
             zc = _load_zt(y, q, cols, N, C, S, gamma, ACC, BR)
         grad = gamma * (1.0 - zc * zc) * acc
         offs, mask = _spatial_block_t(q, cols, N, C, S, BR)
-        if ADD:
-            grad += tl.load(add_ptr + out + offs, mask=mask, other=0.0).to(ACC)
         tl.store(dy_ptr + out + offs, grad.to(DTYPE), mask=mask)
     else:
         if ONE_TILE:
@@ -255,8 +251,6 @@ def _som_grad_kernel(
             zc = _load_z(y, q, cols, N, C, S, gamma, ACC, BR, MODE)
         grad = gamma * (1.0 - zc * zc) * acc
         offs, mask = _block(q, cols, N, C, S, BR, MODE)
-        if ADD:
-            grad += tl.load(add_ptr + out + offs, mask=mask, other=0.0).to(ACC)
         tl.store(dy_ptr + out + offs, grad.to(DTYPE), mask=mask)
 
 
@@ -580,14 +574,12 @@ def _grad_plan(layouts: Tuple[Layout, ...], bc: int, dtype: torch.dtype, device:
 
 
 def gram_backward(
-    ys: Sequence[Tensor], layouts: Sequence[Layout], gamma: float, a: Tensor, scale: Optional[Tensor] = None,
-    add: Optional[Tensor] = None,
-) -> Tensor:  # fmt: skip
+    ys: Sequence[Tensor], layouts: Sequence[Layout], gamma: float, a: Tensor, scale: Optional[Tensor] = None
+) -> Tensor:
     """∂R/∂Y_ℓ = γ(1 − Z_ℓ²) ⊙ (Z_ℓ A_ℓ) for every layer, packed flat (layer ℓ's gradient, in ys[ℓ]'s element
     order and dtype, follows those of the layers before it). a: [L, KP, KP] with A_ℓ = Ḡ_ℓ + Ḡ_ℓᵀ zero-padded (KP as
     returned by gram_matrices), or with scale ([L]) A_ℓ = scale_ℓ · a_ℓ (the product taken in a's precision, then
-    rounded to the kernel's). add: a flat tensor laid out as the output (same numel, dtype and device), returned as
-    add + ∂R/∂Y (the sum taken in the kernel's precision, one pass; add itself is not written)."""
+    rounded to the kernel's)."""
     _check(ys, layouts)
     y0 = ys[0]
     device, dtype = y0.device, y0.dtype
@@ -605,10 +597,6 @@ def gram_backward(
     layouts = tuple(tuple(lay) for lay in layouts)
     plan_key = ("grad plan", device, dtype, layouts, GRAD_ROWS, ROWS_FP64)
     total, launches = _cached(plan_key, lambda: _grad_plan(layouts, bc, dtype, device))
-    if add is not None and (add.shape != (total,) or add.dtype != dtype or add.device != device
-                            or not add.is_contiguous()):  # fmt: skip
-        raise ValueError(f"add must be a contiguous flat {dtype} tensor of {total} elements on {device}, got "
-                         f"{add.dtype} {tuple(add.shape)} on {add.device}")  # fmt: skip
     key = ("grad", device, bc, tuple(lc[:3] for lc in launches), layouts, tuple(y.data_ptr() for y in ys))
     ptrs, *metas, _ = _cached(key, lambda: _to_device([y.data_ptr() for y in ys], *[lc[-1] for lc in launches],
                                                        device=device))  # fmt: skip
@@ -616,9 +604,8 @@ def gram_backward(
     options = _launch_options(GRAD_WARPS, GRAD_STAGES)
     for (mode, br, width, one_tile, n_layers, programs, _), meta_t in zip(launches, metas):
         _som_grad_kernel[(programs,)](
-            ptrs, meta_t, a, a if scale is None else scale, flat, flat if add is None else add, float(gamma), kp,
-            n_layers,
+            ptrs, meta_t, a, a if scale is None else scale, flat, float(gamma), kp, n_layers,
             DTYPE=_TL_DTYPES[dtype], ACC=_acc(dtype), PREC=_precision(dtype, device, GRAD_DOTS), BR=br, BC=width,
-            SCALED=scale is not None, ONE_TILE=one_tile, MODE=mode, ADD=add is not None, **options,
+            SCALED=scale is not None, ONE_TILE=one_tile, MODE=mode, **options,
         )  # fmt: skip
     return flat

@@ -14,10 +14,8 @@ class SelfOrthogonality(nn.Module):
     """The Self-Orthogonality Module (Zhang et al. 2020; kexue.fm "Self-Orthogonality Module") as a plug-in.
 
     Attaches forward hooks to `layers` of `model` (None: every Conv1d/2d/3d; a type or tuple of types; or names /
-    submodules) and records their outputs Y during training forwards: on CUDA through gradient taps (the hooks return
-    the tapped output; kexue_fast.ortho.taps), so that the fused Triton backward adds ∂R/∂Y into the model's own
-    gradient of Y in the same kernel pass; elsewhere as aliases made right after each layer, so that backward adds the
-    regularizer's gradient into the model's own in place (OutputRecorder's alias_outputs). loss()
+    submodules) and records their outputs Y during training forwards (as aliases made right after each layer, so that
+    backward adds the regularizer's gradient into the model's own in place: OutputRecorder's alias_outputs). loss()
     (or calling the module) returns
         Σ_layers  λ₁(Σ_{i≠j}Θ_ij)² + λ₂Σ_{i≠j}Θ_ij²,   Θ = ẐᵀẐ,  Ẑ = column-normalized tanh(γY) [b, k]
     over everything recorded since the last loss() — all layers in a few kernel launches on CUDA
@@ -46,7 +44,7 @@ class SelfOrthogonality(nn.Module):
         self.gamma, self.lambda1, self.lambda2, self.eps = float(gamma), float(lambda1), float(lambda2), float(eps)
         self.backend = backend
         self.recorder = OutputRecorder(model, layers, channel_dim=channel_dim, record_in_eval=record_in_eval,
-                                       alias_outputs=True, tap_outputs="cuda")  # fmt: skip
+                                       alias_outputs=True)  # fmt: skip
 
     @property
     def enabled(self) -> bool:

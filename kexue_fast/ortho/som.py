@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .. import _dispatch
 from .._autograd import first_order
-from . import taps, workspace
+from . import workspace
 
 OP = "som_regularizer"
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -301,64 +301,6 @@ class _TritonPenalty(torch.autograd.Function):
         return (None, None, None, None, None, *grads)
 
 
-class _FusedGrad:
-    """g ↦ g + ∂R/∂Y of one layer (a gradient tap's pending function, kexue_fast.ortho.taps): one kernel pass when g
-    is laid out as the layer's (contiguous) input, else the sum by torch; ∂R/∂Y alone when g is None."""
-
-    def __init__(self, y: Tensor, layout: Layout, gamma: float, a: Tensor, scale: Tensor) -> None:
-        self.y, self.layout, self.gamma, self.a, self.scale = y, layout, gamma, a, scale
-
-    def __call__(self, g: Optional[Tensor]) -> Tensor:
-        from ..kernels import som as kernels
-
-        y = self.y
-        if g is not None and g.is_contiguous() and g.shape == y.shape and g.dtype == y.dtype and g.device == y.device:
-            flat = kernels.gram_backward([y], [self.layout], self.gamma, self.a, self.scale, add=g.view(-1))
-            return flat.view(y.shape)
-        dr = kernels.gram_backward([y], [self.layout], self.gamma, self.a, self.scale).view(y.shape)
-        return dr if g is None else g + dr
-
-
-class _TritonTapPenalty(torch.autograd.Function):
-    """_TritonPenalty on tapped outputs (kexue_fast.ortho.taps; SelfOrthogonality's records on CUDA), with the tap
-    nodes (None for an output not tapped, or modified in place since): (gamma, lambda1, lambda2, eps, layouts, nodes,
-    *ys) -> R [L]. Its backward leaves each layer's ∂R/∂Y to its tap, added there into the model's gradient of Y by
-    the kernel (kernels.som.gram_backward's add), where autograd will run that tap; other layers get theirs the plain
-    way."""
-
-    @staticmethod
-    def forward(ctx, gamma: float, lambda1: float, lambda2: float, eps: float, layouts: Tuple[Layout, ...],
-                nodes: tuple, *ys: Tensor) -> Tensor:  # fmt: skip
-        from ..kernels import som as kernels
-
-        r, a = kernels.penalty(ys, layouts, gamma, lambda1, lambda2, eps)
-        ctx.gamma, ctx.layouts, ctx.nodes = gamma, layouts, nodes
-        ctx.save_for_backward(*ys, a)
-        ctx.set_materialize_grads(False)
-        return r
-
-    @staticmethod
-    @first_order
-    def backward(ctx, grad: Optional[Tensor]):
-        from ..kernels import som as kernels
-
-        *ys, a = ctx.saved_tensors
-        grads: List[Optional[Tensor]] = [None] * len(ys)
-        if grad is None:
-            return (None,) * 6 + tuple(grads)
-        needs = ctx.needs_input_grad[6:]
-        deferred = [need and node is not None and taps.will_run(node) for need, node in zip(needs, ctx.nodes)]
-        if any(need and not d for need, d in zip(needs, deferred)):
-            flat = kernels.gram_backward(ys, ctx.layouts, ctx.gamma, a, grad)
-            for i, (g, y) in enumerate(zip(flat.split([y.numel() for y in ys]), ys)):
-                if needs[i] and not deferred[i]:
-                    grads[i] = g.view(y.shape)
-        for i, node in enumerate(ctx.nodes):
-            if deferred[i]:
-                node.pending.append(_FusedGrad(ys[i], ctx.layouts[i], ctx.gamma, a[i : i + 1], grad[i : i + 1]))
-        return (None,) * 6 + tuple(grads)
-
-
 @functools.lru_cache(maxsize=8)
 def _one(dtype: torch.dtype) -> Tensor:
     return torch.ones((), dtype=dtype, device="cpu")  # CPU whatever torch's default device (it is cached)
@@ -589,11 +531,7 @@ def _per_layer(ys, dims, layouts, chosen, gamma: float, lambda1: float, lambda2:
                 penalties = _triton_penalty(inputs, flat_layouts, gamma, lambda1, lambda2, eps)[0]
             else:
                 group = tuple(layouts[i] for i in idx)
-                nodes = tuple(taps.tap_node(ys[i]) for i in idx)
-                if any(node is not None for node in nodes):  # SelfOrthogonality's records on CUDA: fused sums
-                    penalties = _TritonTapPenalty.apply(gamma, lambda1, lambda2, eps, group, nodes, *inputs)
-                else:
-                    penalties = _TritonPenalty.apply(gamma, lambda1, lambda2, eps, group, *inputs)
+                penalties = _TritonPenalty.apply(gamma, lambda1, lambda2, eps, group, *inputs)
         elif name == "cpp":
             group = tuple(layouts[i] for i in idx)
             penalties = _CppPenalty.apply(gamma, lambda1, lambda2, eps, group, *[ys[i] for i in idx])
