@@ -3,10 +3,12 @@
     python -m kexue_fast.benchmarks.som_profile [--device cuda] [--batch 256] [--steps 5] [--sweep]
     python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --steps 20 --cpp-split [--fresh-buffers]
     python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --host-overhead
+    TRITON_INTERPRET=1 python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --host-overhead \
+        --route triton
 
 On an H200 the step with SOM measured 34.7 ms on the Triton kernels against 5.1 ms on the torch path at 0cff550;
-on an H100 at 1889232 it takes 4.22 ms against a 3.42 ms step (benchmarks/results/ortho-cuda.md), the kernels'
-history and launch settings in benchmarks/results/som-sweep-cuda.md.
+on an H100 at 1889232 it took 4.22 ms against a 3.42 ms step, on an H200 at 60a352b 3.62 ms against 3.20
+(benchmarks/results/ortho-cuda.md), the kernels' history and launch settings in benchmarks/results/som-sweep-cuda.md.
 This prints, for the step of benchmarks/ortho.py with each backend: the wall time per step, torch.profiler's
 operators sorted by device time and by host time (kernel launches and Python included), and cProfile's top Python
 functions, so a GPU session can tell host overhead (tables built per call, launch cost) from slow kernels.
@@ -18,7 +20,8 @@ for benchmarks/ortho.py's CPU step). --cpp-split (CPU) prints the wall time of t
 inside that step, per step, against the step without SOM; --fresh-buffers gives the backward a new ∂R/∂Y buffer per
 call instead of kexue_fast.ortho.workspace's kept ones (what the page faults of fresh memory cost). --host-overhead
 (CPU) times som_regularizer's forward and forward + backward on the step's four recorded conv outputs with the C++
-calls replaced by no-ops: the Python and torch side of the C++ route.
+calls replaced by no-ops: the Python and torch side of the C++ route; with --route triton, the same for the Triton
+route's launchers (launches as no-ops), through its eager autograd Function and through its torch.library custom ops.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import os
 import pstats
 import statistics
 import time
@@ -297,6 +301,49 @@ def host_overhead(batch: int, reps: int = 200) -> None:
           f"{reps}: forward {fwd:.0f} µs, forward + backward {both_us:.0f} µs")  # fmt: skip
 
 
+def host_overhead_triton(batch: int, reps: int = 200) -> None:
+    """Median µs of som_regularizer(backend="triton") forward, and forward + backward (interleaved repetitions), on
+    the CNN's recorded conv outputs (CPU tensors, TRITON_INTERPRET=1) with the three kernels' launches as no-ops: the
+    launchers' and autograd's host side, through the eager autograd Function (what runs outside torch.compile) and
+    through the torch.library custom ops (what torch.compile runs; forced here by making is_compiling() true)."""
+    from kexue_fast.kernels import som as kernels
+    from kexue_fast.ortho import som_regularizer
+
+    class NoOpKernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    model, _, x, _, hooks = cnn_setup("cpu", batch)
+    model(x)
+    ys = [y.detach().requires_grad_() for y, _ in hooks.recorder.take()]
+    hooks.remove()
+
+    def forward() -> None:
+        som_regularizer(ys, backend="triton")
+
+    def both() -> None:
+        torch.autograd.grad(som_regularizer(ys, backend="triton"), ys)
+
+    names = ("_som_gram_kernel", "_som_grad_kernel", "_som_finish_kernel")
+    originals = {name: getattr(kernels, name) for name in names}
+    is_compiling = torch.compiler.is_compiling
+    times = {}
+    try:
+        for name in names:
+            setattr(kernels, name, NoOpKernel())
+        for route, compiling in (("autograd Function", False), ("custom ops", True)):
+            torch.compiler.is_compiling = lambda c=compiling: c
+            times[route] = time_interleaved({"forward": forward, "forward + backward": both}, reps)
+    finally:
+        torch.compiler.is_compiling = is_compiling
+        for name, kernel in originals.items():
+            setattr(kernels, name, kernel)
+    for route, t in times.items():
+        print(f"CPU, batch {batch}: som_regularizer(backend='triton')'s host side through the {route} on {len(ys)} "
+              f"layers (launches as no-ops), median of {reps}: forward {t['forward'] * 1e6:.0f} µs, forward + "
+              f"backward {t['forward + backward'] * 1e6:.0f} µs")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -307,6 +354,12 @@ def main() -> None:
     parser.add_argument("--cpp-split", action="store_true", help="CPU: time the C++ calls inside the step instead")
     parser.add_argument("--fresh-buffers", action="store_true", help="with --cpp-split: no kept ∂R/∂Y buffers")
     parser.add_argument("--host-overhead", action="store_true", help="CPU: the C++ route's Python and torch side")
+    parser.add_argument(
+        "--route",
+        choices=("cpp", "triton"),
+        default="cpp",
+        help="with --host-overhead: triton times the Triton launchers' host side (TRITON_INTERPRET=1)",
+    )
     args = parser.parse_args()
     batch = args.batch or (256 if args.device == "cuda" else 2)
     if args.device == "cpu":
@@ -318,8 +371,13 @@ def main() -> None:
         return
     if args.host_overhead:
         if args.device != "cpu":
-            parser.error("--host-overhead times the C++ route: it needs --device cpu")
-        host_overhead(batch)
+            parser.error("--host-overhead times the routes' host side on CPU tensors: it needs --device cpu")
+        if args.route == "triton":
+            if os.environ.get("TRITON_INTERPRET") != "1":
+                parser.error("--route triton on CPU tensors needs TRITON_INTERPRET=1 (the launches are no-ops)")
+            host_overhead_triton(batch)
+        else:
+            host_overhead(batch)
         return
     if args.cpp_split:
         if args.device != "cpu":
