@@ -38,7 +38,8 @@ _dispatch.register_op(
 # `auto` on CUDA sends layers wider than this to the torch path: on an H100 at 1889232 (python -m kexue_fast.bench
 # --device cuda --suite ortho, benchmarks/results/ortho-cuda.md) the fused kernels took a CNN step + SOM in 4.22 ms
 # against 5.88 ms on the torch path (64-channel layers at most), and one [16384, 128] layer in 1.48 ms against 2.42,
-# but one [32768, 256] layer in 2.65 ms against 1.32: their FMA tiles lose to cuBLAS on wide Grams.
+# but one [32768, 256] layer in 2.65 ms against 1.32: their FMA tiles lose to cuBLAS on wide Grams. Not rerun since
+# the Gram's dots became tf32x3 (3b63a80): the H200 formula rows at 60a352b are host-bound (1-2 ms for any shape).
 TRITON_AUTO_MAX_CHANNELS = 128
 
 # The C++ route runs on the calling thread (CPP_THREADS), and `auto` takes it while torch runs on at most
