@@ -342,15 +342,17 @@ GRAM_WAVES = 4  # Gram programs per SM: each tile's rows are split into chunks u
 # som_profile --sweep at 2f1a310)
 GRAM_STAGES: Optional[int] = 1
 GRAD_STAGES: Optional[int] = None
-# the dots of float32 (and half-precision) inputs where torch does not allow TF32 (allow_tf32 gives "tf32"): "ieee"
-# (FMA, exact float32 products) or "tf32x3" (three TF32 tensor-core products of hi/lo splits, ~float32 accuracy).
+# the dots on NVIDIA GPUs of float32 inputs where torch does not allow TF32 (allow_tf32 gives "tf32"), and of
+# float16/bfloat16 inputs always (their Z is float32): "ieee" (FMA, exact float32 products) or "tf32x3" (three TF32
+# tensor-core products of hi/lo splits, ~float32 accuracy). ROCm and float64 take "ieee".
 # The Gram (K = rows) gains from the tensor cores; the backward's short K = C products do not (H200 at 2f1a310: Gram
 # 304 us tf32x3 against 445 IEEE, backward 322 against 211; both within 2x torch's float32 error, the tests' bar)
 GRAM_DOTS = "tf32x3"
 GRAD_DOTS = "ieee"
 
-# Tables depend only on shapes and data pointers; steady-state training steps (the caching allocator hands the same
-# addresses back) reuse them instead of copying host memory to the device.
+# Tables depend only on shapes and data pointers, launch plans on shapes and the settings they read; steady-state
+# training steps (the caching allocator hands the same addresses back) reuse both instead of rebuilding them on the
+# host and copying host memory to the device.
 _TABLE_CACHE: OrderedDict[tuple, Tuple[Tensor, ...]] = OrderedDict()
 _TABLE_CACHE_SIZE = 64
 
@@ -397,8 +399,9 @@ def _acc(dtype: torch.dtype):
 
 def _precision(dtype: torch.dtype, device: torch.device, dots: str) -> str:
     """float32 dots follow torch's matmul setting (tf32 only where torch would use it), else `dots` (GRAM_DOTS or
-    GRAD_DOTS) on CUDA."""
-    if dtype == torch.float64 or device.type != "cuda":
+    GRAD_DOTS) on an NVIDIA GPU; half inputs take `dots` (their operands are float32). The interpreter, ROCm (whose
+    Triton backend has no tf32x3) and float64 take IEEE."""
+    if dtype == torch.float64 or device.type != "cuda" or torch.version.hip is not None:
         return "ieee"
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
@@ -434,7 +437,7 @@ def _rows_per_block(dtype: torch.dtype, device: torch.device, s: int, rows: int)
 
 
 def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)  # host arithmetic: triton.cdiv is a JIT function, ~10 µs a call from Python
+    return -(-a // b)  # host arithmetic: triton.cdiv goes through Triton's function wrappers, microseconds a call
 
 
 def _row_blocks_host(n: int, s: int, br: int) -> int:
@@ -458,7 +461,7 @@ def _groups(layouts: Sequence[Layout], bc: int, dtype: torch.dtype, device: torc
 
 def _gram_plan(layouts: Tuple[Layout, ...], dtype: torch.dtype, device: torch.device, chunks: Optional[int]):
     """(BC, tiles per layer side, pairs (layer, ti, tj ≥ ti), {(mode, width, BR): layer indices}, each launch's pairs
-    as (layer, ti, tj, index among all pairs), row chunks per pair) of a Gram launch."""
+    as (layer, ti, tj, index among all pairs), each launch's DIAG, row chunks per pair) of a Gram launch."""
     bc = tile_width(max(c for _, c, _ in layouts))
     nts = [_cdiv(c, bc) for _, c, _ in layouts]
     pairs = [(g, i, j) for g, nt in enumerate(nts) for i in range(nt) for j in range(i, nt)]
@@ -471,7 +474,8 @@ def _gram_plan(layouts: Tuple[Layout, ...], dtype: torch.dtype, device: torch.de
         chunks = _cdiv(target, len(pairs))
     chunks = max(1, min(int(chunks), max_blocks))
     works = {key: [(g, i, j, p) for p, (g, i, j) in enumerate(pairs) if g in idx] for key, idx in groups.items()}
-    return bc, nts, pairs, groups, works, chunks
+    diag = {key: all(i == j for _, i, j, _ in work) for key, work in works.items()}  # DIAG of each launch
+    return bc, nts, pairs, groups, works, diag, chunks
 
 
 def _gram_tiles(ys: Sequence[Tensor], layouts: Sequence[Layout], gamma: float, chunks: Optional[int]):
@@ -484,7 +488,7 @@ def _gram_tiles(ys: Sequence[Tensor], layouts: Sequence[Layout], gamma: float, c
     layouts = tuple(tuple(lay) for lay in layouts)
     # everything but the data addresses follows from the shapes and settings: planned once per combination
     plan_key = ("gram plan", device, dtype, layouts, chunks, GRAM_ROWS, ROWS_FP64, GRAM_WAVES)
-    bc, nts, pairs, groups, works, chunks = _cached(plan_key, lambda: _gram_plan(layouts, dtype, device, chunks))
+    bc, nts, pairs, groups, works, diag, chunks = _cached(plan_key, lambda: _gram_plan(layouts, dtype, device, chunks))
 
     def build():
         ptrs, meta, *work, index, host = _to_device(
@@ -500,12 +504,13 @@ def _gram_tiles(ys: Sequence[Tensor], layouts: Sequence[Layout], gamma: float, c
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     part = torch.empty((len(pairs) * chunks, bc, bc), dtype=acc, device=device)
     options = _launch_options(GRAM_WARPS, GRAM_STAGES)
-    for (mode, width, br), work_m in zip(groups, work):
-        launch_work = works[mode, width, br]
-        _som_gram_kernel[(len(launch_work) * chunks,)](
+    precision = _precision(dtype, device, GRAM_DOTS)
+    for key, work_m in zip(groups, work):
+        mode, width, br = key
+        _som_gram_kernel[(len(works[key]) * chunks,)](
             ptrs, meta, work_m, part, float(gamma), chunks,
-            DTYPE=_TL_DTYPES[dtype], ACC=_acc(dtype), PREC=_precision(dtype, device, GRAM_DOTS), BR=br,
-            BC=width, BCS=bc, MODE=mode, DIAG=all(i == j for _, i, j, _ in launch_work), **options,
+            DTYPE=_TL_DTYPES[dtype], ACC=_acc(dtype), PREC=precision, BR=br,
+            BC=width, BCS=bc, MODE=mode, DIAG=diag[key], **options,
         )  # fmt: skip
     return part.view(len(pairs), chunks, bc, bc).sum(1, dtype=torch.float64), pairs, nts, bc, index
 

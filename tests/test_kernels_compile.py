@@ -39,7 +39,7 @@ def _cases():
     ptr = {tl.float16: "*fp16", tl.bfloat16: "*bf16", tl.float32: "*fp32", tl.float64: "*fp64"}
     cases = []
 
-    def case(label, kernel, types, consts, num_warps=WARPS, needs=None):
+    def case(label, kernel, types, consts, num_warps=WARPS, needs=None, num_stages=None):
         """needs: (op, torch dtype) whose Triton floor (register_op's triton_needs) this variant stands on: left out
         under an older Triton, where the dispatcher refuses it."""
         # every parameter typed exactly once: an argument added to a kernel fails here instead of going unchecked
@@ -53,7 +53,8 @@ def _cases():
                 _SKIPPED.append(f"{label} {consts}")
                 return
         sig = {a: "constexpr" if a in consts else types[a] for a in kernel.arg_names}
-        cases.append((f"{label} {consts}", kernel, sig, consts, num_warps))
+        options = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
+        cases.append((f"{label} {consts}", kernel, sig, consts, options))
 
     # hsic: float32 [n, d] rows (delta labels: [n, 1]), float64 outputs and coefficients; the scales are Python floats
     # (fp32). _config: BDX, BDY = max(16, next_pow2(d)), BLOCK 64 if both <= 64 else 32. Codes 0 gaussian, 1 laplace,
@@ -154,19 +155,21 @@ def _cases():
                (t32, t32, 64, 16, 16, "ieee", 0), (t64, t64, 32, 64, 64, "ieee", 0), (t64, t64, 32, 32, 64, "ieee", 1),
                (t64, t64, 32, 64, 64, "ieee", 2), (tl.bfloat16, t32, 64, 64, 64, "ieee", 1),
                (tl.float16, t32, 64, 32, 64, "ieee", 0), (t32, t32, 256, 32, 64, "tf32x3", 1),
-               (t32, t32, 128, 64, 64, "tf32x3", 0), (tl.bfloat16, t32, 64, 16, 64, "tf32x3", 2))  # fmt: skip
+               (t32, t32, 128, 64, 64, "tf32x3", 0), (tl.bfloat16, t32, 64, 16, 64, "tf32x3", 2),
+               (tl.float16, t32, 64, 32, 64, "tf32x3", 1))  # fmt: skip
     for n, (dt, acc, br, bc, bcs, prec, mode) in enumerate(configs):
         common = {"DTYPE": dt, "ACC": acc, "PREC": prec, "BR": br, "BC": bc, "MODE": mode}
         t = {"y_ptrs": i64, "meta_ptr": i64, "work_ptr": i64, "part_ptr": ptr[acc], "gamma_arg": "fp64", "R": "i32"}
         needs = (som_api.OP, torch.float64) if dt == tl.float64 else None  # float64 tl.dot
-        for diag in (False, True) if n < 2 or prec == "tf32x3" else (False,):  # DIAG: every pair a diagonal tile
+        # DIAG: every pair of the launch a diagonal tile; the Gram on its launcher's pipeline stages (GRAM_STAGES)
+        for diag in (False, True) if n < 2 or n == 5 or prec == "tf32x3" else (False,):
             case(f"som gram {dt}", som._som_gram_kernel, t, {**common, "BCS": bcs, "DIAG": diag}, som.GRAM_WARPS,
-                 needs)  # fmt: skip
+                 needs, num_stages=som.GRAM_STAGES)  # fmt: skip
         t = {"y_ptrs": i64, "meta_ptr": i64, "a_ptr": "*fp64", "scale_ptr": "*fp64", "dy_ptr": ptr[dt],
              "gamma_arg": "fp64", "KP": "i32", "L": "i32"}  # fmt: skip
         for scaled, one_tile in ((True, False), (True, True)) + (((False, False),) if n == 0 else ()):
             c = {**common, "SCALED": scaled, "ONE_TILE": one_tile}
-            case(f"som grad {dt}", som._som_grad_kernel, t, c, som.GRAD_WARPS, needs)
+            case(f"som grad {dt}", som._som_grad_kernel, t, c, som.GRAD_WARPS, needs, num_stages=som.GRAD_STAGES)
     t = {"tiles_ptr": "*fp64", "meta_ptr": i64, "r_ptr": "*fp64", "b_ptr": "*fp64", "KP": "i32", "NT": "i32",
          "lambda1": "fp64", "lambda2": "fp64", "eps2": "fp64"}  # fmt: skip
     for bc in (16, 64):
@@ -184,13 +187,13 @@ def _compile(i):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    _, kernel, sig, consts, num_warps = _CASES[i]
+    _, kernel, sig, consts, options = _CASES[i]
     try:
         if "constexprs" in inspect.signature(ASTSource).parameters:
             src = ASTSource(fn=kernel, signature=sig, constexprs=consts)
         else:  # Triton 3.0-3.2: ASTSource(fn, signature, constants), the signature without the constexprs
             src = ASTSource(kernel, {a: t for a, t in sig.items() if t != "constexpr"}, constants=consts)
-        triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+        triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     except Exception as e:  # every failing case reported, not only the first
         return f"{type(e).__name__}: {e}"
     return None
