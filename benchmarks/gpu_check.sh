@@ -8,7 +8,9 @@
 #             the files named in TEST_FILES (names under tests/, space-separated); TEST_WORKERS (8), TEST_THREADS
 #             (1 per worker), TEST_TIMEOUT (300 s), TEST_K (a pytest -k expression), TEST_ARGS (more pytest
 #             arguments, split on spaces); TEST_LOG names the log (tests.log), so that several runs keep theirs
-#     bench   python -m kexue_fast.bench --device cuda for the GPU suites (hsic with --full: its n = 10⁶ goal)
+#     bench   python -m kexue_fast.bench --device cuda for the GPU suites (hsic with --full: its n = 10⁶ goal; ortho
+#             with --full: 5 rounds of the step, whose overhead spread over up to 60 points between the rounds of
+#             one run on an H200, benchmarks/results/som-sweep-cuda.md)
 #     jose    the JoSE GPU trainer's word similarity and training speed (benchmarks/jose_quality.py --device cuda)
 #             on the carried corpus (.gpu/corpus.txt.gz) and datasets (.gpu/wordsim353.tsv, .gpu/simlex999.txt)
 #     sweep   the fused SOM kernels under each launch setting, their error, and the CNN step with the fastest
@@ -74,7 +76,7 @@ stage_test() {
 stage_bench() {
   for suite in ${BENCH_SUITES:-spectral flows ortho score rope hsic}; do
     local full=""
-    [ "$suite" = hsic ] && full=--full
+    case "$suite" in hsic | ortho) full=--full ;; esac
     timeout "${BENCH_TIMEOUT:-150}" $PY -m kexue_fast.bench --device cuda --suite "$suite" $full \
       --out "$WORK/results" > "$WORK/logs/bench-$suite.log" 2>&1
     echo "bench $suite: exit $?"; tail -n 25 "$WORK/logs/bench-$suite.log"
