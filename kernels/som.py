@@ -143,7 +143,7 @@ def _som_gram_kernel(
 ):  # fmt: skip
     """BC: the tile width computed; BCS >= BC: the width of the slots written (a single-tile layer narrower than the
     widest is computed at its own width, its slot padded with zeros). DIAG: every pair of the launch is a diagonal
-    tile (each layer within one tile), so the loop has no branch (a load under a runtime branch is not pipelined)."""
+    tile (each layer within one tile), compiled without the loop's runtime branch and its second load."""
     gamma = tl.full([], gamma_arg, ACC)  # passed as fp64 (an unannotated Python float would be fp32), computed in ACC
     pid = tl.program_id(0)
     w = pid // R
@@ -505,12 +505,12 @@ def _gram_tiles(ys: Sequence[Tensor], layouts: Sequence[Layout], gamma: float, c
     part = torch.empty((len(pairs) * chunks, bc, bc), dtype=acc, device=device)
     options = _launch_options(GRAM_WARPS, GRAM_STAGES)
     precision = _precision(dtype, device, GRAM_DOTS)
-    for key, work_m in zip(groups, work):
-        mode, width, br = key
-        _som_gram_kernel[(len(works[key]) * chunks,)](
+    for group, work_m in zip(groups, work):
+        mode, width, br = group
+        _som_gram_kernel[(len(works[group]) * chunks,)](
             ptrs, meta, work_m, part, float(gamma), chunks,
             DTYPE=_TL_DTYPES[dtype], ACC=_acc(dtype), PREC=precision, BR=br,
-            BC=width, BCS=bc, MODE=mode, DIAG=diag[key], **options,
+            BC=width, BCS=bc, MODE=mode, DIAG=diag[group], **options,
         )  # fmt: skip
     return part.view(len(pairs), chunks, bc, bc).sum(1, dtype=torch.float64), pairs, nts, bc, index
 

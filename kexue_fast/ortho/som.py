@@ -273,9 +273,11 @@ _triton_penalty.register_autograd(_penalty_backward, setup_context=_penalty_setu
 
 class _TritonPenalty(torch.autograd.Function):
     """(gamma, lambda1, lambda2, eps, layouts, *ys) -> R [L] float64 by the fused kernels, outside torch.compile: the
-    same launches as the custom ops above without their Python dispatch and autograd wrapper, whose host time per call
-    (~90 µs forward on the 2-core CPU VM, more with the backward; benchmarks/som_profile.py --host-overhead) starved
-    the GPU of a CNN step on a slow host (H200 machine at 3b63a80: 6.9 ms a step with SOM against 3.5 without)."""
+    same launches as the custom ops above without their Python dispatch and autograd wrapper. On the 2-core CPU VM with
+    the launches as no-ops (benchmarks/som_profile.py --host-overhead --route triton at 45e4e0c) the custom ops' route
+    took 652 µs forward and 1222 µs forward + backward, this one 368 and 705 µs; on a lent H200 machine, whose host
+    bounds the step, the CNN step with SOM took 6.89 ms through the custom ops (som_profile at d00a56c) and 4.25 ms
+    through this Function (60a352b), the step without SOM 3.46 ms (som_profile --sweep at d00a56c)."""
 
     @staticmethod
     def forward(ctx, gamma: float, lambda1: float, lambda2: float, eps: float, layouts: Tuple[Layout, ...],
