@@ -284,7 +284,7 @@ def cpp_split(batch: int, steps: int, fresh_buffers: bool) -> None:
 def host_overhead(batch: int, reps: int = 200) -> None:
     """Median µs of som_regularizer(backend="cpp") forward, and forward + backward (interleaved repetitions), on the
     CNN's recorded conv outputs with the C++ core's calls replaced by no-ops (everything but the C++ work)."""
-    from kexue_fast.ortho import som, som_regularizer
+    from kexue_fast.ortho import som
 
     class NoOpCore:
         def som_penalty(self, y, n, c, s, gamma, lambda1, lambda2, eps, a, n_threads) -> float:
@@ -295,26 +295,34 @@ def host_overhead(batch: int, reps: int = 200) -> None:
         def som_gram_backward(self, *args) -> None:
             pass
 
+    original = som._cpp_core
+    som._cpp_core = NoOpCore
+    try:
+        times, layers = _host_side_times("cpp", batch, reps)
+    finally:
+        som._cpp_core = original
+    fwd, both_us = times["forward"] * 1e6, times["forward + backward"] * 1e6
+    print(f"CPU, batch {batch}: som_regularizer's host side on {layers} layers (C++ calls as no-ops), median of "
+          f"{reps}: forward {fwd:.0f} µs, forward + backward {both_us:.0f} µs")  # fmt: skip
+
+
+def _host_side_times(backend: str, batch: int, reps: int):
+    """({"forward", "forward + backward"}: median seconds of som_regularizer(backend=...) on the CNN's recorded conv
+    outputs, interleaved), number of layers; the caller has replaced the heavy work by no-ops."""
+    from kexue_fast.ortho import som_regularizer
+
     model, _, x, _, hooks = cnn_setup("cpu", batch)
     model(x)
     ys = [y.detach().requires_grad_() for y, _ in hooks.recorder.take()]
     hooks.remove()
 
     def forward() -> None:
-        som_regularizer(ys, backend="cpp")
+        som_regularizer(ys, backend=backend)
 
     def both() -> None:
-        torch.autograd.grad(som_regularizer(ys, backend="cpp"), ys)
+        torch.autograd.grad(som_regularizer(ys, backend=backend), ys)
 
-    original = som._cpp_core
-    som._cpp_core = NoOpCore
-    try:
-        times = time_interleaved({"forward": forward, "forward + backward": both}, reps)
-    finally:
-        som._cpp_core = original
-    fwd, both_us = times["forward"] * 1e6, times["forward + backward"] * 1e6
-    print(f"CPU, batch {batch}: som_regularizer's host side on {len(ys)} layers (C++ calls as no-ops), median of "
-          f"{reps}: forward {fwd:.0f} µs, forward + backward {both_us:.0f} µs")  # fmt: skip
+    return time_interleaved({"forward": forward, "forward + backward": both}, reps), len(ys)
 
 
 def host_overhead_triton(batch: int, reps: int = 200) -> None:
@@ -323,22 +331,10 @@ def host_overhead_triton(batch: int, reps: int = 200) -> None:
     launchers' and autograd's host side, through the eager autograd Function (what runs outside torch.compile) and
     through the torch.library custom ops (what torch.compile runs; forced here by making is_compiling() true)."""
     from kexue_fast.kernels import som as kernels
-    from kexue_fast.ortho import som_regularizer
 
     class NoOpKernel:
         def __getitem__(self, grid):
             return lambda *args, **kwargs: None
-
-    model, _, x, _, hooks = cnn_setup("cpu", batch)
-    model(x)
-    ys = [y.detach().requires_grad_() for y, _ in hooks.recorder.take()]
-    hooks.remove()
-
-    def forward() -> None:
-        som_regularizer(ys, backend="triton")
-
-    def both() -> None:
-        torch.autograd.grad(som_regularizer(ys, backend="triton"), ys)
 
     names = ("_som_gram_kernel", "_som_grad_kernel", "_som_finish_kernel")
     originals = {name: getattr(kernels, name) for name in names}
@@ -349,13 +345,13 @@ def host_overhead_triton(batch: int, reps: int = 200) -> None:
             setattr(kernels, name, NoOpKernel())
         for route, compiling in (("autograd Function", False), ("custom ops", True)):
             torch.compiler.is_compiling = lambda c=compiling: c
-            times[route] = time_interleaved({"forward": forward, "forward + backward": both}, reps)
+            times[route], layers = _host_side_times("triton", batch, reps)
     finally:
         torch.compiler.is_compiling = is_compiling
         for name, kernel in originals.items():
             setattr(kernels, name, kernel)
     for route, t in times.items():
-        print(f"CPU, batch {batch}: som_regularizer(backend='triton')'s host side through the {route} on {len(ys)} "
+        print(f"CPU, batch {batch}: som_regularizer(backend='triton')'s host side through the {route} on {layers} "
               f"layers (launches as no-ops), median of {reps}: forward {t['forward'] * 1e6:.0f} µs, forward + "
               f"backward {t['forward + backward'] * 1e6:.0f} µs")  # fmt: skip
 

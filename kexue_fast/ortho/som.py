@@ -264,8 +264,12 @@ def _penalty_backward(ctx, grad: Optional[Tensor], _grad_a: Optional[Tensor]):
     if grad is None:
         return [None] * len(ys), None, None, None, None, None
     flat = _triton_gram_backward(list(ys), ctx.layouts, ctx.gamma, a, grad)  # one launch: A_ℓ = (∂L/∂R_ℓ)·a_ℓ
-    grads = [g.view(y.shape) for g, y in zip(flat.split([y.numel() for y in ys]), ys)]
-    return grads, None, None, None, None, None
+    return _unpack(flat, ys), None, None, None, None, None
+
+
+def _unpack(flat: Tensor, ys: Sequence[Tensor]) -> List[Tensor]:
+    """The backward kernels' flat output as one gradient view per layer, in each Y's shape."""
+    return [g.view(y.shape) for g, y in zip(flat.split([y.numel() for y in ys]), ys)]
 
 
 _triton_penalty.register_autograd(_penalty_backward, setup_context=_penalty_setup_context)
@@ -299,8 +303,7 @@ class _TritonPenalty(torch.autograd.Function):
         if grad is None:
             return (None,) * (5 + len(ys))
         flat = kernels.gram_backward(ys, ctx.layouts, ctx.gamma, a, grad)  # one launch per group: A_ℓ = (∂L/∂R_ℓ)·a_ℓ
-        grads = [g.view(y.shape) if need else None
-                 for g, y, need in zip(flat.split([y.numel() for y in ys]), ys, ctx.needs_input_grad[5:])]  # fmt: skip
+        grads = [g if need else None for g, need in zip(_unpack(flat, ys), ctx.needs_input_grad[5:])]
         return (None, None, None, None, None, *grads)
 
 
