@@ -123,10 +123,12 @@ def test_gram_penalty_closed_form_gradient_equals_autograd():
 
 
 @pytest.mark.parametrize("n, c, s", [(1, 1, 1), (9, 7, 1), (2, 17, 130), (4, 64, 9), (300, 33, 1), (2, 6, 1000),
-                                     (1, 5, 2053)])  # fmt: skip
+                                     (1, 5, 2053), (2, 16, 9001)])  # fmt: skip
 def test_cpp_gram_equals_torch_in_float64_and_float32(n, c, s):
-    """The C++ core (odd channel counts, tiles of 128 positions, s = 1 row layouts) against the torch path: float64
-    to 1e-12 in value and gradient; float32 within 2× the torch path's own error against the float64 truth."""
+    """The C++ core (odd channel counts, tiles of 128 positions, s = 1 row layouts; (2, 16, 9001): samples larger
+    than the backward's Z scratch, so spans of positions, rows at unaligned addresses, and ∂R/∂Y of over 1 MB, written
+    by non-temporal stores) against the torch path: float64 to 1e-12 in value and gradient; float32 within 2× the
+    torch path's own error against the float64 truth."""
     g = torch.Generator().manual_seed(n * 1000 + c * 10 + s)
     y64 = (torch.randn(n, c, s, dtype=D64, generator=g) * 0.15).requires_grad_()
     results = {}

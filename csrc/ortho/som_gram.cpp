@@ -11,12 +11,74 @@
 #include "common/simd.hpp"
 #include "ortho/scaled_tanh.hpp"
 
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#define KEXUE_SOM_STREAM 1
+#endif
+
 namespace kexue {
 namespace ortho {
 namespace {
 
 constexpr std::int64_t kRows = 128;       // rows per block when s = 1, positions per chunk in the backward
 constexpr std::int64_t kPositions = 1024;  // positions per chunk of the forward (float sums, then double per chunk)
+constexpr std::int64_t kSpanBytes = 256 << 10;  // the backward's Z scratch: up to a whole sample's, within L2
+constexpr std::int64_t kStreamBytes = 1 << 20;  // ∂R/∂Y from this size up is written past the caches
+
+// out[e] = w[e] (1 − z[e]²) for e < count, with non-temporal stores where AVX2 runs and `stream`: ∂R/∂Y as large as
+// a layer's output is read again only by autograd's sum, after the backward of every later layer, so a store through
+// the caches costs a read of each line first and evicts what the next chunks need. With the whole-sample spans below,
+// the C++ backward of benchmarks/ortho.py's CPU step took 7.5 ms against 11.5 (python -m
+// kexue_fast.benchmarks.som_profile --device cpu --batch 32 --steps 20 --cpp-split, 2-core Zen 3 VM).
+#ifdef KEXUE_SOM_STREAM
+bool has_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+}
+
+__attribute__((target("avx2,fma"))) void finish_stream(const float* w, const float* z, float* out, std::int64_t count) {
+  std::int64_t e = 0;
+  for (; e < count && reinterpret_cast<std::uintptr_t>(out + e) % 32 != 0; ++e) out[e] = w[e] * (1.0f - z[e] * z[e]);
+  const __m256 one = _mm256_set1_ps(1.0f);
+  for (; e + 8 <= count; e += 8) {
+    const __m256 zv = _mm256_loadu_ps(z + e);
+    _mm256_stream_ps(out + e, _mm256_mul_ps(_mm256_loadu_ps(w + e), _mm256_fnmadd_ps(zv, zv, one)));
+  }
+  for (; e < count; ++e) out[e] = w[e] * (1.0f - z[e] * z[e]);
+}
+
+__attribute__((target("avx2,fma"))) void finish_stream(const double* w, const double* z, double* out,
+                                                       std::int64_t count) {
+  std::int64_t e = 0;
+  for (; e < count && reinterpret_cast<std::uintptr_t>(out + e) % 32 != 0; ++e) out[e] = w[e] * (1.0 - z[e] * z[e]);
+  const __m256d one = _mm256_set1_pd(1.0);
+  for (; e + 4 <= count; e += 4) {
+    const __m256d zv = _mm256_loadu_pd(z + e);
+    _mm256_stream_pd(out + e, _mm256_mul_pd(_mm256_loadu_pd(w + e), _mm256_fnmadd_pd(zv, zv, one)));
+  }
+  for (; e < count; ++e) out[e] = w[e] * (1.0 - z[e] * z[e]);
+}
+#endif
+
+template <typename T>
+void finish_rows(const T* w, const T* z, T* out, std::int64_t count, bool stream) {
+#ifdef KEXUE_SOM_STREAM
+  if (stream && has_avx2()) return finish_stream(w, z, out, count);
+#else
+  (void)stream;
+#endif
+#pragma omp simd
+  for (std::int64_t e = 0; e < count; ++e) out[e] = w[e] * (T(1) - z[e] * z[e]);
+}
+
+// Orders the non-temporal stores before the caller's later reads (another thread's, once joined).
+void stream_fence(bool stream) {
+#ifdef KEXUE_SOM_STREAM
+  if (stream) _mm_sfence();
+#else
+  (void)stream;
+#endif
+}
 
 // 32-byte vectors for the dot tiles: MI·MJ accumulators and MI + MJ operands fit AVX2's 16 registers.
 template <typename T>
@@ -99,8 +161,8 @@ KEXUE_SIMD_CLONES void gram_rows(const T* y, std::int64_t c, std::int64_t s, T g
     const std::int64_t per = kPositions / s;
     for (std::int64_t i = i0; i < i1; i += per) {
       const std::int64_t m = std::min(per, i1 - i);
-      for (std::int64_t ch = 0; ch < c; ++ch)
-        for (std::int64_t k = 0; k < m; ++k)
+      for (std::int64_t k = 0; k < m; ++k)  // each sample's [c, s] block read in memory order: one stream
+        for (std::int64_t ch = 0; ch < c; ++ch)
           scaled_tanh(y + ((i + k) * c + ch) * s, gamma, z + ch * stride + k * s, s);
       upper_gram_rows(z, c, m * s, stride, tile);
       add_upper();
@@ -118,14 +180,10 @@ KEXUE_SIMD_CLONES void gram_rows(const T* y, std::int64_t c, std::int64_t s, T g
 
 template <typename T>
 KEXUE_SIMD_CLONES void backward_rows(const T* y, std::int64_t c, std::int64_t s, T gamma, const T* a, T* dy,
-                                     std::int64_t i0, std::int64_t i1, std::vector<T>& scratch) {
-  // s > 1: Z_i in chunks of kRows positions, rows `stride` apart (a power-of-two stride such as H·W = 1024
-  // would map the product's k rows to one L1 set)
-  const std::int64_t stride = kRows + 64 / static_cast<std::int64_t>(sizeof(T));
-  const std::int64_t block = s == 1 ? kRows * c : c * stride;
-  scratch.resize(static_cast<std::size_t>(block));
-  T* z = scratch.data();
+                                     std::int64_t i0, std::int64_t i1, std::vector<T>& scratch, bool stream) {
   if (s == 1) {  // dy rows = (Z A) ⊙ (1 − Z²) (A symmetric)
+    scratch.resize(static_cast<std::size_t>(kRows * c));
+    T* z = scratch.data();
     for (std::int64_t r0 = i0; r0 < i1; r0 += kRows) {
       const std::int64_t rows = std::min(kRows, i1 - r0);
       scaled_tanh(y + r0 * c, gamma, z, rows * c);
@@ -136,19 +194,29 @@ KEXUE_SIMD_CLONES void backward_rows(const T* y, std::int64_t c, std::int64_t s,
     }
     return;
   }
-  for (std::int64_t i = i0; i < i1; ++i)  // dy_i [c, s] = (A Z_i) ⊙ (1 − Z_i²), kRows positions at a time
-    for (std::int64_t p0 = 0; p0 < s; p0 += kRows) {
-      const std::int64_t p = std::min(kRows, s - p0);
-      for (std::int64_t ch = 0; ch < c; ++ch) scaled_tanh(y + (i * c + ch) * s + p0, gamma, z + ch * stride, p);
-      T* out = dy + i * c * s + p0;
-      gemm::gemm<T>(c, c, p, a, c, 1, z, stride, out, s, false);
-      for (std::int64_t ch = 0; ch < c; ++ch) {
-        T* o = out + ch * s;
-        const T* zc = z + ch * stride;
-#pragma omp simd
-        for (std::int64_t e = 0; e < p; ++e) o[e] *= T(1) - zc[e] * zc[e];
+  // s > 1: Z_i = tanh(γY_i) [c, s] in spans of positions, the whole sample where it fits kSpanBytes (Y_i's block read
+  // in memory order: one stream for the prefetcher, where chunk-sized pieces of every channel were c streams); then
+  // A Z by chunks of kRows positions into a scratch w, and one pass dy = w ⊙ (1 − Z²). Rows of both scratches are a
+  // non-power-of-two apart (a stride such as H·W = 1024 would map the product's rows to one L1 set).
+  const std::int64_t pad = 64 / static_cast<std::int64_t>(sizeof(T));
+  const std::int64_t fit = kSpanBytes / static_cast<std::int64_t>(sizeof(T)) / c;
+  const std::int64_t span = s <= fit ? s : std::max<std::int64_t>(kRows, fit / kRows * kRows);
+  const std::int64_t ldz = span + pad, ldw = kRows + pad;
+  scratch.resize(static_cast<std::size_t>(c * (ldz + ldw)));
+  T* z = scratch.data();
+  T* w = z + c * ldz;
+  for (std::int64_t i = i0; i < i1; ++i)
+    for (std::int64_t q0 = 0; q0 < s; q0 += span) {
+      const std::int64_t q = std::min(span, s - q0);
+      for (std::int64_t ch = 0; ch < c; ++ch) scaled_tanh(y + (i * c + ch) * s + q0, gamma, z + ch * ldz, q);
+      for (std::int64_t p0 = 0; p0 < q; p0 += kRows) {
+        const std::int64_t p = std::min(kRows, q - p0);
+        gemm::gemm<T>(c, c, p, a, c, 1, z + p0, ldz, w, ldw, false);
+        for (std::int64_t ch = 0; ch < c; ++ch)
+          finish_rows<T>(w + ch * ldw, z + ch * ldz + p0, dy + (i * c + ch) * s + q0 + p0, p, stream);
       }
     }
+  stream_fence(stream);
 }
 
 // Threads over samples (rows when s = 1), each with at least ~64K elements of work: a thread costs its start-up.
@@ -182,8 +250,10 @@ void som_gram_backward(const T* y, std::int64_t n, std::int64_t c, std::int64_t 
                        int n_threads) {
   const int threads = workers_for(n, c, s, n_threads);
   std::vector<std::vector<T>> scratch(static_cast<std::size_t>(threads));
+  const bool stream = n * c * s * static_cast<std::int64_t>(sizeof(T)) >= kStreamBytes;
   run_workers(threads, [&](int t) {
-    backward_rows<T>(y, c, s, static_cast<T>(gamma), a, dy, n * t / threads, n * (t + 1) / threads, scratch[t]);
+    backward_rows<T>(y, c, s, static_cast<T>(gamma), a, dy, n * t / threads, n * (t + 1) / threads, scratch[t],
+                     stream);
   });
 }
 
