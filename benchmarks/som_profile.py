@@ -281,28 +281,6 @@ def cpp_split(batch: int, steps: int, fresh_buffers: bool) -> None:
           f"{spent['backward'] / steps * 1e3:.2f} ms per step")  # fmt: skip
 
 
-def taps_ab(batch: int, rounds: int, reps: int = 15) -> None:
-    """Interleaved rounds of the CPU step without SOM, with SOM on the C++ route through gradient taps, and without
-    taps (the hooks' tap_outputs toggled per call): each round's overhead of both, from the rounds' medians."""
-    from .common import time_interleaved
-
-    model, opt, x, target, hooks = cnn_setup("cpu", batch)
-    plain = training_step(model, x, target, hooks, None, opt)
-    with_som = training_step(model, x, target, hooks, "cpp", opt)
-
-    def through(tapped: bool):
-        def step() -> None:
-            hooks.recorder.tap_outputs = "cpu" if tapped else False
-            with_som()
-
-        return step
-
-    for r in range(rounds):
-        t = time_interleaved({"plain": plain, "taps": through(True), "no taps": through(False)}, reps)
-        print(f"round {r}: step {t['plain'] * 1e3:.2f} ms; SOM through taps {t['taps'] / t['plain'] - 1:+.1%}, "
-              f"without {t['no taps'] / t['plain'] - 1:+.1%}", flush=True)  # fmt: skip
-
-
 def host_overhead(batch: int, reps: int = 200) -> None:
     """Median µs of som_regularizer(backend="cpp") forward, and forward + backward (interleaved repetitions), on the
     CNN's recorded conv outputs with the C++ core's calls replaced by no-ops (everything but the C++ work)."""
@@ -388,7 +366,6 @@ def main() -> None:
     parser.add_argument("--cpp-split", action="store_true", help="CPU: time the C++ calls inside the step instead")
     parser.add_argument("--fresh-buffers", action="store_true", help="with --cpp-split: no kept ∂R/∂Y buffers")
     parser.add_argument("--host-overhead", action="store_true", help="CPU: the C++ route's Python and torch side")
-    parser.add_argument("--taps-ab", type=int, default=0, help="CPU: rounds of the step with and without taps")
     parser.add_argument(
         "--route",
         choices=("cpp", "triton"),
@@ -413,9 +390,6 @@ def main() -> None:
             host_overhead_triton(batch)
         else:
             host_overhead(batch)
-        return
-    if args.taps_ab:
-        taps_ab(batch, args.taps_ab)
         return
     if args.cpp_split:
         if args.device != "cpu":
