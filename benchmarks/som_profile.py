@@ -3,6 +3,7 @@
     python -m kexue_fast.benchmarks.som_profile [--device cuda] [--batch 256] [--steps 5] [--sweep]
     python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --steps 20 --cpp-split [--fresh-buffers]
     python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --host-overhead
+    python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --cpp-layers
     TRITON_INTERPRET=1 python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --host-overhead \
         --route triton
 
@@ -18,7 +19,8 @@ settings within the tests' bar, 2× torch's float32 error on each layer (--step-
 On CPU it profiles the torch path and the C++ Gram on one torch thread instead (batch 2 by default: pass --batch 32
 for benchmarks/ortho.py's CPU step). --cpp-split (CPU) prints the wall time of the C++ forward and backward calls
 inside that step, per step, against the step without SOM; --fresh-buffers gives the backward a new ∂R/∂Y buffer per
-call instead of kexue_fast.ortho.workspace's kept ones (what the page faults of fresh memory cost). --host-overhead
+call instead of kexue_fast.ortho.workspace's kept ones (what the page faults of fresh memory cost). --cpp-layers (CPU)
+times the two C++ calls alone on the CNN's layer shapes, with their products' GFLOP/s. --host-overhead
 (CPU) times som_regularizer's forward and forward + backward on the step's four recorded conv outputs with the C++
 calls replaced by no-ops: the Python and torch side of the C++ route; with --route triton, the same for the Triton
 route's launchers (launches as no-ops), through its eager autograd Function and through its torch.library custom ops.
@@ -281,6 +283,33 @@ def cpp_split(batch: int, steps: int, fresh_buffers: bool) -> None:
           f"{spent['backward'] / steps * 1e3:.2f} ms per step")  # fmt: skip
 
 
+def _time_cpp_calls(core, n: int, c: int, s: int, reps: int) -> dict:
+    y = (torch.randn(n * c * s) * 0.3).numpy()
+    a = torch.empty((c, c), dtype=torch.float64).numpy()
+    dy = torch.empty(n * c * s).numpy()
+    return time_interleaved({"forward": lambda: core.som_penalty(y, n, c, s, 10.0, 100.0, 1.0, 1e-12, a, 1),
+                             "backward": lambda: core.som_gram_backward(y, n, c, s, 10.0, a, dy, 1, 1.0)},
+                            reps)  # fmt: skip
+
+
+def cpp_layers(batch: int, reps: int = 30) -> None:
+    """Median ms of the C++ core's two calls alone (interleaved repetitions, warm caches, the calling thread) on
+    float32 outputs shaped as the CNN's convolutions (benchmarks/ortho.py's small_cnn at `batch`), with the rate of
+    their products over the whole call (tanh, R and the finishing pass included): the forward's upper-triangle Gram,
+    n·s·c(c + 1) FLOPs, and the backward's A·Z, 2·n·s·c² FLOPs."""
+    from kexue_fast.ortho import som
+
+    core = som._cpp_core()
+    torch.manual_seed(0)
+    for c, side in ((32, 32), (64, 16)):
+        n, s = batch, side * side
+        t = _time_cpp_calls(core, n, c, s, reps)
+        gram, product = n * s * c * (c + 1), 2 * n * s * c * c
+        print(f"[{n}, {c}, {side}, {side}] float32: forward {t['forward'] * 1e3:.3f} ms "
+              f"({gram / t['forward'] / 1e9:.1f} GFLOP/s of the Gram), backward {t['backward'] * 1e3:.3f} ms "
+              f"({product / t['backward'] / 1e9:.1f} GFLOP/s of A·Z)", flush=True)  # fmt: skip
+
+
 def host_overhead(batch: int, reps: int = 200) -> None:
     """Median µs of som_regularizer(backend="cpp") forward, and forward + backward (interleaved repetitions), on the
     CNN's recorded conv outputs with the C++ core's calls replaced by no-ops (everything but the C++ work)."""
@@ -366,6 +395,7 @@ def main() -> None:
     parser.add_argument("--cpp-split", action="store_true", help="CPU: time the C++ calls inside the step instead")
     parser.add_argument("--fresh-buffers", action="store_true", help="with --cpp-split: no kept ∂R/∂Y buffers")
     parser.add_argument("--host-overhead", action="store_true", help="CPU: the C++ route's Python and torch side")
+    parser.add_argument("--cpp-layers", action="store_true", help="CPU: the C++ calls alone on the CNN's layer shapes")
     parser.add_argument(
         "--route",
         choices=("cpp", "triton"),
@@ -390,6 +420,9 @@ def main() -> None:
             host_overhead_triton(batch)
         else:
             host_overhead(batch)
+        return
+    if args.cpp_layers:
+        cpp_layers(batch)
         return
     if args.cpp_split:
         if args.device != "cpu":

@@ -36,27 +36,41 @@ bool has_avx2() {
   return yes;
 }
 
-__attribute__((target("avx2,fma"))) void finish_stream(const float* w, const float* z, float* out, std::int64_t count) {
-  std::int64_t e = 0;
-  for (; e < count && reinterpret_cast<std::uintptr_t>(out + e) % 32 != 0; ++e) out[e] = w[e] * (1.0f - z[e] * z[e]);
-  const __m256 one = _mm256_set1_ps(1.0f);
-  for (; e + 8 <= count; e += 8) {
-    const __m256 zv = _mm256_loadu_ps(z + e);
-    _mm256_stream_ps(out + e, _mm256_mul_ps(_mm256_loadu_ps(w + e), _mm256_fnmadd_ps(zv, zv, one)));
+// 32-byte AVX2 vectors of T, for the finishing pass below and the forward's dot tiles.
+template <typename T>
+struct Avx2;
+template <>
+struct Avx2<float> {
+  typedef __m256 V;
+  static constexpr int W = 8;
+  __attribute__((target("avx2,fma"))) static V load(const float* p) { return _mm256_loadu_ps(p); }
+  __attribute__((target("avx2,fma"))) static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  __attribute__((target("avx2,fma"))) static V one_minus_square(V z) {
+    return _mm256_fnmadd_ps(z, z, _mm256_set1_ps(1.0f));
   }
-  for (; e < count; ++e) out[e] = w[e] * (1.0f - z[e] * z[e]);
-}
+  __attribute__((target("avx2,fma"))) static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  __attribute__((target("avx2,fma"))) static void stream(float* p, V v) { _mm256_stream_ps(p, v); }
+};
+template <>
+struct Avx2<double> {
+  typedef __m256d V;
+  static constexpr int W = 4;
+  __attribute__((target("avx2,fma"))) static V load(const double* p) { return _mm256_loadu_pd(p); }
+  __attribute__((target("avx2,fma"))) static V fma(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
+  __attribute__((target("avx2,fma"))) static V one_minus_square(V z) {
+    return _mm256_fnmadd_pd(z, z, _mm256_set1_pd(1.0));
+  }
+  __attribute__((target("avx2,fma"))) static V mul(V a, V b) { return _mm256_mul_pd(a, b); }
+  __attribute__((target("avx2,fma"))) static void stream(double* p, V v) { _mm256_stream_pd(p, v); }
+};
 
-__attribute__((target("avx2,fma"))) void finish_stream(const double* w, const double* z, double* out,
-                                                       std::int64_t count) {
+template <typename T>
+__attribute__((target("avx2,fma"))) void finish_stream(const T* w, const T* z, T* out, std::int64_t count) {
+  typedef Avx2<T> A;
   std::int64_t e = 0;
-  for (; e < count && reinterpret_cast<std::uintptr_t>(out + e) % 32 != 0; ++e) out[e] = w[e] * (1.0 - z[e] * z[e]);
-  const __m256d one = _mm256_set1_pd(1.0);
-  for (; e + 4 <= count; e += 4) {
-    const __m256d zv = _mm256_loadu_pd(z + e);
-    _mm256_stream_pd(out + e, _mm256_mul_pd(_mm256_loadu_pd(w + e), _mm256_fnmadd_pd(zv, zv, one)));
-  }
-  for (; e < count; ++e) out[e] = w[e] * (1.0 - z[e] * z[e]);
+  for (; e < count && reinterpret_cast<std::uintptr_t>(out + e) % 32 != 0; ++e) out[e] = w[e] * (T(1) - z[e] * z[e]);
+  for (; e + A::W <= count; e += A::W) A::stream(out + e, A::mul(A::load(w + e), A::one_minus_square(A::load(z + e))));
+  for (; e < count; ++e) out[e] = w[e] * (T(1) - z[e] * z[e]);
 }
 #endif
 
@@ -85,23 +99,6 @@ void stream_fence(bool stream) {
 // GCC's generic-vector tiles below folded the row loads into the FMAs as memory operands, loading each row once per
 // FMA: for [32, 1024] and [64, 1024] rows in L2 the upper triangle ran at 85-87 GFLOP/s this way against 40-67 (4 × 2
 // generic tiles), on a 2-core Zen 3 VM whose FMA peak measured 89.5.
-template <typename T>
-struct Avx2;
-template <>
-struct Avx2<float> {
-  typedef __m256 V;
-  static constexpr int W = 8;
-  __attribute__((target("avx2,fma"))) static V load(const float* p) { return _mm256_loadu_ps(p); }
-  __attribute__((target("avx2,fma"))) static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-};
-template <>
-struct Avx2<double> {
-  typedef __m256d V;
-  static constexpr int W = 4;
-  __attribute__((target("avx2,fma"))) static V load(const double* p) { return _mm256_loadu_pd(p); }
-  __attribute__((target("avx2,fma"))) static V fma(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
-};
-
 // out[i][j] = Σ_k a_i[k] b_j[k] for MI rows a_i and MJ rows b_j of length p (row stride ld); lanes summed in order,
 // then the tail past the last full vector: the same order as dot_tile's.
 template <typename T, int MI, int MJ>
