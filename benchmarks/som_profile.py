@@ -1,9 +1,10 @@
 """Where the fused SOM Triton path spends a CNN training step: the profile behind benchmarks/ortho.py's overhead rows.
 
     python -m kexue_fast.benchmarks.som_profile [--device cuda] [--batch 256] [--steps 5] [--sweep]
-    python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --steps 20 --cpp-split [--fresh-buffers]
+    python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --steps 20 --cpp-split [--fresh-buffers] \
+        [--compare-cores OTHER.so ...]
     python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --host-overhead
-    python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --cpp-layers
+    python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --cpp-layers [--compare-cores OTHER.so ...]
     TRITON_INTERPRET=1 python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --host-overhead \
         --route triton
 
@@ -20,7 +21,8 @@ On CPU it profiles the torch path and the C++ Gram on one torch thread instead (
 for benchmarks/ortho.py's CPU step). --cpp-split (CPU) prints the wall time of the C++ forward and backward calls
 inside that step, per step, against the step without SOM; --fresh-buffers gives the backward a new ∂R/∂Y buffer per
 call instead of kexue_fast.ortho.workspace's kept ones (what the page faults of fresh memory cost). --cpp-layers (CPU)
-times the two C++ calls alone on the CNN's layer shapes, with their products' GFLOP/s. --host-overhead
+times the two C++ calls alone on the CNN's layer shapes, with their products' GFLOP/s, interleaved with other builds
+of the extension (--compare-cores: copies of build/dev/_core*.so made at other commits). --host-overhead
 (CPU) times som_regularizer's forward and forward + backward on the step's four recorded conv outputs with the C++
 calls replaced by no-ops: the Python and torch side of the C++ route; with --route triton, the same for the Triton
 route's launchers (launches as no-ops), through its eager autograd Function and through its torch.library custom ops.
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import functools
 import io
 import os
 import pstats
@@ -236,24 +239,28 @@ def _fmt(values: Sequence[float]) -> str:
     return "[" + ", ".join(f"{v:.1e}" for v in values) + "]"
 
 
-def cpp_split(batch: int, steps: int, fresh_buffers: bool) -> None:
-    """Milliseconds per step in the C++ core's forward and backward calls inside the CNN step (CPU, cpp backend)."""
+def cpp_split(batch: int, steps: int, fresh_buffers: bool, compare: Sequence[str] = ()) -> None:
+    """Milliseconds per step in the C++ core's forward and backward calls inside the CNN step (CPU, cpp backend);
+    with `compare` (paths of other builds of the extension), the step with SOM also runs on each of them, all
+    interleaved step by step."""
     from kexue_fast.ortho import som, workspace
 
-    spent = {"forward": 0.0, "backward": 0.0}
-    core = som._cpp_core()
+    cores = {"this build": som._cpp_core()}
+    cores.update({path: _load_core(path) for path in compare})
+    spent = {(label, part): 0.0 for label in cores for part in ("forward", "backward")}
+    running = ["this build"]
 
     class TimedCore:
         def som_penalty(self, *args) -> float:
             start = time.perf_counter()
-            value = core.som_penalty(*args)
-            spent["forward"] += time.perf_counter() - start
+            value = cores[running[0]].som_penalty(*args)
+            spent[running[0], "forward"] += time.perf_counter() - start
             return value
 
         def som_gram_backward(self, *args) -> None:
             start = time.perf_counter()
-            core.som_gram_backward(*args)
-            spent["backward"] += time.perf_counter() - start
+            cores[running[0]].som_gram_backward(*args)
+            spent[running[0], "backward"] += time.perf_counter() - start
 
     model, opt, x, target, hooks = cnn_setup("cpu", batch)
     plain = training_step(model, x, target, hooks, None, opt)
@@ -262,14 +269,23 @@ def cpp_split(batch: int, steps: int, fresh_buffers: bool) -> None:
     som._cpp_core = TimedCore
     if fresh_buffers:
         workspace.grad_buffer = lambda shape, dtype: torch.empty(shape, dtype=dtype)
+
+    def on(label: str):
+        def step() -> None:
+            running[0] = label
+            with_som()
+
+        return step
+
+    contestants = {"plain": plain, **{label: on(label) for label in cores}}
     try:
         for _ in range(2):
-            plain()
-            with_som()
-        spent.update(forward=0.0, backward=0.0)
-        walls = {"plain": [], "som": []}
+            for fn in contestants.values():
+                fn()
+        spent.update({key: 0.0 for key in spent})
+        walls: dict = {name: [] for name in contestants}
         for _ in range(steps):
-            for name, fn in (("plain", plain), ("som", with_som)):
+            for name, fn in contestants.items():
                 start = time.perf_counter()
                 fn()
                 walls[name].append(time.perf_counter() - start)
@@ -278,36 +294,53 @@ def cpp_split(batch: int, steps: int, fresh_buffers: bool) -> None:
         hooks.remove()
     median = {name: sorted(w)[len(w) // 2] * 1e3 for name, w in walls.items()}
     buffers = "fresh ∂R/∂Y buffers" if fresh_buffers else "kept ∂R/∂Y buffers"
-    print(f"CPU step, batch {batch}, {steps} steps, {buffers}: median {median['plain']:.2f} ms without SOM, "
-          f"{median['som']:.2f} ms with; C++ forward {spent['forward'] / steps * 1e3:.2f} ms and backward "
-          f"{spent['backward'] / steps * 1e3:.2f} ms per step")  # fmt: skip
+    print(f"CPU step, batch {batch}, {steps} steps, {buffers}: median {median['plain']:.2f} ms without SOM")
+    for label in cores:
+        print(f"  {label}: {median[label]:.2f} ms with SOM; C++ forward {spent[label, 'forward'] / steps * 1e3:.2f} "
+              f"ms and backward {spent[label, 'backward'] / steps * 1e3:.2f} ms per step")  # fmt: skip
 
 
-def _time_cpp_calls(core, n: int, c: int, s: int, reps: int) -> dict:
-    y = (torch.randn(n * c * s) * 0.3).numpy()
-    a = torch.empty((c, c), dtype=torch.float64).numpy()
-    dy = torch.empty(n * c * s).numpy()
-    return time_interleaved({"forward": lambda: core.som_penalty(y, n, c, s, 10.0, 100.0, 1.0, 1e-12, a, 1),
-                             "backward": lambda: core.som_gram_backward(y, n, c, s, 10.0, a, dy, 1, 1.0)},
-                            reps)  # fmt: skip
+def _load_core(path: str):
+    """Another build of kexue_fast's _core extension (e.g. build/dev/_core*.so of an earlier commit, copied aside),
+    loaded beside this one under a private name for an interleaved comparison."""
+    import importlib.util
+
+    name = f"_kexue_compare_{abs(hash(path))}._core"  # the last part names its PyInit__core
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None:
+        raise ValueError(f"--compare-cores: {path!r} is not a loadable extension module")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
 
 
-def cpp_layers(batch: int, reps: int = 30) -> None:
+def cpp_layers(batch: int, compare: Sequence[str] = (), reps: int = 30) -> None:
     """Median ms of the C++ core's two calls alone (interleaved repetitions, warm caches, the calling thread) on
     float32 outputs shaped as the CNN's convolutions (benchmarks/ortho.py's small_cnn at `batch`), with the rate of
     their products over the whole call (tanh, R and the finishing pass included): the forward's upper-triangle Gram,
-    n·s·c(c + 1) FLOPs, and the backward's A·Z, 2·n·s·c² FLOPs."""
+    n·s·c(c + 1) FLOPs, and the backward's A·Z, 2·n·s·c² FLOPs. `compare`: paths of other builds of the extension,
+    timed interleaved with this one (ratios from one run are what to compare on a noisy machine)."""
     from kexue_fast.ortho import som
 
-    core = som._cpp_core()
+    cores = {"this build": som._cpp_core()}
+    cores.update({path: _load_core(path) for path in compare})
     torch.manual_seed(0)
     for c, side in ((32, 32), (64, 16)):
         n, s = batch, side * side
-        t = _time_cpp_calls(core, n, c, s, reps)
+        y = (torch.randn(n * c * s) * 0.3).numpy()
+        a = torch.empty((c, c), dtype=torch.float64).numpy()
+        dy = torch.empty(n * c * s).numpy()
+        calls = {}
+        for label, core in cores.items():
+            calls[label, "forward"] = functools.partial(core.som_penalty, y, n, c, s, 10.0, 100.0, 1.0, 1e-12, a, 1)
+            calls[label, "backward"] = functools.partial(core.som_gram_backward, y, n, c, s, 10.0, a, dy, 1, 1.0)
+        t = time_interleaved(calls, reps)
         gram, product = n * s * c * (c + 1), 2 * n * s * c * c
-        print(f"[{n}, {c}, {side}, {side}] float32: forward {t['forward'] * 1e3:.3f} ms "
-              f"({gram / t['forward'] / 1e9:.1f} GFLOP/s of the Gram), backward {t['backward'] * 1e3:.3f} ms "
-              f"({product / t['backward'] / 1e9:.1f} GFLOP/s of A·Z)", flush=True)  # fmt: skip
+        for label in cores:
+            forward, backward = t[label, "forward"], t[label, "backward"]
+            print(f"[{n}, {c}, {side}, {side}] float32, {label}: forward {forward * 1e3:.3f} ms "
+                  f"({gram / forward / 1e9:.1f} GFLOP/s of the Gram), backward {backward * 1e3:.3f} ms "
+                  f"({product / backward / 1e9:.1f} GFLOP/s of A·Z)", flush=True)  # fmt: skip
 
 
 def host_overhead(batch: int, reps: int = 200) -> None:
@@ -396,6 +429,7 @@ def main() -> None:
     parser.add_argument("--fresh-buffers", action="store_true", help="with --cpp-split: no kept ∂R/∂Y buffers")
     parser.add_argument("--host-overhead", action="store_true", help="CPU: the C++ route's Python and torch side")
     parser.add_argument("--cpp-layers", action="store_true", help="CPU: the C++ calls alone on the CNN's layer shapes")
+    parser.add_argument("--compare-cores", nargs="*", default=[], help="--cpp-layers/--cpp-split: other _core builds")
     parser.add_argument(
         "--route",
         choices=("cpp", "triton"),
@@ -422,12 +456,12 @@ def main() -> None:
             host_overhead(batch)
         return
     if args.cpp_layers:
-        cpp_layers(batch)
+        cpp_layers(batch, args.compare_cores)
         return
     if args.cpp_split:
         if args.device != "cpu":
             parser.error("--cpp-split times the C++ core: it needs --device cpu")
-        cpp_split(batch, args.steps, args.fresh_buffers)
+        cpp_split(batch, args.steps, args.fresh_buffers, args.compare_cores)
         return
     for backend in ("torch", "triton") if args.device == "cuda" else ("torch", "cpp"):
         profile_backend(backend, args.device, batch, args.steps)
