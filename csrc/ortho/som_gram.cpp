@@ -28,8 +28,9 @@ constexpr std::int64_t kStreamBytes = 1 << 20;  // ∂R/∂Y from this size up i
 // out[e] = w[e] (1 − z[e]²) for e < count, with non-temporal stores where AVX2 runs and `stream`: ∂R/∂Y as large as
 // a layer's output is read again only by autograd's sum, after the backward of every later layer, so a store through
 // the caches costs a read of each line first and evicts what the next chunks need. With the whole-sample spans below,
-// the C++ backward of benchmarks/ortho.py's CPU step took 7.5 ms against 11.5 (python -m
-// kexue_fast.benchmarks.som_profile --device cpu --batch 32 --steps 20 --cpp-split, 2-core Zen 3 VM).
+// the C++ backward in benchmarks/ortho.py's CPU step took 6.0 ms against 8.0 before both (python -m
+// kexue_fast.benchmarks.som_profile --device cpu --batch 32 --steps 40 --cpp-split --compare-cores <a c647be5
+// build>, interleaved step by step on a 2-core Zen 3 VM).
 #ifdef KEXUE_SOM_AVX2
 bool has_avx2() {
   static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -96,9 +97,9 @@ void stream_fence(bool stream) {
 
 #ifdef KEXUE_SOM_AVX2
 // The forward's dot tiles in AVX2 intrinsics, 3 × 3: 9 accumulators and 6 operands held in registers (15 of 16).
-// GCC's generic-vector tiles below folded the row loads into the FMAs as memory operands, loading each row once per
-// FMA: for [32, 1024] and [64, 1024] rows in L2 the upper triangle ran at 85-87 GFLOP/s this way against 40-67 (4 × 2
-// generic tiles), on a 2-core Zen 3 VM whose FMA peak measured 89.5.
+// GCC compiled the generic-vector 4 × 2 tiles below with the row loads folded into the FMAs as memory operands (a load
+// per FMA, so the loads bound the loop); in the CNN step the C++ forward took 4.5 ms against 5.6 with them (the
+// --cpp-split --compare-cores run above, against a 41004de build).
 // out[i][j] = Σ_k a_i[k] b_j[k] for MI rows a_i and MJ rows b_j of length p (row stride ld); lanes summed in order,
 // then the tail past the last full vector: the same order as dot_tile's.
 template <typename T, int MI, int MJ>
