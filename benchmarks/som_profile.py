@@ -4,7 +4,8 @@
     python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --steps 20 --cpp-split [--fresh-buffers] \
         [--compare-cores OTHER.so ...]
     python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --host-overhead
-    python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --cpp-layers [--compare-cores OTHER.so ...]
+    python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --cpp-layers [--compare-cores OTHER.so ...] \
+        [--shapes NxCxS ...]
     TRITON_INTERPRET=1 python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --host-overhead \
         --route triton
 
@@ -314,19 +315,20 @@ def _load_core(path: str):
     return module
 
 
-def cpp_layers(batch: int, compare: Sequence[str] = (), reps: int = 30) -> None:
+def cpp_layers(batch: int, compare: Sequence[str] = (), shapes: Sequence[str] = (), reps: int = 30) -> None:
     """Median ms of the C++ core's two calls alone (interleaved repetitions, warm caches, the calling thread) on
     float32 outputs shaped as the CNN's convolutions (benchmarks/ortho.py's small_cnn at `batch`), with the rate of
     their products over the whole call (tanh, R and the finishing pass included): the forward's upper-triangle Gram,
     n·s·c(c + 1) FLOPs, and the backward's A·Z, 2·n·s·c² FLOPs. `compare`: paths of other builds of the extension,
-    timed interleaved with this one (ratios from one run are what to compare on a noisy machine)."""
+    timed interleaved with this one (ratios from one run are what to compare on a noisy machine). `shapes`: "NxCxS"
+    layouts to time instead of the CNN's (rows of odd lengths, say)."""
     from kexue_fast.ortho import som
 
     cores = {"this build": som._cpp_core()}
     cores.update({path: _load_core(path) for path in compare})
     torch.manual_seed(0)
-    for c, side in ((32, 32), (64, 16)):
-        n, s = batch, side * side
+    layouts = [tuple(int(v) for v in shape.split("x")) for shape in shapes] or [(batch, 32, 1024), (batch, 64, 256)]
+    for n, c, s in layouts:
         y = (torch.randn(n * c * s) * 0.3).numpy()
         a = torch.empty((c, c), dtype=torch.float64).numpy()
         dy = torch.empty(n * c * s).numpy()
@@ -338,7 +340,7 @@ def cpp_layers(batch: int, compare: Sequence[str] = (), reps: int = 30) -> None:
         gram, product = n * s * c * (c + 1), 2 * n * s * c * c
         for label in cores:
             forward, backward = t[label, "forward"], t[label, "backward"]
-            print(f"[{n}, {c}, {side}, {side}] float32, {label}: forward {forward * 1e3:.3f} ms "
+            print(f"[{n}, {c}, {s}] float32, {label}: forward {forward * 1e3:.3f} ms "
                   f"({gram / forward / 1e9:.1f} GFLOP/s of the Gram), backward {backward * 1e3:.3f} ms "
                   f"({product / backward / 1e9:.1f} GFLOP/s of A·Z)", flush=True)  # fmt: skip
 
@@ -429,6 +431,7 @@ def main() -> None:
     parser.add_argument("--fresh-buffers", action="store_true", help="with --cpp-split: no kept ∂R/∂Y buffers")
     parser.add_argument("--host-overhead", action="store_true", help="CPU: the C++ route's Python and torch side")
     parser.add_argument("--cpp-layers", action="store_true", help="CPU: the C++ calls alone on the CNN's layer shapes")
+    parser.add_argument("--shapes", nargs="*", default=[], help="with --cpp-layers: NxCxS layouts instead")
     parser.add_argument("--compare-cores", nargs="*", default=[], help="--cpp-layers/--cpp-split: other _core builds")
     parser.add_argument(
         "--route",
@@ -456,7 +459,7 @@ def main() -> None:
             host_overhead(batch)
         return
     if args.cpp_layers:
-        cpp_layers(batch, args.compare_cores)
+        cpp_layers(batch, args.compare_cores, args.shapes)
         return
     if args.cpp_split:
         if args.device != "cpu":
