@@ -123,12 +123,12 @@ def test_gram_penalty_closed_form_gradient_equals_autograd():
 
 
 @pytest.mark.parametrize("n, c, s", [(1, 1, 1), (9, 7, 1), (2, 17, 130), (4, 64, 9), (300, 33, 1), (2, 6, 1000),
-                                     (1, 5, 2053), (2, 16, 9001)])  # fmt: skip
+                                     (1, 5, 2053), (2, 16, 9001), (2, 16, 8192)])  # fmt: skip
 def test_cpp_gram_equals_torch_in_float64_and_float32(n, c, s):
     """The C++ core (odd channel counts, tiles of 128 positions, s = 1 row layouts; (2, 16, 9001): samples larger
-    than the backward's Z scratch, so spans of positions, rows at unaligned addresses, and ∂R/∂Y of over 1 MB, written
-    by non-temporal stores) against the torch path: float64 to 1e-12 in value and gradient; float32 within 2× the
-    torch path's own error against the float64 truth."""
+    than the backward's Z scratch, so spans of positions, and rows at unaligned addresses; (2, 16, 8192): spans and
+    1 MiB of ∂R/∂Y in whole cache lines, written by non-temporal stores) against the torch path: float64 to 1e-12 in
+    value and gradient; float32 within 2× the torch path's own error against the float64 truth."""
     g = torch.Generator().manual_seed(n * 1000 + c * 10 + s)
     y64 = (torch.randn(n, c, s, dtype=D64, generator=g) * 0.15).requires_grad_()
     results = {}
@@ -144,6 +144,32 @@ def test_cpp_gram_equals_torch_in_float64_and_float32(n, c, s):
         own = _rel(results["torch", torch.float32][i], truth)
         ours = _rel(results["cpp", torch.float32][i], truth)
         assert ours <= 2 * own + 1e-6, (i, ours, own)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, D64])
+@pytest.mark.parametrize("n, c, s", [(4, 16, 4096), (3, 5, 1001), (6, 7, 1)])
+def test_cpp_core_threads_give_the_one_thread_results(n, c, s, dtype):
+    """The C++ calls on two threads (samples split between them; the route itself runs one, som.CPP_THREADS) against
+    one: the backward per sample is the same arithmetic (bitwise equal, with (4, 16, 4096)'s non-temporal stores
+    fenced per thread), the Gram's partial sums are added in another order (R to float rounding)."""
+    from kexue_fast import _core
+
+    g = torch.Generator().manual_seed(n + c + s)
+    y = (torch.randn(n * c * s, generator=g, dtype=D64) * 0.2).to(dtype)
+    results = []
+    for threads in (1, 2):
+        a = torch.empty((c, c), dtype=D64)
+        r = _core.som_penalty(y.numpy(), n, c, s, 3.0, 2.0, 0.5, 1e-12, a.numpy(), threads)
+        dy = torch.full((n * c * s,), float("nan"), dtype=dtype)
+        _core.som_gram_backward(y.numpy(), n, c, s, 3.0, a.numpy(), dy.numpy(), threads, 0.7)
+        results.append((r, a, dy))
+    (r1, a1, dy1), (r2, a2, dy2) = results
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert abs(r2 - r1) <= tol * abs(r1)
+    torch.testing.assert_close(a2, a1, rtol=tol, atol=tol * float(a1.abs().max()))
+    dy_same_a = torch.full_like(dy1, float("nan"))
+    _core.som_gram_backward(y.numpy(), n, c, s, 3.0, a1.numpy(), dy_same_a.numpy(), 2, 0.7)
+    assert torch.equal(dy_same_a, dy1)  # same A: two threads write exactly what one does, every element
 
 
 @pytest.mark.parametrize("scale", [1e-6, 1e-9, 1e-12])

@@ -343,8 +343,10 @@ void som_gram_backward(const T* y, std::int64_t n, std::int64_t c, std::int64_t 
   const int threads = workers_for(n, c, s, n_threads);
   std::vector<std::vector<T>> scratch(static_cast<std::size_t>(threads));
   // Streamed only where each row of ∂Y is whole 64-byte lines from an aligned start (so are the 128-position chunks):
-  // partial lines through the write-combining buffers, c rows apart, were slower than cached stores (a helper's
-  // review measured [32, 16, 9001] float at 17-19.5 ms streamed against 6.5-7.4 before, on this VM).
+  // partial lines through the write-combining buffers, c rows apart, were slower than cached stores. Backward of a
+  // float [32, 16, 9001]: 7.6 ms so, 17.2 streamed, 8.4 before the spans; [128, 64, 49]: 3.2, 5.5 and 3.4 (python -m
+  // kexue_fast.benchmarks.som_profile --device cpu --cpp-layers --shapes ... --compare-cores <5fa86fa and c647be5
+  // builds> at 07c8f0d).
   const std::int64_t row_bytes = s * static_cast<std::int64_t>(sizeof(T));
   const bool stream = n * c * row_bytes >= kStreamBytes && row_bytes % 64 == 0 &&
                       reinterpret_cast<std::uintptr_t>(dy) % 64 == 0;
