@@ -167,6 +167,7 @@ def test_cpp_core_threads_give_the_one_thread_results(n, c, s, dtype):
     tol = 1e-5 if dtype == torch.float32 else 1e-12
     assert abs(r2 - r1) <= tol * abs(r1)
     torch.testing.assert_close(a2, a1, rtol=tol, atol=tol * float(a1.abs().max()))
+    torch.testing.assert_close(dy2, dy1, rtol=tol, atol=tol * float(dy1.abs().max()))
     dy_same_a = torch.full_like(dy1, float("nan"))
     _core.som_gram_backward(y.numpy(), n, c, s, 3.0, a1.numpy(), dy_same_a.numpy(), 2, 0.7)
     assert torch.equal(dy_same_a, dy1)  # same A: two threads write exactly what one does, every element
