@@ -293,7 +293,8 @@ KEXUE_SIMD_CLONES void backward_rows(const T* y, std::int64_t c, std::int64_t s,
   const std::int64_t pad = 64 / static_cast<std::int64_t>(sizeof(T));
   const std::int64_t fit = kSpanBytes / static_cast<std::int64_t>(sizeof(T)) / c;
   const std::int64_t span = s <= fit ? s : std::max<std::int64_t>(kRows, fit / kRows * kRows);
-  const std::int64_t ldz = (span + 2 * pad - 1) / (2 * pad) * (2 * pad) + pad, ldw = kRows + pad;  // odd multiples of pad
+  const std::int64_t ldz = (span + 2 * pad - 1) / (2 * pad) * (2 * pad) + pad;  // odd multiples of pad
+  const std::int64_t ldw = kRows + pad;
   scratch.resize(static_cast<std::size_t>(c * (ldz + ldw)));
   T* z = scratch.data();
   T* w = z + c * ldz;
