@@ -37,6 +37,7 @@ import functools
 import io
 import os
 import pstats
+import re
 import statistics
 import time
 from typing import List, Sequence
@@ -458,7 +459,16 @@ def main() -> None:
         else:
             host_overhead(batch)
         return
+    if args.compare_cores and not (args.cpp_layers or args.cpp_split):
+        parser.error("--compare-cores goes with --cpp-layers or --cpp-split")
+    if args.shapes and not args.cpp_layers:
+        parser.error("--shapes goes with --cpp-layers")
     if args.cpp_layers:
+        if args.device != "cpu":
+            parser.error("--cpp-layers times the C++ core: it needs --device cpu")
+        bad = [shape for shape in args.shapes if not re.fullmatch(r"[1-9]\d*x[1-9]\d*x[1-9]\d*", shape)]
+        if bad:
+            parser.error(f"--shapes takes NxCxS layouts of positive integers (such as 32x16x9001), got {bad}")
         cpp_layers(batch, args.compare_cores, args.shapes)
         return
     if args.cpp_split:
