@@ -247,8 +247,7 @@ def cpp_split(batch: int, steps: int, fresh_buffers: bool, compare: Sequence[str
     interleaved step by step."""
     from kexue_fast.ortho import som, workspace
 
-    cores = {"this build": som._cpp_core()}
-    cores.update({path: _load_core(path) for path in compare})
+    cores = _cores(som._cpp_core(), compare)
     spent = {(label, part): 0.0 for label in cores for part in ("forward", "backward")}
     running = ["this build"]
 
@@ -302,6 +301,11 @@ def cpp_split(batch: int, steps: int, fresh_buffers: bool, compare: Sequence[str
               f"ms and backward {spent[label, 'backward'] / steps * 1e3:.2f} ms per step")  # fmt: skip
 
 
+def _cores(this, compare: Sequence[str]) -> dict:
+    """{"this build": this, path: that build's extension for each path in compare}."""
+    return {"this build": this, **{path: _load_core(path) for path in compare}}
+
+
 def _load_core(path: str):
     """Another build of kexue_fast's _core extension (e.g. build/dev/_core*.so of an earlier commit, copied aside),
     loaded beside this one under a private name for an interleaved comparison."""
@@ -325,8 +329,7 @@ def cpp_layers(batch: int, compare: Sequence[str] = (), shapes: Sequence[str] = 
     layouts to time instead of the CNN's (rows of odd lengths, say)."""
     from kexue_fast.ortho import som
 
-    cores = {"this build": som._cpp_core()}
-    cores.update({path: _load_core(path) for path in compare})
+    cores = _cores(som._cpp_core(), compare)
     torch.manual_seed(0)
     layouts = [tuple(int(v) for v in shape.split("x")) for shape in shapes] or [(batch, 32, 1024), (batch, 64, 256)]
     for n, c, s in layouts:
