@@ -292,17 +292,13 @@ KEXUE_SIMD_CLONES void backward_rows(const T* y, std::int64_t c, std::int64_t s,
   }
   // s > 1: Z_i = tanh(γY_i) [c, s] in spans of positions, the whole sample where it fits kSpanBytes (Y_i's block read
   // in memory order: one stream for the prefetcher, where chunk-sized pieces of every channel were c streams); then
-  // A Z by chunks of kRows positions into a scratch w, and dy = w ⊙ (1 − Z²) per chunk. With a base, w spans the whole
-  // span and dy = base + w ⊙ (1 − Z²) runs over it once all its chunks are in, row after row: base and dy (often the
-  // model's gradient of Y, in place) read and written in memory order, where rows of a chunk each, s apart, mapped
-  // to the same few L1 sets. Rows of the scratches are a non-power-of-two apart (a stride such as H·W = 1024 would map
-  // the product's rows to one L1 set).
+  // A Z by chunks of kRows positions into a scratch w, and one pass dy = w ⊙ (1 − Z²). Rows of both scratches are a
+  // non-power-of-two apart (a stride such as H·W = 1024 would map the product's rows to one L1 set).
   const std::int64_t pad = 64 / static_cast<std::int64_t>(sizeof(T));
   const std::int64_t fit = kSpanBytes / static_cast<std::int64_t>(sizeof(T)) / c;
   const std::int64_t span = s <= fit ? s : std::max<std::int64_t>(kRows, fit / kRows * kRows);
   const std::int64_t ldz = (span + 2 * pad - 1) / (2 * pad) * (2 * pad) + pad;  // odd multiples of pad
-  const bool wide = base != nullptr;
-  const std::int64_t ldw = wide ? ldz : kRows + pad;
+  const std::int64_t ldw = kRows + pad;
   scratch.resize(static_cast<std::size_t>(c * (ldz + ldw)));
   T* z = scratch.data();
   T* w = z + c * ldz;
@@ -312,18 +308,12 @@ KEXUE_SIMD_CLONES void backward_rows(const T* y, std::int64_t c, std::int64_t s,
       for (std::int64_t ch = 0; ch < c; ++ch) scaled_tanh(y + (i * c + ch) * s + q0, gamma, z + ch * ldz, q);
       for (std::int64_t p0 = 0; p0 < q; p0 += kRows) {
         const std::int64_t p = std::min(kRows, q - p0);
-        gemm::gemm<T>(c, c, p, a, c, 1, z + p0, ldz, wide ? w + p0 : w, ldw, false);
-        if (!wide)
-          for (std::int64_t ch = 0; ch < c; ++ch) {
-            const std::int64_t at = (i * c + ch) * s + q0 + p0;
-            finish_rows<T>(w + ch * ldw, z + ch * ldz + p0, nullptr, dy + at, p, stream);
-          }
-      }
-      if (wide)
+        gemm::gemm<T>(c, c, p, a, c, 1, z + p0, ldz, w, ldw, false);
         for (std::int64_t ch = 0; ch < c; ++ch) {
-          const std::int64_t at = (i * c + ch) * s + q0;
-          finish_rows<T>(w + ch * ldw, z + ch * ldz, base + at, dy + at, q, false);
+          const std::int64_t at = (i * c + ch) * s + q0 + p0;
+          finish_rows<T>(w + ch * ldw, z + ch * ldz + p0, base == nullptr ? nullptr : base + at, dy + at, p, stream);
         }
+      }
     }
   stream_fence(stream);
 }
