@@ -349,28 +349,6 @@ def cpp_layers(batch: int, compare: Sequence[str] = (), shapes: Sequence[str] = 
                   f"({product / backward / 1e9:.1f} GFLOP/s of A·Z)", flush=True)  # fmt: skip
 
 
-def taps_ab(batch: int, rounds: int, reps: int = 15) -> None:
-    """Interleaved rounds of the CPU step without SOM, with SOM on the C++ route through gradient taps, and without
-    taps (the hooks' tap_outputs toggled per call): each round's overhead of both, from the rounds' medians."""
-    from .common import time_interleaved
-
-    model, opt, x, target, hooks = cnn_setup("cpu", batch)
-    plain = training_step(model, x, target, hooks, None, opt)
-    with_som = training_step(model, x, target, hooks, "cpp", opt)
-
-    def through(tapped: bool):
-        def step() -> None:
-            hooks.recorder.tap_outputs = "cpu" if tapped else False
-            with_som()
-
-        return step
-
-    for r in range(rounds):
-        t = time_interleaved({"plain": plain, "taps": through(True), "no taps": through(False)}, reps)
-        print(f"round {r}: step {t['plain'] * 1e3:.2f} ms; SOM through taps {t['taps'] / t['plain'] - 1:+.1%}, "
-              f"without {t['no taps'] / t['plain'] - 1:+.1%}", flush=True)  # fmt: skip
-
-
 def host_overhead(batch: int, reps: int = 200) -> None:
     """Median µs of som_regularizer(backend="cpp") forward, and forward + backward (interleaved repetitions), on the
     CNN's recorded conv outputs with the C++ core's calls replaced by no-ops (everything but the C++ work)."""
@@ -459,7 +437,6 @@ def main() -> None:
     parser.add_argument("--cpp-layers", action="store_true", help="CPU: the C++ calls alone on the CNN's layer shapes")
     parser.add_argument("--shapes", nargs="*", default=[], help="with --cpp-layers: NxCxS layouts instead")
     parser.add_argument("--compare-cores", nargs="*", default=[], help="--cpp-layers/--cpp-split: other _core builds")
-    parser.add_argument("--taps-ab", type=int, default=0, help="CPU: rounds of the step with and without taps")
     parser.add_argument(
         "--route",
         choices=("cpp", "triton"),
@@ -484,9 +461,6 @@ def main() -> None:
             host_overhead_triton(batch)
         else:
             host_overhead(batch)
-        return
-    if args.taps_ab:
-        taps_ab(batch, args.taps_ab)
         return
     if args.compare_cores and not (args.cpp_layers or args.cpp_split):
         parser.error("--compare-cores goes with --cpp-layers or --cpp-split")

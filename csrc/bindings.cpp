@@ -765,28 +765,24 @@ double som_penalty(const py::array& y, std::int64_t n, std::int64_t c, std::int6
 
 template <typename T>
 void som_gram_backward_typed(const py::array& y, std::int64_t n, std::int64_t c, std::int64_t s, double gamma,
-                             const py::handle& a, const py::handle& dy, int n_threads, double scale,
-                             const py::handle& base) {
+                             const py::handle& a, const py::handle& dy, int n_threads, double scale) {
   const T* yp = array_ptr<T>(y, {n * c * s}, "y", false);
   if (!py::isinstance<py::array_t<double>>(a)) throw py::type_error("a must be a float64 array");
   const double* ap = array_ptr<double>(a, {c, c}, "a", false);
   T* dp = array_ptr<T>(dy, {n * c * s}, "dy", true);
-  if (!base.is_none() && !py::isinstance<py::array_t<T>>(base)) throw py::type_error("base must have y's dtype");
-  const T* bp = optional_ptr<T>(base, {n * c * s}, "base", false);
   py::gil_scoped_release release;
   std::vector<T> scaled(static_cast<std::size_t>(c * c));  // A = scale · a in y's type, as the kernel reads it
   for (std::size_t e = 0; e < scaled.size(); ++e) scaled[e] = static_cast<T>(scale * ap[e]);
-  kexue::ortho::som_gram_backward<T>(yp, n, c, s, gamma, scaled.data(), bp, dp, n_threads);
+  kexue::ortho::som_gram_backward<T>(yp, n, c, s, gamma, scaled.data(), dp, n_threads);
 }
 
 void som_gram_backward(const py::array& y, std::int64_t n, std::int64_t c, std::int64_t s, double gamma,
-                       const py::handle& a, const py::handle& dy, int n_threads, double scale,
-                       const py::handle& base) {
+                       const py::handle& a, const py::handle& dy, int n_threads, double scale) {
   check_som_shape(n, c, s, gamma);
   if (py::isinstance<py::array_t<float>>(y))
-    return som_gram_backward_typed<float>(y, n, c, s, gamma, a, dy, n_threads, scale, base);
+    return som_gram_backward_typed<float>(y, n, c, s, gamma, a, dy, n_threads, scale);
   if (py::isinstance<py::array_t<double>>(y))
-    return som_gram_backward_typed<double>(y, n, c, s, gamma, a, dy, n_threads, scale, base);
+    return som_gram_backward_typed<double>(y, n, c, s, gamma, a, dy, n_threads, scale);
   throw py::type_error("y must be float32 or float64");
 }
 // ---- end SOM Gram -------------------------------------------------------------------------------------------------
@@ -889,9 +885,8 @@ PYBIND11_MODULE(_core, m) {
         "A = gamma (Gbar + Gbar^T) at a unit upstream gradient, for som_gram_backward (csrc/ortho/som_gram.hpp).");
   m.def("som_gram_backward", &som_gram_backward, py::arg("y"), py::arg("n"), py::arg("c"), py::arg("s"),
         py::arg("gamma"), py::arg("a"), py::arg("dy"), py::arg("n_threads") = 0, py::arg("scale") = 1.0,
-        py::arg("base") = py::none(),
-        "dy = base + (A Z_i) * (1 - Z_i^2) per sample, Z = tanh(gamma y) read as [n, c, s], A = scale * a (a: float64 "
-        "[c, c], symmetric); base: None (no sum) or an array of y's dtype and size, which may be dy itself.");
+        "dy = (A Z_i) * (1 - Z_i^2) per sample, Z = tanh(gamma y) read as [n, c, s], A = scale * a (a: float64 "
+        "[c, c], symmetric).");
   m.def("jacobi_elliptic", &jacobi_elliptic, py::arg("u"), py::arg("m"), py::arg("n_threads") = 0,
         py::arg("mp") = py::none(),
         "(sn, cn, dn, am, zeta) of same-shape float arrays u, m (0 <= m <= 1, NaN outside), elementwise; mp: 1 - m "

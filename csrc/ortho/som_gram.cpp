@@ -76,12 +76,7 @@ __attribute__((target("avx2,fma"))) void finish_stream(const T* w, const T* z, T
 #endif
 
 template <typename T>
-KEXUE_INLINE void finish_rows(const T* w, const T* z, const T* base, T* out, std::int64_t count, bool stream) {
-  if (base != nullptr) {
-#pragma omp simd
-    for (std::int64_t e = 0; e < count; ++e) out[e] = base[e] + w[e] * (T(1) - z[e] * z[e]);
-    return;
-  }
+KEXUE_INLINE void finish_rows(const T* w, const T* z, T* out, std::int64_t count, bool stream) {
 #ifdef KEXUE_SOM_AVX2
   if (stream && has_avx2()) return finish_stream(w, z, out, count);
 #else
@@ -276,17 +271,18 @@ KEXUE_SIMD_CLONES void gram_rows(const T* y, std::int64_t c, std::int64_t s, T g
 }
 
 template <typename T>
-KEXUE_SIMD_CLONES void backward_rows(const T* y, std::int64_t c, std::int64_t s, T gamma, const T* a, const T* base,
-                                     T* dy, std::int64_t i0, std::int64_t i1, std::vector<T>& scratch, bool stream) {
-  if (s == 1) {  // dy rows = base + (Z A) ⊙ (1 − Z²) (A symmetric), the product into a scratch w
-    scratch.resize(static_cast<std::size_t>(2 * kRows * c));
+KEXUE_SIMD_CLONES void backward_rows(const T* y, std::int64_t c, std::int64_t s, T gamma, const T* a, T* dy,
+                                     std::int64_t i0, std::int64_t i1, std::vector<T>& scratch, bool stream) {
+  if (s == 1) {  // dy rows = (Z A) ⊙ (1 − Z²) (A symmetric)
+    scratch.resize(static_cast<std::size_t>(kRows * c));
     T* z = scratch.data();
-    T* w = z + kRows * c;
     for (std::int64_t r0 = i0; r0 < i1; r0 += kRows) {
       const std::int64_t rows = std::min(kRows, i1 - r0);
       scaled_tanh(y + r0 * c, gamma, z, rows * c);
-      gemm::gemm<T>(rows, c, c, z, c, 1, a, c, w, c, false);
-      finish_rows<T>(w, z, base == nullptr ? nullptr : base + r0 * c, dy + r0 * c, rows * c, false);
+      T* out = dy + r0 * c;
+      gemm::gemm<T>(rows, c, c, z, c, 1, a, c, out, c, false);
+#pragma omp simd
+      for (std::int64_t e = 0; e < rows * c; ++e) out[e] *= T(1) - z[e] * z[e];
     }
     return;
   }
@@ -309,10 +305,8 @@ KEXUE_SIMD_CLONES void backward_rows(const T* y, std::int64_t c, std::int64_t s,
       for (std::int64_t p0 = 0; p0 < q; p0 += kRows) {
         const std::int64_t p = std::min(kRows, q - p0);
         gemm::gemm<T>(c, c, p, a, c, 1, z + p0, ldz, w, ldw, false);
-        for (std::int64_t ch = 0; ch < c; ++ch) {
-          const std::int64_t at = (i * c + ch) * s + q0 + p0;
-          finish_rows<T>(w + ch * ldw, z + ch * ldz + p0, base == nullptr ? nullptr : base + at, dy + at, p, stream);
-        }
+        for (std::int64_t ch = 0; ch < c; ++ch)
+          finish_rows<T>(w + ch * ldw, z + ch * ldz + p0, dy + (i * c + ch) * s + q0 + p0, p, stream);
       }
     }
   stream_fence(stream);
@@ -345,8 +339,8 @@ void som_gram(const T* y, std::int64_t n, std::int64_t c, std::int64_t s, double
 }
 
 template <typename T>
-void som_gram_backward(const T* y, std::int64_t n, std::int64_t c, std::int64_t s, double gamma, const T* a,
-                       const T* base, T* dy, int n_threads) {
+void som_gram_backward(const T* y, std::int64_t n, std::int64_t c, std::int64_t s, double gamma, const T* a, T* dy,
+                       int n_threads) {
   const int threads = workers_for(n, c, s, n_threads);
   std::vector<std::vector<T>> scratch(static_cast<std::size_t>(threads));
   // Streamed only where each row of ∂Y is whole 64-byte lines from an aligned start (so are the 128-position chunks):
@@ -355,10 +349,10 @@ void som_gram_backward(const T* y, std::int64_t n, std::int64_t c, std::int64_t 
   // kexue_fast.benchmarks.som_profile --device cpu --cpp-layers --shapes ... --compare-cores <5fa86fa and c647be5
   // builds> at 07c8f0d).
   const std::int64_t row_bytes = s * static_cast<std::int64_t>(sizeof(T));
-  const bool stream = base == nullptr && n * c * row_bytes >= kStreamBytes && row_bytes % 64 == 0 &&
+  const bool stream = n * c * row_bytes >= kStreamBytes && row_bytes % 64 == 0 &&
                       reinterpret_cast<std::uintptr_t>(dy) % 64 == 0;
   run_workers(threads, [&](int t) {
-    backward_rows<T>(y, c, s, static_cast<T>(gamma), a, base, dy, n * t / threads, n * (t + 1) / threads, scratch[t],
+    backward_rows<T>(y, c, s, static_cast<T>(gamma), a, dy, n * t / threads, n * (t + 1) / threads, scratch[t],
                      stream);
   });
 }
@@ -396,9 +390,9 @@ double som_penalty(const double* gram, std::int64_t c, double gamma, double lamb
 template void som_gram<float>(const float*, std::int64_t, std::int64_t, std::int64_t, double, double*, int);
 template void som_gram<double>(const double*, std::int64_t, std::int64_t, std::int64_t, double, double*, int);
 template void som_gram_backward<float>(const float*, std::int64_t, std::int64_t, std::int64_t, double, const float*,
-                                       const float*, float*, int);
+                                       float*, int);
 template void som_gram_backward<double>(const double*, std::int64_t, std::int64_t, std::int64_t, double,
-                                        const double*, const double*, double*, int);
+                                        const double*, double*, int);
 
 }  // namespace ortho
 }  // namespace kexue

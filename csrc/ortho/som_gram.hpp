@@ -20,11 +20,10 @@ namespace ortho {
 template <typename T>
 void som_gram(const T* y, std::int64_t n, std::int64_t c, std::int64_t s, double gamma, double* gram, int n_threads);
 
-// dy [n, c, s] = base + (A Z_i) ⊙ (1 − Z_i²) per sample, Z = tanh(γ y), for a [c, c] symmetric (row-major); base
-// [n, c, s] may be null (no sum) or dy itself (a sum in place): the model's own gradient of Y, summed in the same pass.
+// dy [n, c, s] = (A Z_i) ⊙ (1 − Z_i²) per sample, Z = tanh(γ y), for a [c, c] symmetric (row-major).
 template <typename T>
-void som_gram_backward(const T* y, std::int64_t n, std::int64_t c, std::int64_t s, double gamma, const T* a,
-                       const T* base, T* dy, int n_threads);
+void som_gram_backward(const T* y, std::int64_t n, std::int64_t c, std::int64_t s, double gamma, const T* a, T* dy,
+                       int n_threads);
 
 // R = λ₁s₁² + λ₂s₂ (s₁ = Σ_{i≠j}Θ_ij, s₂ = Σ_{i≠j}Θ_ij², Θ = D⁻¹GD⁻¹, D_ii = max(√G_ii, eps)) of a symmetric Gram
 // [c, c], and when a is not null A = γ(Ḡ + Ḡᵀ) [c, c] at a unit upstream gradient, Ḡ = ∂R/∂G (the backward's

@@ -44,7 +44,7 @@ class SelfOrthogonality(nn.Module):
         self.gamma, self.lambda1, self.lambda2, self.eps = float(gamma), float(lambda1), float(lambda2), float(eps)
         self.backend = backend
         self.recorder = OutputRecorder(model, layers, channel_dim=channel_dim, record_in_eval=record_in_eval,
-                                       alias_outputs=True, tap_outputs="cpu")  # fmt: skip
+                                       alias_outputs=True)  # fmt: skip
 
     @property
     def enabled(self) -> bool:

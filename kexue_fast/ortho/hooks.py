@@ -7,8 +7,6 @@ from typing import Iterable, List, Optional, Sequence, Tuple, Type, Union
 import torch
 from torch import Tensor, nn
 
-from . import taps
-
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 DEFAULT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 LayerSpec = Union[None, Type[nn.Module], Tuple[Type[nn.Module], ...], Iterable[Union[str, nn.Module]]]
@@ -53,12 +51,6 @@ def resolve_layers(model: nn.Module, layers: LayerSpec) -> List[Tuple[str, nn.Mo
     return found
 
 
-def _taps_here(tap_outputs: Union[bool, str], output: Tensor) -> bool:
-    if tap_outputs is False or torch.compiler.is_compiling():
-        return False
-    return tap_outputs is True or output.device.type == tap_outputs
-
-
 class _RecordHook:
     """The forward hook of one recorded layer: a module-level class, not a closure, so that a hooked model can be
     pickled (torch.save) and deep-copied. A copy of the hook alone records nothing: a copied model is not hooked
@@ -79,10 +71,6 @@ class _RecordHook:
         if not isinstance(output, Tensor):
             kind = type(output).__name__
             raise TypeError(f"layer {self.name!r} returned {kind}; only tensor outputs can be recorded")
-        if _taps_here(recorder.tap_outputs, output):
-            output = taps.tap(output)  # returned: the model consumes the tapped output, the records an alias of it
-            recorder.records.append((output.view_as(output), self.dim))
-            return output
         if recorder.alias_outputs:
             # An alias made here, right after the layer: its backward node then sits between the layer and the
             # layer's consumers in autograd's order, so a regularizer's gradient (computed first, its node being the
@@ -106,11 +94,8 @@ class OutputRecorder:
     records: [(output, channel_dim)], in call order; take() returns and clears them. alias_outputs=True records an
     alias of each output made right after its layer instead (what SelfOrthogonality uses: a loss of the records then
     has its gradient added into the model's own in place); the gradient of any other loss with respect to such a
-    record is then only what flows through the record. tap_outputs=True (or a device type, "cuda": only outputs
-    there) instead passes each output through a gradient tap (kexue_fast.ortho.taps) and returns the tapped output to
-    the model, so that a fused regularizer of the records adds its gradient into the model's in its own kernel; not
-    under torch.compile, where the alias (or the output) is recorded. Setting .enabled = False pauses recording (the
-    hooks stay attached and return at once). Use remove() (or a `with` block) to detach the hooks.
+    record is then only what flows through the record. Setting .enabled = False pauses recording (the hooks stay
+    attached and return at once). Use remove() (or a `with` block) to detach the hooks.
     Pickling or deep-copying the recorder together with its model gives a recorder hooked to the copied layers
     (records are not copied).
     """
@@ -123,7 +108,6 @@ class OutputRecorder:
         channel_dim: Optional[Union[int, Sequence[int]]] = None,
         record_in_eval: bool = False,
         alias_outputs: bool = False,
-        tap_outputs: Union[bool, str] = False,
     ) -> None:
         self.layers = resolve_layers(model, layers)
         if channel_dim is None:
@@ -138,9 +122,6 @@ class OutputRecorder:
         self.dims = dims
         self.record_in_eval = bool(record_in_eval)
         self.alias_outputs = bool(alias_outputs)
-        if not isinstance(tap_outputs, (bool, str)):
-            raise TypeError(f"tap_outputs must be a bool or a device type such as 'cuda', got {tap_outputs!r}")
-        self.tap_outputs = tap_outputs
         self.enabled = True
         self.records: List[Tuple[Tensor, int]] = []
         self._attach()
@@ -151,13 +132,12 @@ class OutputRecorder:
 
     def __getstate__(self) -> dict:
         return {"layers": self.layers, "dims": self.dims, "record_in_eval": self.record_in_eval,
-                "alias_outputs": self.alias_outputs, "tap_outputs": self.tap_outputs, "enabled": self.enabled,
+                "alias_outputs": self.alias_outputs, "enabled": self.enabled,
                 "attached": bool(self._handles)}  # fmt: skip
 
     def __setstate__(self, state: dict) -> None:
         self.layers, self.dims, self.record_in_eval = state["layers"], state["dims"], state["record_in_eval"]
         self.alias_outputs = state.get("alias_outputs", False)
-        self.tap_outputs = state.get("tap_outputs", False)
         self.enabled = state.get("enabled", True)
         self.records = []
         self._handles = []

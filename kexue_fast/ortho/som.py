@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .. import _dispatch
 from .._autograd import first_order
-from . import taps, workspace
+from . import workspace
 
 OP = "som_regularizer"
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -420,84 +420,46 @@ def _grad_buffer(shape: torch.Size, dtype: torch.dtype, device: torch.device) ->
 
 
 class _CppPenalty(torch.autograd.Function):
-    """(gamma, lambda1, lambda2, eps, layouts, nodes, *ys) -> R [L] float64 on the C++ core; nodes: each layer's
-    gradient tap (kexue_fast.ortho.taps; None where Y is not tapped): where autograd will run it in this backward,
-    the layer's ∂R/∂Y is left to it (_CppTapGrad), which adds it into the model's own gradient of Y in the same pass."""
+    """(gamma, lambda1, lambda2, eps, layouts, *ys) -> R [L] float64 on the C++ core (csrc/ortho/som_gram.cpp), one
+    autograd node and one C++ call per layer each way: forward the Gram (each Y read as [N, C, S] in place, Z never
+    stored: each sample's is computed in cache), R and A₀ = γ(Ḡ + Ḡᵀ) at a unit upstream gradient (float64 [c, c]);
+    backward ∂R/∂Y = (Z A) ⊙ (1 − Z²) with A = (∂L/∂R_ℓ)·A₀, Z recomputed in cache (Y is saved)."""
 
     @staticmethod
     def forward(ctx, gamma: float, lambda1: float, lambda2: float, eps: float, layouts: Tuple[Layout, ...],
-                nodes: tuple, *ys: Tensor) -> Tensor:  # fmt: skip
+                *ys: Tensor) -> Tensor:  # fmt: skip
         core = _cpp_core()
         values, a0 = [], []
-        for y, (n, c, s), needed in zip(ys, layouts, ctx.needs_input_grad[6:]):
+        for y, (n, c, s), needed in zip(ys, layouts, ctx.needs_input_grad[5:]):
             y_flat = y.detach().to(_work_dtype(y.dtype)).contiguous().view(-1)  # half in float32, as on torch
             a = torch.empty((c, c), dtype=torch.float64, device="cpu") if needed else None  # A₀ only for a backward
             values.append(core.som_penalty(y_flat.numpy(), n, c, s, gamma, lambda1, lambda2, eps,
                                            None if a is None else a.numpy(), CPP_THREADS))  # fmt: skip
             a0.append(a)
-        ctx.gamma, ctx.layouts, ctx.a0, ctx.nodes = gamma, layouts, a0, nodes
+        ctx.gamma, ctx.layouts, ctx.a0 = gamma, layouts, a0
         ctx.save_for_backward(*ys)
         return torch.tensor(values, dtype=torch.float64, device="cpu")
 
     @staticmethod
     @first_order
     def backward(ctx, grad: Tensor):
+        core = _cpp_core()
         scales = grad.tolist()
         grads: List[Optional[Tensor]] = []
-        for i, (y, layout, a0, node) in enumerate(zip(ctx.saved_tensors, ctx.layouts, ctx.a0, ctx.nodes)):
-            if not ctx.needs_input_grad[6 + i]:
+        for i, (y, (n, c, s), a0) in enumerate(zip(ctx.saved_tensors, ctx.layouts, ctx.a0)):
+            if not ctx.needs_input_grad[5 + i]:
                 grads.append(None)
-            elif scales[i] != 0.0 and node is not None and taps.will_run(node):
-                node.pending.append(_CppTapGrad(y, layout, ctx.gamma, a0, scales[i]))
-                grads.append(None)
+                continue
+            work = _work_dtype(y.dtype)
+            dy = _grad_buffer(y.shape, work, y.device)
+            if scales[i] == 0.0:  # a zero weight (a warm-up schedule): zeros, without the C++ pass
+                dy.zero_()
             else:
-                grads.append(_cpp_backward(y, layout, ctx.gamma, a0, scales[i]))
-        return (None, None, None, None, None, None, *grads)
-
-
-def _cpp_backward(y: Tensor, layout: Layout, gamma: float, a0: Tensor, scale: float, base: Optional[Tensor] = None,
-                  out: Optional[Tensor] = None) -> Tensor:  # fmt: skip
-    """base + scale·∂R/∂Y of one layer on the C++ core, in Y's dtype: into `out` when given (it may be base itself),
-    else into a kept buffer (_grad_buffer). base, out: None or contiguous tensors of Y's shape in the work dtype."""
-    n, c, s = layout
-    work = _work_dtype(y.dtype)
-    dy = _grad_buffer(y.shape, work, y.device) if out is None else out
-    if scale == 0.0:  # a zero weight (a warm-up schedule): no C++ pass
-        if base is None:
-            dy.zero_()
-        elif dy is not base:
-            dy.copy_(base)
-    else:
-        y_flat = y.detach().to(work).contiguous().view(-1)
-        _cpp_core().som_gram_backward(y_flat.numpy(), n, c, s, gamma, a0.numpy(), dy.view(-1).numpy(), CPP_THREADS,
-                                      scale, None if base is None else base.view(-1).numpy())  # fmt: skip
-    return dy.to(y.dtype)
-
-
-def _exclusive(g: Tensor) -> bool:
-    """Whether nothing but this tensor refers to g's memory: one reference to its TensorImpl (the engine handed it
-    over) and its storage not shared with another tensor; autograd's own test for summing into a gradient in place."""
-    storage = g.untyped_storage()
-    return g._use_count() == 1 and torch._C._storage_Use_Count(storage._cdata) == 2  # g's reference and `storage`
-
-
-class _CppTapGrad:
-    """g ↦ g + ∂R/∂Y of one layer (a gradient tap's pending function, kexue_fast.ortho.taps): one C++ pass when g is
-    a contiguous tensor of Y's shape and dtype (float32 or float64), in place when g is exclusively the engine's
-    (_exclusive), else into a kept buffer; otherwise ∂R/∂Y from the C++ core summed by torch; ∂R/∂Y alone when g is
-    None (no gradient from the model)."""
-
-    def __init__(self, y: Tensor, layout: Layout, gamma: float, a0: Tensor, scale: float) -> None:
-        self.y, self.layout, self.gamma, self.a0, self.scale = y, layout, gamma, a0, scale
-
-    def __call__(self, g: Optional[Tensor]) -> Tensor:
-        y = self.y
-        if g is not None and g.dtype == y.dtype == _work_dtype(y.dtype) and g.shape == y.shape and g.is_contiguous():
-            in_place = _exclusive(g)
-            g = g.detach()
-            return _cpp_backward(y, self.layout, self.gamma, self.a0, self.scale, g, g if in_place else None)
-        dr = _cpp_backward(y, self.layout, self.gamma, self.a0, self.scale)
-        return dr if g is None else g + dr
+                y_flat = y.detach().to(work).contiguous().view(-1)
+                core.som_gram_backward(y_flat.numpy(), n, c, s, ctx.gamma, a0.numpy(), dy.view(-1).numpy(),
+                                       CPP_THREADS, scales[i])  # fmt: skip
+            grads.append(dy.to(y.dtype))
+        return (None, None, None, None, None, *grads)
 
 
 def som_regularizer(
@@ -578,8 +540,7 @@ def _per_layer(ys, dims, layouts, chosen, gamma: float, lambda1: float, lambda2:
                 penalties = _TritonPenalty.apply(gamma, lambda1, lambda2, eps, group, *inputs)
         elif name == "cpp":
             group = tuple(layouts[i] for i in idx)
-            nodes = tuple(taps.tap_node(ys[i]) for i in idx)
-            penalties = _CppPenalty.apply(gamma, lambda1, lambda2, eps, group, nodes, *[ys[i] for i in idx])
+            penalties = _CppPenalty.apply(gamma, lambda1, lambda2, eps, group, *[ys[i] for i in idx])
         else:
             grams = _Grams.apply(gamma, tuple(layouts[i] for i in idx), *[ys[i] for i in idx])
             penalties = gram_penalty(grams, [layouts[i][1] for i in idx], lambda1, lambda2, eps)
