@@ -95,26 +95,6 @@ void stream_fence(bool stream) {
 #endif
 }
 
-// Software prefetch of the next samples' block of Y into L2 while the current one is computed on: the forward's tanh
-// and the backward's span read Y at the DRAM's pace (the layer is written long before, and the compute between two
-// reads leaves the memory idle), so the block to come is requested a few lines at a time from the compute loops.
-class Prefetch {
- public:
-  Prefetch() = default;
-  Prefetch(const void* begin, std::int64_t bytes, std::int64_t steps)
-      : next_(static_cast<const char*>(begin)),
-        end_(next_ + bytes),
-        per_step_(std::max<std::int64_t>(1, (bytes / 64 + steps - 1) / std::max<std::int64_t>(1, steps))) {}
-  KEXUE_INLINE void step() {
-    for (std::int64_t l = 0; l < per_step_ && next_ < end_; ++l, next_ += 64) __builtin_prefetch(next_, 0, 2);
-  }
-
- private:
-  const char* next_ = nullptr;
-  const char* end_ = nullptr;
-  std::int64_t per_step_ = 0;
-};
-
 #ifdef KEXUE_SOM_AVX2
 // The forward's dot tiles in AVX2 intrinsics, 3 × 3: 9 accumulators and 6 operands held in registers (15 of 16).
 // GCC compiled the generic-vector 4 × 2 tiles below with the row loads folded into the FMAs as memory operands (a load
@@ -169,7 +149,7 @@ __attribute__((target("avx2,fma"), always_inline)) inline void dot_row_avx2(int 
 // out [c, c] (upper triangle and the lower half of the diagonal tiles) = Z Zᵀ for Z [c, p], rows ld apart.
 template <typename T>
 __attribute__((target("avx2,fma"))) void upper_gram_avx2(const T* z, std::int64_t c, std::int64_t p, std::int64_t ld,
-                                                         T* out, Prefetch& prefetch) {
+                                                         T* out) {
   constexpr int M = 3;
   for (std::int64_t i0 = 0; i0 < c; i0 += M) {
     const int mi = static_cast<int>(std::min<std::int64_t>(M, c - i0));
@@ -184,7 +164,6 @@ __attribute__((target("avx2,fma"))) void upper_gram_avx2(const T* z, std::int64_
         dot_row_avx2<T, 2>(mj, p, a, b, ld, o, c);
       else
         dot_row_avx2<T, 1>(mj, p, a, b, ld, o, c);
-      prefetch.step();
     }
   }
 }
@@ -228,12 +207,9 @@ KEXUE_INLINE void dot_tile(std::int64_t p, const T* a, const T* b, std::int64_t 
 
 // out [c, c] (upper triangle and a little more) = Z Zᵀ for Z [c, p], rows ld apart.
 template <typename T>
-KEXUE_INLINE void upper_gram_rows(const T* z, std::int64_t c, std::int64_t p, std::int64_t ld, T* out,
-                                  Prefetch& prefetch) {
+KEXUE_INLINE void upper_gram_rows(const T* z, std::int64_t c, std::int64_t p, std::int64_t ld, T* out) {
 #ifdef KEXUE_SOM_AVX2
-  if (has_avx2()) return upper_gram_avx2(z, c, p, ld, out, prefetch);
-#else
-  (void)prefetch;
+  if (has_avx2()) return upper_gram_avx2(z, c, p, ld, out);
 #endif
   constexpr int MI = 4, MJ = 2;
   for (std::int64_t i0 = 0; i0 < c; i0 += MI) {
@@ -243,7 +219,6 @@ KEXUE_INLINE void upper_gram_rows(const T* z, std::int64_t c, std::int64_t p, st
       const T* a = z + i0 * ld;
       const T* b = z + j0 * ld;
       T* o = out + i0 * c + j0;
-      prefetch.step();
       if (mi == MI && mj == MJ)
         dot_tile<T, MI, MJ>(p, a, b, ld, o, c);
       else
@@ -274,18 +249,14 @@ KEXUE_SIMD_CLONES void gram_rows(const T* y, std::int64_t c, std::int64_t s, T g
     }
     return;
   }
-  const std::int64_t blocks = (c + 2) / 3;
-  const std::int64_t tiles = blocks * (blocks + 1) / 2;  // the tiles of one upper_gram_rows: prefetch steps
   if (s < kPositions) {  // several samples side by side per chunk: longer dot products, fewer lane sums and tile setups
     const std::int64_t per = kPositions / s;
     for (std::int64_t i = i0; i < i1; i += per) {
       const std::int64_t m = std::min(per, i1 - i);
-      const std::int64_t m_next = std::min(per, i1 - i - m);
-      Prefetch prefetch(y + (i + m) * c * s, m_next * c * s * static_cast<std::int64_t>(sizeof(T)), tiles);
       for (std::int64_t k = 0; k < m; ++k)  // each sample's [c, s] block read in memory order: one stream
         for (std::int64_t ch = 0; ch < c; ++ch)
           scaled_tanh(y + ((i + k) * c + ch) * s, gamma, z + ch * stride + k * s, s);
-      upper_gram_rows(z, c, m * s, stride, tile, prefetch);
+      upper_gram_rows(z, c, m * s, stride, tile);
       add_upper();
     }
     return;
@@ -293,12 +264,8 @@ KEXUE_SIMD_CLONES void gram_rows(const T* y, std::int64_t c, std::int64_t s, T g
   for (std::int64_t i = i0; i < i1; ++i)  // G += Z_i Z_iᵀ, Z_i [c, s] in chunks of kPositions positions
     for (std::int64_t p0 = 0; p0 < s; p0 += kPositions) {
       const std::int64_t p = std::min(kPositions, s - p0);
-      // the next sample's block when this chunk ends a sample (one chunk per sample where s ≤ kPositions)
-      Prefetch prefetch;
-      if (p0 + p == s && i + 1 < i1)
-        prefetch = Prefetch(y + (i + 1) * c * s, c * s * static_cast<std::int64_t>(sizeof(T)), tiles);
       for (std::int64_t ch = 0; ch < c; ++ch) scaled_tanh(y + (i * c + ch) * s + p0, gamma, z + ch * stride, p);
-      upper_gram_rows(z, c, p, stride, tile, prefetch);
+      upper_gram_rows(z, c, p, stride, tile);
       add_upper();
     }
 }
@@ -335,12 +302,8 @@ KEXUE_SIMD_CLONES void backward_rows(const T* y, std::int64_t c, std::int64_t s,
     for (std::int64_t q0 = 0; q0 < s; q0 += span) {
       const std::int64_t q = std::min(span, s - q0);
       for (std::int64_t ch = 0; ch < c; ++ch) scaled_tanh(y + (i * c + ch) * s + q0, gamma, z + ch * ldz, q);
-      Prefetch prefetch;  // the next sample's block, where spans are whole samples
-      if (q == s && i + 1 < i1)
-        prefetch = Prefetch(y + (i + 1) * c * s, c * s * static_cast<std::int64_t>(sizeof(T)), (q + kRows - 1) / kRows);
       for (std::int64_t p0 = 0; p0 < q; p0 += kRows) {
         const std::int64_t p = std::min(kRows, q - p0);
-        prefetch.step();
         gemm::gemm<T>(c, c, p, a, c, 1, z + p0, ldz, w, ldw, false);
         for (std::int64_t ch = 0; ch < c; ++ch)
           finish_rows<T>(w + ch * ldw, z + ch * ldz + p0, dy + (i * c + ch) * s + q0 + p0, p, stream);
