@@ -224,7 +224,8 @@ def test_torch_float32_redoes_tiny_columns_with_the_exact_tanh(shape, scale, mon
     tanh = som_module._tanh
     monkeypatch.setattr(som_module, "_tanh", lambda y, g, exact=False: exact_calls.append(exact) or tanh(y, g, exact))
     g = torch.Generator().manual_seed(5)
-    y = torch.randn(*shape, dtype=D64, generator=g) * 0.1
+    y = torch.randn(*shape, dtype=D64, generator=g)
+    y = y.sign() * (0.2 + y.abs())  # |γy| ≥ 2, |z| > 0.96: every column far above SIGMOID_MIN_RMS, 3-row ones too
     for case in ("normal", "one tiny channel", "all tiny"):
         if case == "one tiny channel":
             y[:, 2] *= scale
@@ -235,15 +236,69 @@ def test_torch_float32_redoes_tiny_columns_with_the_exact_tanh(shape, scale, mon
         assert any(exact_calls) == (case != "normal"), case
 
 
+def _float32_errors(y: torch.Tensor, backend: str):
+    """(R error, ∂R/∂Y error) of float32 on `backend` ("direct": the definition, reference.som_direct, in float32),
+    relative to the float64 truth."""
+    y64 = y.clone().requires_grad_()
+    truth = som_regularizer(y64, backend="torch")
+    grad_truth = torch.autograd.grad(truth, y64)[0]
+    y32 = y.float().requires_grad_()
+    got = reference.som_direct(_rows(y32, 1)) if backend == "direct" else som_regularizer(y32, backend=backend)
+    grad = torch.autograd.grad(got, y32)[0]
+    return _rel(got.detach().double(), truth.detach()), _rel(grad.double(), grad_truth)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("scale", [3e-4, 3e-3, 3e-2, 0.3])
+def test_float32_error_across_activation_scales(backend, scale):
+    """R and ∂R/∂Y in float32 within 2× the direct float32 formula's error (floor 1e-6) whatever the activations'
+    scale: on the torch path, columns of Z below som.SIGMOID_MIN_RMS are redone with the exact tanh (with 2.4e-3, the
+    threshold before, R of y ~ N(0, 3e-4²) strayed by up to 1e-3: the sigmoid form's absolute error, relative to small
+    columns, survives the column normalization and R's sums)."""
+    for shape in ((64, 8), (6, 5, 4, 4)):
+        for seed in range(8):
+            y = torch.randn(*shape, dtype=D64, generator=torch.Generator().manual_seed(seed)) * scale
+            direct = _float32_errors(y, "direct")
+            for got, bar in zip(_float32_errors(y, backend), direct):
+                assert got <= 2 * max(bar, 1e-6), (shape, seed, got, bar)
+
+
+@pytest.mark.parametrize("gamma", [100.0, 1e6])
+def test_cpp_float32_gradient_of_saturated_units_is_zero(gamma):
+    """Where |γy| ≥ 9.0109 float32's tanh is ±1 exactly, so 1 − Z² and ∂R/∂Y are 0 there, as on the torch path; the
+    C++ tanh once held its clamped value 1 − 1.8e-7 beyond 7.905 and gave every saturated unit a gradient."""
+    y = torch.randn(4, 6, 5, 5, generator=torch.Generator().manual_seed(0))
+    y = y.sign() * (0.1 + y.abs())  # |γy| ≥ 10
+    grads = []
+    for backend in ("torch", "cpp"):
+        yy = y.clone().requires_grad_()
+        r = som_regularizer(yy, gamma=gamma, backend=backend)
+        grads.append(torch.autograd.grad(r, yy)[0])
+    assert torch.equal(grads[0], torch.zeros_like(y)) and torch.equal(grads[1], grads[0])
+    # one unit left unsaturated: its gradient alone, the same on both backends
+    y[1, 2, 3, 4] = 0.5 / gamma
+    grads = []
+    for backend in ("torch", "cpp"):
+        yy = y.clone().requires_grad_()
+        grads.append(torch.autograd.grad(som_regularizer(yy, gamma=gamma, backend=backend), yy)[0])
+    assert torch.count_nonzero(grads[1]) == 1 and _rel(grads[1], grads[0]) <= 1e-5
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, D64])
 def test_cpp_tanh_of_infinities_is_one_and_nan_stays_nan(dtype):
-    """tanh(±inf) = ±1 as on the torch path (the C++ expm1 reduction alone gave NaN there); a NaN in Y gives NaN."""
+    """tanh(±inf) = ±1 as on the torch path (the C++ expm1 reduction alone gave NaN there); a NaN in Y gives NaN, and
+    NaN gradients under a zero weight too, as on the torch path (0·NaN; the C++ route once returned zeros there)."""
     y = torch.randn(8, 4, 5, dtype=dtype, generator=torch.Generator().manual_seed(3))
     y[0, 1, 2], y[1, 2, 3] = float("inf"), -float("inf")
     want = som_regularizer(y, backend="torch")
     assert torch.isfinite(want) and _rel(som_regularizer(y, backend="cpp").double(), want.double()) <= 1e-5
     y[2, 0, 0] = float("nan")
     assert torch.isnan(som_regularizer(y, backend="cpp"))
+    nans = []
+    for backend in ("torch", "cpp"):
+        yy = y.clone().requires_grad_()
+        nans.append(torch.isnan(torch.autograd.grad(0.0 * som_regularizer(yy, backend=backend), yy)[0]))
+    assert nans[0].any() and torch.equal(nans[0], nans[1])
 
 
 def test_cpp_saves_y_so_in_place_changes_before_backward_are_refused():
@@ -492,6 +547,8 @@ def test_bad_inputs_raise_clear_errors():
         som_regularizer(y, backend="cuda")
     with pytest.raises(NotImplementedError, match="cpp"):
         som_regularizer(y.to("meta"), backend="cpp")  # the C++ core runs on CPU tensors
+    meta = som_regularizer(y.to("meta"), backend="torch")  # shape inference on meta tensors (no autocast there)
+    assert meta.device.type == "meta" and meta.shape == ()
     model = _cnn()
     with pytest.raises(ValueError, match="no submodule named"):
         SelfOrthogonality(model, ["nope"])
@@ -501,6 +558,13 @@ def test_bad_inputs_raise_clear_errors():
         SelfOrthogonality(model, nn.LSTM)
     with pytest.raises(ValueError, match="gamma"):
         SelfOrthogonality(model, gamma=0)
+    with pytest.raises(ValueError, match="backend must be"):
+        SelfOrthogonality(model, backend="bogus")  # at construction, not at the first loss()
+    for bad in (1.5, True, "1"):
+        with pytest.raises(TypeError, match="channel_dim must be"):
+            SelfOrthogonality(model, channel_dim=bad)
+    with pytest.raises(ValueError, match="channel_dim must be"):
+        SelfOrthogonality(model, channel_dim=[1, True])
     with pytest.raises(TypeError, match="model must be"):
         SelfOrthogonality("model")
     with pytest.raises(ValueError, match="beta"):
@@ -690,6 +754,27 @@ def test_recorder_keeps_the_outputs_themselves_unless_asked_for_aliases():
         assert (grad is None) == alias  # an alias is off the model's path
         recorder.remove()
     handle.remove()
+
+
+def test_module_refuses_outputs_modified_in_place_after_the_layer():
+    """An nn.ReLU(inplace=True) right after a hooked conv overwrites the recorded output before loss() reads it:
+    loss() raises (naming the layer) instead of regularizing relu(Y) (the records once gave R of relu(Y) silently).
+    After a BatchNorm, an in-place ReLU is fine: it modifies another tensor."""
+    x = torch.randn(2, 3, 8, 8, dtype=D64)
+    for backend in ("torch", "cpp"):
+        model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(inplace=True), nn.Conv2d(6, 4, 3)).double()
+        som = SelfOrthogonality(model, backend=backend)
+        model(x)
+        with pytest.raises(RuntimeError, match=r"layer '0' was modified in place"):
+            som.loss(clear=False)
+        with pytest.raises(RuntimeError, match=r"layer '0' was modified in place"):
+            som.loss()
+        assert som.recorder.records == []
+        model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(inplace=True)).double()
+        y = model[0](x)  # before the hooks
+        som = SelfOrthogonality(model, backend=backend)
+        model(x)
+        assert _rel(som.loss(), reference.som_direct(_rows(y, 1))) <= 1e-12
 
 
 def test_module_gradient_is_added_into_the_models_own_in_place():

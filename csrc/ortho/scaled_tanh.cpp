@@ -16,13 +16,20 @@ namespace ortho {
 namespace {
 
 #ifdef KEXUE_TANH_AVX2
-// tanh(x) = x·P(x²)/Q(x²) for |x| ≤ kClamp; beyond it tanh rounds to ±1 in float.
+// tanh(x) = x·P(x²)/Q(x²) for |x| ≤ kClamp, held at its value there (1 − 1.8e-7) up to kOne, from which float's tanh
+// is ±1 exactly: without that, 1 − z² in the backward was 3.6e-7 for every saturated unit where it is 0, a false
+// gradient (tests/test_self_orthogonality.py::test_cpp_float32_gradient_of_saturated_units_is_zero).
 constexpr float kClamp = 7.90531110763549805f;
+constexpr float kOne = 9.010914f;  // the least float x with tanh(x) rounding to 1 in float
 constexpr float kP[7] = {-2.76076847742355e-16f, 2.00018790482477e-13f, -8.60467152213735e-11f, 5.12229709037114e-08f,
                          1.48572235717979e-05f,  6.37261928875436e-04f, 4.89352455891786e-03f};
 constexpr float kQ[4] = {1.19825839466702e-06f, 1.18534705686654e-04f, 2.26843463243900e-03f, 4.89352518554385e-03f};
 
 __attribute__((target("avx2,fma"))) inline __m256 tanh8(__m256 x) {
+  const __m256 sign_bit = _mm256_set1_ps(-0.0f);
+  // |x| ≥ kOne (±inf too; a NaN compares false and stays NaN below)
+  const __m256 one = _mm256_cmp_ps(_mm256_andnot_ps(sign_bit, x), _mm256_set1_ps(kOne), _CMP_GE_OQ);
+  const __m256 unit = _mm256_or_ps(_mm256_and_ps(sign_bit, x), _mm256_set1_ps(1.0f));  // ±1 with x's sign
   // max(−c, x) then min(c, ·): vmaxps/vminps return their second operand when one is NaN, so NaN passes through
   x = _mm256_min_ps(_mm256_set1_ps(kClamp), _mm256_max_ps(_mm256_set1_ps(-kClamp), x));
   const __m256 x2 = _mm256_mul_ps(x, x);
@@ -32,7 +39,8 @@ __attribute__((target("avx2,fma"))) inline __m256 tanh8(__m256 x) {
   for (int i = 1; i < 4; ++i) q = _mm256_fmadd_ps(q, x2, _mm256_set1_ps(kQ[i]));
   __m256 r = _mm256_rcp_ps(q);                                        // 12 bits
   r = _mm256_mul_ps(r, _mm256_fnmadd_ps(q, r, _mm256_set1_ps(2.0f)));  // one Newton step: ~23 bits
-  return _mm256_mul_ps(x, _mm256_mul_ps(p, r));  // p·r ≈ 1 first: x·p would lose digits for subnormal x
+  const __m256 z = _mm256_mul_ps(x, _mm256_mul_ps(p, r));  // p·r ≈ 1 first: x·p would lose digits for subnormal x
+  return _mm256_blendv_ps(z, unit, one);
 }
 
 __attribute__((target("avx2,fma"))) void tanh_avx2(const float* y, float gamma, float* z, std::int64_t count) {

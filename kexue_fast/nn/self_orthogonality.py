@@ -6,6 +6,7 @@ from typing import Optional, Sequence, Union
 
 from torch import Tensor, nn
 
+from .._dispatch import BACKENDS
 from ..ortho.hooks import LayerSpec, OutputRecorder
 from ..ortho.som import check_hyperparameters, som_regularizer
 
@@ -41,6 +42,8 @@ class SelfOrthogonality(nn.Module):
     ) -> None:
         super().__init__()
         check_hyperparameters(gamma, lambda1, lambda2, eps)
+        if backend not in ("auto", *BACKENDS):
+            raise ValueError(f"backend must be one of 'auto', 'triton', 'cpp', 'torch'; got {backend!r}")
         self.gamma, self.lambda1, self.lambda2, self.eps = float(gamma), float(lambda1), float(lambda2), float(eps)
         self.backend = backend
         self.recorder = OutputRecorder(model, layers, channel_dim=channel_dim, record_in_eval=record_in_eval,
@@ -62,8 +65,10 @@ class SelfOrthogonality(nn.Module):
 
     def loss(self, *, clear: bool = True, reduction: str = "sum") -> Tensor:
         """The regularizer of the recorded outputs (reduction "none": one value per recorded output, in call order).
-        Raises RuntimeError when nothing was recorded (no training-mode forward since the last loss())."""
-        records = self.recorder.take() if clear else list(self.recorder.records)
+        Raises RuntimeError when nothing was recorded (no training-mode forward since the last loss()), and when a
+        recorded output was modified in place after its layer (an nn.ReLU(inplace=True) right after it: the
+        regularizer would see the modified values; make that op out of place)."""
+        records = self.recorder.take() if clear else self.recorder.peek()
         if not records:
             raise RuntimeError("SelfOrthogonality recorded no outputs: run a forward pass of the model in training "
                                "mode with gradients enabled before loss() (or pass record_in_eval=True); a "

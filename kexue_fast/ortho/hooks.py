@@ -17,6 +17,29 @@ def default_channel_dim(module: nn.Module) -> int:
     return -1 if isinstance(module, (nn.Linear, nn.Bilinear)) else 1
 
 
+class Record(tuple):
+    """One recorded output: unpacks as (output, channel_dim); .layer is the layer's name, .version the output's
+    version counter when it was recorded (None under torch.compile), for check_unmodified."""
+
+    def __new__(cls, output: Tensor, dim: int, layer: str, version: Optional[int]) -> Record:
+        record = super().__new__(cls, (output, dim))
+        record.layer, record.version = layer, version
+        return record
+
+
+def check_unmodified(records: Sequence[Tuple[Tensor, int]]) -> None:
+    """Raises RuntimeError when a recorded output was modified in place after its layer returned it (an in-place op
+    on it: its version counter moved), since a regularizer of the record would then see the modified values."""
+    for record in records:
+        version = getattr(record, "version", None)
+        if version is not None and record[0]._version != version:
+            raise RuntimeError(
+                f"the output of layer {record.layer!r} was modified in place after it was recorded (an in-place op "
+                "on it, such as nn.ReLU(inplace=True) right after the layer): a regularizer of it would see the "
+                "modified values, not the layer's output. Make that op out of place (e.g. nn.ReLU(inplace=False))"
+            )
+
+
 def resolve_layers(model: nn.Module, layers: LayerSpec) -> List[Tuple[str, nn.Module]]:
     """(name, module) pairs: layers=None → every Conv1d/2d/3d; a module type (or tuple of types) → every module of
     it; else an iterable of names (as in model.named_modules()) and/or submodules."""
@@ -77,7 +100,8 @@ class _RecordHook:
             # last created) reaches Y after the model's own and is added into that buffer in place. Recorded as is, Y
             # would get the regularizer's gradient first and autograd would allocate a new buffer for the sum.
             output = output.view_as(output)
-        recorder.records.append((output, self.dim))
+        version = None if torch.compiler.is_compiling() else output._version
+        recorder.records.append(Record(output, self.dim, self.name, version))
 
     def __reduce__(self):
         return (_RecordHook, (None, self.name, self.dim))
@@ -91,7 +115,10 @@ class OutputRecorder:
     the layer is in training mode (or always, with record_in_eval=True) and gradients are enabled; forwards that
     activation checkpointing recomputes inside backward are not recorded again.
 
-    records: [(output, channel_dim)], in call order; take() returns and clears them. alias_outputs=True records an
+    records: [(output, channel_dim)] (Record tuples), in call order; take() returns and clears them, peek() returns a
+    copy; both raise RuntimeError if a recorded output was modified in place since its layer returned it (an
+    nn.ReLU(inplace=True) right after the layer: a loss of the records would see the modified values, not the
+    layer's output; check_unmodified). alias_outputs=True records an
     alias of each output made right after its layer instead (what SelfOrthogonality uses: a loss of the records then
     has its gradient added into the model's own in place); the gradient of any other loss with respect to such a
     record is then only what flows through the record. Setting .enabled = False pauses recording (the hooks stay
@@ -114,9 +141,11 @@ class OutputRecorder:
             dims = [default_channel_dim(m) for _, m in self.layers]
         elif isinstance(channel_dim, int) and not isinstance(channel_dim, bool):
             dims = [channel_dim] * len(self.layers)
+        elif not isinstance(channel_dim, (list, tuple)):
+            raise TypeError(f"channel_dim must be None, an int or one int per layer, got {channel_dim!r}")
         else:
-            dims = list(channel_dim)  # type: ignore[arg-type]
-            if len(dims) != len(self.layers) or not all(isinstance(d, int) for d in dims):
+            dims = list(channel_dim)
+            if len(dims) != len(self.layers) or not all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
                 raise ValueError(f"channel_dim must be an int or one int per layer ({len(self.layers)}), "
                                  f"got {channel_dim!r}")  # fmt: skip
         self.dims = dims
@@ -149,8 +178,15 @@ class OutputRecorder:
         return [name for name, _ in self.layers]
 
     def take(self) -> List[Tuple[Tensor, int]]:
+        """The records, cleared here; RuntimeError (check_unmodified) if one was modified in place since."""
         records, self.records = self.records, []
+        check_unmodified(records)
         return records
+
+    def peek(self) -> List[Tuple[Tensor, int]]:
+        """A copy of the records, kept here; RuntimeError (check_unmodified) if one was modified in place since."""
+        check_unmodified(self.records)
+        return list(self.records)
 
     def clear(self) -> None:
         self.records = []
