@@ -16,19 +16,22 @@ namespace ortho {
 namespace {
 
 #ifdef KEXUE_TANH_AVX2
-// tanh(x) = x·P(x²)/Q(x²) for |x| ≤ kClamp, held at its value there (1 − 1.8e-7) up to kOne, from which float's tanh
-// is ±1 exactly: without that, 1 − z² in the backward was 3.6e-7 for every saturated unit where it is 0, a false
-// gradient (tests/test_self_orthogonality.py::test_cpp_float32_gradient_of_saturated_units_is_zero).
+// tanh(x) = x·P(x²)/Q(x²) for |x| ≤ kClamp, held at its value there (1 − 1.8e-7) beyond it, or (kOnes) up to kOne,
+// from which float's tanh is ±1 exactly: without that, 1 − z² in the backward was 3.6e-7 for every saturated unit
+// where it is 0, a false gradient (tests/test_self_orthogonality.py::test_cpp_float32_gradient_of_saturated_units_is_
+// zero). The forward's Gram takes the held value (3 ulp from 1) and saves the five operations.
 constexpr float kClamp = 7.90531110763549805f;
 constexpr float kOne = 9.010914f;  // the least float x with tanh(x) rounding to 1 in float
 constexpr float kP[7] = {-2.76076847742355e-16f, 2.00018790482477e-13f, -8.60467152213735e-11f, 5.12229709037114e-08f,
                          1.48572235717979e-05f,  6.37261928875436e-04f, 4.89352455891786e-03f};
 constexpr float kQ[4] = {1.19825839466702e-06f, 1.18534705686654e-04f, 2.26843463243900e-03f, 4.89352518554385e-03f};
 
+template <bool kOnes>
 __attribute__((target("avx2,fma"))) inline __m256 tanh8(__m256 x) {
   const __m256 sign_bit = _mm256_set1_ps(-0.0f);
   // |x| ≥ kOne (±inf too; a NaN compares false and stays NaN below)
-  const __m256 one = _mm256_cmp_ps(_mm256_andnot_ps(sign_bit, x), _mm256_set1_ps(kOne), _CMP_GE_OQ);
+  const __m256 one =
+      kOnes ? _mm256_cmp_ps(_mm256_andnot_ps(sign_bit, x), _mm256_set1_ps(kOne), _CMP_GE_OQ) : _mm256_setzero_ps();
   const __m256 unit = _mm256_or_ps(_mm256_and_ps(sign_bit, x), _mm256_set1_ps(1.0f));  // ±1 with x's sign
   // max(−c, x) then min(c, ·): vmaxps/vminps return their second operand when one is NaN, so NaN passes through
   x = _mm256_min_ps(_mm256_set1_ps(kClamp), _mm256_max_ps(_mm256_set1_ps(-kClamp), x));
@@ -40,17 +43,18 @@ __attribute__((target("avx2,fma"))) inline __m256 tanh8(__m256 x) {
   __m256 r = _mm256_rcp_ps(q);                                        // 12 bits
   r = _mm256_mul_ps(r, _mm256_fnmadd_ps(q, r, _mm256_set1_ps(2.0f)));  // one Newton step: ~23 bits
   const __m256 z = _mm256_mul_ps(x, _mm256_mul_ps(p, r));  // p·r ≈ 1 first: x·p would lose digits for subnormal x
-  return _mm256_blendv_ps(z, unit, one);
+  return kOnes ? _mm256_blendv_ps(z, unit, one) : z;
 }
 
+template <bool kOnes>
 __attribute__((target("avx2,fma"))) void tanh_avx2(const float* y, float gamma, float* z, std::int64_t count) {
   const __m256 g = _mm256_set1_ps(gamma);
   std::int64_t e = 0;
-  for (; e + 8 <= count; e += 8) _mm256_storeu_ps(z + e, tanh8(_mm256_mul_ps(g, _mm256_loadu_ps(y + e))));
+  for (; e + 8 <= count; e += 8) _mm256_storeu_ps(z + e, tanh8<kOnes>(_mm256_mul_ps(g, _mm256_loadu_ps(y + e))));
   if (e < count) {  // the tail through masked loads and stores: the same formula for every element
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count - e)), lane);
-    _mm256_maskstore_ps(z + e, mask, tanh8(_mm256_mul_ps(g, _mm256_maskload_ps(y + e, mask))));
+    _mm256_maskstore_ps(z + e, mask, tanh8<kOnes>(_mm256_mul_ps(g, _mm256_maskload_ps(y + e, mask))));
   }
 }
 
@@ -75,14 +79,18 @@ KEXUE_SIMD_CLONES void tanh_expm1(const T* y, T gamma, T* z, std::int64_t count)
 
 }  // namespace
 
-void scaled_tanh(const float* y, float gamma, float* z, std::int64_t count) {
+void scaled_tanh(const float* y, float gamma, float* z, std::int64_t count, bool exact_ones) {
 #ifdef KEXUE_TANH_AVX2
-  if (has_avx2()) return tanh_avx2(y, gamma, z, count);
+  if (has_avx2()) return exact_ones ? tanh_avx2<true>(y, gamma, z, count) : tanh_avx2<false>(y, gamma, z, count);
+#else
+  (void)exact_ones;
 #endif
   tanh_expm1(y, gamma, z, count);
 }
 
-void scaled_tanh(const double* y, double gamma, double* z, std::int64_t count) { tanh_expm1(y, gamma, z, count); }
+void scaled_tanh(const double* y, double gamma, double* z, std::int64_t count, bool) {
+  tanh_expm1(y, gamma, z, count);
+}
 
 }  // namespace ortho
 }  // namespace kexue

@@ -243,7 +243,7 @@ KEXUE_SIMD_CLONES void gram_rows(const T* y, std::int64_t c, std::int64_t s, T g
   if (s == 1) {  // rows [r, c]: G += Zᵀ Z by broadcast tiles (A = Zᵀ read with strides (1, c))
     for (std::int64_t r0 = i0; r0 < i1; r0 += kRows) {
       const std::int64_t rows = std::min(kRows, i1 - r0);
-      scaled_tanh(y + r0 * c, gamma, z, rows * c);
+      scaled_tanh(y + r0 * c, gamma, z, rows * c, false);
       gemm::gemm<T>(c, rows, c, z, 1, c, z, c, tile, c, false);
       add_upper();
     }
@@ -255,7 +255,7 @@ KEXUE_SIMD_CLONES void gram_rows(const T* y, std::int64_t c, std::int64_t s, T g
       const std::int64_t m = std::min(per, i1 - i);
       for (std::int64_t k = 0; k < m; ++k)  // each sample's [c, s] block read in memory order: one stream
         for (std::int64_t ch = 0; ch < c; ++ch)
-          scaled_tanh(y + ((i + k) * c + ch) * s, gamma, z + ch * stride + k * s, s);
+          scaled_tanh(y + ((i + k) * c + ch) * s, gamma, z + ch * stride + k * s, s, false);
       upper_gram_rows(z, c, m * s, stride, tile);
       add_upper();
     }
@@ -264,7 +264,7 @@ KEXUE_SIMD_CLONES void gram_rows(const T* y, std::int64_t c, std::int64_t s, T g
   for (std::int64_t i = i0; i < i1; ++i)  // G += Z_i Z_iᵀ, Z_i [c, s] in chunks of kPositions positions
     for (std::int64_t p0 = 0; p0 < s; p0 += kPositions) {
       const std::int64_t p = std::min(kPositions, s - p0);
-      for (std::int64_t ch = 0; ch < c; ++ch) scaled_tanh(y + (i * c + ch) * s + p0, gamma, z + ch * stride, p);
+      for (std::int64_t ch = 0; ch < c; ++ch) scaled_tanh(y + (i * c + ch) * s + p0, gamma, z + ch * stride, p, false);
       upper_gram_rows(z, c, p, stride, tile);
       add_upper();
     }
