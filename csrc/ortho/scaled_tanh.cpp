@@ -27,14 +27,9 @@ constexpr float kP[7] = {-2.76076847742355e-16f, 2.00018790482477e-13f, -8.60467
 constexpr float kQ[4] = {1.19825839466702e-06f, 1.18534705686654e-04f, 2.26843463243900e-03f, 4.89352518554385e-03f};
 
 template <bool kOnes>
-__attribute__((target("avx2,fma"))) inline __m256 tanh8(__m256 x) {
-  const __m256 sign_bit = _mm256_set1_ps(-0.0f);
-  // |x| ≥ kOne (±inf too; a NaN compares false and stays NaN below)
-  const __m256 one =
-      kOnes ? _mm256_cmp_ps(_mm256_andnot_ps(sign_bit, x), _mm256_set1_ps(kOne), _CMP_GE_OQ) : _mm256_setzero_ps();
-  const __m256 unit = _mm256_or_ps(_mm256_and_ps(sign_bit, x), _mm256_set1_ps(1.0f));  // ±1 with x's sign
+__attribute__((target("avx2,fma"))) inline __m256 tanh8(const __m256 x0) {
   // max(−c, x) then min(c, ·): vmaxps/vminps return their second operand when one is NaN, so NaN passes through
-  x = _mm256_min_ps(_mm256_set1_ps(kClamp), _mm256_max_ps(_mm256_set1_ps(-kClamp), x));
+  const __m256 x = _mm256_min_ps(_mm256_set1_ps(kClamp), _mm256_max_ps(_mm256_set1_ps(-kClamp), x0));
   const __m256 x2 = _mm256_mul_ps(x, x);
   __m256 p = _mm256_set1_ps(kP[0]);
   for (int i = 1; i < 7; ++i) p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(kP[i]));
@@ -43,7 +38,14 @@ __attribute__((target("avx2,fma"))) inline __m256 tanh8(__m256 x) {
   __m256 r = _mm256_rcp_ps(q);                                        // 12 bits
   r = _mm256_mul_ps(r, _mm256_fnmadd_ps(q, r, _mm256_set1_ps(2.0f)));  // one Newton step: ~23 bits
   const __m256 z = _mm256_mul_ps(x, _mm256_mul_ps(p, r));  // p·r ≈ 1 first: x·p would lose digits for subnormal x
-  return kOnes ? _mm256_blendv_ps(z, unit, one) : z;
+  if constexpr (kOnes) {
+    const __m256 sign_bit = _mm256_set1_ps(-0.0f);
+    // |x| ≥ kOne (±inf too; a NaN compares false and stays NaN)
+    const __m256 one = _mm256_cmp_ps(_mm256_andnot_ps(sign_bit, x0), _mm256_set1_ps(kOne), _CMP_GE_OQ);
+    const __m256 unit = _mm256_or_ps(_mm256_and_ps(sign_bit, x0), _mm256_set1_ps(1.0f));  // ±1 with x's sign
+    return _mm256_blendv_ps(z, unit, one);
+  }
+  return z;
 }
 
 template <bool kOnes>

@@ -42,7 +42,7 @@ class SelfOrthogonality(nn.Module):
     ) -> None:
         super().__init__()
         check_hyperparameters(gamma, lambda1, lambda2, eps)
-        if backend not in ("auto", *BACKENDS):
+        if backend is not None and backend not in ("auto", *BACKENDS):  # None: "auto", as for som_regularizer
             raise ValueError(f"backend must be one of 'auto', 'triton', 'cpp', 'torch'; got {backend!r}")
         self.gamma, self.lambda1, self.lambda2, self.eps = float(gamma), float(lambda1), float(lambda2), float(eps)
         self.backend = backend
