@@ -328,9 +328,10 @@ def _tanh(y: Tensor, gamma: float, exact: bool = False) -> Tensor:
 
 # Columns of Z whose rms is below this are redone with the exact tanh on the CPU (see _tanh): the sigmoid form's error
 # then stays below ~5e-7 of each column's norm, near float32's own (R sums those columns' products, which can cancel:
-# with 2.4e-3, the value before, float32 layers of small activations had R off by up to 1e-3 of the float64 truth;
-# tests/test_self_orthogonality.py::test_float32_error_across_activation_scales). Zero columns count (the sigmoid form
-# rounds |γy| < ~3e-8 to 0). Layers of small activations (|γy| ≲ 0.6) pay the exact tanh on top of the sigmoid form.
+# with 2.4e-3, the value before, float32 layers of small activations had R far beyond 2× the direct float32 formula's
+# error: tests/test_self_orthogonality.py::test_float32_error_across_activation_scales fails there). Zero columns count
+# (the sigmoid form rounds |γy| < ~3e-8 to 0). Layers of small activations (|γy| ≲ 0.6) pay the exact tanh on top of
+# the sigmoid form.
 SIGMOID_MIN_RMS = 0.5
 
 
