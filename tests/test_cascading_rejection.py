@@ -1,6 +1,7 @@
 """Cascading Rejection: the one-GEMM form against the sequential rejections, its geometry, the conditional head, the
 losses, the module, and bad inputs."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +13,7 @@ from kexue_fast.gan import (
     cascading_rejection_loss,
     reference,
 )
+from kexue_fast.gan.losses import stage_weights
 from kexue_fast.nn.cascading import CascadingRejection
 
 D64 = torch.float64
@@ -204,6 +206,61 @@ def test_bad_inputs_raise_clear_errors():
         cascading_rejection_loss(torch.randn(2, 3, 4), True)
     with pytest.raises(ValueError, match="n_stages = 3"):
         head.loss(torch.randn(4, 2), True)
+    for bad in (5.0, True, "5"):
+        with pytest.raises(TypeError, match="in_features must be an integer"):
+            CascadingRejection(bad, 2)
+    with pytest.raises(ValueError, match=r"bias \(torch.float64"):
+        cascading_rejection(v, w, bias=torch.randn(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"class_weight \(torch.float64"):
+        cascading_rejection(v, w, labels=torch.zeros(4, dtype=torch.long), class_weight=e.double())
+
+
+def test_integer_likes_weights_and_scalar_real_are_accepted():
+    """numpy integers as sizes, huge finite stage weights (normalized without overflowing their sum), and a 0-d bool
+    tensor or numpy bool as `real` (one label for the batch)."""
+    head = CascadingRejection(np.int64(5), np.int32(3), conditional_classes=np.int64(2))
+    assert (head.in_features, head.n_stages, head.conditional_classes) == (5, 3, 2)
+    assert type(head.in_features) is int
+    lam = stage_weights([1e308, 1e308, 1.0], 3, dtype=D64)
+    assert torch.allclose(lam, torch.tensor([0.5, 0.5, 0.5e-308], dtype=D64), rtol=1e-12, atol=0)
+    s = torch.randn(6, 3, dtype=D64)
+    want = cascading_rejection_loss(s, True)
+    assert torch.equal(cascading_rejection_loss(s, torch.tensor(True)), want)
+    assert torch.equal(cascading_rejection_loss(s, np.True_), want)
+
+
+def test_half_heads_reject_in_float32():
+    """float16 heads of norm ~400 (‖w‖² overflows float16) or ~4e-4 (‖w‖² subnormal): the final rejection is still
+    orthogonal to the last head and matches the float64 cascade (it was computed in float16: ~50% off)."""
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(8, 16, dtype=D64, generator=g)
+    for scale in (400.0, 4e-4):
+        w = torch.randn(2, 16, dtype=D64, generator=g) * scale / 4
+        w16 = w.half()
+        _, rej = cascading_rejection(v.half(), w16, return_rejection=True)
+        _, want = reference.cascading_rejection_sequential(v.half().double(), w16.double())
+        assert rej.dtype == torch.float16
+        assert float((rej.double() - want).norm() / want.norm()) <= 2e-3, scale
+
+
+def test_meta_tensors_and_per_sample_gradients():
+    """Shape inference on meta tensors (no autocast state there), and torch.func per-sample gradients of the
+    conditional head (the labels' range check skips transformed tensors, as inside torch.compile)."""
+    meta = CascadingRejection(4, 2, conditional_classes=3, device="meta")
+    x = torch.randn(5, 4, device="meta")
+    assert meta(x, torch.zeros(5, dtype=torch.long, device="meta")).shape == (5, 2)
+    head = CascadingRejection(4, 2, conditional_classes=3).double()
+    params = {k: p.detach() for k, p in head.named_parameters()}
+    x, y = torch.randn(5, 4, dtype=D64), torch.tensor([0, 2, 1, 0, 2])
+
+    def loss(p, xb, yb):
+        return torch.func.functional_call(head, p, (xb[None], yb[None])).sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    for b in range(5):
+        one = torch.func.grad(loss)(params, x[b], y[b])
+        for k in params:
+            assert torch.allclose(per_sample[k][b], one[k], rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.slow

@@ -37,6 +37,8 @@ def cascading_directions(weight: Tensor) -> Tensor:
     weight = _check_float(weight, "weight")
     if weight.ndim < 2 or weight.shape[-2] < 1 or weight.shape[-1] < 1:
         raise ValueError(f"weight must be [..., n_stages, in_features] with both >= 1, got shape {tuple(weight.shape)}")
+    if weight.device.type == "meta":  # shape inference: no autocast state to consult on meta
+        return _directions(weight)
     if weight.dtype in (torch.float16, torch.bfloat16) or torch.is_autocast_enabled(weight.device.type):
         with torch.autocast(weight.device.type, enabled=False):
             return _directions(weight.float()).to(weight.dtype)
@@ -53,7 +55,10 @@ def _directions(weight: Tensor) -> Tensor:
 
 
 def _rejection(v: Tensor, scores: Tensor, heads: Tensor) -> Tensor:
-    """v_{N+1} = v − Σ_j (D_j/‖w_j‖²) w_j for heads [N, d] or per-sample heads [B, N, d]."""
+    """v_{N+1} = v − Σ_j (D_j/‖w_j‖²) w_j for heads [N, d] or per-sample heads [B, N, d]; float16/bfloat16 in float32
+    (‖w_j‖² overflows float16 from ‖w_j‖ ≈ 256 and turns subnormal below ≈ 2.5e-3), returned in v's dtype."""
+    if heads.dtype in (torch.float16, torch.bfloat16):
+        return _rejection(v.float(), scores.float(), heads.float()).to(v.dtype)
     sq = (heads * heads).sum(-1)
     coef = torch.where(sq > 0, scores / torch.where(sq > 0, sq, torch.ones_like(sq)), torch.zeros_like(scores))
     if heads.ndim == 2:
@@ -92,6 +97,8 @@ def cascading_rejection(
         bias = _check_float(bias, "bias")
         if bias.shape != (n_stages,):
             raise ValueError(f"bias must be [n_stages] = [{n_stages}], got shape {tuple(bias.shape)}")
+        if bias.dtype != v.dtype or bias.device != v.device:
+            raise ValueError(f"bias ({bias.dtype}, {bias.device}) must match v ({v.dtype}, {v.device})")
     if (labels is None) != (class_weight is None):
         raise ValueError("labels and class_weight go together: pass both (conditional) or neither (unconditional)")
     if class_weight is None:
@@ -102,6 +109,9 @@ def cascading_rejection(
         if class_weight.ndim != 3 or class_weight.shape[1:] != weight.shape:
             raise ValueError(f"class_weight must be [n_classes, n_stages, in_features] = [C, {n_stages}, "
                              f"{weight.shape[1]}], got shape {tuple(class_weight.shape)}")  # fmt: skip
+        if class_weight.dtype != v.dtype or class_weight.device != v.device:
+            raise ValueError(f"class_weight ({class_weight.dtype}, {class_weight.device}) must match v ({v.dtype}, "
+                             f"{v.device})")  # fmt: skip
         labels = _check_labels(labels, v.shape[0], class_weight.shape[0], v.device)
         per_class = weight + class_weight
         directions = cascading_directions(per_class)[labels]
@@ -123,7 +133,14 @@ def _check_labels(labels: object, batch: int, n_classes: int, device: torch.devi
     if labels.device != device:
         raise ValueError(f"labels must be on {device}, got {labels.device}")
     # An out-of-range index would be a device-side assert on CUDA: checked here (one host sync; skipped inside
-    # torch.compile, where a data-dependent branch cannot be traced).
-    if batch and not torch.compiler.is_compiling() and bool(((labels < 0) | (labels >= n_classes)).any()):
+    # torch.compile and torch.func transforms such as vmap, where a data-dependent branch cannot run, and on meta
+    # tensors, which hold no values).
+    if (
+        batch
+        and labels.device.type != "meta"
+        and not torch.compiler.is_compiling()
+        and not torch._C._functorch.is_functorch_wrapped_tensor(labels)
+        and bool(((labels < 0) | (labels >= n_classes)).any())
+    ):
         raise ValueError(f"labels must lie in [0, {n_classes}) (n_classes = {n_classes})")
     return labels.long()

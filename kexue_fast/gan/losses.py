@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from typing import Sequence, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -39,10 +40,11 @@ def stage_weights(weights: StageWeights, n_stages: int, *, device=None, dtype=to
         shape = (len(values),)
     if shape != (n_stages,):
         raise ValueError(f"weights must have one entry per stage (n_stages = {n_stages}), got shape {shape}")
-    if not all(math.isfinite(x) and x >= 0 for x in values) or sum(values) <= 0:
+    if not all(math.isfinite(x) and x >= 0 for x in values) or max(values) <= 0:
         raise ValueError(f"weights must be finite, >= 0 and not all zero, got {values}")
-    total = sum(values)
-    return torch.tensor([x / total for x in values], device=device, dtype=dtype)
+    top = max(values)  # scaled first: the sum of large finite weights (1e308, 1e308) would overflow to inf
+    total = sum(x / top for x in values)
+    return torch.tensor([x / top / total for x in values], device=device, dtype=dtype)
 
 
 def _scores(scores: object) -> Tensor:
@@ -72,10 +74,14 @@ def discriminator_terms(scores: Tensor, real: Union[bool, Tensor], kind: str) ->
     """ℓ(D_bi, real_b) [B, N] (validated); the loss is its λ-weighted stage average of batch means."""
     scores = _scores(scores)
     kind = _kind(kind)
+    if isinstance(real, Tensor) and real.ndim == 0 and real.dtype == torch.bool:
+        real = bool(real)  # a 0-d bool tensor: one label for the whole batch, as a Python bool
+    elif isinstance(real, np.bool_):
+        real = bool(real)
     if isinstance(real, Tensor):
         if real.dtype != torch.bool or real.shape != (scores.shape[0],):
-            raise ValueError(f"real must be a bool or a bool tensor [batch] = [{scores.shape[0]}], got "
-                             f"{real.dtype} of shape {tuple(real.shape)}")  # fmt: skip
+            raise ValueError(f"real must be a bool, a 0-d bool tensor or a bool tensor [batch] = [{scores.shape[0]}], "
+                             f"got {real.dtype} of shape {tuple(real.shape)}")  # fmt: skip
         sign = torch.where(real.to(scores.device)[:, None], -1.0, 1.0).to(scores.dtype)
     elif isinstance(real, bool):
         sign = -1.0 if real else 1.0

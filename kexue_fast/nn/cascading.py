@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Tuple, Union
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -38,13 +40,19 @@ class CascadingRejection(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        for name, value in (("in_features", in_features), ("n_stages", n_stages)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if conditional_classes is not None and (
-            isinstance(conditional_classes, bool) or not isinstance(conditional_classes, int) or conditional_classes < 1
+        for name, value in (
+            ("in_features", in_features),
+            ("n_stages", n_stages),
+            ("conditional_classes", conditional_classes),
         ):
-            raise ValueError(f"conditional_classes must be None or an integer >= 1, got {conditional_classes!r}")
+            if name == "conditional_classes" and value is None:
+                continue
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{name} must be an integer, got {value!r}")
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value!r}")
+        in_features, n_stages = int(in_features), int(n_stages)
+        conditional_classes = None if conditional_classes is None else int(conditional_classes)
         factory = {"device": device, "dtype": dtype}
         self.in_features = in_features
         self.n_stages = n_stages
