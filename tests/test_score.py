@@ -262,6 +262,46 @@ def test_bad_inputs():
         annealed_langevin(lambda z, s: z[:, 0], x, [1.0], 1)
     with pytest.raises(ValueError, match="backend"):
         annealed_langevin(score, x, [1.0], 1, backend="gpu")
+    for sampler in (lambda s: annealed_langevin(s, x, [1.0], 1), lambda s: tempered_langevin(s, x, [1.0], 0.1)):
+        with pytest.raises(TypeError, match="score must be callable"):
+            sampler(None)
+    with pytest.raises(ValueError, match="sigma must be one noise level"):
+        dde_loss(lambda z: z.sum(1), x, [0.1, 0.2])
+    with pytest.raises(ValueError, match="sigma must be one noise level"):
+        dde_generator_loss(lambda z: z.sum(1), lambda z: z.sum(1), x, torch.tensor([0.1, 0.2]))
+    from kexue_fast.score import langevin_step
+
+    for bad, name in ((torch.tensor(-1e-3), "step_size"), (torch.tensor(float("nan")), "step_size")):
+        with pytest.raises(ValueError, match=f"{name} must be finite and > 0"):
+            langevin_step(x, -x, bad)
+    with pytest.raises(ValueError, match="temperature must be finite and >= 0"):
+        langevin_step(x, -x, 1e-3, temperature=torch.tensor(-1.0))
+
+
+def test_schedules_keep_their_endpoints_exactly():
+    """The geometric σ and temperature schedules hit their endpoints exactly in float64 (their logs were taken in
+    float32: σ_max = 7.3 came out as 7.2999999)."""
+    g = geometric_sigmas(7.3, 0.037, 10, dtype=D64)
+    assert (float(g[0]), float(g[-1])) == (7.3, 0.037)
+    assert torch.allclose(g[1:] / g[:-1], (g[1] / g[0]).expand(9), rtol=1e-12, atol=0)
+    t = temperature_schedule(10, 37.0, 1.3)
+    assert (float(t[0]), float(t[-1])) == (37.0, 1.3)
+
+
+def test_half_precision_cpu_steps_run_in_float32():
+    """float16 on the CPU torch path with α/2 beyond float16's range (σ_1/σ_L = 1e5): the step runs in float32 and
+    rounds once, as the Triton path does (it raised "value cannot be converted to type c10::Half")."""
+    from kexue_fast.score import langevin_step
+
+    x = torch.randn(64, 3, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(64, 3, generator=torch.Generator().manual_seed(1))
+    score = -x * 1e-6
+    got = langevin_step(x.half(), score.half(), 2e5, noise=noise.half(), backend="torch")
+    want = (x.half().float() + 1e5 * score.half().float() + math.sqrt(2e5) * noise.half().float()).half()
+    assert got.dtype == torch.float16 and torch.equal(got, want)
+    _, path = annealed_langevin(lambda z, s: -z / s[:, None] ** 2, x.half(), [1000.0, 0.01], 1, 2e-5, backend="torch",
+                                return_trajectory=True)  # fmt: skip
+    assert path[0].dtype == torch.float16 and torch.isfinite(path[0].float()).all()  # the level with α/2 = 1e5
 
 
 def test_compile_fullgraph_smoke():

@@ -46,6 +46,11 @@ def host_coefficients(step_size: Union[float, Tensor], temperature: Union[float,
             v = float(v)
         values.append(float(v))
     a, t = values
+    # a CPU tensor's value is read here anyway, so checked here (a device tensor's is not: that would sync)
+    if not (0 < a < math.inf):
+        raise ValueError(f"step_size must be finite and > 0, got {a!r}")
+    if not (0 <= t < math.inf):
+        raise ValueError(f"temperature must be finite and >= 0, got {t!r}")
     return (a / 2, math.sqrt(a * t))  # correctly rounded, as torch.sqrt on the device path
 
 
@@ -92,6 +97,9 @@ def apply_step(x: Tensor, score: Tensor, coef: Union[Tensor, Tuple[float, float]
             noise = torch.randn(x.shape, dtype=x.dtype, generator=generator).to(x.device)
     elif out is not None and out.untyped_storage().data_ptr() == noise.untyped_storage().data_ptr():
         noise = noise.clone()  # the first pass writes out before the second reads the noise
+    if isinstance(coef, tuple) and x.dtype in (torch.float16, torch.bfloat16):  # computed in float32, as on Triton
+        result = torch.add(x.float(), score.float(), alpha=coef[0]).add_(noise.float(), alpha=coef[1]).to(x.dtype)
+        return result if out is None else out.copy_(result)
     if isinstance(coef, tuple):  # CPU: two in-place-able passes with scalar coefficients
         result = torch.add(x, score, alpha=coef[0], out=out)
         return result.add_(noise, alpha=coef[1])

@@ -15,6 +15,7 @@ parameterization="score": model(x̃[, σ]) returns s [B, ...]; "energy": model(x
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Callable, Optional, Sequence, Union
 
@@ -168,6 +169,14 @@ def dsm_loss(
     return _reduce(per_sample, reduction)
 
 
+def _one_sigma(sigma: object, x: Tensor) -> Tensor:
+    """The single noise level of the DDE objectives, validated (a number, or a one-element tensor)."""
+    levels = as_sigmas(sigma, "sigma", x.device, x.dtype)
+    if levels.numel() != 1:
+        raise ValueError(f"sigma must be one noise level (a number or a one-element tensor), got {levels.numel()}")
+    return levels[0]
+
+
 def dde_loss(
     model: Callable[[Tensor], Tensor],
     x: Tensor,
@@ -182,7 +191,7 @@ def dde_loss(
     x = _check_data(x)
     if reduction not in REDUCTIONS:
         raise ValueError(f'reduction must be "mean", "sum" or "none", got {reduction!r}')
-    (level,) = as_sigmas(sigma, "sigma", x.device, x.dtype)
+    level = _one_sigma(sigma, x)
     eps = _noise(x, noise, generator)
     x_noisy = x + level * eps
     grad = -score_from_energy(model)(x_noisy)  # ∇f = −(−∇f): f plays −E
@@ -206,7 +215,7 @@ def dde_generator_loss(
     samples; samples: G(z) [B, ...] carrying the generator's graph. Gradients also reach the DDEs' parameters:
     step only the generator's optimizer with this loss."""
     samples = _check_data(samples)
-    (level,) = as_sigmas(sigma, "sigma", samples.device, samples.dtype)
+    level = _one_sigma(sigma, samples)
     x_noisy = samples + level * _noise(samples, noise, generator)
     fq, fp = log_density_model(x_noisy), log_density_data(x_noisy)
     for name, f in (("log_density_model", fq), ("log_density_data", fp)):
@@ -231,5 +240,13 @@ def geometric_sigmas(sigma_max: float, sigma_min: float, n: int, dtype: torch.dt
         raise ValueError(f"n must be an int >= 1, got {n!r}")
     if not (0 < sigma_min <= sigma_max < float("inf")):
         raise ValueError(f"need 0 < sigma_min <= sigma_max < inf, got sigma_max={sigma_max!r}, sigma_min={sigma_min!r}")
-    return torch.logspace(torch.log10(torch.tensor(float(sigma_max))), torch.log10(torch.tensor(float(sigma_min))),
-                          n, dtype=torch.float64).to(dtype=dtype, device=device)  # fmt: skip
+    return geometric_levels(float(sigma_max), float(sigma_min), n).to(dtype=dtype, device=device)
+
+
+def geometric_levels(start: float, end: float, n: int) -> Tensor:
+    """n values from start to end in geometric progression [n] (float64), the endpoints exact (their log10 taken in
+    float64: a float32 tensor's put σ_max and σ_min ~1e-7 off)."""
+    levels = torch.logspace(math.log10(start), math.log10(end), n, dtype=torch.float64)
+    levels[0] = start
+    levels[-1] = end
+    return levels

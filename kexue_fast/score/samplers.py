@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .. import _dispatch
 from .langevin import OP, apply_step, on_device, step_coefficients
-from .losses import Sigmas, as_sigmas
+from .losses import Sigmas, as_sigmas, geometric_levels
 
 Score = Callable[..., Tensor]
 
@@ -35,6 +35,11 @@ def _steps(value: int, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     return value
+
+
+def _check_score(score: object) -> None:
+    if not callable(score):
+        raise TypeError(f"score must be callable (x[, sigma]) -> ∇log p, got {type(score).__name__}")
 
 
 def _start(x0: object) -> Tensor:
@@ -155,6 +160,7 @@ def annealed_langevin(
     with Triton, the in-kernel noise's seed). return_trajectory: also the state after each level [L × [B, ...]].
     For CUDA graphs build an `AnnealedLangevin` once and capture its call.
     """
+    _check_score(score)
     x = _start(x0)
     sampler = AnnealedLangevin(sigmas, n_steps_each, step_lr, device=x.device, dtype=x.dtype,
                                final_denoise=final_denoise, backend=backend)  # fmt: skip
@@ -179,6 +185,7 @@ def tempered_langevin(
     [n] (T ≥ 0, e.g. `temperature_schedule`), n_steps_each updates x + (ε/2)s + √(εT)z per temperature with
     ε = step_size; sigma0: finish with the denoiser x + σ₀² s(x) (None: no denoising step).
     """
+    _check_score(score)
     x = _start(x0)
     _steps(n_steps_each, "n_steps_each")
     _positive(step_size, "step_size")
@@ -213,4 +220,4 @@ def temperature_schedule(n: int, t_max: float = 100.0, t_min: float = 1.0, kind:
         raise ValueError(f"need 0 < t_min <= t_max < inf, got t_max={t_max!r}, t_min={t_min!r}")
     if kind == "linear":
         return torch.linspace(t_max, t_min, n, dtype=torch.float64)
-    return torch.logspace(torch.log10(torch.tensor(t_max)), torch.log10(torch.tensor(t_min)), n, dtype=torch.float64)
+    return geometric_levels(float(t_max), float(t_min), n)
