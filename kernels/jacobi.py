@@ -77,6 +77,7 @@ def _jacobi_kernel(u_ptr, m_ptr, mp_ptr, const_ptr, sn_ptr, cn_ptr, dn_ptr, am_p
     machep = tl.load(const_ptr)
     small_m = tl.load(const_ptr + 1)
     near_one = tl.load(const_ptr + 2)
+    small_mu = tl.load(const_ptr + 3)
     u = tl.load(u_ptr + offs, mask=mask, other=0.0)
     m = tl.load(m_ptr + offs, mask=mask, other=0.5)
     bad = ~((m >= 0) & (m <= 1))
@@ -127,33 +128,28 @@ def _jacobi_kernel(u_ptr, m_ptr, mp_ptr, const_ptr, sn_ptr, cn_ptr, dn_ptr, am_p
     dn = tl.where(tl.abs(dn_factor) < 0.1, tl.sqrt(mpg + mg * cn * cn), cn / dn_factor)  # 1 − m sn² = m' + m cn²
     dn = tl.where(levels == 0, 1.0, dn)
 
-    # m < 1e-9: first order in m
+    # m < 1e-9 and m·|u| < 1e-8: first order in m (its next term grows as (m u)²)
     sin_u = tl.sin(u)
     cos_u = tl.cos(u)
     ai = 0.25 * m * (u - sin_u * cos_u)
-    is_small = m < small_m
+    is_small = (m < small_m) & (m * tl.abs(u) < small_mu)
     sn = tl.where(is_small, sin_u - ai * cos_u, sn)
     cn = tl.where(is_small, cos_u + ai * sin_u, cn)
     phi = tl.where(is_small, u - ai, phi)
     dn = tl.where(is_small, 1 - 0.5 * m * sin_u * sin_u, dn)
 
-    # m = 1 (near_one, as kexue_fast.rope.elliptic._NEAR_ONE): tanh u, sech u
+    # m = 1 (near_one, as kexue_fast.rope.elliptic._NEAR_ONE; m' = 0): sn = tanh u, cn = dn = sech u, am = gd u
+    # (sech → 0 past cosh's overflow; a first-order series in m' here gave 0·∞/∞ = NaN)
     near = at_one & ~bad
     ua = tl.where(near, u, 0.0)
-    em1_p = _expm1(ua)
-    em1_m = _expm1(-ua)
-    sinh = (em1_p - em1_m) / 2
-    cosh = (em1_p + em1_m) / 2 + 1
+    cosh = (_expm1(ua) + _expm1(-ua)) / 2 + 1
     th = _tanh(ua)
     sech = 1 / cosh
-    q = 0.25 * (1 - m)
-    twon = cosh * sinh
-    sn = tl.where(near, th + q * (twon - ua) / (cosh * cosh), sn)
+    sn = tl.where(near, th, sn)
     gd = 2 * _atan_unit(_tanh(ua / 2))  # 2 arctan(e^u) − π/2
-    phi = tl.where(near, gd + q * (twon - ua) / cosh, phi)
-    q = q * th * sech
-    cn = tl.where(near, sech - q * (twon - ua), cn)
-    dn = tl.where(near, sech + q * (twon + ua), dn)
+    phi = tl.where(near, gd, phi)
+    cn = tl.where(near, sech, cn)
+    dn = tl.where(near, sech, dn)
     zeta = tl.where(near, th, zeta)
 
     nan = u * 0 + float("nan")
@@ -178,7 +174,7 @@ def jacobi_elliptic(u: Tensor, m: Tensor, mp: Optional[Tensor] = None) -> Tuple[
         mp.shape != m.shape or mp.dtype != m.dtype or mp.device != m.device or not mp.is_contiguous()
     ):
         raise ValueError("mp must be a contiguous tensor of m's shape, dtype and device")
-    consts = torch.tensor([torch.finfo(u.dtype).eps / 2, 1e-9, 1.0], dtype=u.dtype, device=u.device)
+    consts = torch.tensor([torch.finfo(u.dtype).eps / 2, 1e-9, 1.0, 1e-8], dtype=u.dtype, device=u.device)
     outs = [torch.empty_like(u) for _ in range(5)]
     n = u.numel()
     if n:

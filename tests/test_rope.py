@@ -199,6 +199,52 @@ def test_jacobi_near_one_at_large_arguments(backend):
             assert np.abs(a.numpy() - b).max() <= 1e-12
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_jacobi_at_m_one_for_large_arguments(backend):
+    """m = 1: sn = tanh u = ±1, cn = dn = sech u → 0, am → ±π/2 past cosh's overflow (|u| > 355 in float64, 44 in
+    float32), where a first-order series in m' (its terms 0·∞/∞) gave NaN; the gradient in u is finite too."""
+    u = torch.tensor([3.0, 300.0, 356.0, 1e3, -1e6], dtype=D64, requires_grad=True)
+    sn, cn, dn, am = ellipj(u, 1.0, backend=backend)
+    assert torch.allclose(sn, torch.tanh(u), rtol=1e-15, atol=0) and torch.equal(sn[2:].abs(), torch.ones(3, dtype=D64))
+    sech = 1 / torch.cosh(u)
+    assert torch.allclose(cn, sech, rtol=1e-14, atol=0) and torch.allclose(dn, sech, rtol=1e-14, atol=0)
+    assert torch.allclose(am, torch.atan(torch.sinh(u)), rtol=1e-15, atol=0)
+    assert float(am[-1]) == -math.pi / 2
+    (g,) = torch.autograd.grad(sn.sum() + am.sum(), u)
+    assert torch.isfinite(g).all() and torch.allclose(
+        g, sech * sech + sech, rtol=1e-12, atol=0
+    )  # sn' = cn dn, am' = dn
+    u32 = torch.tensor([50.0, -60.0])
+    assert torch.equal(ellipj(u32, 1.0, backend=backend).sn, torch.tensor([1.0, -1.0]))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_jacobi_small_parameter_at_large_arguments(backend):
+    """The first-order series in m (m < 1e-9) has an error growing as (m u)²: at u = 1e6 it is taken only where
+    m·|u| < 1e-8, so the result does not jump at m = 1e-9 (it was 1e-8 off just below it). Against mpmath."""
+    import mpmath
+
+    u = torch.full((4,), 1e6, dtype=D64)
+    m = torch.tensor([5e-10, 9.9e-10, 1.1e-9, 1e-15], dtype=D64)
+    ours = ellipj(u, m, backend=backend)
+    with mpmath.workdps(40):
+        for i in range(4):
+            x, k = mpmath.mpf(float(u[i])), mpmath.mpf(float(m[i]))
+            for got, f in zip(ours[:3], ("sn", "cn", "dn")):
+                assert abs(float(got[i]) - float(mpmath.ellipfun(f, x, m=k))) <= 1e-9, (i, f)
+
+
+def test_complete_integrals_at_m_one():
+    """K(1) = ∞, E(1) = 1, L/h → ∞; gradients ∞ (dK/dm = +∞, dE/dm = −∞), and a loss of E alone gets −∞, not NaN
+    (0·∞ from K's zero upstream gradient)."""
+    m = torch.tensor(1.0, dtype=D64, requires_grad=True)
+    k, e = ellipke(m)
+    assert math.isinf(float(k)) and float(e) == 1
+    assert float(torch.autograd.grad(ellipe(m), m)[0]) == -math.inf
+    assert float(torch.autograd.grad(ellipk(m), m)[0]) == math.inf
+    assert float(length_ratio(1.0)) == math.inf
+
+
 @pytest.mark.parametrize("ratio", [1e6, 1e10, 1e12])
 def test_troposkein_of_very_long_ropes(ratio):
     r = troposkein(ratio, 1.0, 9)
@@ -275,6 +321,10 @@ def test_rope_bad_inputs():
         rope_shape(2.0, 1.0, 1.0, -9.81)
     with pytest.raises(ValueError, match="cannot both be 0"):
         rope_shape(2.0, 1.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="omega must be > 0 with axial gravity"):
+        rope_shape(1.5, 1.0, 0.0, 9.81, n_steps=256)  # it once "converged" on a fold that moved with n_steps
+    with pytest.raises(ValueError, match=r"L/h must be below ~1\.8e15"):
+        troposkein(2e15, 1.0, 5)  # m = 1 − m' rounds to 1: NaN x and tension before
     with pytest.raises(ValueError, match="gravity"):
         rope_shape(2.0, 1.0, 1.0, 1.0, gravity="down")
     with pytest.raises(TypeError, match="L must be"):

@@ -11,7 +11,8 @@ namespace {
 
 constexpr int kLandenLevels = 8;         // Cephes ellpj stops after 8 halvings
 constexpr int kAgmSteps = 12;            // quadratic convergence, as elliptic._AGM_STEPS
-constexpr double kSmallM = 1e-9;         // below: first-order series in m
+constexpr double kSmallM = 1e-9;         // below: first-order series in m, where also m |u| < kSmallMU
+constexpr double kSmallMU = 1e-8;        // the series' next term grows as (m u)^2: past it the Landen path
 // At m = 1 the closed forms tanh u, sech u. Cephes also takes the first-order series in m' for m >= 1 - 1e-10,
 // wrong once m' cosh^2 u is not small; the Landen transformation is accurate there (rope/elliptic.py).
 constexpr double kNearOne = 1.0;
@@ -65,7 +66,7 @@ Jacobi jacobi_one(double u, double m, double mp) {
   if (levels == 0) r.dn = 1;  // m = 0: phi = u
   r.am = phi;
   r.zeta = zeta;
-  if (m < kSmallM) {  // sn = sin u - (m/4)(u - sin u cos u) cos u + O(m^2), ...
+  if (m < kSmallM && m * std::fabs(u) < kSmallMU) {  // sn = sin u - (m/4)(u - sin u cos u) cos u + O(m^2 u^2), ...
     const double sin_u = std::sin(u), cos_u = std::cos(u);
     const double ai = 0.25 * m * (u - sin_u * cos_u);
     r.sn = sin_u - ai * cos_u;
@@ -73,16 +74,14 @@ Jacobi jacobi_one(double u, double m, double mp) {
     r.am = u - ai;
     r.dn = 1 - 0.5 * m * sin_u * sin_u;
   }
-  if (at_one) {  // sn = tanh u + (m'/4)(sinh u cosh u - u) sech^2 u + O(m'^2), ...
-    double ai = 0.25 * (1 - m);
-    const double ch = std::cosh(u), th = std::tanh(u), sech = 1 / ch;
-    const double twon = ch * std::sinh(u);
-    r.sn = th + ai * (twon - u) / (ch * ch);
-    r.am = 2 * std::atan(std::exp(u)) - kPi / 2 + ai * (twon - u) / ch;
-    ai = ai * th * sech;
-    r.cn = sech - ai * (twon - u);
-    r.dn = sech + ai * (twon + u);
-    r.zeta = th;  // Z(u | 1) = tanh u
+  if (at_one) {  // m' = 0: sn = tanh u, cn = dn = sech u, am = gd u, Z = tanh u (DLMF 22.5(ii)); sech -> 0 and
+                 // gd -> +-pi/2 past cosh's overflow (a first-order series in m' here gave 0 * inf / inf = NaN)
+    const double th = std::tanh(u), sech = 1 / std::cosh(u);
+    r.sn = th;
+    r.am = std::atan(std::sinh(u));
+    r.cn = sech;
+    r.dn = sech;
+    r.zeta = th;
   }
   return r;
 }

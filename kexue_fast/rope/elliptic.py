@@ -8,11 +8,11 @@ Parameter convention: m = k² (as SciPy, Abramowitz & Stegun §16–17), m' = 1 
 with the arithmetic–geometric mean a_{n+1} = (a_n + b_n)/2, b_{n+1} = √(a_n b_n), c_{n+1} = (a_n − b_n)/2,
 a₀ = 1, b₀ = √m' (A&S 17.6). The Jacobi functions of u = F(φ | m) (φ = am(u | m)) come from the descending Landen
 transformation (A&S 16.4, the algorithm of Cephes ``ellpj`` that SciPy runs): φ_N = 2^N a_N u, then
-φ_{n−1} = (φ_n + arcsin(c_n sin φ_n / a_n)) / 2, and sn = sin φ₀, cn = cos φ₀, dn = cn / cos(φ₁ − φ₀), with the
-the first-order series in m for m < 1e-9 and the closed forms at m = 1 (Cephes also takes a series for
-m ≥ 1 − 1e-10, wrong for large u: not here). The same pass gives the Jacobi zeta function
-Z(u | m) = Σ_{n=1}^{N} c_n sin φ_n (A&S §17.6, with the same φ_n), and so the incomplete integral
-E(am u | m) = Z(u) + (E/K) u.
+φ_{n−1} = (φ_n + arcsin(c_n sin φ_n / a_n)) / 2, and sn = sin φ₀, cn = cos φ₀, dn = cn / cos(φ₁ − φ₀), with
+the first-order series in m for m < 1e-9 where also m·|u| < 1e-8 (its error grows as (m u)²: Cephes takes it for
+every u) and the closed forms at m = 1 (Cephes also takes a series for m ≥ 1 − 1e-10, wrong for large u: not here).
+The same pass gives the Jacobi zeta function Z(u | m) = Σ_{n=1}^{N} c_n sin φ_n (A&S §17.6, with the same φ_n), and
+so the incomplete integral E(am u | m) = Z(u) + (E/K) u.
 
 Derivatives (DLMF 19.4.1, 22.13.1 and ∂am/∂m by implicit differentiation of u = F(am u | m)):
     dK/dm = (E − m'K) / (2 m m'),  dE/dm = (E − K) / (2m)
@@ -27,6 +27,7 @@ shape in the floating dtype of the inputs.
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import NamedTuple, Optional, Tuple, Union
 
@@ -39,7 +40,8 @@ Param = Union[Tensor, float]
 
 _AGM_STEPS = 12  # quadratic convergence: enough for √m' down to 1e-8 (m' ≥ 2^-53) and for m down to −1e30
 _LANDEN_LEVELS = 8  # Cephes ellpj stops after 8 halvings (it converges in ≤ 6 for m ≤ 1 − 2^-53)
-_SMALL_M = 1e-9  # below: first-order series in m (Cephes)
+_SMALL_M = 1e-9  # below: first-order series in m (Cephes), where also m·|u| < _SMALL_MU
+_SMALL_MU = 1e-8  # the series' next term grows as (m u)²: past this the Landen path (sn to ~|u|·eps, as at large m)
 # At m = 1: sn = tanh u, cn = dn = sech u. Cephes (and so SciPy) also takes the first-order series in m' for
 # m ≥ 1 − 1e-10, which fails once m' cosh² u is not small (sn(2K | 1 − 1e-11) = 1 instead of 0); the Landen
 # transformation is accurate up to m' = 2^-53 (≤ 3e-13 against mpmath, tests/test_rope.py), so it runs there.
@@ -134,7 +136,7 @@ def _ke_derivatives(m: Tensor, k: Tensor, e: Tensor, mp: Optional[Tensor] = None
     `mp` = 1 − m when the caller holds it more exactly (m near 1)."""
     mp = 1 - m if mp is None else mp
     safe_m = torch.where(m == 0, torch.ones_like(m), m)
-    dk = (e - mp * k) / (2 * safe_m * mp)
+    dk = torch.where(mp <= 0, torch.full_like(m, math.inf), (e - mp * k) / (2 * safe_m * mp))  # +∞ at m = 1
     de = (e - k) / (2 * safe_m)
     sdk = torch.zeros_like(m)
     sde = torch.zeros_like(m)
@@ -157,7 +159,8 @@ class _CompleteIntegrals(torch.autograd.Function):
     def backward(ctx, gk: Tensor, ge: Tensor) -> Tensor:
         m, k, e = ctx.saved_tensors
         dk, de = _ke_derivatives(m, k, e)
-        return gk * dk + ge * de
+        # a zero upstream gradient contributes 0 even where the derivative is infinite (m = 1): not 0·∞ = NaN
+        return torch.where(gk == 0, 0.0, gk * dk) + torch.where(ge == 0, 0.0, ge * de)
 
 
 def ellipke(m: Param) -> Tuple[Tensor, Tensor]:
@@ -223,28 +226,25 @@ def _landen(u: Tensor, m: Tensor, mp: Optional[Tensor] = None) -> Tuple[Tensor, 
     dn = torch.where(dn_factor.abs() < 0.1, torch.sqrt(mpg + mg * cn * cn), cn / dn_factor)
     dn = torch.where(n_levels == 0, torch.ones_like(dn), dn)  # m = 0: φ = u, dn = 1
 
-    # m < 1e-9: sn = sin u − (m/4)(u − sin u cos u) cos u + O(m²), ...
+    # m < 1e-9 and m·|u| < 1e-8: sn = sin u − (m/4)(u − sin u cos u) cos u + O(m²u²), ...
     sin_u, cos_u = torch.sin(u), torch.cos(u)
     ai = 0.25 * m * (u - sin_u * cos_u)
-    small = m < _SMALL_M
+    small = (m < _SMALL_M) & (m * u.abs() < _SMALL_MU)
     sn = torch.where(small, sin_u - ai * cos_u, sn)
     cn = torch.where(small, cos_u + ai * sin_u, cn)
     phi = torch.where(small, u - ai, phi)
     dn = torch.where(small, 1 - 0.5 * m * sin_u * sin_u, dn)
 
-    # m = 1 (_NEAR_ONE): sn = tanh u + (m'/4)(sinh u cosh u − u) sech² u + O(m'²), ... with m' = 0
+    # m = 1 (_NEAR_ONE; m' = 0): sn = tanh u, cn = dn = sech u, am = gd u = atan(sinh u), Z = tanh u (DLMF 22.5(ii));
+    # sech → 0 and gd → ±π/2 past cosh's overflow (a first-order series in m' here gave 0·∞/∞ = NaN for |u| > 355)
     near = ((m >= _NEAR_ONE) if mp is None else at_one) & ~bad
-    ua = torch.where(near, u, torch.zeros_like(u))  # cosh overflows for the |u| the general path accepts
-    ai = 0.25 * (1 - m)
-    ch = torch.cosh(ua)
+    ua = torch.where(near, u, torch.zeros_like(u))
     th = torch.tanh(ua)
-    sech = 1 / ch
-    twon = ch * torch.sinh(ua)
-    sn = torch.where(near, th + ai * (twon - ua) / (ch * ch), sn)
-    phi = torch.where(near, 2 * torch.atan(torch.exp(ua)) - torch.pi / 2 + ai * (twon - ua) / ch, phi)
-    ai = ai * th * sech
-    cn = torch.where(near, sech - ai * (twon - ua), cn)
-    dn = torch.where(near, sech + ai * (twon + ua), dn)
+    sech = 1 / torch.cosh(ua)
+    sn = torch.where(near, th, sn)
+    phi = torch.where(near, torch.atan(torch.sinh(ua)), phi)
+    cn = torch.where(near, sech, cn)
+    dn = torch.where(near, sech, dn)
     zeta = torch.where(near, th, zeta)  # Z(u | 1) = tanh u
 
     nan = torch.full_like(sn, float("nan"))

@@ -130,7 +130,9 @@ def rope_shape(
     for either. n_points ≥ 2 samples at equal arclength; n_steps RK4 steps (a multiple of n_points − 1 is used;
     the error falls as n_steps⁻⁴). Raises RuntimeError when the shooting does not reach tol (scaled by h): too few
     steps for the rope (much longer, or barely longer, than h), or strong axial gravity (g ≫ ω²h), where the rope
-    collapses onto the axis and no smooth solution exists.
+    collapses onto the axis and no smooth solution exists (ValueError for axial gravity with ω = 0). The residual
+    checks the boundary conditions, not the RK4 resolution: near that collapse a solve can meet them on a shape that
+    changes with n_steps (compare two step counts there).
     """
     if gravity not in GRAVITY:
         raise ValueError(f'gravity must be "axial" or "radial", got {gravity!r}')
@@ -147,6 +149,10 @@ def rope_shape(
     if not bool((energy > 0).all()):
         raise ValueError("omega and g cannot both be 0: without any force every curve of length L is an equilibrium")
     radial = gravity == "radial"
+    if not radial and bool(((omega_t == 0) & (g_t > 0)).any()):
+        raise ValueError("omega must be > 0 with axial gravity: a rope that does not spin hangs folded onto the axis, "
+                         "which has no smooth equilibrium (the shooting could still meet its boundary conditions "
+                         "on an unresolved fold)")  # fmt: skip
     ell = length / span
     gg_target = g_t * span / energy
     record = max(1, math.ceil(n_steps / (n_points - 1)))

@@ -14,6 +14,7 @@ Shapes: L and h broadcast to a batch shape [...]; the curve is sampled at n_poin
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import NamedTuple, Optional, Tuple, Union
 
@@ -181,6 +182,9 @@ def troposkein(
         y = y.to(torch.float64)
     q = _ComplementaryParameter.apply(length / span)
     m = 1 - q
+    if bool((m >= 1).any()):  # m' < 2^-54: K(m) = inf and sn of inf·fraction is NaN
+        raise ValueError(f"L/h must be below ~1.8e15 (there the troposkein's parameter m = 1 − m' rounds to 1 in "
+                         f"float64), got L/h up to {float((length / span).max()):.3g}")  # fmt: skip
     big_k = _CompleteOfComplement.apply(q)[0]
     k_mod = torch.sqrt(m)
     radius = span * k_mod / (q * big_k)
@@ -212,4 +216,4 @@ def length_ratio(m: Scalar) -> Tensor:
     """L/h = 2E(m)/((1 − m)K(m)) − 1 of the troposkein with parameter m ∈ [0, 1)."""
     (m_t,) = elliptic._promote(elliptic._floating(m, "m"))
     k, e = elliptic.ellipke(m_t)
-    return 2 * e / ((1 - m_t) * k) - 1
+    return torch.where(m_t == 1, math.inf, 2 * e / ((1 - m_t) * k) - 1)  # m = 1: (1 − m)K = 0·∞
