@@ -123,6 +123,12 @@ def cascading_rejection(
     return out
 
 
+def _functorch_wrapped(t: Tensor) -> bool:
+    """Whether t is a torch.func transform's wrapper (vmap, grad): its values cannot be read on the host."""
+    check = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    return bool(check(t)) if check is not None else False
+
+
 def _check_labels(labels: object, batch: int, n_classes: int, device: torch.device) -> Tensor:
     if not isinstance(labels, Tensor):
         raise TypeError(f"labels must be a torch.Tensor of class indices, got {type(labels).__name__}")
@@ -139,7 +145,7 @@ def _check_labels(labels: object, batch: int, n_classes: int, device: torch.devi
         batch
         and labels.device.type != "meta"
         and not torch.compiler.is_compiling()
-        and not torch._C._functorch.is_functorch_wrapped_tensor(labels)
+        and not _functorch_wrapped(labels)
         and bool(((labels < 0) | (labels >= n_classes)).any())
     ):
         raise ValueError(f"labels must lie in [0, {n_classes}) (n_classes = {n_classes})")
