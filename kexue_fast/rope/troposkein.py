@@ -166,7 +166,8 @@ def troposkein(
     Differentiable in L, h, omega, density (m by the implicit function theorem); s carries no gradient.
     m' = 1 − m is solved to full precision (K, E from m' itself); the Jacobi functions take m, whose rounding near 1
     (long ropes: m' = 1e-13 at L/h = 1e12) they absorb by reading sn at the same fraction of m's own quarter
-    period, so x(0) = x(h) = 0, x(h/2) = R, s(h) = L and the curve's symmetry hold to rounding at every L/h.
+    period, so x(0) = x(h) = 0, x(h/2) = R, s(h) = L and the curve's symmetry hold to rounding at every L/h up to
+    ~1.8e15, where m rounds to 1 in float64 (ValueError beyond).
     """
     _positive(omega, "omega")
     _positive(density, "density")
