@@ -323,3 +323,59 @@ def test_bound_of_huge_weights_and_conv_argument_errors():
         kexue_fast.conv_operator_norm_bound(weight, (5, 6, 6))
     with pytest.raises(TypeError, match="model"):
         update_spectral_norms(torch.randn(3))
+
+
+@pytest.mark.parametrize("mode", ["matrix", "operator"])
+def test_coeff_layer_recovers_from_a_zero_initialized_weight(mode):
+    """A zero-initialized layer (Residual Flows' habit) once zeroed u and v for good: σ̂ = 0 from then on, so with a
+    coeff the layer passed through unscaled whatever its weight became. u, v are now kept where W v = 0 (the layer's
+    iteration with a coeff, the C++ and torch batched updates, the conv operator iteration)."""
+    torch.manual_seed(0)
+    if mode == "matrix":
+        layer, shape = nn.Linear(8, 8), (2, 8)
+        spectral_norm(layer, coeff=0.9)
+        exact = lambda w: torch.linalg.matrix_norm(w, 2)  # noqa: E731
+    else:
+        layer, shape = nn.Conv2d(2, 2, 3, padding=1), (2, 2, 5, 5)
+        spectral_norm(layer, coeff=0.9, input_shape=(2, 5, 5))
+        op = ConvOperator.build(layer.weight.shape, (2, 5, 5), 1, 1, 1, 1)
+        exact = lambda w: torch.linalg.matrix_norm(  # noqa: E731
+            conv_operator_matrix(lambda x, ww: op.apply(ww, x), w, (2, 5, 5)), 2
+        )
+    with torch.no_grad():
+        layer.parametrizations.weight.original.zero_()
+        layer(torch.randn(*shape))  # the iteration runs on the zero weight (and the 15 warm-up ones ran at init)
+        layer.parametrizations.weight.original.copy_(torch.randn_like(layer.weight) * 5)
+    for backend in ("cpp", "torch"):
+        update_spectral_norms(layer, n_iters=200, backend=backend)
+        for _ in range(3):
+            layer(torch.randn(*shape))
+        assert float(exact(layer.weight.detach())) <= 0.9 * 1.01, backend  # unscaled, it was several times that
+
+
+def test_zero_matrix_keeps_the_start_vector():
+    """power_iteration on a zero matrix: σ = 0, u = 0, v the (normalized) start vector on both backends."""
+    v0 = torch.randn(5, dtype=torch.float64)
+    for backend in ("cpp", "torch"):
+        sigma, us, vs = kexue_fast.power_iteration([torch.zeros(4, 5, dtype=torch.float64)], v=[v0.clone()],
+                                                   n_iters=5, backend=backend)  # fmt: skip
+        assert float(sigma[0]) == 0 and torch.equal(us[0], torch.zeros(4, dtype=torch.float64))
+        assert torch.allclose(vs[0], v0 / v0.norm(), rtol=1e-15, atol=0), backend
+
+
+def test_positional_arguments_as_torch_and_a_changed_eps():
+    """spectral_norm(module, name, n_power_iterations, eps, dim) positionally, as torch's; a layer's eps changed
+    after a first update_spectral_norms is taken by the next (the cached groups once kept the old eps)."""
+    torch.manual_seed(1)
+    layer = spectral_norm(nn.Linear(4, 3), "weight", 2, 1e-10, 0)
+    p = layer.parametrizations.weight[0]
+    assert (p.n_power_iterations, p.eps, p.dim) == (2, 1e-10, 0)
+    model = nn.Sequential(spectral_norm(nn.Linear(3, 3), n_power_iterations=0))
+    with torch.no_grad():
+        model[0].parametrizations.weight.original.mul_(1e-4)
+    update_spectral_norms(model)
+    p = model[0].parametrizations.weight[0]
+    assert float(p._u.norm()) == pytest.approx(1.0, rel=1e-6)
+    p.eps = 1.0  # ‖W v‖ ~ 1e-4 < eps: u = W v / eps, far from unit
+    update_spectral_norms(model)
+    assert float(p._u.norm()) < 1e-2

@@ -71,7 +71,13 @@ int solve_one(const PowerIterationProblem<T>& p, const PowerIterationOptions& o,
   int it = 0;
   while (it < o.n_iters) {
     fused_pass<T>(p.weight, m, n, p.v, p.u, w.data());
-    const T inv_t = T(1) / std::max(norm2(p.u, m), eps);
+    const T norm_u = norm2(p.u, m);
+    if (norm_u == T(0)) {  // W v = 0 (a zero weight): sigma = 0, u = 0 and v kept, as in the torch reference; a
+      sigma = 0;           // zeroed v would stay 0 for good, and sigma with it, whatever the weight becomes
+      ++it;
+      break;
+    }
+    const T inv_t = T(1) / std::max(norm_u, eps);
     for (std::int64_t i = 0; i < m; ++i) p.u[i] *= inv_t;
     for (std::int64_t j = 0; j < n; ++j) w[j] *= inv_t;  // w = W^T u
     sigma = norm2(w.data(), n);

@@ -20,6 +20,7 @@ from ..spectral._validate import check_finite, check_n_iters, check_positive
 from ..spectral.conv import ConvOperator, conv_power_iteration
 from ..spectral.power_iteration import OP as POWER_ITERATION_OP
 from ..spectral.power_iteration import run_backend
+from ..spectral.reference import unit_or_keep
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _FROZEN = [False]
@@ -108,8 +109,12 @@ class SpectralNorm(nn.Module):
             return
         weight_mat = self._reshape_weight_to_matrix(weight)
         for _ in range(n_power_iterations):
-            self._u = F.normalize(torch.mv(weight_mat, self._v), dim=0, eps=self.eps, out=self._u)
-            self._v = F.normalize(torch.mv(weight_mat.H, self._u), dim=0, eps=self.eps, out=self._v)
+            if self.coeff is None:  # torch's update, to the bit (a zero weight zeroes u, v: σ̂ = 0, W/σ̂ NaN, as torch)
+                self._u = F.normalize(torch.mv(weight_mat, self._v), dim=0, eps=self.eps, out=self._u)
+                self._v = F.normalize(torch.mv(weight_mat.H, self._u), dim=0, eps=self.eps, out=self._v)
+            else:  # u, v kept where W = 0: zeroed, they would stay 0 and σ̂ = 0 let the layer through unscaled
+                self._u.copy_(unit_or_keep(torch.mv(weight_mat, self._v), self._u, self.eps))
+                self._v.copy_(unit_or_keep(torch.mv(weight_mat.H, self._u), self._v, self.eps))
 
     def sigma(self, weight: Tensor) -> Tensor:
         """σ̂ = uᵀ W v with the current u, v (differentiable w.r.t. weight)."""
@@ -147,11 +152,11 @@ class SpectralNorm(nn.Module):
 def spectral_norm(
     module: nn.Module,
     name: str = "weight",
-    *,
-    coeff: Optional[float] = None,
     n_power_iterations: int = 1,
     eps: float = 1e-12,
     dim: Optional[int] = None,
+    *,
+    coeff: Optional[float] = None,
     input_shape: Optional[Sequence[int]] = None,
 ) -> nn.Module:
     """Drop-in for torch.nn.utils.parametrizations.spectral_norm, with a Lipschitz coefficient and conv norms.
@@ -162,7 +167,10 @@ def spectral_norm(
     σ̂ comes from power iteration (u ← Wv/‖Wv‖, v ← Wᵀu/‖Wᵀu‖, σ̂ = uᵀWv), advanced `n_power_iterations` times per
     forward in training mode. n_power_iterations=0 never iterates in forward: call
     `update_spectral_norms(model)` after `optimizer.step()` instead (the Residual Flows schedule), which does every
-    layer at once.
+    layer at once. Where W v = 0 (a zero-initialized weight) the iteration keeps v (σ̂ = 0) instead of zeroing u and
+    v for good — in a coeff layer's forward, in operator mode and in `update_spectral_norms`; a coeff=None matrix
+    layer's own forward follows torch (u, v zeroed, W/σ̂ NaN). Positional arguments follow torch's order (name,
+    n_power_iterations, eps, dim).
 
     For Conv1d/2d/3d, `input_shape` = the per-sample input shape (C, *spatial) switches σ̂ to the norm of the
     convolution operator (power iteration through conv and conv_transpose with the module's stride, padding,
@@ -264,8 +272,9 @@ class _Group:
 
 
 def _signature(layers: List[Tuple[SpectralNorm, Tensor]]) -> tuple:
-    return tuple((id(p), w.data_ptr(), p._buffers["_u"].data_ptr(), p._buffers["_v"].data_ptr(), w.dtype, w.device)
-                 for p, w in layers)  # fmt: skip
+    # eps too: a layer whose eps changed since gets a new group
+    return tuple((id(p), w.data_ptr(), p._buffers["_u"].data_ptr(), p._buffers["_v"].data_ptr(), w.dtype, w.device,
+                  p.eps) for p, w in layers)  # fmt: skip
 
 
 _PLANS: weakref.WeakKeyDictionary[nn.Module, Tuple[tuple, List[_Group], list]] = weakref.WeakKeyDictionary()

@@ -210,6 +210,7 @@ def power_iteration(
 
     Per matrix W [m, n] and iteration: u ← Wv/‖Wv‖, v ← Wᵀu/‖Wᵀu‖, σ̂ = uᵀWv = ‖Wᵀu‖ (torch's spectral_norm
     update; Miyato et al. 2018). σ̂ ≤ ‖W‖₂ (a lower bound; see `spectral_norm_bound` for a certified upper one).
+    Where W v = 0 (a zero matrix) the iteration stops there: σ̂ = 0, u = 0, v kept (not zeroed for good).
 
     Args:
         weights: a matrix [m, n], a batch [B, m, n], or a list of matrices of different shapes (one device/dtype).

@@ -26,10 +26,21 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def power_iteration_step(weight: Tensor, v: Tensor, eps: float = 1e-12) -> Tuple[Tensor, Tensor]:
-    """One iteration for one matrix `weight` [m, n] from `v` [n]; returns (u [m], v [n]), both unit."""
-    u = F.normalize(torch.mv(weight, v), dim=0, eps=eps)
-    v = F.normalize(torch.mv(weight.mH, u), dim=0, eps=eps)
+def unit_or_keep(x: Tensor, previous: Tensor, eps: float, dim: int = 0) -> Tensor:
+    """x/max(‖x‖, eps) along dim, or `previous` where x = 0: a zero weight (a zero-initialized layer) would otherwise
+    zero the iterates for good (σ̂ = 0 from then on, whatever the weight becomes). No host sync."""
+    norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True)
+    return torch.where(norm > 0, x / norm.clamp_min(eps), previous)
+
+
+def power_iteration_step(
+    weight: Tensor, v: Tensor, eps: float = 1e-12, u: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor]:
+    """One iteration for one matrix `weight` [m, n] from `v` [n]; returns (u [m], v [n]), both unit; where Wv = 0
+    (a zero weight) u is kept (`u`, or zeros when not given) and v too."""
+    wv = torch.mv(weight, v)
+    u = unit_or_keep(wv, torch.zeros_like(wv) if u is None else u, eps)
+    v = unit_or_keep(torch.mv(weight.mH, u), v, eps)
     return u, v
 
 
@@ -46,8 +57,9 @@ def power_iteration(
     for w, v0 in zip(weights, v):
         vk = F.normalize(v0, dim=0, eps=eps)
         previous = None
+        u = None
         for _ in range(n_iters):
-            u, vk = power_iteration_step(w, vk, eps)
+            u, vk = power_iteration_step(w, vk, eps, u)
             sigma = torch.linalg.vector_norm(torch.mv(w.mH, u))
             if tol is not None and previous is not None and abs(float(sigma - previous)) <= tol * float(sigma):
                 break
@@ -63,11 +75,13 @@ def power_iteration_batched(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Same iteration for a batch of equal shapes: weight [B, m, n], v [B, n] -> (sigma [B], u [B, m], v [B, n])."""
     v = F.normalize(v, dim=-1, eps=eps)
+    u = None
     for _ in range(n_iters):
-        u = F.normalize(torch.bmm(weight, v.unsqueeze(-1)).squeeze(-1), dim=-1, eps=eps)
+        wv = torch.bmm(weight, v.unsqueeze(-1)).squeeze(-1)
+        u = unit_or_keep(wv, torch.zeros_like(wv) if u is None else u, eps, dim=-1)
         w = torch.bmm(weight.mH, u.unsqueeze(-1)).squeeze(-1)
         sigma = torch.linalg.vector_norm(w, dim=-1)
-        v = w / sigma.clamp_min(eps).unsqueeze(-1)
+        v = unit_or_keep(w, v, eps, dim=-1)  # where W = 0, v is kept (σ = 0)
     return sigma, u, v
 
 
