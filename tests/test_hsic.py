@@ -352,6 +352,30 @@ def test_permutation_test_backends_agree():
     assert abs(results[0].statistic - results[1].statistic) <= 1e-12 * results[0].statistic
 
 
+def test_permutation_test_counts_ties_on_binary_data():
+    """On {0, 1} data the Gaussian Gram is an increasing affine map of the delta one, so the p-values must equal the
+    delta kernel's (exact sums): permuted statistics tied with the observed one were summed in another order and
+    fell below it by rounding (p 0.045 on cpp, 0.1 on torch, against 0.28)."""
+    x = torch.tensor([1, 0, 1, 1, 1, 0, 0, 1, 0, 0, 1, 0.0], dtype=D64)
+    y = torch.tensor([0, 1, 0, 1, 0, 1, 0, 0, 1, 1, 0, 0.0], dtype=D64)
+    kw = dict(method="permutation", seed=104, n_permutations=199)
+    exact = kexue_fast.hsic_test(x.long(), y.long(), kernel_x="delta", kernel_y="delta", **kw).pvalue
+    for b in BACKENDS:
+        assert kexue_fast.hsic_test(x, y, bandwidth_x=1.0, bandwidth_y=1.0, backend=b, **kw).pvalue == exact, b
+
+
+@pytest.mark.parametrize("method", ["gamma", "permutation"])
+def test_constant_input_gives_pvalue_one(method):
+    """A constant x: K constant, HSIC = 0 exactly and every permutation ties: p = 1 (the permutation test's rounding
+    noise rejected, p down to 0.02; the Gamma fit's 0/0 gave NaN)."""
+    x = torch.full((30,), 2.5, dtype=D64)
+    for seed in range(5):
+        y = torch.randn(30, generator=torch.Generator().manual_seed(seed), dtype=D64)
+        assert kexue_fast.hsic_test(x, y, method=method, seed=0, n_permutations=99).pvalue == 1.0
+    labels = torch.zeros(30, dtype=torch.long)
+    assert kexue_fast.hsic_test(y, labels, kernel_y="delta", method=method, seed=0, n_permutations=99).pvalue == 1.0
+
+
 def _rejection_rate(method, replicates, dependent, n=200, **kwargs):
     g = torch.Generator().manual_seed(2026 + dependent)
     rejected = 0

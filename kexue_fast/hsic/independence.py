@@ -8,7 +8,8 @@ The centered tiles need the row means, so this is a second tiled pass after the 
 
 Permutation: HSIC_b(x, y_π) changes only through S_kl^π = Σ_{i≠j} K_ij L_π(i)π(j) (row sums permute, every other
 statistic is invariant), so permutations run batched over tiles, each K tile computed once and shared; p-value
-(1 + #{null ≥ observed}) / (1 + n_permutations).
+(1 + #{null ≥ observed}) / (1 + n_permutations), ties counted (within 1e-10 of the statistic's scale: tied data
+sum equal statistics in different orders). A constant input (K or L constant) gives p = 1 on both tests.
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ def _gamma_test(x, y, kx, ky, tile, backend) -> HSICTestResult:
     mean = estimators.gamma_null_mean(rk, rl, dk, dl)
     var = _centered_square_sum(x, y, kx, ky, stats, tile) / 36 / (n * (n - 1))
     var = var * 72 * (n - 4) * (n - 5) / (n * (n - 1) * (n - 2) * (n - 3))
+    if not (float(var) > 0 and float(mean) > 0):  # a constant input: K or L constant, the null is HSIC = 0 exactly
+        nan = float("nan")
+        return HSICTestResult(float(hsic_b), 1.0, "gamma", {"shape": nan, "scale": nan})
     shape, scale = mean**2 / var, var * n / mean
     statistic = n * hsic_b
     pvalue = torch.special.gammaincc(shape, statistic / scale)
@@ -112,7 +116,13 @@ def _permutation_test(x, y, kx, ky, n_permutations: int, seed: Optional[int], ti
     else:
         s_perm = _permuted_cross_sums(x, y, kx, ky, perms, tile)
     null = torch.stack([estimators.biased(s_perm[p], rk, rl[perms[p]], dk, dl[perms[p]]) for p in range(len(perms))])
-    pvalue = (1 + int((null >= observed).sum())) / (1 + n_permutations)  # a Python float: k/(B+1) exactly rounded
+    # Ties count as at least as extreme: permuted statistics equal to the observed one (tied or binary data, a
+    # constant input) are summed in another order and can fall below it by rounding, so compare within 1e-10 of
+    # the estimator's scale (its terms are products of mean |K| and mean |L| entries), as scipy's permutation_test
+    # does relatively.
+    scale = ((rk.abs().sum() + dk.abs().sum()) / n**2) * ((rl.abs().sum() + dl.abs().sum()) / n**2)
+    slack = 1e-10 * float(scale)
+    pvalue = (1 + int((null >= observed - slack).sum())) / (1 + n_permutations)  # k/(B+1) exactly rounded
     return HSICTestResult(float(observed), float(pvalue), "permutation",
                           {"n_permutations": n_permutations, "null_mean": float(null.mean()),
                            "null_std": float(null.std())})  # fmt: skip
