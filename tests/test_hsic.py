@@ -151,6 +151,10 @@ def test_hsic_stats_has_every_variant():
     assert abs(float(stats.cka_unbiased - kexue_fast.hsic(x, y, estimator="unbiased", normalize=True))) < 1e-14
     assert abs(float(stats.biased_n1 - stats.biased * 60**2 / 59**2)) < 1e-16
     assert abs(float(kexue_fast.cka(x, y) - kexue_fast.hsic(x, y, kernel_x="linear", normalize=True))) < 1e-15
+    small = kexue_fast.hsic_stats(x[:3], y[:3])  # the unbiased variants need 4 samples: NaN, not a CKA of 0
+    assert torch.isnan(small.unbiased) and torch.isnan(small.cka_unbiased) and torch.isfinite(small.cka)
+    with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*63\)"):
+        kexue_fast.hsic_test(x, y, method="permutation", seed=2**64)
 
 
 def test_median_bandwidth_exact_and_subsample():
@@ -464,6 +468,13 @@ def test_bottleneck_loss_bad_inputs():
         kexue_fast.hsic.bottleneck_loss(z, x, torch.zeros(10, 2, dtype=torch.long), beta=1.0)
     with pytest.raises(TypeError, match="beta"):
         kexue_fast.hsic.bottleneck_loss(z, x, torch.zeros(10, dtype=torch.long), beta="big")
+    labels = torch.arange(10) % 3
+    with pytest.raises(ValueError, match=r"z, x and y must have the same number of samples.*y \(9,\)"):
+        kexue_fast.hsic.bottleneck_loss(z, x, labels[:9], beta=1.0)  # it named x and y of an inner call
+    with pytest.raises(TypeError, match=r"z must be a torch\.Tensor"):
+        kexue_fast.hsic.bottleneck_loss(z.numpy(), x, labels, beta=1.0)
+    with pytest.raises(ValueError, match=r"n_classes = 2 but y has label 2"):
+        kexue_fast.hsic.bottleneck_loss(z, x, labels, beta=1.0, n_classes=2)
 
 
 def test_far_from_the_origin_and_label_only_inputs():

@@ -46,11 +46,19 @@ def bottleneck_loss(
         raise TypeError(f"beta must be a number, got {type(beta).__name__}")
     if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not sigma > 0:
         raise ValueError(f"sigma must be a number > 0, got {sigma!r}")
+    for name, t in (("z", z), ("x", x), ("y", y)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.ndim < 1 or t.shape[0] != z.shape[0]:
+            raise ValueError(f"z, x and y must have the same number of samples (first axis), got z {tuple(z.shape)}, "
+                             f"{name} {tuple(t.shape)}")  # fmt: skip
     z2 = z.reshape(z.shape[0], -1)
     x2 = x.reshape(x.shape[0], -1).to(z2.dtype)
     if not y.is_floating_point():
         if y.ndim != 1:
             raise ValueError(f"integer labels y must be [m], got shape {tuple(y.shape)}")
+        if n_classes is not None and y.numel() and int(y.max()) >= n_classes:
+            raise ValueError(f"n_classes = {n_classes} but y has label {int(y.max())}: need n_classes > max(y)")
         y2 = torch.nn.functional.one_hot(y.long(), n_classes if n_classes is not None else -1).to(z2.dtype)
     else:
         y2 = y.reshape(y.shape[0], -1).to(z2.dtype)

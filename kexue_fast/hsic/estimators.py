@@ -69,7 +69,8 @@ def all_variants(stats) -> HSICStats:
     u = unbiased(s_kl, rk, rl) if n >= 4 else torch.full_like(b, float("nan"))
     uk = unbiased(s_kk, rk, rk) if n >= 4 else u
     ul = unbiased(s_ll, rl, rl) if n >= 4 else u
-    return HSICStats(b, b * n**2 / (n - 1) ** 2, u, normalize(b, bk, bl), normalize(u, uk, ul), bk, bl,
+    cka_u = normalize(u, uk, ul) if n >= 4 else u  # undefined below 4 samples: NaN, not normalize's 0 for "not ok"
+    return HSICStats(b, b * n**2 / (n - 1) ** 2, u, normalize(b, bk, bl), cka_u, bk, bl,
                      gamma_null_mean(rk, rl, dk, dl), n)  # fmt: skip
 
 

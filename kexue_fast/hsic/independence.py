@@ -147,8 +147,10 @@ def hsic_test(
         raise ValueError(f'method must be "gamma" or "permutation", got {method!r}')
     if isinstance(n_permutations, bool) or not isinstance(n_permutations, numbers.Integral) or n_permutations < 1:
         raise ValueError(f"n_permutations must be a positive int, got {n_permutations!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0):
-        raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
+    if seed is not None and (
+        isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63
+    ):  # torch.Generator.manual_seed takes a signed 64-bit value
+        raise ValueError(f"seed must be an int in [0, 2**63) or None, got {seed!r}")
     x, y, kx, ky, chosen = _prepare(x, y, kernel_x, kernel_y, bandwidth_x, bandwidth_y, "biased", backend, min_n=6,
                                     tile=tile)  # fmt: skip
     if method == "gamma":
