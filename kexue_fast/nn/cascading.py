@@ -14,6 +14,15 @@ from ..gan.cascading import _check_labels, cascading_directions, cascading_rejec
 from ..gan.losses import StageWeights, discriminator_terms, generator_terms, stage_weights
 
 
+def _size(value: object, name: str) -> int:
+    """An integer >= 1 (numpy integers too) as a Python int; TypeError / ValueError naming `name` otherwise."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value!r}")
+    return int(value)
+
+
 class CascadingRejection(nn.Module):
     """The last layer of a discriminator, replacing nn.Linear(in_features, 1) (or a projection head).
 
@@ -40,19 +49,8 @@ class CascadingRejection(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("in_features", in_features),
-            ("n_stages", n_stages),
-            ("conditional_classes", conditional_classes),
-        ):
-            if name == "conditional_classes" and value is None:
-                continue
-            if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-                raise TypeError(f"{name} must be an integer, got {value!r}")
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value!r}")
-        in_features, n_stages = int(in_features), int(n_stages)
-        conditional_classes = None if conditional_classes is None else int(conditional_classes)
+        in_features, n_stages = _size(in_features, "in_features"), _size(n_stages, "n_stages")
+        conditional_classes = None if conditional_classes is None else _size(conditional_classes, "conditional_classes")
         factory = {"device": device, "dtype": dtype}
         self.in_features = in_features
         self.n_stages = n_stages

@@ -361,11 +361,16 @@ def _torch_gram(y: Tensor, layout: Layout, gamma: float) -> Tuple[Tensor, Tensor
     return g, z
 
 
+def _no_autocast(device: torch.device):
+    """Autocast off on `device` (meta tensors have no autocast: shape inference runs as is)."""
+    return torch.autocast(device.type, enabled=False) if device.type != "meta" else contextlib.nullcontext()
+
+
 def _torch_gram_backward(z: Tensor, a: Tensor, out: Tensor) -> None:
     """out (any shape of z's n·c·s elements, contiguous) = (Z A) ⊙ (1 − Z²), one matmul and an in-place pass. Sizes
     come from z itself: under torch.compile with a dynamic batch, sizes kept on ctx cannot be passed to view."""
     w = out.view(z.shape)
-    with torch.autocast(z.device.type, enabled=False) if z.device.type != "meta" else contextlib.nullcontext():
+    with _no_autocast(z.device):
         if z.shape[2] == 1:
             torch.mm(z[:, :, 0], a, out=w[:, :, 0])
         else:
@@ -515,8 +520,7 @@ def som_regularizer(
         chosen = {dt: "torch" if name == "cpp" else name for dt, name in chosen.items()}
     elif requested == "auto" and not use_cpp():
         chosen = {dt: "torch" if name == "cpp" else name for dt, name in chosen.items()}
-    # the Grams stay float32/64 under mixed precision (no autocast on meta tensors: shape inference runs as is)
-    with torch.autocast(device.type, enabled=False) if device.type != "meta" else contextlib.nullcontext():
+    with _no_autocast(device):  # the Grams stay float32/64 under mixed precision
         per_layer = _per_layer(ys, dims, layouts, chosen, gamma, lambda1, lambda2, eps, auto=requested == "auto")
     return per_layer.sum() if reduction == "sum" else per_layer
 
