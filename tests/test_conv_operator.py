@@ -76,6 +76,8 @@ def test_conv_sigma_gradient():
         ((4, 6), {}, "spatial dims"),
         ((4, 6, 6, 6), {}, "spatial dims"),
         ((4, 0, 6), {}, "positive ints"),
+        ((4, True, 6), {}, "positive ints"),
+        (6, {}, "positive ints"),
         ((4, 6, 6), {"stride": 0}, "stride"),
         ((4, 6, 6), {"padding": "same", "stride": 2}, "same"),
         ((4, 6, 6), {"n_iters": 0}, "n_iters"),

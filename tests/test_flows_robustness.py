@@ -269,6 +269,9 @@ def test_conv_operator_norm_bound_rejects_bad_input():
         conv_operator_norm_bound(torch.randn(3, 3))
     with pytest.raises(ValueError, match="input_shape"):
         conv_operator_norm_bound(torch.randn(2, 2, 3, 3), (2, 5))
+    for shape in (5, "25", (2, 5, True), (2, 5.0, 5)):  # an int raised len()'s TypeError; True passed as a size 1
+        with pytest.raises(ValueError, match="input_shape"):
+            conv_operator_norm_bound(torch.randn(2, 2, 3, 3), shape)
     with pytest.raises(ValueError, match="groups"):
         conv_operator_norm_bound(torch.randn(3, 2, 3, 3), groups=2)
     with pytest.raises(ValueError, match=r"NaN|finite"):

@@ -379,3 +379,29 @@ def test_positional_arguments_as_torch_and_a_changed_eps():
     p.eps = 1.0  # ‖W v‖ ~ 1e-4 < eps: u = W v / eps, far from unit
     update_spectral_norms(model)
     assert float(p._u.norm()) < 1e-2
+
+
+def test_update_reports_nan_weights_in_operator_and_complex_layers():
+    # unit_or_keep keeps u, v where ‖Wv‖ is NaN, so these layers hid a NaN weight that matrix-mode groups report
+    conv = spectral_norm(nn.Conv2d(3, 4, 3, padding=1), n_power_iterations=0, coeff=0.9, input_shape=(3, 8, 8))
+    lin = spectral_norm(nn.Linear(4, 4, dtype=torch.complex64), n_power_iterations=0, coeff=0.9)
+    for module in (conv, lin):
+        update_spectral_norms(module)
+        with torch.no_grad():
+            module.parametrizations.weight.original.view(-1)[0] = float("nan")
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            update_spectral_norms(module)
+
+
+def test_update_takes_strided_u_v_buffers():
+    # load_state_dict(assign=True) with strided tensors makes _u/_v non-contiguous; the batched call writes in place
+    model = _model(n_layers=2, n_power_iterations=0)
+    reference = copy.deepcopy(model)
+    state = {k: torch.stack([t, torch.zeros_like(t)], -1)[..., 0] if k.endswith(("_u", "_v")) else t
+             for k, t in model.state_dict().items()}  # fmt: skip
+    assert not all(t.is_contiguous() for t in state.values())
+    model.load_state_dict(state, assign=True)
+    update_spectral_norms(model, n_iters=3)
+    update_spectral_norms(reference, n_iters=3)
+    for (k, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)

@@ -802,3 +802,19 @@ def test_module_gradient_is_added_into_the_models_own_in_place():
     (out.square().mean() + som_regularizer([a, b])).backward()
     for got, want in zip(hooked, (p.grad for p in model.parameters())):
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_module_reports_channel_dim_out_of_range_at_the_forward():
+    """A channel_dim beyond a hooked output's axes is reported by the forward that made the output, naming the layer
+    (it surfaced at loss(), after the whole forward, as som_regularizer's y[i])."""
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    som = SelfOrthogonality(model, nn.Linear, channel_dim=[1, 2])
+    with pytest.raises(ValueError, match=r"channel_dim 2 is out of range for layer '2'.*\(6, 3\)"):
+        model(torch.randn(6, 5))
+    som.clear()
+    som.recorder.enabled = False
+    model(torch.randn(6, 5))  # paused hooks check nothing
+    som.remove()
+    som = SelfOrthogonality(model, nn.Linear, channel_dim=-2)
+    model(torch.randn(6, 5))
+    assert som.loss(reduction="none").shape == (2,)

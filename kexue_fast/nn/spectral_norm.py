@@ -283,6 +283,10 @@ _PLANS: weakref.WeakKeyDictionary[nn.Module, Tuple[tuple, List[_Group], list]] =
 def _plan(model: nn.Module) -> Tuple[List[_Group], List[Tuple[SpectralNorm, Tensor]], list]:
     """(matrix-mode groups, layers iterated one by one, spectral norms after other parametrizations), from one walk."""
     layers, chained = _walk(model)
+    for p, _ in layers:  # the batched calls write u, v in place, which needs them contiguous (a strided state dict
+        for key in ("_u", "_v"):  # loaded with assign=True is not): a contiguous copy takes the buffer's place
+            if not p._buffers[key].is_contiguous():
+                p._buffers[key] = p._buffers[key].contiguous()
     signature = _signature(layers)
     cached = _PLANS.get(model)
     if cached is not None and cached[0] == signature:
@@ -309,7 +313,9 @@ def update_spectral_norms(
     buffers in place. Conv operator-mode layers iterate through conv/conv_transpose, layer by layer. With `tol`,
     iterate until each σ̂ changes by at most tol relative (a host sync per iteration on GPU).
     Use after `optimizer.step()` with layers built with n_power_iterations=0 (Residual Flows' schedule).
-    The grouping is cached per model and rebuilt whenever a layer, parameter or buffer changes identity.
+    The grouping is cached per model and rebuilt whenever a layer, parameter or buffer changes identity; the cache
+    refers to the tensors it read, so after `model.to(...)` the old copies stay alive until the next call. A weight
+    holding NaN or Inf raises ValueError (checked on CPU tensors only: on CUDA the check would sync the host).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -323,6 +329,9 @@ def update_spectral_norms(
                 weight = q(weight)
             p._power_method(weight.detach(), n_iters)
     for p, original in conv_layers:
+        if original.device.type == "cpu" and not bool(torch.isfinite(original).all()):
+            # as the batched groups below report it (unit_or_keep would keep u, v and hide it)
+            raise ValueError("a spectral-norm weight contains NaN or Inf")
         with torch.no_grad():
             if p.conv is None:
                 p._power_method(original.detach(), n_iters)

@@ -94,6 +94,9 @@ class _RecordHook:
         if not isinstance(output, Tensor):
             kind = type(output).__name__
             raise TypeError(f"layer {self.name!r} returned {kind}; only tensor outputs can be recorded")
+        if not -output.ndim <= self.dim < output.ndim:  # here, at the forward that made it, not at loss() much later
+            raise ValueError(f"channel_dim {self.dim} is out of range for layer {self.name!r}'s output of shape "
+                             f"{tuple(output.shape)}")  # fmt: skip
         if recorder.alias_outputs:
             # An alias made here, right after the layer: its backward node then sits between the layer and the
             # layer's consumers in autograd's order, so a regularizer's gradient (computed first, its node being the

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -51,3 +51,15 @@ def check_finite(t: Tensor, name: str) -> None:
     """Raises if `t` holds NaN or Inf (a host sync on CUDA: call only where one is acceptable)."""
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or Inf")
+
+
+def check_input_shape(input_shape: object, nd: int, what: str) -> Tuple[int, ...]:
+    """(C, *spatial) as a tuple of nd + 1 positive ints (bools refused: True is not a size); `what` names the conv."""
+    if not isinstance(input_shape, (tuple, list, torch.Size)) or not all(
+        isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= 1 for x in input_shape
+    ):
+        raise ValueError(f"input_shape must be a tuple of positive ints (C, *spatial), got {input_shape!r}")
+    if len(input_shape) != nd + 1:
+        raise ValueError(f"input_shape must be (C, *spatial) with {nd} spatial dims for {what} (no batch dim), got "
+                         f"{tuple(input_shape)}")  # fmt: skip
+    return tuple(int(x) for x in input_shape)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from ._validate import check_finite, check_float, check_n_iters
+from ._validate import check_finite, check_float, check_input_shape, check_n_iters
 
 
 def spectral_norm_bound(weight: Tensor, *, n_iters: int = 10) -> Tensor:
@@ -113,8 +113,7 @@ def conv_operator_norm_bound(
     spans = [d * (k - 1) for d, k in zip(dil, weight.shape[2:])]
     grid, factor = symbol_grid(spans, None)
     if input_shape is not None:
-        if len(input_shape) != nd + 1 or not all(isinstance(n, numbers.Integral) and n >= 1 for n in input_shape):
-            raise ValueError(f"input_shape must be (C, *spatial) with {nd} spatial dims, got {input_shape!r}")
+        input_shape = check_input_shape(input_shape, nd, f"this {nd}-d kernel")
         if input_shape[0] != weight.shape[1] * groups:
             expected = weight.shape[1] * groups
             raise ValueError(f"input_shape {tuple(input_shape)} has {input_shape[0]} channels; the weight "

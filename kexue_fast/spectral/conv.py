@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._validate import check_float, check_n_iters, check_positive
+from ._validate import check_float, check_input_shape, check_n_iters, check_positive
 from .reference import unit_or_keep
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -64,16 +64,7 @@ class ConvOperator:
             raise ValueError(
                 f"weight must be a Conv1d/2d/3d kernel [C_out, C_in/groups, *k], got {tuple(weight_shape)}"
             )
-        if not isinstance(input_shape, (tuple, list, torch.Size)) or not all(
-            isinstance(x, numbers.Integral) and x >= 1 for x in input_shape
-        ):
-            raise ValueError(f"input_shape must be a tuple of positive ints (C, *spatial), got {input_shape!r}")
-        input_shape = tuple(int(x) for x in input_shape)
-        if len(input_shape) != nd + 1:
-            raise ValueError(
-                f"input_shape must be (C, *spatial) with {nd} spatial dims for this {nd}-d conv (no batch dim), "
-                f"got {input_shape}"
-            )
+        input_shape = check_input_shape(input_shape, nd, f"this {nd}-d conv")
         if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or groups < 1:
             raise ValueError(f"groups must be a positive int, got {groups!r}")
         if min(weight_shape) < 1:
