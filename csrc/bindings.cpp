@@ -366,7 +366,9 @@ py::tuple jose_encode_file(const std::string& path, std::int64_t min_count) {
   std::copy(f.counts.begin(), f.counts.end(), counts.mutable_data());
   py::array_t<std::int32_t> stream(static_cast<py::ssize_t>(f.stream.size()));
   std::copy(f.stream.begin(), f.stream.end(), stream.mutable_data());
-  return py::make_tuple(f.words, counts, stream, f.n_docs, f.raw_tokens);
+  py::list words;  // bytes: a file need not be UTF-8 (jose.c takes any bytes); Python decodes them losslessly
+  for (const std::string& w : f.words) words.append(py::bytes(w));
+  return py::make_tuple(words, counts, stream, f.n_docs, f.raw_tokens);
 }
 
 // The tables are written in place: a converted copy would silently drop the training, so nothing is converted.
@@ -848,7 +850,7 @@ PYBIND11_MODULE(_core, m) {
         "The multilevel map equation of a module tree given as paths [depth, n]: (codelength, index_codelength).");
   // ---- JoSE ----
   m.def("jose_encode_file", &jose_encode_file, py::arg("path"), py::arg("min_count"),
-        "A one-document-per-line text file as (words, counts, stream, n_docs, raw_tokens): '</s>' first with the\n"
+        "A one-document-per-line text file as (words as bytes, counts, stream, n_docs, raw_tokens): '</s>' first with the\n"
         "line count, then by count descending (ties by bytes descending); stream ids with 0 closing each line.");
   m.def("jose_init_tables", &jose_init_tables, py::arg("u"), py::arg("v"), py::arg("d"), py::arg("seed") = 0,
         "jose.c's initialization of float32 tables u [V, D], v [V, D], d [N, D] in place (seed 0: jose.c's).");

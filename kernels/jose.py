@@ -197,6 +197,27 @@ def _check(name: str, t: Tensor, dtype: Optional[torch.dtype] = None, ndim: Opti
         raise ValueError(f"{name} must be {ndim}-D; got {t.ndim}-D")
 
 
+def _check_tables(tables, deltas, index_vectors) -> None:
+    """Each delta buffer shaped as its table, every table of one width, index vectors of one length, all on one
+    device: the kernels index rows of width u.shape[1] and trust these. The row indices themselves are trusted too
+    (checking their range would sync the host on every step): callers pass indices within their tables."""
+    (_, first), device = tables[0], tables[0][1].device
+    for (name, t), (dname, dt) in zip(tables, deltas):
+        if t.shape[1] != first.shape[1]:
+            raise ValueError(f"{name} must have {first.shape[1]} columns (as {tables[0][0]}); got {tuple(t.shape)}")
+        if dt.shape != t.shape:
+            raise ValueError(f"{dname} must have {name}'s shape {tuple(t.shape)}; got {tuple(dt.shape)}")
+    n = index_vectors[0][1].shape[0]
+    for name, t in (*tables, *deltas, *index_vectors):
+        if t.device != device:
+            raise ValueError(f"{name} must be on {device}; got {t.device}")
+    for name, t in index_vectors:
+        if t.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name} must be an int32 or int64 tensor; got {t.dtype}")
+        if t.shape[0] != n:
+            raise ValueError(f"{name} must hold {n} indices (as {index_vectors[0][0]}); got {t.shape[0]}")
+
+
 def _block_t(dim: int) -> int:
     return max(1, min(32, 4096 // triton.next_power_of_2(dim)))
 
@@ -221,6 +242,7 @@ def separate_step(u: Tensor, v: Tensor, du: Tensor, dv: Tensor, ui: Tensor, vi: 
         _check(name, t, u.dtype, 2)
     for name, t in (("ui", ui), ("vi", vi), ("ni", ni)):
         _check(name, t, None, 1)
+    _check_tables((("u", u), ("v", v)), (("du", du), ("dv", dv)), (("ui", ui), ("vi", vi), ("ni", ni)))
     n, dim = ui.shape[0], u.shape[1]
     loss = torch.empty(n, dtype=u.dtype, device=u.device)
     if n == 0:
@@ -243,6 +265,8 @@ def joint_step(u: Tensor, v: Tensor, d: Tensor, du: Tensor, dv: Tensor, dd: Tens
         _check(name, t, u.dtype, 2)
     for name, t in (("ui", ui), ("vi", vi), ("di", di), ("ni", ni)):
         _check(name, t, None, 1)
+    _check_tables((("u", u), ("v", v), ("d", d)), (("du", du), ("dv", dv), ("dd", dd)),
+                  (("ui", ui), ("vi", vi), ("di", di), ("ni", ni)))  # fmt: skip
     n, dim = ui.shape[0], u.shape[1]
     loss = torch.empty(n, dtype=u.dtype, device=u.device)
     if n == 0:
@@ -263,6 +287,7 @@ def retract(x: Tensor, dx: Tensor, rows: Tensor, unique: bool = True) -> None:
     _check("x", x, None, 2)
     _check("dx", dx, x.dtype, 2)
     _check("rows", rows, None, 1)
+    _check_tables((("x", x),), (("dx", dx),), (("rows", rows),))
     n, dim = rows.shape[0], x.shape[1]
     if n == 0:
         return

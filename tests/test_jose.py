@@ -665,3 +665,112 @@ def test_model_save_load_round_trip(tmp_path):
         assert np.array_equal(a, b)
     assert back.most_similar("a1", topn=3) == m.most_similar("a1", topn=3)
     assert np.array_equal(back.infer_vector(docs[0], epochs=2), m.infer_vector(docs[0], epochs=2))
+
+
+# ------------------------------------------------------------------------------------- fixes from an audit
+def test_trainer_refuses_tokens_after_the_last_document_end():
+    """Tokens after the stream's last 0 trained against document row n_docs, one past d's end (a write outside it)."""
+    counts = np.array([1, 600, 600], dtype=np.int64)
+    u, v, d = (np.zeros((3, 4), np.float32), np.zeros((3, 4), np.float32), np.zeros((1, 4), np.float32))
+    _core.jose_init_tables(u, v, d, 0)
+    for stream, n_docs in (([1, 2] * 600 + [0] + [1, 2] * 600, 1), ([1, 2] * 600, 0)):
+        with pytest.raises(ValueError, match="must end with 0"):
+            _core.jose_train(np.array(stream, np.int32), counts, n_docs, u, v, d[:n_docs], window=2, negative=2,
+                             epochs=1, threads=1, margin=0.15, alpha=0.04, sample=0.0, step_rule=0, joint=False,
+                             update_words=True, seed=0, progress=None, decay=True)  # fmt: skip
+
+
+@pytest.mark.parametrize("table_size", [7, 1000, 100_003])
+def test_negative_table_built_word_by_word_is_the_slot_loops(table_size):
+    """The table is built per word (O(V + size/1024)); jose.c's loop over slots, replayed here, is the truth,
+    words of tiny shares included (several advance on consecutive slots, some get none)."""
+    rng = np.random.default_rng(table_size)
+    for _ in range(5):
+        counts = np.concatenate([[rng.integers(1, 50)], rng.choice([1, 2, 3, 10**6, 10**8], size=rng.integers(2, 300))])
+        table = _core.jose_negative_table(counts, table_size).tolist()
+        pw = counts.astype(np.float64) ** 0.75
+        total = 0.0
+        for x in pw:
+            total += x
+        i, d1, expected = 0, pw[0] / total, []
+        for a in range(table_size):
+            expected.append(i)
+            if a / table_size > d1:
+                i += 1
+                d1 += (pw[i] if i < len(counts) else 0.0) / total
+            i = min(i, len(counts) - 1)
+        assert table == expected
+
+
+def test_corpora_that_are_not_utf8_train_and_keep_their_bytes(tmp_path):
+    """A Latin-1 file raised UnicodeDecodeError (no file, no line) and token lists with surrogateescape tokens a
+    UnicodeEncodeError; jose.c takes any bytes. The words keep their bytes through word2vec files."""
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("café bar café\nbar café thé\n".encode("latin-1"))
+    m = JoSE(dim=4, window=2, min_count=1, epochs=1, workers=1, progress=False).fit(str(path))
+    assert "caf\udce9" in m.wv.key_to_index and "th\udce9" in m.wv.key_to_index
+    docs = [w.split() for w in path.read_bytes().decode("utf-8", "surrogateescape").splitlines()]
+    listed = JoSE(dim=4, window=2, min_count=1, epochs=1, workers=1, progress=False).fit([*docs, ["\ud800"]])
+    assert "\ud800" in listed.words
+    out = tmp_path / "vectors.txt"
+    m.wv.save_word2vec_format(out)
+    assert "café".encode("latin-1") + b" " in out.read_bytes()
+    assert KeyedVectors.load_word2vec_format(out).index_to_key == m.wv.index_to_key
+    m.save(tmp_path / "m.npz")
+    assert JoSE.load(tmp_path / "m.npz").words == m.words
+
+
+def test_save_keeps_any_word_without_padding(tmp_path):
+    """Words were saved as a fixed-width string array: one long word padded every word to its length (×4 bytes a
+    character), and words ending in NUL could not be saved."""
+    docs = small_corpus(30) + [["x" * 20000, "nul\0", "\udcff", "\ud800z"]] * 2
+    m = JoSE(dim=4, window=2, min_count=2, epochs=1, workers=1, progress=False).fit(docs)
+    m.save(tmp_path / "m.npz")
+    back = JoSE.load(tmp_path / "m.npz")
+    assert back.words == m.words and "nul\0" in back.words
+    assert (tmp_path / "m.npz").stat().st_size < 4 * len(m.words) * 20000 // 10
+
+
+def test_inference_refuses_tokens_that_are_not_str():
+    m = JoSE(dim=4, window=2, min_count=1, epochs=1, workers=1, progress=False).fit(small_corpus(12))
+    with pytest.raises(TypeError, match="document 0 holds a int token"):
+        m.infer_vector([1, 2, 3])
+    with pytest.raises(TypeError, match="document 1 holds a bytes token"):
+        m.infer_vectors([["a1"], [b"a1"]])
+
+
+def test_one_dimensional_tables_have_no_nan_rows():
+    """dim = 1: a coordinate drawn exactly 0 (1 in 65536) made a 0/0 row, NaN for good; such rows are drawn again."""
+    u, v = np.empty((200_000, 1), np.float32), np.empty((200_000, 1), np.float32)
+    _core.jose_init_tables(u, v, np.empty((0, 1), np.float32), 0)
+    assert np.array_equal(np.abs(u), np.ones_like(u)) and np.array_equal(np.abs(v), np.ones_like(v))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"alpha": 1e39}, "alpha must lie in float32"), ({"margin": 1e-45}, "margin must lie in float32"),
+     ({"seed": 2**64}, "seed must be in"), ({"negative": 2**31}, "negative must be in"),
+     ({"window": 2**31}, "window must be in")],
+)  # fmt: skip
+def test_hyperparameters_beyond_the_trainers_types_are_refused(kwargs, match):
+    """float32 and int32 arguments: alpha = 1e39 became inf (NaN tables), seed = 2**64 an opaque pybind TypeError."""
+    with pytest.raises(ValueError, match=match):
+        JoSE(**kwargs)
+    JoSE(seed=2**64 - 1)
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e-24])
+def test_cosines_of_extreme_vectors(scale):
+    """Norms were taken in float32: squares overflowed at 1e20 (cosine 0) and underflowed at 1e-24."""
+    kv = KeyedVectors(["a", "b"], np.array([[3.0, 4.0], [4.0, 4.0]], np.float32) * np.float32(scale))
+    assert kv.similarity("a", "b") == pytest.approx(28 / (5 * np.sqrt(32)), rel=1e-6)
+
+
+def test_spherical_kmeans_checks_its_iteration_counts():
+    from kexue_fast.jose import spherical_kmeans
+
+    x = unit(12, 3).numpy()
+    for name in ("max_iter", "n_init"):
+        with pytest.raises(ValueError, match=name):
+            spherical_kmeans(x, 2, **{name: 0})
+    assert (spherical_kmeans(x, 2, max_iter=1, n_init=1).labels >= 0).all()

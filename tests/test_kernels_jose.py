@@ -163,6 +163,18 @@ def test_bad_kernel_inputs_are_rejected():
         K.retract(u.t(), u, i)
     with pytest.raises(ValueError, match="centre must hold one word per triple"):
         K.separate_step(u, u, u.clone(), u.clone(), i, i, i, 0.1, 0.1, "paper", centre=torch.zeros_like(u[:, 0]).long())
+    # shapes the kernels trust (a delta buffer smaller than its table was written past its end)
+    with pytest.raises(ValueError, match=r"du must have u's shape \(4, 3\)"):
+        K.separate_step(u, u, u[:1].clone(), u.clone(), i, i, i, 0.1, 0.1, "paper")
+    with pytest.raises(ValueError, match="v must have 3 columns"):
+        K.separate_step(u, torch.zeros(4, 5, device=DEV), u.clone(), torch.zeros(4, 5, device=DEV), i, i, i, 0.1,
+                        0.1, "paper")  # fmt: skip
+    with pytest.raises(ValueError, match="ni must hold 2 indices"):
+        K.separate_step(u, u, u.clone(), u.clone(), i, i, i[:1], 0.1, 0.1, "paper")
+    with pytest.raises(ValueError, match="dd must have d's shape"):
+        K.joint_step(u, u, u, u.clone(), u.clone(), u[:2].clone(), i, i, i, i, 0.1, 0.1, "paper")
+    with pytest.raises(TypeError, match="rows must be an int32 or int64"):
+        K.retract(u, u.clone(), i.float())
 
 
 def _topic_corpus(n_docs, topics=4, words=30, length=30, seed=0):

@@ -298,28 +298,34 @@ void train_thread(const Shared& sh, int t, int n_threads, ThreadResult& result) 
 NegativeTable::NegativeTable(const std::int64_t* counts, std::int64_t vocab_size, std::int64_t table_size)
     : size_(table_size) {
   if (vocab_size < 1 || table_size < 1) throw std::invalid_argument("empty vocabulary or table");
-  // jose.c's loop over table slots, replayed in its double arithmetic; only the slot where each word starts is kept.
+  // jose.c's loop over table slots (table[a] = i; if (a / size > d1) { i++; d1 += share(i); }), replayed in its double
+  // arithmetic word by word instead of slot by slot (O(V + size / 1024), where the slot loop ran its 1e8 steps on every
+  // fit and inference call): word i + 1 starts after the first slot a past the previous advance with
+  // a / size > d1 (d1 = share(0) + … + share(i), summed in the same order), at most one advance per slot.
   double total = 0;
   for (std::int64_t a = 0; a < vocab_size; ++a) total += std::pow(static_cast<double>(counts[a]), 0.75);
-  auto share = [&](std::int64_t i) {
-    return i < vocab_size ? std::pow(static_cast<double>(counts[i]), 0.75) / total : 0.0;
-  };
+  const double size = static_cast<double>(table_size);
   first_slot_.assign(static_cast<std::size_t>(vocab_size), table_size);
+  first_slot_[0] = 0;
+  double d1 = std::pow(static_cast<double>(counts[0]), 0.75) / total;
+  std::int64_t next = 0;  // the first slot that may advance (one advance per slot)
+  for (std::int64_t i = 0; i + 1 < vocab_size; ++i) {
+    // the first a >= next with a / size > d1: the predicate is monotone in a; start near d1·size and step
+    std::int64_t a = std::max(next, static_cast<std::int64_t>(std::min(d1 * size, size)));
+    while (a > next && (a - 1) / size > d1) --a;
+    while (a < table_size && !(a / size > d1)) ++a;
+    if (a >= table_size) break;  // the later words get no slot
+    first_slot_[static_cast<std::size_t>(i + 1)] = a + 1;
+    next = a + 1;
+    d1 += std::pow(static_cast<double>(counts[i + 1]), 0.75) / total;
+  }
   const std::int64_t buckets = ((table_size - 1) >> kShift) + 1;
   bucket_word_.resize(static_cast<std::size_t>(buckets));
-  std::int64_t i = 0;
-  double d1 = share(0);
-  first_slot_[0] = 0;
-  for (std::int64_t a = 0; a < table_size; ++a) {
-    if ((a & ((std::int64_t{1} << kShift) - 1)) == 0) bucket_word_[static_cast<std::size_t>(a >> kShift)] =
-        static_cast<std::int32_t>(i);
-    if (a / static_cast<double>(table_size) > d1) {
-      ++i;
-      d1 += share(i);
-      if (i < vocab_size && first_slot_[static_cast<std::size_t>(i)] == table_size)
-        first_slot_[static_cast<std::size_t>(i)] = a + 1;
-    }
-    if (i >= vocab_size) i = vocab_size - 1;
+  std::int64_t w = 0;  // the word at slot b << kShift: the last with first_slot_ <= that slot
+  for (std::int64_t b = 0; b < buckets; ++b) {
+    const std::int64_t slot = b << kShift;
+    while (w + 1 < vocab_size && first_slot_[static_cast<std::size_t>(w + 1)] <= slot) ++w;
+    bucket_word_[static_cast<std::size_t>(b)] = static_cast<std::int32_t>(w);
   }
 }
 
@@ -348,9 +354,11 @@ void init_tables(Tables tables, std::int64_t vocab_size, std::int64_t n_docs, in
     for (std::int64_t a = 0; a < rows; ++a) {
       float* row = table + a * dim;
       float norm = 0.f;
-      for (int c = 0; c < dim; ++c) {
-        row[c] = static_cast<float>(((lcg(rng) & 0xFFFF) / 65536.f - 0.5) / dim);
-        norm += row[c] * row[c];
+      while (norm == 0.f) {  // a zero row (1 in 65536 draws when dim = 1) would be NaN for good: drawn again
+        for (int c = 0; c < dim; ++c) {
+          row[c] = static_cast<float>(((lcg(rng) & 0xFFFF) / 65536.f - 0.5) / dim);
+          norm += row[c] * row[c];
+        }
       }
       const double scale = std::sqrt(static_cast<double>(norm));
       for (int c = 0; c < dim; ++c) row[c] = static_cast<float>(row[c] / scale);
@@ -394,6 +402,9 @@ Stats train(const Corpus& corpus, const Options& opt, Tables tables, Progress* p
   }
   for (std::int64_t p = 0; p < corpus.length; ++p)
     if (corpus.stream[p] == 0) sh.doc_ends.push_back(p);
+  // tokens after the last 0 would train against document row n_docs, one past d's end
+  if (corpus.length > 0 && corpus.stream[corpus.length - 1] != 0)
+    throw std::invalid_argument("the stream must end with 0 (the end of its last document)");
   if (static_cast<std::int64_t>(sh.doc_ends.size()) != corpus.n_docs)
     throw std::invalid_argument("n_docs must equal the number of zeros in the stream");
   sh.schedule_words = static_cast<std::int64_t>(opt.epochs) * corpus.length;

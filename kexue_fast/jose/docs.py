@@ -36,9 +36,12 @@ def spherical_kmeans(x, k: int, n_init: int = 4, max_iter: int = 100, seed: int 
     x = _unit_rows(x, "x")
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= x.shape[0]:
         raise ValueError(f"k must be an int in [1, n={x.shape[0]}]; got {k!r}")
+    for name, value in (("n_init", n_init), ("max_iter", max_iter)):  # max_iter=0 left every label -1
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1; got {value!r}")
     rng = np.random.default_rng(seed)
     best: Optional[KMeansResult] = None
-    for _ in range(max(1, int(n_init))):
+    for _ in range(int(n_init)):
         centers = [x[rng.integers(x.shape[0])]]
         for _ in range(1, k):  # k-means++ on the cosine distance
             dist = np.clip(1 - np.max(x @ np.array(centers).T, axis=1), 0, None)

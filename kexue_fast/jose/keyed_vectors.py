@@ -11,6 +11,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from .vocab import word_bytes
+
 Key = Union[str, int]
 
 
@@ -55,8 +57,10 @@ class KeyedVectors:
     def normed_vectors(self) -> np.ndarray:
         """Rows scaled to unit length (cached; recomputed after ``vectors`` is replaced by ``fill_norms(force)``)."""
         if self._normed is None or self._normed.shape != self.vectors.shape:
-            norms = np.linalg.norm(self.vectors, axis=1, keepdims=True)
-            self._normed = self.vectors / np.maximum(norms, np.finfo(np.float32).tiny)
+            # in float64: float32 squares overflow past ~1e19 (the row's cosine then 0) and underflow below ~1e-23
+            wide = self.vectors.astype(np.float64)
+            norms = np.linalg.norm(wide, axis=1, keepdims=True)
+            self._normed = (wide / np.maximum(norms, np.finfo(np.float64).tiny)).astype(self.vectors.dtype)
         return self._normed
 
     def fill_norms(self, force: bool = False) -> None:
@@ -125,14 +129,15 @@ class KeyedVectors:
             f.write(f"{len(keys)} {self.vector_size}\n".encode())
             if binary:
                 for k, row in zip(keys, vectors):
-                    f.write(k.encode("utf-8") + b" " + row.tobytes() + b"\n")
+                    f.write(word_bytes(k) + b" " + row.tobytes() + b"\n")
             else:
                 for k, row in zip(keys, vectors):
-                    f.write((k + " " + " ".join(repr(float(x)) for x in row) + "\n").encode("utf-8"))
+                    f.write(word_bytes(k) + (" " + " ".join(repr(float(x)) for x in row) + "\n").encode())
 
     @classmethod
     def load_word2vec_format(cls, path: Union[str, os.PathLike], binary: bool = False) -> KeyedVectors:
-        """Read the word2vec text or binary format (as written by word2vec.c, gensim or ``save_word2vec_format``)."""
+        """Read the word2vec text or binary format (as written by word2vec.c, gensim or ``save_word2vec_format``).
+        Words that are not UTF-8 keep their bytes as surrogateescape's U+DC80..U+DCFF (written back as they were)."""
         with open(path, "rb") as f:
             header = f.readline().split()
             if len(header) != 2:
@@ -151,14 +156,14 @@ class KeyedVectors:
                             break
                         if ch != b"\n" or word:
                             word += ch
-                    keys.append(word.decode("utf-8"))
+                    keys.append(word.decode("utf-8", "surrogateescape"))
                     raw = f.read(4 * dim)
                     if len(raw) != 4 * dim:
                         raise ValueError(f"{path}: file ends inside vector {i}")
                     vectors[i] = np.frombuffer(raw, dtype="<f4")
             else:
                 for i in range(count):
-                    parts = f.readline().decode("utf-8").rstrip("\n").rstrip().split(" ")
+                    parts = f.readline().decode("utf-8", "surrogateescape").rstrip("\n").rstrip().split(" ")
                     if len(parts) != dim + 1:
                         raise ValueError(f"{path}: line {i + 2} has {len(parts) - 1} values, expected {dim}")
                     keys.append(parts[0])

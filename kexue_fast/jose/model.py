@@ -20,20 +20,29 @@ OP = "jose_train"
 _dispatch.register_op(OP, {"cpp": (torch.float32,), "triton": (torch.float32,), "torch": (torch.float32,)})
 
 
-def _check_int(name: str, value, low: int) -> int:
+_INT32_MAX = 2**31 - 1  # the C++ trainer's int arguments
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _check_int(name: str, value, low: int, high: int = _INT32_MAX) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int; got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}; got {value}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}]; got {value}")
     return int(value)
 
 
 def _check_float(name: str, value, positive: bool) -> float:
+    """A finite float ≥ 0 (> 0 if positive) that float32 holds (the trainers compute in float32: 1e39 became inf
+    there and the tables NaN; a positive value below float32's smallest normal, 0 or subnormal)."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
         raise TypeError(f"{name} must be a float; got {type(value).__name__}")
     value = float(value)
     if not np.isfinite(value) or value < 0 or (positive and value == 0):
         raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'} and finite; got {value}")
+    if value > _FLOAT32_MAX or (value != 0 and value < float(np.finfo(np.float32).tiny)):
+        rng = "[1.2e-38, 3.4e38]" if positive else "[1.2e-38, 3.4e38] or be 0"
+        raise ValueError(f"{name} must lie in float32's normal range {rng}; got {value}")
     return value
 
 
@@ -76,7 +85,7 @@ class JoSE:
         self.margin = _check_float("margin", margin, positive=True)
         self.alpha = _check_float("alpha", alpha, positive=True)
         self.sample = _check_float("sample", sample, positive=False)
-        self.min_count = _check_int("min_count", min_count, 1)
+        self.min_count = _check_int("min_count", min_count, 1, 2**63 - 1)
         self.epochs = _check_int("epochs", epochs, 1)
         self.workers = (os.cpu_count() or 1) if workers is None else _check_int("workers", workers, 1)
         if step_rule not in STEP_RULES:
@@ -85,7 +94,7 @@ class JoSE:
         if not isinstance(joint_hinge, bool):
             raise TypeError(f"joint_hinge must be a bool; got {type(joint_hinge).__name__}")
         self.joint_hinge = joint_hinge
-        self.seed = _check_int("seed", seed, 0)
+        self.seed = _check_int("seed", seed, 0, 2**64 - 1)
         try:
             self.device = torch.device(device)
         except (RuntimeError, TypeError) as exc:
@@ -211,16 +220,18 @@ class JoSE:
     # -------------------------------------------------------------------------------------------- inference
     def infer_vectors(self, docs: Iterable[Sequence[str]], epochs: Optional[int] = None,
                       alpha: Optional[float] = None, seed: Optional[int] = None) -> np.ndarray:  # fmt: skip
-        """Document vectors [N, D] for new token lists: u and v frozen, each d initialized as in training and moved
-        on the sphere by the same hinge(s) for ``epochs`` passes. Unknown tokens are ignored (a document with no
-        known token keeps its initial vector). The learning rate stays at ``alpha`` (a decay over the batch would
-        train its first documents more than its last) and each starting vector is drawn from ``seed`` and the
-        document's tokens (as gensim seeds by content), so a document's vector does not depend systematically on
-        the batch or its place in it (only the negative samples drawn differ)."""
+        """Document vectors [N, D] for new token lists: u and v frozen, each d started at a random unit vector and
+        moved on the sphere by the same hinge(s) for ``epochs`` passes. Unknown tokens are ignored (a document with
+        no known token keeps its starting vector); a token that is not a str is a TypeError. The learning rate stays
+        at ``alpha`` (a decay over the batch would train its first documents more than its last) and each starting
+        vector is drawn from ``seed`` and the document's tokens (as gensim seeds by content), so a document's vector
+        does not depend systematically on the batch or its place in it; but one random stream runs over the whole
+        batch, so the sub-sampling and the negatives a document gets, and so its vector, differ between a call on it
+        alone and one in a batch (as between two seeds)."""
         self._require_fit()
         epochs = self.epochs if epochs is None else _check_int("epochs", epochs, 1)
         alpha = self.alpha if alpha is None else _check_float("alpha", alpha, positive=True)
-        seed = self.seed if seed is None else _check_int("seed", seed, 0)
+        seed = self.seed if seed is None else _check_int("seed", seed, 0, 2**64 - 1)
         if isinstance(docs, (str, bytes)):
             raise TypeError("docs must be an iterable of token lists")
         docs = list(docs)
@@ -256,12 +267,14 @@ class JoSE:
         suffix added: ``JoSE.load(path)`` reads it back)."""
         self._require_fit()
         params = {k: getattr(self, k) for k in self._PARAMS}
-        words = np.array(self.words, dtype=object).astype(str)
-        if any(w.endswith("\0") for w in self.words):  # numpy string arrays strip trailing NULs
-            raise ValueError("a vocabulary word ends in a NUL character, which an .npz string array cannot keep")
+        # the words as their bytes back to back with offsets (a fixed-width string array would pad every word to the
+        # longest one at 4 bytes a character); surrogatepass keeps any str, a file's undecodable bytes included
+        raw = [w.encode("utf-8", "surrogatepass") for w in self.words]
+        offsets = np.cumsum([0] + [len(b) for b in raw], dtype=np.int64)
+        word_bytes = np.frombuffer(b"".join(raw), dtype=np.uint8)
         with open(path, "wb") as f:  # a file object: np.savez would append ".npz" to a name without it
-            np.savez(f, params=np.array(json.dumps(params)), words=words, counts=self.counts, u=self._u, v=self._v,
-                     d=self._d)  # fmt: skip
+            np.savez(f, params=np.array(json.dumps(params)), word_bytes=word_bytes, word_offsets=offsets,
+                     counts=self.counts, u=self._u, v=self._v, d=self._d)  # fmt: skip
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], device: str = "cpu", backend: Optional[str] = None) -> JoSE:
@@ -270,7 +283,11 @@ class JoSE:
             path = os.fspath(path) + ".npz"
         with np.load(path, allow_pickle=False) as f:
             model = cls(**json.loads(str(f["params"])), device=device, backend=backend, progress=False)
-            model.words = [str(w) for w in f["words"]]
+            if "word_bytes" in f:
+                raw, offsets = f["word_bytes"].tobytes(), f["word_offsets"].tolist()
+                model.words = [raw[a:b].decode("utf-8", "surrogatepass") for a, b in zip(offsets[:-1], offsets[1:])]
+            else:  # written before the byte layout: a numpy string array
+                model.words = [str(w) for w in f["words"]]
             model.counts = f["counts"]
             model._u, model._v, model._d = (np.ascontiguousarray(f[k], dtype=np.float32) for k in ("u", "v", "d"))
         return model

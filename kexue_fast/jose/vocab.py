@@ -28,10 +28,19 @@ class EncodedCorpus:
     raw_tokens: int  # tokens before min_count
 
 
+def word_bytes(word: str) -> bytes:
+    """A word's bytes as a file holds them: UTF-8, with a file's undecodable bytes (read as surrogateescape's
+    U+DC80..U+DCFF) given back as they were; any other lone surrogate by surrogatepass."""
+    try:
+        return word.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return word.encode("utf-8", "surrogatepass")
+
+
 def _sorted_vocab(counter: Counter, n_docs: int, min_count: int):
     kept = [(w, c) for w, c in counter.items() if c >= min_count]
     # count descending, then bytes descending (jose.c's strcmp-based order)
-    kept.sort(key=lambda wc: (wc[1], wc[0].encode("utf-8")), reverse=True)
+    kept.sort(key=lambda wc: (wc[1], word_bytes(wc[0])), reverse=True)
     words = [EOS] + [w for w, _ in kept]
     counts = np.array([n_docs] + [c for _, c in kept], dtype=np.int64)
     return words, counts
@@ -71,7 +80,8 @@ def encode_file(path: Union[str, os.PathLike], min_count: int) -> EncodedCorpus:
     if not p.is_file():
         raise ValueError(f"corpus path {str(p)!r} is not a file")
     words, counts, stream, n_docs, raw = _core.jose_encode_file(str(p), int(min_count))
-    return EncodedCorpus(list(words), counts, stream, int(n_docs), int(raw))
+    # bytes that are not UTF-8 (a Latin-1 file, say) are kept as surrogateescape's code points, as jose.c keeps bytes
+    return EncodedCorpus([w.decode("utf-8", "surrogateescape") for w in words], counts, stream, int(n_docs), int(raw))
 
 
 def encode(corpus: Corpus, min_count: int) -> EncodedCorpus:
@@ -81,12 +91,16 @@ def encode(corpus: Corpus, min_count: int) -> EncodedCorpus:
 
 
 def encode_with(words: Sequence[str], docs: Iterable[Sequence[str]]) -> np.ndarray:
-    """The stream of documents over an existing vocabulary (unknown tokens dropped), for inference."""
+    """The stream of documents over an existing vocabulary (unknown tokens dropped; TypeError for a non-str one), for
+    inference."""
     index = {w: i for i, w in enumerate(words)}
     ids: List[int] = []
     for i, doc in enumerate(docs):
         if isinstance(doc, (str, bytes)) or not isinstance(doc, Sequence):
             raise TypeError(f"document {i} must be a list of str tokens; got {type(doc).__name__}")
-        ids.extend(index[t] for t in doc if isinstance(t, str) and t in index and t != EOS)
+        for tok in doc:  # as encode_documents: a token id or bytes would otherwise be dropped silently as unknown
+            if not isinstance(tok, str):
+                raise TypeError(f"document {i} holds a {type(tok).__name__} token; tokens must be str")
+        ids.extend(index[t] for t in doc if t in index and t != EOS)
         ids.append(0)
     return np.asarray(ids, dtype=np.int32)
