@@ -232,3 +232,120 @@ def test_directed_codelength_as_good_as_infomap_with_five_trials(recorded):
 def test_recorded_teleportation_needs_a_directed_graph():
     with pytest.raises(ValueError, match="recorded_teleportation needs a directed graph"):
         kexue_fast.infomap(nx.karate_club_graph(), recorded_teleportation=True)
+
+
+# ------------------------------------------------------------------------------------- fixes from an audit
+def test_more_hierarchical_trials_are_never_worse():
+    """A hierarchical trial that found no structure kept codelength 0 and so beat every trial that found modules:
+    num_trials=8 returned one module where trial 0 alone (num_trials=1) found three."""
+    rng = np.random.default_rng(2)
+    a = np.triu(rng.random((40, 40)) < rng.uniform(0.08, 0.2), 1)
+    s, t = np.nonzero(a)
+    one = kexue_fast.infomap((s, t), two_level=False, num_trials=1, seed=1)
+    more = kexue_fast.infomap((s, t), two_level=False, num_trials=8, seed=1)
+    assert more.codelength <= one.codelength + 1e-12 and one.num_modules > 1
+    s, t = np.nonzero(np.triu(np.ones((6, 6), bool), 1))  # a clique: no structure, the one-level code
+    flat = kexue_fast.infomap((s, t), two_level=False, num_trials=3)
+    assert flat.num_modules == 1 and flat.codelength == pytest.approx(flat.one_level_codelength, abs=1e-12)
+
+
+def _exact_pagerank(n, src, dst, w, tau):
+    """The stationary PageRank of recorded teleportation (to links: ∝ the in-weight), by an eigen-solve."""
+    out = np.bincount(src, w, minlength=n)
+    p = np.zeros((n, n))
+    np.add.at(p, (dst, src), w / out[src])
+    teleport = np.bincount(dst, w, minlength=n) / w.sum()
+    dangling = (out == 0).astype(float)
+    m = (1 - tau) * (p + np.outer(teleport, dangling)) + tau * np.outer(teleport, np.ones(n))
+    vals, vecs = np.linalg.eig(m)
+    v = np.real(vecs[:, np.argmin(np.abs(vals - 1))])
+    return v / v.sum()
+
+
+def test_directed_flow_converges_where_infomaps_200_steps_do_not():
+    """A period-2 directed graph (a 10-cycle with a chord) at τ = 0.005: 200 power steps from the nodes' strengths
+    left the flows 5e-5 off their stationary values (this test on the previous flow.py); the steps now go on to the
+    change's rounding floor."""
+    from kexue_fast.infomap.flow import flow_model
+    from kexue_fast.infomap.graph import as_graph
+
+    n = 10
+    src, dst = np.r_[np.arange(n), 0], np.r_[(np.arange(n) + 1) % n, 5]
+    w = np.r_[np.ones(n), 5.0]
+    g = as_graph((src, dst, w), directed=True)
+    exact = _exact_pagerank(n, src, dst, w, 0.005)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # converged: no warning
+        flow = flow_model(g, 0.005, recorded_teleportation=True)
+    assert np.max(np.abs(flow.node - exact)) < 1e-10
+
+
+def test_directed_flow_warns_when_it_cannot_converge(monkeypatch):
+    from kexue_fast.infomap import flow as flow_module
+    from kexue_fast.infomap.graph import as_graph
+
+    monkeypatch.setattr(flow_module, "_MAX_STEPS", 500)
+    src, dst = np.r_[np.arange(10), 0], np.r_[(np.arange(10) + 1) % 10, 5]  # period 2, no teleportation
+    with pytest.warns(RuntimeWarning, match="did not converge in 500 power steps"):
+        flow_module.flow_model(as_graph((src, dst), directed=True), 0.0)
+
+
+def test_link_list_ids_name_nodes(tmp_path):
+    """Integer ids in a link-list file were array indices: a 1-based file (infomap's usual) got a phantom node 0,
+    an extra module and an extra .clu line; infomap reads the ids as names."""
+    path = tmp_path / "two_triangles.txt"
+    path.write_text("1 2\n2 3\n3 1\n4 5\n5 6\n6 4\n3 4\n")
+    r = kexue_fast.infomap(str(path))
+    assert r.node_ids == [1, 2, 3, 4, 5, 6] and r.num_modules == 2
+    official, _ = _official([(1, 2), (2, 3), (3, 1), (4, 5), (5, 6), (6, 4), (3, 4)])
+    assert r.codelength == pytest.approx(official, abs=1e-9)
+    r.write_clu(tmp_path / "out.clu")
+    assert len([ln for ln in (tmp_path / "out.clu").read_text().splitlines() if not ln.startswith("#")]) == 6
+    assert kexue_fast.map_equation(str(path), {1: 0, 2: 0, 3: 0, 4: 1, 5: 1, 6: 1}).codelength == pytest.approx(
+        r.codelength, abs=1e-12
+    )
+
+
+def test_isolated_nodes_keep_their_own_modules_without_structure():
+    """With no structure in the linked part, the one-module fill also swallowed the isolated nodes (infomap, and
+    this core when there is structure, keep each in its own module)."""
+    s, t = np.array([0, 1, 2]), np.array([1, 2, 0])
+    for two_level in (True, False):
+        r = kexue_fast.infomap((s, t), num_nodes=5, two_level=two_level)
+        assert r.modules.tolist() == [0, 0, 0, 1, 2] and r.num_modules == 3
+        assert r.codelength == pytest.approx(r.one_level_codelength, abs=1e-12)
+
+
+def test_graph_inputs_that_were_read_wrong_or_raised_raw_errors():
+    sp = pytest.importorskip("scipy.sparse")
+    a = sp.coo_matrix(([1.0, 5.0, 1.0, 1.0], ([0, 1, 1, 2], [1, 0, 2, 0])), shape=(3, 3))
+    with pytest.raises(ValueError, match="asymmetric adjacency matrix"):  # the lower weight 5 was dropped
+        kexue_fast.map_equation(a, [0, 0, 1], directed=False)
+    lower = sp.coo_matrix(([1.0, 1.0, 1.0], ([1, 2, 2], [0, 0, 1])), shape=(3, 3))  # one triangle: each edge once
+    upper = sp.coo_matrix(([1.0, 1.0, 1.0], ([0, 0, 1], [1, 2, 2])), shape=(3, 3))
+    assert kexue_fast.map_equation(lower, [0, 0, 1], directed=False) == kexue_fast.map_equation(
+        upper, [0, 0, 1], directed=False
+    )
+    with pytest.raises(ValueError, match="integer node ids are node indices"):  # went on to a MemoryError
+        kexue_fast.infomap((np.array([0, 1, 2]), np.array([1, 2, 10**12])))
+    with pytest.raises(ValueError, match="num_nodes is for integer node ids"):  # ignored silently
+        kexue_fast.infomap((np.array(["a", "b"]), np.array(["b", "c"])), num_nodes=5)
+    g = nx.Graph([(0, 1), (1, 2)])
+    with pytest.raises(ValueError, match="num_nodes is for"):
+        kexue_fast.infomap(g, num_nodes=5)
+    g.add_edge(2, 0, weight=None)
+    with pytest.raises(ValueError, match=r"edge \(0, 2\) has weight None"):
+        kexue_fast.infomap(g)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [({"num_nodes": 5.5}, ValueError, "num_nodes"), ({"num_nodes": "5"}, ValueError, "num_nodes"),
+     ({"teleportation_probability": "0.1"}, ValueError, "teleportation_probability"),
+     ({"markov_time": "2"}, ValueError, "markov_time"), ({"directed": "no"}, TypeError, "directed"),
+     ({"recorded_teleportation": "yes", "directed": True}, TypeError, "recorded_teleportation"),
+     ({"tune_iteration_limit": 2**31 - 1}, ValueError, "tune_iteration_limit")],
+)  # fmt: skip
+def test_arguments_are_checked_by_name(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        kexue_fast.infomap((np.array([0, 1, 2]), np.array([1, 2, 0])), **kwargs)

@@ -97,8 +97,8 @@ Level make_level(std::int64_t n, std::vector<double> flow, const std::vector<std
 // Prefetches for visiting node u soon: its out-link row now, or (once the row has arrived) the modules of its first
 // few link targets, which the in-row prefetches of the loops do not cover.
 inline void prefetch_row(const Level& g, std::size_t u) {
-  KX_PREFETCH(&g.out_idx[static_cast<std::size_t>(g.out_ptr[u])]);
-  KX_PREFETCH(&g.out_flow[static_cast<std::size_t>(g.out_ptr[u])]);
+  KX_PREFETCH(g.out_idx.data() + g.out_ptr[u]);  // data() +: a trailing node's empty row starts at the end
+  KX_PREFETCH(g.out_flow.data() + g.out_ptr[u]);
 }
 inline void prefetch_first_targets(const Level& g, std::size_t u, const std::vector<std::int64_t>& mod) {
   const std::int64_t e0 = g.out_ptr[u], e1 = std::min(e0 + 8, g.out_ptr[u + 1]);
@@ -251,8 +251,8 @@ int core_loop(const Level& g, State& s, std::mt19937_64& rng, const Options& o,
         KX_PREFETCH(&g.out_total[a4]);
         KX_PREFETCH(&s.mod[a4]);
         if (!g.symmetric) {
-          KX_PREFETCH(&g.in_idx[static_cast<std::size_t>(g.in_ptr[a4])]);
-          KX_PREFETCH(&g.in_flow[static_cast<std::size_t>(g.in_ptr[a4])]);
+          KX_PREFETCH(g.in_idx.data() + g.in_ptr[a4]);
+          KX_PREFETCH(g.in_flow.data() + g.in_ptr[a4]);
           KX_PREFETCH(&g.in_total[a4]);
         }
         if (parent) KX_PREFETCH(&(*parent)[a4]);
@@ -939,6 +939,16 @@ Partition coarsest_partition(const Level& g, std::mt19937_64& rng, const Options
   return p;
 }
 
+// The partition of a graph without structure: every node with flow in module 0, each node without flow (an isolated
+// node) in a module of its own after it, as infomap leaves them (and as a partition with structure keeps them).
+std::vector<std::int64_t> no_structure_modules(const std::vector<double>& flow) {
+  std::vector<std::int64_t> modules(flow.size(), 0);
+  std::int64_t next = 1;
+  for (std::size_t u = 0; u < flow.size(); ++u)
+    if (!(flow[u] > 0)) modules[u] = next++;
+  return modules;
+}
+
 // Children ranked by decreasing flow (ties: first member), as infomap orders its tree.
 std::vector<std::int64_t> rank_by_flow(const std::vector<std::int64_t>& modules, std::int64_t count,
                                        const std::vector<double>& flow) {
@@ -963,8 +973,9 @@ TreeTrial multilevel_trial(const Level& g, std::uint64_t seed, const Options& o)
   const double one_level = -sum_plogp(g.flow);
   TreeTrial out;
   Partition top = coarsest_partition(g, rng, o);
-  if (top.count <= 1 || top.codelength >= one_level) {  // no structure: one module
-    out.paths.assign(1, std::vector<std::int64_t>(n, 0));
+  if (top.count <= 1 || top.codelength >= one_level) {  // no structure: one module (and isolated nodes their own)
+    out.paths.assign(1, no_structure_modules(g.flow));
+    out.codelength = one_level;  // left at 0, this trial beat every trial that found modules
     return out;
   }
   struct Item {
@@ -1050,7 +1061,7 @@ Result two_level(const FlowGraph& graph, const Options& options) {
   out.one_level_codelength = -node_flow_log;
   out.modules = results[static_cast<std::size_t>(best)].modules;
   if (results[static_cast<std::size_t>(best)].codelength >= out.one_level_codelength)  // no structure: one module
-    std::fill(out.modules.begin(), out.modules.end(), 0);
+    out.modules = no_structure_modules(graph.node_flow);
   // Modules ordered by decreasing flow (ties by first node), as infomap lists them.
   std::int64_t M = renumber(out.modules);
   std::vector<double> flow(static_cast<std::size_t>(M), 0.0);

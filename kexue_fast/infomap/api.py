@@ -177,7 +177,7 @@ def infomap(
     num_trials = _int_in(num_trials, "num_trials", 1)
     seed = _int_in(seed, "seed", 0, 2**64 - 1)
     core_loop_limit = _int_in(core_loop_limit, "core_loop_limit", 1)
-    tune_iteration_limit = _int_in(tune_iteration_limit, "tune_iteration_limit", 0)
+    tune_iteration_limit = _int_in(tune_iteration_limit, "tune_iteration_limit", 0, 2**30)  # the core doubles it
     n_threads = None if n_threads is None else _int_in(n_threads, "n_threads", 1)
     g, (node, src, dst, link, teleport) = _flows(graph, directed, teleportation_probability, recorded_teleportation,
                                                  markov_time, num_nodes)  # fmt: skip

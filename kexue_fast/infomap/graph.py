@@ -52,6 +52,11 @@ def _from_links(source, target, weight, directed: Optional[bool], num_nodes: Opt
         if source.size and min(source.min(), target.min()) < 0:
             raise ValueError("node ids out of range: they must be >= 0")
         n = int(max(source.max(), target.max())) + 1 if source.size else 0
+        distinct = np.unique(np.concatenate([source, target])).size
+        if num_nodes is None and n > 10 * distinct + 1_000_000:  # 10**12 once went on to a MemoryError
+            raise ValueError(f"integer node ids are node indices: ids up to {n - 1} make {n} nodes for {distinct} "
+                             "linked ones; relabel them (np.unique(..., return_inverse=True)), pass them as strings, "
+                             "or pass num_nodes to confirm the node count")  # fmt: skip
         if num_nodes is not None:
             if num_nodes < n:
                 raise ValueError(f"node ids out of range: num_nodes={num_nodes} but a link names node {n - 1}")
@@ -59,7 +64,14 @@ def _from_links(source, target, weight, directed: Optional[bool], num_nodes: Opt
         return _checked(n, source, target, weight, bool(directed), None)
     if source.size == 0:
         raise ValueError("the graph is empty: it needs at least one link of positive weight")
-    ids, inverse = np.unique(np.concatenate([source, target]), return_inverse=True)  # arbitrary hashable ids
+    if num_nodes is not None:
+        raise ValueError("num_nodes is for integer node ids (node indices); these ids name their nodes themselves")
+    return _relabelled(source, target, weight, directed)
+
+
+def _relabelled(source, target, weight, directed: Optional[bool]) -> Graph:
+    """Arbitrary (sortable) node ids as nodes 0..n−1 in sorted id order, the ids kept as node_ids."""
+    ids, inverse = np.unique(np.concatenate([source, target]), return_inverse=True)
     m = source.shape[0]
     return _checked(len(ids), inverse[:m], inverse[m:], weight, bool(directed), ids.tolist())
 
@@ -110,13 +122,33 @@ def _read_link_list(path: str, directed: Optional[bool]):
             source.append(int(parts[0]))
             target.append(int(parts[1]))
             weight.append(float(parts[2]) if len(parts) > 2 else 1.0)
-    return _from_links(np.asarray(source, dtype=np.int64), np.asarray(target, dtype=np.int64), weight,
-                       bool(directed), None)  # fmt: skip
+    if not source:
+        raise ValueError(f"the graph is empty: {path} holds no links")
+    # the ids name nodes, as in infomap (whose link lists are often 1-based): no node for an id that no link names
+    return _relabelled(np.asarray(source, dtype=np.int64), np.asarray(target, dtype=np.int64), weight, directed)
+
+
+def _weight(value: Any, edge) -> float:
+    """An edge attribute's weight as a float (ValueError naming the edge for None, strings and the like)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"edge {tuple(edge)} has weight {value!r}: weights must be numbers")
+    return float(value)
 
 
 def as_graph(graph: Any, directed: Optional[bool] = None, num_nodes: Optional[int] = None) -> Graph:
     """Any supported input as a Graph. directed=None: from the input (networkx/igraph say; a sparse matrix is directed
-    unless symmetric; Pajek *Arcs are directed; links and link lists default to undirected)."""
+    unless symmetric; Pajek *Arcs are directed; links and link lists default to undirected). Integer ids in link
+    arrays are node indices (nodes 0..max id, num_nodes for isolated last ones); ids in a link-list file, and any ids
+    that are not integers, name their nodes (node_ids, in sorted order), as infomap reads them."""
+    if directed is not None and not isinstance(directed, (bool, np.bool_)):
+        raise TypeError(f"directed must be None or a bool, got {directed!r}")
+    if num_nodes is not None:
+        if isinstance(num_nodes, (bool, np.bool_)) or not isinstance(num_nodes, (int, np.integer)) or num_nodes < 1:
+            raise ValueError(f"num_nodes must be None or an int >= 1, got {num_nodes!r}")
+        if not isinstance(graph, tuple):
+            raise ValueError("num_nodes is for (source, target[, weight]) link arrays of integer node ids; "
+                             f"a {type(graph).__name__} gives its node count itself")  # fmt: skip
+        num_nodes = int(num_nodes)
     if isinstance(graph, Graph):
         return graph
     if isinstance(graph, (str, os.PathLike)):
@@ -140,6 +172,15 @@ def as_graph(graph: Any, directed: Optional[bool] = None, num_nodes: Optional[in
             upper = rows <= cols
             mirrored = np.isin(c64 * n + r64, r64[upper] * n + c64[upper])
             keep = upper | ~mirrored
+            lower = ~upper & mirrored  # stored twice: both entries must agree (else the lower weight was dropped)
+            if lower.any():
+                order = np.argsort(r64[upper] * n + c64[upper])
+                keys = (r64[upper] * n + c64[upper])[order]
+                partner = vals[upper][order][np.searchsorted(keys, c64[lower] * n + r64[lower])]
+                if not np.array_equal(partner, vals[lower]):
+                    raise ValueError("directed=False with an asymmetric adjacency matrix: A[i, j] != A[j, i] for some "
+                                     "edges; symmetrize it as meant (A + A.T, A.maximum(A.T), or one triangle) or "
+                                     "pass directed=True")  # fmt: skip
             rows, cols, vals = rows[keep], cols[keep], vals[keep]
         return _checked(a.shape[0], rows, cols, vals, directed, None)
     if module.startswith("networkx"):
@@ -148,11 +189,13 @@ def as_graph(graph: Any, directed: Optional[bool] = None, num_nodes: Optional[in
         edges = list(graph.edges(data="weight", default=1.0))
         src = np.array([index[u] for u, _, _ in edges], dtype=np.int64)
         dst = np.array([index[v] for _, v, _ in edges], dtype=np.int64)
-        w = np.array([float(d) for _, _, d in edges])
+        w = np.array([_weight(d, (u, v)) for u, v, d in edges])
         return _checked(len(nodes), src, dst, w, graph.is_directed() if directed is None else directed, nodes)
     if module.startswith("igraph"):
         edges = np.asarray(graph.get_edgelist(), dtype=np.int64).reshape(-1, 2)
         w = graph.es["weight"] if "weight" in graph.es.attributes() else None
+        if w is not None:
+            w = [_weight(d, e) for d, e in zip(w, edges.tolist())]
         names = graph.vs["name"] if "name" in graph.vs.attributes() else None
         return _checked(graph.vcount(), edges[:, 0], edges[:, 1], w,
                         graph.is_directed() if directed is None else directed, names)  # fmt: skip
