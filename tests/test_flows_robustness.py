@@ -357,3 +357,156 @@ def test_device_roulette_weights_fit_the_dtype():
     plan = L.roulette_plan_on_device(2, "geometric", 0.95, 32, torch.zeros(1, dtype=torch.float32))
     weights = torch.tensor(plan.inv_prob, dtype=torch.float32)  # 1/P(N ≥ 32) ≈ 2e40 would overflow float32
     assert bool(torch.isfinite(weights).all())
+
+
+# ------------------------------------------------------------------------------------- fixes from an audit
+def _dense_g(d=3, h=8, seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    g = nn.Sequential(spectral_norm(nn.Linear(d, h), coeff=0.9, n_power_iterations=5), LipSwish(),
+                      spectral_norm(nn.Linear(h, d), coeff=0.9, n_power_iterations=5)).to(dtype)  # fmt: skip
+    with torch.no_grad():
+        for _ in range(20):
+            g(torch.zeros(1, d, dtype=dtype))
+    return g.eval()
+
+
+@pytest.mark.parametrize("kind", ["dense", "conv"])
+@pytest.mark.parametrize("logdet", ["series", "roulette"])
+def test_closed_form_paths_run_under_autocast_with_backward(kind, logdet):
+    """The closed-form Functions saved bfloat16 tensors beside float32 weights (a dtype error in backward, dense) or
+    met them in the conv operator's σ̂ (forward): under autocast the block now takes torch's graph of the series."""
+    torch.manual_seed(0)
+    if kind == "dense":
+        flow, x = ResidualFlow.dense(4, n_blocks=2, hidden=16, logdet=logdet), torch.randn(8, 4)
+    else:
+        flow, x = (
+            ResidualFlow.conv((2, 4, 4), n_scales=1, n_blocks=1, hidden_channels=4, logdet=logdet),
+            torch.randn(3, 2, 4, 4),
+        )
+    with warnings.catch_warnings(), torch.autocast("cpu", dtype=torch.bfloat16):
+        warnings.simplefilter("ignore")  # the roulette's variance warning
+        loss = -flow.log_prob(x).mean()
+        loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in flow.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_block_reads_g_again_after_its_modules_change(backend, monkeypatch):
+    """The chain descriptions were read once at construction: after blk.g[1] = nn.Tanh() or blk.g = new_g the closed
+    forms kept computing the old g (y ≠ x + g(x), gradients to stale parameters), and removing a parametrization
+    made the block crash."""
+    from torch.nn.utils import parametrize
+
+    monkeypatch.setenv("KEXUE_FAST_BACKEND", backend)
+    blk = InvertibleResBlock(_dense_g())
+    x = torch.randn(5, 3, dtype=torch.float64)
+    blk(x)
+    blk.g[1] = nn.Tanh()
+    y, _ = blk(x)
+    torch.testing.assert_close(y, x + blk.g(x), rtol=0, atol=1e-14)
+    blk.g = _dense_g(seed=1)
+    y, _ = blk(x)
+    torch.testing.assert_close(y, x + blk.g(x), rtol=0, atol=1e-14)
+    parametrize.remove_parametrizations(blk.g[0], "weight")
+    with torch.no_grad():
+        blk.g[0].weight.mul_(0.5 / torch.linalg.matrix_norm(blk.g[0].weight, 2))
+    y, _ = blk(x)
+    torch.testing.assert_close(y, x + blk.g(x), rtol=0, atol=1e-14)
+
+
+def test_inverse_carries_the_implicit_gradient():
+    """inverse() ran under no_grad: x = f⁻¹(y) had no gradient to y or to g's parameters, silently. Now ∂L/∂y =
+    (I + J)⁻ᵀ ∂L/∂x and ∂L/∂θ = −(∂g/∂θ)ᵀ a, checked against autograd through a fixed point unrolled to convergence."""
+    blk = InvertibleResBlock(_dense_g(), inverse_atol=1e-13)
+    y = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 3, dtype=torch.float64)
+    x = blk.inverse(y)
+    torch.testing.assert_close(x + blk.g(x), y, rtol=0, atol=1e-11)
+    params = [p for p in blk.g.parameters()]
+    got = torch.autograd.grad((x * weight).sum(), [y, *params])
+    unrolled = y
+    for _ in range(200):
+        unrolled = y - blk.g(unrolled)
+    want = torch.autograd.grad((unrolled * weight).sum(), [y, *params])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    with torch.no_grad():
+        assert not blk.inverse(y).requires_grad
+
+
+def test_inverse_freezes_torchs_own_spectral_norm():
+    """In training mode every g evaluation advanced torch's spectral_norm power iteration, so the map moved under
+    the fixed point (the inverse then missed x by ~1e-2)."""
+    torch.manual_seed(0)
+    g = nn.Sequential(torch_spectral_norm(nn.Linear(3, 8)), LipSwish(), torch_spectral_norm(nn.Linear(8, 3))).double()
+    with torch.no_grad():
+        for layer in (g[0], g[2]):
+            layer.parametrizations.weight.original.mul_(0.5)
+    blk = InvertibleResBlock(g, logdet="exact", inverse_atol=1e-12).train()
+    u = g[0].parametrizations.weight[0]._u.clone()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    with torch.no_grad():
+        y = x + g(x)
+        u = g[0].parametrizations.weight[0]._u.clone()
+        back = blk.inverse(y)
+    assert torch.equal(u, g[0].parametrizations.weight[0]._u)
+    torch.testing.assert_close(back, x, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_anderson_inverse_in_half_precision(dtype):
+    """torch.linalg.solve has no half LU on the CPU: the Anderson weights are solved in float32."""
+    blk = InvertibleResBlock(_dense_g(dtype=dtype), inverse_method="anderson", inverse_atol=1e-3)
+    x = torch.randn(4, 3, dtype=dtype)
+    with torch.no_grad():
+        back = blk.inverse(x + blk.g(x))
+    assert torch.isfinite(back).all() and float((back - x).abs().max()) < 0.1
+
+
+@pytest.mark.parametrize("logdet", ["series", "roulette", "exact", "none"])
+def test_empty_batch(logdet):
+    blk = InvertibleResBlock(_dense_g(), logdet=logdet)
+    for x in (torch.randn(0, 3, dtype=torch.float64), torch.randn(0, 5, 3, dtype=torch.float64)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            y, logdet_value = blk(x)
+        assert y.shape == x.shape and logdet_value.shape == (0,)
+
+
+def test_torch_func_grad_through_the_dense_chain(monkeypatch):
+    """The closed-form Functions have no setup_context: under torch.func the block takes torch's graph instead."""
+    from torch.func import functional_call, grad
+
+    monkeypatch.setenv("KEXUE_FAST_BACKEND", "torch")
+    blk = InvertibleResBlock(_dense_g())
+    params = {k: v.detach() for k, v in blk.named_parameters()}
+    x = torch.randn(5, 3, dtype=torch.float64)
+
+    def loss(p):
+        torch.manual_seed(3)  # the same probes in both calls
+        y, logdet = functional_call(blk, p, (x,))
+        return (0.5 * y.pow(2).sum(1) - logdet).mean()
+
+    got = grad(loss)(params)
+    leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
+    want = torch.autograd.grad(loss(leaves), list(leaves.values()))
+    for (k, a), b in zip(got.items(), want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=k)
+
+
+def test_poisson_tail_for_small_p():
+    """λ**i / i! overflowed Python floats for p = 0.005 (λ = 200) past i = 170."""
+    from kexue_fast.flows.logdet import tail_survival
+
+    assert tail_survival("poisson", 0.005, 172) == pytest.approx(0.98001760173870, rel=1e-10)
+    assert tail_survival("poisson", 0.5, 3) == pytest.approx(1 - math.exp(-2) * (1 + 2 + 2), rel=1e-12)
+    tail = sum(math.exp(-2 + i * math.log(2) - math.lgamma(i + 1)) for i in range(60, 120))  # no 1 − cdf: 0 there
+    assert tail_survival("poisson", 0.5, 60) == pytest.approx(tail, rel=1e-9)
+
+
+def test_numpy_float_coefficients():
+    import numpy as np
+
+    ResidualFlow.dense(3, n_blocks=1, coeff=np.float32(0.9))
+    with pytest.raises(ValueError, match="coeff"):
+        ResidualFlow.dense(3, n_blocks=1, coeff=True)

@@ -7,7 +7,6 @@ returned in its place. Formulas: kexue_fast.flows.reference.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -56,9 +55,9 @@ def tail_survival(kind: str, p: float, j: int) -> float:
         return 1.0
     if kind == "geometric":
         return (1.0 - p) ** (j - 1)
-    lam = 1.0 / p
-    cdf = sum(math.exp(-lam) * lam**i / math.factorial(i) for i in range(j))
-    return max(1.0 - cdf, 1e-300)
+    # P(N ≥ j) = P(j, λ), the regularized lower incomplete gamma (λ**i / i! overflowed floats for small p)
+    lam = torch.tensor(1.0 / p, dtype=torch.float64)
+    return max(float(torch.special.gammainc(torch.tensor(float(j), dtype=torch.float64), lam)), 1e-300)
 
 
 def sample_roulette_length(kind: str, p: float, generator: Optional[torch.Generator] = None) -> int:
@@ -149,11 +148,18 @@ class _NeumannLogdet(torch.autograd.Function):
 
 
 class _ValueWithGradientOf(torch.autograd.Function):
-    """Returns `value` bit for bit and routes its gradient to `surrogate` (value + s − s.detach() would round)."""
+    """Returns `value` bit for bit and routes its gradient to `surrogate` (value + s − s.detach() would round).
+    Written with setup_context (and a generated vmap rule) so that torch.func transforms can run it."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, value: Tensor, surrogate: Tensor) -> Tensor:
+    def forward(value: Tensor, surrogate: Tensor) -> Tensor:
         return value.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
 
     @staticmethod
     def backward(ctx, grad: Tensor):

@@ -5,6 +5,7 @@ Every flow module here maps x -> (y, logdet [B]) in forward and y -> x in invers
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import warnings
@@ -227,7 +228,10 @@ class InvertibleResBlock(nn.Module):
 
     inverse(y) -> x by fixed-point iteration or Anderson acceleration, stopping when ‖F(x) − x‖∞ ≤ atol +
     (rtol + 16ε)‖x‖∞ per sample for F(x) = y − g(x), ε the dtype's rounding unit (a RuntimeWarning if max_iter
-    is reached); `last_inverse` holds the counts.
+    is reached); `last_inverse` holds the counts. With gradients on, x carries the implicit function's gradient to y
+    and g's parameters (first order; see `inverse`). g may change after construction (a module replaced, g itself,
+    parametrizations removed): each forward compares its modules with those the closed forms were read from.
+    Under autocast and torch.func transforms the closed-form Functions give way to torch's graph of the series.
 
     torch.compile(fullgraph=True): for dense- and conv-chain branches the forward, log-det and backward trace into one
     graph (conv chains through kexue_fast.flows.conv_neumann.conv_series_logdet);
@@ -281,12 +285,7 @@ class InvertibleResBlock(nn.Module):
         self.inverse_method = _choice(inverse_method, ("fixed_point", "anderson"), "inverse_method")
         self.roulette_max_terms = _int_at_least(roulette_max_terms, 1, "roulette_max_terms")
         _check_lipschitz_layers(g)
-        # Dense chains W_L φ(⋯ W_1 x ⋯) get the analytic series (kexue_fast.flows.chain); anything else autograd.
-        self._chain = DenseChain.detect(g)
-        # Convolution chains get the closed-form step in eager mode, a traceable graph under torch.compile.
-        self._conv_chain = ConvChain.detect(g) if self._chain is None else None
-        self._fused, self._fused_reason = FusedDenseBranch.detect(self._chain)
-        self._chain_modules = [g, *g] if self._chain is not None or self._conv_chain is not None else []
+        self._detect()
         self.last_inverse: Optional[_inverse.InverseStats] = None
         if self.logdet_method == "roulette" and self.roulette == "geometric":
             self._check_variance()
@@ -298,6 +297,24 @@ class InvertibleResBlock(nn.Module):
                 RuntimeWarning,
                 stacklevel=2,
             )
+
+    def _detect(self) -> None:
+        """The descriptions of g the closed forms run on, and the structure they were read from (_structure)."""
+        g = self.g
+        # Dense chains W_L φ(⋯ W_1 x ⋯) get the analytic series (kexue_fast.flows.chain); anything else autograd.
+        self._chain = DenseChain.detect(g)
+        # Convolution chains get the closed-form step in eager mode, a traceable graph under torch.compile.
+        self._conv_chain = ConvChain.detect(g) if self._chain is None else None
+        self._fused, self._fused_reason = FusedDenseBranch.detect(self._chain)
+        self._chain_modules = [g, *g] if self._chain is not None or self._conv_chain is not None else []
+        self._g_structure = _structure(g)
+
+    def _redetect_if_changed(self) -> None:
+        """Reads g again where its modules changed since (blk.g[1] = nn.Tanh(), a new g, parametrizations added or
+        removed): the descriptions hold the old modules, which the closed forms would keep computing."""
+        if _structure(self.g) != self._g_structure:
+            _check_lipschitz_layers(self.g)
+            self._detect()
 
     def _check_variance(self) -> None:
         """Geometric tail: Var < ∞ iff Σ_k Lip^{2k} / P(N ≥ k) < ∞, i.e. Lip(g)² < 1 − p. Checked at construction,
@@ -336,7 +353,14 @@ class InvertibleResBlock(nn.Module):
         if x.ndim < 2:
             raise ValueError(f"x must be [B, ...] with a batch dimension, got shape {tuple(x.shape)}")
         compiling = torch.compiler.is_compiling()
+        if not compiling:
+            self._redetect_if_changed()
+        if x.shape[0] == 0:  # nothing to estimate (the series paths reshape by the batch size)
+            return x + self.g(x), x.new_zeros(0)
         requested = _dispatch.requested_backend(None)
+        # autocast lowers g's products: the closed-form Functions (written for one dtype) give way to torch's graph
+        # of the same series, which autocast follows; so do torch.func transforms (no setup_context there)
+        graph_only = compiling or torch.is_autocast_enabled(x.device.type) or _functorch_wrapped(x)
         if compiling and requested in ("cpp", "triton"):  # explicit backends run or raise, never fall back
             raise NotImplementedError(
                 f"KEXUE_FAST_BACKEND='{requested}' cannot run InvertibleResBlock under torch.compile (the "
@@ -386,7 +410,7 @@ class InvertibleResBlock(nn.Module):
         probes = self._probes(x, compiling)
         plain = hook_free(self._chain_modules)
         if self._chain is not None and x.ndim == 2 and plain:
-            if not compiling:  # the Neumann gradient or the series' own in closed form, one autograd node
+            if not graph_only:  # the Neumann gradient or the series' own in closed form, one autograd node
                 return chain_neumann_logdet(self._chain, x, self._plans(x), probes, not self.neumann_grad)
             gx, logdet = chain_series_logdet(self._chain, x, self._plans(x), probes, neumann_grad=self.neumann_grad)
         else:
@@ -396,7 +420,7 @@ class InvertibleResBlock(nn.Module):
                 gx, logdet = _logdet.series_logdet(
                     self.g, x, plans, probes, neumann_grad=self.neumann_grad, memory_efficient=self.memory_efficient
                 )
-            elif not compiling and (not through_series or _one_plan(plans)):  # one autograd node
+            elif not graph_only and (not through_series or _one_plan(plans)):  # one autograd node
                 return conv_neumann_logdet(self._conv_chain, x, plans, probes, through_series)
             else:  # torch's graph without autograd.grad: traced by torch.compile
                 gx, logdet = conv_series_logdet(self._conv_chain, x, plans, probes, neumann_grad=self.neumann_grad)
@@ -432,6 +456,8 @@ class InvertibleResBlock(nn.Module):
             return f"the C++ block takes float32 and float64, not {str(x.dtype).replace('torch.', '')}"
         if torch.is_autocast_enabled(x.device.type):
             return "autocast is on (the C++ block computes in x's dtype; torch's path follows autocast)"
+        if _functorch_wrapped(x):
+            return "a torch.func transform (grad/vmap/jacrev) is active: the C++ block cannot read its tensors"
         return None
 
     def _fused_unavailable(self, x: Tensor) -> Optional[str]:
@@ -446,6 +472,8 @@ class InvertibleResBlock(nn.Module):
             return "neumann_grad=False (backpropagation through the series) is not fused"
         if x.ndim != 2:
             return f"x must be [B, D], got {x.ndim}-D"
+        if torch.is_autocast_enabled(x.device.type) or _functorch_wrapped(x):
+            return "autocast or a torch.func transform is on (the fused kernel follows neither)"
         return None
 
     @property
@@ -460,22 +488,55 @@ class InvertibleResBlock(nn.Module):
         return "conv-chain" if self._conv_chain is not None else "autograd"
 
     def inverse(self, y: Tensor) -> Tensor:
+        """x with x + g(x) = y (see the class docstring for the solver and its stopping rule). With gradients on and y
+        or g's parameters requiring them, x carries the implicit function's gradient (_implicit_gradient): ∂L/∂y =
+        a and ∂L/∂θ = −(∂g/∂θ)ᵀa for a = (I + J_g(x))⁻ᵀ ∂L/∂x, solved by the same fixed point (first order only).
+        Spectral norms in g (kexue_fast's and torch's) do not advance their power iteration during the solve."""
         if not isinstance(y, Tensor) or not y.is_floating_point():
             raise TypeError("y must be a floating tensor")
         g: Callable[[Tensor], Tensor] = self.g
         if torch.compiler.is_compiling():
             traceable = (_inverse.fixed_point_traceable if self.inverse_method == "fixed_point"
                          else _inverse.anderson_traceable)  # fmt: skip
-            with _frozen():
+            with _frozen(), _torch_spectral_norms_frozen(self.g):
                 return traceable(g, y, self.inverse_atol, self.inverse_rtol, self.inverse_max_iter)
         if y.ndim < 2:
             raise ValueError(f"y must be [B, ...] with a batch dimension, got shape {tuple(y.shape)}")
         if not bool(torch.isfinite(y).all()):
             raise ValueError("y contains NaN or Inf")
         solver = _inverse.fixed_point if self.inverse_method == "fixed_point" else _inverse.anderson
-        with _frozen():
+        with _frozen(), _torch_spectral_norms_frozen(self.g):
             x, self.last_inverse = solver(g, y, self.inverse_atol, self.inverse_rtol, self.inverse_max_iter)
+            if torch.is_grad_enabled() and (y.requires_grad or any(p.requires_grad for p in self.g.parameters())):
+                x = self._implicit_gradient(x, y)
         return x
+
+    def _implicit_gradient(self, x: Tensor, y: Tensor) -> Tensor:
+        """x (the same values) with the gradient of the fixed point x = y − g(x): z = y − g(x) is evaluated with a graph
+        at the solution and its incoming gradient ḡ replaced by a = (I + J_g)⁻ᵀ ḡ (a = ḡ − J_gᵀa, iterated to the
+        inverse's tolerances), so that autograd carries on through z to y and g's parameters (DEQ-style)."""
+        x0 = x.detach().requires_grad_()
+        with torch.enable_grad():
+            gx0 = self.g(x0)  # for J_gᵀ a, without a graph to y or the parameters
+        z = y - self.g(x.detach())
+        atol, rtol, max_iter = self.inverse_atol, self.inverse_rtol, self.inverse_max_iter
+
+        def solve(grad: Tensor) -> Tensor:
+            a = grad
+            for _ in range(max_iter):
+                (jta,) = torch.autograd.grad(gx0, x0, a, retain_graph=True)
+                new = grad - jta
+                step = (new - a).abs().amax()
+                a = new
+                if float(step) <= atol + (rtol + 16 * torch.finfo(a.dtype).eps) * float(a.abs().amax()):
+                    break
+            else:
+                warnings.warn(f"inverse's gradient did not converge in {max_iter} iterations (is Lip(g) < 1?)",
+                              RuntimeWarning, stacklevel=2)  # fmt: skip
+            return a
+
+        z.register_hook(solve)
+        return x.detach() + (z - z.detach())
 
     def extra_repr(self) -> str:
         return f"logdet={self.logdet_method!r}, n_terms={self.n_terms}, n_probes={self.n_probes}"
@@ -485,3 +546,36 @@ def _frozen():
     from .spectral_norm import frozen_power_iteration
 
     return frozen_power_iteration()
+
+
+@contextlib.contextmanager
+def _torch_spectral_norms_frozen(g: nn.Module):
+    """torch's own spectral_norm parametrizations in g in eval mode for a while: in training mode each evaluation of g
+    advances their power iteration, so the map being inverted would move under the fixed point."""
+    from torch.nn.utils.parametrizations import _SpectralNorm
+
+    modules = [m for m in g.modules() if isinstance(m, _SpectralNorm) and m.training]
+    for m in modules:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.training = True
+
+
+def _structure(g: nn.Module) -> tuple:
+    """The identity and type of every module in g, parametrizations included (their modules are g's children):
+    a cheap walk of _modules, compared on every forward."""
+    out, stack = [], [g]
+    while stack:
+        m = stack.pop()
+        out.append((id(m), type(m)))
+        stack.extend(c for c in m._modules.values() if c is not None)
+    return tuple(out)
+
+
+def _functorch_wrapped(x: Tensor) -> bool:
+    """Whether a torch.func transform (grad, vmap, jacrev) is active, over x or over g's parameters (functional_call):
+    the closed-form autograd Functions have no setup_context for them, and the C++ block cannot read their tensors."""
+    return torch._C._functorch.maybe_current_level() is not None or torch._C._functorch.is_functorch_wrapped_tensor(x)

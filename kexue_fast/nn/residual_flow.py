@@ -42,7 +42,7 @@ def _preset(name: str) -> Tuple[Dict[str, object], type]:
 
 
 def _check_coeff(coeff: float) -> float:
-    if not isinstance(coeff, (int, float)) or not 0 < coeff < 1:
+    if isinstance(coeff, bool) or not isinstance(coeff, numbers.Real) or not 0 < coeff < 1:
         raise ValueError(f"coeff must be in (0, 1) for invertible blocks, got {coeff!r}")
     return float(coeff)
 

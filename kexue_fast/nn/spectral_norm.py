@@ -134,9 +134,13 @@ class SpectralNorm(nn.Module):
     def divisor(self, weight: Tensor) -> Tensor:
         """σ̂ (coeff=None) or max(1, σ̂/c), after advancing the iteration in training mode (unless frozen): the
         parametrized weight is weight / divisor. Differentiable w.r.t. weight through σ̂ = uᵀWv."""
-        if self.training and self.n_power_iterations > 0 and not _FROZEN[0]:
-            self._power_method(weight, self.n_power_iterations)
-        sigma = self.sigma(weight)
+        # σ̂ in the weight's dtype: autocast would lower the products (a conv operator's u·Av met float32 u with a
+        # bfloat16 Av and failed; and the iterates would lose precision)
+        kind = weight.device.type
+        with torch.autocast(kind, enabled=False) if torch.amp.is_autocast_available(kind) else contextlib.nullcontext():
+            if self.training and self.n_power_iterations > 0 and not _FROZEN[0]:
+                self._power_method(weight, self.n_power_iterations)
+            sigma = self.sigma(weight)
         if self.coeff is None:
             return sigma  # complex weights: complex σ̂ (≈ real), as torch divides by it
         return ((sigma.real if sigma.is_complex() else sigma) / self.coeff).clamp_min(1.0)
