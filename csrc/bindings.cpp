@@ -850,8 +850,9 @@ PYBIND11_MODULE(_core, m) {
         "The multilevel map equation of a module tree given as paths [depth, n]: (codelength, index_codelength).");
   // ---- JoSE ----
   m.def("jose_encode_file", &jose_encode_file, py::arg("path"), py::arg("min_count"),
-        "A one-document-per-line text file as (words as bytes, counts, stream, n_docs, raw_tokens): '</s>' first with the\n"
-        "line count, then by count descending (ties by bytes descending); stream ids with 0 closing each line.");
+        "A one-document-per-line text file as (words as bytes, counts, stream, n_docs, raw_tokens): '</s>' first\n"
+        "with the line count, then by count descending (ties by bytes descending); stream ids with 0 closing each\n"
+        "line.");
   m.def("jose_init_tables", &jose_init_tables, py::arg("u"), py::arg("v"), py::arg("d"), py::arg("seed") = 0,
         "jose.c's initialization of float32 tables u [V, D], v [V, D], d [N, D] in place (seed 0: jose.c's).");
   m.def("jose_train", &jose_train, py::arg("stream"), py::arg("counts"), py::arg("n_docs"), py::arg("u"),

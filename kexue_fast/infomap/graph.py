@@ -52,8 +52,8 @@ def _from_links(source, target, weight, directed: Optional[bool], num_nodes: Opt
         if source.size and min(source.min(), target.min()) < 0:
             raise ValueError("node ids out of range: they must be >= 0")
         n = int(max(source.max(), target.max())) + 1 if source.size else 0
-        distinct = np.unique(np.concatenate([source, target])).size
-        if num_nodes is None and n > 10 * distinct + 1_000_000:  # 10**12 once went on to a MemoryError
+        distinct = np.unique(np.concatenate([source, target])).size if num_nodes is None and n > 1_000_000 else n
+        if n > 10 * distinct + 1_000_000:  # 10**12 once went on to a MemoryError
             raise ValueError(f"integer node ids are node indices: ids up to {n - 1} make {n} nodes for {distinct} "
                              "linked ones; relabel them (np.unique(..., return_inverse=True)), pass them as strings, "
                              "or pass num_nodes to confirm the node count")  # fmt: skip

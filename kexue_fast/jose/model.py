@@ -33,8 +33,8 @@ def _check_int(name: str, value, low: int, high: int = _INT32_MAX) -> int:
 
 
 def _check_float(name: str, value, positive: bool) -> float:
-    """A finite float ≥ 0 (> 0 if positive) that float32 holds (the trainers compute in float32: 1e39 became inf
-    there and the tables NaN; a positive value below float32's smallest normal, 0 or subnormal)."""
+    """A finite float ≥ 0 (> 0 if positive) within float32's normal range: the trainers compute in float32, where
+    1e39 became inf (and the tables NaN) and a value below the smallest normal rounds to 0 or a subnormal."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
         raise TypeError(f"{name} must be a float; got {type(value).__name__}")
     value = float(value)

@@ -491,14 +491,15 @@ class InvertibleResBlock(nn.Module):
         """x with x + g(x) = y (see the class docstring for the solver and its stopping rule). With gradients on and y
         or g's parameters requiring them, x carries the implicit function's gradient (_implicit_gradient): ∂L/∂y =
         a and ∂L/∂θ = −(∂g/∂θ)ᵀa for a = (I + J_g(x))⁻ᵀ ∂L/∂x, solved by the same fixed point (first order only).
-        Spectral norms in g (kexue_fast's and torch's) do not advance their power iteration during the solve."""
+        Spectral norms in g (kexue_fast's, and torch's outside torch.compile) do not advance their power iteration
+        during the solve."""
         if not isinstance(y, Tensor) or not y.is_floating_point():
             raise TypeError("y must be a floating tensor")
         g: Callable[[Tensor], Tensor] = self.g
         if torch.compiler.is_compiling():
             traceable = (_inverse.fixed_point_traceable if self.inverse_method == "fixed_point"
                          else _inverse.anderson_traceable)  # fmt: skip
-            with _frozen(), _torch_spectral_norms_frozen(self.g):
+            with _frozen():  # (torch's spectral norms are not switched here: no module mutation while traced)
                 return traceable(g, y, self.inverse_atol, self.inverse_rtol, self.inverse_max_iter)
         if y.ndim < 2:
             raise ValueError(f"y must be [B, ...] with a batch dimension, got shape {tuple(y.shape)}")
@@ -517,7 +518,7 @@ class InvertibleResBlock(nn.Module):
         inverse's tolerances), so that autograd carries on through z to y and g's parameters (DEQ-style)."""
         x0 = x.detach().requires_grad_()
         with torch.enable_grad():
-            gx0 = self.g(x0)  # for J_gᵀ a, without a graph to y or the parameters
+            gx0 = self.g(x0)  # its graph serves J_gᵀa (gradients w.r.t. x0 only)
         z = y - self.g(x.detach())
         atol, rtol, max_iter = self.inverse_atol, self.inverse_rtol, self.inverse_max_iter
 
