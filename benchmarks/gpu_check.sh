@@ -1,110 +1,175 @@
 #!/usr/bin/env bash
 # The GPU checks in one prepared script, for a lent CUDA machine (bare image: torch, triton, pytest, no network).
 #
-#   bash benchmarks/gpu_check.sh STAGE...      stages, in the order given:
-#     setup   install the carried wheels (.gpu/whl: a kexue_fast cp3XX wheel built elsewhere, normflows, FrEIA);
-#             build kexue_fast here instead when the carried wheel is missing or will not import
+#   bash benchmarks/gpu_check.sh STAGE...      stages, in the order given (names checked before any runs):
+#     setup   install the carried wheels (.gpu/whl: a kexue_fast cp3XX wheel built elsewhere, normflows, FrEIA) into a
+#             fresh /tmp/kexue_site, and check that the installed package is this checkout's (a stale wheel fails the
+#             stage); build kexue_fast here instead when the carried wheel will not import and scikit-build-core and
+#             pybind11 are there to build it. When setup fails, the later stages are skipped.
 #     test    every test file that runs CUDA paths when a GPU is present (`gpu` tests included, slow ones not), or
 #             the files named in TEST_FILES (names under tests/, space-separated); TEST_WORKERS (8), TEST_THREADS
 #             (1 per worker), TEST_TIMEOUT (300 s), TEST_K (a pytest -k expression), TEST_ARGS (more pytest
 #             arguments, split on spaces); TEST_LOG names the log (tests.log), so that several runs keep theirs
-#     bench   python -m kexue_fast.bench --device cuda for the GPU suites (hsic with --full: its n = 10⁶ goal; ortho
-#             with --full: 5 rounds of the step, whose overhead spread over up to 60 points between the rounds of
-#             one run on an H200, benchmarks/results/som-sweep-cuda.md)
+#     bench   python -m kexue_fast.bench --device cuda for the GPU suites (BENCH_SUITES; hsic with --full: its n = 10⁶
+#             goal; ortho with --full: 5 rounds of the step, whose overhead spread over up to 60 points between the
+#             rounds of one run on an H200, benchmarks/results/som-sweep-cuda.md); BENCH_TIMEOUT (150 s) per suite
 #     jose    the JoSE GPU trainer's word similarity and training speed (benchmarks/jose_quality.py --device cuda)
 #             on the carried corpus (.gpu/corpus.txt.gz) and datasets (.gpu/wordsim353.tsv, .gpu/simlex999.txt)
 #     sweep   the fused SOM kernels under each launch setting, their error, and the CNN step with the fastest
-#             accurate ones (benchmarks/som_profile.py --sweep), into logs/som-sweep.log
+#             accurate ones (benchmarks/som_profile.py --sweep), into logs/som-sweep.log; SWEEP_TIMEOUT (240 s)
 #     profile where the fused SOM path spends a CNN step (benchmarks/som_profile.py: device and host time per
-#             operator, Python hot spots), into logs/som-profile.log
+#             operator, Python hot spots), into logs/som-profile.log; PROFILE_TIMEOUT (120 s)
 #
-# Preparing .gpu/ here (git-excluded: `echo /.gpu/ >> .git/info/exclude`), for the machine's CPython (3.12 there):
-#   python3.12 -m pip wheel --no-deps -w .gpu/whl .            # kexue_fast, C++ core included
+# DEADLINE_S (seconds from the start, default 570: under the device tool's 600 s per command) caps every stage's
+# timeout at the time left, so that the command ends by itself and what it wrote comes back.
+#
+# Preparing .gpu/ here (git-excluded: `echo /.gpu/ >> .git/info/exclude`), for the machine's CPython (3.12 there;
+# rebuild the wheel at every commit you check: setup refuses a wheel whose files differ from the checkout's):
+#   rm -f .gpu/whl/kexue_fast-*.whl && PYENV_VERSION=3.12.1 CMAKE_BUILD_PARALLEL_LEVEL=2 \
+#     python3.12 -m pip wheel -q --no-deps -w .gpu/whl .          # kexue_fast, C++ core included (~3.5 min)
 #   pip download --no-deps -d /tmp/sd normflows FrEIA && pip wheel --no-deps -w .gpu/whl /tmp/sd/*
 #   gzip -c "$(python -c 'from kexue_fast.datasets import offline_corpus as c; print(c())')" > .gpu/corpus.txt.gz
 #   cp <gensim>/test/test_data/{wordsim353.tsv,simlex999.txt} .gpu/
 # and name .gpu in the device call's carry.
 #
-# Everything runs outside the checkout (so the installed package, not the source tree, is imported) and lands in
-# $OUT as two archives, results.tgz (benchmarks/results files) and logs.tgz, rewritten after every stage. Set
-# KEXUE_GIT_SHA to the checkout's sha: the tree travels without .git.
+# Everything runs outside the checkout (so the installed package, not the source tree, is imported). Logs and results
+# are written straight into $OUT/logs and $OUT/results (a command cut off mid-stage still returns what it wrote), and
+# $OUT/summary.txt lists each stage's exit status; the script exits non-zero when a stage failed. Set KEXUE_GIT_SHA to
+# the checkout's sha: the tree travels without .git.
 set -u
+START=$(date +%s)
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-/tmp/kexue_gpu_out}
 PY=${PY:-python3}
 WORK=/tmp/kexue_gpu
-mkdir -p "$OUT" "$WORK/logs" "$WORK/results"
-export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/kexue_site${PYTHONPATH:+:$PYTHONPATH}
+LOGS="$OUT/logs"
+RESULTS="$OUT/results"
+SITE=/tmp/kexue_site
+mkdir -p "$WORK" "$LOGS" "$RESULTS"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
 cd "$WORK" || exit 1
 
-pack() {  # through a temporary name: a run killed mid-tar keeps the previous stage's archives whole
-  tar czf "$OUT/.results.tgz" -C "$WORK/results" . && mv "$OUT/.results.tgz" "$OUT/results.tgz"
-  tar czf "$OUT/.logs.tgz" -C "$WORK/logs" . && mv "$OUT/.logs.tgz" "$OUT/logs.tgz"
+# The timeout for a stage: its own, capped at the time left before DEADLINE_S (at least 10 s).
+budget() {
+  local left=$(( ${DEADLINE_S:-570} - ($(date +%s) - START) - 5 ))
+  [ "$left" -lt 10 ] && left=10
+  [ "$1" -lt "$left" ] && echo "$1" || echo "$left"
+}
+
+# Whether the installed package's Python files are this checkout's (the wheel was built at another commit if not).
+installed_matches_checkout() {
+  local installed
+  installed=$($PY -c "import kexue_fast, os; print(os.path.dirname(kexue_fast.__file__))") || return 1
+  diff -rq -x __pycache__ -x "_core*" -x kernels -x benchmarks "$installed" "$REPO/kexue_fast" &&
+    diff -rq -x __pycache__ "$installed/kernels" "$REPO/kernels" &&
+    diff -rq -x __pycache__ -x results "$installed/benchmarks" "$REPO/benchmarks"
 }
 
 stage_setup() {
   {
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
     $PY -c "import sys, torch, triton; print(sys.version); print('torch', torch.__version__, 'triton', triton.__version__)"
-  } 2>&1 | tee "$WORK/logs/env.txt"
-  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/kexue_site "$REPO"/.gpu/whl/*.whl 2>&1 | tail -3
+  } 2>&1 | tee "$LOGS/env.txt"
+  rm -rf "$SITE"  # a fresh target: pip --target keeps an existing package's old files
+  $PY -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$REPO"/.gpu/whl/*.whl 2>&1 | tail -3
   if ! $PY -c "import kexue_fast._core" 2>/dev/null; then
-    echo "carried wheel does not import here: building kexue_fast"
-    rm -rf /tmp/kexue_site/kexue_fast*
-    CMAKE_BUILD_PARALLEL_LEVEL=16 $PY -m pip install -q --no-index --no-deps --no-build-isolation \
-      --target /tmp/kexue_site "$REPO" 2>&1 | tail -5
+    if $PY -c "import scikit_build_core, pybind11" 2>/dev/null; then
+      echo "carried wheel does not import here: building kexue_fast"
+      rm -rf "$SITE"/kexue_fast*
+      CMAKE_BUILD_PARALLEL_LEVEL=16 $PY -m pip install -q --no-index --no-deps --no-build-isolation \
+        --target "$SITE" "$REPO" 2>&1 | tail -5
+    else
+      echo "carried wheel does not import here, and scikit-build-core/pybind11 are missing to build one"
+    fi
   fi
-  $PY -m kexue_fast.info 2>&1 | tee -a "$WORK/logs/env.txt"
+  if ! $PY -c "import kexue_fast._core" > "$LOGS/import.txt" 2>&1; then
+    echo "kexue_fast._core does not import:"; tail -n 20 "$LOGS/import.txt"; return 1
+  fi
+  if ! installed_matches_checkout > "$LOGS/wheel-diff.txt" 2>&1; then
+    echo "the installed kexue_fast is not this checkout's (rebuild .gpu/whl at this commit):"
+    head -n 20 "$LOGS/wheel-diff.txt"; return 1
+  fi
+  $PY -m kexue_fast.info 2>&1 | tee -a "$LOGS/env.txt"
 }
 
 stage_test() {
-  local files=()
+  local files=() log="${TEST_LOG:-tests.log}" rc
   for f in "$REPO"/tests/test_*.py; do
     grep -q cuda "$f" && files+=("$f")
   done
   [ -n "${TEST_FILES:-}" ] && files=($(for f in $TEST_FILES; do echo "$REPO/tests/$f"; done))
-  # -v: each finished test is named in tests.log, so a run cut off by TEST_TIMEOUT still says what passed.
+  # -v: each finished test is named in the log, so a run cut off by its timeout still says what passed.
   # One CPU thread per worker: 16 workers × 16 torch threads on 16 cores left 7 of 508 tests unfinished after 260 s
   # (H200, e2cb275; benchmarks/results/gpu-tests-cuda.md).
-  OMP_NUM_THREADS=${TEST_THREADS:-1} timeout "${TEST_TIMEOUT:-300}" $PY -m pytest "${files[@]}" -m "not slow" \
-    -n "${TEST_WORKERS:-8}" -v -rfEs --durations=25 -p no:cacheprovider --junitxml="$WORK/logs/${TEST_LOG:-tests.log}.xml" \
-    ${TEST_K:+-k "$TEST_K"} ${TEST_ARGS:-} > "$WORK/logs/${TEST_LOG:-tests.log}" 2>&1
-  echo "tests: exit $?"
-  grep -v "PASSED\|SKIPPED\|^\[gw" "$WORK/logs/${TEST_LOG:-tests.log}" | tail -n 60
+  OMP_NUM_THREADS=${TEST_THREADS:-1} timeout "$(budget "${TEST_TIMEOUT:-300}")" $PY -m pytest "${files[@]}" \
+    -m "not slow" -n "${TEST_WORKERS:-8}" -v -rfEs --durations=25 -p no:cacheprovider \
+    --junitxml="$LOGS/$log.xml" ${TEST_K:+-k "$TEST_K"} ${TEST_ARGS:-} > "$LOGS/$log" 2>&1
+  rc=$?
+  echo "tests: exit $rc"
+  grep -v "PASSED\|SKIPPED\|^\[gw" "$LOGS/$log" | tail -n 60
+  return $rc
 }
 
 stage_bench() {
+  local failed=0 rc suite full
   for suite in ${BENCH_SUITES:-spectral flows ortho score rope hsic}; do
-    local full=""
+    full=""
     case "$suite" in hsic | ortho) full=--full ;; esac
-    timeout "${BENCH_TIMEOUT:-150}" $PY -m kexue_fast.bench --device cuda --suite "$suite" $full \
-      --out "$WORK/results" > "$WORK/logs/bench-$suite.log" 2>&1
-    echo "bench $suite: exit $?"; tail -n 25 "$WORK/logs/bench-$suite.log"
-    pack
+    timeout "$(budget "${BENCH_TIMEOUT:-150}")" $PY -m kexue_fast.bench --device cuda --suite "$suite" $full \
+      --out "$RESULTS" > "$LOGS/bench-$suite.log" 2>&1
+    rc=$?
+    echo "bench $suite: exit $rc"; tail -n 25 "$LOGS/bench-$suite.log"
+    [ $rc -eq 0 ] || failed=1
   done
+  return $failed
 }
 
 stage_jose() {
-  gunzip -c "$REPO/.gpu/corpus.txt.gz" > "$WORK/corpus.txt"
-  timeout "${JOSE_TIMEOUT:-200}" $PY -m kexue_fast.benchmarks.jose_quality --device cuda --corpus "$WORK/corpus.txt" \
-    --datasets "$REPO/.gpu" --out "$WORK/results" > "$WORK/logs/jose-quality.log" 2>&1
-  echo "jose quality: exit $?"; tail -n 15 "$WORK/logs/jose-quality.log"
+  local rc
+  gunzip -c "$REPO/.gpu/corpus.txt.gz" > "$WORK/corpus.txt" || return 1
+  timeout "$(budget "${JOSE_TIMEOUT:-200}")" $PY -m kexue_fast.benchmarks.jose_quality --device cuda \
+    --corpus "$WORK/corpus.txt" --datasets "$REPO/.gpu" --out "$RESULTS" > "$LOGS/jose-quality.log" 2>&1
+  rc=$?
+  echo "jose quality: exit $rc"; tail -n 15 "$LOGS/jose-quality.log"
+  return $rc
 }
 
 stage_sweep() {
-  timeout "${SWEEP_TIMEOUT:-240}" $PY -m kexue_fast.benchmarks.som_profile --sweep > "$WORK/logs/som-sweep.log" 2>&1
-  echo "som sweep: exit $?"; tail -n 30 "$WORK/logs/som-sweep.log"
+  local rc
+  timeout "$(budget "${SWEEP_TIMEOUT:-240}")" $PY -m kexue_fast.benchmarks.som_profile --sweep \
+    > "$LOGS/som-sweep.log" 2>&1
+  rc=$?
+  echo "som sweep: exit $rc"; tail -n 30 "$LOGS/som-sweep.log"
+  return $rc
 }
 
 stage_profile() {
-  timeout "${PROFILE_TIMEOUT:-120}" $PY -m kexue_fast.benchmarks.som_profile --device cuda \
-    > "$WORK/logs/som-profile.log" 2>&1
-  echo "som profile: exit $?"; grep "===" "$WORK/logs/som-profile.log"
+  local rc
+  timeout "$(budget "${PROFILE_TIMEOUT:-120}")" $PY -m kexue_fast.benchmarks.som_profile --device cuda \
+    > "$LOGS/som-profile.log" 2>&1
+  rc=$?
+  echo "som profile: exit $rc"
+  if [ $rc -eq 0 ]; then grep "===" "$LOGS/som-profile.log"; else tail -n 20 "$LOGS/som-profile.log"; fi
+  return $rc
 }
 
+[ $# -gt 0 ] || { echo "name at least one stage (setup test bench jose sweep profile)"; exit 2; }
+for stage in "$@"; do  # a mistyped stage would otherwise surface only after the stages before it had run
+  declare -F "stage_$stage" > /dev/null || { echo "unknown stage '$stage' (setup test bench jose sweep profile)"; exit 2; }
+done
+[ -n "${KEXUE_GIT_SHA:-}" ] || echo "warning: KEXUE_GIT_SHA is not set: the results will say git: unknown"
+status=0
+: > "$OUT/summary.txt"
 for stage in "$@"; do
   echo "=== $stage ($(date -u +%H:%M:%S))"
   "stage_$stage"
-  pack
+  rc=$?
+  echo "$stage $rc $(( $(date +%s) - START ))s" >> "$OUT/summary.txt"
+  if [ $rc -ne 0 ]; then
+    status=1
+    if [ "$stage" = setup ]; then echo "=== setup failed: the other stages are skipped"; break; fi
+  fi
 done
-echo "=== done ($(date -u +%H:%M:%S))"
+echo "=== done ($(date -u +%H:%M:%S)); stage, exit status, seconds since the start:"
+cat "$OUT/summary.txt"
+exit $status
