@@ -28,17 +28,29 @@ def cpu_model() -> str:
 
 
 def git_sha() -> str:
-    """The short sha (+dirty), or env KEXUE_GIT_SHA where the tree travelled without .git (a lent GPU machine)."""
+    """The short sha (+dirty) of the checkout that holds the kexue_fast being run, or env KEXUE_GIT_SHA where the
+    tree travelled without .git (a lent GPU machine); "unknown (installed kexue_fast X)" for an installed package.
+    Git runs in the package's own checkout, not the current directory (another repository's sha was recorded)."""
     if os.environ.get("KEXUE_GIT_SHA"):
         return os.environ["KEXUE_GIT_SHA"]
+    import kexue_fast
+
+    repo = Path(kexue_fast.__file__).resolve().parent.parent
+    unknown = f"unknown (installed kexue_fast {kexue_fast.__version__})"
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=5)
+
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
+        # the checkout must be the one that tracks this package (an install inside another repository is not)
+        if git("ls-files", "--error-unmatch", "kexue_fast/__init__.py").returncode != 0:
+            return unknown
+        out = git("rev-parse", "--short", "HEAD")
         # results files are outputs, not code: rewriting them does not make the measured code "dirty"
-        status = ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results"]
-        dirty = subprocess.run(status, capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ":/", ":!/benchmarks/results").stdout.strip()
         return (out.stdout.strip() or "unknown") + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return unknown
 
 
 def metadata(device: str) -> Dict[str, str]:

@@ -119,6 +119,9 @@ def measure(which: str, graph_file: Path, out_file: Path, two_level: bool = True
     return run_script(_SCRIPT, [which, str(graph_file), str(out_file), mode], f"infomap/{which}", timeout)
 
 
+DEVICES = ("cpu",)  # the C++ core against infomap and igraph: no GPU path to time
+
+
 def run(out_dir: Path, quick: bool = True, device: str = "cpu") -> Path:
     from sklearn.metrics import normalized_mutual_info_score as nmi
 

@@ -139,6 +139,13 @@ def requested_backend(backend: Optional[str]) -> str:
     return requested
 
 
+def auto_backend(op: str, device: torch.device, dtype: torch.dtype) -> str:
+    """What `auto` picks for `op`, whatever KEXUE_FAST_BACKEND says: for an op's calls to other ops (a helper such as
+    median_bandwidth), which the variable, meant for the op the user called, must not force onto a backend they
+    may not have."""
+    return auto_choice(op, device, dtype)[0]
+
+
 def auto_choice(op: str, device: torch.device, dtype: torch.dtype) -> Tuple[str, List[str]]:
     """What `auto` picks for (op, device, dtype) and the reasons the faster candidates were passed over."""
     rejected = []
@@ -177,9 +184,13 @@ def choose(op: str, device: torch.device, dtype: torch.dtype, backend: Optional[
 choose._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
-def describe(op: str, device: torch.device, dtype: torch.dtype) -> str:
-    """One line for `python -m kexue_fast.info`: what auto picks and why (KEXUE_FAST_BACKEND, when set, wins)."""
-    requested = requested_backend(None)
+_FROM_ENV = object()
+
+
+def describe(op: str, device: torch.device, dtype: torch.dtype, requested: Optional[str] = _FROM_ENV) -> str:  # type: ignore[assignment]
+    """One line for `python -m kexue_fast.info`: what auto picks and why (KEXUE_FAST_BACKEND, when set, wins;
+    `requested` None: as if unset)."""
+    requested = requested_backend(None) if requested is _FROM_ENV else (requested or "auto")
     if requested != "auto":
         reason = why_not(op, requested, device, dtype)
         if reason is not None:

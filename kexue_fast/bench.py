@@ -6,6 +6,8 @@ Prints each suite's table and writes it (markdown + CSV, with date, machine, ver
 from __future__ import annotations
 
 import argparse
+import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -27,12 +29,30 @@ def main(argv=None) -> None:
         if args.device == "cuda":
             parser.error("--device cuda: no CUDA device is available")
         devices.remove("cuda")
+    try:  # before any measuring: a bad --out once failed only after a suite had run
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        parser.error(f"--out {args.out}: {exc}")
+    failed = []
     for suite in args.suite or SUITES:
         module = __import__(f"kexue_fast.benchmarks.{suite}", fromlist=["run"])
         for device in devices:
-            path = module.run(args.out, quick=not args.full, device=device)
+            if device not in getattr(module, "DEVICES", ("cpu", "cuda")):  # a CPU-only suite is not rerun as "cuda"
+                if args.suite and args.device == device:
+                    print(f"suite {suite} has no {device} benchmark (it runs on {', '.join(module.DEVICES)})\n")
+                continue
+            try:
+                path = module.run(args.out, quick=not args.full, device=device)
+            except Exception as exc:  # a missing anchor or corpus: say so and go on with the other suites
+                failed.append(f"{suite} ({device})")
+                print(f"suite {suite} on {device} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+                traceback.print_exc(limit=3)
+                continue
             print(path.read_text())
             print(f"(written to {path})\n")
+    if failed:
+        print(f"failed suites: {', '.join(failed)}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

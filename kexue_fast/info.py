@@ -30,9 +30,14 @@ def report() -> str:
         add(f"_core      unavailable: {why}")
     ok, why = _dispatch.triton_status()
     add(f"triton     {why if ok else 'unavailable: ' + why}")
-    add(
-        f"TRITON_INTERPRET={int(_dispatch.triton_interpret())}  {_dispatch.ENV_VAR}={_dispatch.requested_backend(None)}"
-    )
+    try:
+        requested = _dispatch.requested_backend(None)
+    except ValueError as exc:  # the tool that diagnoses a bad value must not die on it
+        add(f"TRITON_INTERPRET={int(_dispatch.triton_interpret())}  {_dispatch.ENV_VAR} INVALID: {exc}")
+        add("(every op raises this ValueError until the variable is fixed or unset; `auto` shown below)")
+        requested = None
+    else:
+        add(f"TRITON_INTERPRET={int(_dispatch.triton_interpret())}  {_dispatch.ENV_VAR}={requested}")
     if torch.cuda.is_available():
         add(f"cuda       {torch.cuda.get_device_name(0)} (capability {torch.cuda.get_device_capability(0)})")
     else:
@@ -44,7 +49,7 @@ def report() -> str:
         for device in devices:
             for dtype in (torch.float32, torch.float64):
                 dt = str(dtype).replace("torch.", "")
-                add(f"{op:<19} {device.type:<7} {dt:<9} {_dispatch.describe(op, device, dtype)}")
+                add(f"{op:<19} {device.type:<7} {dt:<9} {_dispatch.describe(op, device, dtype, requested)}")
     return "\n".join(lines)
 
 

@@ -551,3 +551,11 @@ def test_cpp_calls_take_torchs_thread_count(monkeypatch):
     finally:
         torch.set_num_threads(before)
     assert torch.allclose(values[0][0], values[1][0], rtol=1e-12) and torch.allclose(values[0][1], values[1][1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_take_an_explicit_torch_backend(dtype):
+    """auto ran half inputs on the torch path, but backend="torch" refused them (its registration said float32/64)."""
+    x, y = torch.randn(64, 3).to(dtype), torch.randn(64, 2).to(dtype)
+    assert torch.equal(kexue_fast.hsic(x, y, backend="torch"), kexue_fast.hsic(x, y))
+    assert kexue_fast.median_bandwidth(x, backend="torch") == kexue_fast.median_bandwidth(x)

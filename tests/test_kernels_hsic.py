@@ -110,3 +110,12 @@ def test_laplace_gradient_of_near_duplicate_samples():
         grads[backend] = torch.autograd.grad(value, xx)[0]
     error = (grads["triton"][:2] - grads["torch"][:2]).abs().max() / grads["torch"][:2].abs().max()
     assert float(error) <= 1e-4
+
+
+def test_backend_variable_is_not_forced_onto_the_bandwidth_helper(monkeypatch):
+    """KEXUE_FAST_BACKEND=triton, meant for hsic, also reached its median_bandwidth call, which has no Triton path:
+    hsic raised where backend="triton" as an argument ran."""
+    x, y = torch.randn(64, 3), torch.randn(64, 2)
+    want = kexue_fast.hsic(x, y, backend="triton")
+    monkeypatch.setenv("KEXUE_FAST_BACKEND", "triton")
+    assert torch.equal(kexue_fast.hsic(x, y), want)

@@ -135,3 +135,87 @@ def test_double_backward_through_closed_form_gradients_raises_clearly():
             torch.autograd.grad(fn(x) + x.pow(3).sum(), x, create_graph=True)
         (first,) = torch.autograd.grad(fn(x), x)  # first order is unaffected
         assert bool(first.isfinite().all())
+
+
+# ------------------------------------------------------------------------------------- fixes from an audit
+def test_info_survives_a_bad_backend_variable():
+    """The tool that diagnoses a bad KEXUE_FAST_BACKEND died on it with a traceback."""
+    env = {**__import__("os").environ, "KEXUE_FAST_BACKEND": "CPP"}
+    out = subprocess.run([sys.executable, "-m", "kexue_fast.info"], capture_output=True, text=True, check=True,
+                         env=env).stdout  # fmt: skip
+    assert "KEXUE_FAST_BACKEND INVALID" in out and "'CPP'" in out
+    assert any(line.startswith("power_iteration") for line in out.splitlines())
+
+
+def _fake_suite(monkeypatch, name, run):
+    import importlib
+
+    module = importlib.import_module(f"kexue_fast.benchmarks.{name}")
+    monkeypatch.setattr(module, "run", run)
+    return module
+
+
+def test_bench_goes_on_past_a_failing_suite_and_skips_cpu_only_suites_on_cuda(tmp_path, monkeypatch, capsys):
+    """A missing anchor or corpus in one suite stopped the whole default run (nothing written after it); on a CUDA
+    machine the CPU-only infomap suite was rerun and written as infomap-cuda.md."""
+    import pytest
+
+    from kexue_fast import bench
+
+    calls = []
+
+    def failing(out_dir, quick=True, device="cpu"):
+        calls.append(("jose", device))
+        raise FileNotFoundError("no corpus")
+
+    def writing(name):
+        def run(out_dir, quick=True, device="cpu"):
+            calls.append((name, device))
+            path = out_dir / f"{name}-{device}.md"
+            path.write_text(f"# {name} on {device}")
+            return path
+
+        return run
+
+    _fake_suite(monkeypatch, "jose", failing)
+    for name in ("infomap", "rope"):
+        _fake_suite(monkeypatch, name, writing(name))
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--suite", "jose", "--suite", "infomap", "--suite", "rope", "--out", str(tmp_path)])
+    assert stop.value.code == 1
+    assert calls == [("jose", "cpu"), ("jose", "cuda"), ("infomap", "cpu"), ("rope", "cpu"), ("rope", "cuda")]
+    captured = capsys.readouterr()
+    assert "suite jose on cpu failed: FileNotFoundError: no corpus" in captured.err
+    assert "failed suites: jose (cpu), jose (cuda)" in captured.err and "# rope on cuda" in captured.out
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit):  # checked before any measuring (it failed after a suite had run)
+        bench.main(["--suite", "rope", "--out", str(tmp_path / "file")])
+
+
+def test_results_record_the_packages_checkout_not_the_current_directory(tmp_path, monkeypatch):
+    """git ran in the current directory: another repository's HEAD was recorded, or 'unknown' in a subfolder."""
+    from kexue_fast.benchmarks.common import git_sha
+
+    monkeypatch.delenv("KEXUE_GIT_SHA", raising=False)
+    here = git_sha()
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=x", "-c", "user.email=x@y", "commit", "-q",
+                    "--allow-empty", "-m", "other"], check=True)  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    assert git_sha() == here
+
+
+def test_jose_and_infomap_say_they_need_the_cpp_core(monkeypatch):
+    """Without kexue_fast._core the torch/Triton JoSE paths and Infomap failed with a bare 'cannot import name'."""
+    import pytest
+
+    import kexue_fast
+    from kexue_fast.jose import JoSE
+
+    monkeypatch.delattr(kexue_fast, "_core", raising=False)
+    monkeypatch.setitem(sys.modules, "kexue_fast._core", None)
+    with pytest.raises(ImportError, match=r"JoSE needs the C\+\+ extension kexue_fast\._core"):
+        JoSE(dim=4, min_count=1, epochs=1, backend="torch", progress=False).fit([["a", "b"], ["b", "c"]])
+    with pytest.raises(ImportError, match=r"Infomap run on the C\+\+ extension"):
+        kexue_fast.infomap(([0, 1, 2], [1, 2, 0]))

@@ -19,6 +19,7 @@ import io
 import os
 import pickle
 import re
+import tempfile
 import zlib
 from pathlib import Path
 from typing import ClassVar, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -159,11 +160,16 @@ def offline_corpus(path: Union[str, os.PathLike, None] = None, sources: Union[st
     if out.is_file() and not refresh:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for tokens in offline_documents(chosen):
-            f.write(" ".join(tokens) + "\n")
-    tmp.replace(out)
+    # a temporary file of its own (a fixed name let two concurrent builds replace each other's), then one rename
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for tokens in offline_documents(chosen):
+                f.write(" ".join(tokens) + "\n")
+        os.replace(tmp, out)
+    except BaseException:
+        os.unlink(tmp)
+        raise
     return out
 
 

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .. import _dispatch
 from . import estimators
+from .bandwidth import OP as BANDWIDTH_OP
 from .bandwidth import median_bandwidth
 from .tiled import TILE, KernelSpec, StreamingHSIC, stats_for
 
@@ -19,7 +20,11 @@ OP = "hsic"
 # recompute backward in C++ (csrc/hsic); torch: the tiled pass and backward.
 _dispatch.register_op(
     OP,
-    {"triton": (torch.float32,), "cpp": (torch.float32, torch.float64), "torch": (torch.float32, torch.float64)},
+    {
+        "triton": (torch.float32,),
+        "cpp": (torch.float32, torch.float64),
+        "torch": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+    },  # half: as auto ran it (in float32)
     # the backward's float64 weights meet the inputs in float64 dots: Triton 3.3 and 3.4 refuse them
     triton_needs={torch.float32: ((3, 5), "float64 tl.dot in the backward")},
 )
@@ -57,7 +62,8 @@ def _kernel_spec(t: Tensor, kernel: str, bandwidth: Bandwidth, name: str) -> Ker
     if kernel in ("linear", "delta"):
         return KernelSpec(kernel)
     if bandwidth is None or bandwidth == "median":
-        sigma = median_bandwidth(t)
+        # auto's own pick: KEXUE_FAST_BACKEND=triton, meant for hsic, would send it to a backend it does not have
+        sigma = median_bandwidth(t, backend=_dispatch.auto_backend(BANDWIDTH_OP, t.device, t.dtype))
         return KernelSpec(kernel, sigma if sigma > 0 else 1.0)  # all points equal: any σ gives the same Gram
     if (
         isinstance(bandwidth, bool)

@@ -22,7 +22,8 @@ from .. import _dispatch
 from .tiled import TILE, _blocks
 
 OP = "median_bandwidth"
-_dispatch.register_op(OP, {"cpp": (torch.float32, torch.float64), "torch": (torch.float32, torch.float64)})
+_dispatch.register_op(OP, {"cpp": (torch.float32, torch.float64),
+                           "torch": (torch.float32, torch.float64, torch.float16, torch.bfloat16)})  # fmt: skip
 
 
 def _squared_distance_tile(a: Tensor, b: Tensor) -> Tensor:

@@ -129,7 +129,7 @@ def map_equation(
     node (in node order) or {node id: label}; or a tree: one path of module indices per node (tuples, top level
     first, e.g. `InfomapResult.paths()` or infomap's `node.path[:-1]`), an int array [n, depth] padded with −1
     (`InfomapResult.tree`), or {node id: path}. A module's children must be all nodes or all modules."""
-    from .. import _core
+    _core = _core_module()
 
     g, (node, src, dst, link, teleport) = _flows(graph, directed, teleportation_probability, recorded_teleportation,
                                                  markov_time, num_nodes)  # fmt: skip
@@ -138,6 +138,17 @@ def map_equation(
         return MapEquationResult(total, index, total - index)
     return MapEquationResult(*_core.infomap_map_equation(g.n, node, src, dst, link, module_array(g, modules),
                                                          teleport))  # fmt: skip
+
+
+def _core_module():
+    """kexue_fast._core (the map equation and Infomap have no other backend), or an ImportError that says so."""
+    try:
+        from .. import _core
+    except ImportError as exc:
+        raise ImportError("the map equation and Infomap run on the C++ extension kexue_fast._core, which does not "
+                          "load: reinstall kexue_fast (python -m kexue_fast.info says why it is unavailable): "
+                          f"{exc}") from exc  # fmt: skip
+    return _core
 
 
 def _int_in(value: Any, name: str, low: int, high: int = 2**31 - 1) -> int:
@@ -172,7 +183,7 @@ def infomap(
     the new index codebook) while that codes it shorter, and last, modules whose children code shorter one level up
     are dissolved. The best of `num_trials` trials is kept (run in parallel on up to n_threads threads, default all
     cores; the GIL is released). Deterministic for a given seed."""
-    from .. import _core
+    _core = _core_module()
 
     num_trials = _int_in(num_trials, "num_trials", 1)
     seed = _int_in(seed, "seed", 0, 2**64 - 1)

@@ -14,7 +14,7 @@ import torch
 from .. import _dispatch
 from .keyed_vectors import KeyedVectors
 from .reference import STEP_RULES
-from .vocab import EOS, Corpus, EncodedCorpus, encode, encode_with
+from .vocab import EOS, Corpus, EncodedCorpus, core, encode, encode_with
 
 OP = "jose_train"
 _dispatch.register_op(OP, {"cpp": (torch.float32,), "triton": (torch.float32,), "torch": (torch.float32,)})
@@ -139,7 +139,7 @@ class JoSE:
         return self
 
     def _initial_tables(self, vocab: int, docs: int):
-        from .. import _core
+        _core = core()
 
         u = np.empty((vocab, self.dim), dtype=np.float32)
         v = np.empty((vocab, self.dim), dtype=np.float32)

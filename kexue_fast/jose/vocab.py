@@ -72,9 +72,21 @@ def encode_documents(docs: Iterable[Sequence[str]], min_count: int) -> EncodedCo
     return EncodedCorpus(words, counts, stream, len(materialized), sum(counter.values()))
 
 
+def core():
+    """kexue_fast._core, which JoSE needs on every backend (the file reader and jose.c's initial tables), or an
+    ImportError that says so (a bare "cannot import name '_core'" came out of the torch and Triton paths)."""
+    try:
+        from .. import _core
+    except ImportError as exc:
+        raise ImportError("JoSE needs the C++ extension kexue_fast._core on every backend (its corpus reader and "
+                          "jose.c's initial tables), and it does not load: reinstall kexue_fast (python -m "
+                          f"kexue_fast.info says why it is unavailable): {exc}") from exc  # fmt: skip
+    return _core
+
+
 def encode_file(path: Union[str, os.PathLike], min_count: int) -> EncodedCorpus:
     """Encode a whitespace-tokenized file, one document per line (C++ reader)."""
-    from .. import _core
+    _core = core()
 
     p = Path(path)
     if not p.is_file():
