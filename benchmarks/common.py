@@ -53,6 +53,10 @@ def git_sha() -> str:
         return unknown
 
 
+# "quick" or "full" while python -m kexue_fast.bench runs (written into the results' metadata), else None
+RUN_MODE: Optional[str] = None
+
+
 def metadata(device: str) -> Dict[str, str]:
     import kexue_fast
 
@@ -66,6 +70,8 @@ def metadata(device: str) -> Dict[str, str]:
         ),
         "git": git_sha(),
     }
+    if RUN_MODE is not None:  # a quick run's file has the same name as a full run's: say which one this is
+        meta["mode"] = f"{RUN_MODE} (python -m kexue_fast.bench{' --full' if RUN_MODE == 'full' else ''})"
     if device == "cuda":
         meta["gpu"] = torch.cuda.get_device_name(0)
     return meta

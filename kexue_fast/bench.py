@@ -9,6 +9,7 @@ import argparse
 import sys
 import traceback
 from pathlib import Path
+from typing import List
 
 import torch
 
@@ -33,6 +34,20 @@ def main(argv=None) -> None:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         parser.error(f"--out {args.out}: {exc}")
+    from .benchmarks import common
+
+    common.RUN_MODE = "full" if args.full else "quick"
+    try:
+        failed = _run_suites(args, devices)
+    finally:
+        common.RUN_MODE = None
+    if failed:
+        print(f"failed suites: {', '.join(failed)}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _run_suites(args, devices: List[str]) -> List[str]:
+    """Runs the chosen suites on those of `devices` they have; returns the ones that failed ("suite (device)")."""
     failed = []
     for suite in args.suite or SUITES:
         module = __import__(f"kexue_fast.benchmarks.{suite}", fromlist=["run"])
@@ -50,9 +65,7 @@ def main(argv=None) -> None:
                 continue
             print(path.read_text())
             print(f"(written to {path})\n")
-    if failed:
-        print(f"failed suites: {', '.join(failed)}", file=sys.stderr)
-        sys.exit(1)
+    return failed
 
 
 if __name__ == "__main__":

@@ -559,3 +559,11 @@ def test_half_inputs_take_an_explicit_torch_backend(dtype):
     x, y = torch.randn(64, 3).to(dtype), torch.randn(64, 2).to(dtype)
     assert torch.equal(kexue_fast.hsic(x, y, backend="torch"), kexue_fast.hsic(x, y))
     assert kexue_fast.median_bandwidth(x, backend="torch") == kexue_fast.median_bandwidth(x)
+
+
+def test_cka_names_its_kernel_argument():
+    """cka(..., kernel_x=...) failed inside with 'got multiple values for keyword argument'."""
+    x, y = torch.randn(20, 3, dtype=torch.float64), torch.randn(20, 2, dtype=torch.float64)
+    with pytest.raises(TypeError, match="cka takes kernel="):
+        kexue_fast.cka(x, y, kernel_x="gaussian")
+    assert torch.allclose(kexue_fast.cka(x, y, kernel="gaussian"), kexue_fast.hsic(x, y, normalize=True))

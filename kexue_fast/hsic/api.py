@@ -111,8 +111,8 @@ def _prepare(x, y, kernel_x, kernel_y, bandwidth_x, bandwidth_y, estimator, back
     widest = max(x.shape[1] if x.ndim == 2 else 1, y.shape[1] if y.ndim == 2 else 1)
     if chosen == "triton" and widest > _TRITON_MAX_DIM:
         reason = f"the Triton kernels keep rows of width d <= {_TRITON_MAX_DIM} in registers, got d = {widest}"
-        if _dispatch.requested_backend(backend) == "triton":
-            raise ValueError(f"backend='triton': {reason}")
+        if _dispatch.requested_backend(backend) == "triton":  # an explicit backend that cannot run, as in choose
+            raise NotImplementedError(f"backend='triton' cannot run hsic: {reason}")
         _dispatch.logger.warning("kexue_fast.hsic runs on the torch path: %s", reason)
         chosen = "torch"
     return x, y, kx, ky, chosen
@@ -158,8 +158,11 @@ def hsic_stats(
     backend: str = "auto",
     tile: int = TILE,
 ) -> estimators.HSICStats:
-    """Every variant (biased, biased with 1/(n−1)², unbiased, CKA, unbiased CKA) and the Gamma null mean from one
-    pass; no gradient."""
+    """Every HSIC variant of x [n, dx] and y [n, dy] from one streaming pass over K and L (kernels and bandwidths as
+    in `hsic`), float64, no gradient: HSICStats(biased = tr(KHLH)/n², biased_n1 = tr(KHLH)/(n−1)², unbiased (Song et
+    al. 2012; NaN for n < 4), cka = biased/√(HSIC_b(K,K)·HSIC_b(L,L)), cka_unbiased (the same with the unbiased
+    estimator: hyppo's Hsic statistic), hsic_xx_biased, hsic_yy_biased, gamma_null_mean = (1 + μ_x μ_y − μ_x −
+    μ_y)/n (E[HSIC_b] under independence for unit-diagonal kernels, else NaN), n)."""
     x, y, kx, ky, chosen = _prepare(x, y, kernel_x, kernel_y, bandwidth_x, bandwidth_y, "biased", backend, min_n=2,
                                     tile=tile)  # fmt: skip
     with torch.no_grad():
@@ -171,5 +174,12 @@ def hsic_stats(
 
 
 def cka(x: Tensor, y: Tensor, *, kernel: str = "linear", estimator: str = "biased", **kwargs) -> Tensor:
-    """Centered kernel alignment (Kornblith et al. 2019): normalized HSIC, linear kernel by default."""
+    """Centered kernel alignment (Kornblith et al. 2019) of x [n, dx] and y [n, dy], a differentiable scalar:
+
+        CKA = HSIC(K, L) / √(HSIC(K, K) · HSIC(L, L)),   linear kernel by default (K = xxᵀ, L = yyᵀ),
+
+    with the biased (tr(KHLH)/n²) or unbiased HSIC. `kernel` is both inputs' kernel (kernel_y= for another on y);
+    other keyword arguments as in `hsic` (bandwidths, backend, tile)."""
+    if "kernel_x" in kwargs:
+        raise TypeError("cka takes kernel= for both inputs (and kernel_y= for another one on y), not kernel_x=")
     return hsic(x, y, kernel_x=kernel, estimator=estimator, normalize=True, **kwargs)

@@ -142,7 +142,18 @@ def hsic_test(
     backend: str = "auto",
     tile: int = TILE,
 ) -> HSICTestResult:
-    """Test H0: x ⟂ y with the biased HSIC statistic, by the Gamma approximation or by permutations of y."""
+    """Test H0: x ⟂ y with the biased statistic HSIC_b = tr(KHLH)/n² of x [n, dx] and y [n, dy] (or [n] labels
+    with kernel_y="delta"); kernels and bandwidths as in `hsic`. Returns HSICTestResult(statistic = HSIC_b, pvalue,
+    method, null).
+
+    method="gamma" (Gretton et al. 2008): n·HSIC_b ~ Gamma(shape = μ²/σ², scale = nσ²/μ) under H0, with μ = (1 +
+    μ_x μ_y − μ_x − μ_y)/n (μ_x, μ_y: the off-diagonal means of K, L; kernels with a unit diagonal only, so not
+    linear) and σ² = 72(n−4)(n−5)/(n(n−1)(n−2)(n−3)) · Σ_{i≠j}(K̃_ij L̃_ij)²/(36 n(n−1)) (K̃, L̃ centered);
+    pvalue = P(Gamma ≥ n·HSIC_b); null = {"shape", "scale" (of HSIC_b)}. A constant input gives p = 1.
+    method="permutation": HSIC_b of (x, y[π]) for n_permutations random π (seeded by `seed`, else drawn from torch's
+    generator); pvalue = (1 + #{HSIC_b(π) ≥ HSIC_b − slack})/(1 + P), ties counted (slack: 1e-10 of the
+    estimator's scale, mean|K|·mean|L|); null = {"n_permutations", "null_mean", "null_std"}. Exact tiles, memory
+    O(n·d + P) (each K tile reused for every permutation); no gradient."""
     if method not in ("gamma", "permutation"):
         raise ValueError(f'method must be "gamma" or "permutation", got {method!r}')
     if isinstance(n_permutations, bool) or not isinstance(n_permutations, numbers.Integral) or n_permutations < 1:
