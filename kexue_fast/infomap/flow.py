@@ -83,10 +83,11 @@ def _pagerank(g: Graph, out_weight: np.ndarray, step: np.ndarray, teleport: np.n
         iterations += 1
         if not (iterations < cap and (change > (1e-15 if iterations < 200 else tol) or iterations < 50)):
             break
-    if change > (1e-15 if iterations <= 200 else tol):
-        message = (f"the PageRank flow did not converge in {iterations} power steps (L1 change {change:.2g} > 1e-15; "
-                   f"teleportation_probability={teleportation_probability}): a periodic or slowly mixing directed "
-                   "graph; a larger teleportation_probability mixes faster")  # fmt: skip
+    floor = 1e-15 if iterations <= 200 else tol
+    if change > floor:
+        message = (f"the PageRank flow did not converge in {iterations} power steps (L1 change {change:.2g} > "
+                   f"{floor:.2g}; teleportation_probability={teleportation_probability}): a periodic or slowly "
+                   "mixing directed graph; a larger teleportation_probability mixes faster")  # fmt: skip
         warnings.warn(message, RuntimeWarning, stacklevel=4)
     return p, alpha, beta
 
