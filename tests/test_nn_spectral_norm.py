@@ -405,3 +405,57 @@ def test_update_takes_strided_u_v_buffers():
     update_spectral_norms(reference, n_iters=3)
     for (k, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+
+
+def test_update_between_a_compiled_forward_and_its_backward_raises_as_torch_does():
+    """The C++ update wrote u, v through NumPy views, unseen by autograd: a compiled forward's graph, which saved the
+    buffers themselves, then used the new values in backward silently (gradients ~600 off); the torch backend's
+    in-place copy raised autograd's in-place error. Now both raise."""
+    torch.manual_seed(0)
+    for backend in ("cpp", "torch"):
+        m = spectral_norm(nn.Linear(6, 6), n_power_iterations=0)
+        with torch.no_grad():
+            m.parametrizations.weight.original.copy_(torch.randn(6, 6))
+        loss = torch.compile(m, backend="aot_eager", fullgraph=True)(torch.randn(4, 6)).pow(2).sum()
+        update_spectral_norms(m, n_iters=5, backend=backend)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+
+
+def test_update_of_a_spectral_norm_after_other_parametrizations():
+    """A torch spectral_norm registered first was advanced by the update (evaluated in training mode); a spectral
+    norm after a parametrization with several originals was skipped; a NaN weight there went unreported."""
+    from torch.nn.utils import parametrize
+
+    torch.manual_seed(0)
+    first = torch_spectral_norm(nn.Linear(5, 4))
+    spectral_norm(first, n_power_iterations=0)
+    u = first.parametrizations.weight[0]._u.clone()
+    update_spectral_norms(first)
+    assert torch.equal(u, first.parametrizations.weight[0]._u) and first.parametrizations.weight[0].training
+
+    class Split(nn.Module):
+        def forward(self, a, b):
+            return a + b
+
+        def right_inverse(self, w):
+            return w / 2, w / 2
+
+    split = nn.Linear(5, 4)
+    parametrize.register_parametrization(split, "weight", Split())
+    spectral_norm(split, n_power_iterations=0, coeff=0.1)
+    with torch.no_grad():
+        split.parametrizations.weight.original0.mul_(5)
+    update_spectral_norms(split, n_iters=50)
+    w = split.parametrizations.weight.original0 + split.parametrizations.weight.original1
+    layer = split.parametrizations.weight[1]
+    assert torch.allclose(torch.vdot(layer._u, w.detach() @ layer._v), torch.linalg.matrix_norm(w.detach(), 2))
+    with torch.no_grad():
+        split.parametrizations.weight.original0[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        update_spectral_norms(split)
+
+
+def test_dim_and_input_shape_together_are_refused():
+    with pytest.raises(ValueError, match="pass one of them"):
+        spectral_norm(nn.Conv2d(2, 3, 3), dim=1, input_shape=(2, 5, 5))

@@ -194,6 +194,9 @@ def spectral_norm(
         raise TypeError(f"{name} must be a floating or complex tensor, got {weight.dtype}")
     if weight.device.type != "meta":  # deferred initialization (meta tensors) has no values to check yet
         check_finite(weight.detach(), f"{name}")
+    if dim is not None and input_shape is not None:  # the operator norm has no reshaping axis: dim was ignored
+        raise ValueError("dim reshapes the kernel for the matrix norm; input_shape takes the conv operator's norm "
+                         "instead: pass one of them")  # fmt: skip
     if dim is None:
         dim = 1 if isinstance(module, _CONV_TRANSPOSES) else 0
     if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or not -weight.ndim <= dim < max(weight.ndim, 1):
@@ -236,10 +239,10 @@ def _walk(model: nn.Module):
             if original is None:
                 original = module._buffers.get("original")  # a parametrized buffer keeps its original as a buffer
             for i, p in enumerate(children.values()):
-                if isinstance(p, SpectralNorm) and "_v" in p._buffers and original is not None:
-                    if i == 0:
+                if isinstance(p, SpectralNorm) and "_v" in p._buffers:
+                    if i == 0 and original is not None:
                         found.append((p, original))
-                    else:
+                    elif i > 0:  # after a parametrization with several originals too (original0, original1, …)
                         chained.append((p, module, i))
             continue
         stack.extend(reversed([c for c in children.values() if c is not None]))
@@ -307,6 +310,26 @@ def _plan(model: nn.Module) -> Tuple[List[_Group], List[Tuple[SpectralNorm, Tens
     return groups, conv_layers, chained
 
 
+def _chained_input(plist: parametrize.ParametrizationList, index: int) -> Tensor:
+    """What the parametrizations before `index` hand the spectral norm at `index`, evaluated in eval mode: a stateful
+    one (torch's own spectral_norm) would otherwise advance its state, which this update does not own."""
+    earlier = list(plist)[:index]
+    modes = [(m, m.training) for q in earlier for m in q.modules()]
+    for m, _ in modes:
+        m.training = False
+    try:
+        if plist.is_tensor:
+            weight = earlier[0](plist.original)
+        else:  # a first parametrization whose right_inverse returned several tensors
+            weight = earlier[0](*(getattr(plist, f"original{i}") for i in range(plist.ntensors)))
+        for q in earlier[1:]:
+            weight = q(weight)
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    return weight
+
+
 def update_spectral_norms(
     model: nn.Module, *, n_iters: int = 1, tol: Optional[float] = None, backend: str = "auto"
 ) -> None:
@@ -328,9 +351,9 @@ def update_spectral_norms(
     groups, conv_layers, chained = _plan(model)
     with torch.no_grad(), frozen_power_iteration():
         for p, plist, index in chained:  # after other parametrizations: iterate on what they hand it
-            weight = plist.original
-            for q in list(plist)[:index]:
-                weight = q(weight)
+            weight = _chained_input(plist, index)
+            if weight.device.type == "cpu" and not bool(torch.isfinite(weight).all()):
+                raise ValueError("a spectral-norm weight contains NaN or Inf")
             p._power_method(weight.detach(), n_iters)
     for p, original in conv_layers:
         if original.device.type == "cpu" and not bool(torch.isfinite(original).all()):
@@ -350,6 +373,9 @@ def update_spectral_norms(
             w, u, v = group.numpy()
             sigma, _ = _core.power_iteration(w, u, v, n_iters, -1.0 if tol is None else tol, group.eps,
                                              torch.get_num_threads())  # fmt: skip
+            # written through NumPy views, which autograd does not see: a graph that saved u or v (a compiled
+            # forward's, before its backward) would otherwise use the new values silently instead of raising
+            torch.autograd.graph.increment_version(group.us + group.vs)
             finite = bool(numpy.isfinite(sigma).all())
         else:
             with torch.no_grad():
