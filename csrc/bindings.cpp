@@ -30,6 +30,15 @@ namespace kf = kexue::flows;
 
 namespace {
 
+// NumPy arrays may be element-misaligned (np.frombuffer at an odd offset); the cores load whole elements and vectors
+// from them (undefined behaviour, UBSan: "load of misaligned address"): refused, never reached from torch tensors.
+template <typename A>
+const A& aligned(const A& arr, const std::string& name) {
+  if (arr && !(arr.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_))
+    throw py::value_error(name + " must be element-aligned (np.require(a, requirements='A') gives an aligned copy)");
+  return arr;
+}
+
 template <typename T>
 py::tuple power_iteration_typed(const py::list& weights, const py::list& us, const py::list& vs, int n_iters,
                                 double tol, double eps, int n_threads) {
@@ -50,9 +59,9 @@ py::tuple power_iteration_typed(const py::list& weights, const py::list& us, con
       throw py::value_error("u" + where + " must be a writeable contiguous vector of length weights.shape[0]");
     if (v.ndim() != 1 || v.shape(0) != w.shape(1) || !(v.flags() & py::array::c_style) || !v.writeable())
       throw py::value_error("v" + where + " must be a writeable contiguous vector of length weights.shape[1]");
-    auto wt = py::array_t<T>::ensure(w);
-    auto ut = py::array_t<T>::ensure(u);
-    auto vt = py::array_t<T>::ensure(v);
+    auto wt = aligned(py::array_t<T>::ensure(w), "w");
+    auto ut = aligned(py::array_t<T>::ensure(u), "u");
+    auto vt = aligned(py::array_t<T>::ensure(v), "v");
     if (!wt || !ut || !vt || !py::isinstance<py::array_t<T>>(w) || !py::isinstance<py::array_t<T>>(u) ||
         !py::isinstance<py::array_t<T>>(v))
       throw py::type_error("weights, u and v" + where + " must all have the same floating dtype");
@@ -90,11 +99,21 @@ py::tuple power_iteration(const py::list& weights, const py::list& us, const py:
   throw py::type_error("weights must be float32 or float64 arrays");
 }
 
+// Kernel codes 0..4 (gaussian, laplace, imq, linear, delta), each side at least one column, and a delta side one
+// column of labels (the delta kernel compares first entries: with none it read a null pointer).
+void check_kernels(const py::array& x, const py::array& y, int kernel_x, int kernel_y) {
+  for (int k : {kernel_x, kernel_y})
+    if (k < 0 || k > 4) throw py::value_error("kernel codes are 0..4 (gaussian, laplace, imq, linear, delta)");
+  if (x.shape(1) < 1 || y.shape(1) < 1) throw py::value_error("x and y need at least one column each");
+  if ((kernel_x == 4 && x.shape(1) != 1) || (kernel_y == 4 && y.shape(1) != 1))
+    throw py::value_error("a delta kernel's side must be one column of labels [n, 1]");
+}
+
 template <typename T>
 py::tuple hsic_stats_typed(const py::array& x_in, const py::array& y_in, kh::KernelParams kx, kh::KernelParams ky,
                            int n_threads) {
-  auto x = py::array_t<T, py::array::c_style>::ensure(x_in);
-  auto y = py::array_t<T, py::array::c_style>::ensure(y_in);
+  auto x = aligned(py::array_t<T, py::array::c_style>::ensure(x_in), "x");
+  auto y = aligned(py::array_t<T, py::array::c_style>::ensure(y_in), "y");
   if (!x || !y) throw py::type_error("x and y must be arrays of one floating dtype");
   const std::int64_t n = x.shape(0), dx = x.shape(1), dy = y.shape(1);
   const T* xp = x.data();
@@ -114,8 +133,7 @@ py::tuple hsic_stats(const py::array& x, const py::array& y, int kernel_x, doubl
                      double sigma_y, int n_threads) {
   if (x.ndim() != 2 || y.ndim() != 2) throw py::value_error("x and y must be 2-D arrays [n, d]");
   if (x.shape(0) != y.shape(0)) throw py::value_error("x and y must have the same number of rows");
-  for (int k : {kernel_x, kernel_y})
-    if (k < 0 || k > 4) throw py::value_error("kernel codes are 0..4 (gaussian, laplace, imq, linear, delta)");
+  check_kernels(x, y, kernel_x, kernel_y);
   const kh::KernelParams kx{static_cast<kh::Kernel>(kernel_x), sigma_x};
   const kh::KernelParams ky{static_cast<kh::Kernel>(kernel_y), sigma_y};
   const bool f32 = py::isinstance<py::array_t<float>>(x) && py::isinstance<py::array_t<float>>(y);
@@ -130,8 +148,8 @@ using F64Array = py::array_t<double, py::array::c_style | py::array::forcecast>;
 template <typename T>
 py::tuple hsic_grad_typed(const py::array& x_in, const py::array& y_in, kh::KernelParams kx, kh::KernelParams ky,
                           const kh::GradCoefficients& g, bool need_x, bool need_y, int n_threads) {
-  auto x = py::array_t<T, py::array::c_style>::ensure(x_in);
-  auto y = py::array_t<T, py::array::c_style>::ensure(y_in);
+  auto x = aligned(py::array_t<T, py::array::c_style>::ensure(x_in), "x");
+  auto y = aligned(py::array_t<T, py::array::c_style>::ensure(y_in), "y");
   const std::int64_t n = x.shape(0), dx = x.shape(1), dy = y.shape(1);
   py::object gx = py::none(), gy = py::none();
   double* gxp = nullptr;
@@ -163,8 +181,7 @@ py::tuple hsic_grad(const py::array& x, const py::array& y, int kernel_x, double
   if (y.shape(0) != n) throw py::value_error("x and y must have the same number of rows");
   if (u_k.ndim() != 1 || u_k.shape(0) != n || u_l.ndim() != 1 || u_l.shape(0) != n)
     throw py::value_error("u_k and u_l must be vectors of length n");
-  for (int k : {kernel_x, kernel_y})
-    if (k < 0 || k > 4) throw py::value_error("kernel codes are 0..4 (gaussian, laplace, imq, linear, delta)");
+  check_kernels(x, y, kernel_x, kernel_y);
   const kh::KernelParams kx{static_cast<kh::Kernel>(kernel_x), sigma_x};
   const kh::KernelParams ky{static_cast<kh::Kernel>(kernel_y), sigma_y};
   kh::GradCoefficients g;
@@ -184,8 +201,8 @@ template <typename T>
 py::array_t<double> permuted_cross_sums_typed(const py::array& x_in, const py::array& y_in, kh::KernelParams kx,
                                               kh::KernelParams ky, const std::int64_t* perms,
                                               std::int64_t n_perms, int n_threads) {
-  auto x = py::array_t<T, py::array::c_style>::ensure(x_in);
-  auto y = py::array_t<T, py::array::c_style>::ensure(y_in);
+  auto x = aligned(py::array_t<T, py::array::c_style>::ensure(x_in), "x");
+  auto y = aligned(py::array_t<T, py::array::c_style>::ensure(y_in), "y");
   const std::int64_t n = x.shape(0), dx = x.shape(1), dy = y.shape(1);
   py::array_t<double> out(static_cast<py::ssize_t>(n_perms));
   double* op = out.mutable_data();
@@ -208,8 +225,7 @@ py::array_t<double> hsic_permuted_cross_sums(
   const std::int64_t* pp = perms.data();
   for (std::int64_t q = 0; q < perms.size(); ++q)  // out-of-range indices would read outside y
     if (pp[q] < 0 || pp[q] >= n) throw py::value_error("perms must hold indices in [0, n)");
-  for (int k : {kernel_x, kernel_y})
-    if (k < 0 || k > 4) throw py::value_error("kernel codes are 0..4 (gaussian, laplace, imq, linear, delta)");
+  check_kernels(x, y, kernel_x, kernel_y);
   const kh::KernelParams kx{static_cast<kh::Kernel>(kernel_x), sigma_x};
   const kh::KernelParams ky{static_cast<kh::Kernel>(kernel_y), sigma_y};
   if (py::isinstance<py::array_t<float>>(x) && py::isinstance<py::array_t<float>>(y))
@@ -221,9 +237,11 @@ py::array_t<double> hsic_permuted_cross_sums(
 
 template <typename T>
 py::tuple kth_pair_typed(const py::array& x_in, std::int64_t k, const kh::PairSelectOptions& options) {
-  auto x = py::array_t<T, py::array::c_style>::ensure(x_in);
+  auto x = aligned(py::array_t<T, py::array::c_style>::ensure(x_in), "x");
   const std::int64_t n = x.shape(0), d = x.shape(1);
   const T* xp = x.data();
+  for (std::int64_t e = 0; e < n * d; ++e)  // NaN distances are never counted: the search for the k-th never ended
+    if (!std::isfinite(xp[e])) throw py::value_error("x must be finite (no NaN or Inf)");
   kh::PairSelectResult r;
   {
     py::gil_scoped_release release;
@@ -377,12 +395,15 @@ float* jose_table(py::array& t, std::int64_t rows, int dim, const char* name) {
       t.shape(0) != rows || t.shape(1) != dim || !t.writeable())
     throw py::value_error(std::string(name) + " must be a writeable C-contiguous float32 array [" +
                           std::to_string(rows) + ", " + std::to_string(dim) + "]");
+  aligned(t, name);
   return static_cast<float*>(t.mutable_data());
 }
 
 void jose_init_tables(py::array u, py::array v, py::array d, std::uint64_t seed) {
   if (u.ndim() != 2 || d.ndim() != 2) throw py::value_error("u and d must be 2-D");
   const std::int64_t vocab = u.shape(0), docs = d.shape(0);
+  // 0 columns: no unit row to draw (the init redrew zero rows for ever)
+  if (u.shape(1) < 1 || u.shape(1) > 2147483647) throw py::value_error("u must have 1 to 2^31 - 1 columns");
   const int dim = static_cast<int>(u.shape(1));
   kexue::jose::Tables tables{jose_table(u, vocab, dim, "u"), jose_table(v, vocab, dim, "v"),
                              jose_table(d, docs, dim, "d")};
@@ -492,7 +513,7 @@ py::tuple jose_apply_steps(py::array u, py::array v, py::object d, const JoseRow
     auto da = d.cast<py::array>();
     if (da.ndim() != 2) throw py::value_error("d must be 2-D");
     float* dp = jose_table(da, da.shape(0), dim, "d");
-    auto dr = JoseRows::ensure(d_rows);
+    auto dr = aligned(JoseRows::ensure(d_rows), "d_rows");
     if (!dr) throw py::type_error("d_rows must be an integer array");
     jose_check_rows(dr, n, da.shape(0), "d_rows");
     loss = kexue::jose::apply_joint(up, vp, dp, u_rows.data(), v_rows.data(), dr.data(), neg_rows.data(), n, dim,
@@ -516,10 +537,10 @@ py::array_t<std::int32_t> jose_negative_table(const py::array_t<std::int64_t, py
 template <typename T>
 py::tuple jacobi_elliptic_typed(const py::array& u_in, const py::array& m_in, int n_threads,
                                 const std::optional<py::array>& mp_in) {
-  auto u = py::array_t<T, py::array::c_style>::ensure(u_in);
-  auto m = py::array_t<T, py::array::c_style>::ensure(m_in);
+  auto u = aligned(py::array_t<T, py::array::c_style>::ensure(u_in), "u");
+  auto m = aligned(py::array_t<T, py::array::c_style>::ensure(m_in), "m");
   py::array_t<T, py::array::c_style> mp;
-  if (mp_in) mp = py::array_t<T, py::array::c_style>::ensure(*mp_in);
+  if (mp_in) mp = aligned(py::array_t<T, py::array::c_style>::ensure(*mp_in), "mp");
   std::vector<py::ssize_t> shape(u.shape(), u.shape() + u.ndim());
   std::vector<py::array_t<T>> out;
   for (int i = 0; i < 5; ++i) out.emplace_back(shape);
@@ -548,7 +569,7 @@ py::tuple jacobi_elliptic(const py::array& u, const py::array& m, int n_threads,
 
 template <typename T>
 py::tuple complete_integrals_typed(const py::array& m_in, int n_threads) {
-  auto m = py::array_t<T, py::array::c_style>::ensure(m_in);
+  auto m = aligned(py::array_t<T, py::array::c_style>::ensure(m_in), "m");
   std::vector<py::ssize_t> shape(m.shape(), m.shape() + m.ndim());
   py::array_t<T> k(shape), e(shape);
   T* kp = k.mutable_data();
@@ -575,6 +596,7 @@ T* array_ptr(const py::handle& obj, const std::vector<std::int64_t>& shape, cons
   if (!py::isinstance<py::array_t<T>>(obj)) throw py::type_error(name + " must be an array of the chain's dtype");
   auto arr = py::reinterpret_borrow<py::array>(obj);
   if (!(arr.flags() & py::array::c_style)) throw py::value_error(name + " must be C-contiguous");
+  aligned(arr, name);
   if (arr.ndim() != static_cast<py::ssize_t>(shape.size())) throw py::value_error(name + " has the wrong rank");
   for (std::size_t i = 0; i < shape.size(); ++i)
     if (arr.shape(static_cast<py::ssize_t>(i)) != shape[i]) throw py::value_error(name + " has the wrong shape");
@@ -739,6 +761,9 @@ std::int64_t dense_chain_workspace_size(const py::array& x, const py::list& laye
 // ---- SOM Gram (ortho/som_gram) --------------------------------------------------------------------------------------
 void check_som_shape(std::int64_t n, std::int64_t c, std::int64_t s, double gamma) {
   if (n < 1 || c < 1 || s < 1) throw py::value_error("n, c and s must be >= 1");
+  std::int64_t ncs = 0, cc = 0;  // n·c·s and c·c sized the arrays: an overflowed product let a short y through
+  if (__builtin_mul_overflow(n, c, &ncs) || __builtin_mul_overflow(ncs, s, &ncs) || __builtin_mul_overflow(c, c, &cc))
+    throw py::value_error("n·c·s or c·c overflows a 64-bit size");
   if (!(gamma > 0) || !std::isfinite(gamma)) throw py::value_error("gamma must be a finite number > 0");
 }
 

@@ -219,3 +219,35 @@ def test_jose_and_infomap_say_they_need_the_cpp_core(monkeypatch):
         JoSE(dim=4, min_count=1, epochs=1, backend="torch", progress=False).fit([["a", "b"], ["b", "c"]])
     with pytest.raises(ImportError, match=r"Infomap run on the C\+\+ extension"):
         kexue_fast.infomap(([0, 1, 2], [1, 2, 0]))
+
+
+def test_core_bindings_refuse_what_a_sanitizer_build_caught():
+    """Direct kexue_fast._core calls that an ASan/UBSan build of the cores showed reading or looping wrongly: a delta
+    kernel side without columns (a null read; a segfault), n·c·s overflowing int64 (a heap overflow), all-zero
+    counts (NaN cast to a table slot), NaN rows in the k-th pair search (it never ended), dim 0 JoSE tables (the
+    init redrew zero rows for ever), element-misaligned arrays (misaligned loads)."""
+    import numpy as np
+    import pytest
+
+    from kexue_fast import _core
+
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="at least one column"):
+        _core.hsic_stats(rng.random((5, 2)), np.zeros((5, 0)), 0, 1.0, 4, 0.0, 1)
+    with pytest.raises(ValueError, match="one column of labels"):
+        _core.hsic_stats(rng.random((5, 2)), np.zeros((5, 2)), 0, 1.0, 4, 0.0, 1)
+    with pytest.raises(ValueError, match="overflows"):
+        _core.som_penalty(np.zeros(0, np.float32), 2**62, 4, 1, 1.0, 1.0, 1.0, 1e-8, None, 1)
+    with pytest.raises(ValueError, match="positive count"):
+        _core.jose_negative_table(np.array([0, 0]), 1000)
+    x = rng.random((6, 2))
+    x[0, 0] = np.nan
+    with pytest.raises(ValueError, match="finite"):
+        _core.kth_pair_sq_distance(x, 10, 0, 1024, 0, 1)
+    empty = np.zeros((3, 0), np.float32)
+    with pytest.raises(ValueError, match="columns"):
+        _core.jose_init_tables(empty, empty.copy(), np.zeros((2, 0), np.float32), 0)
+    raw = np.zeros(8 * 20 + 1, np.uint8)
+    misaligned = np.frombuffer(raw.data, dtype=np.float64, count=20, offset=1).reshape(10, 2)
+    with pytest.raises(ValueError, match="element-aligned"):
+        _core.hsic_stats(misaligned, misaligned.copy(), 0, 1.0, 0, 1.0, 1)

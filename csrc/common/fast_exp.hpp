@@ -25,7 +25,8 @@ inline To bit_cast(From from) {
 template <typename F, typename I, typename U, int kMantissa, int kBias>
 inline F scale_and_mask(F p, F t, U keep) {
   const auto k_bits = bit_cast<I>(t);
-  const F scale = bit_cast<F>(static_cast<U>(static_cast<U>(k_bits + kBias) << kMantissa));
+  // the add in unsigned: a NaN's payload bits can be the signed maximum (k_bits + kBias overflowed: undefined)
+  const F scale = bit_cast<F>(static_cast<U>((static_cast<U>(k_bits) + static_cast<U>(kBias)) << kMantissa));
   return bit_cast<F>(static_cast<U>(bit_cast<U>(p * scale) & keep));
 }
 

@@ -303,7 +303,12 @@ NegativeTable::NegativeTable(const std::int64_t* counts, std::int64_t vocab_size
   // fit and inference call): word i + 1 starts after the first slot a past the previous advance with
   // a / size > d1 (d1 = share(0) + … + share(i), summed in the same order), at most one advance per slot.
   double total = 0;
-  for (std::int64_t a = 0; a < vocab_size; ++a) total += std::pow(static_cast<double>(counts[a]), 0.75);
+  for (std::int64_t a = 0; a < vocab_size; ++a) {
+    if (counts[a] < 0) throw std::invalid_argument("counts must be >= 0");
+    total += std::pow(static_cast<double>(counts[a]), 0.75);
+  }
+  if (!(total > 0) || !std::isfinite(total))  // d1 would be NaN, and casting it to a slot undefined
+    throw std::invalid_argument("counts must hold a positive count");
   const double size = static_cast<double>(table_size);
   first_slot_.assign(static_cast<std::size_t>(vocab_size), table_size);
   first_slot_[0] = 0;
