@@ -166,6 +166,7 @@ def offline_corpus(path: Union[str, os.PathLike, None] = None, sources: Union[st
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for tokens in offline_documents(chosen):
                 f.write(" ".join(tokens) + "\n")
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would keep the cache from other users of a shared cache folder
         os.replace(tmp, out)
     except BaseException:
         os.unlink(tmp)
