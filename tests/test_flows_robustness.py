@@ -407,6 +407,14 @@ def test_block_reads_g_again_after_its_modules_change(backend, monkeypatch):
     blk.g = _dense_g(seed=1)
     y, _ = blk(x)
     torch.testing.assert_close(y, x + blk.g(x), rtol=0, atol=1e-14)
+
+    class Half(nn.Module):
+        def forward(self, w):
+            return w / 2
+
+    parametrize.register_parametrization(blk.g[0], "weight", Half())  # a second one: no class change
+    y, _ = blk(x)
+    torch.testing.assert_close(y, x + blk.g(x), rtol=0, atol=1e-14)
     parametrize.remove_parametrizations(blk.g[0], "weight")
     with torch.no_grad():
         blk.g[0].weight.mul_(0.5 / torch.linalg.matrix_norm(blk.g[0].weight, 2))

@@ -566,13 +566,15 @@ def _torch_spectral_norms_frozen(g: nn.Module):
 
 
 def _structure(g: nn.Module) -> tuple:
-    """The identity and type of every module in g, parametrizations included (their modules are g's children):
-    a cheap walk of _modules, compared on every forward."""
-    out, stack = [], [g]
-    while stack:
-        m = stack.pop()
-        out.append((id(m), type(m)))
-        stack.extend(c for c in m._modules.values() if c is not None)
+    """g's identity and type, its children's, and their parametrizations', compared on every forward: what the
+    closed forms' descriptions (flat chains of g's children, spectral norms folded in) were read from. A replaced
+    child changes its id; the first parametrization added or the last removed changes its class."""
+    out = [id(g), type(g)]
+    for c in g._modules.values():
+        out += (id(c), type(c))
+        lists = c._modules.get("parametrizations") if c is not None else None
+        if lists is not None:
+            out += [id(q) for plist in lists._modules.values() for q in plist._modules.values()]
     return tuple(out)
 
 
