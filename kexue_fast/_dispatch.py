@@ -62,6 +62,17 @@ def core_status() -> Tuple[bool, str]:
     return True, "kexue_fast._core"
 
 
+def require_core(need: str):
+    """kexue_fast._core where nothing else can do the work, or an ImportError that starts with `need` (what needs
+    it) and says why it does not load (a bare "cannot import name '_core'" said neither)."""
+    try:  # imported here, not through core_status: its answer is cached for the process
+        from . import _core
+    except ImportError as exc:
+        raise ImportError(f"{need}, which does not load ({exc}); reinstall with `pip install .` (python -m "
+                          "kexue_fast.info says more)") from exc  # fmt: skip
+    return _core
+
+
 @dataclass(frozen=True)
 class OpSpec:
     """What each backend of one op supports."""

@@ -8,6 +8,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 
+from .. import _dispatch
 from .flow import flow_model
 from .graph import Graph, as_graph, is_tree, module_array, tree_array
 
@@ -129,7 +130,7 @@ def map_equation(
     node (in node order) or {node id: label}; or a tree: one path of module indices per node (tuples, top level
     first, e.g. `InfomapResult.paths()` or infomap's `node.path[:-1]`), an int array [n, depth] padded with −1
     (`InfomapResult.tree`), or {node id: path}. A module's children must be all nodes or all modules."""
-    _core = _core_module()
+    _core = _dispatch.require_core("the map equation and Infomap run on the C++ extension kexue_fast._core")
 
     g, (node, src, dst, link, teleport) = _flows(graph, directed, teleportation_probability, recorded_teleportation,
                                                  markov_time, num_nodes)  # fmt: skip
@@ -138,17 +139,6 @@ def map_equation(
         return MapEquationResult(total, index, total - index)
     return MapEquationResult(*_core.infomap_map_equation(g.n, node, src, dst, link, module_array(g, modules),
                                                          teleport))  # fmt: skip
-
-
-def _core_module():
-    """kexue_fast._core (the map equation and Infomap have no other backend), or an ImportError that says so."""
-    try:
-        from .. import _core
-    except ImportError as exc:
-        raise ImportError("the map equation and Infomap run on the C++ extension kexue_fast._core, which does not "
-                          "load: reinstall kexue_fast (python -m kexue_fast.info says why it is unavailable): "
-                          f"{exc}") from exc  # fmt: skip
-    return _core
 
 
 def _int_in(value: Any, name: str, low: int, high: int = 2**31 - 1) -> int:
@@ -183,7 +173,7 @@ def infomap(
     the new index codebook) while that codes it shorter, and last, modules whose children code shorter one level up
     are dissolved. The best of `num_trials` trials is kept (run in parallel on up to n_threads threads, default all
     cores; the GIL is released). Deterministic for a given seed."""
-    _core = _core_module()
+    _core = _dispatch.require_core("the map equation and Infomap run on the C++ extension kexue_fast._core")
 
     num_trials = _int_in(num_trials, "num_trials", 1)
     seed = _int_in(seed, "seed", 0, 2**64 - 1)

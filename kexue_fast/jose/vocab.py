@@ -73,15 +73,12 @@ def encode_documents(docs: Iterable[Sequence[str]], min_count: int) -> EncodedCo
 
 
 def core():
-    """kexue_fast._core, which JoSE needs on every backend (the file reader and jose.c's initial tables), or an
-    ImportError that says so (a bare "cannot import name '_core'" came out of the torch and Triton paths)."""
-    try:
-        from .. import _core
-    except ImportError as exc:
-        raise ImportError("JoSE needs the C++ extension kexue_fast._core on every backend (its corpus reader and "
-                          "jose.c's initial tables), and it does not load: reinstall kexue_fast (python -m "
-                          f"kexue_fast.info says why it is unavailable): {exc}") from exc  # fmt: skip
-    return _core
+    """kexue_fast._core, which JoSE needs on every backend (the file reader and jose.c's initial tables)."""
+    from .. import _dispatch
+
+    return _dispatch.require_core(
+        "JoSE needs the C++ extension kexue_fast._core on every backend (its corpus reader and jose.c's initial tables)"
+    )
 
 
 def encode_file(path: Union[str, os.PathLike], min_count: int) -> EncodedCorpus:

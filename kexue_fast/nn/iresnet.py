@@ -5,7 +5,6 @@ Every flow module here maps x -> (y, logdet [B]) in forward and y -> x in invers
 
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 import warnings
@@ -549,20 +548,14 @@ def _frozen():
     return frozen_power_iteration()
 
 
-@contextlib.contextmanager
 def _torch_spectral_norms_frozen(g: nn.Module):
     """torch's own spectral_norm parametrizations in g in eval mode for a while: in training mode each evaluation of g
     advances their power iteration, so the map being inverted would move under the fixed point."""
     from torch.nn.utils.parametrizations import _SpectralNorm
 
-    modules = [m for m in g.modules() if isinstance(m, _SpectralNorm) and m.training]
-    for m in modules:
-        m.training = False
-    try:
-        yield
-    finally:
-        for m in modules:
-            m.training = True
+    from .spectral_norm import eval_mode
+
+    return eval_mode([m for m in g.modules() if isinstance(m, _SpectralNorm) and m.training])
 
 
 def _structure(g: nn.Module) -> tuple:

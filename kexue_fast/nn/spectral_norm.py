@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import numbers
 import weakref
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy
 import torch
@@ -310,24 +310,39 @@ def _plan(model: nn.Module) -> Tuple[List[_Group], List[Tuple[SpectralNorm, Tens
     return groups, conv_layers, chained
 
 
-def _chained_input(plist: parametrize.ParametrizationList, index: int) -> Tensor:
-    """What the parametrizations before `index` hand the spectral norm at `index`, evaluated in eval mode: a stateful
-    one (torch's own spectral_norm) would otherwise advance its state, which this update does not own."""
-    earlier = list(plist)[:index]
-    modes = [(m, m.training) for q in earlier for m in q.modules()]
+@contextlib.contextmanager
+def eval_mode(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """The modules in eval mode for a while, each restored to its own mode after (a stateful module, such as torch's
+    own spectral_norm, advances its state when evaluated in training mode)."""
+    modes = [(m, m.training) for m in modules]
     for m, _ in modes:
         m.training = False
     try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def _chained_input(plist: parametrize.ParametrizationList, index: int) -> Tensor:
+    """What the parametrizations before `index` hand the spectral norm at `index`, evaluated in eval mode: a stateful
+    one would otherwise advance its state, which this update does not own."""
+    earlier = list(plist)[:index]
+    with eval_mode(m for q in earlier for m in q.modules()):
         if plist.is_tensor:
             weight = earlier[0](plist.original)
         else:  # a first parametrization whose right_inverse returned several tensors
             weight = earlier[0](*(getattr(plist, f"original{i}") for i in range(plist.ntensors)))
         for q in earlier[1:]:
             weight = q(weight)
-    finally:
-        for m, mode in modes:
-            m.training = mode
     return weight
+
+
+def _check_finite_weight(weight: Tensor) -> None:
+    """A CPU weight's NaN/Inf as the batched groups report it (unit_or_keep would keep u, v and hide it); on CUDA
+    the check would sync the host."""
+    if weight.device.type == "cpu" and not bool(torch.isfinite(weight).all()):
+        raise ValueError("a spectral-norm weight contains NaN or Inf")
 
 
 def update_spectral_norms(
@@ -352,13 +367,10 @@ def update_spectral_norms(
     with torch.no_grad(), frozen_power_iteration():
         for p, plist, index in chained:  # after other parametrizations: iterate on what they hand it
             weight = _chained_input(plist, index)
-            if weight.device.type == "cpu" and not bool(torch.isfinite(weight).all()):
-                raise ValueError("a spectral-norm weight contains NaN or Inf")
+            _check_finite_weight(weight)
             p._power_method(weight.detach(), n_iters)
     for p, original in conv_layers:
-        if original.device.type == "cpu" and not bool(torch.isfinite(original).all()):
-            # as the batched groups below report it (unit_or_keep would keep u, v and hide it)
-            raise ValueError("a spectral-norm weight contains NaN or Inf")
+        _check_finite_weight(original)
         with torch.no_grad():
             if p.conv is None:
                 p._power_method(original.detach(), n_iters)
