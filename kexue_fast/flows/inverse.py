@@ -6,9 +6,9 @@ with ε the dtype's rounding unit: steps cannot shrink below a few ulps of x (in
 floor for ‖x‖∞ ≈ 3), so the floor keeps a reachable target from turning into max_iter iterations. The returned
 point is F(x_k), whose error is then ‖F(x_k) − x*‖₂ ≤ Lip(g)/(1 − Lip(g)) · √d · (atol + (rtol + 16ε)‖x‖∞) for d
 entries per sample (Lip(g) in the 2-norm, the step measured in ∞-norm). In half precision the floor dominates
-(16ε = 6% of ‖x‖∞ in bfloat16, 1.6% in float16): invert a float32 copy for a closer inverse. (Residual Flows
-compares the *squared* step with its tolerance, so its "1e-5" stops at steps of ~3e-3.) Checking the rule is a
-host sync per iteration.
+(16ε = 16·torch.finfo(dtype).eps is 12.5% of ‖x‖∞ in bfloat16, 1.6% in float16): invert a float32 copy for a
+closer inverse. (Residual Flows compares the *squared* step with its tolerance, so its "1e-5" stops at steps of
+~3e-3.) Checking the rule is a host sync per iteration.
 """
 
 from __future__ import annotations
