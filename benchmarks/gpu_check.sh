@@ -16,7 +16,8 @@
 #     jose    the JoSE GPU trainer's word similarity and training speed (benchmarks/jose_quality.py --device cuda)
 #             on the carried corpus (.gpu/corpus.txt.gz) and datasets (.gpu/wordsim353.tsv, .gpu/simlex999.txt)
 #     sweep   the fused SOM kernels under each launch setting, their error, and the CNN step with the fastest
-#             accurate ones (benchmarks/som_profile.py --sweep), into logs/som-sweep.log; SWEEP_TIMEOUT (240 s)
+#             accurate ones (benchmarks/som_profile.py --sweep), into logs/som-sweep.log; SWEEP_TIMEOUT (240 s),
+#             SWEEP_SETTINGS (a JSON list of settings instead of the script's list)
 #     profile where the fused SOM path spends a CNN step (benchmarks/som_profile.py: device and host time per
 #             operator, Python hot spots), into logs/som-profile.log; PROFILE_TIMEOUT (120 s)
 #
@@ -137,7 +138,7 @@ stage_jose() {
 stage_sweep() {
   local rc
   timeout "$(budget "${SWEEP_TIMEOUT:-240}")" $PY -m kexue_fast.benchmarks.som_profile --sweep \
-    > "$LOGS/som-sweep.log" 2>&1
+    ${SWEEP_SETTINGS:+--settings "$SWEEP_SETTINGS"} > "$LOGS/som-sweep.log" 2>&1
   rc=$?
   echo "som sweep: exit $rc"; tail -n 30 "$LOGS/som-sweep.log"
   return $rc

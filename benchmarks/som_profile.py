@@ -1,6 +1,6 @@
 """Where the fused SOM Triton path spends a CNN training step: the profile behind benchmarks/ortho.py's overhead rows.
 
-    python -m kexue_fast.benchmarks.som_profile [--device cuda] [--batch 256] [--steps 5] [--sweep]
+    python -m kexue_fast.benchmarks.som_profile [--device cuda] [--batch 256] [--steps 5] [--sweep [--settings JSON]]
     python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --steps 20 --cpp-split [--fresh-buffers] \
         [--compare-cores OTHER.so ...]
     python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --host-overhead
@@ -35,12 +35,13 @@ import argparse
 import cProfile
 import functools
 import io
+import json
 import os
 import pstats
 import re
 import statistics
 import time
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -101,9 +102,26 @@ SWEEP_SETTINGS: List[dict] = [  # around the defaults; the H200 runs of 2026-11-
     {"GRAM_ROWS": 128, "GRAM_WARPS": 8},
     {"GRAD_ROWS": 32, "GRAD_WARPS": 4},
     {"GRAD_DOTS": "tf32x3", "GRAD_WARPS": 4},
+    {"GRAD_BLOCKS": 2},
+    {"GRAD_BLOCKS": 4},
+    {"GRAD_BLOCKS": 4, "GRAD_WARPS": 4},
 ]
 _KNOBS = ("GRAM_WARPS", "GRAD_WARPS", "GRAM_ROWS", "GRAD_ROWS", "GRAM_WAVES", "GRAM_STAGES", "GRAD_STAGES", "GRAM_DOTS",
-          "GRAD_DOTS")  # fmt: skip
+          "GRAD_DOTS", "GRAD_BLOCKS")  # fmt: skip
+
+
+def parse_settings(text: str) -> List[dict]:
+    """--settings: a JSON list of settings (objects of _KNOBS and "tf32"), replacing SWEEP_SETTINGS."""
+    try:
+        settings = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--settings must be a JSON list of objects: {e}") from None
+    if not isinstance(settings, list) or not all(isinstance(x, dict) for x in settings):
+        raise ValueError(f"--settings must be a JSON list of objects, got {text!r}")
+    unknown = sorted({k for x in settings for k in x} - {*_KNOBS, "tf32"})
+    if unknown:
+        raise ValueError(f"--settings names unknown knobs {unknown}; known: {list(_KNOBS)} and tf32")
+    return settings
 
 
 class _Setting:
@@ -130,7 +148,7 @@ def _layer_errors(got: Sequence[torch.Tensor], truth: Sequence[torch.Tensor]) ->
     return [float((a.double() - b).abs().max() / b.abs().max()) for a, b in zip(got, truth)]
 
 
-def sweep(batch: int, step_rounds: int) -> None:
+def sweep(batch: int, step_rounds: int, settings: Optional[List[dict]] = None) -> None:
     """The fused kernels on the CNN's four conv outputs (float32, CUDA), forward (kernels.penalty) and backward
     (kernels.gram_backward) timed by triton.testing.do_bench (median) for each launch setting, with the bytes floor:
     Y read once forward, Y read and ∂Y written backward, at the device's copy bandwidth (a Y-sized copy, timed here).
@@ -185,7 +203,7 @@ def sweep(batch: int, step_rounds: int) -> None:
         return errs[0], errs[1], ok and not setting.get("tf32")
 
     results = []
-    for setting in SWEEP_SETTINGS:
+    for setting in SWEEP_SETTINGS if settings is None else settings:
         checked = check(setting)
         if checked is None:
             continue
@@ -430,6 +448,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="default: 256 on CUDA, 2 on CPU")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--sweep", action="store_true", help="CUDA: time the fused kernels' launch settings instead")
+    parser.add_argument("--settings", default="", help="with --sweep: a JSON list such as '[{}, {\"GRAD_BLOCKS\": 2}]'")
     parser.add_argument("--step-rounds", type=int, default=3, help="with --sweep: rounds of the step with the best")
     parser.add_argument("--cpp-split", action="store_true", help="CPU: time the C++ calls inside the step instead")
     parser.add_argument("--fresh-buffers", action="store_true", help="with --cpp-split: no kept ∂R/∂Y buffers")
@@ -450,7 +469,11 @@ def main() -> None:
     if args.sweep:
         if args.device != "cuda":
             parser.error("--sweep times the Triton kernels: it needs --device cuda")
-        sweep(batch, args.step_rounds)
+        try:
+            settings = parse_settings(args.settings) if args.settings else None
+        except ValueError as e:
+            parser.error(str(e))
+        sweep(batch, args.step_rounds, settings)
         return
     if args.host_overhead:
         if args.device != "cpu":

@@ -1,7 +1,9 @@
-"""`first_order`: for autograd.Functions whose backward is written out without a graph of its own."""
+"""`first_order`: for autograd.Functions whose backward is written out without a graph of its own; `no_autocast`: a
+region computed in its inputs' dtypes under mixed precision."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Callable
 
@@ -26,3 +28,14 @@ def first_order(backward: Callable) -> Callable:
         return backward(ctx, *grads)
 
     return checked
+
+
+def no_autocast(device_type: str):
+    """torch.autocast(device_type, enabled=False), or a null context on a device without autocast (meta: shape
+    inference). Under torch.compile only meta is told apart: torch 2.11's dynamo cannot trace the availability query
+    (torch._C._is_autocast_available), which broke every compiled graph through it (a spectral norm's σ̂)."""
+    if device_type == "meta":
+        return contextlib.nullcontext()
+    if not torch.compiler.is_compiling() and not torch.amp.is_autocast_available(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)

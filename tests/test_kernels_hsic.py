@@ -103,6 +103,7 @@ def test_laplace_gradient_of_near_duplicate_samples():
     x = torch.randn(40, 8, generator=g) * 3 + 5
     x[1] = x[0] + 1e-3 * torch.randn(8, generator=g) / 8**0.5
     y = torch.randn(40, 2, generator=g) + x[:, :1]
+    x, y = x.to(_device()), y.to(_device())  # Triton on CPU tensors only under the interpreter (no CUDA)
     grads = {}
     for backend in ("torch", "triton"):
         xx = x.clone().requires_grad_()
@@ -115,7 +116,7 @@ def test_laplace_gradient_of_near_duplicate_samples():
 def test_backend_variable_is_not_forced_onto_the_bandwidth_helper(monkeypatch):
     """KEXUE_FAST_BACKEND=triton, meant for hsic, also reached its median_bandwidth call, which has no Triton path:
     hsic raised where backend="triton" as an argument ran."""
-    x, y = torch.randn(64, 3), torch.randn(64, 2)
+    x, y = torch.randn(64, 3, device=_device()), torch.randn(64, 2, device=_device())
     want = kexue_fast.hsic(x, y, backend="triton")
     monkeypatch.setenv("KEXUE_FAST_BACKEND", "triton")
     assert torch.equal(kexue_fast.hsic(x, y), want)

@@ -210,6 +210,25 @@ def test_torch_compile_fullgraph():
     assert model[0].parametrizations.weight.original.grad is not None
 
 
+def test_compiled_graph_does_not_query_autocast_availability(monkeypatch):
+    """torch 2.11's dynamo cannot trace torch.amp.is_autocast_available (torch._C._is_autocast_available): the σ̂
+    region's check broke every fullgraph compile through a spectral norm there (H200 machine, torch 2.11, 18 failed
+    tests). Here the query raises when traced, as it did there."""
+    available = torch.amp.is_autocast_available
+
+    def eager_only(device_type):
+        if torch.compiler.is_compiling():
+            raise RuntimeError("is_autocast_available traced under torch.compile")
+        return available(device_type)
+
+    monkeypatch.setattr(torch.amp, "is_autocast_available", eager_only)
+    torch._dynamo.reset()
+    model = nn.Sequential(spectral_norm(nn.Linear(8, 16), coeff=0.9), nn.ReLU(), spectral_norm(nn.Linear(16, 4)))
+    eager = copy.deepcopy(model)
+    x = torch.randn(5, 8)
+    assert torch.allclose(torch.compile(model, fullgraph=True, backend="aot_eager")(x), eager(x), atol=1e-6)
+
+
 def test_torch_compile_fullgraph_inductor():
     model = nn.Sequential(spectral_norm(nn.Linear(8, 16), coeff=0.9), nn.Tanh(), spectral_norm(nn.Linear(16, 4)))
     eager = copy.deepcopy(model)

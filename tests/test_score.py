@@ -320,9 +320,11 @@ def test_samplers_follow_x_layout_and_dtype(backend):
 
     if backend == "triton":
         pytest.importorskip("triton")
+    # Triton on CPU tensors only under the interpreter (no CUDA)
+    dev = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
     score32 = lambda x, *args: -x.float()  # noqa: E731
-    start = torch.randn(3, 8, dtype=D64).T  # [8, 3], transposed: not contiguous
-    g = torch.Generator().manual_seed(0)
+    start = torch.randn(3, 8, dtype=D64, device=dev).T  # [8, 3], transposed: not contiguous
+    g = torch.Generator(dev).manual_seed(0)
     tempered = tempered_langevin(score32, start, step_size=0.01, temperatures=[1.0, 0.5], n_steps_each=2,
                                  generator=g, backend=backend)  # fmt: skip
     assert tempered.dtype == D64 and tempered.shape == (8, 3)
@@ -334,6 +336,7 @@ def test_samplers_follow_x_layout_and_dtype(backend):
     assert out is x and x.dtype == D64
     with pytest.raises(ValueError, match="strictly decreasing"):
         annealed_langevin(score32, start, [0.1, 1.0], n_steps_each=1)
-    z = torch.tensor([1.0, 1.0])
-    step = langevin_step(torch.tensor([1.0, 1.0]), torch.tensor([2.0, 2.0]), 1.0, noise=z, out=z, backend=backend)
-    assert torch.equal(step, torch.tensor([3.0, 3.0]))  # x + (α/2)s + √α z, with out aliasing the noise
+    z = torch.tensor([1.0, 1.0], device=dev)
+    step = langevin_step(torch.tensor([1.0, 1.0], device=dev), torch.tensor([2.0, 2.0], device=dev), 1.0, noise=z,
+                         out=z, backend=backend)  # fmt: skip
+    assert torch.equal(step, torch.tensor([3.0, 3.0], device=dev))  # x + (α/2)s + √α z, with out aliasing the noise

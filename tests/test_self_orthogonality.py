@@ -217,7 +217,11 @@ def _float32_error(y: torch.Tensor, backend: str) -> float:
 def test_torch_float32_redoes_tiny_columns_with_the_exact_tanh(shape, scale, monkeypatch):
     """The torch path's CPU float32 tanh is 2σ(2γy) − 1 (absolute error ~2 ulp(1), and 0 for |γy| < ~3e-8): columns
     of Z with rms below som.SIGMOID_MIN_RMS are redone with torch.tanh, so tiny layers (and one tiny channel among
-    normal ones) keep R and ∂R/∂Y within 1e-5 of the float64 truth; normal columns never take the slow tanh."""
+    normal ones) keep R and ∂R/∂Y within 1e-5 of the float64 truth, or within 2× the direct float32 formula's error
+    where float32 itself does worse (all tiny at 1e-12: channel 2's column norm is below eps, and its gradient,
+    scaled by 1/eps, sums terms that cancel, so the error depends on the summation order: 1.5e-5 against the fixed
+    1e-5 bar on a lent H200 machine's CPU, torch 2.11, benchmarks/results/gpu-tests-cuda.md); normal columns never
+    take the slow tanh."""
     from kexue_fast.ortho import som as som_module
 
     exact_calls = []
@@ -231,8 +235,9 @@ def test_torch_float32_redoes_tiny_columns_with_the_exact_tanh(shape, scale, mon
             y[:, 2] *= scale
         elif case == "all tiny":
             y *= scale
+        bar = max(1e-5, 2 * max(_float32_errors(y, "direct")))
         exact_calls.clear()
-        assert _float32_error(y, "torch") <= 1e-5, case
+        assert _float32_error(y, "torch") <= bar, case
         assert any(exact_calls) == (case != "normal"), case
 
 

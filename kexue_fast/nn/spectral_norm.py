@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .. import _dispatch
+from .._autograd import no_autocast
 from ..spectral._validate import check_finite, check_n_iters, check_positive
 from ..spectral.conv import ConvOperator, conv_power_iteration
 from ..spectral.power_iteration import OP as POWER_ITERATION_OP
@@ -136,8 +137,7 @@ class SpectralNorm(nn.Module):
         parametrized weight is weight / divisor. Differentiable w.r.t. weight through σ̂ = uᵀWv."""
         # σ̂ in the weight's dtype: autocast would lower the products (a conv operator's u·Av met float32 u with a
         # bfloat16 Av and failed; and the iterates would lose precision)
-        kind = weight.device.type
-        with torch.autocast(kind, enabled=False) if torch.amp.is_autocast_available(kind) else contextlib.nullcontext():
+        with no_autocast(weight.device.type):
             if self.training and self.n_power_iterations > 0 and not _FROZEN[0]:
                 self._power_method(weight, self.n_power_iterations)
             sigma = self.sigma(weight)

@@ -15,7 +15,6 @@ for R and the backward's A) and kexue_fast::som_gram_backward; both run the same
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import numbers
@@ -25,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch
-from .._autograd import first_order
+from .._autograd import first_order, no_autocast
 from . import workspace
 
 OP = "som_regularizer"
@@ -361,16 +360,11 @@ def _torch_gram(y: Tensor, layout: Layout, gamma: float) -> Tuple[Tensor, Tensor
     return g, z
 
 
-def _no_autocast(device: torch.device):
-    """Autocast off on `device` (meta tensors have no autocast: shape inference runs as is)."""
-    return torch.autocast(device.type, enabled=False) if device.type != "meta" else contextlib.nullcontext()
-
-
 def _torch_gram_backward(z: Tensor, a: Tensor, out: Tensor) -> None:
     """out (any shape of z's n·c·s elements, contiguous) = (Z A) ⊙ (1 − Z²), one matmul and an in-place pass. Sizes
     come from z itself: under torch.compile with a dynamic batch, sizes kept on ctx cannot be passed to view."""
     w = out.view(z.shape)
-    with _no_autocast(z.device):
+    with no_autocast(z.device.type):
         if z.shape[2] == 1:
             torch.mm(z[:, :, 0], a, out=w[:, :, 0])
         else:
@@ -520,7 +514,7 @@ def som_regularizer(
         chosen = {dt: "torch" if name == "cpp" else name for dt, name in chosen.items()}
     elif requested == "auto" and not use_cpp():
         chosen = {dt: "torch" if name == "cpp" else name for dt, name in chosen.items()}
-    with _no_autocast(device):  # the Grams stay float32/64 under mixed precision
+    with no_autocast(device.type):  # the Grams stay float32/64 under mixed precision
         per_layer = _per_layer(ys, dims, layouts, chosen, gamma, lambda1, lambda2, eps, auto=requested == "auto")
     return per_layer.sum() if reduction == "sum" else per_layer
 
