@@ -102,12 +102,9 @@ SWEEP_SETTINGS: List[dict] = [  # around the defaults; the H200 runs of 2026-11-
     {"GRAM_ROWS": 128, "GRAM_WARPS": 8},
     {"GRAD_ROWS": 32, "GRAD_WARPS": 4},
     {"GRAD_DOTS": "tf32x3", "GRAD_WARPS": 4},
-    {"GRAD_BLOCKS": 2},
-    {"GRAD_BLOCKS": 4},
-    {"GRAD_BLOCKS": 4, "GRAD_WARPS": 4},
 ]
 _KNOBS = ("GRAM_WARPS", "GRAD_WARPS", "GRAM_ROWS", "GRAD_ROWS", "GRAM_WAVES", "GRAM_STAGES", "GRAD_STAGES", "GRAM_DOTS",
-          "GRAD_DOTS", "GRAD_BLOCKS")  # fmt: skip
+          "GRAD_DOTS")  # fmt: skip
 
 
 def parse_settings(text: str) -> List[dict]:
@@ -448,7 +445,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="default: 256 on CUDA, 2 on CPU")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--sweep", action="store_true", help="CUDA: time the fused kernels' launch settings instead")
-    parser.add_argument("--settings", default="", help="with --sweep: a JSON list such as '[{}, {\"GRAD_BLOCKS\": 2}]'")
+    parser.add_argument("--settings", default="", help="with --sweep: a JSON list such as '[{}, {\"GRAD_ROWS\": 32}]'")
     parser.add_argument("--step-rounds", type=int, default=3, help="with --sweep: rounds of the step with the best")
     parser.add_argument("--cpp-split", action="store_true", help="CPU: time the C++ calls inside the step instead")
     parser.add_argument("--fresh-buffers", action="store_true", help="with --cpp-split: no kept ∂R/∂Y buffers")

@@ -16,8 +16,8 @@ atomics). Then `_som_finish_kernel`, one program per layer in float64: the colum
 G (Θ = D⁻¹GD⁻¹, D = diag(max(√G_ii, eps))), giving R and the backward's A = Ḡ + Ḡᵀ (Ḡ = ∂R/∂G at a unit upstream
 gradient).
 Backward, `_som_grad_kernel`:  ∂R/∂Y = γ(1 − Z²) ⊙ (Z A), A scaled per layer by ∂L/∂R read on the device;
-programs are (layer, GRAD_BLOCKS consecutive row blocks, column block), decoded from the program id by each layer's
-first program (no per-block table: building one cost O(b) host work per call). Z's block is loaded once when every layer of the launch
+programs are (layer, row block, column block), decoded from the program id by each layer's first program (no
+per-block table: building one cost O(b) host work per call). Z's block is loaded once when every layer of the launch
 fits one tile, else recomputed for the K loop and for the epilogue.
 
 tanh is built from exp (libdevice is unavailable in the interpreter): an odd Taylor polynomial for |x| < 0.3 (11
@@ -198,10 +198,8 @@ def _som_gram_kernel(
 def _som_grad_kernel(
     y_ptrs, meta_ptr, a_ptr, scale_ptr, dy_ptr, gamma_arg: tl.float64, KP, L,
     DTYPE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
-    SCALED: tl.constexpr, ONE_TILE: tl.constexpr, MODE: tl.constexpr, GB: tl.constexpr,
+    SCALED: tl.constexpr, ONE_TILE: tl.constexpr, MODE: tl.constexpr,
 ):  # fmt: skip
-    """GB: consecutive row blocks per program (unrolled: the loads of one block can issue while another computes;
-    with ONE_TILE, A is loaded once for all of them). Blocks past the layer's last are masked out."""
     gamma = tl.full([], gamma_arg, ACC)
     pid = tl.program_id(0).to(tl.int64)
     row = 0  # this launch's layers, one meta row each: (N, C, S, gradient offset, first program, layer)
@@ -215,8 +213,8 @@ def _som_grad_kernel(
     layer = tl.load(meta_ptr + row * 6 + 5)
     y = tl.load(y_ptrs + layer).to(tl.pointer_type(tl.constexpr(DTYPE).value))
     n_cb = tl.cdiv(C, BC)
-    qg = local // n_cb
-    cb = local - qg * n_cb
+    q = local // n_cb
+    cb = local - q * n_cb
     cols = cb * BC + tl.arange(0, BC)
     a_base = a_ptr + layer * KP * KP
     scale = tl.load(scale_ptr + layer) if SCALED else 1.0  # A_ℓ = scale_ℓ · a_ℓ, taken in a's precision
@@ -224,42 +222,36 @@ def _som_grad_kernel(
     # (ONE_TILE), Z's block is both the dot's input and the epilogue's.
     if MODE == SPATIAL:  # transposed: ∂Yᵀ[cols, rows] = Σ_k A[k, cols] Zᵀ[k, rows], all tiles contiguous along rows
         if ONE_TILE:
-            a_one = (tl.load(a_base + cols[None, :] * KP + cols[:, None]) * scale).to(ACC)
-        for i in tl.static_range(GB):
-            q = qg * GB + i
-            if ONE_TILE:
-                zc = _load_zt(y, q, cols, N, C, S, gamma, ACC, BR)
-                acc = tl.dot(a_one, zc, input_precision=PREC)
-            else:
-                acc = tl.zeros([BC, BR], dtype=ACC)
-                for k0 in range(0, C, BC):
-                    ks = k0 + tl.arange(0, BC)
-                    z = _load_zt(y, q, ks, N, C, S, gamma, ACC, BR)
-                    a = tl.load(a_base + ks[None, :] * KP + cols[:, None])
-                    acc += tl.dot((a * scale).to(ACC), z, input_precision=PREC)
-                zc = _load_zt(y, q, cols, N, C, S, gamma, ACC, BR)
-            grad = gamma * (1.0 - zc * zc) * acc
-            offs, mask = _spatial_block_t(q, cols, N, C, S, BR)
-            tl.store(dy_ptr + out + offs, grad.to(DTYPE), mask=mask)
+            zc = _load_zt(y, q, cols, N, C, S, gamma, ACC, BR)
+            a = tl.load(a_base + cols[None, :] * KP + cols[:, None])
+            acc = tl.dot((a * scale).to(ACC), zc, input_precision=PREC)
+        else:
+            acc = tl.zeros([BC, BR], dtype=ACC)
+            for k0 in range(0, C, BC):
+                ks = k0 + tl.arange(0, BC)
+                z = _load_zt(y, q, ks, N, C, S, gamma, ACC, BR)
+                a = tl.load(a_base + ks[None, :] * KP + cols[:, None])
+                acc += tl.dot((a * scale).to(ACC), z, input_precision=PREC)
+            zc = _load_zt(y, q, cols, N, C, S, gamma, ACC, BR)
+        grad = gamma * (1.0 - zc * zc) * acc
+        offs, mask = _spatial_block_t(q, cols, N, C, S, BR)
+        tl.store(dy_ptr + out + offs, grad.to(DTYPE), mask=mask)
     else:
         if ONE_TILE:
-            a_one = (tl.load(a_base + cols[:, None] * KP + cols[None, :]) * scale).to(ACC)
-        for i in tl.static_range(GB):
-            q = qg * GB + i
-            if ONE_TILE:
-                zc = _load_z(y, q, cols, N, C, S, gamma, ACC, BR, MODE)
-                acc = tl.dot(zc, a_one, input_precision=PREC)
-            else:
-                acc = tl.zeros([BR, BC], dtype=ACC)
-                for k0 in range(0, C, BC):
-                    ks = k0 + tl.arange(0, BC)
-                    z = _load_z(y, q, ks, N, C, S, gamma, ACC, BR, MODE)
-                    a = tl.load(a_base + ks[:, None] * KP + cols[None, :])
-                    acc += tl.dot(z, (a * scale).to(ACC), input_precision=PREC)
-                zc = _load_z(y, q, cols, N, C, S, gamma, ACC, BR, MODE)
-            grad = gamma * (1.0 - zc * zc) * acc
-            offs, mask = _block(q, cols, N, C, S, BR, MODE)
-            tl.store(dy_ptr + out + offs, grad.to(DTYPE), mask=mask)
+            zc = _load_z(y, q, cols, N, C, S, gamma, ACC, BR, MODE)
+            a = tl.load(a_base + cols[:, None] * KP + cols[None, :])
+            acc = tl.dot(zc, (a * scale).to(ACC), input_precision=PREC)
+        else:
+            acc = tl.zeros([BR, BC], dtype=ACC)
+            for k0 in range(0, C, BC):
+                ks = k0 + tl.arange(0, BC)
+                z = _load_z(y, q, ks, N, C, S, gamma, ACC, BR, MODE)
+                a = tl.load(a_base + ks[:, None] * KP + cols[None, :])
+                acc += tl.dot(z, (a * scale).to(ACC), input_precision=PREC)
+            zc = _load_z(y, q, cols, N, C, S, gamma, ACC, BR, MODE)
+        grad = gamma * (1.0 - zc * zc) * acc
+        offs, mask = _block(q, cols, N, C, S, BR, MODE)
+        tl.store(dy_ptr + out + offs, grad.to(DTYPE), mask=mask)
 
 
 @triton.jit
@@ -343,7 +335,6 @@ GRAM_WARPS = 4
 GRAD_WARPS = 8  # H100, the CNN of benchmarks/ortho.py: 412 us against 687 on 4 (som_profile --sweep, d8a620e)
 GRAM_ROWS = 64  # rows per block (BR) of the Gram kernel below float64, at most; float64 takes ROWS_FP64
 GRAD_ROWS = 64  # the same for the backward kernel
-GRAD_BLOCKS = 1  # row blocks per backward program (GB; unrolled), for som_profile --sweep
 ROWS_FP64 = 32
 GRAM_WAVES = 4  # Gram programs per SM: each tile's rows are split into chunks until the grid has this many
 # software-pipelining stages of the Gram kernel's row loop (None: Triton's default, 3 on sm_90): staging the loads
@@ -581,7 +572,7 @@ def _grad_plan(layouts: Tuple[Layout, ...], bc: int, dtype: torch.dtype, device:
         for g in idx:
             n, c, s = layouts[g]
             meta += [n, c, s, offsets[g], programs, g]
-            programs += _cdiv(_row_blocks_host(n, s, br), GRAD_BLOCKS) * _cdiv(c, width)
+            programs += _row_blocks_host(n, s, br) * _cdiv(c, width)
         one_tile = all(layouts[g][1] <= width for g in idx)
         launches.append((mode, br, width, one_tile, len(idx), programs, meta))
     return offsets[-1], launches
@@ -609,10 +600,9 @@ def gram_backward(
             raise ValueError(f"scale must be [L] = [{len(ys)}], got {tuple(scale.shape)}")
         scale = scale.to(device=device, dtype=a.dtype).contiguous()
     layouts = tuple(tuple(lay) for lay in layouts)
-    plan_key = ("grad plan", device, dtype, layouts, GRAD_ROWS, ROWS_FP64, GRAD_BLOCKS)
+    plan_key = ("grad plan", device, dtype, layouts, GRAD_ROWS, ROWS_FP64)
     total, launches = _cached(plan_key, lambda: _grad_plan(layouts, bc, dtype, device))
-    # the metas' first programs depend on GRAD_BLOCKS
-    key = ("grad", device, bc, tuple(lc[:3] for lc in launches), layouts, GRAD_BLOCKS, tuple(y.data_ptr() for y in ys))
+    key = ("grad", device, bc, tuple(lc[:3] for lc in launches), layouts, tuple(y.data_ptr() for y in ys))
     ptrs, *metas, _ = _cached(key, lambda: _to_device([y.data_ptr() for y in ys], *[lc[-1] for lc in launches],
                                                        device=device))  # fmt: skip
     flat = torch.empty(total, dtype=dtype, device=device)
@@ -621,6 +611,6 @@ def gram_backward(
         _som_grad_kernel[(programs,)](
             ptrs, meta_t, a, a if scale is None else scale, flat, float(gamma), kp, n_layers,
             DTYPE=_TL_DTYPES[dtype], ACC=_acc(dtype), PREC=_precision(dtype, device, GRAD_DOTS), BR=br, BC=width,
-            SCALED=scale is not None, ONE_TILE=one_tile, MODE=mode, GB=GRAD_BLOCKS, **options,
+            SCALED=scale is not None, ONE_TILE=one_tile, MODE=mode, **options,
         )  # fmt: skip
     return flat

@@ -121,24 +121,6 @@ def test_fused_penalty_and_backward_matrix_equal_the_closed_form():
     assert _rel(scaled, plain) <= 1e-14
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_backward_programs_of_several_row_blocks_give_the_same_gradient(dtype, monkeypatch):
-    """GRAD_BLOCKS consecutive row blocks per backward program (a launch setting for som_profile --sweep): the same
-    per-block work, so the same ∂R/∂Y, on every row mode, one-tile and multi-tile layers, with the last program's
-    blocks partly past the layer's end (3 does not divide the block counts), two layers in each launch."""
-    ys = _inputs(4, dtype)
-    dims = [d for _, d in LAYOUTS]
-    flat = [y.movedim(d % y.ndim, 1).contiguous() if d == -1 else y for y, d in zip(ys, dims)]
-    flat += [(y * 1.5).flip(0) for y in flat]
-    layouts = [_layout(y, 1) for y in flat]
-    _, a = kernels.penalty(flat, layouts, 0.7, 100.0, 1.0, 1e-12)
-    w = torch.arange(1.0, len(flat) + 1, dtype=D64, device=DEV)
-    want = kernels.gram_backward(flat, layouts, 0.7, a, w)
-    monkeypatch.setattr(kernels, "GRAD_BLOCKS", 3)
-    got = kernels.gram_backward(flat, layouts, 0.7, a, w)
-    torch.testing.assert_close(got, want, rtol=0 if DEV == "cpu" else 1e-6, atol=0)
-
-
 def test_regularizer_float32_as_accurate_as_torch():
     """torch's own float32 error: the definition (reference.som_direct: torch.tanh, Θ materialized) in float32."""
     ys64 = _inputs(6)

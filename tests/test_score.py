@@ -330,7 +330,7 @@ def test_samplers_follow_x_layout_and_dtype(backend):
     assert tempered.dtype == D64 and tempered.shape == (8, 3)
     annealed = annealed_langevin(score32, start, [1.0, 0.5], n_steps_each=2, generator=g, backend=backend)
     assert annealed.dtype == D64
-    sampler = AnnealedLangevin([1.0, 0.5], n_steps_each=2, dtype=D64, backend=backend)
+    sampler = AnnealedLangevin([1.0, 0.5], n_steps_each=2, device=dev, dtype=D64, backend=backend)
     x = start.clone()
     out = sampler(score32, x, generator=g, inplace=True)
     assert out is x and x.dtype == D64

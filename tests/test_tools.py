@@ -262,8 +262,8 @@ def test_som_sweep_settings_are_checked():
 
     from kexue_fast.benchmarks import som_profile
 
-    settings = som_profile.parse_settings('[{}, {"GRAD_BLOCKS": 2, "tf32": true}]')
-    assert settings == [{}, {"GRAD_BLOCKS": 2, "tf32": True}]
-    for bad, match in (('[{"GRAD_BLOK": 2}]', "unknown knobs"), ('{"GRAD_BLOCKS": 2}', "JSON list"), ("[{", "JSON")):
+    settings = som_profile.parse_settings('[{}, {"GRAD_ROWS": 32, "tf32": true}]')
+    assert settings == [{}, {"GRAD_ROWS": 32, "tf32": True}]
+    for bad, match in (('[{"GRAD_ROW": 32}]', "unknown knobs"), ('{"GRAD_ROWS": 32}', "JSON list"), ("[{", "JSON")):
         with pytest.raises(ValueError, match=match):
             som_profile.parse_settings(bad)
