@@ -12,7 +12,9 @@
 On an H200 the step with SOM measured 34.7 ms on the Triton kernels against 5.1 ms on the torch path at 0cff550;
 on an H100 at 1889232 it took 4.22 ms against a 3.42 ms step, on an H200 at 60a352b 3.62 ms against 3.20
 (benchmarks/results/ortho-cuda.md), the kernels' history and launch settings in benchmarks/results/som-sweep-cuda.md.
-This prints, for the step of benchmarks/ortho.py with each backend: the wall time per step, torch.profiler's
+This prints, for the step of benchmarks/ortho.py without SOM (hooks paused) and with each backend: the wall time per
+step and the time the host took to issue it (on CUDA the host runs ahead until a synchronization: the two are close
+where the host bounds the step), then torch.profiler's
 operators sorted by device time and by host time (kernel launches and Python included), and cProfile's top Python
 functions, so a GPU session can tell host overhead (tables built per call, launch cost) from slow kernels.
 --sweep (CUDA) times the fused kernels alone under each launch setting instead (with each setting's error against
@@ -54,7 +56,9 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def profile_backend(backend: str, device: str, batch: int, steps: int) -> None:
+def profile_backend(backend: Optional[str], device: str, batch: int, steps: int) -> None:
+    """Wall time per step, the host's share of it, then torch.profiler and cProfile tables; backend None: the step
+    with the hooks paused (benchmarks/ortho.py's plain step)."""
     model, opt, x, target, som = cnn_setup(device, batch)
     step = training_step(model, x, target, som, backend, opt)
     for _ in range(2):  # compile and fill the caches
@@ -63,8 +67,15 @@ def profile_backend(backend: str, device: str, batch: int, steps: int) -> None:
     start = time.perf_counter()
     for _ in range(steps):
         step()
+    host = time.perf_counter() - start  # on CUDA the host runs ahead of the device until the synchronization
     _sync(device)
-    print(f"\n=== SOM backend {backend}: {(time.perf_counter() - start) / steps * 1e3:.2f} ms / step ({device})")
+    wall = time.perf_counter() - start
+    label = "none (hooks paused)" if backend is None else backend
+    print(f"\n=== SOM backend {label}: {wall / steps * 1e3:.2f} ms / step ({device}), the host's calls "
+          f"{host / steps * 1e3:.2f} ms / step (host-bound where the two are close)")  # fmt: skip
+    if backend is None:
+        som.remove()
+        return
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -499,7 +510,7 @@ def main() -> None:
             parser.error("--cpp-split times the C++ core: it needs --device cpu")
         cpp_split(batch, args.steps, args.fresh_buffers, args.compare_cores)
         return
-    for backend in ("torch", "triton") if args.device == "cuda" else ("torch", "cpp"):
+    for backend in (None, "torch", "triton") if args.device == "cuda" else (None, "torch", "cpp"):
         profile_backend(backend, args.device, batch, args.steps)
 
 
