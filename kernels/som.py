@@ -217,7 +217,8 @@ def _som_grad_kernel(
     cb = local - q * n_cb
     cols = cb * BC + tl.arange(0, BC)
     a_base = a_ptr + layer * KP * KP
-    scale = tl.load(scale_ptr + layer) if SCALED else 1.0  # A_ℓ = scale_ℓ · a_ℓ, taken in a's precision
+    # A_ℓ = scale_ℓ · a_ℓ, taken in a's precision (scale is float32 or float64: cast here, not by a launch)
+    scale = tl.load(scale_ptr + layer).to(a_ptr.dtype.element_ty) if SCALED else 1.0
     # A is zero-padded to [KP, KP], KP a multiple of the widest tile. With every layer of the launch within one tile
     # (ONE_TILE), Z's block is both the dot's input and the epilogue's.
     if MODE == SPATIAL:  # transposed: ∂Yᵀ[cols, rows] = Σ_k A[k, cols] Zᵀ[k, rows], all tiles contiguous along rows
@@ -308,7 +309,8 @@ def _som_finish_kernel(
             s1 += tl.sum(theta, 1)
             s2 += tl.sum(theta * theta, 1)
     sum1 = tl.sum(s1, 0)
-    tl.store(r_ptr + layer, lambda1 * sum1 * sum1 + lambda2 * tl.sum(s2, 0))
+    # R in r's dtype (float32 for float32 and half layers: no cast launch after this kernel)
+    tl.store(r_ptr + layer, (lambda1 * sum1 * sum1 + lambda2 * tl.sum(s2, 0)).to(r_ptr.dtype.element_ty))
     c1 = 2.0 * lambda1 * sum1
     out = b_ptr + layer.to(tl.int64) * KP * KP
     for ti in range(0, NT):  # every tile of the layer's [KP, KP] slab: zeros outside the layer
@@ -531,13 +533,13 @@ def gram_matrices(ys: Sequence[Tensor], layouts: Sequence[Layout], gamma: float,
 
 def penalty(
     ys: Sequence[Tensor], layouts: Sequence[Layout], gamma: float, lambda1: float, lambda2: float, eps: float,
-    chunks: Optional[int] = None,
+    chunks: Optional[int] = None, out_dtype: torch.dtype = torch.float64,
 ) -> Tuple[Tensor, Tensor]:  # fmt: skip
-    """(R [L], A [L, KP, KP]), float64: the SOM regularizer of every layer, R = λ₁s₁² + λ₂s₂ on Θ = D⁻¹GD⁻¹ (D_ii =
-    max(√G_ii, eps)), and A = Ḡ + Ḡᵀ for Ḡ = ∂R/∂G at a unit upstream gradient (symmetric, zero-padded), so that the
-    backward is gram_backward(ys, layouts, gamma, A, scale=∂L/∂R). Launches: the Gram tiles (one per group of layers
-    sharing a row mode, tile width and BR), their sum over row chunks, and one program per layer for R and A (KP as in
-    gram_matrices)."""
+    """(R [L] in out_dtype (float32 or float64), computed in float64; A [L, KP, KP] float64): the SOM regularizer of
+    every layer, R = λ₁s₁² + λ₂s₂ on Θ = D⁻¹GD⁻¹ (D_ii = max(√G_ii, eps)), and A = Ḡ + Ḡᵀ for Ḡ = ∂R/∂G at a unit
+    upstream gradient (symmetric, zero-padded), so that the backward is gram_backward(ys, layouts, gamma, A,
+    scale=∂L/∂R). Launches: the Gram tiles (one per group of layers sharing a row mode, tile width and BR), their sum
+    over row chunks, and one program per layer for R and A (KP as in gram_matrices)."""
     tiles_sum, _, nts, bc, _ = _gram_tiles(ys, layouts, gamma, chunks)
     device = tiles_sum.device
     nt_max = max(nts)
@@ -549,7 +551,9 @@ def penalty(
     key = ("finish", device, bc, tuple(layouts))
     meta, _ = _cached(key, lambda: _to_device([v for (_, c, _), nt, f in zip(layouts, nts, firsts)
                                                 for v in (c, nt, f)], device=device))  # fmt: skip
-    r = torch.empty(len(ys), dtype=torch.float64, device=device)
+    if out_dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"out_dtype must be torch.float32 or torch.float64, got {out_dtype}")
+    r = torch.empty(len(ys), dtype=out_dtype, device=device)
     b = torch.empty((len(ys), kp, kp), dtype=torch.float64, device=device)
     _som_finish_kernel[(len(ys),)](
         tiles_sum, meta, r, b, kp, nt_max, float(lambda1), float(lambda2), float(eps) ** 2, BC=bc,
@@ -598,7 +602,9 @@ def gram_backward(
     if scale is not None:
         if scale.shape != (len(ys),):
             raise ValueError(f"scale must be [L] = [{len(ys)}], got {tuple(scale.shape)}")
-        scale = scale.to(device=device, dtype=a.dtype).contiguous()
+        if scale.dtype not in (torch.float32, torch.float64):
+            scale = scale.to(a.dtype)
+        scale = scale.to(device).contiguous()
     layouts = tuple(tuple(lay) for lay in layouts)
     plan_key = ("grad plan", device, dtype, layouts, GRAD_ROWS, ROWS_FP64)
     total, launches = _cached(plan_key, lambda: _grad_plan(layouts, bc, dtype, device))

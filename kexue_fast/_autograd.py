@@ -31,11 +31,15 @@ def first_order(backward: Callable) -> Callable:
 
 
 def no_autocast(device_type: str):
-    """torch.autocast(device_type, enabled=False), or a null context on a device without autocast (meta: shape
-    inference). Under torch.compile only meta is told apart: torch 2.11's dynamo cannot trace the availability query
-    (torch._C._is_autocast_available), which broke every compiled graph through it (a spectral norm's σ̂)."""
+    """torch.autocast(device_type, enabled=False), or a null context where autocast is off on that device already
+    (entering torch.autocast costs microseconds of host time on every call: a spectral norm's forward, each SOM loss)
+    or where the device has none (meta: shape inference). Under torch.compile only meta is told apart: torch 2.11's
+    dynamo cannot trace the availability query (torch._C._is_autocast_available), which broke every compiled graph
+    through it (a spectral norm's σ̂)."""
     if device_type == "meta":
         return contextlib.nullcontext()
-    if not torch.compiler.is_compiling() and not torch.amp.is_autocast_available(device_type):
+    if torch.compiler.is_compiling():
+        return torch.autocast(device_type, enabled=False)
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
         return contextlib.nullcontext()
     return torch.autocast(device_type, enabled=False)

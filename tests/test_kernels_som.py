@@ -217,6 +217,28 @@ def test_eager_function_equals_the_custom_ops_route():
         torch.autograd.grad(torch.autograd.grad(v, ys[0], create_graph=True)[0].sum(), ys[0])
 
 
+def test_float32_route_has_no_cast_after_the_kernels():
+    """The finish kernel writes R in the output dtype and the backward kernel reads ∂L/∂R in any float dtype: a
+    float32 step has no cast of R forward nor of its gradient backward (each a launch, costly on a host-bound GPU
+    machine). The values equal the float64 R rounded, and the gradients those from a float64 upstream gradient."""
+
+    ys = [y.movedim(d % y.ndim, 1).contiguous() for y, (_, d) in zip(_inputs(13, torch.float32), LAYOUTS)]
+    layouts = [_layout(y, 1) for y in ys]
+    r64, a = kernels.penalty(ys, layouts, 10.0, 100.0, 1.0, 1e-12)
+    r32, a32 = kernels.penalty(ys, layouts, 10.0, 100.0, 1.0, 1e-12, out_dtype=torch.float32)
+    assert r32.dtype == torch.float32 and torch.equal(r32, r64.float()) and torch.equal(a32, a)
+    w = torch.linspace(0.5, 2.0, len(ys), device=DEV)
+    torch.testing.assert_close(kernels.gram_backward(ys, layouts, 10.0, a, w),
+                               kernels.gram_backward(ys, layouts, 10.0, a, w.double()), rtol=0, atol=0)  # fmt: skip
+    leaves = [y.clone().requires_grad_() for y, (n, c, s) in zip(ys, layouts) if n * s >= c]  # all on the kernels
+    total = som_regularizer(leaves, backend="triton")
+    assert total.dtype == torch.float32
+    (node, _), = total.grad_fn.next_functions  # fmt: skip
+    assert type(node).__name__ == "_TritonPenaltyBackward"  # no ToCopyBackward0 between the sum and the kernels
+    with pytest.raises(ValueError, match="out_dtype"):
+        kernels.penalty(ys, layouts, 10.0, 100.0, 1.0, 1e-12, out_dtype=torch.float16)
+
+
 def test_auto_sends_only_layers_up_to_the_channel_limit_to_the_kernels(monkeypatch):
     """auto on the Triton backend (CUDA) leaves layers wider than TRITON_AUTO_MAX_CHANNELS to the torch path;
     backend="triton" runs them all. Same values either way."""

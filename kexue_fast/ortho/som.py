@@ -276,7 +276,8 @@ _triton_penalty.register_autograd(_penalty_backward, setup_context=_penalty_setu
 
 
 class _TritonPenalty(torch.autograd.Function):
-    """(gamma, lambda1, lambda2, eps, layouts, *ys) -> R [L] float64 by the fused kernels, outside torch.compile: the
+    """(gamma, lambda1, lambda2, eps, layouts, *ys) -> R [L] by the fused kernels (computed in float64, returned in
+    the output dtype: float64 for float64 layers, else float32, with no cast launch), outside torch.compile: the
     same launches as the custom ops above without their Python dispatch and autograd wrapper. On the 2-core CPU VM with
     the launches as no-ops (benchmarks/som_profile.py --host-overhead --route triton at 45e4e0c) the custom ops' route
     took 652 µs forward and 1222 µs forward + backward, this one 368 and 705 µs; on a lent H200 machine, whose host
@@ -288,7 +289,7 @@ class _TritonPenalty(torch.autograd.Function):
                 *ys: Tensor) -> Tensor:  # fmt: skip
         from ..kernels import som as kernels
 
-        r, a = kernels.penalty(ys, layouts, gamma, lambda1, lambda2, eps)
+        r, a = kernels.penalty(ys, layouts, gamma, lambda1, lambda2, eps, out_dtype=_out_dtype(ys))
         ctx.gamma, ctx.layouts = gamma, layouts
         ctx.save_for_backward(*ys, a)
         ctx.set_materialize_grads(False)  # no gradient for R: no backward pass at all
