@@ -341,3 +341,9 @@ def test_compile_fullgraph_smoke():
     f = torch.compile(lambda u, m: ellipj(u, m, backend="torch").sn * ellipk(m), fullgraph=True)
     u, m = torch.rand(10, dtype=D64), torch.rand(10, dtype=D64)
     assert torch.allclose(f(u, m), ellipj(u, m).sn * ellipk(m), rtol=1e-14, atol=1e-15)
+
+
+def test_rope_shape_of_an_empty_batch():
+    """troposkein returned [0, n] for an empty batch; rope_shape crashed in its Newton loop (amax of nothing)."""
+    shape = rope_shape(torch.empty(0, dtype=torch.float64) + 1.5, 1.0, 2.0, n_points=9)
+    assert shape.x.shape == shape.y.shape == shape.tension.shape == (0, 9)

@@ -340,3 +340,43 @@ def test_samplers_follow_x_layout_and_dtype(backend):
     step = langevin_step(torch.tensor([1.0, 1.0], device=dev), torch.tensor([2.0, 2.0], device=dev), 1.0, noise=z,
                          out=z, backend=backend)  # fmt: skip
     assert torch.equal(step, torch.tensor([3.0, 3.0], device=dev))  # x + (α/2)s + √α z, with out aliasing the noise
+
+
+def test_sigma_indices_noise_and_sigma0_are_checked():
+    """A bool sigma_indices was taken as a mask (all-True [B] with B levels gave every level once), negative ones
+    wrapped around, out-of-range ones and lists crashed in indexing; sigma0 = inf dropped MDSM's data term."""
+    model = lambda x, *args: -x  # noqa: E731
+    x = torch.randn(3, 2, dtype=D64)
+    levels = [10.0, 5.0, 2.0]
+    picked = dsm_loss(model, x, levels, sigma_indices=torch.tensor([1, 1, 1]), reduction="none")
+    assert picked.shape == (3,)
+    for bad, error, match in ((torch.ones(3, dtype=torch.bool), TypeError, "not bool"), ([1, 1, 1], TypeError, "list"),
+                              (torch.tensor([1.0, 1.0, 1.0]), TypeError, "float"),
+                              (torch.tensor([-1, 0, 1]), ValueError, r"\[0, 3\)"),
+                              (torch.tensor([0, 3, 1]), ValueError, r"\[0, 3\)"),
+                              (torch.tensor([0, 1]), ValueError, "shape")):  # fmt: skip
+        with pytest.raises(error, match=match):
+            dsm_loss(model, x, levels, sigma_indices=bad)
+    with pytest.raises(TypeError, match="noise"):
+        dsm_loss(model, x, levels, noise=[[0.0, 0.0]] * 3)
+    for sigma0 in (math.inf, 0.0, float("nan")):
+        with pytest.raises(ValueError, match="sigma0"):
+            dsm_loss(model, x, 1.0, weighting="mdsm", parameterization="energy", sigma0=sigma0)
+
+
+def test_one_level_schedules_start_at_the_start():
+    """n = 1 gave the end (σ_min, T_min) for the geometric schedules but the start for the linear one."""
+    assert geometric_sigmas(10.0, 1.0, 1).tolist() == [10.0]
+    assert temperature_schedule(1, 100.0, 1.0).tolist() == temperature_schedule(1, 100.0, 1.0, "linear").tolist()
+    assert geometric_sigmas(10.0, 1.0, 2).tolist() == [10.0, 1.0]
+
+
+def test_step_size_takes_numpy_scalars():
+    import numpy as np
+
+    from kexue_fast.score import langevin_step
+
+    x = torch.zeros(4)
+    z = torch.ones(4)
+    for step in (np.float32(0.25), np.float64(0.25), 0.25):
+        assert torch.allclose(langevin_step(x, z, step, noise=z), torch.full((4,), 0.125 + 0.5))

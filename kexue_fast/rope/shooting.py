@@ -103,7 +103,7 @@ def _newton(theta0, c, w2, gg, ell, n_steps, radial, iterations, tol=None):
         scale = torch.minimum(scale, torch.clamp(0.5 * c.abs() / step_c.abs().clamp_min(1e-300), max=1.0))
         theta0 = theta0 - scale * step_theta
         c = c - scale * step_c
-        if tol is not None and float(r0.abs().amax()) <= tol:
+        if tol is not None and (r0.numel() == 0 or float(r0.abs().amax()) <= tol):  # an empty batch: nothing to solve
             break
     return theta0, c
 

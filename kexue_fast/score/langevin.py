@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from typing import Optional, Tuple, Union
 
 import torch
@@ -66,8 +67,9 @@ def _check_number(value: Union[float, Tensor], name: str, allow_zero: bool) -> N
         if not value.is_floating_point():
             raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
         return  # checking a device tensor's value would sync with the host
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # NumPy scalars too (np.float32 included)
         raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__}")
+    value = float(value)
     if not (value > 0 or (allow_zero and value == 0)) or value != value or value == float("inf"):
         raise ValueError(f"{name} must be finite and {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 

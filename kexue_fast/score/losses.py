@@ -96,10 +96,15 @@ def model_score(model: Callable[..., Tensor], x_noisy: Tensor, sigma: Optional[T
     return s
 
 
+_INDEX_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
 def _noise(x: Tensor, noise: Optional[Tensor], generator: Optional[torch.Generator]) -> Tensor:
     if noise is None:  # drawn where the generator lives (a CPU generator for CUDA data works: the noise is copied)
         device = generator.device if generator is not None else x.device
         return torch.randn(x.shape, dtype=x.dtype, device=device, generator=generator).to(x.device)
+    if not isinstance(noise, Tensor):
+        raise TypeError(f"noise must be a torch.Tensor of x's shape or None, got {type(noise).__name__}")
     if noise.shape != x.shape:
         raise ValueError(f"noise must have x's shape {tuple(x.shape)}, got {tuple(noise.shape)}")
     return noise.to(x.dtype)
@@ -112,9 +117,20 @@ def sample_levels(levels: Tensor, batch: int, sigma_indices: Optional[Tensor],
         device = generator.device if generator is not None else "cpu"  # the generator's device, whichever it is
         sigma_indices = torch.randint(0, levels.numel(), (batch,), generator=generator, device=device)
         sigma_indices = sigma_indices.to(levels.device)
-    elif sigma_indices.shape != (batch,) or sigma_indices.is_floating_point():
-        raise ValueError(f"sigma_indices must be an integer tensor [B] = [{batch}], got {tuple(sigma_indices.shape)}")
-    return levels[sigma_indices]
+    else:
+        if not isinstance(sigma_indices, Tensor) or sigma_indices.dtype not in _INDEX_DTYPES:
+            kind = sigma_indices.dtype if isinstance(sigma_indices, Tensor) else type(sigma_indices).__name__
+            raise TypeError(f"sigma_indices must be an integer tensor [B] = [{batch}] (not bool: it would be taken "
+                            f"as a mask), got {kind}")  # fmt: skip
+        if sigma_indices.shape != (batch,):
+            raise ValueError(f"sigma_indices must be an integer tensor [B] = [{batch}], got shape "
+                             f"{tuple(sigma_indices.shape)}")  # fmt: skip
+        # checked in eager mode (a host sync where the indices live on a GPU; traced graphs skip it)
+        skip = torch.compiler.is_compiling() or not batch
+        if not skip and not bool(((sigma_indices >= 0) & (sigma_indices < levels.numel())).all()):
+            raise ValueError(f"sigma_indices must lie in [0, {levels.numel()}) (one index per level; negative "
+                             f"indices would wrap around), got {sigma_indices.tolist()}")  # fmt: skip
+    return levels[sigma_indices.to(levels.device)]
 
 
 def dsm_loss(
@@ -149,8 +165,9 @@ def dsm_loss(
         raise ValueError(f'reduction must be "mean", "sum" or "none", got {reduction!r}')
     if not callable(model):
         raise TypeError(f"model must be callable, got {type(model).__name__}")
-    if weighting == "mdsm" and (isinstance(sigma0, bool) or not isinstance(sigma0, numbers.Real) or not sigma0 > 0):
-        raise ValueError(f"sigma0 must be a number > 0, got {sigma0!r}")
+    if weighting == "mdsm" and (isinstance(sigma0, bool) or not isinstance(sigma0, numbers.Real)
+                                or not (0 < sigma0 < math.inf)):  # fmt: skip
+        raise ValueError(f"sigma0 must be a finite number > 0, got {sigma0!r}")  # σ₀ = ∞ drops the data term
     levels = as_sigmas(sigmas, "sigmas", x.device, x.dtype)
     batch = x.shape[0]
     sigma = sample_levels(levels, batch, sigma_indices, generator)
@@ -248,5 +265,6 @@ def geometric_levels(start: float, end: float, n: int) -> Tensor:
     float64: a float32 tensor's put σ_max and σ_min ~1e-7 off)."""
     levels = torch.logspace(math.log10(start), math.log10(end), n, dtype=torch.float64)
     levels[0] = start
-    levels[-1] = end
+    if n > 1:  # one level is the start, as numpy.geomspace's and the linear schedule's
+        levels[-1] = end
     return levels
