@@ -9,8 +9,8 @@ with ∂K_ij/∂x_i = φ_ij (x_i − x_j) (gaussian φ = −K/σ², imq −K³/�
 Schedule: one program owns BLOCK rows and sweeps every column block, so each row's sums and gradient are complete
 in one program — no atomics, a deterministic result, and the partial sums per row are added by the caller in a
 fixed order. (This visits each unordered pair twice; the symmetric half-schedule needs cross-program column sums.)
-Tile values are float32 (distances by ‖a‖² + ‖b‖² − 2a·b from an IEEE-precision tl.dot, as torch's own float32
-tiles); their products and sums, and the backward's weights, are float64 — the rounding of torch's float32 tiles
+Tile values are float32 (distances by ‖a‖² + ‖b‖² − 2a·b from an IEEE-precision tl.dot; laplace's, whose √ needs
+the digits that expansion cancels, from the differences); their products and sums, and the backward's weights, are float64 — the rounding of torch's float32 tiles
 summed in float64. Kernel codes: 0 gaussian, 1 laplace, 2 imq, 3 linear, 4 delta (labels as float
 class indices [n, 1], compared exactly). No autograd and no dispatch here: see kexue_fast.hsic.tiled.
 """
@@ -30,18 +30,36 @@ MAX_DIM = 128  # a row block [BLOCK, D] of each input lives in registers
 
 
 @triton.jit
-def _gram_tile(a, b, na, nb, KIND: tl.constexpr, scale):
+def _differences_sq(ptr, rows, cols, n, D, shape_like):
+    """‖a_i − b_j‖² of the tile's rows and columns from their differences, column by column (O(D) FMAs a pair, off
+    the tensor cores): laplace's √ (and its gradient's 1/d) would expose what ‖a‖² + ‖b‖² − 2a·b cancels: two equal
+    rows gave d ~ 3e-4·‖a‖, k = 0.996 for 1, and far pairs in one dimension lost ~10× torch's float32 accuracy."""
+    sq = tl.zeros(shape_like.shape, dtype=tl.float32)
+    for c in range(0, D):
+        ac = tl.load(ptr + rows * D + c, mask=rows < n, other=0.0)
+        bc = tl.load(ptr + cols * D + c, mask=cols < n, other=0.0)
+        diff = ac[:, None] - bc[None, :]
+        sq += diff * diff
+    return sq
+
+
+@triton.jit
+def _gram_tile(a, b, na, nb, KIND: tl.constexpr, scale, ptr, rows, cols, n, D):
     """k(a_i, b_j) for a [M, D], b [N, D] (zero-padded), squared norms na [M], nb [N] -> ([M, N] values, d² or
-    a·b). scale: −1/(2σ²) gaussian, −1/σ laplace, 1/σ² imq."""
+    a·b). scale: −1/(2σ²) gaussian, −1/σ laplace, 1/σ² imq. ptr, rows, cols, n, D: the input and the tile's row
+    and column indices, from which laplace takes its distances (_differences_sq)."""
     if KIND == 4:  # labels: the one non-padding column, compared exactly
         la = tl.sum(a, axis=1)
         lb = tl.sum(b, axis=1)
         k = tl.where(la[:, None] == lb[None, :], 1.0, 0.0)
         return k, k
-    dot = tl.dot(a, tl.trans(b), input_precision="ieee")
-    if KIND == 3:
-        return dot, dot
-    sq = tl.maximum(na[:, None] + nb[None, :] - 2.0 * dot, 0.0)
+    if KIND == 1:
+        sq = _differences_sq(ptr, rows, cols, n, D, na[:, None] + nb[None, :])
+    else:
+        dot = tl.dot(a, tl.trans(b), input_precision="ieee")
+        if KIND == 3:
+            return dot, dot
+        sq = tl.maximum(na[:, None] + nb[None, :] - 2.0 * dot, 0.0)
     if KIND == 0:
         k = tl.exp(sq * scale)
     elif KIND == 1:
@@ -77,8 +95,8 @@ def _hsic_stats_kernel(
         cols = j0 + tl.arange(0, BLOCK)
         xj, nxj = _load_rows(x_ptr, cols, n, DX, BDX)
         yj, nyj = _load_rows(y_ptr, cols, n, DY, BDY)
-        k, _ = _gram_tile(xi, xj, nxi, nxj, KX, scale_x)
-        lm, _ = _gram_tile(yi, yj, nyi, nyj, KY, scale_y)
+        k, _ = _gram_tile(xi, xj, nxi, nxj, KX, scale_x, x_ptr, rows, cols, n, DX)
+        lm, _ = _gram_tile(yi, yj, nyi, nyj, KY, scale_y, y_ptr, rows, cols, n, DY)
         valid = row_ok[:, None] & (cols[None, :] < n) & (rows[:, None] != cols[None, :])
         # float32 values, float64 products and sums: the same rounding as torch's float32 tiles summed in float64
         k = tl.where(valid, k, 0.0).to(tl.float64)
@@ -140,8 +158,8 @@ def _hsic_grad_kernel(
         cols = j0 + tl.arange(0, BLOCK)
         xj, nxj = _load_rows(x_ptr, cols, n, DX, BDX)
         yj, nyj = _load_rows(y_ptr, cols, n, DY, BDY)
-        k, dk = _gram_tile(xi, xj, nxi, nxj, KX, scale_x)
-        lm, dl = _gram_tile(yi, yj, nyi, nyj, KY, scale_y)
+        k, dk = _gram_tile(xi, xj, nxi, nxj, KX, scale_x, x_ptr, rows, cols, n, DX)
+        lm, dl = _gram_tile(yi, yj, nyi, nyj, KY, scale_y, y_ptr, rows, cols, n, DY)
         valid = row_ok[:, None] & (cols[None, :] < n) & (rows[:, None] != cols[None, :])
         # float32 tile values; weights and their products with the inputs in float64 (as the torch backward)
         k = tl.where(valid, k, 0.0).to(tl.float64)

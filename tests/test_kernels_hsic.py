@@ -57,7 +57,27 @@ def test_triton_forward_as_accurate_as_torch_float32(n, kernel_x, kernel_y, dx, 
         if truth != truth:  # the materialized formula divides 0 by 0 (a zero self-term); the estimators return 0
             assert ours == theirs == 0.0
             continue
-        assert abs(ours - truth) <= 2 * abs(theirs - truth) + 2e-6 * abs(truth), (estimator, normalized)
+        floor = max(2e-6, 2 * _float32_amplified(x, y, kernel_x, kernel_y, estimator, normalized)) * abs(truth)
+        assert abs(ours - truth) <= 2 * abs(theirs - truth) + floor, (estimator, normalized)
+
+
+def _float32_amplified(x, y, kernel_x, kernel_y, estimator, normalized) -> float:
+    """The torch path's float32 tile sums' relative error (against float64) times the estimator's relative condition
+    number in them, Σ|∂v/∂s|·|s| / |v|: what float32 statistics alone allow the value to be off. The unbiased
+    estimator at n = 4 amplifies them by thousands, so the two paths' values there differ by luck of rounding."""
+    from kexue_fast.hsic import estimators
+    from kexue_fast.hsic.tiled import KernelSpec, streaming_stats
+
+    specs = [KernelSpec(k, None if k in ("linear", "delta") else s) for k, s in ((kernel_x, 1.3), (kernel_y, 0.9))]
+    y32 = y.float() if y.is_floating_point() else y
+    stats = streaming_stats(x, y, *specs)
+    error = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+                for a, b in zip(streaming_stats(x.float(), y32, *specs), stats))  # fmt: skip
+    leaves = [t.clone().requires_grad_() for t in stats]
+    value = estimators.estimate(estimator, normalized)(*leaves)
+    grads = torch.autograd.grad(value, leaves, allow_unused=True)
+    total = sum(float((g.abs() * t.abs()).sum()) for g, t in zip(grads, stats) if g is not None)
+    return error * total / abs(float(value.detach()))
 
 
 @pytest.mark.parametrize(
@@ -120,3 +140,18 @@ def test_backend_variable_is_not_forced_onto_the_bandwidth_helper(monkeypatch):
     want = kexue_fast.hsic(x, y, backend="triton")
     monkeypatch.setenv("KEXUE_FAST_BACKEND", "triton")
     assert torch.equal(kexue_fast.hsic(x, y), want)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_laplace_of_duplicate_rows_in_float32(backend):
+    """laplace's d = √(‖a‖² + ‖b‖² − 2a·b) in float32 was ~3e-4·‖a‖ for two equal rows (k = 0.996 for 1): the
+    statistic 6e-4 (torch) to 8e-4 (Triton) off float64 on data of 20 points each repeated ~10 times; the C++ core,
+    which takes differences, 5e-9. Now every backend takes laplace's distances from differences where it matters."""
+    g = torch.Generator().manual_seed(1)
+    points = torch.randn(20, 3, generator=g, dtype=D64) * 3 + 5
+    x = points[torch.randint(0, 20, (200,), generator=g)]
+    y = torch.randn(200, 2, generator=g, dtype=D64) + x[:, :1]
+    kw = dict(kernel_x="laplace", bandwidth_x=1.0, bandwidth_y=1.0)
+    truth = kexue_fast.hsic(x, y, backend="torch", **kw)
+    got = kexue_fast.hsic(x.float().to(_device()), y.float().to(_device()), backend=backend, **kw)
+    assert float(abs(got.double().cpu() - truth) / truth) <= 1e-6
