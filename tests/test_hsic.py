@@ -584,3 +584,50 @@ def test_laplace_gradient_of_coincident_pairs_in_float64():
         grads[backend] = torch.autograd.grad(value, leaf)[0]
     error = (grads["torch"] - grads["cpp"]).norm(dim=1) / grads["cpp"].norm(dim=1)
     assert float(error.max()) <= 1e-6
+
+
+def test_gamma_test_of_an_exactly_zero_statistic():
+    """A balanced design has HSIC_b = 0 exactly, which rounds to about −2e-16: gammaincc of the negative argument made
+    the p-value NaN (the permutation test gives 1)."""
+    x = torch.tensor([0.0, 0.0, 1.0, 1.0] * 3, dtype=torch.float64)[:, None]
+    y = torch.tensor([0.0, 1.0, 0.0, 1.0] * 3, dtype=torch.float64)[:, None]
+    for backend in ("torch", "cpp"):
+        result = kexue_fast.hsic_test(x, y, method="gamma", backend=backend)
+        assert 1 - 1e-9 <= result.pvalue <= 1.0, (backend, result)  # +2e-16 on one backend: p just below 1
+
+
+def test_permutations_are_drawn_in_blocks_with_the_same_result(monkeypatch):
+    """The permutation test held all P permutations as one [P, n] int64 tensor; it now draws and uses them a block
+    at a time, in the same order: the same p-value and null whatever the block."""
+    from kexue_fast.hsic import independence
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(30, 2, generator=g, dtype=torch.float64)
+    y = x[:, :1] ** 2 + torch.randn(30, 1, generator=g, dtype=torch.float64)
+    for backend in ("torch", "cpp"):
+        whole = kexue_fast.hsic_test(x, y, method="permutation", n_permutations=50, seed=7, backend=backend)
+        monkeypatch.setattr(independence, "PERMUTATION_BLOCK_ELEMENTS", 30 * 7)  # 7 permutations a block
+        blocks = kexue_fast.hsic_test(x, y, method="permutation", n_permutations=50, seed=7, backend=backend)
+        monkeypatch.undo()
+        assert blocks.pvalue == whole.pvalue and blocks.null == whole.null, backend
+
+
+def test_wide_linear_cka_streams_its_gram_tiles(monkeypatch):
+    """Linear kernels on both sides always took d×d cross products: d² float64 memory, gigabytes for CKA of wide
+    layers (d ≫ n, its typical use). Wider than there are samples (and than a tile), they stream the Gram tiles."""
+    from kexue_fast.hsic import api
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(24, 40, generator=g, dtype=torch.float64)
+    y = x[:, :30] @ torch.randn(30, 35, generator=g, dtype=torch.float64) + torch.randn(24, 35, generator=g)
+    k, lm = x @ x.T, y @ y.T
+    want = R.normalized(R.hsic_biased, k, lm)
+    calls = []
+    feature_stats = api._feature_stats
+    monkeypatch.setattr(api, "_feature_stats", lambda *a: calls.append(1) or feature_stats(*a))
+    for backend in ("torch", "cpp"):
+        leaf = x.clone().requires_grad_()
+        got = kexue_fast.cka(leaf, y, tile=16, backend=backend)  # dx + dy = 75 > max(n, tile) = 24
+        assert abs(float(got) - float(want)) <= 1e-12 and not calls, backend
+        assert torch.autograd.grad(got, leaf)[0].shape == x.shape
+    assert abs(float(kexue_fast.cka(x, y)) - float(want)) <= 1e-12 and calls  # tile 512: the d×d products

@@ -74,6 +74,16 @@ def _kernel_spec(t: Tensor, kernel: str, bandwidth: Bandwidth, name: str) -> Ker
     return KernelSpec(kernel, float(bandwidth))
 
 
+def _use_feature_stats(x: Tensor, y: Tensor, kx: KernelSpec, ky: KernelSpec, tile: int) -> bool:
+    """Linear kernels on both sides take the d×d cross products (O(n·d²) work, d² memory) unless the inputs are wider
+    than there are samples (and than a tile): then the streaming Gram tiles cost less in both (O(n²·d) work, O(n·d)
+    memory), where d×d products of wide layers (CKA's typical case, d ≫ n) would need gigabytes."""
+    if kx.name != "linear" or ky.name != "linear":
+        return False
+    width = (x.shape[1] if x.ndim == 2 else 1) + (y.shape[1] if y.ndim == 2 else 1)
+    return width <= max(x.shape[0], tile)
+
+
 def _feature_stats(x: Tensor, y: Tensor):
     """Linear kernels on both sides: the statistics from d×d cross products (no n² work), differentiable."""
     x, y = x.double(), y.double()
@@ -138,11 +148,12 @@ def hsic(
     Kernels: gaussian exp(−d²/(2σ²)), laplace exp(−d/σ), imq (1 + d²/σ²)^(−1/2), linear, delta. bandwidth "median"
     is σ = the median pairwise distance of that input (exact; a constant for the gradient). Memory O(n·d): one
     streaming pass over tiles of K and L and a backward that recomputes them (Triton on CUDA float32, the C++ core on
-    CPU, torch otherwise); linear kernels on both sides use d×d cross products instead.
+    CPU, torch otherwise); linear kernels on both sides use d×d cross products instead while dx + dy <= max(n, tile)
+    (O(n·d²) work, d² memory; wider inputs stream their Gram tiles).
     """
     x, y, kx, ky, chosen = _prepare(x, y, kernel_x, kernel_y, bandwidth_x, bandwidth_y, estimator, backend, tile=tile)
     fn = estimators.estimate(estimator, bool(normalize))
-    if kx.name == "linear" and ky.name == "linear":
+    if _use_feature_stats(x, y, kx, ky, tile):
         return fn(*_feature_stats(x, y)).to(x.dtype)
     return StreamingHSIC.apply(x, y, kx, ky, fn, tile, chosen)
 
@@ -166,7 +177,7 @@ def hsic_stats(
     x, y, kx, ky, chosen = _prepare(x, y, kernel_x, kernel_y, bandwidth_x, bandwidth_y, "biased", backend, min_n=2,
                                     tile=tile)  # fmt: skip
     with torch.no_grad():
-        if kx.name == "linear" and ky.name == "linear":
+        if _use_feature_stats(x, y, kx, ky, tile):
             stats: Tuple[Tensor, ...] = _feature_stats(x, y)
         else:
             stats = stats_for(chosen, x, y, kx, ky, tile)

@@ -68,7 +68,8 @@ def _gamma_test(x, y, kx, ky, tile, backend) -> HSICTestResult:
         nan = float("nan")
         return HSICTestResult(float(hsic_b), 1.0, "gamma", {"shape": nan, "scale": nan})
     shape, scale = mean**2 / var, var * n / mean
-    statistic = n * hsic_b
+    # HSIC_b = 0 exactly (a balanced design) rounds to ±1e-16; gammaincc of a negative argument is NaN, and p = 1 there
+    statistic = (n * hsic_b).clamp_min(0)
     pvalue = torch.special.gammaincc(shape, statistic / scale)
     return HSICTestResult(float(hsic_b), float(pvalue), "gamma", {"shape": float(shape), "scale": float(scale / n)})
 
@@ -102,6 +103,9 @@ def _permuted_cross_sums_cpp(x, y, kx: KernelSpec, ky: KernelSpec, perms: Tensor
     return torch.from_numpy(out).to(x.device)
 
 
+PERMUTATION_BLOCK_ELEMENTS = 1 << 22  # permutation indices held at a time (int64: 32 MiB)
+
+
 def _permutation_test(x, y, kx, ky, n_permutations: int, seed: Optional[int], tile: int, backend) -> HSICTestResult:
     stats = stats_for(backend, x, y, kx, ky, tile)
     s_kl, _, _, rk, rl, dk, dl = stats
@@ -110,12 +114,18 @@ def _permutation_test(x, y, kx, ky, n_permutations: int, seed: Optional[int], ti
     if seed is None:  # a draw from torch's global generator (reproducible under torch.manual_seed; never reseeds it)
         seed = int(torch.randint(0, 2**62, (1,)).item())
     g = torch.Generator(device="cpu").manual_seed(int(seed))
-    perms = torch.stack([torch.randperm(n, generator=g) for _ in range(n_permutations)]).to(x.device)
-    if backend == "cpp":
-        s_perm = _permuted_cross_sums_cpp(x, y, kx, ky, perms)
-    else:
-        s_perm = _permuted_cross_sums(x, y, kx, ky, perms, tile)
-    null = torch.stack([estimators.biased(s_perm[p], rk, rl[perms[p]], dk, dl[perms[p]]) for p in range(len(perms))])
+    # permutations drawn and used a block at a time (O(n) int64 each: all at once was [P, n]), in the same order
+    block = max(1, PERMUTATION_BLOCK_ELEMENTS // n)
+    null_parts = []
+    for p0 in range(0, n_permutations, block):
+        count = min(block, n_permutations - p0)
+        perms = torch.stack([torch.randperm(n, generator=g) for _ in range(count)]).to(x.device)
+        if backend == "cpp":
+            s_perm = _permuted_cross_sums_cpp(x, y, kx, ky, perms)
+        else:
+            s_perm = _permuted_cross_sums(x, y, kx, ky, perms, tile)
+        null_parts += [estimators.biased(s_perm[p], rk, rl[perms[p]], dk, dl[perms[p]]) for p in range(count)]
+    null = torch.stack(null_parts)
     # Ties count as at least as extreme: permuted statistics equal to the observed one (tied or binary data, a
     # constant input) are summed in another order and can fall below it by rounding, so compare within 1e-10 of
     # the estimator's scale (its terms are products of mean |K| and mean |L| entries), as scipy's permutation_test
