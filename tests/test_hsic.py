@@ -631,3 +631,20 @@ def test_wide_linear_cka_streams_its_gram_tiles(monkeypatch):
         assert abs(float(got) - float(want)) <= 1e-12 and not calls, backend
         assert torch.autograd.grad(got, leaf)[0].shape == x.shape
     assert abs(float(kexue_fast.cka(x, y)) - float(want)) <= 1e-12 and calls  # tile 512: the d×d products
+
+
+@pytest.mark.parametrize("scale", [1e-25, 1e21])
+def test_float32_radial_kernels_at_extreme_scales(scale):
+    """The statistic with the median bandwidth is scale invariant, but float32 inputs at 1e-25 gave NaN (−1/(2σ²)
+    overflowed to −inf against d² = 0) and at 1e21 NaN or a wrong value (d² overflowed): inputs and σ are now divided
+    by a power of two near σ (exact), and the median taken on data brought to O(1)."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(60, 3, generator=g, dtype=torch.float64)
+    y = torch.sin(x[:, :2]) + 0.3 * torch.randn(60, 2, generator=g, dtype=torch.float64)
+    for kernel in ("gaussian", "laplace", "imq"):
+        want = float(kexue_fast.hsic(x, y, kernel_x=kernel, backend="torch"))
+        for backend in ("torch", "cpp"):
+            got = float(kexue_fast.hsic((x * scale).float(), y.float(), kernel_x=kernel, backend=backend))
+            assert abs(got - want) <= 1e-5 * abs(want), (kernel, backend, got, want)
+        given = float(kexue_fast.hsic((x * scale).float(), y.float(), kernel_x=kernel, bandwidth_x=1.5 * scale))
+        assert abs(given - float(kexue_fast.hsic(x, y, kernel_x=kernel, bandwidth_x=1.5))) <= 1e-5 * abs(want)

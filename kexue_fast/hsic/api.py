@@ -56,22 +56,35 @@ def _as_samples(t: object, name: str, kernel: str) -> Tensor:
     return t - t.mean(0)
 
 
-def _kernel_spec(t: Tensor, kernel: str, bandwidth: Bandwidth, name: str) -> KernelSpec:
+def _power_of_two(value: float) -> float:
+    """The power of two nearest value (1 for 0 or a non-finite value): dividing by it is exact."""
+    return 2.0 ** round(math.log2(value)) if 0 < value < math.inf else 1.0
+
+
+def _kernel_spec(t: Tensor, kernel: str, bandwidth: Bandwidth, name: str) -> Tuple[Tensor, KernelSpec]:
+    """(t, its kernel): radial kernels' inputs divided by a power of two near σ, σ with them (exact: the same kernel
+    values, bit for bit), so that float32 squared distances neither underflow nor overflow at any scale of the data
+    (x·1e-25 made −1/(2σ²) −inf against d² = 0, NaN; x·1e21 overflowed d²); the median is taken on data brought to
+    O(1) the same way."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel_{name} must be one of {KERNELS}, got {kernel!r}")
     if kernel in ("linear", "delta"):
-        return KernelSpec(kernel)
+        return t, KernelSpec(kernel)
     if bandwidth is None or bandwidth == "median":
+        t = t / _power_of_two(float(t.abs().max()))
         # auto's own pick: KEXUE_FAST_BACKEND=triton, meant for hsic, would send it to a backend it does not have
         sigma = median_bandwidth(t, backend=_dispatch.auto_backend(BANDWIDTH_OP, t.device, t.dtype))
-        return KernelSpec(kernel, sigma if sigma > 0 else 1.0)  # all points equal: any σ gives the same Gram
-    if (
+        sigma = sigma if sigma > 0 else 1.0  # all points equal: any σ gives the same Gram
+    elif (
         isinstance(bandwidth, bool)
         or not isinstance(bandwidth, numbers.Real)
         or not (bandwidth > 0 and math.isfinite(bandwidth))
     ):
         raise ValueError(f'bandwidth_{name} must be "median" or a finite number > 0, got {bandwidth!r}')
-    return KernelSpec(kernel, float(bandwidth))
+    else:
+        sigma = float(bandwidth)
+    scale = _power_of_two(sigma)
+    return t / scale, KernelSpec(kernel, sigma / scale)
 
 
 def _use_feature_stats(x: Tensor, y: Tensor, kx: KernelSpec, ky: KernelSpec, tile: int) -> bool:
@@ -114,8 +127,8 @@ def _prepare(x, y, kernel_x, kernel_y, bandwidth_x, bandwidth_y, estimator, back
     need = 4 if estimator == "unbiased" else min_n
     if n < need:
         raise ValueError(f"the {estimator} estimator needs n >= {need} samples, got n = {n}")
-    kx = _kernel_spec(x, kernel_x, bandwidth_x, "x")
-    ky = _kernel_spec(y, kernel_y, bandwidth_y if bandwidth_y is not None else "median", "y")
+    x, kx = _kernel_spec(x, kernel_x, bandwidth_x, "x")
+    y, ky = _kernel_spec(y, kernel_y, bandwidth_y if bandwidth_y is not None else "median", "y")
     dtype = x.dtype if x.is_floating_point() else (y.dtype if y.is_floating_point() else torch.float64)
     chosen = _dispatch.choose(OP, x.device, dtype, backend)
     widest = max(x.shape[1] if x.ndim == 2 else 1, y.shape[1] if y.ndim == 2 else 1)
