@@ -475,6 +475,8 @@ def test_bottleneck_loss_bad_inputs():
         kexue_fast.hsic.bottleneck_loss(z.numpy(), x, labels, beta=1.0)
     with pytest.raises(ValueError, match=r"n_classes = 2 but y has label 2"):
         kexue_fast.hsic.bottleneck_loss(z, x, labels, beta=1.0, n_classes=2)
+    with pytest.raises(ValueError, match=r"class indices >= 0, got label -1"):  # one_hot's RuntimeError before
+        kexue_fast.hsic.bottleneck_loss(z, x, labels - 1, beta=1.0)
 
 
 def test_far_from_the_origin_and_label_only_inputs():

@@ -57,6 +57,8 @@ def bottleneck_loss(
     if not y.is_floating_point():
         if y.ndim != 1:
             raise ValueError(f"integer labels y must be [m], got shape {tuple(y.shape)}")
+        if y.numel() and int(y.min()) < 0:  # one_hot's own error named no argument
+            raise ValueError(f"integer labels y must be class indices >= 0, got label {int(y.min())}")
         if n_classes is not None and y.numel() and int(y.max()) >= n_classes:
             raise ValueError(f"n_classes = {n_classes} but y has label {int(y.max())}: need n_classes > max(y)")
         y2 = torch.nn.functional.one_hot(y.long(), n_classes if n_classes is not None else -1).to(z2.dtype)
