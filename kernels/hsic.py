@@ -10,9 +10,10 @@ Schedule: one program owns BLOCK rows and sweeps every column block, so each row
 in one program — no atomics, a deterministic result, and the partial sums per row are added by the caller in a
 fixed order. (This visits each unordered pair twice; the symmetric half-schedule needs cross-program column sums.)
 Tile values are float32 (distances by ‖a‖² + ‖b‖² − 2a·b from an IEEE-precision tl.dot; laplace's, whose √ needs
-the digits that expansion cancels, from the differences); their products and sums, and the backward's weights, are float64 — the rounding of torch's float32 tiles
-summed in float64. Kernel codes: 0 gaussian, 1 laplace, 2 imq, 3 linear, 4 delta (labels as float
-class indices [n, 1], compared exactly). No autograd and no dispatch here: see kexue_fast.hsic.tiled.
+the digits that expansion cancels, from the differences); their products and sums, and the backward's weights, are
+float64 — the rounding of torch's float32 tiles summed in float64. Kernel codes: 0 gaussian, 1 laplace, 2 imq,
+3 linear, 4 delta (labels as float class indices [n, 1], compared exactly). No autograd and no dispatch here: see
+kexue_fast.hsic.tiled.
 """
 
 from __future__ import annotations

@@ -155,3 +155,13 @@ def test_laplace_of_duplicate_rows_in_float32(backend):
     truth = kexue_fast.hsic(x, y, backend="torch", **kw)
     got = kexue_fast.hsic(x.float().to(_device()), y.float().to(_device()), backend=backend, **kw)
     assert float(abs(got.double().cpu() - truth) / truth) <= 1e-6
+
+
+def test_mixed_precision_inputs_dispatch_on_the_wider_dtype():
+    """x float32 with y float64: the Triton kernels (float32 only) cast y down where C++ and torch keep float64; the
+    backend is now chosen for the wider dtype, so an explicit "triton" refuses it as for float64 inputs."""
+    x = torch.randn(40, 3, device=_device())
+    y = torch.randn(40, 2, dtype=D64, device=_device())
+    with pytest.raises(NotImplementedError, match="float64"):
+        kexue_fast.hsic(x, y, backend="triton")
+    assert torch.isfinite(kexue_fast.hsic(x, y))

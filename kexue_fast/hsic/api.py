@@ -129,7 +129,9 @@ def _prepare(x, y, kernel_x, kernel_y, bandwidth_x, bandwidth_y, estimator, back
         raise ValueError(f"the {estimator} estimator needs n >= {need} samples, got n = {n}")
     x, kx = _kernel_spec(x, kernel_x, bandwidth_x, "x")
     y, ky = _kernel_spec(y, kernel_y, bandwidth_y if bandwidth_y is not None else "median", "y")
-    dtype = x.dtype if x.is_floating_point() else (y.dtype if y.is_floating_point() else torch.float64)
+    # the wider of the floating inputs: Triton (float32 only) cast a float64 y down, where C++ and torch keep it
+    floats = [t.dtype for t in (x, y) if t.is_floating_point()]
+    dtype = torch.promote_types(*floats) if len(floats) == 2 else (floats[0] if floats else torch.float64)
     chosen = _dispatch.choose(OP, x.device, dtype, backend)
     widest = max(x.shape[1] if x.ndim == 2 else 1, y.shape[1] if y.ndim == 2 else 1)
     if chosen == "triton" and widest > _TRITON_MAX_DIM:
