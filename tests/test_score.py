@@ -380,3 +380,11 @@ def test_step_size_takes_numpy_scalars():
     z = torch.ones(4)
     for step in (np.float32(0.25), np.float64(0.25), 0.25):
         assert torch.allclose(langevin_step(x, z, step, noise=z), torch.full((4,), 0.125 + 0.5))
+
+
+def test_sigmas_out_of_the_data_dtype_range_are_named_as_given():
+    """Half data: σ = 1e5 became inf and 1e-8 became 0 before the check, which then reported [inf] or [0.0]."""
+    x = torch.randn(3, 2, dtype=torch.float16)
+    for sigma, shown in ((1e5, "100000.0"), (1e-8, "1e-08")):
+        with pytest.raises(ValueError, match=rf"float16: \[{shown}\] became"):
+            dsm_loss(lambda x, *args: -x, x, sigma)

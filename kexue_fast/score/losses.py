@@ -33,20 +33,24 @@ def as_sigmas(sigmas: Sigmas, name: str, device: torch.device, dtype: torch.dtyp
     if isinstance(sigmas, bool):
         raise TypeError(f"{name} must be a number, a sequence of numbers or a tensor, got bool")
     if isinstance(sigmas, numbers.Real):
-        values = torch.tensor([float(sigmas)], dtype=dtype, device=device)
+        given = torch.tensor([float(sigmas)], dtype=torch.float64, device=device)
     elif isinstance(sigmas, Tensor):
         if not sigmas.is_floating_point():
             raise TypeError(f"{name} must be a floating tensor, got {sigmas.dtype}")
-        values = sigmas.detach().reshape(-1).to(device=device, dtype=dtype)
+        given = sigmas.detach().reshape(-1).to(device=device)
     else:
         try:
-            values = torch.tensor([float(s) for s in sigmas], dtype=dtype, device=device)
+            given = torch.tensor([float(s) for s in sigmas], dtype=torch.float64, device=device)
         except (TypeError, ValueError) as exc:
             raise TypeError(f"{name} must be a number, a sequence of numbers or a tensor ({exc})") from None
-    if values.numel() == 0:
+    if given.numel() == 0:
         raise ValueError(f"{name} must hold at least one noise level")
-    if not bool(torch.isfinite(values).all()) or not bool((values > 0).all()):
-        raise ValueError(f"{name} must be finite and > 0, got {values.tolist()}")
+    if not bool(torch.isfinite(given).all()) or not bool((given > 0).all()):
+        raise ValueError(f"{name} must be finite and > 0, got {given.tolist()}")
+    values = given.to(dtype)
+    if not bool(torch.isfinite(values).all()) or not bool((values > 0).all()):  # the given values, not the cast's
+        raise ValueError(f"{name} must be finite and > 0 in the data's dtype {dtype}: {given.tolist()} became "
+                         f"{values.tolist()}")  # fmt: skip
     return values
 
 
