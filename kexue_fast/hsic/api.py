@@ -57,8 +57,8 @@ def _as_samples(t: object, name: str, kernel: str) -> Tensor:
 
 
 def _power_of_two(value: float) -> float:
-    """The power of two nearest value (1 for 0 or a non-finite value): dividing by it is exact."""
-    return 2.0 ** round(math.log2(value)) if 0 < value < math.inf else 1.0
+    """The power of two nearest value (1 for 0 or a non-finite value; a normal float64): dividing by it is exact."""
+    return 2.0 ** min(1023, max(-1022, round(math.log2(value)))) if 0 < value < math.inf else 1.0
 
 
 def _kernel_spec(t: Tensor, kernel: str, bandwidth: Bandwidth, name: str) -> Tuple[Tensor, KernelSpec]:
@@ -71,7 +71,8 @@ def _kernel_spec(t: Tensor, kernel: str, bandwidth: Bandwidth, name: str) -> Tup
     if kernel in ("linear", "delta"):
         return t, KernelSpec(kernel)
     if bandwidth is None or bandwidth == "median":
-        t = t / _power_of_two(float(t.abs().max()))
+        data_scale = _power_of_two(float(t.abs().max()))
+        t = t / data_scale if data_scale != 1.0 else t
         # auto's own pick: KEXUE_FAST_BACKEND=triton, meant for hsic, would send it to a backend it does not have
         sigma = median_bandwidth(t, backend=_dispatch.auto_backend(BANDWIDTH_OP, t.device, t.dtype))
         sigma = sigma if sigma > 0 else 1.0  # all points equal: any σ gives the same Gram
@@ -84,7 +85,7 @@ def _kernel_spec(t: Tensor, kernel: str, bandwidth: Bandwidth, name: str) -> Tup
     else:
         sigma = float(bandwidth)
     scale = _power_of_two(sigma)
-    return t / scale, KernelSpec(kernel, sigma / scale)
+    return (t / scale if scale != 1.0 else t), KernelSpec(kernel, sigma / scale)
 
 
 def _use_feature_stats(x: Tensor, y: Tensor, kx: KernelSpec, ky: KernelSpec, tile: int) -> bool:

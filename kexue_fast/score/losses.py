@@ -32,26 +32,28 @@ def as_sigmas(sigmas: Sigmas, name: str, device: torch.device, dtype: torch.dtyp
     """A 1-D tensor of noise levels, each finite and > 0 (a clear ValueError otherwise)."""
     if isinstance(sigmas, bool):
         raise TypeError(f"{name} must be a number, a sequence of numbers or a tensor, got bool")
+    # numbers are checked on the host (no device sync), a tensor where it lives; each as given, then in `dtype`
     if isinstance(sigmas, numbers.Real):
-        given = torch.tensor([float(sigmas)], dtype=torch.float64, device=device)
+        given = torch.tensor([float(sigmas)], dtype=torch.float64)
     elif isinstance(sigmas, Tensor):
         if not sigmas.is_floating_point():
             raise TypeError(f"{name} must be a floating tensor, got {sigmas.dtype}")
-        given = sigmas.detach().reshape(-1).to(device=device)
+        given = sigmas.detach().reshape(-1)
     else:
         try:
-            given = torch.tensor([float(s) for s in sigmas], dtype=torch.float64, device=device)
+            given = torch.tensor([float(s) for s in sigmas], dtype=torch.float64)
         except (TypeError, ValueError) as exc:
             raise TypeError(f"{name} must be a number, a sequence of numbers or a tensor ({exc})") from None
     if given.numel() == 0:
         raise ValueError(f"{name} must hold at least one noise level")
-    if not bool(torch.isfinite(given).all()) or not bool((given > 0).all()):
+    if not bool((torch.isfinite(given) & (given > 0)).all()):
         raise ValueError(f"{name} must be finite and > 0, got {given.tolist()}")
     values = given.to(dtype)
-    if not bool(torch.isfinite(values).all()) or not bool((values > 0).all()):  # the given values, not the cast's
+    narrower = torch.finfo(dtype).max < torch.finfo(given.dtype).max or dtype.itemsize < given.dtype.itemsize
+    if narrower and not bool((torch.isfinite(values) & (values > 0)).all()):  # the given values, not the cast's
         raise ValueError(f"{name} must be finite and > 0 in the data's dtype {dtype}: {given.tolist()} became "
                          f"{values.tolist()}")  # fmt: skip
-    return values
+    return values.to(device)
 
 
 def _check_data(x: object) -> Tensor:
