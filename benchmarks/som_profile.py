@@ -475,6 +475,8 @@ def main() -> None:
     batch = args.batch or (256 if args.device == "cuda" else 2)
     if args.device == "cpu":
         torch.set_num_threads(1)  # the setting of benchmarks/ortho.py's CPU rows, where `auto` takes the C++ Gram
+    if args.settings and not args.sweep:
+        parser.error("--settings goes with --sweep")
     if args.sweep:
         if args.device != "cuda":
             parser.error("--sweep times the Triton kernels: it needs --device cuda")
