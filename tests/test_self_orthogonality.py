@@ -332,14 +332,16 @@ def test_cpp_is_what_auto_runs_on_cpu_and_compile_takes_torch(monkeypatch):
     penalty = kexue_fast._core.som_penalty
     monkeypatch.setattr(kexue_fast._core, "som_penalty", lambda *a, **k: calls.append(1) or penalty(*a, **k))
     monkeypatch.delenv("KEXUE_FAST_BACKEND", raising=False)
-    y = torch.randn(4, 3, 5, 5)
+    y = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(0))
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         eager = som_regularizer(y)
         assert len(calls) == 1
         compiled = torch.compile(lambda y: som_regularizer(y), fullgraph=True, backend="aot_eager")(y)
-        assert len(calls) == 1 and torch.allclose(compiled, eager, rtol=1e-5)
+        # two float32 routes of a sum that cancels: each carries float32 rounding amplified by it (unseeded data and
+        # 1e-5 between them failed once in CI)
+        assert len(calls) == 1 and torch.allclose(compiled, eager, rtol=1e-4)
         torch.set_num_threads(som_module.CPP_MAX_TORCH_THREADS)
         som_regularizer(y)
         assert len(calls) == 2
