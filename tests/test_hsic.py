@@ -650,3 +650,12 @@ def test_float32_radial_kernels_at_extreme_scales(scale):
             assert abs(got - want) <= 1e-5 * abs(want), (kernel, backend, got, want)
         given = float(kexue_fast.hsic((x * scale).float(), y.float(), kernel_x=kernel, bandwidth_x=1.5 * scale))
         assert abs(given - float(kexue_fast.hsic(x, y, kernel_x=kernel, bandwidth_x=1.5))) <= 1e-5 * abs(want)
+
+
+def test_permutation_test_of_few_samples():
+    """Only the Gamma approximation needs n >= 6 (its variance has (n − 4)(n − 5)); permutations ran only from 6 too."""
+    x = torch.tensor([[0.0], [1.0], [2.0], [3.0]], dtype=torch.float64)
+    result = kexue_fast.hsic_test(x, x**2, method="permutation", n_permutations=23, seed=1)
+    assert 1 / 24 <= result.pvalue <= 1.0 and result.null["n_permutations"] == 23
+    with pytest.raises(ValueError, match="n >= 6"):
+        kexue_fast.hsic_test(x, x**2, method="gamma")

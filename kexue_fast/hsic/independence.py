@@ -172,8 +172,10 @@ def hsic_test(
         isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63
     ):  # torch.Generator.manual_seed takes a signed 64-bit value
         raise ValueError(f"seed must be an int in [0, 2**63) or None, got {seed!r}")
-    x, y, kx, ky, chosen = _prepare(x, y, kernel_x, kernel_y, bandwidth_x, bandwidth_y, "biased", backend, min_n=6,
-                                    tile=tile)  # fmt: skip
+    # the Gamma approximation's variance has (n − 4)(n − 5) in it; permutations need two samples
+    min_n = 6 if method == "gamma" else 2
+    x, y, kx, ky, chosen = _prepare(x, y, kernel_x, kernel_y, bandwidth_x, bandwidth_y, "biased", backend,
+                                    min_n=min_n, tile=tile)  # fmt: skip
     if method == "gamma":
         if kx.name == "linear" or ky.name == "linear":
             raise ValueError("the Gamma approximation assumes kernels with a unit diagonal; use method='permutation'")
