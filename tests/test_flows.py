@@ -1020,9 +1020,46 @@ def test_factor_out_flow_is_an_exact_change_of_variables():
         assert abs(float(torch.linalg.slogdet(jac)[1] - logdet[i])) < 1e-8
     expected = -0.5 * (z**2).sum(1) - 8 * math.log(2 * math.pi) + logdet
     assert torch.allclose(flow.log_prob(x), expected, atol=1e-12)
+    empty = x[:0]  # a batch of 0: reshape(0, -1) could not infer the -1 (forward with FactorOut, log_prob)
+    assert flow(empty)[0].shape == (0, 16) and flow.log_prob(empty).shape == (0,)
     with pytest.raises(ValueError, match="flat latent"):
         flow.inverse(z.reshape(3, 1, 4, 4))
     with pytest.raises(ValueError, match="keep must be < channels"):
         FactorOut(4, 4)
     with pytest.raises(ValueError, match="FactorOut for 3 channels"):
         ResidualFlow([FactorOut(3, 1)], (2, 4, 4))
+
+
+@pytest.mark.parametrize("change", ["coeff", "alpha", "slope", "conv alpha"])
+def test_block_follows_attributes_changed_in_place(change):
+    """The closed forms copied a spectral norm's coeff and the activations' constants (ELU alpha, LeakyReLU slope)
+    when they first read g: changed in place later, the block kept computing the old g (y ≠ x + g(x), a wrong
+    log-det). The block now compares them on every forward and reads g again, as a fresh block would."""
+    torch.manual_seed(3)
+    act = nn.LeakyReLU(0.5) if change == "slope" else nn.ELU()
+    if change == "conv alpha":
+        g = nn.Sequential(
+            spectral_norm(nn.Conv2d(2, 4, 3, padding=1), coeff=0.9, input_shape=(2, 4, 4)),
+            act,
+            spectral_norm(nn.Conv2d(4, 2, 3, padding=1), coeff=0.9, input_shape=(4, 4, 4)),
+        ).double()
+        x = torch.randn(3, 2, 4, 4, dtype=D64)
+    else:
+        g = nn.Sequential(spectral_norm(nn.Linear(4, 8), coeff=0.9), act, spectral_norm(nn.Linear(8, 4), coeff=0.9))
+        g = g.double()
+        x = torch.randn(3, 4, dtype=D64)
+    blk = InvertibleResBlock(g).eval()
+    blk(x)  # the descriptions are read here
+    if change == "coeff":
+        g[0].parametrizations.weight[0].coeff = 0.3
+        g[2].parametrizations.weight[0].coeff = 0.3
+    elif change == "slope":
+        g[1].negative_slope = 0.1
+    else:
+        g[1].alpha = 0.5
+    torch.manual_seed(4)
+    y, logdet = blk(x)
+    torch.manual_seed(4)
+    logdet_fresh = InvertibleResBlock(g).eval()(x)[1]
+    assert torch.allclose(y, x + g(x), atol=1e-12, rtol=0)
+    assert torch.allclose(logdet, logdet_fresh, atol=1e-12, rtol=0)

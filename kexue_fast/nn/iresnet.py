@@ -558,16 +558,30 @@ def _torch_spectral_norms_frozen(g: nn.Module):
     return eval_mode([m for m in g.modules() if isinstance(m, _SpectralNorm) and m.training])
 
 
+# What the closed forms' descriptions copy from g's children (activation constants, convolution geometry) and from
+# their parametrizations (a spectral norm's coefficient and mode): changed in place (blk.g[1].alpha = 0.5, a norm's
+# coeff lowered), the old values would be kept computing, silently
+_CHILD_ATTRS = ("alpha", "negative_slope", "stride", "padding", "dilation", "groups", "padding_mode")
+_NORM_ATTRS = ("coeff", "dim", "conv")
+
+
 def _structure(g: nn.Module) -> tuple:
-    """g's identity and type, its children's, and their parametrizations', compared on every forward: what the
-    closed forms' descriptions (flat chains of g's children, spectral norms folded in) were read from. A replaced
-    child changes its id; the first parametrization added or the last removed changes its class."""
+    """g's identity and type, its children's, and their parametrizations', with the attributes the closed forms'
+    descriptions (flat chains of g's children, spectral norms folded in) copied (_CHILD_ATTRS, _NORM_ATTRS),
+    compared on every forward. A replaced child changes its id; the first parametrization added or the last removed
+    changes its class."""
     out = [id(g), type(g)]
     for c in g._modules.values():
         out += (id(c), type(c))
-        lists = c._modules.get("parametrizations") if c is not None else None
+        if c is None:
+            continue
+        out += [getattr(c, name, None) for name in _CHILD_ATTRS]
+        lists = c._modules.get("parametrizations")
         if lists is not None:
-            out += [id(q) for plist in lists._modules.values() for q in plist._modules.values()]
+            for plist in lists._modules.values():
+                for q in plist._modules.values():
+                    out += (id(q), *(id(v) if name == "conv" else v
+                                     for name in _NORM_ATTRS for v in (getattr(q, name, None),)))  # fmt: skip
     return tuple(out)
 
 

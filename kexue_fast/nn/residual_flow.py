@@ -83,12 +83,12 @@ class ResidualFlow(nn.Module):
         for layer in self.layers:
             if isinstance(layer, FactorOut):
                 x, out = layer.split(x)
-                factored.append(out.reshape(out.shape[0], -1))
+                factored.append(out.flatten(1))  # flatten: a batch of 0 too
                 continue
             x, logdet = layer(x)
             total = total + logdet
         if factored:
-            x = torch.cat([*factored, x.reshape(x.shape[0], -1)], dim=1)
+            x = torch.cat([*factored, x.flatten(1)], dim=1)
         return x, total
 
     def inverse(self, z: Tensor) -> Tensor:
@@ -109,7 +109,7 @@ class ResidualFlow(nn.Module):
 
     def log_prob(self, x: Tensor) -> Tensor:
         z, logdet = self(x)
-        flat = z.reshape(z.shape[0], -1)
+        flat = z.flatten(1)
         base = -0.5 * (flat**2).sum(1) - 0.5 * flat.shape[1] * math.log(2 * math.pi)
         return base + logdet
 
