@@ -678,6 +678,20 @@ def test_copies_and_pickles_of_hooked_models():
     loaded.net(x)
     assert len(loaded.som.recorder.records) == 1 and len(original.som.recorder.records) == 1
     torch.save(original.net, io.BytesIO())
+    # each copy kept the copied hook beside the one its recorder attached (2, 3, 4 … hooks after copies of copies,
+    # which remove() never took off), and a copied model alone kept one for good: a layer with a hook counts as
+    # hooked (the i-ResNet block's fast paths step aside for hooks)
+    conv = lambda model: model.net[0]  # noqa: E731
+    again = loaded
+    for _ in range(3):
+        buffer = io.BytesIO()
+        torch.save(again, buffer)
+        buffer.seek(0)
+        again = torch.load(buffer, weights_only=False)
+    assert len(conv(again)._forward_hooks) == 1
+    again.som.remove()
+    assert len(conv(again)._forward_hooks) == 0
+    assert len(ema[0]._forward_hooks) == 0  # the model-alone copy dropped its inactive hook at its first forward
 
 
 def test_tall_weight_regularizers_do_not_cancel_in_float32():

@@ -85,7 +85,10 @@ class _RecordHook:
 
     def __call__(self, module: nn.Module, inputs, output) -> None:
         recorder = self.recorder
-        if recorder is None or not recorder.enabled or not torch.is_grad_enabled():
+        if recorder is None:  # a copy's: it records nothing, and leaves the copied layer unhooked from now on
+            _drop_inactive_hooks(module)
+            return
+        if not recorder.enabled or not torch.is_grad_enabled():
             return
         if not (module.training or recorder.record_in_eval):
             return
@@ -111,6 +114,17 @@ class _RecordHook:
 
     def __deepcopy__(self, memo) -> _RecordHook:
         return _RecordHook(None, self.name, self.dim)
+
+
+def _drop_inactive_hooks(module: nn.Module) -> None:
+    """Removes the recorder-less _RecordHook copies (left by pickling or deep-copying a hooked model) from module: a
+    layer that keeps one counts as hooked (the i-ResNet block's fast paths step aside for hooks), and each copy of a
+    copy added one more."""
+    for key, hook in list(module._forward_hooks.items()):
+        if isinstance(hook, _RecordHook) and hook.recorder is None:
+            del module._forward_hooks[key]
+            module._forward_hooks_with_kwargs.pop(key, None)
+            module._forward_hooks_always_called.pop(key, None)
 
 
 class OutputRecorder:
@@ -173,6 +187,8 @@ class OutputRecorder:
         self.enabled = state.get("enabled", True)
         self.records = []
         self._handles = []
+        for _, module in self.layers:  # the copied layers' copies of the old hooks: this recorder hooks them anew
+            _drop_inactive_hooks(module)
         if state["attached"]:
             self._attach()
 
