@@ -86,7 +86,8 @@ class _RecordHook:
     def __call__(self, module: nn.Module, inputs, output) -> None:
         recorder = self.recorder
         if recorder is None:  # a copy's: it records nothing, and leaves the copied layer unhooked from now on
-            _drop_inactive_hooks(module)
+            if not torch.compiler.is_compiling():  # (not while a graph is traced: no module mutation there)
+                _drop_inactive_hooks(module)
             return
         if not recorder.enabled or not torch.is_grad_enabled():
             return
