@@ -221,7 +221,6 @@ def test_float32_route_has_no_cast_after_the_kernels():
     """The finish kernel writes R in the output dtype and the backward kernel reads ∂L/∂R in any float dtype: a
     float32 step has no cast of R forward nor of its gradient backward (each a launch, costly on a host-bound GPU
     machine). The values equal the float64 R rounded, and the gradients those from a float64 upstream gradient."""
-
     ys = [y.movedim(d % y.ndim, 1).contiguous() for y, (_, d) in zip(_inputs(13, torch.float32), LAYOUTS)]
     layouts = [_layout(y, 1) for y in ys]
     r64, a = kernels.penalty(ys, layouts, 10.0, 100.0, 1.0, 1e-12)

@@ -212,8 +212,8 @@ def test_torch_compile_fullgraph():
 
 def test_compiled_graph_does_not_query_autocast_availability(monkeypatch):
     """torch 2.11's dynamo cannot trace torch.amp.is_autocast_available (torch._C._is_autocast_available): the σ̂
-    region's check broke every fullgraph compile through a spectral norm there (H200 machine, torch 2.11, 18 failed
-    tests). Here the query raises when traced, as it did there."""
+    region's check broke every fullgraph compile through a spectral norm there (H200 machine, torch 2.11: 15 of the
+    18 GPU-run failures at b9dc632). Here the query raises when traced, as it did there."""
     available = torch.amp.is_autocast_available
 
     def eager_only(device_type):
