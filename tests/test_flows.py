@@ -1063,3 +1063,26 @@ def test_block_follows_attributes_changed_in_place(change):
     logdet_fresh = InvertibleResBlock(g).eval()(x)[1]
     assert torch.allclose(y, x + g(x), atol=1e-12, rtol=0)
     assert torch.allclose(logdet, logdet_fresh, atol=1e-12, rtol=0)
+
+
+def test_block_inside_parametrize_cached_runs_g_on_the_cached_weights():
+    """Inside torch.nn.utils.parametrize.cached() a plain g computes its spectral norms once; the block's fast paths
+    read the raw weights and advanced the power iteration on every call: two calls in training mode differed, and y
+    was not x + g(x) on the cached weights. There the block now runs g itself."""
+    from torch.nn.utils import parametrize
+
+    torch.manual_seed(0)
+    g = nn.Sequential(spectral_norm(nn.Linear(3, 5), coeff=0.7), LipSwish(), spectral_norm(nn.Linear(5, 3), coeff=0.7))
+    g = g.double()
+    with torch.no_grad():
+        for i in (0, 2):
+            g[i].parametrizations.weight.original.mul_(4)
+            g[i].parametrizations.weight[0]._u.normal_()  # far from converged: each step moves σ̂
+    blk = InvertibleResBlock(g).train()
+    x = torch.randn(2, 3, dtype=D64)
+    with parametrize.cached():
+        y1 = blk(x)[0]
+        y2 = blk(x)[0]
+        assert torch.equal(y1, y2) and torch.equal(y2, x + g(x))
+    with torch.inference_mode(), parametrize.cached():  # the series' autograd runs on a normal copy there
+        assert blk(x)[1].shape == (2,)

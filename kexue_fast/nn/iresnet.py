@@ -13,6 +13,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from .. import _dispatch
 from ..flows import chain_cpp
@@ -407,7 +408,9 @@ class InvertibleResBlock(nn.Module):
             gx, logdet = _logdet.exact_logdet(self.g, x)
             return x + gx, logdet
         probes = self._probes(x, compiling)
-        plain = hook_free(self._chain_modules)
+        # the closed forms read g's layers raw (spectral norms folded in, advanced per call): inside
+        # parametrize.cached() g itself runs, on the weights cached there
+        plain = hook_free(self._chain_modules) and not _parametrizations_cached()
         if self._chain is not None and x.ndim == 2 and plain:
             if not graph_only:  # the Neumann gradient or the series' own in closed form, one autograd node
                 return chain_neumann_logdet(self._chain, x, self._plans(x), probes, not self.neumann_grad)
@@ -437,7 +440,7 @@ class InvertibleResBlock(nn.Module):
         a closed form: generic g, hooked chains, dense chains on inputs that are not [B, D])."""
         if method in ("exact", "none"):
             return method == "exact"
-        if not hook_free(self._chain_modules):
+        if not hook_free(self._chain_modules) or _parametrizations_cached():
             return True
         return not ((self._chain is not None and x.ndim == 2) or self._conv_chain is not None)
 
@@ -447,6 +450,8 @@ class InvertibleResBlock(nn.Module):
             return "g is not a dense chain Linear (activation Linear)* (the C++ block covers those)"
         if not hook_free(self._chain_modules):
             return _HOOKED
+        if _parametrizations_cached():
+            return _CACHED
         if self.logdet_method not in ("series", "roulette"):
             return f'logdet="{self.logdet_method}" has no C++ path (series and roulette do)'
         if x.ndim != 2:
@@ -465,6 +470,8 @@ class InvertibleResBlock(nn.Module):
             return self._fused_reason
         if not hook_free(self._chain_modules):
             return "g or one of its layers has forward/backward hooks, which the fused kernel would skip"
+        if _parametrizations_cached():
+            return _CACHED
         if self.logdet_method not in ("series", "roulette"):
             return f'logdet="{self.logdet_method}" is not fused (series and roulette are)'
         if not self.neumann_grad and torch.is_grad_enabled():
@@ -540,6 +547,17 @@ class InvertibleResBlock(nn.Module):
 
     def extra_repr(self) -> str:
         return f"logdet={self.logdet_method!r}, n_terms={self.n_terms}, n_probes={self.n_probes}"
+
+
+_CACHED = (
+    "inside torch.nn.utils.parametrize.cached(): g runs on the cached weights (the fast paths read the raw "
+    "weights and would advance the spectral norms' power iterations on every call)"
+)
+
+
+def _parametrizations_cached() -> bool:
+    """Whether torch.nn.utils.parametrize.cached() is active (a counter there)."""
+    return bool(getattr(parametrize, "_cache_enabled", 0))
 
 
 def _frozen():
