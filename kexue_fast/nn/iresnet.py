@@ -24,7 +24,7 @@ from ..flows.chain_cpp import chain_logdet_cpp
 from ..flows.chain_neumann import _one_plan, chain_neumann_logdet
 from ..flows.conv_neumann import ConvChain, conv_neumann_logdet, conv_series_logdet
 from ..flows.fused import FusedDenseBranch
-from .spectral_norm import SpectralNorm
+from .spectral_norm import SpectralNorm, eval_mode, frozen_power_iteration
 
 LOGDET_METHODS = ("series", "roulette", "exact", "none")
 OP = "invertible_resblock"
@@ -505,14 +505,15 @@ class InvertibleResBlock(nn.Module):
         if torch.compiler.is_compiling():
             traceable = (_inverse.fixed_point_traceable if self.inverse_method == "fixed_point"
                          else _inverse.anderson_traceable)  # fmt: skip
-            with _frozen():  # (torch's spectral norms are not switched here: no module mutation while traced)
+            # (torch's spectral norms are not switched here: no module mutation while traced)
+            with frozen_power_iteration():
                 return traceable(g, y, self.inverse_atol, self.inverse_rtol, self.inverse_max_iter)
         if y.ndim < 2:
             raise ValueError(f"y must be [B, ...] with a batch dimension, got shape {tuple(y.shape)}")
         if not bool(torch.isfinite(y).all()):
             raise ValueError("y contains NaN or Inf")
         solver = _inverse.fixed_point if self.inverse_method == "fixed_point" else _inverse.anderson
-        with _frozen(), _torch_spectral_norms_frozen(self.g):
+        with frozen_power_iteration(), _torch_spectral_norms_frozen(self.g):
             x, self.last_inverse = solver(g, y, self.inverse_atol, self.inverse_rtol, self.inverse_max_iter)
             if torch.is_grad_enabled() and (y.requires_grad or any(p.requires_grad for p in self.g.parameters())):
                 x = self._implicit_gradient(x, y)
@@ -560,18 +561,10 @@ def _parametrizations_cached() -> bool:
     return bool(getattr(parametrize, "_cache_enabled", 0))
 
 
-def _frozen():
-    from .spectral_norm import frozen_power_iteration
-
-    return frozen_power_iteration()
-
-
 def _torch_spectral_norms_frozen(g: nn.Module):
     """torch's own spectral_norm parametrizations in g in eval mode for a while: in training mode each evaluation of g
     advances their power iteration, so the map being inverted would move under the fixed point."""
     from torch.nn.utils.parametrizations import _SpectralNorm
-
-    from .spectral_norm import eval_mode
 
     return eval_mode([m for m in g.modules() if isinstance(m, _SpectralNorm) and m.training])
 
@@ -580,14 +573,13 @@ def _torch_spectral_norms_frozen(g: nn.Module):
 # their parametrizations (a spectral norm's coefficient and mode): changed in place (blk.g[1].alpha = 0.5, a norm's
 # coeff lowered), the old values would be kept computing, silently
 _CHILD_ATTRS = ("alpha", "negative_slope", "stride", "padding", "dilation", "groups", "padding_mode")
-_NORM_ATTRS = ("coeff", "dim", "conv")
 
 
 def _structure(g: nn.Module) -> tuple:
     """g's identity and type, its children's, and their parametrizations', with the attributes the closed forms'
-    descriptions (flat chains of g's children, spectral norms folded in) copied (_CHILD_ATTRS, _NORM_ATTRS),
-    compared on every forward. A replaced child changes its id; the first parametrization added or the last removed
-    changes its class."""
+    descriptions (flat chains of g's children, spectral norms folded in) copied (_CHILD_ATTRS; a norm's coeff, dim
+    and operator), compared on every forward. A replaced child changes its id; the first parametrization added or the
+    last removed changes its class."""
     out = [id(g), type(g)]
     for c in g._modules.values():
         out += (id(c), type(c))
@@ -598,8 +590,7 @@ def _structure(g: nn.Module) -> tuple:
         if lists is not None:
             for plist in lists._modules.values():
                 for q in plist._modules.values():
-                    out += (id(q), *(id(v) if name == "conv" else v
-                                     for name in _NORM_ATTRS for v in (getattr(q, name, None),)))  # fmt: skip
+                    out += (id(q), getattr(q, "coeff", None), getattr(q, "dim", None), id(getattr(q, "conv", None)))
     return tuple(out)
 
 

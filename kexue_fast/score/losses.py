@@ -102,9 +102,6 @@ def model_score(model: Callable[..., Tensor], x_noisy: Tensor, sigma: Optional[T
     return s
 
 
-_INDEX_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
-
-
 def _noise(x: Tensor, noise: Optional[Tensor], generator: Optional[torch.Generator]) -> Tensor:
     if noise is None:  # drawn where the generator lives (a CPU generator for CUDA data works: the noise is copied)
         device = generator.device if generator is not None else x.device
@@ -124,7 +121,8 @@ def sample_levels(levels: Tensor, batch: int, sigma_indices: Optional[Tensor],
         sigma_indices = torch.randint(0, levels.numel(), (batch,), generator=generator, device=device)
         sigma_indices = sigma_indices.to(levels.device)
     else:
-        if not isinstance(sigma_indices, Tensor) or sigma_indices.dtype not in _INDEX_DTYPES:
+        if not isinstance(sigma_indices, Tensor) or sigma_indices.dtype == torch.bool \
+                or sigma_indices.is_floating_point() or sigma_indices.is_complex():  # fmt: skip
             kind = sigma_indices.dtype if isinstance(sigma_indices, Tensor) else type(sigma_indices).__name__
             raise TypeError(f"sigma_indices must be an integer tensor [B] = [{batch}] (not bool: it would be taken "
                             f"as a mask), got {kind}")  # fmt: skip
