@@ -19,7 +19,10 @@
 #             accurate ones (benchmarks/som_profile.py --sweep), into logs/som-sweep.log; SWEEP_TIMEOUT (240 s),
 #             SWEEP_SETTINGS (a JSON list of settings instead of the script's list)
 #     profile where the fused SOM path spends a CNN step (benchmarks/som_profile.py: device and host time per
-#             operator, Python hot spots), into logs/som-profile.log; PROFILE_TIMEOUT (120 s)
+#             operator, host synchronizations, Python hot spots), into logs/som-profile.log; PROFILE_TIMEOUT (120 s)
+#     ncu     Nsight Compute on the fused SOM Gram and backward kernels, one launch each per setting (som_profile.py
+#             --kernels-once; NCU_SETTINGS, a JSON list of settings; --clock-control none): throughput, occupancy,
+#             launch statistics, warp stalls, memory and compute use, into logs/som-ncu.log; NCU_TIMEOUT (180 s)
 #
 # DEADLINE_S (seconds from the start, default 570: under the device tool's 600 s per command) caps every stage's
 # timeout at the time left, so that the command ends by itself and what it wrote comes back.
@@ -154,9 +157,25 @@ stage_profile() {
   return $rc
 }
 
-[ $# -gt 0 ] || { echo "name at least one stage (setup test bench jose sweep profile)"; exit 2; }
+stage_ncu() {
+  local rc ncu
+  ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n 1)
+  [ -n "$ncu" ] || { echo "ncu: not found"; return 1; }
+  timeout "$(budget "${NCU_TIMEOUT:-180}")" "$ncu" --clock-control none --nvtx --nvtx-include "measure/" \
+    --kernel-name regex:"_som_(gram|grad)_kernel" --section SpeedOfLight --section Occupancy --section LaunchStats \
+    --section WarpStateStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+    $PY -m kexue_fast.benchmarks.som_profile --kernels-once ${NCU_SETTINGS:+--settings "$NCU_SETTINGS"} \
+    > "$LOGS/som-ncu.log" 2>&1
+  rc=$?
+  echo "ncu: exit $rc"
+  grep -E "^  _som|setting|Duration|Memory Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per|Theoretical Occupancy|Warp Cycles Per Issued|ERR" "$LOGS/som-ncu.log" | head -n 80
+  return $rc
+}
+
+STAGES="setup test bench jose sweep profile ncu"
+[ $# -gt 0 ] || { echo "name at least one stage ($STAGES)"; exit 2; }
 for stage in "$@"; do  # a mistyped stage would otherwise surface only after the stages before it had run
-  declare -F "stage_$stage" > /dev/null || { echo "unknown stage '$stage' (setup test bench jose sweep profile)"; exit 2; }
+  declare -F "stage_$stage" > /dev/null || { echo "unknown stage '$stage' ($STAGES)"; exit 2; }
 done
 [ -n "${KEXUE_GIT_SHA:-}" ] || echo "warning: KEXUE_GIT_SHA is not set: the results will say git: unknown"
 status=0

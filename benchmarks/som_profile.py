@@ -1,6 +1,8 @@
 """Where the fused SOM Triton path spends a CNN training step: the profile behind benchmarks/ortho.py's overhead rows.
 
     python -m kexue_fast.benchmarks.som_profile [--device cuda] [--batch 256] [--steps 5] [--sweep [--settings JSON]]
+    ncu --nvtx --nvtx-include measure/ --kernel-name regex:_som_ python -m kexue_fast.benchmarks.som_profile \
+        --kernels-once [--settings JSON]
     python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --steps 20 --cpp-split [--fresh-buffers] \
         [--compare-cores OTHER.so ...]
     python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --host-overhead
@@ -21,6 +23,9 @@ functions, so a GPU session can tell host overhead (tables built per call, launc
 --sweep (CUDA) times the fused kernels alone under each launch setting instead (with each setting's error against
 float64 per layer beside torch's float32 path's), then the training step under the defaults and under the fastest
 settings within the tests' bar, 2× torch's float32 error on each layer (--step-rounds rounds; 0 skips the step).
+--kernels-once (CUDA) runs the fused kernels once per setting inside an NVTX range "measure", for Nsight Compute
+(benchmarks/gpu_check.sh's ncu stage). On CUDA the wall-time line also counts the host synchronizations in one step
+(torch.cuda.set_sync_debug_mode): each lets the device idle while the host issues what follows.
 On CPU it profiles the torch path and the C++ Gram on one torch thread instead (batch 2 by default: pass --batch 32
 for benchmarks/ortho.py's CPU step). --cpp-split (CPU) prints the wall time of the C++ forward and backward calls
 inside that step, per step, against the step without SOM; --fresh-buffers gives the backward a new ∂R/∂Y buffer per
@@ -73,7 +78,8 @@ def profile_backend(backend: Optional[str], device: str, batch: int, steps: int)
     wall = time.perf_counter() - start
     label = "none (hooks paused)" if backend is None else backend
     print(f"\n=== SOM backend {label}: {wall / steps * 1e3:.2f} ms / step ({device}), the host's calls "
-          f"{host / steps * 1e3:.2f} ms / step (host-bound where the two are close)")  # fmt: skip
+          f"{host / steps * 1e3:.2f} ms / step (host-bound where the two are close)"
+          f"{_host_syncs(step) if device == 'cuda' else ''}")  # fmt: skip
     if backend is None:
         som.remove()
         return
@@ -100,6 +106,45 @@ def profile_backend(backend: Optional[str], device: str, batch: int, steps: int)
     som.remove()
 
 
+def _host_syncs(step) -> str:
+    """', N host synchronizations in a step' as torch's sync debug mode counts them (each stalls the host until the
+    device catches up: the host then issues the rest of the step while the device idles), and the first's message."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+    return f", {len(syncs)} host synchronizations in a step" + (f" (first: {syncs[0]})" if syncs else "")
+
+
+def kernels_once(batch: int, settings: Sequence[dict]) -> None:
+    """The fused kernels once each (kernels.penalty, then kernels.gram_backward) on the CNN's float32 conv outputs,
+    under each setting in turn (after one untimed call that compiles them): the launches for a kernel profiler, such
+    as gpu_check.sh's ncu stage (`ncu --kernel-name regex:_som_ ...`)."""
+    from kexue_fast.kernels import som as kernels
+
+    model, _, x, _, som = cnn_setup("cuda", batch)
+    model(x)
+    ys = [y.detach().contiguous() for y, _ in som.recorder.take()]
+    som.remove()
+    layouts = [(y.shape[0], y.shape[1], y[0, 0].numel()) for y in ys]
+    scale = torch.ones(len(ys), dtype=torch.float64, device="cuda")
+    for setting in settings:
+        with _Setting(kernels, setting):
+            kernels.gram_backward(ys, layouts, 10.0, kernels.penalty(ys, layouts, 10.0, 100.0, 1.0, 1e-12)[1], scale)
+            torch.cuda.synchronize()
+            print(f"setting {setting or 'defaults'}: launches follow", flush=True)
+            with torch.cuda.nvtx.range("measure"):  # ncu --nvtx --nvtx-include measure/ profiles these only
+                a = kernels.penalty(ys, layouts, 10.0, 100.0, 1.0, 1e-12)[1]
+                kernels.gram_backward(ys, layouts, 10.0, a, scale)
+            torch.cuda.synchronize()
+
+
 # launch settings tried by --sweep (module-level constants of kernels/som.py, over its defaults; torch's allow_tf32 off,
 # or on with "tf32": True); each new combination compiles the kernels again (seconds each on a fresh machine)
 PREVIOUS_DEFAULTS = {"GRAM_DOTS": "ieee", "GRAD_DOTS": "ieee", "GRAM_STAGES": None}  # before 2f1a310
@@ -116,7 +161,7 @@ SWEEP_SETTINGS: List[dict] = [  # around the defaults; the H200 runs of 2026-11-
     {"GRAD_DOTS": "tf32x3", "GRAD_WARPS": 4},
 ]
 _KNOBS = ("GRAM_WARPS", "GRAD_WARPS", "GRAM_ROWS", "GRAD_ROWS", "GRAM_WAVES", "GRAM_STAGES", "GRAD_STAGES", "GRAM_DOTS",
-          "GRAD_DOTS")  # fmt: skip
+          "GRAD_DOTS", "GRAM_PREFETCH", "GRAD_PERSIST")  # fmt: skip
 
 
 def parse_settings(text: str) -> List[dict]:
@@ -457,7 +502,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="default: 256 on CUDA, 2 on CPU")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--sweep", action="store_true", help="CUDA: time the fused kernels' launch settings instead")
-    parser.add_argument("--settings", default="", help="with --sweep: a JSON list such as '[{}, {\"GRAD_ROWS\": 32}]'")
+    parser.add_argument("--settings", default="", help="with --sweep or --kernels-once: a JSON list such as '[{}, "
+                        "{\"GRAD_ROWS\": 32}]'")  # fmt: skip
+    parser.add_argument("--kernels-once", action="store_true", help="CUDA: each setting's kernels once, for ncu")
     parser.add_argument("--step-rounds", type=int, default=3, help="with --sweep: rounds of the step with the best")
     parser.add_argument("--cpp-split", action="store_true", help="CPU: time the C++ calls inside the step instead")
     parser.add_argument("--fresh-buffers", action="store_true", help="with --cpp-split: no kept ∂R/∂Y buffers")
@@ -475,16 +522,19 @@ def main() -> None:
     batch = args.batch or (256 if args.device == "cuda" else 2)
     if args.device == "cpu":
         torch.set_num_threads(1)  # the setting of benchmarks/ortho.py's CPU rows, where `auto` takes the C++ Gram
-    if args.settings and not args.sweep:
-        parser.error("--settings goes with --sweep")
-    if args.sweep:
+    if args.settings and not (args.sweep or args.kernels_once):
+        parser.error("--settings goes with --sweep or --kernels-once")
+    if args.sweep or args.kernels_once:
         if args.device != "cuda":
-            parser.error("--sweep times the Triton kernels: it needs --device cuda")
+            parser.error("--sweep and --kernels-once run the Triton kernels: they need --device cuda")
         try:
             settings = parse_settings(args.settings) if args.settings else None
         except ValueError as e:
             parser.error(str(e))
-        sweep(batch, args.step_rounds, settings)
+        if args.kernels_once:
+            kernels_once(batch, settings or [{}])
+        else:
+            sweep(batch, args.step_rounds, settings)
         return
     if args.host_overhead:
         if args.device != "cpu":

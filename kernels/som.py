@@ -27,6 +27,7 @@ kexue_fast.ortho.som.
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from typing import Optional, Sequence, Tuple
 
@@ -136,14 +137,25 @@ def _load_z(y, q, cols, N, C, S, gamma, ACC: tl.constexpr, BR: tl.constexpr, MOD
 
 
 @triton.jit
+def _load_raw(y, q, cols, N, C, S, BR: tl.constexpr, MODE: tl.constexpr):
+    """Row block q of Y as stored, zero outside the layer: [BC, BR] (transposed) for SPATIAL layers, else [BR, BC]."""
+    if MODE == SPATIAL:
+        offs, mask = _spatial_block_t(q, cols, N, C, S, BR)
+    else:
+        offs, mask = _block(q, cols, N, C, S, BR, MODE)
+    return tl.load(y + offs, mask=mask, other=0.0)
+
+
+@triton.jit
 def _som_gram_kernel(
     y_ptrs, meta_ptr, work_ptr, part_ptr, gamma_arg: tl.float64, R,
     DTYPE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
-    BCS: tl.constexpr, MODE: tl.constexpr, DIAG: tl.constexpr,
+    BCS: tl.constexpr, MODE: tl.constexpr, DIAG: tl.constexpr, PREFETCH: tl.constexpr,
 ):  # fmt: skip
     """BC: the tile width computed; BCS >= BC: the width of the slots written (a single-tile layer narrower than the
     widest is computed at its own width, its slot padded with zeros). DIAG: every pair of the launch is a diagonal
-    tile (each layer within one tile), compiled without the loop's runtime branch and its second load."""
+    tile (each layer within one tile), compiled without the loop's runtime branch and its second load. PREFETCH
+    (with DIAG): the row loop keeps the next block's load in flight in registers (GRAM_PREFETCH)."""
     gamma = tl.full([], gamma_arg, ACC)  # passed as fp64 (an unannotated Python float would be fp32), computed in ACC
     pid = tl.program_id(0)
     w = pid // R
@@ -165,7 +177,17 @@ def _som_gram_kernel(
     cj = tj * BC + tl.arange(0, BC)
     acc = tl.zeros([BC, BC], dtype=ACC)
     # a diagonal tile loads and tanh's each element once
-    if MODE == SPATIAL:  # Zᵀ tiles [BC, BR]: G += ZaᵀZb = dot(Zaᵀ, (Zbᵀ)ᵀ), both operands contiguous along BR
+    if DIAG and PREFETCH:  # the next block's raw Y is loaded before this block's tanh and dot use theirs
+        x = _load_raw(y, q0, ci, N, C, S, BR, MODE)
+        for q in range(q0, q1):
+            x_next = _load_raw(y, tl.where(q + 1 < q1, q + 1, nb), ci, N, C, S, BR, MODE)  # nb: masked out
+            z = _tanh(x.to(ACC) * gamma, ACC)
+            if MODE == SPATIAL:
+                acc += tl.dot(z, tl.trans(z), input_precision=PREC)
+            else:
+                acc += tl.dot(tl.trans(z), z, input_precision=PREC)
+            x = x_next
+    elif MODE == SPATIAL:  # Zᵀ tiles [BC, BR]: G += ZaᵀZb = dot(Zaᵀ, (Zbᵀ)ᵀ), both operands contiguous along BR
         for q in range(q0, q1):
             za = _load_zt(y, q, ci, N, C, S, gamma, ACC, BR)
             if DIAG:
@@ -195,13 +217,8 @@ def _som_gram_kernel(
 
 
 @triton.jit
-def _som_grad_kernel(
-    y_ptrs, meta_ptr, a_ptr, scale_ptr, dy_ptr, gamma_arg: tl.float64, KP, L,
-    DTYPE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
-    SCALED: tl.constexpr, ONE_TILE: tl.constexpr, MODE: tl.constexpr,
-):  # fmt: skip
-    gamma = tl.full([], gamma_arg, ACC)
-    pid = tl.program_id(0).to(tl.int64)
+def _grad_locate(meta_ptr, L, pid):
+    """(N, C, S, gradient offset, program index within its layer, layer) of backward program pid (int64)."""
     row = 0  # this launch's layers, one meta row each: (N, C, S, gradient offset, first program, layer)
     for g in range(1, L):  # the last row whose first program is at or before pid (starts ascend)
         row += (tl.load(meta_ptr + g * 6 + 4) <= pid).to(tl.int32)
@@ -211,22 +228,75 @@ def _som_grad_kernel(
     out = tl.load(meta_ptr + row * 6 + 3)
     local = pid - tl.load(meta_ptr + row * 6 + 4)
     layer = tl.load(meta_ptr + row * 6 + 5)
-    y = tl.load(y_ptrs + layer).to(tl.pointer_type(tl.constexpr(DTYPE).value))
-    n_cb = tl.cdiv(C, BC)
-    q = local // n_cb
-    cb = local - q * n_cb
-    cols = cb * BC + tl.arange(0, BC)
+    return N, C, S, out, local, layer
+
+
+@triton.jit
+def _grad_one_tile(x, y_ptrs, meta_ptr, a_ptr, scale_ptr, dy_ptr, gamma, KP, L, pid, DTYPE: tl.constexpr,
+                   ACC: tl.constexpr, PREC: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, SCALED: tl.constexpr,
+                   MODE: tl.constexpr):  # fmt: skip
+    """∂R/∂Y of the block of program pid, every layer of the launch within one tile, from x, its Y as stored
+    (_load_raw): one block per program index, cols = the layer's channels."""
+    N, C, S, out, q, layer = _grad_locate(meta_ptr, L, pid)
+    cols = tl.arange(0, BC)
     a_base = a_ptr + layer * KP * KP
-    # A_ℓ = scale_ℓ · a_ℓ, taken in a's precision (scale is float32 or float64: cast here, not by a launch)
     scale = tl.load(scale_ptr + layer).to(a_ptr.dtype.element_ty) if SCALED else 1.0
-    # A is zero-padded to [KP, KP], KP a multiple of the widest tile. With every layer of the launch within one tile
-    # (ONE_TILE), Z's block is both the dot's input and the epilogue's.
-    if MODE == SPATIAL:  # transposed: ∂Yᵀ[cols, rows] = Σ_k A[k, cols] Zᵀ[k, rows], all tiles contiguous along rows
-        if ONE_TILE:
-            zc = _load_zt(y, q, cols, N, C, S, gamma, ACC, BR)
-            a = tl.load(a_base + cols[None, :] * KP + cols[:, None])
-            acc = tl.dot((a * scale).to(ACC), zc, input_precision=PREC)
-        else:
+    zc = _tanh(x.to(ACC) * gamma, ACC)
+    if MODE == SPATIAL:
+        a = tl.load(a_base + cols[None, :] * KP + cols[:, None])
+        acc = tl.dot((a * scale).to(ACC), zc, input_precision=PREC)
+        offs, mask = _spatial_block_t(q, cols, N, C, S, BR)
+    else:
+        a = tl.load(a_base + cols[:, None] * KP + cols[None, :])
+        acc = tl.dot(zc, (a * scale).to(ACC), input_precision=PREC)
+        offs, mask = _block(q, cols, N, C, S, BR, MODE)
+    grad = gamma * (1.0 - zc * zc) * acc
+    tl.store(dy_ptr + out + offs, grad.to(DTYPE), mask=mask)
+
+
+@triton.jit
+def _raw_of(y_ptrs, meta_ptr, L, pid, DTYPE: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, MODE: tl.constexpr):
+    """Y as stored on the block of one-tile program pid (zero past the launch's last program: its q is past the
+    last layer's blocks, so masked)."""
+    N, C, S, _out, q, layer = _grad_locate(meta_ptr, L, pid)
+    y = tl.load(y_ptrs + layer).to(tl.pointer_type(tl.constexpr(DTYPE).value))
+    return _load_raw(y, q, tl.arange(0, BC), N, C, S, BR, MODE)
+
+
+@triton.jit
+def _som_grad_kernel(
+    y_ptrs, meta_ptr, a_ptr, scale_ptr, dy_ptr, gamma_arg: tl.float64, KP, L, TOTAL,
+    DTYPE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+    SCALED: tl.constexpr, ONE_TILE: tl.constexpr, MODE: tl.constexpr, PERSIST: tl.constexpr,
+):  # fmt: skip
+    """TOTAL: the launch's block programs. PERSIST (with ONE_TILE): a grid smaller than TOTAL, each program taking
+    blocks pid, pid + grid, ... with the next block's load in flight while it computes this one (GRAD_PERSIST)."""
+    gamma = tl.full([], gamma_arg, ACC)
+    pid = tl.program_id(0).to(tl.int64)
+    if PERSIST:
+        step = tl.num_programs(0).to(tl.int64)
+        x = _raw_of(y_ptrs, meta_ptr, L, pid, DTYPE, BR, BC, MODE)
+        for p in range(pid, TOTAL, step):
+            x_next = _raw_of(y_ptrs, meta_ptr, L, p + step, DTYPE, BR, BC, MODE)
+            _grad_one_tile(x, y_ptrs, meta_ptr, a_ptr, scale_ptr, dy_ptr, gamma, KP, L, p, DTYPE, ACC, PREC, BR, BC,
+                           SCALED, MODE)  # fmt: skip
+            x = x_next
+    elif ONE_TILE:  # Z's block is both the dot's input and the epilogue's
+        x = _raw_of(y_ptrs, meta_ptr, L, pid, DTYPE, BR, BC, MODE)
+        _grad_one_tile(x, y_ptrs, meta_ptr, a_ptr, scale_ptr, dy_ptr, gamma, KP, L, pid, DTYPE, ACC, PREC, BR, BC,
+                       SCALED, MODE)  # fmt: skip
+    else:
+        N, C, S, out, local, layer = _grad_locate(meta_ptr, L, pid)
+        y = tl.load(y_ptrs + layer).to(tl.pointer_type(tl.constexpr(DTYPE).value))
+        n_cb = tl.cdiv(C, BC)
+        q = local // n_cb
+        cb = local - q * n_cb
+        cols = cb * BC + tl.arange(0, BC)
+        a_base = a_ptr + layer * KP * KP
+        # A_ℓ = scale_ℓ · a_ℓ, taken in a's precision (scale is float32 or float64: cast here, not by a launch)
+        scale = tl.load(scale_ptr + layer).to(a_ptr.dtype.element_ty) if SCALED else 1.0
+        # A is zero-padded to [KP, KP], KP a multiple of the widest tile; Z's block is recomputed for the epilogue
+        if MODE == SPATIAL:  # transposed: ∂Yᵀ[cols, rows] = Σ_k A[k, cols] Zᵀ[k, rows], tiles contiguous along rows
             acc = tl.zeros([BC, BR], dtype=ACC)
             for k0 in range(0, C, BC):
                 ks = k0 + tl.arange(0, BC)
@@ -234,14 +304,9 @@ def _som_grad_kernel(
                 a = tl.load(a_base + ks[None, :] * KP + cols[:, None])
                 acc += tl.dot((a * scale).to(ACC), z, input_precision=PREC)
             zc = _load_zt(y, q, cols, N, C, S, gamma, ACC, BR)
-        grad = gamma * (1.0 - zc * zc) * acc
-        offs, mask = _spatial_block_t(q, cols, N, C, S, BR)
-        tl.store(dy_ptr + out + offs, grad.to(DTYPE), mask=mask)
-    else:
-        if ONE_TILE:
-            zc = _load_z(y, q, cols, N, C, S, gamma, ACC, BR, MODE)
-            a = tl.load(a_base + cols[:, None] * KP + cols[None, :])
-            acc = tl.dot(zc, (a * scale).to(ACC), input_precision=PREC)
+            grad = gamma * (1.0 - zc * zc) * acc
+            offs, mask = _spatial_block_t(q, cols, N, C, S, BR)
+            tl.store(dy_ptr + out + offs, grad.to(DTYPE), mask=mask)
         else:
             acc = tl.zeros([BR, BC], dtype=ACC)
             for k0 in range(0, C, BC):
@@ -250,9 +315,9 @@ def _som_grad_kernel(
                 a = tl.load(a_base + ks[:, None] * KP + cols[None, :])
                 acc += tl.dot(z, (a * scale).to(ACC), input_precision=PREC)
             zc = _load_z(y, q, cols, N, C, S, gamma, ACC, BR, MODE)
-        grad = gamma * (1.0 - zc * zc) * acc
-        offs, mask = _block(q, cols, N, C, S, BR, MODE)
-        tl.store(dy_ptr + out + offs, grad.to(DTYPE), mask=mask)
+            grad = gamma * (1.0 - zc * zc) * acc
+            offs, mask = _block(q, cols, N, C, S, BR, MODE)
+            tl.store(dy_ptr + out + offs, grad.to(DTYPE), mask=mask)
 
 
 @triton.jit
@@ -343,7 +408,13 @@ GRAM_WAVES = 4  # Gram programs per SM: each tile's rows are split into chunks u
 # through shared memory cost more than it hid (H200, tf32x3: 175 us forward on 1 stage against 304 on the default;
 # som_profile --sweep at 2f1a310)
 GRAM_STAGES: Optional[int] = 1
+# the Gram's row loop on diagonal-only launches loads the next block while computing this one (registers, not
+# shared memory: the pipeliner's shared-memory staging cost more than it hid, above)
+GRAM_PREFETCH = False
 GRAD_STAGES: Optional[int] = None
+# backward launches whose layers all fit one tile: 0, one program per row block; n > 0, a grid of n programs per SM,
+# each looping over row blocks with the next one's load in flight
+GRAD_PERSIST = 0
 # the dots on NVIDIA GPUs of float32 inputs where torch does not allow TF32 (allow_tf32 gives "tf32"), and of
 # float16/bfloat16 inputs always (their Z is float32): "ieee" (FMA, exact float32 products) or "tf32x3" (three TF32
 # tensor-core products of hi/lo splits, ~float32 accuracy). ROCm and float64 take "ieee".
@@ -438,6 +509,12 @@ def _rows_per_block(dtype: torch.dtype, device: torch.device, s: int, rows: int)
     return br
 
 
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    """The device's SM count (2 for the interpreter on the CPU: a grid of a few programs)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)  # host arithmetic: triton.cdiv goes through Triton's function wrappers, microseconds a call
 
@@ -471,8 +548,7 @@ def _gram_plan(layouts: Tuple[Layout, ...], dtype: torch.dtype, device: torch.de
     max_blocks = max(_row_blocks_host(layouts[g][0], layouts[g][2], br) for (_, _, br), idx in groups.items()
                      for g in idx)  # fmt: skip
     if chunks is None:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-        target = GRAM_WAVES * sms if device.type == "cuda" else 2
+        target = GRAM_WAVES * _multiprocessors(device) if device.type == "cuda" else 2
         chunks = _cdiv(target, len(pairs))
     chunks = max(1, min(int(chunks), max_blocks))
     works = {key: [(g, i, j, p) for p, (g, i, j) in enumerate(pairs) if g in idx] for key, idx in groups.items()}
@@ -512,7 +588,7 @@ def _gram_tiles(ys: Sequence[Tensor], layouts: Sequence[Layout], gamma: float, c
         _som_gram_kernel[(len(works[group]) * chunks,)](
             ptrs, meta, work_m, part, float(gamma), chunks,
             DTYPE=_TL_DTYPES[dtype], ACC=_acc(dtype), PREC=precision, BR=br,
-            BC=width, BCS=bc, MODE=mode, DIAG=diag[group], **options,
+            BC=width, BCS=bc, MODE=mode, DIAG=diag[group], PREFETCH=bool(GRAM_PREFETCH), **options,
         )  # fmt: skip
     return part.view(len(pairs), chunks, bc, bc).sum(1, dtype=torch.float64), pairs, nts, bc, index
 
@@ -613,10 +689,12 @@ def gram_backward(
                                                        device=device))  # fmt: skip
     flat = torch.empty(total, dtype=dtype, device=device)
     options = _launch_options(GRAD_WARPS, GRAD_STAGES)
+    grid_cap = GRAD_PERSIST * _multiprocessors(device)
     for (mode, br, width, one_tile, n_layers, programs, _), meta_t in zip(launches, metas):
-        _som_grad_kernel[(programs,)](
-            ptrs, meta_t, a, a if scale is None else scale, flat, float(gamma), kp, n_layers,
+        persist = one_tile and 0 < grid_cap < programs
+        _som_grad_kernel[(grid_cap if persist else programs,)](
+            ptrs, meta_t, a, a if scale is None else scale, flat, float(gamma), kp, n_layers, programs,
             DTYPE=_TL_DTYPES[dtype], ACC=_acc(dtype), PREC=_precision(dtype, device, GRAD_DOTS), BR=br, BC=width,
-            SCALED=scale is not None, ONE_TILE=one_tile, MODE=mode, **options,
+            SCALED=scale is not None, ONE_TILE=one_tile, MODE=mode, PERSIST=persist, **options,
         )  # fmt: skip
     return flat

@@ -32,9 +32,10 @@ def _layout(y, dim):
     return (int(torch.tensor(s[:dim]).prod()), s[dim], int(torch.tensor(s[dim + 1 :]).prod()))
 
 
-@pytest.mark.parametrize("chunks", [1, 3])
+@pytest.mark.parametrize("chunks, prefetch", [(1, False), (3, False), (3, True)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_gram_kernel_matches_torch(dtype, chunks):
+def test_gram_kernel_matches_torch(dtype, chunks, prefetch, monkeypatch):
+    monkeypatch.setattr(kernels, "GRAM_PREFETCH", prefetch)  # the diagonal launches' register prefetch
     ys = _inputs(chunks, dtype)
     dims = [d for _, d in LAYOUTS]
     contiguous = [y.movedim(d % y.ndim, 1).contiguous() if d == -1 else y for y, d in zip(ys, dims)]
@@ -157,6 +158,27 @@ def test_grouped_call_equals_separate_calls_and_is_deterministic():
     alone = torch.stack([som_regularizer(y, channel_dim=d, backend="triton") for y, d in zip(ys, dims)])
     assert _rel(together, alone) <= 1e-13
     assert torch.equal(together, som_regularizer(ys, channel_dim=dims, reduction="none", backend="triton"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("setting", [{"GRAM_PREFETCH": True}, {"GRAD_PERSIST": 1}, {"GRAD_PERSIST": 3}])
+def test_launch_variants_give_the_same_bits(dtype, setting, monkeypatch):
+    """The Gram's register prefetch and the persistent backward grid (each program looping over row blocks, the next
+    load in flight) compute every block as the defaults do: the same R and ∂R/∂Y, bit for bit."""
+    ys = [y.requires_grad_() for y in _inputs(11, dtype)]
+    dims = [d for _, d in LAYOUTS]
+
+    def run():
+        r = som_regularizer(ys, channel_dim=dims, reduction="none", backend="triton")
+        return r, torch.autograd.grad((r * torch.arange(1.0, 1.0 + len(ys), device=DEV)).sum(), ys)
+
+    r0, g0 = run()
+    for name, value in setting.items():
+        monkeypatch.setattr(kernels, name, value)
+    r1, g1 = run()
+    assert torch.equal(r0, r1)
+    for a, b in zip(g0, g1):
+        assert torch.equal(a, b)
 
 
 def test_non_contiguous_and_wide_layers():
