@@ -20,6 +20,8 @@
 #             SWEEP_SETTINGS (a JSON list of settings instead of the script's list)
 #     profile where the fused SOM path spends a CNN step (benchmarks/som_profile.py: device and host time per
 #             operator, host synchronizations, Python hot spots), into logs/som-profile.log; PROFILE_TIMEOUT (120 s)
+#     hostcost the host's µs per call of the SOM Triton route's pieces at a host-bound batch (som_profile.py
+#             --host-costs), into logs/som-host.log; HOSTCOST_TIMEOUT (90 s)
 #     ncu     Nsight Compute on the fused SOM Gram and backward kernels, one launch each per setting (som_profile.py
 #             --kernels-once; NCU_SETTINGS, a JSON list of settings; --clock-control none): throughput, occupancy,
 #             launch statistics, warp stalls, memory and compute use, into logs/som-ncu.log; NCU_TIMEOUT (180 s)
@@ -172,7 +174,16 @@ stage_ncu() {
   return $rc
 }
 
-STAGES="setup test bench jose sweep profile ncu"
+stage_hostcost() {
+  local rc
+  timeout "$(budget "${HOSTCOST_TIMEOUT:-90}")" $PY -m kexue_fast.benchmarks.som_profile --host-costs \
+    > "$LOGS/som-host.log" 2>&1
+  rc=$?
+  echo "som host costs: exit $rc"; tail -n 15 "$LOGS/som-host.log"
+  return $rc
+}
+
+STAGES="setup test bench jose sweep profile hostcost ncu"
 [ $# -gt 0 ] || { echo "name at least one stage ($STAGES)"; exit 2; }
 for stage in "$@"; do  # a mistyped stage would otherwise surface only after the stages before it had run
   declare -F "stage_$stage" > /dev/null || { echo "unknown stage '$stage' ($STAGES)"; exit 2; }

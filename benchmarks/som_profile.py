@@ -6,6 +6,7 @@
     python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --steps 20 --cpp-split [--fresh-buffers] \
         [--compare-cores OTHER.so ...]
     python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --host-overhead
+    python -m kexue_fast.benchmarks.som_profile --host-costs [--batch 2]
     python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --cpp-layers [--compare-cores OTHER.so ...] \
         [--shapes NxCxS ...]
     TRITON_INTERPRET=1 python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --host-overhead \
@@ -25,7 +26,9 @@ float64 per layer beside torch's float32 path's), then the training step under t
 settings within the tests' bar, 2× torch's float32 error on each layer (--step-rounds rounds; 0 skips the step).
 --kernels-once (CUDA) runs the fused kernels once per setting inside an NVTX range "measure", for Nsight Compute
 (benchmarks/gpu_check.sh's ncu stage). On CUDA the wall-time line also counts the host synchronizations in one step
-(torch.cuda.set_sync_debug_mode): each lets the device idle while the host issues what follows.
+(torch.cuda.set_sync_debug_mode): each lets the device idle while the host issues what follows. --host-costs (CUDA)
+times the host side of the Triton route's pieces, one kernel launch (through Triton's JITFunction and through its
+CompiledKernel) and the whole step at a host-bound batch (2 by default).
 On CPU it profiles the torch path and the C++ Gram on one torch thread instead (batch 2 by default: pass --batch 32
 for benchmarks/ortho.py's CPU step). --cpp-split (CPU) prints the wall time of the C++ forward and backward calls
 inside that step, per step, against the step without SOM; --fresh-buffers gives the backward a new ∂R/∂Y buffer per
@@ -143,6 +146,78 @@ def kernels_once(batch: int, settings: Sequence[dict]) -> None:
                 a = kernels.penalty(ys, layouts, 10.0, 100.0, 1.0, 1e-12)[1]
                 kernels.gram_backward(ys, layouts, 10.0, a, scale)
             torch.cuda.synchronize()
+
+
+def host_costs(batch: int, reps: int = 300) -> None:
+    """CUDA: the host's µs per call (median of `reps` interleaved calls, the device synchronized after each round so
+    that no launch queue fills up and blocks the host) of each piece of the SOM Triton route, at a batch small enough
+    that the device keeps up (host-bound): the launchers, the autograd Function each way, one backward kernel launch
+    through Triton's JITFunction and through the CompiledKernel it returns (what a launcher caching compiled kernels
+    would pay), and the CNN's whole step with and without SOM."""
+    from kexue_fast.kernels import som as kernels
+    from kexue_fast.ortho import som_regularizer
+
+    model, opt, x, target, som = cnn_setup("cuda", batch)
+    model(x)
+    ys = [y.detach().contiguous() for y, _ in som.recorder.take()]
+    leaves = [y.clone().requires_grad_() for y in ys]
+    layouts = [(y.shape[0], y.shape[1], y[0, 0].numel()) for y in ys]
+    scale = torch.ones(len(ys), dtype=torch.float64, device="cuda")
+    a = kernels.penalty(ys, layouts, 10.0, 100.0, 1.0, 1e-12)[1]
+    launches = []
+    real = kernels._som_grad_kernel
+
+    class Capture:  # records the backward's first launch (grid, arguments) as it goes through
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((grid, args, kwargs))
+                return real[grid](*args, **kwargs)
+
+            return launch
+
+    kernels._som_grad_kernel = Capture()
+    try:
+        kernels.gram_backward(ys, layouts, 10.0, a, scale)
+    finally:
+        kernels._som_grad_kernel = real
+    grid, args, kwargs = launches[0]
+
+    def both() -> None:
+        torch.autograd.grad(som_regularizer(leaves, backend="triton"), leaves)
+
+    pieces = {
+        "kernels.penalty (2 Gram launches, chunk sum, finish)": lambda: kernels.penalty(
+            ys, layouts, 10.0, 100.0, 1.0, 1e-12
+        ),
+        "kernels.gram_backward (2 launches)": lambda: kernels.gram_backward(ys, layouts, 10.0, a, scale),
+        "som_regularizer forward": lambda: som_regularizer(leaves, backend="triton"),
+        "som_regularizer forward + autograd.grad": both,
+        "one _som_grad_kernel launch through JITFunction": lambda: real[grid](*args, **kwargs),
+    }
+    try:  # Triton 3.3+: the CompiledKernel's runner takes every parameter in order (the launcher skips constexprs)
+        compiled = real[grid](*args, **kwargs)
+        named = {**dict(zip(real.arg_names, args)), **kwargs}
+        ordered = [named[n] for n in real.arg_names]
+        runner = compiled[grid]
+        runner(*ordered)
+        pieces["the same launch through its CompiledKernel"] = lambda: runner(*ordered)
+    except Exception as e:  # another Triton's launcher: that row is left out
+        print(f"CompiledKernel launch unavailable here: {type(e).__name__}: {e}")
+    pieces["training step, hooks paused"] = training_step(model, x, target, som, None, opt)
+    pieces["training step + SOM (triton)"] = training_step(model, x, target, som, "triton", opt)
+    pieces["training step + SOM (torch)"] = training_step(model, x, target, som, "torch", opt)
+    samples = {name: [] for name in pieces}
+    for i in range(reps + 3):
+        for name, fn in pieces.items():
+            start = time.perf_counter()
+            fn()
+            if i >= 3:  # three warm-up rounds
+                samples[name].append(time.perf_counter() - start)
+        torch.cuda.synchronize()
+    som.remove()
+    print(f"\n=== host µs per call, CUDA, CNN at batch {batch} (median of {reps} interleaved rounds):")
+    for name, t in samples.items():
+        print(f"  {name:70} {statistics.median(t) * 1e6:8.1f} µs")
 
 
 # launch settings tried by --sweep (module-level constants of kernels/som.py, over its defaults; torch's allow_tf32 off,
@@ -505,6 +580,7 @@ def main() -> None:
     parser.add_argument("--settings", default="", help="with --sweep or --kernels-once: a JSON list such as '[{}, "
                         "{\"GRAD_ROWS\": 32}]'")  # fmt: skip
     parser.add_argument("--kernels-once", action="store_true", help="CUDA: each setting's kernels once, for ncu")
+    parser.add_argument("--host-costs", action="store_true", help="CUDA: host µs per call of the Triton route's pieces")
     parser.add_argument("--step-rounds", type=int, default=3, help="with --sweep: rounds of the step with the best")
     parser.add_argument("--cpp-split", action="store_true", help="CPU: time the C++ calls inside the step instead")
     parser.add_argument("--fresh-buffers", action="store_true", help="with --cpp-split: no kept ∂R/∂Y buffers")
@@ -535,6 +611,11 @@ def main() -> None:
             kernels_once(batch, settings or [{}])
         else:
             sweep(batch, args.step_rounds, settings)
+        return
+    if args.host_costs:
+        if args.device != "cuda":
+            parser.error("--host-costs times the Triton route's host side on a GPU: it needs --device cuda")
+        host_costs(args.batch or 2)
         return
     if args.host_overhead:
         if args.device != "cpu":
