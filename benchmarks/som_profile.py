@@ -151,9 +151,10 @@ def kernels_once(batch: int, settings: Sequence[dict]) -> None:
 def host_costs(batch: int, reps: int = 300) -> None:
     """CUDA: the host's µs per call (median of `reps` interleaved calls, the device synchronized after each round so
     that no launch queue fills up and blocks the host) of each piece of the SOM Triton route, at a batch small enough
-    that the device keeps up (host-bound): the launchers, the autograd Function each way, one backward kernel launch
-    through Triton's JITFunction and through the CompiledKernel it returns (what a launcher caching compiled kernels
-    would pay), and the CNN's whole step with and without SOM."""
+    that the device keeps up (host-bound): the launchers and the autograd Function, with the kernels launched through
+    Triton's JIT and directly (kernels/_launch.py), one backward kernel launch each way, and the CNN's whole step
+    without SOM, with it on both launch routes, and on the torch path."""
+    from kexue_fast.kernels import _launch
     from kexue_fast.kernels import som as kernels
     from kexue_fast.ortho import som_regularizer
 
@@ -181,30 +182,43 @@ def host_costs(batch: int, reps: int = 300) -> None:
     finally:
         kernels._som_grad_kernel = real
     grid, args, kwargs = launches[0]
+    enabled = _launch.ENABLED
+
+    def through_jit(fn):
+        def run() -> None:
+            _launch.ENABLED = False
+            try:
+                fn()
+            finally:
+                _launch.ENABLED = enabled
+
+        return run
 
     def both() -> None:
         torch.autograd.grad(som_regularizer(leaves, backend="triton"), leaves)
 
-    pieces = {
-        "kernels.penalty (2 Gram launches, chunk sum, finish)": lambda: kernels.penalty(
-            ys, layouts, 10.0, 100.0, 1.0, 1e-12
-        ),
-        "kernels.gram_backward (2 launches)": lambda: kernels.gram_backward(ys, layouts, 10.0, a, scale),
-        "som_regularizer forward": lambda: som_regularizer(leaves, backend="triton"),
-        "som_regularizer forward + autograd.grad": both,
-        "one _som_grad_kernel launch through JITFunction": lambda: real[grid](*args, **kwargs),
-    }
+    pieces = {}
+    for route, wrap in (("JIT", through_jit), ("direct", lambda fn: fn)):
+        pieces[f"kernels.penalty (2 Gram launches, chunk sum, finish), {route}"] = wrap(
+            lambda: kernels.penalty(ys, layouts, 10.0, 100.0, 1.0, 1e-12)
+        )
+        pieces[f"kernels.gram_backward (2 launches), {route}"] = wrap(
+            lambda: kernels.gram_backward(ys, layouts, 10.0, a, scale)
+        )
+        pieces[f"som_regularizer forward + autograd.grad, {route}"] = wrap(both)
+    pieces["one _som_grad_kernel launch through Triton's JIT"] = lambda: real[grid](*args, **kwargs)
     try:  # Triton 3.3+: the CompiledKernel's runner takes every parameter in order (the launcher skips constexprs)
         compiled = real[grid](*args, **kwargs)
         named = {**dict(zip(real.arg_names, args)), **kwargs}
         ordered = [named[n] for n in real.arg_names]
-        runner = compiled[grid]
+        runner = compiled[(grid[0], 1, 1)]
         runner(*ordered)
         pieces["the same launch through its CompiledKernel"] = lambda: runner(*ordered)
     except Exception as e:  # another Triton's launcher: that row is left out
         print(f"CompiledKernel launch unavailable here: {type(e).__name__}: {e}")
     pieces["training step, hooks paused"] = training_step(model, x, target, som, None, opt)
-    pieces["training step + SOM (triton)"] = training_step(model, x, target, som, "triton", opt)
+    pieces["training step + SOM (triton), JIT"] = through_jit(training_step(model, x, target, som, "triton", opt))
+    pieces["training step + SOM (triton), direct"] = training_step(model, x, target, som, "triton", opt)
     pieces["training step + SOM (torch)"] = training_step(model, x, target, som, "torch", opt)
     samples = {name: [] for name in pieces}
     for i in range(reps + 3):

@@ -36,6 +36,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import _launch
+
 _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64, torch.float16: tl.float16,
               torch.bfloat16: tl.bfloat16}  # fmt: skip
 SUPPORTED_DTYPES = tuple(_TL_DTYPES)
@@ -409,12 +411,16 @@ GRAM_WAVES = 4  # Gram programs per SM: each tile's rows are split into chunks u
 # som_profile --sweep at 2f1a310)
 GRAM_STAGES: Optional[int] = 1
 # the Gram's row loop on diagonal-only launches loads the next block while computing this one (registers, not
-# shared memory: the pipeliner's shared-memory staging cost more than it hid, above)
-GRAM_PREFETCH = False
+# shared memory: the pipeliner's shared-memory staging cost more than it hid, above). H200, the CNN's conv outputs
+# (som_profile --sweep at f15a7cc and 3e7c989): forward 175.1 -> 137.6 us and 175.5 -> 154.6 us; Nsight Compute
+# (gpu_check.sh's ncu stage, f15a7cc): the 32-channel launch 102 -> 66 us, latency-bound at 8 warps per SM
+GRAM_PREFETCH = True
 GRAD_STAGES: Optional[int] = None
 # backward launches whose layers all fit one tile: 0, one program per row block; n > 0, a grid of n programs per SM,
-# each looping over row blocks with the next one's load in flight
-GRAD_PERSIST = 0
+# each looping over row blocks with the next one's load in flight. H200, the same sweeps: backward 180.8 -> 163.3 us
+# and 182.3 -> 164.2 us at 4; Nsight Compute: the 64-channel launch (139 registers a thread: one 8-warp program per
+# SM) 80 -> 63 us, the 32-channel one 95 -> 100 us
+GRAD_PERSIST = 4
 # the dots on NVIDIA GPUs of float32 inputs where torch does not allow TF32 (allow_tf32 gives "tf32"), and of
 # float16/bfloat16 inputs always (their Z is float32): "ieee" (FMA, exact float32 products) or "tf32x3" (three TF32
 # tensor-core products of hi/lo splits, ~float32 accuracy). ROCm and float64 take "ieee".
@@ -585,11 +591,10 @@ def _gram_tiles(ys: Sequence[Tensor], layouts: Sequence[Layout], gamma: float, c
     precision = _precision(dtype, device, GRAM_DOTS)
     for group, work_m in zip(groups, work):
         mode, width, br = group
-        _som_gram_kernel[(len(works[group]) * chunks,)](
-            ptrs, meta, work_m, part, float(gamma), chunks,
-            DTYPE=_TL_DTYPES[dtype], ACC=_acc(dtype), PREC=precision, BR=br,
-            BC=width, BCS=bc, MODE=mode, DIAG=diag[group], PREFETCH=bool(GRAM_PREFETCH), **options,
-        )  # fmt: skip
+        constexprs = {"DTYPE": _TL_DTYPES[dtype], "ACC": _acc(dtype), "PREC": precision, "BR": br, "BC": width,
+                      "BCS": bc, "MODE": mode, "DIAG": diag[group], "PREFETCH": bool(GRAM_PREFETCH)}  # fmt: skip
+        _launch.launch(_som_gram_kernel, len(works[group]) * chunks, (ptrs, meta, work_m, part, float(gamma), chunks),
+                       constexprs, options)  # fmt: skip
     return part.view(len(pairs), chunks, bc, bc).sum(1, dtype=torch.float64), pairs, nts, bc, index
 
 
@@ -631,10 +636,8 @@ def penalty(
         raise ValueError(f"out_dtype must be torch.float32 or torch.float64, got {out_dtype}")
     r = torch.empty(len(ys), dtype=out_dtype, device=device)
     b = torch.empty((len(ys), kp, kp), dtype=torch.float64, device=device)
-    _som_finish_kernel[(len(ys),)](
-        tiles_sum, meta, r, b, kp, nt_max, float(lambda1), float(lambda2), float(eps) ** 2, BC=bc,
-        num_warps=FINISH_WARPS,
-    )  # fmt: skip
+    _launch.launch(_som_finish_kernel, len(ys), (tiles_sum, meta, r, b, kp, nt_max, float(lambda1), float(lambda2),
+                   float(eps) ** 2), {"BC": bc}, {"num_warps": FINISH_WARPS})  # fmt: skip
     return r, b
 
 
@@ -692,9 +695,9 @@ def gram_backward(
     grid_cap = GRAD_PERSIST * _multiprocessors(device)
     for (mode, br, width, one_tile, n_layers, programs, _), meta_t in zip(launches, metas):
         persist = one_tile and 0 < grid_cap < programs
-        _som_grad_kernel[(grid_cap if persist else programs,)](
-            ptrs, meta_t, a, a if scale is None else scale, flat, float(gamma), kp, n_layers, programs,
-            DTYPE=_TL_DTYPES[dtype], ACC=_acc(dtype), PREC=_precision(dtype, device, GRAD_DOTS), BR=br, BC=width,
-            SCALED=scale is not None, ONE_TILE=one_tile, MODE=mode, PERSIST=persist, **options,
-        )  # fmt: skip
+        constexprs = {"DTYPE": _TL_DTYPES[dtype], "ACC": _acc(dtype), "PREC": _precision(dtype, device, GRAD_DOTS),
+                      "BR": br, "BC": width, "SCALED": scale is not None, "ONE_TILE": one_tile, "MODE": mode,
+                      "PERSIST": persist}  # fmt: skip
+        args = (ptrs, meta_t, a, a if scale is None else scale, flat, float(gamma), kp, n_layers, programs)
+        _launch.launch(_som_grad_kernel, grid_cap if persist else programs, args, constexprs, options)
     return flat

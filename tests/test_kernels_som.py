@@ -161,10 +161,12 @@ def test_grouped_call_equals_separate_calls_and_is_deterministic():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("setting", [{"GRAM_PREFETCH": True}, {"GRAD_PERSIST": 1}, {"GRAD_PERSIST": 3}])
+@pytest.mark.parametrize(
+    "setting", [{"GRAM_PREFETCH": False}, {"GRAD_PERSIST": 0}, {"GRAD_PERSIST": 1}, {"GRAD_PERSIST": 3}]
+)
 def test_launch_variants_give_the_same_bits(dtype, setting, monkeypatch):
-    """The Gram's register prefetch and the persistent backward grid (each program looping over row blocks, the next
-    load in flight) compute every block as the defaults do: the same R and ∂R/∂Y, bit for bit."""
+    """With and without the Gram's register prefetch and the persistent backward grid (each program looping over row
+    blocks, the next load in flight), every block is computed alike: the same R and ∂R/∂Y, bit for bit."""
     ys = [y.requires_grad_() for y in _inputs(11, dtype)]
     dims = [d for _, d in LAYOUTS]
 
@@ -175,6 +177,35 @@ def test_launch_variants_give_the_same_bits(dtype, setting, monkeypatch):
     r0, g0 = run()
     for name, value in setting.items():
         monkeypatch.setattr(kernels, name, value)
+    r1, g1 = run()
+    assert torch.equal(r0, r1)
+    for a, b in zip(g0, g1):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_gpu_direct_launches_equal_the_jit(monkeypatch):
+    """kernels/_launch.py relaunches the compiled kernels without Triton's JIT: the same R and ∂R/∂Y, bit for bit, on
+    the direct launches (second call) as through the JIT."""
+    from kexue_fast.kernels import _launch
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    shapes = [(8, 32, 32, 32), (8, 64, 16, 16), (300, 40)]
+    ys = [(torch.randn(s, device="cuda", generator=g) * 0.2).requires_grad_() for s in shapes]
+
+    def run():
+        r = som_regularizer(ys, reduction="none", backend="triton")
+        return r, torch.autograd.grad((r * torch.tensor([1.0, 2.0, 3.0], device="cuda")).sum(), ys)
+
+    monkeypatch.setattr(_launch, "_RUNNERS", type(_launch._RUNNERS)())
+    monkeypatch.setattr(_launch, "ENABLED", False)
+    r0, g0 = run()
+    assert not _launch._RUNNERS
+    monkeypatch.setattr(_launch, "ENABLED", True)
+    run()
+    if not _launch._supported():
+        pytest.skip("direct launches need Triton 3.3 or later (and KEXUE_FAST_DIRECT_LAUNCH unset)")
+    assert _launch._RUNNERS  # kept by the first call, used by the second
     r1, g1 = run()
     assert torch.equal(r0, r1)
     for a, b in zip(g0, g1):
