@@ -169,6 +169,8 @@ def host_costs(batch: int, reps: int = 300) -> None:
     real = kernels._som_grad_kernel
 
     class Capture:  # records the backward's first launch (grid, arguments) as it goes through
+        arg_names = real.arg_names
+
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
                 launches.append((grid, args, kwargs))
@@ -197,6 +199,16 @@ def host_costs(batch: int, reps: int = 300) -> None:
     def both() -> None:
         torch.autograd.grad(som_regularizer(leaves, backend="triton"), leaves)
 
+    kept = som_regularizer(leaves, backend="triton")  # a forward whose graph is kept, for backward alone
+
+    def backward_only() -> None:
+        torch.autograd.grad(kept, leaves, retain_graph=True)
+
+    plain = leaves[0].sum()  # autograd's own cost on CUDA: a one-node graph
+
+    def engine_only() -> None:
+        torch.autograd.grad(plain, leaves[0], retain_graph=True)
+
     pieces = {}
     for route, wrap in (("JIT", through_jit), ("direct", lambda fn: fn)):
         pieces[f"kernels.penalty (2 Gram launches, chunk sum, finish), {route}"] = wrap(
@@ -206,6 +218,8 @@ def host_costs(batch: int, reps: int = 300) -> None:
             lambda: kernels.gram_backward(ys, layouts, 10.0, a, scale)
         )
         pieces[f"som_regularizer forward + autograd.grad, {route}"] = wrap(both)
+        pieces[f"autograd.grad of a kept som_regularizer forward, {route}"] = wrap(backward_only)
+    pieces["autograd.grad of y.sum() (the engine alone)"] = engine_only
     pieces["one _som_grad_kernel launch through Triton's JIT"] = lambda: real[grid](*args, **kwargs)
     try:  # Triton 3.3+: the CompiledKernel's runner takes every parameter in order (the launcher skips constexprs)
         compiled = real[grid](*args, **kwargs)
