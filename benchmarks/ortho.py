@@ -6,7 +6,10 @@
    (each contestant's median time, and the median of the rounds' ratios with their range); the issue's goal is ≤ 10%.
    On the CPU the step with SOM runs twice: the torch backend and the C++ core (csrc/ortho/som_gram.cpp, `auto`'s
    choice there). On CUDA three times: the torch backend, the fused Triton kernel with IEEE float32 dots (torch's
-   default for matmuls), and the kernel with TF32 dots (torch.backends.cuda.matmul.allow_tf32 = True).
+   default for matmuls), and the kernel with TF32 dots (torch.backends.cuda.matmul.allow_tf32 = True); then the step
+   and the step with SOM on the Triton kernels each captured in a CUDA graph and replayed (`graphed`), their overhead
+   against each other: the device's share alone, where the eager rows carry the host's too (these machines' hosts
+   bound the eager step: benchmarks/results/ortho-cuda.md).
 2. FLOPs of the step without and with SOM (torch.utils.flop_counter): the regularizer's Gram products are the floor
    of its overhead, whatever the elementwise work costs.
 3. Formula: forward + backward of R for one layer output Y [b, k] by the definition (Θ = ẐᵀẐ materialized,
@@ -63,6 +66,23 @@ def training_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, som: 
     return step
 
 
+def graphed(step: Callable[[], None]) -> Callable[[], None]:
+    """The training step captured in one CUDA graph (torch's whole-network capture: three warm-up steps on a side
+    stream, then torch.cuda.graph), as its replay: no host work per step, so what it times is the device's. Relaxed
+    capture mode: the SOM kernels' pointer tables for the capture's own (graph-pool) addresses are built during the
+    capture, from pinned host memory that the table cache keeps for the replays."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="relaxed"):
+        step()
+    return graph.replay
+
+
 def cnn_setup(device: str, batch: int):
     """(model, SGD optimizer, x, target, SelfOrthogonality hooked on the four convolutions), seeded."""
     torch.manual_seed(0)
@@ -113,14 +133,22 @@ def overhead_rows(device: str, batch: int, reps: int, rounds: int = 1) -> List[l
     steps: Dict[str, Callable[[], None]] = {"step": training_step(model, x, target, som, None, opt)}
     for backend in ["torch"] + (["triton", "triton tf32"] if device == "cuda" else ["cpp"]):
         steps[f"step + SOM ({backend})"] = training_step(model, x, target, som, backend, opt)
+    if device == "cuda":  # the same steps without their host side: each captured in a CUDA graph and replayed
+        try:
+            graphs = {f"{name}, CUDA graph": graphed(steps[name]) for name in ("step", "step + SOM (triton)")}
+        except RuntimeError as e:  # reported, not fatal: the eager rows stand on their own
+            print(f"  ortho/cuda: the CUDA-graph rows are left out, capture failed: {e}", flush=True)
+            graphs = {}
+        steps.update(graphs)
     per_round = [time_contestants(steps, device, reps) for _ in range(rounds)]
     som.remove()
     rows = []
     for name in steps:
         t = statistics.median(times[name] for times in per_round)
         over = ""
-        if name != "step":
-            ratios = sorted((times[name] / times["step"] - 1) * 100 for times in per_round)
+        base = "step, CUDA graph" if name.endswith("CUDA graph") else "step"
+        if name != base:
+            ratios = sorted((times[name] / times[base] - 1) * 100 for times in per_round)
             over = f"{statistics.median(ratios):+.1f}%"
             if rounds > 1:
                 over += f" ({ratios[0]:+.1f}% to {ratios[-1]:+.1f}%)"

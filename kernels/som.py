@@ -234,7 +234,7 @@ def _grad_locate(meta_ptr, L, pid):
 
 
 @triton.jit
-def _grad_one_tile(x, y_ptrs, meta_ptr, a_ptr, scale_ptr, dy_ptr, gamma, KP, L, pid, DTYPE: tl.constexpr,
+def _grad_one_tile(x, y_ptrs, meta_ptr, a_ptr, scale_ptr, scale_stride, dy_ptr, gamma, KP, L, pid, DTYPE: tl.constexpr,
                    ACC: tl.constexpr, PREC: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, SCALED: tl.constexpr,
                    MODE: tl.constexpr):  # fmt: skip
     """∂R/∂Y of the block of program pid, every layer of the launch within one tile, from x, its Y as stored
@@ -242,7 +242,7 @@ def _grad_one_tile(x, y_ptrs, meta_ptr, a_ptr, scale_ptr, dy_ptr, gamma, KP, L, 
     N, C, S, out, q, layer = _grad_locate(meta_ptr, L, pid)
     cols = tl.arange(0, BC)
     a_base = a_ptr + layer * KP * KP
-    scale = tl.load(scale_ptr + layer).to(a_ptr.dtype.element_ty) if SCALED else 1.0
+    scale = tl.load(scale_ptr + layer * scale_stride).to(a_ptr.dtype.element_ty) if SCALED else 1.0
     zc = _tanh(x.to(ACC) * gamma, ACC)
     if MODE == SPATIAL:
         a = tl.load(a_base + cols[None, :] * KP + cols[:, None])
@@ -267,11 +267,12 @@ def _raw_of(y_ptrs, meta_ptr, L, pid, DTYPE: tl.constexpr, BR: tl.constexpr, BC:
 
 @triton.jit
 def _som_grad_kernel(
-    y_ptrs, meta_ptr, a_ptr, scale_ptr, dy_ptr, gamma_arg: tl.float64, KP, L, TOTAL,
+    y_ptrs, meta_ptr, a_ptr, scale_ptr, dy_ptr, gamma_arg: tl.float64, KP, L, TOTAL, SCALE_STRIDE,
     DTYPE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
     SCALED: tl.constexpr, ONE_TILE: tl.constexpr, MODE: tl.constexpr, PERSIST: tl.constexpr,
 ):  # fmt: skip
-    """TOTAL: the launch's block programs. PERSIST (with ONE_TILE): a grid smaller than TOTAL, each program taking
+    """TOTAL: the launch's block programs; SCALE_STRIDE: the scale's stride (0 for an expanded scalar gradient, read
+    in place). PERSIST (with ONE_TILE): a grid smaller than TOTAL, each program taking
     blocks pid, pid + grid, ... with the next block's load in flight while it computes this one (GRAD_PERSIST)."""
     gamma = tl.full([], gamma_arg, ACC)
     pid = tl.program_id(0).to(tl.int64)
@@ -280,13 +281,13 @@ def _som_grad_kernel(
         x = _raw_of(y_ptrs, meta_ptr, L, pid, DTYPE, BR, BC, MODE)
         for p in range(pid, TOTAL, step):
             x_next = _raw_of(y_ptrs, meta_ptr, L, p + step, DTYPE, BR, BC, MODE)
-            _grad_one_tile(x, y_ptrs, meta_ptr, a_ptr, scale_ptr, dy_ptr, gamma, KP, L, p, DTYPE, ACC, PREC, BR, BC,
-                           SCALED, MODE)  # fmt: skip
+            _grad_one_tile(x, y_ptrs, meta_ptr, a_ptr, scale_ptr, SCALE_STRIDE, dy_ptr, gamma, KP, L, p, DTYPE, ACC,
+                           PREC, BR, BC, SCALED, MODE)  # fmt: skip
             x = x_next
     elif ONE_TILE:  # Z's block is both the dot's input and the epilogue's
         x = _raw_of(y_ptrs, meta_ptr, L, pid, DTYPE, BR, BC, MODE)
-        _grad_one_tile(x, y_ptrs, meta_ptr, a_ptr, scale_ptr, dy_ptr, gamma, KP, L, pid, DTYPE, ACC, PREC, BR, BC,
-                       SCALED, MODE)  # fmt: skip
+        _grad_one_tile(x, y_ptrs, meta_ptr, a_ptr, scale_ptr, SCALE_STRIDE, dy_ptr, gamma, KP, L, pid, DTYPE, ACC,
+                       PREC, BR, BC, SCALED, MODE)  # fmt: skip
     else:
         N, C, S, out, local, layer = _grad_locate(meta_ptr, L, pid)
         y = tl.load(y_ptrs + layer).to(tl.pointer_type(tl.constexpr(DTYPE).value))
@@ -296,7 +297,7 @@ def _som_grad_kernel(
         cols = cb * BC + tl.arange(0, BC)
         a_base = a_ptr + layer * KP * KP
         # A_ℓ = scale_ℓ · a_ℓ, taken in a's precision (scale is float32 or float64: cast here, not by a launch)
-        scale = tl.load(scale_ptr + layer).to(a_ptr.dtype.element_ty) if SCALED else 1.0
+        scale = tl.load(scale_ptr + layer * SCALE_STRIDE).to(a_ptr.dtype.element_ty) if SCALED else 1.0
         # A is zero-padded to [KP, KP], KP a multiple of the widest tile; Z's block is recomputed for the epilogue
         if MODE == SPATIAL:  # transposed: ∂Yᵀ[cols, rows] = Σ_k A[k, cols] Zᵀ[k, rows], tiles contiguous along rows
             acc = tl.zeros([BC, BR], dtype=ACC)
@@ -683,7 +684,9 @@ def gram_backward(
             raise ValueError(f"scale must be [L] = [{len(ys)}], got {tuple(scale.shape)}")
         if scale.dtype not in (torch.float32, torch.float64):
             scale = scale.to(a.dtype)
-        scale = scale.to(device).contiguous()
+        scale = scale.to(device)
+        if scale.stride(0) != 0:  # an expanded scalar (the gradient of R.sum()) is read in place, with stride 0
+            scale = scale.contiguous()
     layouts = tuple(tuple(lay) for lay in layouts)
     plan_key = ("grad plan", device, dtype, layouts, GRAD_ROWS, ROWS_FP64)
     total, launches = _cached(plan_key, lambda: _grad_plan(layouts, bc, dtype, device))
@@ -698,6 +701,17 @@ def gram_backward(
         constexprs = {"DTYPE": _TL_DTYPES[dtype], "ACC": _acc(dtype), "PREC": _precision(dtype, device, GRAD_DOTS),
                       "BR": br, "BC": width, "SCALED": scale is not None, "ONE_TILE": one_tile, "MODE": mode,
                       "PERSIST": persist}  # fmt: skip
-        args = (ptrs, meta_t, a, a if scale is None else scale, flat, float(gamma), kp, n_layers, programs)
+        args = (
+            ptrs,
+            meta_t,
+            a,
+            a if scale is None else scale,
+            flat,
+            float(gamma),
+            kp,
+            n_layers,
+            programs,
+            0 if scale is None else scale.stride(0),
+        )
         _launch.launch(_som_grad_kernel, grid_cap if persist else programs, args, constexprs, options)
     return flat

@@ -169,7 +169,7 @@ def _cases():
             case(f"som gram {dt}", som._som_gram_kernel, t, {**common, "BCS": bcs, "DIAG": diag, "PREFETCH": prefetch},
                  som.GRAM_WARPS, needs, num_stages=som.GRAM_STAGES)  # fmt: skip
         t = {"y_ptrs": i64, "meta_ptr": i64, "a_ptr": "*fp64", "scale_ptr": "*fp64", "dy_ptr": ptr[dt],
-             "gamma_arg": "fp64", "KP": "i32", "L": "i32", "TOTAL": "i32"}  # fmt: skip
+             "gamma_arg": "fp64", "KP": "i32", "L": "i32", "TOTAL": "i32", "SCALE_STRIDE": "i32"}  # fmt: skip
         variants = ((True, False, False), (True, True, False), (True, True, True))  # PERSIST only with ONE_TILE
         for scaled, one_tile, persist in variants + (((False, False, False),) if n == 0 else ()):
             c = {**common, "SCALED": scaled, "ONE_TILE": one_tile, "PERSIST": persist}

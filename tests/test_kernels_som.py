@@ -212,6 +212,23 @@ def test_gpu_direct_launches_equal_the_jit(monkeypatch):
         assert torch.equal(a, b)
 
 
+def test_expanded_scale_is_read_in_place():
+    """The gradient of R.sum() reaches the backward as a stride-0 expansion of one value: read in place (no copy),
+    it gives what the materialized scale does; any other stride is made contiguous first."""
+    ys = [y.float() for y in _inputs(4)[3:6]]
+    layouts = [_layout(y, 1) for y in ys]
+    a = kernels.penalty(ys, layouts, 10.0, 100.0, 1.0, 1e-12)[1]
+    expanded = torch.full((), 0.75, dtype=D64, device=DEV).expand(len(ys))
+    strided = torch.tensor([0.75, 9.0, 0.5, 9.0, 2.0], dtype=D64, device=DEV)[::2]
+    materialized = torch.tensor([0.75, 0.75, 0.75], dtype=D64, device=DEV)
+    assert expanded.stride(0) == 0
+    base = kernels.gram_backward(ys, layouts, 10.0, a, materialized)
+    assert torch.equal(kernels.gram_backward(ys, layouts, 10.0, a, expanded), base)
+    ours = kernels.gram_backward(ys, layouts, 10.0, a, strided)
+    assert torch.equal(ours, kernels.gram_backward(ys, layouts, 10.0, a, strided.contiguous()))
+    assert not torch.equal(ours, base)
+
+
 def test_non_contiguous_and_wide_layers():
     g = torch.Generator().manual_seed(9)
     base = torch.randn(40, 24, dtype=D64, generator=g).to(DEV)
@@ -386,6 +403,58 @@ def test_gpu_float32_gram_error_within_twice_torch(dots, monkeypatch):
         k = y.shape[1]
         err = float((grams[i, :k, :k] - truth).abs().max())
         assert err <= 2 * err_torch + 1e-8 * float(truth.abs().max()), (i, dots, err, err_torch)
+
+
+@pytest.mark.gpu
+def test_gpu_training_step_with_som_captures_in_a_cuda_graph():
+    """A whole training step with SelfOrthogonality on the Triton kernels captures in one CUDA graph (relaxed mode: the
+    pointer tables of the capture's own addresses are built during it, from pinned memory the table cache keeps) and
+    each replay is the step run eagerly: the same regularizer and the same parameters after it."""
+    import copy
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 3),
+                              torch.nn.Flatten(), torch.nn.LazyLinear(5)).cuda()  # fmt: skip
+    x = torch.randn(8, 3, 12, 12, device="cuda")
+    target = torch.randint(0, 5, (8,), device="cuda")
+    net(x)  # the lazy layer's shape
+    runs = {}
+    for mode in ("eager", "graph"):
+        model = copy.deepcopy(net)
+        som = SelfOrthogonality(model, backend="triton")
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        reg = torch.zeros((), device="cuda")
+
+        def step(model=model, som=som, opt=opt, reg=reg):
+            opt.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(model(x), target)
+            r = som.loss()
+            reg.copy_(r.detach())
+            (loss + 1e-3 * r).backward()
+            opt.step()
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        if mode == "eager":
+            step()
+            step()
+        else:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, capture_error_mode="relaxed"):
+                step()
+            graph.replay()
+            graph.replay()
+        torch.cuda.synchronize()
+        runs[mode] = (reg.clone(), [p.detach().clone() for p in model.parameters()])
+        som.remove()
+    assert runs["eager"][0] > 0
+    assert _rel(runs["graph"][0], runs["eager"][0]) <= 1e-5
+    for a, b in zip(runs["graph"][1], runs["eager"][1]):
+        assert _rel(a, b) <= 1e-5
 
 
 @pytest.mark.gpu
