@@ -8,8 +8,8 @@
    choice there). On CUDA three times: the torch backend, the fused Triton kernel with IEEE float32 dots (torch's
    default for matmuls), and the kernel with TF32 dots (torch.backends.cuda.matmul.allow_tf32 = True); then the step
    and the step with SOM on the Triton kernels each captured in a CUDA graph and replayed (`graphed`), their overhead
-   against each other: the device's share alone, where the eager rows carry the host's too (these machines' hosts
-   bound the eager step: benchmarks/results/ortho-cuda.md).
+   against each other: the device's share alone, where the eager rows carry the host's too (the lent machines' hosts
+   bound the eager step in some runs: benchmarks/results/ortho-cuda.md).
 2. FLOPs of the step without and with SOM (torch.utils.flop_counter): the regularizer's Gram products are the floor
    of its overhead, whatever the elementwise work costs.
 3. Formula: forward + backward of R for one layer output Y [b, k] by the definition (Θ = ẐᵀẐ materialized,

@@ -209,6 +209,21 @@ def test_lipschitz_violations_that_the_layers_show_are_refused():
         InvertibleResBlock(steep)
 
 
+@pytest.mark.parametrize("form", ["parametrization", "hook"])
+def test_torchs_own_spectral_norm_in_g_is_warned(form):
+    """torch's spectral_norm scales a layer to σ = 1 (from an estimate that can fall short of σ): Lip(g) < 1 is not
+    enforced, which the layer check used to pass silently; a block of kexue_fast's spectral norms stays quiet."""
+    wrap = torch_spectral_norm if form == "parametrization" else torch.nn.utils.spectral_norm
+    g = nn.Sequential(wrap(nn.Linear(3, 8)), LipSwish(), spectral_norm(nn.Linear(8, 3), coeff=0.9))
+    with pytest.warns(RuntimeWarning, match=r"layer 0.* torch's spectral_norm"):
+        InvertibleResBlock(g)
+    quiet = nn.Sequential(spectral_norm(nn.Linear(3, 8), coeff=0.9), LipSwish(),
+                          spectral_norm(nn.Linear(8, 3), coeff=0.9))  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        InvertibleResBlock(quiet)
+
+
 def test_dropout_bound_and_reports_change_no_buffer():
     assert activation_bound(nn.Dropout(0.5).train()) == 2.0
     assert activation_bound(nn.Dropout(0.5).eval()) == 1.0

@@ -5,6 +5,7 @@ Every flow module here maps x -> (y, logdet [B]) in forward and y -> x in invers
 
 from __future__ import annotations
 
+import importlib
 import math
 import numbers
 import warnings
@@ -164,12 +165,32 @@ def _int_at_least(value: object, minimum: int, name: str) -> int:
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
+def _uses_torch_spectral_norm(module: nn.Module) -> bool:
+    """Whether module is torch's spectral-norm parametrization, or carries torch's hook-based spectral_norm."""
+    parametrization = getattr(torch.nn.utils.parametrizations, "_SpectralNorm", None)
+    if parametrization is not None and isinstance(module, parametrization):
+        return True
+    hook = importlib.import_module("torch.nn.utils.spectral_norm").SpectralNorm  # (the function shadows the module)
+    return any(isinstance(h, hook) for h in module._forward_pre_hooks.values())
+
+
 def _check_lipschitz_layers(g: nn.Module) -> None:
     """What can be told from g's layers without a certificate: spectral-normalized layers must carry a coefficient
     < 1 and, on a convolution with a kernel wider than 1, bound its operator norm (matrix mode normalizes the
-    reshaped kernel, which can be ~√(kernel size) below the operator norm); activations must be 1-Lipschitz."""
+    reshaped kernel, which can be ~√(kernel size) below the operator norm); activations must be 1-Lipschitz. torch's
+    own spectral_norm (either form) scales to 1, not below: warned, since a layer after it may scale its output
+    down (g would then be a contraction after all)."""
     for name, module in g.named_modules():
         where = name or "(g)"
+        if _uses_torch_spectral_norm(module):
+            warnings.warn(
+                f"the layer {where} of g is normalized by torch's spectral_norm, which scales its spectral norm to 1 "
+                "(and from a power-iteration estimate, which can fall short of σ and leave it above 1): Lip(g) < 1 "
+                "is not enforced, and the inverse and the log-det series may not converge. Use "
+                "kexue_fast.nn.spectral_norm(..., coeff=c) with c < 1",
+                RuntimeWarning,
+                stacklevel=4,
+            )
         if isinstance(module, SpectralNorm):
             if module.coeff is None or module.coeff >= 1:
                 raise ValueError(
