@@ -14,8 +14,8 @@
 
 On an H200 the step with SOM measured 34.7 ms on the Triton kernels against 5.1 ms on the torch path at 0cff550;
 on an H100 at 1889232 it took 4.22 ms against a 3.42 ms step, on an H200 at 60a352b 3.62 ms against 3.20 (one
-round) and at 6fdae85 4.56 ms against 3.21 (benchmarks/results/ortho-cuda.md), the kernels' history and launch
-settings in benchmarks/results/som-sweep-cuda.md.
+round), at 6fdae85 4.56 ms against 3.21 and at 97d765a 3.45 ms against 3.07 (benchmarks/results/ortho-cuda.md), the
+kernels' history, launch settings, Nsight Compute profiles and host costs in benchmarks/results/som-sweep-cuda.md.
 This prints, for the step of benchmarks/ortho.py without SOM (hooks paused) and with each backend: the wall time per
 step and the time the host took to issue it (on CUDA the host runs ahead until a synchronization: the two are close
 where the host bounds the step), then torch.profiler's
