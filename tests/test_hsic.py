@@ -1,5 +1,7 @@
+import math
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -660,3 +662,14 @@ def test_permutation_test_of_few_samples():
     assert 1 / 24 <= result.pvalue <= 1.0 and result.null["n_permutations"] == 23
     with pytest.raises(ValueError, match="n >= 6"):
         kexue_fast.hsic_test(x, x**2, method="gamma")
+
+
+def test_one_permutation_has_no_null_spread():
+    """A single permutation gives a valid p-value (1/2 or 1) and no spread of the null: NaN, said so, not torch's
+    degrees-of-freedom warning from std() of one value."""
+    x = torch.randn(10, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = kexue_fast.hsic_test(x, x.sin(), method="permutation", n_permutations=1, seed=0)
+    assert result.pvalue in (0.5, 1.0) and math.isnan(result.null["null_std"])
+    assert math.isfinite(result.null["null_mean"])

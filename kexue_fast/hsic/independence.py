@@ -14,6 +14,7 @@ sum equal statistics in different orders). A constant input (K or L constant) gi
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass, field
 from typing import Dict, Optional
@@ -135,7 +136,7 @@ def _permutation_test(x, y, kx, ky, n_permutations: int, seed: Optional[int], ti
     pvalue = (1 + int((null >= observed - slack).sum())) / (1 + n_permutations)  # k/(B+1) exactly rounded
     return HSICTestResult(float(observed), float(pvalue), "permutation",
                           {"n_permutations": n_permutations, "null_mean": float(null.mean()),
-                           "null_std": float(null.std())})  # fmt: skip
+                           "null_std": float(null.std()) if n_permutations > 1 else math.nan})  # fmt: skip
 
 
 def hsic_test(
@@ -162,7 +163,8 @@ def hsic_test(
     pvalue = P(Gamma ≥ n·HSIC_b); null = {"shape", "scale" (of HSIC_b)}. A constant input gives p = 1.
     method="permutation": HSIC_b of (x, y[π]) for n_permutations random π (seeded by `seed`, else drawn from torch's
     generator); pvalue = (1 + #{HSIC_b(π) ≥ HSIC_b − slack})/(1 + P), ties counted (slack: 1e-10 of the
-    estimator's scale, mean|K|·mean|L|); null = {"n_permutations", "null_mean", "null_std"}. Exact tiles, memory
+    estimator's scale, mean|K|·mean|L|); null = {"n_permutations", "null_mean", "null_std" (NaN for one
+    permutation: a sample standard deviation needs two)}. Exact tiles, memory
     O(n·d + P) (each K tile reused for every permutation); no gradient."""
     if method not in ("gamma", "permutation"):
         raise ValueError(f'method must be "gamma" or "permutation", got {method!r}')
