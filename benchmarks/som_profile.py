@@ -121,7 +121,8 @@ def _host_syncs(step) -> str:
             step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+    # torch's words for a sync ("called a synchronizing CUDA operation"), not the debug mode's own prototype notice
+    syncs = [str(w.message).splitlines()[0] for w in caught if "synchronizing CUDA operation" in str(w.message)]
     return f", {len(syncs)} host synchronizations in a step" + (f" (first: {syncs[0]})" if syncs else "")
 
 
