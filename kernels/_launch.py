@@ -1,16 +1,15 @@
 """Relaunching a compiled Triton kernel without JITFunction's per-call work.
 
-`kernel[grid](*args, **constexprs)` binds every argument, computes Triton's specialization of each (pointer
-alignment, integer values), hashes them into a cache key and looks the compiled kernel up on every call: on a lent
-H200 machine's host one backward launch of the SOM kernels took about 100 µs of host time that way
-(`python -m kexue_fast.benchmarks.som_profile --host-costs` at 3e7c989), in a training step whose host time is what
-bounds it. `launch` keeps, per call signature, the CompiledKernel that the first JIT launch returned and calls its
-runner directly afterwards. The signature holds what Triton specializes on, conservatively: each tensor argument's
-dtype and whether its address is 16-byte aligned, each integer's exact value, every constexpr and launch option, the
-grid and the current device; floats (annotated tl.float64 in our kernels) are passed as values. The runner takes
-every parameter in order, constexprs included (Triton 3.3 and later; the launcher skips the constexprs); older
-Tritons, the interpreter (whose launches return no CompiledKernel) and KEXUE_FAST_DIRECT_LAUNCH=0 take the JIT path
-every time.
+`kernel[grid](*args, **constexprs)` binds every argument, computes Triton's specialization of each (pointer alignment,
+integer values), hashes them into a cache key and looks the compiled kernel up on every call: on a lent H200 machine's
+host one backward launch of the SOM kernels took 81.5 µs of host time that way and 15.7 µs through its CompiledKernel
+(`python -m kexue_fast.benchmarks.som_profile --host-costs` at 97d765a), in training steps whose host time can bound
+them. `launch` keeps, per call signature, the CompiledKernel that the first JIT launch returned and calls its runner
+directly afterwards. The signature holds what Triton specializes on, conservatively: each tensor argument's dtype and
+whether its address is 16-byte aligned, each integer's exact value, every constexpr and launch option, the grid and the
+current device; floats (annotated tl.float64 in our kernels) are passed as values. The runner takes every parameter in
+order, constexprs included (Triton 3.3 and later; the launcher skips the constexprs); older Tritons, the interpreter
+(whose launches return no CompiledKernel) and KEXUE_FAST_DIRECT_LAUNCH=0 take the JIT path every time.
 """
 
 from __future__ import annotations
