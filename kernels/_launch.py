@@ -8,8 +8,8 @@ them. `launch` keeps, per call signature, the CompiledKernel that the first JIT 
 directly afterwards. The signature holds what Triton specializes on, conservatively: each tensor argument's dtype and
 whether its address is 16-byte aligned, each integer's exact value, every constexpr and launch option, the grid and the
 current device; floats (annotated tl.float64 in our kernels) are passed as values. The runner takes every parameter in
-order, constexprs included (Triton 3.3 and later; the launcher skips the constexprs); older Tritons, the interpreter
-(whose launches return no CompiledKernel) and KEXUE_FAST_DIRECT_LAUNCH=0 take the JIT path every time.
+order, constexprs included (Triton 3.3 and later; the launcher skips the constexprs); older Tritons, ROCm builds, the
+interpreter (whose launches return no CompiledKernel) and KEXUE_FAST_DIRECT_LAUNCH=0 take the JIT path every time.
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ def _supported() -> bool:
         major, minor = (int(v) for v in triton.__version__.split(".")[:2])
     except ValueError:
         return False
-    return (major, minor) >= (3, 3) and os.environ.get("KEXUE_FAST_DIRECT_LAUNCH", "1") != "0"
+    # NVIDIA only: the one launcher whose runner convention was checked on a GPU (ROCm builds take the JIT path)
+    nvidia = torch.version.hip is None
+    return (major, minor) >= (3, 3) and nvidia and os.environ.get("KEXUE_FAST_DIRECT_LAUNCH", "1") != "0"
 
 
 ENABLED = _supported()

@@ -95,3 +95,18 @@ def test_constexprs_must_name_every_remaining_parameter(direct):
     for _ in range(2):  # MODE left to a default: not cached, since the runner needs every parameter
         _launch.launch(k, 2, (y, 1, 0.5), {"BLOCK": 16}, {})
     assert [entry[0] for entry in k.log] == ["jit", "jit"]
+
+
+def test_direct_launches_are_off_on_rocm_and_when_asked(monkeypatch):
+    monkeypatch.delenv("KEXUE_FAST_DIRECT_LAUNCH", raising=False)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(_launch.triton, "__version__", "3.6.0")
+    assert _launch._supported()
+    monkeypatch.setattr(_launch.triton, "__version__", "3.2.0")  # the runner took only the non-constexprs then
+    assert not _launch._supported()
+    monkeypatch.setattr(_launch.triton, "__version__", "3.6.0")
+    monkeypatch.setattr(torch.version, "hip", "6.2.0")
+    assert not _launch._supported()
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setenv("KEXUE_FAST_DIRECT_LAUNCH", "0")
+    assert not _launch._supported()
