@@ -1,6 +1,10 @@
 """The Self-Orthogonality regularizer (torch path) and its siblings against the direct formulas; the hooks module;
 bad inputs. The Triton kernel's tests are in test_kernels_som.py."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -839,3 +843,22 @@ def test_module_reports_channel_dim_out_of_range_at_the_forward():
     som = SelfOrthogonality(model, nn.Linear, channel_dim=-2)
     model(torch.randn(6, 5))
     assert som.loss(reduction="none").shape == (2,)
+
+
+def _cpu_has_avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " avx512f" in f.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _cpu_has_avx512(), reason="no AVX-512 here: the C++ core's AVX2 paths are what the tests run")
+def test_cpp_core_avx2_paths_on_an_avx512_cpu():
+    """The C++ core's hand-written AVX-512 tanh and Gram tiles run where the CPU has AVX-512, and KEXUE_FAST_AVX512=0
+    keeps their AVX2 paths (what CPUs without AVX-512 run): this file's C++ tests again, in a process taking them."""
+    env = {**os.environ, "KEXUE_FAST_AVX512": "0"}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-p", "no:xdist",
+                          __file__, "-k", "cpp and not avx2_paths"], env=env, capture_output=True, text=True,
+                         timeout=600)  # fmt: skip
+    assert run.returncode == 0 and " passed" in run.stdout, run.stdout[-4000:] + run.stderr[-2000:]

@@ -6,6 +6,7 @@
 #include <cstring>
 #include <vector>
 
+#include "common/cpu_features.hpp"
 #include "common/gemm.hpp"
 #include "common/parallel.hpp"
 #include "common/simd.hpp"
@@ -169,6 +170,95 @@ __attribute__((target("avx2,fma"))) void upper_gram_avx2(const T* z, std::int64_
 }
 #endif
 
+#ifdef KEXUE_SOM_AVX2
+// The same dot tiles on AVX-512, 4 × 4: 16 accumulators and 8 operands in 24 of the 32 zmm registers, 64-byte rows
+// (where torch's own convolutions run AVX-512 kernels, the AVX2 tiles made the SOM a larger share of a CNN step:
+// benchmarks/results/ortho-cpu.md). Lanes summed in order, then the tail, as in dot_tile_avx2.
+template <typename T>
+struct Avx512;
+template <>
+struct Avx512<float> {
+  typedef __m512 V;
+  static constexpr int W = 16;
+  __attribute__((target("avx512f"))) static V load(const float* p) { return _mm512_loadu_ps(p); }
+  __attribute__((target("avx512f"))) static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+};
+template <>
+struct Avx512<double> {
+  typedef __m512d V;
+  static constexpr int W = 8;
+  __attribute__((target("avx512f"))) static V load(const double* p) { return _mm512_loadu_pd(p); }
+  __attribute__((target("avx512f"))) static V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
+};
+
+template <typename T, int MI, int MJ>
+__attribute__((target("avx512f"), always_inline)) inline void dot_tile_avx512(std::int64_t p, const T* a, const T* b,
+                                                                             std::int64_t ld, T* out,
+                                                                             std::int64_t ldo) {
+  typedef Avx512<T> A;
+  typename A::V acc[MI][MJ];
+#pragma GCC unroll 4
+  for (int i = 0; i < MI; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < MJ; ++j) acc[i][j] = typename A::V{};
+  std::int64_t k = 0;
+  for (; k + A::W <= p; k += A::W) {
+    typename A::V bv[MJ];
+#pragma GCC unroll 4
+    for (int j = 0; j < MJ; ++j) bv[j] = A::load(b + j * ld + k);
+#pragma GCC unroll 4
+    for (int i = 0; i < MI; ++i) {
+      const typename A::V av = A::load(a + i * ld + k);
+#pragma GCC unroll 4
+      for (int j = 0; j < MJ; ++j) acc[i][j] = A::fma(av, bv[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MI; ++i)
+    for (int j = 0; j < MJ; ++j) {
+      alignas(64) T lanes[A::W];
+      std::memcpy(lanes, &acc[i][j], sizeof(lanes));
+      T sum = 0;
+      for (int l = 0; l < A::W; ++l) sum += lanes[l];
+      for (std::int64_t kk = k; kk < p; ++kk) sum += a[i * ld + kk] * b[j * ld + kk];
+      out[i * ldo + j] = sum;
+    }
+}
+
+template <typename T, int MI>
+__attribute__((target("avx512f"), always_inline)) inline void dot_row_avx512(int mj, std::int64_t p, const T* a,
+                                                                            const T* b, std::int64_t ld, T* out,
+                                                                            std::int64_t ldo) {
+  switch (mj) {
+    case 4: return dot_tile_avx512<T, MI, 4>(p, a, b, ld, out, ldo);
+    case 3: return dot_tile_avx512<T, MI, 3>(p, a, b, ld, out, ldo);
+    case 2: return dot_tile_avx512<T, MI, 2>(p, a, b, ld, out, ldo);
+    default: return dot_tile_avx512<T, MI, 1>(p, a, b, ld, out, ldo);
+  }
+}
+
+// out [c, c] (upper triangle and the lower half of the diagonal tiles) = Z Zᵀ for Z [c, p], rows ld apart.
+template <typename T>
+__attribute__((target("avx512f"))) void upper_gram_avx512(const T* z, std::int64_t c, std::int64_t p, std::int64_t ld,
+                                                          T* out) {
+  constexpr int M = 4;
+  for (std::int64_t i0 = 0; i0 < c; i0 += M) {
+    const int mi = static_cast<int>(std::min<std::int64_t>(M, c - i0));
+    for (std::int64_t j0 = i0; j0 < c; j0 += M) {
+      const int mj = static_cast<int>(std::min<std::int64_t>(M, c - j0));
+      const T* a = z + i0 * ld;
+      const T* b = z + j0 * ld;
+      T* o = out + i0 * c + j0;
+      switch (mi) {
+        case 4: dot_row_avx512<T, 4>(mj, p, a, b, ld, o, c); break;
+        case 3: dot_row_avx512<T, 3>(mj, p, a, b, ld, o, c); break;
+        case 2: dot_row_avx512<T, 2>(mj, p, a, b, ld, o, c); break;
+        default: dot_row_avx512<T, 1>(mj, p, a, b, ld, o, c);
+      }
+    }
+  }
+}
+#endif
+
 // 32-byte vectors for the dot tiles: MI·MJ accumulators and MI + MJ operands fit AVX2's 16 registers.
 template <typename T>
 struct Vec32 {
@@ -209,6 +299,7 @@ KEXUE_INLINE void dot_tile(std::int64_t p, const T* a, const T* b, std::int64_t 
 template <typename T>
 KEXUE_INLINE void upper_gram_rows(const T* z, std::int64_t c, std::int64_t p, std::int64_t ld, T* out) {
 #ifdef KEXUE_SOM_AVX2
+  if (use_avx512()) return upper_gram_avx512(z, c, p, ld, out);
   if (has_avx2()) return upper_gram_avx2(z, c, p, ld, out);
 #endif
   constexpr int MI = 4, MJ = 2;
