@@ -1,8 +1,8 @@
 // z = tanh(γ y) over an array, for the SOM Gram's inner loops (torch-free).
 //
-// float where AVX2+FMA runs: tanh(x) = x·P(x²)/Q(x²) on x clamped to ±7.905 (a degree-13/6 rational, Eigen's float
-// tanh fit), the division as the hardware reciprocal estimate refined by one Newton step (the expm1 form below waits on
-// vdivps), and ±1 exactly from |x| = 9.0109 on, where float's tanh rounds to 1 (so 1 − z² is 0 there; exact_ones): at
+// float where AVX2+FMA runs (16 lanes where AVX-512F does: common/cpu_features.hpp): tanh(x) = x·P(x²)/Q(x²) on x
+// clamped to ±7.905 (a degree-13/6 rational, Eigen's float tanh fit), the division as the hardware reciprocal estimate
+// (12 bits, 14 on AVX-512) refined by one Newton step (the expm1 form below waits on vdivps), and ±1 exactly from |x| = 9.0109 on, where float's tanh rounds to 1 (so 1 − z² is 0 there; exact_ones): at
 // most ~6 ulp relative error, beside the float32 rounding of the Gram's own sums.
 // double, and float elsewhere: −sign(x)·m/(2 + m) with m = expm1(−2|x|) (common/fast_exp.hpp), ~3 ulp.
 // Both keep relative accuracy near 0 (the odd numerator; expm1 instead of (1 − e)/(1 + e), which cancels), which Θ's
