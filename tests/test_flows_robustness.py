@@ -457,6 +457,15 @@ def test_inverse_carries_the_implicit_gradient():
         assert not blk.inverse(y).requires_grad
 
 
+def test_inverse_gradient_passes_gradcheck_with_undefined_gradients():
+    """The implicit gradient's hook got None for an undefined incoming gradient and solved with it (autograd.grad
+    raised); now it leaves it undefined. gradcheck (float64, in eval mode: the spectral norms fixed) with its
+    undefined-gradient check."""
+    blk = InvertibleResBlock(_dense_g(), logdet="exact", inverse_atol=1e-13).eval()
+    y = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(blk.inverse, (y,), check_undefined_grad=True)
+
+
 def test_inverse_freezes_torchs_own_spectral_norm():
     """In training mode every g evaluation advanced torch's spectral_norm power iteration, so the map moved under
     the fixed point (the inverse then missed x by ~1e-2)."""
