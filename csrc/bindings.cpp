@@ -12,6 +12,7 @@
 #include <thread>
 #include <vector>
 
+#include "common/cpu_features.hpp"
 #include "flows/dense_chain.hpp"
 #include "hsic/hsic_stats.hpp"
 #include "hsic/pair_select.hpp"
@@ -922,4 +923,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("complete_integrals", &complete_integrals, py::arg("m"), py::arg("n_threads") = 0,
         "(K(m), E(m)) of a float array m (m <= 1, NaN above).");
   m.def("build_info", &build_info, "Compiler, build type and versions this extension was built with.");
+  m.def("uses_avx512", &kexue::use_avx512,
+        "Whether the hand-written AVX-512 paths (the SOM core's tanh and Gram tiles) run in this process: the CPU has\n"
+        "AVX-512F and KEXUE_FAST_AVX512 was not '0' when first asked.");
 }

@@ -13,6 +13,14 @@ import torch
 from . import __version__, _dispatch
 
 
+def _cpu_flag(flag: str) -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f" {flag}" in f.read()
+    except OSError:
+        return False
+
+
 def report() -> str:
     lines: List[str] = []
     add = lines.append
@@ -26,6 +34,12 @@ def report() -> str:
 
         info = _core.build_info()
         add("_core      " + ", ".join(f"{k}={v}" for k, v in info.items()))
+        if hasattr(_core, "uses_avx512"):
+            on = _core.uses_avx512()
+            add(
+                f"cpu        the C++ SOM core's AVX-512 paths {'on' if on else 'off'} (AVX-512F "
+                f"{'present' if on or _cpu_flag('avx512f') else 'absent'}; KEXUE_FAST_AVX512=0 turns them off)"
+            )
     else:
         add(f"_core      unavailable: {why}")
     ok, why = _dispatch.triton_status()

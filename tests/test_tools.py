@@ -20,6 +20,15 @@ def test_info_reports_versions_core_and_choices():
                for line in out.splitlines())  # fmt: skip
 
 
+def test_info_says_whether_the_avx512_paths_run():
+    if not _dispatch.core_status()[0]:
+        return
+    env = {**__import__("os").environ, "KEXUE_FAST_AVX512": "0"}
+    out = subprocess.run([sys.executable, "-m", "kexue_fast.info"], capture_output=True, text=True, check=True,
+                         env=env).stdout  # fmt: skip
+    assert "AVX-512 paths off" in out
+
+
 def test_import_does_not_import_triton_or_dynamo():
     # DESIGN §3: probes are lazy; `import triton` costs ~0.5 s and torch._dynamo ~1 s.
     code = "import sys, kexue_fast; print(sorted(m for m in ('triton', 'torch._dynamo') if m in sys.modules))"
