@@ -97,83 +97,13 @@ void stream_fence(bool stream) {
 }
 
 #ifdef KEXUE_SOM_AVX2
-// The forward's dot tiles in AVX2 intrinsics, 3 × 3: 9 accumulators and 6 operands held in registers (15 of 16).
-// GCC compiled the generic-vector 4 × 2 tiles below with the row loads folded into the FMAs as memory operands (a load
-// per FMA, so the loads bound the loop); in the CNN step the C++ forward took 4.5 ms against 5.6 with them (the
-// --cpp-split --compare-cores run above, against a 41004de build).
-// out[i][j] = Σ_k a_i[k] b_j[k] for MI rows a_i and MJ rows b_j of length p (row stride ld); lanes summed in order,
-// then the tail past the last full vector: the same order as dot_tile's.
-template <typename T, int MI, int MJ>
-__attribute__((target("avx2,fma"), always_inline)) inline void dot_tile_avx2(std::int64_t p, const T* a, const T* b,
-                                                                            std::int64_t ld, T* out, std::int64_t ldo) {
-  typedef Avx2<T> A;
-  typename A::V acc[MI][MJ];
-#pragma GCC unroll 3
-  for (int i = 0; i < MI; ++i)
-#pragma GCC unroll 3
-    for (int j = 0; j < MJ; ++j) acc[i][j] = typename A::V{};
-  std::int64_t k = 0;
-  for (; k + A::W <= p; k += A::W) {
-    typename A::V bv[MJ];
-#pragma GCC unroll 3
-    for (int j = 0; j < MJ; ++j) bv[j] = A::load(b + j * ld + k);
-#pragma GCC unroll 3
-    for (int i = 0; i < MI; ++i) {
-      const typename A::V av = A::load(a + i * ld + k);
-#pragma GCC unroll 3
-      for (int j = 0; j < MJ; ++j) acc[i][j] = A::fma(av, bv[j], acc[i][j]);
-    }
-  }
-  for (int i = 0; i < MI; ++i)
-    for (int j = 0; j < MJ; ++j) {
-      alignas(32) T lanes[A::W];
-      std::memcpy(lanes, &acc[i][j], sizeof(lanes));
-      T sum = 0;
-      for (int l = 0; l < A::W; ++l) sum += lanes[l];
-      for (std::int64_t kk = k; kk < p; ++kk) sum += a[i * ld + kk] * b[j * ld + kk];
-      out[i * ldo + j] = sum;
-    }
-}
-
-template <typename T, int MI>
-__attribute__((target("avx2,fma"), always_inline)) inline void dot_row_avx2(int mj, std::int64_t p, const T* a,
-                                                                           const T* b, std::int64_t ld, T* out,
-                                                                           std::int64_t ldo) {
-  if (mj == 3)
-    dot_tile_avx2<T, MI, 3>(p, a, b, ld, out, ldo);
-  else if (mj == 2)
-    dot_tile_avx2<T, MI, 2>(p, a, b, ld, out, ldo);
-  else
-    dot_tile_avx2<T, MI, 1>(p, a, b, ld, out, ldo);
-}
-
-// out [c, c] (upper triangle and the lower half of the diagonal tiles) = Z Zᵀ for Z [c, p], rows ld apart.
-template <typename T>
-__attribute__((target("avx2,fma"))) void upper_gram_avx2(const T* z, std::int64_t c, std::int64_t p, std::int64_t ld,
-                                                         T* out) {
-  constexpr int M = 3;
-  for (std::int64_t i0 = 0; i0 < c; i0 += M) {
-    const int mi = static_cast<int>(std::min<std::int64_t>(M, c - i0));
-    for (std::int64_t j0 = i0; j0 < c; j0 += M) {
-      const int mj = static_cast<int>(std::min<std::int64_t>(M, c - j0));
-      const T* a = z + i0 * ld;
-      const T* b = z + j0 * ld;
-      T* o = out + i0 * c + j0;
-      if (mi == 3)
-        dot_row_avx2<T, 3>(mj, p, a, b, ld, o, c);
-      else if (mi == 2)
-        dot_row_avx2<T, 2>(mj, p, a, b, ld, o, c);
-      else
-        dot_row_avx2<T, 1>(mj, p, a, b, ld, o, c);
-    }
-  }
-}
-#endif
-
-#ifdef KEXUE_SOM_AVX2
-// The same dot tiles on AVX-512, 4 × 4: 16 accumulators and 8 operands in 24 of the 32 zmm registers, 64-byte rows
-// (where torch's own convolutions run AVX-512 kernels, the AVX2 tiles made the SOM a larger share of a CNN step:
-// benchmarks/results/ortho-cpu.md). Lanes summed in order, then the tail, as in dot_tile_avx2.
+// The forward's dot tiles in intrinsics, M × M: M·M accumulators and 2M operands held in registers (AVX2, M = 3: 15
+// of 16; AVX-512, M = 4: 24 of 32, 64-byte rows; where torch's own convolutions run AVX-512 kernels, the AVX2 tiles made
+// the SOM a larger share of a CNN step: benchmarks/results/ortho-cpu.md). GCC compiled the generic-vector 4 × 2 tiles
+// below with the row loads folded into the FMAs as memory operands (a load per FMA, so the loads bound the loop); in
+// the CNN step the C++ forward took 4.5 ms against 5.6 with them (the --cpp-split --compare-cores run above, against a
+// 41004de build). The bodies are written once over the vector traits A (Avx2<T>, Avx512<T>) and inlined into the
+// target-specific entry points upper_gram_avx2 / upper_gram_avx512, where A's intrinsics compile.
 template <typename T>
 struct Avx512;
 template <>
@@ -191,11 +121,11 @@ struct Avx512<double> {
   __attribute__((target("avx512f"))) static V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
 };
 
-template <typename T, int MI, int MJ>
-__attribute__((target("avx512f"), always_inline)) inline void dot_tile_avx512(std::int64_t p, const T* a, const T* b,
-                                                                             std::int64_t ld, T* out,
-                                                                             std::int64_t ldo) {
-  typedef Avx512<T> A;
+// out[i][j] = Σ_k a_i[k] b_j[k] for MI rows a_i and MJ rows b_j of length p (row stride ld); lanes summed in order,
+// then the tail past the last full vector: the same order as dot_tile's.
+template <class A, typename T, int MI, int MJ>
+__attribute__((always_inline)) inline void dot_tile_simd(std::int64_t p, const T* a, const T* b, std::int64_t ld, T* out,
+                                                         std::int64_t ldo) {
   typename A::V acc[MI][MJ];
 #pragma GCC unroll 4
   for (int i = 0; i < MI; ++i)
@@ -215,7 +145,7 @@ __attribute__((target("avx512f"), always_inline)) inline void dot_tile_avx512(st
   }
   for (int i = 0; i < MI; ++i)
     for (int j = 0; j < MJ; ++j) {
-      alignas(64) T lanes[A::W];
+      alignas(sizeof(typename A::V)) T lanes[A::W];
       std::memcpy(lanes, &acc[i][j], sizeof(lanes));
       T sum = 0;
       for (int l = 0; l < A::W; ++l) sum += lanes[l];
@@ -224,23 +154,21 @@ __attribute__((target("avx512f"), always_inline)) inline void dot_tile_avx512(st
     }
 }
 
-template <typename T, int MI>
-__attribute__((target("avx512f"), always_inline)) inline void dot_row_avx512(int mj, std::int64_t p, const T* a,
-                                                                            const T* b, std::int64_t ld, T* out,
-                                                                            std::int64_t ldo) {
-  switch (mj) {
-    case 4: return dot_tile_avx512<T, MI, 4>(p, a, b, ld, out, ldo);
-    case 3: return dot_tile_avx512<T, MI, 3>(p, a, b, ld, out, ldo);
-    case 2: return dot_tile_avx512<T, MI, 2>(p, a, b, ld, out, ldo);
-    default: return dot_tile_avx512<T, MI, 1>(p, a, b, ld, out, ldo);
-  }
+// The tile of MI rows against mj ≤ M columns (the last column tile may be narrower).
+template <class A, typename T, int M, int MI>
+__attribute__((always_inline)) inline void dot_row_simd(int mj, std::int64_t p, const T* a, const T* b,
+                                                        std::int64_t ld, T* out, std::int64_t ldo) {
+  if constexpr (M >= 4)
+    if (mj == 4) return dot_tile_simd<A, T, MI, 4>(p, a, b, ld, out, ldo);
+  if (mj == 3) return dot_tile_simd<A, T, MI, 3>(p, a, b, ld, out, ldo);
+  if (mj == 2) return dot_tile_simd<A, T, MI, 2>(p, a, b, ld, out, ldo);
+  dot_tile_simd<A, T, MI, 1>(p, a, b, ld, out, ldo);
 }
 
 // out [c, c] (upper triangle and the lower half of the diagonal tiles) = Z Zᵀ for Z [c, p], rows ld apart.
-template <typename T>
-__attribute__((target("avx512f"))) void upper_gram_avx512(const T* z, std::int64_t c, std::int64_t p, std::int64_t ld,
-                                                          T* out) {
-  constexpr int M = 4;
+template <class A, typename T, int M>
+__attribute__((always_inline)) inline void upper_gram_simd(const T* z, std::int64_t c, std::int64_t p, std::int64_t ld,
+                                                           T* out) {
   for (std::int64_t i0 = 0; i0 < c; i0 += M) {
     const int mi = static_cast<int>(std::min<std::int64_t>(M, c - i0));
     for (std::int64_t j0 = i0; j0 < c; j0 += M) {
@@ -248,14 +176,31 @@ __attribute__((target("avx512f"))) void upper_gram_avx512(const T* z, std::int64
       const T* a = z + i0 * ld;
       const T* b = z + j0 * ld;
       T* o = out + i0 * c + j0;
-      switch (mi) {
-        case 4: dot_row_avx512<T, 4>(mj, p, a, b, ld, o, c); break;
-        case 3: dot_row_avx512<T, 3>(mj, p, a, b, ld, o, c); break;
-        case 2: dot_row_avx512<T, 2>(mj, p, a, b, ld, o, c); break;
-        default: dot_row_avx512<T, 1>(mj, p, a, b, ld, o, c);
-      }
+      if constexpr (M >= 4)
+        if (mi == 4) {
+          dot_row_simd<A, T, M, 4>(mj, p, a, b, ld, o, c);
+          continue;
+        }
+      if (mi == 3)
+        dot_row_simd<A, T, M, 3>(mj, p, a, b, ld, o, c);
+      else if (mi == 2)
+        dot_row_simd<A, T, M, 2>(mj, p, a, b, ld, o, c);
+      else
+        dot_row_simd<A, T, M, 1>(mj, p, a, b, ld, o, c);
     }
   }
+}
+
+template <typename T>
+__attribute__((target("avx2,fma"))) void upper_gram_avx2(const T* z, std::int64_t c, std::int64_t p, std::int64_t ld,
+                                                         T* out) {
+  upper_gram_simd<Avx2<T>, T, 3>(z, c, p, ld, out);
+}
+
+template <typename T>
+__attribute__((target("avx512f"))) void upper_gram_avx512(const T* z, std::int64_t c, std::int64_t p, std::int64_t ld,
+                                                          T* out) {
+  upper_gram_simd<Avx512<T>, T, 4>(z, c, p, ld, out);
 }
 #endif
 
