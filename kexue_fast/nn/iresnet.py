@@ -165,13 +165,17 @@ def _int_at_least(value: object, minimum: int, name: str) -> int:
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
+# torch's own spectral norms: the parametrization's module, and the hook of the older form (whose module the function
+# torch.nn.utils.spectral_norm shadows as an attribute)
+_TORCH_SN_PARAMETRIZATION = getattr(torch.nn.utils.parametrizations, "_SpectralNorm", None)
+_TORCH_SN_HOOK = importlib.import_module("torch.nn.utils.spectral_norm").SpectralNorm
+
+
 def _uses_torch_spectral_norm(module: nn.Module) -> bool:
     """Whether module is torch's spectral-norm parametrization, or carries torch's hook-based spectral_norm."""
-    parametrization = getattr(torch.nn.utils.parametrizations, "_SpectralNorm", None)
-    if parametrization is not None and isinstance(module, parametrization):
+    if _TORCH_SN_PARAMETRIZATION is not None and isinstance(module, _TORCH_SN_PARAMETRIZATION):
         return True
-    hook = importlib.import_module("torch.nn.utils.spectral_norm").SpectralNorm  # (the function shadows the module)
-    return any(isinstance(h, hook) for h in module._forward_pre_hooks.values())
+    return any(isinstance(h, _TORCH_SN_HOOK) for h in module._forward_pre_hooks.values())
 
 
 def _check_lipschitz_layers(g: nn.Module) -> None:
