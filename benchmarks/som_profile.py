@@ -6,6 +6,7 @@
     python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --steps 20 --cpp-split [--fresh-buffers] \
         [--compare-cores OTHER.so ...]
     python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --host-overhead
+    OMP_NUM_THREADS=1 python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --taps 5
     python -m kexue_fast.benchmarks.som_profile --host-costs [--batch 2]
     python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --cpp-layers [--compare-cores OTHER.so ...] \
         [--shapes NxCxS ...]
@@ -31,7 +32,8 @@ times the host side of the Triton route's pieces, one kernel launch (through Tri
 CompiledKernel) and the whole step at a host-bound batch (2 by default).
 On CPU it profiles the torch path and the C++ Gram on one torch thread instead (batch 2 by default: pass --batch 32
 for benchmarks/ortho.py's CPU step). --cpp-split (CPU) prints the wall time of the C++ forward and backward calls
-inside that step, per step, against the step without SOM; --fresh-buffers gives the backward a new ∂R/∂Y buffer per
+inside that step, per step, against the step without SOM (--taps ROUNDS: that step with SelfOrthogonality's taps
+and without them, interleaved); --fresh-buffers gives the backward a new ∂R/∂Y buffer per
 call instead of kexue_fast.ortho.workspace's kept ones (what the page faults of fresh memory cost). --cpp-layers (CPU)
 times the two C++ calls alone on the CNN's layer shapes, with their products' GFLOP/s, interleaved with other builds
 of the extension (--compare-cores: copies of build/dev/_core*.so made at other commits). --host-overhead
@@ -439,6 +441,9 @@ def cpp_split(batch: int, steps: int, fresh_buffers: bool, compare: Sequence[str
             cores[running[0]].som_gram_backward(*args)
             spent[running[0], "backward"] += time.perf_counter() - start
 
+        def omp_team(self) -> bool:  # builds before omp_team ran on the calling thread alone
+            return getattr(cores[running[0]], "omp_team", lambda: False)()
+
     model, opt, x, target, hooks = cnn_setup("cpu", batch)
     plain = training_step(model, x, target, hooks, None, opt)
     with_som = training_step(model, x, target, hooks, "cpp", opt)
@@ -525,6 +530,33 @@ def cpp_layers(batch: int, compare: Sequence[str] = (), shapes: Sequence[str] = 
                   f"({product / backward / 1e9:.1f} GFLOP/s of A·Z)", flush=True)  # fmt: skip
 
 
+def taps_ab(batch: int, rounds: int, reps: int = 20) -> None:
+    """The CPU step on the C++ route with SelfOrthogonality's taps (each hooked layer returns an alias whose gradient
+    hook adds ∂R/∂Y into the model's gradient) and without them (recorder.taps = None: ∂R/∂Y returned to autograd,
+    which adds it), against the step without SOM; `rounds` rounds of `reps` interleaved repetitions on torch's
+    current threads, each round's medians and overheads printed."""
+    model, opt, x, target, hooks = cnn_setup("cpu", batch)
+    tapped = training_step(model, x, target, hooks, "cpp", opt)
+    taps = hooks.recorder.taps
+
+    def untapped() -> None:
+        hooks.recorder.taps = None
+        try:
+            tapped()
+        finally:
+            hooks.recorder.taps = taps
+
+    steps = {"step": training_step(model, x, target, hooks, None, opt), "taps": tapped, "no taps": untapped}
+    print(f"CPU step, batch {batch}, torch threads {torch.get_num_threads()}, {reps} interleaved repetitions a round")
+    for r in range(rounds):
+        t = time_interleaved(steps, reps)
+        over = {name: (t[name] / t["step"] - 1) * 100 for name in ("taps", "no taps")}
+        print(f"  round {r + 1}: step {t['step'] * 1e3:.2f} ms, with SOM and taps {t['taps'] * 1e3:.2f} ms "
+              f"({over['taps']:+.1f}%), without taps {t['no taps'] * 1e3:.2f} ms ({over['no taps']:+.1f}%)",
+              flush=True)  # fmt: skip
+    hooks.remove()
+
+
 def host_overhead(batch: int, reps: int = 200) -> None:
     """Median µs of som_regularizer(backend="cpp") forward, and forward + backward (interleaved repetitions), on the
     CNN's recorded conv outputs with the C++ core's calls replaced by no-ops (everything but the C++ work)."""
@@ -538,6 +570,9 @@ def host_overhead(batch: int, reps: int = 200) -> None:
 
         def som_gram_backward(self, *args) -> None:
             pass
+
+        def omp_team(self) -> bool:
+            return False
 
     original = som._cpp_core
     som._cpp_core = NoOpCore
@@ -615,6 +650,13 @@ def main() -> None:
     parser.add_argument("--fresh-buffers", action="store_true", help="with --cpp-split: no kept ∂R/∂Y buffers")
     parser.add_argument("--host-overhead", action="store_true", help="CPU: the C++ route's Python and torch side")
     parser.add_argument("--cpp-layers", action="store_true", help="CPU: the C++ calls alone on the CNN's layer shapes")
+    parser.add_argument(
+        "--taps",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="CPU: ROUNDS rounds of the C++ route's step with and without SelfOrthogonality's taps",
+    )
     parser.add_argument("--shapes", nargs="*", default=[], help="with --cpp-layers: NxCxS layouts instead")
     parser.add_argument("--compare-cores", nargs="*", default=[], help="--cpp-layers/--cpp-split: other _core builds")
     parser.add_argument(
@@ -655,6 +697,11 @@ def main() -> None:
             host_overhead_triton(batch)
         else:
             host_overhead(batch)
+        return
+    if args.taps:
+        if args.device != "cpu":
+            parser.error("--taps times the C++ route's step: it needs --device cpu")
+        taps_ab(batch, args.taps)
         return
     if args.compare_cores and not (args.cpp_layers or args.cpp_split):
         parser.error("--compare-cores goes with --cpp-layers or --cpp-split")

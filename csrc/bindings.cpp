@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "common/cpu_features.hpp"
+#include "common/omp_team.hpp"
 #include "flows/dense_chain.hpp"
 #include "hsic/hsic_stats.hpp"
 #include "hsic/pair_select.hpp"
@@ -793,7 +794,7 @@ double som_penalty(const py::array& y, std::int64_t n, std::int64_t c, std::int6
 
 template <typename T>
 void som_gram_backward_typed(const py::array& y, std::int64_t n, std::int64_t c, std::int64_t s, double gamma,
-                             const py::handle& a, const py::handle& dy, int n_threads, double scale) {
+                             const py::handle& a, const py::handle& dy, int n_threads, double scale, bool add) {
   const T* yp = array_ptr<T>(y, {n * c * s}, "y", false);
   if (!py::isinstance<py::array_t<double>>(a)) throw py::type_error("a must be a float64 array");
   const double* ap = array_ptr<double>(a, {c, c}, "a", false);
@@ -801,16 +802,16 @@ void som_gram_backward_typed(const py::array& y, std::int64_t n, std::int64_t c,
   py::gil_scoped_release release;
   std::vector<T> scaled(static_cast<std::size_t>(c * c));  // A = scale · a in y's type, as the kernel reads it
   for (std::size_t e = 0; e < scaled.size(); ++e) scaled[e] = static_cast<T>(scale * ap[e]);
-  kexue::ortho::som_gram_backward<T>(yp, n, c, s, gamma, scaled.data(), dp, n_threads);
+  kexue::ortho::som_gram_backward<T>(yp, n, c, s, gamma, scaled.data(), dp, n_threads, add);
 }
 
 void som_gram_backward(const py::array& y, std::int64_t n, std::int64_t c, std::int64_t s, double gamma,
-                       const py::handle& a, const py::handle& dy, int n_threads, double scale) {
+                       const py::handle& a, const py::handle& dy, int n_threads, double scale, bool add) {
   check_som_shape(n, c, s, gamma);
   if (py::isinstance<py::array_t<float>>(y))
-    return som_gram_backward_typed<float>(y, n, c, s, gamma, a, dy, n_threads, scale);
+    return som_gram_backward_typed<float>(y, n, c, s, gamma, a, dy, n_threads, scale, add);
   if (py::isinstance<py::array_t<double>>(y))
-    return som_gram_backward_typed<double>(y, n, c, s, gamma, a, dy, n_threads, scale);
+    return som_gram_backward_typed<double>(y, n, c, s, gamma, a, dy, n_threads, scale, add);
   throw py::type_error("y must be float32 or float64");
 }
 // ---- end SOM Gram -------------------------------------------------------------------------------------------------
@@ -914,8 +915,9 @@ PYBIND11_MODULE(_core, m) {
         "A = gamma (Gbar + Gbar^T) at a unit upstream gradient, for som_gram_backward (csrc/ortho/som_gram.hpp).");
   m.def("som_gram_backward", &som_gram_backward, py::arg("y"), py::arg("n"), py::arg("c"), py::arg("s"),
         py::arg("gamma"), py::arg("a"), py::arg("dy"), py::arg("n_threads") = 0, py::arg("scale") = 1.0,
+        py::arg("add") = false,
         "dy = (A Z_i) * (1 - Z_i^2) per sample, Z = tanh(gamma y) read as [n, c, s], A = scale * a (a: float64 "
-        "[c, c], symmetric).");
+        "[c, c], symmetric); add=True: dy += that (dy read, as a gradient to add into).");
   m.def("jacobi_elliptic", &jacobi_elliptic, py::arg("u"), py::arg("m"), py::arg("n_threads") = 0,
         py::arg("mp") = py::none(),
         "(sn, cn, dn, am, zeta) of same-shape float arrays u, m (0 <= m <= 1, NaN outside), elementwise; mp: 1 - m "
@@ -923,6 +925,9 @@ PYBIND11_MODULE(_core, m) {
   m.def("complete_integrals", &complete_integrals, py::arg("m"), py::arg("n_threads") = 0,
         "(K(m), E(m)) of a float array m (m <= 1, NaN above).");
   m.def("build_info", &build_info, "Compiler, build type and versions this extension was built with.");
+  m.def("omp_team", &kexue::has_omp_team,
+        "Whether the SOM core's threads run on the process's loaded OpenMP runtime's team (torch's libgomp; looked\n"
+        "up at run time, never linked) rather than on threads of its own; KEXUE_FAST_OMP_TEAM=0 turns that off.");
   m.def("uses_avx512", &kexue::use_avx512,
         "Whether the hand-written AVX-512 paths (the SOM core's tanh and Gram tiles) run in this process: the CPU has\n"
         "AVX-512F and KEXUE_FAST_AVX512 was not '0' when first asked.");

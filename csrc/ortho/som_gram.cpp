@@ -8,6 +8,7 @@
 
 #include "common/cpu_features.hpp"
 #include "common/gemm.hpp"
+#include "common/omp_team.hpp"
 #include "common/parallel.hpp"
 #include "common/simd.hpp"
 #include "ortho/scaled_tanh.hpp"
@@ -77,7 +78,12 @@ __attribute__((target("avx2,fma"))) void finish_stream(const T* w, const T* z, T
 #endif
 
 template <typename T>
-KEXUE_INLINE void finish_rows(const T* w, const T* z, T* out, std::int64_t count, bool stream) {
+KEXUE_INLINE void finish_rows(const T* w, const T* z, T* out, std::int64_t count, bool stream, bool add) {
+  if (add) {
+#pragma omp simd
+    for (std::int64_t e = 0; e < count; ++e) out[e] += w[e] * (T(1) - z[e] * z[e]);
+    return;
+  }
 #ifdef KEXUE_SOM_AVX2
   if (stream && has_avx2()) return finish_stream(w, z, out, count);
 #else
@@ -109,16 +115,34 @@ struct Avx512;
 template <>
 struct Avx512<float> {
   typedef __m512 V;
+  typedef __mmask16 M;
   static constexpr int W = 16;
   __attribute__((target("avx512f"))) static V load(const float* p) { return _mm512_loadu_ps(p); }
   __attribute__((target("avx512f"))) static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  __attribute__((target("avx512f"))) static V set1(float x) { return _mm512_set1_ps(x); }
+  __attribute__((target("avx512f"))) static V load(M m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
+  __attribute__((target("avx512f"))) static void store(float* p, M m, V v) { _mm512_mask_storeu_ps(p, m, v); }
+  __attribute__((target("avx512f"))) static void stream(float* p, V v) { _mm512_stream_ps(p, v); }
+  __attribute__((target("avx512f"))) static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  __attribute__((target("avx512f"))) static V one_minus_square_times(V z, V w) {
+    return _mm512_mul_ps(w, _mm512_fnmadd_ps(z, z, _mm512_set1_ps(1.0f)));
+  }
 };
 template <>
 struct Avx512<double> {
   typedef __m512d V;
+  typedef __mmask8 M;
   static constexpr int W = 8;
   __attribute__((target("avx512f"))) static V load(const double* p) { return _mm512_loadu_pd(p); }
   __attribute__((target("avx512f"))) static V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
+  __attribute__((target("avx512f"))) static V set1(double x) { return _mm512_set1_pd(x); }
+  __attribute__((target("avx512f"))) static V load(M m, const double* p) { return _mm512_maskz_loadu_pd(m, p); }
+  __attribute__((target("avx512f"))) static void store(double* p, M m, V v) { _mm512_mask_storeu_pd(p, m, v); }
+  __attribute__((target("avx512f"))) static void stream(double* p, V v) { _mm512_stream_pd(p, v); }
+  __attribute__((target("avx512f"))) static V add(V a, V b) { return _mm512_add_pd(a, b); }
+  __attribute__((target("avx512f"))) static V one_minus_square_times(V z, V w) {
+    return _mm512_mul_pd(w, _mm512_fnmadd_pd(z, z, _mm512_set1_pd(1.0)));
+  }
 };
 
 // out[i][j] = Σ_k a_i[k] b_j[k] for MI rows a_i and MJ rows b_j of length p (row stride ld); lanes summed in order,
@@ -201,6 +225,88 @@ template <typename T>
 __attribute__((target("avx512f"))) void upper_gram_avx512(const T* z, std::int64_t c, std::int64_t p, std::int64_t ld,
                                                           T* out) {
   upper_gram_simd<Avx512<T>, T, 4>(z, c, p, ld, out);
+}
+
+// The backward's product and finishing pass in one, AVX-512: out[ch][p] = (Σ_k A[ch][k] Z[k][p]) (1 − Z[ch][p]²) for
+// MR channels × NV vectors of positions, the last vector's lanes masked by `last`: MR·NV accumulators held across the
+// k loop (8 × 2: 16 of 32 registers), ∂R/∂Y stored from them (no W scratch written and read back), streamed where
+// `stream` (whole aligned lines). Each sum runs over k in order, as gemm::tile's does.
+template <class A, typename T, int MR, int NV>
+__attribute__((always_inline)) inline void backward_tile_simd(std::int64_t c, const T* a, const T* z, std::int64_t ldz,
+                                                              const T* zrows, T* out, std::int64_t ldo,
+                                                              typename A::M last, bool stream, bool add) {
+  typedef typename A::M M;
+  typename A::V acc[MR][NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) acc[i][v] = typename A::V{};
+  for (std::int64_t k = 0; k < c; ++k) {
+    typename A::V zv[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v)
+      zv[v] = v + 1 < NV ? A::load(z + k * ldz + v * A::W) : A::load(last, z + k * ldz + v * A::W);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const typename A::V av = A::set1(a[i * c + k]);
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) acc[i][v] = A::fma(av, zv[v], acc[i][v]);
+    }
+  }
+  const bool whole = last == static_cast<M>(~M(0));
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) {
+      const M m = v + 1 < NV ? static_cast<M>(~M(0)) : last;
+      typename A::V r = A::one_minus_square_times(A::load(m, zrows + i * ldz + v * A::W), acc[i][v]);
+      if (add) r = A::add(r, A::load(m, out + i * ldo + v * A::W));
+      if (stream && (v + 1 < NV || whole))
+        A::stream(out + i * ldo + v * A::W, r);
+      else
+        A::store(out + i * ldo + v * A::W, m, r);
+    }
+}
+
+// Every channel of one column of positions: tiles of 8 channels, then 4, 2, 1.
+template <class A, typename T, int NV>
+__attribute__((always_inline)) inline void backward_column_simd(std::int64_t c, const T* a, const T* z,
+                                                                std::int64_t ldz, T* out, std::int64_t ldo,
+                                                                typename A::M last, bool stream, bool add) {
+  std::int64_t ch = 0;
+  for (; ch + 8 <= c; ch += 8)
+    backward_tile_simd<A, T, 8, NV>(c, a + ch * c, z, ldz, z + ch * ldz, out + ch * ldo, ldo, last, stream, add);
+  if (ch + 4 <= c) {
+    backward_tile_simd<A, T, 4, NV>(c, a + ch * c, z, ldz, z + ch * ldz, out + ch * ldo, ldo, last, stream, add);
+    ch += 4;
+  }
+  if (ch + 2 <= c) {
+    backward_tile_simd<A, T, 2, NV>(c, a + ch * c, z, ldz, z + ch * ldz, out + ch * ldo, ldo, last, stream, add);
+    ch += 2;
+  }
+  if (ch < c) backward_tile_simd<A, T, 1, NV>(c, a + ch * c, z, ldz, z + ch * ldz, out + ch * ldo, ldo, last, stream, add);
+}
+
+// out [c, q] (rows ldo apart) = (A Z) ⊙ (1 − Z²) for Z [c, q] (rows ldz apart) and A [c, c], in columns of 2W
+// positions (a block of Z of c × 2W values, in L1 for every channel tile of the column).
+template <typename T>
+__attribute__((target("avx512f"))) void backward_span_avx512(std::int64_t c, const T* a, const T* z, std::int64_t ldz,
+                                                             std::int64_t q, T* out, std::int64_t ldo, bool stream,
+                                                             bool add) {
+  typedef Avx512<T> A;
+  typedef typename A::M M;
+  const M all = static_cast<M>(~M(0));
+  std::int64_t p0 = 0;
+  for (; p0 + 2 * A::W <= q; p0 += 2 * A::W)
+    backward_column_simd<A, T, 2>(c, a, z + p0, ldz, out + p0, ldo, all, stream, add);
+  const std::int64_t left = q - p0;
+  if (left > A::W)
+    backward_column_simd<A, T, 2>(c, a, z + p0, ldz, out + p0, ldo, static_cast<M>((1u << (left - A::W)) - 1), stream,
+                                  add);
+  else if (left == A::W)
+    backward_column_simd<A, T, 1>(c, a, z + p0, ldz, out + p0, ldo, all, stream, add);
+  else if (left > 0)
+    backward_column_simd<A, T, 1>(c, a, z + p0, ldz, out + p0, ldo, static_cast<M>((1u << left) - 1), stream, add);
 }
 #endif
 
@@ -308,14 +414,22 @@ KEXUE_SIMD_CLONES void gram_rows(const T* y, std::int64_t c, std::int64_t s, T g
 
 template <typename T>
 KEXUE_SIMD_CLONES void backward_rows(const T* y, std::int64_t c, std::int64_t s, T gamma, const T* a, T* dy,
-                                     std::int64_t i0, std::int64_t i1, std::vector<T>& scratch, bool stream) {
+                                     std::int64_t i0, std::int64_t i1, std::vector<T>& scratch, bool stream,
+                                     bool add) {
   if (s == 1) {  // dy rows = (Z A) ⊙ (1 − Z²) (A symmetric)
-    scratch.resize(static_cast<std::size_t>(kRows * c));
+    scratch.resize(static_cast<std::size_t>(kRows * c * (add ? 2 : 1)));
     T* z = scratch.data();
     for (std::int64_t r0 = i0; r0 < i1; r0 += kRows) {
       const std::int64_t rows = std::min(kRows, i1 - r0);
       scaled_tanh(y + r0 * c, gamma, z, rows * c);
       T* out = dy + r0 * c;
+      if (add) {  // W into the scratch's second half, then added
+        T* w = z + kRows * c;
+        gemm::gemm<T>(rows, c, c, z, c, 1, a, c, w, c, false);
+#pragma omp simd
+        for (std::int64_t e = 0; e < rows * c; ++e) out[e] += w[e] * (T(1) - z[e] * z[e]);
+        continue;
+      }
       gemm::gemm<T>(rows, c, c, z, c, 1, a, c, out, c, false);
 #pragma omp simd
       for (std::int64_t e = 0; e < rows * c; ++e) out[e] *= T(1) - z[e] * z[e];
@@ -338,11 +452,17 @@ KEXUE_SIMD_CLONES void backward_rows(const T* y, std::int64_t c, std::int64_t s,
     for (std::int64_t q0 = 0; q0 < s; q0 += span) {
       const std::int64_t q = std::min(span, s - q0);
       for (std::int64_t ch = 0; ch < c; ++ch) scaled_tanh(y + (i * c + ch) * s + q0, gamma, z + ch * ldz, q);
+#ifdef KEXUE_SOM_AVX2
+      if (use_avx512()) {
+        backward_span_avx512<T>(c, a, z, ldz, q, dy + i * c * s + q0, s, stream, add);
+        continue;
+      }
+#endif
       for (std::int64_t p0 = 0; p0 < q; p0 += kRows) {
         const std::int64_t p = std::min(kRows, q - p0);
         gemm::gemm<T>(c, c, p, a, c, 1, z + p0, ldz, w, ldw, false);
         for (std::int64_t ch = 0; ch < c; ++ch)
-          finish_rows<T>(w + ch * ldw, z + ch * ldz + p0, dy + (i * c + ch) * s + q0 + p0, p, stream);
+          finish_rows<T>(w + ch * ldw, z + ch * ldz + p0, dy + (i * c + ch) * s + q0 + p0, p, stream, add);
       }
     }
   stream_fence(stream);
@@ -362,7 +482,7 @@ void som_gram(const T* y, std::int64_t n, std::int64_t c, std::int64_t s, double
   std::vector<std::vector<double>> partial(static_cast<std::size_t>(threads),
                                            std::vector<double>(static_cast<std::size_t>(c * c), 0.0));
   std::vector<std::vector<T>> scratch(static_cast<std::size_t>(threads));
-  run_workers(threads, [&](int t) {
+  run_team(threads, [&](int t) {
     gram_rows<T>(y, c, s, static_cast<T>(gamma), n * t / threads, n * (t + 1) / threads, partial[t], scratch[t]);
   });
   for (std::int64_t a = 0; a < c; ++a)
@@ -376,7 +496,7 @@ void som_gram(const T* y, std::int64_t n, std::int64_t c, std::int64_t s, double
 
 template <typename T>
 void som_gram_backward(const T* y, std::int64_t n, std::int64_t c, std::int64_t s, double gamma, const T* a, T* dy,
-                       int n_threads) {
+                       int n_threads, bool add) {
   const int threads = workers_for(n, c, s, n_threads);
   std::vector<std::vector<T>> scratch(static_cast<std::size_t>(threads));
   // Streamed only where each row of ∂Y is whole 64-byte lines from an aligned start (so are the 128-position chunks):
@@ -385,11 +505,11 @@ void som_gram_backward(const T* y, std::int64_t n, std::int64_t c, std::int64_t 
   // kexue_fast.benchmarks.som_profile --device cpu --cpp-layers --shapes ... --compare-cores <5fa86fa and c647be5
   // builds> at 07c8f0d).
   const std::int64_t row_bytes = s * static_cast<std::int64_t>(sizeof(T));
-  const bool stream = n * c * row_bytes >= kStreamBytes && row_bytes % 64 == 0 &&
+  const bool stream = !add && n * c * row_bytes >= kStreamBytes && row_bytes % 64 == 0 &&
                       reinterpret_cast<std::uintptr_t>(dy) % 64 == 0;
-  run_workers(threads, [&](int t) {
+  run_team(threads, [&](int t) {
     backward_rows<T>(y, c, s, static_cast<T>(gamma), a, dy, n * t / threads, n * (t + 1) / threads, scratch[t],
-                     stream);
+                     stream, add);
   });
 }
 
@@ -426,9 +546,9 @@ double som_penalty(const double* gram, std::int64_t c, double gamma, double lamb
 template void som_gram<float>(const float*, std::int64_t, std::int64_t, std::int64_t, double, double*, int);
 template void som_gram<double>(const double*, std::int64_t, std::int64_t, std::int64_t, double, double*, int);
 template void som_gram_backward<float>(const float*, std::int64_t, std::int64_t, std::int64_t, double, const float*,
-                                       float*, int);
+                                       float*, int, bool);
 template void som_gram_backward<double>(const double*, std::int64_t, std::int64_t, std::int64_t, double,
-                                        const double*, double*, int);
+                                        const double*, double*, int, bool);
 
 }  // namespace ortho
 }  // namespace kexue

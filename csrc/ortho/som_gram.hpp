@@ -20,10 +20,11 @@ namespace ortho {
 template <typename T>
 void som_gram(const T* y, std::int64_t n, std::int64_t c, std::int64_t s, double gamma, double* gram, int n_threads);
 
-// dy [n, c, s] = (A Z_i) ⊙ (1 − Z_i²) per sample, Z = tanh(γ y), for a [c, c] symmetric (row-major).
+// dy [n, c, s] = (A Z_i) ⊙ (1 − Z_i²) per sample, Z = tanh(γ y), for a [c, c] symmetric (row-major); add: dy += that
+// (dy read: a gradient of Y to add ∂R/∂Y into, in one pass).
 template <typename T>
 void som_gram_backward(const T* y, std::int64_t n, std::int64_t c, std::int64_t s, double gamma, const T* a, T* dy,
-                       int n_threads);
+                       int n_threads, bool add = false);
 
 // R = λ₁s₁² + λ₂s₂ (s₁ = Σ_{i≠j}Θ_ij, s₂ = Σ_{i≠j}Θ_ij², Θ = D⁻¹GD⁻¹, D_ii = max(√G_ii, eps)) of a symmetric Gram
 // [c, c], and when a is not null A = γ(Ḡ + Ḡᵀ) [c, c] at a unit upstream gradient, Ḡ = ∂R/∂G (the backward's

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from .._dispatch import BACKENDS
 from ..ortho.hooks import LayerSpec, OutputRecorder
-from ..ortho.som import check_hyperparameters, som_regularizer
+from ..ortho.som import check_hyperparameters, cpp_route_takes, som_regularizer, tapped_penalty
 
 
 class SelfOrthogonality(nn.Module):
@@ -25,6 +25,14 @@ class SelfOrthogonality(nn.Module):
 
         som = SelfOrthogonality(model)
         loss = criterion(model(x), target) + som.loss()
+
+    On the CPU's C++ route (som_regularizer's backend "cpp", what "auto" takes there) each hooked layer returns an alias
+    of its output (a tap) to its consumers and the output itself is recorded: in a backward that runs through the
+    model, the regularizer's backward leaves ∂R/∂Y to the tap's gradient hook, which adds it into the model's own
+    gradient of Y in the same C++ pass that computes it (no ∂R/∂Y buffer written and added by autograd apart:
+    python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --taps 5 times the step both ways); elsewhere
+    (R alone, say) the regularizer's backward returns ∂R/∂Y itself. A gradient of the tap that something else holds
+    (another hook kept it) is copied, not added into.
 
     On CUDA a whole training step with it captures in one CUDA graph in relaxed capture mode
     (torch.cuda.graph(graph, capture_error_mode="relaxed"): the Triton kernels' pointer tables for the capture's own
@@ -52,6 +60,14 @@ class SelfOrthogonality(nn.Module):
         self.backend = backend
         self.recorder = OutputRecorder(model, layers, channel_dim=channel_dim, record_in_eval=record_in_eval,
                                        alias_outputs=True)  # fmt: skip
+        self.recorder.taps = self._tap
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.recorder.taps = self._tap  # not pickled with the recorder
+
+    def _tap(self, output: Tensor, channel_dim: int) -> bool:
+        return cpp_route_takes(output, channel_dim, self.backend)
 
     @property
     def enabled(self) -> bool:
@@ -78,6 +94,13 @@ class SelfOrthogonality(nn.Module):
                                "mode with gradients enabled before loss() (or pass record_in_eval=True); a "
                                "reentrant checkpoint (use_reentrant=True) runs its forward without gradients: use "
                                "use_reentrant=False")  # fmt: skip
+        taps = [getattr(r, "tap", None) for r in records]
+        if all(t is not None for t in taps) and all(cpp_route_takes(y, d, self.backend) for y, d in records):
+            per_layer = tapped_penalty([y for y, _ in records], taps, [d for _, d in records], gamma=self.gamma,
+                                       lambda1=self.lambda1, lambda2=self.lambda2, eps=self.eps)  # fmt: skip
+            if reduction not in ("sum", "none"):
+                raise ValueError(f'reduction must be "sum" or "none", got {reduction!r}')
+            return per_layer.sum() if reduction == "sum" else per_layer
         return som_regularizer(
             [y for y, _ in records],
             gamma=self.gamma,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable, List, Optional, Sequence, Tuple, Type, Union
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from torch import Tensor, nn
@@ -19,11 +19,12 @@ def default_channel_dim(module: nn.Module) -> int:
 
 class Record(tuple):
     """One recorded output: unpacks as (output, channel_dim); .layer is the layer's name, .version the output's
-    version counter when it was recorded (None under torch.compile), for check_unmodified."""
+    version counter when it was recorded (None under torch.compile), for check_unmodified; .tap the alias of the
+    output that the layer returned instead of it (OutputRecorder.taps), else None."""
 
     def __new__(cls, output: Tensor, dim: int, layer: str, version: Optional[int]) -> Record:
         record = super().__new__(cls, (output, dim))
-        record.layer, record.version = layer, version
+        record.layer, record.version, record.tap = layer, version, None
         return record
 
 
@@ -83,7 +84,7 @@ class _RecordHook:
     def __init__(self, recorder: Optional[OutputRecorder], name: str, dim: int) -> None:
         self.recorder, self.name, self.dim = recorder, name, dim
 
-    def __call__(self, module: nn.Module, inputs, output) -> None:
+    def __call__(self, module: nn.Module, inputs, output) -> Optional[Tensor]:
         recorder = self.recorder
         if recorder is None:  # a copy's: it records nothing, and leaves the copied layer unhooked from now on
             if not torch.compiler.is_compiling():  # (not while a graph is traced: no module mutation there)
@@ -101,14 +102,25 @@ class _RecordHook:
         if not -output.ndim <= self.dim < output.ndim:  # here, at the forward that made it, not at loss() much later
             raise ValueError(f"channel_dim {self.dim} is out of range for layer {self.name!r}'s output of shape "
                              f"{tuple(output.shape)}")  # fmt: skip
+        tap = None
         if recorder.alias_outputs:
-            # An alias made here, right after the layer: its backward node then sits between the layer and the
-            # layer's consumers in autograd's order, so a regularizer's gradient (computed first, its node being the
-            # last created) reaches Y after the model's own and is added into that buffer in place. Recorded as is, Y
-            # would get the regularizer's gradient first and autograd would allocate a new buffer for the sum.
-            output = output.view_as(output)
+            if recorder.taps is not None and recorder.taps(output, self.dim):
+                # A tap: the layer's consumers get the alias (returned below), the record keeps Y itself; a loss of
+                # the record can then add its gradient into the model's own one at the alias (a hook on it), in
+                # one pass, where autograd would write it apart and add the two.
+                tap = output.view_as(output)
+            else:
+                # An alias made here, right after the layer: its backward node then sits between the layer and the
+                # layer's consumers in autograd's order, so a regularizer's gradient (computed first, its node being
+                # the last created) reaches Y after the model's own and is added into that buffer in place. Recorded
+                # as is, Y would get the regularizer's gradient first and autograd would allocate a new buffer for
+                # the sum.
+                output = output.view_as(output)
         version = None if torch.compiler.is_compiling() else output._version
-        recorder.records.append(Record(output, self.dim, self.name, version))
+        record = Record(output, self.dim, self.name, version)
+        record.tap = tap
+        recorder.records.append(record)
+        return tap
 
     def __reduce__(self):
         return (_RecordHook, (None, self.name, self.dim))
@@ -139,10 +151,12 @@ class OutputRecorder:
     layer's output; check_unmodified). alias_outputs=True records an
     alias of each output made right after its layer instead (what SelfOrthogonality uses: a loss of the records then
     has its gradient added into the model's own in place); the gradient of any other loss with respect to such a
-    record is then only what flows through the record. Setting .enabled = False pauses recording (the hooks stay
-    attached and return at once). Use remove() (or a `with` block) to detach the hooks.
-    Pickling or deep-copying the recorder together with its model gives a recorder hooked to the copied layers
-    (records are not copied).
+    record is then only what flows through the record. With alias_outputs, `taps` (an attribute, None by default;
+    not pickled nor copied: its owner sets it again) may be set to a predicate of (output, channel_dim): where it
+    holds, the layer returns the alias instead (Record.tap) and the output itself is recorded. Setting .enabled =
+    False pauses recording (the hooks stay attached and return at once). Use remove() (or a `with` block) to detach
+    the hooks. Pickling or deep-copying the recorder together with its model gives a recorder hooked to the copied
+    layers (records are not copied).
     """
 
     def __init__(
@@ -171,6 +185,7 @@ class OutputRecorder:
         self.alias_outputs = bool(alias_outputs)
         self.enabled = True
         self.records: List[Tuple[Tensor, int]] = []
+        self.taps: Optional[Callable[[Tensor, int], bool]] = None
         self._attach()
 
     def _attach(self) -> None:
@@ -187,6 +202,7 @@ class OutputRecorder:
         self.alias_outputs = state.get("alias_outputs", False)
         self.enabled = state.get("enabled", True)
         self.records = []
+        self.taps = None
         self._handles = []
         for _, module in self.layers:  # the copied layers' copies of the old hooks: this recorder hooks them anew
             _drop_inactive_hooks(module)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import sys
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -42,15 +43,23 @@ _dispatch.register_op(
 # the Gram's dots became tf32x3 (3b63a80): the H200 formula rows at 60a352b are host-bound (1-2 ms for any shape).
 TRITON_AUTO_MAX_CHANNELS = 128
 
-# The C++ route runs on the calling thread (CPP_THREADS), and `auto` takes it while torch runs on at most
-# CPP_MAX_TORCH_THREADS threads (use_cpp): beside torch's OpenMP workers (spinning after each parallel op) its own
-# threads contended for the cores, and the torch path's products scale with torch's threads where one C++ thread does
-# not. In a CNN step with torch on two threads (python -m kexue_fast.benchmarks.cpp_threads, 2-core AVX2 VM,
-# benchmarks/results/cpp-threads-cpu.md) one C++ thread beat the torch path in three runs at c1c75d0 (SOM +20.0%,
-# +24.1%, +18.8% against +25.7%, +25.3%, +27.6%; at f5fef0d, before the C++ tanh and penalty, +25.6% against +23.5%);
-# more torch threads are not measured on such a machine, so `auto` leaves them to torch.
-CPP_THREADS = 1
+# The C++ route's threads (cpp_threads): as many as torch runs, on torch's own OpenMP team where the core finds one
+# loaded (_core.omp_team(): the team's workers spin after each torch op, so they take the C++ work at once); one, the
+# calling thread, where it does not: threads of its own beside torch's spinning workers contended for the cores (in a
+# CNN step with torch on two threads, python -m kexue_fast.benchmarks.cpp_threads on a 2-core AVX2 VM at c1c75d0,
+# benchmarks/results/cpp-threads-cpu.md: one C++ thread +20.0% against two +26.7%). CPP_THREADS, where set, overrides.
+# `auto` takes the C++ route while torch runs on at most CPP_MAX_TORCH_THREADS threads (use_cpp): more are not
+# measured on such a machine, so `auto` leaves them to torch.
+CPP_THREADS: Optional[int] = None
 CPP_MAX_TORCH_THREADS = 2
+
+
+def cpp_threads() -> int:
+    """Threads for the C++ core's calls: CPP_THREADS where set; else torch.get_num_threads() where the core runs on
+    the process's OpenMP team (torch's), else 1."""
+    if CPP_THREADS is not None:
+        return CPP_THREADS
+    return torch.get_num_threads() if _cpp_core().omp_team() else 1
 
 
 def use_cpp() -> bool:
@@ -424,6 +433,109 @@ def _grad_buffer(shape: torch.Size, dtype: torch.dtype, device: torch.device) ->
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+class _TapSlot:
+    """One tapped layer output's share of a _CppPenalty backward: set by that backward (the upstream weight of R_ℓ)
+    where the alias's hook will run in the same backward, then taken by the hook, which adds ∂R/∂Y into the model's
+    own gradient of the alias in one C++ pass (read, add, write back) instead of autograd's separate ∂R/∂Y buffer and
+    sum. `ran`: the hook ran before the penalty's backward (autograd's order otherwise: then the penalty computes
+    ∂R/∂Y itself). The penalty's node keeps (slot, the alias's node) pairs; a slot holds no node (the alias's node holds
+    the slot, as its hook: a reference back would be a cycle through C++ that the garbage collector cannot see)."""
+
+    def __init__(self, tap: Tensor) -> None:
+        self.pending: Optional[tuple] = None
+        self.ran = False
+        tap.register_hook(self)
+
+    def __call__(self, grad: Optional[Tensor]) -> Optional[Tensor]:
+        refs = sys.getrefcount(grad)  # first: where _calibrate_grad_uses's probe counts too
+        self.ran = True
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return None
+        if grad is None:
+            raise RuntimeError(
+                "SelfOrthogonality: the model's gradient of a hooked layer's output is undefined in "
+                "a backward that runs through it; its regularizer gradient cannot be added there"
+            )
+        y, (n, c, s), gamma, a0, scale, threads = pending
+        out = grad if _own_gradient(grad, refs, y.dtype) else grad.to(y.dtype, memory_format=torch.contiguous_format,
+                                                                   copy=True)  # fmt: skip
+        y_flat = y.detach().contiguous().view(-1)
+        _cpp_core().som_gram_backward(y_flat.numpy(), n, c, s, gamma, a0.numpy(), out.view(-1).numpy(), threads,
+                                      scale, True)  # fmt: skip
+        return None if out is grad else out
+
+
+_GRAD_USES: Optional[Tuple[int, int]] = None
+
+
+def _own_gradient(grad: Tensor, refs: int, dtype: torch.dtype) -> bool:
+    """Whether a tap's hook may add into `grad` in place: contiguous, of `dtype`, not a view, and referenced (by C++
+    and by Python: `refs`, sys.getrefcount at the hook's start) only as any gradient handed to a tensor hook is, not
+    also kept by another hook, say (_calibrate_grad_uses)."""
+    return (grad.dtype == dtype and grad.is_contiguous() and grad._base is None and not grad.requires_grad
+            and (grad._use_count(), refs) == _GRAD_USES)  # fmt: skip
+
+
+class _Probe:
+    def __init__(self) -> None:
+        self.seen: List[Tuple[int, int]] = []
+
+    def __call__(self, grad: Tensor) -> None:
+        refs = sys.getrefcount(grad)  # first, as in _TapSlot.__call__
+        self.seen.append((grad._use_count(), refs))
+
+
+def _calibrate_grad_uses() -> None:
+    """_GRAD_USES: (use count, Python reference count) of a gradient that a tensor hook receives and nothing else
+    holds, from a small graph (once; with gradients enabled, before any backward that needs it)."""
+    global _GRAD_USES
+    if _GRAD_USES is None:
+        probe = _Probe()
+        with torch.enable_grad():
+            w = torch.zeros(2, requires_grad=True)
+            tap = (w * 2).view_as(w)
+            tap.register_hook(probe)
+            (tap * 3).sum().backward()
+        _GRAD_USES = probe.seen[0]
+
+
+def cpp_route_takes(y: Tensor, channel_dim: int, backend: Optional[str]) -> bool:
+    """Whether som_regularizer(y, channel_dim=..., backend=backend) would run y on the C++ core now (a float32 or
+    float64 CPU tensor with rows ≥ channels, the C++ route chosen), outside torch.compile and saved-tensor hooks
+    (non-reentrant checkpointing installs them): where SelfOrthogonality taps a layer's output."""
+    if y.device.type != "cpu" or y.dtype not in (torch.float32, torch.float64) or y.ndim < 2 or y.numel() == 0:
+        return False
+    if torch.compiler.is_compiling() or not -y.ndim <= channel_dim < y.ndim:
+        return False
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    if top is None or top(False) is not None:
+        return False
+    n, c, s = _layout(y, channel_dim % y.ndim)
+    if n * s < c:
+        return False
+    backend = "auto" if backend is None else backend
+    if _dispatch.choose(OP, y.device, y.dtype, backend) != "cpp":
+        return False
+    return _dispatch.requested_backend(backend) != "auto" or use_cpp()
+
+
+def tapped_penalty(ys: Sequence[Tensor], taps: Sequence[Tensor], channel_dim: Sequence[int], *, gamma: float,
+                   lambda1: float, lambda2: float, eps: float) -> Tensor:  # fmt: skip
+    """R per layer [L] on the C++ core, as som_regularizer(ys, ..., reduction="none", backend="cpp"), for outputs Y
+    whose layers returned an alias `taps[i]` to their consumers (OutputRecorder.taps): where the backward also runs
+    through the alias, ∂R/∂Y is added into the model's own gradient there (_TapSlot), else returned for Y."""
+    check_hyperparameters(gamma, lambda1, lambda2, eps)
+    _calibrate_grad_uses()
+    ys, dims = _prepare(list(ys), list(channel_dim))
+    layouts = tuple(_layout(t, d) for t, d in zip(ys, dims))
+    slots = tuple((_TapSlot(t), t.grad_fn) if y.requires_grad and t.grad_fn is not None and torch.is_grad_enabled()
+                  else None for y, t in zip(ys, taps))  # fmt: skip
+    gamma, lambda1, lambda2, eps = float(gamma), float(lambda1), float(lambda2), float(eps)
+    with no_autocast("cpu"):
+        return _CppPenalty.apply(gamma, lambda1, lambda2, eps, layouts, slots, *ys).to(_out_dtype(ys))
+
+
 class _CppPenalty(torch.autograd.Function):
     """(gamma, lambda1, lambda2, eps, layouts, *ys) -> R [L] float64 on the C++ core (csrc/ortho/som_gram.cpp), one
     autograd node and one C++ call per layer each way: forward the Gram (each Y read as [N, C, S] in place, Z never
@@ -432,16 +544,17 @@ class _CppPenalty(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gamma: float, lambda1: float, lambda2: float, eps: float, layouts: Tuple[Layout, ...],
-                *ys: Tensor) -> Tensor:  # fmt: skip
+                slots: Tuple[Optional[tuple], ...], *ys: Tensor) -> Tensor:  # fmt: skip
         core = _cpp_core()
+        threads = cpp_threads()
         values, a0 = [], []
-        for y, (n, c, s), needed in zip(ys, layouts, ctx.needs_input_grad[5:]):
+        for y, (n, c, s), needed in zip(ys, layouts, ctx.needs_input_grad[6:]):
             y_flat = y.detach().to(_work_dtype(y.dtype)).contiguous().view(-1)  # half in float32, as on torch
             a = torch.empty((c, c), dtype=torch.float64, device="cpu") if needed else None  # A₀ only for a backward
             values.append(core.som_penalty(y_flat.numpy(), n, c, s, gamma, lambda1, lambda2, eps,
-                                           None if a is None else a.numpy(), CPP_THREADS))  # fmt: skip
+                                           None if a is None else a.numpy(), threads))  # fmt: skip
             a0.append(a)
-        ctx.gamma, ctx.layouts, ctx.a0 = gamma, layouts, a0
+        ctx.gamma, ctx.layouts, ctx.a0, ctx.slots = gamma, layouts, a0, slots
         ctx.save_for_backward(*ys)
         return torch.tensor(values, dtype=torch.float64, device="cpu")
 
@@ -449,20 +562,26 @@ class _CppPenalty(torch.autograd.Function):
     @first_order
     def backward(ctx, grad: Tensor):
         core = _cpp_core()
+        threads = cpp_threads()
         scales = grad.tolist()
         grads: List[Optional[Tensor]] = []
-        for i, (y, (n, c, s), a0) in enumerate(zip(ctx.saved_tensors, ctx.layouts, ctx.a0)):
-            if not ctx.needs_input_grad[5 + i]:
+        for i, (y, (n, c, s), a0, tap) in enumerate(zip(ctx.saved_tensors, ctx.layouts, ctx.a0, ctx.slots)):
+            if not ctx.needs_input_grad[6 + i]:
+                grads.append(None)
+                continue
+            slot, node = tap if tap is not None else (None, None)
+            if slot is not None and not slot.ran and torch._C._will_engine_execute_node(node):
+                slot.pending = (y, (n, c, s), ctx.gamma, a0, scales[i], threads)  # the tap's hook adds ∂R/∂Y
                 grads.append(None)
                 continue
             work = _work_dtype(y.dtype)
             dy = _grad_buffer(y.shape, work, y.device)
             # a zero weight too (no zeros shortcut): 0·∂R/∂Y, NaN where Y has one, as on the torch path
             y_flat = y.detach().to(work).contiguous().view(-1)
-            core.som_gram_backward(y_flat.numpy(), n, c, s, ctx.gamma, a0.numpy(), dy.view(-1).numpy(), CPP_THREADS,
+            core.som_gram_backward(y_flat.numpy(), n, c, s, ctx.gamma, a0.numpy(), dy.view(-1).numpy(), threads,
                                    scales[i])  # fmt: skip
             grads.append(dy.to(y.dtype))
-        return (None, None, None, None, None, *grads)
+        return (None, None, None, None, None, None, *grads)
 
 
 def som_regularizer(
@@ -483,7 +602,7 @@ def som_regularizer(
     convolutions; use -1 for channels-last outputs such as nn.Linear's on [B, T, k]) and b = the product of the other
     axes. reduction: "sum" (a scalar) or "none" (R per layer, [L]). Result float64 for float64 inputs, else float32
     (half inputs are computed in float32). backend: "auto" (the C++ core for float32/float64 CPU tensors when torch runs
-    on at most CPP_MAX_TORCH_THREADS threads, see CPP_THREADS; the Triton kernels for CUDA layers of at most
+    on at most CPP_MAX_TORCH_THREADS threads, on cpp_threads() threads; the Triton kernels for CUDA layers of at most
     TRITON_AUTO_MAX_CHANNELS channels; torch elsewhere), "cpp" (csrc/ortho/som_gram.cpp: tanh and the Gram's upper
     triangle in one pass over Y, Z never stored, then R and the backward's A in the same call; the backward in one more
     pass), "triton" (kernels/som.py, CUDA: one launch per group of layers sharing a row layout, tile width and block
@@ -543,7 +662,8 @@ def _per_layer(ys, dims, layouts, chosen, gamma: float, lambda1: float, lambda2:
                 penalties = _TritonPenalty.apply(gamma, lambda1, lambda2, eps, group, *inputs)
         elif name == "cpp":
             group = tuple(layouts[i] for i in idx)
-            penalties = _CppPenalty.apply(gamma, lambda1, lambda2, eps, group, *[ys[i] for i in idx])
+            penalties = _CppPenalty.apply(gamma, lambda1, lambda2, eps, group, (None,) * len(idx),
+                                          *[ys[i] for i in idx])  # fmt: skip
         else:
             grams = _Grams.apply(gamma, tuple(layouts[i] for i in idx), *[ys[i] for i in idx])
             penalties = gram_penalty(grams, [layouts[i][1] for i in idx], lambda1, lambda2, eps)
