@@ -3,9 +3,11 @@ and on torch's thread count, against torch's own (multithreaded) path, all at to
 
     python -m kexue_fast.benchmarks.cpp_threads [--threads 2] [--reps 15] [--out benchmarks/results]
 
-The C++ cores start their own threads (csrc/common/parallel.hpp); torch's OpenMP workers keep spinning after each
-parallel op, so within a step the two pools contend for the cores. This prints the medians (interleaved
-repetitions) that set kexue_fast.flows.chain_cpp.THREADS / MULTITHREAD_WORK and kexue_fast.ortho.som.CPP_THREADS:
+The C++ flows block starts its own threads (csrc/common/parallel.hpp); torch's OpenMP workers keep spinning after
+each parallel op, so within a step the two pools contend for the cores. The C++ SOM core runs on torch's own OpenMP
+team where it finds one loaded (csrc/common/omp_team.hpp; its own threads before). This prints the medians
+(interleaved repetitions) that set kexue_fast.flows.chain_cpp.THREADS / MULTITHREAD_WORK and
+kexue_fast.ortho.som.CPP_THREADS (som.cpp_threads() where unset):
   - a flows step (benchmarks/flows.py's Neumann block, k = 5) at three sizes: the C++ block on 1 and on T threads,
     and the torch closed form (backend='torch');
   - the CNN step of benchmarks/ortho.py (batch 32): without SOM, with SOM on torch, on the C++ Gram on 1 and on T
@@ -93,8 +95,12 @@ def main() -> None:
     for name, ms in times.items():
         over = "" if name == "step" else f" ({(ms / base - 1) * 100:+.1f}%)"
         rows.append(["CNN step, batch 32", name, f"{ms:.2f}{over}"])
-    notes = (f"torch threads {t}; median of {args.reps} interleaved repetitions per row group. The C++ cores' threads "
-             "start per call (csrc/common/parallel.hpp) beside torch's OpenMP workers.")  # fmt: skip
+    from kexue_fast import _core
+
+    team = "on torch's OpenMP team" if _core.omp_team() else "on threads of its own (no OpenMP team found)"
+    notes = (f"torch threads {t}; median of {args.reps} interleaved repetitions per row group. The C++ flows block's "
+             "threads start per call (csrc/common/parallel.hpp) beside torch's OpenMP workers; the C++ SOM core runs "
+             f"{team} (csrc/common/omp_team.hpp).")  # fmt: skip
     md = write_results(args.out, "cpp-threads-cpu", "C++ cores' threads inside a torch step", metadata("cpu"),
                        ["case", "contestant", "ms / step"], rows, notes)  # fmt: skip
     print(md.read_text())

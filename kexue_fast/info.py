@@ -40,6 +40,13 @@ def report() -> str:
                 f"cpu        the C++ SOM core's AVX-512 paths {'on' if on else 'off'} (AVX-512F "
                 f"{'present' if on or _cpu_flag('avx512f') else 'absent'}; KEXUE_FAST_AVX512=0 turns them off)"
             )
+        if hasattr(_core, "omp_team"):
+            from .ortho import som
+
+            team = _core.omp_team()
+            where = "torch's OpenMP team" if team else "the calling thread (no OpenMP team: off or none loaded)"
+            add(f"threads    the C++ SOM core runs on {where}, {som.cpp_threads()} thread(s) now "
+                "(KEXUE_FAST_OMP_TEAM=0 keeps it off the team)")  # fmt: skip
     else:
         add(f"_core      unavailable: {why}")
     ok, why = _dispatch.triton_status()

@@ -29,6 +29,15 @@ def test_info_says_whether_the_avx512_paths_run():
     assert "AVX-512 paths off" in out
 
 
+def test_info_says_where_the_som_core_threads_run():
+    if not _dispatch.core_status()[0]:
+        return
+    env = {**__import__("os").environ, "KEXUE_FAST_OMP_TEAM": "0"}
+    out = subprocess.run([sys.executable, "-m", "kexue_fast.info"], capture_output=True, text=True, check=True,
+                         env=env).stdout  # fmt: skip
+    assert "C++ SOM core runs on the calling thread (no OpenMP team: off or none loaded), 1 thread(s)" in out
+
+
 def test_import_does_not_import_triton_or_dynamo():
     # DESIGN §3: probes are lazy; `import triton` costs ~0.5 s and torch._dynamo ~1 s.
     code = "import sys, kexue_fast; print(sorted(m for m in ('triton', 'torch._dynamo') if m in sys.modules))"
