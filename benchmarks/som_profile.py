@@ -532,19 +532,18 @@ def cpp_layers(batch: int, compare: Sequence[str] = (), shapes: Sequence[str] = 
 
 def taps_ab(batch: int, rounds: int, reps: int = 20) -> None:
     """The CPU step on the C++ route with SelfOrthogonality's taps (each hooked layer returns an alias whose gradient
-    hook adds ∂R/∂Y into the model's gradient) and without them (recorder.taps = None: ∂R/∂Y returned to autograd,
-    which adds it), against the step without SOM; `rounds` rounds of `reps` interleaved repetitions on torch's
+    hook adds ∂R/∂Y into the model's gradient) and without them (taps=False: ∂R/∂Y returned to autograd, which adds
+    it), against the step without SOM; `rounds` rounds of `reps` interleaved repetitions on torch's
     current threads, each round's medians and overheads printed."""
     model, opt, x, target, hooks = cnn_setup("cpu", batch)
     tapped = training_step(model, x, target, hooks, "cpp", opt)
-    taps = hooks.recorder.taps
 
     def untapped() -> None:
-        hooks.recorder.taps = None
+        hooks.taps = False
         try:
             tapped()
         finally:
-            hooks.recorder.taps = taps
+            hooks.taps = True
 
     steps = {"step": training_step(model, x, target, hooks, None, opt), "taps": tapped, "no taps": untapped}
     print(f"CPU step, batch {batch}, torch threads {torch.get_num_threads()}, {reps} interleaved repetitions a round")

@@ -962,3 +962,9 @@ def test_module_taps_add_the_regularizer_gradient_where_the_model_backward_runs(
     handle.remove()
     assert all(_rel(p.grad, w) <= 1e-12 for p, w in zip(model.parameters(), want))
     assert len(kept) == 1 and torch.equal(*kept[0])  # the gradient the user's hook kept was not added into
+    som.taps = False  # off: aliases recorded, ∂R/∂Y returned to autograd; the same gradients
+    model.zero_grad()
+    out = model(x)
+    assert all(r.tap is None for r in som.recorder.records)
+    (som.loss() + out.square().mean()).backward()
+    assert all(_rel(p.grad, w) <= 1e-12 for p, w in zip(model.parameters(), want))

@@ -26,13 +26,15 @@ class SelfOrthogonality(nn.Module):
         som = SelfOrthogonality(model)
         loss = criterion(model(x), target) + som.loss()
 
-    On the CPU's C++ route (som_regularizer's backend "cpp", what "auto" takes there) each hooked layer returns an alias
-    of its output (a tap) to its consumers and the output itself is recorded: in a backward that runs through the
-    model, the regularizer's backward leaves ∂R/∂Y to the tap's gradient hook, which adds it into the model's own
-    gradient of Y in the same C++ pass that computes it (no ∂R/∂Y buffer written and added by autograd apart:
-    python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --taps 5 times the step both ways); elsewhere
-    (R alone, say) the regularizer's backward returns ∂R/∂Y itself. A gradient of the tap that something else holds
-    (another hook kept it) is copied, not added into.
+    On the CPU's C++ route (som_regularizer's backend "cpp", what "auto" takes there) with taps=True (the default)
+    each hooked layer returns an alias of its output (a tap) to its consumers and the output itself is recorded: in a
+    backward that runs through the model, the regularizer's backward leaves ∂R/∂Y to the tap's gradient hook, which
+    adds it into the model's own gradient of Y in the same C++ pass that computes it (no ∂R/∂Y buffer written and
+    added by autograd apart); elsewhere (R alone, say) the regularizer's backward returns ∂R/∂Y itself. A gradient of
+    the tap that something else holds (another hook kept it) is copied, not added into. On a 2-core AVX-512 Xeon VM
+    the tapped step was the faster in 10 of 10 rounds; on a 2-core AVX2 EPYC VM an earlier form of taps was the
+    slower (README, "Cascading Rejection, SOM, ..."): python -m kexue_fast.benchmarks.som_profile --device cpu
+    --batch 32 --taps 5 times both on a machine; taps=False records aliases as on the other routes.
 
     On CUDA a whole training step with it captures in one CUDA graph in relaxed capture mode
     (torch.cuda.graph(graph, capture_error_mode="relaxed"): the Triton kernels' pointer tables for the capture's own
@@ -51,6 +53,7 @@ class SelfOrthogonality(nn.Module):
         channel_dim: Optional[Union[int, Sequence[int]]] = None,
         record_in_eval: bool = False,
         backend: str = "auto",
+        taps: bool = True,
     ) -> None:
         super().__init__()
         check_hyperparameters(gamma, lambda1, lambda2, eps)
@@ -58,6 +61,7 @@ class SelfOrthogonality(nn.Module):
             raise ValueError(f"backend must be one of 'auto', 'triton', 'cpp', 'torch'; got {backend!r}")
         self.gamma, self.lambda1, self.lambda2, self.eps = float(gamma), float(lambda1), float(lambda2), float(eps)
         self.backend = backend
+        self.taps = bool(taps)
         self.recorder = OutputRecorder(model, layers, channel_dim=channel_dim, record_in_eval=record_in_eval,
                                        alias_outputs=True)  # fmt: skip
         self.recorder.taps = self._tap
@@ -67,7 +71,7 @@ class SelfOrthogonality(nn.Module):
         self.recorder.taps = self._tap  # not pickled with the recorder
 
     def _tap(self, output: Tensor, channel_dim: int) -> bool:
-        return cpp_route_takes(output, channel_dim, self.backend)
+        return getattr(self, "taps", True) and cpp_route_takes(output, channel_dim, self.backend)
 
     @property
     def enabled(self) -> bool:
