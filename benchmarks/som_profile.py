@@ -4,7 +4,7 @@
     ncu --nvtx --nvtx-include measure/ --kernel-name regex:_som_ python -m kexue_fast.benchmarks.som_profile \
         --kernels-once [--settings JSON]
     python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --steps 20 --cpp-split [--fresh-buffers] \
-        [--compare-cores OTHER.so ...]
+        [--no-taps] [--compare-cores OTHER.so ...]
     python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --host-overhead
     OMP_NUM_THREADS=1 python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --taps 5
     python -m kexue_fast.benchmarks.som_profile --host-costs [--batch 2]
@@ -419,10 +419,11 @@ def _fmt(values: Sequence[float]) -> str:
     return "[" + ", ".join(f"{v:.1e}" for v in values) + "]"
 
 
-def cpp_split(batch: int, steps: int, fresh_buffers: bool, compare: Sequence[str] = ()) -> None:
+def cpp_split(batch: int, steps: int, fresh_buffers: bool, compare: Sequence[str] = (), taps: bool = True) -> None:
     """Milliseconds per step in the C++ core's forward and backward calls inside the CNN step (CPU, cpp backend);
     with `compare` (paths of other builds of the extension), the step with SOM also runs on each of them, all
-    interleaved step by step."""
+    interleaved step by step. taps=False: SelfOrthogonality without taps (builds before 3fc4eee cannot add ∂R/∂Y
+    into a gradient)."""
     from kexue_fast.ortho import som, workspace
 
     cores = _cores(som._cpp_core(), compare)
@@ -445,6 +446,7 @@ def cpp_split(batch: int, steps: int, fresh_buffers: bool, compare: Sequence[str
             return getattr(cores[running[0]], "omp_team", lambda: False)()
 
     model, opt, x, target, hooks = cnn_setup("cpu", batch)
+    hooks.taps = taps
     plain = training_step(model, x, target, hooks, None, opt)
     with_som = training_step(model, x, target, hooks, "cpp", opt)
     original = (som._cpp_core, workspace.grad_buffer)
@@ -476,6 +478,7 @@ def cpp_split(batch: int, steps: int, fresh_buffers: bool, compare: Sequence[str
         hooks.remove()
     median = {name: sorted(w)[len(w) // 2] * 1e3 for name, w in walls.items()}
     buffers = "fresh ∂R/∂Y buffers" if fresh_buffers else "kept ∂R/∂Y buffers"
+    buffers += "" if taps else ", no taps"
     print(f"CPU step, batch {batch}, {steps} steps, {buffers}: median {median['plain']:.2f} ms without SOM")
     for label in cores:
         print(f"  {label}: {median[label]:.2f} ms with SOM; C++ forward {spent[label, 'forward'] / steps * 1e3:.2f} "
@@ -647,6 +650,7 @@ def main() -> None:
     parser.add_argument("--step-rounds", type=int, default=3, help="with --sweep: rounds of the step with the best")
     parser.add_argument("--cpp-split", action="store_true", help="CPU: time the C++ calls inside the step instead")
     parser.add_argument("--fresh-buffers", action="store_true", help="with --cpp-split: no kept ∂R/∂Y buffers")
+    parser.add_argument("--no-taps", action="store_true", help="with --cpp-split: SelfOrthogonality(taps=False)")
     parser.add_argument("--host-overhead", action="store_true", help="CPU: the C++ route's Python and torch side")
     parser.add_argument("--cpp-layers", action="store_true", help="CPU: the C++ calls alone on the CNN's layer shapes")
     parser.add_argument(
@@ -717,7 +721,7 @@ def main() -> None:
     if args.cpp_split:
         if args.device != "cpu":
             parser.error("--cpp-split times the C++ core: it needs --device cpu")
-        cpp_split(batch, args.steps, args.fresh_buffers, args.compare_cores)
+        cpp_split(batch, args.steps, args.fresh_buffers, args.compare_cores, taps=not args.no_taps)
         return
     for backend in (None, "torch", "triton") if args.device == "cuda" else (None, "torch", "cpp"):
         profile_backend(backend, args.device, batch, args.steps)
