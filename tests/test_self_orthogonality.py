@@ -968,3 +968,23 @@ def test_module_taps_add_the_regularizer_gradient_where_the_model_backward_runs(
     assert all(r.tap is None for r in som.recorder.records)
     (som.loss() + out.square().mean()).backward()
     assert all(_rel(p.grad, w) <= 1e-12 for p, w in zip(model.parameters(), want))
+
+
+def test_module_taps_on_linear_layers():
+    """Taps on rows layouts (nn.Linear outputs [b, k], s = 1: the C++ route's row tiles add ∂R/∂Y there): the same
+    float64 gradients as the untapped functional call."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(12, 40), nn.Tanh(), nn.Linear(40, 19), nn.Tanh(), nn.Linear(19, 3)).double()
+    x = torch.randn(300, 12, dtype=D64)
+    som = SelfOrthogonality(model, [model[0], model[2]], backend="cpp")
+    out = model(x)
+    assert all(r.tap is not None for r in som.recorder.records)
+    (som.loss() + out.square().mean()).backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    som.enabled = False
+    a = model[0](x)
+    b = model[2](model[1](a))
+    out = model[4](model[3](b))
+    (som_regularizer([a, b], channel_dim=-1, backend="cpp") + out.square().mean()).backward()
+    assert all(_rel(g, p.grad) <= 1e-12 for g, p in zip(got, model.parameters()))

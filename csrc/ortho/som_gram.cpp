@@ -256,30 +256,49 @@ __attribute__((target("avx512f"))) void upper_gram_avx512(const T* z, std::int64
   upper_gram_simd<Avx512<T>, T, 4>(z, c, p, ld, out);
 }
 
-// The backward's product and finishing pass in one, AVX-512: out[ch][p] = (Σ_k A[ch][k] Z[k][p]) (1 − Z[ch][p]²) for
-// MR channels × NV vectors of positions, the last vector's lanes masked by `last`: MR·NV accumulators held across the
-// k loop (8 × 2: 16 of 32 registers), ∂R/∂Y stored from them (no W scratch written and read back), streamed where
-// `stream` (whole aligned lines). Each sum runs over k in order, as gemm::tile's does.
+// The backward's product and finishing pass in one, AVX-512: out[r][j] = (Σ_k l[r][k] v[k][j]) (1 − e[r][j]²). With
+// Y read as [n, c, s]: l = A, v = e = Z_i [c, s] (r a channel, j a position); with s = 1 (rows [b, c]): l = e = a block
+// of Z's rows, v = A (r a row, j a channel).
+template <typename T>
+struct FusedProduct {
+  std::int64_t depth;  // k's range
+  const T* l;
+  std::int64_t ldl;
+  const T* v;
+  std::int64_t ldv;
+  const T* e;
+  std::int64_t lde;
+  T* out;
+  std::int64_t ldo;
+  bool stream;  // non-temporal stores where whole aligned lines
+  bool add;     // out += the product instead of out = it
+
+  FusedProduct at(std::int64_t r, std::int64_t j) const {
+    return {depth, l + r * ldl, ldl, v + j, ldv, e + r * lde + j, lde, out + r * ldo + j, ldo, stream, add};
+  }
+};
+
+// MR rows × NV vectors of columns, the last vector's lanes masked by `last`: MR·NV accumulators held across the k
+// loop (8 × 2: 16 of 32 registers), ∂R/∂Y stored from them (no W scratch written and read back). Each sum runs over
+// k in order, as gemm::tile's does.
 template <class A, typename T, int MR, int NV>
-__attribute__((always_inline)) inline void backward_tile_simd(std::int64_t c, const T* a, const T* z, std::int64_t ldz,
-                                                              const T* zrows, T* out, std::int64_t ldo,
-                                                              typename A::M last, bool stream, bool add) {
+__attribute__((always_inline)) inline void backward_tile_simd(const FusedProduct<T>& f, typename A::M last) {
   typedef typename A::M M;
   typename A::V acc[MR][NV];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 2
     for (int v = 0; v < NV; ++v) acc[i][v] = typename A::V{};
-  for (std::int64_t k = 0; k < c; ++k) {
-    typename A::V zv[NV];
+  for (std::int64_t k = 0; k < f.depth; ++k) {
+    typename A::V vv[NV];
 #pragma GCC unroll 2
     for (int v = 0; v < NV; ++v)
-      zv[v] = v + 1 < NV ? A::load(z + k * ldz + v * A::W) : A::load(last, z + k * ldz + v * A::W);
+      vv[v] = v + 1 < NV ? A::load(f.v + k * f.ldv + v * A::W) : A::load(last, f.v + k * f.ldv + v * A::W);
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
-      const typename A::V av = A::set1(a[i * c + k]);
+      const typename A::V lv = A::set1(f.l[i * f.ldl + k]);
 #pragma GCC unroll 2
-      for (int v = 0; v < NV; ++v) acc[i][v] = A::fma(av, zv[v], acc[i][v]);
+      for (int v = 0; v < NV; ++v) acc[i][v] = A::fma(lv, vv[v], acc[i][v]);
     }
   }
   const bool whole = last == static_cast<M>(~M(0));
@@ -288,54 +307,49 @@ __attribute__((always_inline)) inline void backward_tile_simd(std::int64_t c, co
 #pragma GCC unroll 2
     for (int v = 0; v < NV; ++v) {
       const M m = v + 1 < NV ? static_cast<M>(~M(0)) : last;
-      typename A::V r = A::one_minus_square_times(A::load(m, zrows + i * ldz + v * A::W), acc[i][v]);
-      if (add) r = A::add(r, A::load(m, out + i * ldo + v * A::W));
-      if (stream && (v + 1 < NV || whole))
-        A::stream(out + i * ldo + v * A::W, r);
+      T* out = f.out + i * f.ldo + v * A::W;
+      typename A::V r = A::one_minus_square_times(A::load(m, f.e + i * f.lde + v * A::W), acc[i][v]);
+      if (f.add) r = A::add(r, A::load(m, out));
+      if (f.stream && (v + 1 < NV || whole))
+        A::stream(out, r);
       else
-        A::store(out + i * ldo + v * A::W, m, r);
+        A::store(out, m, r);
     }
 }
 
-// Every channel of one column of positions: tiles of 8 channels, then 4, 2, 1.
+// Every row of one column block: tiles of 8 rows, then 4, 2, 1.
 template <class A, typename T, int NV>
-__attribute__((always_inline)) inline void backward_column_simd(std::int64_t c, const T* a, const T* z,
-                                                                std::int64_t ldz, T* out, std::int64_t ldo,
-                                                                typename A::M last, bool stream, bool add) {
-  std::int64_t ch = 0;
-  for (; ch + 8 <= c; ch += 8)
-    backward_tile_simd<A, T, 8, NV>(c, a + ch * c, z, ldz, z + ch * ldz, out + ch * ldo, ldo, last, stream, add);
-  if (ch + 4 <= c) {
-    backward_tile_simd<A, T, 4, NV>(c, a + ch * c, z, ldz, z + ch * ldz, out + ch * ldo, ldo, last, stream, add);
-    ch += 4;
+__attribute__((always_inline)) inline void backward_column_simd(const FusedProduct<T>& f, std::int64_t rows,
+                                                                typename A::M last) {
+  std::int64_t r = 0;
+  for (; r + 8 <= rows; r += 8) backward_tile_simd<A, T, 8, NV>(f.at(r, 0), last);
+  if (r + 4 <= rows) {
+    backward_tile_simd<A, T, 4, NV>(f.at(r, 0), last);
+    r += 4;
   }
-  if (ch + 2 <= c) {
-    backward_tile_simd<A, T, 2, NV>(c, a + ch * c, z, ldz, z + ch * ldz, out + ch * ldo, ldo, last, stream, add);
-    ch += 2;
+  if (r + 2 <= rows) {
+    backward_tile_simd<A, T, 2, NV>(f.at(r, 0), last);
+    r += 2;
   }
-  if (ch < c) backward_tile_simd<A, T, 1, NV>(c, a + ch * c, z, ldz, z + ch * ldz, out + ch * ldo, ldo, last, stream, add);
+  if (r < rows) backward_tile_simd<A, T, 1, NV>(f.at(r, 0), last);
 }
 
-// out [c, q] (rows ldo apart) = (A Z) ⊙ (1 − Z²) for Z [c, q] (rows ldz apart) and A [c, c], in columns of 2W
-// positions (a block of Z of c × 2W values, in L1 for every channel tile of the column).
+// The product over rows × columns, in column blocks of 2W (v's block of depth × 2W values, in L1 for every row tile).
 template <typename T>
-__attribute__((target("avx512f"))) void backward_span_avx512(std::int64_t c, const T* a, const T* z, std::int64_t ldz,
-                                                             std::int64_t q, T* out, std::int64_t ldo, bool stream,
-                                                             bool add) {
+__attribute__((target("avx512f"))) void fused_product_avx512(const FusedProduct<T>& f, std::int64_t rows,
+                                                             std::int64_t columns) {
   typedef Avx512<T> A;
   typedef typename A::M M;
   const M all = static_cast<M>(~M(0));
-  std::int64_t p0 = 0;
-  for (; p0 + 2 * A::W <= q; p0 += 2 * A::W)
-    backward_column_simd<A, T, 2>(c, a, z + p0, ldz, out + p0, ldo, all, stream, add);
-  const std::int64_t left = q - p0;
+  std::int64_t j = 0;
+  for (; j + 2 * A::W <= columns; j += 2 * A::W) backward_column_simd<A, T, 2>(f.at(0, j), rows, all);
+  const std::int64_t left = columns - j;
   if (left > A::W)
-    backward_column_simd<A, T, 2>(c, a, z + p0, ldz, out + p0, ldo, static_cast<M>((1u << (left - A::W)) - 1), stream,
-                                  add);
+    backward_column_simd<A, T, 2>(f.at(0, j), rows, static_cast<M>((1u << (left - A::W)) - 1));
   else if (left == A::W)
-    backward_column_simd<A, T, 1>(c, a, z + p0, ldz, out + p0, ldo, all, stream, add);
+    backward_column_simd<A, T, 1>(f.at(0, j), rows, all);
   else if (left > 0)
-    backward_column_simd<A, T, 1>(c, a, z + p0, ldz, out + p0, ldo, static_cast<M>((1u << left) - 1), stream, add);
+    backward_column_simd<A, T, 1>(f.at(0, j), rows, static_cast<M>((1u << left) - 1));
 }
 #endif
 
@@ -412,10 +426,14 @@ KEXUE_SIMD_CLONES void gram_rows(const T* y, std::int64_t c, std::int64_t s, T g
       for (std::int64_t b = a; b < c; ++b) gram[a * c + b] += tile[a * c + b];
   };
   if (s == 1) {  // rows [r, c]: G += Zᵀ Z by broadcast tiles (A = Zᵀ read with strides (1, c))
+    constexpr std::int64_t band = 64 / static_cast<std::int64_t>(sizeof(T));  // the tiles' width of columns
     for (std::int64_t r0 = i0; r0 < i1; r0 += kRows) {
       const std::int64_t rows = std::min(kRows, i1 - r0);
       scaled_tanh(y + r0 * c, gamma, z, rows * c, false);
-      gemm::gemm<T>(c, rows, c, z, 1, c, z, c, tile, c, false);
+      for (std::int64_t a0 = 0; a0 < c; a0 += band) {  // bands of G's rows from their diagonal block on: the upper
+        const std::int64_t m = std::min(band, c - a0);  // triangle and the diagonal blocks, about half of Zᵀ Z
+        gemm::gemm<T>(m, rows, c - a0, z + a0, 1, c, z + a0, c, tile + a0 * c + a0, c, false);
+      }
       add_upper();
     }
     return;
@@ -452,6 +470,12 @@ KEXUE_SIMD_CLONES void backward_rows(const T* y, std::int64_t c, std::int64_t s,
       const std::int64_t rows = std::min(kRows, i1 - r0);
       scaled_tanh(y + r0 * c, gamma, z, rows * c);
       T* out = dy + r0 * c;
+#ifdef KEXUE_SOM_AVX2
+      if (use_avx512()) {  // l = e = Z's rows, v = A: out[r][j] = (Σ_k Z[r][k] A[k][j]) (1 − Z[r][j]²)
+        fused_product_avx512<T>(FusedProduct<T>{c, z, c, a, c, z, c, out, c, false, add}, rows, c);
+        continue;
+      }
+#endif
       if (add) {  // W into the scratch's second half, then added
         T* w = z + kRows * c;
         gemm::gemm<T>(rows, c, c, z, c, 1, a, c, w, c, false);
@@ -483,7 +507,8 @@ KEXUE_SIMD_CLONES void backward_rows(const T* y, std::int64_t c, std::int64_t s,
       for (std::int64_t ch = 0; ch < c; ++ch) scaled_tanh(y + (i * c + ch) * s + q0, gamma, z + ch * ldz, q);
 #ifdef KEXUE_SOM_AVX2
       if (use_avx512()) {
-        backward_span_avx512<T>(c, a, z, ldz, q, dy + i * c * s + q0, s, stream, add);
+        const FusedProduct<T> f{c, a, c, z, ldz, z, ldz, dy + i * c * s + q0, s, stream, add};
+        fused_product_avx512<T>(f, c, q);
         continue;
       }
 #endif
