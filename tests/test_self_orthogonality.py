@@ -988,3 +988,23 @@ def test_module_taps_on_linear_layers():
     out = model[4](model[3](b))
     (som_regularizer([a, b], channel_dim=-1, backend="cpp") + out.square().mean()).backward()
     assert all(_rel(g, p.grad) <= 1e-12 for g, p in zip(got, model.parameters()))
+
+
+def test_module_taps_fail_loudly_and_fall_back(monkeypatch):
+    """A tap whose hook does not add the deferred ∂R/∂Y by the end of the backward raises (never a silently missing
+    gradient); where torch cannot say whether the tap's node will run, the penalty computes ∂R/∂Y itself."""
+    from kexue_fast.ortho import som
+
+    model, x = _tap_net(), torch.randn(4, 3, 6, 6, dtype=D64)
+    sel = SelfOrthogonality(model, backend="cpp")
+    want = _functional_grads(model, sel, x, 1.0, 1.0)
+    with monkeypatch.context() as m:
+        m.delattr(torch._C, "_will_engine_execute_node")
+        model.zero_grad()
+        out = model(x)
+        (sel.loss() + out.square().mean()).backward()
+        assert all(_rel(p.grad, w) <= 1e-12 for p, w in zip(model.parameters(), want))
+    monkeypatch.setattr(som._TapSlot, "__call__", lambda self, grad: None)  # a hook that never adds
+    out = model(x)
+    with pytest.raises(RuntimeError, match="gradient hook did not run"):
+        (sel.loss() + out.square().mean()).backward()

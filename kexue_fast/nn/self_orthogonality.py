@@ -100,10 +100,10 @@ class SelfOrthogonality(nn.Module):
                                "use_reentrant=False")  # fmt: skip
         taps = [getattr(r, "tap", None) for r in records]
         if all(t is not None for t in taps) and all(cpp_route_takes(y, d, self.backend) for y, d in records):
-            per_layer = tapped_penalty([y for y, _ in records], taps, [d for _, d in records], gamma=self.gamma,
-                                       lambda1=self.lambda1, lambda2=self.lambda2, eps=self.eps)  # fmt: skip
             if reduction not in ("sum", "none"):
                 raise ValueError(f'reduction must be "sum" or "none", got {reduction!r}')
+            per_layer = tapped_penalty([y for y, _ in records], taps, [d for _, d in records], gamma=self.gamma,
+                                       lambda1=self.lambda1, lambda2=self.lambda2, eps=self.eps)  # fmt: skip
             return per_layer.sum() if reduction == "sum" else per_layer
         return som_regularizer(
             [y for y, _ in records],

@@ -466,6 +466,24 @@ class _TapSlot:
         return None if out is grad else out
 
 
+def _will_run(node) -> bool:
+    """Whether autograd runs `node` in the backward now running (False where torch cannot say)."""
+    will = getattr(torch._C, "_will_engine_execute_node", None)
+    return will is not None and bool(will(node))
+
+
+def _check_taken(slots: Sequence[_TapSlot]) -> None:
+    missed = [slot for slot in slots if slot.pending is not None]
+    for slot in missed:
+        slot.pending = None
+    if missed:
+        raise RuntimeError(
+            "SelfOrthogonality: a tapped layer's gradient hook did not run in a backward that autograd said would run "
+            "it, so the regularizer's gradient of that layer was not added; SelfOrthogonality(..., taps=False) "
+            "avoids taps"
+        )
+
+
 _GRAD_USES: Optional[Tuple[int, int]] = None
 
 
@@ -537,10 +555,12 @@ def tapped_penalty(ys: Sequence[Tensor], taps: Sequence[Tensor], channel_dim: Se
 
 
 class _CppPenalty(torch.autograd.Function):
-    """(gamma, lambda1, lambda2, eps, layouts, *ys) -> R [L] float64 on the C++ core (csrc/ortho/som_gram.cpp), one
-    autograd node and one C++ call per layer each way: forward the Gram (each Y read as [N, C, S] in place, Z never
-    stored: each sample's is computed in cache), R and A₀ = γ(Ḡ + Ḡᵀ) at a unit upstream gradient (float64 [c, c]);
-    backward ∂R/∂Y = (Z A) ⊙ (1 − Z²) with A = (∂L/∂R_ℓ)·A₀, Z recomputed in cache (Y is saved)."""
+    """(gamma, lambda1, lambda2, eps, layouts, slots, *ys) -> R [L] float64 on the C++ core (csrc/ortho/som_gram.cpp),
+    slots: per layer None or a tap's (_TapSlot, the tap's node), whose hook then adds ∂R/∂Y where the backward runs
+    through the tap; one autograd node and one C++ call per layer each way: forward the Gram (each Y read as
+    [N, C, S] in place, Z never stored: each sample's is computed in cache), R and A₀ = γ(Ḡ + Ḡᵀ) at a unit upstream
+    gradient (float64 [c, c]); backward ∂R/∂Y = (Z A) ⊙ (1 − Z²) with A = (∂L/∂R_ℓ)·A₀, Z recomputed in cache (Y
+    is saved)."""
 
     @staticmethod
     def forward(ctx, gamma: float, lambda1: float, lambda2: float, eps: float, layouts: Tuple[Layout, ...],
@@ -565,13 +585,15 @@ class _CppPenalty(torch.autograd.Function):
         threads = cpp_threads()
         scales = grad.tolist()
         grads: List[Optional[Tensor]] = []
+        deferred: List[_TapSlot] = []
         for i, (y, (n, c, s), a0, tap) in enumerate(zip(ctx.saved_tensors, ctx.layouts, ctx.a0, ctx.slots)):
             if not ctx.needs_input_grad[6 + i]:
                 grads.append(None)
                 continue
             slot, node = tap if tap is not None else (None, None)
-            if slot is not None and not slot.ran and torch._C._will_engine_execute_node(node):
+            if slot is not None and not slot.ran and _will_run(node):
                 slot.pending = (y, (n, c, s), ctx.gamma, a0, scales[i], threads)  # the tap's hook adds ∂R/∂Y
+                deferred.append(slot)
                 grads.append(None)
                 continue
             work = _work_dtype(y.dtype)
@@ -581,6 +603,8 @@ class _CppPenalty(torch.autograd.Function):
             core.som_gram_backward(y_flat.numpy(), n, c, s, ctx.gamma, a0.numpy(), dy.view(-1).numpy(), threads,
                                    scales[i])  # fmt: skip
             grads.append(dy.to(y.dtype))
+        if deferred:  # at the end of this backward: each deferred ∂R/∂Y was added by its tap's hook, or loudly not
+            torch.autograd.Variable._execution_engine.queue_callback(functools.partial(_check_taken, deferred))
         return (None, None, None, None, None, None, *grads)
 
 
