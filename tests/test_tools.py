@@ -4,6 +4,8 @@ import importlib.util
 import subprocess
 import sys
 
+import pytest
+
 from kexue_fast import _dispatch
 
 
@@ -20,22 +22,18 @@ def test_info_reports_versions_core_and_choices():
                for line in out.splitlines())  # fmt: skip
 
 
-def test_info_says_whether_the_avx512_paths_run():
+@pytest.mark.parametrize("variable, expected", [
+    ("KEXUE_FAST_AVX512", "AVX-512 paths off"),
+    ("KEXUE_FAST_OMP_TEAM", "SOM core runs on the calling thread (no OpenMP team: off or none loaded), 1 thread(s)"),
+])  # fmt: skip
+def test_info_says_how_the_som_core_runs(variable, expected):
+    """`info` says whether the C++ SOM core's AVX-512 paths run and where its threads run; each switch turns off."""
     if not _dispatch.core_status()[0]:
         return
-    env = {**__import__("os").environ, "KEXUE_FAST_AVX512": "0"}
+    env = {**__import__("os").environ, variable: "0"}
     out = subprocess.run([sys.executable, "-m", "kexue_fast.info"], capture_output=True, text=True, check=True,
                          env=env).stdout  # fmt: skip
-    assert "AVX-512 paths off" in out
-
-
-def test_info_says_where_the_som_core_threads_run():
-    if not _dispatch.core_status()[0]:
-        return
-    env = {**__import__("os").environ, "KEXUE_FAST_OMP_TEAM": "0"}
-    out = subprocess.run([sys.executable, "-m", "kexue_fast.info"], capture_output=True, text=True, check=True,
-                         env=env).stdout  # fmt: skip
-    assert "C++ SOM core runs on the calling thread (no OpenMP team: off or none loaded), 1 thread(s)" in out
+    assert expected in out
 
 
 def test_import_does_not_import_triton_or_dynamo():
