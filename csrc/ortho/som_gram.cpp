@@ -490,9 +490,10 @@ KEXUE_SIMD_CLONES void backward_rows(const T* y, std::int64_t c, std::int64_t s,
     return;
   }
   // s > 1: Z_i = tanh(γY_i) [c, s] in spans of positions, the whole sample where it fits kSpanBytes (Y_i's block read
-  // in memory order: one stream for the prefetcher, where chunk-sized pieces of every channel were c streams); then
-  // A Z by chunks of kRows positions into a scratch w, and one pass dy = w ⊙ (1 − Z²). Rows of both scratches are a
-  // non-power-of-two apart (a stride such as H·W = 1024 would map the product's rows to one L1 set).
+  // in memory order: one stream for the prefetcher, where chunk-sized pieces of every channel were c streams); then,
+  // under AVX-512, dy = (A Z) ⊙ (1 − Z²) in one pass of register tiles (fused_product_avx512), elsewhere A Z by chunks
+  // of kRows positions into a scratch w and one pass dy = w ⊙ (1 − Z²). Rows of both scratches are a non-power-of-two
+  // apart (a stride such as H·W = 1024 would map the product's rows to one L1 set).
   const std::int64_t pad = 64 / static_cast<std::int64_t>(sizeof(T));
   const std::int64_t fit = kSpanBytes / static_cast<std::int64_t>(sizeof(T)) / c;
   const std::int64_t span = s <= fit ? s : std::max<std::int64_t>(kRows, fit / kRows * kRows);
