@@ -2,9 +2,11 @@
 //
 // torch's CPU builds run their parallel ops on an OpenMP team (libgomp, loaded with torch), whose workers spin for a
 // while after each op before they sleep. Threads of our own started beside them contend with those spinning workers
-// for the cores (benchmarks/results/cpp-threads-cpu.md: two std::threads made a CNN step with the C++ SOM slower than
-// one). Run on that team instead (GOMP_parallel, looked up at run time in the objects already loaded: nothing is
-// linked or loaded here), a split gets the cores torch's own ops use, the spinning worker taking its share at once.
+// for the cores (python -m kexue_fast.benchmarks.cpp_threads at c1c75d0 on a 2-core AVX2 VM: a CNN step with the C++
+// SOM on two std::threads +26.7%, on one +20.0%). Run on that team instead (GOMP_parallel, looked up at run time in the
+// objects already loaded: nothing is linked or loaded here), a split gets the cores torch's own ops use, the spinning
+// worker taking its share at once (the same benchmark at d9c578d on a 2-core AVX-512 VM: +17.0% on the team's two
+// threads, +27.3% on one; benchmarks/results/cpp-threads-cpu.md).
 // Where no OpenMP runtime is loaded (the core used without torch), the split runs on std::threads (run_workers).
 #pragma once
 
@@ -13,6 +15,7 @@
 #include <cstring>
 #include <exception>
 #include <mutex>
+#include <type_traits>
 
 #include "common/parallel.hpp"
 

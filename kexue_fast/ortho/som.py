@@ -46,8 +46,9 @@ TRITON_AUTO_MAX_CHANNELS = 128
 # The C++ route's threads (cpp_threads): as many as torch runs, on torch's own OpenMP team where the core finds one
 # loaded (_core.omp_team(): the team's workers spin after each torch op, so they take the C++ work at once); one, the
 # calling thread, where it does not: threads of its own beside torch's spinning workers contended for the cores (in a
-# CNN step with torch on two threads, python -m kexue_fast.benchmarks.cpp_threads on a 2-core AVX2 VM at c1c75d0,
-# benchmarks/results/cpp-threads-cpu.md: one C++ thread +20.0% against two +26.7%). CPP_THREADS, where set, overrides.
+# CNN step with torch on two threads, python -m kexue_fast.benchmarks.cpp_threads on a 2-core AVX2 VM at c1c75d0: one
+# C++ thread +20.0% against two +26.7%; on the team at d9c578d, 2-core AVX-512 VM,
+# benchmarks/results/cpp-threads-cpu.md: two +17.0% against one +27.3%). CPP_THREADS, where set, overrides.
 # `auto` takes the C++ route while torch runs on at most CPP_MAX_TORCH_THREADS threads (use_cpp): more are not
 # measured on such a machine, so `auto` leaves them to torch.
 CPP_THREADS: Optional[int] = None
