@@ -156,7 +156,7 @@ def test_cpp_gram_equals_torch_in_float64_and_float32(n, c, s):
 @pytest.mark.parametrize("n, c, s", [(4, 16, 4096), (3, 5, 9001), (40000, 7, 1)])
 def test_cpp_core_threads_give_the_one_thread_results(n, c, s, dtype):
     """The C++ calls on two threads (samples split between them, each taking at least 64K elements: these shapes are
-    large enough for two; the route itself runs one, som.CPP_THREADS) against one: the backward per sample is the
+    large enough for two; the route runs som.cpp_threads()) against one: the backward per sample is the
     same arithmetic (bitwise equal, with (4, 16, 4096)'s non-temporal stores fenced per thread), the Gram's partial
     sums are added in another order (R to float rounding)."""
     from kexue_fast import _core
