@@ -6,7 +6,7 @@
     python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --steps 20 --cpp-split [--fresh-buffers] \
         [--no-taps] [--compare-cores OTHER.so ...]
     python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --host-overhead
-    OMP_NUM_THREADS=1 python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --taps 5
+    python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --taps 5 [--threads 2]
     python -m kexue_fast.benchmarks.som_profile --host-costs [--batch 2]
     python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --cpp-layers [--compare-cores OTHER.so ...] \
         [--shapes NxCxS ...]
@@ -30,10 +30,10 @@ settings within the tests' bar, 2× torch's float32 error on each layer (--step-
 (torch.cuda.set_sync_debug_mode): each lets the device idle while the host issues what follows. --host-costs (CUDA)
 times the host side of the Triton route's pieces, one kernel launch (through Triton's JITFunction and through its
 CompiledKernel) and the whole step at a host-bound batch (2 by default).
-On CPU it profiles the torch path and the C++ Gram on one torch thread instead (batch 2 by default: pass --batch 32
-for benchmarks/ortho.py's CPU step). --cpp-split (CPU) prints the wall time of the C++ forward and backward calls
-inside that step, per step, against the step without SOM (--taps ROUNDS: that step with SelfOrthogonality's taps
-and without them, interleaved); --fresh-buffers gives the backward a new ∂R/∂Y buffer per
+On CPU it profiles the torch path and the C++ Gram on one torch thread (--threads N: N) instead (batch 2 by default:
+pass --batch 32 for benchmarks/ortho.py's CPU step). --cpp-split (CPU) prints the wall time of the C++ forward and
+backward calls inside that step, per step, against the step without SOM (--taps ROUNDS: that step with
+SelfOrthogonality's taps and without them, interleaved); --fresh-buffers gives the backward a new ∂R/∂Y buffer per
 call instead of kexue_fast.ortho.workspace's kept ones (what the page faults of fresh memory cost). --cpp-layers (CPU)
 times the two C++ calls alone on the CNN's layer shapes, with their products' GFLOP/s, interleaved with other builds
 of the extension (--compare-cores: copies of build/dev/_core*.so made at other commits). --host-overhead
@@ -653,6 +653,7 @@ def main() -> None:
     parser.add_argument("--no-taps", action="store_true", help="with --cpp-split: SelfOrthogonality(taps=False)")
     parser.add_argument("--host-overhead", action="store_true", help="CPU: the C++ route's Python and torch side")
     parser.add_argument("--cpp-layers", action="store_true", help="CPU: the C++ calls alone on the CNN's layer shapes")
+    parser.add_argument("--threads", type=int, default=1, help="CPU: torch's threads (the C++ core's on its team)")
     parser.add_argument(
         "--taps",
         type=int,
@@ -670,8 +671,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     batch = args.batch or (256 if args.device == "cuda" else 2)
-    if args.device == "cpu":
-        torch.set_num_threads(1)  # the setting of benchmarks/ortho.py's CPU rows, where `auto` takes the C++ Gram
+    if args.device == "cpu":  # one by default: the setting of benchmarks/ortho.py's CPU rows
+        if args.threads < 1:
+            parser.error(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     if args.settings and not (args.sweep or args.kernels_once):
         parser.error("--settings goes with --sweep or --kernels-once")
     if args.sweep or args.kernels_once:
