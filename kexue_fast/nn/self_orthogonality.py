@@ -26,15 +26,15 @@ class SelfOrthogonality(nn.Module):
         som = SelfOrthogonality(model)
         loss = criterion(model(x), target) + som.loss()
 
-    On the CPU's C++ route (som_regularizer's backend "cpp", what "auto" takes there) with taps=True (the default)
-    each hooked layer returns an alias of its output (a tap) to its consumers and the output itself is recorded: in a
-    backward that runs through the model, the regularizer's backward leaves ∂R/∂Y to the tap's gradient hook, which
-    adds it into the model's own gradient of Y in the same C++ pass that computes it (no ∂R/∂Y buffer written and
-    added by autograd apart); elsewhere (R alone, say) the regularizer's backward returns ∂R/∂Y itself. A gradient of
-    the tap that something else holds (another hook kept it) is copied, not added into. On a 2-core AVX-512 Xeon VM
-    the tapped step was the faster in 10 of 10 rounds; on a 2-core AVX2 EPYC VM an earlier form of taps was the
-    slower (README, "Cascading Rejection, SOM, ..."): python -m kexue_fast.benchmarks.som_profile --device cpu
-    --batch 32 --taps 5 times both on a machine; taps=False records aliases as on the other routes.
+    On the CPU's C++ route (som_regularizer's backend "cpp", what "auto" takes there) with taps=True (the default) each
+    hooked layer returns an alias of its output (a tap) to its consumers and the output itself is recorded: in a
+    backward that runs through the model, the regularizer's backward leaves ∂R/∂Y to the tap's gradient hook, which adds
+    it into the model's own gradient of Y in the same C++ pass that computes it (no ∂R/∂Y buffer written and added by
+    autograd apart); elsewhere (R alone, say) the regularizer's backward returns ∂R/∂Y itself. A gradient of the tap
+    that something else holds (another hook kept it) is copied, not added into. On a 2-core AVX-512 Xeon VM the tapped
+    step was the faster in 10 of 10 rounds on one torch thread and even on two; on a 2-core AVX2 EPYC VM an earlier form
+    of taps was the slower (README, "Cascading Rejection, SOM, ..."): python -m kexue_fast.benchmarks.som_profile
+    --device cpu --batch 32 --taps 5 times both on a machine; taps=False records aliases as on the other routes.
 
     On CUDA a whole training step with it captures in one CUDA graph in relaxed capture mode
     (torch.cuda.graph(graph, capture_error_mode="relaxed"): the Triton kernels' pointer tables for the capture's own
