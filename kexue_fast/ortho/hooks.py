@@ -22,9 +22,10 @@ class Record(tuple):
     version counter when it was recorded (None under torch.compile), for check_unmodified; .tap the alias of the
     output that the layer returned instead of it (OutputRecorder.taps), else None."""
 
-    def __new__(cls, output: Tensor, dim: int, layer: str, version: Optional[int]) -> Record:
+    def __new__(cls, output: Tensor, dim: int, layer: str, version: Optional[int], tap: Optional[Tensor] = None
+                ) -> Record:  # fmt: skip
         record = super().__new__(cls, (output, dim))
-        record.layer, record.version, record.tap = layer, version, None
+        record.layer, record.version, record.tap = layer, version, tap
         return record
 
 
@@ -117,9 +118,7 @@ class _RecordHook:
                 # the sum.
                 output = output.view_as(output)
         version = None if torch.compiler.is_compiling() else output._version
-        record = Record(output, self.dim, self.name, version)
-        record.tap = tap
-        recorder.records.append(record)
+        recorder.records.append(Record(output, self.dim, self.name, version, tap))
         return tap
 
     def __reduce__(self):

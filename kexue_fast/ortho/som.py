@@ -458,13 +458,20 @@ class _TapSlot:
                 "SelfOrthogonality: the model's gradient of a hooked layer's output is undefined in "
                 "a backward that runs through it; its regularizer gradient cannot be added there"
             )
-        y, (n, c, s), gamma, a0, scale, threads = pending
+        y, layout, gamma, a0, scale, threads = pending
         out = grad if _own_gradient(grad, refs, y.dtype) else grad.to(y.dtype, memory_format=torch.contiguous_format,
                                                                    copy=True)  # fmt: skip
-        y_flat = y.detach().contiguous().view(-1)
-        _cpp_core().som_gram_backward(y_flat.numpy(), n, c, s, gamma, a0.numpy(), out.view(-1).numpy(), threads,
-                                      scale, True)  # fmt: skip
+        _cpp_backward(y, layout, gamma, a0, out, threads, scale, add=True)
         return None if out is grad else out
+
+
+def _cpp_backward(y: Tensor, layout: Layout, gamma: float, a0: Tensor, out: Tensor, threads: int, scale: float,
+                  add: bool) -> None:  # fmt: skip
+    """out (contiguous, Y's shape, float32/64) = (or += where add) scale · ∂R/∂Y on the C++ core, from A₀."""
+    n, c, s = layout
+    y_flat = y.detach().to(out.dtype).contiguous().view(-1)
+    _cpp_core().som_gram_backward(y_flat.numpy(), n, c, s, gamma, a0.numpy(), out.view(-1).numpy(), threads, scale,
+                                  add)  # fmt: skip
 
 
 def _will_run(node) -> bool:
@@ -533,10 +540,7 @@ def cpp_route_takes(y: Tensor, channel_dim: int, backend: Optional[str]) -> bool
     n, c, s = _layout(y, channel_dim % y.ndim)
     if n * s < c:
         return False
-    backend = "auto" if backend is None else backend
-    if _dispatch.choose(OP, y.device, y.dtype, backend) != "cpp":
-        return False
-    return _dispatch.requested_backend(backend) != "auto" or use_cpp()
+    return _choose(y.device, [y.dtype], backend)[0][y.dtype] == "cpp"
 
 
 def tapped_penalty(ys: Sequence[Tensor], taps: Sequence[Tensor], channel_dim: Sequence[int], *, gamma: float,
@@ -582,27 +586,23 @@ class _CppPenalty(torch.autograd.Function):
     @staticmethod
     @first_order
     def backward(ctx, grad: Tensor):
-        core = _cpp_core()
         threads = cpp_threads()
         scales = grad.tolist()
         grads: List[Optional[Tensor]] = []
         deferred: List[_TapSlot] = []
-        for i, (y, (n, c, s), a0, tap) in enumerate(zip(ctx.saved_tensors, ctx.layouts, ctx.a0, ctx.slots)):
+        for i, (y, layout, a0, tap) in enumerate(zip(ctx.saved_tensors, ctx.layouts, ctx.a0, ctx.slots)):
             if not ctx.needs_input_grad[6 + i]:
                 grads.append(None)
                 continue
             slot, node = tap if tap is not None else (None, None)
             if slot is not None and not slot.ran and _will_run(node):
-                slot.pending = (y, (n, c, s), ctx.gamma, a0, scales[i], threads)  # the tap's hook adds ∂R/∂Y
+                slot.pending = (y, layout, ctx.gamma, a0, scales[i], threads)  # the tap's hook adds ∂R/∂Y
                 deferred.append(slot)
                 grads.append(None)
                 continue
-            work = _work_dtype(y.dtype)
-            dy = _grad_buffer(y.shape, work, y.device)
+            dy = _grad_buffer(y.shape, _work_dtype(y.dtype), y.device)
             # a zero weight too (no zeros shortcut): 0·∂R/∂Y, NaN where Y has one, as on the torch path
-            y_flat = y.detach().to(work).contiguous().view(-1)
-            core.som_gram_backward(y_flat.numpy(), n, c, s, ctx.gamma, a0.numpy(), dy.view(-1).numpy(), threads,
-                                   scales[i])  # fmt: skip
+            _cpp_backward(y, layout, ctx.gamma, a0, dy, threads, scales[i], add=False)
             grads.append(dy.to(y.dtype))
         if deferred:  # at the end of this backward: each deferred ∂R/∂Y was added by its tap's hook, or loudly not
             torch.autograd.Variable._execution_engine.queue_callback(functools.partial(_check_taken, deferred))
@@ -648,7 +648,17 @@ def som_regularizer(
     gamma, lambda1, lambda2, eps = float(gamma), float(lambda1), float(lambda2), float(eps)
     device = ys[0].device
     layouts = [_layout(t, d) for t, d in zip(ys, dims)]
-    chosen = {dt: _dispatch.choose(OP, device, dt, backend) for dt in dict.fromkeys(t.dtype for t in ys)}
+    chosen, requested = _choose(device, [t.dtype for t in ys], backend)
+    with no_autocast(device.type):  # the Grams stay float32/64 under mixed precision
+        per_layer = _per_layer(ys, dims, layouts, chosen, gamma, lambda1, lambda2, eps, auto=requested == "auto")
+    return per_layer.sum() if reduction == "sum" else per_layer
+
+
+def _choose(device: torch.device, dtypes: Sequence[torch.dtype], backend: Optional[str]) -> Tuple[dict, str]:
+    """({dtype: the backend som_regularizer runs layers of that dtype on}, the requested backend): the dispatcher's
+    choice, then the C++ core given up under torch.compile (not traceable; an explicit request for it raises) and by
+    `auto` while torch runs on more than CPP_MAX_TORCH_THREADS threads."""
+    chosen = {dt: _dispatch.choose(OP, device, dt, backend) for dt in dict.fromkeys(dtypes)}
     requested = _dispatch.requested_backend(backend)
     if torch.compiler.is_compiling() and "cpp" in chosen.values():  # the C++ core is not traceable
         if requested == "cpp":
@@ -659,9 +669,7 @@ def som_regularizer(
         chosen = {dt: "torch" if name == "cpp" else name for dt, name in chosen.items()}
     elif requested == "auto" and not use_cpp():
         chosen = {dt: "torch" if name == "cpp" else name for dt, name in chosen.items()}
-    with no_autocast(device.type):  # the Grams stay float32/64 under mixed precision
-        per_layer = _per_layer(ys, dims, layouts, chosen, gamma, lambda1, lambda2, eps, auto=requested == "auto")
-    return per_layer.sum() if reduction == "sum" else per_layer
+    return chosen, requested
 
 
 def _per_layer(ys, dims, layouts, chosen, gamma: float, lambda1: float, lambda2: float, eps: float,
