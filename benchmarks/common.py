@@ -77,15 +77,18 @@ def metadata(device: str) -> Dict[str, str]:
     return meta
 
 
-def time_interleaved(contestants: Dict[str, Callable[[], object]], reps: int, warmup: int = 2) -> Dict[str, float]:
+def time_interleaved(contestants: Dict[str, Callable[[], object]], reps: int, warmup: int = 2,
+                     before: Optional[Callable[[], object]] = None) -> Dict[str, float]:  # fmt: skip
     """Median wall seconds per call; contestants alternate within each repetition so that machine noise hits all
-    of them alike (ratios from one run are what we report)."""
+    of them alike (ratios from one run are what we report). `before`, if given, runs untimed before each timed call."""
     for fn in contestants.values():
         for _ in range(warmup):
             fn()
     samples: Dict[str, List[float]] = {name: [] for name in contestants}
     for _ in range(reps):
         for name, fn in contestants.items():
+            if before is not None:
+                before()
             start = time.perf_counter()
             fn()
             samples[name].append(time.perf_counter() - start)

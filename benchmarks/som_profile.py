@@ -9,7 +9,7 @@
     python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --taps 5 [--threads 2]
     python -m kexue_fast.benchmarks.som_profile --host-costs [--batch 2]
     python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --cpp-layers [--compare-cores OTHER.so ...] \
-        [--shapes NxCxS ...]
+        [--shapes NxCxS ...] [--cold]
     TRITON_INTERPRET=1 python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --host-overhead \
         --route triton
 
@@ -504,33 +504,48 @@ def _load_core(path: str):
     return module
 
 
-def cpp_layers(batch: int, compare: Sequence[str] = (), shapes: Sequence[str] = (), reps: int = 30) -> None:
+def cpp_layers(batch: int, compare: Sequence[str] = (), shapes: Sequence[str] = (), reps: int = 30,
+               cold: bool = False) -> None:  # fmt: skip
     """Median ms of the C++ core's two calls alone (interleaved repetitions, warm caches, the calling thread) on
     float32 outputs shaped as the CNN's convolutions (benchmarks/ortho.py's small_cnn at `batch`), with the rate of
     their products over the whole call (tanh, R and the finishing pass included): the forward's upper-triangle Gram,
-    n·s·c(c + 1) FLOPs, and the backward's A·Z, 2·n·s·c² FLOPs. `compare`: paths of other builds of the extension,
+    n·s·c(c + 1) FLOPs, and the backward's A·Z, 2·n·s·c² FLOPs, writing ∂R/∂Y and (`add`, where the build has it)
+    adding it into a gradient, as SelfOrthogonality's taps do. `compare`: paths of other builds of the extension,
     timed interleaved with this one (ratios from one run are what to compare on a noisy machine). `shapes`: "NxCxS"
-    layouts to time instead of the CNN's (rows of odd lengths, say)."""
+    layouts to time instead of the CNN's (rows of odd lengths, say). `cold`: a 512 MiB buffer written before each timed
+    call (no timing of its own), so that the call reads its inputs from memory, as in a training step where the
+    model's other layers ran in between, instead of from the caches its previous repetition warmed."""
     from kexue_fast.ortho import som
 
     cores = _cores(som._cpp_core(), compare)
+    flush = torch.zeros((512 << 20) // 4) if cold else None
     torch.manual_seed(0)
     layouts = [tuple(int(v) for v in shape.split("x")) for shape in shapes] or [(batch, 32, 1024), (batch, 64, 256)]
     for n, c, s in layouts:
         y = (torch.randn(n * c * s) * 0.3).numpy()
         a = torch.empty((c, c), dtype=torch.float64).numpy()
         dy = torch.empty(n * c * s).numpy()
+        grad = torch.zeros(n * c * s).numpy()
+        core = next(iter(cores.values()))
+        core.som_penalty(y, n, c, s, 10.0, 100.0, 1.0, 1e-12, a, 1)  # A, which the backward calls read
         calls = {}
         for label, core in cores.items():
             calls[label, "forward"] = functools.partial(core.som_penalty, y, n, c, s, 10.0, 100.0, 1.0, 1e-12, a, 1)
             calls[label, "backward"] = functools.partial(core.som_gram_backward, y, n, c, s, 10.0, a, dy, 1, 1.0)
-        t = time_interleaved(calls, reps)
+            add = functools.partial(core.som_gram_backward, y, n, c, s, 10.0, a, grad, 1, 1.0, True)
+            try:
+                add()
+                calls[label, "add"] = add
+            except TypeError:  # a build from before the add mode
+                pass
+        t = time_interleaved(calls, reps, before=(lambda: flush.add_(1.0)) if flush is not None else None)
         gram, product = n * s * c * (c + 1), 2 * n * s * c * c
         for label in cores:
             forward, backward = t[label, "forward"], t[label, "backward"]
-            print(f"[{n}, {c}, {s}] float32, {label}: forward {forward * 1e3:.3f} ms "
+            added = f", adding {t[label, 'add'] * 1e3:.3f} ms" if (label, "add") in t else ""
+            print(f"[{n}, {c}, {s}] float32{', cold' if cold else ''}, {label}: forward {forward * 1e3:.3f} ms "
                   f"({gram / forward / 1e9:.1f} GFLOP/s of the Gram), backward {backward * 1e3:.3f} ms "
-                  f"({product / backward / 1e9:.1f} GFLOP/s of A·Z)", flush=True)  # fmt: skip
+                  f"({product / backward / 1e9:.1f} GFLOP/s of A·Z){added}", flush=True)  # fmt: skip
 
 
 def taps_ab(batch: int, rounds: int, reps: int = 20) -> None:
@@ -662,6 +677,7 @@ def main() -> None:
         help="CPU: ROUNDS rounds of the C++ route's step with and without SelfOrthogonality's taps",
     )
     parser.add_argument("--shapes", nargs="*", default=[], help="with --cpp-layers: NxCxS layouts instead")
+    parser.add_argument("--cold", action="store_true", help="with --cpp-layers: inputs read from memory, not caches")
     parser.add_argument("--compare-cores", nargs="*", default=[], help="--cpp-layers/--cpp-split: other _core builds")
     parser.add_argument(
         "--route",
@@ -713,13 +729,15 @@ def main() -> None:
         parser.error("--compare-cores goes with --cpp-layers or --cpp-split")
     if args.shapes and not args.cpp_layers:
         parser.error("--shapes goes with --cpp-layers")
+    if args.cold and not args.cpp_layers:
+        parser.error("--cold goes with --cpp-layers")
     if args.cpp_layers:
         if args.device != "cpu":
             parser.error("--cpp-layers times the C++ core: it needs --device cpu")
         bad = [shape for shape in args.shapes if not re.fullmatch(r"[1-9]\d*x[1-9]\d*x[1-9]\d*", shape)]
         if bad:
             parser.error(f"--shapes takes NxCxS layouts of positive integers (such as 32x16x9001), got {bad}")
-        cpp_layers(batch, args.compare_cores, args.shapes)
+        cpp_layers(batch, args.compare_cores, args.shapes, cold=args.cold)
         return
     if args.cpp_split:
         if args.device != "cpu":

@@ -103,6 +103,44 @@ void stream_fence(bool stream) {
 #endif
 }
 
+// Lines of the next chunk's input (Y, and the model's gradient where ∂R/∂Y is added into it) requested into L2 one at
+// a time from inside the current chunk's tile loops: a chunk's tanh pass is the only reader of Y, so without this the
+// memory sat idle while the tiles computed and each chunk's tanh pass waited for Y's lines (a layer's output read
+// from memory, as in a training step after the model's other layers, cost the forward ~60% more than from L2).
+// Up to two ranges, each `rows` rows of `row_bytes` bytes `stride` bytes apart.
+class Prefetch {
+ public:
+  void add(const void* base, std::int64_t row_bytes, std::int64_t stride, std::int64_t rows) {
+    if (count_ < 2 && row_bytes > 0 && rows > 0) range_[count_++] = {static_cast<const char*>(base), row_bytes, stride, rows};
+    if (count_ == 1) at_ = range_[0].base;
+  }
+  KEXUE_INLINE void step() {
+    if (index_ >= count_) return;
+#ifdef KEXUE_SOM_AVX2
+    _mm_prefetch(at_ + offset_, _MM_HINT_T1);
+#endif
+    offset_ += 64;
+    if (offset_ < range_[index_].row_bytes) return;
+    offset_ = 0;
+    if (++row_ < range_[index_].rows) {
+      at_ += range_[index_].stride;
+      return;
+    }
+    row_ = 0;
+    if (++index_ < count_) at_ = range_[index_].base;
+  }
+
+ private:
+  struct Range {
+    const char* base;
+    std::int64_t row_bytes, stride, rows;
+  };
+  Range range_[2] = {};
+  int count_ = 0, index_ = 0;
+  const char* at_ = nullptr;
+  std::int64_t offset_ = 0, row_ = 0;
+};
+
 #ifdef KEXUE_SOM_AVX2
 // The forward's dot tiles in intrinsics, M × M: M·M accumulators and 2M operands held in registers (AVX2, M = 3: 15
 // of 16; AVX-512, M = 4: 24 of 32, 64-byte rows; where torch's own convolutions run AVX-512 kernels, the AVX2 tiles made
@@ -167,7 +205,7 @@ __attribute__((target("avx512f"))) inline void sum16(const __m512* v, float* out
 // (AVX-512 float 4 × 4 tiles: by sum16's tree), then the tail past the last full vector.
 template <class A, typename T, int MI, int MJ>
 __attribute__((always_inline)) inline void dot_tile_simd(std::int64_t p, const T* a, const T* b, std::int64_t ld, T* out,
-                                                         std::int64_t ldo) {
+                                                         std::int64_t ldo, Prefetch& pf) {
   typename A::V acc[MI][MJ];
 #pragma GCC unroll 4
   for (int i = 0; i < MI; ++i)
@@ -175,6 +213,7 @@ __attribute__((always_inline)) inline void dot_tile_simd(std::int64_t p, const T
     for (int j = 0; j < MJ; ++j) acc[i][j] = typename A::V{};
   std::int64_t k = 0;
   for (; k + A::W <= p; k += A::W) {
+    pf.step();
     typename A::V bv[MJ];
 #pragma GCC unroll 4
     for (int j = 0; j < MJ; ++j) bv[j] = A::load(b + j * ld + k);
@@ -210,18 +249,18 @@ __attribute__((always_inline)) inline void dot_tile_simd(std::int64_t p, const T
 // The tile of MI rows against mj ≤ M columns (the last column tile may be narrower).
 template <class A, typename T, int M, int MI>
 __attribute__((always_inline)) inline void dot_row_simd(int mj, std::int64_t p, const T* a, const T* b,
-                                                        std::int64_t ld, T* out, std::int64_t ldo) {
+                                                        std::int64_t ld, T* out, std::int64_t ldo, Prefetch& pf) {
   if constexpr (M >= 4)
-    if (mj == 4) return dot_tile_simd<A, T, MI, 4>(p, a, b, ld, out, ldo);
-  if (mj == 3) return dot_tile_simd<A, T, MI, 3>(p, a, b, ld, out, ldo);
-  if (mj == 2) return dot_tile_simd<A, T, MI, 2>(p, a, b, ld, out, ldo);
-  dot_tile_simd<A, T, MI, 1>(p, a, b, ld, out, ldo);
+    if (mj == 4) return dot_tile_simd<A, T, MI, 4>(p, a, b, ld, out, ldo, pf);
+  if (mj == 3) return dot_tile_simd<A, T, MI, 3>(p, a, b, ld, out, ldo, pf);
+  if (mj == 2) return dot_tile_simd<A, T, MI, 2>(p, a, b, ld, out, ldo, pf);
+  dot_tile_simd<A, T, MI, 1>(p, a, b, ld, out, ldo, pf);
 }
 
 // out [c, c] (upper triangle and the lower half of the diagonal tiles) = Z Zᵀ for Z [c, p], rows ld apart.
 template <class A, typename T, int M>
 __attribute__((always_inline)) inline void upper_gram_simd(const T* z, std::int64_t c, std::int64_t p, std::int64_t ld,
-                                                           T* out) {
+                                                           T* out, Prefetch& pf) {
   for (std::int64_t i0 = 0; i0 < c; i0 += M) {
     const int mi = static_cast<int>(std::min<std::int64_t>(M, c - i0));
     for (std::int64_t j0 = i0; j0 < c; j0 += M) {
@@ -231,29 +270,29 @@ __attribute__((always_inline)) inline void upper_gram_simd(const T* z, std::int6
       T* o = out + i0 * c + j0;
       if constexpr (M >= 4)
         if (mi == 4) {
-          dot_row_simd<A, T, M, 4>(mj, p, a, b, ld, o, c);
+          dot_row_simd<A, T, M, 4>(mj, p, a, b, ld, o, c, pf);
           continue;
         }
       if (mi == 3)
-        dot_row_simd<A, T, M, 3>(mj, p, a, b, ld, o, c);
+        dot_row_simd<A, T, M, 3>(mj, p, a, b, ld, o, c, pf);
       else if (mi == 2)
-        dot_row_simd<A, T, M, 2>(mj, p, a, b, ld, o, c);
+        dot_row_simd<A, T, M, 2>(mj, p, a, b, ld, o, c, pf);
       else
-        dot_row_simd<A, T, M, 1>(mj, p, a, b, ld, o, c);
+        dot_row_simd<A, T, M, 1>(mj, p, a, b, ld, o, c, pf);
     }
   }
 }
 
 template <typename T>
 __attribute__((target("avx2,fma"))) void upper_gram_avx2(const T* z, std::int64_t c, std::int64_t p, std::int64_t ld,
-                                                         T* out) {
-  upper_gram_simd<Avx2<T>, T, 3>(z, c, p, ld, out);
+                                                         T* out, Prefetch& pf) {
+  upper_gram_simd<Avx2<T>, T, 3>(z, c, p, ld, out, pf);
 }
 
 template <typename T>
 __attribute__((target("avx512f"))) void upper_gram_avx512(const T* z, std::int64_t c, std::int64_t p, std::int64_t ld,
-                                                          T* out) {
-  upper_gram_simd<Avx512<T>, T, 4>(z, c, p, ld, out);
+                                                          T* out, Prefetch& pf) {
+  upper_gram_simd<Avx512<T>, T, 4>(z, c, p, ld, out, pf);
 }
 
 // The backward's product and finishing pass in one, AVX-512: out[r][j] = (Σ_k l[r][k] v[k][j]) (1 − e[r][j]²). With
@@ -282,7 +321,7 @@ struct FusedProduct {
 // loop (8 × 2: 16 of 32 registers), ∂R/∂Y stored from them (no W scratch written and read back). Each sum runs over
 // k in order, as gemm::tile's does.
 template <class A, typename T, int MR, int NV>
-__attribute__((always_inline)) inline void backward_tile_simd(const FusedProduct<T>& f, typename A::M last) {
+__attribute__((always_inline)) inline void backward_tile_simd(const FusedProduct<T>& f, typename A::M last, Prefetch& pf) {
   typedef typename A::M M;
   typename A::V acc[MR][NV];
 #pragma GCC unroll 8
@@ -290,6 +329,7 @@ __attribute__((always_inline)) inline void backward_tile_simd(const FusedProduct
 #pragma GCC unroll 2
     for (int v = 0; v < NV; ++v) acc[i][v] = typename A::V{};
   for (std::int64_t k = 0; k < f.depth; ++k) {
+    pf.step();
     typename A::V vv[NV];
 #pragma GCC unroll 2
     for (int v = 0; v < NV; ++v)
@@ -320,36 +360,36 @@ __attribute__((always_inline)) inline void backward_tile_simd(const FusedProduct
 // Every row of one column block: tiles of 8 rows, then 4, 2, 1.
 template <class A, typename T, int NV>
 __attribute__((always_inline)) inline void backward_column_simd(const FusedProduct<T>& f, std::int64_t rows,
-                                                                typename A::M last) {
+                                                                typename A::M last, Prefetch& pf) {
   std::int64_t r = 0;
-  for (; r + 8 <= rows; r += 8) backward_tile_simd<A, T, 8, NV>(f.at(r, 0), last);
+  for (; r + 8 <= rows; r += 8) backward_tile_simd<A, T, 8, NV>(f.at(r, 0), last, pf);
   if (r + 4 <= rows) {
-    backward_tile_simd<A, T, 4, NV>(f.at(r, 0), last);
+    backward_tile_simd<A, T, 4, NV>(f.at(r, 0), last, pf);
     r += 4;
   }
   if (r + 2 <= rows) {
-    backward_tile_simd<A, T, 2, NV>(f.at(r, 0), last);
+    backward_tile_simd<A, T, 2, NV>(f.at(r, 0), last, pf);
     r += 2;
   }
-  if (r < rows) backward_tile_simd<A, T, 1, NV>(f.at(r, 0), last);
+  if (r < rows) backward_tile_simd<A, T, 1, NV>(f.at(r, 0), last, pf);
 }
 
 // The product over rows × columns, in column blocks of 2W (v's block of depth × 2W values, in L1 for every row tile).
 template <typename T>
 __attribute__((target("avx512f"))) void fused_product_avx512(const FusedProduct<T>& f, std::int64_t rows,
-                                                             std::int64_t columns) {
+                                                             std::int64_t columns, Prefetch& pf) {
   typedef Avx512<T> A;
   typedef typename A::M M;
   const M all = static_cast<M>(~M(0));
   std::int64_t j = 0;
-  for (; j + 2 * A::W <= columns; j += 2 * A::W) backward_column_simd<A, T, 2>(f.at(0, j), rows, all);
+  for (; j + 2 * A::W <= columns; j += 2 * A::W) backward_column_simd<A, T, 2>(f.at(0, j), rows, all, pf);
   const std::int64_t left = columns - j;
   if (left > A::W)
-    backward_column_simd<A, T, 2>(f.at(0, j), rows, static_cast<M>((1u << (left - A::W)) - 1));
+    backward_column_simd<A, T, 2>(f.at(0, j), rows, static_cast<M>((1u << (left - A::W)) - 1), pf);
   else if (left == A::W)
-    backward_column_simd<A, T, 1>(f.at(0, j), rows, all);
+    backward_column_simd<A, T, 1>(f.at(0, j), rows, all, pf);
   else if (left > 0)
-    backward_column_simd<A, T, 1>(f.at(0, j), rows, static_cast<M>((1u << left) - 1));
+    backward_column_simd<A, T, 1>(f.at(0, j), rows, static_cast<M>((1u << left) - 1), pf);
 }
 #endif
 
@@ -391,10 +431,12 @@ KEXUE_INLINE void dot_tile(std::int64_t p, const T* a, const T* b, std::int64_t 
 
 // out [c, c] (upper triangle and a little more) = Z Zᵀ for Z [c, p], rows ld apart.
 template <typename T>
-KEXUE_INLINE void upper_gram_rows(const T* z, std::int64_t c, std::int64_t p, std::int64_t ld, T* out) {
+KEXUE_INLINE void upper_gram_rows(const T* z, std::int64_t c, std::int64_t p, std::int64_t ld, T* out, Prefetch& pf) {
 #ifdef KEXUE_SOM_AVX2
-  if (use_avx512()) return upper_gram_avx512(z, c, p, ld, out);
-  if (has_avx2()) return upper_gram_avx2(z, c, p, ld, out);
+  if (use_avx512()) return upper_gram_avx512(z, c, p, ld, out, pf);
+  if (has_avx2()) return upper_gram_avx2(z, c, p, ld, out, pf);
+#else
+  (void)pf;
 #endif
   constexpr int MI = 4, MJ = 2;
   for (std::int64_t i0 = 0; i0 < c; i0 += MI) {
@@ -418,6 +460,7 @@ KEXUE_SIMD_CLONES void gram_rows(const T* y, std::int64_t c, std::int64_t s, T g
                                  std::vector<double>& gram, std::vector<T>& scratch) {
   const std::int64_t stride = kPositions + 64 / static_cast<std::int64_t>(sizeof(T));  // not a power of two
   const std::int64_t block = s == 1 ? kRows * c : c * stride;
+  const std::int64_t bytes = static_cast<std::int64_t>(sizeof(T));
   scratch.resize(static_cast<std::size_t>(block + c * c));
   T* z = scratch.data();
   T* tile = z + block;
@@ -445,7 +488,9 @@ KEXUE_SIMD_CLONES void gram_rows(const T* y, std::int64_t c, std::int64_t s, T g
       for (std::int64_t k = 0; k < m; ++k)  // each sample's [c, s] block read in memory order: one stream
         for (std::int64_t ch = 0; ch < c; ++ch)
           scaled_tanh(y + ((i + k) * c + ch) * s, gamma, z + ch * stride + k * s, s, false);
-      upper_gram_rows(z, c, m * s, stride, tile);
+      Prefetch next;  // the next chunk's samples
+      next.add(y + (i + m) * c * s, std::min(per, i1 - i - m) * c * s * bytes, 0, 1);
+      upper_gram_rows(z, c, m * s, stride, tile, next);
       add_upper();
     }
     return;
@@ -454,7 +499,12 @@ KEXUE_SIMD_CLONES void gram_rows(const T* y, std::int64_t c, std::int64_t s, T g
     for (std::int64_t p0 = 0; p0 < s; p0 += kPositions) {
       const std::int64_t p = std::min(kPositions, s - p0);
       for (std::int64_t ch = 0; ch < c; ++ch) scaled_tanh(y + (i * c + ch) * s + p0, gamma, z + ch * stride, p, false);
-      upper_gram_rows(z, c, p, stride, tile);
+      Prefetch next;  // the next chunk's rows: this sample's next positions, else the next sample's first
+      if (p0 + p < s)
+        next.add(y + i * c * s + p0 + p, std::min(kPositions, s - p0 - p) * bytes, s * bytes, c);
+      else if (i + 1 < i1)
+        next.add(y + (i + 1) * c * s, std::min(kPositions, s) * bytes, s * bytes, c);
+      upper_gram_rows(z, c, p, stride, tile, next);
       add_upper();
     }
 }
@@ -463,6 +513,7 @@ template <typename T>
 KEXUE_SIMD_CLONES void backward_rows(const T* y, std::int64_t c, std::int64_t s, T gamma, const T* a, T* dy,
                                      std::int64_t i0, std::int64_t i1, std::vector<T>& scratch, bool stream,
                                      bool add) {
+  const std::int64_t bytes = static_cast<std::int64_t>(sizeof(T));
   if (s == 1) {  // dy rows = (Z A) ⊙ (1 − Z²) (A symmetric)
     scratch.resize(static_cast<std::size_t>(kRows * c * (add ? 2 : 1)));
     T* z = scratch.data();
@@ -472,7 +523,11 @@ KEXUE_SIMD_CLONES void backward_rows(const T* y, std::int64_t c, std::int64_t s,
       T* out = dy + r0 * c;
 #ifdef KEXUE_SOM_AVX2
       if (use_avx512()) {  // l = e = Z's rows, v = A: out[r][j] = (Σ_k Z[r][k] A[k][j]) (1 − Z[r][j]²)
-        fused_product_avx512<T>(FusedProduct<T>{c, z, c, a, c, z, c, out, c, false, add}, rows, c);
+        const std::int64_t next = std::min(kRows, i1 - r0 - rows) * c * bytes;  // the next block's rows of Y, ∂Y
+        Prefetch pf;
+        pf.add(y + (r0 + rows) * c, next, 0, 1);
+        if (add) pf.add(dy + (r0 + rows) * c, next, 0, 1);
+        fused_product_avx512<T>(FusedProduct<T>{c, z, c, a, c, z, c, out, c, false, add}, rows, c, pf);
         continue;
       }
 #endif
@@ -508,8 +563,15 @@ KEXUE_SIMD_CLONES void backward_rows(const T* y, std::int64_t c, std::int64_t s,
       for (std::int64_t ch = 0; ch < c; ++ch) scaled_tanh(y + (i * c + ch) * s + q0, gamma, z + ch * ldz, q);
 #ifdef KEXUE_SOM_AVX2
       if (use_avx512()) {
+        Prefetch pf;  // the next span's rows of Y (and of ∂Y where added into): this sample's, else the next sample's
+        const std::int64_t next_i = q0 + q < s ? i : i + 1, next_q = q0 + q < s ? q0 + q : 0;
+        if (next_i < i1) {
+          const std::int64_t row = std::min(span, s - next_q) * bytes;
+          pf.add(y + next_i * c * s + next_q, row, s * bytes, c);
+          if (add) pf.add(dy + next_i * c * s + next_q, row, s * bytes, c);
+        }
         const FusedProduct<T> f{c, a, c, z, ldz, z, ldz, dy + i * c * s + q0, s, stream, add};
-        fused_product_avx512<T>(f, c, q);
+        fused_product_avx512<T>(f, c, q, pf);
         continue;
       }
 #endif
