@@ -422,11 +422,12 @@ def _fmt(values: Sequence[float]) -> str:
 def cpp_split(batch: int, steps: int, fresh_buffers: bool, compare: Sequence[str] = (), taps: bool = True) -> None:
     """Milliseconds per step in the C++ core's forward and backward calls inside the CNN step (CPU, cpp backend);
     with `compare` (paths of other builds of the extension), the step with SOM also runs on each of them, all
-    interleaved step by step. taps=False: SelfOrthogonality without taps (builds before 3fc4eee cannot add ∂R/∂Y
-    into a gradient)."""
+    interleaved step by step, and on NoOpCore (the C++ calls as no-ops: the hooks, taps, autograd nodes and Python of
+    the route, whatever the C++ work costs). taps=False: SelfOrthogonality without taps (builds before 3fc4eee cannot
+    add ∂R/∂Y into a gradient)."""
     from kexue_fast.ortho import som, workspace
 
-    cores = _cores(som._cpp_core(), compare)
+    cores = {**_cores(som._cpp_core(), compare), "C++ calls as no-ops": NoOpCore()}
     spent = {(label, part): 0.0 for label in cores for part in ("forward", "backward")}
     running = ["this build"]
 
@@ -483,6 +484,21 @@ def cpp_split(batch: int, steps: int, fresh_buffers: bool, compare: Sequence[str
     for label in cores:
         print(f"  {label}: {median[label]:.2f} ms with SOM; C++ forward {spent[label, 'forward'] / steps * 1e3:.2f} "
               f"ms and backward {spent[label, 'backward'] / steps * 1e3:.2f} ms per step")  # fmt: skip
+
+
+class NoOpCore:
+    """The C++ core's calls as no-ops (R = 0, A = 0): what the route costs besides the C++ work."""
+
+    def som_penalty(self, y, n, c, s, gamma, lambda1, lambda2, eps, a, n_threads) -> float:
+        if a is not None:
+            a.fill(0.0)
+        return 0.0
+
+    def som_gram_backward(self, *args) -> None:
+        pass
+
+    def omp_team(self) -> bool:
+        return False
 
 
 def _cores(this, compare: Sequence[str]) -> dict:
@@ -578,18 +594,6 @@ def host_overhead(batch: int, reps: int = 200) -> None:
     """Median µs of som_regularizer(backend="cpp") forward, and forward + backward (interleaved repetitions), on the
     CNN's recorded conv outputs with the C++ core's calls replaced by no-ops (everything but the C++ work)."""
     from kexue_fast.ortho import som
-
-    class NoOpCore:
-        def som_penalty(self, y, n, c, s, gamma, lambda1, lambda2, eps, a, n_threads) -> float:
-            if a is not None:
-                a.fill(0.0)
-            return 0.0
-
-        def som_gram_backward(self, *args) -> None:
-            pass
-
-        def omp_team(self) -> bool:
-            return False
 
     original = som._cpp_core
     som._cpp_core = NoOpCore

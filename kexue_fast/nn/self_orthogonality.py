@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from .._dispatch import BACKENDS
 from ..ortho.hooks import LayerSpec, OutputRecorder
-from ..ortho.som import check_hyperparameters, cpp_route_takes, som_regularizer, tapped_penalty
+from ..ortho.som import check_hyperparameters, cpp_route_takes, som_regularizer, tapped_penalty, taps_hold
 
 
 class SelfOrthogonality(nn.Module):
@@ -99,7 +99,7 @@ class SelfOrthogonality(nn.Module):
                                "reentrant checkpoint (use_reentrant=True) runs its forward without gradients: use "
                                "use_reentrant=False")  # fmt: skip
         taps = [getattr(r, "tap", None) for r in records]
-        if all(t is not None for t in taps) and all(cpp_route_takes(y, d, self.backend) for y, d in records):
+        if all(t is not None for t in taps) and taps_hold([y.dtype for y, _ in records], self.backend):
             if reduction not in ("sum", "none"):
                 raise ValueError(f'reduction must be "sum" or "none", got {reduction!r}')
             per_layer = tapped_penalty([y for y, _ in records], taps, [d for _, d in records], gamma=self.gamma,

@@ -18,9 +18,11 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import os
 import sys
 from typing import List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -465,13 +467,23 @@ class _TapSlot:
         return None if out is grad else out
 
 
-def _cpp_backward(y: Tensor, layout: Layout, gamma: float, a0: Tensor, out: Tensor, threads: int, scale: float,
+def _cpp_backward(y: Tensor, layout: Layout, gamma: float, a0: np.ndarray, out: Tensor, threads: int, scale: float,
                   add: bool) -> None:  # fmt: skip
     """out (contiguous, Y's shape, float32/64) = (or += where add) scale · ∂R/∂Y on the C++ core, from A₀."""
     n, c, s = layout
-    y_flat = y.detach().to(out.dtype).contiguous().view(-1)
-    _cpp_core().som_gram_backward(y_flat.numpy(), n, c, s, gamma, a0.numpy(), out.view(-1).numpy(), threads, scale,
-                                  add)  # fmt: skip
+    _cpp_core().som_gram_backward(_flat(y, out.dtype), n, c, s, gamma, a0, _flat(out, out.dtype), threads, scale, add)
+
+
+def _flat(t: Tensor, dtype: torch.dtype) -> np.ndarray:
+    """t's values as a flat contiguous numpy array of `dtype` (float32/64): t's own memory where it is contiguous and
+    of that dtype (so also for an output the C++ core writes), else a converted copy; checked by attributes, not by
+    torch ops, since this runs per layer in every training step (SelfOrthogonality's host time)."""
+    t = t.detach()
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    if not t.is_contiguous():
+        t = t.contiguous()
+    return t.numpy().reshape(-1)
 
 
 def _will_run(node) -> bool:
@@ -540,7 +552,35 @@ def cpp_route_takes(y: Tensor, channel_dim: int, backend: Optional[str]) -> bool
     n, c, s = _layout(y, channel_dim % y.ndim)
     if n * s < c:
         return False
-    return _choose(y.device, [y.dtype], backend)[0][y.dtype] == "cpp"
+    return _cpp_route(y.dtype, backend)
+
+
+_CPU = torch.device("cpu")
+_ROUTES: dict = {}
+
+
+def _cpp_route(dtype: torch.dtype, backend: Optional[str]) -> bool:
+    """Whether _choose sends CPU layers of `dtype` (float32/64) to the C++ core now, outside torch.compile: memoized
+    on all that the choice reads for CPU tensors (the backend argument, KEXUE_FAST_BACKEND, TRITON_INTERPRET, torch's
+    thread count against CPP_MAX_TORCH_THREADS), since SelfOrthogonality asks per hooked layer in every step."""
+    key = (dtype, backend, os.environ.get(_dispatch.ENV_VAR), os.environ.get("TRITON_INTERPRET"),
+           torch.get_num_threads(), CPP_MAX_TORCH_THREADS)  # fmt: skip
+    route = _ROUTES.get(key)
+    if route is None:
+        route = _ROUTES[key] = _choose(_CPU, [dtype], backend)[0][dtype] == "cpp"
+    return route
+
+
+def taps_hold(dtypes: Sequence[torch.dtype], backend: Optional[str]) -> bool:
+    """At loss(), for outputs tapped in the forward (each a float32/64 CPU tensor with rows ≥ channels: fixed facts
+    that cpp_route_takes checked then): whether the C++ route still takes them now (not compiling, no saved-tensor
+    hooks, the backend choice unchanged)."""
+    if torch.compiler.is_compiling():
+        return False
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    if top is None or top(False) is not None:
+        return False
+    return all(_cpp_route(dt, backend) for dt in set(dtypes))
 
 
 def tapped_penalty(ys: Sequence[Tensor], taps: Sequence[Tensor], channel_dim: Sequence[int], *, gamma: float,
@@ -574,10 +614,10 @@ class _CppPenalty(torch.autograd.Function):
         threads = cpp_threads()
         values, a0 = [], []
         for y, (n, c, s), needed in zip(ys, layouts, ctx.needs_input_grad[6:]):
-            y_flat = y.detach().to(_work_dtype(y.dtype)).contiguous().view(-1)  # half in float32, as on torch
-            a = torch.empty((c, c), dtype=torch.float64, device="cpu") if needed else None  # A₀ only for a backward
-            values.append(core.som_penalty(y_flat.numpy(), n, c, s, gamma, lambda1, lambda2, eps,
-                                           None if a is None else a.numpy(), threads))  # fmt: skip
+            a = np.empty((c, c)) if needed else None  # A₀ (float64), only for a backward
+            # half in float32, as on torch
+            values.append(core.som_penalty(_flat(y, _work_dtype(y.dtype)), n, c, s, gamma, lambda1, lambda2, eps, a,
+                                           threads))  # fmt: skip
             a0.append(a)
         ctx.gamma, ctx.layouts, ctx.a0, ctx.slots = gamma, layouts, a0, slots
         ctx.save_for_backward(*ys)
