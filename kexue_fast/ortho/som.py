@@ -471,13 +471,14 @@ def _cpp_backward(y: Tensor, layout: Layout, gamma: float, a0: np.ndarray, out: 
                   add: bool) -> None:  # fmt: skip
     """out (contiguous, Y's shape, float32/64) = (or += where add) scale · ∂R/∂Y on the C++ core, from A₀."""
     n, c, s = layout
-    _cpp_core().som_gram_backward(_flat(y, out.dtype), n, c, s, gamma, a0, _flat(out, out.dtype), threads, scale, add)
+    target = out.detach().view(-1).numpy()  # out's own memory: view raises where it cannot be (never a copy)
+    _cpp_core().som_gram_backward(_flat(y, out.dtype), n, c, s, gamma, a0, target, threads, scale, add)
 
 
 def _flat(t: Tensor, dtype: torch.dtype) -> np.ndarray:
     """t's values as a flat contiguous numpy array of `dtype` (float32/64): t's own memory where it is contiguous and
-    of that dtype (so also for an output the C++ core writes), else a converted copy; checked by attributes, not by
-    torch ops, since this runs per layer in every training step (SelfOrthogonality's host time)."""
+    of that dtype, else a converted copy; checked by attributes, not by torch ops, since this runs per layer in every
+    training step (SelfOrthogonality's host time)."""
     t = t.detach()
     if t.dtype != dtype:
         t = t.to(dtype)
