@@ -4,7 +4,7 @@
     ncu --nvtx --nvtx-include measure/ --kernel-name regex:_som_ python -m kexue_fast.benchmarks.som_profile \
         --kernels-once [--settings JSON]
     python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --steps 20 --cpp-split [--fresh-buffers] \
-        [--no-taps] [--compare-cores OTHER.so ...]
+        [--no-taps] [--recompute-z] [--compare-cores OTHER.so ...]
     python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --host-overhead
     python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --taps 5 [--threads 2]
     python -m kexue_fast.benchmarks.som_profile --host-costs [--batch 2]
@@ -419,12 +419,14 @@ def _fmt(values: Sequence[float]) -> str:
     return "[" + ", ".join(f"{v:.1e}" for v in values) + "]"
 
 
-def cpp_split(batch: int, steps: int, fresh_buffers: bool, compare: Sequence[str] = (), taps: bool = True) -> None:
+def cpp_split(batch: int, steps: int, fresh_buffers: bool, compare: Sequence[str] = (), taps: bool = True,
+              recompute_z: bool = False) -> None:  # fmt: skip
     """Milliseconds per step in the C++ core's forward and backward calls inside the CNN step (CPU, cpp backend);
     with `compare` (paths of other builds of the extension), the step with SOM also runs on each of them, all
     interleaved step by step, and on NoOpCore (the C++ calls as no-ops: the hooks, taps, autograd nodes and Python of
     the route, whatever the C++ work costs). taps=False: SelfOrthogonality without taps (builds before 3fc4eee cannot
-    add ∂R/∂Y into a gradient)."""
+    add ∂R/∂Y into a gradient). recompute_z: this build also with som.KEEP_Z = False (Z recomputed in the backward
+    instead of kept from the forward)."""
     from kexue_fast.ortho import som, workspace
 
     cores = {**_cores(som._cpp_core(), compare), "C++ calls as no-ops": NoOpCore()}
@@ -455,14 +457,22 @@ def cpp_split(batch: int, steps: int, fresh_buffers: bool, compare: Sequence[str
     if fresh_buffers:
         workspace.grad_buffer = lambda shape, dtype: torch.empty(shape, dtype=dtype)
 
-    def on(label: str):
+    def on(label: str, keep_z: bool = True):
         def step() -> None:
             running[0] = label
-            with_som()
+            som.KEEP_Z = keep_z
+            try:
+                with_som()
+            finally:
+                som.KEEP_Z = True
 
         return step
 
-    contestants = {"plain": plain, **{label: on(label) for label in cores}}
+    recompute = "this build, Z recomputed"
+    if recompute_z:
+        cores[recompute] = cores["this build"]
+        spent.update({(recompute, part): 0.0 for part in ("forward", "backward")})
+    contestants = {"plain": plain, **{label: on(label, label != recompute) for label in cores}}
     try:
         for _ in range(2):
             for fn in contestants.values():
@@ -670,6 +680,7 @@ def main() -> None:
     parser.add_argument("--cpp-split", action="store_true", help="CPU: time the C++ calls inside the step instead")
     parser.add_argument("--fresh-buffers", action="store_true", help="with --cpp-split: no kept ∂R/∂Y buffers")
     parser.add_argument("--no-taps", action="store_true", help="with --cpp-split: SelfOrthogonality(taps=False)")
+    parser.add_argument("--recompute-z", action="store_true", help="with --cpp-split: also with som.KEEP_Z = False")
     parser.add_argument("--host-overhead", action="store_true", help="CPU: the C++ route's Python and torch side")
     parser.add_argument("--cpp-layers", action="store_true", help="CPU: the C++ calls alone on the CNN's layer shapes")
     parser.add_argument("--threads", type=int, default=1, help="CPU: torch's threads (the C++ core's on its team)")
@@ -729,6 +740,8 @@ def main() -> None:
             parser.error("--taps times the C++ route's step: it needs --device cpu")
         taps_ab(batch, args.taps)
         return
+    if args.recompute_z and not args.cpp_split:
+        parser.error("--recompute-z goes with --cpp-split")
     if args.compare_cores and not (args.cpp_layers or args.cpp_split):
         parser.error("--compare-cores goes with --cpp-layers or --cpp-split")
     if args.shapes and not args.cpp_layers:
@@ -746,7 +759,14 @@ def main() -> None:
     if args.cpp_split:
         if args.device != "cpu":
             parser.error("--cpp-split times the C++ core: it needs --device cpu")
-        cpp_split(batch, args.steps, args.fresh_buffers, args.compare_cores, taps=not args.no_taps)
+        cpp_split(
+            batch,
+            args.steps,
+            args.fresh_buffers,
+            args.compare_cores,
+            taps=not args.no_taps,
+            recompute_z=args.recompute_z,
+        )
         return
     for backend in (None, "torch", "triton") if args.device == "cuda" else (None, "torch", "cpp"):
         profile_backend(backend, args.device, batch, args.steps)

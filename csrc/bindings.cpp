@@ -771,30 +771,37 @@ void check_som_shape(std::int64_t n, std::int64_t c, std::int64_t s, double gamm
 
 template <typename T>
 double som_penalty_typed(const py::array& y, std::int64_t n, std::int64_t c, std::int64_t s, double gamma,
-                         double lambda1, double lambda2, double eps, const py::handle& a, int n_threads) {
+                         double lambda1, double lambda2, double eps, const py::handle& a, int n_threads,
+                         const py::handle& z) {
   const T* yp = array_ptr<T>(y, {n * c * s}, "y", false);
   if (!a.is_none() && !py::isinstance<py::array_t<double>>(a)) throw py::type_error("a must be a float64 array");
   double* ap = optional_ptr<double>(a, {c, c}, "a", true);
+  if (!z.is_none() && !py::isinstance<py::array_t<T>>(z)) throw py::type_error("z must be an array of y's dtype");
+  T* zp = optional_ptr<T>(z, {n * c * s}, "z", true);
+  if (zp != nullptr && static_cast<const void*>(zp) < static_cast<const void*>(yp + n * c * s) &&
+      static_cast<const void*>(yp) < static_cast<const void*>(zp + n * c * s))
+    throw py::value_error("z must not overlap y");
   py::gil_scoped_release release;
   std::vector<double> gram(static_cast<std::size_t>(c * c));
-  kexue::ortho::som_gram<T>(yp, n, c, s, gamma, gram.data(), n_threads);
+  kexue::ortho::som_gram<T>(yp, n, c, s, gamma, gram.data(), n_threads, zp);
   return kexue::ortho::som_penalty(gram.data(), c, gamma, lambda1, lambda2, eps, ap);
 }
 
 double som_penalty(const py::array& y, std::int64_t n, std::int64_t c, std::int64_t s, double gamma, double lambda1,
-                   double lambda2, double eps, const py::handle& a, int n_threads) {
+                   double lambda2, double eps, const py::handle& a, int n_threads, const py::handle& z) {
   check_som_shape(n, c, s, gamma);
   if (!(lambda1 >= 0) || !(lambda2 >= 0) || !(eps > 0)) throw py::value_error("need lambda1, lambda2 >= 0, eps > 0");
   if (py::isinstance<py::array_t<float>>(y))
-    return som_penalty_typed<float>(y, n, c, s, gamma, lambda1, lambda2, eps, a, n_threads);
+    return som_penalty_typed<float>(y, n, c, s, gamma, lambda1, lambda2, eps, a, n_threads, z);
   if (py::isinstance<py::array_t<double>>(y))
-    return som_penalty_typed<double>(y, n, c, s, gamma, lambda1, lambda2, eps, a, n_threads);
+    return som_penalty_typed<double>(y, n, c, s, gamma, lambda1, lambda2, eps, a, n_threads, z);
   throw py::type_error("y must be float32 or float64");
 }
 
 template <typename T>
 void som_gram_backward_typed(const py::array& y, std::int64_t n, std::int64_t c, std::int64_t s, double gamma,
-                             const py::handle& a, const py::handle& dy, int n_threads, double scale, bool add) {
+                             const py::handle& a, const py::handle& dy, int n_threads, double scale, bool add,
+                             bool from_z) {
   const T* yp = array_ptr<T>(y, {n * c * s}, "y", false);
   if (!py::isinstance<py::array_t<double>>(a)) throw py::type_error("a must be a float64 array");
   const double* ap = array_ptr<double>(a, {c, c}, "a", false);
@@ -802,16 +809,16 @@ void som_gram_backward_typed(const py::array& y, std::int64_t n, std::int64_t c,
   py::gil_scoped_release release;
   std::vector<T> scaled(static_cast<std::size_t>(c * c));  // A = scale · a in y's type, as the kernel reads it
   for (std::size_t e = 0; e < scaled.size(); ++e) scaled[e] = static_cast<T>(scale * ap[e]);
-  kexue::ortho::som_gram_backward<T>(yp, n, c, s, gamma, scaled.data(), dp, n_threads, add);
+  kexue::ortho::som_gram_backward<T>(yp, n, c, s, gamma, scaled.data(), dp, n_threads, add, from_z);
 }
 
 void som_gram_backward(const py::array& y, std::int64_t n, std::int64_t c, std::int64_t s, double gamma,
-                       const py::handle& a, const py::handle& dy, int n_threads, double scale, bool add) {
+                       const py::handle& a, const py::handle& dy, int n_threads, double scale, bool add, bool from_z) {
   check_som_shape(n, c, s, gamma);
   if (py::isinstance<py::array_t<float>>(y))
-    return som_gram_backward_typed<float>(y, n, c, s, gamma, a, dy, n_threads, scale, add);
+    return som_gram_backward_typed<float>(y, n, c, s, gamma, a, dy, n_threads, scale, add, from_z);
   if (py::isinstance<py::array_t<double>>(y))
-    return som_gram_backward_typed<double>(y, n, c, s, gamma, a, dy, n_threads, scale, add);
+    return som_gram_backward_typed<double>(y, n, c, s, gamma, a, dy, n_threads, scale, add, from_z);
   throw py::type_error("y must be float32 or float64");
 }
 // ---- end SOM Gram -------------------------------------------------------------------------------------------------
@@ -911,13 +918,16 @@ PYBIND11_MODULE(_core, m) {
         py::arg("lead"), py::arg("through_series"), "Elements of the workspace dense_chain_forward fills.");
   m.def("som_penalty", &som_penalty, py::arg("y"), py::arg("n"), py::arg("c"), py::arg("s"), py::arg("gamma"),
         py::arg("lambda1"), py::arg("lambda2"), py::arg("eps"), py::arg("a") = py::none(), py::arg("n_threads") = 0,
+        py::arg("z") = py::none(),
         "R of y read as [n, c, s] from its Gram G = Z^T Z, Z = tanh(gamma y), and into a (float64 [c, c], optional) "
-        "A = gamma (Gbar + Gbar^T) at a unit upstream gradient, for som_gram_backward (csrc/ortho/som_gram.hpp).");
+        "A = gamma (Gbar + Gbar^T) at a unit upstream gradient, for som_gram_backward (csrc/ortho/som_gram.hpp); "
+        "into z (y's dtype and size, optional) Z itself, for som_gram_backward(from_z=True).");
   m.def("som_gram_backward", &som_gram_backward, py::arg("y"), py::arg("n"), py::arg("c"), py::arg("s"),
         py::arg("gamma"), py::arg("a"), py::arg("dy"), py::arg("n_threads") = 0, py::arg("scale") = 1.0,
-        py::arg("add") = false,
+        py::arg("add") = false, py::arg("from_z") = false,
         "dy = (A Z_i) * (1 - Z_i^2) per sample, Z = tanh(gamma y) read as [n, c, s], A = scale * a (a: float64 "
-        "[c, c], symmetric); add=True: dy += that (dy read, as a gradient to add into).");
+        "[c, c], symmetric); add=True: dy += that (dy read, as a gradient to add into); from_z=True: y is Z itself "
+        "(som_penalty's z).");
   m.def("jacobi_elliptic", &jacobi_elliptic, py::arg("u"), py::arg("m"), py::arg("n_threads") = 0,
         py::arg("mp") = py::none(),
         "(sn, cn, dn, am, zeta) of same-shape float arrays u, m (0 <= m <= 1, NaN outside), elementwise; mp: 1 - m "

@@ -180,6 +180,45 @@ def test_cpp_core_threads_give_the_one_thread_results(n, c, s, dtype):
     assert torch.equal(dy_same_a, dy1)  # same A: two threads write exactly what one does, every element
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, D64])
+@pytest.mark.parametrize("n, c, s", [(4, 16, 4096), (3, 5, 333), (500, 7, 1)])
+def test_cpp_core_keeps_z_for_the_backward(n, c, s, dtype):
+    """som_penalty(..., z=buffer) stores Z = tanh(γy) as it computes the Gram (float32: ±1 exactly where float's tanh
+    rounds to 1, within a few ulp of torch.tanh elsewhere); som_gram_backward(from_z=True) from it gives the backward
+    that recomputes Z (float64 bitwise, on one and two threads); R is unchanged. Bad z: TypeError (dtype),
+    ValueError (size, overlapping y)."""
+    from kexue_fast import _core
+
+    g = torch.Generator().manual_seed(n + c + s)
+    y = (torch.randn(n * c * s, generator=g, dtype=D64) * 0.5).to(dtype)
+    for threads in (1, 2):
+        a, a_kept = torch.empty((c, c), dtype=D64), torch.empty((c, c), dtype=D64)
+        z = torch.full_like(y, float("nan"))
+        r = _core.som_penalty(y.numpy(), n, c, s, 10.0, 2.0, 0.5, 1e-12, a.numpy(), threads)
+        r_kept = _core.som_penalty(y.numpy(), n, c, s, 10.0, 2.0, 0.5, 1e-12, a_kept.numpy(), threads, z.numpy())
+        assert abs(r_kept - r) <= (1e-5 if dtype == torch.float32 else 0.0) * abs(r)
+        want = torch.tanh(10.0 * y.double())
+        if dtype == torch.float32:
+            ones = (10.0 * y).abs() >= 9.0110  # float tanh is ±1 from 9.010914 on
+            assert ones.any() and torch.equal(z[ones], torch.sign(y[ones]))
+            torch.testing.assert_close(z.double(), want, rtol=8 * 2.0**-24, atol=0)
+        else:
+            torch.testing.assert_close(z, want, rtol=1e-15, atol=0)
+        dy, dy_kept = torch.zeros_like(y), torch.zeros_like(y)
+        _core.som_gram_backward(y.numpy(), n, c, s, 10.0, a_kept.numpy(), dy.numpy(), threads, 0.7, True)
+        _core.som_gram_backward(z.numpy(), n, c, s, 10.0, a_kept.numpy(), dy_kept.numpy(), threads, 0.7, True, True)
+        if dtype == D64:
+            assert torch.equal(dy_kept, dy)
+        else:
+            torch.testing.assert_close(dy_kept, dy, rtol=1e-6, atol=1e-6 * float(dy.abs().max()))
+    with pytest.raises(TypeError, match="z must be"):
+        _core.som_penalty(y.numpy(), n, c, s, 10.0, 2.0, 0.5, 1e-12, None, 1, z.to(torch.float16).numpy())
+    with pytest.raises(ValueError, match="z has the wrong shape"):
+        _core.som_penalty(y.numpy(), n, c, s, 10.0, 2.0, 0.5, 1e-12, None, 1, z[1:].numpy())
+    with pytest.raises(ValueError, match="overlap"):
+        _core.som_penalty(y.numpy(), n, c, s, 10.0, 2.0, 0.5, 1e-12, None, 1, y.numpy())
+
+
 @pytest.mark.parametrize("scale", [1e-6, 1e-9, 1e-12])
 def test_cpp_gram_keeps_relative_accuracy_for_tiny_inputs(scale):
     """Θ normalizes Z's columns, so tanh(γy) needs relative accuracy where γy is tiny (the C++ tanh goes through an
@@ -312,22 +351,28 @@ def test_cpp_tanh_of_infinities_is_one_and_nan_stays_nan(dtype):
     assert nans[0].any() and torch.equal(nans[0], nans[1])
 
 
-def test_cpp_saves_y_so_in_place_changes_before_backward_are_refused():
-    """The C++ backend saves Y (Z is recomputed in backward) where the torch path saves Z: modifying Y in place
-    between the regularizer and backward is autograd's usual in-place error there (documented), not a wrong
-    gradient; the torch backend accepts it."""
-    y0 = torch.randn(16, 4, 3, 3)
-    for backend in ("torch", "cpp"):
+def test_cpp_in_place_changes_of_y_before_backward(monkeypatch):
+    """The C++ backend saves the forward's Z (KEEP_Z), as the torch path does: Y modified in place between the
+    regularizer and backward changes nothing (the gradient is the torch path's, of the Y the forward saw). With
+    KEEP_Z = False it saves Y and recomputes Z: then that is autograd's usual in-place error (documented), never a
+    wrong gradient."""
+    from kexue_fast.ortho import som as som_module
+
+    y0 = torch.randn(16, 4, 3, 3, dtype=torch.float64)
+    grads = {}
+    for backend, keep in (("torch", True), ("cpp", True), ("cpp", False)):
+        monkeypatch.setattr(som_module, "KEEP_Z", keep)
         h = y0.clone().requires_grad_()
         hh = h * 1.0
         r = som_regularizer(hh, backend=backend)
         torch.relu_(hh)
-        if backend == "torch":
+        if keep:
             (r + hh.sum()).backward()
-            assert h.grad is not None
+            grads[backend] = h.grad
         else:
             with pytest.raises(RuntimeError, match="inplace"):
                 (r + hh.sum()).backward()
+    torch.testing.assert_close(grads["cpp"], grads["torch"], rtol=1e-10, atol=1e-12)
 
 
 def test_cpp_is_what_auto_runs_on_cpu_and_compile_takes_torch(monkeypatch):
@@ -717,9 +762,12 @@ def test_tall_weight_regularizers_do_not_cancel_in_float32():
 @pytest.mark.parametrize("backend", ["cpp", "torch"])
 def test_cpu_backward_buffers_are_reused_only_when_free(backend, monkeypatch):
     """The CPU backward's ∂R/∂Y buffers are kept for the next call (kexue_fast.ortho.workspace), but one still held
-    (by the caller, as a leaf's .grad) is never handed out again, nor one moved to shared memory."""
+    (by the caller, as a leaf's .grad) is never handed out again, nor one moved to shared memory. (KEEP_Z off: its Z
+    buffers come from the same pool; test_cpp_kept_z_buffers_are_reused_only_when_free.)"""
+    from kexue_fast.ortho import som as som_module
     from kexue_fast.ortho import workspace
 
+    monkeypatch.setattr(som_module, "KEEP_Z", False)
     workspace.release()
     g = torch.Generator().manual_seed(3)
     shape = (3, 5, 7)
@@ -764,6 +812,32 @@ def test_cpu_backward_buffers_are_reused_only_when_free(backend, monkeypatch):
     del held, other
     workspace.grad_buffer(torch.Size((7, 5, 3)), torch.float32)  # the free one goes, the new one is kept
     assert workspace.kept_bytes() == size and list(workspace._buffers) == [((7, 5, 3), torch.float32)]
+    workspace.release()
+
+
+@pytest.mark.parametrize("shape", [(6, 4, 5, 5), (40, 7)])
+def test_cpp_kept_z_buffers_are_reused_only_when_free(shape):
+    """KEEP_Z: each forward's Z goes into a kept buffer, saved for the backward: a pending graph's Z is never handed
+    to another forward (two graphs alive, each gradient its own, equal to the torch path's), and once a graph is
+    freed its buffer serves the next forward (no new memory per step)."""
+    from kexue_fast.ortho import workspace
+
+    workspace.release()
+    g = torch.Generator().manual_seed(5)
+    ys = [torch.randn(shape, generator=g, dtype=D64).requires_grad_() for _ in range(3)]
+    expect = [torch.autograd.grad(som_regularizer(y, backend="torch"), y)[0] for y in ys]
+    held = len(workspace._buffers.get((shape, D64), []))  # the torch path's ∂R/∂Y (`expect` holds them)
+    pending = [som_regularizer(y, backend="cpp") for y in ys[:2]]  # two graphs alive: two Z buffers
+    assert len(workspace._buffers[(shape, D64)]) == held + 2
+    for r, y, e in zip(pending, ys, expect):
+        torch.testing.assert_close(torch.autograd.grad(r, y)[0], e, rtol=1e-10, atol=1e-12)
+    del pending, r
+    kept = workspace.kept_bytes()
+    for _ in range(3):  # graphs freed: their buffers serve again (Z and ∂R/∂Y), nothing new is kept
+        got = torch.autograd.grad(som_regularizer(ys[2], backend="cpp"), ys[2])[0]
+        torch.testing.assert_close(got, expect[2], rtol=1e-10, atol=1e-12)
+        del got
+    assert workspace.kept_bytes() == kept
     workspace.release()
 
 

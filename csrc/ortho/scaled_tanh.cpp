@@ -2,6 +2,8 @@
 #include "ortho/scaled_tanh.hpp"
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 
 #include "common/cpu_features.hpp"
 #include "common/fast_exp.hpp"
@@ -87,14 +89,23 @@ __attribute__((target("avx512f"))) inline __m512 tanh16(const __m512 x0) {
   return z;
 }
 
-template <bool kOnes>
-__attribute__((target("avx512f"))) void tanh_avx512(const float* y, float gamma, float* z, std::int64_t count) {
+// kAlso: each vector also to `also` (kStream: by non-temporal stores, `also` being 64-byte aligned).
+template <bool kOnes, bool kAlso = false, bool kStream = false>
+__attribute__((target("avx512f"))) void tanh_avx512(const float* y, float gamma, float* z, std::int64_t count,
+                                                    float* also = nullptr) {
   const __m512 g = _mm512_set1_ps(gamma);
   std::int64_t e = 0;
-  for (; e + 16 <= count; e += 16) _mm512_storeu_ps(z + e, tanh16<kOnes>(_mm512_mul_ps(g, _mm512_loadu_ps(y + e))));
+  for (; e + 16 <= count; e += 16) {
+    const __m512 v = tanh16<kOnes>(_mm512_mul_ps(g, _mm512_loadu_ps(y + e)));
+    _mm512_storeu_ps(z + e, v);
+    if constexpr (kAlso && kStream) _mm512_stream_ps(also + e, v);
+    if constexpr (kAlso && !kStream) _mm512_storeu_ps(also + e, v);
+  }
   if (e < count) {  // the tail through masked loads and stores: the same formula for every element
     const __mmask16 mask = static_cast<__mmask16>((1u << (count - e)) - 1u);
-    _mm512_mask_storeu_ps(z + e, mask, tanh16<kOnes>(_mm512_mul_ps(g, _mm512_maskz_loadu_ps(mask, y + e))));
+    const __m512 v = tanh16<kOnes>(_mm512_mul_ps(g, _mm512_maskz_loadu_ps(mask, y + e)));
+    _mm512_mask_storeu_ps(z + e, mask, v);
+    if constexpr (kAlso) _mm512_mask_storeu_ps(also + e, mask, v);
   }
 }
 #endif
@@ -114,18 +125,32 @@ KEXUE_SIMD_CLONES void tanh_expm1(const T* y, T gamma, T* z, std::int64_t count)
 
 }  // namespace
 
-void scaled_tanh(const float* y, float gamma, float* z, std::int64_t count, bool exact_ones) {
+void scaled_tanh(const float* y, float gamma, float* z, std::int64_t count, bool exact_ones, float* also) {
 #ifdef KEXUE_TANH_AVX2
-  if (use_avx512()) return exact_ones ? tanh_avx512<true>(y, gamma, z, count) : tanh_avx512<false>(y, gamma, z, count);
-  if (has_avx2()) return exact_ones ? tanh_avx2<true>(y, gamma, z, count) : tanh_avx2<false>(y, gamma, z, count);
+  if (use_avx512()) {
+    if (also == nullptr)
+      return exact_ones ? tanh_avx512<true>(y, gamma, z, count) : tanh_avx512<false>(y, gamma, z, count);
+    if (reinterpret_cast<std::uintptr_t>(also) % 64 == 0)
+      return exact_ones ? tanh_avx512<true, true, true>(y, gamma, z, count, also)
+                        : tanh_avx512<false, true, true>(y, gamma, z, count, also);
+    return exact_ones ? tanh_avx512<true, true>(y, gamma, z, count, also)
+                      : tanh_avx512<false, true>(y, gamma, z, count, also);
+  }
+  if (has_avx2()) {
+    exact_ones ? tanh_avx2<true>(y, gamma, z, count) : tanh_avx2<false>(y, gamma, z, count);
+    if (also != nullptr) std::memcpy(also, z, static_cast<std::size_t>(count) * sizeof(float));
+    return;
+  }
 #else
   (void)exact_ones;
 #endif
   tanh_expm1(y, gamma, z, count);
+  if (also != nullptr) std::memcpy(also, z, static_cast<std::size_t>(count) * sizeof(float));
 }
 
-void scaled_tanh(const double* y, double gamma, double* z, std::int64_t count, bool) {
+void scaled_tanh(const double* y, double gamma, double* z, std::int64_t count, bool, double* also) {
   tanh_expm1(y, gamma, z, count);
+  if (also != nullptr) std::memcpy(also, z, static_cast<std::size_t>(count) * sizeof(double));
 }
 
 }  // namespace ortho

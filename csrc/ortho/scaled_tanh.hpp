@@ -16,8 +16,12 @@ namespace ortho {
 
 // exact_ones = false: the float AVX2 form may return ±(1 − 1.8e-7) where tanh rounds to ±1 (from |γy| = 7.905 on),
 // 3 ulp off: enough for the forward's Gram, not for the backward's 1 − z² (which must be 0 there).
-void scaled_tanh(const float* y, float gamma, float* z, std::int64_t count, bool exact_ones = true);
-void scaled_tanh(const double* y, double gamma, double* z, std::int64_t count, bool exact_ones = true);
+// also (optional): a second copy of z, stored past the caches where AVX-512 runs and `also` is 64-byte aligned (Z kept
+// for a later pass, which the current one must not evict its working set for).
+void scaled_tanh(const float* y, float gamma, float* z, std::int64_t count, bool exact_ones = true,
+                 float* also = nullptr);
+void scaled_tanh(const double* y, double gamma, double* z, std::int64_t count, bool exact_ones = true,
+                 double* also = nullptr);
 
 }  // namespace ortho
 }  // namespace kexue

@@ -457,7 +457,10 @@ KEXUE_INLINE void upper_gram_rows(const T* z, std::int64_t c, std::int64_t p, st
 
 template <typename T>
 KEXUE_SIMD_CLONES void gram_rows(const T* y, std::int64_t c, std::int64_t s, T gamma, std::int64_t i0, std::int64_t i1,
-                                 std::vector<double>& gram, std::vector<T>& scratch) {
+                                 std::vector<double>& gram, std::vector<T>& scratch, T* z_out) {
+  // z_out: Z also stored there (Y's layout), with float's exact ±1 (the backward's 1 − Z² is 0 there)
+  const bool exact = z_out != nullptr;
+  auto out_at = [&](std::int64_t offset) { return z_out == nullptr ? nullptr : z_out + offset; };
   const std::int64_t stride = kPositions + 64 / static_cast<std::int64_t>(sizeof(T));  // not a power of two
   const std::int64_t block = s == 1 ? kRows * c : c * stride;
   const std::int64_t bytes = static_cast<std::int64_t>(sizeof(T));
@@ -472,7 +475,7 @@ KEXUE_SIMD_CLONES void gram_rows(const T* y, std::int64_t c, std::int64_t s, T g
     constexpr std::int64_t band = 64 / static_cast<std::int64_t>(sizeof(T));  // the tiles' width of columns
     for (std::int64_t r0 = i0; r0 < i1; r0 += kRows) {
       const std::int64_t rows = std::min(kRows, i1 - r0);
-      scaled_tanh(y + r0 * c, gamma, z, rows * c, false);
+      scaled_tanh(y + r0 * c, gamma, z, rows * c, exact, out_at(r0 * c));
       for (std::int64_t a0 = 0; a0 < c; a0 += band) {  // bands of G's rows from their diagonal block on: the upper
         const std::int64_t m = std::min(band, c - a0);  // triangle and the diagonal blocks, about half of Zᵀ Z
         gemm::gemm<T>(m, rows, c - a0, z + a0, 1, c, z + a0, c, tile + a0 * c + a0, c, false);
@@ -487,7 +490,8 @@ KEXUE_SIMD_CLONES void gram_rows(const T* y, std::int64_t c, std::int64_t s, T g
       const std::int64_t m = std::min(per, i1 - i);
       for (std::int64_t k = 0; k < m; ++k)  // each sample's [c, s] block read in memory order: one stream
         for (std::int64_t ch = 0; ch < c; ++ch)
-          scaled_tanh(y + ((i + k) * c + ch) * s, gamma, z + ch * stride + k * s, s, false);
+          scaled_tanh(y + ((i + k) * c + ch) * s, gamma, z + ch * stride + k * s, s, exact,
+                      out_at(((i + k) * c + ch) * s));
       Prefetch next;  // the next chunk's samples
       next.add(y + (i + m) * c * s, std::min(per, i1 - i - m) * c * s * bytes, 0, 1);
       upper_gram_rows(z, c, m * s, stride, tile, next);
@@ -498,7 +502,8 @@ KEXUE_SIMD_CLONES void gram_rows(const T* y, std::int64_t c, std::int64_t s, T g
   for (std::int64_t i = i0; i < i1; ++i)  // G += Z_i Z_iᵀ, Z_i [c, s] in chunks of kPositions positions
     for (std::int64_t p0 = 0; p0 < s; p0 += kPositions) {
       const std::int64_t p = std::min(kPositions, s - p0);
-      for (std::int64_t ch = 0; ch < c; ++ch) scaled_tanh(y + (i * c + ch) * s + p0, gamma, z + ch * stride, p, false);
+      for (std::int64_t ch = 0; ch < c; ++ch)
+        scaled_tanh(y + (i * c + ch) * s + p0, gamma, z + ch * stride, p, exact, out_at((i * c + ch) * s + p0));
       Prefetch next;  // the next chunk's rows: this sample's next positions, else the next sample's first
       if (p0 + p < s)
         next.add(y + i * c * s + p0 + p, std::min(kPositions, s - p0 - p) * bytes, s * bytes, c);
@@ -512,25 +517,33 @@ KEXUE_SIMD_CLONES void gram_rows(const T* y, std::int64_t c, std::int64_t s, T g
 template <typename T>
 KEXUE_SIMD_CLONES void backward_rows(const T* y, std::int64_t c, std::int64_t s, T gamma, const T* a, T* dy,
                                      std::int64_t i0, std::int64_t i1, std::vector<T>& scratch, bool stream,
-                                     bool add) {
+                                     bool add, bool from_z) {
   const std::int64_t bytes = static_cast<std::int64_t>(sizeof(T));
+  auto z_of = [&](const T* src, T* dst, std::int64_t count) {  // from_z: y holds Z (the forward's, exact ±1)
+    if (from_z)
+      std::memcpy(dst, src, static_cast<std::size_t>(count) * sizeof(T));
+    else
+      scaled_tanh(src, gamma, dst, count);
+  };
   if (s == 1) {  // dy rows = (Z A) ⊙ (1 − Z²) (A symmetric)
     scratch.resize(static_cast<std::size_t>(kRows * c * (add ? 2 : 1)));
     T* z = scratch.data();
     for (std::int64_t r0 = i0; r0 < i1; r0 += kRows) {
       const std::int64_t rows = std::min(kRows, i1 - r0);
-      scaled_tanh(y + r0 * c, gamma, z, rows * c);
       T* out = dy + r0 * c;
 #ifdef KEXUE_SOM_AVX2
       if (use_avx512()) {  // l = e = Z's rows, v = A: out[r][j] = (Σ_k Z[r][k] A[k][j]) (1 − Z[r][j]²)
+        const T* zr = from_z ? y + r0 * c : z;  // the forward's Z read where it lies
+        if (!from_z) z_of(y + r0 * c, z, rows * c);
         const std::int64_t next = std::min(kRows, i1 - r0 - rows) * c * bytes;  // the next block's rows of Y, ∂Y
         Prefetch pf;
         pf.add(y + (r0 + rows) * c, next, 0, 1);
         if (add) pf.add(dy + (r0 + rows) * c, next, 0, 1);
-        fused_product_avx512<T>(FusedProduct<T>{c, z, c, a, c, z, c, out, c, false, add}, rows, c, pf);
+        fused_product_avx512<T>(FusedProduct<T>{c, zr, c, a, c, zr, c, out, c, false, add}, rows, c, pf);
         continue;
       }
 #endif
+      z_of(y + r0 * c, z, rows * c);
       if (add) {  // W into the scratch's second half, then added
         T* w = z + kRows * c;
         gemm::gemm<T>(rows, c, c, z, c, 1, a, c, w, c, false);
@@ -548,7 +561,10 @@ KEXUE_SIMD_CLONES void backward_rows(const T* y, std::int64_t c, std::int64_t s,
   // in memory order: one stream for the prefetcher, where chunk-sized pieces of every channel were c streams); then,
   // under AVX-512, dy = (A Z) ⊙ (1 − Z²) in one pass of register tiles (fused_product_avx512), elsewhere A Z by chunks
   // of kRows positions into a scratch w and one pass dy = w ⊙ (1 − Z²). Rows of both scratches are a non-power-of-two
-  // apart (a stride such as H·W = 1024 would map the product's rows to one L1 set).
+  // apart (a stride such as H·W = 1024 would map the product's rows to one L1 set). from_z under AVX-512: the tiles read
+  // the forward's Z in place, rows s apart, instead of a copy into the padded scratch (in benchmarks/ortho.py's CPU
+  // step, where H·W = 1024 and 256, reading it in place took less time than copying it: som_profile --cpp-split
+  // --recompute-z, below).
   const std::int64_t pad = 64 / static_cast<std::int64_t>(sizeof(T));
   const std::int64_t fit = kSpanBytes / static_cast<std::int64_t>(sizeof(T)) / c;
   const std::int64_t span = s <= fit ? s : std::max<std::int64_t>(kRows, fit / kRows * kRows);
@@ -560,9 +576,13 @@ KEXUE_SIMD_CLONES void backward_rows(const T* y, std::int64_t c, std::int64_t s,
   for (std::int64_t i = i0; i < i1; ++i)
     for (std::int64_t q0 = 0; q0 < s; q0 += span) {
       const std::int64_t q = std::min(span, s - q0);
-      for (std::int64_t ch = 0; ch < c; ++ch) scaled_tanh(y + (i * c + ch) * s + q0, gamma, z + ch * ldz, q);
+      const bool direct = from_z && use_avx512();  // the forward's Z read where it lies (Y's layout), no copy
+      if (!direct)
+        for (std::int64_t ch = 0; ch < c; ++ch) z_of(y + (i * c + ch) * s + q0, z + ch * ldz, q);
 #ifdef KEXUE_SOM_AVX2
       if (use_avx512()) {
+        const T* zi = direct ? y + i * c * s + q0 : z;
+        const std::int64_t ld = direct ? s : ldz;
         Prefetch pf;  // the next span's rows of Y (and of ∂Y where added into): this sample's, else the next sample's
         const std::int64_t next_i = q0 + q < s ? i : i + 1, next_q = q0 + q < s ? q0 + q : 0;
         if (next_i < i1) {
@@ -570,7 +590,7 @@ KEXUE_SIMD_CLONES void backward_rows(const T* y, std::int64_t c, std::int64_t s,
           pf.add(y + next_i * c * s + next_q, row, s * bytes, c);
           if (add) pf.add(dy + next_i * c * s + next_q, row, s * bytes, c);
         }
-        const FusedProduct<T> f{c, a, c, z, ldz, z, ldz, dy + i * c * s + q0, s, stream, add};
+        const FusedProduct<T> f{c, a, c, zi, ld, zi, ld, dy + i * c * s + q0, s, stream, add};
         fused_product_avx512<T>(f, c, q, pf);
         continue;
       }
@@ -594,13 +614,16 @@ int workers_for(std::int64_t n, std::int64_t c, std::int64_t s, int n_threads) {
 }  // namespace
 
 template <typename T>
-void som_gram(const T* y, std::int64_t n, std::int64_t c, std::int64_t s, double gamma, double* gram, int n_threads) {
+void som_gram(const T* y, std::int64_t n, std::int64_t c, std::int64_t s, double gamma, double* gram, int n_threads,
+              T* z_out) {
   const int threads = workers_for(n, c, s, n_threads);
   std::vector<std::vector<double>> partial(static_cast<std::size_t>(threads),
                                            std::vector<double>(static_cast<std::size_t>(c * c), 0.0));
   std::vector<std::vector<T>> scratch(static_cast<std::size_t>(threads));
   run_team(threads, [&](int t) {
-    gram_rows<T>(y, c, s, static_cast<T>(gamma), n * t / threads, n * (t + 1) / threads, partial[t], scratch[t]);
+    gram_rows<T>(y, c, s, static_cast<T>(gamma), n * t / threads, n * (t + 1) / threads, partial[t], scratch[t],
+                 z_out);
+    stream_fence(z_out != nullptr);  // Z's non-temporal stores ordered before the backward's reads
   });
   for (std::int64_t a = 0; a < c; ++a)
     for (std::int64_t b = a; b < c; ++b) {
@@ -613,7 +636,7 @@ void som_gram(const T* y, std::int64_t n, std::int64_t c, std::int64_t s, double
 
 template <typename T>
 void som_gram_backward(const T* y, std::int64_t n, std::int64_t c, std::int64_t s, double gamma, const T* a, T* dy,
-                       int n_threads, bool add) {
+                       int n_threads, bool add, bool from_z) {
   const int threads = workers_for(n, c, s, n_threads);
   std::vector<std::vector<T>> scratch(static_cast<std::size_t>(threads));
   // Streamed only where each row of ∂Y is whole 64-byte lines from an aligned start (so are the 128-position chunks):
@@ -626,7 +649,7 @@ void som_gram_backward(const T* y, std::int64_t n, std::int64_t c, std::int64_t 
                       reinterpret_cast<std::uintptr_t>(dy) % 64 == 0;
   run_team(threads, [&](int t) {
     backward_rows<T>(y, c, s, static_cast<T>(gamma), a, dy, n * t / threads, n * (t + 1) / threads, scratch[t],
-                     stream, add);
+                     stream, add, from_z);
   });
 }
 
@@ -660,12 +683,13 @@ double som_penalty(const double* gram, std::int64_t c, double gamma, double lamb
   return lambda1 * s1 * s1 + lambda2 * s2;
 }
 
-template void som_gram<float>(const float*, std::int64_t, std::int64_t, std::int64_t, double, double*, int);
-template void som_gram<double>(const double*, std::int64_t, std::int64_t, std::int64_t, double, double*, int);
+template void som_gram<float>(const float*, std::int64_t, std::int64_t, std::int64_t, double, double*, int, float*);
+template void som_gram<double>(const double*, std::int64_t, std::int64_t, std::int64_t, double, double*, int,
+                               double*);
 template void som_gram_backward<float>(const float*, std::int64_t, std::int64_t, std::int64_t, double, const float*,
-                                       float*, int, bool);
+                                       float*, int, bool, bool);
 template void som_gram_backward<double>(const double*, std::int64_t, std::int64_t, std::int64_t, double,
-                                        const double*, double*, int, bool);
+                                        const double*, double*, int, bool, bool);
 
 }  // namespace ortho
 }  // namespace kexue

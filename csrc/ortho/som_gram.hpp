@@ -16,15 +16,16 @@
 namespace kexue {
 namespace ortho {
 
-// G [c, c] (double) of Z = tanh(γ y).
+// G [c, c] (double) of Z = tanh(γ y); z_out (optional, y's size): Z itself, for a backward with from_z.
 template <typename T>
-void som_gram(const T* y, std::int64_t n, std::int64_t c, std::int64_t s, double gamma, double* gram, int n_threads);
+void som_gram(const T* y, std::int64_t n, std::int64_t c, std::int64_t s, double gamma, double* gram, int n_threads,
+              T* z_out = nullptr);
 
 // dy [n, c, s] = (A Z_i) ⊙ (1 − Z_i²) per sample, Z = tanh(γ y), for a [c, c] symmetric (row-major); add: dy += that
-// (dy read: a gradient of Y to add ∂R/∂Y into, in one pass).
+// (dy read: a gradient of Y to add ∂R/∂Y into, in one pass); from_z: y is Z itself (som_gram's z_out), no tanh.
 template <typename T>
 void som_gram_backward(const T* y, std::int64_t n, std::int64_t c, std::int64_t s, double gamma, const T* a, T* dy,
-                       int n_threads, bool add = false);
+                       int n_threads, bool add = false, bool from_z = false);
 
 // R = λ₁s₁² + λ₂s₂ (s₁ = Σ_{i≠j}Θ_ij, s₂ = Σ_{i≠j}Θ_ij², Θ = D⁻¹GD⁻¹, D_ii = max(√G_ii, eps)) of a symmetric Gram
 // [c, c], and when a is not null A = γ(Ḡ + Ḡᵀ) [c, c] at a unit upstream gradient, Ḡ = ∂R/∂G (the backward's

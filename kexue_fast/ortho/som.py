@@ -56,6 +56,12 @@ TRITON_AUTO_MAX_CHANNELS = 128
 CPP_THREADS: Optional[int] = None
 CPP_MAX_TORCH_THREADS = 2
 
+# The C++ route keeps Z = tanh(γY) from the forward for the backward (a buffer of Y's size per layer, Y's dtype or
+# float32, from kexue_fast.ortho.workspace: kept between steps, saved in place of Y) instead of recomputing it there:
+# the forward stores each chunk's Z as it computes it (past the caches), the backward copies it where it computed it.
+# False: Z recomputed, no buffer.
+KEEP_Z = True
+
 
 def cpp_threads() -> int:
     """Threads for the C++ core's calls: CPP_THREADS where set; else torch.get_num_threads() where the core runs on
@@ -460,19 +466,22 @@ class _TapSlot:
                 "SelfOrthogonality: the model's gradient of a hooked layer's output is undefined in "
                 "a backward that runs through it; its regularizer gradient cannot be added there"
             )
-        y, layout, gamma, a0, scale, threads = pending
-        out = grad if _own_gradient(grad, refs, y.dtype) else grad.to(y.dtype, memory_format=torch.contiguous_format,
-                                                                   copy=True)  # fmt: skip
-        _cpp_backward(y, layout, gamma, a0, out, threads, scale, add=True)
+        src, layout, a0, scale, threads = pending
+        dtype = src[0].dtype  # float32/64: taps are made for those alone
+        out = grad if _own_gradient(grad, refs, dtype) else grad.to(dtype, memory_format=torch.contiguous_format,
+                                                                 copy=True)  # fmt: skip
+        _cpp_backward(src, layout, a0, out, threads, scale, add=True)
         return None if out is grad else out
 
 
-def _cpp_backward(y: Tensor, layout: Layout, gamma: float, a0: np.ndarray, out: Tensor, threads: int, scale: float,
-                  add: bool) -> None:  # fmt: skip
-    """out (contiguous, Y's shape, float32/64) = (or += where add) scale · ∂R/∂Y on the C++ core, from A₀."""
+def _cpp_backward(src: Tuple[Tensor, float, bool], layout: Layout, a0: np.ndarray, out: Tensor, threads: int,
+                  scale: float, add: bool) -> None:  # fmt: skip
+    """out (contiguous, Y's shape, float32/64) = (or += where add) scale · ∂R/∂Y on the C++ core, from A₀ and
+    src = (Y, γ, False) or (the forward's Z, γ, True)."""
     n, c, s = layout
+    t, gamma, from_z = src
     target = out.detach().view(-1).numpy()  # out's own memory: view raises where it cannot be (never a copy)
-    _cpp_core().som_gram_backward(_flat(y, out.dtype), n, c, s, gamma, a0, target, threads, scale, add)
+    _cpp_core().som_gram_backward(_flat(t, out.dtype), n, c, s, gamma, a0, target, threads, scale, add, from_z)
 
 
 def _flat(t: Tensor, dtype: torch.dtype) -> np.ndarray:
@@ -604,24 +613,28 @@ class _CppPenalty(torch.autograd.Function):
     """(gamma, lambda1, lambda2, eps, layouts, slots, *ys) -> R [L] float64 on the C++ core (csrc/ortho/som_gram.cpp),
     slots: per layer None or a tap's (_TapSlot, the tap's node), whose hook then adds ∂R/∂Y where the backward runs
     through the tap; one autograd node and one C++ call per layer each way: forward the Gram (each Y read as
-    [N, C, S] in place, Z never stored: each sample's is computed in cache), R and A₀ = γ(Ḡ + Ḡᵀ) at a unit upstream
-    gradient (float64 [c, c]); backward ∂R/∂Y = (Z A) ⊙ (1 − Z²) with A = (∂L/∂R_ℓ)·A₀, Z recomputed in cache (Y
-    is saved)."""
+    [N, C, S] in place, each sample's Z computed in cache), R and A₀ = γ(Ḡ + Ḡᵀ) at a unit upstream gradient (float64
+    [c, c]), and where a backward will need it Z itself (KEEP_Z: into a kept buffer, saved instead of Y); backward
+    ∂R/∂Y = (Z A) ⊙ (1 − Z²) with A = (∂L/∂R_ℓ)·A₀ from the saved Z (KEEP_Z = False: Y saved, Z recomputed)."""
 
     @staticmethod
     def forward(ctx, gamma: float, lambda1: float, lambda2: float, eps: float, layouts: Tuple[Layout, ...],
                 slots: Tuple[Optional[tuple], ...], *ys: Tensor) -> Tensor:  # fmt: skip
         core = _cpp_core()
         threads = cpp_threads()
-        values, a0 = [], []
+        values, a0, saved = [], [], []
         for y, (n, c, s), needed in zip(ys, layouts, ctx.needs_input_grad[6:]):
             a = np.empty((c, c)) if needed else None  # A₀ (float64), only for a backward
-            # half in float32, as on torch
-            values.append(core.som_penalty(_flat(y, _work_dtype(y.dtype)), n, c, s, gamma, lambda1, lambda2, eps, a,
-                                           threads))  # fmt: skip
+            work = _work_dtype(y.dtype)  # half in float32, as on torch
+            z = workspace.grad_buffer(y.shape, work) if needed and KEEP_Z else None
+            values.append(core.som_penalty(_flat(y, work), n, c, s, gamma, lambda1, lambda2, eps, a, threads,
+                                           None if z is None else z.view(-1).numpy()))  # fmt: skip
             a0.append(a)
+            saved.append(y if z is None else z)
         ctx.gamma, ctx.layouts, ctx.a0, ctx.slots = gamma, layouts, a0, slots
-        ctx.save_for_backward(*ys)
+        ctx.dtypes = tuple(y.dtype for y in ys)
+        ctx.from_z = tuple(t is not y for t, y in zip(saved, ys))
+        ctx.save_for_backward(*saved)
         return torch.tensor(values, dtype=torch.float64, device="cpu")
 
     @staticmethod
@@ -631,20 +644,21 @@ class _CppPenalty(torch.autograd.Function):
         scales = grad.tolist()
         grads: List[Optional[Tensor]] = []
         deferred: List[_TapSlot] = []
-        for i, (y, layout, a0, tap) in enumerate(zip(ctx.saved_tensors, ctx.layouts, ctx.a0, ctx.slots)):
+        for i, (t, layout, a0, tap) in enumerate(zip(ctx.saved_tensors, ctx.layouts, ctx.a0, ctx.slots)):
             if not ctx.needs_input_grad[6 + i]:
                 grads.append(None)
                 continue
+            src = (t, ctx.gamma, ctx.from_z[i])  # Y, or the forward's Z
             slot, node = tap if tap is not None else (None, None)
             if slot is not None and not slot.ran and _will_run(node):
-                slot.pending = (y, layout, ctx.gamma, a0, scales[i], threads)  # the tap's hook adds ∂R/∂Y
+                slot.pending = (src, layout, a0, scales[i], threads)  # the tap's hook adds ∂R/∂Y
                 deferred.append(slot)
                 grads.append(None)
                 continue
-            dy = _grad_buffer(y.shape, _work_dtype(y.dtype), y.device)
+            dy = _grad_buffer(t.shape, _work_dtype(ctx.dtypes[i]), t.device)
             # a zero weight too (no zeros shortcut): 0·∂R/∂Y, NaN where Y has one, as on the torch path
-            _cpp_backward(y, layout, ctx.gamma, a0, dy, threads, scales[i], add=False)
-            grads.append(dy.to(y.dtype))
+            _cpp_backward(src, layout, a0, dy, threads, scales[i], add=False)
+            grads.append(dy.to(ctx.dtypes[i]))
         if deferred:  # at the end of this backward: each deferred ∂R/∂Y was added by its tap's hook, or loudly not
             torch.autograd.Variable._execution_engine.queue_callback(functools.partial(_check_taken, deferred))
         return (None, None, None, None, None, None, *grads)
