@@ -472,7 +472,8 @@ def cpp_split(batch: int, steps: int, fresh_buffers: bool, compare: Sequence[str
     if recompute_z:
         cores[recompute] = cores["this build"]
         spent.update({(recompute, part): 0.0 for part in ("forward", "backward")})
-    contestants = {"plain": plain, **{label: on(label, label != recompute) for label in cores}}
+    # builds from before som.KEEP_Z (01979df) take no Z: they run the step that recomputes it
+    contestants = {"plain": plain, **{label: on(label, label not in compare and label != recompute) for label in cores}}
     try:
         for _ in range(2):
             for fn in contestants.values():
@@ -499,7 +500,7 @@ def cpp_split(batch: int, steps: int, fresh_buffers: bool, compare: Sequence[str
 class NoOpCore:
     """The C++ core's calls as no-ops (R = 0, A = 0): what the route costs besides the C++ work."""
 
-    def som_penalty(self, y, n, c, s, gamma, lambda1, lambda2, eps, a, n_threads) -> float:
+    def som_penalty(self, y, n, c, s, gamma, lambda1, lambda2, eps, a, n_threads, z=None) -> float:
         if a is not None:
             a.fill(0.0)
         return 0.0
