@@ -206,8 +206,9 @@ def run(out_dir: Path, quick: bool = True, device: str = "cpu") -> Path:
         f"FLOPs of one step (torch.utils.flop_counter): {flops['step'] / 1e9:.3f} G without SOM, SOM on the torch path "
         f"adds {added / 1e9:.3f} G ({added / flops['step']:.1%}); the Gram's upper triangle and the backward product "
         f"alone, as the C++ and Triton paths compute them, are {least / 1e9:.3f} G ({least / flops['step']:.1%}): the "
-        "floor of the overhead at the convolutions' efficiency, before any elementwise pass (tanh twice, 1 − Z²) and "
-        "memory pass (Y read twice, ∂Y written and added).\n\n"
+        "floor of the overhead at the convolutions' efficiency, before any elementwise pass (tanh, twice where the "
+        "backward recomputes Z; 1 − Z²) and memory pass (Y read, then read again or Z written and read; ∂Y written "
+        "and added).\n\n"
         "Formula: forward + backward of R for one float32 Y [b, k] (γ = 10, λ₁ = 100, λ₂ = 1), median of "
         f"{reps} interleaved repetitions"
         + (" (1 thread)" if device == "cpu" else " (triton.testing.do_bench)")
