@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Union
 
+import torch
 from torch import Tensor, nn
 
 from .._dispatch import BACKENDS
 from ..ortho.hooks import LayerSpec, OutputRecorder
-from ..ortho.som import check_hyperparameters, cpp_route_takes, som_regularizer, tapped_penalty, taps_hold
+from ..ortho.som import check_hyperparameters, cpp_route, cpp_route_takes, som_regularizer, tapped_penalty, taps_hold
 
 
 class SelfOrthogonality(nn.Module):
@@ -71,7 +72,20 @@ class SelfOrthogonality(nn.Module):
         self.recorder.taps = self._tap  # not pickled with the recorder
 
     def _tap(self, output: Tensor, channel_dim: int) -> bool:
-        return getattr(self, "taps", True) and cpp_route_takes(output, channel_dim, self.backend)
+        return getattr(self, "taps", True) and cpp_route_takes(output, channel_dim, self.backend, self._pass_route)
+
+    def _pass_route(self, dtype: torch.dtype) -> bool:
+        """The C++ route's backend choice for `dtype`, once per forward pass (memoized until loss() or clear(), which
+        check it afresh: taps_hold): each hooked layer's hook asks, and reading the environment and the dispatcher
+        there cost the step's host time per layer."""
+        routes = self.__dict__.get("_routes")
+        if routes is None:  # a module pickled before this memo
+            routes = self.__dict__["_routes"] = {}
+        key = (dtype, self.backend)
+        route = routes.get(key)
+        if route is None:
+            route = routes[key] = cpp_route(dtype, self.backend)
+        return route
 
     @property
     def enabled(self) -> bool:
@@ -92,6 +106,7 @@ class SelfOrthogonality(nn.Module):
         Raises RuntimeError when nothing was recorded (no training-mode forward since the last loss()), and when a
         recorded output was modified in place after its layer (an nn.ReLU(inplace=True) right after it: the
         regularizer would see the modified values; make that op out of place)."""
+        self.__dict__.get("_routes", {}).clear()  # the next forward pass asks afresh
         records = self.recorder.take() if clear else self.recorder.peek()
         if not records:
             raise RuntimeError("SelfOrthogonality recorded no outputs: run a forward pass of the model in training "
@@ -120,6 +135,7 @@ class SelfOrthogonality(nn.Module):
         return self.loss()
 
     def clear(self) -> None:
+        self.__dict__.get("_routes", {}).clear()
         self.recorder.clear()
 
     def remove(self) -> None:

@@ -20,7 +20,7 @@ import math
 import numbers
 import os
 import sys
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -548,28 +548,42 @@ def _calibrate_grad_uses() -> None:
         _GRAD_USES = probe.seen[0]
 
 
-def cpp_route_takes(y: Tensor, channel_dim: int, backend: Optional[str]) -> bool:
+def cpp_route_takes(y: Tensor, channel_dim: int, backend: Optional[str],
+                    route: Optional[Callable[[torch.dtype], bool]] = None) -> bool:  # fmt: skip
     """Whether som_regularizer(y, channel_dim=..., backend=backend) would run y on the C++ core now (a float32 or
     float64 CPU tensor with rows ≥ channels, the C++ route chosen), outside torch.compile and saved-tensor hooks
-    (non-reentrant checkpointing installs them): where SelfOrthogonality taps a layer's output."""
-    if y.device.type != "cpu" or y.dtype not in (torch.float32, torch.float64) or y.ndim < 2 or y.numel() == 0:
+    (non-reentrant checkpointing installs them): where SelfOrthogonality taps a layer's output. `route`: the backend
+    choice for y's dtype, where the caller has it (SelfOrthogonality's, once per forward pass), else cpp_route's.
+    Cheapest checks first: this runs in every hooked layer's forward hook."""
+    if y.device.type != "cpu" or y.dtype not in _CPP_DTYPES:
         return False
-    if torch.compiler.is_compiling() or not -y.ndim <= channel_dim < y.ndim:
+    shape = y.shape
+    ndim = len(shape)
+    if ndim < 2 or not -ndim <= channel_dim < ndim:
         return False
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    if top is None or top(False) is not None:
+    c = shape[channel_dim]
+    numel = y.numel()
+    if numel == 0 or numel < c * c:  # rows n·s = numel / c at least c
         return False
-    n, c, s = _layout(y, channel_dim % y.ndim)
-    if n * s < c:
+    if torch.compiler.is_compiling() or not _no_saved_tensor_hooks():
         return False
-    return _cpp_route(y.dtype, backend)
+    return route(y.dtype) if route is not None else cpp_route(y.dtype, backend)
+
+
+_CPP_DTYPES = (torch.float32, torch.float64)
+_TOP_HOOKS = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+
+
+def _no_saved_tensor_hooks() -> bool:
+    """False under saved-tensor hooks (non-reentrant checkpointing installs them), or where torch cannot say."""
+    return _TOP_HOOKS is not None and _TOP_HOOKS(False) is None
 
 
 _CPU = torch.device("cpu")
 _ROUTES: dict = {}
 
 
-def _cpp_route(dtype: torch.dtype, backend: Optional[str]) -> bool:
+def cpp_route(dtype: torch.dtype, backend: Optional[str]) -> bool:
     """Whether _choose sends CPU layers of `dtype` (float32/64) to the C++ core now, outside torch.compile: memoized
     on all that the choice reads for CPU tensors (the backend argument, KEXUE_FAST_BACKEND, TRITON_INTERPRET, torch's
     thread count against CPP_MAX_TORCH_THREADS), since SelfOrthogonality asks per hooked layer in every step."""
@@ -585,12 +599,9 @@ def taps_hold(dtypes: Sequence[torch.dtype], backend: Optional[str]) -> bool:
     """At loss(), for outputs tapped in the forward (each a float32/64 CPU tensor with rows ≥ channels: fixed facts
     that cpp_route_takes checked then): whether the C++ route still takes them now (not compiling, no saved-tensor
     hooks, the backend choice unchanged)."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or not _no_saved_tensor_hooks():
         return False
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    if top is None or top(False) is not None:
-        return False
-    return all(_cpp_route(dt, backend) for dt in set(dtypes))
+    return all(cpp_route(dt, backend) for dt in set(dtypes))
 
 
 def tapped_penalty(ys: Sequence[Tensor], taps: Sequence[Tensor], channel_dim: Sequence[int], *, gamma: float,
