@@ -105,8 +105,11 @@ void stream_fence(bool stream) {
 
 // Lines of the next chunk's input (Y, and the model's gradient where ∂R/∂Y is added into it) requested into L2 one at
 // a time from inside the current chunk's tile loops: a chunk's tanh pass is the only reader of Y, so without this the
-// memory sat idle while the tiles computed and each chunk's tanh pass waited for Y's lines (a layer's output read
-// from memory, as in a training step after the model's other layers, cost the forward ~60% more than from L2).
+// memory sat idle while the tiles computed and each chunk's tanh pass waited for Y's lines. The forward of a float
+// [32, 32, 1024] read from memory (som_profile --cpp-layers --cold, as in a training step after the model's other
+// layers) took 1.18-1.20 ms without this against 0.93-0.96 with it (two runs at 6ca9130, against a 8e9bddf build;
+// 0.75 ms from the caches). In the CNN step of benchmarks/ortho.py the C++ calls took 2.91 ms forward and 3.83
+// backward per step against 3.43 and 4.25 (som_profile --cpp-split --compare-cores <8e9bddf build>).
 // Up to two ranges, each `rows` rows of `row_bytes` bytes `stride` bytes apart.
 class Prefetch {
  public:
