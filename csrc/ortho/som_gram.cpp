@@ -114,23 +114,23 @@ void stream_fence(bool stream) {
 class Prefetch {
  public:
   void add(const void* base, std::int64_t row_bytes, std::int64_t stride, std::int64_t rows) {
-    if (count_ < 2 && row_bytes > 0 && rows > 0) range_[count_++] = {static_cast<const char*>(base), row_bytes, stride, rows};
-    if (count_ == 1) at_ = range_[0].base;
+    if (count_ == 2 || row_bytes <= 0 || rows <= 0) return;
+    if (stride == row_bytes) {  // rows back to back: one row
+      row_bytes *= rows;
+      rows = 1;
+    }
+    range_[count_++] = {static_cast<const char*>(base), row_bytes, stride, rows};
+    if (count_ == 1) start_row();
   }
   KEXUE_INLINE void step() {
-    if (index_ >= count_) return;
+    if (cur_ < end_) {
 #ifdef KEXUE_SOM_AVX2
-    _mm_prefetch(at_ + offset_, _MM_HINT_T1);
+      _mm_prefetch(cur_, _MM_HINT_T1);
 #endif
-    offset_ += 64;
-    if (offset_ < range_[index_].row_bytes) return;
-    offset_ = 0;
-    if (++row_ < range_[index_].rows) {
-      at_ += range_[index_].stride;
-      return;
+      cur_ += 64;
+    } else if (index_ < count_) {
+      next_row();
     }
-    row_ = 0;
-    if (++index_ < count_) at_ = range_[index_].base;
   }
 
  private:
@@ -138,10 +138,23 @@ class Prefetch {
     const char* base;
     std::int64_t row_bytes, stride, rows;
   };
+  void start_row() {
+    const Range& r = range_[index_];
+    cur_ = r.base + row_ * r.stride;
+    end_ = cur_ + r.row_bytes;
+  }
+  __attribute__((noinline)) void next_row() {  // off the tile loops' path: rows are ≥ a few hundred lines
+    if (++row_ == range_[index_].rows) {
+      row_ = 0;
+      if (++index_ == count_) return;
+    }
+    start_row();
+  }
   Range range_[2] = {};
   int count_ = 0, index_ = 0;
-  const char* at_ = nullptr;
-  std::int64_t offset_ = 0, row_ = 0;
+  std::int64_t row_ = 0;
+  const char* cur_ = nullptr;
+  const char* end_ = nullptr;
 };
 
 #ifdef KEXUE_SOM_AVX2

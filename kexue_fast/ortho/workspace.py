@@ -1,4 +1,5 @@
-"""Reusable CPU buffers for the Self-Orthogonality backward's ∂R/∂Y.
+"""Reusable CPU buffers for the Self-Orthogonality backward's ∂R/∂Y (and for the Z that the C++ route keeps from its
+forward for its backward: som.KEEP_Z).
 
 Each backward of som_regularizer on the CPU returns one ∂R/∂Y per layer, as large as the layer's output. A fresh
 buffer of that size comes from the operating system as new pages, and first touching them costs page faults: in
