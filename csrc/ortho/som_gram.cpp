@@ -110,7 +110,8 @@ void stream_fence(bool stream) {
 // layers) took 1.18-1.20 ms without this against 0.93-0.96 with it (two runs at 6ca9130, against a 8e9bddf build;
 // 0.75 ms from the caches). In the CNN step of benchmarks/ortho.py the C++ calls took 2.91 ms forward and 3.83
 // backward per step against 3.43 and 4.25 (som_profile --cpp-split --compare-cores <8e9bddf build>).
-// Up to two ranges, each `rows` rows of `row_bytes` bytes `stride` bytes apart.
+// Up to two ranges, each `rows` rows of `row_bytes` bytes `stride` bytes apart. (The forward of the rows layout, s = 1,
+// runs through gemm::gemm, without it.)
 class Prefetch {
  public:
   void add(const void* base, std::int64_t row_bytes, std::int64_t stride, std::int64_t rows) {
@@ -337,7 +338,8 @@ struct FusedProduct {
 // loop (8 × 2: 16 of 32 registers), ∂R/∂Y stored from them (no W scratch written and read back). Each sum runs over
 // k in order, as gemm::tile's does.
 template <class A, typename T, int MR, int NV>
-__attribute__((always_inline)) inline void backward_tile_simd(const FusedProduct<T>& f, typename A::M last, Prefetch& pf) {
+__attribute__((always_inline)) inline void backward_tile_simd(const FusedProduct<T>& f, typename A::M last,
+                                                              Prefetch& pf) {
   typedef typename A::M M;
   typename A::V acc[MR][NV];
 #pragma GCC unroll 8
@@ -447,7 +449,8 @@ KEXUE_INLINE void dot_tile(std::int64_t p, const T* a, const T* b, std::int64_t 
 
 // out [c, c] (upper triangle and a little more) = Z Zᵀ for Z [c, p], rows ld apart.
 template <typename T>
-KEXUE_INLINE void upper_gram_rows(const T* z, std::int64_t c, std::int64_t p, std::int64_t ld, T* out, Prefetch& pf) {
+KEXUE_INLINE void upper_gram_rows(const T* z, std::int64_t c, std::int64_t p, std::int64_t ld, T* out,
+                                  Prefetch& pf) {
 #ifdef KEXUE_SOM_AVX2
   if (use_avx512()) return upper_gram_avx512(z, c, p, ld, out, pf);
   if (has_avx2()) return upper_gram_avx2(z, c, p, ld, out, pf);
@@ -577,10 +580,9 @@ KEXUE_SIMD_CLONES void backward_rows(const T* y, std::int64_t c, std::int64_t s,
   // in memory order: one stream for the prefetcher, where chunk-sized pieces of every channel were c streams); then,
   // under AVX-512, dy = (A Z) ⊙ (1 − Z²) in one pass of register tiles (fused_product_avx512), elsewhere A Z by chunks
   // of kRows positions into a scratch w and one pass dy = w ⊙ (1 − Z²). Rows of both scratches are a non-power-of-two
-  // apart (a stride such as H·W = 1024 would map the product's rows to one L1 set). from_z under AVX-512: the tiles read
-  // the forward's Z in place, rows s apart, instead of a copy into the padded scratch (in benchmarks/ortho.py's CPU
-  // step, where H·W = 1024 and 256, reading it in place took less time than copying it: som_profile --cpp-split
-  // --recompute-z, below).
+  // apart (a stride such as H·W = 1024 would map the product's rows to one L1 set). from_z under AVX-512: the tiles
+  // read the forward's Z in place, rows s apart, instead of a copy into the padded scratch (in benchmarks/ortho.py's
+  // CPU step, H·W = 1024 and 256, an ad-hoc comparison found the copy slower; no figure claimed).
   const std::int64_t pad = 64 / static_cast<std::int64_t>(sizeof(T));
   const std::int64_t fit = kSpanBytes / static_cast<std::int64_t>(sizeof(T)) / c;
   const std::int64_t span = s <= fit ? s : std::max<std::int64_t>(kRows, fit / kRows * kRows);

@@ -5,8 +5,8 @@
 // Y is read in place as [n, c, s] (c channels; the rows of Y as [b, k] are the (i, position) pairs, b = n·s): an NCHW
 // convolution output is n = N, s = H·W; an [N, k] linear output is s = 1. Each sample's Z_i [c, s] (or a block of
 // rows when s = 1) is computed into a cache-sized scratch and used there; som_gram also stores it into z_out where
-// given (for the backward's from_z), else the backward recomputes it. G = Σ_i Z_i Z_iᵀ: for s > 1 by dot-product register tiles along the positions (no transposition), only
-// the upper triangle's tiles, over chunks of up to 1024 positions (several samples side by side when s < 1024) summed
+// given (for the backward's from_z), else the backward recomputes it. G = Σ_i Z_i Z_iᵀ: for s > 1 by dot-product
+// register tiles along the positions (no transposition), only the upper triangle's tiles, over chunks of up to 1024 positions (several samples side by side when s < 1024) summed
 // in the input's type and added in double per chunk; for s = 1 by broadcast tiles over blocks of rows. Samples are
 // split over threads, partial Grams added in thread order (deterministic for a given thread count).
 #pragma once

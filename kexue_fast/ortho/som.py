@@ -58,7 +58,8 @@ CPP_MAX_TORCH_THREADS = 2
 
 # The C++ route keeps Z = tanh(γY) from the forward for the backward (a buffer of Y's size per layer, Y's dtype or
 # float32, from kexue_fast.ortho.workspace: kept between steps, saved in place of Y) instead of recomputing it there:
-# the forward stores each chunk's Z as it computes it (past the caches), the backward copies it where it computed it.
+# the forward stores each chunk's Z as it computes it (past the caches), the backward reads it in place under AVX-512
+# (elsewhere copies it where it computed it).
 # False: Z recomputed, no buffer. In benchmarks/ortho.py's CPU step the C++ calls took 6.30 / 6.13 ms a step so,
 # against 6.68 / 6.61 with Z recomputed (two runs of som_profile --cpp-split --recompute-z at b2cfc07: the forward's
 # stores cost ~0.2-0.3 ms, the backward saves ~0.7).
