@@ -68,7 +68,9 @@ bool has_avx2() {
   return yes;
 }
 
-// The same rational on 16 lanes; the reciprocal estimate has 14 bits (rcp14), ~28 after the Newton step.
+// The same rational on 16 lanes; the reciprocal estimate has 14 bits (rcp14), ~28 after the Newton step; the exact ±1
+// by a ternary-logic sign copy and a masked move. (vrangeps would clamp in one operation, but returns the constant for
+// a NaN x.)
 template <bool kOnes>
 __attribute__((target("avx512f"))) inline __m512 tanh16(const __m512 x0) {
   const __m512 x = _mm512_min_ps(_mm512_set1_ps(kClamp), _mm512_max_ps(_mm512_set1_ps(-kClamp), x0));  // NaN kept
@@ -82,9 +84,10 @@ __attribute__((target("avx512f"))) inline __m512 tanh16(const __m512 x0) {
   const __m512 z = _mm512_mul_ps(x, _mm512_mul_ps(p, r));
   if constexpr (kOnes) {
     const __mmask16 one = _mm512_cmp_ps_mask(_mm512_abs_ps(x0), _mm512_set1_ps(kOne), _CMP_GE_OQ);
-    const __m512i sign = _mm512_and_si512(_mm512_castps_si512(x0), _mm512_set1_epi32(static_cast<int>(0x80000000u)));
-    const __m512 unit = _mm512_castsi512_ps(_mm512_or_si512(sign, _mm512_castps_si512(_mm512_set1_ps(1.0f))));
-    return _mm512_mask_blend_ps(one, z, unit);
+    const __m512i sign = _mm512_set1_epi32(static_cast<int>(0x80000000u));
+    const __m512i unit = _mm512_ternarylogic_epi32(_mm512_castps_si512(x0), sign,
+                                                   _mm512_castps_si512(_mm512_set1_ps(1.0f)), 0xEA);  // (x0 & sign) | 1
+    return _mm512_mask_mov_ps(z, one, _mm512_castsi512_ps(unit));
   }
   return z;
 }
