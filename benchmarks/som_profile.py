@@ -425,8 +425,8 @@ def cpp_split(batch: int, steps: int, fresh_buffers: bool, compare: Sequence[str
     with `compare` (paths of other builds of the extension), the step with SOM also runs on each of them, all
     interleaved step by step, and on NoOpCore (the C++ calls as no-ops: the hooks, taps, autograd nodes and Python of
     the route, whatever the C++ work costs). taps=False: SelfOrthogonality without taps (builds before 3fc4eee cannot
-    add ∂R/∂Y into a gradient). recompute_z: this build also with som.KEEP_Z = False (Z recomputed in the backward
-    instead of kept from the forward)."""
+    add ∂R/∂Y into a gradient); the other builds with som.KEEP_Z = False. recompute_z: this build also with
+    som.KEEP_Z = False (Z recomputed in the backward instead of kept from the forward)."""
     from kexue_fast.ortho import som, workspace
 
     cores = {**_cores(som._cpp_core(), compare), "C++ calls as no-ops": NoOpCore()}
@@ -472,7 +472,7 @@ def cpp_split(batch: int, steps: int, fresh_buffers: bool, compare: Sequence[str
     if recompute_z:
         cores[recompute] = cores["this build"]
         spent.update({(recompute, part): 0.0 for part in ("forward", "backward")})
-    # builds from before som.KEEP_Z (01979df) take no Z: they run the step that recomputes it
+    # other builds run the step that recomputes Z (those from before som.KEEP_Z, 01979df, take no Z)
     contestants = {"plain": plain, **{label: on(label, label not in compare and label != recompute) for label in cores}}
     try:
         for _ in range(2):
