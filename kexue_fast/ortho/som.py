@@ -619,17 +619,18 @@ def tapped_penalty(ys: Sequence[Tensor], taps: Sequence[Tensor], channel_dim: Se
     slots = tuple((_TapSlot(t), t.grad_fn) if y.requires_grad and t.grad_fn is not None and torch.is_grad_enabled()
                   else None for y, t in zip(ys, taps))  # fmt: skip
     gamma, lambda1, lambda2, eps = float(gamma), float(lambda1), float(lambda2), float(eps)
-    with no_autocast("cpu"):
-        return _CppPenalty.apply(gamma, lambda1, lambda2, eps, layouts, slots, *ys).to(_out_dtype(ys))
+    # no torch op here that autocast would change (no no_autocast context: its host time), R already in its dtype
+    return _CppPenalty.apply(gamma, lambda1, lambda2, eps, layouts, slots, *ys)
 
 
 class _CppPenalty(torch.autograd.Function):
-    """(gamma, lambda1, lambda2, eps, layouts, slots, *ys) -> R [L] float64 on the C++ core (csrc/ortho/som_gram.cpp),
-    slots: per layer None or a tap's (_TapSlot, the tap's node), whose hook then adds ∂R/∂Y where the backward runs
-    through the tap; one autograd node and one C++ call per layer each way: forward the Gram (each Y read as
-    [N, C, S] in place, each sample's Z computed in cache), R and A₀ = γ(Ḡ + Ḡᵀ) at a unit upstream gradient (float64
-    [c, c]), and where a backward will need it Z itself (KEEP_Z: into a kept buffer, saved instead of Y); backward
-    ∂R/∂Y = (Z A) ⊙ (1 − Z²) with A = (∂L/∂R_ℓ)·A₀ from the saved Z (KEEP_Z = False: Y saved, Z recomputed)."""
+    """(gamma, lambda1, lambda2, eps, layouts, slots, *ys) -> R [L] on the C++ core (csrc/ortho/som_gram.cpp; computed
+    in float64, returned in the layers' result dtype: float64 if any is, else float32), slots: per layer None or a
+    tap's (_TapSlot, the tap's node), whose hook then adds ∂R/∂Y where the backward runs through the tap; one
+    autograd node and one C++ call per layer each way: forward the Gram (each Y read as [N, C, S] in place, each
+    sample's Z computed in cache), R and A₀ = γ(Ḡ + Ḡᵀ) at a unit upstream gradient (float64 [c, c]), and where a
+    backward will need it Z itself (KEEP_Z: into a kept buffer, saved instead of Y); backward ∂R/∂Y = (Z A) ⊙ (1 −
+    Z²) with A = (∂L/∂R_ℓ)·A₀ from the saved Z (KEEP_Z = False: Y saved, Z recomputed)."""
 
     @staticmethod
     def forward(ctx, gamma: float, lambda1: float, lambda2: float, eps: float, layouts: Tuple[Layout, ...],
@@ -649,7 +650,8 @@ class _CppPenalty(torch.autograd.Function):
         ctx.dtypes = tuple(y.dtype for y in ys)
         ctx.from_z = tuple(t is not y for t, y in zip(saved, ys))
         ctx.save_for_backward(*saved)
-        return torch.tensor(values, dtype=torch.float64, device="cpu")
+        # in the layers' result dtype (computed in float64): the callers' .to() is then no op and no autograd node
+        return torch.tensor(values, dtype=_out_dtype(ys), device="cpu")
 
     @staticmethod
     @first_order
