@@ -477,14 +477,15 @@ class _TapSlot:
         return None if out is grad else out
 
 
-def _cpp_backward(src: Tuple[Tensor, float, bool], layout: Layout, a0: np.ndarray, out: Tensor, threads: int,
-                  scale: float, add: bool) -> None:  # fmt: skip
+def _cpp_backward(src: Tuple[Tensor, float, Optional[np.ndarray]], layout: Layout, a0: np.ndarray, out: Tensor,
+                  threads: int, scale: float, add: bool) -> None:  # fmt: skip
     """out (contiguous, Y's shape, float32/64) = (or += where add) scale · ∂R/∂Y on the C++ core, from A₀ and
-    src = (Y, γ, False) or (the forward's Z, γ, True)."""
+    src = (Y, γ, None) or (the forward's Z, γ, Z's flat array, of out's dtype)."""
     n, c, s = layout
-    t, gamma, from_z = src
+    t, gamma, z = src
     target = out.detach().view(-1).numpy()  # out's own memory: view raises where it cannot be (never a copy)
-    _cpp_core().som_gram_backward(_flat(t, out.dtype), n, c, s, gamma, a0, target, threads, scale, add, from_z)
+    y = _flat(t, out.dtype) if z is None else z
+    _cpp_core().som_gram_backward(y, n, c, s, gamma, a0, target, threads, scale, add, z is not None)
 
 
 def _flat(t: Tensor, dtype: torch.dtype) -> np.ndarray:
@@ -637,19 +638,19 @@ class _CppPenalty(torch.autograd.Function):
                 slots: Tuple[Optional[tuple], ...], *ys: Tensor) -> Tensor:  # fmt: skip
         core = _cpp_core()
         threads = cpp_threads()
-        values, a0, saved = [], [], []
+        values, a0, saved, z_arrays = [], [], [], []
         for y, (n, c, s), needed in zip(ys, layouts, ctx.needs_input_grad[6:]):
             a = np.empty((c, c)) if needed else None  # A₀ (float64), only for a backward
             work = _work_dtype(y.dtype)  # half in float32, as on torch
             z = workspace.grad_buffer(y.shape, work) if needed and KEEP_Z else None
-            values.append(core.som_penalty(_flat(y, work), n, c, s, gamma, lambda1, lambda2, eps, a, threads,
-                                           None if z is None else z.view(-1).numpy()))  # fmt: skip
+            z_array = None if z is None else z.view(-1).numpy()  # kept for the backward's C++ call
+            values.append(core.som_penalty(_flat(y, work), n, c, s, gamma, lambda1, lambda2, eps, a, threads, z_array))
             a0.append(a)
             saved.append(y if z is None else z)
+            z_arrays.append(z_array)
         ctx.gamma, ctx.layouts, ctx.a0, ctx.slots = gamma, layouts, a0, slots
-        ctx.dtypes = tuple(y.dtype for y in ys)
-        ctx.from_z = tuple(t is not y for t, y in zip(saved, ys))
-        ctx.save_for_backward(*saved)
+        ctx.dtypes, ctx.z_arrays = tuple(y.dtype for y in ys), z_arrays
+        ctx.save_for_backward(*saved)  # Z too: autograd's check that nothing wrote into it before the backward
         # in the layers' result dtype (computed in float64): the callers' .to() is then no op and no autograd node
         return torch.tensor(values, dtype=_out_dtype(ys), device="cpu")
 
@@ -664,7 +665,7 @@ class _CppPenalty(torch.autograd.Function):
             if not ctx.needs_input_grad[6 + i]:
                 grads.append(None)
                 continue
-            src = (t, ctx.gamma, ctx.from_z[i])  # Y, or the forward's Z
+            src = (t, ctx.gamma, ctx.z_arrays[i])  # Y, or the forward's Z with its array
             slot, node = tap if tap is not None else (None, None)
             if slot is not None and not slot.ran and _will_run(node):
                 slot.pending = (src, layout, a0, scales[i], threads)  # the tap's hook adds ∂R/∂Y
