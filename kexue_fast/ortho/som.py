@@ -630,8 +630,8 @@ class _CppPenalty(torch.autograd.Function):
     tap's (_TapSlot, the tap's node), whose hook then adds ∂R/∂Y where the backward runs through the tap; one
     autograd node and one C++ call per layer each way: forward the Gram (each Y read as [N, C, S] in place, each
     sample's Z computed in cache), R and A₀ = γ(Ḡ + Ḡᵀ) at a unit upstream gradient (float64 [c, c]), and where a
-    backward will need it Z itself (KEEP_Z: into a kept buffer, saved instead of Y); backward ∂R/∂Y = (Z A) ⊙ (1 −
-    Z²) with A = (∂L/∂R_ℓ)·A₀ from the saved Z (KEEP_Z = False: Y saved, Z recomputed)."""
+    backward will need it Z itself (KEEP_Z: into a kept buffer, saved instead of Y); backward
+    ∂R/∂Y = (Z A) ⊙ (1 − Z²) with A = (∂L/∂R_ℓ)·A₀ from the saved Z (KEEP_Z = False: Y saved, Z recomputed)."""
 
     @staticmethod
     def forward(ctx, gamma: float, lambda1: float, lambda2: float, eps: float, layouts: Tuple[Layout, ...],
