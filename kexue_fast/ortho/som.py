@@ -706,12 +706,13 @@ def som_regularizer(
     size, then a chunk sum and one finishing launch forward, the same per-group launches backward; Z never written),
     "torch". Non-contiguous inputs are copied for the C++ and Triton kernels. Layers with fewer rows than channels (b <
     k) take the b×b form in torch on every backend; under torch.compile the C++ core gives way to the torch path (it is
-    not traceable). The C++ and Triton backends save Y for their backward (the torch path saves Z): modifying Y in place
-    before backward then raises autograd's in-place error (as for any op that saves its input); use backend="torch"
-    there. On the CPU the backward's ∂R/∂Y buffers are kept for the next call (fresh pages cost page faults;
-    kexue_fast.ortho.workspace: at most workspace.MAX_BYTES, workspace.release() frees them), and handed out again only
-    once no alias of them is alive. Formula, paper and identities: kexue_fast.ortho.reference; a column with
-    ‖tanh(γy_j)‖ < eps is scaled by 1/eps (as torch's F.normalize).
+    not traceable). The Triton backend saves Y for its backward (the torch path and the C++ one, som.KEEP_Z, save
+    Z): modifying Y in place before backward then raises autograd's in-place error (as for any op that saves its
+    input); use backend="torch" or "cpp" there. On the CPU the backward's ∂R/∂Y buffers and the C++ route's Z are kept
+    for the next call (fresh pages cost page faults; kexue_fast.ortho.workspace: at most workspace.MAX_BYTES,
+    workspace.release() frees them), and handed out again only once no alias of them is alive. Formula, paper and
+    identities: kexue_fast.ortho.reference; a column with ‖tanh(γy_j)‖ < eps is scaled by 1/eps (as torch's
+    F.normalize).
     """
     check_hyperparameters(gamma, lambda1, lambda2, eps)
     if reduction not in ("sum", "none"):
