@@ -553,7 +553,7 @@ KEXUE_SIMD_CLONES void backward_rows(const T* y, std::int64_t c, std::int64_t s,
 #ifdef KEXUE_SOM_AVX2
       if (use_avx512()) {  // l = e = Z's rows, v = A: out[r][j] = (Σ_k Z[r][k] A[k][j]) (1 − Z[r][j]²)
         const T* zr = from_z ? y + r0 * c : z;  // the forward's Z read where it lies
-        if (!from_z) z_of(y + r0 * c, z, rows * c);
+        if (!from_z) scaled_tanh(y + r0 * c, gamma, z, rows * c);
         const std::int64_t next = std::min(kRows, i1 - r0 - rows) * c * bytes;  // the next block's rows of Y, ∂Y
         Prefetch pf;
         pf.add(y + (r0 + rows) * c, next, 0, 1);

@@ -63,12 +63,14 @@ class SelfOrthogonality(nn.Module):
         self.gamma, self.lambda1, self.lambda2, self.eps = float(gamma), float(lambda1), float(lambda2), float(eps)
         self.backend = backend
         self.taps = bool(taps)
+        self._routes: dict = {}  # _pass_route's memo
         self.recorder = OutputRecorder(model, layers, channel_dim=channel_dim, record_in_eval=record_in_eval,
                                        alias_outputs=True)  # fmt: skip
         self.recorder.taps = self._tap
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("_routes", {})  # a module pickled before the memo
         self.recorder.taps = self._tap  # not pickled with the recorder
 
     def _tap(self, output: Tensor, channel_dim: int) -> bool:
@@ -78,13 +80,10 @@ class SelfOrthogonality(nn.Module):
         """The C++ route's backend choice for `dtype`, once per forward pass (memoized until loss() or clear(), which
         check it afresh: taps_hold): each hooked layer's hook asks, and reading the environment and the dispatcher
         there cost the step's host time per layer."""
-        routes = self.__dict__.get("_routes")
-        if routes is None:  # a module pickled before this memo
-            routes = self.__dict__["_routes"] = {}
         key = (dtype, self.backend)
-        route = routes.get(key)
+        route = self._routes.get(key)
         if route is None:
-            route = routes[key] = cpp_route(dtype, self.backend)
+            route = self._routes[key] = cpp_route(dtype, self.backend)
         return route
 
     @property
@@ -106,7 +105,7 @@ class SelfOrthogonality(nn.Module):
         Raises RuntimeError when nothing was recorded (no training-mode forward since the last loss()), and when a
         recorded output was modified in place after its layer (an nn.ReLU(inplace=True) right after it: the
         regularizer would see the modified values; make that op out of place)."""
-        self.__dict__.get("_routes", {}).clear()  # the next forward pass asks afresh
+        self._routes.clear()  # the next forward pass asks afresh
         records = self.recorder.take() if clear else self.recorder.peek()
         if not records:
             raise RuntimeError("SelfOrthogonality recorded no outputs: run a forward pass of the model in training "
@@ -135,7 +134,7 @@ class SelfOrthogonality(nn.Module):
         return self.loss()
 
     def clear(self) -> None:
-        self.__dict__.get("_routes", {}).clear()
+        self._routes.clear()
         self.recorder.clear()
 
     def remove(self) -> None:
