@@ -633,6 +633,25 @@ KEXUE_SIMD_CLONES void backward_rows(const T* y, std::int64_t c, std::int64_t s,
   stream_fence(stream);
 }
 
+// The calling thread's scratch for the forward (kSlot 0) or the backward (1), kept for its next call up to
+// kKeptScratchBytes (release_large frees a larger one after its call): a fresh vector each call zero-filled up to 266
+// KB a call in benchmarks/ortho.py's step and handed malloc's heap as much to trim and grow again. Layers of that
+// step, read from memory: forward of a float [32, 64, 256] 0.626 / 0.632 ms against 0.651 / 0.661 with fresh
+// vectors, [32, 32, 1024] 0.803 / 0.790 against 0.805 / 0.816 (two runs of python -m
+// kexue_fast.benchmarks.som_profile --device cpu --batch 32 --cpp-layers --cold --compare-cores <a 071b494 build>).
+constexpr std::size_t kKeptScratchBytes = 4 << 20;
+
+template <typename T, int kSlot>
+std::vector<T>& kept_scratch() {
+  thread_local std::vector<T> scratch;
+  return scratch;
+}
+
+template <typename T>
+void release_large(std::vector<T>& scratch) {
+  if (scratch.capacity() * sizeof(T) > kKeptScratchBytes) std::vector<T>().swap(scratch);
+}
+
 // Threads over samples (rows when s = 1), each with at least ~64K elements of work: a thread costs its start-up.
 int workers_for(std::int64_t n, std::int64_t c, std::int64_t s, int n_threads) {
   const std::int64_t tasks = std::max<std::int64_t>(1, std::min(n, n * c * s / (1 << 16)));
@@ -647,10 +666,10 @@ void som_gram(const T* y, std::int64_t n, std::int64_t c, std::int64_t s, double
   const int threads = workers_for(n, c, s, n_threads);
   std::vector<std::vector<double>> partial(static_cast<std::size_t>(threads),
                                            std::vector<double>(static_cast<std::size_t>(c * c), 0.0));
-  std::vector<std::vector<T>> scratch(static_cast<std::size_t>(threads));
   run_team(threads, [&](int t) {
-    gram_rows<T>(y, c, s, static_cast<T>(gamma), n * t / threads, n * (t + 1) / threads, partial[t], scratch[t],
-                 z_out);
+    std::vector<T>& scratch = kept_scratch<T, 0>();
+    gram_rows<T>(y, c, s, static_cast<T>(gamma), n * t / threads, n * (t + 1) / threads, partial[t], scratch, z_out);
+    release_large(scratch);
     stream_fence(z_out != nullptr);  // Z's non-temporal stores ordered before the backward's reads
   });
   for (std::int64_t a = 0; a < c; ++a)
@@ -666,7 +685,6 @@ template <typename T>
 void som_gram_backward(const T* y, std::int64_t n, std::int64_t c, std::int64_t s, double gamma, const T* a, T* dy,
                        int n_threads, bool add, bool from_z) {
   const int threads = workers_for(n, c, s, n_threads);
-  std::vector<std::vector<T>> scratch(static_cast<std::size_t>(threads));
   // Streamed only where each row of ∂Y is whole 64-byte lines from an aligned start (so are the 128-position chunks):
   // partial lines through the write-combining buffers, c rows apart, were slower than cached stores. Backward of a
   // float [32, 16, 9001]: 7.6 ms so, 17.2 streamed, 8.4 before the spans; [128, 64, 49]: 3.2, 5.5 and 3.4 (python -m
@@ -676,8 +694,10 @@ void som_gram_backward(const T* y, std::int64_t n, std::int64_t c, std::int64_t 
   const bool stream = !add && n * c * row_bytes >= kStreamBytes && row_bytes % 64 == 0 &&
                       reinterpret_cast<std::uintptr_t>(dy) % 64 == 0;
   run_team(threads, [&](int t) {
-    backward_rows<T>(y, c, s, static_cast<T>(gamma), a, dy, n * t / threads, n * (t + 1) / threads, scratch[t],
-                     stream, add, from_z);
+    std::vector<T>& scratch = kept_scratch<T, 1>();
+    backward_rows<T>(y, c, s, static_cast<T>(gamma), a, dy, n * t / threads, n * (t + 1) / threads, scratch, stream,
+                     add, from_z);
+    release_large(scratch);
   });
 }
 
