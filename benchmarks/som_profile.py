@@ -4,7 +4,7 @@
     ncu --nvtx --nvtx-include measure/ --kernel-name regex:_som_ python -m kexue_fast.benchmarks.som_profile \
         --kernels-once [--settings JSON]
     python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --steps 20 --cpp-split [--fresh-buffers] \
-        [--no-taps] [--recompute-z] [--compare-cores OTHER.so ...]
+        [--no-taps] [--recompute-z] [--compare-cores OTHER.so ... [--compare-keep-z]]
     python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --host-overhead
     python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --taps 5 [--threads 2]
     python -m kexue_fast.benchmarks.som_profile --host-costs [--batch 2]
@@ -420,13 +420,14 @@ def _fmt(values: Sequence[float]) -> str:
 
 
 def cpp_split(batch: int, steps: int, fresh_buffers: bool, compare: Sequence[str] = (), taps: bool = True,
-              recompute_z: bool = False) -> None:  # fmt: skip
+              recompute_z: bool = False, compare_keep_z: bool = False) -> None:  # fmt: skip
     """Milliseconds per step in the C++ core's forward and backward calls inside the CNN step (CPU, cpp backend);
     with `compare` (paths of other builds of the extension), the step with SOM also runs on each of them, all
     interleaved step by step, and on NoOpCore (the C++ calls as no-ops: the hooks, taps, autograd nodes and Python of
     the route, whatever the C++ work costs). taps=False: SelfOrthogonality without taps (builds before 3fc4eee cannot
     add ∂R/∂Y into a gradient); the other builds with som.KEEP_Z = False. recompute_z: this build also with
-    som.KEEP_Z = False (Z recomputed in the backward instead of kept from the forward)."""
+    som.KEEP_Z = False (Z recomputed in the backward instead of kept from the forward). compare_keep_z: the other
+    builds with som.KEEP_Z too (builds from 01979df on; those without som_z_stride keep Z in Y's layout)."""
     from kexue_fast.ortho import som, workspace
 
     cores = {**_cores(som._cpp_core(), compare), "C++ calls as no-ops": NoOpCore()}
@@ -447,6 +448,9 @@ def cpp_split(batch: int, steps: int, fresh_buffers: bool, compare: Sequence[str
 
         def omp_team(self) -> bool:  # builds before omp_team ran on the calling thread alone
             return getattr(cores[running[0]], "omp_team", lambda: False)()
+
+        def som_z_stride(self, s: int, itemsize: int) -> int:  # builds before it kept Z in Y's layout
+            return getattr(cores[running[0]], "som_z_stride", lambda s, itemsize: s)(s, itemsize)
 
     model, opt, x, target, hooks = cnn_setup("cpu", batch)
     hooks.taps = taps
@@ -473,7 +477,8 @@ def cpp_split(batch: int, steps: int, fresh_buffers: bool, compare: Sequence[str
         cores[recompute] = cores["this build"]
         spent.update({(recompute, part): 0.0 for part in ("forward", "backward")})
     # other builds run the step that recomputes Z (those from before som.KEEP_Z, 01979df, take no Z)
-    contestants = {"plain": plain, **{label: on(label, label not in compare and label != recompute) for label in cores}}
+    contestants = {"plain": plain, **{label: on(label, (compare_keep_z or label not in compare) and label != recompute)
+                                       for label in cores}}  # fmt: skip
     try:
         for _ in range(2):
             for fn in contestants.values():
@@ -510,6 +515,9 @@ class NoOpCore:
 
     def omp_team(self) -> bool:
         return False
+
+    def som_z_stride(self, s: int, itemsize: int) -> int:
+        return s
 
 
 def _cores(this, compare: Sequence[str]) -> dict:
@@ -682,6 +690,8 @@ def main() -> None:
     parser.add_argument("--fresh-buffers", action="store_true", help="with --cpp-split: no kept ∂R/∂Y buffers")
     parser.add_argument("--no-taps", action="store_true", help="with --cpp-split: SelfOrthogonality(taps=False)")
     parser.add_argument("--recompute-z", action="store_true", help="with --cpp-split: also with som.KEEP_Z = False")
+    parser.add_argument("--compare-keep-z", action="store_true",
+                        help="with --cpp-split --compare-cores: the other builds with som.KEEP_Z too")  # fmt: skip
     parser.add_argument("--host-overhead", action="store_true", help="CPU: the C++ route's Python and torch side")
     parser.add_argument("--cpp-layers", action="store_true", help="CPU: the C++ calls alone on the CNN's layer shapes")
     parser.add_argument("--threads", type=int, default=1, help="CPU: torch's threads (the C++ core's on its team)")
@@ -743,6 +753,8 @@ def main() -> None:
         return
     if args.recompute_z and not args.cpp_split:
         parser.error("--recompute-z goes with --cpp-split")
+    if args.compare_keep_z and not (args.cpp_split and args.compare_cores):
+        parser.error("--compare-keep-z goes with --cpp-split --compare-cores")
     if args.compare_cores and not (args.cpp_layers or args.cpp_split):
         parser.error("--compare-cores goes with --cpp-layers or --cpp-split")
     if args.shapes and not args.cpp_layers:
@@ -767,6 +779,7 @@ def main() -> None:
             args.compare_cores,
             taps=not args.no_taps,
             recompute_z=args.recompute_z,
+            compare_keep_z=args.compare_keep_z,
         )
         return
     for backend in (None, "torch", "triton") if args.device == "cuda" else (None, "torch", "cpp"):

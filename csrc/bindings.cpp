@@ -777,9 +777,10 @@ double som_penalty_typed(const py::array& y, std::int64_t n, std::int64_t c, std
   if (!a.is_none() && !py::isinstance<py::array_t<double>>(a)) throw py::type_error("a must be a float64 array");
   double* ap = optional_ptr<double>(a, {c, c}, "a", true);
   if (!z.is_none() && !py::isinstance<py::array_t<T>>(z)) throw py::type_error("z must be an array of y's dtype");
-  T* zp = optional_ptr<T>(z, {n * c * s}, "z", true);
+  const std::int64_t z_size = n * c * kexue::ortho::z_stride(s, sizeof(T));
+  T* zp = optional_ptr<T>(z, {z_size}, "z", true);
   if (zp != nullptr && static_cast<const void*>(zp) < static_cast<const void*>(yp + n * c * s) &&
-      static_cast<const void*>(yp) < static_cast<const void*>(zp + n * c * s))
+      static_cast<const void*>(yp) < static_cast<const void*>(zp + z_size))
     throw py::value_error("z must not overlap y");
   py::gil_scoped_release release;
   std::vector<double> gram(static_cast<std::size_t>(c * c));
@@ -802,7 +803,7 @@ template <typename T>
 void som_gram_backward_typed(const py::array& y, std::int64_t n, std::int64_t c, std::int64_t s, double gamma,
                              const py::handle& a, const py::handle& dy, int n_threads, double scale, bool add,
                              bool from_z) {
-  const T* yp = array_ptr<T>(y, {n * c * s}, "y", false);
+  const T* yp = array_ptr<T>(y, {n * c * (from_z ? kexue::ortho::z_stride(s, sizeof(T)) : s)}, "y", false);
   if (!py::isinstance<py::array_t<double>>(a)) throw py::type_error("a must be a float64 array");
   const double* ap = array_ptr<double>(a, {c, c}, "a", false);
   T* dp = array_ptr<T>(dy, {n * c * s}, "dy", true);
@@ -921,13 +922,20 @@ PYBIND11_MODULE(_core, m) {
         py::arg("z") = py::none(),
         "R of y read as [n, c, s] from its Gram G = Z^T Z, Z = tanh(gamma y), and into a (float64 [c, c], optional) "
         "A = gamma (Gbar + Gbar^T) at a unit upstream gradient, for som_gram_backward (csrc/ortho/som_gram.hpp); "
-        "into z (y's dtype and size, optional) Z itself, for som_gram_backward(from_z=True).");
+        "into z (y's dtype, n * c * som_z_stride(s, itemsize) elements, optional) Z itself as [n, c, som_z_stride], "
+        "for som_gram_backward(from_z=True).");
   m.def("som_gram_backward", &som_gram_backward, py::arg("y"), py::arg("n"), py::arg("c"), py::arg("s"),
         py::arg("gamma"), py::arg("a"), py::arg("dy"), py::arg("n_threads") = 0, py::arg("scale") = 1.0,
         py::arg("add") = false, py::arg("from_z") = false,
         "dy = (A Z_i) * (1 - Z_i^2) per sample, Z = tanh(gamma y) read as [n, c, s], A = scale * a (a: float64 "
         "[c, c], symmetric); add=True: dy += that (dy read, as a gradient to add into); from_z=True: y is Z itself "
-        "(som_penalty's z).");
+        "(som_penalty's z, rows som_z_stride(s, itemsize) apart).");
+  m.def("som_z_stride", [](std::int64_t s, std::int64_t itemsize) {
+          if (s < 1 || (itemsize != 4 && itemsize != 8)) throw py::value_error("need s >= 1 and itemsize 4 or 8");
+          return kexue::ortho::z_stride(s, itemsize);
+        }, py::arg("s"), py::arg("itemsize"),
+        "The row stride of som_penalty's z for rows of s positions: s, or s plus one 64-byte line where s * "
+        "itemsize is a multiple of 1 KiB (rows that far apart share a few L1 sets).");
   m.def("jacobi_elliptic", &jacobi_elliptic, py::arg("u"), py::arg("m"), py::arg("n_threads") = 0,
         py::arg("mp") = py::none(),
         "(sn, cn, dn, am, zeta) of same-shape float arrays u, m (0 <= m <= 1, NaN outside), elementwise; mp: 1 - m "

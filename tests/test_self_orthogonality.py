@@ -180,30 +180,46 @@ def test_cpp_core_threads_give_the_one_thread_results(n, c, s, dtype):
     assert torch.equal(dy_same_a, dy1)  # same A: two threads write exactly what one does, every element
 
 
+def test_cpp_z_stride_pads_rows_of_whole_kibibytes():
+    """som_z_stride: Z's rows one 64-byte line longer where s elements fill a multiple of 1 KiB, else s."""
+    from kexue_fast import _core
+
+    assert [_core.som_z_stride(s, 4) for s in (1, 49, 255, 256, 1024, 4096)] == [1, 49, 255, 272, 1040, 4112]
+    assert [_core.som_z_stride(s, 8) for s in (1, 64, 128, 333)] == [1, 64, 136, 333]
+    for bad in ((0, 4), (16, 2)):
+        with pytest.raises(ValueError, match="itemsize"):
+            _core.som_z_stride(*bad)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, D64])
-@pytest.mark.parametrize("n, c, s", [(4, 16, 4096), (3, 5, 333), (500, 7, 1)])
+@pytest.mark.parametrize("n, c, s", [(4, 16, 4096), (3, 5, 333), (500, 7, 1), (5, 24, 256), (6, 9, 128)])
 def test_cpp_core_keeps_z_for_the_backward(n, c, s, dtype):
-    """som_penalty(..., z=buffer) stores Z = tanh(γy) as it computes the Gram (float32: ±1 exactly where float's tanh
-    rounds to 1, within a few ulp of torch.tanh elsewhere); som_gram_backward(from_z=True) from it gives the backward
-    that recomputes Z (float64 bitwise, on one and two threads); R is unchanged. Bad z: TypeError (dtype),
-    ValueError (size, overlapping y)."""
+    """som_penalty(..., z=buffer) stores Z = tanh(γy) as it computes the Gram, as [n, c, som_z_stride(s)] (rows padded
+    where som_z_stride says; the padding is not written) (float32: ±1 exactly where float's tanh rounds to 1, within a
+    few ulp of torch.tanh elsewhere); som_gram_backward(from_z=True) from it gives the backward that recomputes Z
+    (float64 bitwise, on one and two threads); R is unchanged. Bad z: TypeError (dtype), ValueError (size,
+    overlapping y)."""
     from kexue_fast import _core
 
     g = torch.Generator().manual_seed(n + c + s)
     y = (torch.randn(n * c * s, generator=g, dtype=D64) * 0.5).to(dtype)
+    ld = _core.som_z_stride(s, y.element_size())
     for threads in (1, 2):
         a, a_kept = torch.empty((c, c), dtype=D64), torch.empty((c, c), dtype=D64)
-        z = torch.full_like(y, float("nan"))
+        z_rows = torch.full((n, c, ld), float("nan"), dtype=dtype)
+        z = z_rows.view(-1)
         r = _core.som_penalty(y.numpy(), n, c, s, 10.0, 2.0, 0.5, 1e-12, a.numpy(), threads)
         r_kept = _core.som_penalty(y.numpy(), n, c, s, 10.0, 2.0, 0.5, 1e-12, a_kept.numpy(), threads, z.numpy())
         assert abs(r_kept - r) <= (1e-5 if dtype == torch.float32 else 0.0) * abs(r)
+        assert z_rows[:, :, s:].isnan().all()  # the padding untouched
+        z_values = z_rows[:, :, :s].reshape(-1)
         want = torch.tanh(10.0 * y.double())
         if dtype == torch.float32:
             ones = (10.0 * y).abs() >= 9.0110  # float tanh is ±1 from 9.010914 on
-            assert ones.any() and torch.equal(z[ones], torch.sign(y[ones]))
-            torch.testing.assert_close(z.double(), want, rtol=8 * 2.0**-24, atol=0)
+            assert ones.any() and torch.equal(z_values[ones], torch.sign(y[ones]))
+            torch.testing.assert_close(z_values.double(), want, rtol=8 * 2.0**-24, atol=0)
         else:
-            torch.testing.assert_close(z, want, rtol=1e-15, atol=0)
+            torch.testing.assert_close(z_values, want, rtol=1e-15, atol=0)
         dy, dy_kept = torch.zeros_like(y), torch.zeros_like(y)
         _core.som_gram_backward(y.numpy(), n, c, s, 10.0, a_kept.numpy(), dy.numpy(), threads, 0.7, True)
         _core.som_gram_backward(z.numpy(), n, c, s, 10.0, a_kept.numpy(), dy_kept.numpy(), threads, 0.7, True, True)
@@ -215,8 +231,11 @@ def test_cpp_core_keeps_z_for_the_backward(n, c, s, dtype):
         _core.som_penalty(y.numpy(), n, c, s, 10.0, 2.0, 0.5, 1e-12, None, 1, z.to(torch.float16).numpy())
     with pytest.raises(ValueError, match="z has the wrong shape"):
         _core.som_penalty(y.numpy(), n, c, s, 10.0, 2.0, 0.5, 1e-12, None, 1, z[1:].numpy())
+    with pytest.raises(ValueError, match="y has the wrong shape"):  # from_z reads Z's layout
+        _core.som_gram_backward(z[1:].numpy(), n, c, s, 10.0, a_kept.numpy(), dy_kept.numpy(), 1, 0.7, True, True)
+    shared = torch.zeros(n * c * ld, dtype=dtype)  # y and z in one buffer
     with pytest.raises(ValueError, match="overlap"):
-        _core.som_penalty(y.numpy(), n, c, s, 10.0, 2.0, 0.5, 1e-12, None, 1, y.numpy())
+        _core.som_penalty(shared[: n * c * s].numpy(), n, c, s, 10.0, 2.0, 0.5, 1e-12, None, 1, shared.numpy())
 
 
 @pytest.mark.parametrize("scale", [1e-6, 1e-9, 1e-12])

@@ -492,7 +492,8 @@ KEXUE_SIMD_CLONES void gram_rows(const T* y, std::int64_t c, std::int64_t s, T g
                                  std::vector<double>& gram, std::vector<T>& scratch, T* z_out) {
   // z_out: Z also stored there (Y's layout), with float's exact ±1 (the backward's 1 − Z² is 0 there)
   const bool exact = z_out != nullptr;
-  auto out_at = [&](std::int64_t offset) { return z_out == nullptr ? nullptr : z_out + offset; };
+  const std::int64_t zs = z_stride(s, static_cast<std::int64_t>(sizeof(T)));  // Z's rows: position p of row r at r·zs + p
+  auto out_at = [&](std::int64_t row, std::int64_t p) { return z_out == nullptr ? nullptr : z_out + row * zs + p; };
   const std::int64_t stride = kPositions + 64 / static_cast<std::int64_t>(sizeof(T));  // not a power of two
   const std::int64_t block = s == 1 ? kRows * c : c * stride;
   const std::int64_t bytes = static_cast<std::int64_t>(sizeof(T));
@@ -506,7 +507,7 @@ KEXUE_SIMD_CLONES void gram_rows(const T* y, std::int64_t c, std::int64_t s, T g
     constexpr std::int64_t band = 64 / static_cast<std::int64_t>(sizeof(T));  // the tiles' width of columns
     for (std::int64_t r0 = i0; r0 < i1; r0 += kRows) {
       const std::int64_t rows = std::min(kRows, i1 - r0);
-      scaled_tanh(y + r0 * c, gamma, z, rows * c, exact, out_at(r0 * c));
+      scaled_tanh(y + r0 * c, gamma, z, rows * c, exact, out_at(r0 * c, 0));  // s = 1: zs = 1
       for (std::int64_t a0 = 0; a0 < c; a0 += band) {  // bands of G's rows from their diagonal block on: the upper
         const std::int64_t m = std::min(band, c - a0);  // triangle and the diagonal blocks, about half of Zᵀ Z
         gemm::gemm<T>(m, rows, c - a0, z + a0, 1, c, z + a0, c, tile + a0 * c + a0, c, false);
@@ -522,7 +523,7 @@ KEXUE_SIMD_CLONES void gram_rows(const T* y, std::int64_t c, std::int64_t s, T g
       for (std::int64_t k = 0; k < m; ++k)  // each sample's [c, s] block read in memory order: one stream
         for (std::int64_t ch = 0; ch < c; ++ch)
           scaled_tanh(y + ((i + k) * c + ch) * s, gamma, z + ch * stride + k * s, s, exact,
-                      out_at(((i + k) * c + ch) * s));
+                      out_at((i + k) * c + ch, 0));
       Prefetch next;  // the next chunk's samples
       next.add(y + (i + m) * c * s, std::min(per, i1 - i - m) * c * s * bytes, 0, 1);
       upper_gram_rows(z, c, m * s, stride, tile, next);
@@ -534,7 +535,7 @@ KEXUE_SIMD_CLONES void gram_rows(const T* y, std::int64_t c, std::int64_t s, T g
     for (std::int64_t p0 = 0; p0 < s; p0 += kPositions) {
       const std::int64_t p = std::min(kPositions, s - p0);
       for (std::int64_t ch = 0; ch < c; ++ch)
-        scaled_tanh(y + (i * c + ch) * s + p0, gamma, z + ch * stride, p, exact, out_at((i * c + ch) * s + p0));
+        scaled_tanh(y + (i * c + ch) * s + p0, gamma, z + ch * stride, p, exact, out_at(i * c + ch, p0));
       Prefetch next;  // the next chunk's rows: this sample's next positions, else the next sample's first
       if (p0 + p < s)
         next.add(y + i * c * s + p0 + p, std::min(kPositions, s - p0 - p) * bytes, s * bytes, c);
@@ -595,6 +596,7 @@ KEXUE_SIMD_CLONES void backward_rows(const T* y, std::int64_t c, std::int64_t s,
   // read the forward's Z in place, rows s apart, instead of a copy into the padded scratch (in benchmarks/ortho.py's
   // CPU step, H·W = 1024 and 256, an ad-hoc comparison found the copy slower; no figure claimed).
   const std::int64_t pad = 64 / static_cast<std::int64_t>(sizeof(T));
+  const std::int64_t ys = from_z ? z_stride(s, bytes) : s;  // y's rows: Z's kept layout, or Y's
   const std::int64_t fit = kSpanBytes / static_cast<std::int64_t>(sizeof(T)) / c;
   const std::int64_t span = s <= fit ? s : std::max<std::int64_t>(kRows, fit / kRows * kRows);
   const std::int64_t ldz = (span + 2 * pad - 1) / (2 * pad) * (2 * pad) + pad;  // odd multiples of pad
@@ -606,16 +608,16 @@ KEXUE_SIMD_CLONES void backward_rows(const T* y, std::int64_t c, std::int64_t s,
       const std::int64_t q = std::min(span, s - q0);
       const bool direct = from_z && use_avx512();  // the forward's Z read where it lies (Y's layout), no copy
       if (!direct)
-        for (std::int64_t ch = 0; ch < c; ++ch) z_of(y + (i * c + ch) * s + q0, z + ch * ldz, q);
+        for (std::int64_t ch = 0; ch < c; ++ch) z_of(y + (i * c + ch) * ys + q0, z + ch * ldz, q);
 #ifdef KEXUE_SOM_AVX2
       if (use_avx512()) {
-        const T* zi = direct ? y + i * c * s + q0 : z;
-        const std::int64_t ld = direct ? s : ldz;
+        const T* zi = direct ? y + i * c * ys + q0 : z;
+        const std::int64_t ld = direct ? ys : ldz;
         Prefetch pf;  // the next span's rows of Y (and of ∂Y where added into): this sample's, else the next sample's
         const std::int64_t next_i = q0 + q < s ? i : i + 1, next_q = q0 + q < s ? q0 + q : 0;
         if (next_i < i1) {
           const std::int64_t row = std::min(span, s - next_q) * bytes;
-          pf.add(y + next_i * c * s + next_q, row, s * bytes, c);
+          pf.add(y + next_i * c * ys + next_q, row, ys * bytes, c);
           if (add) pf.add(dy + next_i * c * s + next_q, row, s * bytes, c);
         }
         const FusedProduct<T> f{c, a, c, zi, ld, zi, ld, dy + i * c * s + q0, s, stream, add};
@@ -659,6 +661,10 @@ int workers_for(std::int64_t n, std::int64_t c, std::int64_t s, int n_threads) {
 }
 
 }  // namespace
+
+std::int64_t z_stride(std::int64_t s, std::int64_t elem_bytes) {
+  return s > 1 && (s * elem_bytes) % 1024 == 0 ? s + 64 / elem_bytes : s;
+}
 
 template <typename T>
 void som_gram(const T* y, std::int64_t n, std::int64_t c, std::int64_t s, double gamma, double* gram, int n_threads,

@@ -16,13 +16,19 @@
 namespace kexue {
 namespace ortho {
 
-// G [c, c] (double) of Z = tanh(γ y); z_out (optional, y's size): Z itself, for a backward with from_z.
+// The row stride of a kept Z (som_gram's z_out, the backward's from_z input, laid out [n, c, z_stride]): s, or s plus
+// one 64-byte line where s elements of `elem_bytes` bytes fill a multiple of 1 KiB, whose rows would share a few L1
+// sets (the backward's tiles read c such rows at once).
+std::int64_t z_stride(std::int64_t s, std::int64_t elem_bytes);
+
+// G [c, c] (double) of Z = tanh(γ y); z_out (optional, n·c·z_stride elements): Z itself, for a backward with from_z.
 template <typename T>
 void som_gram(const T* y, std::int64_t n, std::int64_t c, std::int64_t s, double gamma, double* gram, int n_threads,
               T* z_out = nullptr);
 
 // dy [n, c, s] = (A Z_i) ⊙ (1 − Z_i²) per sample, Z = tanh(γ y), for a [c, c] symmetric (row-major); add: dy += that
-// (dy read: a gradient of Y to add ∂R/∂Y into, in one pass); from_z: y is Z itself (som_gram's z_out), no tanh.
+// (dy read: a gradient of Y to add ∂R/∂Y into, in one pass); from_z: y is Z itself (som_gram's z_out, rows
+// z_stride apart), no tanh.
 template <typename T>
 void som_gram_backward(const T* y, std::int64_t n, std::int64_t c, std::int64_t s, double gamma, const T* a, T* dy,
                        int n_threads, bool add = false, bool from_z = false);

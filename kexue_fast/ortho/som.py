@@ -477,6 +477,13 @@ class _TapSlot:
         return None if out is grad else out
 
 
+def _kept_z(core, shape: torch.Size, n: int, c: int, s: int, dtype: torch.dtype) -> Tensor:
+    """A kept buffer for the forward's Z of a Y of `shape` read as [n, c, s]: Y's shape, or [n, c, ld] where the core
+    pads Z's rows (som_z_stride: rows of a multiple of 1 KiB would share a few L1 sets in the backward's tiles)."""
+    ld = core.som_z_stride(s, 8 if dtype == torch.float64 else 4)
+    return workspace.grad_buffer(shape if ld == s else (n, c, ld), dtype)
+
+
 def _cpp_backward(src: Tuple[Tensor, float, Optional[np.ndarray]], layout: Layout, a0: np.ndarray, out: Tensor,
                   threads: int, scale: float, add: bool) -> None:  # fmt: skip
     """out (contiguous, Y's shape, float32/64) = (or += where add) scale · ∂R/∂Y on the C++ core, from A₀ and
@@ -642,14 +649,14 @@ class _CppPenalty(torch.autograd.Function):
         for y, (n, c, s), needed in zip(ys, layouts, ctx.needs_input_grad[6:]):
             a = np.empty((c, c)) if needed else None  # A₀ (float64), only for a backward
             work = _work_dtype(y.dtype)  # half in float32, as on torch
-            z = workspace.grad_buffer(y.shape, work) if needed and KEEP_Z else None
+            z = _kept_z(core, y.shape, n, c, s, work) if needed and KEEP_Z else None
             z_array = None if z is None else z.view(-1).numpy()  # kept for the backward's C++ call
             values.append(core.som_penalty(_flat(y, work), n, c, s, gamma, lambda1, lambda2, eps, a, threads, z_array))
             a0.append(a)
             saved.append(y if z is None else z)
             z_arrays.append(z_array)
         ctx.gamma, ctx.layouts, ctx.a0, ctx.slots = gamma, layouts, a0, slots
-        ctx.dtypes, ctx.z_arrays = tuple(y.dtype for y in ys), z_arrays
+        ctx.dtypes, ctx.shapes, ctx.z_arrays = tuple(y.dtype for y in ys), tuple(y.shape for y in ys), z_arrays
         ctx.save_for_backward(*saved)  # Z too: autograd's check that nothing wrote into it before the backward
         # in the layers' result dtype (computed in float64): the callers' .to() is then no op and no autograd node
         return torch.tensor(values, dtype=_out_dtype(ys), device="cpu")
@@ -672,7 +679,7 @@ class _CppPenalty(torch.autograd.Function):
                 deferred.append(slot)
                 grads.append(None)
                 continue
-            dy = _grad_buffer(t.shape, _work_dtype(ctx.dtypes[i]), t.device)
+            dy = _grad_buffer(ctx.shapes[i], _work_dtype(ctx.dtypes[i]), t.device)
             # a zero weight too (no zeros shortcut): 0·∂R/∂Y, NaN where Y has one, as on the torch path
             _cpp_backward(src, layout, a0, dy, threads, scales[i], add=False)
             grads.append(dy.to(ctx.dtypes[i]))
