@@ -98,7 +98,7 @@ KEXUE_INLINE void finish_rows(const T* w, const T* z, T* out, std::int64_t count
 // A vector's heap block (malloc's) starts 16 bytes past one wherever the allocation is mmap-sized, and then every such
 // load of the forward's Gram tiles was split across two lines. Forward of a float [32, 32, 1024] read from memory:
 // 0.797 ms against 0.908 before (python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --cpp-layers
-// --cold --compare-cores <a de2fede build>; [32, 64, 256]: 0.664 against 0.659, its scratch aligned by chance there).
+// --cold --compare-cores <a de2fede build>; [32, 64, 256]: 0.664 against 0.659, no change).
 template <typename T>
 T* aligned_scratch(std::vector<T>& v, std::int64_t count) {
   constexpr std::int64_t pad = 64 / static_cast<std::int64_t>(sizeof(T));
@@ -490,9 +490,10 @@ KEXUE_INLINE void upper_gram_rows(const T* z, std::int64_t c, std::int64_t p, st
 template <typename T>
 KEXUE_SIMD_CLONES void gram_rows(const T* y, std::int64_t c, std::int64_t s, T gamma, std::int64_t i0, std::int64_t i1,
                                  std::vector<double>& gram, std::vector<T>& scratch, T* z_out) {
-  // z_out: Z also stored there (Y's layout), with float's exact ±1 (the backward's 1 − Z² is 0 there)
+  // z_out: Z also stored there ([n, c, zs], rows padded: z_stride), with float's exact ±1 (the backward's 1 − Z² is 0
+  // there)
   const bool exact = z_out != nullptr;
-  const std::int64_t zs = z_stride(s, static_cast<std::int64_t>(sizeof(T)));  // Z's rows: position p of row r at r·zs + p
+  const std::int64_t zs = z_stride(s, static_cast<std::int64_t>(sizeof(T)));  // Z's row r, position p: at r·zs + p
   auto out_at = [&](std::int64_t row, std::int64_t p) { return z_out == nullptr ? nullptr : z_out + row * zs + p; };
   const std::int64_t stride = kPositions + 64 / static_cast<std::int64_t>(sizeof(T));  // not a power of two
   const std::int64_t block = s == 1 ? kRows * c : c * stride;
@@ -593,8 +594,9 @@ KEXUE_SIMD_CLONES void backward_rows(const T* y, std::int64_t c, std::int64_t s,
   // under AVX-512, dy = (A Z) ⊙ (1 − Z²) in one pass of register tiles (fused_product_avx512), elsewhere A Z by chunks
   // of kRows positions into a scratch w and one pass dy = w ⊙ (1 − Z²). Rows of both scratches are a non-power-of-two
   // apart (a stride such as H·W = 1024 would map the product's rows to one L1 set). from_z under AVX-512: the tiles
-  // read the forward's Z in place, rows s apart, instead of a copy into the padded scratch (in benchmarks/ortho.py's
-  // CPU step, H·W = 1024 and 256, an ad-hoc comparison found the copy slower; no figure claimed).
+  // read the forward's Z in place, its rows z_stride(s) apart (padded as the scratches are), instead of a copy into
+  // the padded scratch (in benchmarks/ortho.py's CPU step, H·W = 1024 and 256, an ad-hoc comparison found the copy
+  // slower; no figure claimed).
   const std::int64_t pad = 64 / static_cast<std::int64_t>(sizeof(T));
   const std::int64_t ys = from_z ? z_stride(s, bytes) : s;  // y's rows: Z's kept layout, or Y's
   const std::int64_t fit = kSpanBytes / static_cast<std::int64_t>(sizeof(T)) / c;
@@ -606,7 +608,7 @@ KEXUE_SIMD_CLONES void backward_rows(const T* y, std::int64_t c, std::int64_t s,
   for (std::int64_t i = i0; i < i1; ++i)
     for (std::int64_t q0 = 0; q0 < s; q0 += span) {
       const std::int64_t q = std::min(span, s - q0);
-      const bool direct = from_z && use_avx512();  // the forward's Z read where it lies (Y's layout), no copy
+      const bool direct = from_z && use_avx512();  // the forward's Z read where it lies (rows ys apart), no copy
       if (!direct)
         for (std::int64_t ch = 0; ch < c; ++ch) z_of(y + (i * c + ch) * ys + q0, z + ch * ldz, q);
 #ifdef KEXUE_SOM_AVX2
@@ -636,11 +638,11 @@ KEXUE_SIMD_CLONES void backward_rows(const T* y, std::int64_t c, std::int64_t s,
 }
 
 // The calling thread's scratch for the forward (kSlot 0) or the backward (1), kept for its next call up to
-// kKeptScratchBytes (release_large frees a larger one after its call): a fresh vector each call zero-filled up to 266
-// KB a call in benchmarks/ortho.py's step and handed malloc's heap as much to trim and grow again. Layers of that
-// step, read from memory: forward of a float [32, 64, 256] 0.626 / 0.632 ms against 0.651 / 0.661 with fresh
-// vectors, [32, 32, 1024] 0.803 / 0.790 against 0.805 / 0.816 (two runs of python -m
-// kexue_fast.benchmarks.som_profile --device cpu --batch 32 --cpp-layers --cold --compare-cores <a 071b494 build>).
+// kKeptScratchBytes (release_large frees a larger one after its call): a fresh vector each call was allocated and
+// zero-filled anew, up to 266 KB a call in benchmarks/ortho.py's step. Layers of that step, read from memory: forward
+// of a float [32, 64, 256] 0.626 / 0.632 ms against 0.651 / 0.661 with fresh vectors, [32, 32, 1024] 0.803 / 0.790
+// against 0.805 / 0.816 (two runs of python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --cpp-layers
+// --cold --compare-cores <a 071b494 build>).
 constexpr std::size_t kKeptScratchBytes = 4 << 20;
 
 template <typename T, int kSlot>
@@ -663,8 +665,8 @@ int workers_for(std::int64_t n, std::int64_t c, std::int64_t s, int n_threads) {
 }  // namespace
 
 // In benchmarks/ortho.py's CPU step (rows of 1024 and 256 floats, both padded) the C++ backward took 2.77 / 2.75 ms
-// per step against 2.84 / 2.83 with Z in Y's layout (python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32
-// --steps 30 --cpp-split --compare-cores <a c527d82 build> --compare-keep-z, two runs at 774ba9b).
+// per step against 2.84 / 2.83 with Z in Y's layout (python -m kexue_fast.benchmarks.som_profile --device cpu
+// --batch 32 --steps 30 --cpp-split --compare-cores <a c527d82 build> --compare-keep-z, two runs at 774ba9b).
 std::int64_t z_stride(std::int64_t s, std::int64_t elem_bytes) {
   return s > 1 && (s * elem_bytes) % 1024 == 0 ? s + 64 / elem_bytes : s;
 }

@@ -56,8 +56,9 @@ TRITON_AUTO_MAX_CHANNELS = 128
 CPP_THREADS: Optional[int] = None
 CPP_MAX_TORCH_THREADS = 2
 
-# The C++ route keeps Z = tanh(γY) from the forward for the backward (a buffer of Y's size per layer, Y's dtype or
-# float32, from kexue_fast.ortho.workspace: kept between steps, saved in place of Y) instead of recomputing it there:
+# The C++ route keeps Z = tanh(γY) from the forward for the backward (a buffer of Y's size per layer, its rows one
+# 64-byte line longer where they fill a multiple of 1 KiB (_kept_z), Y's dtype or float32, from
+# kexue_fast.ortho.workspace: kept between steps, saved in place of Y) instead of recomputing it there:
 # the forward stores each chunk's Z as it computes it (past the caches), the backward reads it in place under AVX-512
 # (elsewhere copies it where it computed it).
 # False: Z recomputed, no buffer. In benchmarks/ortho.py's CPU step the C++ calls took 6.30 / 6.13 ms a step so,
