@@ -476,7 +476,7 @@ def cpp_split(batch: int, steps: int, fresh_buffers: bool, compare: Sequence[str
     if recompute_z:
         cores[recompute] = cores["this build"]
         spent.update({(recompute, part): 0.0 for part in ("forward", "backward")})
-    # other builds run the step that recomputes Z (those from before som.KEEP_Z, 01979df, take no Z)
+    # other builds recompute Z unless compare_keep_z (those from before som.KEEP_Z, 01979df, take no Z)
     contestants = {"plain": plain, **{label: on(label, (compare_keep_z or label not in compare) and label != recompute)
                                        for label in cores}}  # fmt: skip
     try:

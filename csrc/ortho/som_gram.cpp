@@ -603,12 +603,12 @@ KEXUE_SIMD_CLONES void backward_rows(const T* y, std::int64_t c, std::int64_t s,
   const std::int64_t span = s <= fit ? s : std::max<std::int64_t>(kRows, fit / kRows * kRows);
   const std::int64_t ldz = (span + 2 * pad - 1) / (2 * pad) * (2 * pad) + pad;  // odd multiples of pad
   const std::int64_t ldw = kRows + pad;
-  T* z = aligned_scratch(scratch, c * (ldz + ldw));
-  T* w = z + c * ldz;
+  const bool direct = from_z && use_avx512();  // the forward's Z read where it lies (rows ys apart), no copy
+  T* z = direct ? nullptr : aligned_scratch(scratch, c * (ldz + ldw));  // no scratch where the tiles read Z in place
+  T* w = direct ? nullptr : z + c * ldz;
   for (std::int64_t i = i0; i < i1; ++i)
     for (std::int64_t q0 = 0; q0 < s; q0 += span) {
       const std::int64_t q = std::min(span, s - q0);
-      const bool direct = from_z && use_avx512();  // the forward's Z read where it lies (rows ys apart), no copy
       if (!direct)
         for (std::int64_t ch = 0; ch < c; ++ch) z_of(y + (i * c + ch) * ys + q0, z + ch * ldz, q);
 #ifdef KEXUE_SOM_AVX2

@@ -481,7 +481,7 @@ class _TapSlot:
 def _kept_z(core, shape: torch.Size, n: int, c: int, s: int, dtype: torch.dtype) -> Tensor:
     """A kept buffer for the forward's Z of a Y of `shape` read as [n, c, s]: Y's shape, or [n, c, ld] where the core
     pads Z's rows (som_z_stride: rows of a multiple of 1 KiB would share a few L1 sets in the backward's tiles)."""
-    ld = core.som_z_stride(s, 8 if dtype == torch.float64 else 4)
+    ld = core.som_z_stride(s, dtype.itemsize)
     return workspace.grad_buffer(shape if ld == s else (n, c, ld), dtype)
 
 
