@@ -441,6 +441,15 @@ def cpp_split(batch: int, steps: int, fresh_buffers: bool, compare: Sequence[str
             spent[running[0], "forward"] += time.perf_counter() - start
             return value
 
+        def som_penalties(self, calls, out) -> None:  # builds before it: one som_penalty call per layer
+            start = time.perf_counter()
+            core = cores[running[0]]
+            if hasattr(core, "som_penalties"):
+                core.som_penalties(calls, out)
+            else:
+                out[:] = [core.som_penalty(*args) for args in calls]
+            spent[running[0], "forward"] += time.perf_counter() - start
+
         def som_gram_backward(self, *args) -> None:
             start = time.perf_counter()
             cores[running[0]].som_gram_backward(*args)
@@ -456,6 +465,17 @@ def cpp_split(batch: int, steps: int, fresh_buffers: bool, compare: Sequence[str
     hooks.taps = taps
     plain = training_step(model, x, target, hooks, None, opt)
     with_som = training_step(model, x, target, hooks, "cpp", opt)
+    loss_spent: dict = {}
+    loss_of = hooks.loss
+
+    def timed_loss(**kwargs):  # the step's loss() (its host side: this less the C++ forward)
+        start = time.perf_counter()
+        try:
+            return loss_of(**kwargs)
+        finally:
+            loss_spent[running[0]] = loss_spent.get(running[0], 0.0) + time.perf_counter() - start
+
+    hooks.loss = timed_loss
     original = (som._cpp_core, workspace.grad_buffer)
     som._cpp_core = TimedCore
     if fresh_buffers:
@@ -484,6 +504,7 @@ def cpp_split(batch: int, steps: int, fresh_buffers: bool, compare: Sequence[str
             for fn in contestants.values():
                 fn()
         spent.update({key: 0.0 for key in spent})
+        loss_spent.clear()
         walls: dict = {name: [] for name in contestants}
         for _ in range(steps):
             for name, fn in contestants.items():
@@ -498,8 +519,11 @@ def cpp_split(batch: int, steps: int, fresh_buffers: bool, compare: Sequence[str
     buffers += "" if taps else ", no taps"
     print(f"CPU step, batch {batch}, {steps} steps, {buffers}: median {median['plain']:.2f} ms without SOM")
     for label in cores:
-        print(f"  {label}: {median[label]:.2f} ms with SOM; C++ forward {spent[label, 'forward'] / steps * 1e3:.2f} "
-              f"ms and backward {spent[label, 'backward'] / steps * 1e3:.2f} ms per step")  # fmt: skip
+        forward = spent[label, "forward"] / steps
+        host = loss_spent.get(label, 0.0) / steps - forward
+        print(f"  {label}: {median[label]:.2f} ms with SOM; C++ forward {forward * 1e3:.2f} ms and backward "
+              f"{spent[label, 'backward'] / steps * 1e3:.2f} ms per step; loss() besides the C++ forward "
+              f"{host * 1e6:.0f} µs")  # fmt: skip
 
 
 class NoOpCore:
@@ -509,6 +533,9 @@ class NoOpCore:
         if a is not None:
             a.fill(0.0)
         return 0.0
+
+    def som_penalties(self, calls, out) -> None:
+        out[:] = [self.som_penalty(*args) for args in calls]
 
     def som_gram_backward(self, *args) -> None:
         pass

@@ -10,6 +10,7 @@
 #include <optional>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "common/cpu_features.hpp"
@@ -769,10 +770,21 @@ void check_som_shape(std::int64_t n, std::int64_t c, std::int64_t s, double gamm
   if (!(gamma > 0) || !std::isfinite(gamma)) throw py::value_error("gamma must be a finite number > 0");
 }
 
+// One som_penalty call, its arguments checked and taken apart (with the GIL), to run later without it.
+struct SomCall {
+  const void* y;
+  bool is_double;
+  std::int64_t n, c, s;
+  double gamma, lambda1, lambda2, eps;
+  double* a;
+  int n_threads;
+  void* z;
+};
+
 template <typename T>
-double som_penalty_typed(const py::array& y, std::int64_t n, std::int64_t c, std::int64_t s, double gamma,
-                         double lambda1, double lambda2, double eps, const py::handle& a, int n_threads,
-                         const py::handle& z) {
+SomCall som_call_typed(const py::array& y, std::int64_t n, std::int64_t c, std::int64_t s, double gamma,
+                       double lambda1, double lambda2, double eps, const py::handle& a, int n_threads,
+                       const py::handle& z) {
   const T* yp = array_ptr<T>(y, {n * c * s}, "y", false);
   if (!a.is_none() && !py::isinstance<py::array_t<double>>(a)) throw py::type_error("a must be a float64 array");
   double* ap = optional_ptr<double>(a, {c, c}, "a", true);
@@ -782,21 +794,66 @@ double som_penalty_typed(const py::array& y, std::int64_t n, std::int64_t c, std
   if (zp != nullptr && static_cast<const void*>(zp) < static_cast<const void*>(yp + n * c * s) &&
       static_cast<const void*>(yp) < static_cast<const void*>(zp + z_size))
     throw py::value_error("z must not overlap y");
-  py::gil_scoped_release release;
-  std::vector<double> gram(static_cast<std::size_t>(c * c));
-  kexue::ortho::som_gram<T>(yp, n, c, s, gamma, gram.data(), n_threads, zp);
-  return kexue::ortho::som_penalty(gram.data(), c, gamma, lambda1, lambda2, eps, ap);
+  return {yp, std::is_same<T, double>::value, n, c, s, gamma, lambda1, lambda2, eps, ap, n_threads, zp};
+}
+
+SomCall som_call(const py::array& y, std::int64_t n, std::int64_t c, std::int64_t s, double gamma, double lambda1,
+                 double lambda2, double eps, const py::handle& a, int n_threads, const py::handle& z) {
+  check_som_shape(n, c, s, gamma);
+  if (!(lambda1 >= 0) || !(lambda2 >= 0) || !(eps > 0)) throw py::value_error("need lambda1, lambda2 >= 0, eps > 0");
+  if (py::isinstance<py::array_t<float>>(y))
+    return som_call_typed<float>(y, n, c, s, gamma, lambda1, lambda2, eps, a, n_threads, z);
+  if (py::isinstance<py::array_t<double>>(y))
+    return som_call_typed<double>(y, n, c, s, gamma, lambda1, lambda2, eps, a, n_threads, z);
+  throw py::type_error("y must be float32 or float64");
+}
+
+// R of one checked call (no Python object touched: runs without the GIL).
+double run_som_call(const SomCall& k) {
+  std::vector<double> gram(static_cast<std::size_t>(k.c * k.c));
+  if (k.is_double)
+    kexue::ortho::som_gram<double>(static_cast<const double*>(k.y), k.n, k.c, k.s, k.gamma, gram.data(),
+                                   k.n_threads, static_cast<double*>(k.z));
+  else
+    kexue::ortho::som_gram<float>(static_cast<const float*>(k.y), k.n, k.c, k.s, k.gamma, gram.data(), k.n_threads,
+                                  static_cast<float*>(k.z));
+  return kexue::ortho::som_penalty(gram.data(), k.c, k.gamma, k.lambda1, k.lambda2, k.eps, k.a);
 }
 
 double som_penalty(const py::array& y, std::int64_t n, std::int64_t c, std::int64_t s, double gamma, double lambda1,
                    double lambda2, double eps, const py::handle& a, int n_threads, const py::handle& z) {
-  check_som_shape(n, c, s, gamma);
-  if (!(lambda1 >= 0) || !(lambda2 >= 0) || !(eps > 0)) throw py::value_error("need lambda1, lambda2 >= 0, eps > 0");
-  if (py::isinstance<py::array_t<float>>(y))
-    return som_penalty_typed<float>(y, n, c, s, gamma, lambda1, lambda2, eps, a, n_threads, z);
-  if (py::isinstance<py::array_t<double>>(y))
-    return som_penalty_typed<double>(y, n, c, s, gamma, lambda1, lambda2, eps, a, n_threads, z);
-  throw py::type_error("y must be float32 or float64");
+  const SomCall call = som_call(y, n, c, s, gamma, lambda1, lambda2, eps, a, n_threads, z);
+  py::gil_scoped_release release;
+  return run_som_call(call);
+}
+
+// som_penalty over a list of argument tuples, R of each into out (float32/64 [len(calls)]): every call's arguments
+// checked before any runs, then the layers back to back in one release of the GIL (SelfOrthogonality.loss()'s
+// layers in one Python call: Python run between two layers' calls ran from the caches that each call had flushed).
+void som_penalties(const py::list& calls, const py::array& out) {
+  const auto count = static_cast<std::int64_t>(calls.size());
+  std::vector<SomCall> checked;
+  checked.reserve(static_cast<std::size_t>(count));
+  for (const py::handle item : calls) {
+    if (!py::isinstance<py::tuple>(item) || py::len(item) != 11)
+      throw py::type_error("calls must hold tuples of som_penalty's 11 arguments");
+    const auto t = py::reinterpret_borrow<py::tuple>(item);
+    checked.push_back(som_call(t[0].cast<py::array>(), t[1].cast<std::int64_t>(), t[2].cast<std::int64_t>(),
+                               t[3].cast<std::int64_t>(), t[4].cast<double>(), t[5].cast<double>(),
+                               t[6].cast<double>(), t[7].cast<double>(), t[8], t[9].cast<int>(), t[10]));
+  }
+  if (!py::isinstance<py::array_t<float>>(out) && !py::isinstance<py::array_t<double>>(out))
+    throw py::type_error("out must be a float32 or float64 array");
+  float* out32 = py::isinstance<py::array_t<float>>(out) ? array_ptr<float>(out, {count}, "out", true) : nullptr;
+  double* out64 = out32 == nullptr ? array_ptr<double>(out, {count}, "out", true) : nullptr;
+  py::gil_scoped_release release;
+  for (std::int64_t i = 0; i < count; ++i) {
+    const double r = run_som_call(checked[static_cast<std::size_t>(i)]);
+    if (out32 != nullptr)
+      out32[i] = static_cast<float>(r);
+    else
+      out64[i] = r;
+  }
 }
 
 template <typename T>
@@ -924,6 +981,9 @@ PYBIND11_MODULE(_core, m) {
         "A = gamma (Gbar + Gbar^T) at a unit upstream gradient, for som_gram_backward (csrc/ortho/som_gram.hpp); "
         "into z (y's dtype, n * c * som_z_stride(s, itemsize) elements, optional) Z itself as [n, c, som_z_stride], "
         "for som_gram_backward(from_z=True).");
+  m.def("som_penalties", &som_penalties, py::arg("calls"), py::arg("out"),
+        "som_penalty(*args) for each args tuple of calls, R of each into out (float32 or float64 [len(calls)]): "
+        "every call's arguments checked first, then the calls back to back without the GIL.");
   m.def("som_gram_backward", &som_gram_backward, py::arg("y"), py::arg("n"), py::arg("c"), py::arg("s"),
         py::arg("gamma"), py::arg("a"), py::arg("dy"), py::arg("n_threads") = 0, py::arg("scale") = 1.0,
         py::arg("add") = false, py::arg("from_z") = false,

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -238,6 +239,55 @@ def test_cpp_core_keeps_z_for_the_backward(n, c, s, dtype):
         _core.som_penalty(shared[: n * c * s].numpy(), n, c, s, 10.0, 2.0, 0.5, 1e-12, None, 1, shared.numpy())
 
 
+def test_cpp_penalties_run_every_call_after_checking_them_all():
+    """som_penalties(calls, out): each tuple of calls as som_penalty's arguments (float32 and float64 layers, with and
+    without A and a kept Z), R of each into out (float32 or float64): the same R, A and Z as one som_penalty call
+    each. A bad call anywhere (argument count, a wrong shape in the last call) or a bad out raises before any call
+    runs: nothing written."""
+    from kexue_fast import _core
+
+    g = torch.Generator().manual_seed(5)
+    shapes = [((3, 8, 256), torch.float32, True), ((5, 6, 49), D64, False), ((200, 9, 1), torch.float32, True)]
+    calls, want = [], []
+    for (n, c, s), dtype, keep in shapes:
+        y = (torch.randn(n * c * s, generator=g, dtype=D64) * 0.4).to(dtype)
+        a, a_want = torch.full((c, c), float("nan"), dtype=D64), torch.empty((c, c), dtype=D64)
+        ld = _core.som_z_stride(s, y.element_size())
+        z = torch.full((n * c * ld,), float("nan"), dtype=dtype) if keep else None
+        z_want = torch.full_like(z, float("nan")) if keep else None
+        r = _core.som_penalty(y.numpy(), n, c, s, 10.0, 2.0, 0.5, 1e-12, a_want.numpy(), 1,
+                              None if z_want is None else z_want.numpy())  # fmt: skip
+        calls.append((y.numpy(), n, c, s, 10.0, 2.0, 0.5, 1e-12, a.numpy(), 1, None if z is None else z.numpy()))
+        want.append((r, a, a_want, z, z_want))
+    for out_dtype in (np.float64, np.float32):
+        for _, _, _, z, _ in want:
+            if z is not None:
+                z.fill_(float("nan"))
+        out = np.full(len(calls), np.nan, dtype=out_dtype)
+        _core.som_penalties(calls, out)
+        for got, (r, a, a_want, z, z_want) in zip(out, want):
+            assert got == np.array(r, dtype=out_dtype)
+            assert torch.equal(a, a_want)
+            if z is not None:
+                assert torch.equal(z.isnan(), z_want.isnan()) and torch.equal(z.nan_to_num(), z_want.nan_to_num())
+    z0 = calls[0][10]
+    z0.fill(np.nan)
+    out = np.full(len(calls), np.nan)
+    bad_last = [*calls[:-1], (*calls[-1][:3], calls[-1][3] + 1, *calls[-1][4:])]  # s one too many for its y
+    for bad, error, match in ((bad_last, ValueError, "y has the wrong shape"),
+                              ([*calls, calls[0][:10]], TypeError, "11 arguments"),
+                              ([*calls, list(calls[0])], TypeError, "11 arguments")):  # fmt: skip
+        with pytest.raises(error, match=match):
+            _core.som_penalties(bad, out)
+        assert np.isnan(out).all() and np.isnan(z0).all()  # the first call did not run
+    for bad_out, error, match in ((np.zeros(len(calls), np.int64), TypeError, "out must be a float32 or float64"),
+                                  (np.zeros(len(calls) + 1), ValueError, "out has the wrong shape")):  # fmt: skip
+        with pytest.raises(error, match=match):
+            _core.som_penalties(calls, bad_out)
+        assert np.isnan(z0).all()
+    _core.som_penalties([], np.zeros(0))  # nothing to run
+
+
 @pytest.mark.parametrize("scale", [1e-6, 1e-9, 1e-12])
 def test_cpp_gram_keeps_relative_accuracy_for_tiny_inputs(scale):
     """Θ normalizes Z's columns, so tanh(γy) needs relative accuracy where γy is tiny (the C++ tanh goes through an
@@ -399,8 +449,8 @@ def test_cpp_is_what_auto_runs_on_cpu_and_compile_takes_torch(monkeypatch):
     from kexue_fast.ortho import som as som_module
 
     calls = []
-    penalty = kexue_fast._core.som_penalty
-    monkeypatch.setattr(kexue_fast._core, "som_penalty", lambda *a, **k: calls.append(1) or penalty(*a, **k))
+    penalties = kexue_fast._core.som_penalties  # the C++ route's one call per forward (every layer)
+    monkeypatch.setattr(kexue_fast._core, "som_penalties", lambda *a, **k: calls.append(1) or penalties(*a, **k))
     monkeypatch.delenv("KEXUE_FAST_BACKEND", raising=False)
     y = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(0))
     before = torch.get_num_threads()

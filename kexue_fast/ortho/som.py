@@ -5,8 +5,8 @@ Route per layer (both exact): when b ≥ k, everything follows from the k×k Gra
 D = diag(max(√G_ii, eps)), and the off-diagonal sums are taken on Θ directly (O(k²), no cancellation). G comes from the
 fused Triton kernels on CUDA (kernels/som.py: all such layers in one launch per group of one row layout, tile width and
 block size, Y read in place, Z never written; backward ∂R/∂Y = γ(1 − Z²) ⊙ (Z(Ḡ + Ḡᵀ)) in as many more), from the C++
-core on CPU (which also forms R and A = γ(Ḡ + Ḡᵀ) from it: _CppPenalty, one C++ call per layer each way), or from
-torch. When b < k, the b×b form is cheaper: Σ_{i≠j}Θ_ij = ‖Ẑ1‖² − Σ_i Θ_ii and Σ_{i≠j}Θ_ij² =
+core on CPU (which also forms R and A = γ(Ḡ + Ḡᵀ) from it: _CppPenalty, one C++ call forward, one per layer
+backward), or from torch. When b < k, the b×b form is cheaper: Σ_{i≠j}Θ_ij = ‖Ẑ1‖² − Σ_i Θ_ii and Σ_{i≠j}Θ_ij² =
 ‖ẐẐᵀ‖_F² − Σ_i Θ_ii² (O(b²k), torch).
 The Triton path is one autograd Function in eager mode (_TritonPenalty) and, under torch.compile, two torch.library
 custom ops, opaque there: kexue_fast::som_penalty (the Gram kernels, a sum over row chunks, and one program per layer
@@ -395,10 +395,18 @@ def _torch_gram_backward(z: Tensor, a: Tensor, out: Tensor) -> None:
     torch.ops.aten.tanh_backward.grad_input(w, z, grad_input=w)  # w (1 − z²), into w: no new buffer
 
 
-def _cpp_core():
-    from .. import _core  # only where the C++ path runs: the torch path works without the extension
+_CORE = None
 
-    return _core
+
+def _cpp_core():
+    """The C++ extension, imported where the C++ path first runs (the torch path works without it) and kept: an import
+    statement per call ran importlib's Python on every layer's hook."""
+    global _CORE
+    if _CORE is None:
+        from .. import _core
+
+        _CORE = _core
+    return _CORE
 
 
 class _Grams(torch.autograd.Function):
@@ -636,23 +644,24 @@ class _CppPenalty(torch.autograd.Function):
     """(gamma, lambda1, lambda2, eps, layouts, slots, *ys) -> R [L] on the C++ core (csrc/ortho/som_gram.cpp; computed
     in float64, returned in the layers' result dtype: float64 if any is, else float32), slots: per layer None or a
     tap's (_TapSlot, the tap's node), whose hook then adds ∂R/∂Y where the backward runs through the tap; one
-    autograd node and one C++ call per layer each way: forward the Gram (each Y read as [N, C, S] in place, each
-    sample's Z computed in cache), R and A₀ = γ(Ḡ + Ḡᵀ) at a unit upstream gradient (float64 [c, c]), and where a
-    backward will need it Z itself (KEEP_Z: into a kept buffer, saved instead of Y); backward
-    ∂R/∂Y = (Z A) ⊙ (1 − Z²) with A = (∂L/∂R_ℓ)·A₀ from the saved Z (KEEP_Z = False: Y saved, Z recomputed)."""
+    autograd node, one C++ call forward for every layer (som_penalties) and one per layer backward: forward the Gram
+    (each Y read as [N, C, S] in place, each sample's Z computed in cache), R and A₀ = γ(Ḡ + Ḡᵀ) at a unit upstream
+    gradient (float64 [c, c]), and where a backward will need it Z itself (KEEP_Z: into a kept buffer, saved instead
+    of Y); backward ∂R/∂Y = (Z A) ⊙ (1 − Z²) with A = (∂L/∂R_ℓ)·A₀ from the saved Z (KEEP_Z = False: Y saved, Z
+    recomputed)."""
 
     @staticmethod
     def forward(ctx, gamma: float, lambda1: float, lambda2: float, eps: float, layouts: Tuple[Layout, ...],
                 slots: Tuple[Optional[tuple], ...], *ys: Tensor) -> Tensor:  # fmt: skip
         core = _cpp_core()
         threads = cpp_threads()
-        values, a0, saved, z_arrays = [], [], [], []
+        calls, a0, saved, z_arrays = [], [], [], []
         for y, (n, c, s), needed in zip(ys, layouts, ctx.needs_input_grad[6:]):
             a = np.empty((c, c)) if needed else None  # A₀ (float64), only for a backward
             work = _work_dtype(y.dtype)  # half in float32, as on torch
             z = _kept_z(core, y.shape, n, c, s, work) if needed and KEEP_Z else None
             z_array = None if z is None else z.view(-1).numpy()  # kept for the backward's C++ call
-            values.append(core.som_penalty(_flat(y, work), n, c, s, gamma, lambda1, lambda2, eps, a, threads, z_array))
+            calls.append((_flat(y, work), n, c, s, gamma, lambda1, lambda2, eps, a, threads, z_array))
             a0.append(a)
             saved.append(y if z is None else z)
             z_arrays.append(z_array)
@@ -660,7 +669,11 @@ class _CppPenalty(torch.autograd.Function):
         ctx.dtypes, ctx.shapes, ctx.z_arrays = tuple(y.dtype for y in ys), tuple(y.shape for y in ys), z_arrays
         ctx.save_for_backward(*saved)  # Z too: autograd's check that nothing wrote into it before the backward
         # in the layers' result dtype (computed in float64): the callers' .to() is then no op and no autograd node
-        return torch.tensor(values, dtype=_out_dtype(ys), device="cpu")
+        out = torch.empty(len(ys), dtype=_out_dtype(ys), device="cpu")
+        # All of the Python side first, then every layer in one C++ call (som_penalties): each layer's work streams
+        # its output through the caches, and Python run between two layers' calls ran from cold caches
+        core.som_penalties(calls, out.numpy())
+        return out
 
     @staticmethod
     @first_order
