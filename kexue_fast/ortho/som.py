@@ -575,13 +575,12 @@ def cpp_route_takes(y: Tensor, channel_dim: int, backend: Optional[str],
     (non-reentrant checkpointing installs them): where SelfOrthogonality taps a layer's output. `route`: the backend
     choice for y's dtype, where the caller has it (SelfOrthogonality's, once per forward pass), else cpp_route's.
     Cheapest checks first: this runs in every hooked layer's forward hook."""
-    if y.device.type != "cpu" or y.dtype not in _CPP_DTYPES:
+    if not y.is_cpu or y.dtype not in _CPP_DTYPES:  # is_cpu, dim(), size(d): no torch.device or torch.Size built
         return False
-    shape = y.shape
-    ndim = len(shape)
+    ndim = y.dim()
     if ndim < 2 or not -ndim <= channel_dim < ndim:
         return False
-    c = shape[channel_dim]
+    c = y.size(channel_dim)
     numel = y.numel()
     if numel == 0 or numel < c * c:  # rows n·s = numel / c at least c
         return False
