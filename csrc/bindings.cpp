@@ -830,7 +830,7 @@ double som_penalty(const py::array& y, std::int64_t n, std::int64_t c, std::int6
 // som_penalty over a list of argument tuples, R of each into out (float32/64 [len(calls)]): every call's arguments
 // checked before any runs, then the layers back to back in one release of the GIL (SelfOrthogonality.loss()'s
 // layers in one Python call: Python run between two layers' calls ran from the caches that each call had flushed).
-void som_penalties(const py::list& calls, const py::array& out) {
+void som_penalties(const py::list& calls, const py::handle& out) {
   const auto count = static_cast<std::int64_t>(calls.size());
   std::vector<SomCall> checked;
   checked.reserve(static_cast<std::size_t>(count));
@@ -838,9 +838,12 @@ void som_penalties(const py::list& calls, const py::array& out) {
     if (!py::isinstance<py::tuple>(item) || py::len(item) != 11)
       throw py::type_error("calls must hold tuples of som_penalty's 11 arguments");
     const auto t = py::reinterpret_borrow<py::tuple>(item);
-    checked.push_back(som_call(t[0].cast<py::array>(), t[1].cast<std::int64_t>(), t[2].cast<std::int64_t>(),
-                               t[3].cast<std::int64_t>(), t[4].cast<double>(), t[5].cast<double>(),
-                               t[6].cast<double>(), t[7].cast<double>(), t[8], t[9].cast<int>(), t[10]));
+    // y as the array it is (the tuple keeps it alive while the calls run), never a converted temporary
+    if (!py::isinstance<py::array>(t[0])) throw py::type_error("y must be a float32 or float64 array");
+    checked.push_back(som_call(py::reinterpret_borrow<py::array>(t[0]), t[1].cast<std::int64_t>(),
+                               t[2].cast<std::int64_t>(), t[3].cast<std::int64_t>(), t[4].cast<double>(),
+                               t[5].cast<double>(), t[6].cast<double>(), t[7].cast<double>(), t[8], t[9].cast<int>(),
+                               t[10]));
   }
   if (!py::isinstance<py::array_t<float>>(out) && !py::isinstance<py::array_t<double>>(out))
     throw py::type_error("out must be a float32 or float64 array");

@@ -242,8 +242,8 @@ def test_cpp_core_keeps_z_for_the_backward(n, c, s, dtype):
 def test_cpp_penalties_run_every_call_after_checking_them_all():
     """som_penalties(calls, out): each tuple of calls as som_penalty's arguments (float32 and float64 layers, with and
     without A and a kept Z), R of each into out (float32 or float64): the same R, A and Z as one som_penalty call
-    each. A bad call anywhere (argument count, a wrong shape in the last call) or a bad out raises before any call
-    runs: nothing written."""
+    each. A bad call anywhere (argument count, y not an array, a wrong shape in the last call) or a bad out raises
+    before any call runs: nothing written."""
     from kexue_fast import _core
 
     g = torch.Generator().manual_seed(5)
@@ -276,11 +276,13 @@ def test_cpp_penalties_run_every_call_after_checking_them_all():
     bad_last = [*calls[:-1], (*calls[-1][:3], calls[-1][3] + 1, *calls[-1][4:])]  # s one too many for its y
     for bad, error, match in ((bad_last, ValueError, "y has the wrong shape"),
                               ([*calls, calls[0][:10]], TypeError, "11 arguments"),
-                              ([*calls, list(calls[0])], TypeError, "11 arguments")):  # fmt: skip
+                              ([*calls, list(calls[0])], TypeError, "11 arguments"),
+                              ([*calls, (list(calls[0][0]), *calls[0][1:])], TypeError, "y must be")):  # fmt: skip
         with pytest.raises(error, match=match):
             _core.som_penalties(bad, out)
         assert np.isnan(out).all() and np.isnan(z0).all()  # the first call did not run
     for bad_out, error, match in ((np.zeros(len(calls), np.int64), TypeError, "out must be a float32 or float64"),
+                                  ([0.0] * len(calls), TypeError, "out must be a float32 or float64"),
                                   (np.zeros(len(calls) + 1), ValueError, "out has the wrong shape")):  # fmt: skip
         with pytest.raises(error, match=match):
             _core.som_penalties(calls, bad_out)
