@@ -1115,6 +1115,28 @@ def test_module_taps_add_the_regularizer_gradient_where_the_model_backward_runs(
     assert all(_rel(p.grad, w) <= 1e-12 for p, w in zip(model.parameters(), want))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, D64])
+def test_module_taps_sum_is_one_value_of_the_layers_sum(dtype):
+    """loss() (reduction "sum") on the tapped C++ route: R summed over the layers inside the penalty (a 0-dim tensor
+    of the layers' dtype, summed in float64), equal to the sum of reduction="none"'s values and to the functional
+    call's, before any backward."""
+    torch.manual_seed(3)
+    model = _tap_net().to(dtype)
+    x = torch.randn(4, 3, 6, 6, dtype=dtype)
+    som = SelfOrthogonality(model, backend="cpp")
+    model(x)
+    per_layer = som.loss(reduction="none")
+    model(x)
+    total = som.loss()
+    assert total.shape == () and total.dtype == dtype and per_layer.shape == (2,)
+    assert total.item() == pytest.approx(per_layer.double().sum().item(), rel=1e-6 if dtype == torch.float32 else 1e-14)
+    som.enabled = False
+    a = model[0](x)
+    b = model[3](model[2](model[1](a)))
+    want = som_regularizer([a, b], backend="cpp")
+    assert total.item() == pytest.approx(want.item(), rel=1e-6 if dtype == torch.float32 else 1e-14)
+
+
 def test_module_taps_on_linear_layers():
     """Taps on rows layouts (nn.Linear outputs [b, k], s = 1: the C++ route's row tiles add ∂R/∂Y there): the same
     float64 gradients as the untapped functional call."""

@@ -116,9 +116,9 @@ class SelfOrthogonality(nn.Module):
         if all(t is not None for t in taps) and taps_hold([y.dtype for y, _ in records], self.backend):
             if reduction not in ("sum", "none"):
                 raise ValueError(f'reduction must be "sum" or "none", got {reduction!r}')
-            per_layer = tapped_penalty([y for y, _ in records], taps, [d for _, d in records], gamma=self.gamma,
-                                       lambda1=self.lambda1, lambda2=self.lambda2, eps=self.eps)  # fmt: skip
-            return per_layer.sum() if reduction == "sum" else per_layer
+            return tapped_penalty([y for y, _ in records], taps, [d for _, d in records], gamma=self.gamma,
+                                  lambda1=self.lambda1, lambda2=self.lambda2, eps=self.eps,
+                                  total=reduction == "sum")  # fmt: skip
         return som_regularizer(
             [y for y, _ in records],
             gamma=self.gamma,

@@ -624,10 +624,11 @@ def taps_hold(dtypes: Sequence[torch.dtype], backend: Optional[str]) -> bool:
 
 
 def tapped_penalty(ys: Sequence[Tensor], taps: Sequence[Tensor], channel_dim: Sequence[int], *, gamma: float,
-                   lambda1: float, lambda2: float, eps: float) -> Tensor:  # fmt: skip
-    """R per layer [L] on the C++ core, as som_regularizer(ys, ..., reduction="none", backend="cpp"), for outputs Y
-    whose layers returned an alias `taps[i]` to their consumers (OutputRecorder.taps): where the backward also runs
-    through the alias, ∂R/∂Y is added into the model's own gradient there (_TapSlot), else returned for Y."""
+                   lambda1: float, lambda2: float, eps: float, total: bool = False) -> Tensor:  # fmt: skip
+    """R per layer [L] on the C++ core, as som_regularizer(ys, ..., reduction="none", backend="cpp"), or with total
+    their sum (a 0-dim tensor, summed in float64: no sum op and node after it), for outputs Y whose layers returned an
+    alias `taps[i]` to their consumers (OutputRecorder.taps): where the backward also runs through the alias, ∂R/∂Y is
+    added into the model's own gradient there (_TapSlot), else returned for Y."""
     check_hyperparameters(gamma, lambda1, lambda2, eps)
     _calibrate_grad_uses()
     ys, dims = _prepare(list(ys), list(channel_dim))
@@ -636,12 +637,16 @@ def tapped_penalty(ys: Sequence[Tensor], taps: Sequence[Tensor], channel_dim: Se
                   else None for y, t in zip(ys, taps))  # fmt: skip
     gamma, lambda1, lambda2, eps = float(gamma), float(lambda1), float(lambda2), float(eps)
     # no torch op here that autocast would change (no no_autocast context: its host time), R already in its dtype
-    return _CppPenalty.apply(gamma, lambda1, lambda2, eps, layouts, slots, *ys)
+    return _CppPenalty.apply(gamma, lambda1, lambda2, eps, layouts, slots, bool(total), *ys)
+
+
+_CPP_ARGS = 7  # _CppPenalty's arguments before the layer outputs
 
 
 class _CppPenalty(torch.autograd.Function):
-    """(gamma, lambda1, lambda2, eps, layouts, slots, *ys) -> R [L] on the C++ core (csrc/ortho/som_gram.cpp; computed
-    in float64, returned in the layers' result dtype: float64 if any is, else float32), slots: per layer None or a
+    """(gamma, lambda1, lambda2, eps, layouts, slots, total, *ys) -> R [L] (total: their sum, 0-dim) on the C++ core
+    (csrc/ortho/som_gram.cpp; computed in float64, returned in the layers' result dtype: float64 if any is, else
+    float32), slots: per layer None or a
     tap's (_TapSlot, the tap's node), whose hook then adds ∂R/∂Y where the backward runs through the tap; one
     autograd node, one C++ call forward for every layer (som_penalties) and one per layer backward: forward the Gram
     (each Y read as [N, C, S] in place, each sample's Z computed in cache), R and A₀ = γ(Ḡ + Ḡᵀ) at a unit upstream
@@ -651,11 +656,11 @@ class _CppPenalty(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gamma: float, lambda1: float, lambda2: float, eps: float, layouts: Tuple[Layout, ...],
-                slots: Tuple[Optional[tuple], ...], *ys: Tensor) -> Tensor:  # fmt: skip
+                slots: Tuple[Optional[tuple], ...], total: bool, *ys: Tensor) -> Tensor:  # fmt: skip
         core = _cpp_core()
         threads = cpp_threads()
         calls, a0, saved, z_arrays = [], [], [], []
-        for y, (n, c, s), needed in zip(ys, layouts, ctx.needs_input_grad[6:]):
+        for y, (n, c, s), needed in zip(ys, layouts, ctx.needs_input_grad[_CPP_ARGS:]):
             a = np.empty((c, c)) if needed else None  # A₀ (float64), only for a backward
             work = _work_dtype(y.dtype)  # half in float32, as on torch
             z = _kept_z(core, y.shape, n, c, s, work) if needed and KEEP_Z else None
@@ -668,21 +673,24 @@ class _CppPenalty(torch.autograd.Function):
         ctx.dtypes, ctx.shapes, ctx.z_arrays = tuple(y.dtype for y in ys), tuple(y.shape for y in ys), z_arrays
         ctx.save_for_backward(*saved)  # Z too: autograd's check that nothing wrote into it before the backward
         # in the layers' result dtype (computed in float64): the callers' .to() is then no op and no autograd node
-        out = torch.empty(len(ys), dtype=_out_dtype(ys), device="cpu")
+        out = torch.empty(() if total else len(ys), dtype=_out_dtype(ys), device="cpu")
+        values = np.empty(len(ys)) if total else out.numpy()
         # All of the Python side first, then every layer in one C++ call (som_penalties): each layer's work streams
         # its output through the caches, and Python run between two layers' calls ran from cold caches
-        core.som_penalties(calls, out.numpy())
+        core.som_penalties(calls, values)
+        if total:
+            out.numpy()[()] = values.sum()
         return out
 
     @staticmethod
     @first_order
     def backward(ctx, grad: Tensor):
         threads = cpp_threads()
-        scales = grad.tolist()
+        scales = [grad.item()] * len(ctx.layouts) if grad.dim() == 0 else grad.tolist()
         grads: List[Optional[Tensor]] = []
         deferred: List[_TapSlot] = []
         for i, (t, layout, a0, tap) in enumerate(zip(ctx.saved_tensors, ctx.layouts, ctx.a0, ctx.slots)):
-            if not ctx.needs_input_grad[6 + i]:
+            if not ctx.needs_input_grad[_CPP_ARGS + i]:
                 grads.append(None)
                 continue
             src = (t, ctx.gamma, ctx.z_arrays[i])  # Y, or the forward's Z with its array
@@ -698,7 +706,7 @@ class _CppPenalty(torch.autograd.Function):
             grads.append(dy.to(ctx.dtypes[i]))
         if deferred:  # at the end of this backward: each deferred ∂R/∂Y was added by its tap's hook, or loudly not
             torch.autograd.Variable._execution_engine.queue_callback(functools.partial(_check_taken, deferred))
-        return (None, None, None, None, None, None, *grads)
+        return (*(None,) * _CPP_ARGS, *grads)
 
 
 def som_regularizer(
@@ -788,7 +796,7 @@ def _per_layer(ys, dims, layouts, chosen, gamma: float, lambda1: float, lambda2:
                 penalties = _TritonPenalty.apply(gamma, lambda1, lambda2, eps, group, *inputs)
         elif name == "cpp":
             group = tuple(layouts[i] for i in idx)
-            penalties = _CppPenalty.apply(gamma, lambda1, lambda2, eps, group, (None,) * len(idx),
+            penalties = _CppPenalty.apply(gamma, lambda1, lambda2, eps, group, (None,) * len(idx), False,
                                           *[ys[i] for i in idx])  # fmt: skip
         else:
             grams = _Grams.apply(gamma, tuple(layouts[i] for i in idx), *[ys[i] for i in idx])
