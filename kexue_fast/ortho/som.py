@@ -400,7 +400,7 @@ _CORE = None
 
 def _cpp_core():
     """The C++ extension, imported where the C++ path first runs (the torch path works without it) and kept: an import
-    statement per call ran importlib's Python on every layer's hook."""
+    statement here ran importlib's Python on every call (each forward, backward and tap hook)."""
     global _CORE
     if _CORE is None:
         from .. import _core
@@ -646,13 +646,12 @@ _CPP_ARGS = 7  # _CppPenalty's arguments before the layer outputs
 class _CppPenalty(torch.autograd.Function):
     """(gamma, lambda1, lambda2, eps, layouts, slots, total, *ys) -> R [L] (total: their sum, 0-dim) on the C++ core
     (csrc/ortho/som_gram.cpp; computed in float64, returned in the layers' result dtype: float64 if any is, else
-    float32), slots: per layer None or a
-    tap's (_TapSlot, the tap's node), whose hook then adds ∂R/∂Y where the backward runs through the tap; one
-    autograd node, one C++ call forward for every layer (som_penalties) and one per layer backward: forward the Gram
-    (each Y read as [N, C, S] in place, each sample's Z computed in cache), R and A₀ = γ(Ḡ + Ḡᵀ) at a unit upstream
-    gradient (float64 [c, c]), and where a backward will need it Z itself (KEEP_Z: into a kept buffer, saved instead
-    of Y); backward ∂R/∂Y = (Z A) ⊙ (1 − Z²) with A = (∂L/∂R_ℓ)·A₀ from the saved Z (KEEP_Z = False: Y saved, Z
-    recomputed)."""
+    float32), slots: per layer None or a tap's (_TapSlot, the tap's node), whose hook then adds ∂R/∂Y where the
+    backward runs through the tap; one autograd node, one C++ call forward for every layer (som_penalties) and one per
+    layer backward: forward the Gram (each Y read as [N, C, S] in place, each sample's Z computed in cache), R and
+    A₀ = γ(Ḡ + Ḡᵀ) at a unit upstream gradient (float64 [c, c]), and where a backward will need it Z itself (KEEP_Z:
+    into a kept buffer, saved instead of Y); backward ∂R/∂Y = (Z A) ⊙ (1 − Z²) with A = (∂L/∂R_ℓ)·A₀ from the saved Z
+    (KEEP_Z = False: Y saved, Z recomputed)."""
 
     @staticmethod
     def forward(ctx, gamma: float, lambda1: float, lambda2: float, eps: float, layouts: Tuple[Layout, ...],
