@@ -435,7 +435,7 @@ def cpp_split(batch: int, steps: int, fresh_buffers: bool, compare: Sequence[str
     running = ["this build"]
 
     class TimedCore:
-        def som_penalty(self, *args) -> float:
+        def som_penalty(self, *args) -> float:  # packages before b508007 called it once per layer
             start = time.perf_counter()
             value = cores[running[0]].som_penalty(*args)
             spent[running[0], "forward"] += time.perf_counter() - start
