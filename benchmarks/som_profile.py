@@ -6,6 +6,7 @@
     python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --steps 20 --cpp-split [--fresh-buffers] \
         [--no-taps] [--recompute-z] [--compare-cores OTHER.so ... [--compare-keep-z]]
     python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --host-overhead
+    python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --memory-floor
     python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --taps 5 [--threads 2]
     python -m kexue_fast.benchmarks.som_profile --host-costs [--batch 2]
     python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --cpp-layers [--compare-cores OTHER.so ...] \
@@ -40,6 +41,8 @@ of the extension (--compare-cores: copies of build/dev/_core*.so made at other c
 (CPU) times som_regularizer's forward and forward + backward on the step's four recorded conv outputs with the C++
 calls replaced by no-ops: the Python and torch side of the C++ route; with --route triton, the same for the Triton
 route's launchers (launches as no-ops), through its eager autograd Function and through its torch.library custom ops.
+--memory-floor (CPU) prints the bytes the C++ route's calls move per step and their time at the machine's read
+bandwidth: what the calls would take if memory alone bounded them.
 """
 
 from __future__ import annotations
@@ -572,11 +575,12 @@ def cpp_layers(batch: int, compare: Sequence[str] = (), shapes: Sequence[str] = 
     float32 outputs shaped as the CNN's convolutions (benchmarks/ortho.py's small_cnn at `batch`), with the rate of
     their products over the whole call (tanh, R and the finishing pass included): the forward's upper-triangle Gram,
     n·s·c(c + 1) FLOPs, and the backward's A·Z, 2·n·s·c² FLOPs, writing ∂R/∂Y and (`add`, where the build has it)
-    adding it into a gradient, as SelfOrthogonality's taps do. `compare`: paths of other builds of the extension,
-    timed interleaved with this one (ratios from one run are what to compare on a noisy machine). `shapes`: "NxCxS"
-    layouts to time instead of the CNN's (rows of odd lengths, say). `cold`: a 512 MiB buffer written before each timed
-    call (no timing of its own), so that the call reads its inputs from memory, as in a training step where the
-    model's other layers ran in between, instead of from the caches its previous repetition warmed."""
+    adding it into a gradient, as SelfOrthogonality's taps do; and (builds with som_z_stride) the step's own two calls:
+    the forward keeping Z (som.KEEP_Z) and the backward adding ∂R/∂Y from that Z. `compare`: paths of other builds of
+    the extension, timed interleaved with this one (ratios from one run are what to compare on a noisy machine).
+    `shapes`: "NxCxS" layouts to time instead of the CNN's (rows of odd lengths, say). `cold`: a 512 MiB buffer written
+    before each timed call (no timing of its own), so that the call reads its inputs from memory, as in a training
+    step where the model's other layers ran in between, instead of from the caches its previous repetition warmed."""
     from kexue_fast.ortho import som
 
     cores = _cores(som._cpp_core(), compare)
@@ -600,11 +604,23 @@ def cpp_layers(batch: int, compare: Sequence[str] = (), shapes: Sequence[str] = 
                 calls[label, "add"] = add
             except TypeError:  # a build from before the add mode
                 pass
+            try:  # the step's calls (som.KEEP_Z): the forward keeps Z, the backward adds ∂R/∂Y from it
+                z = torch.empty(n * c * core.som_z_stride(s, 4)).numpy()
+                kept = functools.partial(core.som_penalty, y, n, c, s, 10.0, 100.0, 1.0, 1e-12, a, 1, z)
+                from_z = functools.partial(core.som_gram_backward, z, n, c, s, 10.0, a, grad, 1, 1.0, True, True)
+                kept()
+                from_z()
+                calls[label, "forward, Z kept"], calls[label, "adding from Z"] = kept, from_z
+            except (AttributeError, TypeError):  # a build from before som_z_stride
+                pass
         t = time_interleaved(calls, reps, before=(lambda: flush.add_(1.0)) if flush is not None else None)
         gram, product = n * s * c * (c + 1), 2 * n * s * c * c
         for label in cores:
             forward, backward = t[label, "forward"], t[label, "backward"]
             added = f", adding {t[label, 'add'] * 1e3:.3f} ms" if (label, "add") in t else ""
+            if (label, "adding from Z") in t:
+                added += (f"; as in the step: forward keeping Z {t[label, 'forward, Z kept'] * 1e3:.3f} ms, adding "
+                          f"from Z {t[label, 'adding from Z'] * 1e3:.3f} ms")  # fmt: skip
             print(f"[{n}, {c}, {s}] float32{', cold' if cold else ''}, {label}: forward {forward * 1e3:.3f} ms "
                   f"({gram / forward / 1e9:.1f} GFLOP/s of the Gram), backward {backward * 1e3:.3f} ms "
                   f"({product / backward / 1e9:.1f} GFLOP/s of A·Z){added}", flush=True)  # fmt: skip
@@ -634,6 +650,42 @@ def taps_ab(batch: int, rounds: int, reps: int = 20) -> None:
               f"({over['taps']:+.1f}%), without taps {t['no taps'] * 1e3:.2f} ms ({over['no taps']:+.1f}%)",
               flush=True)  # fmt: skip
     hooks.remove()
+
+
+def memory_floor(batch: int, reps: int = 5) -> None:
+    """The C++ route's memory traffic per step of benchmarks/ortho.py's CPU step (batch `batch`) and what it costs at
+    this machine's read bandwidth on torch's current threads: the forward reads each hooked output Y and writes Z
+    (som.KEEP_Z: rows padded as som_z_stride says), the backward reads Z and the model's gradient ∂Y and writes ∂Y
+    back (the taps' in-place add). Bandwidth: a 1 GiB float32 tensor summed by torch, median of `reps`; writes are
+    counted at the read rate. Beside --cpp-layers (the calls on warm caches) and --cpp-split (in the step), this tells
+    how much of the in-step time memory alone would take if every byte came from DRAM."""
+    from kexue_fast.ortho import som
+
+    core = som._cpp_core()
+    model, _, x, _, hooks = cnn_setup("cpu", batch)
+    model(x)  # training mode, gradients on: the hooks record
+    records = hooks.recorder.take()
+    hooks.remove()
+    forward = backward = 0
+    for y, dim in records:
+        n, c, s = som._layout(y, dim % y.dim())
+        z = n * c * core.som_z_stride(s, y.element_size()) * y.element_size()
+        forward += y.numel() * y.element_size() + z
+        backward += z + 2 * y.numel() * y.element_size()
+    big = torch.ones((1 << 30) // 4)
+    big.sum()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        big.sum()
+        times.append(time.perf_counter() - start)
+    rate = big.numel() * 4 / statistics.median(times)
+    del big
+    print(f"CPU step, batch {batch}, {len(records)} hooked layers: the C++ route moves {forward / 1e6:.1f} MB forward "
+          f"(Y read, Z written) and {backward / 1e6:.1f} MB backward (Z and ∂Y read, ∂Y written) per step; read "
+          f"bandwidth {rate / 1e9:.1f} GB/s on {torch.get_num_threads()} thread(s) (1 GiB torch.sum, median of "
+          f"{reps}): {forward / rate * 1e3:.2f} ms forward and {backward / rate * 1e3:.2f} ms backward if all of it "
+          "came from memory")  # fmt: skip
 
 
 def host_overhead(batch: int, reps: int = 200) -> None:
@@ -721,6 +773,7 @@ def main() -> None:
                         help="with --cpp-split --compare-cores: the other builds with som.KEEP_Z too")  # fmt: skip
     parser.add_argument("--host-overhead", action="store_true", help="CPU: the C++ route's Python and torch side")
     parser.add_argument("--cpp-layers", action="store_true", help="CPU: the C++ calls alone on the CNN's layer shapes")
+    parser.add_argument("--memory-floor", action="store_true", help="CPU: the C++ route's bytes per step, bandwidth")
     parser.add_argument("--threads", type=int, default=1, help="CPU: torch's threads (the C++ core's on its team)")
     parser.add_argument(
         "--taps",
@@ -795,6 +848,11 @@ def main() -> None:
         if bad:
             parser.error(f"--shapes takes NxCxS layouts of positive integers (such as 32x16x9001), got {bad}")
         cpp_layers(batch, args.compare_cores, args.shapes, cold=args.cold)
+        return
+    if args.memory_floor:
+        if args.device != "cpu":
+            parser.error("--memory-floor measures the C++ route's traffic: it needs --device cpu")
+        memory_floor(batch)
         return
     if args.cpp_split:
         if args.device != "cpu":
