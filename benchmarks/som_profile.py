@@ -673,13 +673,7 @@ def memory_floor(batch: int, reps: int = 5) -> None:
         forward += y.numel() * y.element_size() + z
         backward += z + 2 * y.numel() * y.element_size()
     big = torch.ones((1 << 30) // 4)
-    big.sum()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        big.sum()
-        times.append(time.perf_counter() - start)
-    rate = big.numel() * 4 / statistics.median(times)
+    rate = big.numel() * 4 / time_interleaved({"sum": big.sum}, reps)["sum"]
     del big
     print(f"CPU step, batch {batch}, {len(records)} hooked layers: the C++ route moves {forward / 1e6:.1f} MB forward "
           f"(Y read, Z written) and {backward / 1e6:.1f} MB backward (Z and ∂Y read, ∂Y written) per step; read "
