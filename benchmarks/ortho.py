@@ -5,13 +5,11 @@
    γ = 10, λ₁ = 100, λ₂ = 1). Reported: ms per step and the overhead (with / without − 1); with --full over 5 rounds
    (each contestant's median time, and the median of the rounds' ratios with their range); the issue's goal is ≤ 10%.
    On the CPU the step with SOM runs twice: the torch backend and the C++ core (csrc/ortho/som_gram.cpp, `auto`'s
-   choice there). On CUDA four times: the torch backend, the fused Triton kernel with IEEE float32 dots (torch's
-   default for matmuls), the kernel with TF32 dots (torch.backends.cuda.matmul.allow_tf32 = True), and the first
-   without SelfOrthogonality's taps ("untapped": the backward kernel writes ∂R/∂Y and autograd adds it to the model's
-   gradient, where the taps' launches add it in their own pass); then the step and the steps with SOM on the Triton
-   kernels, tapped and untapped, each captured in a CUDA graph and replayed (`graphed`), their overhead against the
-   graphed step: the device's share alone, where the eager rows carry the host's too (the lent machines' hosts bound
-   the eager step in some runs: benchmarks/results/ortho-cuda.md).
+   choice there). On CUDA three times: the torch backend, the fused Triton kernel with IEEE float32 dots (torch's
+   default for matmuls), and the kernel with TF32 dots (torch.backends.cuda.matmul.allow_tf32 = True); then the step
+   and the step with SOM on the Triton kernels each captured in a CUDA graph and replayed (`graphed`), their overhead
+   against each other: the device's share alone, where the eager rows carry the host's too (the lent machines' hosts
+   bound the eager step in some runs: benchmarks/results/ortho-cuda.md).
 2. FLOPs of the step without and with SOM (torch.utils.flop_counter): the regularizer's Gram products are the floor
    of its overhead, whatever the elementwise work costs.
 3. Formula: forward + backward of R for one layer output Y [b, k] by the definition (Θ = ẐᵀẐ materialized,
@@ -44,16 +42,13 @@ def small_cnn() -> nn.Sequential:
 
 def training_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, som: SelfOrthogonality,
                   backend: Optional[str], opt: torch.optim.Optimizer) -> Callable[[], None]:  # fmt: skip
-    """One SGD step; with backend=None the hooks are paused (som.enabled = False): the plain step, as if unhooked.
-    backend: a som_regularizer backend, "triton tf32" (the kernel's dots in TF32), or NAME + " untapped" (the backend
-    with SelfOrthogonality(taps=False): its backward's ∂R/∂Y returned to autograd, which adds it to the model's)."""
+    """One SGD step; with backend=None the hooks are paused (som.enabled = False): the plain step, as if unhooked."""
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
         som.enabled = backend is not None
         if backend is not None:
             som.backend = backend.split()[0]
-            som.taps = not backend.endswith("untapped")
         try:
             loss = nn.functional.cross_entropy(model(x), target)
         finally:
@@ -136,12 +131,11 @@ def overhead_rows(device: str, batch: int, reps: int, rounds: int = 1) -> List[l
     shared machine one round's ratio can be far from the others')."""
     model, opt, x, target, som = cnn_setup(device, batch)
     steps: Dict[str, Callable[[], None]] = {"step": training_step(model, x, target, som, None, opt)}
-    for backend in ["torch"] + (["triton", "triton tf32", "triton untapped"] if device == "cuda" else ["cpp"]):
+    for backend in ["torch"] + (["triton", "triton tf32"] if device == "cuda" else ["cpp"]):
         steps[f"step + SOM ({backend})"] = training_step(model, x, target, som, backend, opt)
     if device == "cuda":  # the same steps without their host side: each captured in a CUDA graph and replayed
         try:
-            graphs = {f"{name}, CUDA graph": graphed(steps[name])
-                      for name in ("step", "step + SOM (triton)", "step + SOM (triton untapped)")}  # fmt: skip
+            graphs = {f"{name}, CUDA graph": graphed(steps[name]) for name in ("step", "step + SOM (triton)")}
         except RuntimeError as e:  # reported, not fatal: the eager rows stand on their own
             print(f"  ortho/cuda: the CUDA-graph rows are left out, capture failed: {e}", flush=True)
             graphs = {}

@@ -15,8 +15,7 @@ BC×BC slot (zero-padded when narrower), and the caller adds the chunks in float
 atomics). Then `_som_finish_kernel`, one program per layer in float64: the column normalization is exact algebra on
 G (Θ = D⁻¹GD⁻¹, D = diag(max(√G_ii, eps))), giving R and the backward's A = Ḡ + Ḡᵀ (Ḡ = ∂R/∂G at a unit upstream
 gradient).
-Backward, `_som_grad_kernel`:  ∂R/∂Y = γ(1 − Z²) ⊙ (Z A), A scaled per layer by ∂L/∂R read on the device, stored or
-(ADD) added into what the output holds (a tapped layer's model gradient, read and written back in the same pass);
+Backward, `_som_grad_kernel`:  ∂R/∂Y = γ(1 − Z²) ⊙ (Z A), A scaled per layer by ∂L/∂R read on the device;
 programs are (layer, row block, column block), decoded from the program id by each layer's first program (no
 per-block table: building one cost O(b) host work per call). Z's block is loaded once when every layer of the launch
 fits one tile, else recomputed for the K loop and for the epilogue.
@@ -237,9 +236,9 @@ def _grad_locate(meta_ptr, L, pid):
 @triton.jit
 def _grad_one_tile(x, y_ptrs, meta_ptr, a_ptr, scale_ptr, scale_stride, dy_ptr, gamma, KP, L, pid, DTYPE: tl.constexpr,
                    ACC: tl.constexpr, PREC: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, SCALED: tl.constexpr,
-                   MODE: tl.constexpr, ADD: tl.constexpr):  # fmt: skip
+                   MODE: tl.constexpr):  # fmt: skip
     """∂R/∂Y of the block of program pid, every layer of the launch within one tile, from x, its Y as stored
-    (_load_raw): one block per program index, cols = the layer's channels; ADD: added into dy there (_store_grad)."""
+    (_load_raw): one block per program index, cols = the layer's channels."""
     N, C, S, out, q, layer = _grad_locate(meta_ptr, L, pid)
     cols = tl.arange(0, BC)
     a_base = a_ptr + layer * KP * KP
@@ -253,16 +252,8 @@ def _grad_one_tile(x, y_ptrs, meta_ptr, a_ptr, scale_ptr, scale_stride, dy_ptr, 
         a = tl.load(a_base + cols[:, None] * KP + cols[None, :])
         acc = tl.dot(zc, (a * scale).to(ACC), input_precision=PREC)
         offs, mask = _block(q, cols, N, C, S, BR, MODE)
-    _store_grad(dy_ptr + out + offs, gamma * (1.0 - zc * zc) * acc, mask, DTYPE, ADD)
-
-
-@triton.jit
-def _store_grad(ptrs, grad, mask, DTYPE: tl.constexpr, ADD: tl.constexpr):
-    """grad (in ACC) stored at ptrs, or with ADD added to what is there (the model's own gradient of Y, read in DTYPE:
-    one rounding of the sum, as autograd's add of a separate ∂R/∂Y in DTYPE would give for float32 and float64)."""
-    if ADD:
-        grad += tl.load(ptrs, mask=mask, other=0.0).to(grad.dtype)
-    tl.store(ptrs, grad.to(DTYPE), mask=mask)
+    grad = gamma * (1.0 - zc * zc) * acc
+    tl.store(dy_ptr + out + offs, grad.to(DTYPE), mask=mask)
 
 
 @triton.jit
@@ -278,7 +269,7 @@ def _raw_of(y_ptrs, meta_ptr, L, pid, DTYPE: tl.constexpr, BR: tl.constexpr, BC:
 def _som_grad_kernel(
     y_ptrs, meta_ptr, a_ptr, scale_ptr, dy_ptr, gamma_arg: tl.float64, KP, L, TOTAL, SCALE_STRIDE,
     DTYPE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
-    SCALED: tl.constexpr, ONE_TILE: tl.constexpr, MODE: tl.constexpr, PERSIST: tl.constexpr, ADD: tl.constexpr,
+    SCALED: tl.constexpr, ONE_TILE: tl.constexpr, MODE: tl.constexpr, PERSIST: tl.constexpr,
 ):  # fmt: skip
     """TOTAL: the launch's block programs; SCALE_STRIDE: the scale's stride (0 for an expanded scalar gradient, read
     in place). PERSIST (with ONE_TILE): a grid smaller than TOTAL, each program taking
@@ -291,12 +282,12 @@ def _som_grad_kernel(
         for p in range(pid, TOTAL, step):
             x_next = _raw_of(y_ptrs, meta_ptr, L, p + step, DTYPE, BR, BC, MODE)
             _grad_one_tile(x, y_ptrs, meta_ptr, a_ptr, scale_ptr, SCALE_STRIDE, dy_ptr, gamma, KP, L, p, DTYPE, ACC,
-                           PREC, BR, BC, SCALED, MODE, ADD)  # fmt: skip
+                           PREC, BR, BC, SCALED, MODE)  # fmt: skip
             x = x_next
     elif ONE_TILE:  # Z's block is both the dot's input and the epilogue's
         x = _raw_of(y_ptrs, meta_ptr, L, pid, DTYPE, BR, BC, MODE)
         _grad_one_tile(x, y_ptrs, meta_ptr, a_ptr, scale_ptr, SCALE_STRIDE, dy_ptr, gamma, KP, L, pid, DTYPE, ACC,
-                       PREC, BR, BC, SCALED, MODE, ADD)  # fmt: skip
+                       PREC, BR, BC, SCALED, MODE)  # fmt: skip
     else:
         N, C, S, out, local, layer = _grad_locate(meta_ptr, L, pid)
         y = tl.load(y_ptrs + layer).to(tl.pointer_type(tl.constexpr(DTYPE).value))
@@ -316,8 +307,9 @@ def _som_grad_kernel(
                 a = tl.load(a_base + ks[None, :] * KP + cols[:, None])
                 acc += tl.dot((a * scale).to(ACC), z, input_precision=PREC)
             zc = _load_zt(y, q, cols, N, C, S, gamma, ACC, BR)
+            grad = gamma * (1.0 - zc * zc) * acc
             offs, mask = _spatial_block_t(q, cols, N, C, S, BR)
-            _store_grad(dy_ptr + out + offs, gamma * (1.0 - zc * zc) * acc, mask, DTYPE, ADD)
+            tl.store(dy_ptr + out + offs, grad.to(DTYPE), mask=mask)
         else:
             acc = tl.zeros([BR, BC], dtype=ACC)
             for k0 in range(0, C, BC):
@@ -326,8 +318,9 @@ def _som_grad_kernel(
                 a = tl.load(a_base + ks[:, None] * KP + cols[None, :])
                 acc += tl.dot(z, (a * scale).to(ACC), input_precision=PREC)
             zc = _load_z(y, q, cols, N, C, S, gamma, ACC, BR, MODE)
+            grad = gamma * (1.0 - zc * zc) * acc
             offs, mask = _block(q, cols, N, C, S, BR, MODE)
-            _store_grad(dy_ptr + out + offs, gamma * (1.0 - zc * zc) * acc, mask, DTYPE, ADD)
+            tl.store(dy_ptr + out + offs, grad.to(DTYPE), mask=mask)
 
 
 @triton.jit
@@ -670,23 +663,15 @@ def _grad_plan(layouts: Tuple[Layout, ...], bc: int, dtype: torch.dtype, device:
 
 
 def gram_backward(
-    ys: Sequence[Tensor], layouts: Sequence[Layout], gamma: float, a: Tensor, scale: Optional[Tensor] = None,
-    out: Optional[Tensor] = None,
-) -> Tensor:  # fmt: skip
+    ys: Sequence[Tensor], layouts: Sequence[Layout], gamma: float, a: Tensor, scale: Optional[Tensor] = None
+) -> Tensor:
     """∂R/∂Y_ℓ = γ(1 − Z_ℓ²) ⊙ (Z_ℓ A_ℓ) for every layer, packed flat (layer ℓ's gradient, in ys[ℓ]'s element
     order and dtype, follows those of the layers before it). a: [L, KP, KP] with A_ℓ = Ḡ_ℓ + Ḡ_ℓᵀ zero-padded (KP as
     returned by gram_matrices), or with scale ([L]) A_ℓ = scale_ℓ · a_ℓ (the product taken in a's precision, then
-    rounded to the kernel's). out: a contiguous tensor of the ys' dtype and device holding that many elements, into
-    which ∂R/∂Y is added in place (returned): in the same pass, where a separate ∂R/∂Y would be written, read back
-    and summed."""
+    rounded to the kernel's)."""
     _check(ys, layouts)
     y0 = ys[0]
     device, dtype = y0.device, y0.dtype
-    if out is not None:
-        elements = sum(y.numel() for y in ys)
-        if out.dtype != dtype or out.device != device or not out.is_contiguous() or out.numel() != elements:
-            raise ValueError(f"out must be a contiguous {dtype} tensor on {device} of the ys' {elements} elements, got "
-                             f"{out.dtype} {tuple(out.shape)} on {out.device}")  # fmt: skip
     bc = tile_width(max(c for _, c, _ in layouts))
     kp = a.shape[-1]
     if a.shape != (len(ys), kp, kp) or kp % bc or kp < max(c for _, c, _ in layouts):
@@ -708,14 +693,14 @@ def gram_backward(
     key = ("grad", device, bc, tuple(lc[:3] for lc in launches), layouts, tuple(y.data_ptr() for y in ys))
     ptrs, *metas, _ = _cached(key, lambda: _to_device([y.data_ptr() for y in ys], *[lc[-1] for lc in launches],
                                                        device=device))  # fmt: skip
-    flat = torch.empty(total, dtype=dtype, device=device) if out is None else out
+    flat = torch.empty(total, dtype=dtype, device=device)
     options = _launch_options(GRAD_WARPS, GRAD_STAGES)
     grid_cap = GRAD_PERSIST * _multiprocessors(device)
     for (mode, br, width, one_tile, n_layers, programs, _), meta_t in zip(launches, metas):
         persist = one_tile and 0 < grid_cap < programs
         constexprs = {"DTYPE": _TL_DTYPES[dtype], "ACC": _acc(dtype), "PREC": _precision(dtype, device, GRAD_DOTS),
                       "BR": br, "BC": width, "SCALED": scale is not None, "ONE_TILE": one_tile, "MODE": mode,
-                      "PERSIST": persist, "ADD": out is not None}  # fmt: skip
+                      "PERSIST": persist}  # fmt: skip
         args = (
             ptrs,
             meta_t,
@@ -729,4 +714,4 @@ def gram_backward(
             0 if scale is None else scale.stride(0),
         )
         _launch.launch(_som_grad_kernel, grid_cap if persist else programs, args, constexprs, options)
-    return flat if out is None else out
+    return flat

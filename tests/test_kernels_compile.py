@@ -149,8 +149,8 @@ def _cases():
     # 256 with GRAM_ROWS / GRAD_ROWS raised); BC the computed tile width (16 to 64), BCS the slots' (wider for a narrow
     # single-tile layer beside wide ones); tf32 dots where torch allows them, tf32x3 (GRAM_DOTS, GRAD_DOTS)
     # otherwise; DIAG (the Gram launch's pairs all diagonal) both ways, and with PREFETCH; the grad kernel with and
-    # without its one-tile epilogue (unscaled once), one-tile also PERSIST, both adding into the output (ADD); the
-    # finish kernel is float64 only, on FINISH_WARPS warps
+    # without its one-tile epilogue (unscaled once), one-tile also PERSIST; the finish kernel is float64 only, on
+    # FINISH_WARPS warps
     t32, t64 = tl.float32, tl.float64
     configs = ((t32, t32, 64, 64, 64, "ieee", 1), (t32, t32, 16, 32, 64, "tf32", 1), (t32, t32, 64, 32, 64, "ieee", 2),
                (t32, t32, 64, 16, 16, "ieee", 0), (t64, t64, 32, 64, 64, "ieee", 0), (t64, t64, 32, 32, 64, "ieee", 1),
@@ -170,11 +170,9 @@ def _cases():
                  som.GRAM_WARPS, needs, num_stages=som.GRAM_STAGES)  # fmt: skip
         t = {"y_ptrs": i64, "meta_ptr": i64, "a_ptr": "*fp64", "scale_ptr": "*fp64", "dy_ptr": ptr[dt],
              "gamma_arg": "fp64", "KP": "i32", "L": "i32", "TOTAL": "i32", "SCALE_STRIDE": "i32"}  # fmt: skip
-        # PERSIST only with ONE_TILE; ADD (SelfOrthogonality's taps: one scaled layer a launch) in both epilogues
-        variants = ((True, False, False, False), (True, True, False, False), (True, True, True, False),
-                    (True, False, False, True), (True, True, True, True))  # fmt: skip
-        for scaled, one_tile, persist, add in variants + (((False, False, False, False),) if n == 0 else ()):
-            c = {**common, "SCALED": scaled, "ONE_TILE": one_tile, "PERSIST": persist, "ADD": add}
+        variants = ((True, False, False), (True, True, False), (True, True, True))  # PERSIST only with ONE_TILE
+        for scaled, one_tile, persist in variants + (((False, False, False),) if n == 0 else ()):
+            c = {**common, "SCALED": scaled, "ONE_TILE": one_tile, "PERSIST": persist}
             case(f"som grad {dt}", som._som_grad_kernel, t, c, som.GRAD_WARPS, needs, num_stages=som.GRAD_STAGES)
     t = {"tiles_ptr": "*fp64", "meta_ptr": i64, "r_ptr": "*fp64", "b_ptr": "*fp64", "KP": "i32", "NT": "i32",
          "lambda1": "fp64", "lambda2": "fp64", "eps2": "fp64"}  # fmt: skip

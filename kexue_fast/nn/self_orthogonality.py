@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from .._dispatch import BACKENDS
 from ..ortho.hooks import LayerSpec, OutputRecorder
-from ..ortho.som import check_hyperparameters, som_regularizer, tap_route, tap_route_takes, tapped_penalty, taps_hold
+from ..ortho.som import check_hyperparameters, cpp_route, cpp_route_takes, som_regularizer, tapped_penalty, taps_hold
 
 
 class SelfOrthogonality(nn.Module):
@@ -27,18 +27,15 @@ class SelfOrthogonality(nn.Module):
         som = SelfOrthogonality(model)
         loss = criterion(model(x), target) + som.loss()
 
-    On the C++ route (som_regularizer's backend "cpp", what "auto" takes on the CPU) and on the Triton route ("triton",
-    what "auto" takes on CUDA for layers of at most TRITON_AUTO_MAX_CHANNELS channels) with taps=True (the default)
-    each hooked layer returns an alias of its output (a tap) to its consumers and the output itself is recorded: in a
+    On the CPU's C++ route (som_regularizer's backend "cpp", what "auto" takes there) with taps=True (the default) each
+    hooked layer returns an alias of its output (a tap) to its consumers and the output itself is recorded: in a
     backward that runs through the model, the regularizer's backward leaves ∂R/∂Y to the tap's gradient hook, which adds
-    it into the model's own gradient of Y in the same pass that computes it (one C++ call, or one kernel launch, per
-    layer: no ∂R/∂Y buffer written and added by autograd apart); elsewhere (R alone, say) the regularizer's backward
-    returns ∂R/∂Y itself. A gradient of the tap that something else holds (another hook kept it) is copied, not added
-    into. On a 2-core AVX-512 Xeon VM the tapped C++ step was the faster in 10 of 10 rounds on one torch thread and even
-    on two; on a 2-core AVX2 EPYC VM an earlier form of taps was the slower (README, "Cascading Rejection, SOM, ..."):
-    python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --taps 5 times both on a machine (on CUDA,
-    python -m kexue_fast.bench --device cuda --suite ortho's "untapped" rows). taps=False records aliases as on the
-    torch route.
+    it into the model's own gradient of Y in the same C++ pass that computes it (no ∂R/∂Y buffer written and added by
+    autograd apart); elsewhere (R alone, say) the regularizer's backward returns ∂R/∂Y itself. A gradient of the tap
+    that something else holds (another hook kept it) is copied, not added into. On a 2-core AVX-512 Xeon VM the tapped
+    step was the faster in 10 of 10 rounds on one torch thread and even on two; on a 2-core AVX2 EPYC VM an earlier form
+    of taps was the slower (README, "Cascading Rejection, SOM, ..."): python -m kexue_fast.benchmarks.som_profile
+    --device cpu --batch 32 --taps 5 times both on a machine; taps=False records aliases as on the other routes.
 
     On CUDA a whole training step with it captures in one CUDA graph in relaxed capture mode
     (torch.cuda.graph(graph, capture_error_mode="relaxed"): the Triton kernels' pointer tables for the capture's own
@@ -77,16 +74,16 @@ class SelfOrthogonality(nn.Module):
         self.recorder.taps = self._tap  # not pickled with the recorder
 
     def _tap(self, output: Tensor, channel_dim: int) -> bool:
-        return getattr(self, "taps", True) and tap_route_takes(output, channel_dim, self.backend, self._pass_route)
+        return getattr(self, "taps", True) and cpp_route_takes(output, channel_dim, self.backend, self._pass_route)
 
-    def _pass_route(self, kind: str, dtype: torch.dtype) -> Tuple[str, bool]:
-        """The backend choice for `dtype` on devices of type `kind` (tap_route), once per forward pass (memoized until
-        loss() or clear(), which check it afresh: taps_hold): each hooked layer's hook asks, and reading the
-        environment and the dispatcher there cost the step's host time per layer."""
-        key = (kind, dtype, self.backend)
+    def _pass_route(self, dtype: torch.dtype) -> bool:
+        """The C++ route's backend choice for `dtype`, once per forward pass (memoized until loss() or clear(), which
+        check it afresh: taps_hold): each hooked layer's hook asks, and reading the environment and the dispatcher
+        there cost the step's host time per layer."""
+        key = (dtype, self.backend)
         route = self._routes.get(key)
         if route is None:
-            route = self._routes[key] = tap_route(kind, dtype, self.backend)
+            route = self._routes[key] = cpp_route(dtype, self.backend)
         return route
 
     @property
@@ -116,15 +113,12 @@ class SelfOrthogonality(nn.Module):
                                "reentrant checkpoint (use_reentrant=True) runs its forward without gradients: use "
                                "use_reentrant=False")  # fmt: skip
         taps = [getattr(r, "tap", None) for r in records]
-        route = None
-        if all(t is not None for t in taps):
-            route = taps_hold([y for y, _ in records], [d for _, d in records], self.backend)
-        if route is not None:
+        if all(t is not None for t in taps) and taps_hold([y.dtype for y, _ in records], self.backend):
             if reduction not in ("sum", "none"):
                 raise ValueError(f'reduction must be "sum" or "none", got {reduction!r}')
             return tapped_penalty([y for y, _ in records], taps, [d for _, d in records], gamma=self.gamma,
                                   lambda1=self.lambda1, lambda2=self.lambda2, eps=self.eps,
-                                  total=reduction == "sum", route=route)  # fmt: skip
+                                  total=reduction == "sum")  # fmt: skip
         return som_regularizer(
             [y for y, _ in records],
             gamma=self.gamma,

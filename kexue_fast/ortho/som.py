@@ -11,9 +11,6 @@ backward), or from torch. When b < k, the b×b form is cheaper: Σ_{i≠j}Θ_ij 
 The Triton path is one autograd Function in eager mode (_TritonPenalty) and, under torch.compile, two torch.library
 custom ops, opaque there: kexue_fast::som_penalty (the Gram kernels, a sum over row chunks, and one program per layer
 for R and the backward's A) and kexue_fast::som_gram_backward; both run the same launches.
-SelfOrthogonality's taps (tapped_penalty: _CppPenalty with slots, _TritonTappedPenalty) defer each layer's ∂R/∂Y to
-a gradient hook on the alias its layer returned, which adds it into the model's own gradient of Y in one pass
-(_TapSlot).
 """
 
 from __future__ import annotations
@@ -458,14 +455,12 @@ def _grad_buffer(shape: torch.Size, dtype: torch.dtype, device: torch.device) ->
 
 
 class _TapSlot:
-    """One tapped layer output's share of a tapped penalty's backward (_CppPenalty, _TritonTappedPenalty): set by that
-    backward where the alias's hook will run in the same backward, as (add_into, dtype): add_into(out) adds ∂R/∂Y at
-    the upstream weight of R_ℓ into out (contiguous, Y's shape, of `dtype`); then taken by the hook, which so adds it
-    into the model's own gradient of the alias in one pass (read, add, write back: one C++ call or one kernel launch)
-    instead of autograd's separate ∂R/∂Y buffer and sum. `ran`: the hook ran before the penalty's backward (autograd's
-    order otherwise: then the penalty computes ∂R/∂Y itself). The penalty's node keeps (slot, the alias's node) pairs;
-    a slot holds no node (the alias's node holds the slot, as its hook: a reference back would be a cycle through C++
-    that the garbage collector cannot see)."""
+    """One tapped layer output's share of a _CppPenalty backward: set by that backward (the upstream weight of R_ℓ)
+    where the alias's hook will run in the same backward, then taken by the hook, which adds ∂R/∂Y into the model's
+    own gradient of the alias in one C++ pass (read, add, write back) instead of autograd's separate ∂R/∂Y buffer and
+    sum. `ran`: the hook ran before the penalty's backward (autograd's order otherwise: then the penalty computes
+    ∂R/∂Y itself). The penalty's node keeps (slot, the alias's node) pairs; a slot holds no node (the alias's node holds
+    the slot, as its hook: a reference back would be a cycle through C++ that the garbage collector cannot see)."""
 
     def __init__(self, tap: Tensor) -> None:
         self.pending: Optional[tuple] = None
@@ -483,22 +478,12 @@ class _TapSlot:
                 "SelfOrthogonality: the model's gradient of a hooked layer's output is undefined in "
                 "a backward that runs through it; its regularizer gradient cannot be added there"
             )
-        add_into, dtype = pending
+        src, layout, a0, scale, threads = pending
+        dtype = src[0].dtype  # float32/64: taps are made for those alone
         out = grad if _own_gradient(grad, refs, dtype) else grad.to(dtype, memory_format=torch.contiguous_format,
                                                                  copy=True)  # fmt: skip
-        add_into(out)
+        _cpp_backward(src, layout, a0, out, threads, scale, add=True)
         return None if out is grad else out
-
-
-def _cpp_add(src: Tuple[Tensor, float, Optional[np.ndarray]], layout: Layout, a0: np.ndarray, threads: int,
-             scale: float, out: Tensor) -> None:  # fmt: skip
-    _cpp_backward(src, layout, a0, out, threads, scale, add=True)
-
-
-def _triton_add(y: Tensor, layout: Layout, gamma: float, a: Tensor, scale: Tensor, out: Tensor) -> None:
-    from ..kernels import som as kernels
-
-    kernels.gram_backward([y], [layout], gamma, a, scale, out=out.view(-1))
 
 
 def _kept_z(core, shape: torch.Size, n: int, c: int, s: int, dtype: torch.dtype) -> Tensor:
@@ -583,17 +568,14 @@ def _calibrate_grad_uses() -> None:
         _GRAD_USES = probe.seen[0]
 
 
-def tap_route_takes(y: Tensor, channel_dim: int, backend: Optional[str],
-                    route: Optional[Callable[[str, torch.dtype], Tuple[str, bool]]] = None) -> bool:  # fmt: skip
-    """Whether som_regularizer(y, channel_dim=..., backend=backend) would run y on a route whose backward can add
-    ∂R/∂Y into a given gradient now: the C++ core (a float32 or float64 CPU tensor) or the Triton kernels (a CUDA
-    tensor, or a CPU one under TRITON_INTERPRET=1; float32/64/16/bf16; at most TRITON_AUTO_MAX_CHANNELS channels
-    under `auto`), with rows ≥ channels, outside torch.compile and saved-tensor hooks (non-reentrant checkpointing
-    installs them): where SelfOrthogonality taps a layer's output. `route`: tap_route for y's device type and dtype,
-    where the caller has it (SelfOrthogonality's, once per forward pass). Cheapest checks first: this runs in every
-    hooked layer's forward hook."""
-    kind = "cpu" if y.is_cpu else "cuda" if y.is_cuda else None  # is_cpu, dim(), size(d): no torch.device built
-    if kind is None or y.dtype not in _FLOATS:
+def cpp_route_takes(y: Tensor, channel_dim: int, backend: Optional[str],
+                    route: Optional[Callable[[torch.dtype], bool]] = None) -> bool:  # fmt: skip
+    """Whether som_regularizer(y, channel_dim=..., backend=backend) would run y on the C++ core now (a float32 or
+    float64 CPU tensor with rows ≥ channels, the C++ route chosen), outside torch.compile and saved-tensor hooks
+    (non-reentrant checkpointing installs them): where SelfOrthogonality taps a layer's output. `route`: the backend
+    choice for y's dtype, where the caller has it (SelfOrthogonality's, once per forward pass), else cpp_route's.
+    Cheapest checks first: this runs in every hooked layer's forward hook."""
+    if not y.is_cpu or y.dtype not in _CPP_DTYPES:  # is_cpu, dim(), size(d): no torch.device or torch.Size built
         return False
     ndim = y.dim()
     if ndim < 2 or not -ndim <= channel_dim < ndim:
@@ -604,10 +586,7 @@ def tap_route_takes(y: Tensor, channel_dim: int, backend: Optional[str],
         return False
     if torch.compiler.is_compiling() or not _no_saved_tensor_hooks():
         return False
-    name, auto = route(kind, y.dtype) if route is not None else tap_route(kind, y.dtype, backend)
-    if name == "cpp":
-        return y.dtype in _CPP_DTYPES
-    return name == "triton" and not (auto and c > TRITON_AUTO_MAX_CHANNELS)
+    return route(y.dtype) if route is not None else cpp_route(y.dtype, backend)
 
 
 _CPP_DTYPES = (torch.float32, torch.float64)
@@ -623,52 +602,34 @@ _CPU = torch.device("cpu")
 _ROUTES: dict = {}
 
 
-def tap_route(kind: str, dtype: torch.dtype, backend: Optional[str]) -> Tuple[str, bool]:
-    """(the backend _choose runs layers of `dtype` on devices of type `kind` ("cpu", "cuda") with now, outside
-    torch.compile; whether that was `auto`'s choice): memoized on all that the choice reads (the backend argument,
-    KEXUE_FAST_BACKEND, TRITON_INTERPRET, torch's thread count against CPP_MAX_TORCH_THREADS), since
-    SelfOrthogonality asks per hooked layer in every step."""
-    key = (kind, dtype, backend, os.environ.get(_dispatch.ENV_VAR), os.environ.get("TRITON_INTERPRET"),
+def cpp_route(dtype: torch.dtype, backend: Optional[str]) -> bool:
+    """Whether _choose sends CPU layers of `dtype` (float32/64) to the C++ core now, outside torch.compile: memoized
+    on all that the choice reads for CPU tensors (the backend argument, KEXUE_FAST_BACKEND, TRITON_INTERPRET, torch's
+    thread count against CPP_MAX_TORCH_THREADS), since SelfOrthogonality asks per hooked layer in every step."""
+    key = (dtype, backend, os.environ.get(_dispatch.ENV_VAR), os.environ.get("TRITON_INTERPRET"),
            torch.get_num_threads(), CPP_MAX_TORCH_THREADS)  # fmt: skip
     route = _ROUTES.get(key)
     if route is None:
-        chosen, requested = _choose(_CPU if kind == "cpu" else torch.device(kind), [dtype], backend)
-        route = _ROUTES[key] = (chosen[dtype], requested == "auto")
+        route = _ROUTES[key] = _choose(_CPU, [dtype], backend)[0][dtype] == "cpp"
     return route
 
 
-def taps_hold(ys: Sequence[Tensor], channel_dim: Sequence[int], backend: Optional[str]) -> Optional[str]:
-    """At loss(), for outputs tapped in the forward (tap_route_takes held then for each): the route that takes them
-    all together now, "cpp" or "triton" (one device; one dtype on Triton, whose launches group layers of one dtype),
-    else None (compiling, under saved-tensor hooks, or the backend choice changed since)."""
+def taps_hold(dtypes: Sequence[torch.dtype], backend: Optional[str]) -> bool:
+    """At loss(), for outputs tapped in the forward (each a float32/64 CPU tensor with rows ≥ channels: fixed facts
+    that cpp_route_takes checked then): whether the C++ route still takes them now (not compiling, no saved-tensor
+    hooks, the backend choice unchanged)."""
     if torch.compiler.is_compiling() or not _no_saved_tensor_hooks():
-        return None
-    y0 = ys[0]
-    kind = "cpu" if y0.is_cpu else "cuda"
-    routes = {tap_route(kind, dtype, backend) for dtype in {y.dtype for y in ys}}
-    if len(routes) != 1:
-        return None
-    name, auto = routes.pop()
-    if name == "cpp":  # (a layer on another device raises in tapped_penalty, as in som_regularizer)
-        return name
-    if name != "triton" or any(y.dtype != y0.dtype or y.device != y0.device for y in ys):
-        return None
-    if auto and any(y.size(d) > TRITON_AUTO_MAX_CHANNELS for y, d in zip(ys, channel_dim)):
-        return None
-    return name
+        return False
+    return all(cpp_route(dt, backend) for dt in set(dtypes))
 
 
 def tapped_penalty(ys: Sequence[Tensor], taps: Sequence[Tensor], channel_dim: Sequence[int], *, gamma: float,
-                   lambda1: float, lambda2: float, eps: float, total: bool = False,
-                   route: str = "cpp") -> Tensor:  # fmt: skip
-    """R per layer [L] on the C++ core (route "cpp") or the Triton kernels ("triton"), as som_regularizer(ys, ...,
-    reduction="none", backend=route), or with total their sum (a 0-dim tensor, summed in float64: no sum op and node
-    after it), for outputs Y whose layers returned an alias `taps[i]` to their consumers (OutputRecorder.taps): where
-    the backward also runs through the alias, ∂R/∂Y is added into the model's own gradient there (_TapSlot), else
-    returned for Y."""
+                   lambda1: float, lambda2: float, eps: float, total: bool = False) -> Tensor:  # fmt: skip
+    """R per layer [L] on the C++ core, as som_regularizer(ys, ..., reduction="none", backend="cpp"), or with total
+    their sum (a 0-dim tensor, summed in float64: no sum op and node after it), for outputs Y whose layers returned an
+    alias `taps[i]` to their consumers (OutputRecorder.taps): where the backward also runs through the alias, ∂R/∂Y is
+    added into the model's own gradient there (_TapSlot), else returned for Y."""
     check_hyperparameters(gamma, lambda1, lambda2, eps)
-    if route not in ("cpp", "triton"):
-        raise ValueError(f'route must be "cpp" or "triton", got {route!r}')
     _calibrate_grad_uses()
     ys, dims = _prepare(list(ys), list(channel_dim))
     layouts = tuple(_layout(t, d) for t, d in zip(ys, dims))
@@ -676,9 +637,6 @@ def tapped_penalty(ys: Sequence[Tensor], taps: Sequence[Tensor], channel_dim: Se
                   else None for y, t in zip(ys, taps))  # fmt: skip
     gamma, lambda1, lambda2, eps = float(gamma), float(lambda1), float(lambda2), float(eps)
     # no torch op here that autocast would change (no no_autocast context: its host time), R already in its dtype
-    if route == "triton":
-        inputs = [y.contiguous() for y in ys]  # as som_regularizer's Triton route (a copy only where not contiguous)
-        return _TritonTappedPenalty.apply(gamma, lambda1, lambda2, eps, layouts, slots, bool(total), *inputs)
     return _CppPenalty.apply(gamma, lambda1, lambda2, eps, layouts, slots, bool(total), *ys)
 
 
@@ -737,8 +695,7 @@ class _CppPenalty(torch.autograd.Function):
             src = (t, ctx.gamma, ctx.z_arrays[i])  # Y, or the forward's Z with its array
             slot, node = tap if tap is not None else (None, None)
             if slot is not None and not slot.ran and _will_run(node):
-                # the tap's hook adds ∂R/∂Y (t: Y or Z, of the work dtype, float32/64, which taps are made for)
-                slot.pending = (functools.partial(_cpp_add, src, layout, a0, threads, scales[i]), t.dtype)
+                slot.pending = (src, layout, a0, scales[i], threads)  # the tap's hook adds ∂R/∂Y
                 deferred.append(slot)
                 grads.append(None)
                 continue
@@ -746,60 +703,6 @@ class _CppPenalty(torch.autograd.Function):
             # a zero weight too (no zeros shortcut): 0·∂R/∂Y, NaN where Y has one, as on the torch path
             _cpp_backward(src, layout, a0, dy, threads, scales[i], add=False)
             grads.append(dy.to(ctx.dtypes[i]))
-        if deferred:  # at the end of this backward: each deferred ∂R/∂Y was added by its tap's hook, or loudly not
-            torch.autograd.Variable._execution_engine.queue_callback(functools.partial(_check_taken, deferred))
-        return (*(None,) * _CPP_ARGS, *grads)
-
-
-class _TritonTappedPenalty(torch.autograd.Function):
-    """(gamma, lambda1, lambda2, eps, layouts, slots, total, *ys) -> R [L] (total: their sum, 0-dim) by the fused
-    Triton kernels (as _TritonPenalty: one dtype and device, ys contiguous), slots as for _CppPenalty: where the
-    backward runs through a layer's tap, the tap's hook adds ∂R/∂Y into the model's own gradient there, one backward
-    launch per such layer (kernels.gram_backward's out: the model's gradient read and written back in the same pass),
-    where otherwise the backward kernels wrote ∂R/∂Y and autograd read it back to add it; the other layers' ∂R/∂Y
-    are returned, from one grouped launch."""
-
-    @staticmethod
-    def forward(ctx, gamma: float, lambda1: float, lambda2: float, eps: float, layouts: Tuple[Layout, ...],
-                slots: Tuple[Optional[tuple], ...], total: bool, *ys: Tensor) -> Tensor:  # fmt: skip
-        from ..kernels import som as kernels
-
-        r, a = kernels.penalty(ys, layouts, gamma, lambda1, lambda2, eps, out_dtype=_out_dtype(ys))
-        ctx.gamma, ctx.layouts, ctx.slots = gamma, layouts, slots
-        ctx.save_for_backward(*ys, a)
-        ctx.set_materialize_grads(False)  # no gradient for R: no backward pass at all
-        return r.sum() if total else r  # (the sum as som_regularizer's reduction="sum" takes it: one launch)
-
-    @staticmethod
-    @first_order
-    def backward(ctx, grad: Optional[Tensor]):
-        from ..kernels import som as kernels
-
-        *ys, a = ctx.saved_tensors
-        n = len(ys)
-        if grad is None:
-            return (None,) * (_CPP_ARGS + n)
-        scale = grad.expand(n) if grad.dim() == 0 else grad  # an expanded scalar is read in place (stride 0)
-        grads: List[Optional[Tensor]] = [None] * n
-        rest: List[int] = []
-        deferred: List[_TapSlot] = []
-        for i, (y, layout, tap) in enumerate(zip(ys, ctx.layouts, ctx.slots)):
-            if not ctx.needs_input_grad[_CPP_ARGS + i]:
-                continue
-            slot, node = tap if tap is not None else (None, None)
-            if slot is not None and not slot.ran and _will_run(node):
-                add_into = functools.partial(_triton_add, y, layout, ctx.gamma, a[i : i + 1], scale[i : i + 1])
-                slot.pending = (add_into, y.dtype)
-                deferred.append(slot)
-            else:
-                rest.append(i)
-        if rest:  # one launch per group for the layers whose ∂R/∂Y autograd takes
-            every = len(rest) == n
-            sub_a, sub_scale = (a, scale) if every else (a[rest], scale[rest])
-            flat = kernels.gram_backward([ys[i] for i in rest], [ctx.layouts[i] for i in rest], ctx.gamma, sub_a,
-                                         sub_scale)  # fmt: skip
-            for i, g in zip(rest, _unpack(flat, [ys[i] for i in rest])):
-                grads[i] = g
         if deferred:  # at the end of this backward: each deferred ∂R/∂Y was added by its tap's hook, or loudly not
             torch.autograd.Variable._execution_engine.queue_callback(functools.partial(_check_taken, deferred))
         return (*(None,) * _CPP_ARGS, *grads)
