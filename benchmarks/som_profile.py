@@ -7,6 +7,8 @@
         [--no-taps] [--recompute-z] [--compare-cores OTHER.so ... [--compare-keep-z]]
     python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --host-overhead
     python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --memory-floor
+    [MALLOC_TRIM_THRESHOLD_=4000000000 MALLOC_MMAP_THRESHOLD_=4000000000] python -m \
+        kexue_fast.benchmarks.som_profile --device cpu --batch 32 --steps 60 --faults
     python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --taps 5 [--threads 2]
     python -m kexue_fast.benchmarks.som_profile --host-costs [--batch 2]
     python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --cpp-layers [--compare-cores OTHER.so ...] \
@@ -42,7 +44,9 @@ of the extension (--compare-cores: copies of build/dev/_core*.so made at other c
 calls replaced by no-ops: the Python and torch side of the C++ route; with --route triton, the same for the Triton
 route's launchers (launches as no-ops), through its eager autograd Function and through its torch.library custom ops.
 --memory-floor (CPU) prints the bytes the C++ route's calls move per step and their time at the machine's read
-bandwidth: what the calls would take if memory alone bounded them.
+bandwidth: what the calls would take if memory alone bounded them. --faults (CPU) counts the minor page faults of the
+step without and with SOM, interleaved, with their times: glibc's heap trimming and fresh maps of large tensors, which
+move both steps' time from one step to the next.
 """
 
 from __future__ import annotations
@@ -682,6 +686,41 @@ def memory_floor(batch: int, reps: int = 5) -> None:
           "came from memory")  # fmt: skip
 
 
+def page_faults(batch: int, steps: int) -> None:
+    """Minor page faults and wall time per step of benchmarks/ortho.py's CPU step without SOM and with it on the C++
+    route, interleaved step by step: a page touched for the first time since the allocator took it from the system
+    (glibc's malloc maps large blocks afresh and trims its heap as tensors come and go) costs a fault and a zeroed
+    page, and how many a step takes moves with the heap's state, both steps' time with it. Run it under
+    MALLOC_TRIM_THRESHOLD_ and MALLOC_MMAP_THRESHOLD_ (say 4000000000 each: no trimming, no per-tensor maps) to time
+    both steps without those faults."""
+    import resource
+
+    def faults() -> int:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+    model, opt, x, target, hooks = cnn_setup("cpu", batch)
+    steps_by_name = {"step": training_step(model, x, target, hooks, None, opt),
+                     "step + SOM (cpp)": training_step(model, x, target, hooks, "cpp", opt)}  # fmt: skip
+    for step in steps_by_name.values():  # warm-up: buffers kept, caches filled
+        for _ in range(3):
+            step()
+    seen = {name: [] for name in steps_by_name}
+    for _ in range(steps):
+        for name, step in steps_by_name.items():
+            before, start = faults(), time.perf_counter()
+            step()
+            seen[name].append((faults() - before, time.perf_counter() - start))
+    hooks.remove()
+    print(f"CPU step, batch {batch}, {steps} interleaved steps each, torch threads {torch.get_num_threads()}")
+    for name, pairs in seen.items():
+        counts = sorted(f for f, _ in pairs)
+        print(f"  {name}: {statistics.median(t for _, t in pairs) * 1e3:.2f} ms (median), minor page faults per step "
+              f"median {statistics.median(counts):.0f}, range {counts[0]}-{counts[-1]}")  # fmt: skip
+    plain, som = seen["step"], seen["step + SOM (cpp)"]
+    ratios = [b / a - 1 for (_, a), (_, b) in zip(plain, som)]
+    print(f"  overhead: {statistics.median(ratios) * 100:+.1f}% (median of the step-by-step ratios)")
+
+
 def host_overhead(batch: int, reps: int = 200) -> None:
     """Median µs of som_regularizer(backend="cpp") forward, and forward + backward (interleaved repetitions), on the
     CNN's recorded conv outputs with the C++ core's calls replaced by no-ops (everything but the C++ work)."""
@@ -768,6 +807,7 @@ def main() -> None:
     parser.add_argument("--host-overhead", action="store_true", help="CPU: the C++ route's Python and torch side")
     parser.add_argument("--cpp-layers", action="store_true", help="CPU: the C++ calls alone on the CNN's layer shapes")
     parser.add_argument("--memory-floor", action="store_true", help="CPU: the C++ route's bytes per step, bandwidth")
+    parser.add_argument("--faults", action="store_true", help="CPU: page faults and time per step, SOM and without")
     parser.add_argument("--threads", type=int, default=1, help="CPU: torch's threads (the C++ core's on its team)")
     parser.add_argument(
         "--taps",
@@ -842,6 +882,11 @@ def main() -> None:
         if bad:
             parser.error(f"--shapes takes NxCxS layouts of positive integers (such as 32x16x9001), got {bad}")
         cpp_layers(batch, args.compare_cores, args.shapes, cold=args.cold)
+        return
+    if args.faults:
+        if args.device != "cpu":
+            parser.error("--faults counts the CPU step's page faults: it needs --device cpu")
+        page_faults(batch, args.steps)
         return
     if args.memory_floor:
         if args.device != "cpu":

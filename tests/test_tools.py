@@ -283,3 +283,14 @@ def test_som_sweep_settings_are_checked():
     for bad, match in (('[{"GRAD_ROW": 32}]', "unknown knobs"), ('{"GRAD_ROWS": 32}', "JSON list"), ("[{", "JSON")):
         with pytest.raises(ValueError, match=match):
             som_profile.parse_settings(bad)
+
+
+def test_som_profile_counts_page_faults_per_step(capsys):
+    """som_profile --faults: both steps' median time and page-fault counts, and the overhead, one line each."""
+    from kexue_fast.benchmarks import som_profile
+
+    som_profile.page_faults(batch=2, steps=2)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("CPU step, batch 2, 2 interleaved steps each")
+    assert [line.split(":")[0].strip() for line in out[1:]] == ["step", "step + SOM (cpp)", "overhead"]
+    assert all("minor page faults per step median" in line for line in out[1:3])
