@@ -716,8 +716,7 @@ def page_faults(batch: int, steps: int) -> None:
         counts = sorted(f for f, _ in pairs)
         print(f"  {name}: {statistics.median(t for _, t in pairs) * 1e3:.2f} ms (median), minor page faults per step "
               f"median {statistics.median(counts):.0f}, range {counts[0]}-{counts[-1]}")  # fmt: skip
-    plain, som = seen["step"], seen["step + SOM (cpp)"]
-    ratios = [b / a - 1 for (_, a), (_, b) in zip(plain, som)]
+    ratios = [b / a - 1 for (_, a), (_, b) in zip(seen["step"], seen["step + SOM (cpp)"])]
     print(f"  overhead: {statistics.median(ratios) * 100:+.1f}% (median of the step-by-step ratios)")
 
 
