@@ -6,6 +6,7 @@
     python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --steps 20 --cpp-split [--fresh-buffers] \
         [--no-taps] [--recompute-z] [--compare-cores OTHER.so ... [--compare-keep-z]]
     python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --host-overhead
+    python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --steps 30 --host-split
     python -m kexue_fast.benchmarks.som_profile --device cpu --batch 32 --memory-floor
     [MALLOC_TRIM_THRESHOLD_=4000000000 MALLOC_MMAP_THRESHOLD_=4000000000] python -m \
         kexue_fast.benchmarks.som_profile --device cpu --batch 32 --steps 60 --faults
@@ -41,7 +42,8 @@ call instead of kexue_fast.ortho.workspace's kept ones (what the page faults of 
 times the two C++ calls alone on the CNN's layer shapes, with their products' GFLOP/s, interleaved with other builds
 of the extension (--compare-cores: copies of build/dev/_core*.so made at other commits). --host-overhead
 (CPU) times som_regularizer's forward and forward + backward on the step's four recorded conv outputs with the C++
-calls replaced by no-ops: the Python and torch side of the C++ route; with --route triton, the same for the Triton
+calls replaced by no-ops: the Python and torch side of the C++ route (--host-split: that side inside the step, piece
+by piece, each run from the caches the model's ops left); with --route triton, the same for the Triton
 route's launchers (launches as no-ops), through its eager autograd Function and through its torch.library custom ops.
 --memory-floor (CPU) prints the bytes the C++ route's calls move per step and their time at the machine's read
 bandwidth: what the calls would take if memory alone bounded them. --faults (CPU) counts the minor page faults of the
@@ -53,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import ctypes
 import functools
 import io
 import json
@@ -457,9 +460,19 @@ def cpp_split(batch: int, steps: int, fresh_buffers: bool, compare: Sequence[str
                 out[:] = [core.som_penalty(*args) for args in calls]
             spent[running[0], "forward"] += time.perf_counter() - start
 
+        def som_penalties_at(self, calls, out, out_double, total=False) -> None:  # builds before it: by arrays
+            start = time.perf_counter()
+            _penalties_at(cores[running[0]], calls, out, out_double, total)
+            spent[running[0], "forward"] += time.perf_counter() - start
+
         def som_gram_backward(self, *args) -> None:
             start = time.perf_counter()
             cores[running[0]].som_gram_backward(*args)
+            spent[running[0], "backward"] += time.perf_counter() - start
+
+        def som_gram_backward_at(self, *args) -> None:
+            start = time.perf_counter()
+            _gram_backward_at(cores[running[0]], *args)
             spent[running[0], "backward"] += time.perf_counter() - start
 
         def omp_team(self) -> bool:  # builds before omp_team ran on the calling thread alone
@@ -533,6 +546,93 @@ def cpp_split(batch: int, steps: int, fresh_buffers: bool, compare: Sequence[str
               f"{host * 1e6:.0f} µs")  # fmt: skip
 
 
+def host_split(batch: int, steps: int) -> None:
+    """Microseconds per step of the C++ route's Python and torch side inside benchmarks/ortho.py's CPU step, piece by
+    piece: the hooked layers' forward hooks (recording, making the taps), loss() less its C++ call, the penalty's
+    backward and the taps' gradient hooks less theirs; with the C++ calls' own time beside them. Each piece runs
+    between the model's ops, from caches those ops flushed: so it costs many times what it costs in a loop (what
+    --host-overhead times). Wrappers around each piece add their own ~1 µs."""
+    from kexue_fast.ortho import hooks as hooks_module
+    from kexue_fast.ortho import som
+
+    spent: dict = {}
+    inside = [0.0]  # C++ seconds so far, to take out of the piece that called it
+
+    def timed(label: str, fn):
+        def run(*args):
+            start, cpp = time.perf_counter(), inside[0]
+            try:
+                return fn(*args)
+            finally:
+                spent[label] = spent.get(label, 0.0) + time.perf_counter() - start - (inside[0] - cpp)
+
+        return run
+
+    core = som._cpp_core()
+
+    class TimedCore:
+        def __getattr__(self, name: str):
+            call = getattr(core, name)
+            if not name.startswith(("som_penalties", "som_gram_backward")):
+                return call
+            label = "C++ forward" if name.startswith("som_penalties") else "C++ backward"
+
+            def run(*args):
+                start = time.perf_counter()
+                try:
+                    return call(*args)
+                finally:
+                    took = time.perf_counter() - start
+                    inside[0] += took
+                    spent[label] = spent.get(label, 0.0) + took
+
+            return run
+
+    model, opt, x, target, hooks = cnn_setup("cpu", batch)
+    plain = training_step(model, x, target, hooks, None, opt)
+    with_som = training_step(model, x, target, hooks, "cpp", opt)
+    patched = [(hooks_module._RecordHook, "__call__"), (som._TapSlot, "__call__"), (som._Probe, "__call__")]
+    originals = [getattr(owner, name) for owner, name in patched] + [som._cpp_core, som._GRAD_USES]
+    backward = som._CppPenalty.__dict__["backward"]
+    timed_core = TimedCore()
+    # a wrapped tap hook sees one more reference to its gradient: the probe that calibrates what a hook's own
+    # gradient looks like (som._calibrate_grad_uses) runs wrapped alike, afresh
+    for (owner, name), label in zip(patched, ("forward hooks", "tap hooks", "probe")):
+        setattr(owner, name, timed(label, getattr(owner, name)))
+    som._CppPenalty.backward = staticmethod(timed("penalty backward", backward.__func__))
+    som._cpp_core, som._GRAD_USES = (lambda: timed_core), None
+    hooks.loss = timed("loss()", hooks.loss)
+    try:
+        for _ in range(3):
+            plain()
+            with_som()
+        spent.clear()
+        walls: dict = {"plain": [], "SOM": []}
+        for _ in range(steps):
+            for name, fn in (("plain", plain), ("SOM", with_som)):
+                start = time.perf_counter()
+                fn()
+                walls[name].append(time.perf_counter() - start)
+    finally:
+        for (owner, name), original in zip(patched, originals):
+            setattr(owner, name, original)
+        som._cpp_core, som._GRAD_USES = originals[-2], originals[-1]
+        som._CppPenalty.backward = backward
+        hooks.remove()
+    median = {name: statistics.median(w) * 1e3 for name, w in walls.items()}
+    print(f"CPU step, batch {batch}, {steps} interleaved steps each: median {median['plain']:.2f} ms without SOM, "
+          f"{median['SOM']:.2f} ms with it (C++ route, wrapped pieces); µs per step:")  # fmt: skip
+    host = 0.0
+    for label in ("forward hooks", "loss()", "penalty backward", "tap hooks", "C++ forward", "C++ backward"):
+        us = spent.get(label, 0.0) / steps * 1e6
+        host += us if not label.startswith("C++") else 0.0
+        print(f"  {label}{' (less the C++ calls in it)' if label in ('loss()', 'tap hooks') else ''}: {us:.0f}")
+    print(
+        f"  Python and torch in those pieces: {host:.0f} (not counted: torch's hook dispatch, the taps' autograd "
+        "nodes, the loss sum)"
+    )
+
+
 class NoOpCore:
     """The C++ core's calls as no-ops (R = 0, A = 0): what the route costs besides the C++ work."""
 
@@ -544,7 +644,16 @@ class NoOpCore:
     def som_penalties(self, calls, out) -> None:
         out[:] = [self.som_penalty(*args) for args in calls]
 
+    def som_penalties_at(self, calls, out, out_double, total=False) -> None:
+        for call in calls:
+            if call[9]:
+                ctypes.memset(call[9], 0, 8 * call[3] * call[3])
+        ctypes.memset(out, 0, (8 if out_double else 4) * (1 if total else len(calls)))
+
     def som_gram_backward(self, *args) -> None:
+        pass
+
+    def som_gram_backward_at(self, *args) -> None:
         pass
 
     def omp_team(self) -> bool:
@@ -552,6 +661,47 @@ class NoOpCore:
 
     def som_z_stride(self, s: int, itemsize: int) -> int:
         return s
+
+
+def _array_at(address: int, count: int, is_double: bool):
+    """A numpy view of `count` float64 (is_double) or float32 values at `address` (memory its owner keeps alive)."""
+    import numpy as np
+
+    kind = ctypes.c_double if is_double else ctypes.c_float
+    return np.ctypeslib.as_array((kind * count).from_address(address))
+
+
+def _penalties_at(core, calls, out: int, out_double: bool, total: bool) -> None:
+    """core.som_penalties_at(calls, out, out_double, total), through the array calls on builds before it (compared
+    builds: --compare-cores)."""
+    import numpy as np
+
+    if hasattr(core, "som_penalties_at"):
+        return core.som_penalties_at(calls, out, out_double, total)
+    arrays = []
+    for y, is_double, n, c, s, gamma, lambda1, lambda2, eps, a, threads, z in calls:
+        stride = getattr(core, "som_z_stride", lambda s, itemsize: s)(s, 8 if is_double else 4)
+        arrays.append((_array_at(y, n * c * s, is_double), n, c, s, gamma, lambda1, lambda2, eps,
+                       _array_at(a, c * c, True).reshape(c, c) if a else None, threads,
+                       _array_at(z, n * c * stride, is_double) if z else None))  # fmt: skip
+    values = np.empty(len(calls))
+    if hasattr(core, "som_penalties"):
+        core.som_penalties(arrays, values)
+    else:  # builds before b508007: one call per layer
+        values[:] = [core.som_penalty(*args) for args in arrays]
+    target = _array_at(out, 1 if total else len(calls), out_double)
+    target[:] = values.sum() if total else values
+
+
+def _gram_backward_at(core, y, is_double, n, c, s, gamma, a, dy, threads, scale, add, from_z) -> None:
+    """core.som_gram_backward_at(...), through the array call on builds before it (--compare-cores)."""
+    if hasattr(core, "som_gram_backward_at"):
+        return core.som_gram_backward_at(y, is_double, n, c, s, gamma, a, dy, threads, scale, add, from_z)
+    stride = getattr(core, "som_z_stride", lambda s, itemsize: s)(s, 8 if is_double else 4) if from_z else s
+    flags = (add, True) if from_z else (add,) if add else ()  # builds before add / from_z took fewer arguments
+    core.som_gram_backward(_array_at(y, n * c * stride, is_double), n, c, s, gamma,
+                           _array_at(a, c * c, True).reshape(c, c), _array_at(dy, n * c * s, is_double), threads,
+                           scale, *flags)  # fmt: skip
 
 
 def _cores(this, compare: Sequence[str]) -> dict:
@@ -804,6 +954,7 @@ def main() -> None:
     parser.add_argument("--compare-keep-z", action="store_true",
                         help="with --cpp-split --compare-cores: the other builds with som.KEEP_Z too")  # fmt: skip
     parser.add_argument("--host-overhead", action="store_true", help="CPU: the C++ route's Python and torch side")
+    parser.add_argument("--host-split", action="store_true", help="CPU: that side in the step, piece by piece")
     parser.add_argument("--cpp-layers", action="store_true", help="CPU: the C++ calls alone on the CNN's layer shapes")
     parser.add_argument("--memory-floor", action="store_true", help="CPU: the C++ route's bytes per step, bandwidth")
     parser.add_argument("--faults", action="store_true", help="CPU: page faults and time per step, SOM and without")
@@ -858,6 +1009,11 @@ def main() -> None:
             host_overhead_triton(batch)
         else:
             host_overhead(batch)
+        return
+    if args.host_split:
+        if args.device != "cpu":
+            parser.error("--host-split times the C++ route's host side in the CPU step: it needs --device cpu")
+        host_split(batch, args.steps)
         return
     if args.taps:
         if args.device != "cpu":

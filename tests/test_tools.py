@@ -294,3 +294,30 @@ def test_som_profile_counts_page_faults_per_step(capsys):
     assert out[0].startswith("CPU step, batch 2, 2 interleaved steps each")
     assert [line.split(":")[0].strip() for line in out[1:]] == ["step", "step + SOM (cpp)", "overhead"]
     assert all("minor page faults per step median" in line for line in out[1:3])
+
+
+def test_som_profile_splits_the_host_side_in_the_step(capsys):
+    """som_profile --host-split: each piece of the C++ route's host side timed in the step (all of them ran), and the
+    pieces it wrapped restored after."""
+    from kexue_fast.benchmarks import som_profile
+    from kexue_fast.ortho import hooks, som
+
+    before = (hooks._RecordHook.__call__, som._TapSlot.__call__, som._Probe.__call__, som._cpp_core,
+              som._CppPenalty.__dict__["backward"])  # fmt: skip
+    som_profile.host_split(batch=2, steps=2)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("CPU step, batch 2, 2 interleaved steps each")
+    pieces = {line.split(":")[0].strip(): float(line.split(":")[1].split("(")[0]) for line in out[1:]}
+    labels = [
+        "forward hooks",
+        "loss() (less the C++ calls in it)",
+        "penalty backward",
+        "tap hooks (less the C++ calls in it)",
+        "C++ forward",
+        "C++ backward",
+        "Python and torch in those pieces",
+    ]
+    assert list(pieces) == labels  # fmt: skip
+    assert all(value > 0 for value in pieces.values())
+    assert before == (hooks._RecordHook.__call__, som._TapSlot.__call__, som._Probe.__call__, som._cpp_core,
+                      som._CppPenalty.__dict__["backward"])  # fmt: skip
