@@ -770,6 +770,12 @@ void check_som_shape(std::int64_t n, std::int64_t c, std::int64_t s, double gamm
   if (!(gamma > 0) || !std::isfinite(gamma)) throw py::value_error("gamma must be a finite number > 0");
 }
 
+void check_som_call(std::int64_t n, std::int64_t c, std::int64_t s, double gamma, double lambda1, double lambda2,
+                    double eps) {
+  check_som_shape(n, c, s, gamma);
+  if (!(lambda1 >= 0) || !(lambda2 >= 0) || !(eps > 0)) throw py::value_error("need lambda1, lambda2 >= 0, eps > 0");
+}
+
 // One som_penalty call, its arguments checked and taken apart (with the GIL), to run later without it.
 struct SomCall {
   const void* y;
@@ -799,8 +805,7 @@ SomCall som_call_typed(const py::array& y, std::int64_t n, std::int64_t c, std::
 
 SomCall som_call(const py::array& y, std::int64_t n, std::int64_t c, std::int64_t s, double gamma, double lambda1,
                  double lambda2, double eps, const py::handle& a, int n_threads, const py::handle& z) {
-  check_som_shape(n, c, s, gamma);
-  if (!(lambda1 >= 0) || !(lambda2 >= 0) || !(eps > 0)) throw py::value_error("need lambda1, lambda2 >= 0, eps > 0");
+  check_som_call(n, c, s, gamma, lambda1, lambda2, eps);
   if (py::isinstance<py::array_t<float>>(y))
     return som_call_typed<float>(y, n, c, s, gamma, lambda1, lambda2, eps, a, n_threads, z);
   if (py::isinstance<py::array_t<double>>(y))
@@ -859,6 +864,16 @@ void som_penalties(const py::list& calls, const py::handle& out) {
   }
 }
 
+// The checked backward without the GIL: A = scale · a in y's type, as the kernel reads it.
+template <typename T>
+void run_som_backward(const T* yp, std::int64_t n, std::int64_t c, std::int64_t s, double gamma, const double* ap,
+                      T* dp, int n_threads, double scale, bool add, bool from_z) {
+  py::gil_scoped_release release;
+  std::vector<T> scaled(static_cast<std::size_t>(c * c));
+  for (std::size_t e = 0; e < scaled.size(); ++e) scaled[e] = static_cast<T>(scale * ap[e]);
+  kexue::ortho::som_gram_backward<T>(yp, n, c, s, gamma, scaled.data(), dp, n_threads, add, from_z);
+}
+
 template <typename T>
 void som_gram_backward_typed(const py::array& y, std::int64_t n, std::int64_t c, std::int64_t s, double gamma,
                              const py::handle& a, const py::handle& dy, int n_threads, double scale, bool add,
@@ -867,10 +882,7 @@ void som_gram_backward_typed(const py::array& y, std::int64_t n, std::int64_t c,
   if (!py::isinstance<py::array_t<double>>(a)) throw py::type_error("a must be a float64 array");
   const double* ap = array_ptr<double>(a, {c, c}, "a", false);
   T* dp = array_ptr<T>(dy, {n * c * s}, "dy", true);
-  py::gil_scoped_release release;
-  std::vector<T> scaled(static_cast<std::size_t>(c * c));  // A = scale · a in y's type, as the kernel reads it
-  for (std::size_t e = 0; e < scaled.size(); ++e) scaled[e] = static_cast<T>(scale * ap[e]);
-  kexue::ortho::som_gram_backward<T>(yp, n, c, s, gamma, scaled.data(), dp, n_threads, add, from_z);
+  run_som_backward<T>(yp, n, c, s, gamma, ap, dp, n_threads, scale, add, from_z);
 }
 
 void som_gram_backward(const py::array& y, std::int64_t n, std::int64_t c, std::int64_t s, double gamma,
@@ -881,6 +893,74 @@ void som_gram_backward(const py::array& y, std::int64_t n, std::int64_t c, std::
   if (py::isinstance<py::array_t<double>>(y))
     return som_gram_backward_typed<double>(y, n, c, s, gamma, a, dy, n_threads, scale, add, from_z);
   throw py::type_error("y must be float32 or float64");
+}
+// The same two calls on raw addresses, for kexue_fast.ortho.som's training-step path: there each numpy view of a
+// tensor (detach, view, numpy) and each array check cost the step's host time, per layer, from cold caches (a tapped
+// layer's backward hook runs between two of the model's backward ops, which have flushed them). The caller hands
+// over the tensors' data_ptr() having checked what these cannot: dtype, contiguity, sizes, that the memory lives
+// through the call and that outputs do not overlap inputs. Here: shapes, hyperparameters and each address's alignment.
+template <typename T>
+T* address(std::uintptr_t at, const char* name, bool optional) {
+  if (at == 0) {
+    if (optional) return nullptr;
+    throw py::value_error(std::string(name) + " must be a non-null address");
+  }
+  if (at % alignof(T) != 0) throw py::value_error(std::string(name) + " is not aligned to its dtype");
+  return reinterpret_cast<T*>(at);
+}
+
+// calls: tuples (y, is_double, n, c, s, gamma, lambda1, lambda2, eps, a, n_threads, z) with y, a (float64 [c, c] or
+// 0) and z (0: none) addresses; R of each into out (float64 where out_double, else float32; [len(calls)]), or with
+// total their sum (summed in float64, in order) into out[0].
+void som_penalties_at(const py::list& calls, std::uintptr_t out, bool out_double, bool total) {
+  std::vector<SomCall> checked;
+  checked.reserve(calls.size());
+  for (const py::handle item : calls) {
+    if (!py::isinstance<py::tuple>(item) || py::len(item) != 12)
+      throw py::type_error("calls must hold tuples of 12 arguments");
+    const auto t = py::reinterpret_borrow<py::tuple>(item);
+    const bool is_double = t[1].cast<bool>();
+    SomCall k{nullptr, is_double, t[2].cast<std::int64_t>(), t[3].cast<std::int64_t>(), t[4].cast<std::int64_t>(),
+              t[5].cast<double>(), t[6].cast<double>(), t[7].cast<double>(), t[8].cast<double>(),
+              address<double>(t[9].cast<std::uintptr_t>(), "a", true), t[10].cast<int>(), nullptr};
+    check_som_call(k.n, k.c, k.s, k.gamma, k.lambda1, k.lambda2, k.eps);
+    const auto y_at = t[0].cast<std::uintptr_t>(), z_at = t[11].cast<std::uintptr_t>();
+    k.y = is_double ? static_cast<const void*>(address<double>(y_at, "y", false))
+                    : static_cast<const void*>(address<float>(y_at, "y", false));
+    k.z = is_double ? static_cast<void*>(address<double>(z_at, "z", true))
+                    : static_cast<void*>(address<float>(z_at, "z", true));
+    checked.push_back(k);
+  }
+  double* out64 = out_double ? address<double>(out, "out", false) : nullptr;
+  float* out32 = out_double ? nullptr : address<float>(out, "out", false);
+  auto put = [&](std::size_t at, double value) {
+    if (out64 != nullptr)
+      out64[at] = value;
+    else
+      out32[at] = static_cast<float>(value);
+  };
+  py::gil_scoped_release release;
+  double sum = 0;
+  for (std::size_t i = 0; i < checked.size(); ++i) {
+    const double r = run_som_call(checked[i]);
+    if (total)
+      sum += r;
+    else
+      put(i, r);
+  }
+  if (total) put(0, sum);
+}
+
+void som_gram_backward_at(std::uintptr_t y, bool is_double, std::int64_t n, std::int64_t c, std::int64_t s,
+                          double gamma, std::uintptr_t a, std::uintptr_t dy, int n_threads, double scale, bool add,
+                          bool from_z) {
+  check_som_shape(n, c, s, gamma);
+  const double* ap = address<double>(a, "a", false);
+  if (is_double)
+    return run_som_backward<double>(address<double>(y, "y", false), n, c, s, gamma, ap,
+                                    address<double>(dy, "dy", false), n_threads, scale, add, from_z);
+  run_som_backward<float>(address<float>(y, "y", false), n, c, s, gamma, ap, address<float>(dy, "dy", false),
+                          n_threads, scale, add, from_z);
 }
 // ---- end SOM Gram -------------------------------------------------------------------------------------------------
 
@@ -993,6 +1073,16 @@ PYBIND11_MODULE(_core, m) {
         "dy = (A Z_i) * (1 - Z_i^2) per sample, Z = tanh(gamma y) read as [n, c, s], A = scale * a (a: float64 "
         "[c, c], symmetric); add=True: dy += that (dy read, as a gradient to add into); from_z=True: y is Z itself "
         "(som_penalty's z, rows som_z_stride(s, itemsize) apart).");
+  m.def("som_penalties_at", &som_penalties_at, py::arg("calls"), py::arg("out"), py::arg("out_double"),
+        py::arg("total") = false,
+        "som_penalties on addresses (kexue_fast.ortho.som's step path; the caller checks dtypes, contiguity, sizes and "
+        "lifetimes): calls hold (y, is_double, n, c, s, gamma, lambda1, lambda2, eps, a, n_threads, z), a and z 0 "
+        "for none; R of each into out (float64 if out_double, else float32), or with total their sum into out[0].");
+  m.def("som_gram_backward_at", &som_gram_backward_at, py::arg("y"), py::arg("is_double"), py::arg("n"), py::arg("c"),
+        py::arg("s"), py::arg("gamma"), py::arg("a"), py::arg("dy"), py::arg("n_threads"), py::arg("scale"),
+        py::arg("add"), py::arg("from_z"),
+        "som_gram_backward on addresses (y, a float64 [c, c], dy; the caller checks dtypes, contiguity, sizes and "
+        "lifetimes).");
   m.def("som_z_stride", [](std::int64_t s, std::int64_t itemsize) {
           if (s < 1 || (itemsize != 4 && itemsize != 8)) throw py::value_error("need s >= 1 and itemsize 4 or 8");
           return kexue::ortho::z_stride(s, itemsize);

@@ -290,6 +290,81 @@ def test_cpp_penalties_run_every_call_after_checking_them_all():
     _core.som_penalties([], np.zeros(0))  # nothing to run
 
 
+def test_cpp_address_calls_equal_the_array_calls():
+    """som_penalties_at and som_gram_backward_at (the training step's calls, on tensors' data_ptr()): the same R, A, Z
+    and ∂R/∂Y, bit for bit, as som_penalties and som_gram_backward on the same memory (float32 and float64 layers,
+    with and without A and a kept Z; R into a float32 or float64 out, or their float64 sum with total; the backward
+    written, added and from Z). Null or misaligned addresses, a wrong tuple and bad sizes raise before anything runs."""
+    from kexue_fast import _core
+
+    g = torch.Generator().manual_seed(8)
+    layers = [((3, 8, 256), torch.float32, True), ((5, 6, 49), D64, False), ((200, 9, 1), torch.float32, True)]
+    ys, calls, arrays = [], [], []
+    for (n, c, s), dtype, keep in layers:
+        y = (torch.randn(n * c * s, generator=g, dtype=D64) * 0.4).to(dtype)
+        ld = _core.som_z_stride(s, y.element_size())
+        a, a_want = torch.full((c, c), float("nan"), dtype=D64), torch.full((c, c), float("nan"), dtype=D64)
+        z = torch.zeros(n * c * ld, dtype=dtype) if keep else None
+        z_want = torch.zeros(n * c * ld, dtype=dtype) if keep else None
+        ys.append((y, a, a_want, z, z_want))
+        calls.append((y.data_ptr(), dtype is D64, n, c, s, 10.0, 2.0, 0.5, 1e-12, a.data_ptr(), 1,
+                      0 if z is None else z.data_ptr()))  # fmt: skip
+        arrays.append((y.numpy(), n, c, s, 10.0, 2.0, 0.5, 1e-12, a_want.numpy(), 1,
+                       None if z_want is None else z_want.numpy()))  # fmt: skip
+    want = np.zeros(len(calls))
+    _core.som_penalties(arrays, want)
+    for dtype in (torch.float32, D64):
+        out = torch.full((len(calls),), float("nan"), dtype=dtype)
+        _core.som_penalties_at(calls, out.data_ptr(), dtype is D64)
+        assert torch.equal(out, torch.from_numpy(want).to(dtype))
+        total = torch.full((), float("nan"), dtype=dtype)
+        _core.som_penalties_at(calls, total.data_ptr(), dtype is D64, True)
+        assert total.item() == torch.tensor(sum(want.tolist()), dtype=D64).to(dtype).item()
+    for _, a, a_want, z, z_want in ys:
+        assert torch.equal(a, a_want) and (z is None or torch.equal(z, z_want))
+    no_a = [(*call[:9], 0, *call[10:]) for call in calls]  # R alone: no A written
+    a0 = ys[0][1].clone()
+    ys[0][1].fill_(float("nan"))
+    _core.som_penalties_at(no_a, out.data_ptr(), True)
+    assert torch.equal(out, torch.from_numpy(want)) and ys[0][1].isnan().all()
+    ys[0][1].copy_(a0)
+    for ((n, c, s), dtype, keep), (y, a, _, z, _) in zip(layers, ys):
+        source = z if keep else y
+        for add in (False, True):
+            dy = torch.randn(n * c * s, generator=g, dtype=D64).to(dtype)
+            dy_want = dy.clone()
+            _core.som_gram_backward(source.numpy(), n, c, s, 10.0, a.numpy(), dy_want.numpy(), 1, 0.7, add, keep)
+            _core.som_gram_backward_at(source.data_ptr(), dtype is D64, n, c, s, 10.0, a.data_ptr(), dy.data_ptr(), 1,
+                                       0.7, add, keep)  # fmt: skip
+            assert torch.equal(dy, dy_want)
+    y, a = ys[0][0], ys[0][1]
+    out = torch.full((len(calls),), float("nan"))
+    for bad, error, match in (([(0, *calls[0][1:])], ValueError, "y must be a non-null address"),
+                              ([(calls[0][0] + 2, *calls[0][1:])], ValueError, "y is not aligned"),
+                              ([(*calls[0][:9], calls[0][9] + 4, *calls[0][10:])], ValueError, "a is not aligned"),
+                              ([*calls, calls[0][:11]], TypeError, "12 arguments"),
+                              ([(*calls[0][:3], 0, *calls[0][4:])], ValueError, "must be >= 1"),
+                              ([(*calls[0][:6], -1.0, *calls[0][7:])], ValueError, "lambda1")):  # fmt: skip
+        with pytest.raises(error, match=match):
+            _core.som_penalties_at([*calls, *bad], out.data_ptr(), False)
+        assert out.isnan().all()  # checked first: no call ran
+    with pytest.raises(ValueError, match="out must be a non-null address"):
+        _core.som_penalties_at(calls, 0, False)
+    with pytest.raises(ValueError, match="out is not aligned"):
+        _core.som_penalties_at(calls, out.data_ptr() + 2, False)
+    dy = torch.zeros(3 * 8 * 256)
+    for args, match in (((0, a.data_ptr(), dy.data_ptr()), "y must be"),
+                        ((y.data_ptr(), 0, dy.data_ptr()), "a must be"),
+                        ((y.data_ptr(), a.data_ptr(), 0), "dy must be"),
+                        ((y.data_ptr(), a.data_ptr(), dy.data_ptr() + 1), "dy is not aligned")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            _core.som_gram_backward_at(args[0], False, 3, 8, 256, 10.0, args[1], args[2], 1, 1.0, False, False)
+    with pytest.raises(ValueError, match="gamma"):
+        _core.som_gram_backward_at(y.data_ptr(), False, 3, 8, 256, 0.0, a.data_ptr(), dy.data_ptr(), 1, 1.0, False,
+                                   False)  # fmt: skip
+    assert not dy.any()
+
+
 @pytest.mark.parametrize("scale", [1e-6, 1e-9, 1e-12])
 def test_cpp_gram_keeps_relative_accuracy_for_tiny_inputs(scale):
     """Θ normalizes Z's columns, so tanh(γy) needs relative accuracy where γy is tiny (the C++ tanh goes through an
@@ -451,8 +526,8 @@ def test_cpp_is_what_auto_runs_on_cpu_and_compile_takes_torch(monkeypatch):
     from kexue_fast.ortho import som as som_module
 
     calls = []
-    penalties = kexue_fast._core.som_penalties  # the C++ route's one call per forward (every layer)
-    monkeypatch.setattr(kexue_fast._core, "som_penalties", lambda *a, **k: calls.append(1) or penalties(*a, **k))
+    penalties = kexue_fast._core.som_penalties_at  # the C++ route's one call per forward (every layer)
+    monkeypatch.setattr(kexue_fast._core, "som_penalties_at", lambda *a, **k: calls.append(1) or penalties(*a, **k))
     monkeypatch.delenv("KEXUE_FAST_BACKEND", raising=False)
     y = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(0))
     before = torch.get_num_threads()

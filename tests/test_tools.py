@@ -321,3 +321,39 @@ def test_som_profile_splits_the_host_side_in_the_step(capsys):
     assert all(value > 0 for value in pieces.values())
     assert before == (hooks._RecordHook.__call__, som._TapSlot.__call__, som._Probe.__call__, som._cpp_core,
                       som._CppPenalty.__dict__["backward"])  # fmt: skip
+
+
+def test_som_profile_runs_the_address_calls_on_builds_without_them():
+    """--compare-cores with builds from before som_penalties_at / som_gram_backward_at: som_profile runs the library's
+    address calls through those builds' array calls, with the same results; NoOpCore's address calls write zeros."""
+    import numpy as np
+    import torch
+
+    from kexue_fast import _core
+    from kexue_fast.benchmarks import som_profile
+
+    class OldCore:  # what a build before the address calls offers
+        som_penalties, som_gram_backward = _core.som_penalties, _core.som_gram_backward
+        som_z_stride = _core.som_z_stride
+
+    g = torch.Generator().manual_seed(3)
+    n, c, s = 3, 8, 256
+    y = torch.randn(n * c * s, generator=g) * 0.4
+    z = {k: torch.zeros(n * c * _core.som_z_stride(s, 4)) for k in ("new", "old")}
+    a = {k: torch.zeros(c, c, dtype=torch.float64) for k in ("new", "old")}
+    out = {k: torch.zeros((), dtype=torch.float64) for k in ("new", "old")}
+    for key, core in (("new", _core), ("old", OldCore())):
+        calls = [(y.data_ptr(), False, n, c, s, 10.0, 2.0, 0.5, 1e-12, a[key].data_ptr(), 1, z[key].data_ptr())] * 2
+        som_profile._penalties_at(core, calls, out[key].data_ptr(), True, True)
+    assert out["new"].item() == out["old"].item() != 0 and torch.equal(a["new"], a["old"]) and z["new"].any()
+    assert torch.equal(z["new"], z["old"])
+    for add, from_z in ((False, False), (True, False), (True, True)):
+        dy = {k: torch.ones(n * c * s) for k in ("new", "old")}
+        source = z["new"] if from_z else y
+        for key, core in (("new", _core), ("old", OldCore())):
+            som_profile._gram_backward_at(core, source.data_ptr(), False, n, c, s, 10.0, a["new"].data_ptr(),
+                                          dy[key].data_ptr(), 1, 0.7, add, from_z)  # fmt: skip
+        assert torch.equal(dy["new"], dy["old"]) and not torch.equal(dy["new"], torch.ones(n * c * s))
+    r = np.full(2, np.nan, np.float32)
+    som_profile.NoOpCore().som_penalties_at(calls, r.ctypes.data, False)
+    assert not r.any() and not a["old"].any()

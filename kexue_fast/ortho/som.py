@@ -22,7 +22,6 @@ import os
 import sys
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -478,11 +477,11 @@ class _TapSlot:
                 "SelfOrthogonality: the model's gradient of a hooked layer's output is undefined in "
                 "a backward that runs through it; its regularizer gradient cannot be added there"
             )
-        src, layout, a0, scale, threads = pending
-        dtype = src[0].dtype  # float32/64: taps are made for those alone
+        _, head, tail = pending  # the source tensor held with its address, som_gram_backward_at's other arguments
+        dtype = torch.float64 if head[1] else torch.float32  # taps are made for those alone
         out = grad if _own_gradient(grad, refs, dtype) else grad.to(dtype, memory_format=torch.contiguous_format,
                                                                  copy=True)  # fmt: skip
-        _cpp_backward(src, layout, a0, out, threads, scale, add=True)
+        _cpp_core().som_gram_backward_at(*head, out.data_ptr(), *tail)
         return None if out is grad else out
 
 
@@ -493,27 +492,25 @@ def _kept_z(core, shape: torch.Size, n: int, c: int, s: int, dtype: torch.dtype)
     return workspace.grad_buffer(shape if ld == s else (n, c, ld), dtype)
 
 
-def _cpp_backward(src: Tuple[Tensor, float, Optional[np.ndarray]], layout: Layout, a0: np.ndarray, out: Tensor,
-                  threads: int, scale: float, add: bool) -> None:  # fmt: skip
-    """out (contiguous, Y's shape, float32/64) = (or += where add) scale · ∂R/∂Y on the C++ core, from A₀ and
-    src = (Y, γ, None) or (the forward's Z, γ, Z's flat array, of out's dtype)."""
-    n, c, s = layout
-    t, gamma, z = src
-    target = out.detach().view(-1).numpy()  # out's own memory: view raises where it cannot be (never a copy)
-    y = _flat(t, out.dtype) if z is None else z
-    _cpp_core().som_gram_backward(y, n, c, s, gamma, a0, target, threads, scale, add, z is not None)
+def _backward_source(t: Tensor, gamma: float, from_z: bool, layout: Layout, a0: int, dtype: torch.dtype
+                     ) -> Tuple[Tensor, tuple]:  # fmt: skip
+    """(what the C++ backward reads, som_gram_backward_at's arguments before dy) for t = Y or the forward's Z (from_z:
+    then of `dtype`, laid out as _kept_z's) and A₀ at address a0: the first to be held alive while the call runs, since
+    the call takes addresses (a numpy view of each cost the tap hooks more host time than the whole call's checks)."""
+    y = t if from_z else _flat(t, dtype)
+    return y, (y.data_ptr(), dtype is torch.float64, *layout, gamma, a0)
 
 
-def _flat(t: Tensor, dtype: torch.dtype) -> np.ndarray:
-    """t's values as a flat contiguous numpy array of `dtype` (float32/64): t's own memory where it is contiguous and
-    of that dtype, else a converted copy; checked by attributes, not by torch ops, since this runs per layer in every
-    training step (SelfOrthogonality's host time)."""
+def _flat(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t's values contiguous in `dtype` (float32/64), detached: t itself where it already is, else a converted copy;
+    checked by attributes, not by torch ops, since this runs per layer in every training step (SelfOrthogonality's
+    host time)."""
     t = t.detach()
     if t.dtype != dtype:
         t = t.to(dtype)
     if not t.is_contiguous():
         t = t.contiguous()
-    return t.numpy().reshape(-1)
+    return t
 
 
 def _will_run(node) -> bool:
@@ -647,38 +644,43 @@ class _CppPenalty(torch.autograd.Function):
     """(gamma, lambda1, lambda2, eps, layouts, slots, total, *ys) -> R [L] (total: their sum, 0-dim) on the C++ core
     (csrc/ortho/som_gram.cpp; computed in float64, returned in the layers' result dtype: float64 if any is, else
     float32), slots: per layer None or a tap's (_TapSlot, the tap's node), whose hook then adds ∂R/∂Y where the
-    backward runs through the tap; one autograd node, one C++ call forward for every layer (som_penalties) and one per
-    layer backward: forward the Gram (each Y read as [N, C, S] in place, each sample's Z computed in cache), R and
-    A₀ = γ(Ḡ + Ḡᵀ) at a unit upstream gradient (float64 [c, c]), and where a backward will need it Z itself (KEEP_Z:
-    into a kept buffer, saved instead of Y); backward ∂R/∂Y = (Z A) ⊙ (1 − Z²) with A = (∂L/∂R_ℓ)·A₀ from the saved Z
-    (KEEP_Z = False: Y saved, Z recomputed)."""
+    backward runs through the tap; one autograd node, one C++ call forward for every layer (som_penalties_at) and one
+    per layer backward (som_gram_backward_at; both by address): forward the Gram (each Y read as [N, C, S] in place,
+    each sample's Z computed in cache), R and A₀ = γ(Ḡ + Ḡᵀ) at a unit upstream gradient (float64 [c, c]), and where a
+    backward will need it Z itself (KEEP_Z: into a kept buffer, saved instead of Y); backward ∂R/∂Y = (Z A) ⊙ (1 − Z²)
+    with A = (∂L/∂R_ℓ)·A₀ from the saved Z (KEEP_Z = False: Y saved, Z recomputed)."""
 
     @staticmethod
     def forward(ctx, gamma: float, lambda1: float, lambda2: float, eps: float, layouts: Tuple[Layout, ...],
                 slots: Tuple[Optional[tuple], ...], total: bool, *ys: Tensor) -> Tensor:  # fmt: skip
         core = _cpp_core()
         threads = cpp_threads()
-        calls, a0, saved, z_arrays = [], [], [], []
-        for y, (n, c, s), needed in zip(ys, layouts, ctx.needs_input_grad[_CPP_ARGS:]):
-            a = np.empty((c, c)) if needed else None  # A₀ (float64), only for a backward
+        needs = ctx.needs_input_grad[_CPP_ARGS:]
+        # A₀ of every layer that a backward needs in one float64 buffer (kept alive by ctx), passed by address
+        a0 = torch.empty(sum(c * c for (_, c, _), needed in zip(layouts, needs) if needed), dtype=torch.float64,
+                         device="cpu")  # fmt: skip
+        at, itemsize = a0.data_ptr(), a0.element_size()
+        calls, a0_at, saved, from_z, inputs = [], [], [], [], []
+        for y, (n, c, s), needed in zip(ys, layouts, needs):
             work = _work_dtype(y.dtype)  # half in float32, as on torch
             z = _kept_z(core, y.shape, n, c, s, work) if needed and KEEP_Z else None
-            z_array = None if z is None else z.view(-1).numpy()  # kept for the backward's C++ call
-            calls.append((_flat(y, work), n, c, s, gamma, lambda1, lambda2, eps, a, threads, z_array))
-            a0.append(a)
+            flat = _flat(y, work)  # alive through the call (`inputs`): passed by address
+            calls.append((flat.data_ptr(), work is torch.float64, n, c, s, gamma, lambda1, lambda2, eps,
+                          at if needed else 0, threads, 0 if z is None else z.data_ptr()))  # fmt: skip
+            a0_at.append(at if needed else 0)
+            at += itemsize * c * c if needed else 0
             saved.append(y if z is None else z)
-            z_arrays.append(z_array)
-        ctx.gamma, ctx.layouts, ctx.a0, ctx.slots = gamma, layouts, a0, slots
-        ctx.dtypes, ctx.shapes, ctx.z_arrays = tuple(y.dtype for y in ys), tuple(y.shape for y in ys), z_arrays
+            from_z.append(z is not None)
+            inputs.append(flat)
+        ctx.gamma, ctx.layouts, ctx.a0, ctx.a0_at, ctx.slots = gamma, layouts, a0, a0_at, slots
+        ctx.dtypes, ctx.shapes, ctx.from_z = tuple(y.dtype for y in ys), tuple(y.shape for y in ys), from_z
         ctx.save_for_backward(*saved)  # Z too: autograd's check that nothing wrote into it before the backward
-        # in the layers' result dtype (computed in float64): the callers' .to() is then no op and no autograd node
+        # in the layers' result dtype (computed in float64): the callers' .to() is then no op and no autograd node;
+        # with total, the C++ call writes the sum there itself (no sum op, no numpy)
         out = torch.empty(() if total else len(ys), dtype=_out_dtype(ys), device="cpu")
-        values = np.empty(len(ys)) if total else out.numpy()
-        # All of the Python side first, then every layer in one C++ call (som_penalties): each layer's work streams
+        # All of the Python side first, then every layer in one C++ call (som_penalties_at): each layer's work streams
         # its output through the caches, and Python run between two layers' calls ran from cold caches
-        core.som_penalties(calls, values)
-        if total:
-            out.numpy()[()] = values.sum()
+        core.som_penalties_at(calls, out.data_ptr(), out.dtype is torch.float64, total)
         return out
 
     @staticmethod
@@ -688,20 +690,21 @@ class _CppPenalty(torch.autograd.Function):
         scales = [grad.item()] * len(ctx.layouts) if grad.dim() == 0 else grad.tolist()
         grads: List[Optional[Tensor]] = []
         deferred: List[_TapSlot] = []
-        for i, (t, layout, a0, tap) in enumerate(zip(ctx.saved_tensors, ctx.layouts, ctx.a0, ctx.slots)):
+        for i, (t, layout, a0, tap) in enumerate(zip(ctx.saved_tensors, ctx.layouts, ctx.a0_at, ctx.slots)):
             if not ctx.needs_input_grad[_CPP_ARGS + i]:
                 grads.append(None)
                 continue
-            src = (t, ctx.gamma, ctx.z_arrays[i])  # Y, or the forward's Z with its array
+            work, from_z = _work_dtype(ctx.dtypes[i]), ctx.from_z[i]
+            source, head = _backward_source(t, ctx.gamma, from_z, layout, a0, work)  # Y, or the forward's Z
             slot, node = tap if tap is not None else (None, None)
             if slot is not None and not slot.ran and _will_run(node):
-                slot.pending = (src, layout, a0, scales[i], threads)  # the tap's hook adds ∂R/∂Y
+                slot.pending = (source, head, (threads, scales[i], True, from_z))  # the tap's hook adds ∂R/∂Y
                 deferred.append(slot)
                 grads.append(None)
                 continue
-            dy = _grad_buffer(ctx.shapes[i], _work_dtype(ctx.dtypes[i]), t.device)
+            dy = _grad_buffer(ctx.shapes[i], work, t.device)  # contiguous
             # a zero weight too (no zeros shortcut): 0·∂R/∂Y, NaN where Y has one, as on the torch path
-            _cpp_backward(src, layout, a0, dy, threads, scales[i], add=False)
+            _cpp_core().som_gram_backward_at(*head, dy.data_ptr(), threads, scales[i], False, from_z)
             grads.append(dy.to(ctx.dtypes[i]))
         if deferred:  # at the end of this backward: each deferred ∂R/∂Y was added by its tap's hook, or loudly not
             torch.autograd.Variable._execution_engine.queue_callback(functools.partial(_check_taken, deferred))
