@@ -894,6 +894,7 @@ void som_gram_backward(const py::array& y, std::int64_t n, std::int64_t c, std::
     return som_gram_backward_typed<double>(y, n, c, s, gamma, a, dy, n_threads, scale, add, from_z);
   throw py::type_error("y must be float32 or float64");
 }
+
 // The same two calls on raw addresses, for kexue_fast.ortho.som's training-step path: there each numpy view of a
 // tensor (detach, view, numpy) and each array check cost the step's host time, per layer, from cold caches (a tapped
 // layer's backward hook runs between two of the model's backward ops, which have flushed them). The caller hands

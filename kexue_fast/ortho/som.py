@@ -454,12 +454,13 @@ def _grad_buffer(shape: torch.Size, dtype: torch.dtype, device: torch.device) ->
 
 
 class _TapSlot:
-    """One tapped layer output's share of a _CppPenalty backward: set by that backward (the upstream weight of R_ℓ)
-    where the alias's hook will run in the same backward, then taken by the hook, which adds ∂R/∂Y into the model's
-    own gradient of the alias in one C++ pass (read, add, write back) instead of autograd's separate ∂R/∂Y buffer and
-    sum. `ran`: the hook ran before the penalty's backward (autograd's order otherwise: then the penalty computes
-    ∂R/∂Y itself). The penalty's node keeps (slot, the alias's node) pairs; a slot holds no node (the alias's node holds
-    the slot, as its hook: a reference back would be a cycle through C++ that the garbage collector cannot see)."""
+    """One tapped layer output's share of a _CppPenalty backward: set by that backward (`pending`: the C++ call's source
+    tensor, held while its address is used, and arguments, the upstream weight of R_ℓ among them) where the alias's hook
+    will run in the same backward, then taken by the hook, which adds ∂R/∂Y into the model's own gradient of the alias
+    in one C++ pass (read, add, write back) instead of autograd's separate ∂R/∂Y buffer and sum. `ran`: the hook ran
+    before the penalty's backward (autograd's order otherwise: then the penalty computes ∂R/∂Y itself). The penalty's
+    node keeps (slot, the alias's node) pairs; a slot holds no node (the alias's node holds the slot, as its hook: a
+    reference back would be a cycle through C++ that the garbage collector cannot see)."""
 
     def __init__(self, tap: Tensor) -> None:
         self.pending: Optional[tuple] = None
