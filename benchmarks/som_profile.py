@@ -550,8 +550,8 @@ def host_split(batch: int, steps: int) -> None:
     """Microseconds per step of the C++ route's Python and torch side inside benchmarks/ortho.py's CPU step, piece by
     piece: the hooked layers' forward hooks (recording, making the taps), loss() less its C++ call, the penalty's
     backward and the taps' gradient hooks less theirs; with the C++ calls' own time beside them. Each piece runs
-    between the model's ops, from caches those ops flushed: so it costs many times what it costs in a loop (what
-    --host-overhead times). Wrappers around each piece add their own ~1 µs."""
+    between the model's ops, from caches those ops flushed, unlike the same code run in a loop (--host-overhead);
+    the wrapper around each piece adds its own call to what it reports."""
     from kexue_fast.ortho import hooks as hooks_module
     from kexue_fast.ortho import som
 
