@@ -497,7 +497,7 @@ def _backward_source(t: Tensor, gamma: float, from_z: bool, layout: Layout, a0: 
                      ) -> Tuple[Tensor, tuple]:  # fmt: skip
     """(what the C++ backward reads, som_gram_backward_at's arguments before dy) for t = Y or the forward's Z (from_z:
     then of `dtype`, laid out as _kept_z's) and A₀ at address a0: the first to be held alive while the call runs, since
-    the call takes addresses (a numpy view of each cost the tap hooks more host time than the whole call's checks)."""
+    the call takes addresses (no numpy view per call in the tap hooks)."""
     y = t if from_z else _flat(t, dtype)
     return y, (y.data_ptr(), dtype is torch.float64, *layout, gamma, a0)
 
