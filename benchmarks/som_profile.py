@@ -671,6 +671,11 @@ def _array_at(address: int, count: int, is_double: bool):
     return np.ctypeslib.as_array((kind * count).from_address(address))
 
 
+def _z_stride_of(core, s: int, is_double: bool) -> int:
+    """The row stride of a kept Z in `core`'s layout (s on builds before som_z_stride)."""
+    return getattr(core, "som_z_stride", lambda s, itemsize: s)(s, 8 if is_double else 4)
+
+
 def _penalties_at(core, calls, out: int, out_double: bool, total: bool) -> None:
     """core.som_penalties_at(calls, out, out_double, total), through the array calls on builds before it (compared
     builds: --compare-cores)."""
@@ -680,7 +685,7 @@ def _penalties_at(core, calls, out: int, out_double: bool, total: bool) -> None:
         return core.som_penalties_at(calls, out, out_double, total)
     arrays = []
     for y, is_double, n, c, s, gamma, lambda1, lambda2, eps, a, threads, z in calls:
-        stride = getattr(core, "som_z_stride", lambda s, itemsize: s)(s, 8 if is_double else 4)
+        stride = _z_stride_of(core, s, is_double)
         arrays.append((_array_at(y, n * c * s, is_double), n, c, s, gamma, lambda1, lambda2, eps,
                        _array_at(a, c * c, True).reshape(c, c) if a else None, threads,
                        _array_at(z, n * c * stride, is_double) if z else None))  # fmt: skip
@@ -697,7 +702,7 @@ def _gram_backward_at(core, y, is_double, n, c, s, gamma, a, dy, threads, scale,
     """core.som_gram_backward_at(...), through the array call on builds before it (--compare-cores)."""
     if hasattr(core, "som_gram_backward_at"):
         return core.som_gram_backward_at(y, is_double, n, c, s, gamma, a, dy, threads, scale, add, from_z)
-    stride = getattr(core, "som_z_stride", lambda s, itemsize: s)(s, 8 if is_double else 4) if from_z else s
+    stride = _z_stride_of(core, s, is_double) if from_z else s
     flags = (add, True) if from_z else (add,) if add else ()  # builds before add / from_z took fewer arguments
     core.som_gram_backward(_array_at(y, n * c * stride, is_double), n, c, s, gamma,
                            _array_at(a, c * c, True).reshape(c, c), _array_at(dy, n * c * s, is_double), threads,
