@@ -541,7 +541,8 @@ def cpp_split(batch: int, steps: int, fresh_buffers: bool, compare: Sequence[str
     for label in cores:
         forward = spent[label, "forward"] / steps
         host = loss_spent.get(label, 0.0) / steps - forward
-        print(f"  {label}: {median[label]:.2f} ms with SOM; C++ forward {forward * 1e3:.2f} ms and backward "
+        note = " (Z recomputed: without --compare-keep-z)" if label in compare and not compare_keep_z else ""
+        print(f"  {label}{note}: {median[label]:.2f} ms with SOM; C++ forward {forward * 1e3:.2f} ms and backward "
               f"{spent[label, 'backward'] / steps * 1e3:.2f} ms per step; loss() besides the C++ forward "
               f"{host * 1e6:.0f} µs")  # fmt: skip
 
