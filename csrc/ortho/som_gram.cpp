@@ -364,7 +364,7 @@ struct FusedProduct {
 };
 
 // MR rows × NV vectors of columns, the last vector's lanes masked by `last`: MR·NV accumulators held across the k
-// loop (8 × 2: 16 of 32 registers), ∂R/∂Y stored from them (no W scratch written and read back). Each sum runs over
+// loop (8 × 3: 24 of 32 registers), ∂R/∂Y stored from them (no W scratch written and read back). Each sum runs over
 // k in order, as gemm::tile's does.
 template <class A, typename T, int MR, int NV>
 __attribute__((always_inline)) inline void backward_tile_simd(const FusedProduct<T>& f, typename A::M last,
@@ -373,26 +373,26 @@ __attribute__((always_inline)) inline void backward_tile_simd(const FusedProduct
   typename A::V acc[MR][NV];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 2
+#pragma GCC unroll 3
     for (int v = 0; v < NV; ++v) acc[i][v] = typename A::V{};
   const Prefetch::Run run = pf.take(f.depth, f.v);
   for (std::int64_t k = 0; k < f.depth; ++k) {
     run.request(k);
     typename A::V vv[NV];
-#pragma GCC unroll 2
+#pragma GCC unroll 3
     for (int v = 0; v < NV; ++v)
       vv[v] = v + 1 < NV ? A::load(f.v + k * f.ldv + v * A::W) : A::load(last, f.v + k * f.ldv + v * A::W);
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       const typename A::V lv = A::set1(f.l[i * f.ldl + k]);
-#pragma GCC unroll 2
+#pragma GCC unroll 3
       for (int v = 0; v < NV; ++v) acc[i][v] = A::fma(lv, vv[v], acc[i][v]);
     }
   }
   const bool whole = last == static_cast<M>(~M(0));
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 2
+#pragma GCC unroll 3
     for (int v = 0; v < NV; ++v) {
       const M m = v + 1 < NV ? static_cast<M>(~M(0)) : last;
       T* out = f.out + i * f.ldo + v * A::W;
@@ -422,7 +422,9 @@ __attribute__((always_inline)) inline void backward_column_simd(const FusedProdu
   if (r < rows) backward_tile_simd<A, T, 1, NV>(f.at(r, 0), last, pf);
 }
 
-// The product over rows × columns, in column blocks of 2W (v's block of depth × 2W values, in L1 for every row tile).
+// The product over rows × columns, in column blocks of 3W (v's block of depth × 3W values, in L1 for every row tile;
+// from the caches the backward of benchmarks/ortho.py's layers took 3-12% less than with 2W, in the step no change:
+// README, "SOM in a CNN training step").
 template <typename T>
 __attribute__((target("avx512f"))) void fused_product_avx512(const FusedProduct<T>& f, std::int64_t rows,
                                                              std::int64_t columns, Prefetch& pf) {
@@ -430,9 +432,13 @@ __attribute__((target("avx512f"))) void fused_product_avx512(const FusedProduct<
   typedef typename A::M M;
   const M all = static_cast<M>(~M(0));
   std::int64_t j = 0;
-  for (; j + 2 * A::W <= columns; j += 2 * A::W) backward_column_simd<A, T, 2>(f.at(0, j), rows, all, pf);
+  for (; j + 3 * A::W <= columns; j += 3 * A::W) backward_column_simd<A, T, 3>(f.at(0, j), rows, all, pf);
   const std::int64_t left = columns - j;
-  if (left > A::W)
+  if (left > 2 * A::W)
+    backward_column_simd<A, T, 3>(f.at(0, j), rows, static_cast<M>((1u << (left - 2 * A::W)) - 1), pf);
+  else if (left == 2 * A::W)
+    backward_column_simd<A, T, 2>(f.at(0, j), rows, all, pf);
+  else if (left > A::W)
     backward_column_simd<A, T, 2>(f.at(0, j), rows, static_cast<M>((1u << (left - A::W)) - 1), pf);
   else if (left == A::W)
     backward_column_simd<A, T, 1>(f.at(0, j), rows, all, pf);
