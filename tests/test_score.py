@@ -388,3 +388,111 @@ def test_sigmas_out_of_the_data_dtype_range_are_named_as_given():
     for sigma, shown in ((1e5, "100000.0"), (1e-8, "1e-08")):
         with pytest.raises(ValueError, match=rf"float16: \[{shown}\] became"):
             dsm_loss(lambda x, *args: -x, x, sigma)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])
+def test_sigma_indices_of_any_integer_dtype_index_the_levels(dtype):
+    """uint8 indices were taken as a mask by torch's indexing ([2, 1, 1] gave σ = [10, 5, 2], not [2, 5, 5]), int8
+    and int16 ones crashed in it."""
+    seen = []
+
+    def model(x, sigma):
+        seen.append(sigma.tolist())
+        return -x
+
+    x = torch.randn(3, 2, dtype=D64)
+    dsm_loss(model, x, [10.0, 5.0, 2.0], sigma_indices=torch.tensor([2, 1, 1], dtype=dtype))
+    assert seen == [[2.0, 5.0, 5.0]]
+
+
+def test_half_precision_losses_are_summed_in_float32():
+    """float16 per-sample sums of squares overflowed to inf from 65504 (‖ε‖²/2 ≈ 98 000 at [3, 256, 256])."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 256, 256, generator=g)
+    noise = torch.randn(2, 3, 256, 256, generator=g)
+    zero = lambda z, *args: torch.zeros_like(z)  # noqa: E731
+    want = dsm_loss(zero, x, 0.5, noise=noise, reduction="none")
+    for dtype in (torch.float16, torch.bfloat16):
+        got = dsm_loss(zero, x.to(dtype), 0.5, noise=noise.to(dtype), reduction="none")
+        assert got.dtype == torch.float32 and torch.allclose(got, want, rtol=1e-2)
+    energy = lambda z: 0.5 * (z.float() ** 2).sum(1)  # noqa: E731
+    toy, eps = torch.randn(512, 2, generator=g), torch.randn(512, 2, generator=g)
+    idx = torch.randint(0, 3, (512,), generator=g)
+    kwargs = dict(parameterization="energy", weighting="mdsm", sigma0=0.1, sigma_indices=idx)
+    want = dsm_loss(energy, toy, [3.0, 1.0, 0.3], noise=eps, **kwargs)
+    got = dsm_loss(energy, toy.half(), [3.0, 1.0, 0.3], noise=eps.half(), **kwargs)
+    assert torch.isfinite(got) and torch.allclose(got, want, rtol=1e-2)
+    assert dde_loss(lambda z: -energy(z), x[:, 0, 0, :2].half(), 0.5).dtype == torch.float32
+
+
+def test_sampler_levels_must_survive_the_samples_dtype():
+    """Half samples: σ = 1e5 reached the score as inf and 1e-8 as 0 (every sample NaN), with no error."""
+    x = torch.randn(4, 2, dtype=torch.float16)
+    score = lambda z, s: -z  # noqa: E731
+    for levels, shown in (([1e5, 1.0], "inf"), ([1.0, 1e-8], "0.0"), ([1.0001, 1.0], "1.0, 1.0")):
+        with pytest.raises(ValueError, match=rf"float16: .* became \[.*{shown}.*\]"):
+            annealed_langevin(score, x, levels, 1)
+
+
+def test_energy_scores_under_inference_mode_and_unclear_energies():
+    """score_from_energy under torch.inference_mode (a common way to sample) failed with "element 0 of tensors does
+    not require grad"; an energy independent of x, or returning a float, failed deep in autograd."""
+    energy = lambda z: 0.5 * (z**2).sum(1)  # noqa: E731
+    x = torch.randn(4, 2, dtype=D64)
+    with torch.inference_mode():
+        xi = x.clone()
+        assert torch.allclose(score_from_energy(energy)(xi), -x)
+        assert torch.isfinite(dsm_loss(energy, xi, 0.5, parameterization="energy"))
+        out = tempered_langevin(score_from_energy(energy, create_graph=False), xi, [1.0], 0.1)
+        assert out.shape == (4, 2)
+    for bad in (lambda z: z.sum(1).detach(), lambda z: torch.zeros(z.shape[0])):
+        with pytest.raises(ValueError, match="does not depend on its input x"):
+            score_from_energy(bad)(x)
+    with pytest.raises(TypeError, match="must return a tensor"):
+        score_from_energy(lambda z: 1.0)(x)
+    with pytest.raises(TypeError, match="log_density_model must return a tensor"):
+        dde_generator_loss(lambda z: z.sum(1), lambda z: 0.0, x, 0.1)
+
+
+def test_denoise_checks_its_inputs():
+    """denoise took σ = −1 as 1, σ = 0 as a no-op, NaN, and broadcast a score of the wrong shape."""
+    x = torch.randn(4, 2, dtype=D64)
+    score = lambda z: -z  # noqa: E731
+    assert torch.allclose(denoise(score, x, 0.5), 0.75 * x)
+    per_sample = torch.tensor([0.5, 1.0, 0.5, 1.0], dtype=D64)
+    assert torch.allclose(denoise(score, x, per_sample), x * (1 - per_sample**2)[:, None])
+    for bad in (0.0, -1.0, float("nan"), torch.tensor([0.5, -0.5, 0.5, 0.5])):
+        with pytest.raises(ValueError, match="sigma must be finite and > 0"):
+            denoise(score, x, bad)
+    with pytest.raises(ValueError, match=r"one per sample \[B\] = \[4\]"):
+        denoise(score, x, torch.tensor([0.1, 0.2, 0.3]))
+    with pytest.raises(ValueError, match="x_noisy's shape"):
+        denoise(lambda z: z[:, :1], x, 0.5)
+    sigma = torch.tensor(0.5, dtype=D64, requires_grad=True)
+    denoise(score, x, sigma).sum().backward()
+    assert torch.allclose(sigma.grad, -2 * 0.5 * x.sum())  # d/dσ Σ(x − σ²x)
+
+
+def test_numbers_given_as_numpy_or_0d_tensors_and_bad_containers():
+    import numpy as np
+
+    x = torch.randn(4, 2)
+    score = lambda z, *args: -z  # noqa: E731
+    assert annealed_langevin(score, x, [1.0, 0.5], np.int64(2), torch.tensor(1e-3)).shape == (4, 2)
+    assert tempered_langevin(score, x, [1.0], torch.tensor(0.1), n_steps_each=np.int32(2)).shape == (4, 2)
+    assert geometric_sigmas(1.0, 0.1, np.int64(3)).shape == (3,)
+    assert torch.isfinite(dsm_loss(score, x, 1.0, weighting="mdsm", sigma0=torch.tensor(0.1)))
+    with pytest.raises(TypeError, match="sigmas must be a number, a sequence of numbers or a tensor, got str"):
+        dsm_loss(score, x, "0.3")
+    with pytest.raises(ValueError, match="sigmas must be one level or a 1-D tensor"):
+        dsm_loss(score, x, torch.tensor([[1.0, 0.5]]))
+    with pytest.raises(TypeError, match="temperatures must be a sequence of numbers or a tensor"):
+        tempered_langevin(score, x, "abc", 0.1)
+    with pytest.raises(ValueError, match="temperatures must be one value or a 1-D sequence"):
+        tempered_langevin(score, x, [[1.0, 0.5]], 0.1)
+    with pytest.raises(TypeError, match="noise must be a floating tensor"):
+        dsm_loss(score, x, 1.0, noise=torch.ones(4, 2, dtype=torch.long))
+    from kexue_fast.score import langevin_step
+
+    with pytest.raises(TypeError, match="noise must be a tensor"):
+        langevin_step(x, -x, 0.1, noise=[1.0])

@@ -86,7 +86,7 @@ def apply_step(x: Tensor, score: Tensor, coef: Union[Tensor, Tuple[float, float]
             if generator is None or on_device(generator, x.device):  # drawn where it is used: no copy
                 seed = torch.randint(0, 2**62, (1,), generator=generator, device=x.device)
             else:
-                seed = torch.randint(0, 2**62, (1,), generator=generator, device="cpu").to(x.device)
+                seed = torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).to(x.device)
         strided_out = out is not None and not out.is_contiguous()  # the kernel writes contiguous buffers
         result = langevin_update(x.contiguous(), score.contiguous(), coef,
                                  noise.contiguous() if noise is not None else None, seed, step,
@@ -96,7 +96,7 @@ def apply_step(x: Tensor, score: Tensor, coef: Union[Tensor, Tuple[float, float]
         if generator is None or on_device(generator, x.device):
             noise = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
         else:
-            noise = torch.randn(x.shape, dtype=x.dtype, generator=generator).to(x.device)
+            noise = torch.randn(x.shape, dtype=x.dtype, device=generator.device, generator=generator).to(x.device)
     elif out is not None and out.untyped_storage().data_ptr() == noise.untyped_storage().data_ptr():
         noise = noise.clone()  # the first pass writes out before the second reads the noise
     if isinstance(coef, tuple) and x.dtype in (torch.float16, torch.bfloat16):  # computed in float32, as on Triton
@@ -137,6 +137,10 @@ def langevin_step(
         raise TypeError(f"x must be a floating tensor, got {x.dtype}")
     if score.shape != x.shape:
         raise ValueError(f"score must have x's shape {tuple(x.shape)}, got {tuple(score.shape)}")
+    if noise is not None and not isinstance(noise, Tensor):
+        raise TypeError(f"noise must be a tensor of x's shape or None, got {type(noise).__name__}")
+    if out is not None and not isinstance(out, Tensor):
+        raise TypeError(f"out must be a tensor of x's shape and dtype or None, got {type(out).__name__}")
     if noise is not None and noise.shape != x.shape:
         raise ValueError(f"noise must have x's shape {tuple(x.shape)}, got {tuple(noise.shape)}")
     if out is not None and (out.shape != x.shape or out.dtype != x.dtype):

@@ -12,7 +12,6 @@ noise seed too, and nothing reads a value back: the loop has no host sync and ca
 
 from __future__ import annotations
 
-import numbers
 from typing import Callable, List, Optional, Tuple, Union
 
 import torch
@@ -20,21 +19,27 @@ from torch import Tensor
 
 from .. import _dispatch
 from .langevin import OP, apply_step, on_device, step_coefficients
-from .losses import Sigmas, as_sigmas, geometric_levels
+from .losses import Sigmas, as_count, as_number, as_sigmas, geometric_levels
 
 Score = Callable[..., Tensor]
 
 
 def _positive(value: float, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (0 < float(value) < float("inf")):
+    number = as_number(value, name)
+    if not 0 < number < float("inf"):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
+    return number
 
 
-def _steps(value: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return value
+def _levels_in(levels: Tensor, dtype: torch.dtype) -> Tensor:
+    """The validated float64 levels (σ₁ > … > σ_L > 0) in the samples' dtype, which must keep them finite, > 0 and
+    strictly decreasing (the score gets σ in that dtype: float16 holds neither 1e5 nor 1e-8)."""
+    cast = levels.to(dtype)
+    ok = bool((torch.isfinite(cast) & (cast > 0)).all()) and bool((cast[1:] < cast[:-1]).all())
+    if not ok:
+        raise ValueError(f"sigmas must stay finite, > 0 and strictly decreasing in the samples' dtype {dtype}: "
+                         f"{levels.tolist()} became {cast.tolist()}")  # fmt: skip
+    return cast
 
 
 def _check_score(score: object) -> None:
@@ -57,7 +62,7 @@ def _seed(chosen: str, device: torch.device, generator: Optional[torch.Generator
         return None
     if generator is None or on_device(generator, device):
         return torch.randint(0, 2**62, (1,), device=device, generator=generator)
-    return torch.randint(0, 2**62, (1,), generator=generator).to(device)
+    return torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).to(device)
 
 
 def _checked_score(score: Score, x: Tensor, *args) -> Tensor:
@@ -81,7 +86,7 @@ class AnnealedLangevin:
     def __init__(self, sigmas: Sigmas, n_steps_each: int = 100, step_lr: float = 2e-5, *,
                  device: Union[str, torch.device, None] = None, dtype: torch.dtype = torch.float32,
                  final_denoise: bool = False, backend: str = "auto") -> None:  # fmt: skip
-        self.n_steps_each = _steps(n_steps_each, "n_steps_each")
+        self.n_steps_each = as_count(n_steps_each, "n_steps_each")
         self.step_lr = _positive(step_lr, "step_lr")
         device = torch.device(device if device is not None else "cpu")
         if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
@@ -91,8 +96,9 @@ class AnnealedLangevin:
         if levels.numel() > 1 and not bool((levels[1:] < levels[:-1]).all()):
             raise ValueError(f"sigmas must be strictly decreasing (σ₁ > … > σ_L: α_i = step_lr·σ_i²/σ_L² divides by "
                              f"the smallest), got {levels.tolist()}")  # fmt: skip
-        self.levels = levels.to(device=device, dtype=dtype)
-        self.coef = step_coefficients(step_lr * (levels / levels[-1]) ** 2, 1.0, dtype, torch.device("cpu")).to(device)
+        self.levels = _levels_in(levels, dtype).to(device)
+        alphas = self.step_lr * (levels / levels[-1]) ** 2
+        self.coef = step_coefficients(alphas, 1.0, dtype, torch.device("cpu")).to(device)
         # the torch path on CPU reads its coefficients as Python floats (no sync to avoid there; cheaper ops)
         cpu_torch = self.backend == "torch" and device.type == "cpu"
         self.host_coef = [tuple(row) for row in self.coef.tolist()] if cpu_torch else None
@@ -187,11 +193,19 @@ def tempered_langevin(
     """
     _check_score(score)
     x = _start(x0)
-    _steps(n_steps_each, "n_steps_each")
-    _positive(step_size, "step_size")
+    n_steps_each = as_count(n_steps_each, "n_steps_each")
+    step_size = _positive(step_size, "step_size")
     if sigma0 is not None:
-        _positive(sigma0, "sigma0")
-    temps = torch.as_tensor(temperatures, dtype=torch.float64).reshape(-1)
+        sigma0 = _positive(sigma0, "sigma0")
+    if isinstance(temperatures, (str, bytes, bool)):
+        raise TypeError(f"temperatures must be a sequence of numbers or a tensor, got {type(temperatures).__name__}")
+    try:
+        temps = torch.as_tensor(temperatures, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"temperatures must be a sequence of numbers or a tensor ({exc})") from None
+    if temps.ndim > 1:
+        raise ValueError(f"temperatures must be one value or a 1-D sequence [n], got shape {tuple(temps.shape)}")
+    temps = temps.reshape(-1)
     if temps.numel() == 0 or not bool(torch.isfinite(temps).all()) or not bool((temps >= 0).all()):
         raise ValueError("temperatures must be a non-empty sequence of finite numbers >= 0")
     chosen = _dispatch.choose(OP, x.device, x.dtype, backend)
@@ -213,7 +227,7 @@ def tempered_langevin(
 
 def temperature_schedule(n: int, t_max: float = 100.0, t_min: float = 1.0, kind: str = "geometric") -> Tensor:
     """n temperatures from t_max down to t_min [n] (float64): "geometric" or "linear" annealing."""
-    _steps(n, "n")
+    as_count(n, "n")
     if kind not in ("geometric", "linear"):
         raise ValueError(f'kind must be "geometric" or "linear", got {kind!r}')
     if not (0 < t_min <= t_max < float("inf")):
