@@ -265,11 +265,20 @@ def test_meta_tensors_and_per_sample_gradients():
 
 @pytest.mark.slow
 def test_torch_compile_fullgraph():
+    """Compiled with fullgraph; out-of-range labels, which eager mode checks on the host, raise from an asynchronous
+    assertion in the graph (a negative label scored as class C − 1, an index past C crashed in an inductor kernel);
+    a 0-d bool `real` is not read on the host (it broke fullgraph)."""
     head = CascadingRejection(8, 3, conditional_classes=4)
     v, y = torch.randn(5, 8), torch.tensor([0, 3, 1, 1, 2])
     compiled = torch.compile(lambda v, y: head(v, y, return_rejection=True), fullgraph=True)
     for a, b in zip(compiled(v, y), head(v, y, return_rejection=True)):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    for bad in (torch.tensor([0, -1, 1, 1, 2]), torch.tensor([0, 4, 1, 1, 2])):
+        with pytest.raises(RuntimeError, match=r"labels must lie in \[0, 4\)"):
+            compiled(v, bad)
+    loss = torch.compile(lambda s, r: cascading_rejection_loss(s, r), fullgraph=True)
+    scores = torch.randn(5, 3)
+    assert torch.allclose(loss(scores, torch.tensor(True)), cascading_rejection_loss(scores, True))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -296,3 +305,86 @@ def test_directions_check_their_labels():
         head.directions(torch.tensor([-1]))
     with pytest.raises(ValueError, match="unconditional"):
         CascadingRejection(6, 3).directions(torch.tensor([0]))
+
+
+def test_autocast_features_from_a_lower_precision_body():
+    """Under autocast an nn.Linear body hands the head bfloat16 features while its weights stay float32: the head
+    raised "weight and v must match" where nn.Linear casts both. float64 heads under autocast were solved in
+    float32 (1.9e-7 off)."""
+    torch.manual_seed(0)
+    body = torch.nn.Linear(5, 16)
+    head = CascadingRejection(16, 4, conditional_classes=3)
+    x, y = torch.randn(8, 5), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    want = head(body(x), y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        v = body(x)
+        scores, rejection = head(v, y, return_rejection=True)
+        plain = torch.nn.Linear(16, 4)(v)
+    assert v.dtype == torch.bfloat16 and scores.dtype == plain.dtype == torch.bfloat16
+    assert rejection.dtype == torch.bfloat16 and _rel(scores.float(), want) <= 0.05
+    scores.float().sum().backward()
+    assert head.weight.grad.dtype == torch.float32 and torch.isfinite(head.class_weight.grad).all()
+    w = torch.randn(3, 16, dtype=D64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = cascading_directions(w)
+    assert inside.dtype == D64 and torch.equal(inside, cascading_directions(w))
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match="must match"):
+        head(torch.randn(8, 16, dtype=D64), y)  # float64 is not autocast's to cast
+
+
+@pytest.mark.parametrize("batch", [2, 9])
+def test_conditional_directions_per_sample_or_per_class(batch):
+    """A batch smaller than the number of classes solves the cascade per sample (C = 1000 solved every class at each
+    call: 10× the time), a larger one per class; both give the per-sample heads' directions and gradients."""
+    from kexue_fast.gan.cascading import conditional_directions
+
+    g = torch.Generator().manual_seed(batch)
+    w = torch.randn(3, 6, dtype=D64, generator=g, requires_grad=True)
+    e = torch.randn(5, 3, 6, dtype=D64, generator=g, requires_grad=True)
+    y = torch.randint(0, 5, (batch,), generator=g)
+    heads, directions = conditional_directions(w, e, y)
+    want = torch.stack([cascading_directions(w + e[i]) for i in y.tolist()])
+    assert _rel(directions, want) <= 1e-13 and torch.equal(heads, w + e[y])
+    probe = torch.randn(batch, 3, 6, dtype=D64, generator=g)
+    got = torch.autograd.grad((directions * probe).sum(), [w, e])
+    ref = torch.autograd.grad((want * probe).sum(), [w, e])
+    assert all(_rel(a, b) <= 1e-12 for a, b in zip(got, ref))
+
+
+def test_labels_under_vmap_are_checked():
+    """Under vmap the range check was skipped: −1 wrapped around to the last class."""
+    head = CascadingRejection(4, 2, conditional_classes=3).double()
+    x = torch.randn(3, 4, dtype=D64)
+    call = torch.func.vmap(lambda xb, yb: head(xb[None], yb[None]))
+    assert call(x, torch.tensor([0, 1, 2])).shape == (3, 1, 2)
+    for bad in (torch.tensor([0, 1, -1]), torch.tensor([0, 1, 3])):
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+            call(x, bad)
+
+
+def test_stage_weights_checks_and_gradients():
+    """stage_weights(None, 0) divided by zero, "12" was read as [1, 2], a tensor that requires grad was detached;
+    a checkpoint's invalid λ loaded silently (the loss then NaN); dtype=torch.long crashed in nn.Parameter."""
+    for n in (0, -2, 2.0, True):
+        with pytest.raises(ValueError, match="n_stages must be an int >= 1"):
+            stage_weights(None, n)
+    with pytest.raises(TypeError, match="got str"):
+        stage_weights("12", 2)
+    lam = torch.tensor([1.0, 3.0], dtype=D64, requires_grad=True)
+    scores = torch.randn(4, 2, dtype=D64)
+    loss = cascading_rejection_loss(scores, True, weights=lam)
+    (grad,) = torch.autograd.grad(loss, lam)
+    assert torch.allclose(loss, cascading_rejection_loss(scores, True, weights=[1.0, 3.0]), rtol=1e-14)
+    assert torch.autograd.gradcheck(lambda t: cascading_rejection_loss(scores, True, weights=t), (lam,))
+    assert grad.abs().sum() > 0
+    head = CascadingRejection(6, 3, weights=torch.tensor([1.0, 1.0, 2.0], requires_grad=True))
+    assert not head.stage_weights.requires_grad
+    state = head.state_dict()
+    for bad in ([-1.0, 5.0, 1.0], [float("nan"), 1.0, 1.0], [0.0, 0.0, 0.0]):
+        state["stage_weights"] = torch.tensor(bad)
+        with pytest.raises(ValueError, match="weights must be finite"):
+            head.load_state_dict(state)
+    with pytest.raises(TypeError, match="dtype must be a floating dtype"):
+        CascadingRejection(6, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"labels must be \[batch\] \(one class index per sample\)"):
+        CascadingRejection(6, 3, conditional_classes=4).directions(torch.tensor(1))

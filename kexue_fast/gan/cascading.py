@@ -39,9 +39,10 @@ def cascading_directions(weight: Tensor) -> Tensor:
         raise ValueError(f"weight must be [..., n_stages, in_features] with both >= 1, got shape {tuple(weight.shape)}")
     if weight.device.type == "meta":  # shape inference: no autocast state to consult on meta
         return _directions(weight)
-    if weight.dtype in (torch.float16, torch.bfloat16) or torch.is_autocast_enabled(weight.device.type):
+    half = weight.dtype in (torch.float16, torch.bfloat16)
+    if half or torch.is_autocast_enabled(weight.device.type):  # float64 stays float64 under autocast
         with torch.autocast(weight.device.type, enabled=False):
-            return _directions(weight.float()).to(weight.dtype)
+            return _directions(weight.float()).to(weight.dtype) if half else _directions(weight)
     return _directions(weight)
 
 
@@ -81,6 +82,11 @@ def cascading_rejection(
     labels [B] (integers in [0, C)) and class_weight [C, N, d]; sample b uses heads weight + class_weight[labels[b]].
     With return_rejection=True also returns the final rejection v_{N+1} [B, d] (bias excluded), orthogonal to the
     last head. Formula and paper: kexue_fast.gan.reference.
+
+    The tensors share one dtype, except under torch.autocast, where (as for nn.Linear) float32 / float16 / bfloat16
+    operands may differ and the products run in the autocast dtype; the directions are still solved in float32 (or
+    float64) from the weights as given. Labels out of range raise a ValueError (one host sync on a GPU); inside
+    torch.compile an asynchronous assertion raises a RuntimeError when the graph runs instead.
     """
     v = _check_float(v, "v")
     weight = _check_float(weight, "weight")
@@ -90,14 +96,15 @@ def cascading_rejection(
         raise ValueError(f"weight must be [n_stages >= 1, in_features], got shape {tuple(weight.shape)}")
     if weight.shape[1] != v.shape[1]:
         raise ValueError(f"weight has in_features = {weight.shape[1]} but v has {v.shape[1]} features")
-    if weight.dtype != v.dtype or weight.device != v.device:
+    autocast = _autocast_dtype(v)
+    if not _compatible(weight, v, autocast):
         raise ValueError(f"weight ({weight.dtype}, {weight.device}) and v ({v.dtype}, {v.device}) must match")
     n_stages = weight.shape[0]
     if bias is not None:
         bias = _check_float(bias, "bias")
         if bias.shape != (n_stages,):
             raise ValueError(f"bias must be [n_stages] = [{n_stages}], got shape {tuple(bias.shape)}")
-        if bias.dtype != v.dtype or bias.device != v.device:
+        if not _compatible(bias, v, autocast):
             raise ValueError(f"bias ({bias.dtype}, {bias.device}) must match v ({v.dtype}, {v.device})")
     if (labels is None) != (class_weight is None):
         raise ValueError("labels and class_weight go together: pass both (conditional) or neither (unconditional)")
@@ -109,44 +116,80 @@ def cascading_rejection(
         if class_weight.ndim != 3 or class_weight.shape[1:] != weight.shape:
             raise ValueError(f"class_weight must be [n_classes, n_stages, in_features] = [C, {n_stages}, "
                              f"{weight.shape[1]}], got shape {tuple(class_weight.shape)}")  # fmt: skip
-        if class_weight.dtype != v.dtype or class_weight.device != v.device:
+        if not _compatible(class_weight, v, autocast):
             raise ValueError(f"class_weight ({class_weight.dtype}, {class_weight.device}) must match v ({v.dtype}, "
                              f"{v.device})")  # fmt: skip
         labels = _check_labels(labels, v.shape[0], class_weight.shape[0], v.device)
-        per_class = weight + class_weight
-        directions = cascading_directions(per_class)[labels]
+        heads, directions = conditional_directions(weight, class_weight, labels)
         scores = torch.einsum("bnd,bd->bn", directions, v)
-        heads = per_class[labels]
-    out = scores if bias is None else scores + bias
+    if autocast is not None:  # the products' dtype, as nn.Linear's output (the bias too)
+        scores = scores.to(autocast)
+    out = scores if bias is None else scores + bias.to(scores.dtype)
     if return_rejection:
         return out, _rejection(v, scores, heads)
     return out
 
 
-def _functorch_wrapped(t: Tensor) -> bool:
-    """Whether t is a torch.func transform's wrapper (vmap, grad): its values cannot be read on the host."""
-    check = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
-    return bool(check(t)) if check is not None else False
+def conditional_directions(weight: Tensor, class_weight: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-sample heads weight + class_weight[labels] and their directions [B, N, d]: solved per sample when the
+    batch is smaller than the number of classes (O(B N² d)), else per class and gathered (O(C N² d)); one result."""
+    if labels.shape[0] < class_weight.shape[0]:
+        heads = weight + class_weight[labels]
+        return heads, cascading_directions(heads)
+    per_class = weight + class_weight
+    return per_class[labels], cascading_directions(per_class)[labels]
 
 
-def _check_labels(labels: object, batch: int, n_classes: int, device: torch.device) -> Tensor:
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _autocast_dtype(v: Tensor) -> Optional[torch.dtype]:
+    """The autocast dtype of v's device while autocast is on there (and v is eligible), else None."""
+    kind = v.device.type
+    if kind == "meta" or v.dtype not in _AUTOCAST_ELIGIBLE or not torch.is_autocast_enabled(kind):
+        return None
+    return torch.get_autocast_dtype(kind)
+
+
+def _compatible(t: Tensor, v: Tensor, autocast: Optional[torch.dtype]) -> bool:
+    """One device, and one dtype unless autocast casts both (float32 / float16 / bfloat16)."""
+    if t.device != v.device:
+        return False
+    return t.dtype == v.dtype or (autocast is not None and t.dtype in _AUTOCAST_ELIGIBLE)
+
+
+def _host_values(t: Tensor) -> Tensor:
+    """t's values as a plain tensor: torch.func transforms (vmap, grad) wrap it, and the range check reads the whole
+    batch of values under them."""
+    functorch = getattr(torch._C, "_functorch", None)
+    wrapped = getattr(functorch, "is_functorch_wrapped_tensor", None)
+    while wrapped is not None and wrapped(t):
+        t = functorch.get_unwrapped(t)
+    return t
+
+
+def _check_labels(labels: object, batch: Optional[int], n_classes: int, device: torch.device) -> Tensor:
+    """labels as int64 [batch] (batch None: any [B]), checked: integer, on `device`, in [0, n_classes)."""
     if not isinstance(labels, Tensor):
         raise TypeError(f"labels must be a torch.Tensor of class indices, got {type(labels).__name__}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor of class indices, got {labels.dtype}")
+    if batch is None:
+        batch = labels.shape[0] if labels.ndim == 1 else -1
     if labels.shape != (batch,):
-        raise ValueError(f"labels must be [batch] = [{batch}], got shape {tuple(labels.shape)}")
+        expected = f"[batch] = [{batch}]" if batch >= 0 else "[batch] (one class index per sample)"
+        raise ValueError(f"labels must be {expected}, got shape {tuple(labels.shape)}")
     if labels.device != device:
         raise ValueError(f"labels must be on {device}, got {labels.device}")
-    # An out-of-range index would be a device-side assert on CUDA: checked here (one host sync; skipped inside
-    # torch.compile and torch.func transforms such as vmap, where a data-dependent branch cannot run, and on meta
-    # tensors, which hold no values).
-    if (
-        batch
-        and labels.device.type != "meta"
-        and not torch.compiler.is_compiling()
-        and not _functorch_wrapped(labels)
-        and bool(((labels < 0) | (labels >= n_classes)).any())
-    ):
-        raise ValueError(f"labels must lie in [0, {n_classes}) (n_classes = {n_classes})")
+    # An out-of-range index would wrap around (negative) or be a device-side assert on CUDA: checked here (one host
+    # sync); inside torch.compile, where a data-dependent branch cannot run, by an asynchronous assertion in the graph;
+    # under torch.func transforms (vmap) on the values they wrap; not on meta tensors, which hold no values.
+    message = f"labels must lie in [0, {n_classes}) (n_classes = {n_classes})"
+    if batch and labels.device.type != "meta":
+        if torch.compiler.is_compiling():
+            torch._assert_async(((labels >= 0) & (labels < n_classes)).all(), message)
+        else:
+            values = _host_values(labels)
+            if bool(((values < 0) | (values >= n_classes)).any()):
+                raise ValueError(message)
     return labels.long()

@@ -12,6 +12,7 @@ with, per kind,          ℓ(D, real)        ℓ(D, fake)         g(D)
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Sequence, Union
 
 import numpy as np
@@ -24,7 +25,12 @@ StageWeights = Union[Sequence[float], Tensor, None]
 
 
 def stage_weights(weights: StageWeights, n_stages: int, *, device=None, dtype=torch.float32) -> Tensor:
-    """λ [n_stages] normalized to sum 1 (uniform when None), after checking it is finite, ≥ 0, with a positive sum."""
+    """λ [n_stages] normalized to sum 1 (uniform when None), after checking it is finite, ≥ 0, with a positive sum
+    (read on the host: one sync for a GPU tensor). A tensor that requires grad gives a λ differentiable in it."""
+    if isinstance(n_stages, bool) or not isinstance(n_stages, numbers.Integral) or n_stages < 1:
+        raise ValueError(f"n_stages must be an int >= 1, got {n_stages!r}")
+    if isinstance(weights, (str, bytes)):
+        raise TypeError(f"weights must be a sequence of numbers or a tensor, got {type(weights).__name__}")
     if weights is None:
         return torch.full((n_stages,), 1.0 / n_stages, device=device, dtype=dtype)
     if isinstance(weights, Tensor):
@@ -43,6 +49,9 @@ def stage_weights(weights: StageWeights, n_stages: int, *, device=None, dtype=to
     if not all(math.isfinite(x) and x >= 0 for x in values) or max(values) <= 0:
         raise ValueError(f"weights must be finite, >= 0 and not all zero, got {values}")
     top = max(values)  # scaled first: the sum of large finite weights (1e308, 1e308) would overflow to inf
+    if isinstance(weights, Tensor) and weights.requires_grad:
+        scaled = weights.reshape(-1).to(device=device, dtype=dtype) / top
+        return scaled / scaled.sum()
     total = sum(x / top for x in values)
     return torch.tensor([x / top / total for x in values], device=device, dtype=dtype)
 
@@ -74,15 +83,14 @@ def discriminator_terms(scores: Tensor, real: Union[bool, Tensor], kind: str) ->
     """ℓ(D_bi, real_b) [B, N] (validated); the loss is its λ-weighted stage average of batch means."""
     scores = _scores(scores)
     kind = _kind(kind)
-    if isinstance(real, Tensor) and real.ndim == 0 and real.dtype == torch.bool:
-        real = bool(real)  # a 0-d bool tensor: one label for the whole batch, as a Python bool
-    elif isinstance(real, np.bool_):
+    if isinstance(real, np.bool_):
         real = bool(real)
     if isinstance(real, Tensor):
-        if real.dtype != torch.bool or real.shape != (scores.shape[0],):
+        if real.dtype != torch.bool or real.shape not in ((), (scores.shape[0],)):
             raise ValueError(f"real must be a bool, a 0-d bool tensor or a bool tensor [batch] = [{scores.shape[0]}], "
                              f"got {real.dtype} of shape {tuple(real.shape)}")  # fmt: skip
-        sign = torch.where(real.to(scores.device)[:, None], -1.0, 1.0).to(scores.dtype)
+        # a 0-d bool tensor labels the whole batch (not read on the host: no sync, traceable by torch.compile)
+        sign = torch.where(real.to(scores.device).reshape(-1, 1), -1.0, 1.0).to(scores.dtype)
     elif isinstance(real, bool):
         sign = -1.0 if real else 1.0
     else:

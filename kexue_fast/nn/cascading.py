@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..gan.cascading import _check_labels, cascading_directions, cascading_rejection
+from ..gan.cascading import _check_labels, cascading_directions, cascading_rejection, conditional_directions
 from ..gan.losses import StageWeights, discriminator_terms, generator_terms, stage_weights
 
 
@@ -51,6 +51,8 @@ class CascadingRejection(nn.Module):
         super().__init__()
         in_features, n_stages = _size(in_features, "in_features"), _size(n_stages, "n_stages")
         conditional_classes = None if conditional_classes is None else _size(conditional_classes, "conditional_classes")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating dtype (or None), got {dtype!r}")
         factory = {"device": device, "dtype": dtype}
         self.in_features = in_features
         self.n_stages = n_stages
@@ -63,8 +65,14 @@ class CascadingRejection(nn.Module):
             else None
         )
         lam = stage_weights(weights, n_stages, dtype=self.weight.dtype)
-        self.register_buffer("stage_weights", lam.to(device=self.weight.device))
+        self.register_buffer("stage_weights", lam.detach().to(device=self.weight.device))
         self.reset_parameters()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        lam = state_dict.get(prefix + "stage_weights")
+        if isinstance(lam, Tensor) and lam.device.type != "meta":  # a checkpoint's λ: checked as the constructor's
+            stage_weights(lam, self.n_stages)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def reset_parameters(self) -> None:
         bound = 1 / math.sqrt(self.in_features)  # nn.Linear's default: U(−1/√fan_in, 1/√fan_in)
@@ -82,9 +90,8 @@ class CascadingRejection(nn.Module):
             return cascading_directions(self.weight)
         if labels is None:
             raise ValueError("this head is conditional: directions() needs labels")
-        labels = _check_labels(labels, labels.shape[0] if isinstance(labels, Tensor) and labels.ndim == 1 else -1,
-                               self.class_weight.shape[0], self.weight.device)  # fmt: skip
-        return cascading_directions(self.weight + self.class_weight)[labels]
+        labels = _check_labels(labels, None, self.class_weight.shape[0], self.weight.device)
+        return conditional_directions(self.weight, self.class_weight, labels)[1]
 
     def forward(
         self, v: Tensor, labels: Optional[Tensor] = None, *, return_rejection: bool = False
