@@ -347,3 +347,54 @@ def test_rope_shape_of_an_empty_batch():
     """troposkein returned [0, n] for an empty batch; rope_shape crashed in its Newton loop (amax of nothing)."""
     shape = rope_shape(torch.empty(0, dtype=torch.float64) + 1.5, 1.0, 2.0, n_points=9)
     assert shape.x.shape == shape.y.shape == shape.tension.shape == (0, 9)
+
+
+def test_rope_shape_raises_where_the_steps_do_not_resolve_the_shape():
+    """The boundary residual met tol on wrong shapes: at L/h = 100 and 1024 steps x was 0.16 h off the troposkein
+    (residual 2e-14); with axial gravity near the collapse (ω = 3.7, g = 9.81, L = 1.5 h) the bulge was 14% off. The
+    half-step solve's estimate now raises there, and a shape it passes is within `accuracy` (against the closed
+    form; with gravity at 4096 steps the bulge matched an independent DOP853 solve, 0.013178 h, in an ad hoc check)."""
+    with pytest.raises(RuntimeError, match=r"not resolved .* raise n_steps \(now 512\) \(about \d+\)"):
+        rope_shape(100.0, 1.0, 3.0, 0.0, n_steps=512)
+    with pytest.raises(RuntimeError, match="not resolved"):
+        rope_shape(1.5, 1.0, 3.7, n_steps=512)
+    shot = rope_shape(10.0, 1.0, 3.0, 0.0, n_steps=2048, accuracy=1e-8)
+    exact = troposkein(10.0, 1.0, y=shot.y)
+    assert float((shot.x - exact.x).abs().max()) <= 1e-8
+    for bad in (0.0, -1.0, float("inf"), True):
+        with pytest.raises(ValueError, match="accuracy must be a finite number > 0"):
+            rope_shape(1.5, 1.0, 3.0, accuracy=bad)
+    for bad in (float("inf"), True):
+        with pytest.raises(ValueError, match="tol must be a finite number > 0"):
+            rope_shape(1.5, 1.0, 3.0, tol=bad)
+
+
+def test_troposkein_gradient_of_very_long_ropes():
+    """d(L/h)/dm' took m' as 1 − m, which loses its digits for long ropes: the tension's gradient in L was 1.1e-5
+    off at L/h = 1e12. The tension at y = 0 is ρω²a/2 → ρω²L²/8 (a = L²/4 as m' → 0): dT/dL → ρω²L/4."""
+    for ratio in (1e6, 1e9, 1e12):
+        length = torch.tensor(ratio, dtype=D64, requires_grad=True)
+        (grad,) = torch.autograd.grad(troposkein(length, 1.0, 9).tension[0], length)
+        assert abs(float(grad) / (ratio / 4) - 1) <= 1e-9 + 4 / ratio
+
+
+def test_elliptic_inputs_named_and_checked():
+    """Mismatched shapes raised torch's own broadcast error; a Python m > 1 raised in ellipj but gave NaN in
+    ellipk; length_ratio(−0.5) returned 0.65; y beyond [0, h] was extrapolated (s > L); a 0-d float32 u with a
+    Python-float m came back float64."""
+    with pytest.raises(ValueError, match=r"u, m must broadcast to one shape, got u \(3,\), m \(4,\)"):
+        ellipj(torch.zeros(3, dtype=D64), torch.zeros(4, dtype=D64))
+    with pytest.raises(ValueError, match=r"L, h, omega, density must broadcast to one batch shape"):
+        troposkein(torch.tensor([1.5, 2.0, 3.0], dtype=D64), torch.ones(2, dtype=D64))
+    for fn in (ellipk, ellipe, ellipke):
+        with pytest.raises(ValueError, match="m must be <= 1"):
+            fn(2.0)
+    assert torch.isnan(ellipk(torch.tensor(2.0, dtype=D64)))  # tensors: NaN, as SciPy
+    for bad in (-0.5, 1.5):
+        with pytest.raises(ValueError, match=r"m must lie in \[0, 1\]"):
+            length_ratio(bad)
+    with pytest.raises(ValueError, match=r"y must lie in \[0, h\]"):
+        troposkein(1.5, 1.0, y=torch.tensor([-0.1, 0.5, 1.2], dtype=D64))
+    assert troposkein(1.5, 1.0, y=torch.tensor([0.0, 1.0 + 1e-12], dtype=D64)).x.abs().max() < 1e-10
+    assert ellipj(torch.tensor(0.3), 0.5).sn.dtype == torch.float32
+    assert ellipk(0.5).dtype == D64

@@ -58,31 +58,40 @@ class Jacobi(NamedTuple):
     am: Tensor
 
 
-def _floating(t: Param, name: str) -> Tensor:
+def _floating(t: Param, name: str) -> Tuple[Union[Tensor, float], str]:
+    """(t, name) checked: a real floating tensor or a real number (kept a float: it adopts the tensors' dtype)."""
     if isinstance(t, Tensor):
         if not (t.is_floating_point() and t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)):
             raise TypeError(f"{name} must be a real floating tensor, got dtype {t.dtype}")
-        return t
+        return t, name
     if isinstance(t, bool) or not isinstance(t, numbers.Real):
         raise TypeError(f"{name} must be a torch.Tensor or a real number, got {type(t).__name__}")
-    return torch.tensor(float(t), dtype=torch.float64)
+    return float(t), name
 
 
-def _promote(*ts: Tensor) -> Tuple[Tensor, ...]:
-    """Broadcast to one shape and one dtype (a Python float adopts the tensor's dtype; half types compute in
-    float32)."""
-    tensors = [t for t in ts if t.ndim > 0 or t.requires_grad] or list(ts)
-    dtype = tensors[0].dtype
+def _promote(*given: Tuple[Union[Tensor, float], str]) -> Tuple[Tensor, ...]:
+    """_floating's (value, name) pairs broadcast to one shape and one dtype: Python numbers adopt the tensors' dtype
+    (0-d tensors adopt that of tensors with dimensions, as in torch's promotion), float64 when all are numbers; half
+    types compute in float32. A ValueError naming the arguments where they do not broadcast or share a device."""
+    ts = [t for t, _ in given if isinstance(t, Tensor)]
+    tensors = [t for t in ts if t.ndim > 0 or t.requires_grad] or ts
+    dtype = tensors[0].dtype if tensors else torch.float64
     for t in tensors[1:]:
         dtype = torch.promote_types(dtype, t.dtype)
     if dtype in (torch.float16, torch.bfloat16):
         dtype = torch.float32
     devices = {t.device for t in ts if t.ndim > 0}
+    names = ", ".join(name for _, name in given)
     if len(devices) > 1:
-        raise ValueError(f"arguments must be on one device, got {sorted(str(d) for d in devices)}")
-    device = devices.pop() if devices else ts[0].device
-    out = torch.broadcast_tensors(*(t.to(device=device, dtype=dtype) for t in ts))
-    return tuple(out)
+        raise ValueError(f"{names} must be on one device, got {sorted(str(d) for d in devices)}")
+    device = devices.pop() if devices else (ts[0].device if ts else torch.device("cpu"))
+    values = [t.to(device=device, dtype=dtype) if isinstance(t, Tensor) else torch.tensor(t, dtype=dtype, device=device)
+              for t, _ in given]  # fmt: skip
+    try:
+        return tuple(torch.broadcast_tensors(*values))
+    except RuntimeError:
+        shapes = ", ".join(f"{name} {tuple(v.shape)}" for v, (_, name) in zip(values, given))
+        raise ValueError(f"{names} must broadcast to one shape, got {shapes}") from None
 
 
 def _may_sync(t: Tensor) -> bool:

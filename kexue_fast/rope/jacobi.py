@@ -103,7 +103,9 @@ def ellipj_with_zeta(u: Tensor, m: Tensor, *, backend: str = "auto") -> Tuple[Ja
 
 def ellipke(m: Param, *, backend: str = "auto") -> Tuple[Tensor, Tensor]:
     """(K(m), E(m)) from one AGM pass, m ≤ 1 (NaN above, as SciPy), K(1) = inf, E(1) = 1; differentiable in m.
-    backend: "auto" (the C++ core for CPU tensors, else torch), "cpp" or "torch"."""
+    backend: "auto" (the C++ core for CPU tensors, else torch), "cpp" or "torch". A Python number m > 1 raises
+    ValueError, as in ellipj."""
+    elliptic.check_parameter(m)
     (m_t,) = elliptic._promote(elliptic._floating(m, "m"))
     chosen = _traceable(_dispatch.choose(COMPLETE_OP, m_t.device, m_t.dtype, backend))
     return _CompleteCpp.apply(m_t) if chosen == "cpp" else elliptic._CompleteIntegrals.apply(m_t)

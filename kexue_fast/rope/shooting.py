@@ -108,6 +108,42 @@ def _newton(theta0, c, w2, gg, ell, n_steps, radial, iterations, tol=None):
     return theta0, c
 
 
+def _check_resolution(
+    x: Tensor,
+    y: Tensor,
+    theta0: Tensor,
+    c: Tensor,
+    w2: Tensor,
+    gg: Tensor,
+    ell: Tensor,
+    n_steps: int,
+    record: int,
+    radial: bool,
+    max_iter: int,
+    tol: float,
+    accuracy: float,
+) -> None:
+    """Raises RuntimeError where the RK4 error of the solved shape, estimated by Richardson's rule from a solve with
+    half the steps (|r_n − r_{n/2}|/15 for a fourth-order method, in units of h), exceeds `accuracy`: the boundary
+    residual alone cannot see it (a long rope at too few steps meets x(L) = 0, y(L) = h on a wrong shape, and near
+    the collapse under axial gravity a solve can meet them on an unresolved fold)."""
+    half_theta0, half_c = _newton(theta0, c, w2, gg, ell, n_steps // 2, radial, max_iter, tol)
+    _, half = _integrate(half_theta0, half_c, w2, gg, ell, n_steps // 2, radial, record_every=record // 2)
+    gap = torch.maximum((x - half[:, 0]).abs().amax(0), (y - half[:, 1]).abs().amax(0))
+    estimate = (gap / 15).nan_to_num(float("inf"))
+    if bool((estimate <= accuracy).all()):
+        return
+    failed = ~(estimate <= accuracy)
+    worst = float(estimate[failed].max())
+    needed = "" if worst == float("inf") else f" (about {math.ceil(1.25 * n_steps * (worst / accuracy) ** 0.25)})"
+    raise RuntimeError(
+        f"rope_shape's solution is not resolved for {int(failed.sum())} of {failed.numel()} parameter sets: the RK4 "
+        f"error of x, y estimated from a solve with n_steps / 2 is {worst:.2e} h > accuracy = {accuracy:g} (the "
+        f"boundary conditions were met): raise n_steps (now {n_steps}){needed} or loosen accuracy; with axial gravity "
+        "near g ≈ ω²h the rope may also be collapsing onto the axis, where no smooth equilibrium exists"
+    )
+
+
 def rope_shape(
     L: Scalar,
     h: Scalar,
@@ -119,6 +155,7 @@ def rope_shape(
     n_points: int = 129,
     n_steps: int = 1024,
     tol: float = 1e-11,
+    accuracy: float = 1e-6,
     max_iter: int = 30,
     continuation_steps: int = 8,
 ) -> RopeShape:
@@ -127,12 +164,14 @@ def rope_shape(
     L, h, omega, g (and density): floats or tensors broadcasting to a batch [...], solved together (float64).
     gravity: "axial" (the axis vertical, as in the post) or "radial" (gravity pointing away from the axis in the
     rope's plane: the skipping rope at its lowest point; ω = 0 gives the catenary). g = 0 gives the troposkein
-    for either. n_points ≥ 2 samples at equal arclength; n_steps RK4 steps (a multiple of n_points − 1 is used;
-    the error falls as n_steps⁻⁴). Raises RuntimeError when the shooting does not reach tol (scaled by h): too few
-    steps for the rope (much longer, or barely longer, than h), or strong axial gravity (g ≫ ω²h), where the rope
-    collapses onto the axis and no smooth solution exists (ValueError for axial gravity with ω = 0). The residual
-    checks the boundary conditions, not the RK4 resolution: near that collapse a solve can meet them on a shape that
-    changes with n_steps (compare two step counts there).
+    for either. n_points ≥ 2 samples at equal arclength; n_steps RK4 steps (an even multiple of n_points − 1 is
+    used; the error falls as n_steps⁻⁴). Raises RuntimeError when the shooting does not meet the boundary conditions
+    to tol (scaled by h), or when the shape is not resolved to `accuracy` (in units of h; the RK4 error of x and y
+    estimated from a second solve with half the steps, Richardson's |r_n − r_{n/2}|/15: it costs about half a solve
+    more): too few steps for the rope (much longer, or barely longer, than h), or axial gravity near or beyond
+    g ≈ ω²h, where the rope collapses onto the axis and no smooth solution exists (ValueError for axial gravity with
+    ω = 0). Radial gravity is an idealization: a force fixed in the rotating frame (the lowest point of a skipping
+    rope's turn held for good), not gravity on a rope that turns through it.
     """
     if gravity not in GRAVITY:
         raise ValueError(f'gravity must be "axial" or "radial", got {gravity!r}')
@@ -140,8 +179,8 @@ def rope_shape(
                         ("continuation_steps", continuation_steps)):  # fmt: skip
         if isinstance(value, bool) or not isinstance(value, int) or value < (2 if name == "n_points" else 1):
             raise ValueError(f"{name} must be an int >= {2 if name == 'n_points' else 1}, got {value!r}")
-    if not (isinstance(tol, (int, float)) and tol > 0):
-        raise ValueError(f"tol must be a number > 0, got {tol!r}")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < math.inf:
+        raise ValueError(f"tol must be a finite number > 0, got {tol!r}")
     length, span, omega_t, g_t, density_t = rope_arguments(L, h, (omega, "omega"), (g, "g"), (density, "density"))
     if not bool((density_t > 0).all()):
         raise ValueError("density must be > 0")
@@ -153,9 +192,11 @@ def rope_shape(
         raise ValueError("omega must be > 0 with axial gravity: a rope that does not spin hangs folded onto the axis, "
                          "which has no smooth equilibrium (the shooting could still meet its boundary conditions "
                          "on an unresolved fold)")  # fmt: skip
+    if isinstance(accuracy, bool) or not isinstance(accuracy, (int, float)) or not 0 < accuracy < math.inf:
+        raise ValueError(f"accuracy must be a finite number > 0, got {accuracy!r}")
     ell = length / span
     gg_target = g_t * span / energy
-    record = max(1, math.ceil(n_steps / (n_points - 1)))
+    record = 2 * max(1, math.ceil(n_steps / (2 * (n_points - 1))))  # even: the check's half-step solve records too
     n_steps = record * (n_points - 1)
 
     theta0, c = _troposkein_start(ell)
@@ -170,13 +211,17 @@ def rope_shape(
     _, states = _integrate(theta0, c, w2, gg_target, ell, n_steps, radial, record_every=record)
     x, y = states[:, 0], states[:, 1]
     residual = torch.maximum(x[-1].abs(), (y[-1] - 1).abs())
-    if not bool((residual <= tol).all()):
+    if bool((residual <= tol).all()):
+        _check_resolution(x, y, theta0, c, w2, gg_target, ell, n_steps, record, radial, max_iter, tol, accuracy)
+    else:
         failed = ~(residual <= tol)
         worst = float(residual[failed].nan_to_num(float("inf")).max())
         hints = [f"raise n_steps (now {n_steps}: the RK4 error falls as n_steps⁻⁴, and ropes much longer or barely "
                  "longer than h need finer steps) or loosen tol"]  # fmt: skip
         if not radial and bool((g_t[failed] > 0).any()):
-            hints.append("with axial gravity g ≫ ω²h the rope folds onto the axis and has no smooth equilibrium")
+            hints.append(
+                "with axial gravity near or beyond g ≈ ω²h the rope folds onto the axis and has no smooth equilibrium"
+            )
         raise RuntimeError(
             f"rope_shape did not converge for {int(failed.sum())} of {failed.numel()} parameter sets (largest boundary "
             f"residual {'NaN: the shooting diverged' if worst == float('inf') else f'{worst:.2e}'} > tol = {tol:g} "

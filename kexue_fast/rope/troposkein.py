@@ -53,7 +53,7 @@ def _length_ratio_derivative(q: Tensor) -> Tensor:
     """d(L/h)/dm' = 2 (E_q m' K − E (K + m' K_q)) / (m'K)² with K_q = −dK/dm, E_q = −dE/dm."""
     m = 1 - q
     k, e = elliptic._agm_ke(m, q)
-    dk, de = elliptic._ke_derivatives(m, k, e)
+    dk, de = elliptic._ke_derivatives(m, k, e, q)  # m′ = q exactly: 1 − m loses its digits for long ropes
     return 2 * (-de * q * k - e * (k - q * dk)) / (q * k) ** 2
 
 
@@ -138,7 +138,13 @@ def rope_arguments(L: Scalar, h: Scalar, *others: Tuple[Scalar, str]) -> Tuple[T
     if len(devices) > 1:
         raise ValueError(f"L, h and the other parameters must be on one device, got {sorted(map(str, devices))}")
     device = devices.pop() if devices else torch.device("cpu")
-    out = torch.broadcast_tensors(*(t.to(device=device, dtype=torch.float64) for t in tensors))
+    values = [t.to(device=device, dtype=torch.float64) for t in tensors]
+    try:
+        out = torch.broadcast_tensors(*values)
+    except RuntimeError:
+        names = ["L", "h", *(name for _, name in others)]
+        shapes = ", ".join(f"{name} {tuple(v.shape)}" for name, v in zip(names, values))
+        raise ValueError(f"{', '.join(names)} must broadcast to one batch shape, got {shapes}") from None
     if not bool((out[0] > out[1]).all()):
         raise ValueError(
             "L must be greater than h: a rope no longer than the distance between its ends cannot bulge "
@@ -161,7 +167,8 @@ def troposkein(
 
     L, h: positive floats or tensors broadcasting to a batch shape [...] (a parameter sweep); the result is float64.
     n_points: samples y = h·linspace(0, 1, n_points) (ignored when `y` [..., n] is given: the heights to evaluate
-    at, 0 ≤ y ≤ h). omega, density: only scale the tension T = ρω²(a − x²)/2 (the shape does not depend on them).
+    at, 0 ≤ y ≤ h, else ValueError). omega, density: only scale the tension T = ρω²(a − x²)/2 (the shape does not
+    depend on them).
     backend: for the Jacobi functions ("auto", "triton", "torch"; see `kexue_fast.rope.ellipj`).
     Differentiable in L, h, omega, density (m by the implicit function theorem); s carries no gradient.
     m' = 1 − m is solved to full precision (K, E from m' itself); the Jacobi functions take m, whose rounding near 1
@@ -180,7 +187,18 @@ def troposkein(
     else:
         if not isinstance(y, Tensor) or not y.is_floating_point():
             raise TypeError("y must be a floating tensor of heights [..., n]")
-        y = y.to(torch.float64)
+        y = y.to(device=length.device, dtype=torch.float64)
+        if y.ndim < 1:
+            raise ValueError("y must be a tensor of heights [..., n] (n >= 1), got a 0-d tensor")
+        span_, slack = span[..., None], 1e-9 * span[..., None]  # a rounding's slack: heights from a numerical solve
+        try:
+            inside = bool(((y >= -slack) & (y <= span_ + slack)).all())
+        except RuntimeError:
+            raise ValueError(f"y [..., n] must broadcast with the batch of L, h {tuple(span.shape)}, got shape "
+                             f"{tuple(y.shape)}") from None  # fmt: skip
+        if not inside:  # beyond the ends the formula extrapolates a curve that is not the rope's (s > L)
+            raise ValueError("y must lie in [0, h] (heights along the axis between the rope's ends)")
+        y = torch.minimum(y.clamp_min(0), span_)
     q = _ComplementaryParameter.apply(length / span)
     m = 1 - q
     if bool((m >= 1).any()):  # m' < 2^-54: K(m) = inf and sn of inf·fraction is NaN
@@ -214,7 +232,10 @@ def troposkein(
 
 
 def length_ratio(m: Scalar) -> Tensor:
-    """L/h = 2E(m)/((1 − m)K(m)) − 1 of the troposkein with parameter m ∈ [0, 1)."""
+    """L/h = 2E(m)/((1 − m)K(m)) − 1 of the troposkein with parameter m ∈ [0, 1] (inf at m = 1); a ValueError
+    outside it (checked on the host: one sync for a GPU tensor)."""
     (m_t,) = elliptic._promote(elliptic._floating(m, "m"))
+    if not bool(((m_t >= 0) & (m_t <= 1)).all()):
+        raise ValueError(f"m must lie in [0, 1] (the troposkein's parameter), got {m!r}")
     k, e = elliptic.ellipke(m_t)
     return torch.where(m_t == 1, math.inf, 2 * e / ((1 - m_t) * k) - 1)  # m = 1: (1 − m)K = 0·∞
