@@ -103,7 +103,8 @@ def _newton(theta0, c, w2, gg, ell, n_steps, radial, iterations, tol=None):
         scale = torch.minimum(scale, torch.clamp(0.5 * c.abs() / step_c.abs().clamp_min(1e-300), max=1.0))
         theta0 = theta0 - scale * step_theta
         c = c - scale * step_c
-        if tol is not None and (r0.numel() == 0 or float(r0.abs().amax()) <= tol):  # an empty batch: nothing to solve
+        # an empty batch: nothing to solve
+        if tol is not None and (r0.numel() == 0 or float(r0.detach().abs().amax()) <= tol):
             break
     return theta0, c
 
@@ -129,7 +130,7 @@ def _check_resolution(
     the collapse under axial gravity a solve can meet them on an unresolved fold)."""
     half_theta0, half_c = _newton(theta0, c, w2, gg, ell, n_steps // 2, radial, max_iter, tol)
     _, half = _integrate(half_theta0, half_c, w2, gg, ell, n_steps // 2, radial, record_every=record // 2)
-    gap = torch.maximum((x - half[:, 0]).abs().amax(0), (y - half[:, 1]).abs().amax(0))
+    gap = torch.maximum((x - half[:, 0]).abs().amax(0), (y - half[:, 1]).abs().amax(0)).detach()
     estimate = (gap / 15).nan_to_num(float("inf"))
     if bool((estimate <= accuracy).all()):
         return
@@ -171,7 +172,8 @@ def rope_shape(
     more): too few steps for the rope (much longer, or barely longer, than h), or axial gravity near or beyond
     g ≈ ω²h, where the rope collapses onto the axis and no smooth solution exists (ValueError for axial gravity with
     ω = 0). Radial gravity is an idealization: a force fixed in the rotating frame (the lowest point of a skipping
-    rope's turn held for good), not gravity on a rope that turns through it.
+    rope's turn held for good), not gravity on a rope that turns through it. Differentiable in the parameters by
+    autograd through the Newton and RK4 loops (memory grows with max_iter·n_steps).
     """
     if gravity not in GRAVITY:
         raise ValueError(f'gravity must be "axial" or "radial", got {gravity!r}')
@@ -215,7 +217,7 @@ def rope_shape(
         _check_resolution(x, y, theta0, c, w2, gg_target, ell, n_steps, record, radial, max_iter, tol, accuracy)
     else:
         failed = ~(residual <= tol)
-        worst = float(residual[failed].nan_to_num(float("inf")).max())
+        worst = float(residual.detach()[failed].nan_to_num(float("inf")).max())
         hints = [f"raise n_steps (now {n_steps}: the RK4 error falls as n_steps⁻⁴, and ropes much longer or barely "
                  "longer than h need finer steps) or loosen tol"]  # fmt: skip
         if not radial and bool((g_t[failed] > 0).any()):
