@@ -1003,18 +1003,33 @@ def test_recorder_keeps_the_outputs_themselves_unless_asked_for_aliases():
     handle.remove()
 
 
+class _ConvThenReluInPlace(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 6, 3), nn.Conv2d(6, 4, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu_(self.conv(x)))
+
+
 def test_module_refuses_outputs_modified_in_place_after_the_layer():
-    """An nn.ReLU(inplace=True) right after a hooked conv overwrites the recorded output before loss() reads it:
-    loss() raises (naming the layer) instead of regularizing relu(Y) (the records once gave R of relu(Y) silently).
-    After a BatchNorm, an in-place ReLU is fine: it modifies another tensor."""
+    """An in-place ReLU right after a hooked conv overwrites the recorded output before loss() reads it: loss()
+    raises (naming the layer) instead of regularizing relu(Y) (the records once gave R of relu(Y) silently); where
+    the model is an nn.Sequential with an inplace=True module after the layer, the constructor refuses it already
+    (under torch.compile, which functionalizes the op, loss() regularized relu(Y) without a word). After a
+    BatchNorm, an in-place ReLU is fine: it modifies another tensor."""
     x = torch.randn(2, 3, 8, 8, dtype=D64)
     for backend in ("torch", "cpp"):
-        model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(inplace=True), nn.Conv2d(6, 4, 3)).double()
-        som = SelfOrthogonality(model, backend=backend)
+        sequential = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(inplace=True), nn.Conv2d(6, 4, 3)).double()
+        with pytest.raises(ValueError, match=r"layer '0' is followed by '1' \(inplace=True\)"):
+            SelfOrthogonality(sequential, backend=backend)
+        assert not sequential[0]._forward_hooks  # the refused module's hooks were removed
+        model = _ConvThenReluInPlace().double()
+        som = SelfOrthogonality(model, ["conv"], backend=backend)
         model(x)
-        with pytest.raises(RuntimeError, match=r"layer '0' was modified in place"):
+        with pytest.raises(RuntimeError, match=r"layer 'conv' was modified in place"):
             som.loss(clear=False)
-        with pytest.raises(RuntimeError, match=r"layer '0' was modified in place"):
+        with pytest.raises(RuntimeError, match=r"layer 'conv' was modified in place"):
             som.loss()
         assert som.recorder.records == []
         model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(inplace=True)).double()
@@ -1250,3 +1265,84 @@ def test_module_taps_fail_loudly_and_fall_back(monkeypatch):
     out = model(x)
     with pytest.raises(RuntimeError, match="gradient hook did not run"):
         (sel.loss() + out.square().mean()).backward()
+
+
+class _HookedOutput(nn.Module):
+    """A conv whose output the model itself watches: a clamping gradient hook and retain_grad()."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 2, 3, padding=1)
+        self.seen = None
+
+    def forward(self, x):
+        h = self.c1(x)
+        h.register_hook(lambda g: g.clamp(-1e-3, 1e-3))
+        h.retain_grad()
+        self.seen = h
+        return self.c2(torch.relu(h))
+
+
+def test_hooks_on_a_layers_output_see_the_regularizers_gradient_on_every_route():
+    """With taps (the C++ route's default on few threads) the layer returns an alias whose own hook added ∂R/∂Y only
+    after a model's hook on that output had run: a clamping hook clamped the model's share alone (c1's gradient norm
+    455 against 0.099 on the torch path), so training changed with torch.set_num_threads. Observed taps now take the
+    regularizer's gradient through autograd, summed before the hooks run, as on every other route."""
+    x = torch.randn(2, 3, 8, 8, dtype=D64)
+    grads = {}
+    for route in ({"backend": "torch"}, {"backend": "cpp"}, {"backend": "cpp", "taps": False}):
+        torch.manual_seed(0)
+        model = _HookedOutput().double()
+        som = SelfOrthogonality(model, ["c1"], **route)
+        (model(x).square().mean() + som.loss()).backward()
+        assert float(model.seen.grad.abs().max()) <= 1e-3
+        grads[str(route)] = model.c1.weight.grad
+    first, *others = grads.values()
+    assert all(_rel(g, first) <= 1e-12 for g in others)
+
+
+def test_module_messages_and_defaults():
+    """A bad reduction raised only after loss() had taken the records (a corrected call then found none); a consumer
+    returning no gradient for a tapped output raised without naming the way out; Embedding / LayerNorm outputs
+    [B, T, d] took axis 1 (k = T) as their channels; a reentrant checkpoint dropped its layers without a word."""
+    from torch.utils.checkpoint import checkpoint
+
+    model = _cnn()
+    som = SelfOrthogonality(model, ["0"], backend="cpp")
+    model(torch.randn(2, 3, 8, 8, dtype=D64))
+    with pytest.raises(ValueError, match="reduction"):
+        som.loss(reduction="mean")
+    assert som.loss().ndim == 0
+
+    class Gate(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a, b):
+            return (a > 0).to(b.dtype) * b
+
+        @staticmethod
+        def backward(ctx, g):
+            return None, g
+
+    conv, other = nn.Conv2d(3, 4, 3).double(), nn.Conv2d(3, 4, 3).double()
+    gated = nn.ModuleDict({"conv": conv, "other": other})
+    som = SelfOrthogonality(gated, ["conv"], backend="cpp")
+    x = torch.randn(2, 3, 6, 6, dtype=D64)
+    out = Gate.apply(conv(x), other(x)).sum() + som.loss()
+    with pytest.raises(RuntimeError, match="pass taps=False"):
+        out.backward()
+    som.remove()
+
+    seq = nn.Sequential(nn.Embedding(10, 8), nn.LayerNorm(8), nn.Linear(8, 8))
+    som = SelfOrthogonality(seq, [seq[0], seq[1], seq[2]])
+    assert som.recorder.dims == [-1, -1, -1]
+    seq(torch.randint(0, 10, (4, 20)))
+    assert som.loss(reduction="none").shape == (3,)
+
+    model = _cnn()
+    som = SelfOrthogonality(model, ["0", "2"], backend="torch")
+    x = torch.randn(2, 3, 8, 8, dtype=D64, requires_grad=True)
+    head = checkpoint(model[:2], x, use_reentrant=True)
+    out = model[2:](head).sum() + som.loss()
+    assert [r for r in som.layer_names] == ["0", "2"]
+    with pytest.warns(RuntimeWarning, match="layer '0' ran inside a reentrant activation checkpoint"):
+        out.backward()

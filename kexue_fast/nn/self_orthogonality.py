@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .._dispatch import BACKENDS
-from ..ortho.hooks import LayerSpec, OutputRecorder
+from ..ortho.hooks import LayerSpec, OutputRecorder, inplace_successors
 from ..ortho.som import check_hyperparameters, cpp_route, cpp_route_takes, som_regularizer, tapped_penalty, taps_hold
 
 
@@ -32,7 +32,9 @@ class SelfOrthogonality(nn.Module):
     backward that runs through the model, the regularizer's backward leaves ∂R/∂Y to the tap's gradient hook, which adds
     it into the model's own gradient of Y in the same C++ pass that computes it (no ∂R/∂Y buffer written and added by
     autograd apart); elsewhere (R alone, say) the regularizer's backward returns ∂R/∂Y itself. A gradient of the tap
-    that something else holds (another hook kept it) is copied, not added into. On a 2-core AVX-512 Xeon VM the tapped
+    that something else holds (another hook kept it) is copied, not added into; a tap that something watches at loss()
+    (a gradient hook registered on the layer's output, or retain_grad()) takes the regularizer's gradient through
+    autograd instead, summed before those hooks run, as on the other routes. On a 2-core AVX-512 Xeon VM the tapped
     step was the faster in 10 of 10 rounds on one torch thread and even on two; on a 2-core AVX2 EPYC VM an earlier form
     of taps was the slower (README, "Cascading Rejection, SOM, ..."): python -m kexue_fast.benchmarks.som_profile
     --device cpu --batch 32 --taps 5 times both on a machine; taps=False records aliases as on the other routes.
@@ -66,6 +68,15 @@ class SelfOrthogonality(nn.Module):
         self._routes: dict = {}  # _pass_route's memo
         self.recorder = OutputRecorder(model, layers, channel_dim=channel_dim, record_in_eval=record_in_eval,
                                        alias_outputs=True)  # fmt: skip
+        overwritten = inplace_successors(model, self.recorder.layers)
+        if overwritten:
+            self.recorder.remove()
+            layer, successor = overwritten[0]
+            raise ValueError(
+                f"layer {layer!r} is followed by {successor!r} (inplace=True) in its nn.Sequential: the in-place op "
+                "overwrites the output the regularizer must read (eager loss() would raise; torch.compile hides it "
+                "and would regularize the overwritten values). Make that op out of place (e.g. nn.ReLU())"
+            )
         self.recorder.taps = self._tap
 
     def __setstate__(self, state: dict) -> None:
@@ -105,6 +116,8 @@ class SelfOrthogonality(nn.Module):
         Raises RuntimeError when nothing was recorded (no training-mode forward since the last loss()), and when a
         recorded output was modified in place after its layer (an nn.ReLU(inplace=True) right after it: the
         regularizer would see the modified values; make that op out of place)."""
+        if reduction not in ("sum", "none"):  # before the records are taken: a corrected call still finds them
+            raise ValueError(f'reduction must be "sum" or "none", got {reduction!r}')
         self._routes.clear()  # the next forward pass asks afresh
         records = self.recorder.take() if clear else self.recorder.peek()
         if not records:
@@ -113,9 +126,11 @@ class SelfOrthogonality(nn.Module):
                                "reentrant checkpoint (use_reentrant=True) runs its forward without gradients: use "
                                "use_reentrant=False")  # fmt: skip
         taps = [getattr(r, "tap", None) for r in records]
-        if all(t is not None for t in taps) and taps_hold([y.dtype for y, _ in records], self.backend):
-            if reduction not in ("sum", "none"):
-                raise ValueError(f'reduction must be "sum" or "none", got {reduction!r}')
+        if any(t is not None and _observed(t) for t in taps):
+            # A hook on a layer's returned output (or retain_grad) must see the regularizer's gradient summed in, as
+            # without taps: R of the taps themselves, whose ∂R/∂tap autograd adds there before running the hooks.
+            records = [(t, d) if t is not None else (y, d) for (y, d), t in zip(records, taps)]
+        elif all(t is not None for t in taps) and taps_hold([y.dtype for y, _ in records], self.backend):
             return tapped_penalty([y for y, _ in records], taps, [d for _, d in records], gamma=self.gamma,
                                   lambda1=self.lambda1, lambda2=self.lambda2, eps=self.eps,
                                   total=reduction == "sum")  # fmt: skip
@@ -149,3 +164,9 @@ class SelfOrthogonality(nn.Module):
 
     def extra_repr(self) -> str:
         return f"layers={self.layer_names}, gamma={self.gamma}, lambda1={self.lambda1}, lambda2={self.lambda2}"
+
+
+def _observed(tap: Tensor) -> bool:
+    """Whether something already watches a tap's gradient: a hook registered on it (Tensor.register_hook) or
+    retain_grad(). The tap's own hook, registered at loss(), would run after those and add ∂R/∂Y too late for them."""
+    return bool(tap._backward_hooks) or tap.retains_grad

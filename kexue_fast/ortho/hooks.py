@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
@@ -12,9 +13,30 @@ DEFAULT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 LayerSpec = Union[None, Type[nn.Module], Tuple[Type[nn.Module], ...], Iterable[Union[str, nn.Module]]]
 
 
+_LAST_AXIS = (nn.Linear, nn.Bilinear, nn.Embedding, nn.EmbeddingBag, nn.LayerNorm,
+              *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))  # fmt: skip
+
+
 def default_channel_dim(module: nn.Module) -> int:
-    """The channel (neuron) axis of a module's output: last for nn.Linear / nn.Bilinear, 1 otherwise (NC...)."""
-    return -1 if isinstance(module, (nn.Linear, nn.Bilinear)) else 1
+    """The channel (neuron) axis of a module's output: last for nn.Linear, nn.Bilinear, nn.Embedding(Bag),
+    nn.LayerNorm and nn.RMSNorm ([..., features]), 1 otherwise (NC..., as convolutions and batch norms)."""
+    return -1 if isinstance(module, _LAST_AXIS) else 1
+
+
+def inplace_successors(model: nn.Module, layers: Sequence[Tuple[str, nn.Module]]) -> List[Tuple[str, str]]:
+    """(layer, successor) names where a chosen layer is followed in its nn.Sequential by a module with inplace=True
+    (nn.ReLU(inplace=True), say): that module overwrites the layer's output. In eager mode check_unmodified sees it
+    by the version counter; under torch.compile, which functionalizes the in-place op, nothing would."""
+    chosen = {id(m): name for name, m in layers}
+    found = []
+    for parent_name, parent in model.named_modules():
+        if not isinstance(parent, nn.Sequential):
+            continue
+        children = list(parent.named_children())
+        for (_, child), (next_name, successor) in zip(children, children[1:]):
+            if id(child) in chosen and getattr(successor, "inplace", False) is True:
+                found.append((chosen[id(child)], f"{parent_name}.{next_name}" if parent_name else next_name))
+    return found
 
 
 class Record(tuple):
@@ -95,8 +117,11 @@ class _RecordHook:
             return
         if not (module.training or recorder.record_in_eval):
             return
-        if torch._C._current_autograd_node() is not None:
-            return  # a forward recomputed inside backward (activation checkpointing): its output was recorded already
+        node = torch._C._current_autograd_node()
+        if node is not None:  # a forward recomputed inside backward (activation checkpointing)
+            if node.name() == "CheckpointFunctionBackward":  # reentrant: its first forward ran without gradients
+                _warn_reentrant(self.name)
+            return  # non-reentrant: the output was recorded at the first forward
         if not isinstance(output, Tensor):
             kind = type(output).__name__
             raise TypeError(f"layer {self.name!r} returned {kind}; only tensor outputs can be recorded")
@@ -126,6 +151,16 @@ class _RecordHook:
 
     def __deepcopy__(self, memo) -> _RecordHook:
         return _RecordHook(None, self.name, self.dim)
+
+
+def _warn_reentrant(layer: str) -> None:
+    warnings.warn(
+        f"layer {layer!r} ran inside a reentrant activation checkpoint (torch.utils.checkpoint(..., "
+        "use_reentrant=True)), whose forward runs without gradients: its output was not recorded, so the loss of "
+        "the records computed before this backward left it out. Use use_reentrant=False, which records it",
+        RuntimeWarning,
+        stacklevel=2,
+    )
 
 
 def _drop_inactive_hooks(module: nn.Module) -> None:

@@ -475,8 +475,9 @@ class _TapSlot:
             return None
         if grad is None:
             raise RuntimeError(
-                "SelfOrthogonality: the model's gradient of a hooked layer's output is undefined in "
-                "a backward that runs through it; its regularizer gradient cannot be added there"
+                "SelfOrthogonality: the model's gradient of a hooked layer's output is undefined in a backward that "
+                "runs through it (a consumer whose backward returns None for it, such as a custom autograd.Function), "
+                "so the regularizer's gradient cannot be added there: pass taps=False to SelfOrthogonality"
             )
         _, head, tail = pending  # the source tensor held with its address, som_gram_backward_at's other arguments
         dtype = torch.float64 if head[1] else torch.float32  # taps are made for those alone
