@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch
+from .._autograd import no_autocast
 from . import estimators
 from .bandwidth import OP as BANDWIDTH_OP
 from .bandwidth import median_bandwidth
@@ -46,10 +47,14 @@ def _as_samples(t: object, name: str, kernel: str) -> Tensor:
         raise TypeError(f"{name} must be a floating tensor for kernel {kernel!r}, got {t.dtype}")
     if t.ndim == 1:
         t = t[:, None]
-    if t.ndim != 2:
-        raise ValueError(f"{name} must be [n, d] (or [n]), got shape {tuple(t.shape)}")
+    if t.ndim != 2 or t.shape[1] < 1:
+        raise ValueError(f"{name} must be [n, d] with d >= 1 (or [n]), got shape {tuple(t.shape)}")
+    if t.device.type == "meta":
+        raise ValueError(f"{name} is a meta tensor: HSIC reads its values (bandwidths, checks)")
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or Inf")
+    if t.dtype in (torch.float16, torch.bfloat16):  # half tiles lost 2–3% of the value, 10–30% of the gradient
+        t = t.float()  # before centring, which would round in half precision too
     # Every estimator here is invariant to translating the samples (distance kernels; for the linear kernel the
     # added terms are of the form a_i + a_j + c, which the centring H and the U-statistic cancel): centred samples
     # keep ‖a‖² + ‖b‖² − 2a·b and the linear statistics' cross products from cancelling far from the origin.
@@ -68,20 +73,21 @@ def _kernel_spec(t: Tensor, kernel: str, bandwidth: Bandwidth, name: str) -> Tup
     O(1) the same way."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel_{name} must be one of {KERNELS}, got {kernel!r}")
-    if kernel in ("linear", "delta"):
+    median = bandwidth is None or (isinstance(bandwidth, str) and bandwidth == "median")
+    if not median and (isinstance(bandwidth, bool) or not isinstance(bandwidth, numbers.Real)
+                       or not (bandwidth > 0 and math.isfinite(bandwidth))):  # fmt: skip
+        raise ValueError(f'bandwidth_{name} must be "median" or a finite number > 0, got {bandwidth!r}')
+    if kernel in ("linear", "delta"):  # no bandwidth: a valid one is ignored (a sweep over kernels may pass one)
         return t, KernelSpec(kernel)
-    if bandwidth is None or bandwidth == "median":
-        data_scale = _power_of_two(float(t.abs().max()))
+    if median:
+        data_scale = _power_of_two(float(t.detach().abs().max()))
         t = t / data_scale if data_scale != 1.0 else t
         # auto's own pick: KEXUE_FAST_BACKEND=triton, meant for hsic, would send it to a backend it does not have
         sigma = median_bandwidth(t, backend=_dispatch.auto_backend(BANDWIDTH_OP, t.device, t.dtype))
-        sigma = sigma if sigma > 0 else 1.0  # all points equal: any σ gives the same Gram
-    elif (
-        isinstance(bandwidth, bool)
-        or not isinstance(bandwidth, numbers.Real)
-        or not (bandwidth > 0 and math.isfinite(bandwidth))
-    ):
-        raise ValueError(f'bandwidth_{name} must be "median" or a finite number > 0, got {bandwidth!r}')
+        # A zero median (more than half of the pairs coincide: all points equal, or a few values repeated) gives no
+        # scale: σ = 1 in these units, i.e. the power of two nearest max|x − x̄| in the data's own units (hyppo
+        # takes σ = 1 in the data's units, which depends on how they are scaled).
+        sigma = sigma if sigma > 0 else 1.0
     else:
         sigma = float(bandwidth)
     scale = _power_of_two(sigma)
@@ -108,7 +114,8 @@ def _feature_stats(x: Tensor, y: Tensor):
     return s_kl, s_kk, s_ll, x @ x.sum(0) - nx, y @ y.sum(0) - ny, nx, ny
 
 
-def _prepare(x, y, kernel_x, kernel_y, bandwidth_x, bandwidth_y, estimator, backend, min_n=2, tile=TILE):
+def _prepare(x, y, kernel_x, kernel_y, bandwidth_x, bandwidth_y, estimator, backend, min_n=2, tile=TILE,
+             needs="HSIC"):  # fmt: skip
     if isinstance(tile, bool) or not isinstance(tile, numbers.Integral) or tile < 1:
         raise ValueError(f"tile must be a positive int, got {tile!r}")
     kernel_y = kernel_x if kernel_y is None else kernel_y
@@ -125,9 +132,10 @@ def _prepare(x, y, kernel_x, kernel_y, bandwidth_x, bandwidth_y, estimator, back
     if x.device != y.device:
         raise ValueError(f"x and y must be on one device, got {x.device} and {y.device}")
     n = x.shape[0]
-    need = 4 if estimator == "unbiased" else min_n
-    if n < need:
-        raise ValueError(f"the {estimator} estimator needs n >= {need} samples, got n = {n}")
+    if estimator == "unbiased" and n < 4:
+        raise ValueError(f"the unbiased estimator needs n >= 4 samples, got n = {n}")
+    if n < min_n:
+        raise ValueError(f"{needs} needs n >= {min_n} samples, got n = {n}")
     x, kx = _kernel_spec(x, kernel_x, bandwidth_x, "x")
     y, ky = _kernel_spec(y, kernel_y, bandwidth_y if bandwidth_y is not None else "median", "y")
     # the wider of the floating inputs: Triton (float32 only) cast a float64 y down, where C++ and torch keep it
@@ -160,18 +168,32 @@ def hsic(
     """Exact HSIC of x [n, dx] and y [n, dy] (or [n] labels with kernel_y="delta"), a differentiable scalar.
 
     estimator="biased": tr(KHLH)/n²; "unbiased": Song et al. 2012; normalize=True divides by
-    sqrt(HSIC(K,K)·HSIC(L,L)) (CKA for "biased"; hyppo's Hsic statistic for "unbiased" with its bandwidth).
+    sqrt(HSIC(K,K)·HSIC(L,L)) (CKA for "biased"; for "unbiased" hyppo's Hsic statistic when both bandwidths are x's
+    median, as hyppo takes them). float16 / bfloat16 inputs are computed in float32; the result has the wider
+    input's dtype. Autocast does not apply (the Gram tiles stay in the inputs' precision).
     Kernels: gaussian exp(−d²/(2σ²)), laplace exp(−d/σ), imq (1 + d²/σ²)^(−1/2), linear, delta. bandwidth "median"
     is σ = the median pairwise distance of that input (exact; a constant for the gradient). Memory O(n·d): one
     streaming pass over tiles of K and L and a backward that recomputes them (Triton on CUDA float32, the C++ core on
     CPU, torch otherwise); linear kernels on both sides use d×d cross products instead while dx + dy <= max(n, tile)
     (O(n·d²) work, d² memory; wider inputs stream their Gram tiles).
     """
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+    out_dtype = _result_dtype(x, y)
     x, y, kx, ky, chosen = _prepare(x, y, kernel_x, kernel_y, bandwidth_x, bandwidth_y, estimator, backend, tile=tile)
-    fn = estimators.estimate(estimator, bool(normalize))
-    if _use_feature_stats(x, y, kx, ky, tile):
-        return fn(*_feature_stats(x, y)).to(x.dtype)
-    return StreamingHSIC.apply(x, y, kx, ky, fn, tile, chosen)
+    fn = estimators.estimate(estimator, normalize)
+    with no_autocast(x.device.type):  # the tiles' ‖a‖² + ‖b‖² − 2a·b in bfloat16 was wrong by 130%
+        if _use_feature_stats(x, y, kx, ky, tile):
+            return fn(*_feature_stats(x, y)).to(out_dtype)
+        return StreamingHSIC.apply(x, y, kx, ky, fn, tile, chosen).to(out_dtype)
+
+
+def _result_dtype(x: object, y: object) -> torch.dtype:
+    """The wider of the floating inputs' dtypes (float64 for label vectors on both sides)."""
+    floats = [t.dtype for t in (x, y) if isinstance(t, Tensor) and t.is_floating_point()]
+    if not floats:
+        return torch.float64
+    return torch.promote_types(*floats) if len(floats) == 2 else floats[0]
 
 
 def hsic_stats(
@@ -192,7 +214,7 @@ def hsic_stats(
     μ_y)/n (E[HSIC_b] under independence for unit-diagonal kernels, else NaN), n)."""
     x, y, kx, ky, chosen = _prepare(x, y, kernel_x, kernel_y, bandwidth_x, bandwidth_y, "biased", backend, min_n=2,
                                     tile=tile)  # fmt: skip
-    with torch.no_grad():
+    with torch.no_grad(), no_autocast(x.device.type):
         if _use_feature_stats(x, y, kx, ky, tile):
             stats: Tuple[Tensor, ...] = _feature_stats(x, y)
         else:
@@ -209,4 +231,6 @@ def cka(x: Tensor, y: Tensor, *, kernel: str = "linear", estimator: str = "biase
     other keyword arguments as in `hsic` (bandwidths, backend, tile)."""
     if "kernel_x" in kwargs:
         raise TypeError("cka takes kernel= for both inputs (and kernel_y= for another one on y), not kernel_x=")
+    if "normalize" in kwargs:
+        raise TypeError("cka is normalized by definition: for the unnormalized statistic call kexue_fast.hsic")
     return hsic(x, y, kernel_x=kernel, estimator=estimator, normalize=True, **kwargs)

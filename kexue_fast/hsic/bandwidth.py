@@ -13,6 +13,7 @@ computes it over the off-diagonal entries.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -102,9 +103,13 @@ def median_bandwidth(
         raise ValueError(f"x must be [n, d] with n >= 2, got shape {tuple(x.shape)}")
     if not bool(torch.isfinite(x).all()):
         raise ValueError("x contains NaN or Inf")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
+                             or not 0 <= seed < 2**63):  # fmt: skip
+        raise ValueError(f"seed must be an int in [0, 2**63) or None, got {seed!r}")
     if subsample is not None:
-        if subsample < 2:
-            raise ValueError(f"subsample must be >= 2, got {subsample}")
+        if isinstance(subsample, bool) or not isinstance(subsample, numbers.Integral) or subsample < 2:
+            raise ValueError(f"subsample must be an int >= 2, got {subsample!r}")
+        subsample = int(subsample)
         if subsample < x.shape[0]:
             g = torch.Generator(device="cpu").manual_seed(0 if seed is None else seed)
             x = x[torch.randperm(x.shape[0], generator=g)[:subsample].to(x.device)]

@@ -44,14 +44,19 @@ def bottleneck_loss(
     """
     if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
         raise TypeError(f"beta must be a number, got {type(beta).__name__}")
-    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not sigma > 0:
-        raise ValueError(f"sigma must be a number > 0, got {sigma!r}")
+    if not math.isfinite(beta):
+        raise ValueError(f"beta must be finite, got {beta!r}")
+    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not 0 < sigma < math.inf:
+        raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
     for name, t in (("z", z), ("x", x), ("y", y)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.ndim < 1 or t.shape[0] != z.shape[0]:
             raise ValueError(f"z, x and y must have the same number of samples (first axis), got z {tuple(z.shape)}, "
                              f"{name} {tuple(t.shape)}")  # fmt: skip
+    for name, t in (("z", z), ("x", x)):
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
     z2 = z.reshape(z.shape[0], -1)
     x2 = x.reshape(x.shape[0], -1).to(z2.dtype)
     if not y.is_floating_point():

@@ -22,6 +22,7 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor
 
+from .._autograd import no_autocast
 from . import estimators
 from .api import _prepare
 from .tiled import _KERNEL_CODES, TILE, KernelSpec, _blocks, _cpp_arrays, kernel_tile, stats_for
@@ -177,9 +178,10 @@ def hsic_test(
     # the Gamma approximation's variance has (n − 4)(n − 5) in it; permutations need two samples
     min_n = 6 if method == "gamma" else 2
     x, y, kx, ky, chosen = _prepare(x, y, kernel_x, kernel_y, bandwidth_x, bandwidth_y, "biased", backend,
-                                    min_n=min_n, tile=tile)  # fmt: skip
-    if method == "gamma":
-        if kx.name == "linear" or ky.name == "linear":
-            raise ValueError("the Gamma approximation assumes kernels with a unit diagonal; use method='permutation'")
-        return _gamma_test(x, y, kx, ky, tile, chosen)
-    return _permutation_test(x, y, kx, ky, int(n_permutations), seed, tile, chosen)
+                                    min_n=min_n, tile=tile, needs=f"hsic_test(method={method!r})")  # fmt: skip
+    if method == "gamma" and (kx.name == "linear" or ky.name == "linear"):
+        raise ValueError("the Gamma approximation assumes kernels with a unit diagonal; use method='permutation'")
+    with no_autocast(x.device.type):  # the Gram tiles in the inputs' precision
+        if method == "gamma":
+            return _gamma_test(x, y, kx, ky, tile, chosen)
+        return _permutation_test(x, y, kx, ky, int(n_permutations), seed, tile, chosen)
