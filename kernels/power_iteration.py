@@ -77,7 +77,7 @@ def _power_iteration_step_kernel(
 
 @triton.jit
 def _power_iteration_finalize_kernel(
-    u_ptrs, v_ptrs, rows_ptr, cols_ptr, v_off_ptr, v_acc, sigma_ptr, eps: tl.float64,
+    u_ptrs, v_ptrs, rows_ptr, cols_ptr, v_off_ptr, v_acc, v_prev, sigma_ptr, eps: tl.float64, tiny,
     DTYPE: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     # a float64 argument (a plain Python float would arrive as float32), rounded once to DTYPE; tl.full is exact in
@@ -107,9 +107,19 @@ def _power_iteration_finalize_kernel(
     sigma = tl.sqrt(tl.sum(sq, axis=0))
     tl.store(sigma_ptr + g, sigma)
     scale = inv_t / tl.maximum(sigma, eps)
+    # Wv = 0 (a zero weight: a zero-initialized layer): v is kept, the call's v_init made unit, as the reference's
+    # unit_or_keep (with W fixed during a call, Wv = 0 at one step means at every step); a zero v here would give
+    # σ̂ = 0 at every later call, whatever the weight became
+    sq = tl.zeros([BLOCK], dtype=DTYPE)
+    for j0 in range(0, n, BLOCK):
+        x = tl.load(v_prev + vo + j0 + offs, mask=j0 + offs < n, other=0.0)
+        sq += x * x
+    keep = 1.0 / tl.maximum(tl.sqrt(tl.sum(sq, axis=0)), tiny)
     for j0 in range(0, n, BLOCK):
         mask = j0 + offs < n
-        tl.store(v + j0 + offs, tl.load(v_acc + vo + j0 + offs, mask=mask, other=0.0) * scale, mask=mask)
+        new = tl.load(v_acc + vo + j0 + offs, mask=mask, other=0.0) * scale
+        old = tl.load(v_prev + vo + j0 + offs, mask=mask, other=0.0) * keep
+        tl.store(v + j0 + offs, tl.where(sigma > 0, new, old), mask=mask)
 
 
 _TINY = torch.finfo(torch.float32).tiny  # the step kernel's normalization floor (a float32 kernel scalar)
@@ -203,8 +213,9 @@ def power_iteration(
     )
     block_n = max(16, min(128, triton.next_power_of_2(max_n)))
     block_f = max(16, min(1024, triton.next_power_of_2(max(max_n, max_m))))
-    scratch = torch.zeros((3, total), dtype=dtype, device=device)
+    scratch = torch.zeros((4, total), dtype=dtype, device=device)  # three rotating vectors and v_init kept
     torch.cat([v.reshape(-1) for v in v_init], out=scratch[0])
+    scratch[3].copy_(scratch[0])
     sigma = torch.empty(len(weights), dtype=dtype, device=device)
     tl_dtype = _TL_DTYPES[dtype]
     previous = None
@@ -217,8 +228,9 @@ def power_iteration(
         last = k == n_iters - 1
         if last or tol is not None:
             _power_iteration_finalize_kernel[(len(weights),)](
-                u_ptrs, v_ptrs, rows, cols, v_off, scratch[(k + 1) % 3], sigma, eps, DTYPE=tl_dtype, BLOCK=block_f
-            )
+                u_ptrs, v_ptrs, rows, cols, v_off, scratch[(k + 1) % 3], scratch[3], sigma, eps, _TINY,
+                DTYPE=tl_dtype, BLOCK=block_f,
+            )  # fmt: skip
         if tol is not None and not last:
             current = sigma.clone()
             if previous is not None and bool(((current - previous).abs() <= tol * current).all()):

@@ -86,3 +86,28 @@ def test_conv_sigma_gradient():
 def test_conv_bad_inputs(input_shape, kwargs, match):
     with pytest.raises(ValueError, match=match):
         kexue_fast.conv_operator_norm(torch.randn(5, 4, 3, 3), input_shape, **kwargs)
+
+
+def test_zero_kernel_and_zero_start_vector():
+    """A zero kernel returned u from torch.empty (inf or 5.7e18, run to run); a zero start vector a false "contains
+    NaN or Inf" or a σ̂ read from uninitialized memory. bool strides were taken as ints."""
+    sigma, u, v = kexue_fast.conv_operator_norm(torch.zeros(4, 3, 3, 3, dtype=torch.float64), (3, 6, 6), padding=1)
+    assert float(sigma) == 0.0 and float(u.abs().max()) == 0.0 and abs(float(v.norm()) - 1) <= 1e-12
+    with pytest.raises(ValueError, match="v must be a non-zero start vector"):
+        kexue_fast.conv_operator_norm(torch.randn(4, 3, 3, 3), (3, 6, 6), v=torch.zeros(3, 6, 6))
+    with pytest.raises(ValueError, match="stride must be an int or a tuple"):
+        kexue_fast.conv_operator_norm(torch.randn(4, 3, 3, 3), (3, 6, 6), stride=(True, 1))
+
+
+def test_operator_mode_refuses_inputs_larger_than_input_shape():
+    """A layer normalized for (2, 3, 3) inputs ran 12 × 12 ones silently, where its Lipschitz constant is 1.15 for
+    coeff = 0.9: the zero-padded operator norm grows with the input. Smaller inputs are fine (a submatrix)."""
+    from kexue_fast.nn import spectral_norm
+
+    conv = spectral_norm(torch.nn.Conv2d(2, 2, 3, padding=1), coeff=0.9, input_shape=(2, 6, 6))
+    conv(torch.randn(1, 2, 6, 6))
+    conv(torch.randn(1, 2, 4, 5))
+    with pytest.raises(ValueError, match=r"spatial shape \(12, 12\) exceeds input_shape's \(6, 6\)"):
+        conv(torch.randn(1, 2, 12, 12))
+    torch.nn.utils.parametrize.remove_parametrizations(conv, "weight")
+    conv(torch.randn(1, 2, 12, 12))  # no spectral norm left: no limit

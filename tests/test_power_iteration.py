@@ -281,3 +281,27 @@ def test_small_weights_keep_unit_vectors(backend, dtype):
     assert float(torch.linalg.vector_norm(u)) == pytest.approx(1.0, rel=1e-5)
     assert float(torch.linalg.vector_norm(v)) == pytest.approx(1.0, rel=1e-5)
     assert float(sigma[0]) == pytest.approx(float(ref_sigma[0]), rel=1e-4)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_zero_weight_keeps_v_on_every_backend(backend):
+    """Where Wv = 0 every backend keeps v (unit): Triton zeroed it, so a zero-initialized coeff layer updated there
+    kept σ̂ = 0 for good and the coeff bound never applied once the weight moved (‖W_eff‖ 29.7 against coeff 0.5).
+    A zero start vector raises instead of giving σ̂ = 0."""
+    from kexue_fast.nn import spectral_norm, update_spectral_norms
+
+    for n_iters in (1, 3):
+        sigma, u, v = kexue_fast.power_iteration(torch.zeros(3, 4, dtype=torch.float64),
+                                                 v=torch.ones(4, dtype=torch.float64), n_iters=n_iters,
+                                                 backend=backend)  # fmt: skip
+        assert float(sigma) == 0.0 and float(u.norm()) == 0.0 and abs(float(v.norm()) - 1) <= 1e-15
+    layer = torch.nn.Linear(4, 4).double()
+    torch.nn.init.zeros_(layer.weight)
+    spectral_norm(layer, coeff=0.5, n_power_iterations=0)
+    update_spectral_norms(layer, backend=backend)
+    with torch.no_grad():
+        layer.parametrizations.weight.original.copy_(torch.randn(4, 4, dtype=torch.float64) * 10)
+    update_spectral_norms(layer, n_iters=50, backend=backend)
+    assert abs(float(torch.linalg.matrix_norm(layer.weight, 2)) - 0.5) <= 1e-6
+    with pytest.raises(ValueError, match="v must be a non-zero start vector"):
+        kexue_fast.power_iteration(torch.randn(3, 4), v=torch.zeros(4), backend=backend)

@@ -63,8 +63,15 @@ def hook_free(modules: Sequence[nn.Module]) -> bool:
     if (torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
             or torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks):  # fmt: skip
         return False
-    return not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+    return not any(m._forward_hooks or m._backward_hooks or m._backward_pre_hooks or _foreign_pre_hooks(m)
                    for m in modules)  # fmt: skip
+
+
+def _foreign_pre_hooks(module: nn.Module) -> bool:
+    """Forward pre-hooks other than an operator-mode spectral norm's input-size check (kexue_fast.nn.spectral_norm),
+    which the closed forms run themselves (_ConvLayer.check_input)."""
+    hooks = module._forward_pre_hooks
+    return bool(hooks) and not all(getattr(h, "input_size_check", False) for h in hooks.values())
 
 
 class DenseChain:

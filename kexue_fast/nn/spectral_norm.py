@@ -178,7 +178,8 @@ def spectral_norm(
 
     For Conv1d/2d/3d, `input_shape` = the per-sample input shape (C, *spatial) switches σ̂ to the norm of the
     convolution operator (power iteration through conv and conv_transpose with the module's stride, padding,
-    dilation and groups); without it, the reshaped kernel is normalized, as torch does (which neither bounds nor
+    dilation and groups; an input larger than input_shape then raises ValueError in forward, since the norm grows
+    with the input size); without it, the reshaped kernel is normalized, as torch does (which neither bounds nor
     equals the layer's Lipschitz constant). State-dict keys are torch's: parametrizations.<name>.original, .0._u, .0._v.
     """
     if not isinstance(module, nn.Module):
@@ -212,7 +213,37 @@ def spectral_norm(
             weight.shape, input_shape, module.stride, module.padding, module.dilation, module.groups
         )
     parametrize.register_parametrization(module, name, SpectralNorm(weight, n_power_iterations, dim, eps, coeff, conv))
+    if conv is not None:
+        module.register_forward_pre_hook(_InputShapeCheck(tuple(conv.input_shape[1:])))
     return module
+
+
+class _InputShapeCheck:
+    """A forward pre-hook of an operator-mode conv: inputs larger than `input_shape` raise, since a zero-padded
+    convolution's operator norm grows with its input (a smaller input's operator is a submatrix of it: its norm is
+    bounded). A module-level class: the hooked module stays picklable and deep-copyable. Inert once the module has
+    no spectral norm of its weight left (remove_parametrizations)."""
+
+    input_size_check = True  # the flows' closed forms, which call conv layers' weights directly, run it themselves
+
+    def __init__(self, spatial: Tuple[int, ...]) -> None:
+        self.spatial = spatial
+
+    def __call__(self, module: nn.Module, inputs) -> None:
+        x = inputs[0] if inputs else None
+        if isinstance(x, Tensor) and parametrize.is_parametrized(module, "weight"):
+            self.check(x)
+
+    def check(self, x: Tensor) -> None:
+        if x.ndim < len(self.spatial):
+            return
+        shape = tuple(x.shape[x.ndim - len(self.spatial) :])
+        if any(a > b for a, b in zip(shape, self.spatial)):
+            raise ValueError(
+                f"the input's spatial shape {shape} exceeds input_shape's {self.spatial} given to spectral_norm: the "
+                "operator norm normalized (and a coeff's bound) holds for inputs up to that size only, and grows "
+                "with it; pass the largest input shape the layer will see"
+            )
 
 
 def spectral_norm_layers(model: nn.Module) -> List[Tuple[SpectralNorm, Tensor]]:

@@ -30,7 +30,11 @@ IntOrTuple = Union[int, Sequence[int]]
 def _tuple(value: IntOrTuple, nd: int, name: str) -> Tuple[int, ...]:
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         return (int(value),) * nd
-    if isinstance(value, (tuple, list)) and len(value) == nd and all(isinstance(x, numbers.Integral) for x in value):
+    if (
+        isinstance(value, (tuple, list))
+        and len(value) == nd
+        and all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in value)
+    ):
         return tuple(int(x) for x in value)
     raise ValueError(f"{name} must be an int or a tuple of {nd} ints, got {value!r}")
 
@@ -213,8 +217,10 @@ def conv_operator_norm(
     v0 = v.detach().clone() if v is not None else torch.randn(op.input_shape, generator=generator, **kw)
     if v is None and u is not None:
         v0 = op.adjoint(weight.detach(), u.detach().unsqueeze(0))[0]
+    if not bool(v0.ne(0).any()):  # kept where Wv = 0: a zero start would stay zero (σ̂ = 0 for any weight)
+        raise ValueError("v must be a non-zero start vector" if v is not None else "u must be non-zero, with Wᵀu ≠ 0")
     v0 = _unit(v0, eps)
-    u0 = torch.empty(op.output_shape, **kw)
+    u0 = torch.zeros(op.output_shape, **kw)  # kept where Wv = 0 (a zero kernel): zeros, not uninitialized memory
     with torch.no_grad():
         sigma, u0, v0 = conv_power_iteration(op, weight.detach(), u0, v0, n_iters, tol, eps)
     if not math.isfinite(float(sigma)):

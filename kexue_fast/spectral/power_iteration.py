@@ -209,7 +209,8 @@ def power_iteration(
     """Largest singular values σ̂ of many matrices by power iteration, all in one call.
 
     Per matrix W [m, n] and iteration: u ← Wv/‖Wv‖, v ← Wᵀu/‖Wᵀu‖, σ̂ = uᵀWv = ‖Wᵀu‖ (torch's spectral_norm
-    update; Miyato et al. 2018). σ̂ ≤ ‖W‖₂ (a lower bound; see `spectral_norm_bound` for a certified upper one).
+    update; Miyato et al. 2018). σ̂ ≤ ‖W‖₂ (a lower bound in exact arithmetic; rounding can put it a few ulps above;
+    see `spectral_norm_bound` for a certified upper one).
     Where W v = 0 (a zero matrix) the iteration stops there: σ̂ = 0, u = 0, v kept (not zeroed for good).
 
     Args:
@@ -217,8 +218,9 @@ def power_iteration(
         n_iters: iterations to run (>= 1); with `tol`, the most to run.
         u, v: warm-start vectors shaped like the outputs. `v` is the start vector; if only `u` is given the
             start is v = Wᵀu; with neither, v is drawn from N(0, I) with `generator`.
-        tol: stop once |σ̂_k − σ̂_{k−1}| ≤ tol·σ̂_k (checked every iteration: a host sync on GPU). None runs
-            exactly `n_iters` iterations without any host sync.
+        tol: stop once |σ̂_k − σ̂_{k−1}| ≤ tol·σ̂_k (checked every iteration: a host sync on GPU), per matrix on
+            the C++ and torch backends; on Triton every matrix iterates until the last one meets it (results within
+            tol of each other). None runs exactly `n_iters` iterations without any host sync.
         eps: floor of the norms in the normalizations, as in torch.
         check_finite: raise ValueError if a weight holds NaN/Inf (detected from σ̂). None checks where it costs
             no device sync: on CPU always, on CUDA only when `tol` is given.
@@ -247,6 +249,13 @@ def power_iteration(
             v_init = list(flat.split([w.shape[1] for w in mats]))
 
     compiling = torch.compiler.is_compiling()
+    may_read = not compiling and (
+        check_finite or (check_finite is None and (first.device.type == "cpu" or tol is not None))
+    )
+    if v is not None and may_read:  # a zero start stays zero (v is kept where Wv = 0): σ̂ = 0 for good
+        zero = next((i for i, vi in enumerate(v_init) if not bool(vi.detach().ne(0).any())), None)
+        if zero is not None:
+            raise ValueError(f"v{'' if form == 'single' else f'[{zero}]'} must be a non-zero start vector")
     if compiling:
         sigma, u_flat, v_flat = _power_iteration_op(mats, v_init, n_iters, tol, eps, chosen)
     elif torch.is_grad_enabled() and any(w.requires_grad for w in mats):
@@ -254,7 +263,7 @@ def power_iteration(
     else:
         sigma, u_flat, v_flat = _power_iteration_impl(mats, v_init, n_iters, tol, eps, chosen)
 
-    if not compiling and (check_finite or (check_finite is None and (first.device.type == "cpu" or tol is not None))):
+    if may_read:
         values = sigma.tolist()  # one host read (a sync on CUDA: only where allowed above)
         bad = next((i for i, x in enumerate(values) if not math.isfinite(x)), None)
         if bad is not None:
