@@ -140,7 +140,7 @@ def _cases():
         case(f"power step {dt}", k, {a: t[a] for a in k.arg_names if a in t},
              {"DTYPE": dt, "BLOCK_M": block_m, "BLOCK_N": block_n})  # fmt: skip
         k = power_iteration._power_iteration_finalize_kernel
-        t = {**tables, "v_acc": ptr[dt], "sigma_ptr": ptr[dt], "eps": "fp64"}
+        t = {**tables, "v_acc": ptr[dt], "v_prev": ptr[dt], "sigma_ptr": ptr[dt], "eps": "fp64", "tiny": "fp32"}
         case(f"power finalize {dt}", k, {a: t[a] for a in k.arg_names if a in t}, {"DTYPE": dt, "BLOCK": block_f})
 
     # som: layer outputs of each dtype (ACC float64 for float64, else float32: half inputs compile their own
