@@ -542,3 +542,47 @@ def test_numpy_float_coefficients():
     ResidualFlow.dense(3, n_blocks=1, coeff=np.float32(0.9))
     with pytest.raises(ValueError, match="coeff"):
         ResidualFlow.dense(3, n_blocks=1, coeff=True)
+
+
+def test_coeff_layers_start_within_their_bound():
+    """torch's 15 warm-up iterations leave σ̂ short of ‖W‖₂: a 64 × 64 Linear with coeff 0.97 started at
+    ‖W‖₂ = 1.022 (an i-ResNet block with Lip(g) ≥ 1 at init, unseen without lipschitz_report). coeff layers now
+    warm up until σ̂ settles. coeff=None keeps torch's 15 (identical buffers)."""
+    worst = 0.0
+    for seed in range(12):
+        torch.manual_seed(seed)
+        layer = spectral_norm(nn.Linear(64, 64).double(), coeff=0.97, n_power_iterations=0)
+        worst = max(worst, float(torch.linalg.matrix_norm(layer.weight.detach(), 2)))
+    assert worst <= 0.97 * (1 + 1e-3)
+    torch.manual_seed(0)
+    ours = spectral_norm(nn.Linear(16, 12))
+    torch.manual_seed(0)
+    theirs = torch_spectral_norm(nn.Linear(16, 12))
+    assert torch.equal(ours.parametrizations.weight[0]._u, theirs.parametrizations.weight[0]._u)
+
+
+def test_blocks_name_wrong_widths_and_actnorm_needs_two_values():
+    """A dense block on [B, 5] for g of width 4 raised "x has the wrong shape" (C++) or "mat1 and mat2 shapes cannot
+    be multiplied"; a conv block torch's channel error. ActNorm's first batch of 1 set s = −log(eps) = 13.8 for every
+    channel (log-probabilities of −8e12 after); a constant channel now keeps s = 0. Under vmap the CPU NaN check read
+    a value on the host and failed every call."""
+    g = nn.Sequential(spectral_norm(nn.Linear(4, 8), coeff=0.9), LipSwish(), spectral_norm(nn.Linear(8, 4), coeff=0.9))
+    block = InvertibleResBlock(g)
+    for bad in (torch.randn(3, 5), torch.randn(3, 2, 5)):
+        with pytest.raises(ValueError, match=r"x must be \[\.\.\., 4\] \(g's first Linear takes 4 features\)"):
+            block(bad)
+    with pytest.raises(ValueError, match=r"y must be \[\.\.\., 4\]"):
+        block.inverse(torch.randn(3, 5))
+    conv = ResidualFlow.conv((1, 4, 4), n_scales=1, n_blocks=1, hidden_channels=2).layers[1]
+    with pytest.raises(ValueError, match=r"x must be \[B, 1, \.\.\.\] \(g's first convolution takes 1 channels\)"):
+        conv(torch.randn(2, 2, 4, 4))
+    with pytest.raises(ValueError, match="at least two values per channel"):
+        ActNorm(4)(torch.randn(1, 4))
+    norm = ActNorm(3)
+    x = torch.randn(8, 3)
+    x[:, 1] = 2.5
+    y, _ = norm(x)
+    assert float(norm.log_scale[1]) == 0.0 and torch.allclose(y[:, 1], torch.zeros(8))
+    dense = InvertibleResBlock(g.double(), logdet="series")
+    out = torch.vmap(lambda xi: dense(xi[None])[1], randomness="different")(torch.randn(5, 4, dtype=torch.float64))
+    assert out.shape == (5, 1)

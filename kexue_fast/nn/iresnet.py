@@ -69,7 +69,8 @@ class LipSwish(nn.Module):
 
 class ActNorm(nn.Module):
     """Per-channel affine y = (x + b)·exp(s) (Kingma & Dhariwal 2018), data-dependent init on the first training
-    batch: b = −mean, s = −log(std + eps) over the batch and spatial dims. logdet = Σ_c s_c · (spatial size).
+    batch: b = −mean, s = −log(std + eps) over the batch and spatial dims (s = 0 for a channel constant there; at
+    least two values per channel needed). logdet = Σ_c s_c · (spatial size).
 
     x: [B, C] or [B, C, *spatial]. In eval mode an uninitialized ActNorm is the identity and changes no buffer."""
 
@@ -90,8 +91,14 @@ class ActNorm(nn.Module):
         if not bool(torch.isfinite(x).all()):  # before any write: a bad first batch must not poison the init
             raise ValueError("x contains NaN or Inf (ActNorm's data-dependent init reads this batch)")
         dims = [0, *range(2, x.ndim)]
+        if math.prod(x.shape[d] for d in dims) < 2:  # one value per channel: its std is 0, s = −log(eps) = 13.8
+            raise ValueError("ActNorm's data-dependent init needs at least two values per channel in its first "
+                             f"training batch (not a batch of 1 for [B, C]), got shape {tuple(x.shape)}")  # fmt: skip
+        std = x.std(dims, unbiased=False)
+        # a channel constant over the batch has no scale to set: s = 0 there (its shift still centres it), where
+        # −log(eps) would multiply it by 1e6 for good
         self.bias.copy_(-x.mean(dims))
-        self.log_scale.copy_(-torch.log(x.std(dims, unbiased=False) + self.eps))
+        self.log_scale.copy_(torch.where(std > 0, -torch.log(std + self.eps), torch.zeros_like(std)))
         self.initialized.fill_(True)
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
@@ -380,6 +387,7 @@ class InvertibleResBlock(nn.Module):
         compiling = torch.compiler.is_compiling()
         if not compiling:
             self._redetect_if_changed()
+        self._check_width(x, "x")
         if x.shape[0] == 0:  # nothing to estimate (the series paths reshape by the batch size)
             return x + self.g(x), x.new_zeros(0)
         requested = _dispatch.requested_backend(None)
@@ -408,7 +416,12 @@ class InvertibleResBlock(nn.Module):
                 _LOGGED_FALLBACKS.add(reason)
                 _dispatch.logger.warning("InvertibleResBlock runs on torch, not the C++ block: %s", reason)
         # (x·0).sum() is 0 exactly when every entry is finite (∞·0 = NaN): one pass, cheaper than isfinite().all()
-        if not compiling and x.device.type == "cpu" and float(x.detach().mul(0).sum()) != 0.0:
+        if (
+            not compiling
+            and x.device.type == "cpu"
+            and not _functorch_wrapped(x)
+            and float(x.detach().mul(0).sum()) != 0.0
+        ):
             raise ValueError("x contains NaN or Inf")
         if backend == "triton":
             reason = self._fused_unavailable(x)
@@ -518,6 +531,20 @@ class InvertibleResBlock(nn.Module):
             return "dense-chain"
         return "conv-chain" if self._conv_chain is not None else "autograd"
 
+    def _check_width(self, t: Tensor, name: str) -> None:
+        """A clear error where t cannot enter a detected chain g (torch's own named no argument: "mat1 and mat2
+        shapes cannot be multiplied", a conv's channel count, the C++ block's "x has the wrong shape")."""
+        if self._chain is not None:
+            width = self._chain.linears[0].in_features
+            if t.shape[-1] != width:
+                raise ValueError(f"{name} must be [..., {width}] (g's first Linear takes {width} features), got shape "
+                                 f"{tuple(t.shape)}")  # fmt: skip
+        elif self._conv_chain is not None:
+            channels = self._conv_chain.layers[0].layer.in_channels
+            if t.shape[1] != channels:
+                raise ValueError(f"{name} must be [B, {channels}, ...] (g's first convolution takes {channels} "
+                                 f"channels), got shape {tuple(t.shape)}")  # fmt: skip
+
     def inverse(self, y: Tensor) -> Tensor:
         """x with x + g(x) = y (see the class docstring for the solver and its stopping rule). With gradients on and y
         or g's parameters requiring them, x carries the implicit function's gradient (_implicit_gradient): ∂L/∂y =
@@ -535,6 +562,7 @@ class InvertibleResBlock(nn.Module):
                 return traceable(g, y, self.inverse_atol, self.inverse_rtol, self.inverse_max_iter)
         if y.ndim < 2:
             raise ValueError(f"y must be [B, ...] with a batch dimension, got shape {tuple(y.shape)}")
+        self._check_width(y, "y")
         if not bool(torch.isfinite(y).all()):
             raise ValueError("y contains NaN or Inf")
         solver = _inverse.fixed_point if self.inverse_method == "fixed_point" else _inverse.anderson
