@@ -349,3 +349,33 @@ def test_graph_inputs_that_were_read_wrong_or_raised_raw_errors():
 def test_arguments_are_checked_by_name(kwargs, error, match):
     with pytest.raises(error, match=match):
         kexue_fast.infomap((np.array([0, 1, 2]), np.array([1, 2, 0])), **kwargs)
+
+
+def test_huge_weights_handmade_graphs_and_one_shot_module_iterators():
+    """Weights of 1e308 summed to inf: NaN flows crashed the C++ core (segfault) or gave codelength 0; a hand-made
+    Graph skipped every check (a NaN weight segfaulted, a negative one ran); markov_time = 1e308 gave NaN; an
+    iterator of module labels lost its first label to is_tree's peek (a wrong codelength, no error)."""
+    from kexue_fast.infomap import Graph
+
+    path = ([0, 1, 2], [1, 2, 3])
+    unit = kexue_fast.map_equation((*path, [1.0] * 3), [0, 0, 1, 1]).codelength
+    assert kexue_fast.map_equation((*path, [1e308] * 3), [0, 0, 1, 1]).codelength == pytest.approx(unit, rel=1e-12)
+    found = kexue_fast.infomap((*path, [1e308] * 3), seed=0)
+    assert np.isfinite(found.codelength) and np.all(np.isfinite(found.flow))
+    for bad in (np.nan, -1.0):
+        g = Graph(4, np.array([0, 1, 2]), np.array([1, 2, 3]), np.array([1.0, bad, 1.0]), False, [0, 1, 2, 3])
+        with pytest.raises(ValueError, match="finite and non-negative"):
+            kexue_fast.infomap(g)
+    with pytest.raises(ValueError, match="markov_time"):
+        kexue_fast.infomap((*path,), markov_time=1e308)
+    with pytest.raises(TypeError, match="complex"):
+        kexue_fast.map_equation((*path, [1 + 5j] * 3), [0, 0, 1, 1])
+    with pytest.raises(TypeError, match="two_level must be a bool"):
+        kexue_fast.infomap((*path,), two_level="no")
+    labels = [0, 0, 1, 1]
+    listed = kexue_fast.map_equation((*path,), labels).codelength
+    assert kexue_fast.map_equation((*path,), iter(labels)).codelength == listed
+    with pytest.raises(ValueError, match="one module per node"):
+        kexue_fast.map_equation((*path,), iter([*labels, 1]))
+    with pytest.raises(TypeError, match="modules must be one label per node"):
+        kexue_fast.map_equation((*path,), 0)

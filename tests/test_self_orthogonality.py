@@ -1298,7 +1298,7 @@ def test_hooks_on_a_layers_output_see_the_regularizers_gradient_on_every_route()
         assert float(model.seen.grad.abs().max()) <= 1e-3
         grads[str(route)] = model.c1.weight.grad
     first, *others = grads.values()
-    assert all(_rel(g, first) <= 1e-12 for g in others)
+    assert all(_rel(g, first) <= 1e-9 for g in others)  # routes' float64 rounding (4e-12 seen); the bug was 4600×
 
 
 def test_module_messages_and_defaults():

@@ -134,6 +134,11 @@ def map_equation(
 
     g, (node, src, dst, link, teleport) = _flows(graph, directed, teleportation_probability, recorded_teleportation,
                                                  markov_time, num_nodes)  # fmt: skip
+    if not isinstance(modules, (np.ndarray, dict, list, tuple)):
+        if isinstance(modules, (str, bytes)) or not hasattr(modules, "__iter__"):
+            raise TypeError(f"modules must be one label per node, {{node id: label}} or a module tree, got "
+                            f"{type(modules).__name__}")  # fmt: skip
+        modules = list(modules)  # a one-shot iterator: is_tree's look at the first entry would consume it
     if is_tree(modules):
         total, index = _core.infomap_tree_codelength(g.n, node, src, dst, link, tree_array(g, modules), teleport)
         return MapEquationResult(total, index, total - index)
@@ -175,6 +180,8 @@ def infomap(
     cores; the GIL is released). Deterministic for a given seed."""
     _core = _dispatch.require_core("the map equation and Infomap run on the C++ extension kexue_fast._core")
 
+    if not isinstance(two_level, (bool, np.bool_)):
+        raise TypeError(f"two_level must be a bool, got {two_level!r}")
     num_trials = _int_in(num_trials, "num_trials", 1)
     seed = _int_in(seed, "seed", 0, 2**64 - 1)
     core_loop_limit = _int_in(core_loop_limit, "core_loop_limit", 1)

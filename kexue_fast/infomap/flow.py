@@ -142,6 +142,13 @@ def flow_model(g: Graph, teleportation_probability: float = 0.15, recorded_telep
         raise ValueError("recorded_teleportation needs a directed graph (an undirected walk never teleports)")
     if recorded_teleportation:
         node, src, dst, link, teleport = recorded_directed_flow(g, teleportation_probability)
-        return Flow(node, src, dst, link * markov_time, teleport)
-    node, src, dst, link = directed_flow(g, teleportation_probability) if g.directed else undirected_flow(g)
-    return Flow(node, src, dst, link * markov_time)
+        flow = Flow(node, src, dst, link * markov_time, teleport)
+    else:
+        node, src, dst, link = directed_flow(g, teleportation_probability) if g.directed else undirected_flow(g)
+        flow = Flow(node, src, dst, link * markov_time)
+    # NaN flows reached the core (a crash); link flows near float64's top overflow its plogp terms (NaN codelengths)
+    finite = np.all(np.isfinite(flow.node)) and np.all(np.isfinite(flow.link))
+    if not finite or float(flow.link.sum()) > 2.0**960:
+        raise ValueError(f"the flows overflow: markov_time = {markov_time:g} scales the link flows (their sum must "
+                         "stay below 2**960 for the codelength's x·log₂x terms)")  # fmt: skip
+    return flow

@@ -3,6 +3,7 @@ all turned into one `Graph` of 0-based node indices with float64 weights and the
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, List, Optional
@@ -30,13 +31,24 @@ def _checked(n: int, source, target, weight, directed: bool, node_ids) -> Graph:
         raise ValueError(f"source and target must be 1-D arrays of one length, got {source.shape} and {target.shape}")
     if source.size and (not np.issubdtype(source.dtype, np.integer) or not np.issubdtype(target.dtype, np.integer)):
         raise TypeError("source and target must hold integer node ids")
-    weight = np.ones(source.shape[0]) if weight is None else np.asarray(weight, dtype=np.float64)
+    if weight is None:
+        weight = np.ones(source.shape[0])
+    else:
+        if np.iscomplexobj(weight):
+            raise TypeError("link weights must be real numbers, got complex ones")
+        try:
+            weight = np.asarray(weight, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise TypeError("link weights must be real numbers") from None
     if weight.shape != source.shape:
         raise ValueError(f"weight must have one entry per link ({source.shape[0]}), got shape {weight.shape}")
     if not np.all(np.isfinite(weight)) or np.any(weight < 0):
         raise ValueError("link weights must be finite and non-negative")
     if n < 1 or source.shape[0] == 0 or not np.any(weight > 0):
         raise ValueError("the graph is empty: it needs at least one link of positive weight")
+    top = float(weight.max())
+    if top > 2.0**500:  # their sums would overflow (1e308 each: inf, then NaN flows); a power of two scales exactly
+        weight = weight * 2.0 ** -math.frexp(top)[1]
     source = source.astype(np.int64)
     target = target.astype(np.int64)
     if source.min() < 0 or target.min() < 0 or source.max() >= n or target.max() >= n:
@@ -149,8 +161,10 @@ def as_graph(graph: Any, directed: Optional[bool] = None, num_nodes: Optional[in
             raise ValueError("num_nodes is for (source, target[, weight]) link arrays of integer node ids; "
                              f"a {type(graph).__name__} gives its node count itself")  # fmt: skip
         num_nodes = int(num_nodes)
-    if isinstance(graph, Graph):
-        return graph
+    if isinstance(graph, Graph):  # checked as any other input (a hand-made Graph reached the C++ core unchecked)
+        if graph.node_ids is not None and len(graph.node_ids) != graph.n:
+            raise ValueError(f"Graph.node_ids must name its n = {graph.n} nodes, got {len(graph.node_ids)}")
+        return _checked(graph.n, graph.source, graph.target, graph.weight, graph.directed, graph.node_ids)
     if isinstance(graph, (str, os.PathLike)):
         path = os.fspath(graph)
         if not os.path.exists(path):
@@ -214,7 +228,10 @@ def module_array(graph: Graph, modules: Any) -> np.ndarray:
         labels = list(modules) if not isinstance(modules, np.ndarray) else modules
         if len(labels) != graph.n:
             raise ValueError(f"modules must give one module per node ({graph.n}), got {len(labels)}")
-    _, inverse = np.unique(np.asarray(labels), return_inverse=True)
+    try:
+        _, inverse = np.unique(np.asarray(labels), return_inverse=True)
+    except TypeError:
+        raise TypeError("modules' labels must be comparable values of one kind (ints or strings, say)") from None
     return inverse.astype(np.int64)
 
 
