@@ -750,7 +750,7 @@ def test_one_dimensional_tables_have_no_nan_rows():
     "kwargs, match",
     [({"alpha": 1e39}, "alpha must lie in float32"), ({"margin": 1e-45}, "margin must lie in float32"),
      ({"seed": 2**64}, "seed must be in"), ({"negative": 2**31}, "negative must be in"),
-     ({"window": 2**31}, "window must be in")],
+     ({"window": 2**31}, "window must be in"), ({"alpha": 1e20}, "alpha must be at most 1e\\+06")],
 )  # fmt: skip
 def test_hyperparameters_beyond_the_trainers_types_are_refused(kwargs, match):
     """float32 and int32 arguments: alpha = 1e39 became inf (NaN tables), seed = 2**64 an opaque pybind TypeError."""

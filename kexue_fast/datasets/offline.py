@@ -7,8 +7,8 @@ Sources (each used when present):
 Install the Debian packages with ``apt-get install -y wordnet-base dict-gcide``; gensim with
 ``pip install 'kexue-fast[jose]'`` (or ``pip install gensim``).
 
-Text is lower-cased and tokenized into runs of letters (with inner apostrophes); GCIDE's source markers
-("[1913 Webster]") and pronunciation fields (backslash-delimited) are dropped.
+Text is lower-cased and tokenized into runs of ASCII letters (with inner apostrophes; other characters split);
+GCIDE's source markers ("[1913 Webster]") and pronunciation fields (backslash-delimited) are dropped.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ _B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 
 
 def tokenize(text: str) -> List[str]:
-    """Lower-cased runs of letters (inner apostrophes kept): ``"Don't stop!"`` → ``["don't", "stop"]``."""
+    """Lower-cased runs of ASCII letters (inner apostrophes kept; any other character splits, "café" → ["caf"]):
+    ``"Don't stop!"`` → ``["don't", "stop"]``."""
     return _TOKEN.findall(text.lower())
 
 

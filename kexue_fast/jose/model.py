@@ -46,6 +46,18 @@ def _check_float(name: str, value, positive: bool) -> float:
     return value
 
 
+_ALPHA_MAX = 1e6  # steps of α·∇ in float32: α = 1e20 turned rows NaN or 0 on every backend (1e19 still ran)
+
+
+def _check_alpha(alpha) -> float:
+    """The learning rate: > 0, at most 1e6 (beyond, float32 steps overflow into NaN tables long before any use)."""
+    value = _check_float("alpha", alpha, positive=True)
+    if value > _ALPHA_MAX:
+        raise ValueError(f"alpha must be at most {_ALPHA_MAX:g} (a learning rate; larger steps overflow float32 "
+                         f"into NaN tables); got {value:g}")  # fmt: skip
+    return value
+
+
 class JoSE:
     """Spherical text embedding (Meng et al., "Spherical Text Embedding", NeurIPS 2019).
 
@@ -57,7 +69,14 @@ class JoSE:
 
     Backends: ``device="cpu"`` runs the C++ Hogwild trainer (csrc/jose; ``workers=1`` is deterministic: the same
     seed gives bit-identical tables), ``device="cuda"`` the Triton mini-batch trainer; ``backend="torch"`` the
-    mini-batch trainer in plain torch on either device. Defaults are the official code's.
+    mini-batch trainer in plain torch on either device. The numeric defaults are the official code's (dim, window,
+    negative, margin, alpha, sample, min_count, epochs); ``step_rule`` defaults to the paper's rule.
+
+    The learning rate decays linearly with the words processed: the C++ trainer recomputes it every 10,000 words
+    per worker, as jose.c does, so a corpus of fewer words than that (times epochs) trains at the full ``alpha``;
+    the mini-batch trainers per batch. ``workers`` defaults to every core (Hogwild: not bit-reproducible; pass
+    ``workers=1`` for that). With ``joint_hinge=True`` a document needs a context pair to move: one-token documents
+    keep their random initial vectors (``dv`` and ``infer_vectors``); the separate hinges train them.
     """
 
     def __init__(
@@ -83,7 +102,7 @@ class JoSE:
         self.window = _check_int("window", window, 1)
         self.negative = _check_int("negative", negative, 1)
         self.margin = _check_float("margin", margin, positive=True)
-        self.alpha = _check_float("alpha", alpha, positive=True)
+        self.alpha = _check_alpha(alpha)
         self.sample = _check_float("sample", sample, positive=False)
         self.min_count = _check_int("min_count", min_count, 1, 2**63 - 1)
         self.epochs = _check_int("epochs", epochs, 1)
@@ -230,7 +249,7 @@ class JoSE:
         alone and one in a batch (as between two seeds)."""
         self._require_fit()
         epochs = self.epochs if epochs is None else _check_int("epochs", epochs, 1)
-        alpha = self.alpha if alpha is None else _check_float("alpha", alpha, positive=True)
+        alpha = self.alpha if alpha is None else _check_alpha(alpha)
         seed = self.seed if seed is None else _check_int("seed", seed, 0, 2**64 - 1)
         if isinstance(docs, (str, bytes)):
             raise TypeError("docs must be an iterable of token lists")
