@@ -6,6 +6,7 @@ import math
 import numbers
 from typing import Optional, Tuple, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -177,8 +178,9 @@ def hsic(
     CPU, torch otherwise); linear kernels on both sides use d×d cross products instead while dx + dy <= max(n, tile)
     (O(n·d²) work, d² memory; wider inputs stream their Gram tiles).
     """
-    if not isinstance(normalize, bool):
+    if not isinstance(normalize, (bool, np.bool_)):
         raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+    normalize = bool(normalize)
     out_dtype = _result_dtype(x, y)
     x, y, kx, ky, chosen = _prepare(x, y, kernel_x, kernel_y, bandwidth_x, bandwidth_y, estimator, backend, tile=tile)
     fn = estimators.estimate(estimator, normalize)

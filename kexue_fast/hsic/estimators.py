@@ -3,8 +3,8 @@
 With k1 = r^K + diag K (full row sums) and T_kl = S_kl + Σ_i K_ii L_ii (= tr KL):
     biased     (T_kl − 2/n·k1ᵀl1 + (1ᵀk1)(1ᵀl1)/n²) / n²                      = tr(KHLH)/n²
     unbiased   (S_kl + (1ᵀr^K)(1ᵀr^L)/((n−1)(n−2)) − 2/(n−2)·r^Kᵀr^L) / (n(n−3))   (Song et al. 2012)
-    normalized v(K, L) / sqrt(v(K, K)·v(L, L)), and 0 where either self-term is ≤ 0 or not above its terms' rounding
-               (constant inputs; as hyppo)
+    normalized v(K, L) / sqrt(v(K, K)·v(L, L)), and 0 where either self-term is ≤ 0 or not above its terms'
+               rounding (constant inputs; as hyppo)
 """
 
 from __future__ import annotations
