@@ -128,9 +128,11 @@ def _check_resolution(
     half the steps (|r_n − r_{n/2}|/15 for a fourth-order method, in units of h), exceeds `accuracy`: the boundary
     residual alone cannot see it (a long rope at too few steps meets x(L) = 0, y(L) = h on a wrong shape, and near
     the collapse under axial gravity a solve can meet them on an unresolved fold)."""
-    half_theta0, half_c = _newton(theta0, c, w2, gg, ell, n_steps // 2, radial, max_iter, tol)
-    _, half = _integrate(half_theta0, half_c, w2, gg, ell, n_steps // 2, radial, record_every=record // 2)
-    gap = torch.maximum((x - half[:, 0]).abs().amax(0), (y - half[:, 1]).abs().amax(0)).detach()
+    with torch.no_grad():  # a check: no graph through the second solve
+        args = (w2.detach(), gg.detach(), ell.detach(), n_steps // 2, radial)
+        half_theta0, half_c = _newton(theta0.detach(), c.detach(), *args, max_iter, tol)
+        _, half = _integrate(half_theta0, half_c, *args, record_every=record // 2)
+        gap = torch.maximum((x.detach() - half[:, 0]).abs().amax(0), (y.detach() - half[:, 1]).abs().amax(0))
     estimate = (gap / 15).nan_to_num(float("inf"))
     if bool((estimate <= accuracy).all()):
         return
