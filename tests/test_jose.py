@@ -774,3 +774,17 @@ def test_spherical_kmeans_checks_its_iteration_counts():
         with pytest.raises(ValueError, match=name):
             spherical_kmeans(x, 2, **{name: 0})
     assert (spherical_kmeans(x, 2, max_iter=1, n_init=1).labels >= 0).all()
+
+
+def test_keyed_vectors_take_row_indices_and_topn_none_as_gensim():
+    """wv[0] raised KeyError and most_similar(topn=None) TypeError, where gensim returns the row and every score."""
+    vectors = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    kv = KeyedVectors(["a", "b", "c", "d"], vectors)
+    assert np.array_equal(kv[0], vectors[0]) and np.array_equal(kv[np.int64(3)], vectors[3])
+    with pytest.raises(KeyError):
+        kv[4]
+    scores = kv.most_similar("a", topn=None)
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    assert scores.shape == (4,) and np.allclose(scores, unit @ unit[0], atol=1e-6)
+    with pytest.raises(ValueError, match="topn must be an int >= 1 or None"):
+        kv.most_similar("a", topn=0)

@@ -41,10 +41,13 @@ class KeyedVectors:
         return key in self.key_to_index
 
     def get_index(self, key: Key) -> int:
-        try:
-            return self.key_to_index[key]
-        except KeyError:
-            raise KeyError(f"key {key!r} not present") from None
+        """The row of `key`; an int that is not a key is a row index itself (as gensim's)."""
+        index = self.key_to_index.get(key)
+        if index is not None:
+            return index
+        if isinstance(key, (int, np.integer)) and not isinstance(key, bool) and 0 <= key < len(self):
+            return int(key)
+        raise KeyError(f"key {key!r} not present")
 
     def __getitem__(self, key: Union[Key, Iterable[Key]]) -> np.ndarray:
         if isinstance(key, (str, int, np.integer)):
@@ -77,12 +80,13 @@ class KeyedVectors:
         self,
         positive: Union[Key, np.ndarray, Sequence[Union[Key, np.ndarray]], None] = None,
         negative: Union[Key, np.ndarray, Sequence[Union[Key, np.ndarray]], None] = None,
-        topn: int = 10,
-    ) -> List[Tuple[Key, float]]:
+        topn: Optional[int] = 10,
+    ) -> Union[List[Tuple[Key, float]], np.ndarray]:
         """The topn keys by cosine with mean(unit(positive)) − mean-weighted unit(negative) (gensim's rule: weights
-        +1 / −1, the mean of the unit vectors, keys given as input excluded)."""
-        if topn < 1:
-            raise ValueError(f"topn must be >= 1; got {topn}")
+        +1 / −1, the mean of the unit vectors, keys given as input excluded); topn=None: every key's cosine, in row
+        order (an array, the input keys included, as gensim returns)."""
+        if topn is not None and (isinstance(topn, bool) or not isinstance(topn, (int, np.integer)) or topn < 1):
+            raise ValueError(f"topn must be an int >= 1 or None; got {topn!r}")
 
         def as_list(x):
             if x is None:
@@ -109,6 +113,8 @@ class KeyedVectors:
         query = np.mean(parts, axis=0)
         query = query / max(float(np.linalg.norm(query)), 1e-30)
         scores = normed @ query.astype(np.float32)
+        if topn is None:
+            return scores
         if exclude:
             scores[list(exclude)] = -np.inf
         count = min(topn, len(self) - len(exclude))
