@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import NamedTuple, Optional, Tuple, Union
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -87,11 +87,17 @@ def _promote(*given: Tuple[Union[Tensor, float], str]) -> Tuple[Tensor, ...]:
     device = devices.pop() if devices else (ts[0].device if ts else torch.device("cpu"))
     values = [t.to(device=device, dtype=dtype) if isinstance(t, Tensor) else torch.tensor(t, dtype=dtype, device=device)
               for t, _ in given]  # fmt: skip
+    return broadcast_named(values, [name for _, name in given])
+
+
+def broadcast_named(values: Sequence[Tensor], names: Sequence[str], what: str = "one shape") -> Tuple[Tensor, ...]:
+    """torch.broadcast_tensors, with a ValueError naming the arguments and their shapes where they do not broadcast
+    (torch's own names none)."""
     try:
         return tuple(torch.broadcast_tensors(*values))
     except RuntimeError:
-        shapes = ", ".join(f"{name} {tuple(v.shape)}" for v, (_, name) in zip(values, given))
-        raise ValueError(f"{names} must broadcast to one shape, got {shapes}") from None
+        shapes = ", ".join(f"{name} {tuple(v.shape)}" for name, v in zip(names, values))
+        raise ValueError(f"{', '.join(names)} must broadcast to {what}, got {shapes}") from None
 
 
 def _may_sync(t: Tensor) -> bool:

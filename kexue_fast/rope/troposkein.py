@@ -138,13 +138,8 @@ def rope_arguments(L: Scalar, h: Scalar, *others: Tuple[Scalar, str]) -> Tuple[T
     if len(devices) > 1:
         raise ValueError(f"L, h and the other parameters must be on one device, got {sorted(map(str, devices))}")
     device = devices.pop() if devices else torch.device("cpu")
-    values = [t.to(device=device, dtype=torch.float64) for t in tensors]
-    try:
-        out = torch.broadcast_tensors(*values)
-    except RuntimeError:
-        names = ["L", "h", *(name for _, name in others)]
-        shapes = ", ".join(f"{name} {tuple(v.shape)}" for name, v in zip(names, values))
-        raise ValueError(f"{', '.join(names)} must broadcast to one batch shape, got {shapes}") from None
+    out = elliptic.broadcast_named([t.to(device=device, dtype=torch.float64) for t in tensors],
+                                   ["L", "h", *(name for _, name in others)], "one batch shape")  # fmt: skip
     if not bool((out[0] > out[1]).all()):
         raise ValueError(
             "L must be greater than h: a rope no longer than the distance between its ends cannot bulge "
