@@ -107,6 +107,17 @@ T* aligned_scratch(std::vector<T>& v, std::int64_t count) {
   return reinterpret_cast<T*>((at + 63) & ~static_cast<std::uintptr_t>(63));
 }
 
+// The leading dimension of a [rows, c] scratch of T read down its columns (the s = 1 layout's tiles step row by row):
+// c where a row is at most 4 lines, else c rounded up to an odd number of 64-byte lines, so that consecutive rows
+// fall in different L1 sets. Rows 2^k lines long map a column's rows to a few sets (c = 128 floats: 8 of 64), which
+// the tiles' 128-row blocks overflowed.
+template <typename T>
+std::int64_t padded_rows(std::int64_t c) {
+  constexpr std::int64_t line = 64 / static_cast<std::int64_t>(sizeof(T));
+  if (c <= 4 * line) return c;
+  return (c + 2 * line - 1) / (2 * line) * (2 * line) + line;
+}
+
 // Orders the non-temporal stores before the caller's later reads (another thread's, once joined).
 void stream_fence(bool stream) {
 #ifdef KEXUE_SOM_AVX2
@@ -341,6 +352,79 @@ __attribute__((target("avx512f"))) void upper_gram_avx512(const T* z, std::int64
   upper_gram_simd<Avx512<T>, T, 4>(z, c, p, ld, out, pf);
 }
 
+// The s = 1 layout's forward, AVX-512: out [c, c] (the upper triangle's tiles) = Zᵀ Z for Z [depth, c] (rows ld
+// apart) by broadcast tiles, MR rows of out (Z's columns i, broadcast) × NV vectors of its columns (Z's columns j, the
+// last vector's lanes masked by `last`), summed over Z's rows in order. MR = 8, NV = 3: 24 accumulators, 3 loads and
+// 8 broadcasts a row for 24 FMAs, where gemm::gemm's 12 × 1-vector tiles took a load a FMA and ran its columns past the
+// last full vector as scalars.
+template <class A, typename T, int MR, int NV, bool kMasked>
+__attribute__((always_inline)) inline void syrk_tile_simd(std::int64_t depth, const T* a, const T* b, std::int64_t ld,
+                                                          T* out, std::int64_t ldo, typename A::M last) {
+  typedef typename A::M M;
+  typename A::V acc[MR][NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 3
+    for (int v = 0; v < NV; ++v) acc[i][v] = typename A::V{};
+  for (std::int64_t k = 0; k < depth; ++k) {
+    typename A::V bv[NV];
+#pragma GCC unroll 3
+    for (int v = 0; v < NV; ++v)
+      bv[v] = kMasked && v + 1 == NV ? A::load(last, b + k * ld + v * A::W) : A::load(b + k * ld + v * A::W);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const typename A::V av = A::set1(a[k * ld + i]);
+#pragma GCC unroll 3
+      for (int v = 0; v < NV; ++v) acc[i][v] = A::fma(av, bv[v], acc[i][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 3
+    for (int v = 0; v < NV; ++v)
+      A::store(out + i * ldo + v * A::W, kMasked && v + 1 == NV ? last : static_cast<M>(~M(0)), acc[i][v]);
+}
+
+// One column block j0 (NV vectors wide) against out's rows 0 .. rows − 1: tiles of 8 rows, then 4, 2, 1.
+template <class A, typename T, int NV, bool kMasked>
+__attribute__((always_inline)) inline void syrk_column_simd(std::int64_t depth, const T* z, std::int64_t ld,
+                                                            std::int64_t j0, std::int64_t rows, T* out, std::int64_t c,
+                                                            typename A::M last) {
+  std::int64_t i = 0;
+  for (; i + 8 <= rows; i += 8)
+    syrk_tile_simd<A, T, 8, NV, kMasked>(depth, z + i, z + j0, ld, out + i * c + j0, c, last);
+  if (i + 4 <= rows) {
+    syrk_tile_simd<A, T, 4, NV, kMasked>(depth, z + i, z + j0, ld, out + i * c + j0, c, last);
+    i += 4;
+  }
+  if (i + 2 <= rows) {
+    syrk_tile_simd<A, T, 2, NV, kMasked>(depth, z + i, z + j0, ld, out + i * c + j0, c, last);
+    i += 2;
+  }
+  if (i < rows) syrk_tile_simd<A, T, 1, NV, kMasked>(depth, z + i, z + j0, ld, out + i * c + j0, c, last);
+}
+
+// out [c, c]: its upper triangle (and some entries below it, in the tiles that cross the diagonal) = Zᵀ Z.
+template <typename T>
+__attribute__((target("avx512f"))) void upper_syrk_avx512(const T* z, std::int64_t depth, std::int64_t c,
+                                                          std::int64_t ld, T* out) {
+  typedef Avx512<T> A;
+  typedef typename A::M M;
+  constexpr std::int64_t w = 3 * A::W;
+  const M all = static_cast<M>(~M(0));
+  std::int64_t j0 = 0;
+  for (; j0 + w <= c; j0 += w) syrk_column_simd<A, T, 3, false>(depth, z, ld, j0, j0 + w, out, c, all);
+  const std::int64_t left = c - j0;
+  if (left == 0) return;
+  const M last = left % A::W == 0 ? all : static_cast<M>((1u << (left % A::W)) - 1);
+  if (left > 2 * A::W)
+    syrk_column_simd<A, T, 3, true>(depth, z, ld, j0, c, out, c, last);
+  else if (left > A::W)
+    syrk_column_simd<A, T, 2, true>(depth, z, ld, j0, c, out, c, last);
+  else
+    syrk_column_simd<A, T, 1, true>(depth, z, ld, j0, c, out, c, last);
+}
+
 // The backward's product and finishing pass in one, AVX-512: out[r][j] = (Σ_k l[r][k] v[k][j]) (1 − e[r][j]²). With
 // Y read as [n, c, s]: l = A, v = e = Z_i [c, s] (r a channel, j a position); with s = 1 (rows [b, c]): l = e = a block
 // of Z's rows, v = A (r a row, j a channel).
@@ -519,7 +603,7 @@ KEXUE_SIMD_CLONES void gram_rows(const T* y, std::int64_t c, std::int64_t s, T g
   const std::int64_t zs = z_stride(s, static_cast<std::int64_t>(sizeof(T)));  // Z's row r, position p: at r·zs + p
   auto out_at = [&](std::int64_t row, std::int64_t p) { return z_out == nullptr ? nullptr : z_out + row * zs + p; };
   const std::int64_t stride = kPositions + 64 / static_cast<std::int64_t>(sizeof(T));  // not a power of two
-  const std::int64_t block = s == 1 ? kRows * c : c * stride;
+  const std::int64_t block = s == 1 ? kRows * padded_rows<T>(c) : c * stride;
   const std::int64_t bytes = static_cast<std::int64_t>(sizeof(T));
   T* z = aligned_scratch(scratch, block + c * c);
   T* tile = z + block;
@@ -527,14 +611,26 @@ KEXUE_SIMD_CLONES void gram_rows(const T* y, std::int64_t c, std::int64_t s, T g
     for (std::int64_t a = 0; a < c; ++a)
       for (std::int64_t b = a; b < c; ++b) gram[a * c + b] += tile[a * c + b];
   };
-  if (s == 1) {  // rows [r, c]: G += Zᵀ Z by broadcast tiles (A = Zᵀ read with strides (1, c))
+  if (s == 1) {  // rows [r, c]: G += Zᵀ Z by broadcast tiles (A = Zᵀ read with strides (1, ldz))
     constexpr std::int64_t band = 64 / static_cast<std::int64_t>(sizeof(T));  // the tiles' width of columns
+    const std::int64_t ldz = padded_rows<T>(c);
     for (std::int64_t r0 = i0; r0 < i1; r0 += kRows) {
       const std::int64_t rows = std::min(kRows, i1 - r0);
-      scaled_tanh(y + r0 * c, gamma, z, rows * c, exact, out_at(r0 * c, 0));  // s = 1: zs = 1
+      if (ldz == c)
+        scaled_tanh(y + r0 * c, gamma, z, rows * c, exact, out_at(r0 * c, 0));  // s = 1: zs = 1
+      else
+        for (std::int64_t r = 0; r < rows; ++r)
+          scaled_tanh(y + (r0 + r) * c, gamma, z + r * ldz, c, exact, out_at((r0 + r) * c, 0));
+#ifdef KEXUE_SOM_AVX2
+      if (use_avx512()) {
+        upper_syrk_avx512<T>(z, rows, c, ldz, tile);
+        add_upper();
+        continue;
+      }
+#endif
       for (std::int64_t a0 = 0; a0 < c; a0 += band) {  // bands of G's rows from their diagonal block on: the upper
         const std::int64_t m = std::min(band, c - a0);  // triangle and the diagonal blocks, about half of Zᵀ Z
-        gemm::gemm<T>(m, rows, c - a0, z + a0, 1, c, z + a0, c, tile + a0 * c + a0, c, false);
+        gemm::gemm<T>(m, rows, c - a0, z + a0, 1, ldz, z + a0, ldz, tile + a0 * c + a0, c, false);
       }
       add_upper();
     }
@@ -571,9 +667,9 @@ KEXUE_SIMD_CLONES void gram_rows(const T* y, std::int64_t c, std::int64_t s, T g
 }
 
 template <typename T>
-KEXUE_SIMD_CLONES void backward_rows(const T* y, std::int64_t c, std::int64_t s, T gamma, const T* a, T* dy,
-                                     std::int64_t i0, std::int64_t i1, std::vector<T>& scratch, bool stream,
-                                     bool add, bool from_z) {
+KEXUE_SIMD_CLONES void backward_rows(const T* y, std::int64_t c, std::int64_t s, T gamma, const T* a,
+                                     std::int64_t lda, T* dy, std::int64_t i0, std::int64_t i1,
+                                     std::vector<T>& scratch, bool stream, bool add, bool from_z) {
   const std::int64_t bytes = static_cast<std::int64_t>(sizeof(T));
   auto z_of = [&](const T* src, T* dst, std::int64_t count) {  // from_z: y holds Z (the forward's, exact ±1)
     if (from_z)
@@ -594,19 +690,19 @@ KEXUE_SIMD_CLONES void backward_rows(const T* y, std::int64_t c, std::int64_t s,
         Prefetch pf;
         pf.add(y + (r0 + rows) * c, next, 0, 1);
         if (add) pf.add(dy + (r0 + rows) * c, next, 0, 1);
-        fused_product_avx512<T>(FusedProduct<T>{c, zr, c, a, c, zr, c, out, c, false, add}, rows, c, pf);
+        fused_product_avx512<T>(FusedProduct<T>{c, zr, c, a, lda, zr, c, out, c, false, add}, rows, c, pf);
         continue;
       }
 #endif
       z_of(y + r0 * c, z, rows * c);
       if (add) {  // W into the scratch's second half, then added
         T* w = z + kRows * c;
-        gemm::gemm<T>(rows, c, c, z, c, 1, a, c, w, c, false);
+        gemm::gemm<T>(rows, c, c, z, c, 1, a, lda, w, c, false);
 #pragma omp simd
         for (std::int64_t e = 0; e < rows * c; ++e) out[e] += w[e] * (T(1) - z[e] * z[e]);
         continue;
       }
-      gemm::gemm<T>(rows, c, c, z, c, 1, a, c, out, c, false);
+      gemm::gemm<T>(rows, c, c, z, c, 1, a, lda, out, c, false);
 #pragma omp simd
       for (std::int64_t e = 0; e < rows * c; ++e) out[e] *= T(1) - z[e] * z[e];
     }
@@ -645,14 +741,14 @@ KEXUE_SIMD_CLONES void backward_rows(const T* y, std::int64_t c, std::int64_t s,
           pf.add(y + next_i * c * ys + next_q, row, ys * bytes, c);
           if (add) pf.add(dy + next_i * c * s + next_q, row, s * bytes, c);
         }
-        const FusedProduct<T> f{c, a, c, zi, ld, zi, ld, dy + i * c * s + q0, s, stream, add};
+        const FusedProduct<T> f{c, a, lda, zi, ld, zi, ld, dy + i * c * s + q0, s, stream, add};
         fused_product_avx512<T>(f, c, q, pf);
         continue;
       }
 #endif
       for (std::int64_t p0 = 0; p0 < q; p0 += kRows) {
         const std::int64_t p = std::min(kRows, q - p0);
-        gemm::gemm<T>(c, c, p, a, c, 1, z + p0, ldz, w, ldw, false);
+        gemm::gemm<T>(c, c, p, a, lda, 1, z + p0, ldz, w, ldw, false);
         for (std::int64_t ch = 0; ch < c; ++ch)
           finish_rows<T>(w + ch * ldw, z + ch * ldz + p0, dy + (i * c + ch) * s + q0 + p0, p, stream, add);
       }
@@ -727,10 +823,19 @@ void som_gram_backward(const T* y, std::int64_t n, std::int64_t c, std::int64_t 
   const std::int64_t row_bytes = s * static_cast<std::int64_t>(sizeof(T));
   const bool stream = !add && n * c * row_bytes >= kStreamBytes && row_bytes % 64 == 0 &&
                       reinterpret_cast<std::uintptr_t>(dy) % 64 == 0;
+  // A's rows padded where s = 1: there the tiles read A down its columns, row by row (padded_rows)
+  const std::int64_t lda = s == 1 ? padded_rows<T>(c) : c;
+  std::vector<T> padded;
+  const T* ap = a;
+  if (lda != c) {
+    T* p = aligned_scratch(padded, c * lda);
+    for (std::int64_t r = 0; r < c; ++r) std::memcpy(p + r * lda, a + r * c, static_cast<std::size_t>(c) * sizeof(T));
+    ap = p;
+  }
   run_team(threads, [&](int t) {
     std::vector<T>& scratch = kept_scratch<T, 1>();
-    backward_rows<T>(y, c, s, static_cast<T>(gamma), a, dy, n * t / threads, n * (t + 1) / threads, scratch, stream,
-                     add, from_z);
+    backward_rows<T>(y, c, s, static_cast<T>(gamma), ap, lda, dy, n * t / threads, n * (t + 1) / threads, scratch,
+                     stream, add, from_z);
     release_large(scratch);
   });
 }
