@@ -194,7 +194,7 @@ def run(out_dir: Path, quick: bool = True, device: str = "cpu") -> Path:
         rows = overhead_rows(device, batch, reps, rounds)
         flops = step_flops(device, batch)
         print(f"  ortho/{device}: overhead done", flush=True)
-        shapes = [(64, 1024), (128, 4096), (4096, 64), (16384, 128)]
+        shapes = [(64, 1024), (128, 4096), (4096, 64), (16384, 128), (4096, 256)]
         if device == "cuda":
             shapes += [(131072, 64), (32768, 256)]
         formula = formula_rows(device, shapes, reps)

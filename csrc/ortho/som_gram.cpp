@@ -356,7 +356,14 @@ __attribute__((target("avx512f"))) void upper_gram_avx512(const T* z, std::int64
 // apart) by broadcast tiles, MR rows of out (Z's columns i, broadcast) × NV vectors of its columns (Z's columns j, the
 // last vector's lanes masked by `last`), summed over Z's rows in order. MR = 8, NV = 3: 24 accumulators, 3 loads and
 // 8 broadcasts a row for 24 FMAs, where gemm::gemm's 12 × 1-vector tiles took a load a FMA and ran its columns past the
-// last full vector as scalars.
+// last full vector as scalars. Forward of a float [16384, 128] 5.50 / 4.74 ms against 7.69 / 7.43 before, [4096, 256]
+// 5.05 / 5.11 against 7.68 / 7.90, [2048, 512] 11.7 / 11.4 against 19.3 / 18.8, [4096, 100] 0.95 / 1.20 against
+// 2.64 / 3.68, [4096, 64] 0.37 / 0.51 against 0.42 / 0.54; the backward (A's rows padded) within −12% to +4% (two runs of
+// python -m kexue_fast.benchmarks.som_profile --device cpu --cpp-layers --shapes 16384x128x1 4096x256x1 2048x512x1
+// 4096x100x1 4096x64x1 --compare-cores <a ca90e97 build> at 7b9b7b4, one thread, 2-core AVX-512 Xeon VM). Neither a
+// prefetch of the next block's rows from these tiles nor blocks of up to 1024 rows moved the forward; Zᵀ built by
+// 16 × 16 transposes for the NCHW layout's wide layers (c ≥ 64) made their forward slower than its dot tiles (ad hoc
+// builds, no figure claimed).
 template <class A, typename T, int MR, int NV, bool kMasked>
 __attribute__((always_inline)) inline void syrk_tile_simd(std::int64_t depth, const T* a, const T* b, std::int64_t ld,
                                                           T* out, std::int64_t ldo, typename A::M last) {
