@@ -129,11 +129,12 @@ def test_gram_penalty_closed_form_gradient_equals_autograd():
 
 @pytest.mark.parametrize("n, c, s", [(1, 1, 1), (9, 7, 1), (2, 17, 130), (4, 64, 9), (300, 33, 1), (2, 6, 1000),
                                      (1, 5, 2053), (2, 16, 9001), (2, 16, 8192), (3, 12, 48), (3, 9, 60),
-                                     (200, 130, 1), (129, 100, 1), (150, 144, 1)])  # fmt: skip
+                                     (200, 130, 1), (129, 100, 1), (150, 144, 1), (40, 64, 9), (30, 20, 3)])  # fmt: skip
 def test_cpp_gram_equals_torch_in_float64_and_float32(n, c, s):
     """The C++ core (odd channel counts, tiles of 128 positions, s = 1 row layouts (the last three: rows padded to an
     odd number of cache lines, the forward's last column block of 1, 2 or 3 vectors masked or whole, a last block of
-    1 row, 22 rows); (2, 16, 9001): samples larger
+    1 row, 22 rows); (40, 64, 9), (30, 20, 3): few positions, whose per-sample Grams the torch path takes as one
+    product of channel-major copies; (2, 16, 9001): samples larger
     than the backward's Z scratch, so spans of positions, and rows at unaligned addresses; (2, 16, 8192): spans and
     1 MiB of ∂R/∂Y in whole cache lines, written by non-temporal stores; the AVX-512 backward's columns of 2 vectors
     of positions end in every way among these: a whole vector left (48 in float32), a masked second one (60), a masked
