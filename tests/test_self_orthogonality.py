@@ -129,17 +129,19 @@ def test_gram_penalty_closed_form_gradient_equals_autograd():
 
 @pytest.mark.parametrize("n, c, s", [(1, 1, 1), (9, 7, 1), (2, 17, 130), (4, 64, 9), (300, 33, 1), (2, 6, 1000),
                                      (1, 5, 2053), (2, 16, 9001), (2, 16, 8192), (3, 12, 48), (3, 9, 60),
-                                     (200, 130, 1), (129, 100, 1), (150, 144, 1), (40, 64, 9), (30, 20, 3)])  # fmt: skip
+                                     (200, 130, 1), (129, 100, 1), (150, 144, 1),
+                                     (40, 64, 9), (30, 20, 3), (3, 10, 100)])  # fmt: skip
 def test_cpp_gram_equals_torch_in_float64_and_float32(n, c, s):
-    """The C++ core (odd channel counts, tiles of 128 positions, s = 1 row layouts (the last three: rows padded to an
-    odd number of cache lines, the forward's last column block of 1, 2 or 3 vectors masked or whole, a last block of
-    1 row, 22 rows); (40, 64, 9), (30, 20, 3): few positions, whose per-sample Grams the torch path takes as one
-    product of channel-major copies; (2, 16, 9001): samples larger
-    than the backward's Z scratch, so spans of positions, and rows at unaligned addresses; (2, 16, 8192): spans and
-    1 MiB of ∂R/∂Y in whole cache lines, written by non-temporal stores; the AVX-512 backward's columns of 2 vectors
-    of positions end in every way among these: a whole vector left (48 in float32), a masked second one (60), a masked
-    first one (9, 130, 2053)) against the torch path: float64 to 1e-12 in value and gradient; float32 within 2× the
-    torch path's own error against the float64 truth."""
+    """The C++ core against the torch path: float64 to 1e-12 in value and gradient; float32 within 2× the torch path's
+    own error against the float64 truth. Shapes: odd channel counts, tiles of 128 positions; s = 1 row layouts
+    ((200, 130, 1), (129, 100, 1), (150, 144, 1): rows padded to an odd number of cache lines, the forward's last
+    column block of 1, 2 or 3 vectors masked or whole, a last block of 1 row, 22 rows); fewer than 64 positions
+    ((3, 12, 48), (3, 9, 60), (40, 64, 9), (30, 20, 3)): several samples side by side in the C++ backward, one product
+    of channel-major copies for the torch path's per-sample Grams where s ≤ c/4; (2, 16, 9001): samples larger than
+    the backward's Z scratch, so spans of positions, and rows at unaligned addresses; (2, 16, 8192): spans and 1 MiB of
+    ∂R/∂Y in whole cache lines, written by non-temporal stores. The AVX-512 backward's last block of 3 vectors of
+    positions ends whole (144 in float32), in one whole vector (4096), in a masked first (100), second (360) or third
+    one (130, 180, 2053)."""
     g = torch.Generator().manual_seed(n * 1000 + c * 10 + s)
     y64 = (torch.randn(n, c, s, dtype=D64, generator=g) * 0.15).requires_grad_()
     results = {}
@@ -158,7 +160,7 @@ def test_cpp_gram_equals_torch_in_float64_and_float32(n, c, s):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, D64])
-@pytest.mark.parametrize("n, c, s", [(4, 16, 4096), (3, 5, 9001), (40000, 7, 1)])
+@pytest.mark.parametrize("n, c, s", [(4, 16, 4096), (3, 5, 9001), (40000, 7, 1), (3000, 8, 9)])
 def test_cpp_core_threads_give_the_one_thread_results(n, c, s, dtype):
     """The C++ calls on two threads (samples split between them, each taking at least 64K elements: these shapes are
     large enough for two; the route runs som.cpp_threads()) against one: the backward per sample is the
@@ -197,7 +199,7 @@ def test_cpp_z_stride_pads_rows_of_whole_kibibytes():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, D64])
-@pytest.mark.parametrize("n, c, s", [(4, 16, 4096), (3, 5, 333), (500, 7, 1), (5, 24, 256), (6, 9, 128)])
+@pytest.mark.parametrize("n, c, s", [(4, 16, 4096), (3, 5, 333), (500, 7, 1), (5, 24, 256), (6, 9, 128), (50, 24, 9)])
 def test_cpp_core_keeps_z_for_the_backward(n, c, s, dtype):
     """som_penalty(..., z=buffer) stores Z = tanh(γy) as it computes the Gram, as [n, c, som_z_stride(s)] (rows padded
     where som_z_stride says; the padding is not written) (float32: ±1 exactly where float's tanh rounds to 1, within a

@@ -24,7 +24,11 @@ namespace ortho {
 namespace {
 
 constexpr std::int64_t kRows = 128;       // rows per block when s = 1, positions per chunk in the backward
-constexpr std::int64_t kPositions = 1024;  // positions per chunk of the forward (float sums, then double per chunk)
+constexpr std::int64_t kPositions = 1024;
+// Samples with fewer positions than this (4 × 4, 7 × 7 maps) go through the forward's tanh and the backward in one
+// call per sample, several samples side by side: per channel, a call per s positions and a tile column per s
+// positions (one masked vector for s ≤ 16) cost more than their work.
+constexpr std::int64_t kFewPositions = 64;  // positions per chunk of the forward (float sums, then double per chunk)
 constexpr std::int64_t kSpanBytes = 256 << 10;  // the backward's Z scratch: up to a whole sample's, within L2
 constexpr std::int64_t kStreamBytes = 1 << 20;  // ∂R/∂Y from this size up is written past the caches
 
@@ -612,8 +616,10 @@ KEXUE_SIMD_CLONES void gram_rows(const T* y, std::int64_t c, std::int64_t s, T g
   const std::int64_t stride = kPositions + 64 / static_cast<std::int64_t>(sizeof(T));  // not a power of two
   const std::int64_t block = s == 1 ? kRows * padded_rows<T>(c) : c * stride;
   const std::int64_t bytes = static_cast<std::int64_t>(sizeof(T));
-  T* z = aligned_scratch(scratch, block + c * c);
+  const bool few = s > 1 && s < kFewPositions;
+  T* z = aligned_scratch(scratch, block + c * c + (few ? c * s : 0));
   T* tile = z + block;
+  T* sample = tile + c * c;  // few: one sample's Z [c, s]
   auto add_upper = [&]() {
     for (std::int64_t a = 0; a < c; ++a)
       for (std::int64_t b = a; b < c; ++b) gram[a * c + b] += tile[a * c + b];
@@ -647,10 +653,17 @@ KEXUE_SIMD_CLONES void gram_rows(const T* y, std::int64_t c, std::int64_t s, T g
     const std::int64_t per = kPositions / s;
     for (std::int64_t i = i0; i < i1; i += per) {
       const std::int64_t m = std::min(per, i1 - i);
-      for (std::int64_t k = 0; k < m; ++k)  // each sample's [c, s] block read in memory order: one stream
+      for (std::int64_t k = 0; k < m; ++k) {  // each sample's [c, s] block read in memory order: one stream
+        if (few) {  // one call for the sample (its kept Z is [c, s] too: zs = s), then its rows put side by side
+          scaled_tanh(y + (i + k) * c * s, gamma, sample, c * s, exact, out_at((i + k) * c, 0));
+          for (std::int64_t ch = 0; ch < c; ++ch)
+            std::memcpy(z + ch * stride + k * s, sample + ch * s, static_cast<std::size_t>(s) * sizeof(T));
+          continue;
+        }
         for (std::int64_t ch = 0; ch < c; ++ch)
           scaled_tanh(y + ((i + k) * c + ch) * s, gamma, z + ch * stride + k * s, s, exact,
                       out_at((i + k) * c + ch, 0));
+      }
       Prefetch next;  // the next chunk's samples
       next.add(y + (i + m) * c * s, std::min(per, i1 - i - m) * c * s * bytes, 0, 1);
       upper_gram_rows(z, c, m * s, stride, tile, next);
@@ -729,6 +742,39 @@ KEXUE_SIMD_CLONES void backward_rows(const T* y, std::int64_t c, std::int64_t s,
   const std::int64_t span = s <= fit ? s : std::max<std::int64_t>(kRows, fit / kRows * kRows);
   const std::int64_t ldz = (span + 2 * pad - 1) / (2 * pad) * (2 * pad) + pad;  // odd multiples of pad
   const std::int64_t ldw = kRows + pad;
+#ifdef KEXUE_SOM_AVX2
+  if (s < kFewPositions && use_avx512()) {  // few positions: the samples' Z side by side, W = (A Z) ⊙ (1 − Z²) there
+    const std::int64_t per = std::max<std::int64_t>(1, fit / s);
+    const std::int64_t ldg = (per * s + 2 * pad - 1) / (2 * pad) * (2 * pad) + pad;
+    T* zg = aligned_scratch(scratch, 2 * c * ldg + c * s);
+    T* wg = zg + c * ldg;
+    T* sample = wg + c * ldg;
+    for (std::int64_t i = i0; i < i1; i += per) {
+      const std::int64_t m = std::min(per, i1 - i);
+      for (std::int64_t k = 0; k < m; ++k) {
+        const T* zi = y + (i + k) * c * s;  // from_z: the kept Z, [c, s] (ys = s for so few positions)
+        if (!from_z) {
+          scaled_tanh(zi, gamma, sample, c * s);
+          zi = sample;
+        }
+        for (std::int64_t ch = 0; ch < c; ++ch)
+          std::memcpy(zg + ch * ldg + k * s, zi + ch * s, static_cast<std::size_t>(s) * sizeof(T));
+      }
+      Prefetch none;
+      fused_product_avx512<T>(FusedProduct<T>{c, a, lda, zg, ldg, zg, ldg, wg, ldg, false, false}, c, m * s, none);
+      for (std::int64_t k = 0; k < m; ++k)
+        for (std::int64_t ch = 0; ch < c; ++ch) {
+          T* out = dy + ((i + k) * c + ch) * s;
+          const T* w = wg + ch * ldg + k * s;
+          if (add)
+            for (std::int64_t q = 0; q < s; ++q) out[q] += w[q];
+          else
+            std::memcpy(out, w, static_cast<std::size_t>(s) * sizeof(T));
+        }
+    }
+    return;
+  }
+#endif
   const bool direct = from_z && use_avx512();  // the forward's Z read where it lies (rows ys apart), no copy
   T* z = direct ? nullptr : aligned_scratch(scratch, c * (ldz + ldw));  // no scratch where the tiles read Z in place
   T* w = direct ? nullptr : z + c * ldz;
