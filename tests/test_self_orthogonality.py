@@ -130,7 +130,7 @@ def test_gram_penalty_closed_form_gradient_equals_autograd():
 @pytest.mark.parametrize("n, c, s", [(1, 1, 1), (9, 7, 1), (2, 17, 130), (4, 64, 9), (300, 33, 1), (2, 6, 1000),
                                      (1, 5, 2053), (2, 16, 9001), (2, 16, 8192), (3, 12, 48), (3, 9, 60),
                                      (200, 130, 1), (129, 100, 1), (150, 144, 1),
-                                     (40, 64, 9), (30, 20, 3), (3, 10, 100)])  # fmt: skip
+                                     (40, 64, 9), (30, 20, 3), (6, 10, 100)])  # fmt: skip
 def test_cpp_gram_equals_torch_in_float64_and_float32(n, c, s):
     """The C++ core against the torch path: float64 to 1e-12 in value and gradient; float32 within 2× the torch path's
     own error against the float64 truth. Shapes: odd channel counts, tiles of 128 positions; s = 1 row layouts
