@@ -25,10 +25,18 @@ namespace {
 
 constexpr std::int64_t kRows = 128;       // rows per block when s = 1, positions per chunk in the backward
 constexpr std::int64_t kPositions = 1024;
-// Samples with fewer positions than this (4 × 4, 7 × 7 maps) go through the forward's tanh and the backward in one
-// call per sample, several samples side by side: per channel, a call per s positions and a tile column per s
-// positions (one masked vector for s ≤ 16) cost more than their work.
-constexpr std::int64_t kFewPositions = 64;  // positions per chunk of the forward (float sums, then double per chunk)
+// Samples with fewer positions than kFewPositions (7 × 7 maps and smaller) go through the backward several side by
+// side, Z copied into a scratch and W out of it: its tiles otherwise ran a column block per sample, one masked vector
+// for s ≤ 16. The forward's tanh takes one call per sample below kTanhPerSample, where a call per channel cost more
+// than its s positions of work (its Gram already takes samples side by side). Backward of a float [4096, 64, 4]
+// 6.57 / 4.19 ms against 13.7 / 11.7 before, [512, 512, 4] 17.2 / 16.8 against 81.7 / 84.7, [128, 512, 16] 14.6 /
+// 15.8 against 24.4 / 24.3, [128, 256, 49] 12.4 / 10.4 against 15.9 / 12.4; forward of the [4096, 64, 4] 3.30 / 2.25
+// against 5.98 / 3.69 ms; the CNN's [32, 64, 256] and [32, 32, 1024] unchanged (python -m
+// kexue_fast.benchmarks.som_profile --device cpu --cpp-layers --shapes ... --compare-cores <a 7b9b7b4 build>, two runs
+// at c98845b, one thread, 2-core AVX-512 Xeon VM). The forward's per-sample call at s = 49 too: [128, 256, 49]
+// 10.56-10.61 ms against 10.04-10.33 in three runs, so not there (s = 25: 1.24-1.77 against 1.51-2.01).
+constexpr std::int64_t kFewPositions = 64;
+constexpr std::int64_t kTanhPerSample = 32;  // positions per chunk of the forward (float sums, then double per chunk)
 constexpr std::int64_t kSpanBytes = 256 << 10;  // the backward's Z scratch: up to a whole sample's, within L2
 constexpr std::int64_t kStreamBytes = 1 << 20;  // ∂R/∂Y from this size up is written past the caches
 
@@ -616,7 +624,7 @@ KEXUE_SIMD_CLONES void gram_rows(const T* y, std::int64_t c, std::int64_t s, T g
   const std::int64_t stride = kPositions + 64 / static_cast<std::int64_t>(sizeof(T));  // not a power of two
   const std::int64_t block = s == 1 ? kRows * padded_rows<T>(c) : c * stride;
   const std::int64_t bytes = static_cast<std::int64_t>(sizeof(T));
-  const bool few = s > 1 && s < kFewPositions;
+  const bool few = s > 1 && s < kTanhPerSample;
   T* z = aligned_scratch(scratch, block + c * c + (few ? c * s : 0));
   T* tile = z + block;
   T* sample = tile + c * c;  // few: one sample's Z [c, s]
