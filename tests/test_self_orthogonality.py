@@ -130,7 +130,8 @@ def test_gram_penalty_closed_form_gradient_equals_autograd():
 @pytest.mark.parametrize("n, c, s", [(1, 1, 1), (9, 7, 1), (2, 17, 130), (4, 64, 9), (300, 33, 1), (2, 6, 1000),
                                      (1, 5, 2053), (2, 16, 9001), (2, 16, 8192), (3, 12, 48), (3, 9, 60),
                                      (200, 130, 1), (129, 100, 1), (150, 144, 1),
-                                     (40, 64, 9), (30, 20, 3), (6, 10, 100)])  # fmt: skip
+                                     (40, 64, 9), (30, 20, 3), (6, 10, 100),
+                                     (2, 150, 1500), (1, 260, 1100)])  # fmt: skip
 def test_cpp_gram_equals_torch_in_float64_and_float32(n, c, s):
     """The C++ core against the torch path: float64 to 1e-12 in value and gradient; float32 within 2× the torch path's
     own error against the float64 truth. Shapes: odd channel counts, tiles of 128 positions; s = 1 row layouts
@@ -139,7 +140,8 @@ def test_cpp_gram_equals_torch_in_float64_and_float32(n, c, s):
     ((3, 12, 48), (3, 9, 60), (40, 64, 9), (30, 20, 3)): several samples side by side in the C++ backward, one product
     of channel-major copies for the torch path's per-sample Grams where s ≤ c/4; (2, 16, 9001): samples larger than
     the backward's Z scratch, so spans of positions, and rows at unaligned addresses; (2, 16, 8192): spans and 1 MiB of
-    ∂R/∂Y in whole cache lines, written by non-temporal stores. The AVX-512 backward's last block of 3 vectors of
+    ∂R/∂Y in whole cache lines, written by non-temporal stores; (2, 150, 1500) (float64), (1, 260, 1100) (float32):
+    the forward's chunks shortened to 1 MiB of rows. The AVX-512 backward's last block of 3 vectors of
     positions ends whole (144 in float32), in one whole vector (4096), in a masked first (100), second (360) or third
     one (130, 180, 2053)."""
     g = torch.Generator().manual_seed(n * 1000 + c * 10 + s)

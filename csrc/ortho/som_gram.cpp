@@ -130,6 +130,17 @@ std::int64_t padded_rows(std::int64_t c) {
   return (c + 2 * line - 1) / (2 * line) * (2 * line) + line;
 }
 
+// Positions per chunk of the forward's dot tiles: kPositions, fewer where c rows of them would pass kChunkBytes (float
+// c > 256, double c > 128), at least 128. Each 4-row tile pass re-reads the chunk's later rows, from L3 where the chunk
+// outgrew L2 (c = 512 float: 2 MiB).
+constexpr std::int64_t kChunkBytes = 1 << 20;
+
+template <typename T>
+std::int64_t chunk_positions(std::int64_t c) {
+  const std::int64_t fit = kChunkBytes / (c * static_cast<std::int64_t>(sizeof(T))) / 16 * 16;
+  return std::min<std::int64_t>(kPositions, std::max<std::int64_t>(kRows, fit));
+}
+
 // Orders the non-temporal stores before the caller's later reads (another thread's, once joined).
 void stream_fence(bool stream) {
 #ifdef KEXUE_SOM_AVX2
@@ -621,7 +632,8 @@ KEXUE_SIMD_CLONES void gram_rows(const T* y, std::int64_t c, std::int64_t s, T g
   const bool exact = z_out != nullptr;
   const std::int64_t zs = z_stride(s, static_cast<std::int64_t>(sizeof(T)));  // Z's row r, position p: at r·zs + p
   auto out_at = [&](std::int64_t row, std::int64_t p) { return z_out == nullptr ? nullptr : z_out + row * zs + p; };
-  const std::int64_t stride = kPositions + 64 / static_cast<std::int64_t>(sizeof(T));  // not a power of two
+  const std::int64_t positions = chunk_positions<T>(c);
+  const std::int64_t stride = positions + 64 / static_cast<std::int64_t>(sizeof(T));  // not a power of two
   const std::int64_t block = s == 1 ? kRows * padded_rows<T>(c) : c * stride;
   const std::int64_t bytes = static_cast<std::int64_t>(sizeof(T));
   const bool few = s > 1 && s < kTanhPerSample;
@@ -657,8 +669,8 @@ KEXUE_SIMD_CLONES void gram_rows(const T* y, std::int64_t c, std::int64_t s, T g
     }
     return;
   }
-  if (s < kPositions) {  // several samples side by side per chunk: longer dot products, fewer lane sums and tile setups
-    const std::int64_t per = kPositions / s;
+  if (s < positions) {  // several samples side by side per chunk: longer dot products, fewer lane sums and tile setups
+    const std::int64_t per = positions / s;
     for (std::int64_t i = i0; i < i1; i += per) {
       const std::int64_t m = std::min(per, i1 - i);
       for (std::int64_t k = 0; k < m; ++k) {  // each sample's [c, s] block read in memory order: one stream
@@ -679,16 +691,16 @@ KEXUE_SIMD_CLONES void gram_rows(const T* y, std::int64_t c, std::int64_t s, T g
     }
     return;
   }
-  for (std::int64_t i = i0; i < i1; ++i)  // G += Z_i Z_iᵀ, Z_i [c, s] in chunks of kPositions positions
-    for (std::int64_t p0 = 0; p0 < s; p0 += kPositions) {
-      const std::int64_t p = std::min(kPositions, s - p0);
+  for (std::int64_t i = i0; i < i1; ++i)  // G += Z_i Z_iᵀ, Z_i [c, s] in chunks of `positions` positions
+    for (std::int64_t p0 = 0; p0 < s; p0 += positions) {
+      const std::int64_t p = std::min(positions, s - p0);
       for (std::int64_t ch = 0; ch < c; ++ch)
         scaled_tanh(y + (i * c + ch) * s + p0, gamma, z + ch * stride, p, exact, out_at(i * c + ch, p0));
       Prefetch next;  // the next chunk's rows: this sample's next positions, else the next sample's first
       if (p0 + p < s)
-        next.add(y + i * c * s + p0 + p, std::min(kPositions, s - p0 - p) * bytes, s * bytes, c);
+        next.add(y + i * c * s + p0 + p, std::min(positions, s - p0 - p) * bytes, s * bytes, c);
       else if (i + 1 < i1)
-        next.add(y + (i + 1) * c * s, std::min(kPositions, s) * bytes, s * bytes, c);
+        next.add(y + (i + 1) * c * s, std::min(positions, s) * bytes, s * bytes, c);
       upper_gram_rows(z, c, p, stride, tile, next);
       add_upper();
     }
