@@ -6,8 +6,8 @@ the torch path, forward + backward, so that `auto` is not the slower choice for 
 For c in 16…512 channels and s in 1…1024 positions per sample (s = 1: a linear layer's [b, c] output, else an NCHW
 map [n, c, s]), n samples make about 2^20 elements (at least 2c rows, so that both routes take the k×k Gram);
 R = som_regularizer(y) (γ = 10, λ₁ = 100, λ₂ = 1) and ∂R/∂y by torch.autograd.grad, each route timed as the median
-of `reps` interleaved repetitions. Writes benchmarks/results/som-routes-cpu.md (and .csv) with the date, machine,
-versions and git sha.
+of `reps` interleaved repetitions. Writes benchmarks/results/som-routes-cpu.md (som-routes-cpu-float64.md with
+--dtype float64; and .csv) with the date, machine, versions and git sha.
 """
 
 from __future__ import annotations

@@ -24,7 +24,8 @@ namespace ortho {
 namespace {
 
 constexpr std::int64_t kRows = 128;       // rows per block when s = 1, positions per chunk in the backward
-constexpr std::int64_t kPositions = 1024;
+constexpr std::int64_t kPositions = 1024;  // positions per chunk of the forward at most (float sums, then double per
+                                           // chunk; chunk_positions below)
 // Samples with fewer positions than kFewPositions (7 × 7 maps and smaller) go through the backward several side by
 // side, Z copied into a scratch and W out of it: its tiles otherwise ran a column block per sample, one masked vector
 // for s ≤ 16. The forward's tanh takes one call per sample below kTanhPerSample, where a call per channel cost more
@@ -34,9 +35,9 @@ constexpr std::int64_t kPositions = 1024;
 // against 5.98 / 3.69 ms; the CNN's [32, 64, 256] and [32, 32, 1024] unchanged (python -m
 // kexue_fast.benchmarks.som_profile --device cpu --cpp-layers --shapes ... --compare-cores <a 7b9b7b4 build>, two runs
 // at c98845b, one thread, 2-core AVX-512 Xeon VM). The forward's per-sample call at s = 49 too: [128, 256, 49]
-// 10.56-10.61 ms against 10.04-10.33 in three runs, so not there (s = 25: 1.24-1.77 against 1.51-2.01).
+// 10.56-10.61 ms against 10.04-10.33 in three runs, so not there ([512, 64, 25]: 1.24-1.77 against 1.51-2.01).
 constexpr std::int64_t kFewPositions = 64;
-constexpr std::int64_t kTanhPerSample = 32;  // positions per chunk of the forward (float sums, then double per chunk)
+constexpr std::int64_t kTanhPerSample = 32;
 constexpr std::int64_t kSpanBytes = 256 << 10;  // the backward's Z scratch: up to a whole sample's, within L2
 constexpr std::int64_t kStreamBytes = 1 << 20;  // ∂R/∂Y from this size up is written past the caches
 
