@@ -380,6 +380,15 @@ __attribute__((target("avx512f"))) void upper_gram_avx512(const T* z, std::int64
   upper_gram_simd<Avx512<T>, T, 4>(z, c, p, ld, out, pf);
 }
 
+// acc = 0 for a register tile of MR × NV vectors.
+template <class A, int MR, int NV>
+__attribute__((always_inline)) inline void zero_tile(typename A::V (&acc)[MR][NV]) {
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 3
+    for (int v = 0; v < NV; ++v) acc[i][v] = typename A::V{};
+}
+
 // The s = 1 layout's forward, AVX-512: out [c, c] (the upper triangle's tiles) = Zᵀ Z for Z [depth, c] (rows ld
 // apart) by broadcast tiles, MR rows of out (Z's columns i, broadcast) × NV vectors of its columns (Z's columns j, the
 // last vector's lanes masked by `last`), summed over Z's rows in order. MR = 8, NV = 3: 24 accumulators, 3 loads and
@@ -397,10 +406,7 @@ __attribute__((always_inline)) inline void syrk_tile_simd(std::int64_t depth, co
                                                           T* out, std::int64_t ldo, typename A::M last) {
   typedef typename A::M M;
   typename A::V acc[MR][NV];
-#pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 3
-    for (int v = 0; v < NV; ++v) acc[i][v] = typename A::V{};
+  zero_tile<A>(acc);
   for (std::int64_t k = 0; k < depth; ++k) {
     typename A::V bv[NV];
 #pragma GCC unroll 3
@@ -490,10 +496,7 @@ __attribute__((always_inline)) inline void backward_tile_simd(const FusedProduct
                                                               Prefetch& pf) {
   typedef typename A::M M;
   typename A::V acc[MR][NV];
-#pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 3
-    for (int v = 0; v < NV; ++v) acc[i][v] = typename A::V{};
+  zero_tile<A>(acc);
   const Prefetch::Run run = pf.take(f.depth, f.v);
   for (std::int64_t k = 0; k < f.depth; ++k) {
     run.request(k);
