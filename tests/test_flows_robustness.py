@@ -13,7 +13,7 @@ from torch.nn.utils.parametrizations import spectral_norm as torch_spectral_norm
 
 from kexue_fast.flows import lipschitz_report
 from kexue_fast.flows.lipschitz import activation_bound, branch_bound
-from kexue_fast.nn import ActNorm, InvertibleResBlock, LipSwish, ResidualFlow, spectral_norm
+from kexue_fast.nn import ActNorm, InvertibleResBlock, LipSwish, ResidualFlow, Squeeze, spectral_norm
 from kexue_fast.spectral import conv_operator_norm_bound
 from kexue_fast.spectral.reference import conv_operator_matrix
 
@@ -586,3 +586,103 @@ def test_blocks_name_wrong_widths_and_actnorm_needs_two_values():
     dense = InvertibleResBlock(g.double(), logdet="series")
     out = torch.vmap(lambda xi: dense(xi[None])[1], randomness="different")(torch.randn(5, 4, dtype=torch.float64))
     assert out.shape == (5, 1)
+
+
+def test_torch_func_grad_through_training_spectral_norms_and_exact_logdet():
+    """torch.func.grad of a training forward through coeff spectral norms (matrix and conv operator mode, and the
+    blocks built of them) raised "mutate a captured Tensor" (their u, v were written by copy_; now by torch.where(out=),
+    as torch's own spectral norm writes them by F.normalize(out=)); logdet="exact" raised inside any torch.func
+    transform (requires_grad_ and autograd.grad there; now vmap(jacrev(g))). Gradients equal eager autograd's."""
+    from torch.func import functional_call, grad
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    for module, inp in (
+        (spectral_norm(nn.Linear(4, 6), coeff=0.9), x),
+        (spectral_norm(nn.Conv2d(2, 3, 3, padding=1), input_shape=(2, 5, 5), coeff=0.9), torch.randn(2, 2, 5, 5)),
+    ):
+        module = module.double()
+        inp = inp.double()
+        u = module.parametrizations.weight[0]._u.clone()
+        params = {k: v.detach() for k, v in module.named_parameters()}
+        grad(lambda p: functional_call(module, p, (inp,)).sum())(params)  # noqa: B023
+        assert not torch.equal(module.parametrizations.weight[0]._u, u)  # training mode: the iteration advanced
+    for method in ("series", "exact"):
+        torch.manual_seed(1)
+        g = nn.Sequential(spectral_norm(nn.Linear(4, 16), coeff=0.9), LipSwish(),
+                          spectral_norm(nn.Linear(16, 4), coeff=0.9)).double()  # fmt: skip
+        block = InvertibleResBlock(g, logdet=method, n_terms=3).eval()
+        params = {k: v.detach() for k, v in block.named_parameters()}
+
+        def loss(p, block=block):
+            y, logdet = functional_call(block, p, (x,))
+            return y.sum() + logdet.sum()
+
+        functional = grad(loss)(params)
+        if method == "exact":
+            y, logdet = block(x)
+            (y.sum() + logdet.sum()).backward()
+            for name, p in block.named_parameters():
+                torch.testing.assert_close(functional[name], p.grad, rtol=1e-12, atol=1e-14)
+
+
+def test_spectral_norm_class_actnorm_and_flow_arguments_are_checked():
+    """The exported SpectralNorm took coeff=-1 (no bound at all: an InvertibleResBlock of it inverted to NaN),
+    n_power_iterations=-1, eps=0 and an out-of-range dim (a permute error); ActNorm took eps=-1 (NaN log-scales at
+    init) and num_features=0; ResidualFlow took layers that return no log-det (a Linear's [2, 2] output unpacked as
+    (y, logdet)), a Squeeze on 1-D or odd-sized inputs and an ActNorm of the wrong width, failing in forward if at
+    all. Reprs name the hyperparameters."""
+    from kexue_fast.nn.spectral_norm import SpectralNorm
+
+    w = torch.randn(4, 3)
+    for kwargs, error, match in (({"coeff": -1.0}, ValueError, "coeff"), ({"n_power_iterations": -1}, ValueError,
+                                 "n_power_iterations"), ({"eps": 0.0}, ValueError, "eps"), ({"dim": 7}, ValueError,
+                                 "dim"), ({"coeff": "0.9"}, TypeError, "coeff")):  # fmt: skip
+        with pytest.raises(error, match=match):
+            SpectralNorm(w, **kwargs)
+    for args, match in (((3, -1.0), "eps"), ((3, 0.0), "eps"), ((0,), "num_features"), ((2.5,), "num_features")):
+        with pytest.raises(ValueError, match=match):
+            ActNorm(*args)
+    with pytest.raises(ValueError, match="input_shape"):
+        ResidualFlow([ActNorm(3)], (-1,))
+    with pytest.raises(ValueError, match="Squeeze"):
+        ResidualFlow([Squeeze()], (4,))
+    with pytest.raises(ValueError, match="Squeeze"):
+        ResidualFlow([Squeeze()], (1, 5, 5))
+    with pytest.raises(ValueError, match="ActNorm of 3 channels"):
+        ResidualFlow([ActNorm(3)], (4,))
+    with pytest.raises(TypeError, match="inverse"):
+        ResidualFlow([nn.Linear(2, 2)], (2,))
+
+    class NoLogdet(nn.Module):
+        def forward(self, x):
+            return x
+
+        def inverse(self, y):
+            return y
+
+    with pytest.raises(TypeError, match=r"must return \(y, logdet"):
+        ResidualFlow([NoLogdet()], (2,))(torch.randn(2, 2))
+    assert repr(ActNorm(64, eps=1e-3)) == "ActNorm(64, eps=0.001)"
+    assert repr(LipSwish(beta=4.0)) == "LipSwish(beta=4)"
+    assert "input_shape=(3,)" in repr(ResidualFlow([ActNorm(3)], (3,)))
+
+
+def test_initialized_actnorm_compiles_fullgraph_in_training():
+    """A training forward read the `initialized` buffer on the host each call: a host sync on CUDA, and a
+    data-dependent branch torch.compile(fullgraph=True) refused, so the default ResidualFlow did not compile so.
+    The flag now lives on the host too, kept in step by load_state_dict."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 4)
+    norm = ActNorm(4)
+    norm(x)
+    y, _ = torch.compile(norm, backend="eager", fullgraph=True)(x)
+    torch.testing.assert_close(y, norm(x)[0])
+    fresh = ActNorm(4)
+    fresh.load_state_dict(norm.state_dict())  # initialized: the next training batch must not re-initialize it
+    fresh(torch.randn(8, 4) * 5 + 3)
+    torch.testing.assert_close(fresh.bias, norm.bias)
+    blank = ActNorm(4)
+    norm.load_state_dict(blank.state_dict())  # uninitialized again: the next training batch initializes it
+    norm(x * 2)
+    assert not torch.allclose(norm.log_scale, blank.log_scale)

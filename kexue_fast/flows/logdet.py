@@ -236,6 +236,8 @@ def exact_logdet(g: Callable, x: Tensor) -> Tuple[Tensor, Tensor]:
             f'logdet="exact" builds the {d}×{d} Jacobian per sample; it is limited to d <= {EXACT_MAX_DIM}. '
             'Use logdet="series" or "roulette" for larger inputs'
         )
+    if torch._C._functorch.maybe_current_level() is not None:
+        return _exact_logdet_func(g, x)
     need_grad = _needs_grad(g, x)
     xg, gx = _forward_graph(g, x)
     with torch.enable_grad():  # the Jacobian needs g's graph even when the caller runs under no_grad
@@ -247,9 +249,29 @@ def exact_logdet(g: Callable, x: Tensor) -> Tuple[Tensor, Tensor]:
             (row,) = torch.autograd.grad(out, xg, onehot, retain_graph=True, create_graph=need_grad)
             rows.append(row.reshape(x.shape[0], -1))
     jac = torch.stack(rows, dim=1)
-    work = torch.float32 if jac.dtype in (torch.float16, torch.bfloat16) else jac.dtype  # no half-precision slogdet
-    eye = torch.eye(d, dtype=work, device=jac.device)
-    logdet = torch.linalg.slogdet(eye + jac.to(work)).logabsdet.to(jac.dtype)
+    logdet = _logabsdet_of_identity_plus(jac)
     if not need_grad:
         return gx.detach(), logdet
     return gx, logdet
+
+
+def _logabsdet_of_identity_plus(jac: Tensor) -> Tensor:
+    """log|det(I + J)| [B] for J [B, d, d], in float32 at least (no half-precision slogdet)."""
+    work = torch.float32 if jac.dtype in (torch.float16, torch.bfloat16) else jac.dtype
+    eye = torch.eye(jac.shape[-1], dtype=work, device=jac.device)
+    return torch.linalg.slogdet(eye + jac.to(work)).logabsdet.to(jac.dtype)
+
+
+def _exact_logdet_func(g: Callable, x: Tensor) -> Tuple[Tensor, Tensor]:
+    """exact_logdet inside a torch.func transform (grad, vmap, jacrev), where torch.autograd.grad and requires_grad_
+    are refused: the per-sample Jacobian by vmap(jacrev(g)), with the power iterations frozen for that recomputation
+    (g(x) itself ran first, as the autograd form's does)."""
+    gx = g(x)
+    d = x[0].numel()
+
+    def one(sample: Tensor) -> Tensor:
+        return g(sample.unsqueeze(0)).reshape(-1)
+
+    with power_iteration_frozen(True):
+        jac = torch.func.vmap(torch.func.jacrev(one))(x).reshape(x.shape[0], d, d)
+    return gx, _logabsdet_of_identity_plus(jac)

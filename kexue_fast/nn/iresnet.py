@@ -66,6 +66,9 @@ class LipSwish(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return x * torch.sigmoid(x * self.beta) / 1.1
 
+    def extra_repr(self) -> str:
+        return f"beta={float(self.beta.detach()):.4g}"
+
 
 class ActNorm(nn.Module):
     """Per-channel affine y = (x + b)·exp(s) (Kingma & Dhariwal 2018), data-dependent init on the first training
@@ -76,10 +79,22 @@ class ActNorm(nn.Module):
 
     def __init__(self, num_features: int, eps: float = 1e-6) -> None:
         super().__init__()
-        self.bias = nn.Parameter(torch.zeros(num_features))
-        self.log_scale = nn.Parameter(torch.zeros(num_features))
-        self.eps = eps
+        if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) or num_features < 1:
+            raise ValueError(f"num_features must be an int >= 1, got {num_features!r}")
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < math.inf:
+            raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+        self.bias = nn.Parameter(torch.zeros(int(num_features)))
+        self.log_scale = nn.Parameter(torch.zeros(int(num_features)))
+        self.eps = float(eps)
         self.register_buffer("initialized", torch.tensor(False))
+        # The buffer's value on the host, so that a training forward after the init reads no tensor (a host sync
+        # on CUDA, and a data-dependent branch that torch.compile(fullgraph=True) refuses); kept in step with the
+        # buffer by _init and by load_state_dict (a hook).
+        self._initialized = False
+        self.register_load_state_dict_post_hook(_sync_initialized)
+
+    def extra_repr(self) -> str:
+        return f"{self.bias.numel()}, eps={self.eps}"
 
     def _view(self, t: Tensor, x: Tensor) -> Tensor:
         return t.reshape(1, -1, *([1] * (x.ndim - 2)))
@@ -100,12 +115,16 @@ class ActNorm(nn.Module):
         self.bias.copy_(-x.mean(dims))
         self.log_scale.copy_(torch.where(std > 0, -torch.log(std + self.eps), torch.zeros_like(std)))
         self.initialized.fill_(True)
+        self._initialized = True
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         if x.ndim < 2 or x.shape[1] != self.bias.numel():
             raise ValueError(f"ActNorm expects x of shape [B, {self.bias.numel()}, ...], got {tuple(x.shape)}")
-        if self.training and not bool(self.initialized):
-            self._init(x)
+        if self.training and not self._initialized:
+            if bool(self.initialized):  # set by hand, or by a copy of the buffer the hook did not see
+                self._initialized = True
+            else:
+                self._init(x)
         y = (x + self._view(self.bias, x)) * torch.exp(self._view(self.log_scale, x))
         spatial = math.prod(x.shape[2:])
         logdet = (self.log_scale.sum() * spatial).expand(x.shape[0])
@@ -113,6 +132,10 @@ class ActNorm(nn.Module):
 
     def inverse(self, y: Tensor) -> Tensor:
         return y * torch.exp(-self._view(self.log_scale, y)) - self._view(self.bias, y)
+
+
+def _sync_initialized(module: ActNorm, _incompatible_keys) -> None:
+    module._initialized = bool(module.initialized)
 
 
 class Squeeze(nn.Module):

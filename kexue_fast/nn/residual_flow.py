@@ -55,19 +55,39 @@ class ResidualFlow(nn.Module):
     FactorOut drops, then the last layer's output, each flattened, so log p(x) = log N(z; 0, I) + log|det ∂z/∂x|;
     without them z keeps the last layer's shape. The builders default to n_power_iterations=0: call
     kexue_fast.nn.update_spectral_norms(flow) after each optimizer step (one batched call for every layer), as
-    Residual Flows does."""
+    Residual Flows does. Save and load a flow by its state_dict: torch.save of the module itself refuses modules
+    with parametrizations (its spectral norms), as it does for torch's own spectral_norm."""
 
     def __init__(self, layers: Sequence[nn.Module], input_shape: Sequence[int]) -> None:
         super().__init__()
+        if (
+            not isinstance(input_shape, (tuple, list, torch.Size))
+            or not input_shape
+            or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and d >= 1 for d in input_shape)
+        ):
+            raise ValueError(f"input_shape must be a non-empty sequence of ints >= 1 (one sample's shape), got "
+                             f"{input_shape!r}")  # fmt: skip
+        layers = list(layers)
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, FactorOut) and not (
+                isinstance(layer, nn.Module) and callable(getattr(layer, "inverse", None))
+            ):
+                raise TypeError(f"layers[{i}] must be an nn.Module with an inverse (a flow layer mapping x -> (y, "
+                                f"logdet)), got {type(layer).__name__}")  # fmt: skip
         self.layers = nn.ModuleList(layers)
         self.input_shape = tuple(int(s) for s in input_shape)
         # Shapes along the flow (Squeeze and FactorOut change them), for putting a flat latent back together.
         shape = self.input_shape
         self._factored_shapes: List[Tuple[int, ...]] = []
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             if isinstance(layer, Squeeze):
+                if len(shape) != 3 or shape[1] % 2 or shape[2] % 2:
+                    raise ValueError(f"layers[{i}] (Squeeze) needs inputs [C, H, W] with even H and W, got {shape}")
                 c, h, w = shape
                 shape = (4 * c, h // 2, w // 2)
+            elif isinstance(layer, ActNorm) and shape[0] != layer.bias.numel():
+                raise ValueError(f"layers[{i}] (ActNorm of {layer.bias.numel()} channels) meets inputs of shape "
+                                 f"{shape}")  # fmt: skip
             elif isinstance(layer, FactorOut):
                 if len(shape) != 3 or shape[0] != layer.channels:
                     raise ValueError(f"a FactorOut for {layer.channels} channels meets inputs of shape {shape}")
@@ -85,11 +105,18 @@ class ResidualFlow(nn.Module):
                 x, out = layer.split(x)
                 factored.append(out.flatten(1))  # flatten: a batch of 0 too
                 continue
-            x, logdet = layer(x)
+            out = layer(x)
+            if not (isinstance(out, tuple) and len(out) == 2):
+                raise TypeError(f"{type(layer).__name__} returned {type(out).__name__}; a ResidualFlow layer must "
+                                "return (y, logdet [B])")  # fmt: skip
+            x, logdet = out
             total = total + logdet
         if factored:
             x = torch.cat([*factored, x.flatten(1)], dim=1)
         return x, total
+
+    def extra_repr(self) -> str:
+        return f"input_shape={getattr(self, 'input_shape', None)}"  # (None while __init__ raises)
 
     def inverse(self, z: Tensor) -> Tensor:
         if self._factored_shapes:

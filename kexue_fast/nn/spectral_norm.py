@@ -21,7 +21,7 @@ from ..spectral._validate import check_finite, check_n_iters, check_positive
 from ..spectral.conv import ConvOperator, conv_power_iteration
 from ..spectral.power_iteration import OP as POWER_ITERATION_OP
 from ..spectral.power_iteration import run_backend
-from ..spectral.reference import unit_or_keep
+from ..spectral.reference import unit_or_keep_
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _FROZEN = [False]
@@ -30,7 +30,10 @@ _FROZEN = [False]
 @contextlib.contextmanager
 def frozen_power_iteration() -> Iterator[None]:
     """Within this block, spectral-norm layers do not advance their power iteration in forward, so recomputing a
-    function (a memory-efficient backward, an exact Jacobian) sees the same normalized weights as the first pass."""
+    function (a memory-efficient backward, an exact Jacobian) sees the same normalized weights as the first pass.
+    The flag is process-wide, not per thread (a plain global, which torch.compile can guard on): while one thread is
+    inside (InvertibleResBlock.inverse, ResidualFlow.sample), other threads' training forwards do not advance their
+    iterations either."""
     with power_iteration_frozen(True):
         yield
 
@@ -75,11 +78,17 @@ class SpectralNorm(nn.Module):
         conv: Optional[ConvOperator] = None,
     ) -> None:
         super().__init__()
+        if not isinstance(weight, Tensor):
+            raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
         ndim = weight.ndim
-        self.dim = dim if dim >= 0 else dim + ndim
-        self.eps = eps
-        self.coeff = coeff
-        self.n_power_iterations = n_power_iterations
+        if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or not -ndim <= dim < max(ndim, 1):
+            raise ValueError(f"dim must be an int in [-{ndim}, {ndim}), got {dim!r}")
+        if conv is not None and not isinstance(conv, ConvOperator):
+            raise TypeError(f"conv must be a ConvOperator or None, got {type(conv).__name__}")
+        self.dim = int(dim) if dim >= 0 else int(dim) + ndim
+        self.eps = check_positive(eps, "eps")
+        self.coeff = check_positive(coeff, "coeff", allow_none=True)
+        self.n_power_iterations = check_n_iters(n_power_iterations, "n_power_iterations", minimum=0)
         self.conv = conv
         if ndim > 1:
             with torch.no_grad():
@@ -130,8 +139,8 @@ class SpectralNorm(nn.Module):
                 self._u = F.normalize(torch.mv(weight_mat, self._v), dim=0, eps=self.eps, out=self._u)
                 self._v = F.normalize(torch.mv(weight_mat.H, self._u), dim=0, eps=self.eps, out=self._v)
             else:  # u, v kept where W = 0: zeroed, they would stay 0 and σ̂ = 0 let the layer through unscaled
-                self._u.copy_(unit_or_keep(torch.mv(weight_mat, self._v), self._u, self.eps))
-                self._v.copy_(unit_or_keep(torch.mv(weight_mat.H, self._u), self._v, self.eps))
+                unit_or_keep_(torch.mv(weight_mat, self._v), self._u, self.eps)
+                unit_or_keep_(torch.mv(weight_mat.H, self._u), self._v, self.eps)
 
     def sigma(self, weight: Tensor) -> Tensor:
         """σ̂ = uᵀ W v with the current u, v (differentiable w.r.t. weight)."""
@@ -203,7 +212,7 @@ def spectral_norm(
     weight = getattr(module, name, None)
     if not isinstance(weight, Tensor):
         raise ValueError(f"Module '{module}' has no parameter or buffer with name '{name}'")
-    if coeff is not None:
+    if coeff is not None:  # (SpectralNorm checks them again: here first, before anything else is checked or built)
         coeff = check_positive(coeff, "coeff")
     n_power_iterations = check_n_iters(n_power_iterations, "n_power_iterations", minimum=0)
     eps = check_positive(eps, "eps")
@@ -216,8 +225,6 @@ def spectral_norm(
                          "instead: pass one of them")  # fmt: skip
     if dim is None:
         dim = 1 if isinstance(module, _CONV_TRANSPOSES) else 0
-    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or not -weight.ndim <= dim < max(weight.ndim, 1):
-        raise ValueError(f"dim must be an int in [-{weight.ndim}, {weight.ndim}), got {dim!r}")
     conv = None
     if input_shape is not None:
         if not isinstance(module, _CONVS) or name != "weight":
@@ -237,8 +244,9 @@ def spectral_norm(
 class _InputShapeCheck:
     """A forward pre-hook of an operator-mode conv: inputs larger than `input_shape` raise, since a zero-padded
     convolution's operator norm grows with its input (a smaller input's operator is a submatrix of it: its norm is
-    bounded). A module-level class: the hooked module stays picklable and deep-copyable. Inert once the module has
-    no spectral norm of its weight left (remove_parametrizations)."""
+    bounded). A module-level class: the hook pickles and deep-copies with its module (a parametrized module itself is
+    saved by its state_dict: torch.save refuses it whole, as for torch's own spectral_norm). Inert once the module
+    has no spectral norm of its weight left (remove_parametrizations)."""
 
     input_size_check = True  # the flows' closed forms, which call conv layers' weights directly, run it themselves
 

@@ -33,6 +33,15 @@ def unit_or_keep(x: Tensor, previous: Tensor, eps: float, dim: int = 0) -> Tenso
     return torch.where(norm > 0, x / norm.clamp_min(eps), previous)
 
 
+def unit_or_keep_(x: Tensor, target: Tensor, eps: float) -> Tensor:
+    """target ← x/max(‖x‖, eps) (the norm over all of x), or target kept where x = 0: unit_or_keep in place, by
+    torch.where(out=target), x shaped as target. A copy_ into a module's buffer is refused inside torch.func
+    transforms (torch.func.grad of a training forward: "mutate a captured Tensor"); an out= op is not, as torch's
+    own spectral_norm writes its u, v by F.normalize(out=)."""
+    norm = torch.linalg.vector_norm(x)
+    return torch.where(norm > 0, x / norm.clamp_min(eps), target, out=target)
+
+
 def power_iteration_step(
     weight: Tensor, v: Tensor, eps: float = 1e-12, u: Optional[Tensor] = None
 ) -> Tuple[Tensor, Tensor]:
