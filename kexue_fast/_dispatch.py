@@ -181,6 +181,11 @@ def choose(op: str, device: torch.device, dtype: torch.dtype, backend: Optional[
             raise NotImplementedError(f"backend={requested!r} cannot run {op}: {reason}")
         return requested
     chosen, rejected = auto_choice(op, device, dtype)
+    if chosen == "torch":
+        reason = why_not(op, "torch", device, dtype)
+        if reason is not None:  # no backend runs it: say so here, not somewhere inside the torch path
+            raise NotImplementedError(f"no backend runs {op} for {dtype} on {device.type}: "
+                                      f"{'; '.join([*rejected, f'torch: {reason}'])}")  # fmt: skip
     deliberate = {f"{b}: {r}" for b, r in _OPS[op].not_auto.items()}
     if chosen == "torch" and set(rejected) - deliberate:
         key = (op, device.type, dtype, tuple(rejected))
@@ -208,6 +213,8 @@ def describe(op: str, device: torch.device, dtype: torch.dtype, requested: Optio
             return f"{requested} requested by {ENV_VAR}, but it cannot run here ({reason}): backend='auto' raises"
         return f"{requested} (requested by {ENV_VAR})"
     chosen, rejected = auto_choice(op, device, dtype)
+    if chosen == "torch" and why_not(op, "torch", device, dtype) is not None:
+        return f"none: no backend runs it for this dtype (torch: {why_not(op, 'torch', device, dtype)})"
     reasons = {
         "triton": "CUDA tensors and " + triton_status()[1],
         "cpp": "CPU tensors and " + core_status()[1] + " built",

@@ -26,14 +26,61 @@ def test_info_reports_versions_core_and_choices():
     ("KEXUE_FAST_AVX512", "AVX-512 paths off"),
     ("KEXUE_FAST_OMP_TEAM", "SOM core runs on the calling thread (no OpenMP team: off or none loaded), 1 thread(s)"),
 ])  # fmt: skip
-def test_info_says_how_the_som_core_runs(variable, expected):
-    """`info` says whether the C++ SOM core's AVX-512 paths run and where its threads run; each switch turns off."""
+@pytest.mark.parametrize("value", ["0", "off", "FALSE", "No"])
+def test_info_says_how_the_som_core_runs(variable, expected, value):
+    """`info` says whether the C++ SOM core's AVX-512 paths run and where its threads run; each switch turns off, by
+    "0" and by the usual spellings of off (only "0" did: "off" left both on, silently)."""
     if not _dispatch.core_status()[0]:
         return
-    env = {**__import__("os").environ, variable: "0"}
+    env = {**__import__("os").environ, variable: value}
     out = subprocess.run([sys.executable, "-m", "kexue_fast.info"], capture_output=True, text=True, check=True,
                          env=env).stdout  # fmt: skip
     assert expected in out
+
+
+def test_backends_are_checked_before_any_work_or_change(monkeypatch):
+    """A bad backend raised only after the work it was for had begun: update_spectral_norms iterated a model's conv
+    layers first (and raised nothing for a model without matrix layers), hsic took its median bandwidths first
+    (seconds at n = 30000), JoSE stored any value until fit(). `auto` for a dtype no backend runs picked torch,
+    which then refused it (and `info` named torch): now it raises, and info says none."""
+    import torch
+    from torch import nn
+
+    from kexue_fast import hsic
+    from kexue_fast.hsic import api
+    from kexue_fast.jose import JoSE
+    from kexue_fast.nn import spectral_norm, update_spectral_norms
+
+    torch.manual_seed(0)
+    conv_only = nn.Sequential(spectral_norm(nn.Conv2d(2, 3, 3), input_shape=(2, 6, 6)))
+    mixed = nn.Sequential(spectral_norm(nn.Conv2d(2, 3, 3), input_shape=(2, 6, 6)), spectral_norm(nn.Linear(4, 4)))
+    for model in (conv_only, mixed, nn.Linear(2, 2)):
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        for bad in ("bogus", 123):
+            with pytest.raises(ValueError, match="backend"):
+                update_spectral_norms(model, backend=bad)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    half = nn.Sequential(spectral_norm(nn.Conv2d(2, 3, 3), input_shape=(2, 6, 6)), spectral_norm(nn.Linear(4, 4)))
+    half[1].half()  # a float16 matrix group, which the C++ core does not take
+    u = half[0].parametrizations.weight[0]._u.clone()
+    with pytest.raises(NotImplementedError, match="cpp"):
+        update_spectral_norms(half, backend="cpp")
+    assert torch.equal(half[0].parametrizations.weight[0]._u, u)  # the conv layer was not iterated first
+
+    def no_median(*args, **kwargs):
+        raise AssertionError("the median bandwidth ran before the backend was checked")
+
+    monkeypatch.setattr(api, "median_bandwidth", no_median)
+    x = torch.randn(64, 3)
+    with pytest.raises(ValueError, match="backend"):
+        hsic(x, x, backend="bogus")
+    for bad in (1, "bogus", b"cpp"):
+        with pytest.raises(ValueError, match="backend"):
+            JoSE(backend=bad)
+    cpu = torch.device("cpu")
+    with pytest.raises(NotImplementedError, match="no backend runs jose_train"):
+        _dispatch.choose("jose_train", cpu, torch.float64)
+    assert _dispatch.describe("jose_train", cpu, torch.float64, None).startswith("none")
 
 
 def test_import_does_not_import_triton_or_dynamo():

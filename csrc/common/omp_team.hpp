@@ -17,6 +17,7 @@
 #include <mutex>
 #include <type_traits>
 
+#include "common/env.hpp"
 #include "common/parallel.hpp"
 
 #if defined(__linux__) && defined(__GLIBC__)
@@ -53,13 +54,10 @@ inline int find_in_object(dl_phdr_info* info, std::size_t, void* out) {
 }
 
 // The loaded runtime's GOMP_parallel, or nullptr; looked up again on each call until found (torch may be imported
-// after this module), then kept. KEXUE_FAST_OMP_TEAM=0 in the environment: never (std::threads).
+// after this module), then kept. KEXUE_FAST_OMP_TEAM=0 (or off, false, no) in the environment: never (std::threads).
 inline GompParallel gomp_parallel() {
   static std::atomic<GompParallel> found{nullptr};
-  static const bool off = [] {
-    const char* env = std::getenv("KEXUE_FAST_OMP_TEAM");
-    return env != nullptr && std::strcmp(env, "0") == 0;
-  }();
+  static const bool off = env_says_off("KEXUE_FAST_OMP_TEAM");
   if (off) return nullptr;
   GompParallel parallel = found.load(std::memory_order_acquire);
   if (parallel != nullptr) return parallel;

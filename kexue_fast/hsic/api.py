@@ -137,12 +137,12 @@ def _prepare(x, y, kernel_x, kernel_y, bandwidth_x, bandwidth_y, estimator, back
         raise ValueError(f"the unbiased estimator needs n >= 4 samples, got n = {n}")
     if n < min_n:
         raise ValueError(f"{needs} needs n >= {min_n} samples, got n = {n}")
-    x, kx = _kernel_spec(x, kernel_x, bandwidth_x, "x")
-    y, ky = _kernel_spec(y, kernel_y, bandwidth_y if bandwidth_y is not None else "median", "y")
     # the wider of the floating inputs: Triton (float32 only) cast a float64 y down, where C++ and torch keep it
     floats = [t.dtype for t in (x, y) if t.is_floating_point()]
     dtype = torch.promote_types(*floats) if len(floats) == 2 else (floats[0] if floats else torch.float64)
-    chosen = _dispatch.choose(OP, x.device, dtype, backend)
+    chosen = _dispatch.choose(OP, x.device, dtype, backend)  # before the medians: a bad backend fails at once
+    x, kx = _kernel_spec(x, kernel_x, bandwidth_x, "x")
+    y, ky = _kernel_spec(y, kernel_y, bandwidth_y if bandwidth_y is not None else "median", "y")
     widest = max(x.shape[1] if x.ndim == 2 else 1, y.shape[1] if y.ndim == 2 else 1)
     if chosen == "triton" and widest > _TRITON_MAX_DIM:
         reason = f"the Triton kernels keep rows of width d <= {_TRITON_MAX_DIM} in registers, got d = {widest}"

@@ -120,6 +120,8 @@ class JoSE:
             raise ValueError(f"device must be 'cpu' or 'cuda[:i]'; got {device!r}") from exc
         if self.device.type not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda[:i]'; got {device!r}")
+        if backend is not None:
+            _dispatch.requested_backend(backend)  # a bad name raises here, not at fit()
         self.backend = backend
         self.batch_size = _check_int("batch_size", batch_size, 1)
         self.progress = bool(progress)

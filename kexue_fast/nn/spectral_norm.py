@@ -413,12 +413,17 @@ def update_spectral_norms(
     The grouping is cached per model and rebuilt whenever a layer, parameter or buffer changes identity; the cache
     refers to the tensors it read, so after `model.to(...)` the old copies stay alive until the next call. A weight
     holding NaN or Inf raises ValueError (checked on CPU tensors only: on CUDA the check would sync the host).
+    `backend` picks the batched matrix groups' backend (checked, for every group, before any layer is updated);
+    operator-mode conv layers and spectral norms chained after other parametrizations iterate with torch ops.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     n_iters = check_n_iters(n_iters)
     tol = check_positive(tol, "tol", allow_none=True)
+    _dispatch.requested_backend(backend)  # a bad name raises here, whatever layers the model has
     groups, conv_layers, chained = _plan(model)
+    # every group's backend before any buffer moves: an explicit backend that cannot run raises with nothing changed
+    chosen = [_dispatch.choose(POWER_ITERATION_OP, group.device, group.dtype, backend) for group in groups]
     with torch.no_grad(), frozen_power_iteration():
         for p, plist, index in chained:  # after other parametrizations: iterate on what they hand it
             weight = _chained_input(plist, index)
@@ -431,10 +436,9 @@ def update_spectral_norms(
                 p._power_method(original.detach(), n_iters)
             else:
                 conv_power_iteration(p.conv, original.detach(), p._u, p._v, n_iters, tol, p.eps)
-    for group in groups:
-        chosen = _dispatch.choose(POWER_ITERATION_OP, group.device, group.dtype, backend)
+    for group, backend_of_group in zip(groups, chosen):
         group.refresh_copies()
-        if chosen == "cpp":
+        if backend_of_group == "cpp":
             from .. import _core
 
             w, u, v = group.numpy()
@@ -446,7 +450,8 @@ def update_spectral_norms(
             finite = bool(numpy.isfinite(sigma).all())
         else:
             with torch.no_grad():
-                sigma = run_backend(chosen, group.weights, group.vs, group.us, group.vs, n_iters, tol, group.eps)
+                sigma = run_backend(backend_of_group, group.weights, group.vs, group.us, group.vs, n_iters, tol,
+                                    group.eps)  # fmt: skip
             finite = group.device.type != "cpu" or bool(torch.isfinite(sigma).all())
         if not finite:
             raise ValueError("a spectral-norm weight contains NaN or Inf")
