@@ -120,7 +120,7 @@ class ActNorm(nn.Module):
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         if x.ndim < 2 or x.shape[1] != self.bias.numel():
             raise ValueError(f"ActNorm expects x of shape [B, {self.bias.numel()}, ...], got {tuple(x.shape)}")
-        if self.training and not self._initialized:
+        if self.training and not getattr(self, "_initialized", False):  # (absent in an ActNorm pickled before it)
             if bool(self.initialized):  # set by hand, or by a copy of the buffer the hook did not see
                 self._initialized = True
             else:
