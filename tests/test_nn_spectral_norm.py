@@ -478,35 +478,3 @@ def test_update_of_a_spectral_norm_after_other_parametrizations():
 def test_dim_and_input_shape_together_are_refused():
     with pytest.raises(ValueError, match="pass one of them"):
         spectral_norm(nn.Conv2d(2, 3, 3), dim=1, input_shape=(2, 5, 5))
-
-
-def test_frozen_power_iteration_is_per_thread():
-    """frozen_power_iteration (InvertibleResBlock.inverse, ResidualFlow.sample) set a process-wide flag: while one
-    thread sampled, every other thread's training forwards stopped advancing u and v."""
-    import threading
-
-    from kexue_fast.nn.spectral_norm import frozen_power_iteration, power_iteration_is_frozen
-
-    layer = spectral_norm(nn.Linear(6, 5), coeff=0.9)
-    inside, release = threading.Event(), threading.Event()
-
-    def sampler():
-        with frozen_power_iteration():
-            inside.set()
-            release.wait(10)
-
-    thread = threading.Thread(target=sampler)
-    thread.start()
-    try:
-        assert inside.wait(10)
-        assert not power_iteration_is_frozen()
-        u = layer.parametrizations.weight[0]._u.clone()
-        layer(torch.randn(3, 6))
-        assert not torch.equal(layer.parametrizations.weight[0]._u, u)
-        with frozen_power_iteration():  # and this thread's own block still freezes it
-            u = layer.parametrizations.weight[0]._u.clone()
-            layer(torch.randn(3, 6))
-            assert torch.equal(layer.parametrizations.weight[0]._u, u)
-    finally:
-        release.set()
-        thread.join()

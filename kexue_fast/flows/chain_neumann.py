@@ -142,11 +142,11 @@ class _Linear:
         caller snapshots them), or the effective weight and None."""
         if self.norm is None:
             return self.layer.weight, None, None
-        from ..nn.spectral_norm import power_iteration_is_frozen
+        from ..nn.spectral_norm import _FROZEN
 
         norm = self.norm
         original = self.layer.parametrizations.weight.original
-        if norm.training and norm.n_power_iterations > 0 and not power_iteration_is_frozen():
+        if norm.training and norm.n_power_iterations > 0 and not _FROZEN[0]:
             norm._power_method(original, norm.n_power_iterations)
         return original, norm._u, norm._v
 

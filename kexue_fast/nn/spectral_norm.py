@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import numbers
-import threading
 import weakref
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
@@ -25,16 +24,16 @@ from ..spectral.power_iteration import run_backend
 from ..spectral.reference import unit_or_keep_
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-# Per thread (torch.compile guards on a threading.local's attributes, and recompiles when one changes): one thread's
-# inverse or sample must not freeze another thread's training forwards.
-_FROZEN = threading.local()
+_FROZEN = [False]
 
 
 @contextlib.contextmanager
 def frozen_power_iteration() -> Iterator[None]:
     """Within this block, spectral-norm layers do not advance their power iteration in forward, so recomputing a
     function (a memory-efficient backward, an exact Jacobian) sees the same normalized weights as the first pass.
-    The flag is per thread: another thread's training forwards advance their iterations meanwhile."""
+    The flag is process-wide, not per thread (a plain global, which torch.compile can guard on): while one thread is
+    inside (InvertibleResBlock.inverse, ResidualFlow.sample), other threads' training forwards do not advance their
+    iterations either."""
     with power_iteration_frozen(True):
         yield
 
@@ -43,16 +42,16 @@ def frozen_power_iteration() -> Iterator[None]:
 def power_iteration_frozen(frozen: bool) -> Iterator[None]:
     """Within this block, the power iterations are frozen or not as `frozen` says (a replay of a forward pass runs
     in the mode the pass itself ran in)."""
-    previous = power_iteration_is_frozen()
-    _FROZEN.value = bool(frozen)
+    previous = _FROZEN[0]
+    _FROZEN[0] = bool(frozen)
     try:
         yield
     finally:
-        _FROZEN.value = previous
+        _FROZEN[0] = previous
 
 
 def power_iteration_is_frozen() -> bool:
-    return getattr(_FROZEN, "value", False)
+    return _FROZEN[0]
 
 
 _CONV_TRANSPOSES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -164,7 +163,7 @@ class SpectralNorm(nn.Module):
         # σ̂ in the weight's dtype: autocast would lower the products (a conv operator's u·Av met float32 u with a
         # bfloat16 Av and failed; and the iterates would lose precision)
         with no_autocast(weight.device.type):
-            if self.training and self.n_power_iterations > 0 and not power_iteration_is_frozen():
+            if self.training and self.n_power_iterations > 0 and not _FROZEN[0]:
                 self._power_method(weight, self.n_power_iterations)
             sigma = self.sigma(weight)
         if self.coeff is None:
