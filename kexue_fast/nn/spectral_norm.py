@@ -31,9 +31,10 @@ _FROZEN = [False]
 def frozen_power_iteration() -> Iterator[None]:
     """Within this block, spectral-norm layers do not advance their power iteration in forward, so recomputing a
     function (a memory-efficient backward, an exact Jacobian) sees the same normalized weights as the first pass.
-    The flag is process-wide, not per thread (a plain global, which torch.compile can guard on): while one thread is
-    inside (InvertibleResBlock.inverse, ResidualFlow.sample), other threads' training forwards do not advance their
-    iterations either."""
+    The flag is process-wide, not per thread: while one thread is inside (InvertibleResBlock.inverse,
+    ResidualFlow.sample), other threads' training forwards do not advance their iterations either. (A
+    threading.local was tried: torch.compile guards on it, but its writes inside compiled fullgraph blocks and
+    inverses left it set afterwards in the test suite, freezing every later training forward.)"""
     with power_iteration_frozen(True):
         yield
 
