@@ -368,9 +368,8 @@ def _inexact_columns(squared_norms: Tensor, y: Tensor) -> Tensor:
 def _sample_gram(za: Tensor, zb: Tensor) -> Tensor:
     """Σ_i za_i zb_iᵀ [ca, cb] for za [n, ca, s], zb [n, cb, s]: per-sample products summed (torch.bmm), or, where
     those n·ca·cb products would outweigh twice the inputs (2s(ca + cb) ≤ ca·cb: s ≤ c/4 for a Gram), one product of
-    the channel-major copies [c, n·s]. For a float [512, 512, 4] the batched form made 537 MB of products and took
-    387 ms against 12 ms so (one thread, 2-core AVX-512 Xeon VM; ad hoc timing of both forms, no figure claimed
-    beyond that shape)."""
+    the channel-major copies [c, n·s]. For a float [512, 512, 4] the batched form made 537 MB of products (and was
+    several times slower in an ad hoc timing of both forms on one thread; no figure claimed)."""
     n, ca, s = za.shape
     cb = zb.shape[1]
     if s == 1:
