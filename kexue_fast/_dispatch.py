@@ -213,8 +213,9 @@ def describe(op: str, device: torch.device, dtype: torch.dtype, requested: Optio
             return f"{requested} requested by {ENV_VAR}, but it cannot run here ({reason}): backend='auto' raises"
         return f"{requested} (requested by {ENV_VAR})"
     chosen, rejected = auto_choice(op, device, dtype)
-    if chosen == "torch" and why_not(op, "torch", device, dtype) is not None:
-        return f"none: no backend runs it for this dtype (torch: {why_not(op, 'torch', device, dtype)})"
+    torch_reason = why_not(op, "torch", device, dtype) if chosen == "torch" else None
+    if torch_reason is not None:
+        return f"none: no backend runs it for this dtype (torch: {torch_reason})"
     reasons = {
         "triton": "CUDA tensors and " + triton_status()[1],
         "cpp": "CPU tensors and " + core_status()[1] + " built",

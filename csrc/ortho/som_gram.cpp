@@ -120,15 +120,19 @@ T* aligned_scratch(std::vector<T>& v, std::int64_t count) {
   return reinterpret_cast<T*>((at + 63) & ~static_cast<std::uintptr_t>(63));
 }
 
+template <typename T>
+std::int64_t odd_lines(std::int64_t n) {  // n rounded up to an odd number of 64-byte lines of T
+  constexpr std::int64_t line = 64 / static_cast<std::int64_t>(sizeof(T));
+  return (n + 2 * line - 1) / (2 * line) * (2 * line) + line;
+}
+
 // The leading dimension of a [rows, c] scratch of T read down its columns (the s = 1 layout's tiles step row by row):
 // c where a row is at most 4 lines, else c rounded up to an odd number of 64-byte lines, so that consecutive rows
 // fall in different L1 sets. Rows 2^k lines long map a column's rows to a few sets (c = 128 floats: 8 of 64), which
 // the tiles' 128-row blocks overflowed.
 template <typename T>
 std::int64_t padded_rows(std::int64_t c) {
-  constexpr std::int64_t line = 64 / static_cast<std::int64_t>(sizeof(T));
-  if (c <= 4 * line) return c;
-  return (c + 2 * line - 1) / (2 * line) * (2 * line) + line;
+  return c <= 4 * (64 / static_cast<std::int64_t>(sizeof(T))) ? c : odd_lines<T>(c);
 }
 
 // Positions per chunk of the forward's dot tiles: kPositions, fewer where c rows of them would pass kChunkBytes (float
@@ -768,12 +772,12 @@ KEXUE_SIMD_CLONES void backward_rows(const T* y, std::int64_t c, std::int64_t s,
   const std::int64_t ys = from_z ? z_stride(s, bytes) : s;  // y's rows: Z's kept layout, or Y's
   const std::int64_t fit = kSpanBytes / static_cast<std::int64_t>(sizeof(T)) / c;
   const std::int64_t span = s <= fit ? s : std::max<std::int64_t>(kRows, fit / kRows * kRows);
-  const std::int64_t ldz = (span + 2 * pad - 1) / (2 * pad) * (2 * pad) + pad;  // odd multiples of pad
+  const std::int64_t ldz = odd_lines<T>(span);
   const std::int64_t ldw = kRows + pad;
 #ifdef KEXUE_SOM_AVX2
   if (s < kFewPositions && use_avx512()) {  // few positions: the samples' Z side by side, W = (A Z) ⊙ (1 − Z²) there
     const std::int64_t per = std::max<std::int64_t>(1, fit / s);
-    const std::int64_t ldg = (per * s + 2 * pad - 1) / (2 * pad) * (2 * pad) + pad;
+    const std::int64_t ldg = odd_lines<T>(per * s);
     T* zg = aligned_scratch(scratch, 2 * c * ldg + c * s);
     T* wg = zg + c * ldg;
     T* sample = wg + c * ldg;

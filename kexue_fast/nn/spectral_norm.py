@@ -21,7 +21,7 @@ from ..spectral._validate import check_finite, check_n_iters, check_positive
 from ..spectral.conv import ConvOperator, conv_power_iteration
 from ..spectral.power_iteration import OP as POWER_ITERATION_OP
 from ..spectral.power_iteration import run_backend
-from ..spectral.reference import unit_or_keep_
+from ..spectral.reference import unit_or_keep
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _FROZEN = [False]
@@ -140,8 +140,8 @@ class SpectralNorm(nn.Module):
                 self._u = F.normalize(torch.mv(weight_mat, self._v), dim=0, eps=self.eps, out=self._u)
                 self._v = F.normalize(torch.mv(weight_mat.H, self._u), dim=0, eps=self.eps, out=self._v)
             else:  # u, v kept where W = 0: zeroed, they would stay 0 and σ̂ = 0 let the layer through unscaled
-                unit_or_keep_(torch.mv(weight_mat, self._v), self._u, self.eps)
-                unit_or_keep_(torch.mv(weight_mat.H, self._u), self._v, self.eps)
+                unit_or_keep(torch.mv(weight_mat, self._v), self._u, self.eps, out=self._u)
+                unit_or_keep(torch.mv(weight_mat.H, self._u), self._v, self.eps, out=self._v)
 
     def sigma(self, weight: Tensor) -> Tensor:
         """σ̂ = uᵀ W v with the current u, v (differentiable w.r.t. weight)."""

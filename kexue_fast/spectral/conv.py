@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._validate import check_float, check_input_shape, check_n_iters, check_positive
-from .reference import unit_or_keep_
+from .reference import unit_or_keep
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -160,10 +160,10 @@ def conv_power_iteration(
     for _ in range(n_iters):
         # u, v kept where the operator maps them to 0 (a zero weight): zeroed, they would stay 0 for good
         wv = op.apply(weight, v.unsqueeze(0))[0]
-        unit_or_keep_(wv, u, eps)
+        unit_or_keep(wv, u, eps, dim=None, out=u)
         w = op.adjoint(weight, u.unsqueeze(0))[0]
         sigma = torch.linalg.vector_norm(w)
-        unit_or_keep_(w, v, eps)
+        unit_or_keep(w, v, eps, dim=None, out=v)
         if tol is not None:
             value = float(sigma)
             if previous is not None and abs(value - previous) <= tol * value:

@@ -26,20 +26,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def unit_or_keep(x: Tensor, previous: Tensor, eps: float, dim: int = 0) -> Tensor:
-    """x/max(‖x‖, eps) along dim, or `previous` where x = 0: a zero weight (a zero-initialized layer) would otherwise
-    zero the iterates for good (σ̂ = 0 from then on, whatever the weight becomes). No host sync."""
+def unit_or_keep(
+    x: Tensor, previous: Tensor, eps: float, dim: Optional[int] = 0, out: Optional[Tensor] = None
+) -> Tensor:
+    """x/max(‖x‖, eps) along dim (dim=None: over all of x), or `previous` where x = 0: a zero weight (a
+    zero-initialized layer) would otherwise zero the iterates for good (σ̂ = 0 from then on, whatever the weight
+    becomes). No host sync. out=previous updates it in place by torch.where(out=): a copy_ into a module's buffer is
+    refused inside torch.func transforms (torch.func.grad of a training forward: "mutate a captured Tensor"), an out=
+    op is not, as torch's own spectral_norm writes its u, v by F.normalize(out=)."""
     norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True)
-    return torch.where(norm > 0, x / norm.clamp_min(eps), previous)
-
-
-def unit_or_keep_(x: Tensor, target: Tensor, eps: float) -> Tensor:
-    """target ← x/max(‖x‖, eps) (the norm over all of x), or target kept where x = 0: unit_or_keep in place, by
-    torch.where(out=target), x shaped as target. A copy_ into a module's buffer is refused inside torch.func
-    transforms (torch.func.grad of a training forward: "mutate a captured Tensor"); an out= op is not, as torch's
-    own spectral_norm writes its u, v by F.normalize(out=)."""
-    norm = torch.linalg.vector_norm(x)
-    return torch.where(norm > 0, x / norm.clamp_min(eps), target, out=target)
+    return torch.where(norm > 0, x / norm.clamp_min(eps), previous, out=out)
 
 
 def power_iteration_step(
