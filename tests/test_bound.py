@@ -55,6 +55,19 @@ def test_batched_bound_and_gradient():
     assert rel_err(w.grad, w2.grad) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_bound_of_a_zero_matrix_has_zero_gradient(dtype):
+    # 0 is not differentiable for any norm; like vector_norm's, the bound's gradient there is 0, not 0 · ∞ = NaN
+    w = torch.zeros(3, 4, 6, dtype=dtype)
+    w[1] = matrix_with_gap(4, 6, seed=2).to(dtype)
+    w.requires_grad_()
+    bound = kexue_fast.spectral_norm_bound(w)
+    bound.sum().backward()
+    assert bound.detach()[[0, 2]].tolist() == [0.0, 0.0]
+    assert torch.equal(w.grad[0], torch.zeros_like(w.grad[0])) and torch.equal(w.grad[2], w.grad[0])
+    assert torch.isfinite(w.grad[1]).all() and w.grad[1].abs().amax() > 0
+
+
 def test_bound_bad_inputs():
     with pytest.raises(ValueError, match="weight"):
         kexue_fast.spectral_norm_bound(torch.randn(5))

@@ -107,7 +107,10 @@ def gram_iteration_bound(weight: Tensor, n_iters: int) -> Tensor:
         g = g.mT @ g
     scale = 2.0 ** (-n_iters)
     fro = torch.linalg.matrix_norm(g, ord="fro")
-    return peak * torch.exp(scale * (torch.log(fro) + log_scale))
+    # a zero matrix: bound 0 with gradient 0 (as vector_norm's at 0), not exp(log 0)'s 0 · ∞ = NaN
+    nonzero = fro > 0
+    safe = torch.where(nonzero, fro, torch.ones_like(fro))
+    return torch.where(nonzero, peak * torch.exp(scale * (torch.log(safe) + log_scale)), torch.zeros_like(fro))
 
 
 def conv_operator_matrix(conv, weight: Tensor, input_shape: Sequence[int]) -> Tensor:
