@@ -47,13 +47,14 @@ def _power_iteration_step_kernel(
     rows = r0 + tl.arange(0, BLOCK_M)
     row_mask = rows < m
 
-    sq = tl.zeros([BLOCK_N], dtype=DTYPE)
+    # v_in is the previous step's Wᵀt, of norm ~σ²: its squares (~σ⁴) in float64, which float32 overflowed for
+    # σ > 4e9 (v = 0 and σ̂ = 0 from there on); normalized exactly (a floor at the dtype's tiny, not eps), as the
+    # reference's v = Wᵀu/‖Wᵀu‖ is unit whenever σ ≥ eps; an eps floor shrank v by σ²/eps a step for σ < 1e-6
+    sq = tl.zeros([BLOCK_N], dtype=tl.float64)
     for j0 in range(0, n, BLOCK_N):
-        x = tl.load(v_in + vo + j0 + offs_n, mask=j0 + offs_n < n, other=0.0)
+        x = tl.load(v_in + vo + j0 + offs_n, mask=j0 + offs_n < n, other=0.0).to(tl.float64)
         sq += x * x
-    # v_in is the previous step's Wᵀt, of norm ~σ²: normalized exactly (a floor at the dtype's tiny, not eps),
-    # as the reference's v = Wᵀu/‖Wᵀu‖ is unit whenever σ ≥ eps; an eps floor shrank v by σ²/eps a step for σ < 1e-6
-    inv_norm = 1.0 / tl.maximum(tl.sqrt(tl.sum(sq, axis=0)), tiny)
+    inv_norm = (1.0 / tl.maximum(tl.sqrt(tl.sum(sq, axis=0)), tiny)).to(DTYPE)
 
     t = tl.zeros([BLOCK_M], dtype=DTYPE)
     for j0 in range(0, n, BLOCK_N):

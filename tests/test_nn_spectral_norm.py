@@ -412,6 +412,22 @@ def test_update_reports_nan_weights_in_operator_and_complex_layers():
             update_spectral_norms(module)
 
 
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_update_reports_float32_overflow(backend):
+    # σ̂ = 0 on the torch path (u = Wv/‖Wv‖ with ‖Wv‖ = Inf) let a coeff layer through unscaled
+    model = _model(n_layers=2, n_power_iterations=0, coeff=0.9)
+    with torch.no_grad():
+        model[1].parametrizations.weight.original.mul_(1e20)
+    before = [b.clone() for b in model[1].buffers()]
+    with pytest.raises(ValueError, match=r"overflows torch\.float32"):
+        update_spectral_norms(model, backend=backend)
+    if backend == "cpp":  # it wrote NaN u, v; the torch path zeroes u (Wv/Inf) and keeps v
+        assert all(torch.equal(b, a) for b, a in zip(before, model[1].buffers()))
+    update_spectral_norms(model.double(), backend=backend)
+    w = model[1].parametrizations.weight.original
+    assert rel_err(model[1].parametrizations.weight[0].sigma(w), torch.linalg.matrix_norm(w, 2)) < 1e-6
+
+
 def test_update_takes_strided_u_v_buffers():
     # load_state_dict(assign=True) with strided tensors makes _u/_v non-contiguous; the batched call writes in place
     model = _model(n_layers=2, n_power_iterations=0)

@@ -157,6 +157,31 @@ def test_nan_or_inf_weight_raises(backend, bad):
         kexue_fast.power_iteration(weights, backend=backend)
 
 
+@pytest.mark.parametrize("backend", backends())
+def test_float32_overflow_raises_instead_of_a_wrong_sigma(backend):
+    # ‖W v‖² above float32's largest value: the C++ core's σ̂ came out Inf ("contains NaN or Inf" of a finite
+    # weight), the torch path's u = Wv/Inf = 0 and σ̂ = 0, silently
+    g = torch.Generator().manual_seed(3)
+    weights = [torch.randn(4, 4, generator=g), torch.randn(6, 3, generator=g) * 1e20]
+    with pytest.raises(ValueError, match=r"weights\[1\] has norm .* overflows torch.float32"):
+        kexue_fast.power_iteration(weights, backend=backend)
+    weights[1] /= 1e3  # ‖W‖ ~ 1e17: squares ~ 1e34 still fit
+    sigma, _, _ = kexue_fast.power_iteration(weights, n_iters=30, backend=backend)
+    assert rel_err(sigma[1], torch.linalg.matrix_norm(weights[1].double(), 2).float()) < 1e-4
+    sigma, _, _ = kexue_fast.power_iteration(torch.zeros(3, 5), backend=backend)  # σ̂ = 0 of a zero weight: no error
+    assert float(sigma) == 0
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_nan_start_vectors_raise(backend):
+    # the torch path's σ̂ was 0 (u kept at zeros, v NaN), silently
+    w = torch.randn(4, 3)
+    with pytest.raises(ValueError, match=r"^v contains NaN or Inf"):
+        kexue_fast.power_iteration(w, v=torch.tensor([1.0, float("nan"), 0.0]), backend=backend)
+    with pytest.raises(ValueError, match=r"^u\[1\] contains NaN or Inf"):
+        kexue_fast.power_iteration([w, w], u=[torch.ones(4), torch.full((4,), float("inf"))], backend=backend)
+
+
 def test_explicit_backend_never_falls_back(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(NotImplementedError, match=r"triton.*CUDA"):

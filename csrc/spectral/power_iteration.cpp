@@ -58,10 +58,15 @@ KEXUE_SIMD_CLONES void fused_pass(const T* __restrict W, std::int64_t m, std::in
 }
 
 template <typename T>
-int solve_one(const PowerIterationProblem<T>& p, const PowerIterationOptions& o, T* sigma_out, std::vector<T>& w) {
+int solve_one(const PowerIterationProblem<T>& p, const PowerIterationOptions& o, T* sigma_out, std::vector<T>& w,
+              std::vector<T>& saved) {
   const std::int64_t m = p.rows, n = p.cols;
   const T eps = static_cast<T>(o.eps);
   w.resize(static_cast<std::size_t>(n));
+  // u and v as they came (O(m + n) next to the O(mn) passes): put back if sigma ends NaN or Inf (a NaN weight, or
+  // float squares that overflow), so a failed call leaves the caller's vectors as the torch path leaves them
+  saved.assign(p.u, p.u + m);
+  saved.insert(saved.end(), p.v, p.v + n);
   // The caller's start vector may have any norm: normalize it once (later iterates are unit already).
   {
     const T inv = T(1) / std::max(norm2(p.v, n), eps);
@@ -86,6 +91,10 @@ int solve_one(const PowerIterationProblem<T>& p, const PowerIterationOptions& o,
     ++it;
     if (o.tol > 0 && it > 1 && std::abs(sigma - previous) <= static_cast<T>(o.tol) * sigma) break;
     previous = sigma;
+  }
+  if (!std::isfinite(sigma)) {
+    std::copy(saved.begin(), saved.begin() + m, p.u);
+    std::copy(saved.begin() + m, saved.end(), p.v);
   }
   *sigma_out = sigma;
   return it;
@@ -119,10 +128,10 @@ std::vector<int> power_iteration_batch(const std::vector<PowerIterationProblem<T
   });
   std::atomic<std::size_t> next{0};
   auto worker = [&]() {
-    std::vector<T> scratch;
+    std::vector<T> scratch, saved;
     for (std::size_t k = next++; k < count; k = next++) {
       const std::size_t i = order[k];
-      iterations[i] = solve_one(problems[i], options, sigma + i, scratch);
+      iterations[i] = solve_one(problems[i], options, sigma + i, scratch, saved);
     }
   };
   if (threads <= 1) {

@@ -5,11 +5,11 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import numbers
 import weakref
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
-import numpy
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -20,7 +20,7 @@ from .._autograd import no_autocast
 from ..spectral._validate import check_finite, check_n_iters, check_positive
 from ..spectral.conv import ConvOperator, conv_power_iteration
 from ..spectral.power_iteration import OP as POWER_ITERATION_OP
-from ..spectral.power_iteration import run_backend
+from ..spectral.power_iteration import check_sigma, run_backend
 from ..spectral.reference import unit_or_keep
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -448,11 +448,12 @@ def update_spectral_norms(
             # written through NumPy views, which autograd does not see: a graph that saved u or v (a compiled
             # forward's, before its backward) would otherwise use the new values silently instead of raising
             torch.autograd.graph.increment_version(group.us + group.vs)
-            finite = bool(numpy.isfinite(sigma).all())
+            values = sigma.tolist()
         else:
             with torch.no_grad():
                 sigma = run_backend(backend_of_group, group.weights, group.vs, group.us, group.vs, n_iters, tol,
                                     group.eps)  # fmt: skip
-            finite = group.device.type != "cpu" or bool(torch.isfinite(sigma).all())
-        if not finite:
-            raise ValueError("a spectral-norm weight contains NaN or Inf")
+            values = sigma.tolist() if group.device.type == "cpu" else []
+        for weight, value in zip(group.weights, values):
+            if not math.isfinite(value) or value == 0:  # NaN/Inf weights, or float32 squares that overflow
+                check_sigma(weight, value, "a spectral-norm weight")

@@ -194,6 +194,25 @@ def _vectors(vectors: Vectors, form: str, mats: List[Tensor], dim: int, name: st
     return [vec.detach() for vec in vecs]
 
 
+def check_sigma(weight: Tensor, sigma: float, where: str) -> None:
+    """Why a σ̂ read on the host is NaN, Inf or 0 when that is an error: a non-finite weight, or a finite one whose
+    ‖W v‖² overflows its dtype (σ ≳ 1.8e19 in float32): the C++ core's σ̂ then comes out Inf, the torch path's
+    u = Wv/‖Wv‖ = Wv/Inf = 0 and σ̂ = 0. A 0 from a finite weight that does not overflow is the iteration's own
+    (a zero weight, or a start vector in its null space)."""
+    w = weight.detach()
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError(f"{where} contains NaN or Inf")
+    frobenius = float(torch.linalg.vector_norm(w.abs().to(torch.float64)))
+    largest = torch.finfo(w.dtype.to_real()).max
+    if frobenius >= math.sqrt(largest):
+        raise ValueError(
+            f"{where} has norm {frobenius:.3g} (Frobenius): the power iteration's ‖W v‖² overflows {w.dtype} "
+            f"(largest {largest:.3g}); compute in float64"
+        )
+    if not math.isfinite(sigma):
+        raise ValueError(f"σ̂ of {where} came out {sigma} from a finite weight: its start vectors hold NaN or Inf")
+
+
 def power_iteration(
     weights: Weights,
     *,
@@ -222,8 +241,9 @@ def power_iteration(
             the C++ and torch backends; on Triton every matrix iterates until the last one meets it (results within
             tol of each other). None runs exactly `n_iters` iterations without any host sync.
         eps: floor of the norms in the normalizations, as in torch.
-        check_finite: raise ValueError if a weight holds NaN/Inf (detected from σ̂). None checks where it costs
-            no device sync: on CPU always, on CUDA only when `tol` is given.
+        check_finite: raise ValueError if a weight or a given u, v holds NaN/Inf, or a weight's ‖W v‖² overflows
+            its dtype (‖W‖ ≳ 1.8e19 in float32: σ̂ would come out Inf or 0); detected from σ̂, so costing one host
+            read. None checks where it costs no device sync: on CPU always, on CUDA only when `tol` is given.
         backend: "auto" (KEXUE_FAST_BACKEND, else triton on CUDA, C++ on CPU), "triton", "cpp" or "torch".
 
     Returns:
@@ -252,6 +272,11 @@ def power_iteration(
     may_read = not compiling and (
         check_finite or (check_finite is None and (first.device.type == "cpu" or tol is not None))
     )
+    if may_read:  # a NaN start reached the torch path's σ̂ as 0 (u kept at 0), the others' as NaN
+        for name, given in (("u", u_init), ("v", v_init if v is not None else None)):
+            bad = next((i for i, x in enumerate(given or ()) if not bool(torch.isfinite(x).all())), None)
+            if bad is not None:
+                raise ValueError(f"{name}{'' if form == 'single' else f'[{bad}]'} contains NaN or Inf")
     if v is not None and may_read:  # a zero start stays zero (v is kept where Wv = 0): σ̂ = 0 for good
         zero = next((i for i, vi in enumerate(v_init) if not bool(vi.detach().ne(0).any())), None)
         if zero is not None:
@@ -265,10 +290,9 @@ def power_iteration(
 
     if may_read:
         values = sigma.tolist()  # one host read (a sync on CUDA: only where allowed above)
-        bad = next((i for i, x in enumerate(values) if not math.isfinite(x)), None)
-        if bad is not None:
-            where = "weights" if form == "single" else f"weights[{bad}]"
-            raise ValueError(f"{where} contains NaN or Inf")
+        for i, x in enumerate(values):
+            if not math.isfinite(x) or x == 0:
+                check_sigma(mats[i], x, "weights" if form == "single" else f"weights[{i}]")
 
     if form == "single":
         return sigma[0], u_flat, v_flat
