@@ -196,7 +196,7 @@ def run(out_dir: Path, quick: bool = True, device: str = "cpu") -> Path:
         print(f"  ortho/{device}: overhead done", flush=True)
         shapes = [(64, 1024), (128, 4096), (4096, 64), (16384, 128), (4096, 256)]
         if device == "cuda":
-            shapes += [(131072, 64), (32768, 256)]
+            shapes += [(131072, 64), (32768, 256), (16384, 512), (8192, 1024)]  # the last two: TRITON_AUTO_MAX_CHANNELS
         formula = formula_rows(device, shapes, reps)
     finally:
         torch.set_num_threads(threads)

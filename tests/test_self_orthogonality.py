@@ -834,6 +834,29 @@ def test_enabled_false_pauses_recording():
     assert len(som.recorder.records) == 2 and torch.isfinite(som.loss())
 
 
+def test_paused_gan_generator_step_leaves_no_stale_record():
+    """A discriminator run in the generator step under som.paused() records nothing: the next loss() has only the
+    discriminator step's records (unpaused, the generator step's freed graph broke that loss's backward)."""
+    torch.manual_seed(0)
+    disc = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, 1))  # fmt: skip
+    som = SelfOrthogonality(disc)
+    x = torch.randn(4, 3, 8, 8)
+    with som.paused():
+        disc(x).mean().backward()  # the generator step
+    assert som.enabled and som.recorder.records == []
+    out = disc(x)
+    (out.mean() + som.loss()).backward()
+    disc(x).mean().backward()  # unpaused: recorded, and its graph freed
+    disc(x)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        (som.loss(reduction="none").sum()).backward()
+    som.enabled = False
+    with pytest.raises(ValueError, match="boom"), som.paused():
+        raise ValueError("boom")
+    assert not som.enabled  # restored to what it was
+
+
 def test_activation_checkpointing_records_each_forward_once():
     from torch.utils.checkpoint import checkpoint
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+import contextlib
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +27,12 @@ class SelfOrthogonality(nn.Module):
 
         som = SelfOrthogonality(model)
         loss = criterion(model(x), target) + som.loss()
+
+    Records accumulate over every training-mode forward with gradients until loss() takes them. A forward that is
+    not to be regularized must run paused: a GAN discriminator's forward in the generator step, say
+    (`with som.paused(): g_loss = -D(G(z)).mean()`), or call clear() before the forwards to regularize. Else the
+    next loss() includes it, and that loss's backward fails once the forward's graph has been freed by its own
+    backward (torch's "Trying to backward through the graph a second time").
 
     On the CPU's C++ route (som_regularizer's backend "cpp", what "auto" takes there) with taps=True (the default) each
     hooked layer returns an alias of its output (a tap) to its consumers and the output itself is recorded: in a
@@ -106,6 +113,16 @@ class SelfOrthogonality(nn.Module):
     @enabled.setter
     def enabled(self, value: bool) -> None:
         self.recorder.enabled = bool(value)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """`with som.paused(): ...` runs the model without recording (enabled = False inside, restored after)."""
+        previous = self.enabled
+        self.enabled = False
+        try:
+            yield
+        finally:
+            self.enabled = previous
 
     @property
     def layer_names(self):

@@ -37,12 +37,12 @@ _dispatch.register_op(
     triton_needs={torch.float64: ((3, 5), "float64 tl.dot")},  # 3.3 and 3.4 refuse it (tests/test_kernels_compile.py)
 )  # fmt: skip
 
-# `auto` on CUDA sends layers wider than this to the torch path: on an H100 at 1889232 (python -m kexue_fast.bench
-# --device cuda --suite ortho, benchmarks/results/ortho-cuda.md) the fused kernels took a CNN step + SOM in 4.22 ms
-# against 5.88 ms on the torch path (64-channel layers at most), and one [16384, 128] layer in 1.48 ms against 2.42,
-# but one [32768, 256] layer in 2.65 ms against 1.32: their FMA tiles lose to cuBLAS on wide Grams. Not rerun since
-# the Gram's dots became tf32x3 (3b63a80): the H200 formula rows at 60a352b are host-bound (1-2 ms for any shape).
-TRITON_AUTO_MAX_CHANNELS = 128
+# `auto` on CUDA sends layers wider than this to the torch path. On an H200 at 97d765a (python -m kexue_fast.bench
+# --device cuda --suite ortho --full, benchmarks/results/ortho-cuda.md) the kernels (tf32x3 Gram dots since 3b63a80)
+# took one [32768, 256] layer's forward + backward in 0.653 ms against 1.343 on the torch path; on an H100 at 1889232,
+# with IEEE FMA dots, 2.65 against 1.32 (the limit was 128 then). Wider layers are not measured: the bench's CUDA
+# formula rows [16384, 512] and [8192, 1024] are there for the next GPU run to move this limit.
+TRITON_AUTO_MAX_CHANNELS = 256
 
 # The C++ route's threads (cpp_threads): as many as torch runs, on torch's own OpenMP team where the core finds one
 # loaded (_core.omp_team(): the team's workers spin after each torch op, so they take the C++ work at once); one, the
