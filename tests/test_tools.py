@@ -170,6 +170,11 @@ def test_an_older_triton_is_refused_clearly_for_dtypes_its_compiler_cannot_build
         som.som_regularizer(torch.randn(8, 3, dtype=torch.float64), backend="triton")
     monkeypatch.setattr(_dispatch, "triton_version", lambda: (3, 5))
     assert _dispatch.why_not(som.OP, "triton", cpu, torch.float64) is None
+    monkeypatch.setattr(_dispatch, "triton_version", lambda: (3, 1))  # its compiler aborts on SOM's bfloat16 dots
+    assert "3.2" in _dispatch.why_not(som.OP, "triton", cpu, torch.bfloat16)
+    assert _dispatch.why_not(som.OP, "triton", cpu, torch.float16) is None
+    monkeypatch.setattr(_dispatch, "triton_version", lambda: (3, 2))
+    assert _dispatch.why_not(som.OP, "triton", cpu, torch.bfloat16) is None
 
 
 def test_double_backward_through_closed_form_gradients_raises_clearly():

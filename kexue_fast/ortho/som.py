@@ -34,7 +34,9 @@ _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _dispatch.register_op(
     OP, {"triton": _FLOATS, "cpp": _FLOATS, "torch": _FLOATS},
     auto_when={"cpp": lambda: _auto_condition()},
-    triton_needs={torch.float64: ((3, 5), "float64 tl.dot")},  # 3.3 and 3.4 refuse it (tests/test_kernels_compile.py)
+    # 3.3 and 3.4 refuse float64 dots; 3.0 and 3.1's compilers abort (an LLVM assertion: the process dies) on the
+    # backward's tf32x3 dots of bfloat16 inputs for sm_90 (tests/test_kernels_compile.py under each version)
+    triton_needs={torch.float64: ((3, 5), "float64 tl.dot"), torch.bfloat16: ((3, 2), "bfloat16 tf32x3 tl.dot")},
 )  # fmt: skip
 
 # `auto` on CUDA sends layers wider than this to the torch path. On an H200 at 97d765a (python -m kexue_fast.bench
