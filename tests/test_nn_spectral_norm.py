@@ -428,6 +428,39 @@ def test_update_reports_float32_overflow(backend):
     assert rel_err(model[1].parametrizations.weight[0].sigma(w), torch.linalg.matrix_norm(w, 2)) < 1e-6
 
 
+_LAYERS = {
+    "linear": lambda: nn.Linear(5, 7),
+    "conv": lambda: nn.Conv2d(3, 4, 3),
+    "conv_transpose": lambda: nn.ConvTranspose2d(3, 4, 3),
+    "embedding": lambda: nn.Embedding(10, 6),
+}
+
+
+@pytest.mark.parametrize("make", list(_LAYERS.values()), ids=list(_LAYERS))
+def test_loads_checkpoints_of_torchs_deprecated_spectral_norm(make):
+    """torch.nn.utils.spectral_norm's keys (weight_orig, weight_u, weight_v) load into ours, nested too, with the
+    old layer's outputs in eval (its training steps update v before u, the parametrization u before v: torch's two
+    APIs differ there); operator-mode layers (other u, v) refuse them."""
+    torch.manual_seed(0)
+    old = nn.Sequential(nn.Identity(), torch.nn.utils.spectral_norm(make()))
+    inputs = {nn.Linear: torch.randn(4, 5), nn.Embedding: torch.randint(0, 10, (4,))}
+    x = inputs.get(type(old[1]), torch.randn(2, 3, 8, 8))
+    for _ in range(3):
+        old(x)
+    checkpoint = copy.deepcopy(old.state_dict())
+    assert {"1.weight_orig", "1.weight_u", "1.weight_v"} <= set(checkpoint)
+    new = nn.Sequential(nn.Identity(), spectral_norm(make()))
+    new.load_state_dict(checkpoint)
+    assert torch.equal(new.eval()(x), old.eval()(x))
+    assert torch.equal(new[1].parametrizations.weight[0]._u, old[1].weight_u)
+    assert torch.equal(new[1].parametrizations.weight[0]._v, old[1].weight_v)
+    new.load_state_dict(new.state_dict())  # its own keys load as before
+    if isinstance(old[1], nn.Conv2d):
+        operator = nn.Sequential(nn.Identity(), spectral_norm(make(), input_shape=(3, 8, 8)))
+        with pytest.raises(RuntimeError, match="weight_orig"):
+            operator.load_state_dict(checkpoint)
+
+
 def test_update_takes_strided_u_v_buffers():
     # load_state_dict(assign=True) with strided tensors makes _u/_v non-contiguous; the batched call writes in place
     model = _model(n_layers=2, n_power_iterations=0)

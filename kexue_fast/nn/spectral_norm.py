@@ -206,7 +206,8 @@ def spectral_norm(
     convolution operator (power iteration through conv and conv_transpose with the module's stride, padding,
     dilation and groups; an input larger than input_shape then raises ValueError in forward, since the norm grows
     with the input size); without it, the reshaped kernel is normalized, as torch does (which neither bounds nor
-    equals the layer's Lipschitz constant). State-dict keys are torch's: parametrizations.<name>.original, .0._u, .0._v.
+    equals the layer's Lipschitz constant). State-dict keys are torch's: parametrizations.<name>.original, .0._u, .0._v;
+    a matrix-mode layer also loads a checkpoint of the deprecated torch.nn.utils.spectral_norm (<name>_orig, _u, _v).
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
@@ -239,7 +240,29 @@ def spectral_norm(
     parametrize.register_parametrization(module, name, SpectralNorm(weight, n_power_iterations, dim, eps, coeff, conv))
     if conv is not None:
         module.register_forward_pre_hook(_InputShapeCheck(tuple(conv.input_shape[1:])))
+    else:
+        module._register_load_state_dict_pre_hook(_LegacyKeys(name), with_module=True)
     return module
+
+
+class _LegacyKeys:
+    """A load_state_dict pre-hook of a matrix-mode layer: a checkpoint of the deprecated hook-based
+    torch.nn.utils.spectral_norm (keys <name>_orig, <name>_u, <name>_v: many GAN checkpoints) loads into the
+    parametrization's keys (parametrizations.<name>.original, .0._u, .0._v), which hold the same tensors — the same
+    reshaping dim, u of its rows and v of its columns, torch's update — as torch's own parametrization would need
+    them renamed by hand. Only a checkpoint holding all three old keys and none of the new ones is renamed."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
+        if not parametrize.is_parametrized(module, self.name):  # removed since (remove_parametrizations)
+            return
+        old = [f"{prefix}{self.name}{suffix}" for suffix in ("_orig", "_u", "_v")]
+        new = [f"{prefix}parametrizations.{self.name}.{key}" for key in ("original", "0._u", "0._v")]
+        if all(k in state_dict for k in old) and not any(k in state_dict for k in new):
+            for key, renamed in zip(old, new):
+                state_dict[renamed] = state_dict.pop(key)
 
 
 class _InputShapeCheck:
