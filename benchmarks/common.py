@@ -113,6 +113,8 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
 def write_results(out_dir: Path, stem: str, title: str, meta: Dict[str, str], header: Sequence[str],
                   rows: Sequence[Sequence[object]], notes: str = "") -> Path:  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
+    if RUN_MODE == "quick":  # never over a committed full run's file (git-ignored: benchmarks/results/*-quick.*)
+        stem = f"{stem}-quick"
     md = out_dir / f"{stem}.md"
     body = [f"# {title}", ""] + [f"- {k}: {v}" for k, v in meta.items()] + ["", markdown_table(header, rows), ""]
     if notes:
@@ -120,7 +122,7 @@ def write_results(out_dir: Path, stem: str, title: str, meta: Dict[str, str], he
     md.write_text("\n".join(body))
     with open(out_dir / f"{stem}.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow([f"# {k}: {v}" for k, v in meta.items()])
+        writer.writerows([f"# {k}: {v}"] for k, v in meta.items())  # one line each: read_csv(comment="#") skips them
         writer.writerow(header)
         writer.writerows(rows)
     return md

@@ -312,6 +312,7 @@ def run(
     torch.set_num_threads(1)  # small ops: one thread avoids oversubscription noise on a shared machine
     rows: List[list] = []
     try:
+        meta = metadata(device)  # its thread count is the one the rows ran on
         for dim, hidden, batch in cases:
             for n_terms in terms:
                 torch.manual_seed(0)
@@ -350,4 +351,4 @@ def run(
         )
     )
     return write_results(out_dir, f"flows-{device}", "Invertible residual block: forward + log-det + backward",
-                         metadata(device), header, rows, notes)  # fmt: skip
+                         meta, header, rows, notes)  # fmt: skip

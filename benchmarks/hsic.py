@@ -73,7 +73,7 @@ def measure(which: str, n: int, max_runs: int = 3, budget_s: float = 20.0) -> Op
     if not runs:
         return None
     runs.sort(key=lambda r: r["seconds"])
-    median = dict(runs[len(runs) // 2])
+    median = dict(runs[(len(runs) - 1) // 2])  # of two runs the faster (the other may have met a noisy spell)
     median["runs"] = len(runs)
     return median
 
@@ -112,8 +112,9 @@ def run(
     ]
     notes = (
         'n samples, x [n, 8], y [n, 3] = sin(x[:, :3]) + noise, float64 ("kexue_fast float32": the same data cast '
-        "to float32), torch with 2 threads (hyppo: numba/numpy). Each cell is the median of up to 3 runs (within 20 s; "
-        "one run at n = 100,000), each in a fresh process (imports and numba compilation excluded). The time includes "
+        f"to float32), torch with 2 threads (hyppo: numba/numpy). Each cell is the median of up to {max_runs} runs "
+        f"(within 20 s{'; one run at n > 32,000' if max(sizes) > 32000 else ''}; of two, the faster), each in a fresh "
+        "process (imports and numba compilation excluded). The time includes "
         "the exact median-distance bandwidth; the split column gives its share and the statistic pass's. Ratios are "
         "against kexue_fast float64; the last column compares each statistic with kexue_fast float64's."
     )

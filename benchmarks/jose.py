@@ -90,7 +90,7 @@ def run(out_dir: Path, quick: bool = True, device: str = "cpu") -> Path:
             res: Optional[dict] = run_script(_SCRIPT, [which, str(path), str(epochs), device], which, timeout=3600)
             if res is not None:
                 results[which] = res
-                print(f"  jose/{device}: {which} {res}", flush=True)
+                print(f"  jose/{device}: {which} wall {res['wall']:.2f} s, CPU {res['cpu']:.2f} s", flush=True)
     names = {"jose:paper": "kexue_fast JoSE (paper rule)", "jose:jose_c": "kexue_fast JoSE (jose_c rule)",
              "gensim": "gensim Word2Vec sg=1", "jose.c": "official jose.c (-O3 -march=native)"}  # fmt: skip
     anchor = results.get("gensim")
@@ -107,6 +107,6 @@ def run(out_dir: Path, quick: bool = True, device: str = "cpu") -> Path:
     notes = (f"{tokens:,} tokens × {epochs} epoch(s) = {words:,} words; one worker thread each; dim 100, window 10, "
              "negative 2, min_count 5, sample 1e-3. CPU time includes reading the corpus and building the "
              "vocabulary for every contestant. "
-             + ("" if official else "The official jose.c was not run (set KEXUE_JOSE_C to its binary); the issue "
-                "measured it at ≈ 71–78k words per thread-CPU-second on this machine class."))  # fmt: skip
+             + ("" if official else "The official jose.c was not run (set KEXUE_JOSE_C to its binary for its row). ")
+             + ("A quick run trains for fractions of a second: its ratios are rough." if quick else ""))  # fmt: skip
     return write_results(out_dir, f"jose-{device}", "JoSE training speed", metadata(device), header, rows, notes)

@@ -97,9 +97,8 @@ def run(out_dir: Path, quick: bool = True, device: str = "cpu", reps: Optional[i
     finally:
         torch.set_num_threads(threads)
     header = ["what", "n", "contestant", "ms (median)", "speed-up vs SciPy", "max |diff| vs SciPy"]
-    notes = (
-        "float64, 1 torch thread (SciPy is single-threaded); medians of interleaved repetitions (CPU) or "
-        "triton.testing.do_bench (CUDA)."
+    notes = "float64, 1 torch thread (SciPy is single-threaded); " + (
+        "medians of interleaved repetitions." if device == "cpu" else "medians by triton.testing.do_bench."
     )
     return write_results(out_dir, f"rope-{device}", "Jacobi elliptic functions and the troposkein vs SciPy",
                          meta, header, rows, notes)  # fmt: skip

@@ -112,10 +112,11 @@ def run(out_dir: Path, quick: bool = True, device: str = "cpu", reps: Optional[i
     finally:
         torch.set_num_threads(threads)
     header = ["what", "size", "contestant", "median time", "speed-up vs NCSN-style"]
+    timing = ("float32, 1 torch thread; medians of interleaved repetitions. " if device == "cpu"
+              else "float32; medians by triton.testing.do_bench. ")  # fmt: skip
     notes = (
-        "float32, 1 torch thread on CPU; medians of interleaved repetitions (CPU) or triton.testing.do_bench (CUDA). "
-        "The loop's score is the exact noisy score of a 3-component 2-D mixture (cheap), so the update and the "
-        "per-step overhead dominate."
+        timing + "The loop's score is the exact noisy score of a 3-component 2-D mixture (cheap), so the update "
+        "and the per-step overhead dominate."
     )
     return write_results(out_dir, f"score-{device}", "Annealed Langevin: one update and an NCSN sampling loop",
                          meta, header, rows, notes)  # fmt: skip

@@ -170,10 +170,11 @@ def run(
     header = ["layers", "weights", "kexue_fast ms", "torch param. ms", "torch / ours", "per-layer loop ms",
               "loop / ours"]  # fmt: skip
     backend = kexue_fast._dispatch.choose("power_iteration", torch.device(device), torch.float32)
+    timing = f"median over {reps} interleaved repetitions" if device == "cpu" else "median by triton.testing.do_bench"
     notes = (
-        f"One power iteration of every layer (float32, Linear layers of sizes cycling {WIDTHS}), median over "
-        f"{reps} interleaved repetitions (CPU) or triton.testing.do_bench (CUDA). kexue_fast ran on its "
-        f"'{backend}' backend. 'torch param.' includes torch's W/σ division per layer, as every training forward does."
+        f"One power iteration of every layer (float32, Linear layers of sizes cycling {WIDTHS}), {timing}. "
+        f"kexue_fast ran on its '{backend}' backend. 'torch param.' includes torch's W/σ division per layer, as every "
+        "training forward does."
     )
     if device == "cpu" and kexue_fast._dispatch.core_status()[0]:
         kernel_header = ["layers", "C++ kernel ms", "GB/s (W once)", "torch loop ms", "loop / kernel"]

@@ -22,7 +22,10 @@ def main(argv=None) -> None:
     parser.add_argument("--full", action="store_true", help="more repetitions (default: a quick run)")
     parser.add_argument("--device", choices=("cpu", "cuda", "all"), default="all",
                         help="cpu, cuda, or all available (default)")  # fmt: skip
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results folder")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"),
+                        help="results folder, relative to the current directory (default: benchmarks/results); a "
+                        "quick run writes <suite>-<device>-quick.md/.csv there, --full the names the committed "
+                        "results have")  # fmt: skip
     args = parser.parse_args(argv)
 
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
@@ -64,7 +67,7 @@ def _run_suites(args, devices: List[str]) -> List[str]:
                 traceback.print_exc(limit=3)
                 continue
             print(path.read_text())
-            print(f"(written to {path})\n")
+            print(f"(written to {path.resolve()})\n")
     return failed
 
 

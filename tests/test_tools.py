@@ -3,6 +3,7 @@
 import importlib.util
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -263,6 +264,25 @@ def test_bench_goes_on_past_a_failing_suite_and_skips_cpu_only_suites_on_cuda(tm
     (tmp_path / "file").write_text("")
     with pytest.raises(SystemExit):  # checked before any measuring (it failed after a suite had run)
         bench.main(["--suite", "rope", "--out", str(tmp_path / "file")])
+
+
+def test_quick_runs_never_overwrite_a_full_runs_results(tmp_path, monkeypatch):
+    """README's main job (a quick run) wrote over the committed full runs' files; the CSV's metadata filled the row
+    a CSV reader takes for the header."""
+    import csv
+
+    from kexue_fast.benchmarks import common
+
+    for mode, stem in (("quick", "demo-cpu-quick"), ("full", "demo-cpu"), (None, "demo-cpu")):
+        monkeypatch.setattr(common, "RUN_MODE", mode)
+        path = common.write_results(tmp_path, "demo-cpu", "Demo", {"date": "d", "git": "g"}, ["a", "b"], [[1, 2]])
+        assert path == tmp_path / f"{stem}.md" and (tmp_path / f"{stem}.csv").exists()
+    with open(tmp_path / "demo-cpu-quick.csv", newline="") as f:
+        lines = list(csv.reader(f))
+    assert lines == [["# date: d"], ["# git: g"], ["a", "b"], ["1", "2"]]
+    ignored = subprocess.run(["git", "check-ignore", "-q", "benchmarks/results/spectral-cpu-quick.md"],
+                             cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert ignored.returncode in (0, 128)  # ignored (128: not a git checkout, as in an sdist)
 
 
 def test_results_record_the_packages_checkout_not_the_current_directory(tmp_path, monkeypatch):
