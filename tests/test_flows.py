@@ -615,6 +615,11 @@ def test_actnorm_and_squeeze():
     y, logdet = act(x)
     assert bool(act.initialized)
     assert torch.allclose(y.mean((0, 2, 3)), torch.zeros(3, dtype=D64), atol=1e-10)
+    # unit (population) std per channel after the init, s = −log(std + eps): a scale by std instead of 1/std, or
+    # the sample std, kept every other check here
+    assert torch.allclose(y.std((0, 2, 3), unbiased=False), torch.ones(3, dtype=D64), rtol=1e-6)  # eps = 1e-6
+    expected = -torch.log(x.std((0, 2, 3), unbiased=False) + act.eps)
+    assert torch.allclose(act.log_scale.reshape(-1), expected, rtol=1e-12, atol=0)
     assert torch.allclose(act.inverse(y), x, atol=1e-12)
     single = x[:1]
     jac = torch.autograd.functional.jacobian(lambda z: act(z)[0], single).reshape(48, 48)

@@ -53,6 +53,34 @@ def test_kernels_equal_materialized(kernel, backend):
         assert abs(float(ours - ref)) <= 1e-10 * abs(float(ref))
 
 
+def test_reference_against_definitions():
+    """The reference itself, from other formulas than its own: each kernel's values at hand-computed distances,
+    HSIC_b by Gretton et al.'s (2005) three sums, HSIC_u as the U-statistic over distinct quadruples (Song et al.
+    2012), whose closed form the reference (and so every fast path) uses; hyppo checks only the Gaussian case."""
+    import itertools
+
+    pts = torch.tensor([[0.0], [3.0], [4.0]], dtype=D64)  # distances 3, 4 and 1
+    d = torch.tensor([[0, 3, 4], [3, 0, 1], [4, 1, 0]], dtype=D64)
+    expected = {"gaussian": torch.exp(-(d**2) / (2 * 2.0**2)), "laplace": torch.exp(-d / 2.0),
+                "imq": (1 + d**2 / 2.0**2) ** -0.5, "linear": pts @ pts.T}  # fmt: skip
+    for kernel, values in expected.items():
+        torch.testing.assert_close(R.gram(pts, kernel, 2.0), values, rtol=1e-15, atol=0)
+    assert float(R.gram(pts, "imq", 2.0)[0, 1]) == pytest.approx(1 / math.sqrt(1 + 9 / 4), rel=1e-15)
+    x, y = _data(7, 2, 1, seed=4)
+    k, lm = R.gram(x, "gaussian", 1.1), R.gram(y, "laplace", 0.7)
+    n = k.shape[0]
+    three_sums = (k * lm).sum() / n**2 - 2 * (k @ lm).sum() / n**3 + k.sum() * lm.sum() / n**4
+    assert float(R.hsic_biased(k, lm)) == pytest.approx(float(three_sums), rel=1e-12)
+
+    def h(i, j, q, r):  # the kernel of the U-statistic, symmetrized over the 24 orders
+        return sum(k[t, u] * (lm[t, u] + lm[v, w] - 2 * lm[t, v])
+                   for t, u, v, w in itertools.permutations((i, j, q, r))) / 24  # fmt: skip
+
+    quads = list(itertools.permutations(range(n), 4))
+    u_statistic = sum(float(h(*quad)) for quad in quads) / len(quads)
+    assert float(R.hsic_unbiased(k, lm)) == pytest.approx(u_statistic, rel=1e-10)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_delta_kernel_for_labels(backend):
     x, _ = _data(90, 3, 1, seed=2)

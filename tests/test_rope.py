@@ -156,10 +156,11 @@ def test_jacobi_bad_inputs():
 # --- the troposkein -----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("gravity", ["axial", "radial"])  # g = 0: each gravity's equations reduce to the same rope
 @pytest.mark.parametrize("ratio", [1.01, 1.3, 2.0, 3.5])
-def test_closed_form_matches_shooting_to_1e9(ratio):
+def test_closed_form_matches_shooting_to_1e9(ratio, gravity):
     h = 0.8
-    shot = rope_shape(ratio * h, h, omega=3.0, g=0.0, n_points=65, n_steps=1024)
+    shot = rope_shape(ratio * h, h, omega=3.0, g=0.0, gravity=gravity, n_points=65, n_steps=1024)
     exact = troposkein(ratio * h, h, y=shot.y, omega=3.0)
     assert float((shot.x - exact.x).abs().max()) <= 1e-9 * h
     assert float((shot.s - exact.s).abs().max()) <= 1e-9 * h

@@ -146,6 +146,32 @@ def _mode_mass(mixture, x):
     return torch.bincount(mixture.responsibilities(x).argmax(1), minlength=mixture.means.shape[0]).double() / len(x)
 
 
+def test_mixture_log_prob_and_mmd_against_independent_formulas():
+    """The test yardsticks themselves: GaussianMixture.log_prob (its absolute value; the DDE losses use only
+    differences) against SciPy's normal densities, and mmd2_unbiased against its double sum over i ≠ j."""
+    stats = pytest.importorskip("scipy.stats")
+    mix = GaussianMixture(weights=[0.2, 0.8], means=[[0.0, 1.0], [2.0, -1.0]], stds=[[0.5, 1.5], [1.0, 0.3]])
+    x = torch.tensor([[0.1, 0.2], [1.9, -0.8], [5.0, 5.0]], dtype=D64)
+    for sigma in (0.0, 0.7):
+        densities = [
+            sum(float(w) * stats.multivariate_normal.pdf(p.tolist(), mean=m.tolist(), cov=(s**2 + sigma**2).tolist())
+                for w, m, s in zip(mix.weights, mix.means, mix.stds))
+            for p in x
+        ]  # fmt: skip
+        expected = [math.log(d) for d in densities]
+        torch.testing.assert_close(mix.log_prob(x, sigma), torch.tensor(expected, dtype=D64), rtol=1e-12, atol=0)
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(5, 2, generator=g, dtype=D64), torch.randn(7, 2, generator=g, dtype=D64) + 0.5
+
+    def k(p, q):
+        return math.exp(-float(((p - q) ** 2).sum()) / (2 * 1.3**2))
+
+    within_a = sum(k(a[i], a[j]) for i in range(5) for j in range(5) if i != j) / (5 * 4)
+    within_b = sum(k(b[i], b[j]) for i in range(7) for j in range(7) if i != j) / (7 * 6)
+    across = sum(k(p, q) for p in a for q in b) / (5 * 7)
+    assert abs(float(mmd2_unbiased(a, b, 1.3)) - (within_a + within_b - 2 * across)) < 1e-14
+
+
 def test_annealed_langevin_samples_match_the_target():
     target = GaussianMixture(**TARGET, dtype=torch.float32)
     g = torch.Generator().manual_seed(1)
