@@ -3,6 +3,7 @@ and why."""
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 from typing import List
@@ -29,6 +30,7 @@ def report() -> str:
     add(f"torch      {torch.__version__} (CUDA {torch.version.cuda or 'none'})")
     add(f"numpy      {numpy.__version__}")
     ok, why = _dispatch.core_status()
+    core_ok, core_why = ok, why
     if ok:
         from . import _core
 
@@ -51,14 +53,15 @@ def report() -> str:
         add(f"_core      unavailable: {why}")
     ok, why = _dispatch.triton_status()
     add(f"triton     {why if ok else 'unavailable: ' + why}")
+    interpret = f"TRITON_INTERPRET={int(_dispatch.triton_interpret())}{_unset('TRITON_INTERPRET')}"
     try:
         requested = _dispatch.requested_backend(None)
     except ValueError as exc:  # the tool that diagnoses a bad value must not die on it
-        add(f"TRITON_INTERPRET={int(_dispatch.triton_interpret())}  {_dispatch.ENV_VAR} INVALID: {exc}")
+        add(f"{interpret}  {_dispatch.ENV_VAR} INVALID: {exc}")
         add("(every op raises this ValueError until the variable is fixed or unset; `auto` shown below)")
         requested = None
     else:
-        add(f"TRITON_INTERPRET={int(_dispatch.triton_interpret())}  {_dispatch.ENV_VAR}={requested}")
+        add(f"{interpret}  {_dispatch.ENV_VAR}={requested}{_unset(_dispatch.ENV_VAR)}")
     if torch.cuda.is_available():
         add(f"cuda       {torch.cuda.get_device_name(0)} (capability {torch.cuda.get_device_capability(0)})")
     else:
@@ -71,7 +74,14 @@ def report() -> str:
             for dtype in (torch.float32, torch.float64):
                 dt = str(dtype).replace("torch.", "")
                 add(f"{op:<19} {device.type:<7} {dt:<9} {_dispatch.describe(op, device, dtype, requested)}")
+    core = "cpp (kexue_fast._core built)" if core_ok else f"none: {core_why}"
+    for op in ("infomap", "map_equation"):  # one backend, not dispatched: the C++ core or nothing
+        add(f"{op:<19} {'cpu':<7} {'any':<9} {core}; C++ only (weights in float64)")
     return "\n".join(lines)
+
+
+def _unset(name: str) -> str:
+    return "" if name in os.environ else " (unset)"
 
 
 def main() -> None:
