@@ -745,6 +745,22 @@ def test_autocast_and_half_inputs_keep_the_tiles_in_float32():
         assert _rel(grad.double(), want_grad) <= 2e-2
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bandwidth_too_small_for_the_data_raises(backend):
+    """σ ≪ the data's spread overflowed the tiles' squared distances: NaN on the torch path (float64 below ~1e-154,
+    float32 below ~1e-19 for data of spread ~3), NaN or a number on the C++ one; now a ValueError on both."""
+    x, y = _data(60, 3, 2, seed=7)
+    for dtype, small, fine in ((torch.float64, 1e-160, 1e-100), (torch.float32, 1e-19, 1e-15)):
+        with pytest.raises(ValueError, match=r"bandwidth_x=1e-\d+ is too small for the data"):
+            kexue_fast.hsic(x.to(dtype), y.to(dtype), bandwidth_x=small, backend=backend)
+        with pytest.raises(ValueError, match=r"bandwidth_y=.* too small"):
+            kexue_fast.hsic(x.to(dtype), y.to(dtype), bandwidth_x=1.0, bandwidth_y=small, backend=backend)
+        value = kexue_fast.hsic(x.to(dtype), y.to(dtype), bandwidth_x=fine, backend=backend)  # K = I: still exact
+        ref = R.hsic_biased(torch.eye(60, dtype=D64), R.gram(y - y.mean(0), "gaussian", float(
+            kexue_fast.median_bandwidth(y))))  # fmt: skip
+        assert abs(float(value) - float(ref)) <= 1e-5 * abs(float(ref))
+
+
 def test_hsic_inputs_checked_and_dtypes_promoted():
     """[n, 0] inputs crashed in a reduction; the gamma test's n < 6 blamed "the biased estimator"; an invalid
     bandwidth passed unchecked with the linear kernel; float32 x with float64 y came back float32; cka(...,

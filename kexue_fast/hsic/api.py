@@ -92,6 +92,13 @@ def _kernel_spec(t: Tensor, kernel: str, bandwidth: Bandwidth, name: str) -> Tup
     else:
         sigma = float(bandwidth)
     scale = _power_of_two(sigma)
+    if not median:  # a σ far below the data's spread overflows the tiles' squared distances (NaN, not K = I)
+        spread = float(t.detach().abs().amax()) / sigma  # t is centred (_as_samples)
+        if spread > math.sqrt(torch.finfo(t.dtype).max / (16 * t.shape[1])):
+            raise ValueError(
+                f"bandwidth_{name}={bandwidth!r} is too small for the data: max|{name} − mean|/σ = {spread:.3g}, "
+                f"whose squares overflow {t.dtype} (every kernel value between distinct samples would be 0)"
+            )
     return (t / scale if scale != 1.0 else t), KernelSpec(kernel, sigma / scale)
 
 
