@@ -60,6 +60,15 @@ def _assert_close(got, want, rtol):
             assert float((a - b).abs().max()) <= rtol * scale, (i, float((a - b).abs().max()), scale)
 
 
+def test_cpp_block_lipswish_of_large_beta(monkeypatch):
+    """β > 20: softplus is the identity in float64 there, ∂β/∂raw = 1, the C++ core's own branch (every other test
+    runs the default β)."""
+    g = _chain(5, [12], [lambda: LipSwish(beta=25.0)], torch.float64)
+    block = InvertibleResBlock(g, logdet="series", n_terms=4, n_probes=1, neumann_grad=True)
+    x = torch.randn(9, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    _assert_close(_run(block, x, "cpp", monkeypatch), _run(block, x, "torch", monkeypatch), 1e-12)
+
+
 @pytest.mark.parametrize("acts, hidden", [([LipSwish], [17]), ([nn.ELU, nn.Tanh], [9, 16]),
                                           ([lambda: nn.LeakyReLU(0.2)], [33]), ([], [])])  # fmt: skip
 @pytest.mark.parametrize("batch, dim", [(1, 1), (7, 2), (65, 17), (130, 33)])

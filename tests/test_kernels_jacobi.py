@@ -136,3 +136,9 @@ def test_kernel_matches_torch_at_m_one_and_small_m_for_large_arguments():
     want = ellipj(u, m, backend="torch")
     for a, b in zip(ours, want):
         assert torch.isfinite(a).all() and float((a.cpu() - b).abs().max()) <= 1e-9
+
+
+def test_kernel_mixed_batch_with_m_one_and_negative_m():
+    from test_rope import check_mixed_batch_with_m_one_and_negative_m
+
+    check_mixed_batch_with_m_one_and_negative_m("triton", _device())

@@ -38,6 +38,27 @@ def test_jacobi_matches_scipy_float64(n, backend):
         assert err.max() <= 1e-12, (name, err.max())
 
 
+def check_mixed_batch_with_m_one_and_negative_m(backend, device="cpu"):
+    """m < 0 in a batch makes ellipj pass 1 − m to the cores; an m = 1 element there reaches them as mp = 0, which
+    only the mp <= 0 test sends to the closed forms sn = tanh u, cn = dn = sech u (none of the batches had both)."""
+    u = torch.tensor([0.5, 0.5, 3.0, -2.0], dtype=D64, device=device)
+    m = torch.tensor([-1.0, 1.0, 1.0, 0.3], dtype=D64, device=device)
+    batch = ellipj(u, m, backend=backend)
+    for i in range(len(u)):
+        alone = ellipj(u[i : i + 1], m[i : i + 1], backend=backend)
+        for a, b in zip(batch, alone):
+            torch.testing.assert_close(a[i : i + 1], b, rtol=1e-14, atol=1e-15)
+    ones = m == 1
+    torch.testing.assert_close(batch.sn[ones], torch.tanh(u[ones]), rtol=1e-15, atol=0)
+    torch.testing.assert_close(batch.cn[ones], 1 / torch.cosh(u[ones]), rtol=1e-14, atol=0)
+    torch.testing.assert_close(batch.dn[ones], 1 / torch.cosh(u[ones]), rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_mixed_batch_with_m_one_and_negative_m(backend):
+    check_mixed_batch_with_m_one_and_negative_m(backend)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_complete_integrals_match_scipy_float64(backend):
     m = torch.cat([torch.rand(1000, dtype=D64), 1 - torch.logspace(-16, 0, 60, dtype=D64),
