@@ -850,7 +850,7 @@ def test_paused_gan_generator_step_leaves_no_stale_record():
     disc(x).mean().backward()  # unpaused: recorded, and its graph freed
     disc(x)
     with pytest.raises(RuntimeError, match="backward through the graph a second time"):
-        (som.loss(reduction="none").sum()).backward()
+        som.loss(reduction="none").sum().backward()
     som.enabled = False
     with pytest.raises(ValueError, match="boom"), som.paused():
         raise ValueError("boom")

@@ -248,9 +248,9 @@ def spectral_norm(
 class _LegacyKeys:
     """A load_state_dict pre-hook of a matrix-mode layer: a checkpoint of the deprecated hook-based
     torch.nn.utils.spectral_norm (keys <name>_orig, <name>_u, <name>_v: many GAN checkpoints) loads into the
-    parametrization's keys (parametrizations.<name>.original, .0._u, .0._v), which hold the same tensors — the same
-    reshaping dim, u of its rows and v of its columns, torch's update — as torch's own parametrization would need
-    them renamed by hand. Only a checkpoint holding all three old keys and none of the new ones is renamed."""
+    parametrization's keys (parametrizations.<name>.original, .0._u, .0._v), which hold the same tensors (the same
+    reshaping dim, u of its rows and v of its columns, torch's update); torch's own parametrization needs them
+    renamed by hand. Only a checkpoint holding all three old keys and none of the new ones is renamed."""
 
     def __init__(self, name: str) -> None:
         self.name = name
