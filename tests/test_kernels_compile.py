@@ -214,6 +214,7 @@ def _compile_all(order, workers):
     """{case: None or why} with each case compiled in a forked child, `workers` at a time: a compiler that aborts
     (an LLVM assertion in an older Triton) then fails its case by name instead of breaking a process pool."""
     import multiprocessing
+    import multiprocessing.connection
 
     fork = multiprocessing.get_context("fork")  # children inherit _CASES: only indices cross
     errors, pending, running = {}, list(order), {}
@@ -241,8 +242,6 @@ def _compile_all(order, workers):
 
 
 def _main():
-    import multiprocessing.connection  # noqa: F401 (wait, used by _compile_all)
-
     _CASES.extend(_cases())
     workers = max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()))
     # costly kernels first keeps the workers busy to the end
