@@ -77,6 +77,10 @@ def report() -> str:
     core = "cpp (kexue_fast._core built)" if core_ok else f"none: {core_why}"
     for op in ("infomap", "map_equation"):  # one backend, not dispatched: the C++ core or nothing
         add(f"{op:<19} {'cpu':<7} {'any':<9} {core}; C++ only (weights in float64)")
+    add(
+        "(hsic and cka with linear kernels on both sides take torch's d×d cross products on any backend while "
+        "dx + dy <= max(n, tile))"
+    )
     return "\n".join(lines)
 
 
