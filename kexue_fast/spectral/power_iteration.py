@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch
-from . import reference
+from . import _validate, reference
 from ._validate import check_matrix, check_n_iters, check_positive
 
 OP = "power_iteration"
@@ -200,8 +200,7 @@ def check_sigma(weight: Tensor, sigma: float, where: str) -> None:
     u = Wv/‖Wv‖ = Wv/Inf = 0 and σ̂ = 0. A 0 from a finite weight that does not overflow is the iteration's own
     (a zero weight, or a start vector in its null space)."""
     w = weight.detach()
-    if not bool(torch.isfinite(w).all()):
-        raise ValueError(f"{where} contains NaN or Inf")
+    _validate.check_finite(w, where)
     frobenius = float(torch.linalg.vector_norm(w.abs().to(torch.float64)))
     largest = torch.finfo(w.dtype.to_real()).max
     if frobenius >= math.sqrt(largest):
@@ -274,9 +273,8 @@ def power_iteration(
     )
     if may_read:  # a NaN start reached the torch path's σ̂ as 0 (u kept at 0), the others' as NaN
         for name, given in (("u", u_init), ("v", v_init if v is not None else None)):
-            bad = next((i for i, x in enumerate(given or ()) if not bool(torch.isfinite(x).all())), None)
-            if bad is not None:
-                raise ValueError(f"{name}{'' if form == 'single' else f'[{bad}]'} contains NaN or Inf")
+            for i, vec in enumerate(given or ()):
+                _validate.check_finite(vec, name if form == "single" else f"{name}[{i}]")
     if v is not None and may_read:  # a zero start stays zero (v is kept where Wv = 0): σ̂ = 0 for good
         zero = next((i for i, vi in enumerate(v_init) if not bool(vi.detach().ne(0).any())), None)
         if zero is not None:
