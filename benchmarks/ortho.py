@@ -9,7 +9,9 @@
    default for matmuls), and the kernel with TF32 dots (torch.backends.cuda.matmul.allow_tf32 = True); then the step
    and the step with SOM on the Triton kernels each captured in a CUDA graph and replayed (`graphed`), their overhead
    against each other: the device's share alone, where the eager rows carry the host's too (the lent machines' hosts
-   bound the eager step in some runs: benchmarks/results/ortho-cuda.md).
+   bound the eager step in some runs: benchmarks/results/ortho-cuda.md). Then the same CNN channels_last (model and
+   inputs; the NHWC maps that mixed-precision GPU training uses), its step with and without SOM on the fast route
+   (C++ or Triton, and the CUDA graphs): its outputs are read as rows [N·H·W, C] in place.
 2. FLOPs of the step without and with SOM (torch.utils.flop_counter): the regularizer's Gram products are the floor
    of its overhead, whatever the elementwise work costs.
 3. Formula: forward + backward of R for one layer output Y [b, k] by the definition (Θ = ẐᵀẐ materialized,
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import statistics
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -83,14 +85,15 @@ def graphed(step: Callable[[], None]) -> Callable[[], None]:
     return graph.replay
 
 
-def cnn_setup(device: str, batch: int):
-    """(model, SGD optimizer, x, target, SelfOrthogonality hooked on the four convolutions), seeded."""
+def cnn_setup(device: str, batch: int, memory_format: torch.memory_format = torch.contiguous_format):
+    """(model, SGD optimizer, x, target, SelfOrthogonality hooked on the four convolutions), seeded; model and x in
+    `memory_format` (channels_last: NHWC maps, as in mixed-precision training on GPUs)."""
     torch.manual_seed(0)
-    model = small_cnn().to(device)
+    model = small_cnn().to(device, memory_format=memory_format)
     # lr 1e-3: the SOM term's large gradient (λ₁ = 100) moves some BatchNorm weights far in the first step; the
     # values stay finite and the costs do not depend on them
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    x = torch.randn(batch, 3, 32, 32, device=device)
+    x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=memory_format)
     target = torch.randint(0, 10, (batch,), device=device)
     return model, opt, x, target, SelfOrthogonality(model)
 
@@ -126,33 +129,43 @@ def gram_flops(device: str, batch: int) -> int:
 
 
 def overhead_rows(device: str, batch: int, reps: int, rounds: int = 1) -> List[list]:
-    """Per contestant: ms per step (median over `rounds` rounds, each the median of `reps` interleaved repetitions)
-    and the overhead vs the plain step (the median of the rounds' ratios, with their range when rounds > 1: on a
-    shared machine one round's ratio can be far from the others')."""
-    model, opt, x, target, som = cnn_setup(device, batch)
-    steps: Dict[str, Callable[[], None]] = {"step": training_step(model, x, target, som, None, opt)}
-    for backend in ["torch"] + (["triton", "triton tf32"] if device == "cuda" else ["cpp"]):
-        steps[f"step + SOM ({backend})"] = training_step(model, x, target, som, backend, opt)
-    if device == "cuda":  # the same steps without their host side: each captured in a CUDA graph and replayed
-        try:
-            graphs = {f"{name}, CUDA graph": graphed(steps[name]) for name in ("step", "step + SOM (triton)")}
-        except RuntimeError as e:  # reported, not fatal: the eager rows stand on their own
-            print(f"  ortho/cuda: the CUDA-graph rows are left out, capture failed: {e}", flush=True)
-            graphs = {}
-        steps.update(graphs)
-    per_round = [time_contestants(steps, device, reps) for _ in range(rounds)]
-    som.remove()
+    """Per model and contestant: ms per step (median over `rounds` rounds, each the median of `reps` interleaved
+    repetitions) and the overhead vs that model's plain step (the median of the rounds' ratios, with their range when
+    rounds > 1: on a shared machine one round's ratio can be far from the others'). The models: the CNN in NCHW (the
+    default memory format: issue 7's goal) and the same CNN channels_last, on the fast route alone."""
+    fast = "triton" if device == "cuda" else "cpp"
+    backends = ["torch", fast] + (["triton tf32"] if fast == "triton" else [])
+    setups = [(f"CNN, batch {batch}", torch.contiguous_format, backends),
+              (f"CNN, batch {batch}, channels_last", torch.channels_last, [fast])]  # fmt: skip
+    steps: Dict[Tuple[str, str], Callable[[], None]] = {}
+    hooks = []
+    for label, memory_format, backends in setups:
+        model, opt, x, target, som = cnn_setup(device, batch, memory_format)
+        hooks.append(som)
+        steps[label, "step"] = training_step(model, x, target, som, None, opt)
+        for backend in backends:
+            steps[label, f"step + SOM ({backend})"] = training_step(model, x, target, som, backend, opt)
+        if device == "cuda":  # the same steps without their host side: each captured in a CUDA graph and replayed
+            try:
+                for name in ("step", f"step + SOM ({fast})"):
+                    steps[label, f"{name}, CUDA graph"] = graphed(steps[label, name])
+            except RuntimeError as e:  # reported, not fatal: the eager rows stand on their own
+                print(f"  ortho/cuda: {label}: the CUDA-graph rows are left out, capture failed: {e}", flush=True)
+    named = {f"{label}: {name}": fn for (label, name), fn in steps.items()}
+    per_round = [time_contestants(named, device, reps) for _ in range(rounds)]
+    for som in hooks:
+        som.remove()
     rows = []
-    for name in steps:
-        t = statistics.median(times[name] for times in per_round)
+    for label, name in steps:
+        t = statistics.median(times[f"{label}: {name}"] for times in per_round)
         over = ""
         base = "step, CUDA graph" if name.endswith("CUDA graph") else "step"
-        if name != base:
-            ratios = sorted((times[name] / times[base] - 1) * 100 for times in per_round)
+        if name != base and (label, base) in steps:
+            ratios = sorted((times[f"{label}: {name}"] / times[f"{label}: {base}"] - 1) * 100 for times in per_round)
             over = f"{statistics.median(ratios):+.1f}%"
             if rounds > 1:
                 over += f" ({ratios[0]:+.1f}% to {ratios[-1]:+.1f}%)"
-        rows.append([f"CNN, batch {batch}", name, f"{t * 1e3:.2f}", over])
+        rows.append([label, name, f"{t * 1e3:.2f}", over])
     return rows
 
 

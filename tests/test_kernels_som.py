@@ -242,6 +242,22 @@ def test_non_contiguous_and_wide_layers():
     assert all(_rel(a, b) <= 1e-11 for a, b in zip(ga, gb))
 
 
+def test_channels_last_layers_are_read_in_place():
+    """A channels_last map goes to the kernels as its rows [N·H·W, C] (kexue_fast.ortho.som._in_memory_order: no
+    contiguous copy), grouped with a [b, k] layer of its width, and ∂R/∂Y comes back channels_last."""
+    g = torch.Generator().manual_seed(10)
+    y = torch.randn(3, 6, 5, 4, dtype=D64, generator=g).to(DEV).contiguous(memory_format=torch.channels_last)
+    rows = torch.randn(40, 6, dtype=D64, generator=g).to(DEV)
+    y, rows = y.requires_grad_(), rows.requires_grad_()
+    ours = som_regularizer([y, rows], backend="triton", reduction="none")
+    ref = torch.stack([reference.som_direct(_rows(y, 1)), reference.som_direct(rows)])
+    assert _rel(ours, ref) <= 1e-12
+    ga = torch.autograd.grad(ours.sum(), [y, rows])
+    gb = torch.autograd.grad(ref.sum(), [y, rows])
+    assert all(_rel(a, b) <= 1e-11 for a, b in zip(ga, gb))
+    assert ga[0].stride() == y.stride()
+
+
 def test_module_on_triton_matches_torch():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(2, 6, 3), torch.nn.Tanh(), torch.nn.Conv2d(6, 5, 3)).double().to(DEV)

@@ -79,6 +79,44 @@ def test_layouts_grouping_and_reduction(backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_other_memory_orders_are_read_in_place(backend):
+    """Dense inputs in another axis order (channels_last and channels_last_3d maps, a transposed matrix) give the
+    contiguous input's R and ∂R/∂Y, read in place (no copy of Y: R reads its rows in any order) and with ∂R/∂Y in Y's
+    own memory order; inputs with gaps (a slice) or overlaps (an expanded tensor) are copied, with the same results."""
+    from torch.profiler import profile
+
+    g = torch.Generator().manual_seed(3)
+    base4 = torch.randn(3, 6, 5, 4, dtype=D64, generator=g)
+    base5 = torch.randn(2, 5, 3, 4, 3, dtype=D64, generator=g)
+    base2 = torch.randn(7, 30, dtype=D64, generator=g)
+    cases = [  # (input, dense: read in place)
+        (base4.contiguous(memory_format=torch.channels_last), True),
+        (base5.contiguous(memory_format=torch.channels_last_3d), True),
+        (base2.T.contiguous().T, True),  # [7, 30] with strides (1, 7)
+        (base4.transpose(2, 3).contiguous().transpose(2, 3), True),
+        (torch.cat([base4, base4], 3)[..., ::2], False),
+        (base2[:1].expand(30, 30), False),
+    ]
+    for y, dense in cases:
+        y = y.detach().requires_grad_()
+        want_y = y.detach().contiguous().requires_grad_()
+        with profile(record_shapes=True) as prof:
+            got = som_regularizer(y, backend=backend)
+        copies = [
+            e.name
+            for e in prof.events()
+            if e.name in ("aten::clone", "aten::contiguous", "aten::copy_") and list(y.shape) in e.input_shapes
+        ]
+        assert copies == [] if dense else backend == "torch" or copies, (y.shape, y.stride(), copies)
+        want = som_regularizer(want_y, backend=backend)
+        assert abs(float(got.detach() - want.detach())) <= 1e-13 * float(want.detach())
+        (dy,), (want_dy,) = torch.autograd.grad(got, y), torch.autograd.grad(want, want_y)
+        assert torch.allclose(dy, want_dy, rtol=1e-11, atol=1e-13 * float(want_dy.abs().max()))
+        if dense:
+            assert dy.stride() == y.stride(), (dy.stride(), y.stride())
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
 def test_gradcheck_torch_path(backend):
     g = torch.Generator().manual_seed(2)
     y1 = torch.randn(6, 3, 2, dtype=D64, generator=g).requires_grad_()
@@ -1071,23 +1109,27 @@ def test_module_refuses_outputs_modified_in_place_after_the_layer():
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
-def test_module_gradient_is_added_into_the_models_own_in_place(backend):
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_module_gradient_is_added_into_the_models_own_in_place(backend, memory_format):
     """The hooks record an alias made right after each layer, so that backward adds the regularizer's gradient into
     the model's gradient of that output in place: no out-of-place sum as large as a hooked output (a new buffer per
     layer and step), and the gradients equal the functional call's. On the C++ route the layers return a tap (an
-    alias) instead, whose hook adds ∂R/∂Y into the model's gradient in the C++ pass itself: no torch add at all."""
+    alias) instead, whose hook adds ∂R/∂Y into the model's gradient in the C++ pass itself: no torch add at all.
+    A channels_last model the same, its outputs and their gradients read and written in that memory order."""
     from torch.profiler import profile
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
                           nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 3))  # fmt: skip
-    x = torch.randn(4, 3, 6, 6)
+    model = model.to(memory_format=memory_format)
+    x = torch.randn(4, 3, 6, 6).contiguous(memory_format=memory_format)
     with SelfOrthogonality(model, backend=backend) as som:
         loss = model(x).square().mean() + som.loss()
         with profile(record_shapes=True) as prof:
             loss.backward()
     conv_out = [4, 8, 6, 6]
-    adds = [e.name for e in prof.events() if e.name in ("aten::add", "aten::add_") and conv_out in e.input_shapes]
+    adds = [e.name for e in prof.events()
+            if e.name in ("aten::add", "aten::add_", "aten::copy_") and conv_out in e.input_shapes]  # fmt: skip
     assert adds == ([] if backend == "cpp" else ["aten::add_"] * 2), adds
     hooked = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()

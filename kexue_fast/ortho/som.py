@@ -138,7 +138,23 @@ def _prepare(ys, channel_dim) -> Tuple[List[Tensor], List[int]]:
         if y.device != ys[0].device:
             raise ValueError(f"every layer output must be on one device, got {ys[0].device} and {y.device} (y[{i}])")
         out_dims.append(dim)
-    return ys, out_dims
+    views = [_in_memory_order(y, dim) for y, dim in zip(ys, out_dims)]
+    return [v for v, _ in views], [d for _, d in views]
+
+
+def _in_memory_order(y: Tensor, dim: int) -> Tuple[Tensor, int]:
+    """(y, dim) where y is contiguous or not dense; else y's axes permuted into the order of its strides (a
+    contiguous view: channels_last and channels_last_3d maps, transposed matrices) and the channel axis's place there.
+    R reads Y as rows [b, k] in any order of the rows, so every backend then reads Y in place (layout (N·H·W, C, 1)
+    for a channels_last map) instead of a contiguous copy, and ∂R/∂Y comes back in Y's own memory format."""
+    if y.is_contiguous():
+        return y, dim
+    strides = y.stride()
+    order = sorted(range(y.ndim), key=lambda d: -strides[d])  # stable: size-1 axes' strides do not matter
+    view = y.permute(order)
+    if not view.is_contiguous():  # overlapping or with gaps (an expanded or sliced tensor): copied where read
+        return y, dim
+    return view, order.index(dim)
 
 
 def _as_rows(y: Tensor, dim: int, dtype: torch.dtype) -> Tensor:
@@ -476,11 +492,14 @@ class _TapSlot:
     in one C++ pass (read, add, write back) instead of autograd's separate ∂R/∂Y buffer and sum. `ran`: the hook ran
     before the penalty's backward (autograd's order otherwise: then the penalty computes ∂R/∂Y itself). The penalty's
     node keeps (slot, the alias's node) pairs; a slot holds no node (the alias's node holds the slot, as its hook: a
-    reference back would be a cycle through C++ that the garbage collector cannot see)."""
+    reference back would be a cycle through C++ that the garbage collector cannot see). `strides`: the tap's, where
+    the penalty reads Y in another axis order than its shape's (_in_memory_order: a channels_last map), whose memory
+    order the gradient must then have too; None where Y is read as contiguous."""
 
-    def __init__(self, tap: Tensor) -> None:
+    def __init__(self, tap: Tensor, strides: Optional[Tuple[int, ...]] = None) -> None:
         self.pending: Optional[tuple] = None
         self.ran = False
+        self.strides = strides
         tap.register_hook(self)
 
     def __call__(self, grad: Optional[Tensor]) -> Optional[Tensor]:
@@ -497,8 +516,12 @@ class _TapSlot:
             )
         _, head, tail = pending  # the source tensor held with its address, som_gram_backward_at's other arguments
         dtype = torch.float64 if head[1] else torch.float32  # taps are made for those alone
-        out = grad if _own_gradient(grad, refs, dtype) else grad.to(dtype, memory_format=torch.contiguous_format,
-                                                                 copy=True)  # fmt: skip
+        if _own_gradient(grad, refs, dtype, self.strides):
+            out = grad
+        elif self.strides is None:
+            out = grad.to(dtype, memory_format=torch.contiguous_format, copy=True)
+        else:  # in Y's memory order, which the C++ call's layout describes
+            out = torch.empty_strided(grad.shape, self.strides, dtype=dtype).copy_(grad)
         _cpp_core().som_gram_backward_at(*head, out.data_ptr(), *tail)
         return None if out is grad else out
 
@@ -552,11 +575,12 @@ def _check_taken(slots: Sequence[_TapSlot]) -> None:
 _GRAD_USES: Optional[Tuple[int, int]] = None
 
 
-def _own_gradient(grad: Tensor, refs: int, dtype: torch.dtype) -> bool:
-    """Whether a tap's hook may add into `grad` in place: contiguous, of `dtype`, not a view, and referenced (by C++
-    and by Python: `refs`, sys.getrefcount at the hook's start) only as any gradient handed to a tensor hook is, not
-    also kept by another hook, say (_calibrate_grad_uses)."""
-    return (grad.dtype == dtype and grad.is_contiguous() and grad._base is None and not grad.requires_grad
+def _own_gradient(grad: Tensor, refs: int, dtype: torch.dtype, strides: Optional[Tuple[int, ...]] = None) -> bool:
+    """Whether a tap's hook may add into `grad` in place: contiguous (or of `strides`, where given), of `dtype`, not a
+    view, and referenced (by C++ and by Python: `refs`, sys.getrefcount at the hook's start) only as any gradient
+    handed to a tensor hook is, not also kept by another hook, say (_calibrate_grad_uses)."""
+    laid_out = grad.is_contiguous() if strides is None else grad.stride() == strides
+    return (grad.dtype == dtype and laid_out and grad._base is None and not grad.requires_grad
             and (grad._use_count(), refs) == _GRAD_USES)  # fmt: skip
 
 
@@ -646,10 +670,13 @@ def tapped_penalty(ys: Sequence[Tensor], taps: Sequence[Tensor], channel_dim: Se
     added into the model's own gradient there (_TapSlot), else returned for Y."""
     check_hyperparameters(gamma, lambda1, lambda2, eps)
     _calibrate_grad_uses()
-    ys, dims = _prepare(list(ys), list(channel_dim))
+    given = list(ys)
+    ys, dims = _prepare(given, list(channel_dim))
     layouts = tuple(_layout(t, d) for t, d in zip(ys, dims))
-    slots = tuple((_TapSlot(t), t.grad_fn) if y.requires_grad and t.grad_fn is not None and torch.is_grad_enabled()
-                  else None for y, t in zip(ys, taps))  # fmt: skip
+    # a Y read in another axis order (_in_memory_order) is read in its own memory order: the tap's gradient too
+    strides = [None if y is v else y.stride() for y, v in zip(given, ys)]
+    slots = tuple((_TapSlot(t, st), t.grad_fn) if y.requires_grad and t.grad_fn is not None and torch.is_grad_enabled()
+                  else None for y, t, st in zip(ys, taps, strides))  # fmt: skip
     gamma, lambda1, lambda2, eps = float(gamma), float(lambda1), float(lambda2), float(eps)
     # no torch op here that autocast would change (no no_autocast context: its host time), R already in its dtype
     return _CppPenalty.apply(gamma, lambda1, lambda2, eps, layouts, slots, bool(total), *ys)
@@ -752,12 +779,14 @@ def som_regularizer(
     triangle in one pass over Y, Z never stored, then R and the backward's A in the same call; the backward in one more
     pass), "triton" (kernels/som.py, CUDA: one launch per group of layers sharing a row layout, tile width and block
     size, then a chunk sum and one finishing launch forward, the same per-group launches backward; Z never written),
-    "torch". Non-contiguous inputs are copied for the C++ and Triton kernels. Layers with fewer rows than channels (b <
-    k) take the b×b form in torch on every backend; under torch.compile the C++ core gives way to the torch path (it is
-    not traceable). The Triton backend saves Y for its backward (the torch path and the C++ one, som.KEEP_Z, save
-    Z): modifying Y in place before backward then raises autograd's in-place error (as for any op that saves its
-    input); use backend="torch" or "cpp" there. On the CPU the backward's ∂R/∂Y buffers and the C++ route's Z are kept
-    for the next call (fresh pages cost page faults; kexue_fast.ortho.workspace: at most workspace.MAX_BYTES,
+    "torch". Inputs laid out densely in another axis order (channels_last maps, transposes) are read in place in that
+    order, as rows [N·H·W, C] for a channels_last map, and get ∂R/∂Y in their own memory format; other non-contiguous
+    inputs (slices, expanded tensors) are copied for the C++ and Triton kernels. Layers with fewer rows than channels
+    (b < k) take the b×b form in torch on every backend; under torch.compile the C++ core gives way to the torch path
+    (it is not traceable). The Triton backend saves Y for its backward (the torch path and the C++ one, som.KEEP_Z, save
+    Z): modifying Y in place before backward then raises autograd's in-place error (as for any op that saves its input);
+    use backend="torch" or "cpp" there. On the CPU the backward's ∂R/∂Y buffers and the C++ route's Z are kept for the
+    next call (fresh pages cost page faults; kexue_fast.ortho.workspace: at most workspace.MAX_BYTES,
     workspace.release() frees them), and handed out again only once no alias of them is alive. Formula, paper and
     identities: kexue_fast.ortho.reference; a column with ‖tanh(γy_j)‖ < eps is scaled by 1/eps (as torch's
     F.normalize).
