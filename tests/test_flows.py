@@ -382,6 +382,29 @@ def test_conv_closed_form_takes_any_input_layout(layout):
         assert torch.allclose(c, a, atol=1e-12, rtol=1e-10)
 
 
+@pytest.mark.parametrize("probe", ["gaussian", "rademacher"])
+def test_probes_do_not_depend_on_the_input_layout(probe):
+    """Hutchinson probes are drawn in the input's logical order: for one seed, a channels_last or transposed input gives
+    the contiguous input's log-det estimate (the *_like draws filled memory order), and the probe keeps x's layout."""
+    from kexue_fast.flows.logdet import draw_probe
+
+    x = torch.randn(3, 2, 4, 5, dtype=D64)
+    for view in (x.contiguous(memory_format=torch.channels_last), x.transpose(2, 3).contiguous().transpose(2, 3)):
+        torch.manual_seed(5)
+        want = draw_probe(x, probe)
+        torch.manual_seed(5)
+        got = draw_probe(view, probe)
+        assert torch.equal(got, want) and got.stride() == view.stride()
+    g, shape = _conv_g(LipSwish, "2d", "spectral", True, False)
+    block = InvertibleResBlock(g, logdet="series", n_terms=3, n_probes=2, probe=probe)
+    xs = torch.randn(3, *shape, dtype=D64)
+    values = []
+    for inp in (xs, xs.contiguous(memory_format=torch.channels_last)):
+        torch.manual_seed(7)
+        values.append(block(inp)[1])
+    assert torch.allclose(values[0], values[1], atol=1e-13, rtol=0), values
+
+
 def test_conv_closed_form_covers_both_sides_of_the_spectral_cap():
     """The case above folds a norm with δ = σ̂/c > 1 and one with δ = 1 (κ = 0): both branches of ∂V are tested."""
     g, _ = _conv_g(LipSwish, "2d", "spectral", True, False)

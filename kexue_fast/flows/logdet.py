@@ -90,13 +90,17 @@ def roulette_plan_on_device(n_exact: int, kind: str, p: float, max_terms: int, l
 
 
 def draw_probe(like: Tensor, kind: str, generator: Optional[torch.Generator] = None) -> Tensor:
-    if generator is None:  # the *_like forms also trace with symbolic (dynamic) shapes under torch.compile
+    """A Hutchinson probe in `like`'s shape (and memory format), its values drawn in the shape's (logical) order: the
+    same probe for a channels_last or transposed x as for its contiguous copy (the *_like forms fill memory order)."""
+    if generator is None and like.is_contiguous():  # the *_like forms also trace with symbolic (dynamic) shapes
         if kind == "gaussian":
             return torch.randn_like(like)
         return torch.randint_like(like, 0, 2) * 2 - 1
     if kind == "gaussian":
-        return torch.randn(like.shape, dtype=like.dtype, device=like.device, generator=generator)
-    return torch.randint(0, 2, like.shape, dtype=like.dtype, device=like.device, generator=generator) * 2 - 1
+        probe = torch.randn(like.shape, dtype=like.dtype, device=like.device, generator=generator)
+    else:
+        probe = torch.randint(0, 2, like.shape, dtype=like.dtype, device=like.device, generator=generator) * 2 - 1
+    return probe if like.is_contiguous() else torch.empty_like(like).copy_(probe)
 
 
 def draw_probes(like: Tensor, kind: str, n: int) -> Tensor:
