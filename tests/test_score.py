@@ -368,6 +368,49 @@ def test_samplers_follow_x_layout_and_dtype(backend):
     assert torch.equal(step, torch.tensor([3.0, 3.0], device=dev))  # x + (α/2)s + √α z, with out aliasing the noise
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_samplers_keep_a_dense_layout_and_refuse_inplace_on_shared_memory(backend):
+    """A channels_last start stays channels_last (the score model sees it every step, the Triton kernel runs on its
+    memory as it lies: no copy per step); on torch the samples equal the contiguous start's for one seed (the noise
+    drawn in the shape's order); langevin_step with given noise equals the contiguous update on either backend;
+    inplace=True on an expanded x raises before any step (torch's copy_ refused it after all of them)."""
+    from kexue_fast.score import AnnealedLangevin, langevin_step
+
+    if backend == "triton":
+        pytest.importorskip("triton")
+    dev = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    layouts = []
+
+    def score(x, *args):
+        layouts.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+        return -x
+
+    start = torch.randn(2, 3, 4, 5, dtype=D64, device=dev)
+    start_cl = start.contiguous(memory_format=torch.channels_last)
+    runs = []
+    for x0 in (start, start_cl):
+        g = torch.Generator(dev).manual_seed(0)
+        runs.append(annealed_langevin(score, x0, [1.0, 0.5], n_steps_each=2, generator=g, backend=backend))
+    assert layouts[len(layouts) // 2 :] == [True] * (len(layouts) // 2) and runs[1].stride() == start_cl.stride()
+    if backend == "torch":
+        assert torch.equal(runs[0], runs[1])
+    sampler = AnnealedLangevin([1.0, 0.5], n_steps_each=2, device=dev, dtype=D64, backend=backend)
+    x = start_cl.clone()
+    ptr = x.data_ptr()
+    assert sampler(score, x, inplace=True) is x and x.data_ptr() == ptr and not torch.equal(x, start_cl)
+    s, z = torch.randn(2, 2, 3, 4, 5, dtype=D64, device=dev).unbind(0)
+    want = langevin_step(start, s, 0.1, noise=z, backend=backend)
+    to_cl = lambda t: t.contiguous(memory_format=torch.channels_last)  # noqa: E731
+    got = langevin_step(start_cl, to_cl(s), 0.1, noise=to_cl(z), backend=backend)
+    assert torch.equal(got, want) and got.stride() == start_cl.stride()
+    out = to_cl(torch.empty_like(start))
+    assert langevin_step(start_cl, s, 0.1, noise=z, out=out, backend=backend) is out and torch.equal(out, want)
+    calls = len(layouts)
+    with pytest.raises(ValueError, match=r"inplace=True.*share memory"):
+        sampler(score, start[:1].expand(3, 3, 4, 5), inplace=True)
+    assert len(layouts) == calls
+
+
 def test_sigma_indices_noise_and_sigma0_are_checked():
     """A bool sigma_indices was taken as a mask (all-True [B] with B levels gave every level once), negative ones
     wrapped around, out-of-range ones and lists crashed in indexing; sigma0 = inf dropped MDSM's data term."""

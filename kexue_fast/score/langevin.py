@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -74,12 +74,37 @@ def _check_number(value: Union[float, Tensor], name: str, allow_zero: bool) -> N
         raise ValueError(f"{name} must be finite and {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
+def memory_order(t: Tensor) -> Optional[List[int]]:
+    """The permutation of t's axes into the order of its strides where t is dense but not contiguous (a channels_last
+    batch, a transpose): t.permute(order) is then a contiguous view of the same memory. None otherwise."""
+    if t.is_contiguous():
+        return None
+    strides = t.stride()
+    order = sorted(range(t.ndim), key=lambda d: -strides[d])
+    return order if t.permute(order).is_contiguous() else None
+
+
+def has_overlap(t: Tensor) -> bool:
+    """Whether elements of t share memory as an expanded tensor's do (an axis of size > 1 and stride 0), where torch's
+    in-place ops and copy_ refuse to write."""
+    return any(size > 1 and stride == 0 for size, stride in zip(t.shape, t.stride()))
+
+
 def apply_step(x: Tensor, score: Tensor, coef: Union[Tensor, Tuple[float, float]], chosen: str,
                noise: Optional[Tensor], generator: Optional[torch.Generator], seed: Optional[Tensor], step: int,
                out: Optional[Tensor]) -> Tensor:  # fmt: skip
     """The update with precomputed coefficients (α/2, √(αT)) — a device tensor [2], or Python floats for the torch
-    path on CPU, where reading them costs no sync and saves the 0-d tensor arithmetic — and a chosen backend."""
+    path on CPU, where reading them costs no sync and saves the 0-d tensor arithmetic — and a chosen backend. The
+    result has x's memory format where x is dense (a channels_last x stays channels_last)."""
     if chosen == "triton":
+        order = memory_order(x)
+        if order is not None:  # the elementwise kernel runs on x's memory as it lies: no copy of x, nor of `out` or a
+            # score of x's layout (in-kernel noise is then keyed by memory position, not by the shape's order)
+            inverse = [order.index(d) for d in range(x.ndim)]
+            permuted = None if noise is None else noise.permute(order)
+            result = apply_step(x.permute(order), score.permute(order), coef, chosen, permuted, generator, seed, step,
+                                None if out is None else out.permute(order))  # fmt: skip
+            return out if out is not None else result.permute(inverse)
         from ..kernels.langevin import langevin_update
 
         if noise is None and seed is None:
@@ -128,8 +153,9 @@ def langevin_step(
 
     x, score: [...] of one shape and dtype; step_size α > 0 and temperature T ≥ 0: floats or 0-d device tensors.
     noise: z [...] (drawn from `generator` when None; the Triton path then draws it in-kernel with a seed from
-    `generator`). out: write the result there (may be x). backend: "auto" (Triton for CUDA tensors, else torch),
-    "triton", "torch". No gradient (a sampler's step).
+    `generator`, keyed by memory position). out: write the result there (may be x). The result has x's memory format
+    where x is dense (channels_last stays channels_last; the Triton kernel then runs on x's memory as it lies). backend:
+    "auto" (Triton for CUDA tensors, else torch), "triton", "torch". No gradient (a sampler's step).
     """
     if not isinstance(x, Tensor) or not isinstance(score, Tensor):
         raise TypeError("x and score must be tensors")

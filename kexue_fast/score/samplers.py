@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch
-from .langevin import OP, apply_step, on_device, step_coefficients
+from .langevin import OP, apply_step, has_overlap, memory_order, on_device, step_coefficients
 from .losses import Sigmas, as_count, as_number, as_sigmas, geometric_levels
 
 Score = Callable[..., Tensor]
@@ -55,6 +55,10 @@ def _start(x0: object) -> Tensor:
     return x0
 
 
+def _dense(x: Tensor) -> bool:
+    return x.is_contiguous() or memory_order(x) is not None
+
+
 def _seed(chosen: str, device: torch.device, generator: Optional[torch.Generator]) -> Optional[Tensor]:
     """The in-kernel noise's seed as a device tensor; drawn on the device (capturable in a CUDA graph) unless the
     generator lives elsewhere."""
@@ -79,7 +83,10 @@ class AnnealedLangevin:
     The constructor validates and moves everything to the device (it may sync); calling the sampler does not: the
     step coefficients (α_i/2, √α_i), α_i = step_lr·σ_i²/σ_L², and the levels are device tensors, the noise comes from
     the device RNG (in-kernel Philox with a device seed on the Triton path), so a call records into a CUDA graph
-    (`inplace=True` on a static x, a score model without host syncs, and no CPU generator).
+    (`inplace=True` on a static x, a score model without host syncs, and no CPU generator). The samples keep x's
+    memory format where x is dense (a channels_last batch stays channels_last: the score model sees it so, and the
+    Triton kernel updates it where it lies); the Triton path's in-kernel noise is keyed by memory position, so one seed
+    arranges its draws by x's layout (the same distribution; the torch path draws in the shape's order).
     sigmas: σ₁ > … > σ_L (sequence or tensor); dtype: the samples' dtype; backend: "auto", "triton", "torch".
     """
 
@@ -120,10 +127,15 @@ class AnnealedLangevin:
         x = _start(x)
         if x.device != self.device or x.dtype != self.dtype:
             raise ValueError(f"x must be {self.dtype} on {self.device} (the sampler's), got {x.dtype} on {x.device}")
+        if inplace and has_overlap(x):
+            raise ValueError(
+                f"x: inplace=True writes the samples into x, whose elements share memory (strides {x.stride()}, an "
+                "expanded tensor): pass inplace=False, or x.clone()"
+            )
         seed = _seed(self.backend, x.device, generator)
         target = x if inplace else None
-        if not inplace or not x.is_contiguous():  # the fused kernel writes contiguous buffers: copied back at the end
-            x = x.clone(memory_format=torch.contiguous_format)
+        if not inplace or not _dense(x):  # x's memory format kept where dense (a channels_last batch stays one)
+            x = x.clone()  # (torch.preserve_format: x's strides where dense, else contiguous, copied back at the end)
         fused = self.backend == "triton"
         trajectory = []
         step = 0
@@ -141,7 +153,7 @@ class AnnealedLangevin:
             last = self.levels[-1]
             denoised = x + last * last * _checked_score(score, x, last.expand(x.shape[0]))
             x = x.copy_(denoised) if inplace else denoised
-        if target is not None and target is not x:  # in place on a non-contiguous x: the result back into it
+        if target is not None and target is not x:  # in place on an x with gaps (a slice): the result back into it
             x = target.copy_(x)
         return (x, trajectory) if return_trajectory else x
 
@@ -213,7 +225,7 @@ def tempered_langevin(
     if chosen == "torch" and x.device.type == "cpu":
         coef = [tuple(row) for row in coef.tolist()]
     seed = _seed(chosen, x.device, generator)
-    x = x.clone(memory_format=torch.contiguous_format)  # the fused kernel writes contiguous buffers
+    x = x.clone()  # x's memory format kept where dense (a channels_last batch stays one), else contiguous
     step = 0
     for i in range(temps.numel()):
         for _ in range(n_steps_each):
