@@ -457,6 +457,18 @@ def test_inverse_carries_the_implicit_gradient():
         assert not blk.inverse(y).requires_grad
 
 
+def test_inverse_refuses_double_backward():
+    """The implicit gradient is solved without a graph of its own: with create_graph=True the Hessian-vector product
+    through inverse() was silently wrong (first order right); now that backward raises."""
+    blk = InvertibleResBlock(_dense_g(), inverse_atol=1e-13).eval()
+    y = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    x = blk.inverse(y)
+    with pytest.raises(RuntimeError, match=r"double backward.*inverse"):
+        torch.autograd.grad((x**3).sum(), y, create_graph=True)
+    (first,) = torch.autograd.grad((blk.inverse(y) ** 3).sum(), y)  # first order as before
+    assert torch.isfinite(first).all()
+
+
 def test_inverse_gradient_passes_gradcheck_with_undefined_gradients():
     """The implicit gradient's hook got None for an undefined incoming gradient and solved with it (autograd.grad
     raised); now it leaves it undefined. gradcheck (float64, in eval mode: the spectral norms fixed) with its
@@ -524,6 +536,60 @@ def test_torch_func_grad_through_the_dense_chain(monkeypatch):
     want = torch.autograd.grad(loss(leaves), list(leaves.values()))
     for (k, a), b in zip(got.items(), want):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=k)
+
+
+@pytest.mark.parametrize("kind, hooked, kw, create_graph, backend", [
+    ("dense", True, dict(neumann_grad=True, memory_efficient=True), False, "torch"),  # _NeumannLogdet
+    ("dense", False, dict(neumann_grad=True), True, "torch"),  # the closed form's graph backward
+    ("dense", False, dict(neumann_grad=True), True, "cpp"),
+    ("dense", False, dict(neumann_grad=False), True, "cpp"),
+    ("conv", False, dict(neumann_grad=True), True, "torch"),
+])  # fmt: skip
+def test_functional_call_gradients_follow_the_swapped_parameters(kind, hooked, kw, create_graph, backend, monkeypatch):
+    """torch.func.functional_call with plain autograd (MAML's pattern): the memory-efficient Neumann backward
+    recomputed g on the module's own parameters (every swapped parameter's gradient None), and the closed forms'
+    create_graph backward read LipSwish's β from the module (its raw β's gradient None, the others off). Gradients
+    and a Hessian-vector product equal a block holding the swapped values itself."""
+    from torch.func import functional_call
+
+    monkeypatch.setenv("KEXUE_FAST_BACKEND", backend)
+
+    def block():
+        torch.manual_seed(0)
+        if kind == "dense":
+            g = nn.Sequential(spectral_norm(nn.Linear(3, 4), coeff=0.7), LipSwish(),
+                              spectral_norm(nn.Linear(4, 3), coeff=0.7))  # fmt: skip
+        else:
+            g = nn.Sequential(spectral_norm(nn.Conv2d(2, 3, 3, padding=1), coeff=0.7, input_shape=(2, 3, 3)),
+                              LipSwish(), spectral_norm(nn.Conv2d(3, 2, 3, padding=1), coeff=0.7,
+                                                        input_shape=(3, 3, 3)))  # fmt: skip
+        if hooked:
+            g.register_forward_hook(lambda m, i, o: None)
+        return InvertibleResBlock(g.double(), logdet="series", n_terms=3, **kw).eval()
+
+    x = torch.randn((2, 3) if kind == "dense" else (1, 2, 3, 3), dtype=torch.float64)
+    swapped_block, own_block = block(), block()
+    gen = torch.Generator().manual_seed(1)
+    swapped = {n: (p.detach() + 0.05 * torch.randn(p.shape, dtype=p.dtype, generator=gen)).requires_grad_()
+               for n, p in swapped_block.named_parameters()}  # fmt: skip
+    with torch.no_grad():
+        for n, p in own_block.named_parameters():
+            p.copy_(swapped[n])
+    results = []
+    for run, params in ((lambda: functional_call(swapped_block, swapped, (x,)), list(swapped.values())),
+                        (lambda: own_block(x), list(own_block.parameters()))):  # fmt: skip
+        torch.manual_seed(123)
+        _, logdet = run()
+        grads = torch.autograd.grad(logdet.sum(), params, create_graph=create_graph, allow_unused=True)
+        if create_graph:
+            hvp = torch.autograd.grad(sum((g * g).sum() for g in grads if g is not None), params, allow_unused=True)
+            grads = (*grads, *hvp)
+        results.append([None if g is None else g.detach() for g in grads])
+    assert sum(g is None for g in results[1]) <= 2 * (1 + create_graph)  # the last bias: no part in the log-det
+    for a, b in zip(*results):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_poisson_tail_for_small_p():

@@ -46,6 +46,20 @@ def _rules():
     return {LipSwish: _lipswish, nn.ELU: _elu, nn.Tanh: _tanh, nn.LeakyReLU: _leaky}
 
 
+class SavedBeta:
+    """A LipSwish stand-in for the rules above whose β = softplus(raw β) comes from the raw β a Function saved (the
+    tensor the forward ran with: under torch.func.functional_call a swapped-in one, which the module no longer holds
+    by the time of the backward)."""
+
+    def __init__(self, raw_beta: Tensor) -> None:
+        self.beta = F.softplus(raw_beta)
+
+
+def with_saved_beta(module, raw_beta: Optional[Tensor]):
+    """`module` for an activation rule, or a SavedBeta of `raw_beta` where the activation is a LipSwish."""
+    return module if raw_beta is None else SavedBeta(raw_beta)
+
+
 def is_plain(module: nn.Module, classes: Tuple[type, ...]) -> bool:
     """Whether `module` is exactly one of `classes`, or torch.nn.utils.parametrize's subclass of one (which changes
     only how `.weight` is read): a user's subclass may override forward, which a closed form would skip."""

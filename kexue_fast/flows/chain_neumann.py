@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .chain import DenseChain, chain_series_logdet, series_value_and_rows
+from .chain import DenseChain, chain_series_logdet, series_value_and_rows, with_saved_beta
 from .logdet import SeriesPlan
 
 # Past this many elements, the per-term buffer of the one-GEMM series accumulation gives way to the term-by-term sum.
@@ -450,7 +450,8 @@ def _graph_backward(ctx, x, rows, probes, raw, biases, us, vs, raw_betas, grad_y
     for i in range(n):
         h = F.linear(a, weights[i], biases[i])
         if i < n - 1:
-            a, d = chain.rules[i](h, chain.activations[i])  # LipSwish reads β = softplus(raw β) with its graph
+            # LipSwish's β = softplus(raw β) with its graph, from the saved raw β (not the module's: functional_call)
+            a, d = chain.rules[i](h, with_saved_beta(chain.activations[i], raw_betas[i]))
             derivs.append(d)
     outs, seeds = [], []
     if grad_y is not None:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .chain import _rules, is_plain
+from .chain import _rules, is_plain, with_saved_beta
 from .chain_neumann import (
     _PARAMS,
     _Activation,
@@ -363,9 +363,10 @@ def _graph_series(chain: ConvChain, weights: Sequence[Tensor], derivs: Sequence[
     return value / len(probes), found
 
 
-def _graph_forward(chain: ConvChain, x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]]
-                   ) -> Tuple[Tensor, List[Tensor]]:  # fmt: skip
-    """(g(x), φ'(h_i)) with torch's graph; LipSwish reads β = softplus(raw β) through its module."""
+def _graph_forward(chain: ConvChain, x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]],
+                   raw_betas: Optional[Sequence[Optional[Tensor]]] = None) -> Tuple[Tensor, List[Tensor]]:  # fmt: skip
+    """(g(x), φ'(h_i)) with torch's graph; LipSwish reads β = softplus(raw β) through its module, or from
+    `raw_betas` where given (a backward's saved ones: under torch.func.functional_call the module holds others)."""
     rules = _rules()
     a, derivs = x, []
     for i, layer in enumerate(chain.layers):
@@ -373,7 +374,8 @@ def _graph_forward(chain: ConvChain, x: Tensor, weights: Sequence[Tensor], biase
         a = layer.apply(a, weights[i], biases[i])
         if i < len(chain.layers) - 1:
             module = chain.raw_beta_modules[i]
-            a, d = rules[type(module)](a, module)
+            rule = rules[type(module)]
+            a, d = rule(a, module if raw_betas is None else with_saved_beta(module, raw_betas[i]))
             derivs.append(d)
     return a, derivs
 
@@ -423,7 +425,7 @@ def _graph_backward(ctx, x, flat, rows, raw, biases, us, vs, raw_betas, grad_y, 
             continue
         sigma = torch.vdot(u.reshape(-1), layer.norm.conv.apply(w, v.unsqueeze(0)).reshape(-1))
         weights.append(w / (sigma / layer.norm.coeff).clamp_min(1.0))
-    gx, derivs = _graph_forward(chain, x, weights, biases)
+    gx, derivs = _graph_forward(chain, x, weights, biases, raw_betas)
     outs, seeds = [], []
     if grad_y is not None:
         outs.append(x + gx)

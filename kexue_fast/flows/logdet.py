@@ -137,9 +137,10 @@ class _NeumannLogdet(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         x, w, v, *params = ctx.saved_tensors
         trainable = [p for p in params if p.requires_grad]
+        g = _with_parameters(ctx.g, params)
         with torch.enable_grad(), replaying(ctx.state), power_iteration_frozen(ctx.frozen):
             xr = x.detach().requires_grad_()
-            gr = ctx.g(xr)
+            gr = g(xr)
             surrogate = 0
             for wp, vp in zip(w, v):
                 (u,) = torch.autograd.grad(gr, xr, wp, retain_graph=True, create_graph=True)
@@ -149,6 +150,18 @@ class _NeumannLogdet(torch.autograd.Function):
         it = iter(grads[1:])
         grad_params = [next(it) if p.requires_grad else None for p in params]
         return (None, grads[0] if ctx.needs_input_grad[1] else None, None, None, None, None, None, *grad_params)
+
+
+def _with_parameters(g: Callable, params: Sequence[Tensor]) -> Callable:
+    """g, or where the forward ran g on other parameters than the module now holds (torch.func.functional_call swaps
+    them in for the call alone), g called on those: a backward that recomputes g must differentiate what the forward
+    ran."""
+    own = _parameters(g)
+    if len(own) == len(params) and all(a is b for a, b in zip(own, params)):
+        return g
+    names = [name for name, _ in g.named_parameters()]  # type: ignore[union-attr]
+    swapped = dict(zip(names, params))
+    return lambda inp: torch.func.functional_call(g, swapped, (inp,))
 
 
 class _ValueWithGradientOf(torch.autograd.Function):

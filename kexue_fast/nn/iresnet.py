@@ -570,10 +570,10 @@ class InvertibleResBlock(nn.Module):
 
     def inverse(self, y: Tensor) -> Tensor:
         """x with x + g(x) = y (see the class docstring for the solver and its stopping rule). With gradients on and y
-        or g's parameters requiring them, x carries the implicit function's gradient (_implicit_gradient): ∂L/∂y =
-        a and ∂L/∂θ = −(∂g/∂θ)ᵀa for a = (I + J_g(x))⁻ᵀ ∂L/∂x, solved by the same fixed point (first order only).
-        Spectral norms in g (kexue_fast's, and torch's outside torch.compile) do not advance their power iteration
-        during the solve."""
+        or g's parameters requiring them, x carries the implicit function's gradient (_implicit_gradient): ∂L/∂y = a and
+        ∂L/∂θ = −(∂g/∂θ)ᵀa for a = (I + J_g(x))⁻ᵀ ∂L/∂x, solved by the same fixed point (first order only: a backward
+        with create_graph=True through it raises). Spectral norms in g (kexue_fast's, and torch's outside torch.compile)
+        do not advance their power iteration during the solve."""
         if not isinstance(y, Tensor) or not y.is_floating_point():
             raise TypeError("y must be a floating tensor")
         g: Callable[[Tensor], Tensor] = self.g
@@ -608,6 +608,13 @@ class InvertibleResBlock(nn.Module):
         def solve(grad: Optional[Tensor]) -> Optional[Tensor]:
             if grad is None:  # an undefined incoming gradient (gradcheck's check) stays undefined: no solve
                 return None
+            if torch.is_grad_enabled():  # a is solved without a graph of its dependence on x, y and θ
+                raise RuntimeError(
+                    "double backward (create_graph=True) through InvertibleResBlock.inverse is not supported: its "
+                    "implicit gradient a = (I + J_g)⁻ᵀ ∂L/∂x is solved without a graph of its own, so second "
+                    "derivatives through it would be wrong; for them, unroll the fixed point x = y − g(x) under "
+                    "autograd instead"
+                )
             a = grad
             for _ in range(max_iter):
                 (jta,) = torch.autograd.grad(gx0, x0, a, retain_graph=True)
