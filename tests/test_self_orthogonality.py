@@ -116,6 +116,35 @@ def test_other_memory_orders_are_read_in_place(backend):
             assert dy.stride() == y.stride(), (dy.stride(), y.stride())
 
 
+@pytest.mark.parametrize("kw", [{}, {"taps": False}, {"backend": "torch"}])
+def test_torch_func_transforms_take_the_graph_route(kw):
+    """Under torch.func transforms (grad with functional_call, vmap, hessian) R is computed by torch ops alone: the
+    module's loss() failed inside torch.func.grad (its taps ran a calibration backward there; the autograd.Functions
+    have no setup_context), and som_regularizer under vmap or a Hessian. Values and derivatives equal the eager
+    route's and the definition's."""
+    from torch.func import functional_call, grad, hessian, vmap
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 4, 3, padding=1)).double()
+    x = torch.randn(2, 2, 4, 4, dtype=D64)
+    som = SelfOrthogonality(model, gamma=0.5, **kw)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    got = grad(lambda p: functional_call(model, p, (x,)).pow(2).mean() + som.loss())(params)
+    model.zero_grad()
+    (model(x).pow(2).mean() + som.loss()).backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(got[name], p.grad, rtol=1e-10, atol=1e-12)
+    som.remove()
+    ys = torch.randn(3, 6, 4, dtype=D64)  # three [6, 4] outputs (b ≥ k), and [2, 5] ones (b < k)
+    for batch in (ys, torch.randn(3, 2, 5, dtype=D64)):
+        mapped = vmap(lambda y: som_regularizer(y, gamma=0.5))(batch)
+        want = torch.stack([reference.som_direct(y, gamma=0.5) for y in batch])
+        torch.testing.assert_close(mapped, want, rtol=1e-12, atol=0)
+    y = ys[0]
+    h = hessian(lambda t: som_regularizer(t, gamma=0.5))(y)
+    torch.testing.assert_close(h, hessian(lambda t: reference.som_direct(t, gamma=0.5))(y), rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
 def test_gradcheck_torch_path(backend):
     g = torch.Generator().manual_seed(2)

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .. import _dispatch
 from .._autograd import first_order, no_autocast
-from . import workspace
+from . import reference, workspace
 
 OP = "som_regularizer"
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -616,6 +616,8 @@ def cpp_route_takes(y: Tensor, channel_dim: int, backend: Optional[str],
     Cheapest checks first: this runs in every hooked layer's forward hook."""
     if not y.is_cpu or y.dtype not in _CPP_DTYPES:  # is_cpu, dim(), size(d): no torch.device or torch.Size built
         return False
+    if transformed(y):  # a torch.func transform's: som_regularizer takes its graph route (no taps, no C++)
+        return False
     ndim = y.dim()
     if ndim < 2 or not -ndim <= channel_dim < ndim:
         return False
@@ -783,25 +785,45 @@ def som_regularizer(
     order, as rows [N·H·W, C] for a channels_last map, and get ∂R/∂Y in their own memory format; other non-contiguous
     inputs (slices, expanded tensors) are copied for the C++ and Triton kernels. Layers with fewer rows than channels
     (b < k) take the b×b form in torch on every backend; under torch.compile the C++ core gives way to the torch path
-    (it is not traceable). The Triton backend saves Y for its backward (the torch path and the C++ one, som.KEEP_Z, save
-    Z): modifying Y in place before backward then raises autograd's in-place error (as for any op that saves its input);
-    use backend="torch" or "cpp" there. On the CPU the backward's ∂R/∂Y buffers and the C++ route's Z are kept for the
-    next call (fresh pages cost page faults; kexue_fast.ortho.workspace: at most workspace.MAX_BYTES,
-    workspace.release() frees them), and handed out again only once no alias of them is alive. Formula, paper and
-    identities: kexue_fast.ortho.reference; a column with ‖tanh(γy_j)‖ < eps is scaled by 1/eps (as torch's
-    F.normalize).
+    (it is not traceable); under torch.func transforms (grad, vmap, jacrev, hessian) every backend gives way to torch
+    ops alone (graph_penalty), differentiable to any order. Eager double backward (create_graph=True) through layers
+    with b ≥ k raises (use torch.func there). The Triton backend saves Y for its backward (the torch path and the C++
+    one, som.KEEP_Z, save Z): modifying Y in place before backward then raises autograd's in-place error (as for any op
+    that saves its input); use backend="torch" or "cpp" there. On the CPU the backward's ∂R/∂Y buffers and the C++
+    route's Z are kept for the next call (fresh pages cost page faults; kexue_fast.ortho.workspace: at most
+    workspace.MAX_BYTES, workspace.release() frees them), and handed out again only once no alias of them is alive.
+    Formula, paper and identities: kexue_fast.ortho.reference; a column with ‖tanh(γy_j)‖ < eps is scaled by 1/eps (as
+    torch's F.normalize).
     """
     check_hyperparameters(gamma, lambda1, lambda2, eps)
     if reduction not in ("sum", "none"):
         raise ValueError(f'reduction must be "sum" or "none", got {reduction!r}')
     ys, dims = _prepare(y, channel_dim)
     gamma, lambda1, lambda2, eps = float(gamma), float(lambda1), float(lambda2), float(eps)
+    if any(transformed(t) for t in ys):
+        per_layer = torch.stack([graph_penalty(t, d, gamma, lambda1, lambda2, eps) for t, d in zip(ys, dims)])
+        return per_layer.sum() if reduction == "sum" else per_layer
     device = ys[0].device
     layouts = [_layout(t, d) for t, d in zip(ys, dims)]
     chosen, requested = _choose(device, [t.dtype for t in ys], backend)
     with no_autocast(device.type):  # the Grams stay float32/64 under mixed precision
         per_layer = _per_layer(ys, dims, layouts, chosen, gamma, lambda1, lambda2, eps, auto=requested == "auto")
     return per_layer.sum() if reduction == "sum" else per_layer
+
+
+def transformed(t: Tensor) -> bool:
+    """Whether t is a torch.func transform's tensor (grad, vjp, jacrev, vmap...), where autograd.Functions without
+    setup_context, the C++ core (data pointers) and data-dependent shapes cannot run."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+def graph_penalty(y: Tensor, dim: int, gamma: float, lambda1: float, lambda2: float, eps: float) -> Tensor:
+    """R of one layer output by torch ops alone (kexue_fast.ortho.reference.som_cheap, in the work dtype, with the
+    exact tanh): what som_regularizer runs under torch.func transforms, whatever the backend; autograd and the
+    transforms differentiate it to any order. O(bk·min(b, k)) like the other routes, with Ẑ [b, k] kept for autograd."""
+    rows = y.movedim(dim, -1).reshape(-1, y.shape[dim]).to(_work_dtype(y.dtype))
+    return reference.som_cheap(rows, gamma, lambda1, lambda2, eps).to(torch.float64 if y.dtype == torch.float64
+                                                                      else torch.float32)  # fmt: skip
 
 
 def _choose(device: torch.device, dtypes: Sequence[torch.dtype], backend: Optional[str]) -> Tuple[dict, str]:
