@@ -814,7 +814,7 @@ def som_regularizer(
 def transformed(t: Tensor) -> bool:
     """Whether t is a torch.func transform's tensor (grad, vjp, jacrev, vmap...), where autograd.Functions without
     setup_context, the C++ core (data pointers) and data-dependent shapes cannot run."""
-    return torch._C._functorch.is_functorch_wrapped_tensor(t)
+    return not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(t)  # (untraceable)
 
 
 def graph_penalty(y: Tensor, dim: int, gamma: float, lambda1: float, lambda2: float, eps: float) -> Tensor:
