@@ -517,6 +517,39 @@ def test_empty_batch(logdet):
         assert y.shape == x.shape and logdet_value.shape == (0,)
 
 
+def test_torch_func_forward_mode_and_generic_g():
+    """The Neumann gradient's value/surrogate node has a jvp (torch.func.jacfwd and hessian failed on 'must implement
+    the jvp function'): the value's tangent is the surrogate's. A generic g's series log-det (autograd.grad inside)
+    raises a clear NotImplementedError under torch.func (torch's requires_grad_ message before); logdet='exact'
+    runs there."""
+    from torch.func import functional_call, grad, jvp
+
+    from kexue_fast.flows.logdet import _ValueWithGradientOf
+
+    v, s, ts = torch.randn(3, 4, dtype=torch.float64).unbind(0)
+    primal, tangent = jvp(_ValueWithGradientOf.apply, (v, s), (torch.zeros_like(v), ts))
+    assert torch.equal(primal, v) and torch.equal(tangent, ts)
+
+    class G(nn.Module):  # a branch that is no plain chain
+        def __init__(self):
+            super().__init__()
+            self.lin = spectral_norm(nn.Linear(3, 3), coeff=0.7)
+
+        def forward(self, a):
+            return torch.tanh(self.lin(a))
+
+    x = torch.randn(2, 3)
+    for logdet, ok in (("series", False), ("exact", True)):
+        blk = InvertibleResBlock(G(), logdet=logdet, n_terms=3).eval()
+        params = {k: p.detach() for k, p in blk.named_parameters()}
+        run = grad(lambda p: functional_call(blk, p, (x,))[1].sum())  # noqa: B023
+        if ok:
+            assert set(run(params)) == set(params)
+        else:
+            with pytest.raises(NotImplementedError, match=r"torch\.func transforms"):
+                run(params)
+
+
 def test_torch_func_grad_through_the_dense_chain(monkeypatch):
     """The closed-form Functions have no setup_context: under torch.func the block takes torch's graph instead."""
     from torch.func import functional_call, grad

@@ -146,6 +146,8 @@ def test_bad_weights():
         kexue_fast.power_iteration("not a tensor")
     with pytest.raises(ValueError, match=r"weights\[1\] is torch.float32"):
         kexue_fast.power_iteration([torch.randn(3, 3, dtype=torch.float64), torch.randn(3, 3)])
+    with pytest.raises(NotImplementedError, match=r"torch.func.*batch \[B, m, n\]"):  # no data-pointer crash
+        torch.func.vmap(lambda w: kexue_fast.power_iteration(w)[0], randomness="same")(torch.randn(2, 3, 3))
 
 
 @pytest.mark.parametrize("backend", backends())

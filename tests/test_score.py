@@ -411,6 +411,15 @@ def test_samplers_keep_a_dense_layout_and_refuse_inplace_on_shared_memory(backen
     assert len(layouts) == calls
 
 
+def test_dsm_loss_with_one_level_draws_no_index():
+    """One σ needs no level index: no torch.randint (torch.func.vmap refused it in its default randomness mode)."""
+    model = torch.nn.Linear(3, 3).double()
+    x, noise = torch.randn(2, 4, 3, dtype=D64).unbind(0)
+    per_sample = torch.func.vmap(lambda a, e: dsm_loss(model, a[None], 0.5, noise=e[None]))(x, noise)
+    want = torch.stack([dsm_loss(model, a[None], 0.5, noise=e[None]) for a, e in zip(x, noise)])
+    torch.testing.assert_close(per_sample, want, rtol=1e-12, atol=0)
+
+
 def test_sigma_indices_noise_and_sigma0_are_checked():
     """A bool sigma_indices was taken as a mask (all-True [B] with B levels gave every level once), negative ones
     wrapped around, out-of-range ones and lists crashed in indexing; sigma0 = inf dropped MDSM's data term."""

@@ -182,6 +182,10 @@ class _ValueWithGradientOf(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         return None, grad
 
+    @staticmethod
+    def jvp(ctx, value_tangent: Optional[Tensor], surrogate_tangent: Optional[Tensor]) -> Optional[Tensor]:
+        return surrogate_tangent  # forward mode (torch.func.jacfwd, hessian) follows the gradient's route
+
 
 def _parameters(g: Callable) -> List[Tensor]:
     return list(g.parameters()) if isinstance(g, nn.Module) else []
@@ -211,6 +215,14 @@ def series_logdet(
 
     Without gradients, or with neumann_grad, the vector–Jacobian products run without a graph; with
     neumann_grad=False the series itself is differentiated (memory grows with the number of terms)."""
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    if not torch.compiler.is_compiling() and any(wrapped(t) for t in (x, *_parameters(g))):
+        raise NotImplementedError(
+            "InvertibleResBlock's series log-det of this g (not a plain dense or convolutional chain, or with hooks) "
+            "takes its vector-Jacobian products by torch.autograd.grad, which cannot run under torch.func transforms "
+            "(grad, vmap, jacrev...): use logdet='exact' there, or a plain chain g (Linear/Conv layers and "
+            "LipSwish/ELU/Tanh/LeakyReLU, no hooks)"
+        )
     need_grad = _needs_grad(g, x)
     replay = need_grad and neumann_grad and memory_efficient  # backward recomputes g: from this moment's state
     state = capture(g, x.device) if replay else None

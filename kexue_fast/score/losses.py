@@ -148,7 +148,10 @@ def _noise(x: Tensor, noise: Optional[Tensor], generator: Optional[torch.Generat
 
 def sample_levels(levels: Tensor, batch: int, sigma_indices: Optional[Tensor],
                   generator: Optional[torch.Generator]) -> Tensor:  # fmt: skip
-    """σ per sample [B]: levels[sigma_indices], or uniform over the levels."""
+    """σ per sample [B]: levels[sigma_indices], or uniform over the levels (one level: no draw, which torch.func.vmap
+    would refuse in its default randomness mode)."""
+    if sigma_indices is None and levels.numel() == 1:
+        return levels.expand(batch)
     if sigma_indices is None:
         device = generator.device if generator is not None else "cpu"  # the generator's device, whichever it is
         sigma_indices = torch.randint(0, levels.numel(), (batch,), generator=generator, device=device)

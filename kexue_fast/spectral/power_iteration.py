@@ -251,6 +251,13 @@ def power_iteration(
         sigma is differentiable w.r.t. the weights with ∂σ̂/∂W = u vᵀ.
     """
     mats, form = _as_matrices(weights)
+    if not torch.compiler.is_compiling() and any(torch._C._functorch.is_functorch_wrapped_tensor(w) for w in mats):
+        raise NotImplementedError(
+            "power_iteration cannot run under torch.func transforms (vmap, grad, jacrev...): its backends read data "
+            "pointers and host values, and its autograd.Function has no setup_context. It takes batches itself: pass "
+            "a batch [B, m, n] (or a list of matrices) instead of vmapping it; σ̂'s gradient u vᵀ comes "
+            "from ordinary autograd"
+        )
     n_iters = check_n_iters(n_iters)
     tol = check_positive(tol, "tol", allow_none=True)
     eps = check_positive(eps, "eps")
