@@ -524,10 +524,10 @@ def test_torch_func_forward_mode_and_generic_g():
     runs there."""
     from torch.func import functional_call, grad, jvp
 
-    from kexue_fast.flows.logdet import _ValueWithGradientOf
+    from kexue_fast.flows.logdet import value_with_gradient_of
 
     v, s, ts = torch.randn(3, 4, dtype=torch.float64).unbind(0)
-    primal, tangent = jvp(_ValueWithGradientOf.apply, (v, s), (torch.zeros_like(v), ts))
+    primal, tangent = jvp(value_with_gradient_of, (v, s), (torch.zeros_like(v), ts))
     assert torch.equal(primal, v) and torch.equal(tangent, ts)
 
     class G(nn.Module):  # a branch that is no plain chain

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .logdet import SeriesPlan, _per_sample, _ValueWithGradientOf
+from .logdet import SeriesPlan, _per_sample, value_with_gradient_of
 
 
 # Each activation with its derivative, sharing the transcendental (one sigmoid / exp / tanh per layer).
@@ -196,4 +196,4 @@ def chain_series_logdet(
     surrogate = 0
     for row, v in zip(rows, probes):
         surrogate = surrogate + _per_sample(row, DenseChain.jvp(v, weights, derivs))
-    return gx, _ValueWithGradientOf.apply(value.detach(), surrogate / len(probes))
+    return gx, value_with_gradient_of(value.detach(), surrogate / len(probes))

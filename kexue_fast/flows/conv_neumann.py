@@ -43,7 +43,7 @@ from .chain_neumann import (
     _save_groups,
     _saved_groups,
 )
-from .logdet import SeriesPlan, _per_sample, _ValueWithGradientOf
+from .logdet import SeriesPlan, _per_sample, value_with_gradient_of
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _TRANSPOSED = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -408,7 +408,7 @@ def conv_series_logdet(chain: ConvChain, x: Tensor, plans: Sequence[SeriesPlan],
     if not need_grad:
         return gx.detach(), value.detach()
     surrogate = _surrogate(chain, weights, derivs, [r.detach() for r in rows], probes)
-    return gx, _ValueWithGradientOf.apply(value.detach(), surrogate)
+    return gx, value_with_gradient_of(value.detach(), surrogate)
 
 
 def _graph_backward(ctx, x, flat, rows, raw, biases, us, vs, raw_betas, grad_y, grad_value):

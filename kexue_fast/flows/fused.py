@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .._autograd import first_order
 from .chain import DenseChain
-from .logdet import SeriesPlan, _per_sample, _ValueWithGradientOf
+from .logdet import SeriesPlan, _per_sample, value_with_gradient_of
 
 
 def _activation_param(act: nn.Module) -> Tuple[str, Optional[Tensor], float]:
@@ -135,4 +135,4 @@ class FusedDenseBranch:
         surrogate = 0
         for row, v in zip(rows, probes):
             surrogate = surrogate + _per_sample(row, ((v @ w1e.T) * d_graph) @ w2e.T)
-        return y, _ValueWithGradientOf.apply(value, surrogate / len(probes))
+        return y, value_with_gradient_of(value, surrogate / len(probes))

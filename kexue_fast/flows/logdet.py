@@ -182,9 +182,21 @@ class _ValueWithGradientOf(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         return None, grad
 
+
+class _ValueWithGradientOfJvp(_ValueWithGradientOf):
+    """The same with forward mode (torch.func.jacfwd, hessian): the value's tangent is the surrogate's, as its
+    gradient is. Apart because dynamo cannot trace a Function with a custom jvp (under torch.compile the other)."""
+
     @staticmethod
     def jvp(ctx, value_tangent: Optional[Tensor], surrogate_tangent: Optional[Tensor]) -> Optional[Tensor]:
-        return surrogate_tangent  # forward mode (torch.func.jacfwd, hessian) follows the gradient's route
+        return surrogate_tangent
+
+
+def value_with_gradient_of(value: Tensor, surrogate: Tensor) -> Tensor:
+    """`value` bit for bit, its gradient (and tangent, outside torch.compile) routed to `surrogate`."""
+    if torch.compiler.is_compiling():
+        return _ValueWithGradientOf.apply(value, surrogate)
+    return _ValueWithGradientOfJvp.apply(value, surrogate)
 
 
 def _parameters(g: Callable) -> List[Tensor]:
@@ -254,7 +266,7 @@ def series_logdet(
     for row, v in zip(rows, probes):
         (u,) = torch.autograd.grad(gx, xg, row.detach(), retain_graph=True, create_graph=True)
         surrogate = surrogate + _per_sample(u, v)
-    return gx, _ValueWithGradientOf.apply(value, surrogate / len(probes))
+    return gx, value_with_gradient_of(value, surrogate / len(probes))
 
 
 def exact_logdet(g: Callable, x: Tensor) -> Tuple[Tensor, Tensor]:
