@@ -277,6 +277,34 @@ def test_empty_series_plans_give_zero_log_det_on_both_backends(neumann, monkeypa
         assert x.grad is not None and bool(torch.isfinite(x.grad).all())
 
 
+def test_strided_spectral_norm_vectors(monkeypatch):
+    """u, v buffers with strides (a state_dict loaded with assign=True) raised 'layers[0] u must be C-contiguous'
+    from the core's binding; they are read through contiguous copies: the torch backend's outputs and buffers."""
+
+    def make():
+        torch.manual_seed(1)
+        g = nn.Sequential(
+            spectral_norm(nn.Linear(4, 8), coeff=0.9), LipSwish(), spectral_norm(nn.Linear(8, 4), coeff=0.9)
+        )
+        return InvertibleResBlock(g.double(), logdet="series", n_terms=3)
+
+    state = {
+        k: torch.stack([v, v], -1)[..., 0] if k.endswith(("_u", "_v")) else v for k, v in make().state_dict().items()
+    }
+    x = torch.randn(5, 4, dtype=D64)
+    runs = []
+    for backend in ("cpp", "torch"):
+        monkeypatch.setenv("KEXUE_FAST_BACKEND", backend)
+        block = make()
+        block.load_state_dict(state, assign=True)
+        assert not block.g[0].parametrizations.weight[0]._u.is_contiguous()
+        torch.manual_seed(3)
+        y, value = block(x)
+        runs.append([y, value] + [b for k, b in block.state_dict().items() if k.endswith(("_u", "_v"))])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("neumann", [True, False])
 def test_double_backward_with_non_contiguous_x_and_weight(neumann, monkeypatch):
     """backward(create_graph=True) differentiates torch's graph of what the Function saved: a transposed x and a

@@ -73,6 +73,10 @@ def _np(t: Optional[Tensor]):
     return None if t is None else t.detach().numpy()
 
 
+def _np_input(t: Optional[Tensor]):
+    return None if t is None else t.detach().contiguous().numpy()
+
+
 def _layout(spec: _Spec, batch: int, dim: int, lead: int, through_series: bool) -> Dict[str, List[Tuple[int, tuple]]]:
     """The workspace's layout (csrc/flows/dense_chain.hpp): name -> [(offset, shape)], and "size" -> [(total, ())].
     Cached per spec and shape."""
@@ -134,7 +138,8 @@ class _ChainCpp(torch.autograd.Function):
                 if t is not None and t.dtype != dtype:
                     raise TypeError(f"g's {name} is {t.dtype}, but x is {dtype}: the C++ block needs one dtype")
         raw = [w.contiguous() for w in raw]
-        layers = [(w.detach().numpy(), _np(b if b is None or b.is_contiguous() else b.contiguous()), _np(u), _np(v),
+        # inputs the core reads only: contiguous copies where strided (a state_dict loaded with assign=True)
+        layers = [(w.detach().numpy(), _np_input(b), _np_input(u), _np_input(v),
                    c if c is not None else 1.0) for w, b, u, v, c in zip(raw, biases, us, vs, spec.coeffs)]  # fmt: skip
         betas = [_softplus(r) if r is not None else 1.0 for r in raw_betas]
         acts = [(_KINDS[a.kind], a.const, beta) for a, beta in zip(spec.activations, betas)]
