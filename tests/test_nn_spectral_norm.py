@@ -174,6 +174,25 @@ def test_update_notices_new_layers_and_replaced_parameters():
     assert rel_err(_sigmas(model), expected) <= 1e-6
 
 
+def test_operator_mode_conv3d_converts_to_channels_last_3d():
+    """model.to(memory_format=...) converts every 4-D/5-D tensor: a Conv3d operator's 4-D u [C', D, H, W] made
+    channels_last_3d raise "required rank 5" inside torch. u, v now convert as flat vectors (dtype and device as any
+    buffer) and stay contiguous; the layer's outputs are unchanged."""
+    memory_format = torch.channels_last_3d
+    torch.manual_seed(0)
+    model = nn.Sequential(spectral_norm(nn.Conv3d(2, 3, 3, padding=1), coeff=0.9, input_shape=(2, 4, 4, 4))).eval()
+    x = torch.randn(2, 2, 4, 4, 4)
+    want = model(x)
+    norm = model[0].parametrizations.weight[0]
+    u = norm._u
+    model.to(memory_format=memory_format)
+    assert norm._u is u and norm._v.is_contiguous()  # no conversion needed: the same buffer
+    torch.testing.assert_close(model(x.contiguous(memory_format=memory_format)), want, rtol=1e-6, atol=1e-6)
+    model.double()
+    assert norm._u.dtype == torch.float64 and norm._u.shape == (3, 4, 4, 4) and norm._u.is_contiguous()
+    torch.testing.assert_close(norm._u, u.double())
+
+
 def test_update_mixed_dtypes_conv_transpose_and_conv_operator_layers():
     model = nn.Sequential(
         spectral_norm(nn.Linear(5, 6), n_power_iterations=0),

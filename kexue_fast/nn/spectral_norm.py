@@ -112,6 +112,22 @@ class SpectralNorm(nn.Module):
                 if coeff is not None and weight.device.type != "meta":
                     self._settle(weight)
 
+    def _apply(self, fn, recurse: bool = True):
+        """nn.Module._apply with u, v of 4 or more axes (a Conv3d operator's [C, D, H, W]) converted as flat vectors:
+        Module.to(memory_format=...) converts every 4-D and 5-D tensor, so channels_last_3d raised "required rank 5"
+        inside torch; they are vectors of the operator's spaces, kept contiguous (dtype and device conversions as for
+        any buffer)."""
+        vectors = {k: b for k, b in self._buffers.items() if k in ("_u", "_v") and b is not None and b.dim() >= 4}
+        for key, b in vectors.items():
+            self._buffers[key] = b.reshape(-1)
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            for key, b in vectors.items():
+                new = self._buffers[key]
+                same = new.data_ptr() == b.data_ptr() and new.dtype == b.dtype and new.device == b.device
+                self._buffers[key] = b if same else new.view(b.shape)
+
     def _settle(self, weight: Tensor, tol: float = 1e-6, most: int = 500) -> None:
         """More warm-up iterations, 10 at a time, until σ̂ changes by at most tol (relative) or `most` ran: torch's
         15 leave σ̂ short of ‖W‖₂ (power iteration converges from below), and a coeff layer then starts above its
