@@ -193,6 +193,36 @@ def test_operator_mode_conv3d_converts_to_channels_last_3d():
     torch.testing.assert_close(norm._u, u.double())
 
 
+@pytest.mark.parametrize("backend", backends())
+def test_update_reads_channels_last_conv_weights_in_place(backend):
+    """A channels_last conv weight ([out, kh, kw, in] in memory) is read in place as W with its columns permuted
+    (the same σ), v in that order in a scratch vector: update_spectral_norms re-gathered every such weight on every
+    call (7x slower in the layout audit's CPU timing). u, v equal the contiguous model's, with the layers' own power
+    iterations in between; ConvTranspose (dim=1) and Linear layers beside them as before."""
+    from kexue_fast.nn.spectral_norm import _PLANS
+
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(spectral_norm(nn.Conv2d(5, 6, 3), coeff=0.9), spectral_norm(nn.ConvTranspose2d(6, 4, 2)),
+                             spectral_norm(nn.Conv2d(4, 3, (2, 3))), nn.Flatten(),
+                             spectral_norm(nn.Linear(3 * 7 * 6, 2))).double()  # fmt: skip
+
+    plain, converted = model(), model().to(memory_format=torch.channels_last)
+    assert not converted[0].parametrizations.weight.original.is_contiguous()
+    x = torch.randn(2, 5, 9, 9, dtype=torch.float64)
+    for _ in range(3):
+        update_spectral_norms(plain, n_iters=2, backend=backend)
+        update_spectral_norms(converted, n_iters=2, backend=backend)
+        plain(x), converted(x.contiguous(memory_format=torch.channels_last))  # their own iteration (training mode)
+    for (a, _), (b, _) in zip(spectral_norm_layers(plain), spectral_norm_layers(converted)):
+        for key in ("_u", "_v"):
+            assert b._buffers[key].is_contiguous()
+            torch.testing.assert_close(b._buffers[key], a._buffers[key], rtol=1e-13, atol=1e-14)
+    (group,) = _PLANS[converted][1]
+    for (p, w), weight in zip(group.members, group.weights):  # the convolutions' and the Linear's: views
+        assert (weight.data_ptr() == w.data_ptr()) == (p.dim == 0)  # (ConvTranspose's dim=1 matrix: a copy)
+
+
 def test_update_mixed_dtypes_conv_transpose_and_conv_operator_layers():
     model = nn.Sequential(
         spectral_norm(nn.Linear(5, 6), n_power_iterations=0),

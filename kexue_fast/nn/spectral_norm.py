@@ -354,23 +354,54 @@ class _Group:
         self.members = members
         mats = [p._reshape_weight_to_matrix(w.detach()) for p, w in members]
         self.is_view = [m.is_contiguous() and m.data_ptr() == w.data_ptr() for m, (_, w) in zip(mats, members)]
-        self.weights = [m if view else m.contiguous() for m, view in zip(mats, self.is_view)]
         self.us = [p._u for p, _ in members]
         self.vs = [p._v for p, _ in members]
+        # a weight whose input axes lie in another order in memory (a channels_last conv: [out, kh, kw, in]) is read
+        # in place as W P, P a permutation of the columns (the same σ), with v in that order in a scratch vector
+        self.orders: List[Optional[List[int]]] = [None] * len(members)
+        for i, ((p, w), view) in enumerate(zip(members, self.is_view)):
+            order = None if view else _column_order(p, w)
+            if order is not None:
+                mats[i] = w.detach().permute(0, *order).flatten(1)
+                self.is_view[i], self.orders[i] = True, order
+                self.vs[i] = torch.empty_like(p._v)
+        self.weights = [m if view else m.contiguous() for m, view in zip(mats, self.is_view)]
         self.device, self.dtype = members[0][1].device, members[0][1].dtype
         self._numpy: Optional[tuple] = None
 
     def refresh_copies(self) -> None:
-        """Permuted weights (ConvTranspose's dim=1) are not views: re-copy them every call."""
+        """Permuted weights (ConvTranspose's dim=1) are not views: re-copy them every call. Column-permuted views'
+        v in their order (the layer's own forward may have moved v since)."""
         for i, view in enumerate(self.is_view):
+            p, w = self.members[i]
             if not view:
-                p, w = self.members[i]
                 self.weights[i].copy_(p._reshape_weight_to_matrix(w.detach()))
+            elif self.orders[i] is not None:
+                self.vs[i].copy_(p._v.view(w.shape[1:]).permute(*(d - 1 for d in self.orders[i])).flatten())
+
+    def write_back(self) -> None:
+        """The column-permuted layers' new v into their buffers, in torch's column order."""
+        for i, order in enumerate(self.orders):
+            if order is not None:
+                p, w = self.members[i]
+                shape = [w.shape[d] for d in order]
+                inverse = [order.index(d) for d in range(1, w.dim())]
+                p._v.view(w.shape[1:]).copy_(self.vs[i].view(shape).permute(*inverse))
 
     def numpy(self) -> tuple:
         if self._numpy is None:
             self._numpy = tuple([t.numpy() for t in ts] for ts in (self.weights, self.us, self.vs))
         return self._numpy
+
+
+def _column_order(p: SpectralNorm, w: Tensor) -> Optional[List[int]]:
+    """For a dim-0 weight of 3 or more axes not contiguous but whose input axes (1, 2, ...) lie densely in another
+    order (a channels_last conv weight), that order: w.permute(0, *order).flatten(1) is then a view; else None."""
+    if p.dim != 0 or w.dim() < 3 or w.is_complex():
+        return None
+    strides = w.stride()
+    order = sorted(range(1, w.dim()), key=lambda d: -strides[d])
+    return order if w.permute(0, *order).is_contiguous() else None
 
 
 def _signature(layers: List[Tuple[SpectralNorm, Tensor]]) -> tuple:
@@ -493,6 +524,8 @@ def update_spectral_norms(
                 sigma = run_backend(backend_of_group, group.weights, group.vs, group.us, group.vs, n_iters, tol,
                                     group.eps)  # fmt: skip
             values = sigma.tolist() if group.device.type == "cpu" else []
+        with torch.no_grad():
+            group.write_back()
         for weight, value in zip(group.weights, values):
             if not math.isfinite(value) or value == 0:  # NaN/Inf weights, or float32 squares that overflow
                 check_sigma(weight, value, "a spectral-norm weight")
