@@ -411,6 +411,23 @@ def test_samplers_keep_a_dense_layout_and_refuse_inplace_on_shared_memory(backen
     assert len(layouts) == calls
 
 
+def test_losses_differentiate_a_sigma_that_requires_grad():
+    """dsm_loss and dde_loss detached a sigma tensor that requires grad (its gradient stayed None, silently); the
+    levels keep its graph: gradcheck in float64 with the noise and the level indices fixed."""
+    from kexue_fast.score import dde_loss
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(3, 3).double()
+    model = lambda t, sigma: linear(t) / sigma[:, None]  # noqa: E731
+    x, noise = torch.randn(2, 5, 3, dtype=D64).unbind(0)
+    levels = torch.tensor([0.7, 0.3], dtype=D64, requires_grad=True)
+    index = torch.tensor([0, 1, 1, 0, 1])
+    assert torch.autograd.gradcheck(lambda s: dsm_loss(model, x, s, noise=noise, sigma_indices=index), (levels,))
+    one = torch.tensor([0.4], dtype=D64, requires_grad=True)
+    energy = lambda t: t.pow(2).sum(1)  # noqa: E731
+    assert torch.autograd.gradcheck(lambda s: dde_loss(energy, x, s, noise=noise), (one,))
+
+
 def test_dsm_loss_with_one_level_draws_no_index():
     """One σ needs no level index: no torch.randint (torch.func.vmap refused it in its default randomness mode)."""
     model = torch.nn.Linear(3, 3).double()

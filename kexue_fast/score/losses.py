@@ -28,8 +28,9 @@ WEIGHTINGS = ("sigma2", "mdsm")
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def as_sigmas(sigmas: Sigmas, name: str, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """A 1-D tensor of noise levels, each finite and > 0 (a clear ValueError otherwise)."""
+def as_sigmas(sigmas: Sigmas, name: str, device: torch.device, dtype: torch.dtype, keep_graph: bool = False) -> Tensor:
+    """A 1-D tensor of noise levels, each finite and > 0 (a clear ValueError otherwise). keep_graph: a tensor that
+    requires grad keeps its graph (the losses: their gradient reaches σ), else the levels are detached."""
     if isinstance(sigmas, (bool, str, bytes)):
         raise TypeError(f"{name} must be a number, a sequence of numbers or a tensor, got {type(sigmas).__name__}")
     # numbers are checked on the host (no device sync), a tensor where it lives; each as given, then in `dtype`
@@ -55,6 +56,8 @@ def as_sigmas(sigmas: Sigmas, name: str, device: torch.device, dtype: torch.dtyp
     if narrower and not bool((torch.isfinite(values) & (values > 0)).all()):  # the given values, not the cast's
         raise ValueError(f"{name} must be finite and > 0 in the data's dtype {dtype}: {given.tolist()} became "
                          f"{values.tolist()}")  # fmt: skip
+    if keep_graph and isinstance(sigmas, Tensor) and sigmas.requires_grad:
+        return sigmas.reshape(-1).to(device=device, dtype=dtype)
     return values.to(device)
 
 
@@ -211,7 +214,7 @@ def dsm_loss(
         sigma0 = as_number(sigma0, "sigma0")
         if not 0 < sigma0 < math.inf:  # σ₀ = ∞ drops the data term
             raise ValueError(f"sigma0 must be a finite number > 0, got {sigma0!r}")
-    levels = as_sigmas(sigmas, "sigmas", x.device, x.dtype)
+    levels = as_sigmas(sigmas, "sigmas", x.device, x.dtype, keep_graph=True)
     batch = x.shape[0]
     sigma = sample_levels(levels, batch, sigma_indices, generator)
     eps = _noise(x, noise, generator)
@@ -239,7 +242,7 @@ def loss_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _one_sigma(sigma: object, x: Tensor) -> Tensor:
     """The single noise level of the DDE objectives, validated (a number, or a one-element tensor)."""
-    levels = as_sigmas(sigma, "sigma", x.device, x.dtype)
+    levels = as_sigmas(sigma, "sigma", x.device, x.dtype, keep_graph=True)
     if levels.numel() != 1:
         raise ValueError(f"sigma must be one noise level (a number or a one-element tensor), got {levels.numel()}")
     return levels[0]
