@@ -5,25 +5,28 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
 
-def first_order(backward: Callable) -> Callable:
-    """Wraps a Function's backward so that double backward (backward with create_graph=True) raises a clear error.
+def first_order(backward: Optional[Callable] = None, *, op: str = "", instead: str = "") -> Callable:
+    """Wraps a Function's backward so that double backward (backward with create_graph=True) raises a clear error,
+    naming the public `op` and what supports it `instead` where given (@first_order(op=..., instead=...)).
 
     torch's once_differentiable only errors when the incoming gradient itself has a graph; with a plain upstream
     gradient the result would carry no graph, and a second-order term through this Function would be silently
     missing from any larger expression (a gradient penalty, a Hessian-vector product)."""
+    if backward is None:
+        return functools.partial(first_order, op=op, instead=instead)
 
     @functools.wraps(backward)
     def checked(ctx, *grads):
         if torch.is_grad_enabled():
-            name = type(ctx).__name__.removesuffix("Backward")
+            name = op or f"kexue_fast's {type(ctx).__name__.removesuffix('Backward')}"
             raise RuntimeError(
-                f"double backward (create_graph=True) through kexue_fast's {name} is not supported: its gradient is "
-                "computed in closed form without a graph of its own"
+                f"double backward (create_graph=True) through {name} is not supported: its gradient is computed in "
+                "closed form without a graph of its own" + (f"; {instead}" if instead else "")
             )
         return backward(ctx, *grads)
 

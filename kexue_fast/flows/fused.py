@@ -19,6 +19,11 @@ from .._autograd import first_order
 from .chain import DenseChain
 from .logdet import SeriesPlan, _per_sample, value_with_gradient_of
 
+_DOUBLE_BACKWARD = {
+    "op": "InvertibleResBlock's fused Triton block",
+    "instead": 'backend="torch" or "cpp" (closed forms with a graph backward) support it',
+}  # first_order's message
+
 
 def _activation_param(act: nn.Module) -> Tuple[str, Optional[Tensor], float]:
     from ..nn.iresnet import LipSwish
@@ -46,7 +51,7 @@ class _DenseResidual(torch.autograd.Function):
         return y, a, d
 
     @staticmethod
-    @first_order
+    @first_order(**_DOUBLE_BACKWARD)
     def backward(ctx, gy, _ga, _gd):
         x, w1, b1, w2, t1, t2, a, d, param = ctx.saved_tensors
         ga = (gy @ w2) * t2

@@ -17,6 +17,11 @@ from .._autograd import first_order
 from .._state import State, capture, replaying
 from ..nn.spectral_norm import power_iteration_frozen, power_iteration_is_frozen
 
+_DOUBLE_BACKWARD = {
+    "op": "InvertibleResBlock's memory-efficient Neumann gradient",
+    "instead": "memory_efficient=False supports it",
+}  # first_order's message
+
 EXACT_MAX_DIM = 256  # "exact" builds the d×d Jacobian with d vector–Jacobian products: beyond this, use a series.
 
 
@@ -133,7 +138,7 @@ class _NeumannLogdet(torch.autograd.Function):
         return value.clone()
 
     @staticmethod
-    @first_order
+    @first_order(**_DOUBLE_BACKWARD)
     def backward(ctx, grad_out: Tensor):
         x, w, v, *params = ctx.saved_tensors
         trainable = [p for p in params if p.requires_grad]

@@ -29,6 +29,12 @@ from .. import _dispatch
 from .._autograd import first_order, no_autocast
 from . import reference, workspace
 
+_DOUBLE_BACKWARD = {
+    "op": "som_regularizer (a layer with rows ≥ channels)",
+    "instead": "under torch.func transforms som_regularizer runs torch ops alone, differentiable to any order, as "
+    "is kexue_fast.ortho.reference.som_cheap",
+}  # first_order's message
+
 OP = "som_regularizer"
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _dispatch.register_op(
@@ -218,7 +224,7 @@ class _GramPenalty(torch.autograd.Function):
         return r
 
     @staticmethod
-    @first_order
+    @first_order(**_DOUBLE_BACKWARD)
     def backward(ctx, grad: Tensor):
         theta, inv, s1, unclamped = ctx.saved_tensors
         lambda1, lambda2 = ctx.lambdas
@@ -335,7 +341,7 @@ class _TritonPenalty(torch.autograd.Function):
         return r
 
     @staticmethod
-    @first_order
+    @first_order(**_DOUBLE_BACKWARD)
     def backward(ctx, grad: Optional[Tensor]):
         from ..kernels import som as kernels
 
@@ -459,7 +465,7 @@ class _Grams(torch.autograd.Function):
         return out
 
     @staticmethod
-    @first_order
+    @first_order(**_DOUBLE_BACKWARD)
     def backward(ctx, grad: Tensor):
         saved = ctx.saved_tensors
         a_all = (grad + grad.mT) * ctx.gamma
@@ -731,7 +737,7 @@ class _CppPenalty(torch.autograd.Function):
         return out
 
     @staticmethod
-    @first_order
+    @first_order(**_DOUBLE_BACKWARD)
     def backward(ctx, grad: Tensor):
         threads = cpp_threads()
         scales = [grad.item()] * len(ctx.layouts) if grad.dim() == 0 else grad.tolist()

@@ -36,6 +36,8 @@ from torch import Tensor
 
 from .._autograd import first_order
 
+_DOUBLE_BACKWARD = {"op": "the Jacobi elliptic functions (ellipj, and troposkein's shape)"}  # first_order's message
+
 Param = Union[Tensor, float]
 
 _AGM_STEPS = 12  # quadratic convergence: enough for √m' down to 1e-8 (m' ≥ 2^-53) and for m down to −1e30
@@ -303,7 +305,7 @@ def jacobi_save(ctx, u: Tensor, m: Tensor, outs: Tuple[Tensor, ...], mp: Optiona
     return outs
 
 
-@first_order
+@first_order(**_DOUBLE_BACKWARD)
 def jacobi_backward(ctx, gsn, gcn, gdn, gam, _gzeta):
     """The backward shared by every backend's Function: elementwise torch on the saved values."""
     u, m, sn, cn, dn, zeta, *rest = ctx.saved_tensors
