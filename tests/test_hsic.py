@@ -803,3 +803,19 @@ def test_bottleneck_and_bandwidth_arguments_are_named():
             kexue_fast.median_bandwidth(x, subsample=bad)
     with pytest.raises(ValueError, match="seed must be an int"):
         kexue_fast.median_bandwidth(x, subsample=5, seed=-1)
+
+
+def test_torch_func_transforms_run_linear_kernels_and_refuse_the_tiles_clearly():
+    """Under torch.func transforms linear kernels on both sides run (the d×d cross products: vmap equals the loop,
+    the NaN check skipped there); other kernels raise a NotImplementedError naming hsic.reference, where the C++
+    median bandwidth crashed on a data pointer or the tiles' Function lacked setup_context."""
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(2, 3, 10, 2, dtype=D64, generator=g).unbind(0)
+    mapped = torch.func.vmap(lambda a, b: kexue_fast.hsic(a, b, kernel_x="linear"))(x, y)
+    want = torch.stack([kexue_fast.hsic(a, b, kernel_x="linear") for a, b in zip(x, y)])
+    torch.testing.assert_close(mapped, want, rtol=1e-12, atol=0)
+    for kernel in ("gaussian", "laplace"):
+        with pytest.raises(NotImplementedError, match=r"torch\.func transforms.*hsic\.reference"):
+            torch.func.vmap(lambda a, b: kexue_fast.hsic(a, b, kernel_x=kernel))(x, y)  # noqa: B023
+        with pytest.raises(NotImplementedError, match=r"torch\.func transforms"):
+            torch.func.grad(lambda a: kexue_fast.hsic(a, y[0], kernel_x=kernel))(x[0])  # noqa: B023

@@ -435,3 +435,13 @@ def test_rope_shape_gradient_without_warnings():
     eps = 1e-6
     ends = [rope_shape(1.5 + d, 1.0, 3.0, 0.0, n_points=9, n_steps=256).x[4] for d in (eps, -eps)]
     assert abs(float(grad) - float((ends[0] - ends[1]) / (2 * eps))) <= 1e-7
+
+
+def test_torch_func_transforms_are_refused_clearly():
+    """The rope's Functions have no setup_context (torch's 'must override setup_context' before): a clear
+    NotImplementedError naming the argument; they are elementwise over any shape."""
+    u = torch.randn(3, 4, dtype=D64)
+    with pytest.raises(NotImplementedError, match=r"u: .*torch\.func transforms"):
+        torch.func.vmap(lambda t: ellipj(t, 0.5).sn)(u)
+    with pytest.raises(NotImplementedError, match=r"m: .*torch\.func transforms"):
+        torch.func.grad(lambda m: ellipk(m).sum())(torch.rand(4, dtype=D64))

@@ -52,7 +52,8 @@ def _as_samples(t: object, name: str, kernel: str) -> Tensor:
         raise ValueError(f"{name} must be [n, d] with d >= 1 (or [n]), got shape {tuple(t.shape)}")
     if t.device.type == "meta":
         raise ValueError(f"{name} is a meta tensor: HSIC reads its values (bandwidths, checks)")
-    if not bool(torch.isfinite(t).all()):
+    transformed = not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(t)
+    if not transformed and not bool(torch.isfinite(t).all()):  # (vmap cannot read values: NaN propagates there)
         raise ValueError(f"{name} contains NaN or Inf")
     if t.dtype in (torch.float16, torch.bfloat16):  # half tiles lost 2–3% of the value, 10–30% of the gradient
         t = t.float()  # before centring, which would round in half precision too
@@ -122,6 +123,25 @@ def _feature_stats(x: Tensor, y: Tensor):
     return s_kl, s_kk, s_ll, x @ x.sum(0) - nx, y @ y.sum(0) - ny, nx, ny
 
 
+def _check_transforms(x: object, y: object, kernel_x: str, kernel_y: str, tile: int) -> None:
+    """NotImplementedError under torch.func transforms (grad, vmap...) unless both kernels are linear and the d×d
+    cross products serve (torch ops alone): the streamed tiles run in C++ / Triton or an autograd.Function without
+    setup_context, and the median bandwidth reads the data on the host."""
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    if torch.compiler.is_compiling() or not any(isinstance(t, Tensor) and wrapped(t) for t in (x, y)):
+        return
+    if kernel_x == kernel_y == "linear" and isinstance(x, Tensor) and isinstance(y, Tensor) and x.ndim and y.ndim:
+        width = (x.shape[1] if x.ndim == 2 else 1) + (y.shape[1] if y.ndim == 2 else 1)
+        if width <= max(x.shape[0], tile):
+            return
+    raise NotImplementedError(
+        "hsic / hsic_stats / cka / bottleneck_loss run under torch.func transforms (grad, vmap, jacrev...) only with "
+        "linear kernels on both sides and dx + dy <= max(n, tile) (the d×d cross products, torch ops alone): the "
+        "streamed Gram tiles of other kernels run in C++ / Triton or an autograd.Function torch.func cannot run. "
+        "kexue_fast.hsic.reference's n × n forms (gram, hsic_biased, hsic_unbiased, normalized) run there"
+    )
+
+
 def _prepare(x, y, kernel_x, kernel_y, bandwidth_x, bandwidth_y, estimator, backend, min_n=2, tile=TILE,
              needs="HSIC"):  # fmt: skip
     if isinstance(tile, bool) or not isinstance(tile, numbers.Integral) or tile < 1:
@@ -133,6 +153,7 @@ def _prepare(x, y, kernel_x, kernel_y, bandwidth_x, bandwidth_y, estimator, back
         raise ValueError(f"kernel_y must be one of {KERNELS}, got {kernel_y!r}")
     if estimator not in ("biased", "unbiased"):
         raise ValueError(f'estimator must be "biased" or "unbiased", got {estimator!r}')
+    _check_transforms(x, y, kernel_x, kernel_y, tile)
     x = _as_samples(x, "x", kernel_x)
     y = _as_samples(y, "y", kernel_y)
     if x.shape[0] != y.shape[0]:

@@ -65,6 +65,12 @@ def _floating(t: Param, name: str) -> Tuple[Union[Tensor, float], str]:
     if isinstance(t, Tensor):
         if not (t.is_floating_point() and t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)):
             raise TypeError(f"{name} must be a real floating tensor, got dtype {t.dtype}")
+        if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(t):
+            raise NotImplementedError(
+                f"{name}: kexue_fast.rope's functions cannot run under torch.func transforms (grad, vmap, jacrev...): "
+                "their autograd.Functions have no setup_context, and the C++ / Triton paths read data pointers. They "
+                "are elementwise over tensors of any shape: pass the whole batch, and take derivatives by autograd"
+            )
         return t, name
     if isinstance(t, bool) or not isinstance(t, numbers.Real):
         raise TypeError(f"{name} must be a torch.Tensor or a real number, got {type(t).__name__}")
