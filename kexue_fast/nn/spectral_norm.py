@@ -17,6 +17,7 @@ from torch.nn.utils import parametrize
 
 from .. import _dispatch
 from .._autograd import no_autocast
+from .._layout import memory_order
 from ..spectral._validate import check_finite, check_n_iters, check_positive
 from ..spectral.conv import ConvOperator, conv_power_iteration
 from ..spectral.power_iteration import OP as POWER_ITERATION_OP
@@ -395,13 +396,11 @@ class _Group:
 
 
 def _column_order(p: SpectralNorm, w: Tensor) -> Optional[List[int]]:
-    """For a dim-0 weight of 3 or more axes not contiguous but whose input axes (1, 2, ...) lie densely in another
-    order (a channels_last conv weight), that order: w.permute(0, *order).flatten(1) is then a view; else None."""
+    """For a dim-0 weight of 3 or more axes whose input axes (1, 2, ...) lie densely in another order than its
+    shape's (a channels_last conv weight), that order: w.permute(0, *order).flatten(1) is then a view; else None."""
     if p.dim != 0 or w.dim() < 3 or w.is_complex():
         return None
-    strides = w.stride()
-    order = sorted(range(1, w.dim()), key=lambda d: -strides[d])
-    return order if w.permute(0, *order).is_contiguous() else None
+    return memory_order(w, first=1)
 
 
 def _signature(layers: List[Tuple[SpectralNorm, Tensor]]) -> tuple:

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from .. import _dispatch
 from .._autograd import first_order, no_autocast
+from .._layout import memory_order
 from . import reference, workspace
 
 _DOUBLE_BACKWARD = {
@@ -153,14 +154,8 @@ def _in_memory_order(y: Tensor, dim: int) -> Tuple[Tensor, int]:
     contiguous view: channels_last and channels_last_3d maps, transposed matrices) and the channel axis's place there.
     R reads Y as rows [b, k] in any order of the rows, so every backend then reads Y in place (layout (N·H·W, C, 1)
     for a channels_last map) instead of a contiguous copy, and ∂R/∂Y comes back in Y's own memory format."""
-    if y.is_contiguous():
-        return y, dim
-    strides = y.stride()
-    order = sorted(range(y.ndim), key=lambda d: -strides[d])  # stable: size-1 axes' strides do not matter
-    view = y.permute(order)
-    if not view.is_contiguous():  # overlapping or with gaps (an expanded or sliced tensor): copied where read
-        return y, dim
-    return view, order.index(dim)
+    order = memory_order(y)
+    return (y, dim) if order is None else (y.permute(order), order.index(dim))
 
 
 def _as_rows(y: Tensor, dim: int, dtype: torch.dtype) -> Tensor:

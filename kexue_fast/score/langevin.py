@@ -6,12 +6,13 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-from typing import List, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from .. import _dispatch
+from .._layout import memory_order
 
 OP = "langevin_step"
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -72,16 +73,6 @@ def _check_number(value: Union[float, Tensor], name: str, allow_zero: bool) -> N
     value = float(value)
     if not (value > 0 or (allow_zero and value == 0)) or value != value or value == float("inf"):
         raise ValueError(f"{name} must be finite and {'>= 0' if allow_zero else '> 0'}, got {value!r}")
-
-
-def memory_order(t: Tensor) -> Optional[List[int]]:
-    """The permutation of t's axes into the order of its strides where t is dense but not contiguous (a channels_last
-    batch, a transpose): t.permute(order) is then a contiguous view of the same memory. None otherwise."""
-    if t.is_contiguous():
-        return None
-    strides = t.stride()
-    order = sorted(range(t.ndim), key=lambda d: -strides[d])
-    return order if t.permute(order).is_contiguous() else None
 
 
 def has_overlap(t: Tensor) -> bool:

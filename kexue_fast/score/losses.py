@@ -154,7 +154,7 @@ def sample_levels(levels: Tensor, batch: int, sigma_indices: Optional[Tensor],
     """σ per sample [B]: levels[sigma_indices], or uniform over the levels (one level: no draw, which torch.func.vmap
     would refuse in its default randomness mode)."""
     if sigma_indices is None and levels.numel() == 1:
-        return levels.expand(batch)
+        return levels.expand(batch).clone()
     if sigma_indices is None:
         device = generator.device if generator is not None else "cpu"  # the generator's device, whichever it is
         sigma_indices = torch.randint(0, levels.numel(), (batch,), generator=generator, device=device)

@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch
-from .langevin import OP, apply_step, has_overlap, memory_order, on_device, step_coefficients
+from .._layout import memory_order
+from .langevin import OP, apply_step, has_overlap, on_device, step_coefficients
 from .losses import Sigmas, as_count, as_number, as_sigmas, geometric_levels
 
 Score = Callable[..., Tensor]
