@@ -33,12 +33,15 @@ namespace kf = kexue::flows;
 
 namespace {
 
-// NumPy arrays may be element-misaligned (np.frombuffer at an odd offset); the cores load whole elements and vectors
-// from them (undefined behaviour, UBSan: "load of misaligned address"): refused, never reached from torch tensors.
+// Arrays may be element-misaligned (np.frombuffer at an odd offset, or a torch tensor made so: torch.frombuffer(buf,
+// offset=1)); the cores load whole elements and vectors from them (undefined behaviour, UBSan: "load of misaligned
+// address"): refused.
 template <typename A>
 const A& aligned(const A& arr, const std::string& name) {
   if (arr && !(arr.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_))
-    throw py::value_error(name + " must be element-aligned (np.require(a, requirements='A') gives an aligned copy)");
+    throw py::value_error(name + "'s data is not aligned to its element size (a tensor or array made at a byte offset, "
+                                 "e.g. torch.frombuffer(buf, offset=1)); the C++ core needs aligned data: pass a copy "
+                                 "(t.clone(), or np.require(a, requirements='A'))");
   return arr;
 }
 

@@ -341,8 +341,15 @@ def test_core_bindings_refuse_what_a_sanitizer_build_caught():
         _core.jose_init_tables(empty, empty.copy(), np.zeros((2, 0), np.float32), 0)
     raw = np.zeros(8 * 20 + 1, np.uint8)
     misaligned = np.frombuffer(raw.data, dtype=np.float64, count=20, offset=1).reshape(10, 2)
-    with pytest.raises(ValueError, match="element-aligned"):
+    with pytest.raises(ValueError, match="not aligned to its element size"):
         _core.hsic_stats(misaligned, misaligned.copy(), 0, 1.0, 0, 1.0, 1)
+    import torch  # a tensor made at a byte offset reaches the binding too: the message says what to do
+
+    import kexue_fast
+
+    shifted = torch.frombuffer(bytearray(8 * 12 + 1), dtype=torch.float64, offset=1, count=12).view(4, 3)
+    with pytest.raises(ValueError, match=r"w's data is not aligned .*\(t\.clone\(\)"):
+        kexue_fast.power_iteration(shifted, backend="cpp")
 
 
 def test_som_sweep_settings_are_checked():
