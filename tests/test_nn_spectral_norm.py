@@ -576,3 +576,42 @@ def test_update_of_a_spectral_norm_after_other_parametrizations():
 def test_dim_and_input_shape_together_are_refused():
     with pytest.raises(ValueError, match="pass one of them"):
         spectral_norm(nn.Conv2d(2, 3, 3), dim=1, input_shape=(2, 5, 5))
+
+
+def test_frozen_power_iteration_across_threads_clears_when_all_blocks_end():
+    """Two threads' frozen blocks ending out of order: a save-and-restore flag was cleared while the second thread was
+    still inside (its u moved during its inverse) and then restored to frozen for good (no training forward of any
+    layer advanced its power iteration afterwards)."""
+    import threading
+
+    from kexue_fast.nn.spectral_norm import frozen_power_iteration, power_iteration_frozen, power_iteration_is_frozen
+
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def first():
+        with frozen_power_iteration():
+            a_in.set()
+            b_in.wait(10)
+        a_out.set()
+
+    def second():
+        a_in.wait(10)
+        with frozen_power_iteration():
+            b_in.set()
+            a_out.wait(10)
+            seen["inside after the other ended"] = power_iteration_is_frozen()
+            with power_iteration_frozen(False):  # this thread's replay of an unfrozen pass: the other's freeze wins
+                seen["unfrozen here while frozen there"] = power_iteration_is_frozen()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert seen == {"inside after the other ended": True, "unfrozen here while frozen there": False}
+    assert not power_iteration_is_frozen()
+    layer = spectral_norm(nn.Linear(3, 4))
+    version = layer.parametrizations.weight[0]._u._version
+    layer(torch.randn(2, 3))
+    assert layer.parametrizations.weight[0]._u._version > version  # training forwards write u again

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import threading
 import weakref
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
@@ -25,7 +26,9 @@ from ..spectral.power_iteration import check_sigma, run_backend
 from ..spectral.reference import unit_or_keep
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_FROZEN = [False]
+_FROZEN = [False]  # read by the layers' forward: a list element, on which torch.compile guards
+_MODES: Dict[int, List[bool]] = {}  # per thread, the modes its open power_iteration_frozen blocks set, innermost last
+_MODES_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -33,8 +36,9 @@ def frozen_power_iteration() -> Iterator[None]:
     """Within this block, spectral-norm layers do not advance their power iteration in forward, so recomputing a
     function (a memory-efficient backward, an exact Jacobian) sees the same normalized weights as the first pass.
     The flag is process-wide, not per thread: while one thread is inside (InvertibleResBlock.inverse,
-    ResidualFlow.sample), other threads' training forwards do not advance their iterations either. (A
-    threading.local was tried: torch.compile guards on it, but its writes inside compiled fullgraph blocks and
+    ResidualFlow.sample), other threads' training forwards do not advance their iterations either; it clears once no
+    thread is inside any more (each thread's blocks are kept apart, so blocks of two threads may end in any order).
+    (A threading.local was tried: torch.compile guards on it, but its writes inside compiled fullgraph blocks and
     inverses left it set afterwards in the test suite, freezing every later training forward.)"""
     with power_iteration_frozen(True):
         yield
@@ -43,13 +47,30 @@ def frozen_power_iteration() -> Iterator[None]:
 @contextlib.contextmanager
 def power_iteration_frozen(frozen: bool) -> Iterator[None]:
     """Within this block, the power iterations are frozen or not as `frozen` says (a replay of a forward pass runs
-    in the mode the pass itself ran in)."""
-    previous = _FROZEN[0]
-    _FROZEN[0] = bool(frozen)
+    in the mode the pass itself ran in), for this thread; process-wide they are frozen while any thread's innermost
+    block freezes them. A save-and-restore of one flag left it frozen for good when two threads' blocks overlapped and
+    ended out of order (the stale value restored last)."""
+    if torch.compiler.is_compiling():  # traced: the list's writes replay as side effects (no lock, no thread id)
+        previous = _FROZEN[0]
+        _FROZEN[0] = bool(frozen)
+        try:
+            yield
+        finally:
+            _FROZEN[0] = previous
+        return
+    me = threading.get_ident()
+    with _MODES_LOCK:
+        _MODES.setdefault(me, []).append(bool(frozen))
+        _FROZEN[0] = any(modes[-1] for modes in _MODES.values())
     try:
         yield
     finally:
-        _FROZEN[0] = previous
+        with _MODES_LOCK:
+            modes = _MODES[me]
+            modes.pop()
+            if not modes:
+                del _MODES[me]
+            _FROZEN[0] = any(modes[-1] for modes in _MODES.values())
 
 
 def power_iteration_is_frozen() -> bool:
