@@ -788,3 +788,23 @@ def test_keyed_vectors_take_row_indices_and_topn_none_as_gensim():
     assert scores.shape == (4,) and np.allclose(scores, unit @ unit[0], atol=1e-6)
     with pytest.raises(ValueError, match="topn must be an int >= 1 or None"):
         kv.most_similar("a", topn=0)
+
+
+def test_deterministic_mode_refuses_the_timing_dependent_trainers():
+    """torch.use_deterministic_algorithms(True) raised nowhere: JoSE(workers=2) ran and two fits differed. Now the
+    Hogwild trainer with workers > 1 raises as torch's nondeterministic ops do (a warning with warn_only=True), and
+    workers=1 trains, bit-reproducibly."""
+    corpus = [["a", "b", "c", "a"], ["b", "c", "d"], ["a", "d", "b"]] * 4
+    make = lambda workers: JoSE(dim=4, min_count=1, epochs=1, workers=workers, progress=False)  # noqa: E731
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        with pytest.raises(RuntimeError, match=r"workers=2 .*deterministic.*pass workers=1"):
+            make(2).fit(corpus)
+        first, second = make(1).fit(corpus), make(1).fit(corpus)
+        assert np.array_equal(first.wv.vectors, second.wv.vectors)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with pytest.warns(UserWarning, match="deterministic"):
+            make(2).fit(corpus)
+    finally:
+        torch.use_deterministic_algorithms(before)

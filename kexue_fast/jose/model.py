@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 import zlib
 from typing import Iterable, List, Optional, Sequence, Union
 
@@ -56,6 +57,28 @@ def _check_alpha(alpha) -> float:
         raise ValueError(f"alpha must be at most {_ALPHA_MAX:g} (a learning rate; larger steps overflow float32 "
                          f"into NaN tables); got {value:g}")  # fmt: skip
     return value
+
+
+def _check_deterministic(chosen: str, workers: int) -> None:
+    """torch.use_deterministic_algorithms(True): an error (a warning with warn_only=True), as torch's own ops give, for
+    the trainers whose results depend on timing: the C++ Hogwild trainer with workers > 1 and the Triton trainer
+    (float atomic adds)."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return
+    if chosen == "cpp" and workers > 1:
+        what = f"JoSE's C++ trainer with workers={workers} (Hogwild: threads update the tables without locks)"
+    elif chosen == "triton":
+        what = "JoSE's Triton trainer (its updates are float atomic adds, summed in any order)"
+    else:
+        return
+    message = (
+        f"{what} does not have a deterministic implementation, but you set 'torch.use_deterministic_algorithms(True)': "
+        "pass workers=1 with device='cpu' (bit-reproducible)"
+    )
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(message, UserWarning, stacklevel=3)
+    else:
+        raise RuntimeError(message)
 
 
 class JoSE:
@@ -140,6 +163,7 @@ class JoSE:
         """Train on ``corpus``: a path to a text file (one whitespace-tokenized document per line) or an iterable of
         token lists (one per document). Returns self."""
         chosen = _dispatch.choose(OP, self.device, torch.float32, self.backend)
+        _check_deterministic(chosen, self.workers)
         encoded = encode(corpus, self.min_count)
         if encoded.raw_tokens == 0:
             raise ValueError("corpus is empty: it holds no tokens")
