@@ -259,7 +259,9 @@ class InvertibleResBlock(nn.Module):
       "none":     zeros
     Gradients: neumann_grad=True differentiates through one vector–Jacobian product weighted by the Neumann series
     (memory independent of n_terms); memory_efficient=True moves that product into backward (recomputing g once),
-    with each sample weighted by its own upstream gradient. neumann_grad=False backpropagates through the series.
+    with each sample weighted by its own upstream gradient (the recomputation restores the random generators' states
+    from before the forward, as torch's checkpoint does: random draws by other Python threads in between, on the same
+    generator, change what it replays). neumann_grad=False backpropagates through the series.
     The returned logdet is always the estimate itself, never a surrogate. For dense-chain branches the eager Neumann
     gradient is written out in closed form (kexue_fast.flows.chain_neumann: one autograd node, memory_efficient
     either way), and off the CPU so is the gradient through the series (neumann_grad=False: Σ_j L_jᵀ dJ J^j v with
