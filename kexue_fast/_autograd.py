@@ -1,5 +1,5 @@
 """`first_order`: for autograd.Functions whose backward is written out without a graph of its own; `no_autocast`: a
-region computed in its inputs' dtypes under mixed precision."""
+region computed in its inputs' dtypes under mixed precision; `transformed`: tensors of a torch.func transform."""
 
 from __future__ import annotations
 
@@ -46,3 +46,13 @@ def no_autocast(device_type: str):
     if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
         return contextlib.nullcontext()
     return torch.autocast(device_type, enabled=False)
+
+
+def transformed(*tensors: object) -> bool:
+    """Whether any of `tensors` is a torch.func transform's (grad, vjp, jacrev, vmap...: functorch-wrapped), where
+    autograd.Functions without setup_context, the C++ core (data pointers) and host reads of the values cannot run.
+    False under torch.compile, which cannot trace the query (and handles the transforms itself)."""
+    if torch.compiler.is_compiling():
+        return False
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return any(isinstance(t, torch.Tensor) and wrapped(t) for t in tensors)

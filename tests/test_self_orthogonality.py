@@ -140,6 +140,10 @@ def test_torch_func_transforms_take_the_graph_route(kw):
         mapped = vmap(lambda y: som_regularizer(y, gamma=0.5))(batch)
         want = torch.stack([reference.som_direct(y, gamma=0.5) for y in batch])
         torch.testing.assert_close(mapped, want, rtol=1e-12, atol=0)
+    y32 = ys[1].float().requires_grad_()  # layers of two dtypes: R in float64, as on the other routes
+    got = grad(lambda t: som_regularizer([t, ys[2]], gamma=0.5))(y32.detach())
+    (want,) = torch.autograd.grad(som_regularizer([y32, ys[2]], gamma=0.5), y32)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     y = ys[0]
     h = hessian(lambda t: som_regularizer(t, gamma=0.5))(y)
     torch.testing.assert_close(h, hessian(lambda t: reference.som_direct(t, gamma=0.5))(y), rtol=1e-9, atol=1e-9)

@@ -13,7 +13,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .._autograd import first_order
+from .._autograd import first_order, transformed
 from .._state import State, capture, replaying
 from ..nn.spectral_norm import power_iteration_frozen, power_iteration_is_frozen
 
@@ -232,8 +232,7 @@ def series_logdet(
 
     Without gradients, or with neumann_grad, the vector–Jacobian products run without a graph; with
     neumann_grad=False the series itself is differentiated (memory grows with the number of terms)."""
-    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    if not torch.compiler.is_compiling() and any(wrapped(t) for t in (x, *_parameters(g))):
+    if transformed(x, *_parameters(g)):
         raise NotImplementedError(
             "InvertibleResBlock's series log-det of this g (not a plain dense or convolutional chain, or with hooks) "
             "takes its vector-Jacobian products by torch.autograd.grad, which cannot run under torch.func transforms "

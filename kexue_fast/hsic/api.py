@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch
-from .._autograd import no_autocast
+from .._autograd import no_autocast, transformed
 from . import estimators
 from .bandwidth import OP as BANDWIDTH_OP
 from .bandwidth import median_bandwidth
@@ -52,8 +52,7 @@ def _as_samples(t: object, name: str, kernel: str) -> Tensor:
         raise ValueError(f"{name} must be [n, d] with d >= 1 (or [n]), got shape {tuple(t.shape)}")
     if t.device.type == "meta":
         raise ValueError(f"{name} is a meta tensor: HSIC reads its values (bandwidths, checks)")
-    transformed = not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(t)
-    if not transformed and not bool(torch.isfinite(t).all()):  # (vmap cannot read values: NaN propagates there)
+    if not transformed(t) and not bool(torch.isfinite(t).all()):  # (vmap cannot read values: NaN propagates there)
         raise ValueError(f"{name} contains NaN or Inf")
     if t.dtype in (torch.float16, torch.bfloat16):  # half tiles lost 2–3% of the value, 10–30% of the gradient
         t = t.float()  # before centring, which would round in half precision too
@@ -127,8 +126,7 @@ def _check_transforms(x: object, y: object, kernel_x: str, kernel_y: str, tile: 
     """NotImplementedError under torch.func transforms (grad, vmap...) unless both kernels are linear and the d×d
     cross products serve (torch ops alone): the streamed tiles run in C++ / Triton or an autograd.Function without
     setup_context, and the median bandwidth reads the data on the host."""
-    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    if torch.compiler.is_compiling() or not any(isinstance(t, Tensor) and wrapped(t) for t in (x, y)):
+    if not transformed(x, y):
         return
     if kernel_x == kernel_y == "linear" and isinstance(x, Tensor) and isinstance(y, Tensor) and x.ndim and y.ndim:
         width = (x.shape[1] if x.ndim == 2 else 1) + (y.shape[1] if y.ndim == 2 else 1)

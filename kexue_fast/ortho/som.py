@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch
-from .._autograd import first_order, no_autocast
+from .._autograd import first_order, no_autocast, transformed
 from .._layout import memory_order
 from . import reference, workspace
 
@@ -802,7 +802,8 @@ def som_regularizer(
     ys, dims = _prepare(y, channel_dim)
     gamma, lambda1, lambda2, eps = float(gamma), float(lambda1), float(lambda2), float(eps)
     if any(transformed(t) for t in ys):
-        per_layer = torch.stack([graph_penalty(t, d, gamma, lambda1, lambda2, eps) for t, d in zip(ys, dims)])
+        per_layer = torch.stack([graph_penalty(t, d, gamma, lambda1, lambda2, eps).to(_out_dtype(ys))
+                                 for t, d in zip(ys, dims)])  # fmt: skip
         return per_layer.sum() if reduction == "sum" else per_layer
     device = ys[0].device
     layouts = [_layout(t, d) for t, d in zip(ys, dims)]
@@ -810,12 +811,6 @@ def som_regularizer(
     with no_autocast(device.type):  # the Grams stay float32/64 under mixed precision
         per_layer = _per_layer(ys, dims, layouts, chosen, gamma, lambda1, lambda2, eps, auto=requested == "auto")
     return per_layer.sum() if reduction == "sum" else per_layer
-
-
-def transformed(t: Tensor) -> bool:
-    """Whether t is a torch.func transform's tensor (grad, vjp, jacrev, vmap...), where autograd.Functions without
-    setup_context, the C++ core (data pointers) and data-dependent shapes cannot run."""
-    return not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(t)  # (untraceable)
 
 
 def graph_penalty(y: Tensor, dim: int, gamma: float, lambda1: float, lambda2: float, eps: float) -> Tensor:

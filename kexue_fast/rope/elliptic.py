@@ -34,7 +34,7 @@ from typing import NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .._autograd import first_order
+from .._autograd import first_order, transformed
 
 _DOUBLE_BACKWARD = {"op": "the Jacobi elliptic functions (ellipj, and troposkein's shape)"}  # first_order's message
 
@@ -65,7 +65,7 @@ def _floating(t: Param, name: str) -> Tuple[Union[Tensor, float], str]:
     if isinstance(t, Tensor):
         if not (t.is_floating_point() and t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)):
             raise TypeError(f"{name} must be a real floating tensor, got dtype {t.dtype}")
-        if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(t):
+        if transformed(t):
             raise NotImplementedError(
                 f"{name}: kexue_fast.rope's functions cannot run under torch.func transforms (grad, vmap, jacrev...): "
                 "their autograd.Functions have no setup_context, and the C++ / Triton paths read data pointers. They "

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch
+from .._autograd import transformed
 from . import _validate, reference
 from ._validate import check_matrix, check_n_iters, check_positive
 
@@ -251,7 +252,7 @@ def power_iteration(
         sigma is differentiable w.r.t. the weights with ∂σ̂/∂W = u vᵀ.
     """
     mats, form = _as_matrices(weights)
-    if not torch.compiler.is_compiling() and any(torch._C._functorch.is_functorch_wrapped_tensor(w) for w in mats):
+    if transformed(*mats):
         raise NotImplementedError(
             "power_iteration cannot run under torch.func transforms (vmap, grad, jacrev...): its backends read data "
             "pointers and host values, and its autograd.Function has no setup_context. It takes batches itself: pass "
