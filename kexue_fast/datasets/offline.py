@@ -154,7 +154,8 @@ def offline_corpus(path: Union[str, os.PathLike, None] = None, sources: Union[st
 
     path: where to write (default ``$KEXUE_FAST_CACHE`` or ~/.cache/kexue_fast, named after the sources); an
     existing file is reused unless ``refresh``. With wordnet-base, dict-gcide and gensim installed it holds about
-    7.2M tokens. Raises FileNotFoundError (naming the apt command) when a requested source is missing.
+    6.0M tokens (6,034,850 in benchmarks/results/jose-cpu.md's run); gensim's alone, about 67k. Raises
+    FileNotFoundError (naming the apt command) when a requested source is missing.
     """
     chosen = _resolve(sources)
     out = Path(path) if path is not None else default_cache_dir() / f"offline_corpus-{'-'.join(chosen)}.txt"
