@@ -106,8 +106,11 @@ def _use_feature_stats(x: Tensor, y: Tensor, kx: KernelSpec, ky: KernelSpec, til
     """Linear kernels on both sides take the d×d cross products (O(n·d²) work, d² memory) unless the inputs are wider
     than there are samples (and than a tile): then the streaming Gram tiles cost less in both (O(n²·d) work, O(n·d)
     memory), where d×d products of wide layers (CKA's typical case, d ≫ n) would need gigabytes."""
-    if kx.name != "linear" or ky.name != "linear":
-        return False
+    return kx.name == ky.name == "linear" and _cross_products_fit(x, y, tile)
+
+
+def _cross_products_fit(x: Tensor, y: Tensor, tile: int) -> bool:
+    """dx + dy <= max(n, tile) for x, y [n, d] (or [n])."""
     width = (x.shape[1] if x.ndim == 2 else 1) + (y.shape[1] if y.ndim == 2 else 1)
     return width <= max(x.shape[0], tile)
 
@@ -129,8 +132,7 @@ def _check_transforms(x: object, y: object, kernel_x: str, kernel_y: str, tile: 
     if not transformed(x, y):
         return
     if kernel_x == kernel_y == "linear" and isinstance(x, Tensor) and isinstance(y, Tensor) and x.ndim and y.ndim:
-        width = (x.shape[1] if x.ndim == 2 else 1) + (y.shape[1] if y.ndim == 2 else 1)
-        if width <= max(x.shape[0], tile):
+        if _cross_products_fit(x, y, tile):
             return
     raise NotImplementedError(
         "hsic / hsic_stats / cka / bottleneck_loss run under torch.func transforms (grad, vmap, jacrev...) only with "

@@ -397,12 +397,11 @@ class _Group:
     def refresh_copies(self) -> None:
         """Permuted weights (ConvTranspose's dim=1) are not views: re-copy them every call. Column-permuted views'
         v in their order (the layer's own forward may have moved v since)."""
-        for i, view in enumerate(self.is_view):
-            p, w = self.members[i]
+        for (p, w), view, order, weight, v in zip(self.members, self.is_view, self.orders, self.weights, self.vs):
             if not view:
-                self.weights[i].copy_(p._reshape_weight_to_matrix(w.detach()))
-            elif self.orders[i] is not None:
-                self.vs[i].copy_(p._v.view(w.shape[1:]).permute(*(d - 1 for d in self.orders[i])).flatten())
+                weight.copy_(p._reshape_weight_to_matrix(w.detach()))
+            elif order is not None:
+                v.copy_(p._v.view(w.shape[1:]).permute(*(d - 1 for d in order)).flatten())
 
     def write_back(self) -> None:
         """The column-permuted layers' new v into their buffers, in torch's column order."""

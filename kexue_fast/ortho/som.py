@@ -617,8 +617,6 @@ def cpp_route_takes(y: Tensor, channel_dim: int, backend: Optional[str],
     Cheapest checks first: this runs in every hooked layer's forward hook."""
     if not y.is_cpu or y.dtype not in _CPP_DTYPES:  # is_cpu, dim(), size(d): no torch.device or torch.Size built
         return False
-    if transformed(y):  # a torch.func transform's: som_regularizer takes its graph route (no taps, no C++)
-        return False
     ndim = y.dim()
     if ndim < 2 or not -ndim <= channel_dim < ndim:
         return False
@@ -627,6 +625,8 @@ def cpp_route_takes(y: Tensor, channel_dim: int, backend: Optional[str],
     if numel == 0 or numel < c * c:  # rows n·s = numel / c at least c
         return False
     if torch.compiler.is_compiling() or not _no_saved_tensor_hooks():
+        return False
+    if torch._C._functorch.is_functorch_wrapped_tensor(y):  # a torch.func transform's: som_regularizer's graph route
         return False
     return route(y.dtype) if route is not None else cpp_route(y.dtype, backend)
 
@@ -801,7 +801,7 @@ def som_regularizer(
         raise ValueError(f'reduction must be "sum" or "none", got {reduction!r}')
     ys, dims = _prepare(y, channel_dim)
     gamma, lambda1, lambda2, eps = float(gamma), float(lambda1), float(lambda2), float(eps)
-    if any(transformed(t) for t in ys):
+    if transformed(*ys):
         per_layer = torch.stack([graph_penalty(t, d, gamma, lambda1, lambda2, eps).to(_out_dtype(ys))
                                  for t, d in zip(ys, dims)])  # fmt: skip
         return per_layer.sum() if reduction == "sum" else per_layer
